@@ -1,0 +1,65 @@
+//! `fastchat-server`: a chat server of a fastchat cluster.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use fastchat::server::{self, Config};
+
+/// Serves chat clients: authenticates them by session token, stores their (encrypted) messages
+/// in the shared database and delivers them, relaying to other servers over the peer mesh.
+///
+/// Registers with the balancer before serving, then reports its load every 500 ms. Prints
+/// "fastchat-server N listening on ADDR" on standard output once registered. Stops cleanly on
+/// Ctrl-C or SIGTERM. Exit codes: 0 stopped cleanly, 2 bad arguments, 3 balancer unreachable at
+/// start, 4 could not start (address in use, database unusable).
+#[derive(Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  fastchat-server --listen 127.0.0.1:0 --balancer 127.0.0.1:7000 --db /tmp/chat.db"
+)]
+struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:7001 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// The balancer's address.
+    #[arg(long, value_name = "ADDR")]
+    balancer: String,
+    /// SQLite database file shared with the balancer.
+    #[arg(long, value_name = "PATH")]
+    db: PathBuf,
+    /// Address to give the balancer for clients and peers (default: the listening address).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+    /// Most clients connected at once; more are refused with "server is full".
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_clients: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    fastchat::logging::init("server");
+    let listener = match TcpListener::bind(&args.listen) {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen), 4),
+    };
+    let mut config = Config::new(args.db, args.balancer);
+    config.advertise = args.advertise;
+    config.max_clients = args.max_clients;
+    let shutdown = fastchat::logging::shutdown_channel();
+    let ready = |id: u64, addr: &str| {
+        println!("fastchat-server {id} listening on {addr}");
+        let _ = std::io::stdout().flush();
+    };
+    match server::run(listener, config, shutdown, ready) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
+    }
+}
+
+fn fail(message: &str, code: i32) -> ExitCode {
+    eprintln!("fastchat-server: error: {message}");
+    ExitCode::from(code as u8)
+}

@@ -1,0 +1,119 @@
+//! `fastchat`: the client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fastchat::cli::{self, Format, Options};
+
+/// The fastchat client: sign up, send and receive end-to-end encrypted messages.
+///
+/// Every command logs in through the balancer, which assigns a chat server. The password comes
+/// from FASTCHAT_PASSWORD, or is asked for (without echo) on a terminal. Private keys live in
+/// FASTCHAT_HOME/USER/, encrypted with the password.
+///
+/// Exit codes: 0 done, 1 refused or invalid (wrong password, unknown user, bad name, empty text),
+/// 2 bad arguments, 3 balancer or server unreachable or the connection broke, 4 local trouble
+/// (key files, disk).
+#[derive(Parser)]
+#[command(
+    version,
+    after_help = "Examples:
+  FASTCHAT_PASSWORD=secret fastchat signup alice
+  FASTCHAT_PASSWORD=secret fastchat --user alice send bob 'hello bob'
+  FASTCHAT_PASSWORD=secret fastchat --user bob recv --wait 5"
+)]
+struct Args {
+    /// Balancer address.
+    #[arg(
+        long,
+        env = "FASTCHAT_BALANCER",
+        default_value = "127.0.0.1:7000",
+        value_name = "ADDR"
+    )]
+    balancer: String,
+    /// Folder for key files, one sub-folder per user [default: ~/.fastchat].
+    #[arg(long, env = "FASTCHAT_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// The user to act as.
+    #[arg(long, env = "FASTCHAT_USER", value_name = "NAME")]
+    user: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an account NAME: makes key pairs, uploads the public keys, saves the private ones.
+    Signup {
+        /// Letters, digits, '_', '.', '-'; 1 to 32 characters.
+        name: String,
+    },
+    /// Send TEXT to user TO; prints the stored message id once the server has committed it.
+    Send {
+        /// Recipient.
+        to: String,
+        /// The message (quote it).
+        text: String,
+    },
+    /// Print queued messages as "FROM: TEXT" lines, oldest first, and acknowledge them.
+    Recv {
+        /// After the queue is empty, keep printing live messages for this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+        wait: f64,
+        /// Print one JSON object per message instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat: /msg USER TEXT, /help, /quit.
+    Chat,
+    /// List the live chat servers with their load.
+    Servers,
+    /// Log in and print the user and the server assigned.
+    Whoami,
+    /// Accept USER's current public keys after they changed (replaces the pinned keys).
+    Trust {
+        /// Whose keys to trust.
+        user: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let home = args.home.unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join(".fastchat")
+    });
+    let opts = Options {
+        balancer: args.balancer,
+        home,
+        user: args.user,
+        password: std::env::var("FASTCHAT_PASSWORD").ok(),
+    };
+    let result = match args.command {
+        Command::Signup { name } => cli::signup(&opts, &name),
+        Command::Send { to, text } => cli::send(&opts, &to, &text),
+        Command::Recv { wait, json } => {
+            if !(0.0..=86_400.0).contains(&wait) {
+                eprintln!("fastchat: error: --wait must be between 0 and 86400 seconds");
+                return ExitCode::from(2);
+            }
+            let format = if json { Format::Json } else { Format::Lines };
+            cli::recv(&opts, Duration::from_secs_f64(wait), format)
+        }
+        Command::Chat => cli::chat(&opts),
+        Command::Servers => cli::servers(&opts),
+        Command::Whoami => cli::whoami(&opts),
+        Command::Trust { user } => cli::trust(&opts, &user),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fastchat: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! What the `fastchat` command does: one function per subcommand.
+//!
+//! Output contract (scripts rely on it): `recv` prints one line per message, `FROM: TEXT`, in
+//! the order sent (control characters in TEXT are escaped, so a message is always one line), or
+//! with `--json` one JSON object per line. Errors go to standard error as one line.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::client::{BalancerClient, Connection, Dedup, Incoming, Session};
+use crate::crypto::{self, Identity};
+use crate::e2e::{fingerprint, Directory, E2e, Plain};
+use crate::error::{Error, Result};
+use crate::keystore::Keystore;
+use crate::names;
+use crate::net::Envelope;
+
+/// Settings every subcommand shares.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Balancer address.
+    pub balancer: String,
+    /// Folder holding one sub-folder of keys per user.
+    pub home: PathBuf,
+    /// The acting user, for commands that need one.
+    pub user: Option<String>,
+    /// The password, if given in the environment (else prompted).
+    pub password: Option<String>,
+}
+
+impl Options {
+    fn user(&self) -> Result<&str> {
+        let user = self.user.as_deref().ok_or_else(|| {
+            Error::Invalid("no user given: pass --user NAME or set FASTCHAT_USER".into())
+        })?;
+        names::validate("user", user)?;
+        Ok(user)
+    }
+
+    fn password(&self, prompt: &str) -> Result<String> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
+        }
+        if !io::stdin().is_terminal() {
+            return Err(Error::Invalid(
+                "no password: set FASTCHAT_PASSWORD or run in a terminal to be asked".into(),
+            ));
+        }
+        rpassword::prompt_password(prompt).map_err(Error::Io)
+    }
+}
+
+/// `fastchat signup NAME`: makes keys, creates the account, saves the keys.
+pub fn signup(opts: &Options, name: &str) -> Result<()> {
+    names::validate("user", name)?;
+    let store = Keystore::new(&opts.home, name);
+    if store.has_identity() {
+        return Err(Error::Invalid(format!(
+            "keys for {name} already exist in {}; remove them first to sign up again",
+            store.dir().display()
+        )));
+    }
+    let password = match &opts.password {
+        Some(p) => p.clone(),
+        None => {
+            let p = opts.password(&format!("new password for {name}: "))?;
+            if opts.password(&format!("repeat the password for {name}: "))? != p {
+                return Err(Error::Invalid("the passwords differ".into()));
+            }
+            p
+        }
+    };
+    if password.is_empty() {
+        return Err(Error::Invalid("password must not be empty".into()));
+    }
+    let identity = Identity::generate()?;
+    let mut balancer = BalancerClient::connect(&opts.balancer)?;
+    balancer.signup(name, &password, identity.public()?)?;
+    store.save_identity(&identity, &password)?;
+    println!(
+        "signed up {name}; keys saved in {} (fingerprint {})",
+        store.dir().display(),
+        fingerprint(&identity.public()?)?
+    );
+    Ok(())
+}
+
+/// A logged-in user: session, end-to-end state, and the chat server connection.
+struct LoggedIn {
+    session: Session,
+    e2e: E2e,
+    conn: Connection,
+}
+
+fn login(opts: &Options) -> Result<LoggedIn> {
+    let user = opts.user()?.to_string();
+    let password = opts.password(&format!("password for {user}: "))?;
+    let store = Keystore::new(&opts.home, &user);
+    let mut balancer = BalancerClient::connect(&opts.balancer)?;
+    let session = balancer.login(&user, &password)?;
+    let identity = store.load_identity(&password)?;
+    let conn = Connection::open(&session)?;
+    let directory = Directory::new(&opts.balancer, Some(balancer));
+    Ok(LoggedIn {
+        e2e: E2e::new(&user, identity, store, directory),
+        session,
+        conn,
+    })
+}
+
+/// `fastchat send TO TEXT`.
+pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
+    names::validate("recipient", to)?;
+    if text.is_empty() {
+        return Err(Error::Invalid("empty message: nothing was sent".into()));
+    }
+    let mut me = login(opts)?;
+    let client_id = crypto::random_u64()?;
+    let body = me.e2e.seal_text(to, client_id, text)?;
+    let id = me.conn.send(to, client_id, body)?;
+    println!("stored message {id} for {to}");
+    Ok(())
+}
+
+/// `fastchat whoami`: the user and the server the balancer gave.
+pub fn whoami(opts: &Options) -> Result<()> {
+    let me = login(opts)?;
+    println!(
+        "{} on server {} at {}",
+        me.session.user, me.conn.server_id, me.session.server.addr
+    );
+    Ok(())
+}
+
+/// `fastchat servers`: the live servers.
+pub fn servers(opts: &Options) -> Result<()> {
+    let servers = BalancerClient::connect(&opts.balancer)?.servers()?;
+    if servers.is_empty() {
+        println!("no live servers");
+    }
+    for s in servers {
+        println!("server {} at {} with {} clients", s.id, s.addr, s.load);
+    }
+    Ok(())
+}
+
+/// `fastchat trust USER`: accept USER's current keys.
+pub fn trust(opts: &Options, peer: &str) -> Result<()> {
+    names::validate("user", peer)?;
+    let user = opts.user()?;
+    let store = Keystore::new(&opts.home, user);
+    let directory = Directory::new(&opts.balancer, None);
+    let password = opts.password(&format!("password for {user}: "))?;
+    let identity = store.load_identity(&password)?;
+    let mut e2e = E2e::new(user, identity, store, directory);
+    let keys = e2e.trust(peer)?;
+    println!(
+        "now trusting {peer} with fingerprint {}",
+        fingerprint(&keys)?
+    );
+    Ok(())
+}
+
+/// How `recv` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `FROM: TEXT`
+    Lines,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `fastchat recv [--wait SECS] [--json]`: prints and acknowledges queued messages, then waits
+/// up to `wait` for live ones.
+pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
+    let mut me = login(opts)?;
+    let mut dedup = Dedup::default();
+    let out = io::stdout();
+    let mut deadline: Option<Instant> = None;
+    let mut batch: Vec<i64> = Vec::new();
+    loop {
+        let event = match deadline {
+            None => me.conn.events().recv().ok(),
+            Some(d) => me.conn.events().recv_deadline(d).ok(),
+        };
+        match event {
+            Some(Incoming::Message(msg)) => {
+                if dedup.first_time(msg.id) {
+                    show(&mut me.e2e, &msg, format, &mut out.lock())?;
+                }
+                batch.push(msg.id);
+                if deadline.is_some() {
+                    me.conn.ack(&std::mem::take(&mut batch))?;
+                }
+            }
+            Some(Incoming::Synced) => {
+                me.conn.ack(&std::mem::take(&mut batch))?;
+                if wait.is_zero() {
+                    return Ok(());
+                }
+                deadline = Some(Instant::now() + wait);
+            }
+            Some(Incoming::Closed(why)) => {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    why.unwrap_or_else(|| "server closed the connection".into()),
+                )))
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Prints one message; a message that fails to decrypt is reported on stderr, never shown.
+fn show(e2e: &mut E2e, msg: &Envelope, format: Format, out: &mut impl Write) -> Result<()> {
+    match e2e.open(msg) {
+        Ok(Plain::Text(text)) => {
+            match format {
+                Format::Lines => writeln!(out, "{}: {}", msg.from, one_line(&text))?,
+                Format::Json => writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "id": msg.id,
+                        "from": msg.from,
+                        "to": msg.to,
+                        "text": text,
+                        "sent_at": msg.sent_at,
+                    })
+                )?,
+            }
+            out.flush()?;
+        }
+        Err(e) => eprintln!(
+            "fastchat: warning: message {} from {} rejected: {e}",
+            msg.id, msg.from
+        ),
+    }
+    Ok(())
+}
+
+/// Escapes control characters, so a message is one line and cannot drive the terminal.
+pub fn one_line(text: &str) -> String {
+    let mut s = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+const CHAT_HELP: &str = "commands:
+  /msg USER TEXT   send TEXT to USER
+  /help            this list
+  /quit            leave (Ctrl-D works too)";
+
+/// `fastchat chat`: interactive session.
+pub fn chat(opts: &Options) -> Result<()> {
+    let me = login(opts)?;
+    println!(
+        "logged in as {} on server {} ({}); /help for commands",
+        me.session.user, me.conn.server_id, me.session.server.addr
+    );
+    let conn = Arc::new(me.conn);
+    let e2e = Arc::new(Mutex::new(me.e2e));
+    let printer = {
+        let conn = Arc::clone(&conn);
+        let e2e = Arc::clone(&e2e);
+        std::thread::spawn(move || -> Option<String> {
+            let mut dedup = Dedup::default();
+            for event in conn.events().iter() {
+                match event {
+                    Incoming::Message(msg) => {
+                        if dedup.first_time(msg.id) {
+                            let _ = show(&mut e2e.lock(), &msg, Format::Lines, &mut io::stdout());
+                        }
+                        // Acknowledge without waiting: the reply is not needed here.
+                        let _ = conn.request(|id| crate::net::ServerRequest::Ack {
+                            id,
+                            msg_ids: vec![msg.id],
+                        });
+                    }
+                    Incoming::Synced => {}
+                    Incoming::Closed(why) => return Some(why.unwrap_or_else(|| "closed".into())),
+                }
+            }
+            None
+        })
+    };
+    let stdin = io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if printer.is_finished() {
+            break;
+        }
+        match chat_command(line, &conn, &e2e) {
+            Ok(Some(reply)) => println!("{reply}"),
+            Ok(None) => break,
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    drop(conn);
+    Ok(())
+}
+
+/// Runs one chat-mode line. `Ok(None)` means quit.
+fn chat_command(line: &str, conn: &Connection, e2e: &Mutex<E2e>) -> Result<Option<String>> {
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    match cmd {
+        "/quit" | "/exit" => Ok(None),
+        "/help" => Ok(Some(CHAT_HELP.to_string())),
+        "/msg" => {
+            let (to, text) = rest
+                .trim()
+                .split_once(' ')
+                .ok_or_else(|| Error::Invalid("usage: /msg USER TEXT".into()))?;
+            names::validate("recipient", to)?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(Error::Invalid("empty message: nothing was sent".into()));
+            }
+            let client_id = crypto::random_u64()?;
+            let body = e2e.lock().seal_text(to, client_id, text)?;
+            conn.send(to, client_id, body)?;
+            Ok(Some(format!("-> {to}: {}", one_line(text))))
+        }
+        _ if cmd.starts_with('/') => Err(Error::Invalid(format!(
+            "unknown command {cmd}; /help lists the commands"
+        ))),
+        _ => Err(Error::Invalid(
+            "to send, type /msg USER TEXT; /help lists the commands".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_escapes_controls_only() {
+        assert_eq!(one_line("héllo wörld"), "héllo wörld");
+        assert_eq!(one_line("a\nb"), "a\\nb");
+        assert_eq!(one_line("\u{1b}[31mred"), "\\u{1b}[31mred");
+    }
+}

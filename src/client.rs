@@ -1,0 +1,407 @@
+//! The client library: a balancer session and a chat-server connection.
+//!
+//! [`BalancerClient`] is strictly request/reply. [`Connection`] has a reader thread that hands
+//! replies to the request waiting for them (matched by request id) and pushes delivered messages
+//! onto an event channel, so a program can send while messages arrive.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::net::{
+    BalancerReply, BalancerRequest, Envelope, FrameReader, FrameWriter, PublicKeys, ServerEvent,
+    ServerInfo, ServerRequest,
+};
+
+/// How long to wait for a TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for the reply to a request.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to `addr` (host:port); `what` names the other side in the error.
+pub fn dial(addr: &str, what: &str) -> Result<TcpStream> {
+    let unreachable = |source| Error::Unreachable {
+        what: format!("{what} at {addr}"),
+        source,
+    };
+    let addrs = addr.to_socket_addrs().map_err(unreachable)?;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(unreachable(last))
+}
+
+/// A logged-in session: who, the token, and the server assigned.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The user name.
+    pub user: String,
+    /// Session token for `Hello`.
+    pub token: String,
+    /// The chat server to use.
+    pub server: ServerInfo,
+}
+
+/// A connection to the balancer.
+pub struct BalancerClient {
+    addr: String,
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<TcpStream>,
+    next_id: u64,
+}
+
+impl BalancerClient {
+    /// Connects to the balancer at `addr`.
+    pub fn connect(addr: &str) -> Result<BalancerClient> {
+        let stream = dial(addr, "balancer")?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        Ok(BalancerClient {
+            addr: addr.to_string(),
+            reader: FrameReader::new(stream.try_clone()?),
+            writer: FrameWriter::new(stream),
+            next_id: 1,
+        })
+    }
+
+    /// The balancer's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one request (built from a fresh id) and returns the reply; an error reply becomes
+    /// [`Error::Refused`].
+    pub fn request(&mut self, build: impl FnOnce(u64) -> BalancerRequest) -> Result<BalancerReply> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.writer.send(&build(id))?;
+        let reply = self.reader.read::<BalancerReply>()?.ok_or_else(|| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "balancer closed the connection",
+            ))
+        })?;
+        match reply {
+            BalancerReply::Error { code, message, .. } => Err(Error::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Creates an account.
+    pub fn signup(&mut self, name: &str, password: &str, keys: PublicKeys) -> Result<()> {
+        match self.request(|id| BalancerRequest::Signup {
+            id,
+            name: name.into(),
+            password: password.into(),
+            keys,
+        })? {
+            BalancerReply::Ok { .. } => Ok(()),
+            other => Err(unexpected("Signup", &other)),
+        }
+    }
+
+    /// Logs in and gets a server.
+    pub fn login(&mut self, name: &str, password: &str) -> Result<Session> {
+        let reply = self.request(|id| BalancerRequest::Login {
+            id,
+            name: name.into(),
+            password: password.into(),
+        })?;
+        session(reply)
+    }
+
+    /// Gets a (possibly different) server for an existing session.
+    pub fn resume(&mut self, token: &str) -> Result<Session> {
+        let reply = self.request(|id| BalancerRequest::Resume {
+            id,
+            token: token.into(),
+        })?;
+        session(reply)
+    }
+
+    /// The live servers.
+    pub fn servers(&mut self) -> Result<Vec<ServerInfo>> {
+        match self.request(|id| BalancerRequest::Servers { id })? {
+            BalancerReply::Servers { servers, .. } => Ok(servers),
+            other => Err(unexpected("Servers", &other)),
+        }
+    }
+
+    /// A user's public keys from the directory.
+    pub fn keys(&mut self, name: &str) -> Result<PublicKeys> {
+        match self.request(|id| BalancerRequest::Keys {
+            id,
+            name: name.into(),
+        })? {
+            BalancerReply::Keys { keys, .. } => Ok(keys),
+            other => Err(unexpected("Keys", &other)),
+        }
+    }
+}
+
+fn session(reply: BalancerReply) -> Result<Session> {
+    match reply {
+        BalancerReply::LoggedIn {
+            user,
+            token,
+            server,
+            ..
+        } => Ok(Session {
+            user,
+            token,
+            server,
+        }),
+        other => Err(unexpected("Login", &other)),
+    }
+}
+
+fn unexpected(what: &str, reply: &impl std::fmt::Debug) -> Error {
+    Error::Protocol(format!("unexpected reply to {what}: {reply:?}"))
+}
+
+/// What a connection's reader thread hands to the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message for us (not yet acknowledged).
+    Message(Envelope),
+    /// Everything queued at login has been delivered.
+    Synced,
+    /// The connection ended; the text says why when the server said so.
+    Closed(Option<String>),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Sender<ServerEvent>>>>;
+
+/// A connection to a chat server, authenticated by a session token.
+pub struct Connection {
+    /// Who the server says we are.
+    pub user: String,
+    /// The server's id.
+    pub server_id: u64,
+    writer: Mutex<FrameWriter<TcpStream>>,
+    stream: TcpStream,
+    pending: Pending,
+    events: Receiver<Incoming>,
+    next_id: AtomicU64,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Connection {
+    /// Connects to the session's server and says `Hello`.
+    pub fn open(session: &Session) -> Result<Connection> {
+        let stream = dial(&session.server.addr, "chat server")?;
+        let mut reader = FrameReader::new(stream.try_clone()?);
+        let mut writer = FrameWriter::new(stream.try_clone()?);
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        writer.send(&ServerRequest::Hello {
+            id: 0,
+            token: session.token.clone(),
+        })?;
+        let (user, server_id) = match reader.read::<ServerEvent>()? {
+            Some(ServerEvent::Welcome {
+                user, server_id, ..
+            }) => (user, server_id),
+            Some(ServerEvent::Error { code, message, .. }) => {
+                return Err(Error::Refused { code, message })
+            }
+            Some(other) => return Err(unexpected("Hello", &other)),
+            None => {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed the connection during Hello",
+                )))
+            }
+        };
+        stream.set_read_timeout(None)?;
+        let pending: Pending = Arc::default();
+        let (events_tx, events) = unbounded();
+        let thread = {
+            let pending = Arc::clone(&pending);
+            std::thread::Builder::new()
+                .name("client-reader".into())
+                .spawn(move || read_loop(reader, &pending, &events_tx))?
+        };
+        Ok(Connection {
+            user,
+            server_id,
+            writer: Mutex::new(writer),
+            stream,
+            pending,
+            events,
+            next_id: AtomicU64::new(1),
+            reader: Some(thread),
+        })
+    }
+
+    /// Delivered messages and connection state changes.
+    pub fn events(&self) -> &Receiver<Incoming> {
+        &self.events
+    }
+
+    /// Sends a request and returns a channel that will carry its reply.
+    pub fn request(
+        &self,
+        build: impl FnOnce(u64) -> ServerRequest,
+    ) -> Result<Receiver<ServerEvent>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = bounded(1);
+        self.pending.lock().insert(id, tx);
+        let sent = self.writer.lock().send(&build(id));
+        if let Err(e) = sent {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        Ok(rx)
+    }
+
+    /// Sends a request and waits for its reply; an error reply becomes [`Error::Refused`].
+    pub fn call(&self, build: impl FnOnce(u64) -> ServerRequest) -> Result<ServerEvent> {
+        let rx = self.request(build)?;
+        wait_reply(&rx)
+    }
+
+    /// Sends a message and waits until the server has stored it; returns the server's id.
+    pub fn send(&self, to: &str, client_id: u64, body: Vec<u8>) -> Result<i64> {
+        match self.call(|id| ServerRequest::Send {
+            id,
+            to: to.into(),
+            client_id,
+            body,
+        })? {
+            ServerEvent::Stored { msg_id, .. } => Ok(msg_id),
+            other => Err(unexpected("Send", &other)),
+        }
+    }
+
+    /// Acknowledges messages (they leave the queue) and waits for the server to confirm.
+    pub fn ack(&self, msg_ids: &[i64]) -> Result<()> {
+        if msg_ids.is_empty() {
+            return Ok(());
+        }
+        match self.call(|id| ServerRequest::Ack {
+            id,
+            msg_ids: msg_ids.to_vec(),
+        })? {
+            ServerEvent::Acked { .. } => Ok(()),
+            other => Err(unexpected("Ack", &other)),
+        }
+    }
+}
+
+/// Waits for a reply from [`Connection::request`].
+pub fn wait_reply(rx: &Receiver<ServerEvent>) -> Result<ServerEvent> {
+    match rx.recv_timeout(REPLY_TIMEOUT) {
+        Ok(ServerEvent::Error { code, message, .. }) => Err(Error::Refused { code, message }),
+        Ok(event) => Ok(event),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the server did not answer",
+        ))),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Io(
+            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection closed"),
+        )),
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sender<Incoming>) {
+    let why = loop {
+        let event = match reader.read::<ServerEvent>() {
+            Ok(Some(e)) => e,
+            Ok(None) => break None,
+            Err(e) => break Some(e.to_string()),
+        };
+        let id = match &event {
+            ServerEvent::Welcome { id, .. }
+            | ServerEvent::Stored { id, .. }
+            | ServerEvent::Acked { id } => Some(*id),
+            ServerEvent::Error { id, .. } => *id,
+            ServerEvent::Deliver { .. } | ServerEvent::Synced => None,
+        };
+        match (id, event) {
+            (Some(id), event) => {
+                if let Some(waiter) = pending.lock().remove(&id) {
+                    let _ = waiter.send(event);
+                }
+            }
+            (None, ServerEvent::Deliver { msg }) => {
+                let _ = events.send(Incoming::Message(msg));
+            }
+            (None, ServerEvent::Synced) => {
+                let _ = events.send(Incoming::Synced);
+            }
+            (None, ServerEvent::Error { message, .. }) => {
+                // An error about no request: the server is closing the connection.
+                break Some(message);
+            }
+            (None, _) => {}
+        }
+    };
+    // Wake every waiter: their requests will get no reply on this connection.
+    pending.lock().clear();
+    let _ = events.send(Incoming::Closed(why));
+}
+
+/// Drops messages already seen, by server id (delivery is at-least-once on the wire).
+#[derive(Debug, Default)]
+pub struct Dedup {
+    seen: HashSet<i64>,
+}
+
+impl Dedup {
+    /// True the first time an id is offered.
+    pub fn first_time(&mut self, id: i64) -> bool {
+        self.seen.insert(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_passes_each_id_once() {
+        let mut d = Dedup::default();
+        assert!(d.first_time(1));
+        assert!(d.first_time(2));
+        assert!(!d.first_time(1));
+    }
+
+    #[test]
+    fn unreachable_is_a_clear_error() {
+        // Bind then drop, so the port is very likely closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = dial(&format!("127.0.0.1:{port}"), "balancer").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot reach balancer at 127.0.0.1:"),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 3);
+    }
+}

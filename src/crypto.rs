@@ -1,0 +1,485 @@
+//! Cryptography: password hashing, session tokens, and the end-to-end message scheme.
+//!
+//! Everything here uses OpenSSL through the `openssl` crate.
+//!
+//! Password hashes are stored as one string:
+//!
+//! ```text
+//! scrypt$<log2 N>$<r>$<p>$<salt, hex>$<32-byte hash, hex>
+//! ```
+//!
+//! so the cost can change without invalidating existing accounts.
+//!
+//! End-to-end: each user has an X25519 key pair (agreement) and an Ed25519 key pair
+//! (signatures), together an [`Identity`]. Two users share a [`PairKey`]:
+//!
+//! ```text
+//! pair key = HKDF-SHA256(ikm  = X25519(my private, their public),
+//!                        salt = "fastchat/pair/v1",
+//!                        info = smaller name || 0x00 || larger name)
+//! ```
+//!
+//! and seal with AES-256-GCM under a fresh random 96-bit nonce:
+//!
+//! ```text
+//! sealed = nonce (12) || ciphertext || tag (16)
+//! ```
+
+use openssl::derive::Deriver;
+use openssl::hash::{hash, MessageDigest};
+use openssl::md::Md;
+use openssl::memcmp;
+use openssl::pkey::{Id, PKey, Private, Public};
+use openssl::pkey_ctx::PkeyCtx;
+use openssl::rand::rand_bytes;
+use openssl::sign::{Signer, Verifier};
+use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
+
+use crate::error::{Error, Result};
+use crate::net::PublicKeys;
+
+/// Default scrypt cost: N = 2^15, r = 8, p = 1 (32 MiB and some tens of milliseconds a hash).
+pub const DEFAULT_SCRYPT_LOG_N: u8 = 15;
+
+/// Fills a fresh buffer with `n` bytes from OpenSSL's CSPRNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    rand_bytes(&mut buf)?;
+    Ok(buf)
+}
+
+/// A random u64, for request and message ids.
+pub fn random_u64() -> Result<u64> {
+    let mut buf = [0u8; 8];
+    rand_bytes(&mut buf)?;
+    Ok(u64::from_le_bytes(buf))
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Result<[u8; 32]> {
+    let digest = hash(MessageDigest::sha256(), data)?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&digest);
+    Ok(out)
+}
+
+/// Lower-case hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parses lower- or upper-case hex; `None` if it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}
+
+/// The scrypt cost used for new password hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScryptCost {
+    /// log2 of N, the CPU/memory cost (1..=20).
+    pub log_n: u8,
+    /// Block size.
+    pub r: u32,
+    /// Parallelism.
+    pub p: u32,
+}
+
+impl ScryptCost {
+    /// The cost with the given log2 N and the standard r = 8, p = 1.
+    pub fn with_log_n(log_n: u8) -> Result<ScryptCost> {
+        if !(1..=20).contains(&log_n) {
+            return Err(Error::Invalid(format!(
+                "scrypt log2 N must be between 1 and 20, not {log_n}"
+            )));
+        }
+        Ok(ScryptCost { log_n, r: 8, p: 1 })
+    }
+}
+
+impl Default for ScryptCost {
+    fn default() -> ScryptCost {
+        ScryptCost {
+            log_n: DEFAULT_SCRYPT_LOG_N,
+            r: 8,
+            p: 1,
+        }
+    }
+}
+
+fn scrypt(password: &str, salt: &[u8], cost: ScryptCost) -> Result<[u8; 32]> {
+    let n = 1u64 << cost.log_n;
+    let maxmem = 256 * u64::from(cost.r) * n * u64::from(cost.p) + (1 << 20);
+    let mut out = [0u8; 32];
+    openssl::pkcs5::scrypt(
+        password.as_bytes(),
+        salt,
+        n,
+        u64::from(cost.r),
+        u64::from(cost.p),
+        maxmem,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// Hashes a password with a fresh 16-byte salt.
+pub fn hash_password(password: &str, cost: ScryptCost) -> Result<String> {
+    let salt = random_bytes(16)?;
+    let out = scrypt(password, &salt, cost)?;
+    Ok(format!(
+        "scrypt${}${}${}${}${}",
+        cost.log_n,
+        cost.r,
+        cost.p,
+        to_hex(&salt),
+        to_hex(&out)
+    ))
+}
+
+/// Checks a password against a stored hash in constant time. A stored value that does not
+/// parse is an error, not a mismatch, so corruption is noticed.
+pub fn verify_password(password: &str, stored: &str) -> Result<bool> {
+    let bad = || Error::Invalid("stored password hash is not in scrypt format".to_string());
+    let parts: Vec<&str> = stored.split('$').collect();
+    let [tag, log_n, r, p, salt, expected] = parts[..] else {
+        return Err(bad());
+    };
+    if tag != "scrypt" {
+        return Err(bad());
+    }
+    let cost = ScryptCost {
+        log_n: log_n.parse().map_err(|_| bad())?,
+        r: r.parse().map_err(|_| bad())?,
+        p: p.parse().map_err(|_| bad())?,
+    };
+    let salt = from_hex(salt).ok_or_else(bad)?;
+    let expected = from_hex(expected).ok_or_else(bad)?;
+    if expected.len() != 32 || !(1..=20).contains(&cost.log_n) {
+        return Err(bad());
+    }
+    let got = scrypt(password, &salt, cost)?;
+    Ok(memcmp::eq(&got, &expected))
+}
+
+/// A new session token: 32 random bytes, hex. Only [`token_hash`] of it is stored.
+pub fn new_token() -> Result<String> {
+    Ok(to_hex(&random_bytes(32)?))
+}
+
+/// What the database keeps of a token or server secret: its SHA-256.
+pub fn token_hash(token: &[u8]) -> Result<Vec<u8>> {
+    Ok(sha256(token)?.to_vec())
+}
+
+/// A user's private keys: X25519 for key agreement, Ed25519 for signatures.
+pub struct Identity {
+    x25519: PKey<Private>,
+    ed25519: PKey<Private>,
+}
+
+impl Identity {
+    /// Fresh key pairs.
+    pub fn generate() -> Result<Identity> {
+        Ok(Identity {
+            x25519: PKey::generate_x25519()?,
+            ed25519: PKey::generate_ed25519()?,
+        })
+    }
+
+    /// The public halves, as uploaded to the directory.
+    pub fn public(&self) -> Result<PublicKeys> {
+        Ok(PublicKeys {
+            x25519: self.x25519.raw_public_key()?,
+            ed25519: self.ed25519.raw_public_key()?,
+        })
+    }
+
+    /// Both private keys as encrypted PKCS#8 PEM (AES-256-CBC under the password), in that order.
+    pub fn to_pem(&self, password: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+        let cipher = Cipher::aes_256_cbc();
+        Ok((
+            self.x25519
+                .private_key_to_pem_pkcs8_passphrase(cipher, password.as_bytes())?,
+            self.ed25519
+                .private_key_to_pem_pkcs8_passphrase(cipher, password.as_bytes())?,
+        ))
+    }
+
+    /// Reads keys written by [`Identity::to_pem`]; a wrong password is an [`Error::Integrity`].
+    pub fn from_pem(x25519: &[u8], ed25519: &[u8], password: &str) -> Result<Identity> {
+        let load = |pem: &[u8], id: Id| -> Result<PKey<Private>> {
+            let key =
+                PKey::private_key_from_pem_passphrase(pem, password.as_bytes()).map_err(|_| {
+                    Error::Integrity(
+                        "cannot decrypt the key file: wrong password or damaged file".into(),
+                    )
+                })?;
+            if key.id() != id {
+                return Err(Error::Integrity(
+                    "key file holds the wrong kind of key".into(),
+                ));
+            }
+            Ok(key)
+        };
+        Ok(Identity {
+            x25519: load(x25519, Id::X25519)?,
+            ed25519: load(ed25519, Id::ED25519)?,
+        })
+    }
+
+    /// Signs `data` with the Ed25519 key (64-byte signature).
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let mut signer = Signer::new_without_digest(&self.ed25519)?;
+        Ok(signer.sign_oneshot_to_vec(data)?)
+    }
+
+    /// The key this identity shares with a peer (see the module documentation).
+    pub fn pair_key(&self, me: &str, peer: &str, peer_x25519: &[u8]) -> Result<PairKey> {
+        let theirs = PKey::public_key_from_raw_bytes(peer_x25519, Id::X25519)
+            .map_err(|_| Error::Integrity(format!("{peer}'s public key is not an X25519 key")))?;
+        let mut deriver = Deriver::new(&self.x25519)?;
+        deriver.set_peer(&theirs)?;
+        let shared = deriver.derive_to_vec()?;
+        if shared.iter().all(|b| *b == 0) {
+            return Err(Error::Integrity(format!(
+                "{peer}'s public key is degenerate"
+            )));
+        }
+        let (a, b) = if me <= peer { (me, peer) } else { (peer, me) };
+        let mut info = Vec::with_capacity(a.len() + b.len() + 1);
+        info.extend_from_slice(a.as_bytes());
+        info.push(0);
+        info.extend_from_slice(b.as_bytes());
+        Ok(PairKey(hkdf_sha256(&shared, b"fastchat/pair/v1", &info)?))
+    }
+}
+
+/// Checks an Ed25519 signature against a raw public key.
+pub fn verify_signature(ed25519: &[u8], data: &[u8], signature: &[u8]) -> Result<bool> {
+    let key: PKey<Public> = PKey::public_key_from_raw_bytes(ed25519, Id::ED25519)
+        .map_err(|_| Error::Integrity("not an Ed25519 public key".into()))?;
+    let mut verifier = Verifier::new_without_digest(&key)?;
+    Ok(verifier.verify_oneshot(signature, data).unwrap_or(false))
+}
+
+/// HKDF-SHA256 (extract and expand) to 32 bytes.
+pub fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8]) -> Result<[u8; 32]> {
+    let mut ctx = PkeyCtx::new_id(Id::HKDF)?;
+    ctx.derive_init()?;
+    ctx.set_hkdf_md(Md::sha256())?;
+    ctx.set_hkdf_key(ikm)?;
+    ctx.set_hkdf_salt(salt)?;
+    ctx.add_hkdf_info(info)?;
+    let mut out = [0u8; 32];
+    ctx.derive(Some(&mut out))?;
+    Ok(out)
+}
+
+/// A 256-bit symmetric key (pair key, group key or file key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairKey(pub [u8; 32]);
+
+impl std::fmt::Debug for PairKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairKey(..)")
+    }
+}
+
+const NONCE: usize = 12;
+const TAG: usize = 16;
+
+impl PairKey {
+    /// A random key.
+    pub fn random() -> Result<PairKey> {
+        let mut k = [0u8; 32];
+        rand_bytes(&mut k)?;
+        Ok(PairKey(k))
+    }
+
+    /// AES-256-GCM with a fresh random nonce; `aad` is authenticated, not encrypted.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE];
+        rand_bytes(&mut nonce)?;
+        let mut tag = [0u8; TAG];
+        let ct = encrypt_aead(
+            Cipher::aes_256_gcm(),
+            &self.0,
+            Some(&nonce),
+            aad,
+            plaintext,
+            &mut tag,
+        )?;
+        let mut out = Vec::with_capacity(NONCE + ct.len() + TAG);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Opens what [`PairKey::seal`] made; any change to the bytes, the key or `aad` is an
+    /// [`Error::Integrity`].
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
+        if sealed.len() < NONCE + TAG {
+            return Err(Error::Integrity("ciphertext too short".into()));
+        }
+        let (nonce, rest) = sealed.split_at(NONCE);
+        let (ct, tag) = rest.split_at(rest.len() - TAG);
+        decrypt_aead(Cipher::aes_256_gcm(), &self.0, Some(nonce), aad, ct, tag).map_err(|_| {
+            Error::Integrity("message failed authentication (tampered or not for us)".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hash_verifies_and_rejects() -> Result<()> {
+        let cost = ScryptCost::with_log_n(4)?;
+        let stored = hash_password("correct horse", cost)?;
+        assert!(stored.starts_with("scrypt$4$8$1$"));
+        assert!(!stored.contains("correct horse"));
+        assert!(verify_password("correct horse", &stored)?);
+        assert!(!verify_password("correct horsf", &stored)?);
+        assert!(!verify_password("", &stored)?);
+        Ok(())
+    }
+
+    #[test]
+    fn same_password_gets_different_salts() -> Result<()> {
+        let cost = ScryptCost::with_log_n(4)?;
+        assert_ne!(hash_password("pw", cost)?, hash_password("pw", cost)?);
+        Ok(())
+    }
+
+    #[test]
+    fn corrupt_hash_is_an_error() {
+        for bad in [
+            "",
+            "plain",
+            "scrypt$4$8$1$zz$00",
+            "scrypt$99$8$1$00$00",
+            "md5$1$1$1$00$00",
+        ] {
+            assert!(verify_password("pw", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cost_bounds() {
+        assert!(ScryptCost::with_log_n(0).is_err());
+        assert!(ScryptCost::with_log_n(21).is_err());
+        assert!(ScryptCost::with_log_n(14).is_ok());
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(to_hex(&bytes), "0001abff");
+        assert_eq!(from_hex("0001ABff").unwrap(), bytes);
+        assert!(from_hex("0g").is_none());
+        assert!(from_hex("abc").is_none());
+    }
+
+    #[test]
+    fn tokens_are_random_and_hash_to_32_bytes() -> Result<()> {
+        let (a, b) = (new_token()?, new_token()?);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert_eq!(token_hash(a.as_bytes())?.len(), 32);
+        Ok(())
+    }
+
+    #[test]
+    fn both_sides_derive_the_same_pair_key() -> Result<()> {
+        let (a, b, c) = (
+            Identity::generate()?,
+            Identity::generate()?,
+            Identity::generate()?,
+        );
+        let ab = a.pair_key("alice", "bob", &b.public()?.x25519)?;
+        let ba = b.pair_key("bob", "alice", &a.public()?.x25519)?;
+        assert_eq!(ab, ba);
+        let ac = a.pair_key("alice", "carol", &c.public()?.x25519)?;
+        assert_ne!(ab, ac);
+        // The names are bound in: same keys, other names, other key.
+        let ab_renamed = a.pair_key("alice", "bobby", &b.public()?.x25519)?;
+        assert_ne!(ab, ab_renamed);
+        Ok(())
+    }
+
+    #[test]
+    fn seal_open_and_tamper() -> Result<()> {
+        let k = PairKey::random()?;
+        let sealed = k.seal(b"hdr", b"hello")?;
+        assert_eq!(k.open(b"hdr", &sealed)?, b"hello");
+        assert_ne!(k.seal(b"hdr", b"hello")?, sealed, "fresh nonce each time");
+        assert!(k.open(b"other", &sealed).is_err(), "aad is bound");
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(
+                matches!(k.open(b"hdr", &bad), Err(Error::Integrity(_))),
+                "byte {i}"
+            );
+        }
+        assert!(
+            PairKey::random()?.open(b"hdr", &sealed).is_err(),
+            "wrong key"
+        );
+        assert!(k.open(b"hdr", &sealed[..20]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn identity_survives_pem_and_needs_the_password() -> Result<()> {
+        let id = Identity::generate()?;
+        let (x, e) = id.to_pem("pw")?;
+        assert!(std::str::from_utf8(&x)
+            .unwrap()
+            .contains("ENCRYPTED PRIVATE KEY"));
+        let back = Identity::from_pem(&x, &e, "pw")?;
+        assert_eq!(back.public()?, id.public()?);
+        assert!(matches!(
+            Identity::from_pem(&x, &e, "wrong"),
+            Err(Error::Integrity(_))
+        ));
+        assert!(
+            Identity::from_pem(&e, &x, "pw").is_err(),
+            "swapped files are refused"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signer_and_the_data() -> Result<()> {
+        let (a, b) = (Identity::generate()?, Identity::generate()?);
+        let sig = a.sign(b"data")?;
+        assert!(verify_signature(&a.public()?.ed25519, b"data", &sig)?);
+        assert!(!verify_signature(&a.public()?.ed25519, b"datA", &sig)?);
+        assert!(!verify_signature(&b.public()?.ed25519, b"data", &sig)?);
+        assert!(!verify_signature(
+            &a.public()?.ed25519,
+            b"data",
+            &sig[..10]
+        )?);
+        Ok(())
+    }
+}

@@ -1,0 +1,680 @@
+//! Storage: one SQLite file shared by the balancer and every chat server.
+//!
+//! * [`open`] sets WAL mode, `synchronous=NORMAL`, a busy timeout and foreign keys, then brings
+//!   the schema up to date ([`migrate`], versioned with `PRAGMA user_version`).
+//! * Reads go through a small [`Readers`] pool of connections.
+//! * Writes go through one [`Writer`] thread per process, which batches every queued job into one
+//!   `BEGIN IMMEDIATE` transaction (group commit) and runs each job's completion only after the
+//!   commit, in submission order. "Stored" is therefore only ever said about committed rows.
+//!
+//! Every statement is parameterised; no SQL is assembled from strings.
+//!
+//! This module is the storage interface: the rest of the crate calls the functions here and never
+//! writes SQL of its own, so another backend can take its place.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::net::{Envelope, PublicKeys};
+
+/// How long a statement waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 2048;
+
+/// The schema, one entry per version. Never edit an entry that has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: accounts, sessions, servers, presence, the store-and-forward queue.
+    "CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        x25519        BLOB NOT NULL,
+        ed25519       BLOB NOT NULL,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE sessions (
+        token_hash BLOB PRIMARY KEY,
+        user       TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_expiry ON sessions(expires_at);
+    CREATE TABLE servers (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        addr          TEXT NOT NULL,
+        secret_hash   BLOB NOT NULL,
+        registered_at INTEGER NOT NULL
+    );
+    CREATE TABLE presence (
+        server_id INTEGER NOT NULL,
+        conn_id   INTEGER NOT NULL,
+        user      TEXT NOT NULL,
+        PRIMARY KEY (server_id, conn_id)
+    );
+    CREATE INDEX presence_user ON presence(user);
+    CREATE TABLE messages (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        sender    TEXT NOT NULL,
+        recipient TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        client_id INTEGER NOT NULL,
+        body      BLOB NOT NULL,
+        sent_at   INTEGER NOT NULL,
+        UNIQUE (sender, client_id)
+    );
+    CREATE INDEX messages_recipient ON messages(recipient, id);",
+];
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens (creating if needed) the database file and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // journal_mode returns a row, so it is queried rather than executed.
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Invalid(format!(
+            "database {} cannot use WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Applies every migration newer than the file's `user_version`, each in its own transaction.
+/// Safe to race with other processes doing the same: the version is re-read under the lock.
+pub fn migrate(conn: &Connection) -> Result<()> {
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version >= MIGRATIONS.len() {
+            conn.execute_batch("COMMIT")?;
+            if version > MIGRATIONS.len() {
+                return Err(Error::Invalid(format!(
+                    "database schema version {version} is newer than this program ({}); upgrade fastchat",
+                    MIGRATIONS.len()
+                )));
+            }
+            return Ok(());
+        }
+        let step = conn
+            .execute_batch(MIGRATIONS[version])
+            .and_then(|()| conn.pragma_update(None, "user_version", version + 1));
+        match step {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// A small pool of read connections, shared by the connection threads of one process.
+///
+/// A lock and not a channel: taking a connection is a pop from a vector, held for nanoseconds,
+/// and a thread that finds the pool empty simply opens another connection.
+pub struct Readers {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// A pool over the database at `path` (which [`open`] has already migrated).
+    pub fn new(path: &Path) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with a read connection.
+    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.pool.lock().pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open(&self.path)?;
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut pool = self.pool.lock();
+        if pool.len() < 16 {
+            pool.push(conn);
+        }
+        out
+    }
+}
+
+/// Called on the writer thread after the batch holding the job committed (or failed).
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+/// A unit of work for the writer thread: runs inside the batch transaction.
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+/// The process's single database writer: a thread that commits queued jobs in batches.
+///
+/// Jobs run in submission order inside one transaction, each in its own savepoint so that a job
+/// that fails (a constraint, say) does not undo its neighbours. Completions run on the writer
+/// thread after the commit, in order; they must not block (they send on channels).
+pub struct Writer {
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Opens its own connection to `path` and starts the writer thread.
+    pub fn start(path: &Path) -> Result<Writer> {
+        let conn = open(path)?;
+        let (tx, rx) = bounded::<Job>(8192);
+        let thread = std::thread::Builder::new()
+            .name("db-writer".into())
+            .spawn(move || writer_loop(conn, rx))?;
+        Ok(Writer {
+            jobs: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `work`; `done` gets its result once the batch is committed. Blocks only while the
+    /// writer's queue is full (backpressure).
+    pub fn submit<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        done: impl FnOnce(Result<T>) + Send + 'static,
+    ) {
+        let job: Job = Box::new(move |conn: &Connection| {
+            let res = in_savepoint(conn, work);
+            Box::new(
+                move |commit_error: Option<&str>| match (res, commit_error) {
+                    (Ok(_), Some(e)) => done(Err(Error::Commit(e.to_string()))),
+                    (res, _) => done(res),
+                },
+            )
+        });
+        // The thread only ends when `jobs` is dropped, so a failed send means it panicked; the
+        // dropped completion then closes its caller's reply channel, which reports the failure.
+        if let Some(jobs) = &self.jobs {
+            if jobs.send(job).is_err() {
+                log::error!("database writer thread has died; write dropped");
+            }
+        }
+    }
+
+    /// Runs `work` and waits for its commit.
+    pub fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = bounded(1);
+        self.submit(work, move |res| {
+            let _ = tx.send(res);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::Commit("the database writer has stopped".into())))
+    }
+}
+
+impl Drop for Writer {
+    /// Commits everything queued, then stops the thread.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            // A completion may hold the last reference to the owner of this writer; then the
+            // drop runs on the writer thread itself, which ends on its own once the queue closes.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn in_savepoint<T>(conn: &Connection, work: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match work(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, jobs: Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let begun = begin_immediate(&conn);
+        if let Err(e) = &begun {
+            log::error!("database: cannot begin a transaction: {e}");
+        }
+        for job in batch.drain(..) {
+            completions.push(job(&conn));
+        }
+        let outcome = begun.and_then(|()| conn.execute_batch("COMMIT").map_err(Error::from));
+        let message = match &outcome {
+            Ok(()) => None,
+            Err(e) => {
+                log::error!("database: commit of {} jobs failed: {e}", completions.len());
+                let _ = conn.execute_batch("ROLLBACK");
+                Some(e.to_string())
+            }
+        };
+        for complete in completions.drain(..) {
+            complete(message.as_deref());
+        }
+    }
+}
+
+/// `BEGIN IMMEDIATE`, retried while other processes hold the write lock past the busy timeout.
+fn begin_immediate(conn: &Connection) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 5 =>
+            {
+                tries += 1;
+                log::warn!("database busy, retrying BEGIN ({tries})");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounts and sessions (balancer).
+
+/// Inserts a new user. `Ok(false)` if the name is taken.
+pub fn create_user(
+    conn: &Connection,
+    name: &str,
+    password_hash: &str,
+    keys: &PublicKeys,
+) -> Result<bool> {
+    let n = conn.execute(
+        "INSERT INTO users (name, password_hash, x25519, ed25519, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+        params![name, password_hash, keys.x25519, keys.ed25519, now_ms()],
+    )?;
+    Ok(n == 1)
+}
+
+/// The stored password hash of a user, if the user exists.
+pub fn password_hash(conn: &Connection, name: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+        .optional()?)
+}
+
+/// Whether a user exists.
+pub fn user_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM users WHERE name = ?1")?
+        .query_row(params![name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// A user's public keys.
+pub fn user_keys(conn: &Connection, name: &str) -> Result<Option<PublicKeys>> {
+    Ok(conn
+        .prepare_cached("SELECT x25519, ed25519 FROM users WHERE name = ?1")?
+        .query_row(params![name], |r| {
+            Ok(PublicKeys {
+                x25519: r.get(0)?,
+                ed25519: r.get(1)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Stores a session (by the token's hash) and drops expired ones.
+pub fn create_session(
+    conn: &Connection,
+    token_hash: &[u8],
+    user: &str,
+    expires_at: i64,
+) -> Result<()> {
+    conn.prepare_cached("DELETE FROM sessions WHERE expires_at < ?1")?
+        .execute(params![now_ms()])?;
+    conn.prepare_cached("INSERT INTO sessions (token_hash, user, expires_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![token_hash, user, expires_at])?;
+    Ok(())
+}
+
+/// The user a token belongs to, if the session exists and has not expired.
+pub fn session_user(conn: &Connection, token_hash: &[u8]) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT user FROM sessions WHERE token_hash = ?1 AND expires_at > ?2")?
+        .query_row(params![token_hash, now_ms()], |r| r.get(0))
+        .optional()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers and presence.
+
+/// Registers a server (or re-registers a known id whose secret matches). Returns its id, or
+/// `None` when the id is unknown or the secret does not match.
+pub fn register_server(
+    conn: &Connection,
+    addr: &str,
+    server_id: Option<u64>,
+    secret_hash: &[u8],
+) -> Result<Option<u64>> {
+    if let Some(id) = server_id {
+        let n = conn.execute(
+            "UPDATE servers SET addr = ?1 WHERE id = ?2 AND secret_hash = ?3",
+            params![addr, id as i64, secret_hash],
+        )?;
+        return Ok((n == 1).then_some(id));
+    }
+    conn.execute(
+        "INSERT INTO servers (addr, secret_hash, registered_at) VALUES (?1, ?2, ?3)",
+        params![addr, secret_hash, now_ms()],
+    )?;
+    Ok(Some(conn.last_insert_rowid() as u64))
+}
+
+/// Forgets a server that has died: its row and its presence rows.
+pub fn forget_server(conn: &Connection, server_id: u64) -> Result<()> {
+    conn.execute(
+        "DELETE FROM presence WHERE server_id = ?1",
+        params![server_id as i64],
+    )?;
+    conn.execute(
+        "DELETE FROM servers WHERE id = ?1",
+        params![server_id as i64],
+    )?;
+    Ok(())
+}
+
+/// The stored hash of a server's secret.
+pub fn server_secret_hash(conn: &Connection, server_id: u64) -> Result<Option<Vec<u8>>> {
+    Ok(conn
+        .prepare_cached("SELECT secret_hash FROM servers WHERE id = ?1")?
+        .query_row(params![server_id as i64], |r| r.get(0))
+        .optional()?)
+}
+
+/// Records that `user` is connected to `server_id` on connection `conn_id`.
+pub fn add_presence(conn: &Connection, server_id: u64, conn_id: u64, user: &str) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO presence (server_id, conn_id, user) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![server_id as i64, conn_id as i64, user])?;
+    Ok(())
+}
+
+/// Removes one connection's presence row.
+pub fn remove_presence(conn: &Connection, server_id: u64, conn_id: u64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM presence WHERE server_id = ?1 AND conn_id = ?2")?
+        .execute(params![server_id as i64, conn_id as i64])?;
+    Ok(())
+}
+
+/// Removes every presence row of a server (at its start, after a crash of an earlier run).
+pub fn clear_presence(conn: &Connection, server_id: u64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM presence WHERE server_id = ?1")?
+        .execute(params![server_id as i64])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The message queue.
+
+/// What storing a message produced: the envelope and the servers its recipient is connected to
+/// (read in the same transaction, so a login racing with this message either sees the message
+/// in its queue or is in this list).
+#[derive(Debug)]
+pub struct StoredMessage {
+    /// The stored message.
+    pub envelope: Envelope,
+    /// Servers where the recipient has a connection now.
+    pub online_at: Vec<u64>,
+}
+
+/// Stores a message, idempotently per `(sender, client_id)`: a re-send returns the first copy.
+pub fn store_message(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+    client_id: u64,
+    body: &[u8],
+) -> Result<StoredMessage> {
+    let now = now_ms();
+    conn.prepare_cached(
+        "INSERT INTO messages (sender, recipient, client_id, body, sent_at)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, client_id) DO NOTHING",
+    )?
+    .execute(params![from, to, client_id as i64, body, now])?;
+    let envelope = conn
+        .prepare_cached(
+            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
+             WHERE sender = ?1 AND client_id = ?2",
+        )?
+        .query_row(params![from, client_id as i64], envelope_row)?;
+    let online_at = conn
+        .prepare_cached("SELECT DISTINCT server_id FROM presence WHERE user = ?1")?
+        .query_map(params![envelope.to], |r| r.get::<_, i64>(0))?
+        .map(|r| r.map(|id| id as u64))
+        .collect::<rusqlite::Result<Vec<u64>>>()?;
+    Ok(StoredMessage {
+        envelope,
+        online_at,
+    })
+}
+
+fn envelope_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Envelope> {
+    Ok(Envelope {
+        id: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        client_id: r.get::<_, i64>(3)? as u64,
+        body: r.get(4)?,
+        sent_at: r.get(5)?,
+    })
+}
+
+/// Up to `limit` queued messages for `user` with ids above `after`, oldest first.
+pub fn queued(conn: &Connection, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
+             WHERE recipient = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )?
+        .query_map(params![user, after, limit as i64], envelope_row)?
+        .collect::<rusqlite::Result<Vec<Envelope>>>()?;
+    Ok(rows)
+}
+
+/// Removes acknowledged messages; only the recipient's own messages can be removed.
+pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
+    let mut stmt = conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND recipient = ?2")?;
+    let mut n = 0;
+    for id in ids {
+        n += stmt.execute(params![id, user])?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> PublicKeys {
+        PublicKeys {
+            x25519: vec![1; 32],
+            ed25519: vec![2; 32],
+        }
+    }
+
+    fn fresh() -> Result<(tempfile::TempDir, PathBuf)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("chat.db");
+        open(&path)?;
+        Ok((dir, path))
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_versioned() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        let v: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        assert_eq!(v, MIGRATIONS.len());
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        assert_eq!(mode, "wal");
+        Ok(())
+    }
+
+    #[test]
+    fn newer_schema_is_refused() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        Connection::open(&path)?.pragma_update(None, "user_version", 999)?;
+        assert!(open(&path).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn users_are_unique() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        assert!(create_user(&conn, "alice", "h", &keys())?);
+        assert!(!create_user(&conn, "alice", "h2", &keys())?);
+        assert_eq!(password_hash(&conn, "alice")?.as_deref(), Some("h"));
+        assert_eq!(password_hash(&conn, "bob")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn sessions_expire() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        create_user(&conn, "alice", "h", &keys())?;
+        create_session(&conn, b"live", "alice", now_ms() + 60_000)?;
+        create_session(&conn, b"dead", "alice", now_ms() - 1)?;
+        assert_eq!(session_user(&conn, b"live")?.as_deref(), Some("alice"));
+        assert_eq!(session_user(&conn, b"dead")?, None);
+        assert_eq!(session_user(&conn, b"none")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn queue_is_ordered_idempotent_and_acked_by_recipient_only() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        let a = store_message(&conn, "alice", "bob", 1, b"one")?;
+        let b = store_message(&conn, "alice", "bob", 2, b"two")?;
+        let again = store_message(&conn, "alice", "bob", 1, b"one")?;
+        assert_eq!(
+            a.envelope.id, again.envelope.id,
+            "re-send is not stored twice"
+        );
+        assert!(a.envelope.id < b.envelope.id);
+        let q = queued(&conn, "bob", 0, 10)?;
+        assert_eq!(
+            q.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>(),
+            [b"one", b"two"]
+        );
+        assert_eq!(
+            ack(&conn, "alice", &[a.envelope.id])?,
+            0,
+            "not alice's to ack"
+        );
+        assert_eq!(ack(&conn, "bob", &[a.envelope.id])?, 1);
+        assert_eq!(queued(&conn, "bob", 0, 10)?.len(), 1);
+        // Ids are never reused, even after the newest row is deleted.
+        ack(&conn, "bob", &[b.envelope.id])?;
+        let c = store_message(&conn, "alice", "bob", 3, b"three")?;
+        assert!(c.envelope.id > b.envelope.id);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_recipient_violates_the_foreign_key() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        create_user(&conn, "alice", "h", &keys())?;
+        assert!(store_message(&conn, "alice", "nobody", 1, b"x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn store_reports_presence() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        add_presence(&conn, 7, 1, "bob")?;
+        add_presence(&conn, 7, 2, "bob")?;
+        add_presence(&conn, 9, 3, "bob")?;
+        let mut at = store_message(&conn, "alice", "bob", 1, b"x")?.online_at;
+        at.sort();
+        assert_eq!(at, [7, 9]);
+        remove_presence(&conn, 9, 3)?;
+        assert_eq!(
+            store_message(&conn, "alice", "bob", 2, b"x")?.online_at,
+            [7]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn writer_commits_in_order_and_isolates_failures() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let writer = Writer::start(&path)?;
+        writer.call(|c| create_user(c, "alice", "h", &keys()))?;
+        writer.call(|c| create_user(c, "bob", "h", &keys()))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..100u64 {
+            let tx = tx.clone();
+            let to = if i == 50 { "nobody" } else { "bob" };
+            writer.submit(
+                move |c| store_message(c, "alice", to, i, b"m"),
+                move |res| {
+                    let _ = tx.send((i, res.map(|s| s.envelope.id)));
+                },
+            );
+        }
+        drop(tx);
+        let results: Vec<_> = rx.iter().collect();
+        assert_eq!(results.len(), 100);
+        let order: Vec<u64> = results.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, (0..100).collect::<Vec<_>>(), "completions in order");
+        assert!(results[50].1.is_err(), "the bad job fails alone");
+        let conn = open(&path)?;
+        assert_eq!(queued(&conn, "bob", 0, 1000)?.len(), 99);
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! The library's one error type.
+//!
+//! Expected conditions (a refusal from the other side, a malformed frame, a bad name) have their
+//! own variants so callers can match on them; the binaries turn them into one-line messages and
+//! exit codes (see [`Error::exit_code`]).
+
+use std::fmt;
+use std::io;
+
+use crate::net::ErrorCode;
+
+/// Everything that can go wrong in fastchat.
+#[derive(Debug)]
+pub enum Error {
+    /// A socket or file operation failed.
+    Io(io::Error),
+    /// Could not connect to an address (nothing listening, refused, timed out).
+    Unreachable {
+        /// What we tried to reach, for example `balancer 127.0.0.1:7000`.
+        what: String,
+        /// The underlying socket error.
+        source: io::Error,
+    },
+    /// The database refused an operation.
+    Db(rusqlite::Error),
+    /// A batch of writes could not be committed (the reason, as the database gave it).
+    Commit(String),
+    /// OpenSSL reported an error.
+    Crypto(openssl::error::ErrorStack),
+    /// A frame announced a body larger than [`crate::net::MAX_FRAME`].
+    FrameTooLarge(usize),
+    /// A frame body did not decode as the expected message.
+    Malformed(String),
+    /// The peer sent something valid but out of place (a reply to nothing, a frame before Hello).
+    Protocol(String),
+    /// The other side refused a request with a reasoned error.
+    Refused {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable reason, one line.
+        message: String,
+    },
+    /// A user, group or file name broke the naming rules.
+    InvalidName(String),
+    /// Input given on the command line or in a file was unusable.
+    Invalid(String),
+    /// Decryption or verification failed: the data was tampered with or not meant for us.
+    Integrity(String),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The process exit code a binary should use for this error.
+    ///
+    /// 1: the request was refused or invalid; 3: a server could not be reached or the connection
+    /// broke; 4: local trouble (files, database, crypto). 2 is left to argument parsing.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Refused { .. }
+            | Error::InvalidName(_)
+            | Error::Invalid(_)
+            | Error::Integrity(_) => 1,
+            Error::Unreachable { .. } | Error::FrameTooLarge(_) | Error::Protocol(_) => 3,
+            Error::Malformed(_) => 3,
+            Error::Io(e) if is_disconnect(e) => 3,
+            Error::Io(_) | Error::Db(_) | Error::Commit(_) | Error::Crypto(_) => 4,
+        }
+    }
+
+    /// Shorthand for a refusal with a code and message.
+    pub fn refused(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error::Refused {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// True when the error means the connection is gone (as opposed to a refused request).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            Error::Io(e) => is_disconnect(e),
+            Error::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// True for the I/O errors that mean "the other end went away".
+pub fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) if is_disconnect(e) => write!(f, "connection lost ({e})"),
+            Error::Io(e) => write!(f, "{e}"),
+            Error::Unreachable { what, source } => write!(f, "cannot reach {what}: {source}"),
+            Error::Db(e) => write!(f, "database error: {e}"),
+            Error::Commit(e) => write!(f, "database commit failed: {e}"),
+            Error::Crypto(e) => write!(f, "crypto error: {e}"),
+            Error::FrameTooLarge(n) => write!(
+                f,
+                "frame of {n} bytes is over the limit of {} bytes",
+                crate::net::MAX_FRAME
+            ),
+            Error::Malformed(m) => write!(f, "malformed frame: {m}"),
+            Error::Protocol(m) => write!(f, "protocol error: {m}"),
+            Error::Refused { message, .. } => write!(f, "{message}"),
+            Error::InvalidName(m) => write!(f, "{m}"),
+            Error::Invalid(m) => write!(f, "{m}"),
+            Error::Integrity(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Unreachable { source, .. } => Some(source),
+            Error::Db(e) => Some(e),
+            Error::Crypto(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        Error::Db(e)
+    }
+}
+
+impl From<openssl::error::ErrorStack> for Error {
+    fn from(e: openssl::error::ErrorStack) -> Error {
+        Error::Crypto(e)
+    }
+}

@@ -1,0 +1,45 @@
+//! fastchat: a multi-server chat system with end-to-end encryption.
+//!
+//! Synchronous Rust: blocking `std::net` sockets, a thread per connection, crossbeam channels
+//! between threads, no async runtime. A **balancer** signs users up, checks passwords, keeps the
+//! key directory and the registry of live **chat servers**, and hands each login a session token
+//! and a server. Servers store messages (ciphertext only) in one shared SQLite file and relay
+//! them to each other over a peer mesh. The **client** encrypts and decrypts; the servers never
+//! hold a private key.
+//!
+//! # Layout
+//!
+//! * [`net`]: the frame codec and every message of the wire protocol.
+//! * [`error`]: the library's error type and exit codes.
+//! * [`names`]: the naming rule for users and groups.
+//! * [`crypto`]: password hashing, tokens, key pairs, pair keys, AES-GCM, signatures.
+//! * [`db`]: the schema, its migrations, the reader pool and the group-commit writer thread.
+//! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
+//! * [`server`]: the chat server: connections, store-and-forward, balancer link.
+//! * [`router`]: a server's map of local users to their connections' outbound queues.
+//! * [`peers`]: a server's outbound links to the other servers.
+//! * [`client`]: the client library: balancer requests and a chat-server connection.
+//! * [`keystore`]: the client's key files and pinned peer keys.
+//! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning.
+//! * [`cli`]: the `fastchat` subcommands.
+//! * [`logging`]: logging set-up shared by the binaries.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod balancer;
+pub mod cli;
+pub mod client;
+pub mod crypto;
+pub mod db;
+pub mod e2e;
+pub mod error;
+pub mod keystore;
+pub mod logging;
+pub mod names;
+pub mod net;
+pub mod peers;
+pub mod router;
+pub mod server;
+
+pub use error::{Error, Result};
