@@ -143,7 +143,8 @@ pub fn servers(opts: &Options) -> Result<()> {
         println!("no live servers");
     }
     for s in servers {
-        println!("server {} at {} with {} clients", s.id, s.addr, s.load);
+        let plural = if s.load == 1 { "" } else { "s" };
+        println!("server {} at {}: {} client{plural}", s.id, s.addr, s.load);
     }
     Ok(())
 }

@@ -1,0 +1,50 @@
+# Shared shell helpers for scripts/demo.sh and scripts/cluster.sh. Source it; do not run it.
+
+# Waits (at most ~10 s) until FILE has a line starting with PREFIX; prints that line's last word.
+wait_for_line() {
+  local file=$1 prefix=$2 i line
+  for i in $(seq 200); do
+    line=$(grep -m1 "^$prefix" "$file" 2>/dev/null || true)
+    if [ -n "$line" ]; then
+      echo "${line##* }"
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "timed out waiting for '$prefix' in $file" >&2
+  return 1
+}
+
+# Starts a balancer in DIR on a free port; prints its address. Extra arguments go to it.
+start_balancer() {
+  local dir=$1; shift
+  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "$dir/chat.db" "$@" \
+    >"$dir/balancer.out" 2>"$dir/balancer.log" &
+  echo $! >"$dir/balancer.pid"
+  wait_for_line "$dir/balancer.out" "fastchat-balancer listening on"
+}
+
+# Starts chat server number N in DIR against BALANCER; prints its address.
+start_server() {
+  local dir=$1 n=$2 balancer=$3
+  "$FASTCHAT_BIN/fastchat-server" --listen 127.0.0.1:0 --balancer "$balancer" --db "$dir/chat.db" \
+    >"$dir/server$n.out" 2>"$dir/server$n.log" &
+  echo $! >"$dir/server$n.pid"
+  wait_for_line "$dir/server$n.out" "fastchat-server"
+}
+
+# Stops every process with a PID file in DIR (SIGTERM, then SIGKILL after 3 s).
+stop_all() {
+  local dir=$1 f pid i
+  for f in "$dir"/*.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f")
+    kill "$pid" 2>/dev/null || true
+    for i in $(seq 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.05
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$f"
+  done
+}

@@ -1,0 +1,363 @@
+//! Helpers for integration tests: start the real binaries on 127.0.0.1 port 0 with a fresh
+//! temporary database, run client commands with a time limit, and stop everything (by PID) when
+//! the test ends, however it ends.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+
+/// How long any single wait in a test may take before the test fails.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+/// A started process whose standard output lines arrive on a channel. Killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Receiver<String>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let (tx, lines) = unbounded();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Keep stderr flowing (a full pipe would block the child); echo it for failing tests.
+        let err = child.stderr.take().expect("stderr");
+        let label = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{label}] {line}");
+            }
+        });
+        Proc {
+            child,
+            lines,
+            name: name.to_string(),
+        }
+    }
+
+    /// The next stdout line, failing the test after `LIMIT`.
+    pub fn line(&self) -> String {
+        self.lines
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("{}: no output line within {LIMIT:?}", self.name))
+    }
+
+    /// The next stdout line within `d`, if any.
+    pub fn line_within(&self, d: Duration) -> Option<String> {
+        self.lines.recv_timeout(d).ok()
+    }
+
+    /// Writes a line to the process's standard input.
+    pub fn type_line(&mut self, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{text}").expect("write to stdin");
+        stdin.flush().expect("flush stdin");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, like `kill -9`, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGINT (Ctrl-C) by PID, then wait up to `LIMIT` for the exit status.
+    pub fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status();
+        self.wait_exit(LIMIT)
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The result of a finished client command.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+}
+
+/// A balancer and some servers on a fresh database in a temporary folder.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub balancer: Proc,
+    pub balancer_addr: String,
+    pub servers: Vec<Proc>,
+    pub server_addrs: Vec<String>,
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "fastchat" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat")),
+        "fastchat-balancer" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-balancer")),
+        "fastchat-server" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-server")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+impl Cluster {
+    /// A balancer (round-robin) and `n` servers.
+    pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, "round-robin")
+    }
+
+    pub fn start_with(n: usize, algo: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("chat.db");
+        let balancer = Proc::spawn(
+            "balancer",
+            Command::new(bin("fastchat-balancer")).args([
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                db.to_str().unwrap(),
+                "--scrypt-log-n",
+                "4",
+                "--algo",
+                algo,
+            ]),
+        );
+        let first = balancer.line();
+        let balancer_addr = first
+            .strip_prefix("fastchat-balancer listening on ")
+            .unwrap_or_else(|| panic!("unexpected balancer output {first:?}"))
+            .to_string();
+        let mut c = Cluster {
+            dir,
+            db,
+            balancer,
+            balancer_addr,
+            servers: Vec::new(),
+            server_addrs: Vec::new(),
+        };
+        for _ in 0..n {
+            c.add_server();
+        }
+        c
+    }
+
+    /// Starts one more server and waits until it is registered; returns its index.
+    pub fn add_server(&mut self) -> usize {
+        let i = self.servers.len();
+        let server = Proc::spawn(
+            &format!("server{i}"),
+            Command::new(bin("fastchat-server")).args([
+                "--listen",
+                "127.0.0.1:0",
+                "--balancer",
+                &self.balancer_addr,
+                "--db",
+                self.db.to_str().unwrap(),
+            ]),
+        );
+        let line = server.line();
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .filter(|_| line.starts_with("fastchat-server "))
+            .unwrap_or_else(|| panic!("unexpected server output {line:?}"))
+            .to_string();
+        self.servers.push(server);
+        self.server_addrs.push(addr);
+        i
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// A `fastchat` command acting as `user` (password `pw-USER`).
+    pub fn cmd(&self, user: &str) -> Command {
+        let mut cmd = Command::new(bin("fastchat"));
+        cmd.env("FASTCHAT_BALANCER", &self.balancer_addr)
+            .env("FASTCHAT_HOME", self.home())
+            .env("FASTCHAT_USER", user)
+            .env("FASTCHAT_PASSWORD", format!("pw-{user}"))
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Runs `fastchat ARGS` as `user` to completion (at most `LIMIT`).
+    pub fn run(&self, user: &str, args: &[&str]) -> Output {
+        run_limited(self.cmd(user).args(args))
+    }
+
+    /// Signs up `user` and checks it worked.
+    pub fn signup(&self, user: &str) {
+        let out = self.run(user, &["signup", user]);
+        assert_eq!(out.code, 0, "signup {user}: {out:?}");
+    }
+
+    /// Sends and checks the message was stored.
+    pub fn send(&self, from: &str, to: &str, text: &str) {
+        let out = self.run(from, &["send", to, text]);
+        assert_eq!(out.code, 0, "send {from}->{to}: {out:?}");
+        assert!(out.stdout.starts_with("stored message "), "{out:?}");
+    }
+
+    /// Starts a long-running `fastchat ARGS` as `user`.
+    pub fn spawn(&self, user: &str, args: &[&str]) -> Proc {
+        Proc::spawn(&format!("{user}:{}", args[0]), self.cmd(user).args(args))
+    }
+
+    /// A read-only connection to the shared database.
+    pub fn sql(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.db).expect("open db");
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.sql().query_row(sql, [], |r| r.get(0)).expect(sql)
+    }
+
+    /// Waits until `user` has `n` live connections (per the presence table).
+    pub fn wait_online(&self, user: &str, n: i64) {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let got: i64 = self
+                .sql()
+                .query_row(
+                    "SELECT count(*) FROM presence WHERE user = ?1",
+                    [user],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            if got == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} never had {n} connections"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs a command to completion, killing it (and failing) after `LIMIT`.
+pub fn run_limited(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command {cmd:?} did not finish within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+/// Sends raw bytes to `addr` and returns everything it answers until it closes the connection
+/// (or `LIMIT` passes, which fails the test).
+pub fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let _ = s.write_all(bytes);
+    // Half-close, so a truncated frame is seen as one (EOF inside the frame).
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no close from {addr} after {:?}: {e}", started.elapsed()),
+        }
+    }
+    answer
+}
+
+/// Whether any file in `dir` (recursively) contains `needle`.
+pub fn dir_contains(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            hits.extend(dir_contains(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                hits.push(path);
+            }
+        }
+    }
+    hits
+}
