@@ -93,12 +93,13 @@ struct Shared {
 /// Serves on `listener` until a message arrives on `shutdown` (or it is dropped). Registers
 /// with the balancer first; returns an error if the balancer cannot be reached in time.
 ///
-/// `on_ready` is called once registration succeeded, with the server id and advertised address.
+/// `on_ready` is called once registration succeeded, with the server id and the address it
+/// listens on (clients are given the advertised address, which is the same unless configured).
 pub fn run(
     listener: TcpListener,
     config: Config,
     shutdown: Receiver<()>,
-    on_ready: impl FnOnce(u64, &str),
+    on_ready: impl FnOnce(u64, SocketAddr),
 ) -> Result<()> {
     db::open(&config.db)?;
     let local = listener.local_addr()?;
@@ -127,8 +128,8 @@ pub fn run(
         server_id,
         config,
     });
-    log::info!("server {server_id} serving on {advertise}");
-    on_ready(server_id, &advertise);
+    log::info!("server {server_id} listening on {local}, advertised as {advertise}");
+    on_ready(server_id, local);
 
     let heartbeat = {
         let shared = Arc::clone(&shared);

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     config.advertise = args.advertise;
     config.max_clients = args.max_clients;
     let shutdown = fastchat::logging::shutdown_channel();
-    let ready = |id: u64, addr: &str| {
+    let ready = |id: u64, addr: std::net::SocketAddr| {
         println!("fastchat-server {id} listening on {addr}");
         let _ = std::io::stdout().flush();
     };

@@ -361,3 +361,86 @@ pub fn dir_contains(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// A TCP proxy on 127.0.0.1 that records every byte clients send through it (what the server's
+/// side of the connection receives) and everything the server answers.
+pub struct RecordingProxy {
+    pub addr: String,
+    pub recorded: std::sync::Arc<parking_lot::Mutex<Vec<u8>>>,
+    target: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
+}
+
+impl RecordingProxy {
+    /// Binds now; forwards to the address given later with [`RecordingProxy::forward_to`].
+    pub fn bind() -> RecordingProxy {
+        use std::net::{Shutdown, TcpListener};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let recorded: Arc<parking_lot::Mutex<Vec<u8>>> = Arc::default();
+        let target: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+        let (rec, tgt) = (Arc::clone(&recorded), Arc::clone(&target));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Some(to) = tgt.lock().clone() else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                for (mut from, mut into) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let rec = Arc::clone(&rec);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            rec.lock().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = into.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        RecordingProxy {
+            addr,
+            recorded,
+            target,
+        }
+    }
+
+    pub fn forward_to(&self, addr: &str) {
+        *self.target.lock() = Some(addr.to_string());
+    }
+}
+
+impl Cluster {
+    /// Starts a server whose advertised address is `proxy`: every client connection to it passes
+    /// through the proxy.
+    pub fn add_server_behind(&mut self, proxy: &RecordingProxy) {
+        let i = self.servers.len();
+        let server = Proc::spawn(
+            &format!("server{i}"),
+            Command::new(bin("fastchat-server")).args([
+                "--listen",
+                "127.0.0.1:0",
+                "--advertise",
+                &proxy.addr,
+                "--balancer",
+                &self.balancer_addr,
+                "--db",
+                self.db.to_str().unwrap(),
+            ]),
+        );
+        let line = server.line();
+        let listening = line.rsplit(' ').next().unwrap().to_string();
+        proxy.forward_to(&listening);
+        self.servers.push(server);
+        self.server_addrs.push(proxy.addr.clone());
+    }
+}

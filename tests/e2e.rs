@@ -1,0 +1,229 @@
+//! End-to-end encryption: the servers see ciphertext only; keys at rest; pinning; tampering.
+
+mod common;
+
+use std::path::Path;
+
+use common::{dir_contains, Cluster, RecordingProxy};
+use openssl::pkey::PKey;
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The raw private key bytes in a user's encrypted PEM file.
+fn raw_private(home: &Path, user: &str, file: &str) -> Vec<u8> {
+    let pem = std::fs::read(home.join(user).join(file)).unwrap();
+    PKey::private_key_from_pem_passphrase(&pem, format!("pw-{user}").as_bytes())
+        .unwrap()
+        .raw_private_key()
+        .unwrap()
+}
+
+#[test]
+fn servers_store_and_carry_ciphertext_only() {
+    let mut c = Cluster::start(0);
+    let proxy = RecordingProxy::bind();
+    c.add_server_behind(&proxy);
+    c.signup("alice");
+    c.signup("bob");
+    let marker = "MARKER-7f3a9c-the-eagle-lands-at-dawn";
+    c.send("alice", "bob", marker);
+    c.send("alice", "bob", &format!("{marker} again"));
+
+    // At rest: the database file and its WAL, before delivery.
+    let mut files = 0;
+    for entry in std::fs::read_dir(c.dir.path()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("chat.db") {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            files += 1;
+            assert!(!contains(&bytes, marker.as_bytes()), "plaintext in {name}");
+            assert!(!contains(&bytes, b"pw-alice"), "password in {name}");
+            for (user, file) in [
+                ("alice", "x25519.pem"),
+                ("alice", "ed25519.pem"),
+                ("bob", "x25519.pem"),
+            ] {
+                let key = raw_private(&c.home(), user, file);
+                assert!(!contains(&bytes, &key), "{user}'s private key in {name}");
+            }
+        }
+    }
+    assert!(files >= 2, "database and WAL were both checked");
+    assert!(c.count("SELECT count(*) FROM messages") == 2);
+
+    // In transit: everything the server's side of the connection received and sent.
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(
+        out.lines(),
+        [format!("alice: {marker}"), format!("alice: {marker} again")]
+    );
+    let wire = proxy.recorded.lock().clone();
+    assert!(
+        wire.len() > 200,
+        "the proxy saw the traffic ({} bytes)",
+        wire.len()
+    );
+    assert!(!contains(&wire, marker.as_bytes()), "plaintext on the wire");
+    assert!(
+        contains(&wire, b"bob"),
+        "sanity: the recording holds the (cleartext) header"
+    );
+}
+
+#[test]
+fn private_keys_are_encrypted_at_rest_with_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start(1);
+    c.signup("alice");
+    let dir = c.home().join("alice");
+    for f in ["x25519.pem", "ed25519.pem"] {
+        let path = dir.join(f);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+            "{f}"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+        assert!(PKey::private_key_from_pem_passphrase(text.as_bytes(), b"wrong").is_err());
+    }
+    // The directory holds the matching public keys.
+    let x: Vec<u8> = c
+        .sql()
+        .query_row("SELECT x25519 FROM users WHERE name = 'alice'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let private = PKey::private_key_from_raw_bytes(
+        &raw_private(&c.home(), "alice", "x25519.pem"),
+        openssl::pkey::Id::X25519,
+    )
+    .unwrap();
+    assert_eq!(private.raw_public_key().unwrap(), x);
+}
+
+#[test]
+fn a_machine_without_the_key_files_gets_a_clear_error() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let elsewhere = c.dir.path().join("new-laptop");
+    let out = common::run_limited(
+        c.cmd("alice")
+            .env("FASTCHAT_HOME", &elsewhere)
+            .args(["send", "bob", "hi"]),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no private keys for alice"), "{out:?}");
+    assert!(out.stderr.contains("copy that folder here"), "{out:?}");
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+}
+
+#[test]
+fn tampered_or_misaddressed_messages_are_rejected_never_shown() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    c.send("alice", "bob", "original text");
+    c.send("alice", "bob", "for bob only");
+    c.send("alice", "bob", "untouched");
+    let db = c.sql();
+    let ids: Vec<i64> = db
+        .prepare("SELECT id FROM messages ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    // Flip one ciphertext byte of the first; re-address the second to carol.
+    let mut body: Vec<u8> = db
+        .query_row("SELECT body FROM messages WHERE id = ?1", [ids[0]], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let last = body.len() - 20;
+    body[last] ^= 0x40;
+    db.execute(
+        "UPDATE messages SET body = ?1 WHERE id = ?2",
+        rusqlite::params![body, ids[0]],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE messages SET recipient = 'carol' WHERE id = ?1",
+        [ids[1]],
+    )
+    .unwrap();
+
+    let bob = c.run("bob", &["recv"]);
+    assert_eq!(bob.code, 0, "{bob:?}");
+    assert_eq!(bob.lines(), ["alice: untouched"]);
+    assert!(
+        bob.stderr
+            .contains(&format!("message {} from alice rejected", ids[0])),
+        "{bob:?}"
+    );
+    assert!(!bob.stdout.contains("original"));
+
+    let carol = c.run("carol", &["recv"]);
+    assert_eq!(carol.stdout, "", "{carol:?}");
+    assert!(carol.stderr.contains("rejected"), "{carol:?}");
+    // Rejected messages are acknowledged too, so they do not come back forever.
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+}
+
+#[test]
+fn changed_keys_are_refused_until_trusted() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "first contact pins bob's keys");
+    assert!(std::fs::read_to_string(c.home().join("alice/known_keys"))
+        .unwrap()
+        .starts_with("bob "));
+
+    // The directory now serves other keys for bob (a compromised or reset account).
+    let mallory = fastchat::crypto::Identity::generate()
+        .unwrap()
+        .public()
+        .unwrap();
+    c.sql()
+        .execute(
+            "UPDATE users SET x25519 = ?1, ed25519 = ?2 WHERE name = 'bob'",
+            rusqlite::params![mallory.x25519, mallory.ed25519],
+        )
+        .unwrap();
+    let out = c.run("alice", &["send", "bob", "secret"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("WARNING: the keys of bob have CHANGED"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("fastchat trust bob"), "{out:?}");
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages"),
+        1,
+        "nothing more was sent"
+    );
+
+    let trust = c.run("alice", &["trust", "bob"]);
+    assert_eq!(trust.code, 0, "{trust:?}");
+    assert!(trust
+        .stdout
+        .starts_with("now trusting bob with fingerprint "));
+    let out = c.run("alice", &["send", "bob", "after trust"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
+fn nothing_is_left_in_the_home_but_key_files() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "PLAINTEXT-CANARY");
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.lines(), ["alice: PLAINTEXT-CANARY"]);
+    assert!(dir_contains(c.dir.path(), b"PLAINTEXT-CANARY").is_empty());
+}
