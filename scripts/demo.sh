@@ -4,6 +4,7 @@
 #
 #   scripts/demo.sh          # run it
 #   KEEP=1 scripts/demo.sh   # keep the temporary folder (database, logs) for a look afterwards
+#   FASTCHAT_BIN=DIR scripts/demo.sh   # use binaries already built in DIR (no build step)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/lib.sh"
@@ -13,9 +14,12 @@ say()  { printf '\n%s== %s%s\n' "$bold" "$*" "$reset"; }
 show() { printf '%s$ %s%s\n' "$dim" "$*" "$reset"; }
 as()   { local user=$1; shift; show "fastchat --user $user $*"; FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" "$@" | sed "s/^/  $cyan/;s/\$/$reset/"; }
 
-say "Building"
-(cd "$root" && cargo build --quiet --bins)
-export FASTCHAT_BIN="$root/target/debug"
+if [ -z "${FASTCHAT_BIN:-}" ]; then
+  say "Building"
+  (cd "$root" && cargo build --quiet --bins)
+  FASTCHAT_BIN="$root/target/debug"
+fi
+export FASTCHAT_BIN
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/fastchat-demo.XXXXXX")
 cleanup() {

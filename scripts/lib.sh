@@ -33,6 +33,13 @@ start_server() {
   wait_for_line "$dir/server$n.out" "fastchat-server"
 }
 
+# True while PID runs (an exited process waiting to be reaped does not count).
+running() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state#Z}" = "$state" ]
+}
+
 # Stops every process with a PID file in DIR (SIGTERM, then SIGKILL after 3 s).
 stop_all() {
   local dir=$1 f pid i
@@ -41,7 +48,7 @@ stop_all() {
     pid=$(cat "$f")
     kill "$pid" 2>/dev/null || true
     for i in $(seq 60); do
-      kill -0 "$pid" 2>/dev/null || break
+      running "$pid" || break
       sleep 0.05
     done
     kill -9 "$pid" 2>/dev/null || true

@@ -139,12 +139,16 @@ impl Registry {
         (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % below as u64) as usize
     }
 
-    /// Chooses a server for one login and counts the assignment.
-    fn assign(&mut self, algo: Algo, timeout: Duration) -> Option<ServerInfo> {
-        let live: Vec<(u64, u32)> = self
+    /// Chooses a server for one login and counts the assignment. `avoid` is skipped unless it
+    /// is the only live server.
+    fn assign(&mut self, algo: Algo, timeout: Duration, avoid: Option<u64>) -> Option<ServerInfo> {
+        let mut live: Vec<(u64, u32)> = self
             .live(timeout)
             .map(|(id, s)| (*id, s.load + s.assigned))
             .collect();
+        if live.len() > 1 {
+            live.retain(|(id, _)| Some(*id) != avoid);
+        }
         if live.is_empty() {
             return None;
         }
@@ -345,7 +349,7 @@ fn handle(
             check_password(shared, &name, &password)?;
             login(shared, id, name)
         }
-        BalancerRequest::Resume { id, token } => {
+        BalancerRequest::Resume { id, token, avoid } => {
             let hash = crypto::token_hash(token.as_bytes())?;
             let user = shared
                 .readers
@@ -353,7 +357,8 @@ fn handle(
                 .ok_or_else(|| {
                     Error::refused(ErrorCode::InvalidToken, "session expired; log in again")
                 })?;
-            let server = assign(shared)?;
+            let server = assign(shared, avoid)?;
+            log::info!("{user} resumed, assigned server {}", server.id);
             Ok(BalancerReply::LoggedIn {
                 id,
                 user,
@@ -453,7 +458,7 @@ fn check_password(shared: &Shared, name: &str, password: &str) -> Result<()> {
 }
 
 fn login(shared: &Shared, id: u64, user: String) -> Result<BalancerReply> {
-    let server = assign(shared)?;
+    let server = assign(shared, None)?;
     let token = crypto::new_token()?;
     let hash = crypto::token_hash(token.as_bytes())?;
     let expires = db::now_ms() + shared.config.token_ttl.as_millis() as i64;
@@ -470,11 +475,11 @@ fn login(shared: &Shared, id: u64, user: String) -> Result<BalancerReply> {
     })
 }
 
-fn assign(shared: &Shared) -> Result<ServerInfo> {
+fn assign(shared: &Shared, avoid: Option<u64>) -> Result<ServerInfo> {
     shared
         .registry
         .lock()
-        .assign(shared.config.algo, shared.config.server_timeout)
+        .assign(shared.config.algo, shared.config.server_timeout, avoid)
         .ok_or_else(|| {
             Error::refused(
                 ErrorCode::NoServers,
@@ -582,7 +587,7 @@ mod tests {
     fn counts(reg: &mut Registry, algo: Algo, n: usize) -> Vec<usize> {
         let mut c = vec![0; reg.servers.len()];
         for _ in 0..n {
-            let s = reg.assign(algo, T).unwrap();
+            let s = reg.assign(algo, T, None).unwrap();
             c[s.id as usize - 1] += 1;
         }
         c
@@ -622,7 +627,17 @@ mod tests {
         reg.servers.get_mut(&1).unwrap().last_seen = Instant::now() - Duration::from_secs(3);
         assert_eq!(counts(&mut reg, Algo::RoundRobin, 4), [0, 4]);
         reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(3);
-        assert!(reg.assign(Algo::LeastLoaded, T).is_none());
+        assert!(reg.assign(Algo::LeastLoaded, T, None).is_none());
+    }
+
+    #[test]
+    fn avoided_server_is_skipped_unless_alone() {
+        let mut reg = registry(&[0, 0]);
+        for _ in 0..4 {
+            assert_eq!(reg.assign(Algo::RoundRobin, T, Some(1)).unwrap().id, 2);
+        }
+        let mut alone = registry(&[0]);
+        assert_eq!(alone.assign(Algo::RoundRobin, T, Some(1)).unwrap().id, 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::client::{BalancerClient, Connection, Dedup, Incoming, Session};
+use crate::client::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity};
 use crate::e2e::{fingerprint, Directory, E2e, Plain};
 use crate::error::{Error, Result};
@@ -89,26 +89,22 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A logged-in user: session, end-to-end state, and the chat server connection.
+/// A logged-in user: the (failover-capable) client and the end-to-end state.
 struct LoggedIn {
-    session: Session,
+    client: Client,
     e2e: E2e,
-    conn: Connection,
 }
 
 fn login(opts: &Options) -> Result<LoggedIn> {
     let user = opts.user()?.to_string();
     let password = opts.password(&format!("password for {user}: "))?;
     let store = Keystore::new(&opts.home, &user);
-    let mut balancer = BalancerClient::connect(&opts.balancer)?;
-    let session = balancer.login(&user, &password)?;
+    let (client, balancer) = Client::login(&opts.balancer, &user, &password)?;
     let identity = store.load_identity(&password)?;
-    let conn = Connection::open(&session)?;
     let directory = Directory::new(&opts.balancer, Some(balancer));
     Ok(LoggedIn {
         e2e: E2e::new(&user, identity, store, directory),
-        session,
-        conn,
+        client,
     })
 }
 
@@ -121,7 +117,7 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
     let mut me = login(opts)?;
     let client_id = crypto::random_u64()?;
     let body = me.e2e.seal_text(to, client_id, text)?;
-    let id = me.conn.send(to, client_id, body)?;
+    let id = me.client.send(to, client_id, &body)?;
     println!("stored message {id} for {to}");
     Ok(())
 }
@@ -129,9 +125,12 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
 /// `fastchat whoami`: the user and the server the balancer gave.
 pub fn whoami(opts: &Options) -> Result<()> {
     let me = login(opts)?;
+    let server = me.client.server();
     println!(
         "{} on server {} at {}",
-        me.session.user, me.conn.server_id, me.session.server.addr
+        me.client.user(),
+        server.id,
+        server.addr
     );
     Ok(())
 }
@@ -179,41 +178,35 @@ pub enum Format {
 /// up to `wait` for live ones.
 pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     let mut me = login(opts)?;
-    let mut dedup = Dedup::default();
     let out = io::stdout();
-    let mut deadline: Option<Instant> = None;
+    // No deadline until the queue is drained (bounded by the server's queue); then `wait`.
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut deadline = far;
     let mut batch: Vec<i64> = Vec::new();
-    loop {
-        let event = match deadline {
-            None => me.conn.events().recv().ok(),
-            Some(d) => me.conn.events().recv_deadline(d).ok(),
-        };
+    while let Some(event) = me.client.next(deadline)? {
         match event {
-            Some(Incoming::Message(msg)) => {
-                if dedup.first_time(msg.id) {
-                    show(&mut me.e2e, &msg, format, &mut out.lock())?;
-                }
+            Event::Message(msg) => {
+                show(&mut me.e2e, &msg, format, &mut out.lock())?;
                 batch.push(msg.id);
-                if deadline.is_some() {
-                    me.conn.ack(&std::mem::take(&mut batch))?;
+                if deadline != far {
+                    me.client.ack(&std::mem::take(&mut batch))?;
                 }
             }
-            Some(Incoming::Synced) => {
-                me.conn.ack(&std::mem::take(&mut batch))?;
+            Event::Synced => {
+                me.client.ack(&std::mem::take(&mut batch))?;
                 if wait.is_zero() {
                     return Ok(());
                 }
-                deadline = Some(Instant::now() + wait);
+                if deadline == far {
+                    deadline = Instant::now() + wait;
+                }
             }
-            Some(Incoming::Closed(why)) => {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    why.unwrap_or_else(|| "server closed the connection".into()),
-                )))
+            Event::Failover(server) => {
+                eprintln!("fastchat: server lost; continuing on server {}", server.id)
             }
-            None => return Ok(()),
         }
     }
+    Ok(())
 }
 
 /// Prints one message; a message that fails to decrypt is reported on stderr, never shown.
@@ -265,34 +258,36 @@ const CHAT_HELP: &str = "commands:
 /// `fastchat chat`: interactive session.
 pub fn chat(opts: &Options) -> Result<()> {
     let me = login(opts)?;
+    let server = me.client.server();
     println!(
         "logged in as {} on server {} ({}); /help for commands",
-        me.session.user, me.conn.server_id, me.session.server.addr
+        me.client.user(),
+        server.id,
+        server.addr
     );
-    let conn = Arc::new(me.conn);
+    let client = Arc::new(me.client);
     let e2e = Arc::new(Mutex::new(me.e2e));
     let printer = {
-        let conn = Arc::clone(&conn);
+        let client = Arc::clone(&client);
         let e2e = Arc::clone(&e2e);
-        std::thread::spawn(move || -> Option<String> {
-            let mut dedup = Dedup::default();
-            for event in conn.events().iter() {
+        std::thread::spawn(move || -> Result<()> {
+            let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+            while let Some(event) = client.next(forever)? {
                 match event {
-                    Incoming::Message(msg) => {
-                        if dedup.first_time(msg.id) {
-                            let _ = show(&mut e2e.lock(), &msg, Format::Lines, &mut io::stdout());
-                        }
-                        // Acknowledge without waiting: the reply is not needed here.
-                        let _ = conn.request(|id| crate::net::ServerRequest::Ack {
-                            id,
-                            msg_ids: vec![msg.id],
-                        });
+                    Event::Message(msg) => {
+                        show(&mut e2e.lock(), &msg, Format::Lines, &mut io::stdout())?;
+                        client.ack(&[msg.id])?;
                     }
-                    Incoming::Synced => {}
-                    Incoming::Closed(why) => return Some(why.unwrap_or_else(|| "closed".into())),
+                    Event::Synced => {}
+                    Event::Failover(server) => {
+                        println!(
+                            "* server lost; now on server {} ({})",
+                            server.id, server.addr
+                        )
+                    }
                 }
             }
-            None
+            Ok(())
         })
     };
     let stdin = io::stdin();
@@ -305,18 +300,22 @@ pub fn chat(opts: &Options) -> Result<()> {
         if printer.is_finished() {
             break;
         }
-        match chat_command(line, &conn, &e2e) {
+        match chat_command(line, &client, &e2e) {
             Ok(Some(reply)) => println!("{reply}"),
-            Ok(None) => break,
+            Ok(None) => return Ok(()),
             Err(e) => eprintln!("error: {e}"),
         }
     }
-    drop(conn);
+    if printer.is_finished() {
+        if let Ok(Err(e)) = printer.join() {
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
 /// Runs one chat-mode line. `Ok(None)` means quit.
-fn chat_command(line: &str, conn: &Connection, e2e: &Mutex<E2e>) -> Result<Option<String>> {
+fn chat_command(line: &str, client: &Client, e2e: &Mutex<E2e>) -> Result<Option<String>> {
     let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
     match cmd {
         "/quit" | "/exit" => Ok(None),
@@ -333,7 +332,7 @@ fn chat_command(line: &str, conn: &Connection, e2e: &Mutex<E2e>) -> Result<Optio
             }
             let client_id = crypto::random_u64()?;
             let body = e2e.lock().seal_text(to, client_id, text)?;
-            conn.send(to, client_id, body)?;
+            client.send(to, client_id, &body)?;
             Ok(Some(format!("-> {to}: {}", one_line(text))))
         }
         _ if cmd.starts_with('/') => Err(Error::Invalid(format!(

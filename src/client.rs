@@ -123,11 +123,13 @@ impl BalancerClient {
         session(reply)
     }
 
-    /// Gets a (possibly different) server for an existing session.
-    pub fn resume(&mut self, token: &str) -> Result<Session> {
+    /// Gets a (possibly different) server for an existing session, other than `avoid` if
+    /// another is live.
+    pub fn resume(&mut self, token: &str, avoid: Option<u64>) -> Result<Session> {
         let reply = self.request(|id| BalancerRequest::Resume {
             id,
             token: token.into(),
+            avoid,
         })?;
         session(reply)
     }
@@ -183,7 +185,9 @@ pub enum Incoming {
     Closed(Option<String>),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Sender<ServerEvent>>>>;
+/// Requests waiting for their reply, by id; `None` once the reader thread has ended, so a request
+/// on a closed connection fails at once instead of waiting for a reply that cannot come.
+type Pending = Arc<Mutex<Option<HashMap<u64, Sender<ServerEvent>>>>>;
 
 /// A connection to a chat server, authenticated by a session token.
 pub struct Connection {
@@ -226,7 +230,7 @@ impl Connection {
             }
         };
         stream.set_read_timeout(None)?;
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events_tx, events) = unbounded();
         let thread = {
             let pending = Arc::clone(&pending);
@@ -246,6 +250,11 @@ impl Connection {
         })
     }
 
+    /// Closes the connection; its reader thread then reports `Closed`.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
     /// Delivered messages and connection state changes.
     pub fn events(&self) -> &Receiver<Incoming> {
         &self.events
@@ -258,10 +267,15 @@ impl Connection {
     ) -> Result<Receiver<ServerEvent>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = bounded(1);
-        self.pending.lock().insert(id, tx);
+        match self.pending.lock().as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(closed()),
+        };
         let sent = self.writer.lock().send(&build(id));
         if let Err(e) = sent {
-            self.pending.lock().remove(&id);
+            if let Some(pending) = self.pending.lock().as_mut() {
+                pending.remove(&id);
+            }
             return Err(e);
         }
         Ok(rx)
@@ -310,10 +324,15 @@ pub fn wait_reply(rx: &Receiver<ServerEvent>) -> Result<ServerEvent> {
             std::io::ErrorKind::TimedOut,
             "the server did not answer",
         ))),
-        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::Io(
-            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection closed"),
-        )),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(closed()),
     }
+}
+
+fn closed() -> Error {
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "connection closed",
+    ))
 }
 
 impl Drop for Connection {
@@ -341,7 +360,8 @@ fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sen
         };
         match (id, event) {
             (Some(id), event) => {
-                if let Some(waiter) = pending.lock().remove(&id) {
+                let waiter = pending.lock().as_mut().and_then(|p| p.remove(&id));
+                if let Some(waiter) = waiter {
                     let _ = waiter.send(event);
                 }
             }
@@ -358,8 +378,8 @@ fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sen
             (None, _) => {}
         }
     };
-    // Wake every waiter: their requests will get no reply on this connection.
-    pending.lock().clear();
+    // Wake every waiter (their requests get no reply on this connection) and refuse new ones.
+    pending.lock().take();
     let _ = events.send(Incoming::Closed(why));
 }
 
@@ -373,6 +393,197 @@ impl Dedup {
     /// True the first time an id is offered.
     pub fn first_time(&mut self, id: i64) -> bool {
         self.seen.insert(id)
+    }
+}
+
+/// How long a client keeps trying to reach another server after losing one.
+pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
+
+/// What [`Client::next`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message seen for the first time (acknowledge it with [`Client::ack`] once shown).
+    Message(Envelope),
+    /// The queue held at (re)connection has been delivered.
+    Synced,
+    /// The server was lost; the client is now on this one.
+    Failover(ServerInfo),
+}
+
+struct Current {
+    generation: u64,
+    conn: Arc<Connection>,
+    server: ServerInfo,
+}
+
+/// A chat client that survives the loss of its server: it goes back to the balancer with its
+/// session token, gets another server, re-sends what was not confirmed (same client id, so
+/// nothing is stored twice) and drops messages it has already seen.
+///
+/// Safe to share between threads (for example one reading input and sending, one printing).
+pub struct Client {
+    balancer: String,
+    user: String,
+    token: String,
+    current: Mutex<Current>,
+    /// Held while failing over, so two threads noticing the same failure reconnect once.
+    failing_over: Mutex<()>,
+    dedup: Mutex<Dedup>,
+}
+
+impl Client {
+    /// Logs in and connects to the assigned server. Also returns the balancer connection, which
+    /// the caller may keep for directory lookups.
+    pub fn login(balancer: &str, user: &str, password: &str) -> Result<(Client, BalancerClient)> {
+        let mut b = BalancerClient::connect(balancer)?;
+        let mut session = b.login(user, password)?;
+        // A server that died moments ago may still be assigned (it leaves the rotation within
+        // two seconds): ask again, avoiding it, until one answers.
+        let deadline = std::time::Instant::now() + FAILOVER_LIMIT;
+        let conn = loop {
+            match Connection::open(&session) {
+                Ok(conn) => break conn,
+                Err(e) if e.is_disconnect() && std::time::Instant::now() < deadline => {
+                    log::info!(
+                        "server {} unreachable ({e}); asking for another",
+                        session.server.id
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                    session = b.resume(&session.token, Some(session.server.id))?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let client = Client {
+            balancer: balancer.to_string(),
+            user: conn.user.clone(),
+            token: session.token,
+            current: Mutex::new(Current {
+                generation: 0,
+                conn: Arc::new(conn),
+                server: session.server,
+            }),
+            failing_over: Mutex::new(()),
+            dedup: Mutex::new(Dedup::default()),
+        };
+        Ok((client, b))
+    }
+
+    /// The user, as the server knows it.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The server in use now.
+    pub fn server(&self) -> ServerInfo {
+        self.current.lock().server.clone()
+    }
+
+    fn conn(&self) -> (u64, Arc<Connection>) {
+        let c = self.current.lock();
+        (c.generation, Arc::clone(&c.conn))
+    }
+
+    /// Replaces the connection of generation `failed` (unless another thread already did).
+    fn failover(&self, failed: u64) -> Result<Option<ServerInfo>> {
+        let _one_at_a_time = self.failing_over.lock();
+        let avoid = {
+            let c = self.current.lock();
+            if c.generation != failed {
+                return Ok(None);
+            }
+            c.server.id
+        };
+        let deadline = std::time::Instant::now() + FAILOVER_LIMIT;
+        let mut last: Error;
+        loop {
+            let attempt = BalancerClient::connect(&self.balancer)
+                .and_then(|mut b| b.resume(&self.token, Some(avoid)))
+                .and_then(|session| Ok((Connection::open(&session)?, session)));
+            match attempt {
+                Ok((conn, session)) => {
+                    log::info!(
+                        "{}: server {avoid} lost; now on server {}",
+                        self.user,
+                        conn.server_id
+                    );
+                    let mut c = self.current.lock();
+                    c.generation += 1;
+                    // Closing the old connection wakes any thread still reading its events.
+                    c.conn.close();
+                    c.conn = Arc::new(conn);
+                    c.server = session.server.clone();
+                    return Ok(Some(session.server));
+                }
+                Err(
+                    e @ Error::Refused {
+                        code: crate::net::ErrorCode::InvalidToken,
+                        ..
+                    },
+                ) => return Err(e),
+                Err(e) => last = e,
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(last);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `f` on the current connection; on a lost connection, fails over and runs it again.
+    fn with_failover<T>(&self, mut f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+        let deadline = std::time::Instant::now() + FAILOVER_LIMIT;
+        loop {
+            let (generation, conn) = self.conn();
+            match f(&conn) {
+                Err(e) if e.is_disconnect() && std::time::Instant::now() < deadline => {
+                    self.failover(generation)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends and waits until stored; re-sent on another server if this one is lost meanwhile.
+    pub fn send(&self, to: &str, client_id: u64, body: &[u8]) -> Result<i64> {
+        self.with_failover(|conn| conn.send(to, client_id, body.to_vec()))
+    }
+
+    /// Acknowledges and waits for the confirmation. If the server is lost first, the messages
+    /// come again from the next server and are acknowledged then (see [`Client::next`]).
+    pub fn ack(&self, msg_ids: &[i64]) -> Result<()> {
+        let (_, conn) = self.conn();
+        match conn.ack(msg_ids) {
+            Err(e) if e.is_disconnect() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The next event, waiting at most until `deadline`; `None` when it passes. Messages
+    /// already seen are acknowledged again and not returned.
+    pub fn next(&self, deadline: std::time::Instant) -> Result<Option<Event>> {
+        loop {
+            let (generation, conn) = self.conn();
+            match conn.events().recv_deadline(deadline) {
+                Ok(Incoming::Message(msg)) => {
+                    if self.dedup.lock().first_time(msg.id) {
+                        return Ok(Some(Event::Message(msg)));
+                    }
+                    let _ = conn.request(|id| ServerRequest::Ack {
+                        id,
+                        msg_ids: vec![msg.id],
+                    });
+                }
+                Ok(Incoming::Synced) => return Ok(Some(Event::Synced)),
+                Ok(Incoming::Closed(why)) => {
+                    log::debug!("connection closed: {why:?}");
+                    if let Some(server) = self.failover(generation)? {
+                        return Ok(Some(Event::Failover(server)));
+                    }
+                }
+                Err(_) => return Ok(None),
+            }
+        }
     }
 }
 

@@ -424,6 +424,14 @@ pub fn server_secret_hash(conn: &Connection, server_id: u64) -> Result<Option<Ve
         .optional()?)
 }
 
+/// The address a server registered with, if it is still registered.
+pub fn server_addr(conn: &Connection, server_id: u64) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT addr FROM servers WHERE id = ?1")?
+        .query_row(params![server_id as i64], |r| r.get(0))
+        .optional()?)
+}
+
 /// Records that `user` is connected to `server_id` on connection `conn_id`.
 pub fn add_presence(conn: &Connection, server_id: u64, conn_id: u64, user: &str) -> Result<()> {
     conn.prepare_cached(

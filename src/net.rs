@@ -108,6 +108,8 @@ pub enum BalancerRequest {
         id: u64,
         /// The session token from `LoggedIn`.
         token: String,
+        /// A server that just failed for this client: not chosen unless it is the only one.
+        avoid: Option<u64>,
     },
     /// List the live chat servers.
     Servers {

@@ -96,6 +96,31 @@ impl Peers {
         })
     }
 
+    /// Whether a link to `peer` exists.
+    pub fn has_link(&self, peer: u64) -> bool {
+        self.links.lock().contains_key(&peer)
+    }
+
+    /// Opens a link to `peer` at `addr` unless one exists (before the heartbeat lists it).
+    pub fn ensure(&self, peer: u64, addr: &str) {
+        let mut links = self.links.lock();
+        if peer == self.me || links.contains_key(&peer) {
+            return;
+        }
+        let info = ServerInfo {
+            id: peer,
+            addr: addr.to_string(),
+            load: 0,
+        };
+        match self.open(&info) {
+            Ok(link) => {
+                log::info!("peer {peer} at {addr} linked on demand");
+                links.insert(peer, link);
+            }
+            Err(e) => log::error!("cannot start link to peer {peer}: {e}"),
+        }
+    }
+
     /// Queues a stored message for the peer server `to`. `false` if there is no link or its queue
     /// is full (the message stays stored and is delivered on the recipient's next sync).
     pub fn relay(&self, to: u64, msg: &Arc<Envelope>) -> bool {
@@ -128,6 +153,10 @@ impl Peers {
 }
 
 /// Connects (and reconnects) to a peer and writes relayed messages until the link is dropped.
+///
+/// Messages written since the last successful flush are kept and written again after a
+/// reconnect, so a broken link does not leave a gap that would let a later message overtake an
+/// earlier one (the peer may get some twice; clients drop duplicates by id).
 fn link_loop(
     peer: u64,
     addr: &str,
@@ -139,6 +168,7 @@ fn link_loop(
         log::error!("peer {peer} has a bad address {addr:?}");
         return;
     };
+    let mut unsent: Vec<Arc<Envelope>> = Vec::new();
     while !stopping.load(Ordering::SeqCst) {
         let stream = match TcpStream::connect_timeout(&sockaddr, Duration::from_secs(1)) {
             Ok(s) => s,
@@ -147,8 +177,14 @@ fn link_loop(
                 // Wait before retrying, but notice the link being closed.
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Err(RecvTimeoutError::Disconnected) => return,
-                    _ => continue,
+                    Ok(msg) => unsent.push(msg),
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
+                // A peer that stays away must not make this list grow without bound.
+                if unsent.len() > LINK_QUEUE {
+                    unsent.drain(..unsent.len() - LINK_QUEUE);
+                }
+                continue;
             }
         };
         let _ = stream.set_nodelay(true);
@@ -157,23 +193,37 @@ fn link_loop(
         if w.send(hello).is_err() {
             continue;
         }
-        match pump(&mut w, rx) {
+        match pump(&mut w, rx, &mut unsent) {
             Ok(()) => return,
             Err(e) => log::warn!("link to peer {peer} at {addr} broke: {e}; reconnecting"),
         }
     }
 }
 
-/// Writes queued messages, flushing whenever the queue runs dry. `Ok` when the link is closed.
-fn pump(w: &mut FrameWriter<TcpStream>, rx: &Receiver<Arc<Envelope>>) -> Result<()> {
-    while let Ok(msg) = rx.recv() {
-        w.write(&relay(&msg))?;
-        while let Ok(more) = rx.try_recv() {
-            w.write(&relay(&more))?;
+/// Writes `unsent` and then queued messages, flushing whenever the queue runs dry; a message
+/// leaves `unsent` only once a flush that included it succeeded. `Ok` when the link is closed.
+fn pump(
+    w: &mut FrameWriter<TcpStream>,
+    rx: &Receiver<Arc<Envelope>>,
+    unsent: &mut Vec<Arc<Envelope>>,
+) -> Result<()> {
+    loop {
+        for msg in unsent.iter() {
+            w.write(&relay(msg))?;
         }
         w.flush()?;
+        unsent.clear();
+        match rx.recv() {
+            Ok(msg) => unsent.push(msg),
+            Err(_) => return Ok(()),
+        }
+        while unsent.len() < 1024 {
+            match rx.try_recv() {
+                Ok(more) => unsent.push(more),
+                Err(_) => break,
+            }
+        }
     }
-    Ok(())
 }
 
 fn relay(msg: &Envelope) -> ServerRequest {

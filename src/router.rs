@@ -29,6 +29,9 @@ pub enum Outbound {
     Message(Arc<Envelope>),
     /// Send everything queued in the database for this user, then `Synced`.
     Sync,
+    /// Send again everything still queued for this user (the client drops what it has seen):
+    /// a peer that died may have committed messages it never relayed.
+    Resync,
 }
 
 /// One local connection of a user.
@@ -111,6 +114,15 @@ impl Router {
     /// Connected clients.
     pub fn connections(&self) -> usize {
         self.users.read().values().map(Vec::len).sum()
+    }
+
+    /// Asks every local connection to re-read its queue (after a peer link ended).
+    pub fn resync_all(&self) {
+        for handles in self.users.read().values() {
+            for h in handles {
+                h.offer(Outbound::Resync);
+            }
+        }
     }
 
     /// Shuts down every client socket (server shutdown); reader threads then clean up.

@@ -88,6 +88,10 @@ struct Shared {
     next_conn: AtomicU64,
     clients: AtomicU32,
     stopping: Arc<AtomicBool>,
+    /// Disconnects (its sender is dropped) when the server stops: wakes timed waits at once.
+    stop_signal: Receiver<()>,
+    /// Sockets of inbound peer links, so shutdown can close them (clients are in the router).
+    peer_sockets: parking_lot::Mutex<Vec<(u64, TcpStream)>>,
 }
 
 /// Serves on `listener` until a message arrives on `shutdown` (or it is dropped). Registers
@@ -117,7 +121,10 @@ pub fn run(
     let server_id = link.server_id;
     writer.call(move |c| db::clear_presence(c, server_id))?;
     let stopping = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_signal) = bounded::<()>(0);
     let shared = Arc::new(Shared {
+        stop_signal,
+        peer_sockets: parking_lot::Mutex::new(Vec::new()),
         readers: Readers::new(&config.db),
         router: Router::default(),
         peers: Peers::new(server_id, secret, Arc::clone(&stopping)),
@@ -171,7 +178,11 @@ pub fn run(
     // Graceful stop: no new connections; close the clients; let their threads finish; commit.
     log::info!("server {server_id} stopping");
     drop(alive_tx);
+    drop(stop_tx);
     shared.router.close_all();
+    for (_, socket) in shared.peer_sockets.lock().drain(..) {
+        let _ = socket.shutdown(Shutdown::Both);
+    }
     let _ = alive_rx.recv_timeout(Duration::from_millis(1500));
     shared.peers.close();
     let _ = heartbeat.join();
@@ -219,7 +230,13 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                 .with(|c| db::server_secret_hash(c, server_id))?;
             let given = crypto::token_hash(&secret)?;
             match expected {
-                Some(h) if openssl::memcmp::eq(&h, &given) => serve_peer(reader, shared, server_id),
+                Some(h) if openssl::memcmp::eq(&h, &given) => {
+                    let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+                    shared.peer_sockets.lock().push((id, stream.try_clone()?));
+                    let result = serve_peer(reader, shared, server_id);
+                    shared.peer_sockets.lock().retain(|(i, _)| *i != id);
+                    result
+                }
                 _ => {
                     reply_once(&stream, None, ErrorCode::InvalidToken, "unknown peer");
                     Ok(())
@@ -261,6 +278,16 @@ fn refuse_frame(stream: &TcpStream, e: &Error) {
 fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
     reader.get_ref().set_read_timeout(None)?;
     log::debug!("peer {peer} linked in");
+    // However the link ends, messages the peer committed but had not yet relayed may exist:
+    // every local connection re-reads its queue.
+    struct ResyncOnEnd<'a>(&'a Router, u64);
+    impl Drop for ResyncOnEnd<'_> {
+        fn drop(&mut self) {
+            log::info!("link from peer {} ended; re-syncing local clients", self.1);
+            self.0.resync_all();
+        }
+    }
+    let _resync = ResyncOnEnd(&shared.router, peer);
     loop {
         match reader.read::<ServerRequest>() {
             Ok(Some(ServerRequest::Relay { msg })) => {
@@ -493,8 +520,17 @@ fn route(shared: &Shared, stored: db::StoredMessage) {
     for server in stored.online_at {
         if server == shared.server_id {
             shared.router.deliver(&msg);
-        } else {
-            shared.peers.relay(server, &msg);
+        } else if !shared.peers.relay(server, &msg) && !shared.peers.has_link(server) {
+            // A server that registered since our last heartbeat: link to it now rather than
+            // leave the message until its recipient's next login.
+            match shared.readers.with(|c| db::server_addr(c, server)) {
+                Ok(Some(addr)) => {
+                    shared.peers.ensure(server, &addr);
+                    shared.peers.relay(server, &msg);
+                }
+                Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),
+                Err(e) => log::warn!("cannot look up server {server}: {e}"),
+            }
         }
     }
 }
@@ -562,7 +598,12 @@ fn write_loop(
                     })?,
                     _ => {}
                 },
-                Outbound::Sync => synced_to = Some(sync(&mut w, shared, user)?),
+                Outbound::Sync => synced_to = Some(sync(&mut w, shared, user, 0)?),
+                Outbound::Resync => {
+                    if let Some(upto) = synced_to {
+                        synced_to = Some(upto.max(sync(&mut w, shared, user, 0)?));
+                    }
+                }
             }
             item = rx.try_recv().ok();
         }
@@ -571,10 +612,14 @@ fn write_loop(
     Ok(())
 }
 
-/// Sends every queued message for `user`, oldest first, then `Synced`. Returns the highest id
-/// sent (0 when the queue was empty).
-fn sync(w: &mut FrameWriter<TcpStream>, shared: &Shared, user: &str) -> Result<i64> {
-    let mut after = 0;
+/// Sends every queued message for `user` with an id above `after`, oldest first, then
+/// `Synced`. Returns the highest id sent (`after` when there was none).
+fn sync(
+    w: &mut FrameWriter<TcpStream>,
+    shared: &Shared,
+    user: &str,
+    mut after: i64,
+) -> Result<i64> {
     loop {
         let page = shared
             .readers
@@ -710,7 +755,8 @@ impl BalancerLink {
                     }
                 }
             }
-            std::thread::sleep(HEARTBEAT);
+            // Sleep one period, or less if the server stops meanwhile.
+            let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
         }
     }
 }

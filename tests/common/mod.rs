@@ -134,6 +134,8 @@ pub struct Cluster {
     pub balancer_addr: String,
     pub servers: Vec<Proc>,
     pub server_addrs: Vec<String>,
+    /// The id each server registered under, by index.
+    pub server_ids: Vec<u64>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -179,6 +181,7 @@ impl Cluster {
             balancer_addr,
             servers: Vec::new(),
             server_addrs: Vec::new(),
+            server_ids: Vec::new(),
         };
         for _ in 0..n {
             c.add_server();
@@ -201,15 +204,55 @@ impl Cluster {
             ]),
         );
         let line = server.line();
-        let addr = line
-            .rsplit(' ')
-            .next()
-            .filter(|_| line.starts_with("fastchat-server "))
-            .unwrap_or_else(|| panic!("unexpected server output {line:?}"))
-            .to_string();
+        let (id, addr) = parse_ready(&line);
         self.servers.push(server);
         self.server_addrs.push(addr);
+        self.server_ids.push(id);
         i
+    }
+
+    /// The index of the server with this id.
+    pub fn index_of(&self, server_id: u64) -> usize {
+        self.server_ids
+            .iter()
+            .position(|id| *id == server_id)
+            .unwrap_or_else(|| panic!("no server {server_id}"))
+    }
+
+    /// Signs up through the library (keys made but not saved): for tests that use the library
+    /// client with opaque bodies.
+    pub fn signup_lib(&self, user: &str) {
+        let keys = fastchat::crypto::Identity::generate()
+            .unwrap()
+            .public()
+            .unwrap();
+        fastchat::client::BalancerClient::connect(&self.balancer_addr)
+            .unwrap()
+            .signup(user, &format!("pw-{user}"), keys)
+            .unwrap();
+    }
+
+    /// Logs a library client in as `user`.
+    pub fn login(&self, user: &str) -> fastchat::client::Client {
+        fastchat::client::Client::login(&self.balancer_addr, user, &format!("pw-{user}"))
+            .unwrap_or_else(|e| panic!("login {user}: {e}"))
+            .0
+    }
+
+    /// Waits until the balancer lists exactly `n` live servers.
+    pub fn wait_servers(&self, n: usize) -> Vec<fastchat::net::ServerInfo> {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Ok(list) = fastchat::client::BalancerClient::connect(&self.balancer_addr)
+                .and_then(|mut b| b.servers())
+            {
+                if list.len() == n {
+                    return list;
+                }
+            }
+            assert!(Instant::now() < deadline, "never saw {n} live servers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -282,6 +325,15 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Parses "fastchat-server ID listening on ADDR".
+fn parse_ready(line: &str) -> (u64, String) {
+    let words: Vec<&str> = line.split(' ').collect();
+    match words[..] {
+        ["fastchat-server", id, "listening", "on", addr] => (id.parse().unwrap(), addr.to_string()),
+        _ => panic!("unexpected server output {line:?}"),
     }
 }
 
@@ -437,10 +489,10 @@ impl Cluster {
                 self.db.to_str().unwrap(),
             ]),
         );
-        let line = server.line();
-        let listening = line.rsplit(' ').next().unwrap().to_string();
+        let (id, listening) = parse_ready(&server.line());
         proxy.forward_to(&listening);
         self.servers.push(server);
         self.server_addrs.push(proxy.addr.clone());
+        self.server_ids.push(id);
     }
 }

@@ -1,0 +1,327 @@
+//! Many servers: assignment algorithms, the registry, the peer mesh, races and failover.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Proc, LIMIT};
+use fastchat::client::{Client, Event};
+
+/// Logs in `n` library clients and counts them per server index.
+fn spread(c: &Cluster, n: usize) -> (Vec<Client>, Vec<usize>) {
+    let mut counts = vec![0; c.servers.len()];
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let user = format!("u{i}");
+        c.signup_lib(&user);
+        let client = c.login(&user);
+        counts[c.index_of(client.server().id)] += 1;
+        clients.push(client);
+    }
+    (clients, counts)
+}
+
+#[test]
+fn round_robin_spreads_logins_exactly() {
+    let c = Cluster::start_with(3, "round-robin");
+    c.wait_servers(3);
+    let (_clients, counts) = spread(&c, 30);
+    assert_eq!(counts, [10, 10, 10]);
+}
+
+#[test]
+fn least_loaded_stays_within_one_of_even() {
+    let c = Cluster::start_with(3, "least-loaded");
+    c.wait_servers(3);
+    let (_clients, counts) = spread(&c, 30);
+    assert!(counts.iter().all(|n| (9..=11).contains(n)), "{counts:?}");
+    assert_eq!(counts.iter().sum::<usize>(), 30);
+}
+
+#[test]
+fn random_and_p2c_use_every_server() {
+    for algo in ["random", "p2c"] {
+        let c = Cluster::start_with(3, algo);
+        c.wait_servers(3);
+        let (_clients, counts) = spread(&c, 30);
+        assert!(counts.iter().all(|n| *n > 0), "{algo}: {counts:?}");
+    }
+}
+
+#[test]
+fn loads_are_reported_and_listed() {
+    let c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    let (_clients, _) = spread(&c, 4);
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let out = c.run("u0", &["servers"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        if out.lines().iter().all(|l| l.ends_with(": 2 clients")) {
+            assert_eq!(out.lines().len(), 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "loads never reported: {out:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_new_server_is_used_and_a_silent_one_leaves_within_two_seconds() {
+    let mut c = Cluster::start_with(1, "round-robin");
+    c.wait_servers(1);
+    c.add_server();
+    c.wait_servers(2);
+    let (_clients, counts) = spread(&c, 4);
+    assert_eq!(counts, [2, 2], "the later server takes new logins");
+
+    c.servers[0].kill9();
+    let killed = Instant::now();
+    let live = c.wait_servers(1);
+    assert!(
+        killed.elapsed() < Duration::from_millis(2600),
+        "took {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(live[0].id, c.server_ids[1]);
+    c.signup_lib("late");
+    for _ in 0..4 {
+        assert_eq!(c.login("late").server().id, c.server_ids[1]);
+    }
+}
+
+/// Waits for the next message event, failing the test after `LIMIT`.
+fn next_message(client: &Client) -> fastchat::net::Envelope {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match client.next(deadline).unwrap() {
+            Some(Event::Message(m)) => return m,
+            Some(_) => continue,
+            None => panic!("no message within {LIMIT:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_message_crosses_to_another_server_live() {
+    let c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    // Wait until the servers have linked up (one heartbeat after both registered).
+    std::thread::sleep(Duration::from_millis(600));
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    assert_ne!(alice.server().id, bob.server().id);
+    let deadline = Instant::now() + LIMIT;
+    assert_eq!(bob.next(deadline).unwrap(), Some(Event::Synced));
+    for i in 0..20u64 {
+        alice.send("bob", i, format!("m{i}").as_bytes()).unwrap();
+    }
+    for i in 0..20u64 {
+        let m = next_message(&bob);
+        assert_eq!(
+            (m.from.as_str(), m.body.as_slice()),
+            ("alice", format!("m{i}").as_bytes())
+        );
+        bob.ack(&[m.id]).unwrap();
+    }
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+}
+
+#[test]
+fn logging_in_while_messages_are_in_flight_loses_and_repeats_nothing() {
+    let c = Cluster::start_with(3, "round-robin");
+    c.wait_servers(3);
+    std::thread::sleep(Duration::from_millis(600));
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    const N: u64 = 300;
+    let balancer = c.balancer_addr.clone();
+    let sender = std::thread::spawn(move || {
+        let (alice, _) = Client::login(&balancer, "alice", "pw-alice").unwrap();
+        for i in 0..N {
+            alice.send("bob", i, &i.to_be_bytes()).unwrap();
+            // Pacing (not synchronisation): spread the sends over many of bob's sessions.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    // Bob logs in and out over and over, on server after server, while alice sends.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut acked: HashSet<u64> = HashSet::new();
+    let started = Instant::now();
+    let mut sessions = 0;
+    while (seen.len() as u64) < N {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stuck at {}",
+            seen.len()
+        );
+        sessions += 1;
+        let bob = c.login("bob");
+        let mut ids = Vec::new();
+        let until = Instant::now() + Duration::from_millis(25);
+        while let Some(event) = bob.next(until).unwrap() {
+            if let Event::Message(m) = event {
+                let seq = u64::from_be_bytes(m.body[..8].try_into().unwrap());
+                assert!(
+                    !acked.contains(&seq),
+                    "message {seq} came back after its ack"
+                );
+                if !seen.contains(&seq) {
+                    seen.push(seq);
+                }
+                ids.push((m.id, seq));
+            }
+        }
+        bob.ack(&ids.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .unwrap();
+        acked.extend(ids.iter().map(|(_, seq)| *seq));
+    }
+    sender.join().unwrap();
+    assert!(
+        sessions > 5,
+        "the test's power: bob reconnected only {sessions} times"
+    );
+    assert_eq!(seen, (0..N).collect::<Vec<_>>(), "each once, in send order");
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+}
+
+/// Alice sends `n` numbered messages to bob (waiting for each to be stored) while bob reads and
+/// acknowledges; `kill` runs after `kill_at` messages. Bob must get every stored message once,
+/// in order.
+fn traffic_with_a_kill(c: &mut Cluster, n: u64, kill_at: u64, kill: impl FnOnce(&mut Cluster)) {
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let alice = Arc::new(c.login("alice"));
+    let bob = c.login("bob");
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while (got.len() as u64) < n {
+            match bob.next(deadline).unwrap() {
+                Some(Event::Message(m)) => {
+                    got.push(u64::from_be_bytes(m.body[..8].try_into().unwrap()));
+                    bob.ack(&[m.id]).unwrap();
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        (got, bob.server().id)
+    });
+    let mut kill = Some(kill);
+    for i in 0..n {
+        if i == kill_at {
+            (kill.take().unwrap())(c);
+        }
+        alice.send("bob", i, &i.to_be_bytes()).unwrap();
+    }
+    let (got, _) = reader.join().unwrap();
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "every stored message, once, in order"
+    );
+}
+
+#[test]
+fn killing_the_recipients_server_loses_nothing() {
+    let mut c = Cluster::start_with(3, "round-robin");
+    c.wait_servers(3);
+    std::thread::sleep(Duration::from_millis(600));
+    // Logins go alice -> server 1, bob -> server 2; kill bob's mid-stream.
+    let bob_server = c.server_ids[1];
+    traffic_with_a_kill(&mut c, 200, 80, |c| {
+        let i = c.index_of(bob_server);
+        c.servers[i].kill9();
+    });
+}
+
+#[test]
+fn killing_the_senders_server_loses_nothing() {
+    let mut c = Cluster::start_with(3, "round-robin");
+    c.wait_servers(3);
+    std::thread::sleep(Duration::from_millis(600));
+    let alice_server = c.server_ids[0];
+    traffic_with_a_kill(&mut c, 200, 80, |c| {
+        let i = c.index_of(alice_server);
+        c.servers[i].kill9();
+    });
+}
+
+#[test]
+fn servers_reregister_after_a_balancer_restart() {
+    let mut c = Cluster::start_with(2, "round-robin");
+    let before = c.wait_servers(2);
+    c.signup_lib("alice");
+    c.balancer.kill9();
+    let addr = c.balancer_addr.clone();
+    let db = c.db.to_str().unwrap().to_string();
+    c.balancer = Proc::spawn(
+        "balancer2",
+        Command::new(common::bin("fastchat-balancer")).args([
+            "--listen",
+            &addr,
+            "--db",
+            &db,
+            "--scrypt-log-n",
+            "4",
+        ]),
+    );
+    assert!(c.balancer.line().ends_with(&addr));
+    let mut after = c.wait_servers(2);
+    after.sort_by_key(|s| s.id);
+    let ids = |v: &[fastchat::net::ServerInfo]| {
+        v.iter().map(|s| (s.id, s.addr.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&after), ids(&before), "same ids and addresses");
+    let alice = c.login("alice");
+    assert!(c.server_ids.contains(&alice.server().id));
+}
+
+#[test]
+fn chat_mode_moves_to_another_server_when_its_server_dies() {
+    let mut c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    std::thread::sleep(Duration::from_millis(600));
+    c.signup("alice");
+    c.signup("bob");
+    let mut bob = c.spawn("bob", &["chat"]);
+    let hello = bob.line();
+    let on: u64 = hello
+        .split("on server ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected greeting {hello:?}"));
+    c.wait_online("bob", 1);
+    c.send("alice", "bob", "before");
+    assert_eq!(bob.line(), "alice: before");
+
+    let i = c.index_of(on);
+    c.servers[i].kill9();
+    let moved = bob.line();
+    assert!(
+        moved.starts_with("* server lost; now on server "),
+        "{moved:?}"
+    );
+    assert!(!moved.contains(&format!("server {on} ")), "{moved:?}");
+    c.send("alice", "bob", "after");
+    assert_eq!(bob.line(), "alice: after");
+
+    bob.type_line("/msg alice got it");
+    assert_eq!(bob.line(), "-> alice: got it");
+    bob.type_line("/quit");
+    assert_eq!(bob.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
+    let out = c.run("alice", &["recv"]);
+    assert_eq!(
+        out.lines(),
+        ["bob: got it"],
+        "{out:?} {}",
+        c.count("SELECT count(*) FROM messages")
+    );
+}

@@ -1,0 +1,110 @@
+//! The shell scripts: the classroom demo and the cluster helper.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::run_limited;
+
+fn bin_dir() -> PathBuf {
+    common::bin("fastchat").parent().unwrap().to_path_buf()
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+#[test]
+fn demo_runs_a_conversation_and_exits_0() {
+    let out = run_limited(Command::new(script("demo.sh")).env("FASTCHAT_BIN", bin_dir()));
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    for expected in [
+        "alice on server 1",
+        "bob on server 2",
+        "carol on server 3",
+        "alice: hi bob",
+        "alice: carol, lunch at noon?",
+        "bob: and bring the slides",
+        "Done: stopping every process",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "missing {expected:?} in\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        !out.stdout.contains("\u{1b}["),
+        "no colour when not on a terminal"
+    );
+}
+
+#[test]
+fn cluster_script_starts_and_stops_by_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("c");
+    let start = run_limited(
+        Command::new(script("cluster.sh"))
+            .args(["start", "2"])
+            .arg(&d)
+            .args(["--scrypt-log-n", "4"])
+            .env("FASTCHAT_BIN", bin_dir()),
+    );
+    assert_eq!(start.code, 0, "{start:?}");
+    assert!(start.stdout.contains("server 2  127.0.0.1:"), "{start:?}");
+    let pids: Vec<String> = ["balancer", "server1", "server2"]
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(d.join(format!("{p}.pid")))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let balancer = std::fs::read_to_string(d.join("balancer.addr")).unwrap();
+
+    let again = run_limited(
+        Command::new(script("cluster.sh"))
+            .args(["start", "1"])
+            .arg(&d)
+            .env("FASTCHAT_BIN", bin_dir()),
+    );
+    assert_eq!(again.code, 1, "refuses to start twice: {again:?}");
+
+    let deadline = std::time::Instant::now() + common::LIMIT;
+    loop {
+        let out = run_limited(Command::new(common::bin("fastchat")).args([
+            "--balancer",
+            balancer.trim(),
+            "servers",
+        ]));
+        if out.lines().len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+    }
+
+    let stop = run_limited(Command::new(script("cluster.sh")).arg("stop").arg(&d));
+    assert_eq!(stop.code, 0, "{stop:?}");
+    for pid in pids {
+        // Exited processes may linger as zombies until PID 1 reaps them: they count as stopped.
+        let ps = Command::new("ps")
+            .args(["-o", "stat=", "-p", &pid])
+            .output()
+            .unwrap();
+        let state = String::from_utf8_lossy(&ps.stdout).trim().to_string();
+        assert!(
+            state.is_empty() || state.starts_with('Z'),
+            "process {pid} still running: {state}"
+        );
+    }
+    let bad = run_limited(
+        Command::new(script("cluster.sh"))
+            .args(["start", "x"])
+            .arg(&d),
+    );
+    assert_eq!(bad.code, 2, "{bad:?}");
+}
