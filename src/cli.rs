@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use crate::client::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity};
-use crate::e2e::{fingerprint, Directory, E2e, Plain};
+use crate::e2e::{self, fingerprint, Directory, E2e, Plain};
 use crate::error::{Error, Result};
 use crate::keystore::Keystore;
 use crate::names;
@@ -165,6 +165,156 @@ pub fn trust(opts: &Options, peer: &str) -> Result<()> {
     Ok(())
 }
 
+/// A `fastchat group ...` command (also `/group ...` in chat mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupCmd {
+    /// Create a group; the caller becomes its admin.
+    Create(String),
+    /// Admin: add a user.
+    Add(String, String),
+    /// Admin: remove a user (starts a new key epoch).
+    Remove(String, String),
+    /// Leave a group.
+    Leave(String),
+    /// Send a text to every other member.
+    Send(String, String),
+    /// The caller's groups.
+    List,
+    /// A group's members, the admin first marked.
+    Members(String),
+}
+
+impl GroupCmd {
+    /// Parses the words after `/group` in chat mode.
+    fn parse(words: &str) -> Result<GroupCmd> {
+        let usage = || {
+            Error::Invalid(
+                "usage: /group create|add|remove|leave|send|list|members ...; /help lists them"
+                    .into(),
+            )
+        };
+        let mut it = words.trim().splitn(3, ' ');
+        let sub = it.next().unwrap_or("");
+        let group = it.next().map(str::trim).filter(|g| !g.is_empty());
+        let rest = it.next().map(str::trim).unwrap_or("");
+        let one = |what: &str| -> Result<String> {
+            let g = group.ok_or_else(|| Error::Invalid(format!("usage: /group {what}")))?;
+            Ok(g.to_string())
+        };
+        let two = |what: &str| -> Result<(String, String)> {
+            let g = one(what)?;
+            if rest.is_empty() {
+                return Err(Error::Invalid(format!("usage: /group {what}")));
+            }
+            Ok((g, rest.to_string()))
+        };
+        Ok(match sub {
+            "create" => GroupCmd::Create(one("create GROUP")?),
+            "add" => {
+                let (g, u) = two("add GROUP USER")?;
+                GroupCmd::Add(g, u)
+            }
+            "remove" => {
+                let (g, u) = two("remove GROUP USER")?;
+                GroupCmd::Remove(g, u)
+            }
+            "leave" => GroupCmd::Leave(one("leave GROUP")?),
+            "send" => {
+                let (g, t) = two("send GROUP TEXT")?;
+                GroupCmd::Send(g, t)
+            }
+            "list" => GroupCmd::List,
+            "members" => GroupCmd::Members(one("members GROUP")?),
+            _ => return Err(usage()),
+        })
+    }
+
+    /// Checks names and text before anything is sent.
+    fn validate(&self) -> Result<()> {
+        match self {
+            GroupCmd::Create(g) | GroupCmd::Leave(g) | GroupCmd::Members(g) => {
+                names::validate("group", g)
+            }
+            GroupCmd::Add(g, u) | GroupCmd::Remove(g, u) => {
+                names::validate("group", g)?;
+                names::validate("user", u)
+            }
+            GroupCmd::Send(g, text) => {
+                names::validate("group", g)?;
+                if text.trim().is_empty() {
+                    return Err(Error::Invalid("empty message: nothing was sent".into()));
+                }
+                Ok(())
+            }
+            GroupCmd::List => Ok(()),
+        }
+    }
+
+    /// Runs the command; returns what to print.
+    fn run(&self, client: &Client, e2e: &mut E2e) -> Result<String> {
+        self.validate()?;
+        Ok(match self {
+            GroupCmd::Create(g) => {
+                e2e.group_create(client, g)?;
+                format!("created group {g}; you are its admin")
+            }
+            GroupCmd::Add(g, u) => {
+                e2e.group_add(client, g, u)?;
+                format!("added {u} to {g}")
+            }
+            GroupCmd::Remove(g, u) => {
+                let epoch = e2e.group_remove(client, g, u)?;
+                format!("removed {u} from {g}; new group key (epoch {epoch})")
+            }
+            GroupCmd::Leave(g) => {
+                e2e.group_leave(client, g)?;
+                format!("left {g}")
+            }
+            GroupCmd::Send(g, text) => {
+                let id = e2e.group_send(client, g, &Plain::Text(text.clone()))?;
+                format!("stored message {id} for group {g}")
+            }
+            GroupCmd::List => {
+                let groups = e2e::group_list(client)?;
+                if groups.is_empty() {
+                    return Ok("no groups".into());
+                }
+                groups
+                    .iter()
+                    .map(|g| {
+                        let n = g.members.len();
+                        let plural = if n == 1 { "" } else { "s" };
+                        format!("{}: {n} member{plural}, admin {}", g.name, g.admin)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            GroupCmd::Members(g) => {
+                let info = e2e::group_info(client, g)?;
+                info.members
+                    .iter()
+                    .map(|m| {
+                        if *m == info.admin {
+                            format!("{m} (admin)")
+                        } else {
+                            m.clone()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        })
+    }
+}
+
+/// `fastchat group ...`.
+pub fn group(opts: &Options, cmd: &GroupCmd) -> Result<()> {
+    cmd.validate()?;
+    let mut me = login(opts)?;
+    println!("{}", cmd.run(&me.client, &mut me.e2e)?);
+    Ok(())
+}
+
 /// How `recv` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -186,7 +336,7 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     while let Some(event) = me.client.next(deadline)? {
         match event {
             Event::Message(msg) => {
-                show(&mut me.e2e, &msg, format, &mut out.lock())?;
+                show(&mut me.e2e, &me.client, &msg, format, &mut out.lock())?;
                 batch.push(msg.id);
                 if deadline != far {
                     me.client.ack(&std::mem::take(&mut batch))?;
@@ -209,32 +359,62 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     Ok(())
 }
 
-/// Prints one message; a message that fails to decrypt is reported on stderr, never shown.
-fn show(e2e: &mut E2e, msg: &Envelope, format: Format, out: &mut impl Write) -> Result<()> {
-    match e2e.open(msg) {
-        Ok(Plain::Text(text)) => {
-            match format {
-                Format::Lines => writeln!(out, "{}: {}", msg.from, one_line(&text))?,
-                Format::Json => writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({
-                        "id": msg.id,
-                        "from": msg.from,
-                        "to": msg.to,
-                        "text": text,
-                        "sent_at": msg.sent_at,
-                    })
-                )?,
-            }
-            out.flush()?;
+/// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, or for a notice `[GROUP] * FROM
+/// TEXT`. A message that fails to decrypt or verify is reported on stderr, never shown.
+fn show(
+    e2e: &mut E2e,
+    client: &Client,
+    msg: &Envelope,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<()> {
+    let plain = match e2e.open(client, msg) {
+        Ok(plain) => plain,
+        Err(e) if e.is_disconnect() => return Err(e),
+        Err(e) => {
+            eprintln!(
+                "fastchat: warning: message {} from {} rejected: {e}",
+                msg.id, msg.from
+            );
+            return Ok(());
         }
-        Err(e) => eprintln!(
-            "fastchat: warning: message {} from {} rejected: {e}",
-            msg.id, msg.from
-        ),
+    };
+    match format {
+        Format::Lines => writeln!(out, "{}", message_line(msg, &plain))?,
+        Format::Json => {
+            let (kind, text) = match &plain {
+                Plain::Text(t) => ("text", t),
+                Plain::Notice(t) => ("notice", t),
+            };
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "id": msg.id,
+                    "from": msg.from,
+                    "to": msg.to,
+                    "group": msg.group,
+                    "kind": kind,
+                    "text": text,
+                    "sent_at": msg.sent_at,
+                })
+            )?
+        }
     }
+    out.flush()?;
     Ok(())
+}
+
+/// The one line a message is shown as.
+pub fn message_line(msg: &Envelope, plain: &Plain) -> String {
+    let prefix = match &msg.group {
+        Some(g) => format!("[{g}] "),
+        None => String::new(),
+    };
+    match plain {
+        Plain::Text(t) => format!("{prefix}{}: {}", msg.from, one_line(t)),
+        Plain::Notice(t) => format!("{prefix}* {} {}", msg.from, one_line(t)),
+    }
 }
 
 /// Escapes control characters, so a message is one line and cannot drive the terminal.
@@ -251,9 +431,16 @@ pub fn one_line(text: &str) -> String {
 }
 
 const CHAT_HELP: &str = "commands:
-  /msg USER TEXT   send TEXT to USER
-  /help            this list
-  /quit            leave (Ctrl-D works too)";
+  /msg USER TEXT              send TEXT to USER
+  /group create GROUP         create GROUP; you are its admin
+  /group add GROUP USER       (admin) add USER to GROUP
+  /group remove GROUP USER    (admin) remove USER; the group gets a new key
+  /group leave GROUP          leave GROUP
+  /group send GROUP TEXT      send TEXT to every member of GROUP
+  /group list                 your groups
+  /group members GROUP        who is in GROUP
+  /help                       this list
+  /quit                       leave (Ctrl-D works too)";
 
 /// `fastchat chat`: interactive session.
 pub fn chat(opts: &Options) -> Result<()> {
@@ -275,7 +462,13 @@ pub fn chat(opts: &Options) -> Result<()> {
             while let Some(event) = client.next(forever)? {
                 match event {
                     Event::Message(msg) => {
-                        show(&mut e2e.lock(), &msg, Format::Lines, &mut io::stdout())?;
+                        show(
+                            &mut e2e.lock(),
+                            &client,
+                            &msg,
+                            Format::Lines,
+                            &mut io::stdout(),
+                        )?;
                         client.ack(&[msg.id])?;
                     }
                     Event::Synced => {}
@@ -335,6 +528,9 @@ fn chat_command(line: &str, client: &Client, e2e: &Mutex<E2e>) -> Result<Option<
             client.send(to, client_id, &body)?;
             Ok(Some(format!("-> {to}: {}", one_line(text))))
         }
+        "/group" => GroupCmd::parse(rest)?
+            .run(client, &mut e2e.lock())
+            .map(Some),
         _ if cmd.starts_with('/') => Err(Error::Invalid(format!(
             "unknown command {cmd}; /help lists the commands"
         ))),

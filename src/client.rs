@@ -354,7 +354,11 @@ fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sen
         let id = match &event {
             ServerEvent::Welcome { id, .. }
             | ServerEvent::Stored { id, .. }
-            | ServerEvent::Acked { id } => Some(*id),
+            | ServerEvent::Acked { id }
+            | ServerEvent::Done { id }
+            | ServerEvent::Groups { id, .. }
+            | ServerEvent::Group { id, .. }
+            | ServerEvent::GroupKey { id, .. } => Some(*id),
             ServerEvent::Error { id, .. } => *id,
             ServerEvent::Deliver { .. } | ServerEvent::Synced => None,
         };
@@ -547,6 +551,11 @@ impl Client {
     /// Sends and waits until stored; re-sent on another server if this one is lost meanwhile.
     pub fn send(&self, to: &str, client_id: u64, body: &[u8]) -> Result<i64> {
         self.with_failover(|conn| conn.send(to, client_id, body.to_vec()))
+    }
+
+    /// Sends any request and waits for its reply, failing over like [`Client::send`].
+    pub fn call(&self, build: impl Fn(u64) -> ServerRequest) -> Result<ServerEvent> {
+        self.with_failover(|conn| conn.call(&build))
     }
 
     /// Acknowledges and waits for the confirmation. If the server is lost first, the messages

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
-use crate::net::{Envelope, PublicKeys};
+use crate::net::{Envelope, ErrorCode, GroupInfo, PublicKeys, WrappedKey};
 
 /// How long a statement waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +31,8 @@ const MAX_BATCH: usize = 2048;
 
 /// The schema, one entry per version. Never edit an entry that has shipped: add a new one.
 const MIGRATIONS: &[&str] = &[
-    // Version 1: accounts, sessions, servers, presence, the store-and-forward queue.
+    // Version 1: accounts, sessions, servers, presence, groups, the store-and-forward queue
+    // (a group message is stored once, with `grp` set; each member has a delivery position).
     "CREATE TABLE users (
         name          TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
@@ -58,16 +59,48 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (server_id, conn_id)
     );
     CREATE INDEX presence_user ON presence(user);
+    CREATE TABLE groups (
+        name       TEXT PRIMARY KEY,
+        admin      TEXT NOT NULL REFERENCES users(name),
+        epoch      INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        grp      TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        user     TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        seq      INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (grp, user)
+    );
+    CREATE INDEX members_user ON members(user);
+    CREATE TABLE group_keys (
+        grp        TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        epoch      INTEGER NOT NULL,
+        member     TEXT NOT NULL,
+        wrapped    BLOB NOT NULL,
+        wrapped_by TEXT NOT NULL,
+        PRIMARY KEY (grp, epoch, member)
+    );
+    CREATE TABLE group_acks (
+        grp    TEXT NOT NULL,
+        user   TEXT NOT NULL,
+        msg_id INTEGER NOT NULL,
+        PRIMARY KEY (grp, user, msg_id),
+        FOREIGN KEY (grp, user) REFERENCES members(grp, user) ON DELETE CASCADE
+    ) WITHOUT ROWID;
     CREATE TABLE messages (
         id        INTEGER PRIMARY KEY AUTOINCREMENT,
         sender    TEXT NOT NULL,
-        recipient TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        recipient TEXT REFERENCES users(name) ON DELETE CASCADE,
+        grp       TEXT REFERENCES groups(name) ON DELETE CASCADE,
         client_id INTEGER NOT NULL,
         body      BLOB NOT NULL,
         sent_at   INTEGER NOT NULL,
-        UNIQUE (sender, client_id)
+        UNIQUE (sender, client_id),
+        CHECK ((recipient IS NULL) <> (grp IS NULL))
     );
-    CREATE INDEX messages_recipient ON messages(recipient, id);",
+    CREATE INDEX messages_recipient ON messages(recipient, id);
+    CREATE INDEX messages_group ON messages(grp, id);",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -458,18 +491,43 @@ pub fn clear_presence(conn: &Connection, server_id: u64) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The message queue.
 
-/// What storing a message produced: the envelope and the servers its recipient is connected to
-/// (read in the same transaction, so a login racing with this message either sees the message
-/// in its queue or is in this list).
+/// What storing a message produced: the envelope and where its recipients are connected (read
+/// in the same transaction, so a login racing with this message either sees the message in its
+/// queue or is in this list).
 #[derive(Debug)]
 pub struct StoredMessage {
     /// The stored message.
     pub envelope: Envelope,
-    /// Servers where the recipient has a connection now.
-    pub online_at: Vec<u64>,
+    /// `(server id, user)` for every connection of a recipient, sorted by server.
+    pub online_at: Vec<(u64, String)>,
 }
 
-/// Stores a message, idempotently per `(sender, client_id)`: a re-send returns the first copy.
+/// The columns [`envelope_row`] reads, from `messages m`.
+const ENVELOPE_COLUMNS: &str =
+    "m.id, m.sender, coalesce(m.recipient, ''), m.grp, m.client_id, m.body, m.sent_at";
+
+fn envelope_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Envelope> {
+    Ok(Envelope {
+        id: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        group: r.get(3)?,
+        client_id: r.get::<_, i64>(4)? as u64,
+        body: r.get(5)?,
+        sent_at: r.get(6)?,
+    })
+}
+
+fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Envelope> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {ENVELOPE_COLUMNS} FROM messages m WHERE m.sender = ?1 AND m.client_id = ?2"
+        ))?
+        .query_row(params![from, client_id as i64], envelope_row)?)
+}
+
+/// Stores a direct message, idempotently per `(sender, client_id)`: a re-send returns the first
+/// copy.
 pub fn store_message(
     conn: &Connection,
     from: &str,
@@ -477,60 +535,471 @@ pub fn store_message(
     client_id: u64,
     body: &[u8],
 ) -> Result<StoredMessage> {
-    let now = now_ms();
     conn.prepare_cached(
         "INSERT INTO messages (sender, recipient, client_id, body, sent_at)
          VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, client_id) DO NOTHING",
     )?
-    .execute(params![from, to, client_id as i64, body, now])?;
-    let envelope = conn
-        .prepare_cached(
-            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
-             WHERE sender = ?1 AND client_id = ?2",
-        )?
-        .query_row(params![from, client_id as i64], envelope_row)?;
+    .execute(params![from, to, client_id as i64, body, now_ms()])?;
+    let envelope = stored_copy(conn, from, client_id)?;
     let online_at = conn
-        .prepare_cached("SELECT DISTINCT server_id FROM presence WHERE user = ?1")?
-        .query_map(params![envelope.to], |r| r.get::<_, i64>(0))?
-        .map(|r| r.map(|id| id as u64))
-        .collect::<rusqlite::Result<Vec<u64>>>()?;
+        .prepare_cached(
+            "SELECT DISTINCT server_id, user FROM presence WHERE user = ?1 ORDER BY server_id",
+        )?
+        .query_map(params![envelope.to], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(StoredMessage {
         envelope,
         online_at,
     })
 }
 
-fn envelope_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Envelope> {
-    Ok(Envelope {
-        id: r.get(0)?,
-        from: r.get(1)?,
-        to: r.get(2)?,
-        client_id: r.get::<_, i64>(3)? as u64,
-        body: r.get(4)?,
-        sent_at: r.get(5)?,
-    })
-}
-
-/// Up to `limit` queued messages for `user` with ids above `after`, oldest first.
+/// Up to `limit` queued messages for `user` with ids above `after`, oldest first: direct
+/// messages to them, and group messages of their groups past their position that they have not
+/// acknowledged out of order.
 pub fn queued(conn: &Connection, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
     let rows = conn
-        .prepare_cached(
-            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
-             WHERE recipient = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )?
+        .prepare_cached(&format!(
+            "SELECT {ENVELOPE_COLUMNS} FROM messages m WHERE m.recipient = ?1 AND m.id > ?2
+             UNION ALL
+             SELECT {ENVELOPE_COLUMNS} FROM messages m
+               JOIN members mb ON mb.grp = m.grp AND mb.user = ?1
+              WHERE m.id > ?2 AND m.id > mb.position AND m.sender <> ?1
+                AND NOT EXISTS (SELECT 1 FROM group_acks a
+                                 WHERE a.grp = m.grp AND a.user = ?1 AND a.msg_id = m.id)
+             ORDER BY id LIMIT ?3"
+        ))?
         .query_map(params![user, after, limit as i64], envelope_row)?
         .collect::<rusqlite::Result<Vec<Envelope>>>()?;
     Ok(rows)
 }
 
-/// Removes acknowledged messages; only the recipient's own messages can be removed.
+/// Acknowledges messages for `user`. A direct message is removed. A group message moves the
+/// user's position in that group: a position means "everything up to here is acknowledged", so
+/// an id acknowledged ahead of an older unacknowledged one waits in `group_acks` until the gap
+/// closes (acknowledgements may arrive out of order when messages come through several
+/// servers). Group messages every recipient has passed are removed. Ids that are not the user's
+/// to acknowledge are ignored; returns how many were.
 pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
-    let mut stmt = conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND recipient = ?2")?;
     let mut n = 0;
+    let mut touched: Vec<String> = Vec::new();
     for id in ids {
-        n += stmt.execute(params![id, user])?;
+        let removed = conn
+            .prepare_cached("DELETE FROM messages WHERE id = ?1 AND recipient = ?2")?
+            .execute(params![id, user])?;
+        if removed == 1 {
+            n += 1;
+            continue;
+        }
+        let pending: Option<String> = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO group_acks (grp, user, msg_id)
+                 SELECT m.grp, mb.user, m.id FROM messages m
+                   JOIN members mb ON mb.grp = m.grp AND mb.user = ?2
+                  WHERE m.id = ?1 AND m.sender <> ?2 AND m.id > mb.position
+                 RETURNING grp",
+            )?
+            .query_row(params![id, user], |r| r.get(0))
+            .optional()?;
+        if let Some(g) = pending {
+            n += 1;
+            if !touched.contains(&g) {
+                touched.push(g);
+            }
+        }
+    }
+    for g in touched {
+        advance_position(conn, &g, user)?;
     }
     Ok(n)
+}
+
+/// Moves `user`'s position in `group` over every acknowledged message that directly follows
+/// it, then removes the group messages that no recipient still needs.
+fn advance_position(conn: &Connection, group: &str, user: &str) -> Result<()> {
+    let start: i64 = conn
+        .prepare_cached("SELECT position FROM members WHERE grp = ?1 AND user = ?2")?
+        .query_row(params![group, user], |r| r.get(0))?;
+    let mut position = start;
+    loop {
+        // The next message this user should receive in the group, if any.
+        let next: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(id) FROM messages WHERE grp = ?1 AND id > ?2 AND sender <> ?3",
+            )?
+            .query_row(params![group, position, user], |r| r.get(0))?;
+        let Some(next) = next else { break };
+        let acked = conn
+            .prepare_cached("DELETE FROM group_acks WHERE grp = ?1 AND user = ?2 AND msg_id = ?3")?
+            .execute(params![group, user, next])?;
+        if acked == 0 {
+            break;
+        }
+        position = next;
+    }
+    if position != start {
+        conn.prepare_cached("UPDATE members SET position = ?3 WHERE grp = ?1 AND user = ?2")?
+            .execute(params![group, user, position])?;
+        collect_group_garbage(conn, group, start, position)?;
+    }
+    Ok(())
+}
+
+/// Removes the group messages with ids in `(after, upto]` that every current member other than
+/// their sender has passed.
+fn collect_group_garbage(conn: &Connection, group: &str, after: i64, upto: i64) -> Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM messages WHERE grp = ?1 AND id > ?2 AND id <= ?3
+           AND NOT EXISTS (SELECT 1 FROM members mb
+                            WHERE mb.grp = messages.grp AND mb.user <> messages.sender
+                              AND mb.position < messages.id)",
+    )?
+    .execute(params![group, after, upto])?;
+    Ok(())
+}
+
+/// After a member leaves or is removed: the messages only they still needed are removed.
+fn collect_all_group_garbage(conn: &Connection, group: &str) -> Result<()> {
+    collect_group_garbage(conn, group, 0, i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups. Every function checks the caller's rights itself and refuses with a reason.
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Error {
+    Error::refused(code, message)
+}
+
+/// The group's admin and epoch, if the group exists.
+fn group_row(conn: &Connection, group: &str) -> Result<Option<(String, u64)>> {
+    Ok(conn
+        .prepare_cached("SELECT admin, epoch FROM groups WHERE name = ?1")?
+        .query_row(params![group], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()?)
+}
+
+/// Members in join order.
+fn member_names(conn: &Connection, group: &str) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached("SELECT user FROM members WHERE grp = ?1 ORDER BY seq")?
+        .query_map(params![group], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?)
+}
+
+/// The group, if it exists and `user` is a member; otherwise the same refusal either way, so
+/// non-members learn nothing about which groups exist.
+fn member_view(conn: &Connection, group: &str, user: &str) -> Result<(String, u64, Vec<String>)> {
+    let not_member = || {
+        refuse(
+            ErrorCode::UnknownGroup,
+            format!("no group {group} with you as a member"),
+        )
+    };
+    let (admin, epoch) = group_row(conn, group)?.ok_or_else(not_member)?;
+    let members = member_names(conn, group)?;
+    if !members.iter().any(|m| m == user) {
+        return Err(not_member());
+    }
+    Ok((admin, epoch, members))
+}
+
+/// Highest message id ever assigned (new members start after it).
+fn newest_message_id(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'messages'",
+        )?
+        .query_row([], |r| r.get(0))?)
+}
+
+fn insert_key(
+    conn: &Connection,
+    group: &str,
+    epoch: u64,
+    member: &str,
+    wrapped: &[u8],
+    by: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO group_keys (grp, epoch, member, wrapped, wrapped_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![group, epoch as i64, member, wrapped, by])?;
+    Ok(())
+}
+
+fn add_member_row(conn: &Connection, group: &str, user: &str) -> Result<()> {
+    let position = newest_message_id(conn)?;
+    conn.prepare_cached(
+        "INSERT INTO members (grp, user, seq, position)
+         VALUES (?1, ?2, (SELECT coalesce(max(seq), 0) + 1 FROM members WHERE grp = ?1), ?3)",
+    )?
+    .execute(params![group, user, position])?;
+    Ok(())
+}
+
+/// Creates a group with `admin` as its only member and epoch 1 keyed by `key`.
+pub fn create_group(conn: &Connection, group: &str, admin: &str, key: &[u8]) -> Result<()> {
+    let created = conn
+        .prepare_cached(
+            "INSERT INTO groups (name, admin, epoch, created_at) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (name) DO NOTHING",
+        )?
+        .execute(params![group, admin, now_ms()])?;
+    if created == 0 {
+        return Err(refuse(
+            ErrorCode::NameTaken,
+            format!("a group named {group} already exists"),
+        ));
+    }
+    add_member_row(conn, group, admin)?;
+    insert_key(conn, group, 1, admin, key, admin)
+}
+
+/// Checks that `keys` name exactly `members`, once each.
+fn check_keys_cover(keys: &[WrappedKey], members: &[String]) -> Result<()> {
+    let mut named: Vec<&str> = keys.iter().map(|k| k.member.as_str()).collect();
+    named.sort_unstable();
+    let mut expected: Vec<&str> = members.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    if named != expected {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            "the new keys do not match the members; fetch the group and try again",
+        ));
+    }
+    Ok(())
+}
+
+/// The admin adds `user`, giving them the current key.
+pub fn add_member(
+    conn: &Connection,
+    group: &str,
+    by: &str,
+    user: &str,
+    epoch: u64,
+    key: &[u8],
+) -> Result<()> {
+    let (admin, current, members) = member_view(conn, group, by)?;
+    if admin != by {
+        return Err(refuse(
+            ErrorCode::NotAllowed,
+            format!("only the admin of {group} ({admin}) can add members"),
+        ));
+    }
+    if !user_exists(conn, user)? {
+        return Err(refuse(
+            ErrorCode::UnknownUser,
+            format!("no such user: {user}"),
+        ));
+    }
+    if members.iter().any(|m| m == user) {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("{user} is already a member of {group}"),
+        ));
+    }
+    if epoch != current {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!("{group} has moved to key epoch {current}; try again"),
+        ));
+    }
+    add_member_row(conn, group, user)?;
+    insert_key(conn, group, epoch, user, key, by)
+}
+
+/// The admin removes `user` and starts `epoch` with `keys` for the remaining members.
+pub fn remove_member(
+    conn: &Connection,
+    group: &str,
+    by: &str,
+    user: &str,
+    epoch: u64,
+    keys: &[WrappedKey],
+) -> Result<()> {
+    let (admin, current, members) = member_view(conn, group, by)?;
+    if admin != by {
+        return Err(refuse(
+            ErrorCode::NotAllowed,
+            format!("only the admin of {group} ({admin}) can remove members"),
+        ));
+    }
+    if user == by {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("to leave {group}, use group leave"),
+        ));
+    }
+    if !members.iter().any(|m| m == user) {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("{user} is not a member of {group}"),
+        ));
+    }
+    if epoch != current + 1 {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!("{group} is at key epoch {current}; try again"),
+        ));
+    }
+    let remaining: Vec<String> = members.into_iter().filter(|m| m != user).collect();
+    check_keys_cover(keys, &remaining)?;
+    conn.prepare_cached("DELETE FROM members WHERE grp = ?1 AND user = ?2")?
+        .execute(params![group, user])?;
+    conn.prepare_cached("UPDATE groups SET epoch = ?2 WHERE name = ?1")?
+        .execute(params![group, epoch as i64])?;
+    for k in keys {
+        insert_key(conn, group, epoch, &k.member, &k.wrapped, by)?;
+    }
+    collect_all_group_garbage(conn, group)
+}
+
+/// What happened when someone left.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Left {
+    /// The group still exists; a new epoch awaits its key.
+    Stayed {
+        /// The admin now (changed if the admin left).
+        admin: String,
+    },
+    /// The last member left; the group is gone.
+    Deleted,
+}
+
+/// `user` leaves `group`. The longest-standing member becomes admin if the admin left; the
+/// group is deleted when empty; otherwise a new epoch starts, without keys yet.
+pub fn leave_group(conn: &Connection, group: &str, user: &str) -> Result<Left> {
+    let (admin, epoch, members) = member_view(conn, group, user)?;
+    conn.prepare_cached("DELETE FROM members WHERE grp = ?1 AND user = ?2")?
+        .execute(params![group, user])?;
+    let Some(oldest) = members.into_iter().find(|m| m != user) else {
+        conn.prepare_cached("DELETE FROM groups WHERE name = ?1")?
+            .execute(params![group])?;
+        return Ok(Left::Deleted);
+    };
+    let admin = if admin == user { oldest } else { admin };
+    conn.prepare_cached("UPDATE groups SET admin = ?2, epoch = ?3 WHERE name = ?1")?
+        .execute(params![group, admin, epoch as i64 + 1])?;
+    collect_all_group_garbage(conn, group)?;
+    Ok(Left::Stayed { admin })
+}
+
+/// A member provides the keys of the current epoch, if it has none yet.
+pub fn rekey_group(
+    conn: &Connection,
+    group: &str,
+    by: &str,
+    epoch: u64,
+    keys: &[WrappedKey],
+) -> Result<()> {
+    let (_, current, members) = member_view(conn, group, by)?;
+    if epoch != current || epoch_keyed(conn, group, epoch)? {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!("{group} already has keys for its current epoch"),
+        ));
+    }
+    check_keys_cover(keys, &members)?;
+    for k in keys {
+        insert_key(conn, group, epoch, &k.member, &k.wrapped, by)?;
+    }
+    Ok(())
+}
+
+fn epoch_keyed(conn: &Connection, group: &str, epoch: u64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM group_keys WHERE grp = ?1 AND epoch = ?2 LIMIT 1")?
+        .query_row(params![group, epoch as i64], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// A group as `user` (a member) sees it.
+pub fn group_info(conn: &Connection, group: &str, user: &str) -> Result<GroupInfo> {
+    let (admin, epoch, members) = member_view(conn, group, user)?;
+    Ok(GroupInfo {
+        name: group.to_string(),
+        admin,
+        members,
+        keyed: epoch_keyed(conn, group, epoch)?,
+        epoch,
+    })
+}
+
+/// The groups `user` belongs to, by name.
+pub fn user_groups(conn: &Connection, user: &str) -> Result<Vec<GroupInfo>> {
+    let names: Vec<String> = conn
+        .prepare_cached("SELECT grp FROM members WHERE user = ?1 ORDER BY grp")?
+        .query_map(params![user], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    names.iter().map(|g| group_info(conn, g, user)).collect()
+}
+
+/// `user`'s wrapped key for `epoch` and who wrapped it (current members only).
+pub fn group_key(
+    conn: &Connection,
+    group: &str,
+    user: &str,
+    epoch: u64,
+) -> Result<(Vec<u8>, String)> {
+    member_view(conn, group, user)?;
+    conn.prepare_cached(
+        "SELECT wrapped, wrapped_by FROM group_keys WHERE grp = ?1 AND epoch = ?2 AND member = ?3",
+    )?
+    .query_row(params![group, epoch as i64, user], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()?
+    .ok_or_else(|| {
+        refuse(
+            ErrorCode::NotAllowed,
+            format!("no key of {group} epoch {epoch} for you"),
+        )
+    })
+}
+
+/// Stores a group message once, if `from` is a member and `epoch` is current and keyed.
+pub fn store_group_message(
+    conn: &Connection,
+    group: &str,
+    from: &str,
+    client_id: u64,
+    epoch: u64,
+    body: &[u8],
+) -> Result<StoredMessage> {
+    let (_, current, _) = member_view(conn, group, from)?;
+    if epoch != current || !epoch_keyed(conn, group, epoch)? {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!("{group} has a new key epoch; fetch it and send again"),
+        ));
+    }
+    conn.prepare_cached(
+        "INSERT INTO messages (sender, grp, client_id, body, sent_at)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, client_id) DO NOTHING",
+    )?
+    .execute(params![from, group, client_id as i64, body, now_ms()])?;
+    let envelope = stored_copy(conn, from, client_id)?;
+    // A sender alone in the group: nobody will ever acknowledge it.
+    collect_group_garbage(conn, group, envelope.id - 1, envelope.id)?;
+    let online_at = conn
+        .prepare_cached(
+            "SELECT DISTINCT p.server_id, p.user FROM presence p
+               JOIN members mb ON mb.user = p.user
+              WHERE mb.grp = ?1 AND p.user <> ?2 ORDER BY p.server_id",
+        )?
+        .query_map(params![group, from], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(StoredMessage {
+        envelope,
+        online_at,
+    })
 }
 
 #[cfg(test)]
@@ -647,13 +1116,13 @@ mod tests {
         add_presence(&conn, 7, 1, "bob")?;
         add_presence(&conn, 7, 2, "bob")?;
         add_presence(&conn, 9, 3, "bob")?;
-        let mut at = store_message(&conn, "alice", "bob", 1, b"x")?.online_at;
-        at.sort();
-        assert_eq!(at, [7, 9]);
+        let bob = || "bob".to_string();
+        let at = store_message(&conn, "alice", "bob", 1, b"x")?.online_at;
+        assert_eq!(at, [(7, bob()), (9, bob())], "one entry per server, sorted");
         remove_presence(&conn, 9, 3)?;
         assert_eq!(
             store_message(&conn, "alice", "bob", 2, b"x")?.online_at,
-            [7]
+            [(7, bob())]
         );
         Ok(())
     }
@@ -683,6 +1152,157 @@ mod tests {
         assert!(results[50].1.is_err(), "the bad job fails alone");
         let conn = open(&path)?;
         assert_eq!(queued(&conn, "bob", 0, 1000)?.len(), 99);
+        Ok(())
+    }
+
+    fn group_of(conn: &Connection, admin: &str, members: &[&str]) -> Result<()> {
+        create_group(conn, "team", admin, b"k1")?;
+        for m in members {
+            add_member(conn, "team", admin, m, 1, b"k1")?;
+        }
+        Ok(())
+    }
+
+    fn ids_for(conn: &Connection, user: &str) -> Result<Vec<i64>> {
+        Ok(queued(conn, user, 0, 100)?.iter().map(|m| m.id).collect())
+    }
+
+    #[test]
+    fn a_group_message_is_stored_once_and_removed_when_every_member_passed_it() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob", "carol"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        group_of(&conn, "alice", &["bob", "carol"])?;
+        add_presence(&conn, 7, 1, "bob")?;
+        add_presence(&conn, 7, 2, "alice")?;
+        let m = store_group_message(&conn, "team", "alice", 1, 1, b"hi")?;
+        assert_eq!(m.online_at, [(7, "bob".to_string())], "not the sender");
+        let count = |sql: &str| -> Result<i64> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
+        assert_eq!(count("SELECT count(*) FROM messages")?, 1);
+        assert_eq!(
+            ids_for(&conn, "alice")?,
+            Vec::<i64>::new(),
+            "not to its sender"
+        );
+        assert_eq!(ids_for(&conn, "bob")?, [m.envelope.id]);
+        assert_eq!(
+            ack(&conn, "alice", &[m.envelope.id])?,
+            0,
+            "not alice's to ack"
+        );
+        assert_eq!(ack(&conn, "bob", &[m.envelope.id])?, 1);
+        assert_eq!(ids_for(&conn, "bob")?, Vec::<i64>::new());
+        assert_eq!(
+            count("SELECT count(*) FROM messages")?,
+            1,
+            "carol still needs it"
+        );
+        assert_eq!(ack(&conn, "carol", &[m.envelope.id])?, 1);
+        assert_eq!(count("SELECT count(*) FROM messages")?, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn out_of_order_group_acks_never_skip_a_message() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob", "carol"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        group_of(&conn, "alice", &["bob", "carol"])?;
+        let ids: Vec<i64> = (1..=4)
+            .map(|i| {
+                Ok(store_group_message(&conn, "team", "alice", i, 1, b"m")?
+                    .envelope
+                    .id)
+            })
+            .collect::<Result<_>>()?;
+        // Bob acknowledges the 3rd and 4th before the 1st and 2nd arrive.
+        assert_eq!(ack(&conn, "bob", &[ids[2], ids[3]])?, 2);
+        assert_eq!(
+            ids_for(&conn, "bob")?,
+            [ids[0], ids[1]],
+            "the gap is still queued"
+        );
+        assert_eq!(ack(&conn, "bob", &[ids[0]])?, 1);
+        assert_eq!(ids_for(&conn, "bob")?, [ids[1]]);
+        assert_eq!(ack(&conn, "bob", &[ids[1]])?, 1);
+        assert_eq!(ids_for(&conn, "bob")?, Vec::<i64>::new());
+        let position: i64 =
+            conn.query_row("SELECT position FROM members WHERE user = 'bob'", [], |r| {
+                r.get(0)
+            })?;
+        assert_eq!(position, ids[3], "the position closed over the gap");
+        let pending: i64 = conn.query_row("SELECT count(*) FROM group_acks", [], |r| r.get(0))?;
+        assert_eq!(pending, 0);
+        // A repeated acknowledgement is harmless.
+        assert_eq!(ack(&conn, "bob", &[ids[2]])?, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn group_rules_are_enforced_in_the_database_layer() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob", "carol"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        group_of(&conn, "alice", &["bob"])?;
+        let code = |r: Result<()>| match r {
+            Err(Error::Refused { code, .. }) => Some(code),
+            _ => None,
+        };
+        assert_eq!(
+            code(add_member(&conn, "team", "bob", "carol", 1, b"k")),
+            Some(ErrorCode::NotAllowed)
+        );
+        assert_eq!(
+            code(add_member(&conn, "team", "carol", "carol", 1, b"k")),
+            Some(ErrorCode::UnknownGroup)
+        );
+        assert_eq!(
+            code(add_member(&conn, "team", "alice", "carol", 7, b"k")),
+            Some(ErrorCode::Conflict),
+            "a key of another epoch"
+        );
+        let keys_for = |names: &[&str]| -> Vec<WrappedKey> {
+            names
+                .iter()
+                .map(|m| WrappedKey {
+                    member: m.to_string(),
+                    wrapped: b"k2".to_vec(),
+                })
+                .collect()
+        };
+        assert_eq!(
+            code(remove_member(
+                &conn,
+                "team",
+                "alice",
+                "bob",
+                2,
+                &keys_for(&["alice", "bob"])
+            )),
+            Some(ErrorCode::Conflict),
+            "the new key must not go to the removed member"
+        );
+        remove_member(&conn, "team", "alice", "bob", 2, &keys_for(&["alice"]))?;
+        assert_eq!(
+            code(store_group_message(&conn, "team", "bob", 9, 2, b"m").map(|_| ())),
+            Some(ErrorCode::UnknownGroup)
+        );
+        assert_eq!(
+            code(store_group_message(&conn, "team", "alice", 9, 1, b"m").map(|_| ())),
+            Some(ErrorCode::Conflict),
+            "sealed under the old epoch"
+        );
+        assert_eq!(
+            leave_group(&conn, "team", "alice")?,
+            Left::Deleted,
+            "the last member leaving deletes the group"
+        );
         Ok(())
     }
 }

@@ -1,28 +1,50 @@
 //! End-to-end encryption of messages, as the client does it.
 //!
-//! The servers only ever see the `body` of an [`Envelope`], which is:
+//! The servers only ever see the `body` of an [`Envelope`]. A direct message is sealed under
+//! the pair key of sender and recipient (see [`crate::crypto`]):
 //!
 //! ```text
 //! body = version (1 byte, = 1) || kind (1 byte) || sealed
 //! aad  = "fastchat/dm/v1" || len(from) || from || len(to) || to || client_id (8, BE) || kind
-//! sealed = AES-256-GCM under the sender/recipient pair key (see crate::crypto)
 //! ```
 //!
 //! so the header (sender, recipient, message id, kind) is authenticated: a message re-addressed
-//! or replayed under another id fails to open. Peer public keys come from the balancer's
+//! or replayed under another id fails to open.
+//!
+//! A group has a random 256-bit key per epoch, made by a member (the admin, or whoever sends
+//! first after someone left) and wrapped for each member under the pair key of the wrapping
+//! member and that member. A group message is sealed with the epoch's key and signed by its
+//! sender, so members cannot forge each other:
+//!
+//! ```text
+//! body = version || kind || epoch (8, BE) || signature (64) || sealed
+//! aad  = "fastchat/grp/v1" || len(group) || group || len(from) || from || client_id || epoch
+//!        || kind
+//! signature   = Ed25519(sender, aad || sealed)      checked before anything is decrypted
+//! wrapped key = seal(pair key(wrapper, member),
+//!                    aad = "fastchat/gk/v1" || group || epoch || member || wrapper, key)
+//! ```
+//!
+//! Removing a member or a member leaving starts a new epoch whose key the departed member never
+//! gets, so they cannot read what is sent after. Peer public keys come from the balancer's
 //! directory and are pinned on first use; a key that later differs from the pin is refused until
 //! the user runs `fastchat trust NAME`.
 
 use std::collections::HashMap;
 
-use crate::client::BalancerClient;
-use crate::crypto::{to_hex, Identity, PairKey};
+use crate::client::{BalancerClient, Client};
+use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, Result};
 use crate::keystore::Keystore;
-use crate::net::{Envelope, PublicKeys};
+use crate::net::{
+    Envelope, ErrorCode, GroupInfo, PublicKeys, ServerEvent, ServerRequest, WrappedKey,
+};
 
 /// Body format version.
 const VERSION: u8 = 1;
+
+/// Length of an Ed25519 signature.
+const SIGNATURE: usize = 64;
 
 /// What a message body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,34 +52,91 @@ const VERSION: u8 = 1;
 pub enum Kind {
     /// UTF-8 text.
     Text = 1,
+    /// UTF-8 text about the conversation itself ("added carol"), written by its sender.
+    Notice = 2,
 }
 
 impl Kind {
-    fn from_byte(b: u8) -> Option<Kind> {
+    /// The kind a body's second byte names, if it names one.
+    pub fn from_byte(b: u8) -> Option<Kind> {
         match b {
             1 => Some(Kind::Text),
+            2 => Some(Kind::Notice),
             _ => None,
         }
     }
 }
 
-/// A decrypted message.
+/// A decrypted, authenticated message (a group message's signature is checked too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plain {
     /// A text message.
     Text(String),
+    /// A notice about the conversation, such as a membership change.
+    Notice(String),
+}
+
+impl Plain {
+    fn kind(&self) -> Kind {
+        match self {
+            Plain::Text(_) => Kind::Text,
+            Plain::Notice(_) => Kind::Notice,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Plain::Text(t) | Plain::Notice(t) => t.as_bytes(),
+        }
+    }
+
+    fn decode(kind: Kind, plain: Vec<u8>, msg_id: i64) -> Result<Plain> {
+        let text = String::from_utf8(plain)
+            .map_err(|_| Error::Integrity(format!("message {msg_id} is not UTF-8")))?;
+        Ok(match kind {
+            Kind::Text => Plain::Text(text),
+            Kind::Notice => Plain::Notice(text),
+        })
+    }
+}
+
+/// Appends a length-prefixed name (names are at most 32 bytes).
+fn push_name(a: &mut Vec<u8>, name: &str) {
+    a.push(name.len() as u8);
+    a.extend_from_slice(name.as_bytes());
 }
 
 /// The associated data for a direct message.
-fn aad(from: &str, to: &str, client_id: u64, kind: Kind) -> Vec<u8> {
+fn direct_aad(from: &str, to: &str, client_id: u64, kind: Kind) -> Vec<u8> {
     let mut a = Vec::with_capacity(32 + from.len() + to.len());
     a.extend_from_slice(b"fastchat/dm/v1");
-    for name in [from, to] {
-        a.push(name.len() as u8);
-        a.extend_from_slice(name.as_bytes());
-    }
+    push_name(&mut a, from);
+    push_name(&mut a, to);
     a.extend_from_slice(&client_id.to_be_bytes());
     a.push(kind as u8);
+    a
+}
+
+/// The associated data (and, with the ciphertext, the signed bytes) of a group message.
+pub fn group_aad(group: &str, from: &str, client_id: u64, epoch: u64, kind: Kind) -> Vec<u8> {
+    let mut a = Vec::with_capacity(48 + group.len() + from.len());
+    a.extend_from_slice(b"fastchat/grp/v1");
+    push_name(&mut a, group);
+    push_name(&mut a, from);
+    a.extend_from_slice(&client_id.to_be_bytes());
+    a.extend_from_slice(&epoch.to_be_bytes());
+    a.push(kind as u8);
+    a
+}
+
+/// The associated data of a group key wrapped by `wrapper` for `member`.
+fn wrap_aad(group: &str, epoch: u64, member: &str, wrapper: &str) -> Vec<u8> {
+    let mut a = Vec::with_capacity(64);
+    a.extend_from_slice(b"fastchat/gk/v1");
+    push_name(&mut a, group);
+    a.extend_from_slice(&epoch.to_be_bytes());
+    push_name(&mut a, member);
+    push_name(&mut a, wrapper);
     a
 }
 
@@ -109,14 +188,22 @@ impl Directory {
     }
 }
 
-/// One user's end-to-end state: private keys, pinned peers, cached pair keys.
+/// One user's end-to-end state: private keys, pinned peers, cached pair and group keys.
 pub struct E2e {
     me: String,
     identity: Identity,
     store: Keystore,
     /// The key directory.
     pub directory: Directory,
+    /// Peer keys checked against the pins in this process.
+    keys: HashMap<String, PublicKeys>,
+    /// Pair keys, by peer.
     peers: HashMap<String, PairKey>,
+    /// Group keys, by group and epoch.
+    group_keys: HashMap<(String, u64), PairKey>,
+    /// The epoch each group was at when we last sent to it (a stale one is refused by the
+    /// server with `Conflict`, and then fetched again).
+    epochs: HashMap<String, u64>,
 }
 
 impl E2e {
@@ -127,7 +214,10 @@ impl E2e {
             identity,
             store,
             directory,
+            keys: HashMap::new(),
             peers: HashMap::new(),
+            group_keys: HashMap::new(),
+            epochs: HashMap::new(),
         }
     }
 
@@ -139,11 +229,20 @@ impl E2e {
     /// The pair key with `peer`, fetching and checking (or pinning) their keys the first time.
     fn pair_key(&mut self, peer: &str) -> Result<&PairKey> {
         if !self.peers.contains_key(peer) {
-            let keys = self.checked_keys(peer)?;
-            let key = self.identity.pair_key(&self.me, peer, &keys.x25519)?;
+            let x25519 = self.peer_keys(peer)?.x25519.clone();
+            let key = self.identity.pair_key(&self.me, peer, &x25519)?;
             self.peers.insert(peer.to_string(), key);
         }
         Ok(&self.peers[peer])
+    }
+
+    /// `peer`'s public keys, checked against the pin once per process.
+    fn peer_keys(&mut self, peer: &str) -> Result<&PublicKeys> {
+        if !self.keys.contains_key(peer) {
+            let keys = self.checked_keys(peer)?;
+            self.keys.insert(peer.to_string(), keys);
+        }
+        Ok(&self.keys[peer])
     }
 
     /// `peer`'s keys from the directory, compared with the pin (pinned now if new).
@@ -170,46 +269,352 @@ impl E2e {
         let keys = self.directory.keys(peer)?;
         self.store.pin(peer, &keys)?;
         self.peers.remove(peer);
+        self.keys.remove(peer);
         Ok(keys)
     }
 
     /// Encrypts a text message for `to`.
     pub fn seal_text(&mut self, to: &str, client_id: u64, text: &str) -> Result<Vec<u8>> {
-        let aad = aad(&self.me, to, client_id, Kind::Text);
-        let sealed = self.pair_key(to)?.seal(&aad, text.as_bytes())?;
+        self.seal_direct(to, client_id, &Plain::Text(text.to_string()))
+    }
+
+    /// Encrypts a message for `to`.
+    pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
+        let kind = plain.kind();
+        let aad = direct_aad(&self.me, to, client_id, kind);
+        let sealed = self.pair_key(to)?.seal(&aad, plain.bytes())?;
         let mut body = Vec::with_capacity(2 + sealed.len());
         body.push(VERSION);
-        body.push(Kind::Text as u8);
+        body.push(kind as u8);
         body.extend_from_slice(&sealed);
         Ok(body)
     }
 
-    /// Decrypts and authenticates a message addressed to us.
-    pub fn open(&mut self, msg: &Envelope) -> Result<Plain> {
-        if msg.to != self.me {
-            return Err(Error::Integrity(format!(
-                "message {} is addressed to {}, not to us",
-                msg.id, msg.to
-            )));
-        }
-        let [version, kind, sealed @ ..] = msg.body.as_slice() else {
-            return Err(Error::Integrity(format!("message {} is truncated", msg.id)));
+    /// Decrypts and authenticates a message for us; group keys are fetched through `client`.
+    pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Plain> {
+        let bad = |why: String| Error::Integrity(format!("message {} {why}", msg.id));
+        let [version, kind, rest @ ..] = msg.body.as_slice() else {
+            return Err(bad("is truncated".into()));
         };
         if *version != VERSION {
-            return Err(Error::Integrity(format!(
-                "message {} uses unknown format version {version}",
-                msg.id
+            return Err(bad(format!("uses unknown format version {version}")));
+        }
+        let kind = Kind::from_byte(*kind).ok_or_else(|| bad(format!("has unknown kind {kind}")))?;
+        let plain = match &msg.group {
+            Some(group) => self.open_group(client, group, msg, kind, rest)?,
+            None => {
+                if msg.to != self.me {
+                    return Err(bad(format!("is addressed to {}, not to us", msg.to)));
+                }
+                let aad = direct_aad(&msg.from, &msg.to, msg.client_id, kind);
+                self.pair_key(&msg.from)?.open(&aad, rest)?
+            }
+        };
+        Plain::decode(kind, plain, msg.id)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Groups.
+
+    /// Wraps a group key for `member`.
+    fn wrap(&mut self, group: &str, epoch: u64, member: &str, key: &PairKey) -> Result<WrappedKey> {
+        let aad = wrap_aad(group, epoch, member, &self.me);
+        let wrapped = self.pair_key(member)?.seal(&aad, &key.0)?;
+        Ok(WrappedKey {
+            member: member.to_string(),
+            wrapped,
+        })
+    }
+
+    /// Wraps `key` for each of `members`.
+    fn wrap_all(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        members: &[String],
+        key: &PairKey,
+    ) -> Result<Vec<WrappedKey>> {
+        members
+            .iter()
+            .map(|m| self.wrap(group, epoch, m, key))
+            .collect()
+    }
+
+    /// The key of `epoch` of `group`: cached, or fetched from the server and unwrapped.
+    pub fn group_key(&mut self, client: &Client, group: &str, epoch: u64) -> Result<PairKey> {
+        let slot = (group.to_string(), epoch);
+        if let Some(k) = self.group_keys.get(&slot) {
+            return Ok(k.clone());
+        }
+        let (wrapped, by) = match client.call(|id| ServerRequest::GroupKey {
+            id,
+            group: group.to_string(),
+            epoch,
+        })? {
+            ServerEvent::GroupKey {
+                key, wrapped_by, ..
+            } => (key, wrapped_by),
+            other => return Err(unexpected("GroupKey", &other)),
+        };
+        let aad = wrap_aad(group, epoch, &self.me, &by);
+        let raw = self.pair_key(&by)?.open(&aad, &wrapped)?;
+        let key = PairKey(raw.try_into().map_err(|_| {
+            Error::Integrity(format!(
+                "the key of {group} epoch {epoch} has the wrong size"
+            ))
+        })?);
+        self.group_keys.insert(slot, key.clone());
+        Ok(key)
+    }
+
+    /// Creates `group` with us as admin, keyed with a fresh random key.
+    pub fn group_create(&mut self, client: &Client, group: &str) -> Result<()> {
+        let key = PairKey::random()?;
+        let me = self.me.clone();
+        let wrapped = self.wrap(group, 1, &me, &key)?.wrapped;
+        done(client.call(|id| ServerRequest::GroupCreate {
+            id,
+            group: group.to_string(),
+            key: wrapped.clone(),
+        })?)?;
+        self.group_keys.insert((group.to_string(), 1), key);
+        self.epochs.insert(group.to_string(), 1);
+        Ok(())
+    }
+
+    /// Adds `user` (admin only), giving them the current key, and tells the group.
+    pub fn group_add(&mut self, client: &Client, group: &str, user: &str) -> Result<()> {
+        // A member leaving meanwhile moves the group to a new epoch: then add with its key.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let info = group_info(client, group)?;
+            if info.admin != self.me {
+                return Err(not_admin(group, &info.admin, "add members"));
+            }
+            let (epoch, key) = self.current_key(client, &info)?;
+            let wrapped = self.wrap(group, epoch, user, &key)?.wrapped;
+            let reply = client.call(|id| ServerRequest::GroupAdd {
+                id,
+                group: group.to_string(),
+                user: user.to_string(),
+                epoch,
+                key: wrapped.clone(),
+            });
+            match reply {
+                Err(Error::Refused {
+                    code: ErrorCode::Conflict,
+                    ..
+                }) if tries < 3 => continue,
+                reply => done(reply?)?,
+            }
+            break;
+        }
+        self.group_send(client, group, &Plain::Notice(format!("added {user}")))?;
+        Ok(())
+    }
+
+    /// Removes `user` (admin only) and starts a new epoch whose key `user` never gets; tells
+    /// the remaining members. Returns the new epoch.
+    pub fn group_remove(&mut self, client: &Client, group: &str, user: &str) -> Result<u64> {
+        let info = group_info(client, group)?;
+        if info.admin != self.me {
+            return Err(not_admin(group, &info.admin, "remove members"));
+        }
+        let epoch = info.epoch + 1;
+        let key = PairKey::random()?;
+        let remaining: Vec<String> = info.members.into_iter().filter(|m| m != user).collect();
+        let keys = self.wrap_all(group, epoch, &remaining, &key)?;
+        done(client.call(|id| ServerRequest::GroupRemove {
+            id,
+            group: group.to_string(),
+            user: user.to_string(),
+            epoch,
+            keys: keys.clone(),
+        })?)?;
+        self.group_keys.insert((group.to_string(), epoch), key);
+        self.epochs.insert(group.to_string(), epoch);
+        self.group_send(client, group, &Plain::Notice(format!("removed {user}")))?;
+        Ok(epoch)
+    }
+
+    /// Tells the group, then leaves it. The next member to send starts a new epoch.
+    pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<()> {
+        let info = group_info(client, group)?;
+        if info.members.len() > 1 {
+            self.group_send(client, group, &Plain::Notice("left".into()))?;
+        }
+        done(client.call(|id| ServerRequest::GroupLeave {
+            id,
+            group: group.to_string(),
+        })?)?;
+        self.epochs.remove(group);
+        Ok(())
+    }
+
+    /// The current epoch and its key, making the key first if the epoch has none yet (after a
+    /// member left).
+    fn current_key(&mut self, client: &Client, info: &GroupInfo) -> Result<(u64, PairKey)> {
+        let (group, epoch) = (info.name.as_str(), info.epoch);
+        self.epochs.insert(group.to_string(), epoch);
+        if info.keyed {
+            return Ok((epoch, self.group_key(client, group, epoch)?));
+        }
+        let key = PairKey::random()?;
+        let keys = self.wrap_all(group, epoch, &info.members, &key)?;
+        let reply = client.call(|id| ServerRequest::GroupRekey {
+            id,
+            group: group.to_string(),
+            epoch,
+            keys: keys.clone(),
+        });
+        match reply {
+            Ok(reply) => {
+                done(reply)?;
+                self.group_keys
+                    .insert((group.to_string(), epoch), key.clone());
+                Ok((epoch, key))
+            }
+            // Another member keyed it first: use theirs.
+            Err(Error::Refused {
+                code: ErrorCode::Conflict,
+                ..
+            }) => Ok((epoch, self.group_key(client, group, epoch)?)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The epoch to send in and its key: the cached ones, or the group's current state.
+    fn send_key(&mut self, client: &Client, group: &str, fresh: bool) -> Result<(u64, PairKey)> {
+        if !fresh {
+            if let Some(&epoch) = self.epochs.get(group) {
+                if let Some(key) = self.group_keys.get(&(group.to_string(), epoch)) {
+                    return Ok((epoch, key.clone()));
+                }
+            }
+        }
+        let info = group_info(client, group)?;
+        self.current_key(client, &info)
+    }
+
+    /// Seals and signs `plain` for `group` under `epoch`'s key.
+    pub fn seal_group(
+        &self,
+        group: &str,
+        client_id: u64,
+        epoch: u64,
+        key: &PairKey,
+        plain: &Plain,
+    ) -> Result<Vec<u8>> {
+        let kind = plain.kind();
+        let aad = group_aad(group, &self.me, client_id, epoch, kind);
+        let sealed = key.seal(&aad, plain.bytes())?;
+        let mut signed = aad;
+        signed.extend_from_slice(&sealed);
+        let signature = self.identity.sign(&signed)?;
+        let mut body = Vec::with_capacity(2 + 8 + SIGNATURE + sealed.len());
+        body.push(VERSION);
+        body.push(kind as u8);
+        body.extend_from_slice(&epoch.to_be_bytes());
+        body.extend_from_slice(&signature);
+        body.extend_from_slice(&sealed);
+        Ok(body)
+    }
+
+    /// Encrypts, signs and sends `plain` to `group`; returns the stored message id. If the
+    /// group moved to a new epoch meanwhile, fetches it and sends again (same client id).
+    pub fn group_send(&mut self, client: &Client, group: &str, plain: &Plain) -> Result<i64> {
+        let client_id = crypto::random_u64()?;
+        let mut fresh = false;
+        loop {
+            let (epoch, key) = self.send_key(client, group, fresh)?;
+            let body = self.seal_group(group, client_id, epoch, &key, plain)?;
+            let reply = client.call(|id| ServerRequest::GroupSend {
+                id,
+                group: group.to_string(),
+                client_id,
+                epoch,
+                body: body.clone(),
+            });
+            match reply {
+                Ok(ServerEvent::Stored { msg_id, .. }) => return Ok(msg_id),
+                Ok(other) => return Err(unexpected("GroupSend", &other)),
+                Err(Error::Refused {
+                    code: ErrorCode::Conflict,
+                    ..
+                }) if !fresh => fresh = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Checks the signature, then decrypts a group message's sealed part.
+    fn open_group(
+        &mut self,
+        client: &Client,
+        group: &str,
+        msg: &Envelope,
+        kind: Kind,
+        rest: &[u8],
+    ) -> Result<Vec<u8>> {
+        let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
+        if rest.len() < 8 + SIGNATURE {
+            return Err(bad("is truncated"));
+        }
+        let (epoch, rest) = rest.split_at(8);
+        let mut be = [0u8; 8];
+        be.copy_from_slice(epoch);
+        let epoch = u64::from_be_bytes(be);
+        let (signature, sealed) = rest.split_at(SIGNATURE);
+        let aad = group_aad(group, &msg.from, msg.client_id, epoch, kind);
+        let mut signed = aad.clone();
+        signed.extend_from_slice(sealed);
+        let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
+        if !verify_signature(&ed25519, &signed, signature)? {
+            return Err(bad(&format!(
+                "does not carry a valid signature of {}",
+                msg.from
             )));
         }
-        let kind = Kind::from_byte(*kind).ok_or_else(|| {
-            Error::Integrity(format!("message {} has unknown kind {kind}", msg.id))
-        })?;
-        let aad = aad(&msg.from, &msg.to, msg.client_id, kind);
-        let plain = self.pair_key(&msg.from)?.open(&aad, sealed)?;
-        match kind {
-            Kind::Text => String::from_utf8(plain)
-                .map(Plain::Text)
-                .map_err(|_| Error::Integrity(format!("message {} is not UTF-8", msg.id))),
-        }
+        let key = self.group_key(client, group, epoch)?;
+        key.open(&aad, sealed)
+    }
+}
+
+/// A group's state (members only).
+pub fn group_info(client: &Client, group: &str) -> Result<GroupInfo> {
+    match client.call(|id| ServerRequest::GroupInfo {
+        id,
+        group: group.to_string(),
+    })? {
+        ServerEvent::Group { group, .. } => Ok(group),
+        other => Err(unexpected("GroupInfo", &other)),
+    }
+}
+
+/// The groups we belong to.
+pub fn group_list(client: &Client) -> Result<Vec<GroupInfo>> {
+    match client.call(|id| ServerRequest::GroupList { id })? {
+        ServerEvent::Groups { groups, .. } => Ok(groups),
+        other => Err(unexpected("GroupList", &other)),
+    }
+}
+
+fn not_admin(group: &str, admin: &str, what: &str) -> Error {
+    Error::refused(
+        ErrorCode::NotAllowed,
+        format!("only the admin of {group} ({admin}) can {what}"),
+    )
+}
+
+fn unexpected(what: &str, reply: &ServerEvent) -> Error {
+    Error::Protocol(format!("unexpected reply to {what}: {reply:?}"))
+}
+
+/// Maps a `Done` reply to `Ok`.
+fn done(reply: ServerEvent) -> Result<()> {
+    match reply {
+        ServerEvent::Done { .. } => Ok(()),
+        other => Err(unexpected("a group request", &other)),
     }
 }

@@ -47,6 +47,13 @@ pub enum ErrorCode {
     InvalidToken,
     /// The named recipient does not exist.
     UnknownUser,
+    /// The named group does not exist (or the caller may not know it does).
+    UnknownGroup,
+    /// The caller is not allowed to do this (not a member, not the admin).
+    NotAllowed,
+    /// The request is based on stale state (for example a group epoch that has moved on);
+    /// fetch the state again and retry.
+    Conflict,
     /// A message with no content, or over the size limit.
     BadMessage,
     /// No chat server is available.
@@ -211,8 +218,10 @@ pub struct Envelope {
     pub id: i64,
     /// Sender (taken from the sender's session, never from the request).
     pub from: String,
-    /// Recipient.
+    /// Recipient of a direct message; empty for a group message.
     pub to: String,
+    /// The group of a group message.
+    pub group: Option<String>,
     /// The sender's id for this message, unique per sender (idempotent re-sends).
     pub client_id: u64,
     /// Opaque body: ciphertext produced by the sender's client.
@@ -220,6 +229,31 @@ pub struct Envelope {
     pub body: Vec<u8>,
     /// When the server stored it, Unix milliseconds.
     pub sent_at: i64,
+}
+
+/// A group key wrapped for one member (sealed under the pair key of wrapper and member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// Who can unwrap it.
+    pub member: String,
+    /// The sealed key.
+    #[serde(with = "serde_bytes")]
+    pub wrapped: Vec<u8>,
+}
+
+/// A group as a member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group name.
+    pub name: String,
+    /// The admin.
+    pub admin: String,
+    /// Members, longest-standing first (the admin among them).
+    pub members: Vec<String>,
+    /// Current key epoch.
+    pub epoch: u64,
+    /// Whether the current epoch has keys yet (false right after a member left).
+    pub keyed: bool,
 }
 
 /// Requests to a chat server, from clients and from peer servers.
@@ -251,6 +285,97 @@ pub enum ServerRequest {
         /// Server message ids.
         msg_ids: Vec<i64>,
     },
+    /// Create a group with the caller as admin and only member; `key` is epoch 1's key wrapped
+    /// for the caller.
+    GroupCreate {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// The first key, wrapped for the caller.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Admin only: add `user`, with the current epoch's key wrapped for them.
+    GroupAdd {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// Who to add.
+        user: String,
+        /// The epoch `key` belongs to (must be the current one).
+        epoch: u64,
+        /// The current key, wrapped for `user`.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Admin only: remove `user` and start epoch `epoch` with `keys` for everyone left.
+    GroupRemove {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// Who to remove.
+        user: String,
+        /// The new epoch (current + 1).
+        epoch: u64,
+        /// The new key, wrapped for each remaining member.
+        keys: Vec<WrappedKey>,
+    },
+    /// Leave a group (any member). A new epoch starts, keyed by the next member to send.
+    GroupLeave {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+    },
+    /// Any member: provide the keys of the current epoch when it has none yet.
+    GroupRekey {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// The current epoch.
+        epoch: u64,
+        /// The key, wrapped for each member.
+        keys: Vec<WrappedKey>,
+    },
+    /// Send to every other member.
+    GroupSend {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// Sender-chosen id, unique per sender.
+        client_id: u64,
+        /// The epoch whose key sealed the body (must be the current one).
+        epoch: u64,
+        /// Ciphertext and signature.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// The caller's groups.
+    GroupList {
+        /// Request id.
+        id: u64,
+    },
+    /// One group's admin, members and epoch (members only).
+    GroupInfo {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+    },
+    /// The caller's wrapped key for one epoch of a group (members only).
+    GroupKey {
+        /// Request id.
+        id: u64,
+        /// Group name.
+        group: String,
+        /// Which epoch.
+        epoch: u64,
+    },
     /// First frame of a peer link: the sending server proves who it is.
     PeerHello {
         /// The sending server's id.
@@ -259,10 +384,12 @@ pub enum ServerRequest {
         #[serde(with = "serde_bytes")]
         secret: Vec<u8>,
     },
-    /// On a peer link: a stored message for a user connected here.
+    /// On a peer link: a stored message for users connected here.
     Relay {
         /// The message, already committed by the sending server.
         msg: Envelope,
+        /// Its recipients on the receiving server.
+        users: Vec<String>,
     },
 }
 
@@ -289,6 +416,35 @@ pub enum ServerEvent {
     Acked {
         /// Request id.
         id: u64,
+    },
+    /// A request with nothing more to say succeeded.
+    Done {
+        /// Request id.
+        id: u64,
+    },
+    /// The caller's groups.
+    Groups {
+        /// Request id.
+        id: u64,
+        /// Groups, by name.
+        groups: Vec<GroupInfo>,
+    },
+    /// One group.
+    Group {
+        /// Request id.
+        id: u64,
+        /// The group.
+        group: GroupInfo,
+    },
+    /// A wrapped group key.
+    GroupKey {
+        /// Request id.
+        id: u64,
+        /// Who wrapped it (unwrap with the pair key shared with them).
+        wrapped_by: String,
+        /// The wrapped key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
     },
     /// A message for this client; acknowledge it with `Ack`.
     Deliver {
@@ -443,6 +599,7 @@ mod tests {
             id: 42,
             from: "alice".into(),
             to: "bob".into(),
+            group: Some("team".into()),
             client_id: u64::MAX,
             body: vec![0, 1, 2, 255],
             sent_at: 1_700_000_000_000,
@@ -485,7 +642,20 @@ mod tests {
             client_id: 99,
             body: b"hi".to_vec(),
         });
-        roundtrip(ServerRequest::Relay { msg: envelope() });
+        roundtrip(ServerRequest::Relay {
+            msg: envelope(),
+            users: vec!["bob".into()],
+        });
+        roundtrip(ServerRequest::GroupRemove {
+            id: 4,
+            group: "team".into(),
+            user: "carol".into(),
+            epoch: 2,
+            keys: vec![WrappedKey {
+                member: "alice".into(),
+                wrapped: vec![7; 60],
+            }],
+        });
         roundtrip(ServerEvent::Deliver { msg: envelope() });
         roundtrip(ServerEvent::Synced);
     }
@@ -544,7 +714,14 @@ mod tests {
     #[test]
     fn truncated_frame_is_an_eof_error_not_a_clean_close() {
         let mut bytes = Vec::new();
-        encode_into(&mut bytes, &ServerRequest::Relay { msg: envelope() }).unwrap();
+        encode_into(
+            &mut bytes,
+            &ServerRequest::Relay {
+                msg: envelope(),
+                users: vec![],
+            },
+        )
+        .unwrap();
         for cut in [1, 3, 4, 10, bytes.len() - 1] {
             let mut r = FrameReader::new(&bytes[..cut]);
             match r.read::<ServerRequest>() {

@@ -25,9 +25,18 @@ use crate::net::{Envelope, FrameWriter, ServerInfo, ServerRequest};
 /// Messages waiting on one link before new ones are dropped (they stay stored).
 const LINK_QUEUE: usize = 65_536;
 
+/// A committed message and its recipients on one peer server.
+#[derive(Debug)]
+pub struct Relayed {
+    /// The message.
+    pub msg: Arc<Envelope>,
+    /// Recipients connected to that server.
+    pub users: Vec<String>,
+}
+
 struct Link {
     addr: String,
-    tx: Sender<Arc<Envelope>>,
+    tx: Sender<Arc<Relayed>>,
     thread: JoinHandle<()>,
 }
 
@@ -123,19 +132,19 @@ impl Peers {
 
     /// Queues a stored message for the peer server `to`. `false` if there is no link or its queue
     /// is full (the message stays stored and is delivered on the recipient's next sync).
-    pub fn relay(&self, to: u64, msg: &Arc<Envelope>) -> bool {
+    pub fn relay(&self, to: u64, item: &Arc<Relayed>) -> bool {
         let links = self.links.lock();
         let Some(link) = links.get(&to) else {
-            log::debug!(
-                "no link to server {to}; message {} waits in the queue",
-                msg.id
-            );
+            log::debug!("no link to server {to}; message {} waits", item.msg.id);
             return false;
         };
-        match link.tx.try_send(Arc::clone(msg)) {
+        match link.tx.try_send(Arc::clone(item)) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
-                log::warn!("link to server {to} is backed up; message {} waits", msg.id);
+                log::warn!(
+                    "link to server {to} is backed up; message {} waits",
+                    item.msg.id
+                );
                 false
             }
             Err(TrySendError::Disconnected(_)) => false,
@@ -161,14 +170,14 @@ fn link_loop(
     peer: u64,
     addr: &str,
     hello: &ServerRequest,
-    rx: &Receiver<Arc<Envelope>>,
+    rx: &Receiver<Arc<Relayed>>,
     stopping: &AtomicBool,
 ) {
     let Ok(sockaddr) = addr.parse::<SocketAddr>() else {
         log::error!("peer {peer} has a bad address {addr:?}");
         return;
     };
-    let mut unsent: Vec<Arc<Envelope>> = Vec::new();
+    let mut unsent: Vec<Arc<Relayed>> = Vec::new();
     while !stopping.load(Ordering::SeqCst) {
         let stream = match TcpStream::connect_timeout(&sockaddr, Duration::from_secs(1)) {
             Ok(s) => s,
@@ -204,8 +213,8 @@ fn link_loop(
 /// leaves `unsent` only once a flush that included it succeeded. `Ok` when the link is closed.
 fn pump(
     w: &mut FrameWriter<TcpStream>,
-    rx: &Receiver<Arc<Envelope>>,
-    unsent: &mut Vec<Arc<Envelope>>,
+    rx: &Receiver<Arc<Relayed>>,
+    unsent: &mut Vec<Arc<Relayed>>,
 ) -> Result<()> {
     loop {
         for msg in unsent.iter() {
@@ -226,6 +235,9 @@ fn pump(
     }
 }
 
-fn relay(msg: &Envelope) -> ServerRequest {
-    ServerRequest::Relay { msg: msg.clone() }
+fn relay(item: &Relayed) -> ServerRequest {
+    ServerRequest::Relay {
+        msg: Envelope::clone(&item.msg),
+        users: item.users.clone(),
+    }
 }

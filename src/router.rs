@@ -95,15 +95,15 @@ impl Router {
         left
     }
 
-    /// Offers a message to every connection of its recipient here. Returns how many took it.
-    pub fn deliver(&self, msg: &Arc<Envelope>) -> usize {
-        let users = self.users.read();
-        users.get(&msg.to).map_or(0, |handles| {
-            handles
-                .iter()
-                .filter(|h| h.offer(Outbound::Message(Arc::clone(msg))))
-                .count()
-        })
+    /// Offers a message to every connection here of each of `users`. Returns how many took it.
+    pub fn deliver(&self, users: &[String], msg: &Arc<Envelope>) -> usize {
+        let map = self.users.read();
+        users
+            .iter()
+            .filter_map(|u| map.get(u))
+            .flatten()
+            .filter(|h| h.offer(Outbound::Message(Arc::clone(msg))))
+            .count()
     }
 
     /// Whether the user has a connection here.

@@ -35,7 +35,7 @@ use crate::net::{
     BalancerReply, BalancerRequest, Envelope, ErrorCode, FrameReader, FrameWriter, ServerEvent,
     ServerInfo, ServerRequest, MAX_BODY,
 };
-use crate::peers::Peers;
+use crate::peers::{Peers, Relayed};
 use crate::router::{Handle, Outbound, Router};
 
 /// Chat server settings.
@@ -290,8 +290,8 @@ fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u6
     let _resync = ResyncOnEnd(&shared.router, peer);
     loop {
         match reader.read::<ServerRequest>() {
-            Ok(Some(ServerRequest::Relay { msg })) => {
-                shared.router.deliver(&Arc::new(msg));
+            Ok(Some(ServerRequest::Relay { msg, users })) => {
+                shared.router.deliver(&users, &Arc::new(msg));
             }
             Ok(Some(_)) => {
                 reply_once(
@@ -430,6 +430,95 @@ fn read_loop(
                 body,
             } => send(shared, user, tx, id, to, client_id, body),
             ServerRequest::Ack { id, msg_ids } => ack(shared, user, tx, id, msg_ids),
+            ServerRequest::GroupCreate { id, group, key } => {
+                let me = user.to_string();
+                if names_ok(tx, id, &[&group]) {
+                    write(shared, tx, id, move |c| {
+                        db::create_group(c, &group, &me, &key).map(|()| ServerEvent::Done { id })
+                    });
+                }
+            }
+            ServerRequest::GroupAdd {
+                id,
+                group,
+                user: who,
+                epoch,
+                key,
+            } => {
+                let me = user.to_string();
+                if names_ok(tx, id, &[&group, &who]) {
+                    write(shared, tx, id, move |c| {
+                        db::add_member(c, &group, &me, &who, epoch, &key)
+                            .map(|()| ServerEvent::Done { id })
+                    });
+                }
+            }
+            ServerRequest::GroupRemove {
+                id,
+                group,
+                user: who,
+                epoch,
+                keys,
+            } => {
+                let me = user.to_string();
+                if names_ok(tx, id, &[&group, &who]) {
+                    write(shared, tx, id, move |c| {
+                        db::remove_member(c, &group, &me, &who, epoch, &keys)
+                            .map(|()| ServerEvent::Done { id })
+                    });
+                }
+            }
+            ServerRequest::GroupLeave { id, group } => {
+                let me = user.to_string();
+                if names_ok(tx, id, &[&group]) {
+                    write(shared, tx, id, move |c| {
+                        db::leave_group(c, &group, &me).map(|_| ServerEvent::Done { id })
+                    });
+                }
+            }
+            ServerRequest::GroupRekey {
+                id,
+                group,
+                epoch,
+                keys,
+            } => {
+                let me = user.to_string();
+                if names_ok(tx, id, &[&group]) {
+                    write(shared, tx, id, move |c| {
+                        db::rekey_group(c, &group, &me, epoch, &keys)
+                            .map(|()| ServerEvent::Done { id })
+                    });
+                }
+            }
+            ServerRequest::GroupSend {
+                id,
+                group,
+                client_id,
+                epoch,
+                body,
+            } => group_send(shared, user, tx, id, group, client_id, epoch, body),
+            ServerRequest::GroupList { id } => read(shared, tx, id, |c| {
+                Ok(ServerEvent::Groups {
+                    id,
+                    groups: db::user_groups(c, user)?,
+                })
+            }),
+            ServerRequest::GroupInfo { id, group } => read(shared, tx, id, |c| {
+                names::validate("group", &group)?;
+                Ok(ServerEvent::Group {
+                    id,
+                    group: db::group_info(c, &group, user)?,
+                })
+            }),
+            ServerRequest::GroupKey { id, group, epoch } => read(shared, tx, id, |c| {
+                names::validate("group", &group)?;
+                let (key, wrapped_by) = db::group_key(c, &group, user, epoch)?;
+                Ok(ServerEvent::GroupKey {
+                    id,
+                    wrapped_by,
+                    key,
+                })
+            }),
             ServerRequest::Hello { id, .. } => {
                 refuse(tx, id, ErrorCode::BadRequest, "already said hello");
             }
@@ -453,6 +542,46 @@ fn refuse(tx: &Sender<Outbound>, id: u64, code: ErrorCode, message: impl Into<St
     }));
 }
 
+/// Answers a read-only request from the connection's own thread.
+fn read(
+    shared: &Shared,
+    tx: &Sender<Outbound>,
+    id: u64,
+    work: impl FnOnce(&rusqlite::Connection) -> Result<ServerEvent>,
+) {
+    let event = shared
+        .readers
+        .with(work)
+        .unwrap_or_else(|e| error_event(id, e));
+    let _ = tx.send(Outbound::Event(event));
+}
+
+/// Checks `names` (a group, then users); refuses the request and returns `false` if one is bad.
+fn names_ok(tx: &Sender<Outbound>, id: u64, names: &[&str]) -> bool {
+    for (i, name) in names.iter().enumerate() {
+        let kind = if i == 0 { "group" } else { "user" };
+        if let Err(e) = names::validate(kind, name) {
+            refuse(tx, id, ErrorCode::InvalidName, e.to_string());
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs `work` on the writer thread and sends its reply after the commit.
+fn write(
+    shared: &Shared,
+    tx: &Sender<Outbound>,
+    id: u64,
+    work: impl FnOnce(&rusqlite::Connection) -> Result<ServerEvent> + Send + 'static,
+) {
+    let reply = tx.clone();
+    shared.writer.submit(work, move |res| {
+        let event = res.unwrap_or_else(|e| error_event(id, e));
+        let _ = reply.try_send(Outbound::Event(event));
+    });
+}
+
 /// Most message ids in one `Ack`.
 const MAX_ACK: usize = 4096;
 
@@ -468,19 +597,8 @@ fn send(
     if let Err(e) = names::validate("recipient", &to) {
         return refuse(tx, id, ErrorCode::InvalidName, e.to_string());
     }
-    if body.is_empty() {
-        return refuse(tx, id, ErrorCode::BadMessage, "empty message");
-    }
-    if body.len() > MAX_BODY {
-        return refuse(
-            tx,
-            id,
-            ErrorCode::BadMessage,
-            format!(
-                "message of {} bytes is over the limit of {MAX_BODY}",
-                body.len()
-            ),
-        );
+    if let Err(why) = check_body(&body) {
+        return refuse(tx, id, ErrorCode::BadMessage, why);
     }
     let from = user.to_string();
     let reply = tx.clone();
@@ -495,38 +613,96 @@ fn send(
             }
             db::store_message(c, &from, &to, client_id, &body)
         },
-        move |res| {
-            let event = match res {
-                Ok(stored) => {
-                    let msg_id = stored.envelope.id;
-                    route(&routes, stored);
-                    ServerEvent::Stored { id, msg_id }
-                }
-                Err(e) => error_event(id, e),
-            };
-            // The writer thread never blocks on a client: a full queue disconnects it.
-            if let Err(crossbeam_channel::TrySendError::Full(_)) =
-                reply.try_send(Outbound::Event(event))
-            {
-                log::warn!("reply queue full; the client will retry on reconnect");
-            }
-        },
+        move |res| stored_reply(&routes, &reply, id, res),
     );
 }
 
-/// Hands a committed message to every server where its recipient is connected.
+#[allow(clippy::too_many_arguments)]
+fn group_send(
+    shared: &Arc<Shared>,
+    user: &str,
+    tx: &Sender<Outbound>,
+    id: u64,
+    group: String,
+    client_id: u64,
+    epoch: u64,
+    body: Vec<u8>,
+) {
+    if let Err(e) = names::validate("group", &group) {
+        return refuse(tx, id, ErrorCode::InvalidName, e.to_string());
+    }
+    if let Err(why) = check_body(&body) {
+        return refuse(tx, id, ErrorCode::BadMessage, why);
+    }
+    let from = user.to_string();
+    let reply = tx.clone();
+    let routes = Arc::clone(shared);
+    shared.writer.submit(
+        move |c| db::store_group_message(c, &group, &from, client_id, epoch, &body),
+        move |res| stored_reply(&routes, &reply, id, res),
+    );
+}
+
+/// After a message's commit: route it, and tell the sender (or tell why it failed). Runs on the
+/// writer thread, so it never blocks on a client.
+fn stored_reply(
+    shared: &Shared,
+    reply: &Sender<Outbound>,
+    id: u64,
+    res: Result<db::StoredMessage>,
+) {
+    let event = match res {
+        Ok(stored) => {
+            let msg_id = stored.envelope.id;
+            route(shared, stored);
+            ServerEvent::Stored { id, msg_id }
+        }
+        Err(e) => error_event(id, e),
+    };
+    if let Err(crossbeam_channel::TrySendError::Full(_)) = reply.try_send(Outbound::Event(event)) {
+        log::warn!("reply queue full; the client will retry on reconnect");
+    }
+}
+
+/// Why a message body is unacceptable, if it is.
+fn check_body(body: &[u8]) -> std::result::Result<(), String> {
+    if body.is_empty() {
+        return Err("empty message".into());
+    }
+    if body.len() > MAX_BODY {
+        return Err(format!(
+            "message of {} bytes is over the limit of {MAX_BODY}",
+            body.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Hands a committed message to every server where a recipient is connected: local users
+/// through the router, others through one relay per server.
 fn route(shared: &Shared, stored: db::StoredMessage) {
     let msg = Arc::new(stored.envelope);
-    for server in stored.online_at {
+    let mut online = stored.online_at.into_iter().peekable();
+    while let Some((server, first)) = online.next() {
+        let mut users = vec![first];
+        while let Some((_, user)) = online.next_if(|(s, _)| *s == server) {
+            users.push(user);
+        }
         if server == shared.server_id {
-            shared.router.deliver(&msg);
-        } else if !shared.peers.relay(server, &msg) && !shared.peers.has_link(server) {
+            shared.router.deliver(&users, &msg);
+            continue;
+        }
+        let item = Arc::new(Relayed {
+            msg: Arc::clone(&msg),
+            users,
+        });
+        if !shared.peers.relay(server, &item) && !shared.peers.has_link(server) {
             // A server that registered since our last heartbeat: link to it now rather than
-            // leave the message until its recipient's next login.
+            // leave the message until its recipients' next login.
             match shared.readers.with(|c| db::server_addr(c, server)) {
                 Ok(Some(addr)) => {
                     shared.peers.ensure(server, &addr);
-                    shared.peers.relay(server, &msg);
+                    shared.peers.relay(server, &item);
                 }
                 Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),
                 Err(e) => log::warn!("cannot look up server {server}: {e}"),
@@ -538,6 +714,7 @@ fn route(shared: &Shared, stored: db::StoredMessage) {
 fn error_event(id: u64, e: Error) -> ServerEvent {
     let (code, message) = match e {
         Error::Refused { code, message } => (code, message),
+        Error::InvalidName(message) => (ErrorCode::InvalidName, message),
         e => {
             log::error!("request {id} failed: {e}");
             (

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastchat::cli::{self, Format, Options};
+use fastchat::cli::{self, Format, GroupCmd, Options};
 
 /// The fastchat client: sign up, send and receive end-to-end encrypted messages.
 ///
@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Interactive chat: /msg USER TEXT, /help, /quit.
+    /// Interactive chat: /msg USER TEXT, /group ..., /help, /quit.
     Chat,
     /// List the live chat servers with their load.
     Servers,
@@ -77,6 +77,69 @@ enum Command {
         /// Whose keys to trust.
         user: String,
     },
+    /// Groups: create, add, remove, leave, send, list, members.
+    #[command(subcommand)]
+    Group(GroupArgs),
+}
+
+/// Group commands. The creator of a group is its admin: only the admin adds and removes
+/// members; anyone may leave (if the admin leaves, the longest-standing member takes over).
+/// Group messages are end-to-end encrypted with a group key that changes whenever someone
+/// leaves or is removed.
+#[derive(Subcommand)]
+enum GroupArgs {
+    /// Create GROUP with you as its admin and only member.
+    Create {
+        /// Group name: letters, digits, '_', '.', '-'; 1 to 32 characters.
+        group: String,
+    },
+    /// (Admin) add USER to GROUP.
+    Add {
+        /// The group.
+        group: String,
+        /// Who to add.
+        user: String,
+    },
+    /// (Admin) remove USER from GROUP; a new group key is made that USER never gets.
+    Remove {
+        /// The group.
+        group: String,
+        /// Who to remove.
+        user: String,
+    },
+    /// Leave GROUP.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// Send TEXT to every other member of GROUP; prints the stored message id.
+    Send {
+        /// The group.
+        group: String,
+        /// The message (quote it).
+        text: String,
+    },
+    /// List your groups with their size and admin.
+    List,
+    /// List the members of GROUP, longest-standing first.
+    Members {
+        /// The group.
+        group: String,
+    },
+}
+
+impl From<GroupArgs> for GroupCmd {
+    fn from(args: GroupArgs) -> GroupCmd {
+        match args {
+            GroupArgs::Create { group } => GroupCmd::Create(group),
+            GroupArgs::Add { group, user } => GroupCmd::Add(group, user),
+            GroupArgs::Remove { group, user } => GroupCmd::Remove(group, user),
+            GroupArgs::Leave { group } => GroupCmd::Leave(group),
+            GroupArgs::Send { group, text } => GroupCmd::Send(group, text),
+            GroupArgs::List => GroupCmd::List,
+            GroupArgs::Members { group } => GroupCmd::Members(group),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -108,6 +171,7 @@ fn main() -> ExitCode {
         Command::Servers => cli::servers(&opts),
         Command::Whoami => cli::whoami(&opts),
         Command::Trust { user } => cli::trust(&opts, &user),
+        Command::Group(args) => cli::group(&opts, &args.into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

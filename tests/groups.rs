@@ -1,0 +1,471 @@
+//! Groups: admin rules and refusals, fan-out across servers, offline members, one stored copy
+//! per message, key epochs (a removed member cannot read what follows), signatures.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Output, LIMIT};
+use fastchat::client::Client;
+use fastchat::e2e::{Directory, E2e};
+use fastchat::keystore::Keystore;
+use fastchat::net::Envelope;
+
+/// Runs `fastchat group ARGS` as `user`.
+fn group(c: &Cluster, user: &str, args: &[&str]) -> Output {
+    let mut all = vec!["group"];
+    all.extend_from_slice(args);
+    c.run(user, &all)
+}
+
+/// Runs a group command that must succeed; returns its output.
+fn ok(c: &Cluster, user: &str, args: &[&str]) -> String {
+    let out = group(c, user, args);
+    assert_eq!(out.code, 0, "{user}: group {args:?}: {out:?}");
+    out.stdout
+}
+
+/// Runs a group command that must be refused with `error` (exit 1, one line, nothing printed).
+fn refused(c: &Cluster, user: &str, args: &[&str], error: &str) {
+    let out = group(c, user, args);
+    assert_eq!(out.code, 1, "{user}: group {args:?}: {out:?}");
+    assert_eq!(out.stdout, "", "{out:?}");
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("fastchat: error: {error}"),
+        "{user}: group {args:?}"
+    );
+}
+
+fn members(c: &Cluster, user: &str, g: &str) -> Vec<String> {
+    ok(c, user, &["members", g])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Everything in the database about groups, to check that refusals change nothing.
+fn group_state(c: &Cluster) -> String {
+    let sql = c.sql();
+    let mut out = String::new();
+    for query in [
+        "SELECT name || ':' || admin || ':' || epoch FROM groups ORDER BY name",
+        "SELECT grp || ':' || user || ':' || seq FROM members ORDER BY grp, seq",
+        "SELECT grp || ':' || epoch || ':' || member FROM group_keys ORDER BY 1",
+        "SELECT count(*) FROM messages",
+    ] {
+        let mut stmt = sql.prepare(query).unwrap();
+        let rows = stmt
+            .query_map([], |r| r.get::<_, rusqlite::types::Value>(0))
+            .unwrap();
+        for row in rows {
+            out.push_str(&format!("{:?}\n", row.unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol", "dave"] {
+        c.signup(u);
+    }
+    assert_eq!(
+        ok(&c, "alice", &["create", "team"]),
+        "created group team; you are its admin\n"
+    );
+    assert_eq!(
+        ok(&c, "alice", &["add", "team", "bob"]),
+        "added bob to team\n"
+    );
+    assert_eq!(
+        ok(&c, "alice", &["add", "team", "carol"]),
+        "added carol to team\n"
+    );
+    assert_eq!(
+        members(&c, "bob", "team"),
+        ["alice (admin)", "bob", "carol"]
+    );
+    assert_eq!(ok(&c, "carol", &["list"]), "team: 3 members, admin alice\n");
+    assert_eq!(ok(&c, "dave", &["list"]), "no groups\n");
+
+    let before = group_state(&c);
+    let not_member = "no group team with you as a member";
+    refused(
+        &c,
+        "bob",
+        &["add", "team", "dave"],
+        "only the admin of team (alice) can add members",
+    );
+    refused(
+        &c,
+        "bob",
+        &["remove", "team", "carol"],
+        "only the admin of team (alice) can remove members",
+    );
+    refused(&c, "dave", &["add", "team", "dave"], not_member);
+    refused(&c, "dave", &["send", "team", "let me in"], not_member);
+    refused(&c, "dave", &["members", "team"], not_member);
+    refused(&c, "dave", &["leave", "team"], not_member);
+    refused(
+        &c,
+        "alice",
+        &["members", "nosuch"],
+        "no group nosuch with you as a member",
+    );
+    refused(
+        &c,
+        "bob",
+        &["create", "team"],
+        "a group named team already exists",
+    );
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "nobody"],
+        "no such user: nobody",
+    );
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "bob"],
+        "bob is already a member of team",
+    );
+    refused(
+        &c,
+        "alice",
+        &["remove", "team", "dave"],
+        "dave is not a member of team",
+    );
+    refused(
+        &c,
+        "alice",
+        &["remove", "team", "alice"],
+        "to leave team, use group leave",
+    );
+    refused(
+        &c,
+        "alice",
+        &["send", "team", ""],
+        "empty message: nothing was sent",
+    );
+    refused(
+        &c,
+        "alice",
+        &["create", "bad/name"],
+        "group name \"bad/name\" contains '/': use letters, digits, '_', '.' and '-'",
+    );
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "x'; DROP TABLE users; --"],
+        "user name \"x'; DROP TABLE users; --\" contains '\\'': use letters, digits, '_', '.' and '-'",
+    );
+    assert_eq!(group_state(&c), before, "refusals changed nothing");
+
+    // The admin removes; the removed member is out.
+    assert_eq!(
+        ok(&c, "alice", &["remove", "team", "carol"]),
+        "removed carol from team; new group key (epoch 2)\n"
+    );
+    assert_eq!(members(&c, "alice", "team"), ["alice (admin)", "bob"]);
+    refused(&c, "carol", &["send", "team", "still here?"], not_member);
+    assert_eq!(ok(&c, "carol", &["list"]), "no groups\n");
+}
+
+#[test]
+fn the_longest_standing_member_succeeds_a_leaving_admin_and_an_empty_group_is_deleted() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &["add", "team", "carol"]);
+    ok(&c, "alice", &["add", "team", "bob"]);
+    assert_eq!(ok(&c, "alice", &["leave", "team"]), "left team\n");
+    // carol joined before bob.
+    assert_eq!(members(&c, "bob", "team"), ["carol (admin)", "bob"]);
+    ok(&c, "carol", &["add", "team", "alice"]);
+    ok(&c, "bob", &["leave", "team"]);
+    ok(&c, "alice", &["leave", "team"]);
+    assert_eq!(members(&c, "carol", "team"), ["carol (admin)"]);
+    ok(&c, "carol", &["leave", "team"]);
+    assert_eq!(c.count("SELECT count(*) FROM groups"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM members"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM group_keys"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    // The name is free again.
+    ok(&c, "bob", &["create", "team"]);
+}
+
+#[test]
+fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() {
+    let c = Cluster::start_with(3, "round-robin");
+    c.wait_servers(3);
+    for u in ["alice", "bob", "carol", "dave"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    for u in ["bob", "carol", "dave"] {
+        ok(&c, "alice", &["add", "team", u]);
+    }
+    // bob and carol are online (on whatever servers round-robin gives); dave is offline.
+    let bob = c.spawn("bob", &["chat"]);
+    let carol = c.spawn("carol", &["recv", "--wait", "20"]);
+    let bob_hello = bob.line();
+    assert!(
+        bob_hello.starts_with("logged in as bob on server "),
+        "{bob_hello}"
+    );
+    for notice in ["added bob", "added carol", "added dave"] {
+        if notice != "added bob" {
+            assert_eq!(carol.line(), format!("[team] * alice {notice}"));
+        }
+        assert_eq!(bob.line(), format!("[team] * alice {notice}"));
+    }
+    c.wait_online("bob", 1);
+    c.wait_online("carol", 1);
+    let servers = c.count("SELECT count(DISTINCT server_id) FROM presence");
+    assert!(servers >= 2, "bob and carol are on different servers");
+
+    for i in 1..=3 {
+        let out = group(&c, "alice", &["send", "team", &format!("hello {i}")]);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stdout.starts_with("stored message "), "{out:?}");
+        assert!(out.stdout.ends_with(" for group team\n"), "{out:?}");
+    }
+    for i in 1..=3 {
+        assert_eq!(bob.line(), format!("[team] alice: hello {i}"));
+        assert_eq!(carol.line(), format!("[team] alice: hello {i}"));
+    }
+    // Stored once each, however many members.
+    let unread = c.count("SELECT count(*) FROM messages WHERE grp = 'team'");
+    assert!(unread <= 6, "3 notices and 3 texts at most: {unread}");
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages WHERE recipient IS NOT NULL"),
+        0
+    );
+
+    let dave = c.run("dave", &["recv"]);
+    assert_eq!(
+        dave.lines(),
+        [
+            "[team] * alice added dave",
+            "[team] alice: hello 1",
+            "[team] alice: hello 2",
+            "[team] alice: hello 3",
+        ],
+        "{dave:?}"
+    );
+    assert_eq!(
+        c.run("dave", &["recv"]).stdout,
+        "",
+        "acknowledged once, gone"
+    );
+    // Every member has passed every message: none is left stored.
+    let deadline = Instant::now() + LIMIT;
+    while c.count("SELECT count(*) FROM messages") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "group messages were never removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The sender does not get its own messages back.
+    assert_eq!(c.run("alice", &["recv"]).stdout, "");
+}
+
+#[test]
+fn chat_mode_speaks_group_commands() {
+    let c = Cluster::start_with(2, "round-robin");
+    c.signup("alice");
+    c.signup("bob");
+    let mut alice = c.spawn("alice", &["chat"]);
+    let mut bob = c.spawn("bob", &["chat"]);
+    assert!(alice.line().starts_with("logged in as alice"));
+    assert!(bob.line().starts_with("logged in as bob"));
+    alice.type_line("/group create crew");
+    assert_eq!(alice.line(), "created group crew; you are its admin");
+    alice.type_line("/group add crew bob");
+    assert_eq!(alice.line(), "added bob to crew");
+    assert_eq!(bob.line(), "[crew] * alice added bob");
+    bob.type_line("/group send crew ahoy all");
+    assert!(bob.line().ends_with(" for group crew"));
+    assert_eq!(alice.line(), "[crew] bob: ahoy all");
+    bob.type_line("/group members crew");
+    assert_eq!(bob.line(), "alice (admin)");
+    assert_eq!(bob.line(), "bob");
+    alice.type_line("/help");
+    let help: Vec<String> = (0..20)
+        .map(|_| alice.line())
+        .take_while(|l| !l.contains("/quit"))
+        .collect();
+    assert!(
+        help.iter().any(|l| l.contains("/group send GROUP TEXT")),
+        "{help:?}"
+    );
+    bob.type_line("/quit");
+    assert_eq!(bob.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
+}
+
+/// Bob's own end-to-end state, loaded from his key files, with a connection of his.
+fn bob_keys(c: &Cluster) -> (Client, E2e) {
+    let store = Keystore::new(&c.home(), "bob");
+    let identity = store.load_identity("pw-bob").unwrap();
+    let client = c.login("bob");
+    let e2e = E2e::new(
+        "bob",
+        identity,
+        store,
+        Directory::new(&c.balancer_addr, None),
+    );
+    (client, e2e)
+}
+
+fn stored_group_messages(c: &Cluster) -> Vec<Envelope> {
+    let sql = c.sql();
+    let mut stmt = sql
+        .prepare("SELECT id, sender, grp, client_id, body, sent_at FROM messages ORDER BY id")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Envelope {
+                id: r.get(0)?,
+                from: r.get(1)?,
+                to: String::new(),
+                group: r.get(2)?,
+                client_id: r.get::<_, i64>(3)? as u64,
+                body: r.get(4)?,
+                sent_at: r.get(5)?,
+            })
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[test]
+fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &["add", "team", "bob"]);
+    ok(&c, "alice", &["add", "team", "carol"]);
+    ok(&c, "alice", &["send", "team", "before"]);
+
+    // While a member, bob reads epoch 1 with his own keys (and keeps the key in his cache).
+    let (client, mut e2e) = bob_keys(&c);
+    let before = stored_group_messages(&c);
+    let texts: Vec<_> = before
+        .iter()
+        .map(|m| e2e.open(&client, m).expect("bob reads while a member"))
+        .collect();
+    assert_eq!(
+        texts.last(),
+        Some(&fastchat::e2e::Plain::Text("before".into()))
+    );
+
+    ok(&c, "alice", &["remove", "team", "bob"]);
+    ok(&c, "alice", &["send", "team", "SECRET-after-removal"]);
+    let after: Vec<Envelope> = stored_group_messages(&c)
+        .into_iter()
+        .filter(|m| m.id > before.last().unwrap().id)
+        .collect();
+    assert!(!after.is_empty());
+    for m in &after {
+        let err = e2e.open(&client, m).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no group team with you as a member")
+                || err.to_string().contains("failed authentication"),
+            "{err}"
+        );
+    }
+    // No key of the new epoch was wrapped for bob, and none of the wrapped keys opens for him.
+    assert_eq!(
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member = 'bob'"),
+        0
+    );
+    // And the key bob still holds (epoch 1) does not open the new messages.
+    let epoch1 = fastchat::e2e::E2e::group_key(&mut e2e, &client, "team", 1);
+    assert!(epoch1.is_ok(), "cached from when bob was a member");
+    let key = epoch1.unwrap();
+    for m in &after {
+        let kind = fastchat::e2e::Kind::from_byte(m.body[1]).unwrap();
+        let epoch = u64::from_be_bytes(m.body[2..10].try_into().unwrap());
+        assert_eq!(epoch, 2);
+        let aad = fastchat::e2e::group_aad("team", &m.from, m.client_id, epoch, kind);
+        assert!(key.open(&aad, &m.body[10 + 64..]).is_err());
+    }
+    // Carol, still a member, reads it.
+    let out = c.run("carol", &["recv"]);
+    assert!(
+        out.stdout.contains("[team] alice: SECRET-after-removal"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_group_message_with_a_forged_sender_is_rejected() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &["add", "team", "bob"]);
+    ok(&c, "alice", &["add", "team", "carol"]);
+    // Bob reads the notices (and pins alice's and carol's keys on first use).
+    c.run("bob", &["recv"]);
+    let out = group(&c, "carol", &["send", "team", "from carol"]);
+    assert_eq!(out.code, 0);
+    // A hostile server relabels carol's message as alice's.
+    let n = c
+        .sql()
+        .execute(
+            "UPDATE messages SET sender = 'alice' WHERE sender = 'carol'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.stdout, "", "nothing forged is shown: {out:?}");
+    assert!(
+        out.stderr
+            .contains("does not carry a valid signature of alice"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &["add", "team", "bob"]);
+    ok(&c, "alice", &["add", "team", "carol"]);
+    ok(&c, "carol", &["leave", "team"]);
+    assert_eq!(c.count("SELECT epoch FROM groups"), 2);
+    assert_eq!(
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2"),
+        0
+    );
+    ok(&c, "bob", &["send", "team", "after carol left"]);
+    assert_eq!(
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member <> 'carol'"),
+        2
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member = 'carol'"),
+        0
+    );
+    let out = c.run("alice", &["recv"]);
+    assert_eq!(
+        out.lines(),
+        ["[team] * carol left", "[team] bob: after carol left"],
+        "{out:?}"
+    );
+}
