@@ -5,7 +5,7 @@
 //! with `--json` one JSON object per line. Errors go to standard error as one line.
 
 use std::io::{self, BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use crate::client::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity};
 use crate::e2e::{self, fingerprint, Directory, E2e, Plain};
 use crate::error::{Error, Result};
+use crate::files::{self, Target};
 use crate::keystore::Keystore;
 use crate::names;
 use crate::net::Envelope;
@@ -93,6 +94,8 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
 struct LoggedIn {
     client: Client,
     e2e: E2e,
+    /// Where received files are saved.
+    downloads: PathBuf,
 }
 
 fn login(opts: &Options) -> Result<LoggedIn> {
@@ -105,6 +108,7 @@ fn login(opts: &Options) -> Result<LoggedIn> {
     Ok(LoggedIn {
         e2e: E2e::new(&user, identity, store, directory),
         client,
+        downloads: downloads(opts, &user),
     })
 }
 
@@ -120,6 +124,36 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
     let id = me.client.send(to, client_id, &body)?;
     println!("stored message {id} for {to}");
     Ok(())
+}
+
+/// `fastchat send-file TO PATH`.
+pub fn send_file(opts: &Options, to: &str, path: &Path) -> Result<()> {
+    names::validate("recipient", to)?;
+    let mut me = login(opts)?;
+    println!(
+        "{}",
+        file_sent(&me.client, &mut me.e2e, Target::User(to), path)?
+    );
+    Ok(())
+}
+
+/// Sends a file and says what was sent.
+fn file_sent(client: &Client, e2e: &mut E2e, target: Target<'_>, path: &Path) -> Result<String> {
+    let id = files::send_file(client, e2e, target, path)?;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let to = match target {
+        Target::User(u) => u.to_string(),
+        Target::Group(g) => format!("group {g}"),
+    };
+    Ok(format!(
+        "sent {} ({}) to {to} as message {id}",
+        one_line(&name),
+        files::human_size(size)
+    ))
 }
 
 /// `fastchat whoami`: the user and the server the balancer gave.
@@ -178,6 +212,8 @@ pub enum GroupCmd {
     Leave(String),
     /// Send a text to every other member.
     Send(String, String),
+    /// Send a file to every other member.
+    SendFile(String, PathBuf),
     /// The caller's groups.
     List,
     /// A group's members, the admin first marked.
@@ -189,7 +225,7 @@ impl GroupCmd {
     fn parse(words: &str) -> Result<GroupCmd> {
         let usage = || {
             Error::Invalid(
-                "usage: /group create|add|remove|leave|send|list|members ...; /help lists them"
+                "usage: /group create|add|remove|leave|send|send-file|list|members ...; /help lists them"
                     .into(),
             )
         };
@@ -223,6 +259,10 @@ impl GroupCmd {
                 let (g, t) = two("send GROUP TEXT")?;
                 GroupCmd::Send(g, t)
             }
+            "send-file" => {
+                let (g, p) = two("send-file GROUP PATH")?;
+                GroupCmd::SendFile(g, PathBuf::from(p))
+            }
             "list" => GroupCmd::List,
             "members" => GroupCmd::Members(one("members GROUP")?),
             _ => return Err(usage()),
@@ -232,9 +272,10 @@ impl GroupCmd {
     /// Checks names and text before anything is sent.
     fn validate(&self) -> Result<()> {
         match self {
-            GroupCmd::Create(g) | GroupCmd::Leave(g) | GroupCmd::Members(g) => {
-                names::validate("group", g)
-            }
+            GroupCmd::Create(g)
+            | GroupCmd::Leave(g)
+            | GroupCmd::Members(g)
+            | GroupCmd::SendFile(g, _) => names::validate("group", g),
             GroupCmd::Add(g, u) | GroupCmd::Remove(g, u) => {
                 names::validate("group", g)?;
                 names::validate("user", u)
@@ -274,6 +315,7 @@ impl GroupCmd {
                 let id = e2e.group_send(client, g, &Plain::Text(text.clone()))?;
                 format!("stored message {id} for group {g}")
             }
+            GroupCmd::SendFile(g, path) => file_sent(client, e2e, Target::Group(g), path)?,
             GroupCmd::List => {
                 let groups = e2e::group_list(client)?;
                 if groups.is_empty() {
@@ -327,7 +369,8 @@ pub enum Format {
 /// `fastchat recv [--wait SECS] [--json]`: prints and acknowledges queued messages, then waits
 /// up to `wait` for live ones.
 pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
-    let mut me = login(opts)?;
+    let me = login(opts)?;
+    let e2e = Mutex::new(me.e2e);
     let out = io::stdout();
     // No deadline until the queue is drained (bounded by the server's queue); then `wait`.
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
@@ -336,7 +379,14 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     while let Some(event) = me.client.next(deadline)? {
         match event {
             Event::Message(msg) => {
-                show(&mut me.e2e, &me.client, &msg, format, &mut out.lock())?;
+                show(
+                    &e2e,
+                    &me.client,
+                    &me.downloads,
+                    &msg,
+                    format,
+                    &mut out.lock(),
+                )?;
                 batch.push(msg.id);
                 if deadline != far {
                     me.client.ack(&std::mem::take(&mut batch))?;
@@ -359,17 +409,34 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     Ok(())
 }
 
-/// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, or for a notice `[GROUP] * FROM
-/// TEXT`. A message that fails to decrypt or verify is reported on stderr, never shown.
+/// Where a logged-in user's received files go: `FASTCHAT_HOME/USER/downloads/`.
+fn downloads(opts: &Options, user: &str) -> PathBuf {
+    opts.home.join(user).join("downloads")
+}
+
+/// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, `[GROUP] * FROM TEXT` for a notice,
+/// `FROM sent NAME (SIZE) -> PATH` for a file (saved first). A message that fails to decrypt,
+/// verify or download is reported on stderr, never shown; only a lost connection is an error
+/// (the message then stays queued).
 fn show(
-    e2e: &mut E2e,
+    e2e: &Mutex<E2e>,
     client: &Client,
+    downloads: &Path,
     msg: &Envelope,
     format: Format,
     out: &mut impl Write,
 ) -> Result<()> {
-    let plain = match e2e.open(client, msg) {
-        Ok(plain) => plain,
+    // The lock is held to open the message, not while a file downloads.
+    let opened = e2e.lock().open(client, msg);
+    let opened = opened.and_then(|plain| match plain {
+        Plain::File(offer) => {
+            let path = files::receive(client, msg, &offer, downloads)?;
+            Ok((Plain::File(offer), Some(path)))
+        }
+        plain => Ok((plain, None)),
+    });
+    let (plain, path) = match opened {
+        Ok(shown) => shown,
         Err(e) if e.is_disconnect() => return Err(e),
         Err(e) => {
             eprintln!(
@@ -380,33 +447,37 @@ fn show(
         }
     };
     match format {
-        Format::Lines => writeln!(out, "{}", message_line(msg, &plain))?,
+        Format::Lines => writeln!(out, "{}", message_line(msg, &plain, path.as_deref()))?,
         Format::Json => {
-            let (kind, text) = match &plain {
-                Plain::Text(t) => ("text", t),
-                Plain::Notice(t) => ("notice", t),
+            let mut json = serde_json::json!({
+                "id": msg.id,
+                "from": msg.from,
+                "to": msg.to,
+                "group": msg.group,
+                "sent_at": msg.sent_at,
+            });
+            let fields = match &plain {
+                Plain::Text(t) => serde_json::json!({ "kind": "text", "text": t }),
+                Plain::Notice(t) => serde_json::json!({ "kind": "notice", "text": t }),
+                Plain::File(offer) => serde_json::json!({
+                    "kind": "file",
+                    "name": offer.name,
+                    "size": offer.size,
+                    "path": path,
+                }),
             };
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({
-                    "id": msg.id,
-                    "from": msg.from,
-                    "to": msg.to,
-                    "group": msg.group,
-                    "kind": kind,
-                    "text": text,
-                    "sent_at": msg.sent_at,
-                })
-            )?
+            if let (Some(all), serde_json::Value::Object(more)) = (json.as_object_mut(), fields) {
+                all.extend(more);
+            }
+            writeln!(out, "{json}")?
         }
     }
     out.flush()?;
     Ok(())
 }
 
-/// The one line a message is shown as.
-pub fn message_line(msg: &Envelope, plain: &Plain) -> String {
+/// The one line a message is shown as (`path`: where a file was saved).
+pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> String {
     let prefix = match &msg.group {
         Some(g) => format!("[{g}] "),
         None => String::new(),
@@ -414,6 +485,14 @@ pub fn message_line(msg: &Envelope, plain: &Plain) -> String {
     match plain {
         Plain::Text(t) => format!("{prefix}{}: {}", msg.from, one_line(t)),
         Plain::Notice(t) => format!("{prefix}* {} {}", msg.from, one_line(t)),
+        Plain::File(offer) => format!(
+            "{prefix}{} sent {} ({}) -> {}",
+            msg.from,
+            one_line(&offer.name),
+            files::human_size(offer.size),
+            path.map(|p| one_line(&p.display().to_string()))
+                .unwrap_or_default()
+        ),
     }
 }
 
@@ -432,11 +511,13 @@ pub fn one_line(text: &str) -> String {
 
 const CHAT_HELP: &str = "commands:
   /msg USER TEXT              send TEXT to USER
+  /file USER PATH             send the file at PATH to USER
   /group create GROUP         create GROUP; you are its admin
   /group add GROUP USER       (admin) add USER to GROUP
   /group remove GROUP USER    (admin) remove USER; the group gets a new key
   /group leave GROUP          leave GROUP
   /group send GROUP TEXT      send TEXT to every member of GROUP
+  /group send-file GROUP PATH send the file at PATH to every member of GROUP
   /group list                 your groups
   /group members GROUP        who is in GROUP
   /help                       this list
@@ -457,14 +538,16 @@ pub fn chat(opts: &Options) -> Result<()> {
     let printer = {
         let client = Arc::clone(&client);
         let e2e = Arc::clone(&e2e);
+        let downloads = me.downloads.clone();
         std::thread::spawn(move || -> Result<()> {
             let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
             while let Some(event) = client.next(forever)? {
                 match event {
                     Event::Message(msg) => {
                         show(
-                            &mut e2e.lock(),
+                            &e2e,
                             &client,
+                            &downloads,
                             &msg,
                             Format::Lines,
                             &mut io::stdout(),
@@ -527,6 +610,15 @@ fn chat_command(line: &str, client: &Client, e2e: &Mutex<E2e>) -> Result<Option<
             let body = e2e.lock().seal_text(to, client_id, text)?;
             client.send(to, client_id, &body)?;
             Ok(Some(format!("-> {to}: {}", one_line(text))))
+        }
+        "/file" => {
+            let (to, path) = rest
+                .trim()
+                .split_once(' ')
+                .ok_or_else(|| Error::Invalid("usage: /file USER PATH".into()))?;
+            names::validate("recipient", to)?;
+            let path = Path::new(path.trim());
+            file_sent(client, &mut e2e.lock(), Target::User(to), path).map(Some)
         }
         "/group" => GroupCmd::parse(rest)?
             .run(client, &mut e2e.lock())

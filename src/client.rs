@@ -195,6 +195,8 @@ pub struct Connection {
     pub user: String,
     /// The server's id.
     pub server_id: u64,
+    /// The largest file the server accepts.
+    pub max_file: u64,
     writer: Mutex<FrameWriter<TcpStream>>,
     stream: TcpStream,
     pending: Pending,
@@ -214,10 +216,13 @@ impl Connection {
             id: 0,
             token: session.token.clone(),
         })?;
-        let (user, server_id) = match reader.read::<ServerEvent>()? {
+        let (user, server_id, max_file) = match reader.read::<ServerEvent>()? {
             Some(ServerEvent::Welcome {
-                user, server_id, ..
-            }) => (user, server_id),
+                user,
+                server_id,
+                max_file,
+                ..
+            }) => (user, server_id, max_file),
             Some(ServerEvent::Error { code, message, .. }) => {
                 return Err(Error::Refused { code, message })
             }
@@ -241,6 +246,7 @@ impl Connection {
         Ok(Connection {
             user,
             server_id,
+            max_file,
             writer: Mutex::new(writer),
             stream,
             pending,
@@ -289,11 +295,23 @@ impl Connection {
 
     /// Sends a message and waits until the server has stored it; returns the server's id.
     pub fn send(&self, to: &str, client_id: u64, body: Vec<u8>) -> Result<i64> {
+        self.send_with(to, client_id, body, None)
+    }
+
+    /// Sends a message that may offer a finished upload, and waits until it is stored.
+    pub fn send_with(
+        &self,
+        to: &str,
+        client_id: u64,
+        body: Vec<u8>,
+        file: Option<i64>,
+    ) -> Result<i64> {
         match self.call(|id| ServerRequest::Send {
             id,
             to: to.into(),
             client_id,
             body,
+            file,
         })? {
             ServerEvent::Stored { msg_id, .. } => Ok(msg_id),
             other => Err(unexpected("Send", &other)),
@@ -358,7 +376,9 @@ fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sen
             | ServerEvent::Done { id }
             | ServerEvent::Groups { id, .. }
             | ServerEvent::Group { id, .. }
-            | ServerEvent::GroupKey { id, .. } => Some(*id),
+            | ServerEvent::GroupKey { id, .. }
+            | ServerEvent::Upload { id, .. }
+            | ServerEvent::FileData { id, .. } => Some(*id),
             ServerEvent::Error { id, .. } => *id,
             ServerEvent::Deliver { .. } | ServerEvent::Synced => None,
         };
@@ -483,6 +503,11 @@ impl Client {
         self.current.lock().server.clone()
     }
 
+    /// The largest file the current server accepts.
+    pub fn max_file(&self) -> u64 {
+        self.current.lock().conn.max_file
+    }
+
     fn conn(&self) -> (u64, Arc<Connection>) {
         let c = self.current.lock();
         (c.generation, Arc::clone(&c.conn))
@@ -550,7 +575,18 @@ impl Client {
 
     /// Sends and waits until stored; re-sent on another server if this one is lost meanwhile.
     pub fn send(&self, to: &str, client_id: u64, body: &[u8]) -> Result<i64> {
-        self.with_failover(|conn| conn.send(to, client_id, body.to_vec()))
+        self.send_with(to, client_id, body, None)
+    }
+
+    /// Like [`Client::send`], offering a finished upload.
+    pub fn send_with(
+        &self,
+        to: &str,
+        client_id: u64,
+        body: &[u8],
+        file: Option<i64>,
+    ) -> Result<i64> {
+        self.with_failover(|conn| conn.send_with(to, client_id, body.to_vec(), file))
     }
 
     /// Sends any request and waits for its reply, failing over like [`Client::send`].

@@ -88,6 +88,23 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (grp, user, msg_id),
         FOREIGN KEY (grp, user) REFERENCES members(grp, user) ON DELETE CASCADE
     ) WITHOUT ROWID;
+    CREATE TABLE files (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        server_id  INTEGER NOT NULL,
+        conn_id    INTEGER NOT NULL,
+        size       INTEGER NOT NULL,
+        chunks     INTEGER NOT NULL,
+        complete   INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX files_uploading ON files(server_id, conn_id) WHERE complete = 0;
+    CREATE TABLE file_chunks (
+        file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        idx     INTEGER NOT NULL,
+        data    BLOB NOT NULL,
+        PRIMARY KEY (file_id, idx)
+    );
     CREATE TABLE messages (
         id        INTEGER PRIMARY KEY AUTOINCREMENT,
         sender    TEXT NOT NULL,
@@ -96,11 +113,18 @@ const MIGRATIONS: &[&str] = &[
         client_id INTEGER NOT NULL,
         body      BLOB NOT NULL,
         sent_at   INTEGER NOT NULL,
+        file_id   INTEGER UNIQUE REFERENCES files(id),
         UNIQUE (sender, client_id),
         CHECK ((recipient IS NULL) <> (grp IS NULL))
     );
     CREATE INDEX messages_recipient ON messages(recipient, id);
-    CREATE INDEX messages_group ON messages(grp, id);",
+    CREATE INDEX messages_group ON messages(grp, id);
+    -- A file lives exactly as long as the message that offers it.
+    CREATE TRIGGER messages_drop_file AFTER DELETE ON messages
+    WHEN old.file_id IS NOT NULL
+    BEGIN
+        DELETE FROM files WHERE id = old.file_id;
+    END;",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -436,12 +460,13 @@ pub fn register_server(
     Ok(Some(conn.last_insert_rowid() as u64))
 }
 
-/// Forgets a server that has died: its row and its presence rows.
+/// Forgets a server that has died: its row, its presence rows and its unfinished uploads.
 pub fn forget_server(conn: &Connection, server_id: u64) -> Result<()> {
     conn.execute(
         "DELETE FROM presence WHERE server_id = ?1",
         params![server_id as i64],
     )?;
+    drop_uploads(conn, server_id, None)?;
     conn.execute(
         "DELETE FROM servers WHERE id = ?1",
         params![server_id as i64],
@@ -518,29 +543,41 @@ fn envelope_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Envelope> {
     })
 }
 
-fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Envelope> {
+/// The message `from` already stored under `client_id`, if any (a re-send).
+fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Option<Envelope>> {
     Ok(conn
         .prepare_cached(&format!(
             "SELECT {ENVELOPE_COLUMNS} FROM messages m WHERE m.sender = ?1 AND m.client_id = ?2"
         ))?
-        .query_row(params![from, client_id as i64], envelope_row)?)
+        .query_row(params![from, client_id as i64], envelope_row)
+        .optional()?)
 }
 
 /// Stores a direct message, idempotently per `(sender, client_id)`: a re-send returns the first
-/// copy.
+/// copy. `file` is a finished upload of the sender's that the message offers.
 pub fn store_message(
     conn: &Connection,
     from: &str,
     to: &str,
     client_id: u64,
     body: &[u8],
+    file: Option<i64>,
 ) -> Result<StoredMessage> {
-    conn.prepare_cached(
-        "INSERT INTO messages (sender, recipient, client_id, body, sent_at)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, client_id) DO NOTHING",
-    )?
-    .execute(params![from, to, client_id as i64, body, now_ms()])?;
-    let envelope = stored_copy(conn, from, client_id)?;
+    let envelope = match stored_copy(conn, from, client_id)? {
+        Some(first) => first,
+        None => {
+            if let Some(upload) = file {
+                finish_upload(conn, from, upload)?;
+            }
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![from, to, client_id as i64, body, now, file])?;
+            new_envelope(conn, from, to, None, client_id, body, now)
+        }
+    };
     let online_at = conn
         .prepare_cached(
             "SELECT DISTINCT server_id, user FROM presence WHERE user = ?1 ORDER BY server_id",
@@ -553,6 +590,27 @@ pub fn store_message(
         envelope,
         online_at,
     })
+}
+
+/// The envelope of the row just inserted.
+fn new_envelope(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+    group: Option<&str>,
+    client_id: u64,
+    body: &[u8],
+    sent_at: i64,
+) -> Envelope {
+    Envelope {
+        id: conn.last_insert_rowid(),
+        from: from.to_string(),
+        to: to.to_string(),
+        group: group.map(str::to_string),
+        client_id,
+        body: body.to_vec(),
+        sent_at,
+    }
 }
 
 /// Up to `limit` queued messages for `user` with ids above `after`, oldest first: direct
@@ -970,22 +1028,33 @@ pub fn store_group_message(
     client_id: u64,
     epoch: u64,
     body: &[u8],
+    file: Option<i64>,
 ) -> Result<StoredMessage> {
     let (_, current, _) = member_view(conn, group, from)?;
-    if epoch != current || !epoch_keyed(conn, group, epoch)? {
-        return Err(refuse(
-            ErrorCode::Conflict,
-            format!("{group} has a new key epoch; fetch it and send again"),
-        ));
-    }
-    conn.prepare_cached(
-        "INSERT INTO messages (sender, grp, client_id, body, sent_at)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sender, client_id) DO NOTHING",
-    )?
-    .execute(params![from, group, client_id as i64, body, now_ms()])?;
-    let envelope = stored_copy(conn, from, client_id)?;
-    // A sender alone in the group: nobody will ever acknowledge it.
-    collect_group_garbage(conn, group, envelope.id - 1, envelope.id)?;
+    let envelope = match stored_copy(conn, from, client_id)? {
+        Some(first) => first,
+        None => {
+            if epoch != current || !epoch_keyed(conn, group, epoch)? {
+                return Err(refuse(
+                    ErrorCode::Conflict,
+                    format!("{group} has a new key epoch; fetch it and send again"),
+                ));
+            }
+            if let Some(upload) = file {
+                finish_upload(conn, from, upload)?;
+            }
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![from, group, client_id as i64, body, now, file])?;
+            let envelope = new_envelope(conn, from, "", Some(group), client_id, body, now);
+            // A sender alone in the group: nobody will ever acknowledge it.
+            collect_group_garbage(conn, group, envelope.id - 1, envelope.id)?;
+            envelope
+        }
+    };
     let online_at = conn
         .prepare_cached(
             "SELECT DISTINCT p.server_id, p.user FROM presence p
@@ -1000,6 +1069,135 @@ pub fn store_group_message(
         envelope,
         online_at,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files: encrypted chunks uploaded first, then offered by a message. A file is deleted with the
+// message that offers it (trigger `messages_drop_file`); an upload never offered is deleted
+// when its connection ends.
+
+/// Starts an upload of `chunks` chunks for `owner` on connection `conn_id` of `server_id`,
+/// unless that connection already has `limit` unfinished uploads.
+pub fn begin_upload(
+    conn: &Connection,
+    owner: &str,
+    server_id: u64,
+    conn_id: u64,
+    size: u64,
+    chunks: u64,
+    limit: usize,
+) -> Result<i64> {
+    let open: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM files WHERE server_id = ?1 AND conn_id = ?2 AND complete = 0",
+        )?
+        .query_row(params![server_id as i64, conn_id as i64], |r| r.get(0))?;
+    if open as usize >= limit {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("at most {limit} unfinished uploads per connection"),
+        ));
+    }
+    conn.prepare_cached(
+        "INSERT INTO files (owner, server_id, conn_id, size, chunks, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        owner,
+        server_id as i64,
+        conn_id as i64,
+        size as i64,
+        chunks as i64,
+        now_ms()
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// An unfinished upload of `owner`'s: its chunk count.
+fn open_upload(conn: &Connection, owner: &str, upload: i64) -> Result<u64> {
+    conn.prepare_cached("SELECT chunks FROM files WHERE id = ?1 AND owner = ?2 AND complete = 0")?
+        .query_row(params![upload, owner], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|n| n as u64)
+        .ok_or_else(|| {
+            refuse(
+                ErrorCode::BadRequest,
+                format!("no unfinished upload {upload} of yours"),
+            )
+        })
+}
+
+/// Stores chunk `index` of an upload of `owner`'s.
+pub fn store_chunk(
+    conn: &Connection,
+    owner: &str,
+    upload: i64,
+    index: u64,
+    data: &[u8],
+) -> Result<()> {
+    let chunks = open_upload(conn, owner, upload)?;
+    if index >= chunks {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("chunk {index} is past the end of upload {upload} ({chunks} chunks)"),
+        ));
+    }
+    // A chunk sent again (after a lost reply) replaces the first copy: both are valid.
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO file_chunks (file_id, idx, data) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![upload, index as i64, data])?;
+    Ok(())
+}
+
+/// Marks an upload complete, if every chunk is there.
+fn finish_upload(conn: &Connection, owner: &str, upload: i64) -> Result<()> {
+    let chunks = open_upload(conn, owner, upload)?;
+    let have: i64 = conn
+        .prepare_cached("SELECT count(*) FROM file_chunks WHERE file_id = ?1")?
+        .query_row(params![upload], |r| r.get(0))?;
+    if have as u64 != chunks {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("upload {upload} has {have} of its {chunks} chunks"),
+        ));
+    }
+    conn.prepare_cached("UPDATE files SET complete = 1 WHERE id = ?1")?
+        .execute(params![upload])?;
+    Ok(())
+}
+
+/// Chunk `index` of the file offered by message `msg_id`, if that message is queued for `user`
+/// (a direct message to them, or a group message they have not yet acknowledged).
+pub fn file_chunk(conn: &Connection, user: &str, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+    conn.prepare_cached(
+        "SELECT c.data FROM messages m
+           JOIN file_chunks c ON c.file_id = m.file_id AND c.idx = ?3
+          WHERE m.id = ?1
+            AND (m.recipient = ?2
+                 OR (m.sender <> ?2 AND EXISTS (
+                       SELECT 1 FROM members mb
+                        WHERE mb.grp = m.grp AND mb.user = ?2 AND mb.position < m.id)))",
+    )?
+    .query_row(params![msg_id, user, index as i64], |r| r.get(0))
+    .optional()?
+    .ok_or_else(|| {
+        refuse(
+            ErrorCode::BadRequest,
+            format!("message {msg_id} offers you no file chunk {index}"),
+        )
+    })
+}
+
+/// Deletes the unfinished uploads of one connection (it ended), or of a whole server when
+/// `conn_id` is `None` (it restarted or died).
+pub fn drop_uploads(conn: &Connection, server_id: u64, conn_id: Option<u64>) -> Result<usize> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM files WHERE complete = 0 AND server_id = ?1
+               AND (?2 IS NULL OR conn_id = ?2)",
+        )?
+        .execute(params![server_id as i64, conn_id.map(|c| c as i64)])?)
 }
 
 #[cfg(test)]
@@ -1070,9 +1268,9 @@ mod tests {
         for u in ["alice", "bob"] {
             create_user(&conn, u, "h", &keys())?;
         }
-        let a = store_message(&conn, "alice", "bob", 1, b"one")?;
-        let b = store_message(&conn, "alice", "bob", 2, b"two")?;
-        let again = store_message(&conn, "alice", "bob", 1, b"one")?;
+        let a = store_message(&conn, "alice", "bob", 1, b"one", None)?;
+        let b = store_message(&conn, "alice", "bob", 2, b"two", None)?;
+        let again = store_message(&conn, "alice", "bob", 1, b"one", None)?;
         assert_eq!(
             a.envelope.id, again.envelope.id,
             "re-send is not stored twice"
@@ -1092,7 +1290,7 @@ mod tests {
         assert_eq!(queued(&conn, "bob", 0, 10)?.len(), 1);
         // Ids are never reused, even after the newest row is deleted.
         ack(&conn, "bob", &[b.envelope.id])?;
-        let c = store_message(&conn, "alice", "bob", 3, b"three")?;
+        let c = store_message(&conn, "alice", "bob", 3, b"three", None)?;
         assert!(c.envelope.id > b.envelope.id);
         Ok(())
     }
@@ -1102,7 +1300,7 @@ mod tests {
         let (_dir, path) = fresh()?;
         let conn = open(&path)?;
         create_user(&conn, "alice", "h", &keys())?;
-        assert!(store_message(&conn, "alice", "nobody", 1, b"x").is_err());
+        assert!(store_message(&conn, "alice", "nobody", 1, b"x", None).is_err());
         Ok(())
     }
 
@@ -1117,11 +1315,11 @@ mod tests {
         add_presence(&conn, 7, 2, "bob")?;
         add_presence(&conn, 9, 3, "bob")?;
         let bob = || "bob".to_string();
-        let at = store_message(&conn, "alice", "bob", 1, b"x")?.online_at;
+        let at = store_message(&conn, "alice", "bob", 1, b"x", None)?.online_at;
         assert_eq!(at, [(7, bob()), (9, bob())], "one entry per server, sorted");
         remove_presence(&conn, 9, 3)?;
         assert_eq!(
-            store_message(&conn, "alice", "bob", 2, b"x")?.online_at,
+            store_message(&conn, "alice", "bob", 2, b"x", None)?.online_at,
             [(7, bob())]
         );
         Ok(())
@@ -1138,7 +1336,7 @@ mod tests {
             let tx = tx.clone();
             let to = if i == 50 { "nobody" } else { "bob" };
             writer.submit(
-                move |c| store_message(c, "alice", to, i, b"m"),
+                move |c| store_message(c, "alice", to, i, b"m", None),
                 move |res| {
                     let _ = tx.send((i, res.map(|s| s.envelope.id)));
                 },
@@ -1177,7 +1375,7 @@ mod tests {
         group_of(&conn, "alice", &["bob", "carol"])?;
         add_presence(&conn, 7, 1, "bob")?;
         add_presence(&conn, 7, 2, "alice")?;
-        let m = store_group_message(&conn, "team", "alice", 1, 1, b"hi")?;
+        let m = store_group_message(&conn, "team", "alice", 1, 1, b"hi", None)?;
         assert_eq!(m.online_at, [(7, "bob".to_string())], "not the sender");
         let count = |sql: &str| -> Result<i64> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
         assert_eq!(count("SELECT count(*) FROM messages")?, 1);
@@ -1214,9 +1412,11 @@ mod tests {
         group_of(&conn, "alice", &["bob", "carol"])?;
         let ids: Vec<i64> = (1..=4)
             .map(|i| {
-                Ok(store_group_message(&conn, "team", "alice", i, 1, b"m")?
-                    .envelope
-                    .id)
+                Ok(
+                    store_group_message(&conn, "team", "alice", i, 1, b"m", None)?
+                        .envelope
+                        .id,
+                )
             })
             .collect::<Result<_>>()?;
         // Bob acknowledges the 3rd and 4th before the 1st and 2nd arrive.
@@ -1290,11 +1490,11 @@ mod tests {
         );
         remove_member(&conn, "team", "alice", "bob", 2, &keys_for(&["alice"]))?;
         assert_eq!(
-            code(store_group_message(&conn, "team", "bob", 9, 2, b"m").map(|_| ())),
+            code(store_group_message(&conn, "team", "bob", 9, 2, b"m", None).map(|_| ())),
             Some(ErrorCode::UnknownGroup)
         );
         assert_eq!(
-            code(store_group_message(&conn, "team", "alice", 9, 1, b"m").map(|_| ())),
+            code(store_group_message(&conn, "team", "alice", 9, 1, b"m", None).map(|_| ())),
             Some(ErrorCode::Conflict),
             "sealed under the old epoch"
         );

@@ -30,7 +30,10 @@
 //! directory and are pinned on first use; a key that later differs from the pin is refused until
 //! the user runs `fastchat trust NAME`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::client::{BalancerClient, Client};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
@@ -54,6 +57,8 @@ pub enum Kind {
     Text = 1,
     /// UTF-8 text about the conversation itself ("added carol"), written by its sender.
     Notice = 2,
+    /// A file: a MessagePack [`FileOffer`].
+    File = 3,
 }
 
 impl Kind {
@@ -62,8 +67,36 @@ impl Kind {
         match b {
             1 => Some(Kind::Text),
             2 => Some(Kind::Notice),
+            3 => Some(Kind::File),
             _ => None,
         }
+    }
+}
+
+/// What a file message carries, encrypted: where the file's chunks are and how to open and
+/// check them. The chunks themselves are sealed under `key` (see [`crate::files`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOffer {
+    /// The sender's name for the file (the receiver makes it safe before using it).
+    pub name: String,
+    /// Plaintext size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole plaintext.
+    #[serde(with = "serde_bytes")]
+    pub sha256: Vec<u8>,
+    /// The random 256-bit file key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for FileOffer {
+    /// Everything but the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileOffer")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("sha256", &to_hex(&self.sha256))
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,6 +107,8 @@ pub enum Plain {
     Text(String),
     /// A notice about the conversation, such as a membership change.
     Notice(String),
+    /// A file offer (the file is fetched separately).
+    File(FileOffer),
 }
 
 impl Plain {
@@ -81,21 +116,33 @@ impl Plain {
         match self {
             Plain::Text(_) => Kind::Text,
             Plain::Notice(_) => Kind::Notice,
+            Plain::File(_) => Kind::File,
         }
     }
 
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Plain::Text(t) | Plain::Notice(t) => t.as_bytes(),
-        }
+    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(match self {
+            Plain::Text(t) | Plain::Notice(t) => Cow::Borrowed(t.as_bytes()),
+            Plain::File(offer) => {
+                Cow::Owned(rmp_serde::to_vec(offer).map_err(|e| Error::Invalid(e.to_string()))?)
+            }
+        })
     }
 
     fn decode(kind: Kind, plain: Vec<u8>, msg_id: i64) -> Result<Plain> {
-        let text = String::from_utf8(plain)
-            .map_err(|_| Error::Integrity(format!("message {msg_id} is not UTF-8")))?;
+        let bad = |why: &str| Error::Integrity(format!("message {msg_id} {why}"));
+        if kind == Kind::File {
+            let offer: FileOffer =
+                rmp_serde::from_slice(&plain).map_err(|_| bad("holds a malformed file offer"))?;
+            if offer.key.len() != 32 || offer.sha256.len() != 32 {
+                return Err(bad("holds a malformed file offer"));
+            }
+            return Ok(Plain::File(offer));
+        }
+        let text = String::from_utf8(plain).map_err(|_| bad("is not UTF-8"))?;
         Ok(match kind {
-            Kind::Text => Plain::Text(text),
             Kind::Notice => Plain::Notice(text),
+            _ => Plain::Text(text),
         })
     }
 }
@@ -282,7 +329,8 @@ impl E2e {
     pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
         let kind = plain.kind();
         let aad = direct_aad(&self.me, to, client_id, kind);
-        let sealed = self.pair_key(to)?.seal(&aad, plain.bytes())?;
+        let bytes = plain.bytes()?;
+        let sealed = self.pair_key(to)?.seal(&aad, &bytes)?;
         let mut body = Vec::with_capacity(2 + sealed.len());
         body.push(VERSION);
         body.push(kind as u8);
@@ -508,7 +556,7 @@ impl E2e {
     ) -> Result<Vec<u8>> {
         let kind = plain.kind();
         let aad = group_aad(group, &self.me, client_id, epoch, kind);
-        let sealed = key.seal(&aad, plain.bytes())?;
+        let sealed = key.seal(&aad, &plain.bytes()?)?;
         let mut signed = aad;
         signed.extend_from_slice(&sealed);
         let signature = self.identity.sign(&signed)?;
@@ -524,6 +572,17 @@ impl E2e {
     /// Encrypts, signs and sends `plain` to `group`; returns the stored message id. If the
     /// group moved to a new epoch meanwhile, fetches it and sends again (same client id).
     pub fn group_send(&mut self, client: &Client, group: &str, plain: &Plain) -> Result<i64> {
+        self.group_send_with(client, group, plain, None)
+    }
+
+    /// Like [`E2e::group_send`], offering a finished upload.
+    pub fn group_send_with(
+        &mut self,
+        client: &Client,
+        group: &str,
+        plain: &Plain,
+        file: Option<i64>,
+    ) -> Result<i64> {
         let client_id = crypto::random_u64()?;
         let mut fresh = false;
         loop {
@@ -535,6 +594,7 @@ impl E2e {
                 client_id,
                 epoch,
                 body: body.clone(),
+                file,
             });
             match reply {
                 Ok(ServerEvent::Stored { msg_id, .. }) => return Ok(msg_id),

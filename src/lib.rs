@@ -15,12 +15,14 @@
 //! * [`crypto`]: password hashing, tokens, key pairs, pair keys, AES-GCM, signatures.
 //! * [`db`]: the schema, its migrations, the reader pool and the group-commit writer thread.
 //! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
-//! * [`server`]: the chat server: connections, store-and-forward, balancer link.
+//! * [`server`]: the chat server: accepting, peer links in, the balancer link.
+//! * `session`: one client connection on a server: requests, its writer thread, its sync.
 //! * [`router`]: a server's map of local users to their connections' outbound queues.
 //! * [`peers`]: a server's outbound links to the other servers.
 //! * [`client`]: the client library: balancer requests and a chat-server connection.
 //! * [`keystore`]: the client's key files and pinned peer keys.
 //! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning.
+//! * [`files`]: files and images as the client sends and receives them: chunks, safe names.
 //! * [`cli`]: the `fastchat` subcommands.
 //! * [`logging`]: logging set-up shared by the binaries.
 
@@ -34,6 +36,7 @@ pub mod crypto;
 pub mod db;
 pub mod e2e;
 pub mod error;
+pub mod files;
 pub mod keystore;
 pub mod logging;
 pub mod names;
@@ -41,5 +44,6 @@ pub mod net;
 pub mod peers;
 pub mod router;
 pub mod server;
+mod session;
 
 pub use error::{Error, Result};

@@ -30,6 +30,20 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 /// Largest message body (ciphertext) a client may send in one `Send`.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Plaintext bytes per file chunk; every chunk but the last is exactly this long.
+pub const FILE_CHUNK: usize = 256 * 1024;
+
+/// Largest encrypted file chunk: a full chunk plus the AES-GCM nonce and tag.
+pub const MAX_CHUNK: usize = FILE_CHUNK + 12 + 16;
+
+/// Default largest file a server accepts, in bytes (64 MiB).
+pub const DEFAULT_MAX_FILE: u64 = 64 * 1024 * 1024;
+
+/// How many chunks a file of `size` bytes has.
+pub fn chunk_count(size: u64) -> u64 {
+    size.div_ceil(FILE_CHUNK as u64)
+}
+
 /// Why a request was refused; carried in every error frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -277,6 +291,8 @@ pub enum ServerRequest {
         /// Ciphertext.
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
+        /// A completed upload this message offers (the body holds its key and name).
+        file: Option<i64>,
     },
     /// The client has shown these messages: remove them from its queue.
     Ack {
@@ -354,6 +370,41 @@ pub enum ServerRequest {
         /// Ciphertext and signature.
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
+        /// A completed upload this message offers.
+        file: Option<i64>,
+    },
+    /// Start uploading an encrypted file of `size` plaintext bytes in `chunks` chunks of
+    /// [`FILE_CHUNK`]; answered with `Upload`. An upload not offered by a `Send` or `GroupSend`
+    /// before its connection ends is deleted.
+    FileBegin {
+        /// Request id.
+        id: u64,
+        /// Plaintext size, checked against the server's limit.
+        size: u64,
+        /// Number of chunks: `size` divided by [`FILE_CHUNK`], rounded up.
+        chunks: u64,
+    },
+    /// One encrypted chunk of an upload; answered with `Done` once committed.
+    FileChunk {
+        /// Request id.
+        id: u64,
+        /// The upload, from `Upload`.
+        upload: i64,
+        /// Chunk number, from 0.
+        index: u64,
+        /// Ciphertext, at most [`MAX_CHUNK`] bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// One chunk of the file offered by a message queued for the caller; answered with
+    /// `FileData`.
+    FileGet {
+        /// Request id.
+        id: u64,
+        /// The message that offers the file.
+        msg_id: i64,
+        /// Chunk number, from 0.
+        index: u64,
     },
     /// The caller's groups.
     GroupList {
@@ -404,6 +455,8 @@ pub enum ServerEvent {
         user: String,
         /// This server's id.
         server_id: u64,
+        /// The largest file this server accepts, in bytes.
+        max_file: u64,
     },
     /// The message is committed to the database.
     Stored {
@@ -435,6 +488,21 @@ pub enum ServerEvent {
         id: u64,
         /// The group.
         group: GroupInfo,
+    },
+    /// An upload has started.
+    Upload {
+        /// Request id.
+        id: u64,
+        /// The upload's id, for `FileChunk` and the offering `Send`.
+        upload: i64,
+    },
+    /// One encrypted file chunk.
+    FileData {
+        /// Request id.
+        id: u64,
+        /// Ciphertext.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
     /// A wrapped group key.
     GroupKey {
@@ -641,6 +709,17 @@ mod tests {
             to: "bob".into(),
             client_id: 99,
             body: b"hi".to_vec(),
+            file: Some(12),
+        });
+        roundtrip(ServerRequest::FileChunk {
+            id: 4,
+            upload: 12,
+            index: 3,
+            data: vec![9; MAX_CHUNK],
+        });
+        roundtrip(ServerEvent::FileData {
+            id: 5,
+            data: vec![1; 100],
         });
         roundtrip(ServerRequest::Relay {
             msg: envelope(),

@@ -14,16 +14,38 @@ use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::RwLock;
 
 use crate::net::{Envelope, ServerEvent};
+
+/// A slot of a connection's file window, given back when dropped: a file chunk holds one from
+/// the moment its request is read until it is committed (upload) or written to the socket
+/// (download), so a client can make the server hold only a few chunks at a time.
+#[derive(Debug)]
+pub struct Permit(Receiver<()>);
+
+impl Permit {
+    /// A taken slot; `free` is the receiving side of the window's bounded channel, whose
+    /// sending side was used to take it.
+    pub fn new(free: Receiver<()>) -> Permit {
+        Permit(free)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let _ = self.0.try_recv();
+    }
+}
 
 /// What a connection's writer thread is asked to write.
 #[derive(Debug)]
 pub enum Outbound {
     /// A reply or notice, written as is.
     Event(ServerEvent),
+    /// A file chunk; its window slot is given back once it is written.
+    Chunk(ServerEvent, Permit),
     /// A live message. Dropped if it arrives before the queue is synced (the sync reads it from
     /// the database) or if the sync already sent it.
     Message(Arc<Envelope>),

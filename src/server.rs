@@ -25,18 +25,18 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver};
 
 use crate::crypto;
 use crate::db::{self, Readers, Writer};
 use crate::error::{Error, Result};
-use crate::names;
 use crate::net::{
-    BalancerReply, BalancerRequest, Envelope, ErrorCode, FrameReader, FrameWriter, ServerEvent,
-    ServerInfo, ServerRequest, MAX_BODY,
+    BalancerReply, BalancerRequest, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerInfo,
+    ServerRequest, DEFAULT_MAX_FILE,
 };
-use crate::peers::{Peers, Relayed};
-use crate::router::{Handle, Outbound, Router};
+use crate::peers::Peers;
+use crate::router::Router;
+use crate::session;
 
 /// Chat server settings.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct Config {
     pub queue_len: usize,
     /// A connection must send `Hello` within this time.
     pub hello_timeout: Duration,
+    /// The largest file accepted, in bytes.
+    pub max_file: u64,
     /// How long to keep trying the balancer at start before giving up.
     pub startup_timeout: Duration,
 }
@@ -67,6 +69,7 @@ impl Config {
             max_clients: 10_000,
             queue_len: 4096,
             hello_timeout: Duration::from_secs(10),
+            max_file: DEFAULT_MAX_FILE,
             startup_timeout: Duration::from_secs(10),
         }
     }
@@ -75,18 +78,24 @@ impl Config {
 /// How often the load is reported to the balancer.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// Messages read from the database per page during a sync.
-const SYNC_PAGE: usize = 256;
-
-struct Shared {
-    config: Config,
-    server_id: u64,
-    writer: Writer,
-    readers: Readers,
-    router: Router,
-    peers: Peers,
-    next_conn: AtomicU64,
-    clients: AtomicU32,
+/// What every thread of one server shares.
+pub(crate) struct Shared {
+    /// The settings it was started with.
+    pub(crate) config: Config,
+    /// The id the balancer gave it.
+    pub(crate) server_id: u64,
+    /// The database writer thread (group commit).
+    pub(crate) writer: Writer,
+    /// Read connections.
+    pub(crate) readers: Readers,
+    /// Local users to their connections' outbound queues.
+    pub(crate) router: Router,
+    /// Outbound links to the other servers.
+    pub(crate) peers: Peers,
+    /// Next connection id (clients and inbound peer links).
+    pub(crate) next_conn: AtomicU64,
+    /// Connected clients (the load reported to the balancer).
+    pub(crate) clients: AtomicU32,
     stopping: Arc<AtomicBool>,
     /// Disconnects (its sender is dropped) when the server stops: wakes timed waits at once.
     stop_signal: Receiver<()>,
@@ -119,7 +128,10 @@ pub fn run(
     let writer = Writer::start(&config.db)?;
     let link = BalancerLink::connect(&config, &advertise, &secret)?;
     let server_id = link.server_id;
-    writer.call(move |c| db::clear_presence(c, server_id))?;
+    writer.call(move |c| {
+        db::clear_presence(c, server_id)?;
+        db::drop_uploads(c, server_id, None)
+    })?;
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_signal) = bounded::<()>(0);
     let shared = Arc::new(Shared {
@@ -187,9 +199,10 @@ pub fn run(
     shared.peers.close();
     let _ = heartbeat.join();
     let _ = waker.join();
-    shared
-        .writer
-        .call(move |c| db::clear_presence(c, server_id))?;
+    shared.writer.call(move |c| {
+        db::clear_presence(c, server_id)?;
+        db::drop_uploads(c, server_id, None)
+    })?;
     log::info!("server {server_id} stopped");
     Ok(())
 }
@@ -212,7 +225,7 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
         ServerRequest::Hello { id, token } => {
             let hash = crypto::token_hash(token.as_bytes())?;
             match shared.readers.with(|c| db::session_user(c, &hash))? {
-                Some(user) => serve_client(stream, reader, shared, id, user),
+                Some(user) => session::serve_client(stream, reader, shared, id, user),
                 None => {
                     reply_once(
                         &stream,
@@ -256,7 +269,7 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
 }
 
 /// Writes one error frame and closes the socket (for connections refused before they start).
-fn reply_once(stream: &TcpStream, id: Option<u64>, code: ErrorCode, message: &str) {
+pub(crate) fn reply_once(stream: &TcpStream, id: Option<u64>, code: ErrorCode, message: &str) {
     if let Ok(s) = stream.try_clone() {
         let _ = FrameWriter::new(s).send(&ServerEvent::Error {
             id,
@@ -309,512 +322,6 @@ fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u6
             }
         }
     }
-}
-
-/// Releases what a client connection holds, however its thread ends.
-struct ClientGuard<'a> {
-    shared: &'a Arc<Shared>,
-    user: String,
-    conn_id: u64,
-    stream: Arc<TcpStream>,
-}
-
-impl Drop for ClientGuard<'_> {
-    fn drop(&mut self) {
-        self.shared.router.remove(&self.user, self.conn_id);
-        self.shared.clients.fetch_sub(1, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
-        let (sid, cid) = (self.shared.server_id, self.conn_id);
-        self.shared
-            .writer
-            .submit(move |c| db::remove_presence(c, sid, cid), |_| {});
-        log::debug!("{} disconnected (connection {cid})", self.user);
-    }
-}
-
-fn serve_client(
-    stream: TcpStream,
-    mut reader: FrameReader<TcpStream>,
-    shared: &Arc<Shared>,
-    hello_id: u64,
-    user: String,
-) -> Result<()> {
-    let count = shared.clients.fetch_add(1, Ordering::SeqCst) as usize + 1;
-    if count > shared.config.max_clients {
-        shared.clients.fetch_sub(1, Ordering::SeqCst);
-        reply_once(
-            &stream,
-            Some(hello_id),
-            ErrorCode::Unavailable,
-            "server is full; ask the balancer for another",
-        );
-        return Ok(());
-    }
-    stream.set_read_timeout(None)?;
-    let stream = Arc::new(stream);
-    let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-    let (tx, rx) = bounded::<Outbound>(shared.config.queue_len);
-    let handle = Handle {
-        conn_id,
-        tx: tx.clone(),
-        stream: Arc::clone(&stream),
-    };
-    let writer_thread = {
-        let out = stream.try_clone()?;
-        let socket = Arc::clone(&stream);
-        let shared = Arc::clone(shared);
-        let user = user.clone();
-        std::thread::Builder::new()
-            .name("conn-writer".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                if let Err(e) = write_loop(out, &rx, &shared, &user) {
-                    log::debug!("writer for {user} ended: {e}");
-                    // A writer that cannot write ends the connection, so the reader stops too.
-                    let _ = socket.shutdown(Shutdown::Both);
-                }
-            })?
-    };
-    let guard = ClientGuard {
-        shared,
-        user: user.clone(),
-        conn_id,
-        stream: Arc::clone(&stream),
-    };
-    // Register, then sync: see the module documentation.
-    shared.router.add(&user, handle);
-    let (sid, u) = (shared.server_id, user.clone());
-    shared
-        .writer
-        .call(move |c| db::add_presence(c, sid, conn_id, &u))?;
-    let _ = tx.send(Outbound::Event(ServerEvent::Welcome {
-        id: hello_id,
-        user: user.clone(),
-        server_id: shared.server_id,
-    }));
-    let _ = tx.send(Outbound::Sync);
-    log::debug!("{user} connected (connection {conn_id})");
-
-    let result = read_loop(&mut reader, shared, &user, &tx);
-    drop(guard);
-    drop(tx);
-    let _ = writer_thread.join();
-    result
-}
-
-fn read_loop(
-    reader: &mut FrameReader<TcpStream>,
-    shared: &Arc<Shared>,
-    user: &str,
-    tx: &Sender<Outbound>,
-) -> Result<()> {
-    loop {
-        let request = match reader.read::<ServerRequest>() {
-            Ok(Some(r)) => r,
-            Ok(None) => return Ok(()),
-            Err(e @ (Error::Malformed(_) | Error::FrameTooLarge(_))) => {
-                let _ = tx.send(Outbound::Event(ServerEvent::Error {
-                    id: None,
-                    code: ErrorCode::BadFrame,
-                    message: e.to_string(),
-                }));
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        match request {
-            ServerRequest::Send {
-                id,
-                to,
-                client_id,
-                body,
-            } => send(shared, user, tx, id, to, client_id, body),
-            ServerRequest::Ack { id, msg_ids } => ack(shared, user, tx, id, msg_ids),
-            ServerRequest::GroupCreate { id, group, key } => {
-                let me = user.to_string();
-                if names_ok(tx, id, &[&group]) {
-                    write(shared, tx, id, move |c| {
-                        db::create_group(c, &group, &me, &key).map(|()| ServerEvent::Done { id })
-                    });
-                }
-            }
-            ServerRequest::GroupAdd {
-                id,
-                group,
-                user: who,
-                epoch,
-                key,
-            } => {
-                let me = user.to_string();
-                if names_ok(tx, id, &[&group, &who]) {
-                    write(shared, tx, id, move |c| {
-                        db::add_member(c, &group, &me, &who, epoch, &key)
-                            .map(|()| ServerEvent::Done { id })
-                    });
-                }
-            }
-            ServerRequest::GroupRemove {
-                id,
-                group,
-                user: who,
-                epoch,
-                keys,
-            } => {
-                let me = user.to_string();
-                if names_ok(tx, id, &[&group, &who]) {
-                    write(shared, tx, id, move |c| {
-                        db::remove_member(c, &group, &me, &who, epoch, &keys)
-                            .map(|()| ServerEvent::Done { id })
-                    });
-                }
-            }
-            ServerRequest::GroupLeave { id, group } => {
-                let me = user.to_string();
-                if names_ok(tx, id, &[&group]) {
-                    write(shared, tx, id, move |c| {
-                        db::leave_group(c, &group, &me).map(|_| ServerEvent::Done { id })
-                    });
-                }
-            }
-            ServerRequest::GroupRekey {
-                id,
-                group,
-                epoch,
-                keys,
-            } => {
-                let me = user.to_string();
-                if names_ok(tx, id, &[&group]) {
-                    write(shared, tx, id, move |c| {
-                        db::rekey_group(c, &group, &me, epoch, &keys)
-                            .map(|()| ServerEvent::Done { id })
-                    });
-                }
-            }
-            ServerRequest::GroupSend {
-                id,
-                group,
-                client_id,
-                epoch,
-                body,
-            } => group_send(shared, user, tx, id, group, client_id, epoch, body),
-            ServerRequest::GroupList { id } => read(shared, tx, id, |c| {
-                Ok(ServerEvent::Groups {
-                    id,
-                    groups: db::user_groups(c, user)?,
-                })
-            }),
-            ServerRequest::GroupInfo { id, group } => read(shared, tx, id, |c| {
-                names::validate("group", &group)?;
-                Ok(ServerEvent::Group {
-                    id,
-                    group: db::group_info(c, &group, user)?,
-                })
-            }),
-            ServerRequest::GroupKey { id, group, epoch } => read(shared, tx, id, |c| {
-                names::validate("group", &group)?;
-                let (key, wrapped_by) = db::group_key(c, &group, user, epoch)?;
-                Ok(ServerEvent::GroupKey {
-                    id,
-                    wrapped_by,
-                    key,
-                })
-            }),
-            ServerRequest::Hello { id, .. } => {
-                refuse(tx, id, ErrorCode::BadRequest, "already said hello");
-            }
-            ServerRequest::PeerHello { .. } | ServerRequest::Relay { .. } => {
-                let _ = tx.send(Outbound::Event(ServerEvent::Error {
-                    id: None,
-                    code: ErrorCode::BadRequest,
-                    message: "peer frames are not accepted on a client connection".into(),
-                }));
-                return Err(Error::Protocol("peer frame from a client".into()));
-            }
-        }
-    }
-}
-
-fn refuse(tx: &Sender<Outbound>, id: u64, code: ErrorCode, message: impl Into<String>) {
-    let _ = tx.send(Outbound::Event(ServerEvent::Error {
-        id: Some(id),
-        code,
-        message: message.into(),
-    }));
-}
-
-/// Answers a read-only request from the connection's own thread.
-fn read(
-    shared: &Shared,
-    tx: &Sender<Outbound>,
-    id: u64,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<ServerEvent>,
-) {
-    let event = shared
-        .readers
-        .with(work)
-        .unwrap_or_else(|e| error_event(id, e));
-    let _ = tx.send(Outbound::Event(event));
-}
-
-/// Checks `names` (a group, then users); refuses the request and returns `false` if one is bad.
-fn names_ok(tx: &Sender<Outbound>, id: u64, names: &[&str]) -> bool {
-    for (i, name) in names.iter().enumerate() {
-        let kind = if i == 0 { "group" } else { "user" };
-        if let Err(e) = names::validate(kind, name) {
-            refuse(tx, id, ErrorCode::InvalidName, e.to_string());
-            return false;
-        }
-    }
-    true
-}
-
-/// Runs `work` on the writer thread and sends its reply after the commit.
-fn write(
-    shared: &Shared,
-    tx: &Sender<Outbound>,
-    id: u64,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<ServerEvent> + Send + 'static,
-) {
-    let reply = tx.clone();
-    shared.writer.submit(work, move |res| {
-        let event = res.unwrap_or_else(|e| error_event(id, e));
-        let _ = reply.try_send(Outbound::Event(event));
-    });
-}
-
-/// Most message ids in one `Ack`.
-const MAX_ACK: usize = 4096;
-
-fn send(
-    shared: &Arc<Shared>,
-    user: &str,
-    tx: &Sender<Outbound>,
-    id: u64,
-    to: String,
-    client_id: u64,
-    body: Vec<u8>,
-) {
-    if let Err(e) = names::validate("recipient", &to) {
-        return refuse(tx, id, ErrorCode::InvalidName, e.to_string());
-    }
-    if let Err(why) = check_body(&body) {
-        return refuse(tx, id, ErrorCode::BadMessage, why);
-    }
-    let from = user.to_string();
-    let reply = tx.clone();
-    let routes = Arc::clone(shared);
-    shared.writer.submit(
-        move |c| {
-            if !db::user_exists(c, &to)? {
-                return Err(Error::refused(
-                    ErrorCode::UnknownUser,
-                    format!("no such user: {to}"),
-                ));
-            }
-            db::store_message(c, &from, &to, client_id, &body)
-        },
-        move |res| stored_reply(&routes, &reply, id, res),
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn group_send(
-    shared: &Arc<Shared>,
-    user: &str,
-    tx: &Sender<Outbound>,
-    id: u64,
-    group: String,
-    client_id: u64,
-    epoch: u64,
-    body: Vec<u8>,
-) {
-    if let Err(e) = names::validate("group", &group) {
-        return refuse(tx, id, ErrorCode::InvalidName, e.to_string());
-    }
-    if let Err(why) = check_body(&body) {
-        return refuse(tx, id, ErrorCode::BadMessage, why);
-    }
-    let from = user.to_string();
-    let reply = tx.clone();
-    let routes = Arc::clone(shared);
-    shared.writer.submit(
-        move |c| db::store_group_message(c, &group, &from, client_id, epoch, &body),
-        move |res| stored_reply(&routes, &reply, id, res),
-    );
-}
-
-/// After a message's commit: route it, and tell the sender (or tell why it failed). Runs on the
-/// writer thread, so it never blocks on a client.
-fn stored_reply(
-    shared: &Shared,
-    reply: &Sender<Outbound>,
-    id: u64,
-    res: Result<db::StoredMessage>,
-) {
-    let event = match res {
-        Ok(stored) => {
-            let msg_id = stored.envelope.id;
-            route(shared, stored);
-            ServerEvent::Stored { id, msg_id }
-        }
-        Err(e) => error_event(id, e),
-    };
-    if let Err(crossbeam_channel::TrySendError::Full(_)) = reply.try_send(Outbound::Event(event)) {
-        log::warn!("reply queue full; the client will retry on reconnect");
-    }
-}
-
-/// Why a message body is unacceptable, if it is.
-fn check_body(body: &[u8]) -> std::result::Result<(), String> {
-    if body.is_empty() {
-        return Err("empty message".into());
-    }
-    if body.len() > MAX_BODY {
-        return Err(format!(
-            "message of {} bytes is over the limit of {MAX_BODY}",
-            body.len()
-        ));
-    }
-    Ok(())
-}
-
-/// Hands a committed message to every server where a recipient is connected: local users
-/// through the router, others through one relay per server.
-fn route(shared: &Shared, stored: db::StoredMessage) {
-    let msg = Arc::new(stored.envelope);
-    let mut online = stored.online_at.into_iter().peekable();
-    while let Some((server, first)) = online.next() {
-        let mut users = vec![first];
-        while let Some((_, user)) = online.next_if(|(s, _)| *s == server) {
-            users.push(user);
-        }
-        if server == shared.server_id {
-            shared.router.deliver(&users, &msg);
-            continue;
-        }
-        let item = Arc::new(Relayed {
-            msg: Arc::clone(&msg),
-            users,
-        });
-        if !shared.peers.relay(server, &item) && !shared.peers.has_link(server) {
-            // A server that registered since our last heartbeat: link to it now rather than
-            // leave the message until its recipients' next login.
-            match shared.readers.with(|c| db::server_addr(c, server)) {
-                Ok(Some(addr)) => {
-                    shared.peers.ensure(server, &addr);
-                    shared.peers.relay(server, &item);
-                }
-                Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),
-                Err(e) => log::warn!("cannot look up server {server}: {e}"),
-            }
-        }
-    }
-}
-
-fn error_event(id: u64, e: Error) -> ServerEvent {
-    let (code, message) = match e {
-        Error::Refused { code, message } => (code, message),
-        Error::InvalidName(message) => (ErrorCode::InvalidName, message),
-        e => {
-            log::error!("request {id} failed: {e}");
-            (
-                ErrorCode::Internal,
-                "internal error; the request had no effect".to_string(),
-            )
-        }
-    };
-    ServerEvent::Error {
-        id: Some(id),
-        code,
-        message,
-    }
-}
-
-fn ack(shared: &Arc<Shared>, user: &str, tx: &Sender<Outbound>, id: u64, msg_ids: Vec<i64>) {
-    if msg_ids.len() > MAX_ACK {
-        return refuse(
-            tx,
-            id,
-            ErrorCode::BadRequest,
-            format!("at most {MAX_ACK} ids per acknowledgement"),
-        );
-    }
-    let user = user.to_string();
-    let reply = tx.clone();
-    shared.writer.submit(
-        move |c| db::ack(c, &user, &msg_ids),
-        move |res| {
-            let event = match res {
-                Ok(_) => ServerEvent::Acked { id },
-                Err(e) => error_event(id, e),
-            };
-            let _ = reply.try_send(Outbound::Event(event));
-        },
-    );
-}
-
-/// The connection's writer thread: drains its outbound queue onto the socket, flushing when the
-/// queue runs dry so bursts go out in few system calls.
-fn write_loop(
-    stream: TcpStream,
-    rx: &Receiver<Outbound>,
-    shared: &Shared,
-    user: &str,
-) -> Result<()> {
-    let mut w = FrameWriter::new(stream);
-    // Highest message id sent by the sync; `None` until the sync has run.
-    let mut synced_to: Option<i64> = None;
-    while let Ok(first) = rx.recv() {
-        let mut item = Some(first);
-        while let Some(next) = item.take() {
-            match next {
-                Outbound::Event(e) => w.write(&e)?,
-                Outbound::Message(msg) => match synced_to {
-                    Some(upto) if msg.id > upto => w.write(&ServerEvent::Deliver {
-                        msg: Envelope::clone(&msg),
-                    })?,
-                    _ => {}
-                },
-                Outbound::Sync => synced_to = Some(sync(&mut w, shared, user, 0)?),
-                Outbound::Resync => {
-                    if let Some(upto) = synced_to {
-                        synced_to = Some(upto.max(sync(&mut w, shared, user, 0)?));
-                    }
-                }
-            }
-            item = rx.try_recv().ok();
-        }
-        w.flush()?;
-    }
-    Ok(())
-}
-
-/// Sends every queued message for `user` with an id above `after`, oldest first, then
-/// `Synced`. Returns the highest id sent (`after` when there was none).
-fn sync(
-    w: &mut FrameWriter<TcpStream>,
-    shared: &Shared,
-    user: &str,
-    mut after: i64,
-) -> Result<i64> {
-    loop {
-        let page = shared
-            .readers
-            .with(|c| db::queued(c, user, after, SYNC_PAGE))?;
-        let last_page = page.len() < SYNC_PAGE;
-        for msg in page {
-            after = msg.id;
-            w.write(&ServerEvent::Deliver { msg })?;
-        }
-        if last_page {
-            break;
-        }
-        w.flush()?;
-    }
-    w.write(&ServerEvent::Synced)?;
-    // Ids follow commit order, so every message for this user with an id up to `after` was in
-    // the pages read above; live messages with higher ids are new.
-    Ok(after)
 }
 
 /// The server's link to the balancer: registration, then a heartbeat every [`HEARTBEAT`] whose

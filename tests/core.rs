@@ -186,6 +186,7 @@ fn identity_comes_from_the_token_only() {
             to: "bob".into(),
             client_id: 1,
             body: b"x".to_vec(),
+            file: None,
         },
     )
     .unwrap();

@@ -36,6 +36,29 @@ struct Args {
     /// Most clients connected at once; more are refused with "server is full".
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_clients: usize,
+    /// Largest file accepted, in bytes, or with a suffix K, M or G (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    max_file_size: u64,
+}
+
+/// `123`, `64K`, `64M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => return Err(format!("unknown unit {unit:?}: use K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 1048576, 512K, 64M or 1G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn main() -> ExitCode {
@@ -48,6 +71,7 @@ fn main() -> ExitCode {
     let mut config = Config::new(args.db, args.balancer);
     config.advertise = args.advertise;
     config.max_clients = args.max_clients;
+    config.max_file = args.max_file_size;
     let shutdown = fastchat::logging::shutdown_channel();
     let ready = |id: u64, addr: std::net::SocketAddr| {
         println!("fastchat-server {id} listening on {addr}");

@@ -57,7 +57,15 @@ enum Command {
         /// The message (quote it).
         text: String,
     },
-    /// Print queued messages as "FROM: TEXT" lines, oldest first, and acknowledge them.
+    /// Send the file (or image) at PATH to user TO, end-to-end encrypted, in chunks.
+    SendFile {
+        /// Recipient.
+        to: String,
+        /// The file; its last path component is the name the recipient sees.
+        path: PathBuf,
+    },
+    /// Print queued messages as "FROM: TEXT" lines, oldest first, and acknowledge them. Files
+    /// are saved in FASTCHAT_HOME/USER/downloads/ and shown as "FROM sent NAME (SIZE) -> PATH".
     Recv {
         /// After the queue is empty, keep printing live messages for this many seconds.
         #[arg(long, value_name = "SECS", default_value_t = 0.0)]
@@ -119,6 +127,13 @@ enum GroupArgs {
         /// The message (quote it).
         text: String,
     },
+    /// Send the file (or image) at PATH to every other member of GROUP.
+    SendFile {
+        /// The group.
+        group: String,
+        /// The file.
+        path: PathBuf,
+    },
     /// List your groups with their size and admin.
     List,
     /// List the members of GROUP, longest-standing first.
@@ -136,6 +151,7 @@ impl From<GroupArgs> for GroupCmd {
             GroupArgs::Remove { group, user } => GroupCmd::Remove(group, user),
             GroupArgs::Leave { group } => GroupCmd::Leave(group),
             GroupArgs::Send { group, text } => GroupCmd::Send(group, text),
+            GroupArgs::SendFile { group, path } => GroupCmd::SendFile(group, path),
             GroupArgs::List => GroupCmd::List,
             GroupArgs::Members { group } => GroupCmd::Members(group),
         }
@@ -159,6 +175,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Signup { name } => cli::signup(&opts, &name),
         Command::Send { to, text } => cli::send(&opts, &to, &text),
+        Command::SendFile { to, path } => cli::send_file(&opts, &to, &path),
         Command::Recv { wait, json } => {
             if !(0.0..=86_400.0).contains(&wait) {
                 eprintln!("fastchat: error: --wait must be between 0 and 86400 seconds");

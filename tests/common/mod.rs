@@ -191,24 +191,7 @@ impl Cluster {
 
     /// Starts one more server and waits until it is registered; returns its index.
     pub fn add_server(&mut self) -> usize {
-        let i = self.servers.len();
-        let server = Proc::spawn(
-            &format!("server{i}"),
-            Command::new(bin("fastchat-server")).args([
-                "--listen",
-                "127.0.0.1:0",
-                "--balancer",
-                &self.balancer_addr,
-                "--db",
-                self.db.to_str().unwrap(),
-            ]),
-        );
-        let line = server.line();
-        let (id, addr) = parse_ready(&line);
-        self.servers.push(server);
-        self.server_addrs.push(addr);
-        self.server_ids.push(id);
-        i
+        self.add_server_with(&[])
     }
 
     /// The index of the server with this id.
@@ -475,24 +458,138 @@ impl Cluster {
     /// Starts a server whose advertised address is `proxy`: every client connection to it passes
     /// through the proxy.
     pub fn add_server_behind(&mut self, proxy: &RecordingProxy) {
+        let listening = self.add_server_at(&proxy.addr, &[]);
+        proxy.forward_to(&listening);
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that passes everything, except that on its `nth` connection it stops
+/// forwarding in one direction after `limit` bytes: a transfer that hangs half-way,
+/// deterministically. Closing either side closes the other.
+pub struct GateProxy {
+    pub addr: String,
+    target: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
+}
+
+/// Which way a [`GateProxy`] holds bytes back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Client to server (an upload).
+    Up,
+    /// Server to client (a download).
+    Down,
+}
+
+impl GateProxy {
+    pub fn bind(nth: usize, gate: Gate, limit: usize) -> GateProxy {
+        use std::net::{Shutdown, TcpListener};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let target: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        let tgt = Arc::clone(&target);
+        std::thread::spawn(move || {
+            for (i, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { break };
+                let Some(to) = tgt.lock().clone() else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let up = (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Gate::Up,
+                );
+                for (mut from, mut into, dir) in [up, (server, client, Gate::Down)] {
+                    let gated = i == nth && dir == gate;
+                    let count = Arc::clone(&count);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        let mut holding = false;
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            if holding {
+                                // Swallow what comes, so a closed side is still noticed.
+                                continue;
+                            }
+                            let mut pass = n;
+                            if gated {
+                                let before = count.load(Ordering::SeqCst);
+                                pass = n.min(limit.saturating_sub(before));
+                                count.fetch_add(pass, Ordering::SeqCst);
+                            }
+                            if into.write_all(&buf[..pass]).is_err() {
+                                break;
+                            }
+                            holding = pass < n;
+                        }
+                        let _ = into.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        GateProxy { addr, target }
+    }
+
+    pub fn forward_to(&self, addr: &str) {
+        *self.target.lock() = Some(addr.to_string());
+    }
+}
+
+impl Cluster {
+    /// Starts a server, with extra arguments, whose advertised address is `proxy_addr`; returns
+    /// the address it really listens on.
+    pub fn add_server_at(&mut self, proxy_addr: &str, extra: &[&str]) -> String {
         let i = self.servers.len();
         let server = Proc::spawn(
             &format!("server{i}"),
-            Command::new(bin("fastchat-server")).args([
-                "--listen",
-                "127.0.0.1:0",
-                "--advertise",
-                &proxy.addr,
-                "--balancer",
-                &self.balancer_addr,
-                "--db",
-                self.db.to_str().unwrap(),
-            ]),
+            Command::new(bin("fastchat-server"))
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--advertise",
+                    proxy_addr,
+                    "--balancer",
+                    &self.balancer_addr,
+                    "--db",
+                    self.db.to_str().unwrap(),
+                ])
+                .args(extra),
         );
         let (id, listening) = parse_ready(&server.line());
-        proxy.forward_to(&listening);
         self.servers.push(server);
-        self.server_addrs.push(proxy.addr.clone());
+        self.server_addrs.push(proxy_addr.to_string());
         self.server_ids.push(id);
+        listening
+    }
+
+    /// Starts one more server with extra arguments; returns its index.
+    pub fn add_server_with(&mut self, extra: &[&str]) -> usize {
+        let i = self.servers.len();
+        let server = Proc::spawn(
+            &format!("server{i}"),
+            Command::new(bin("fastchat-server"))
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--balancer",
+                    &self.balancer_addr,
+                    "--db",
+                    self.db.to_str().unwrap(),
+                ])
+                .args(extra),
+        );
+        let (id, addr) = parse_ready(&server.line());
+        self.servers.push(server);
+        self.server_addrs.push(addr);
+        self.server_ids.push(id);
+        i
     }
 }
