@@ -235,6 +235,119 @@ impl Directory {
     }
 }
 
+/// The kind of a message body and what follows the kind byte.
+fn split_body(msg: &Envelope) -> Result<(Kind, &[u8])> {
+    let bad = |why: String| Error::Integrity(format!("message {} {why}", msg.id));
+    let [version, kind, rest @ ..] = msg.body.as_slice() else {
+        return Err(bad("is truncated".into()));
+    };
+    if *version != VERSION {
+        return Err(bad(format!("uses unknown format version {version}")));
+    }
+    let kind = Kind::from_byte(*kind).ok_or_else(|| bad(format!("has unknown kind {kind}")))?;
+    Ok((kind, rest))
+}
+
+/// A direct message body from `from` to `to`, sealed under their pair key.
+pub fn seal_direct_with(
+    key: &PairKey,
+    from: &str,
+    to: &str,
+    client_id: u64,
+    plain: &Plain,
+) -> Result<Vec<u8>> {
+    let kind = plain.kind();
+    let aad = direct_aad(from, to, client_id, kind);
+    let sealed = key.seal(&aad, &plain.bytes()?)?;
+    let mut body = Vec::with_capacity(2 + sealed.len());
+    body.push(VERSION);
+    body.push(kind as u8);
+    body.extend_from_slice(&sealed);
+    Ok(body)
+}
+
+/// Opens a direct message with the pair key of its sender and recipient.
+pub fn open_direct_with(key: &PairKey, msg: &Envelope) -> Result<Plain> {
+    let (kind, sealed) = split_body(msg)?;
+    let aad = direct_aad(&msg.from, &msg.to, msg.client_id, kind);
+    Plain::decode(kind, key.open(&aad, sealed)?, msg.id)
+}
+
+/// A group message body from `from`, sealed under the key of `epoch` and signed by
+/// `identity` (the sender's).
+pub fn seal_group_with(
+    identity: &Identity,
+    key: &PairKey,
+    group: &str,
+    from: &str,
+    client_id: u64,
+    epoch: u64,
+    plain: &Plain,
+) -> Result<Vec<u8>> {
+    let kind = plain.kind();
+    let aad = group_aad(group, from, client_id, epoch, kind);
+    let sealed = key.seal(&aad, &plain.bytes()?)?;
+    let mut signed = aad;
+    signed.extend_from_slice(&sealed);
+    let signature = identity.sign(&signed)?;
+    let mut body = Vec::with_capacity(2 + 8 + SIGNATURE + sealed.len());
+    body.push(VERSION);
+    body.push(kind as u8);
+    body.extend_from_slice(&epoch.to_be_bytes());
+    body.extend_from_slice(&signature);
+    body.extend_from_slice(&sealed);
+    Ok(body)
+}
+
+/// A group message whose signature has been checked, not yet decrypted.
+pub struct Verified<'a> {
+    /// The epoch whose key opens it.
+    pub epoch: u64,
+    kind: Kind,
+    aad: Vec<u8>,
+    sealed: &'a [u8],
+    msg_id: i64,
+}
+
+impl Verified<'_> {
+    /// Decrypts with the key of [`Verified::epoch`].
+    pub fn open(self, key: &PairKey) -> Result<Plain> {
+        Plain::decode(self.kind, key.open(&self.aad, self.sealed)?, self.msg_id)
+    }
+}
+
+/// Checks a group message's signature against its sender's Ed25519 key (before anything is
+/// decrypted).
+pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Verified<'a>> {
+    let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
+    let group = msg.group.as_deref().ok_or_else(|| bad("names no group"))?;
+    let (kind, rest) = split_body(msg)?;
+    if rest.len() < 8 + SIGNATURE {
+        return Err(bad("is truncated"));
+    }
+    let (epoch, rest) = rest.split_at(8);
+    let mut be = [0u8; 8];
+    be.copy_from_slice(epoch);
+    let epoch = u64::from_be_bytes(be);
+    let (signature, sealed) = rest.split_at(SIGNATURE);
+    let aad = group_aad(group, &msg.from, msg.client_id, epoch, kind);
+    let mut signed = aad.clone();
+    signed.extend_from_slice(sealed);
+    if !verify_signature(sender_ed25519, &signed, signature)? {
+        return Err(bad(&format!(
+            "does not carry a valid signature of {}",
+            msg.from
+        )));
+    }
+    Ok(Verified {
+        epoch,
+        kind,
+        aad,
+        sealed,
+        msg_id: msg.id,
+    })
+}
+
 /// One user's end-to-end state: private keys, pinned peers, cached pair and group keys.
 pub struct E2e {
     me: String,
@@ -327,38 +440,29 @@ impl E2e {
 
     /// Encrypts a message for `to`.
     pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
-        let kind = plain.kind();
-        let aad = direct_aad(&self.me, to, client_id, kind);
-        let bytes = plain.bytes()?;
-        let sealed = self.pair_key(to)?.seal(&aad, &bytes)?;
-        let mut body = Vec::with_capacity(2 + sealed.len());
-        body.push(VERSION);
-        body.push(kind as u8);
-        body.extend_from_slice(&sealed);
-        Ok(body)
+        let me = self.me.clone();
+        seal_direct_with(self.pair_key(to)?, &me, to, client_id, plain)
     }
 
     /// Decrypts and authenticates a message for us; group keys are fetched through `client`.
     pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Plain> {
-        let bad = |why: String| Error::Integrity(format!("message {} {why}", msg.id));
-        let [version, kind, rest @ ..] = msg.body.as_slice() else {
-            return Err(bad("is truncated".into()));
-        };
-        if *version != VERSION {
-            return Err(bad(format!("uses unknown format version {version}")));
-        }
-        let kind = Kind::from_byte(*kind).ok_or_else(|| bad(format!("has unknown kind {kind}")))?;
-        let plain = match &msg.group {
-            Some(group) => self.open_group(client, group, msg, kind, rest)?,
+        match &msg.group {
+            Some(group) => {
+                let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
+                let verified = verify_group(&ed25519, msg)?;
+                let key = self.group_key(client, group, verified.epoch)?;
+                verified.open(&key)
+            }
             None => {
                 if msg.to != self.me {
-                    return Err(bad(format!("is addressed to {}, not to us", msg.to)));
+                    return Err(Error::Integrity(format!(
+                        "message {} is addressed to {}, not to us",
+                        msg.id, msg.to
+                    )));
                 }
-                let aad = direct_aad(&msg.from, &msg.to, msg.client_id, kind);
-                self.pair_key(&msg.from)?.open(&aad, rest)?
+                open_direct_with(self.pair_key(&msg.from)?, msg)
             }
-        };
-        Plain::decode(kind, plain, msg.id)
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -554,19 +658,15 @@ impl E2e {
         key: &PairKey,
         plain: &Plain,
     ) -> Result<Vec<u8>> {
-        let kind = plain.kind();
-        let aad = group_aad(group, &self.me, client_id, epoch, kind);
-        let sealed = key.seal(&aad, &plain.bytes()?)?;
-        let mut signed = aad;
-        signed.extend_from_slice(&sealed);
-        let signature = self.identity.sign(&signed)?;
-        let mut body = Vec::with_capacity(2 + 8 + SIGNATURE + sealed.len());
-        body.push(VERSION);
-        body.push(kind as u8);
-        body.extend_from_slice(&epoch.to_be_bytes());
-        body.extend_from_slice(&signature);
-        body.extend_from_slice(&sealed);
-        Ok(body)
+        seal_group_with(
+            &self.identity,
+            key,
+            group,
+            &self.me,
+            client_id,
+            epoch,
+            plain,
+        )
     }
 
     /// Encrypts, signs and sends `plain` to `group`; returns the stored message id. If the
@@ -606,38 +706,6 @@ impl E2e {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// Checks the signature, then decrypts a group message's sealed part.
-    fn open_group(
-        &mut self,
-        client: &Client,
-        group: &str,
-        msg: &Envelope,
-        kind: Kind,
-        rest: &[u8],
-    ) -> Result<Vec<u8>> {
-        let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
-        if rest.len() < 8 + SIGNATURE {
-            return Err(bad("is truncated"));
-        }
-        let (epoch, rest) = rest.split_at(8);
-        let mut be = [0u8; 8];
-        be.copy_from_slice(epoch);
-        let epoch = u64::from_be_bytes(be);
-        let (signature, sealed) = rest.split_at(SIGNATURE);
-        let aad = group_aad(group, &msg.from, msg.client_id, epoch, kind);
-        let mut signed = aad.clone();
-        signed.extend_from_slice(sealed);
-        let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
-        if !verify_signature(&ed25519, &signed, signature)? {
-            return Err(bad(&format!(
-                "does not carry a valid signature of {}",
-                msg.from
-            )));
-        }
-        let key = self.group_key(client, group, epoch)?;
-        key.open(&aad, sealed)
     }
 }
 
