@@ -390,7 +390,7 @@ fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sen
                 }
             }
             (None, ServerEvent::Deliver { msg }) => {
-                let _ = events.send(Incoming::Message(msg));
+                let _ = events.send(Incoming::Message(Arc::unwrap_or_clone(msg)));
             }
             (None, ServerEvent::Synced) => {
                 let _ = events.send(Incoming::Synced);

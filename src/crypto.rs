@@ -25,7 +25,12 @@
 //! sealed = nonce (12) || ciphertext || tag (16)
 //! ```
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use openssl::cipher_ctx::CipherCtx;
 use openssl::derive::Deriver;
+use openssl::error::ErrorStack;
 use openssl::hash::{hash, MessageDigest};
 use openssl::md::Md;
 use openssl::memcmp;
@@ -33,7 +38,7 @@ use openssl::pkey::{Id, PKey, Private, Public};
 use openssl::pkey_ctx::PkeyCtx;
 use openssl::rand::rand_bytes;
 use openssl::sign::{Signer, Verifier};
-use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
+use openssl::symm::Cipher;
 
 use crate::error::{Error, Result};
 use crate::net::PublicKeys;
@@ -314,21 +319,17 @@ impl PairKey {
 
     /// AES-256-GCM with a fresh random nonce; `aad` is authenticated, not encrypted.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
-        let mut nonce = [0u8; NONCE];
-        rand_bytes(&mut nonce)?;
-        let mut tag = [0u8; TAG];
-        let ct = encrypt_aead(
-            Cipher::aes_256_gcm(),
-            &self.0,
-            Some(&nonce),
-            aad,
-            plaintext,
-            &mut tag,
-        )?;
-        let mut out = Vec::with_capacity(NONCE + ct.len() + TAG);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        out.extend_from_slice(&tag);
+        let mut out = vec![0u8; NONCE + plaintext.len() + TAG];
+        fill_nonce(&mut out[..NONCE])?;
+        with_contexts(&self.0, |enc, _| {
+            let (nonce, rest) = out.split_at_mut(NONCE);
+            let (ct, tag) = rest.split_at_mut(plaintext.len());
+            enc.encrypt_init(None, None, Some(nonce))?;
+            enc.cipher_update(aad, None)?;
+            let n = enc.cipher_update(plaintext, Some(ct))?;
+            enc.cipher_final(&mut ct[n..])?;
+            enc.tag(tag)
+        })?;
         Ok(out)
     }
 
@@ -340,10 +341,84 @@ impl PairKey {
         }
         let (nonce, rest) = sealed.split_at(NONCE);
         let (ct, tag) = rest.split_at(rest.len() - TAG);
-        decrypt_aead(Cipher::aes_256_gcm(), &self.0, Some(nonce), aad, ct, tag).map_err(|_| {
-            Error::Integrity("message failed authentication (tampered or not for us)".into())
+        let mut plain = vec![0u8; ct.len()];
+        with_contexts(&self.0, |_, dec| {
+            dec.decrypt_init(None, None, Some(nonce))?;
+            dec.set_tag(tag)?;
+            dec.cipher_update(aad, None)?;
+            let n = dec.cipher_update(ct, Some(&mut plain))?;
+            dec.cipher_final(&mut plain[n..])
         })
+        .map_err(|_| {
+            Error::Integrity("message failed authentication (tampered or not for us)".into())
+        })?;
+        Ok(plain)
     }
+}
+
+/// Random bytes fetched per call to OpenSSL's generator, then handed out as nonces.
+const NONCE_POOL: usize = 4096;
+
+thread_local! {
+    /// Unused random bytes (from the back) for nonces: one call to the generator serves hundreds
+    /// of messages, where a call per nonce cost more than the encryption itself.
+    static NONCES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Fills `nonce` with fresh random bytes (each byte is used once, never twice).
+fn fill_nonce(nonce: &mut [u8]) -> Result<()> {
+    NONCES.with(|cell| {
+        let mut pool = cell.borrow_mut();
+        if pool.len() < nonce.len() {
+            pool.resize(NONCE_POOL, 0);
+            rand_bytes(&mut pool)?;
+        }
+        let at = pool.len() - nonce.len();
+        nonce.copy_from_slice(&pool[at..]);
+        pool.truncate(at);
+        Ok(())
+    })
+}
+
+/// AES-256-GCM contexts with the key already set up, for encrypting and for decrypting.
+struct Contexts {
+    enc: CipherCtx,
+    dec: CipherCtx,
+}
+
+/// Keys whose contexts each thread keeps, at most.
+const CONTEXTS_PER_THREAD: usize = 64;
+
+thread_local! {
+    /// Expanding an AES key costs more than sealing a short message with it, and a client uses
+    /// the same few keys (one per peer, one per group epoch) for every message: each thread
+    /// keeps the contexts of its recent keys, and only the nonce changes per message.
+    static CONTEXTS: RefCell<HashMap<[u8; 32], Contexts>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with this thread's contexts for `key`, setting them up on first use.
+fn with_contexts<T>(
+    key: &[u8; 32],
+    f: impl FnOnce(&mut CipherCtx, &mut CipherCtx) -> std::result::Result<T, ErrorStack>,
+) -> std::result::Result<T, ErrorStack> {
+    CONTEXTS.with(|cell| {
+        let mut map = cell.borrow_mut();
+        if !map.contains_key(key) {
+            if map.len() >= CONTEXTS_PER_THREAD {
+                map.clear();
+            }
+            let cipher = openssl::cipher::Cipher::aes_256_gcm();
+            let mut enc = CipherCtx::new()?;
+            enc.encrypt_init(Some(cipher), Some(key), None)?;
+            enc.set_iv_length(NONCE)?;
+            let mut dec = CipherCtx::new()?;
+            dec.decrypt_init(Some(cipher), Some(key), None)?;
+            dec.set_iv_length(NONCE)?;
+            map.insert(*key, Contexts { enc, dec });
+        }
+        let c = map.get_mut(key).expect("inserted above");
+        f(&mut c.enc, &mut c.dec)
+    })
 }
 
 #[cfg(test)]

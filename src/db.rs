@@ -26,6 +26,31 @@ use crate::net::{Envelope, ErrorCode, GroupInfo, PublicKeys, WrappedKey};
 /// How long a statement waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest single sleep while waiting for the write lock.
+const BUSY_SLEEP_MAX: Duration = Duration::from_millis(2);
+
+/// SQLite's busy handler: called with the number of earlier calls for this wait; `true` to try
+/// again. Sleeps grow from 50 µs to [`BUSY_SLEEP_MAX`] and stop after about [`BUSY_TIMEOUT`].
+/// (SQLite's own handler sleeps up to 100 ms at a time: with several servers taking turns at
+/// the lock, that leaves a writer asleep long after the lock is free.)
+fn busy_wait(attempt: i32) -> bool {
+    let attempt = attempt.max(0) as u32;
+    let sleep = Duration::from_micros(50u64 << attempt.min(6)).min(BUSY_SLEEP_MAX);
+    let attempts = (BUSY_TIMEOUT.as_micros() / BUSY_SLEEP_MAX.as_micros()) as u32;
+    if attempt > attempts {
+        return false;
+    }
+    std::thread::sleep(sleep);
+    true
+}
+
+/// Opens a connection with the busy handler set.
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_handler(Some(busy_wait))?;
+    Ok(conn)
+}
+
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 2048;
 
@@ -58,7 +83,7 @@ const MIGRATIONS: &[&str] = &[
         user      TEXT NOT NULL,
         PRIMARY KEY (server_id, conn_id)
     );
-    CREATE INDEX presence_user ON presence(user);
+    CREATE INDEX presence_user ON presence(user, server_id);
     CREATE TABLE groups (
         name       TEXT PRIMARY KEY,
         admin      TEXT NOT NULL REFERENCES users(name),
@@ -113,12 +138,15 @@ const MIGRATIONS: &[&str] = &[
         client_id INTEGER NOT NULL,
         body      BLOB NOT NULL,
         sent_at   INTEGER NOT NULL,
-        file_id   INTEGER UNIQUE REFERENCES files(id),
+        file_id   INTEGER REFERENCES files(id),
         UNIQUE (sender, client_id),
         CHECK ((recipient IS NULL) <> (grp IS NULL))
     );
-    CREATE INDEX messages_recipient ON messages(recipient, id);
-    CREATE INDEX messages_group ON messages(grp, id);
+    -- Partial indexes: a message is in the one that applies to it, so storing and removing a
+    -- message touches three b-trees (table, sender/client_id, one of these) instead of five.
+    CREATE INDEX messages_recipient ON messages(recipient, id) WHERE recipient IS NOT NULL;
+    CREATE INDEX messages_group ON messages(grp, id) WHERE grp IS NOT NULL;
+    CREATE UNIQUE INDEX messages_file ON messages(file_id) WHERE file_id IS NOT NULL;
     -- A file lives exactly as long as the message that offers it.
     CREATE TRIGGER messages_drop_file AFTER DELETE ON messages
     WHEN old.file_id IS NOT NULL
@@ -137,8 +165,7 @@ pub fn now_ms() -> i64 {
 
 /// Opens (creating if needed) the database file and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let conn = connect(path)?;
     // journal_mode returns a row, so it is queried rather than executed.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -147,7 +174,9 @@ pub fn open(path: &Path) -> Result<Connection> {
             path.display()
         )));
     }
-    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")?;
+    conn.execute_batch(
+        "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
+    )?;
     migrate(&conn)?;
     Ok(conn)
 }
@@ -204,11 +233,7 @@ impl Readers {
         let conn = self.pool.lock().pop();
         let conn = match conn {
             Some(c) => c,
-            None => {
-                let c = Connection::open(&self.path)?;
-                c.busy_timeout(BUSY_TIMEOUT)?;
-                c
-            }
+            None => connect(&self.path)?,
         };
         let out = f(&conn);
         let mut pool = self.pool.lock();
@@ -219,10 +244,48 @@ impl Readers {
     }
 }
 
-/// Called on the writer thread after the batch holding the job committed (or failed).
-type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
-/// A unit of work for the writer thread: runs inside the batch transaction.
-type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+/// A unit of work for the writer thread: `run` inside the batch transaction, then `complete`
+/// after the commit (with the commit's error, if it failed). One allocation per job.
+trait Job: Send {
+    fn run(&mut self, conn: &Connection);
+    fn complete(self: Box<Self>, commit_error: Option<&str>);
+}
+
+/// A job made of closures: `work` produces a result, `done` receives it.
+struct ClosureJob<T, W, D> {
+    work: Option<W>,
+    done: D,
+    result: Option<Result<T>>,
+    /// Run inside a savepoint, so a failure undoes the job's own writes only.
+    guarded: bool,
+}
+
+impl<T, W, D> Job for ClosureJob<T, W, D>
+where
+    T: Send,
+    W: FnOnce(&Connection) -> Result<T> + Send,
+    D: FnOnce(Result<T>) + Send,
+{
+    fn run(&mut self, conn: &Connection) {
+        if let Some(work) = self.work.take() {
+            self.result = Some(if self.guarded {
+                in_savepoint(conn, work)
+            } else {
+                work(conn)
+            });
+        }
+    }
+
+    fn complete(self: Box<Self>, commit_error: Option<&str>) {
+        let result = self
+            .result
+            .unwrap_or_else(|| Err(Error::Commit("the job never ran".into())));
+        (self.done)(match (result, commit_error) {
+            (Ok(_), Some(e)) => Err(Error::Commit(e.to_string())),
+            (result, _) => result,
+        })
+    }
+}
 
 /// The process's single database writer: a thread that commits queued jobs in batches.
 ///
@@ -230,7 +293,7 @@ type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 /// that fails (a constraint, say) does not undo its neighbours. Completions run on the writer
 /// thread after the commit, in order; they must not block (they send on channels).
 pub struct Writer {
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -238,7 +301,7 @@ impl Writer {
     /// Opens its own connection to `path` and starts the writer thread.
     pub fn start(path: &Path) -> Result<Writer> {
         let conn = open(path)?;
-        let (tx, rx) = bounded::<Job>(8192);
+        let (tx, rx) = bounded::<Box<dyn Job>>(8192);
         let thread = std::thread::Builder::new()
             .name("db-writer".into())
             .spawn(move || writer_loop(conn, rx))?;
@@ -249,20 +312,37 @@ impl Writer {
     }
 
     /// Queues `work`; `done` gets its result once the batch is committed. Blocks only while the
-    /// writer's queue is full (backpressure).
+    /// writer's queue is full (backpressure). A failing `work` undoes its own writes.
     pub fn submit<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
         done: impl FnOnce(Result<T>) + Send + 'static,
     ) {
-        let job: Job = Box::new(move |conn: &Connection| {
-            let res = in_savepoint(conn, work);
-            Box::new(
-                move |commit_error: Option<&str>| match (res, commit_error) {
-                    (Ok(_), Some(e)) => done(Err(Error::Commit(e.to_string()))),
-                    (res, _) => done(res),
-                },
-            )
+        self.queue(work, done, true);
+    }
+
+    /// Like [`Writer::submit`], without a savepoint: for work whose writes are one statement
+    /// (atomic by itself) or whose partial effect is harmless if it fails half-way (removing
+    /// acknowledged messages). Saves a statement journal on the hot path.
+    pub fn submit_unguarded<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        done: impl FnOnce(Result<T>) + Send + 'static,
+    ) {
+        self.queue(work, done, false);
+    }
+
+    fn queue<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        done: impl FnOnce(Result<T>) + Send + 'static,
+        guarded: bool,
+    ) {
+        let job = Box::new(ClosureJob {
+            work: Some(work),
+            done,
+            result: None,
+            guarded,
         });
         // The thread only ends when `jobs` is dropped, so a failed send means it panicked; the
         // dropped completion then closes its caller's reply channel, which reports the failure.
@@ -302,22 +382,23 @@ impl Drop for Writer {
 }
 
 fn in_savepoint<T>(conn: &Connection, work: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-    conn.execute_batch("SAVEPOINT job")?;
+    // Prepared once and reused: these run for every job.
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     match work(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
             Err(e)
         }
     }
 }
 
-fn writer_loop(conn: Connection, jobs: Receiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+fn writer_loop(conn: Connection, jobs: Receiver<Box<dyn Job>>) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = jobs.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -330,20 +411,23 @@ fn writer_loop(conn: Connection, jobs: Receiver<Job>) {
         if let Err(e) = &begun {
             log::error!("database: cannot begin a transaction: {e}");
         }
-        for job in batch.drain(..) {
-            completions.push(job(&conn));
+        for job in batch.iter_mut() {
+            job.run(&conn);
         }
-        let outcome = begun.and_then(|()| conn.execute_batch("COMMIT").map_err(Error::from));
+        let outcome = begun.and_then(|()| {
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        });
         let message = match &outcome {
             Ok(()) => None,
             Err(e) => {
-                log::error!("database: commit of {} jobs failed: {e}", completions.len());
+                log::error!("database: commit of {} jobs failed: {e}", batch.len());
                 let _ = conn.execute_batch("ROLLBACK");
                 Some(e.to_string())
             }
         };
-        for complete in completions.drain(..) {
-            complete(message.as_deref());
+        for job in batch.drain(..) {
+            job.complete(message.as_deref());
         }
     }
 }
@@ -352,8 +436,8 @@ fn writer_loop(conn: Connection, jobs: Receiver<Job>) {
 fn begin_immediate(conn: &Connection) -> Result<()> {
     let mut tries = 0;
     loop {
-        match conn.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => return Ok(()),
+        match conn.prepare_cached("BEGIN IMMEDIATE")?.execute([]) {
+            Ok(_) => return Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 5 =>
             {
@@ -554,7 +638,8 @@ fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Option<E
 }
 
 /// Stores a direct message, idempotently per `(sender, client_id)`: a re-send returns the first
-/// copy. `file` is a finished upload of the sender's that the message offers.
+/// copy. `file` is a finished upload of the sender's that the message offers. An unknown
+/// recipient is refused (the foreign key says so; no extra lookup).
 pub fn store_message(
     conn: &Connection,
     from: &str,
@@ -563,20 +648,36 @@ pub fn store_message(
     body: &[u8],
     file: Option<i64>,
 ) -> Result<StoredMessage> {
-    let envelope = match stored_copy(conn, from, client_id)? {
-        Some(first) => first,
-        None => {
-            if let Some(upload) = file {
-                finish_upload(conn, from, upload)?;
+    let insert = |conn: &Connection, now: i64| -> Result<usize> {
+        conn.prepare_cached(
+            "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (sender, client_id) DO NOTHING",
+        )?
+        .execute(params![from, to, client_id as i64, body, now, file])
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                refuse(ErrorCode::UnknownUser, format!("no such user: {to}"))
             }
-            let now = now_ms();
-            conn.prepare_cached(
-                "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![from, to, client_id as i64, body, now, file])?;
-            new_envelope(conn, from, to, None, client_id, body, now)
-        }
+            _ => e.into(),
+        })
+    };
+    let now = now_ms();
+    let envelope = match file {
+        // The common case: one statement, and a look-up only for a re-send.
+        None => match insert(conn, now)? {
+            0 => stored_copy(conn, from, client_id)?
+                .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?,
+            _ => new_envelope(conn, from, to, None, client_id, body, now),
+        },
+        // A re-send must not finish (and so orphan) a second upload: look first.
+        Some(upload) => match stored_copy(conn, from, client_id)? {
+            Some(first) => first,
+            None => {
+                finish_upload(conn, from, upload)?;
+                insert(conn, now)?;
+                new_envelope(conn, from, to, None, client_id, body, now)
+            }
+        },
     };
     let online_at = conn
         .prepare_cached(
@@ -1503,6 +1604,22 @@ mod tests {
             Left::Deleted,
             "the last member leaving deletes the group"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn sqlite_is_built_with_the_project_options() -> Result<()> {
+        let conn = Connection::open_in_memory()?;
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for wanted in ["DEFAULT_MEMSTATUS=0", "THREADSAFE=2", "TEMP_STORE=3"] {
+            assert!(
+                options.iter().any(|o| o == wanted),
+                "{wanted} missing from {options:?} (see .cargo/config.toml)"
+            );
+        }
         Ok(())
     }
 }

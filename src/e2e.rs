@@ -177,7 +177,7 @@ pub fn group_aad(group: &str, from: &str, client_id: u64, epoch: u64, kind: Kind
 }
 
 /// The associated data of a group key wrapped by `wrapper` for `member`.
-fn wrap_aad(group: &str, epoch: u64, member: &str, wrapper: &str) -> Vec<u8> {
+pub fn wrap_aad(group: &str, epoch: u64, member: &str, wrapper: &str) -> Vec<u8> {
     let mut a = Vec::with_capacity(64);
     a.extend_from_slice(b"fastchat/gk/v1");
     push_name(&mut a, group);

@@ -25,11 +25,14 @@
 //! * [`files`]: files and images as the client sends and receives them: chunks, safe names.
 //! * [`cli`]: the `fastchat` subcommands.
 //! * [`logging`]: logging set-up shared by the binaries.
+//! * [`launch`]: starting a local cluster (balancer and servers) as child processes.
+//! * [`bench`]: the load generator behind `fastchat-bench`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod balancer;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod crypto;
@@ -38,6 +41,7 @@ pub mod e2e;
 pub mod error;
 pub mod files;
 pub mod keystore;
+pub mod launch;
 pub mod logging;
 pub mod names;
 pub mod net;

@@ -18,6 +18,7 @@
 //! (a delivered message) carry the server's message id, which the client acknowledges.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -437,8 +438,9 @@ pub enum ServerRequest {
     },
     /// On a peer link: a stored message for users connected here.
     Relay {
-        /// The message, already committed by the sending server.
-        msg: Envelope,
+        /// The message, already committed by the sending server (shared, not copied, by the
+        /// queues it passes through).
+        msg: Arc<Envelope>,
         /// Its recipients on the receiving server.
         users: Vec<String>,
     },
@@ -516,8 +518,8 @@ pub enum ServerEvent {
     },
     /// A message for this client; acknowledge it with `Ack`.
     Deliver {
-        /// The message.
-        msg: Envelope,
+        /// The message (shared with the other queues it is in, not copied).
+        msg: Arc<Envelope>,
     },
     /// Everything that was queued at login has been delivered; what follows is live.
     Synced,
@@ -550,6 +552,12 @@ impl<R: Read> FrameReader<R> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &R {
         self.inner.get_ref()
+    }
+
+    /// Bytes already read from the stream but not yet returned as frames: when 0, the next
+    /// `read` will wait for the peer.
+    pub fn buffered(&self) -> usize {
+        self.inner.buffer().len()
     }
 
     /// Reads one frame. `Ok(None)` is a clean close between frames; a close inside a frame is an
@@ -722,7 +730,7 @@ mod tests {
             data: vec![1; 100],
         });
         roundtrip(ServerRequest::Relay {
-            msg: envelope(),
+            msg: Arc::new(envelope()),
             users: vec!["bob".into()],
         });
         roundtrip(ServerRequest::GroupRemove {
@@ -735,7 +743,9 @@ mod tests {
                 wrapped: vec![7; 60],
             }],
         });
-        roundtrip(ServerEvent::Deliver { msg: envelope() });
+        roundtrip(ServerEvent::Deliver {
+            msg: Arc::new(envelope()),
+        });
         roundtrip(ServerEvent::Synced);
     }
 
@@ -796,7 +806,7 @@ mod tests {
         encode_into(
             &mut bytes,
             &ServerRequest::Relay {
-                msg: envelope(),
+                msg: Arc::new(envelope()),
                 users: vec![],
             },
         )

@@ -237,7 +237,7 @@ fn pump(
 
 fn relay(item: &Relayed) -> ServerRequest {
     ServerRequest::Relay {
-        msg: Envelope::clone(&item.msg),
+        msg: Arc::clone(&item.msg),
         users: item.users.clone(),
     }
 }

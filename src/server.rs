@@ -304,7 +304,7 @@ fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u6
     loop {
         match reader.read::<ServerRequest>() {
             Ok(Some(ServerRequest::Relay { msg, users })) => {
-                shared.router.deliver(&users, &Arc::new(msg));
+                shared.router.deliver(&users, &msg);
             }
             Ok(Some(_)) => {
                 reply_once(

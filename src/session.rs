@@ -27,8 +27,8 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::names;
 use crate::net::{
-    chunk_count, Envelope, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest,
-    MAX_BODY, MAX_CHUNK,
+    chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, MAX_BODY,
+    MAX_CHUNK,
 };
 use crate::peers::Relayed;
 use crate::router::{Handle, Outbound, Permit};
@@ -232,15 +232,16 @@ impl Session<'_> {
     }
 
     /// Stores a message on the writer thread; after the commit it is routed and the sender
-    /// told.
+    /// told. `guarded`: run in a savepoint (work with more than one write).
     fn store(
         &self,
         id: u64,
+        guarded: bool,
         work: impl FnOnce(&rusqlite::Connection) -> Result<db::StoredMessage> + Send + 'static,
     ) {
         let handle = self.handle.clone();
         let shared = Arc::clone(self.shared);
-        self.shared.writer.submit(work, move |res| {
+        let done = move |res: Result<db::StoredMessage>| {
             let event = match res {
                 Ok(stored) => {
                     let msg_id = stored.envelope.id;
@@ -250,7 +251,12 @@ impl Session<'_> {
                 Err(e) => error_event(id, e),
             };
             handle.offer(Outbound::Event(event));
-        });
+        };
+        if guarded {
+            self.shared.writer.submit(work, done);
+        } else {
+            self.shared.writer.submit_unguarded(work, done);
+        }
     }
 
     /// Takes a slot of the file window, waiting for one to come back if all are out.
@@ -276,13 +282,8 @@ impl Session<'_> {
                 file,
             } => {
                 if self.names_ok(id, &[("recipient", &to)]) && self.body_ok(id, &body) {
-                    self.store(id, move |c| {
-                        if !db::user_exists(c, &to)? {
-                            return Err(Error::refused(
-                                ErrorCode::UnknownUser,
-                                format!("no such user: {to}"),
-                            ));
-                        }
+                    // Without a file, storing is one insert: atomic without a savepoint.
+                    self.store(id, file.is_some(), move |c| {
                         db::store_message(c, &me, &to, client_id, &body, file)
                     });
                 }
@@ -296,7 +297,7 @@ impl Session<'_> {
                 file,
             } => {
                 if self.names_ok(id, &[("group", &group)]) && self.body_ok(id, &body) {
-                    self.store(id, move |c| {
+                    self.store(id, true, move |c| {
                         db::store_group_message(c, &group, &me, client_id, epoch, &body, file)
                     });
                 }
@@ -306,9 +307,18 @@ impl Session<'_> {
                     let why = format!("at most {MAX_ACK} ids per acknowledgement");
                     self.refuse(id, ErrorCode::BadRequest, why);
                 } else {
-                    self.write(id, move |c| {
-                        db::ack(c, &me, &msg_ids).map(|_| ServerEvent::Acked { id })
-                    });
+                    // Unguarded: an acknowledgement applied half-way is still true.
+                    let handle = self.handle.clone();
+                    self.shared.writer.submit_unguarded(
+                        move |c| db::ack(c, &me, &msg_ids),
+                        move |res| {
+                            let event = match res {
+                                Ok(_) => ServerEvent::Acked { id },
+                                Err(e) => error_event(id, e),
+                            };
+                            handle.offer(Outbound::Event(event));
+                        },
+                    );
                 }
             }
             ServerRequest::GroupCreate { id, group, key } => {
@@ -556,9 +566,7 @@ fn write_loop(
                     drop(permit);
                 }
                 Outbound::Message(msg) => match synced_to {
-                    Some(upto) if msg.id > upto => w.write(&ServerEvent::Deliver {
-                        msg: Envelope::clone(&msg),
-                    })?,
+                    Some(upto) if msg.id > upto => w.write(&ServerEvent::Deliver { msg })?,
                     _ => {}
                 },
                 Outbound::Sync => synced_to = Some(sync(&mut w, shared, user, 0)?),
@@ -590,7 +598,7 @@ fn sync(
         let last_page = page.len() < SYNC_PAGE;
         for msg in page {
             after = msg.id;
-            w.write(&ServerEvent::Deliver { msg })?;
+            w.write(&ServerEvent::Deliver { msg: Arc::new(msg) })?;
         }
         if last_page {
             break;

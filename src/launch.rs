@@ -1,0 +1,243 @@
+//! Starting a local cluster from a program: a balancer and some chat servers, as child
+//! processes of the binaries installed next to the current one, on a fresh database in a
+//! temporary folder. Used by `fastchat-bench --spawn-servers`.
+//!
+//! Every process is stopped by its PID (SIGTERM, then SIGKILL) and the folder removed when the
+//! [`LocalCluster`] is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::BalancerClient;
+use crate::crypto;
+use crate::error::{Error, Result};
+
+/// How long a process may take to print its ready line.
+const READY_LIMIT: Duration = Duration::from_secs(15);
+
+/// A started process and its PID.
+pub struct Process {
+    child: Child,
+    /// What it is, for messages (`balancer`, `server 2`).
+    pub name: String,
+}
+
+impl Process {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, a short wait, then SIGKILL; reaps it.
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A balancer and chat servers started by this process.
+pub struct LocalCluster {
+    /// The temporary folder (database and logs).
+    pub dir: PathBuf,
+    /// The balancer's address.
+    pub balancer: String,
+    /// The balancer process.
+    pub balancer_process: Process,
+    /// The server processes, in start order.
+    pub servers: Vec<Process>,
+}
+
+impl LocalCluster {
+    /// Starts a balancer (with the given scrypt cost and algorithm) and `servers` servers, and
+    /// waits until all are registered. Logs go to files in the temporary folder.
+    pub fn start(
+        servers: usize,
+        scrypt_log_n: u8,
+        algo: &str,
+        server_args: &[&str],
+    ) -> Result<LocalCluster> {
+        let dir = std::env::temp_dir().join(format!(
+            "fastchat-{}-{}",
+            std::process::id(),
+            crypto::to_hex(&crypto::random_bytes(4)?)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let db = dir.join("chat.db");
+        let db_arg = db.to_string_lossy().to_string();
+        let log_n = scrypt_log_n.to_string();
+        let (balancer_process, line) = spawn(
+            &dir,
+            "balancer",
+            "fastchat-balancer",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db_arg,
+                "--scrypt-log-n",
+                &log_n,
+                "--algo",
+                algo,
+            ],
+        )?;
+        let balancer = last_word(&line);
+        let mut cluster = LocalCluster {
+            dir,
+            balancer,
+            balancer_process,
+            servers: Vec::new(),
+        };
+        for i in 0..servers {
+            let mut args = vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--balancer",
+                &cluster.balancer,
+                "--db",
+                &db_arg,
+            ];
+            args.extend_from_slice(server_args);
+            let (process, _) = spawn(
+                &cluster.dir,
+                &format!("server{i}"),
+                "fastchat-server",
+                &args,
+            )?;
+            cluster.servers.push(process);
+        }
+        cluster.wait_registered(servers)?;
+        Ok(cluster)
+    }
+
+    /// Waits until the balancer lists `n` live servers.
+    fn wait_registered(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            let live = BalancerClient::connect(&self.balancer)?.servers()?;
+            if live.len() == n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Invalid(format!(
+                    "only {} of {n} servers registered; see the logs in {}",
+                    live.len(),
+                    self.dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    /// Servers first, then the balancer; then the folder.
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            s.stop();
+        }
+        self.balancer_process.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The folder of the running binary, where the other fastchat binaries are installed.
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Invalid("cannot tell where the fastchat binaries are".into()))
+}
+
+/// Starts `program ARGS` with stderr to `dir/NAME.log`; returns it and its first stdout line.
+fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Result<(Process, String)> {
+    let path = bin_dir()?.join(program);
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", path.display())))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut process = Process {
+        child,
+        name: name.to_string(),
+    };
+    // The first line says it is ready; read it on a thread so a silent process times out.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // Keep draining, so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(READY_LIMIT) {
+        Ok(Some(Ok(line))) => Ok((process, line)),
+        _ => {
+            process.stop();
+            Err(Error::Invalid(format!(
+                "{name} did not start; see {}",
+                dir.join(format!("{name}.log")).display()
+            )))
+        }
+    }
+}
+
+fn last_word(line: &str) -> String {
+    line.rsplit(' ').next().unwrap_or_default().to_string()
+}
+
+/// A process's thread count, resident memory and CPU time so far, from `/proc` (Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Usage {
+    /// Threads.
+    pub threads: u64,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// User and system CPU time, seconds.
+    pub cpu_secs: f64,
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Reads [`Usage`] of a process; `None` where `/proc` is unavailable.
+pub fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Usage {
+        threads: field("Threads:")?,
+        rss_kib: field("VmRSS:")?,
+        cpu_secs: ticks / USER_HZ,
+    })
+}
