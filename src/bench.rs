@@ -490,6 +490,8 @@ impl Plan {
         let mut readers: Vec<JoinHandle<Vec<u32>>> = Vec::new();
         let mut senders: Vec<JoinHandle<Result<()>>> = Vec::new();
         let mut streams = Vec::new();
+        let mut all_acks = Vec::new();
+        let mut paced = Vec::new();
         for role in self.roles {
             streams.push(role.link.stream.try_clone()?);
             let (slots, free) = bounded::<()>(config.window);
@@ -512,11 +514,12 @@ impl Plan {
                 ..
             } = role;
             let Link { reader, writer, .. } = link;
-            let ack_writer = Arc::clone(&writer);
+            let acks = Arc::new(Acks::new(Arc::clone(&writer)));
+            all_acks.push(Arc::clone(&acks));
             readers.push(
                 std::thread::Builder::new()
                     .name(format!("bench-reader-{index}"))
-                    .spawn(move || receiving.run(reader, &ack_writer))?,
+                    .spawn(move || receiving.run(reader, &acks))?,
             );
             let sending = Sending {
                 index,
@@ -526,20 +529,29 @@ impl Plan {
                 identity,
                 writer,
                 slots,
-                messages: config.messages,
                 size: config.size,
-                interval: config.rate.map(|r| Duration::from_secs_f64(n as f64 / r)),
-                offset_of: n,
-                go: go.clone(),
-                start: Arc::clone(&start),
                 counters: Arc::clone(&shared),
             };
+            if config.rate.is_some() {
+                paced.push(sending);
+                continue;
+            }
+            let (go, start, messages) = (go.clone(), Arc::clone(&start), config.messages);
             senders.push(
                 std::thread::Builder::new()
                     .name(format!("bench-sender-{index}"))
-                    .spawn(move || sending.run())?,
+                    .spawn(move || sending.run(messages, &go, &start))?,
             );
         }
+        if let Some(rate) = config.rate {
+            let (go, start, messages) = (go.clone(), Arc::clone(&start), config.messages);
+            senders.push(
+                std::thread::Builder::new()
+                    .name("bench-pacer".into())
+                    .spawn(move || pace(paced, messages, rate, &go, &start))?,
+            );
+        }
+        let acker = Acker::start(all_acks)?;
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
@@ -573,6 +585,7 @@ impl Plan {
         if let Some(p) = progress {
             p.stop();
         }
+        acker.stop();
         for s in &streams {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -693,56 +706,46 @@ struct Sending {
     writer: Arc<Mutex<FrameWriter<TcpStream>>>,
     /// Window: a slot is taken per message and given back by the reader on `Stored`.
     slots: Sender<()>,
-    messages: u64,
     size: usize,
-    /// With a fixed rate: the time between this client's messages.
-    interval: Option<Duration>,
-    /// Clients, to stagger their schedules.
-    offset_of: u64,
-    go: Receiver<()>,
-    start: Arc<OnceLock<Instant>>,
     counters: Arc<Counters>,
 }
 
 impl Sending {
-    fn run(self) -> Result<()> {
-        let _ = self.go.recv();
-        let start = *self.start.get().expect("set before go");
-        // Stagger clients across one interval, so a fixed rate is smooth.
-        let offset = self
-            .interval
-            .map(|i| i.mul_f64(self.index as f64 / self.offset_of as f64))
-            .unwrap_or_default();
-        for seq in 0..self.messages {
-            let due = match self.interval {
-                Some(interval) => {
-                    let due = start + offset + interval.mul_f64(seq as f64);
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    due
-                }
-                None => Instant::now(),
-            };
-            if self.slots.try_send(()).is_err() {
-                // The window is full: push out what is buffered, then wait for a slot.
-                self.writer.lock().flush()?;
-                if self.slots.send(()).is_err() {
-                    return Ok(());
-                }
-            }
-            let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
-            let text = payload(self.index, seq, sent_ns, self.size);
-            let request = self.request(seq, &text)?;
-            let mut w = self.writer.lock();
-            w.write(&request)?;
-            if self.interval.is_some() {
-                w.flush()?;
-            }
+    /// Seals and writes message `seq`, due at `due` (`start` is time zero); `flush` sends it
+    /// now, else it waits in the buffer until the window fills.
+    fn send(&self, seq: u64, due: Instant, start: Instant, flush: bool) -> Result<()> {
+        if self.slots.try_send(()).is_err() {
+            // The window is full: push out what is buffered, then wait for a slot.
+            self.writer.lock().flush()?;
+            self.slots
+                .send_timeout((), Duration::from_secs(30))
+                .map_err(|_| Error::Protocol("no Stored reply for 30 s".into()))?;
+        }
+        let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
+        let text = payload(self.index, seq, sent_ns, self.size);
+        let request = self.request(seq, &text)?;
+        let mut w = self.writer.lock();
+        w.write(&request)?;
+        if flush {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// As fast as the window allows: this client's own thread.
+    fn run(self, messages: u64, go: &Receiver<()>, start: &OnceLock<Instant>) -> Result<()> {
+        let _ = go.recv();
+        let start = *start.get().expect("set before go");
+        for seq in 0..messages {
+            self.send(seq, Instant::now(), start, false)?;
         }
         self.writer.lock().flush()?;
-        // Wait until every message is stored (all slots back), so `send_secs` means stored.
+        self.wait_stored();
+        Ok(())
+    }
+
+    /// Waits until every message is stored (all window slots back).
+    fn wait_stored(&self) {
         for _ in 0..self.slots.capacity().unwrap_or(0) {
             if self
                 .slots
@@ -753,7 +756,6 @@ impl Sending {
                 break;
             }
         }
-        Ok(())
     }
 
     fn request(&self, seq: u64, text: &str) -> Result<ServerRequest> {
@@ -779,6 +781,34 @@ impl Sending {
             file: None,
         })
     }
+}
+
+/// A fixed offered load, from one thread for all clients: message k (of client k mod N, its
+/// number k div N) is due k/R seconds after the start, and is written and flushed then. One
+/// pacing thread wakes far less often than one sleeping thread per client would, so the tool
+/// takes less of the machine it measures.
+fn pace(
+    clients: Vec<Sending>,
+    messages: u64,
+    rate: f64,
+    go: &Receiver<()>,
+    start: &OnceLock<Instant>,
+) -> Result<()> {
+    let _ = go.recv();
+    let start = *start.get().expect("set before go");
+    let n = clients.len() as u64;
+    for k in 0..n * messages {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        let now = Instant::now();
+        if due > now + Duration::from_micros(50) {
+            std::thread::sleep(due - now);
+        }
+        clients[(k % n) as usize].send(k / n, due, start, true)?;
+    }
+    for c in &clients {
+        c.wait_stored();
+    }
+    Ok(())
 }
 
 /// `SENDER:SEQ:NANOS:` padded with dots to `size` bytes.
@@ -815,17 +845,85 @@ struct Receiving {
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
+/// Longest an acknowledgement waits to be batched with others.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// A client's acknowledgements not yet sent. Like TCP's delayed ACK: sent at once when a
+/// batch is full, else by the [`Acker`] within [`ACK_DELAY`], so a client at a low rate does
+/// not cost the server a transaction and a reply per message.
+struct Acks {
+    pending: Mutex<Vec<i64>>,
+    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    next_id: AtomicU64,
+}
+
+impl Acks {
+    fn new(writer: Arc<Mutex<FrameWriter<TcpStream>>>) -> Acks {
+        Acks {
+            pending: Mutex::new(Vec::with_capacity(ACK_BATCH)),
+            writer,
+            next_id: AtomicU64::new(1 << 62),
+        }
+    }
+
+    /// Adds one; sends the batch if it is full.
+    fn push(&self, msg_id: i64) -> Result<()> {
+        let full = {
+            let mut p = self.pending.lock();
+            p.push(msg_id);
+            p.len() >= ACK_BATCH
+        };
+        if full {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending.
+    fn flush(&self) -> Result<()> {
+        let msg_ids = std::mem::take(&mut *self.pending.lock());
+        if msg_ids.is_empty() {
+            return Ok(());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.writer.lock().send(&ServerRequest::Ack { id, msg_ids })
+    }
+}
+
+/// One thread that flushes every client's pending acknowledgements every [`ACK_DELAY`].
+struct Acker {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Acker {
+    fn start(all: Vec<Arc<Acks>>) -> Result<Acker> {
+        let (stop, stopped) = bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("bench-acker".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(ACK_DELAY)
+                {
+                    for acks in &all {
+                        let _ = acks.flush();
+                    }
+                }
+            })?;
+        Ok(Acker { stop, thread })
+    }
+
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
 impl Receiving {
     /// Reads until the socket closes; returns latencies in microseconds.
-    fn run(
-        self,
-        mut reader: FrameReader<TcpStream>,
-        writer: &Mutex<FrameWriter<TcpStream>>,
-    ) -> Vec<u32> {
+    fn run(self, mut reader: FrameReader<TcpStream>, acks: &Acks) -> Vec<u32> {
         let mut latencies = Vec::new();
         let mut seen: HashSet<(u64, u64)> = HashSet::new();
-        let mut acks: Vec<i64> = Vec::with_capacity(ACK_BATCH);
-        let mut ack_id = 1u64 << 62;
         loop {
             match reader.read::<ServerEvent>() {
                 Ok(Some(ServerEvent::Stored { .. })) => {
@@ -833,7 +931,6 @@ impl Receiving {
                     self.counters.stored.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Some(ServerEvent::Deliver { msg })) => {
-                    acks.push(msg.id);
                     match self.open(&msg) {
                         Ok((sender, seq, sent_ns)) => {
                             let now = self
@@ -852,20 +949,13 @@ impl Receiving {
                         }
                         Err(e) => self.counters.error(&format!("message {}: {e}", msg.id)),
                     }
+                    if acks.push(msg.id).is_err() {
+                        break;
+                    }
                 }
                 Ok(Some(ServerEvent::Error { message, .. })) => self.counters.error(&message),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
-            }
-            if !acks.is_empty() && (acks.len() >= ACK_BATCH || reader.buffered() == 0) {
-                ack_id += 1;
-                let request = ServerRequest::Ack {
-                    id: ack_id,
-                    msg_ids: std::mem::take(&mut acks),
-                };
-                if writer.lock().send(&request).is_err() {
-                    break;
-                }
             }
         }
         latencies

@@ -24,6 +24,7 @@
 //! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning.
 //! * [`files`]: files and images as the client sends and receives them: chunks, safe names.
 //! * [`cli`]: the `fastchat` subcommands.
+//! * [`mailbox`]: a bounded channel whose consumer sleeps without spinning (the hot queues).
 //! * [`logging`]: logging set-up shared by the binaries.
 //! * [`launch`]: starting a local cluster (balancer and servers) as child processes.
 //! * [`bench`]: the load generator behind `fastchat-bench`.
@@ -43,6 +44,7 @@ pub mod files;
 pub mod keystore;
 pub mod launch;
 pub mod logging;
+pub mod mailbox;
 pub mod names;
 pub mod net;
 pub mod peers;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crate::mailbox::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use crate::error::Result;
@@ -87,7 +87,7 @@ impl Peers {
     }
 
     fn open(&self, peer: &ServerInfo) -> Result<Link> {
-        let (tx, rx) = bounded(LINK_QUEUE);
+        let (tx, rx) = mailbox::bounded(LINK_QUEUE);
         let hello = ServerRequest::PeerHello {
             server_id: self.me,
             secret: self.secret.clone(),
@@ -184,7 +184,7 @@ fn link_loop(
             Err(e) => {
                 log::debug!("peer {peer} at {addr} unreachable: {e}");
                 // Wait before retrying, but notice the link being closed.
-                match rx.recv_timeout(Duration::from_millis(250)) {
+                match rx.recv_deadline(std::time::Instant::now() + Duration::from_millis(250)) {
                     Err(RecvTimeoutError::Disconnected) => return,
                     Ok(msg) => unsent.push(msg),
                     Err(RecvTimeoutError::Timeout) => {}

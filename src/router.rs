@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
+
+use crate::mailbox::{Sender, TrySendError};
 use parking_lot::RwLock;
 
 use crate::net::{Envelope, ServerEvent};

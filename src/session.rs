@@ -25,6 +25,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::db;
 use crate::error::{Error, Result};
+use crate::mailbox;
 use crate::names;
 use crate::net::{
     chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, MAX_BODY,
@@ -72,7 +73,7 @@ pub(crate) fn serve_client(
     stream.set_read_timeout(None)?;
     let stream = Arc::new(stream);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-    let (tx, rx) = bounded::<Outbound>(shared.config.queue_len);
+    let (tx, rx) = mailbox::bounded::<Outbound>(shared.config.queue_len);
     let handle = Handle {
         conn_id,
         tx,
@@ -549,7 +550,7 @@ fn error_event(id: u64, e: Error) -> ServerEvent {
 /// queue runs dry so bursts go out in few system calls.
 fn write_loop(
     stream: TcpStream,
-    rx: &Receiver<Outbound>,
+    rx: &mailbox::Receiver<Outbound>,
     shared: &Shared,
     user: &str,
 ) -> Result<()> {
