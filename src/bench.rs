@@ -260,7 +260,9 @@ pub fn run(config: &Config) -> Result<Report> {
     Ok(report)
 }
 
-fn check(config: &Config) -> Result<()> {
+/// Checks a configuration before anything starts (the binary reports a failure as a usage
+/// error).
+pub fn check(config: &Config) -> Result<()> {
     let bad = |m: &str| Err(Error::Invalid(m.to_string()));
     if config.clients == 0 {
         return bad("--clients must be at least 1");
@@ -1129,6 +1131,54 @@ pub fn render(r: &Report) -> String {
             .unwrap_or_default()
     ));
     out
+}
+
+/// The header of [`markdown_row`]'s table for a mode (`idle` has its own columns).
+pub fn markdown_header(idle: bool) -> &'static str {
+    if idle {
+        "| run | clients | connect time | server threads | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    } else {
+        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    }
+}
+
+/// The report as one row of a Markdown table (see [`markdown_header`]).
+pub fn markdown_row(label: &str, r: &Report) -> String {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    if r.mode == "idle" {
+        let (threads, rss): (u64, u64) = r
+            .server_usage
+            .iter()
+            .map(|(_, a)| (a.threads, a.rss_kib))
+            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
+        let (t0, m0): (u64, u64) = r
+            .server_usage
+            .iter()
+            .map(|(b, _)| (b.threads, b.rss_kib))
+            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
+        let n = r.clients.max(1) as f64;
+        return format!(
+            "| {label} | {} | {:.2} s | {threads} | {:.0} MiB | {:.2} threads, {:.0} KiB |",
+            r.clients,
+            r.connect_secs,
+            rss as f64 / 1024.0,
+            (threads as f64 - t0 as f64) / n,
+            (rss as f64 - m0 as f64) / n
+        );
+    }
+    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+    format!(
+        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
+        r.delivered,
+        r.throughput,
+        ms(r.latency.p50),
+        ms(r.latency.p90),
+        ms(r.latency.p99),
+        ms(r.latency.max),
+        r.lost,
+        r.duplicated,
+        cpu * 1e6 / r.delivered.max(1) as f64
+    )
 }
 
 /// The report as one JSON object.

@@ -423,6 +423,9 @@ impl Dedup {
 /// How long a client keeps trying to reach another server after losing one.
 pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 
+/// How many other servers a login tries when the one it was given is full.
+const FULL_RETRIES: usize = 3;
+
 /// What [`Client::next`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -463,7 +466,9 @@ impl Client {
         let mut session = b.login(user, password)?;
         // A server that died moments ago may still be assigned (it leaves the rotation within
         // two seconds): ask again, avoiding it, until one answers.
+        // A full server refuses politely: try a few others before giving up.
         let deadline = std::time::Instant::now() + FAILOVER_LIMIT;
+        let mut full = 0;
         let conn = loop {
             match Connection::open(&session) {
                 Ok(conn) => break conn,
@@ -473,10 +478,20 @@ impl Client {
                         session.server.id
                     );
                     std::thread::sleep(Duration::from_millis(100));
-                    session = b.resume(&session.token, Some(session.server.id))?;
+                }
+                Err(Error::Refused {
+                    code: crate::net::ErrorCode::Unavailable,
+                    message,
+                }) if full < FULL_RETRIES => {
+                    log::info!(
+                        "server {}: {message}; asking for another",
+                        session.server.id
+                    );
+                    full += 1;
                 }
                 Err(e) => return Err(e),
             }
+            session = b.resume(&session.token, Some(session.server.id))?;
         };
         let client = Client {
             balancer: balancer.to_string(),

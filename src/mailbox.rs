@@ -37,6 +37,8 @@ struct Bell {
     sleeping: AtomicBool,
     /// The receiving thread, recorded when it first waits.
     receiver: Mutex<Option<Thread>>,
+    /// False once the receiver is dropped.
+    receiver_alive: AtomicBool,
 }
 
 impl Bell {
@@ -50,27 +52,48 @@ impl Bell {
     }
 }
 
-/// A bounded mailbox with room for `cap` items.
+/// A bounded mailbox with room for `cap` items, allocated up front (crossbeam's array
+/// channel): for busy queues.
 pub fn bounded<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
-    let (tx, rx) = crossbeam_channel::bounded(cap);
+    pair(crossbeam_channel::bounded(cap), None)
+}
+
+/// A mailbox that holds at most `cap` items but takes memory only for what it holds
+/// (crossbeam's list channel, growing in small blocks): for the many queues that are mostly
+/// empty, such as one per idle connection.
+pub fn lazy<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
+    pair(crossbeam_channel::unbounded(), Some(cap))
+}
+
+fn pair<T>(
+    (tx, rx): (crossbeam_channel::Sender<T>, crossbeam_channel::Receiver<T>),
+    cap: Option<usize>,
+) -> (Sender<T>, Receiver<T>) {
     let bell = Arc::new(Bell {
         sleeping: AtomicBool::new(false),
         receiver: Mutex::new(None),
+        receiver_alive: AtomicBool::new(true),
     });
     (
         Sender {
             tx: Some(tx),
+            cap,
             bell: Arc::clone(&bell),
         },
         Receiver { rx, bell },
     )
 }
 
+/// How often a sender looks again while a [`lazy`] mailbox is full.
+const FULL_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// The sending side; cloned freely.
 #[derive(Debug)]
 pub struct Sender<T> {
     /// `None` only while dropping (so the receiver can see disconnection before it is woken).
     tx: Option<crossbeam_channel::Sender<T>>,
+    /// The bound of a [`lazy`] mailbox (an array channel bounds itself).
+    cap: Option<usize>,
     bell: Arc<Bell>,
 }
 
@@ -78,6 +101,7 @@ impl<T> Clone for Sender<T> {
     fn clone(&self) -> Sender<T> {
         Sender {
             tx: self.tx.clone(),
+            cap: self.cap,
             bell: Arc::clone(&self.bell),
         }
     }
@@ -88,8 +112,15 @@ impl<T> Sender<T> {
         self.tx.as_ref().expect("present until drop")
     }
 
+    fn full(&self) -> bool {
+        self.cap.is_some_and(|cap| self.tx().len() >= cap)
+    }
+
     /// Queues without waiting; fails if full or if the receiver is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        if self.full() {
+            return Err(TrySendError::Full(item));
+        }
         self.tx().try_send(item)?;
         self.bell.ring();
         Ok(())
@@ -97,6 +128,13 @@ impl<T> Sender<T> {
 
     /// Queues, waiting while the mailbox is full; fails if the receiver is gone.
     pub fn send(&self, item: T) -> Result<(), SendError<T>> {
+        // A full lazy mailbox is rare (its consumer has stopped keeping up): poll.
+        while self.full() {
+            if !self.bell.receiver_alive.load(Ordering::SeqCst) {
+                return Err(SendError(item));
+            }
+            std::thread::sleep(FULL_POLL);
+        }
         self.tx().send(item)?;
         self.bell.ring();
         Ok(())
@@ -183,6 +221,12 @@ impl<T> Receiver<T> {
     }
 }
 
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        self.bell.receiver_alive.store(false, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,11 +286,31 @@ mod tests {
 
     #[test]
     fn a_full_mailbox_refuses_without_blocking() {
-        let (tx, rx) = bounded::<u8>(1);
-        tx.try_send(1).unwrap();
-        assert!(matches!(tx.try_send(2), Err(TrySendError::Full(2))));
-        assert_eq!(rx.recv(), Ok(1));
+        for (tx, rx) in [bounded::<u8>(1), lazy::<u8>(1)] {
+            tx.try_send(1).unwrap();
+            assert!(matches!(tx.try_send(2), Err(TrySendError::Full(2))));
+            assert_eq!(rx.recv(), Ok(1));
+            drop(rx);
+            assert!(matches!(tx.try_send(3), Err(TrySendError::Disconnected(3))));
+        }
+    }
+
+    #[test]
+    fn a_lazy_mailbox_makes_a_sender_wait_for_room() {
+        let (tx, rx) = lazy::<u32>(2);
+        let t = std::thread::spawn(move || {
+            for i in 0..100 {
+                tx.send(i).unwrap();
+            }
+        });
+        for i in 0..100 {
+            assert_eq!(rx.recv(), Ok(i));
+            assert!(rx.rx.len() <= 2, "never more than the bound");
+        }
+        t.join().unwrap();
+        let (tx, rx) = lazy::<u32>(1);
+        tx.send(1).unwrap();
         drop(rx);
-        assert!(matches!(tx.try_send(3), Err(TrySendError::Disconnected(3))));
+        assert!(tx.send(2).is_err(), "a full mailbox with no receiver fails");
     }
 }

@@ -73,7 +73,7 @@ pub(crate) fn serve_client(
     stream.set_read_timeout(None)?;
     let stream = Arc::new(stream);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-    let (tx, rx) = mailbox::bounded::<Outbound>(shared.config.queue_len);
+    let (tx, rx) = mailbox::lazy::<Outbound>(shared.config.queue_len);
     let handle = Handle {
         conn_id,
         tx,

@@ -66,8 +66,15 @@ struct Args {
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     hold: f64,
     /// Print the report as one JSON object.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     json: bool,
+    /// Print the report as one row of a Markdown table, labelled LABEL (with --header, the
+    /// table's header first).
+    #[arg(long, value_name = "LABEL")]
+    markdown: Option<String>,
+    /// With --markdown: print the table header before the row.
+    #[arg(long, requires = "markdown")]
+    header: bool,
     /// Never draw the progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     quiet: bool,
@@ -97,12 +104,20 @@ fn main() -> ExitCode {
         scrypt_log_n: args.scrypt_log_n,
         drain: Duration::from_secs_f64(args.drain),
         hold: Duration::from_secs_f64(args.hold),
-        progress: !args.quiet && !args.json && bench::progress_default(),
+        progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
+    if let Err(e) = bench::check(&config) {
+        return usage(&e.to_string());
+    }
     match bench::run(&config) {
         Ok(report) => {
             if args.json {
                 println!("{}", bench::to_json(&report));
+            } else if let Some(label) = &args.markdown {
+                if args.header {
+                    println!("{}", bench::markdown_header(report.mode == "idle"));
+                }
+                println!("{}", bench::markdown_row(label, &report));
             } else {
                 print!("{}", bench::render(&report));
             }

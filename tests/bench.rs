@@ -1,0 +1,151 @@
+//! The load tool: it drives a cluster of its own through the real protocol and accounts for
+//! every message; and a server refuses clients past its cap instead of failing. Correctness
+//! only: the numbers belong in BENCHMARKS.md.
+
+mod common;
+
+use std::process::Command;
+
+use common::{run_limited, Cluster};
+
+fn bench(args: &[&str]) -> (i32, serde_json::Value, String) {
+    let out = run_limited(
+        Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+            .args(args)
+            .arg("--json")
+            .env_remove("RUST_LOG"),
+    );
+    let json = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    (out.code, json, out.stderr)
+}
+
+#[test]
+fn direct_mode_delivers_every_message_once_across_servers() {
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "2",
+        "--clients",
+        "6",
+        "--messages",
+        "50",
+        "--window",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(r["mode"], "direct");
+    assert_eq!(r["servers"], 2);
+    assert_eq!(r["expected"], 300);
+    assert_eq!(r["delivered"], 300);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicated"], 0);
+    assert_eq!(r["errors"], 0);
+    let p50 = r["latency_us"]["p50"].as_u64().unwrap();
+    let max = r["latency_us"]["max"].as_u64().unwrap();
+    assert!(p50 <= max);
+    assert!(r["throughput"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn group_mode_counts_every_member_and_a_fixed_rate_is_kept() {
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "3",
+        "--clients",
+        "6",
+        "--messages",
+        "10",
+        "--mode",
+        "group",
+        "--group-size",
+        "3",
+        "--rate",
+        "200",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    // 6 senders x 10 messages, each to the 2 other members of its group.
+    assert_eq!(r["expected"], 120);
+    assert_eq!(r["delivered"], 120);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicated"], 0);
+    // 60 messages offered at 200/s take at least 0.29 s to send.
+    assert!(r["send_secs"].as_f64().unwrap() >= 0.29, "{r}");
+}
+
+#[test]
+fn idle_mode_reports_what_connections_cost_the_server() {
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "1",
+        "--clients",
+        "50",
+        "--mode",
+        "idle",
+        "--hold",
+        "0.2",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    let usage = &r["server_usage"][0];
+    let before = usage["threads_before"].as_u64().unwrap();
+    let after = usage["threads_after"].as_u64().unwrap();
+    assert_eq!(after - before, 100, "a reader and a writer per client: {r}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_exit_2() {
+    for args in [
+        vec!["--clients", "10"],
+        vec!["--spawn-servers", "1", "--mode", "group", "--clients", "7"],
+        vec!["--spawn-servers", "1", "--mode", "sideways"],
+        vec!["--spawn-servers", "1", "--rate", "-5"],
+    ] {
+        let out = run_limited(Command::new(env!("CARGO_BIN_EXE_fastchat-bench")).args(&args));
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("error"), "{args:?}: {out:?}");
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+}
+
+#[test]
+fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--max-clients", "2"]);
+    for u in ["alice", "bob", "carol"] {
+        c.signup_lib(u);
+    }
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    let refused = fastchat::client::Client::login(&c.balancer_addr, "carol", "pw-carol")
+        .err()
+        .expect("a third client is refused");
+    assert_eq!(
+        refused.to_string(),
+        "server is full; ask the balancer for another"
+    );
+    assert_eq!(refused.exit_code(), 1);
+    // The two connected clients still talk.
+    alice.send("bob", 1, b"still here").unwrap();
+    let deadline = std::time::Instant::now() + common::LIMIT;
+    loop {
+        match bob.next(deadline).unwrap() {
+            Some(fastchat::client::Event::Message(m)) => {
+                assert_eq!(m.body, b"still here");
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("no message"),
+        }
+    }
+    // Once one leaves, there is room again.
+    drop(alice);
+    let deadline = std::time::Instant::now() + common::LIMIT;
+    loop {
+        match fastchat::client::Client::login(&c.balancer_addr, "carol", "pw-carol") {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "never admitted: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
