@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -197,6 +197,8 @@ pub struct Connection {
     pub server_id: u64,
     /// The largest file the server accepts.
     pub max_file: u64,
+    /// See [`Connection::newest`]; raised by the reader thread.
+    newest: Arc<AtomicI64>,
     writer: Mutex<FrameWriter<TcpStream>>,
     stream: TcpStream,
     pending: Pending,
@@ -216,13 +218,14 @@ impl Connection {
             id: 0,
             token: session.token.clone(),
         })?;
-        let (user, server_id, max_file) = match reader.read::<ServerEvent>()? {
+        let (user, server_id, max_file, newest) = match reader.read::<ServerEvent>()? {
             Some(ServerEvent::Welcome {
                 user,
                 server_id,
                 max_file,
+                newest,
                 ..
-            }) => (user, server_id, max_file),
+            }) => (user, server_id, max_file, newest),
             Some(ServerEvent::Error { code, message, .. }) => {
                 return Err(Error::Refused { code, message })
             }
@@ -237,16 +240,19 @@ impl Connection {
         stream.set_read_timeout(None)?;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events_tx, events) = unbounded();
+        let newest = Arc::new(AtomicI64::new(newest));
         let thread = {
             let pending = Arc::clone(&pending);
+            let newest = Arc::clone(&newest);
             std::thread::Builder::new()
                 .name("client-reader".into())
-                .spawn(move || read_loop(reader, &pending, &events_tx))?
+                .spawn(move || read_loop(reader, &pending, &events_tx, &newest))?
         };
         Ok(Connection {
             user,
             server_id,
             max_file,
+            newest,
             writer: Mutex::new(writer),
             stream,
             pending,
@@ -295,16 +301,24 @@ impl Connection {
 
     /// Sends a message and waits until the server has stored it; returns the server's id.
     pub fn send(&self, to: &str, client_id: u64, body: Vec<u8>) -> Result<i64> {
-        self.send_with(to, client_id, body, None)
+        self.send_with(to, client_id, body, None, None)
+    }
+
+    /// The newest message id this connection knows was assigned: from `Welcome`, then every
+    /// `Stored` and `Deliver`. A message sent now will get a larger one.
+    pub fn newest(&self) -> i64 {
+        self.newest.load(Ordering::SeqCst)
     }
 
     /// Sends a message that may offer a finished upload, and waits until it is stored.
+    /// `resend_after`: see `ServerRequest::Send`.
     pub fn send_with(
         &self,
         to: &str,
         client_id: u64,
         body: Vec<u8>,
         file: Option<i64>,
+        resend_after: Option<i64>,
     ) -> Result<i64> {
         match self.call(|id| ServerRequest::Send {
             id,
@@ -312,6 +326,7 @@ impl Connection {
             client_id,
             body,
             file,
+            resend_after,
         })? {
             ServerEvent::Stored { msg_id, .. } => Ok(msg_id),
             other => Err(unexpected("Send", &other)),
@@ -362,13 +377,27 @@ impl Drop for Connection {
     }
 }
 
-fn read_loop(mut reader: FrameReader<TcpStream>, pending: &Pending, events: &Sender<Incoming>) {
+fn read_loop(
+    mut reader: FrameReader<TcpStream>,
+    pending: &Pending,
+    events: &Sender<Incoming>,
+    newest: &AtomicI64,
+) {
     let why = loop {
         let event = match reader.read::<ServerEvent>() {
             Ok(Some(e)) => e,
             Ok(None) => break None,
             Err(e) => break Some(e.to_string()),
         };
+        match &event {
+            ServerEvent::Stored { msg_id, .. } => {
+                newest.fetch_max(*msg_id, Ordering::SeqCst);
+            }
+            ServerEvent::Deliver { msg } => {
+                newest.fetch_max(msg.id, Ordering::SeqCst);
+            }
+            _ => {}
+        }
         let id = match &event {
             ServerEvent::Welcome { id, .. }
             | ServerEvent::Stored { id, .. }
@@ -601,7 +630,33 @@ impl Client {
         body: &[u8],
         file: Option<i64>,
     ) -> Result<i64> {
-        self.with_failover(|conn| conn.send_with(to, client_id, body.to_vec(), file))
+        let reply = self.store(|id, resend_after| ServerRequest::Send {
+            id,
+            to: to.into(),
+            client_id,
+            body: body.to_vec(),
+            file,
+            resend_after,
+        })?;
+        match reply {
+            ServerEvent::Stored { msg_id, .. } => Ok(msg_id),
+            other => Err(unexpected("Send", &other)),
+        }
+    }
+
+    /// Sends a request that stores a message (`build` gets the request id and
+    /// `resend_after`), failing over like [`Client::call`]. The first attempt says it is one;
+    /// an attempt after a lost connection names the newest id known before the first, so the
+    /// server finds the original if it was stored, even if it was delivered since.
+    pub fn store(&self, build: impl Fn(u64, Option<i64>) -> ServerRequest) -> Result<ServerEvent> {
+        let mut first: Option<i64> = None;
+        self.with_failover(|conn| match first {
+            None => {
+                first = Some(conn.newest());
+                conn.call(|id| build(id, None))
+            }
+            Some(after) => conn.call(|id| build(id, Some(after))),
+        })
     }
 
     /// Sends any request and waits for its reply, failing over like [`Client::send`].

@@ -60,6 +60,10 @@ const MAX_BATCH: usize = 2048;
 /// moderate load a short wait saves most of that work for a small delay.
 const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
+/// How often a writer removes delivery records that are too old to matter: those of messages
+/// stored more than two periods ago (a client re-sends within `client::FAILOVER_LIMIT`).
+const PURGE_EVERY: Duration = Duration::from_secs(30);
+
 /// A batch this large commits without waiting: the load is high enough to fill batches.
 const WINDOW_SKIP: usize = 32;
 
@@ -156,12 +160,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_recipient ON messages(recipient, id) WHERE recipient IS NOT NULL;
     CREATE INDEX messages_group ON messages(grp, id) WHERE grp IS NOT NULL;
     CREATE UNIQUE INDEX messages_file ON messages(file_id) WHERE file_id IS NOT NULL;
-    -- A file lives exactly as long as the message that offers it.
-    CREATE TRIGGER messages_drop_file AFTER DELETE ON messages
-    WHEN old.file_id IS NOT NULL
-    BEGIN
-        DELETE FROM files WHERE id = old.file_id;
-    END;",
+    -- Messages delivered and removed in about the last minute: a sender that lost its server
+    -- re-sends what it never saw confirmed, and a message already delivered must not be stored
+    -- twice. Keyed by message id, so new rows are appended (ids grow) and old ones are cut off
+    -- as a range; a re-send names the id range to search (see `earlier`).
+    CREATE TABLE delivered (
+        msg_id    INTEGER PRIMARY KEY,
+        sender    TEXT NOT NULL,
+        client_id INTEGER NOT NULL
+    );",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -427,6 +434,10 @@ fn in_savepoint<T>(conn: &Connection, work: impl FnOnce(&Connection) -> Result<T
 
 fn writer_loop(conn: Connection, jobs: mailbox::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    let mut last_purge = Instant::now();
+    // The newest message id at the previous two purges: the older one is at least
+    // 2 x PURGE_EVERY old.
+    let mut watermarks = (0i64, 0i64);
     while let Ok(first) = jobs.recv() {
         let window = Instant::now() + COMMIT_WINDOW;
         batch.push(first);
@@ -446,6 +457,19 @@ fn writer_loop(conn: Connection, jobs: mailbox::Receiver<Box<dyn Job>>) {
         }
         for job in batch.iter_mut() {
             job.run(&conn);
+        }
+        if last_purge.elapsed() > PURGE_EVERY {
+            last_purge = Instant::now();
+            // Forget what was delivered before the previous mark (a minute or more ago).
+            let upto = watermarks.0;
+            let purged = in_savepoint(&conn, |c| {
+                forget_deliveries(c, upto)?;
+                newest_message_id(c)
+            });
+            match purged {
+                Ok(newest) => watermarks = (watermarks.1, newest),
+                Err(e) => log::warn!("database: cannot forget old deliveries: {e}"),
+            }
         }
         let outcome = begun.and_then(|()| {
             conn.prepare_cached("COMMIT")?.execute([])?;
@@ -657,6 +681,35 @@ pub fn clear_presence(conn: &Connection, server_id: u64) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The message queue.
 
+/// A message as its sender hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The sender (from its session, never from the request).
+    pub from: &'a str,
+    /// The sender's id for it: a re-send with the same id is not stored twice.
+    pub client_id: u64,
+    /// Ciphertext.
+    pub body: &'a [u8],
+    /// A finished upload of the sender's that the message offers.
+    pub file: Option<i64>,
+    /// Set on a re-send: a message id the original, if stored, is newer than (see
+    /// `ServerRequest::Send`).
+    pub resend_after: Option<i64>,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A first attempt without a file.
+    pub fn new(from: &'a str, client_id: u64, body: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            from,
+            client_id,
+            body,
+            file: None,
+            resend_after: None,
+        }
+    }
+}
+
 /// What storing a message produced: the envelope and where its recipients are connected (read
 /// in the same transaction, so a login racing with this message either sees the message in its
 /// queue or is in this list).
@@ -684,6 +737,64 @@ fn envelope_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Envelope> {
     })
 }
 
+/// What a re-send of `client_id` by `from` refers to: the stored message, or one already
+/// delivered and removed (its id, with the request's own fields: it is not routed again).
+/// `after` bounds the search of delivered messages: the original, if stored at all, has an id
+/// above it.
+fn earlier(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+    group: Option<&str>,
+    client_id: u64,
+    body: &[u8],
+    after: i64,
+) -> Result<Option<Envelope>> {
+    if let Some(copy) = stored_copy(conn, from, client_id)? {
+        return Ok(Some(copy));
+    }
+    let delivered: Option<i64> = conn
+        .prepare_cached(
+            "SELECT msg_id FROM delivered WHERE msg_id > ?3 AND sender = ?1 AND client_id = ?2",
+        )?
+        .query_row(params![from, client_id as i64, after], |r| r.get(0))
+        .optional()?;
+    Ok(delivered.map(|id| Envelope {
+        id,
+        from: from.to_string(),
+        to: to.to_string(),
+        group: group.map(str::to_string),
+        client_id,
+        body: body.to_vec(),
+        sent_at: now_ms(),
+    }))
+}
+
+/// Remembers that a message was delivered and removed (see the `delivered` table).
+fn remember_delivered(conn: &Connection, msg_id: i64, sender: &str, client_id: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO delivered (msg_id, sender, client_id) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![msg_id, sender, client_id])?;
+    Ok(())
+}
+
+/// The newest message id ever assigned.
+pub fn newest_message_id(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'messages'",
+        )?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Forgets the deliveries of messages with ids up to `upto`.
+pub fn forget_deliveries(conn: &Connection, upto: i64) -> Result<usize> {
+    Ok(conn
+        .prepare_cached("DELETE FROM delivered WHERE msg_id <= ?1")?
+        .execute(params![upto])?)
+}
+
 /// The message `from` already stored under `client_id`, if any (a re-send).
 fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Option<Envelope>> {
     Ok(conn
@@ -695,16 +806,17 @@ fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Option<E
 }
 
 /// Stores a direct message, idempotently per `(sender, client_id)`: a re-send returns the first
-/// copy. `file` is a finished upload of the sender's that the message offers. An unknown
-/// recipient is refused (the foreign key says so; no extra lookup).
-pub fn store_message(
-    conn: &Connection,
-    from: &str,
-    to: &str,
-    client_id: u64,
-    body: &[u8],
-    file: Option<i64>,
-) -> Result<StoredMessage> {
+/// copy, even one already delivered (`resend_after`: see [`earlier`]; `None` for a first
+/// attempt, which needs no look-up). `file` is a finished upload of the sender's that the
+/// message offers. An unknown recipient is refused (the foreign key says so).
+pub fn store_message(conn: &Connection, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
+    let Outgoing {
+        from,
+        client_id,
+        body,
+        file,
+        resend_after,
+    } = *msg;
     let insert = |conn: &Connection, now: i64| -> Result<usize> {
         conn.prepare_cached(
             "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
@@ -719,22 +831,26 @@ pub fn store_message(
         })
     };
     let now = now_ms();
-    let envelope = match file {
-        // The common case: one statement, and a look-up only for a re-send.
-        None => match insert(conn, now)? {
+    let envelope = match (file, resend_after) {
+        // The common case: one statement (a conflict means a duplicate on the wire).
+        (None, None) => match insert(conn, now)? {
             0 => stored_copy(conn, from, client_id)?
                 .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?,
             _ => new_envelope(conn, from, to, None, client_id, body, now),
         },
-        // A re-send must not finish (and so orphan) a second upload: look first.
-        Some(upload) => match stored_copy(conn, from, client_id)? {
-            Some(first) => first,
-            None => {
-                finish_upload(conn, from, upload)?;
-                insert(conn, now)?;
-                new_envelope(conn, from, to, None, client_id, body, now)
+        // A re-send, or an offer that must not finish (and so orphan) a second upload.
+        (file, after) => {
+            match earlier(conn, from, to, None, client_id, body, after.unwrap_or(0))? {
+                Some(first) => first,
+                None => {
+                    if let Some(upload) = file {
+                        finish_upload(conn, from, upload)?;
+                    }
+                    insert(conn, now)?;
+                    new_envelope(conn, from, to, None, client_id, body, now)
+                }
             }
-        },
+        }
     };
     let online_at = conn
         .prepare_cached(
@@ -801,10 +917,15 @@ pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
     let mut n = 0;
     let mut touched: Vec<String> = Vec::new();
     for id in ids {
-        let removed = conn
-            .prepare_cached("DELETE FROM messages WHERE id = ?1 AND recipient = ?2")?
-            .execute(params![id, user])?;
-        if removed == 1 {
+        // Look, then delete by key: a plain one-row delete needs no statement journal.
+        let direct: Option<(String, i64, Option<i64>)> = conn
+            .prepare_cached(
+                "SELECT sender, client_id, file_id FROM messages WHERE id = ?1 AND recipient = ?2",
+            )?
+            .query_row(params![id, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((sender, client_id, file)) = direct {
+            remove_message(conn, *id, &sender, client_id, file)?;
             n += 1;
             continue;
         }
@@ -865,14 +986,44 @@ fn advance_position(conn: &Connection, group: &str, user: &str) -> Result<()> {
 /// Removes the group messages with ids in `(after, upto]` that every current member other than
 /// their sender has passed.
 fn collect_group_garbage(conn: &Connection, group: &str, after: i64, upto: i64) -> Result<()> {
-    conn.prepare_cached(
-        "DELETE FROM messages WHERE grp = ?1 AND id > ?2 AND id <= ?3
-           AND NOT EXISTS (SELECT 1 FROM members mb
-                            WHERE mb.grp = messages.grp AND mb.user <> messages.sender
-                              AND mb.position < messages.id)",
-    )?
-    .execute(params![group, after, upto])?;
+    let done = conn
+        .prepare_cached(
+            "SELECT id, sender, client_id, file_id FROM messages
+              WHERE grp = ?1 AND id > ?2 AND id <= ?3
+                AND NOT EXISTS (SELECT 1 FROM members mb
+                                 WHERE mb.grp = messages.grp AND mb.user <> messages.sender
+                                   AND mb.position < messages.id)",
+        )?
+        .query_map(params![group, after, upto], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (id, sender, client_id, file) in done {
+        remove_message(conn, id, &sender, client_id, file)?;
+    }
     Ok(())
+}
+
+/// Removes a delivered message, and the file it offers; remembers it as delivered.
+fn remove_message(
+    conn: &Connection,
+    id: i64,
+    sender: &str,
+    client_id: i64,
+    file: Option<i64>,
+) -> Result<()> {
+    conn.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+        .execute(params![id])?;
+    if let Some(file) = file {
+        conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
+            .execute(params![file])?;
+    }
+    remember_delivered(conn, id, sender, client_id)
 }
 
 /// After a member leaves or is removed: the messages only they still needed are removed.
@@ -920,15 +1071,6 @@ fn member_view(conn: &Connection, group: &str, user: &str) -> Result<(String, u6
         return Err(not_member());
     }
     Ok((admin, epoch, members))
-}
-
-/// Highest message id ever assigned (new members start after it).
-fn newest_message_id(conn: &Connection) -> Result<i64> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'messages'",
-        )?
-        .query_row([], |r| r.get(0))?)
 }
 
 fn insert_key(
@@ -1093,6 +1235,17 @@ pub fn leave_group(conn: &Connection, group: &str, user: &str) -> Result<Left> {
     conn.prepare_cached("DELETE FROM members WHERE grp = ?1 AND user = ?2")?
         .execute(params![group, user])?;
     let Some(oldest) = members.into_iter().find(|m| m != user) else {
+        // Its messages go with it, and so do the files they offer.
+        let files: Vec<i64> = conn
+            .prepare_cached(
+                "DELETE FROM messages WHERE grp = ?1 AND file_id IS NOT NULL RETURNING file_id",
+            )?
+            .query_map(params![group], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for file in files {
+            conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
+                .execute(params![file])?;
+        }
         conn.prepare_cached("DELETE FROM groups WHERE name = ?1")?
             .execute(params![group])?;
         return Ok(Left::Deleted);
@@ -1181,15 +1334,20 @@ pub fn group_key(
 /// Stores a group message once, if `from` is a member and `epoch` is current and keyed.
 pub fn store_group_message(
     conn: &Connection,
+    msg: &Outgoing<'_>,
     group: &str,
-    from: &str,
-    client_id: u64,
     epoch: u64,
-    body: &[u8],
-    file: Option<i64>,
 ) -> Result<StoredMessage> {
+    let Outgoing {
+        from,
+        client_id,
+        body,
+        file,
+        resend_after,
+    } = *msg;
     let (_, current, _) = member_view(conn, group, from)?;
-    let envelope = match stored_copy(conn, from, client_id)? {
+    let after = resend_after.unwrap_or(i64::MAX);
+    let envelope = match earlier(conn, from, "", Some(group), client_id, body, after)? {
         Some(first) => first,
         None => {
             if epoch != current || !epoch_keyed(conn, group, epoch)? {
@@ -1231,7 +1389,7 @@ pub fn store_group_message(
 
 // ---------------------------------------------------------------------------------------------
 // Files: encrypted chunks uploaded first, then offered by a message. A file is deleted with the
-// message that offers it (trigger `messages_drop_file`); an upload never offered is deleted
+// message that offers it (`remove_message`); an upload never offered is deleted
 // when its connection ends.
 
 /// Starts an upload of `chunks` chunks for `owner` on connection `conn_id` of `server_id`,
@@ -1426,9 +1584,9 @@ mod tests {
         for u in ["alice", "bob"] {
             create_user(&conn, u, "h", &keys())?;
         }
-        let a = store_message(&conn, "alice", "bob", 1, b"one", None)?;
-        let b = store_message(&conn, "alice", "bob", 2, b"two", None)?;
-        let again = store_message(&conn, "alice", "bob", 1, b"one", None)?;
+        let a = store_message(&conn, &Outgoing::new("alice", 1, b"one"), "bob")?;
+        let b = store_message(&conn, &Outgoing::new("alice", 2, b"two"), "bob")?;
+        let again = store_message(&conn, &Outgoing::new("alice", 1, b"one"), "bob")?;
         assert_eq!(
             a.envelope.id, again.envelope.id,
             "re-send is not stored twice"
@@ -1448,7 +1606,7 @@ mod tests {
         assert_eq!(queued(&conn, "bob", 0, 10)?.len(), 1);
         // Ids are never reused, even after the newest row is deleted.
         ack(&conn, "bob", &[b.envelope.id])?;
-        let c = store_message(&conn, "alice", "bob", 3, b"three", None)?;
+        let c = store_message(&conn, &Outgoing::new("alice", 3, b"three"), "bob")?;
         assert!(c.envelope.id > b.envelope.id);
         Ok(())
     }
@@ -1458,7 +1616,7 @@ mod tests {
         let (_dir, path) = fresh()?;
         let conn = open(&path)?;
         create_user(&conn, "alice", "h", &keys())?;
-        assert!(store_message(&conn, "alice", "nobody", 1, b"x", None).is_err());
+        assert!(store_message(&conn, &Outgoing::new("alice", 1, b"x"), "nobody").is_err());
         Ok(())
     }
 
@@ -1473,11 +1631,11 @@ mod tests {
         add_presence(&conn, 7, 2, "bob")?;
         add_presence(&conn, 9, 3, "bob")?;
         let bob = || "bob".to_string();
-        let at = store_message(&conn, "alice", "bob", 1, b"x", None)?.online_at;
+        let at = store_message(&conn, &Outgoing::new("alice", 1, b"x"), "bob")?.online_at;
         assert_eq!(at, [(7, bob()), (9, bob())], "one entry per server, sorted");
         remove_presence(&conn, 9, 3)?;
         assert_eq!(
-            store_message(&conn, "alice", "bob", 2, b"x", None)?.online_at,
+            store_message(&conn, &Outgoing::new("alice", 2, b"x"), "bob")?.online_at,
             [(7, bob())]
         );
         Ok(())
@@ -1494,7 +1652,7 @@ mod tests {
             let tx = tx.clone();
             let to = if i == 50 { "nobody" } else { "bob" };
             writer.submit(
-                move |c| store_message(c, "alice", to, i, b"m", None),
+                move |c| store_message(c, &Outgoing::new("alice", i, b"m"), to),
                 move |res| {
                     let _ = tx.send((i, res.map(|s| s.envelope.id)));
                 },
@@ -1533,7 +1691,7 @@ mod tests {
         group_of(&conn, "alice", &["bob", "carol"])?;
         add_presence(&conn, 7, 1, "bob")?;
         add_presence(&conn, 7, 2, "alice")?;
-        let m = store_group_message(&conn, "team", "alice", 1, 1, b"hi", None)?;
+        let m = store_group_message(&conn, &Outgoing::new("alice", 1, b"hi"), "team", 1)?;
         assert_eq!(m.online_at, [(7, "bob".to_string())], "not the sender");
         let count = |sql: &str| -> Result<i64> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
         assert_eq!(count("SELECT count(*) FROM messages")?, 1);
@@ -1571,7 +1729,7 @@ mod tests {
         let ids: Vec<i64> = (1..=4)
             .map(|i| {
                 Ok(
-                    store_group_message(&conn, "team", "alice", i, 1, b"m", None)?
+                    store_group_message(&conn, &Outgoing::new("alice", i, b"m"), "team", 1)?
                         .envelope
                         .id,
                 )
@@ -1648,11 +1806,13 @@ mod tests {
         );
         remove_member(&conn, "team", "alice", "bob", 2, &keys_for(&["alice"]))?;
         assert_eq!(
-            code(store_group_message(&conn, "team", "bob", 9, 2, b"m", None).map(|_| ())),
+            code(store_group_message(&conn, &Outgoing::new("bob", 9, b"m"), "team", 2).map(|_| ())),
             Some(ErrorCode::UnknownGroup)
         );
         assert_eq!(
-            code(store_group_message(&conn, "team", "alice", 9, 1, b"m", None).map(|_| ())),
+            code(
+                store_group_message(&conn, &Outgoing::new("alice", 9, b"m"), "team", 1).map(|_| ())
+            ),
             Some(ErrorCode::Conflict),
             "sealed under the old epoch"
         );
@@ -1677,6 +1837,35 @@ mod tests {
                 "{wanted} missing from {options:?} (see .cargo/config.toml)"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_message_delivered_and_removed_is_not_stored_again_by_a_resend() -> Result<()> {
+        let (_dir, path) = fresh()?;
+        let conn = open(&path)?;
+        for u in ["alice", "bob"] {
+            create_user(&conn, u, "h", &keys())?;
+        }
+        let before = newest_message_id(&conn)?;
+        let first = store_message(&conn, &Outgoing::new("alice", 7, b"hi"), "bob")?;
+        assert_eq!(ack(&conn, "bob", &[first.envelope.id])?, 1);
+        // The sender never saw `Stored` (its server died) and sends again.
+        let resend = |client_id, body| Outgoing {
+            resend_after: Some(before),
+            ..Outgoing::new("alice", client_id, body)
+        };
+        let again = store_message(&conn, &resend(7, b"hi"), "bob")?;
+        assert_eq!(again.envelope.id, first.envelope.id, "the same message");
+        assert!(again.online_at.is_empty(), "not routed again");
+        assert!(queued(&conn, "bob", 0, 10)?.is_empty(), "not queued again");
+        // A re-send whose original was never stored is stored now.
+        let new = store_message(&conn, &resend(8, b"ho"), "bob")?;
+        assert!(new.envelope.id > first.envelope.id);
+        // Delivery records are cut off by id.
+        assert_eq!(forget_deliveries(&conn, first.envelope.id)?, 1);
+        let kept: i64 = conn.query_row("SELECT count(*) FROM delivered", [], |r| r.get(0))?;
+        assert_eq!(kept, 0);
         Ok(())
     }
 }

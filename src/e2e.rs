@@ -688,13 +688,14 @@ impl E2e {
         loop {
             let (epoch, key) = self.send_key(client, group, fresh)?;
             let body = self.seal_group(group, client_id, epoch, &key, plain)?;
-            let reply = client.call(|id| ServerRequest::GroupSend {
+            let reply = client.store(|id, resend_after| ServerRequest::GroupSend {
                 id,
                 group: group.to_string(),
                 client_id,
                 epoch,
                 body: body.clone(),
                 file,
+                resend_after,
             });
             match reply {
                 Ok(ServerEvent::Stored { msg_id, .. }) => return Ok(msg_id),

@@ -294,6 +294,10 @@ pub enum ServerRequest {
         body: Vec<u8>,
         /// A completed upload this message offers (the body holds its key and name).
         file: Option<i64>,
+        /// Set on a re-send after a lost connection: a message id the original (if it was
+        /// stored at all) is newer than, so the server can tell whether it was already
+        /// stored, or even delivered and removed. `None` on a first attempt.
+        resend_after: Option<i64>,
     },
     /// The client has shown these messages: remove them from its queue.
     Ack {
@@ -373,6 +377,8 @@ pub enum ServerRequest {
         body: Vec<u8>,
         /// A completed upload this message offers.
         file: Option<i64>,
+        /// As in `Send`.
+        resend_after: Option<i64>,
     },
     /// Start uploading an encrypted file of `size` plaintext bytes in `chunks` chunks of
     /// [`FILE_CHUNK`]; answered with `Upload`. An upload not offered by a `Send` or `GroupSend`
@@ -459,6 +465,9 @@ pub enum ServerEvent {
         server_id: u64,
         /// The largest file this server accepts, in bytes.
         max_file: u64,
+        /// The newest message id assigned so far: anything the client sends from now on gets
+        /// a larger one (the lower bound of a later `resend_after`).
+        newest: i64,
     },
     /// The message is committed to the database.
     Stored {
@@ -718,6 +727,7 @@ mod tests {
             client_id: 99,
             body: b"hi".to_vec(),
             file: Some(12),
+            resend_after: Some(40),
         });
         roundtrip(ServerRequest::FileChunk {
             id: 4,

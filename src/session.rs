@@ -151,14 +151,16 @@ impl Session<'_> {
         let shared = self.shared;
         shared.router.add(&self.user, self.handle.clone());
         let (sid, cid, u) = (shared.server_id, self.conn_id, self.user.clone());
-        shared
-            .writer
-            .call(move |c| db::add_presence(c, sid, cid, &u))?;
+        let newest = shared.writer.call(move |c| {
+            db::add_presence(c, sid, cid, &u)?;
+            db::newest_message_id(c)
+        })?;
         self.queue(Outbound::Event(ServerEvent::Welcome {
             id: hello_id,
             user: self.user.clone(),
             server_id: shared.server_id,
             max_file: shared.config.max_file,
+            newest,
         }));
         self.queue(Outbound::Sync);
         log::debug!("{} connected (connection {cid})", self.user);
@@ -281,11 +283,19 @@ impl Session<'_> {
                 client_id,
                 body,
                 file,
+                resend_after,
             } => {
                 if self.names_ok(id, &[("recipient", &to)]) && self.body_ok(id, &body) {
                     // Without a file, storing is one insert: atomic without a savepoint.
-                    self.store(id, file.is_some(), move |c| {
-                        db::store_message(c, &me, &to, client_id, &body, file)
+                    self.store(id, file.is_some() || resend_after.is_some(), move |c| {
+                        let msg = db::Outgoing {
+                            from: &me,
+                            client_id,
+                            body: &body,
+                            file,
+                            resend_after,
+                        };
+                        db::store_message(c, &msg, &to)
                     });
                 }
             }
@@ -296,10 +306,18 @@ impl Session<'_> {
                 epoch,
                 body,
                 file,
+                resend_after,
             } => {
                 if self.names_ok(id, &[("group", &group)]) && self.body_ok(id, &body) {
                     self.store(id, true, move |c| {
-                        db::store_group_message(c, &group, &me, client_id, epoch, &body, file)
+                        let msg = db::Outgoing {
+                            from: &me,
+                            client_id,
+                            body: &body,
+                            file,
+                            resend_after,
+                        };
+                        db::store_group_message(c, &msg, &group, epoch)
                     });
                 }
             }

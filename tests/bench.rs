@@ -92,12 +92,41 @@ fn idle_mode_reports_what_connections_cost_the_server() {
 }
 
 #[test]
+fn kill_9_of_a_server_mid_run_loses_nothing_and_stores_nothing_twice() {
+    // 12 clients on 3 servers; one server is killed a third of the way through. Its clients
+    // go back to the balancer, reconnect elsewhere and re-send what was not confirmed.
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "3",
+        "--clients",
+        "12",
+        "--messages",
+        "300",
+        "--rate",
+        "2400",
+        "--kill-server",
+        "0.5",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(r["expected"], 3600);
+    assert_eq!(r["delivered"], 3600, "{r}");
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicated"], 0, "nothing stored twice");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(
+        r["failovers"].as_u64().unwrap() >= 4,
+        "the killed server's clients moved: {r}"
+    );
+}
+
+#[test]
 fn bad_arguments_are_refused_with_exit_2() {
     for args in [
         vec!["--clients", "10"],
         vec!["--spawn-servers", "1", "--mode", "group", "--clients", "7"],
         vec!["--spawn-servers", "1", "--mode", "sideways"],
         vec!["--spawn-servers", "1", "--rate", "-5"],
+        vec!["--spawn-servers", "1", "--kill-server", "1"],
     ] {
         let out = run_limited(Command::new(env!("CARGO_BIN_EXE_fastchat-bench")).args(&args));
         assert_eq!(out.code, 2, "{args:?}: {out:?}");

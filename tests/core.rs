@@ -187,6 +187,7 @@ fn identity_comes_from_the_token_only() {
             client_id: 1,
             body: b"x".to_vec(),
             file: None,
+            resend_after: None,
         },
     )
     .unwrap();

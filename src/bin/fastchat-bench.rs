@@ -23,6 +23,7 @@ use fastchat::bench::{self, Config, Mode, Target};
   fastchat-bench --spawn-servers 3 --clients 100 --messages 200 --mode group --group-size 10
   fastchat-bench --spawn-servers 3 --clients 100 --messages 300 --rate 10000
   fastchat-bench --spawn-servers 1 --clients 5000 --mode idle
+  fastchat-bench --spawn-servers 3 --clients 60 --messages 2000 --rate 20000 --kill-server 1
   fastchat-bench --balancer 127.0.0.1:7000 --clients 50 --messages 100 --json"
 )]
 struct Args {
@@ -65,6 +66,10 @@ struct Args {
     /// Seconds idle clients stay connected, in idle mode.
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     hold: f64,
+    /// Fault injection: kill one of the spawned servers (kill -9) SECS after the messages
+    /// start. Its clients move to other servers; the run must still lose nothing.
+    #[arg(long, value_name = "SECS", requires = "spawn_servers")]
+    kill_server: Option<f64>,
     /// Print the report as one JSON object.
     #[arg(long, conflicts_with = "markdown")]
     json: bool,
@@ -89,8 +94,18 @@ fn main() -> ExitCode {
         (None, Some(_)) => return usage("--spawn-servers must be at least 1"),
         _ => return usage("say where the cluster is: --balancer ADDR or --spawn-servers K"),
     };
-    if !(0.0..=3600.0).contains(&args.drain) || !(0.0..=3600.0).contains(&args.hold) {
-        return usage("--drain and --hold must be between 0 and 3600 seconds");
+    let seconds = [Some(args.drain), Some(args.hold), args.kill_server];
+    if seconds
+        .iter()
+        .flatten()
+        .any(|s| !(0.0..=3600.0).contains(s))
+    {
+        return usage("--drain, --hold and --kill-server must be between 0 and 3600 seconds");
+    }
+    if args.kill_server.is_some() && args.spawn_servers.unwrap_or(0) < 2 {
+        return usage(
+            "--kill-server needs --spawn-servers 2 or more: the clients need somewhere to go",
+        );
     }
     let config = Config {
         clients: args.clients,
@@ -104,6 +119,7 @@ fn main() -> ExitCode {
         scrypt_log_n: args.scrypt_log_n,
         drain: Duration::from_secs_f64(args.drain),
         hold: Duration::from_secs_f64(args.hold),
+        kill_server: args.kill_server.map(Duration::from_secs_f64),
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {

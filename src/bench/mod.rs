@@ -20,23 +20,27 @@
 //! message reaches the K-1 others. Idle mode: connect and hold, to see what a connection costs a
 //! server.
 
-use std::collections::HashSet;
-use std::io::IsTerminal;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::client::{dial, BalancerClient, Session};
 use crate::crypto::{self, Identity, PairKey};
-use crate::e2e::{self, Plain};
+use crate::e2e;
 use crate::error::{Error, Result};
 use crate::launch::{self, LocalCluster, Usage};
 use crate::net::{FrameReader, FrameWriter, PublicKeys, ServerEvent, ServerRequest};
+
+mod driver;
+mod report;
+
+use driver::{Acker, Conn, Counters, Receiving, Sending};
+pub use report::{markdown_header, markdown_row, progress_default, render, to_json};
 
 /// What the clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +111,9 @@ pub struct Config {
     pub hold: Duration,
     /// Show a progress bar on standard error.
     pub progress: bool,
+    /// Kill one spawned server (SIGKILL) this long after the messages start: its clients must
+    /// move to another server and nothing may be lost.
+    pub kill_server: Option<Duration>,
 }
 
 /// Latency percentiles, microseconds.
@@ -153,8 +160,13 @@ pub struct Report {
     pub delivered: u64,
     /// Expected but never delivered.
     pub lost: u64,
-    /// Delivered more than once.
+    /// Delivered again under another message id: stored twice.
     pub duplicated: u64,
+    /// Delivered again under the same message id (at-least-once on the wire; a client shows
+    /// it once).
+    pub redelivered: u64,
+    /// Connections that moved to another server after losing theirs.
+    pub failovers: u64,
     /// Error replies and undecryptable messages.
     pub errors: u64,
     /// The first error seen, if any.
@@ -184,11 +196,16 @@ struct User {
     public: PublicKeys,
 }
 
-/// A connected client: its socket, split.
+/// A connected client: its socket, split, and what `Welcome` said.
 struct Link {
     reader: FrameReader<TcpStream>,
-    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
+    writer: FrameWriter<TcpStream>,
     stream: TcpStream,
+    server_id: u64,
+    /// The newest message id when it connected.
+    newest: i64,
+    /// The session token, for moving to another server.
+    token: String,
 }
 
 /// Runs the benchmark.
@@ -250,11 +267,15 @@ pub fn run(config: &Config) -> Result<Report> {
     }
     let plan = Plan::make(config, &users, links)?;
     let cpu_before = cpu_sample(cluster.as_ref());
-    plan.run(config, &mut report)?;
+    let victim = match (config.kill_server, &cluster) {
+        (Some(after), Some(c)) => c.servers.first().map(|s| (after, s.pid())),
+        _ => None,
+    };
+    plan.run(config, &balancer, victim, &mut report)?;
     report.cpu = cpu_before
         .into_iter()
         .zip(cpu_sample(cluster.as_ref()))
-        .map(|((name, before), (_, after))| (name, after - before))
+        .map(|((name, before), (_, after))| (name, (after - before).max(0.0)))
         .collect();
     drop(cluster);
     Ok(report)
@@ -369,10 +390,15 @@ fn open_link(session: &Session) -> Result<Link> {
         token: session.token.clone(),
     })?;
     match reader.read::<ServerEvent>()? {
-        Some(ServerEvent::Welcome { .. }) => Ok(Link {
+        Some(ServerEvent::Welcome {
+            server_id, newest, ..
+        }) => Ok(Link {
             reader,
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             stream,
+            server_id,
+            newest,
+            token: session.token.clone(),
         }),
         Some(ServerEvent::Error { message, code, .. }) => Err(Error::Refused { code, message }),
         other => Err(Error::Protocol(format!(
@@ -389,7 +415,7 @@ fn call(link: &mut Link, request: ServerRequest) -> Result<ServerEvent> {
         | ServerRequest::GroupKey { id, .. } => *id,
         _ => return Err(Error::Protocol("not a setup request".into())),
     };
-    link.writer.lock().send(&request)?;
+    link.writer.send(&request)?;
     loop {
         match link.reader.read::<ServerEvent>()? {
             Some(ServerEvent::Error {
@@ -483,7 +509,14 @@ impl Plan {
         })
     }
 
-    fn run(self, config: &Config, report: &mut Report) -> Result<()> {
+    /// Runs the clients; `victim` is a server to kill (after how long, its PID).
+    fn run(
+        self,
+        config: &Config,
+        balancer: &str,
+        victim: Option<(Duration, u32)>,
+        report: &mut Report,
+    ) -> Result<()> {
         let n = self.roles.len() as u64;
         let expected = n * config.messages * self.fanout;
         let shared = Arc::new(Counters::default());
@@ -491,13 +524,15 @@ impl Plan {
         let (go_tx, go) = bounded::<()>(0);
         let mut readers: Vec<JoinHandle<Vec<u32>>> = Vec::new();
         let mut senders: Vec<JoinHandle<Result<()>>> = Vec::new();
-        let mut streams = Vec::new();
-        let mut all_acks = Vec::new();
+        let mut conns: Vec<Arc<Conn>> = Vec::new();
         let mut paced = Vec::new();
         for role in self.roles {
-            streams.push(role.link.stream.try_clone()?);
             let (slots, free) = bounded::<()>(config.window);
+            let (conn, reader) = Conn::new(balancer, role.link);
+            let conn = Arc::new(conn);
+            conns.push(Arc::clone(&conn));
             let receiving = Receiving {
+                conn: Arc::clone(&conn),
                 from_key: role.from_key.clone(),
                 group_key: role.group.as_ref().map(|(_, k)| k.clone()),
                 ed25519: Arc::clone(&self.ed25519),
@@ -506,30 +541,18 @@ impl Plan {
                 start: Arc::clone(&start),
                 free,
             };
-            let Role {
-                link,
-                index,
-                me,
-                to,
-                group,
-                identity,
-                ..
-            } = role;
-            let Link { reader, writer, .. } = link;
-            let acks = Arc::new(Acks::new(Arc::clone(&writer)));
-            all_acks.push(Arc::clone(&acks));
             readers.push(
                 std::thread::Builder::new()
-                    .name(format!("bench-reader-{index}"))
-                    .spawn(move || receiving.run(reader, &acks))?,
+                    .name(format!("bench-reader-{}", role.index))
+                    .spawn(move || receiving.run(reader))?,
             );
             let sending = Sending {
-                index,
-                me,
-                to,
-                group,
-                identity,
-                writer,
+                index: role.index,
+                me: role.me,
+                to: role.to,
+                group: role.group,
+                identity: role.identity,
+                conn,
                 slots,
                 size: config.size,
                 counters: Arc::clone(&shared),
@@ -541,7 +564,7 @@ impl Plan {
             let (go, start, messages) = (go.clone(), Arc::clone(&start), config.messages);
             senders.push(
                 std::thread::Builder::new()
-                    .name(format!("bench-sender-{index}"))
+                    .name(format!("bench-sender-{}", sending.index))
                     .spawn(move || sending.run(messages, &go, &start))?,
             );
         }
@@ -550,16 +573,25 @@ impl Plan {
             senders.push(
                 std::thread::Builder::new()
                     .name("bench-pacer".into())
-                    .spawn(move || pace(paced, messages, rate, &go, &start))?,
+                    .spawn(move || driver::pace(paced, messages, rate, &go, &start))?,
             );
         }
-        let acker = Acker::start(all_acks)?;
+        let acker = Acker::start(conns.clone())?;
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
+        if let Some((after, pid)) = victim {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                log::info!("killing server process {pid} (kill -9)");
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            });
+        }
         let progress = config
             .progress
-            .then(|| Progress::start(Arc::clone(&shared), expected));
+            .then(|| report::Progress::start(Arc::clone(&shared), expected));
         let mut send_error = None;
         for s in senders {
             match s.join() {
@@ -588,8 +620,9 @@ impl Plan {
             p.stop();
         }
         acker.stop();
-        for s in &streams {
-            let _ = s.shutdown(Shutdown::Both);
+        shared.finished.store(true, Ordering::SeqCst);
+        for c in &conns {
+            c.close();
         }
         let mut latencies: Vec<u32> = Vec::new();
         for r in readers {
@@ -605,13 +638,15 @@ impl Plan {
         report.delivered = delivered;
         report.lost = expected.saturating_sub(delivered);
         report.duplicated = shared.duplicated.load(Ordering::SeqCst);
+        report.redelivered = shared.redelivered.load(Ordering::SeqCst);
+        report.failovers = shared.failovers.load(Ordering::SeqCst);
         report.errors = shared.errors.load(Ordering::SeqCst);
         report.first_error = shared.first_error.lock().clone();
         report.deliver_secs = shared.last_delivery_ns.load(Ordering::SeqCst) as f64 / 1e9;
         if report.deliver_secs > 0.0 {
             report.throughput = delivered as f64 / report.deliver_secs;
         }
-        report.latency = percentiles(&mut latencies);
+        report.latency = report::percentiles(&mut latencies);
         Ok(())
     }
 }
@@ -675,566 +710,4 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
         role.group = Some((group.clone(), key));
     }
     Ok(())
-}
-
-/// Counters shared by every thread of a run.
-#[derive(Default)]
-struct Counters {
-    delivered: AtomicU64,
-    duplicated: AtomicU64,
-    stored: AtomicU64,
-    errors: AtomicU64,
-    last_delivery_ns: AtomicU64,
-    first_error: Mutex<Option<String>>,
-}
-
-impl Counters {
-    fn error(&self, what: &str) {
-        self.errors.fetch_add(1, Ordering::SeqCst);
-        let mut first = self.first_error.lock();
-        if first.is_none() {
-            *first = Some(what.to_string());
-        }
-    }
-}
-
-/// A client's sending side.
-struct Sending {
-    index: usize,
-    me: String,
-    to: Option<(String, PairKey)>,
-    group: Option<(String, PairKey)>,
-    identity: Arc<Identity>,
-    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
-    /// Window: a slot is taken per message and given back by the reader on `Stored`.
-    slots: Sender<()>,
-    size: usize,
-    counters: Arc<Counters>,
-}
-
-impl Sending {
-    /// Seals and writes message `seq`, due at `due` (`start` is time zero); `flush` sends it
-    /// now, else it waits in the buffer until the window fills.
-    fn send(&self, seq: u64, due: Instant, start: Instant, flush: bool) -> Result<()> {
-        if self.slots.try_send(()).is_err() {
-            // The window is full: push out what is buffered, then wait for a slot.
-            self.writer.lock().flush()?;
-            self.slots
-                .send_timeout((), Duration::from_secs(30))
-                .map_err(|_| Error::Protocol("no Stored reply for 30 s".into()))?;
-        }
-        let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
-        let text = payload(self.index, seq, sent_ns, self.size);
-        let request = self.request(seq, &text)?;
-        let mut w = self.writer.lock();
-        w.write(&request)?;
-        if flush {
-            w.flush()?;
-        }
-        Ok(())
-    }
-
-    /// As fast as the window allows: this client's own thread.
-    fn run(self, messages: u64, go: &Receiver<()>, start: &OnceLock<Instant>) -> Result<()> {
-        let _ = go.recv();
-        let start = *start.get().expect("set before go");
-        for seq in 0..messages {
-            self.send(seq, Instant::now(), start, false)?;
-        }
-        self.writer.lock().flush()?;
-        self.wait_stored();
-        Ok(())
-    }
-
-    /// Waits until every message is stored (all window slots back).
-    fn wait_stored(&self) {
-        for _ in 0..self.slots.capacity().unwrap_or(0) {
-            if self
-                .slots
-                .send_timeout((), Duration::from_secs(30))
-                .is_err()
-            {
-                self.counters.error("messages never confirmed as stored");
-                break;
-            }
-        }
-    }
-
-    fn request(&self, seq: u64, text: &str) -> Result<ServerRequest> {
-        let plain = Plain::Text(text.to_string());
-        if let Some((to, key)) = &self.to {
-            let body = e2e::seal_direct_with(key, &self.me, to, seq, &plain)?;
-            return Ok(ServerRequest::Send {
-                id: seq,
-                to: to.clone(),
-                client_id: seq,
-                body,
-                file: None,
-            });
-        }
-        let (group, key) = self.group.as_ref().expect("a direct or group role");
-        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, 1, &plain)?;
-        Ok(ServerRequest::GroupSend {
-            id: seq,
-            group: group.clone(),
-            client_id: seq,
-            epoch: 1,
-            body,
-            file: None,
-        })
-    }
-}
-
-/// A fixed offered load, from one thread for all clients: message k (of client k mod N, its
-/// number k div N) is due k/R seconds after the start, and is written and flushed then. One
-/// pacing thread wakes far less often than one sleeping thread per client would, so the tool
-/// takes less of the machine it measures.
-fn pace(
-    clients: Vec<Sending>,
-    messages: u64,
-    rate: f64,
-    go: &Receiver<()>,
-    start: &OnceLock<Instant>,
-) -> Result<()> {
-    let _ = go.recv();
-    let start = *start.get().expect("set before go");
-    let n = clients.len() as u64;
-    for k in 0..n * messages {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
-        let now = Instant::now();
-        if due > now + Duration::from_micros(50) {
-            std::thread::sleep(due - now);
-        }
-        clients[(k % n) as usize].send(k / n, due, start, true)?;
-    }
-    for c in &clients {
-        c.wait_stored();
-    }
-    Ok(())
-}
-
-/// `SENDER:SEQ:NANOS:` padded with dots to `size` bytes.
-fn payload(sender: usize, seq: u64, nanos: u64, size: usize) -> String {
-    let mut s = format!("{sender}:{seq}:{nanos}:");
-    if s.len() < size {
-        s.extend(std::iter::repeat_n('.', size - s.len()));
-    }
-    s
-}
-
-/// Parses a payload back into (sender, seq, nanos).
-fn parse_payload(text: &str) -> Option<(u64, u64, u64)> {
-    let mut it = text.splitn(4, ':');
-    Some((
-        it.next()?.parse().ok()?,
-        it.next()?.parse().ok()?,
-        it.next()?.parse().ok()?,
-    ))
-}
-
-/// A client's receiving side.
-struct Receiving {
-    from_key: Option<PairKey>,
-    group_key: Option<PairKey>,
-    ed25519: Arc<Vec<Vec<u8>>>,
-    /// Where the index starts in a user name (`bRUN-INDEX`).
-    prefix_len: usize,
-    counters: Arc<Counters>,
-    start: Arc<OnceLock<Instant>>,
-    free: Receiver<()>,
-}
-
-/// Most message ids in one acknowledgement from the bench.
-const ACK_BATCH: usize = 256;
-
-/// Longest an acknowledgement waits to be batched with others.
-const ACK_DELAY: Duration = Duration::from_millis(10);
-
-/// A client's acknowledgements not yet sent. Like TCP's delayed ACK: sent at once when a
-/// batch is full, else by the [`Acker`] within [`ACK_DELAY`], so a client at a low rate does
-/// not cost the server a transaction and a reply per message.
-struct Acks {
-    pending: Mutex<Vec<i64>>,
-    writer: Arc<Mutex<FrameWriter<TcpStream>>>,
-    next_id: AtomicU64,
-}
-
-impl Acks {
-    fn new(writer: Arc<Mutex<FrameWriter<TcpStream>>>) -> Acks {
-        Acks {
-            pending: Mutex::new(Vec::with_capacity(ACK_BATCH)),
-            writer,
-            next_id: AtomicU64::new(1 << 62),
-        }
-    }
-
-    /// Adds one; sends the batch if it is full.
-    fn push(&self, msg_id: i64) -> Result<()> {
-        let full = {
-            let mut p = self.pending.lock();
-            p.push(msg_id);
-            p.len() >= ACK_BATCH
-        };
-        if full {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Sends what is pending.
-    fn flush(&self) -> Result<()> {
-        let msg_ids = std::mem::take(&mut *self.pending.lock());
-        if msg_ids.is_empty() {
-            return Ok(());
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.writer.lock().send(&ServerRequest::Ack { id, msg_ids })
-    }
-}
-
-/// One thread that flushes every client's pending acknowledgements every [`ACK_DELAY`].
-struct Acker {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Acker {
-    fn start(all: Vec<Arc<Acks>>) -> Result<Acker> {
-        let (stop, stopped) = bounded::<()>(0);
-        let thread = std::thread::Builder::new()
-            .name("bench-acker".into())
-            .spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(ACK_DELAY)
-                {
-                    for acks in &all {
-                        let _ = acks.flush();
-                    }
-                }
-            })?;
-        Ok(Acker { stop, thread })
-    }
-
-    fn stop(self) {
-        drop(self.stop);
-        let _ = self.thread.join();
-    }
-}
-
-impl Receiving {
-    /// Reads until the socket closes; returns latencies in microseconds.
-    fn run(self, mut reader: FrameReader<TcpStream>, acks: &Acks) -> Vec<u32> {
-        let mut latencies = Vec::new();
-        let mut seen: HashSet<(u64, u64)> = HashSet::new();
-        loop {
-            match reader.read::<ServerEvent>() {
-                Ok(Some(ServerEvent::Stored { .. })) => {
-                    let _ = self.free.try_recv();
-                    self.counters.stored.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Some(ServerEvent::Deliver { msg })) => {
-                    match self.open(&msg) {
-                        Ok((sender, seq, sent_ns)) => {
-                            let now = self
-                                .start
-                                .get()
-                                .map_or(0, |s| s.elapsed().as_nanos() as u64);
-                            if seen.insert((sender, seq)) {
-                                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                                self.counters
-                                    .last_delivery_ns
-                                    .fetch_max(now, Ordering::Relaxed);
-                                latencies.push((now.saturating_sub(sent_ns) / 1000) as u32);
-                            } else {
-                                self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(e) => self.counters.error(&format!("message {}: {e}", msg.id)),
-                    }
-                    if acks.push(msg.id).is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(ServerEvent::Error { message, .. })) => self.counters.error(&message),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        latencies
-    }
-
-    /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
-    fn open(&self, msg: &crate::net::Envelope) -> Result<(u64, u64, u64)> {
-        let plain = match (&self.from_key, &self.group_key) {
-            (Some(key), _) => e2e::open_direct_with(key, msg)?,
-            (None, Some(key)) => {
-                let sender: usize = msg
-                    .from
-                    .get(self.prefix_len..)
-                    .and_then(|i| i.parse().ok())
-                    .filter(|i| *i < self.ed25519.len())
-                    .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
-                e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?
-            }
-            (None, None) => return Err(Error::Protocol("a message in idle mode".into())),
-        };
-        match plain {
-            Plain::Text(t) => {
-                parse_payload(&t).ok_or_else(|| Error::Integrity("not a bench payload".into()))
-            }
-            _ => Err(Error::Integrity("not a text message".into())),
-        }
-    }
-}
-
-fn percentiles(us: &mut [u32]) -> Latency {
-    if us.is_empty() {
-        return Latency::default();
-    }
-    us.sort_unstable();
-    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize] as u64;
-    Latency {
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: us[us.len() - 1] as u64,
-    }
-}
-
-/// A progress bar on standard error, redrawn five times a second.
-struct Progress {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Progress {
-    fn start(counters: Arc<Counters>, expected: u64) -> Progress {
-        let (stop, stopped) = bounded::<()>(0);
-        let thread = std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut previous = (0u64, Instant::now());
-            loop {
-                let done = counters.delivered.load(Ordering::Relaxed);
-                let rate =
-                    (done - previous.0) as f64 / previous.1.elapsed().as_secs_f64().max(1e-3);
-                previous = (done, Instant::now());
-                let frac = if expected == 0 {
-                    1.0
-                } else {
-                    done as f64 / expected as f64
-                };
-                let filled = (frac * 30.0) as usize;
-                eprint!(
-                    "\r[{}{}] {:>5.1}%  {done}/{expected} delivered  {:>9.0} msg/s  {:>5.1} s ",
-                    "#".repeat(filled.min(30)),
-                    ".".repeat(30 - filled.min(30)),
-                    frac * 100.0,
-                    rate,
-                    started.elapsed().as_secs_f64()
-                );
-                if stopped.recv_timeout(Duration::from_millis(200)).is_ok() || done >= expected {
-                    let _ = stopped.recv_timeout(Duration::from_secs(60));
-                    eprintln!();
-                    return;
-                }
-            }
-        });
-        Progress { stop, thread }
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
-/// Whether to show progress by default: only on a terminal.
-pub fn progress_default() -> bool {
-    std::io::stderr().is_terminal()
-}
-
-/// The report for people.
-pub fn render(r: &Report) -> String {
-    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
-    let rate = match r.rate {
-        Some(rate) => format!("offered {rate:.0} messages/s"),
-        None => "as fast as the window allows".to_string(),
-    };
-    let mut out = String::new();
-    let shape = match r.mode.as_str() {
-        "group" => format!("groups of {}, ", r.group_size),
-        _ => String::new(),
-    };
-    out.push_str(&format!(
-        "fastchat-bench: {} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}\n",
-        r.mode,
-        r.clients,
-        r.messages,
-        r.size,
-        r.window,
-        r.servers,
-        if r.servers == 1 { "" } else { "s" }
-    ));
-    out.push_str(&format!(
-        "  connect     {} clients signed up, logged in and connected in {:.2} s ({:.2} ms each)\n",
-        r.clients,
-        r.connect_secs,
-        r.connect_secs * 1000.0 / r.clients.max(1) as f64
-    ));
-    if r.mode == "idle" {
-        for (i, (before, after)) in r.server_usage.iter().enumerate() {
-            let clients = r.clients as f64 / r.server_usage.len() as f64;
-            out.push_str(&format!(
-                "  server {i}    {} threads, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads and {:.1} KiB per client)\n",
-                after.threads,
-                after.rss_kib as f64 / 1024.0,
-                (after.threads as f64 - before.threads as f64) / clients,
-                (after.rss_kib as f64 - before.rss_kib as f64) / clients
-            ));
-        }
-        return out;
-    }
-    out.push_str(&format!(
-        "  sent        {} messages, all stored, in {:.2} s\n",
-        r.clients as u64 * r.messages,
-        r.send_secs
-    ));
-    out.push_str(&format!(
-        "  delivered   {} of {} in {:.2} s: {:.0} messages/s\n",
-        r.delivered, r.expected, r.deliver_secs, r.throughput
-    ));
-    out.push_str(&format!(
-        "  latency     p50 {}  p90 {}  p99 {}  max {}  (send to decrypted delivery)\n",
-        ms(r.latency.p50),
-        ms(r.latency.p90),
-        ms(r.latency.p99),
-        ms(r.latency.max)
-    ));
-    if !r.cpu.is_empty() {
-        let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
-        let parts: Vec<String> = r.cpu.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
-        out.push_str(&format!(
-            "  cpu         {:.2} s in all ({}), {:.1} µs per delivery\n",
-            total,
-            parts.join(", "),
-            total * 1e6 / r.delivered.max(1) as f64
-        ));
-    }
-    out.push_str(&format!(
-        "  lost {}, duplicated {}, errors {}{}\n",
-        r.lost,
-        r.duplicated,
-        r.errors,
-        r.first_error
-            .as_ref()
-            .map(|e| format!(" (first: {e})"))
-            .unwrap_or_default()
-    ));
-    out
-}
-
-/// The header of [`markdown_row`]'s table for a mode (`idle` has its own columns).
-pub fn markdown_header(idle: bool) -> &'static str {
-    if idle {
-        "| run | clients | connect time | server threads | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: |"
-    } else {
-        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    }
-}
-
-/// The report as one row of a Markdown table (see [`markdown_header`]).
-pub fn markdown_row(label: &str, r: &Report) -> String {
-    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
-    if r.mode == "idle" {
-        let (threads, rss): (u64, u64) = r
-            .server_usage
-            .iter()
-            .map(|(_, a)| (a.threads, a.rss_kib))
-            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
-        let (t0, m0): (u64, u64) = r
-            .server_usage
-            .iter()
-            .map(|(b, _)| (b.threads, b.rss_kib))
-            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
-        let n = r.clients.max(1) as f64;
-        return format!(
-            "| {label} | {} | {:.2} s | {threads} | {:.0} MiB | {:.2} threads, {:.0} KiB |",
-            r.clients,
-            r.connect_secs,
-            rss as f64 / 1024.0,
-            (threads as f64 - t0 as f64) / n,
-            (rss as f64 - m0 as f64) / n
-        );
-    }
-    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
-    format!(
-        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
-        r.delivered,
-        r.throughput,
-        ms(r.latency.p50),
-        ms(r.latency.p90),
-        ms(r.latency.p99),
-        ms(r.latency.max),
-        r.lost,
-        r.duplicated,
-        cpu * 1e6 / r.delivered.max(1) as f64
-    )
-}
-
-/// The report as one JSON object.
-pub fn to_json(r: &Report) -> serde_json::Value {
-    serde_json::json!({
-        "mode": r.mode,
-        "clients": r.clients,
-        "messages_per_client": r.messages,
-        "size": r.size,
-        "window": r.window,
-        "group_size": r.group_size,
-        "rate": r.rate,
-        "servers": r.servers,
-        "connect_secs": r.connect_secs,
-        "send_secs": r.send_secs,
-        "deliver_secs": r.deliver_secs,
-        "expected": r.expected,
-        "delivered": r.delivered,
-        "lost": r.lost,
-        "duplicated": r.duplicated,
-        "errors": r.errors,
-        "first_error": r.first_error,
-        "throughput": r.throughput,
-        "latency_us": {
-            "p50": r.latency.p50,
-            "p90": r.latency.p90,
-            "p99": r.latency.p99,
-            "max": r.latency.max,
-        },
-        "cpu_secs": r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
-        "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
-            "threads_before": b.threads, "rss_kib_before": b.rss_kib,
-            "threads_after": a.threads, "rss_kib_after": a.rss_kib,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payloads_round_trip_and_pad() {
-        let p = payload(7, 42, 123_456, 64);
-        assert_eq!(p.len(), 64);
-        assert_eq!(parse_payload(&p), Some((7, 42, 123_456)));
-        let short = payload(1, 2, 3, 0);
-        assert_eq!(short, "1:2:3:");
-        assert_eq!(parse_payload("garbage"), None);
-    }
-
-    #[test]
-    fn percentiles_pick_ranks() {
-        let mut v: Vec<u32> = (1..=100).collect();
-        let l = percentiles(&mut v);
-        assert_eq!((l.p50, l.p90, l.p99, l.max), (51, 90, 99, 100));
-        assert_eq!(percentiles(&mut []), Latency::default());
-    }
 }

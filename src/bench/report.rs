@@ -1,0 +1,264 @@
+//! How a run's results are shown: for people, as Markdown table rows, as JSON; and the
+//! progress bar.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+
+use super::driver::Counters;
+use super::{Latency, Report};
+
+/// Percentiles of latencies in microseconds (sorts them).
+pub(super) fn percentiles(us: &mut [u32]) -> Latency {
+    if us.is_empty() {
+        return Latency::default();
+    }
+    us.sort_unstable();
+    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize] as u64;
+    Latency {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: us[us.len() - 1] as u64,
+    }
+}
+
+/// A progress bar on standard error, redrawn five times a second.
+pub(super) struct Progress {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Progress {
+    pub fn start(counters: Arc<Counters>, expected: u64) -> Progress {
+        let (stop, stopped) = bounded::<()>(0);
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut previous = (0u64, Instant::now());
+            loop {
+                let done = counters.delivered.load(Ordering::Relaxed);
+                let rate =
+                    (done - previous.0) as f64 / previous.1.elapsed().as_secs_f64().max(1e-3);
+                previous = (done, Instant::now());
+                let frac = if expected == 0 {
+                    1.0
+                } else {
+                    done as f64 / expected as f64
+                };
+                let filled = (frac * 30.0) as usize;
+                eprint!(
+                    "\r[{}{}] {:>5.1}%  {done}/{expected} delivered  {:>9.0} msg/s  {:>5.1} s ",
+                    "#".repeat(filled.min(30)),
+                    ".".repeat(30 - filled.min(30)),
+                    frac * 100.0,
+                    rate,
+                    started.elapsed().as_secs_f64()
+                );
+                if stopped.recv_timeout(Duration::from_millis(200)).is_ok() || done >= expected {
+                    let _ = stopped.recv_timeout(Duration::from_secs(60));
+                    eprintln!();
+                    return;
+                }
+            }
+        });
+        Progress { stop, thread }
+    }
+
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Whether to show progress by default: only on a terminal.
+pub fn progress_default() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// The report for people.
+pub fn render(r: &Report) -> String {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    let rate = match r.rate {
+        Some(rate) => format!("offered {rate:.0} messages/s"),
+        None => "as fast as the window allows".to_string(),
+    };
+    let mut out = String::new();
+    let shape = match r.mode.as_str() {
+        "group" => format!("groups of {}, ", r.group_size),
+        _ => String::new(),
+    };
+    out.push_str(&format!(
+        "fastchat-bench: {} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}\n",
+        r.mode,
+        r.clients,
+        r.messages,
+        r.size,
+        r.window,
+        r.servers,
+        if r.servers == 1 { "" } else { "s" }
+    ));
+    out.push_str(&format!(
+        "  connect     {} clients signed up, logged in and connected in {:.2} s ({:.2} ms each)\n",
+        r.clients,
+        r.connect_secs,
+        r.connect_secs * 1000.0 / r.clients.max(1) as f64
+    ));
+    if r.mode == "idle" {
+        for (i, (before, after)) in r.server_usage.iter().enumerate() {
+            let clients = r.clients as f64 / r.server_usage.len() as f64;
+            out.push_str(&format!(
+                "  server {i}    {} threads, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads and {:.1} KiB per client)\n",
+                after.threads,
+                after.rss_kib as f64 / 1024.0,
+                (after.threads as f64 - before.threads as f64) / clients,
+                (after.rss_kib as f64 - before.rss_kib as f64) / clients
+            ));
+        }
+        return out;
+    }
+    out.push_str(&format!(
+        "  sent        {} messages, all stored, in {:.2} s\n",
+        r.clients as u64 * r.messages,
+        r.send_secs
+    ));
+    out.push_str(&format!(
+        "  delivered   {} of {} in {:.2} s: {:.0} messages/s\n",
+        r.delivered, r.expected, r.deliver_secs, r.throughput
+    ));
+    out.push_str(&format!(
+        "  latency     p50 {}  p90 {}  p99 {}  max {}  (send to decrypted delivery)\n",
+        ms(r.latency.p50),
+        ms(r.latency.p90),
+        ms(r.latency.p99),
+        ms(r.latency.max)
+    ));
+    if !r.cpu.is_empty() {
+        let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+        let parts: Vec<String> = r.cpu.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
+        out.push_str(&format!(
+            "  cpu         {:.2} s in all ({}), {:.1} µs per delivery\n",
+            total,
+            parts.join(", "),
+            total * 1e6 / r.delivered.max(1) as f64
+        ));
+    }
+    if r.failovers > 0 || r.redelivered > 0 {
+        out.push_str(&format!(
+            "  failover    {} connections moved to another server; {} messages delivered again under the same id (shown once)\n",
+            r.failovers, r.redelivered
+        ));
+    }
+    out.push_str(&format!(
+        "  lost {}, duplicated {}, errors {}{}\n",
+        r.lost,
+        r.duplicated,
+        r.errors,
+        r.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    ));
+    out
+}
+
+/// The header of [`markdown_row`]'s table for a mode (`idle` has its own columns).
+pub fn markdown_header(idle: bool) -> &'static str {
+    if idle {
+        "| run | clients | connect time | server threads | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    } else {
+        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    }
+}
+
+/// The report as one row of a Markdown table (see [`markdown_header`]).
+pub fn markdown_row(label: &str, r: &Report) -> String {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    if r.mode == "idle" {
+        let (threads, rss): (u64, u64) = r
+            .server_usage
+            .iter()
+            .map(|(_, a)| (a.threads, a.rss_kib))
+            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
+        let (t0, m0): (u64, u64) = r
+            .server_usage
+            .iter()
+            .map(|(b, _)| (b.threads, b.rss_kib))
+            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
+        let n = r.clients.max(1) as f64;
+        return format!(
+            "| {label} | {} | {:.2} s | {threads} | {:.0} MiB | {:.2} threads, {:.0} KiB |",
+            r.clients,
+            r.connect_secs,
+            rss as f64 / 1024.0,
+            (threads as f64 - t0 as f64) / n,
+            (rss as f64 - m0 as f64) / n
+        );
+    }
+    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+    format!(
+        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
+        r.delivered,
+        r.throughput,
+        ms(r.latency.p50),
+        ms(r.latency.p90),
+        ms(r.latency.p99),
+        ms(r.latency.max),
+        r.lost,
+        r.duplicated,
+        cpu * 1e6 / r.delivered.max(1) as f64
+    )
+}
+
+/// The report as one JSON object.
+pub fn to_json(r: &Report) -> serde_json::Value {
+    serde_json::json!({
+        "mode": r.mode,
+        "clients": r.clients,
+        "messages_per_client": r.messages,
+        "size": r.size,
+        "window": r.window,
+        "group_size": r.group_size,
+        "rate": r.rate,
+        "servers": r.servers,
+        "connect_secs": r.connect_secs,
+        "send_secs": r.send_secs,
+        "deliver_secs": r.deliver_secs,
+        "expected": r.expected,
+        "delivered": r.delivered,
+        "lost": r.lost,
+        "duplicated": r.duplicated,
+        "redelivered": r.redelivered,
+        "failovers": r.failovers,
+        "errors": r.errors,
+        "first_error": r.first_error,
+        "throughput": r.throughput,
+        "latency_us": {
+            "p50": r.latency.p50,
+            "p90": r.latency.p90,
+            "p99": r.latency.p99,
+            "max": r.latency.max,
+        },
+        "cpu_secs": r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
+            "threads_before": b.threads, "rss_kib_before": b.rss_kib,
+            "threads_after": a.threads, "rss_kib_after": a.rss_kib,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let mut v: Vec<u32> = (1..=100).collect();
+        let l = percentiles(&mut v);
+        assert_eq!((l.p50, l.p90, l.p99, l.max), (51, 90, 99, 100));
+        assert_eq!(percentiles(&mut []), Latency::default());
+    }
+}
