@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,7 @@ use crate::names;
 use crate::net::{
     BalancerReply, BalancerRequest, ErrorCode, FrameReader, FrameWriter, PublicKeys, ServerInfo,
 };
+use crate::throttle::Logins;
 
 /// Longest password accepted, in bytes.
 pub const MAX_PASSWORD: usize = 1024;
@@ -198,6 +199,8 @@ struct Shared {
     /// A password hash for names that do not exist, so a wrong name costs as much as a wrong
     /// password and timing does not reveal which names are registered.
     dummy_hash: String,
+    /// Failed logins per name and address. A lock, not a thread: each use is a map lookup.
+    logins: Mutex<Logins>,
 }
 
 /// Serves the balancer on `listener` until a message arrives on `shutdown` (or it is dropped).
@@ -212,6 +215,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
             rng: crypto::random_u64()? | 1,
         }),
         dummy_hash: crypto::hash_password("not a password", config.scrypt)?,
+        logins: Mutex::new(Logins::default()),
         config,
     });
     let addr = listener.local_addr()?;
@@ -271,6 +275,7 @@ pub(crate) fn stop_on_signal(
 const IDLE: Duration = Duration::from_secs(60);
 
 fn serve(stream: TcpStream, shared: &Shared) -> Result<()> {
+    let from = stream.peer_addr()?.ip();
     stream.set_read_timeout(Some(IDLE))?;
     stream.set_nodelay(true)?;
     let mut reader = FrameReader::new(stream.try_clone()?);
@@ -292,7 +297,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> Result<()> {
             Err(e) => return Err(e),
         };
         let id = request_id(&request);
-        let reply = match handle(request, shared, &mut server_id) {
+        let reply = match handle(request, shared, from, &mut server_id) {
             Ok(reply) => reply,
             Err(Error::Refused { code, message }) => BalancerReply::Error {
                 id: Some(id),
@@ -322,6 +327,7 @@ fn request_id(r: &BalancerRequest) -> u64 {
         BalancerRequest::Signup { id, .. }
         | BalancerRequest::Login { id, .. }
         | BalancerRequest::Resume { id, .. }
+        | BalancerRequest::Logout { id, .. }
         | BalancerRequest::Servers { id }
         | BalancerRequest::Keys { id, .. }
         | BalancerRequest::Register { id, .. }
@@ -329,9 +335,11 @@ fn request_id(r: &BalancerRequest) -> u64 {
     }
 }
 
+/// Answers one request from the client at `from`.
 fn handle(
     request: BalancerRequest,
     shared: &Shared,
+    from: IpAddr,
     server_id: &mut Option<u64>,
 ) -> Result<BalancerReply> {
     match request {
@@ -346,8 +354,25 @@ fn handle(
             Ok(BalancerReply::Ok { id })
         }
         BalancerRequest::Login { id, name, password } => {
-            check_password(shared, &name, &password)?;
+            // Locked-out names and addresses are refused before any hashing.
+            shared
+                .logins
+                .lock()
+                .check(&name, from)
+                .map_err(|why| Error::refused(ErrorCode::RateLimited, why))?;
+            match check_password(shared, &name, &password) {
+                Ok(()) => shared.logins.lock().succeeded(&name),
+                Err(e) => {
+                    shared.logins.lock().failed(&name, from);
+                    return Err(e);
+                }
+            }
             login(shared, id, name)
+        }
+        BalancerRequest::Logout { id, token } => {
+            let hash = crypto::token_hash(token.as_bytes())?;
+            shared.writer.call(move |c| db::end_session(c, &hash))?;
+            Ok(BalancerReply::Ok { id })
         }
         BalancerRequest::Resume { id, token, avoid } => {
             let hash = crypto::token_hash(token.as_bytes())?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{select, Receiver};
 use parking_lot::Mutex;
 
 use crate::client::{BalancerClient, Client, Event};
@@ -31,6 +32,9 @@ pub struct Options {
     pub user: Option<String>,
     /// The password, if given in the environment (else prompted).
     pub password: Option<String>,
+    /// Signalled on Ctrl-C: the long-running commands (`chat`, `recv --wait`) then end
+    /// cleanly, with what was shown acknowledged, and exit 0.
+    pub interrupt: Receiver<()>,
 }
 
 impl Options {
@@ -92,10 +96,19 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
 
 /// A logged-in user: the (failover-capable) client and the end-to-end state.
 struct LoggedIn {
-    client: Client,
-    e2e: E2e,
+    client: Arc<Client>,
+    e2e: Arc<Mutex<E2e>>,
     /// Where received files are saved.
     downloads: PathBuf,
+}
+
+impl Drop for LoggedIn {
+    /// Each command is one session: its token is given up when the command ends.
+    fn drop(&mut self) {
+        if let Err(e) = self.client.logout() {
+            log::debug!("logout failed: {e}");
+        }
+    }
 }
 
 fn login(opts: &Options) -> Result<LoggedIn> {
@@ -106,8 +119,8 @@ fn login(opts: &Options) -> Result<LoggedIn> {
     let identity = store.load_identity(&password)?;
     let directory = Directory::new(&opts.balancer, Some(balancer));
     Ok(LoggedIn {
-        e2e: E2e::new(&user, identity, store, directory),
-        client,
+        e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
+        client: Arc::new(client),
         downloads: downloads(opts, &user),
     })
 }
@@ -118,9 +131,9 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
     if text.is_empty() {
         return Err(Error::Invalid("empty message: nothing was sent".into()));
     }
-    let mut me = login(opts)?;
+    let me = login(opts)?;
     let client_id = crypto::random_u64()?;
-    let body = me.e2e.seal_text(to, client_id, text)?;
+    let body = me.e2e.lock().seal_text(to, client_id, text)?;
     let id = me.client.send(to, client_id, &body)?;
     println!("stored message {id} for {to}");
     Ok(())
@@ -129,10 +142,10 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
 /// `fastchat send-file TO PATH`.
 pub fn send_file(opts: &Options, to: &str, path: &Path) -> Result<()> {
     names::validate("recipient", to)?;
-    let mut me = login(opts)?;
+    let me = login(opts)?;
     println!(
         "{}",
-        file_sent(&me.client, &mut me.e2e, Target::User(to), path)?
+        file_sent(&me.client, &mut me.e2e.lock(), Target::User(to), path)?
     );
     Ok(())
 }
@@ -352,8 +365,8 @@ impl GroupCmd {
 /// `fastchat group ...`.
 pub fn group(opts: &Options, cmd: &GroupCmd) -> Result<()> {
     cmd.validate()?;
-    let mut me = login(opts)?;
-    println!("{}", cmd.run(&me.client, &mut me.e2e)?);
+    let me = login(opts)?;
+    println!("{}", cmd.run(&me.client, &mut me.e2e.lock())?);
     Ok(())
 }
 
@@ -370,17 +383,29 @@ pub enum Format {
 /// up to `wait` for live ones.
 pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     let me = login(opts)?;
-    let e2e = Mutex::new(me.e2e);
+    let e2e = &me.e2e;
     let out = io::stdout();
     // No deadline until the queue is drained (bounded by the server's queue); then `wait`.
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut deadline = far;
     let mut batch: Vec<i64> = Vec::new();
-    while let Some(event) = me.client.next(deadline)? {
+    loop {
+        // Wake up now and then to notice Ctrl-C.
+        let slice = deadline.min(Instant::now() + Duration::from_millis(200));
+        let event = me.client.next(slice)?;
+        if opts.interrupt.try_recv().is_ok() {
+            return me.client.ack(&batch);
+        }
+        let Some(event) = event else {
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+            continue;
+        };
         match event {
             Event::Message(msg) => {
                 show(
-                    &e2e,
+                    e2e,
                     &me.client,
                     &me.downloads,
                     &msg,
@@ -406,7 +431,6 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// Where a logged-in user's received files go: `FASTCHAT_HOME/USER/downloads/`.
@@ -533,8 +557,8 @@ pub fn chat(opts: &Options) -> Result<()> {
         server.id,
         server.addr
     );
-    let client = Arc::new(me.client);
-    let e2e = Arc::new(Mutex::new(me.e2e));
+    let client = Arc::clone(&me.client);
+    let e2e = Arc::clone(&me.e2e);
     let printer = {
         let client = Arc::clone(&client);
         let e2e = Arc::clone(&e2e);
@@ -566,28 +590,43 @@ pub fn chat(opts: &Options) -> Result<()> {
             Ok(())
         })
     };
-    let stdin = io::stdin();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
+    // Standard input is read on a thread of its own, so Ctrl-C and a lost session are noticed
+    // while the user is not typing.
+    let (lines_tx, lines) = crossbeam_channel::unbounded::<io::Result<String>>();
+    std::thread::spawn(move || {
+        for line in io::stdin().lock().lines() {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
         }
-        if printer.is_finished() {
-            break;
-        }
-        match chat_command(line, &client, &e2e) {
-            Ok(Some(reply)) => println!("{reply}"),
-            Ok(None) => return Ok(()),
-            Err(e) => eprintln!("error: {e}"),
+    });
+    let mut printer = Some(printer);
+    loop {
+        select! {
+            recv(lines) -> line => {
+                let Ok(line) = line else { return Ok(()) }; // end of input
+                let line = line?;
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                match chat_command(line, &client, &e2e) {
+                    Ok(Some(reply)) => println!("{reply}"),
+                    Ok(None) => return Ok(()),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
+            recv(opts.interrupt) -> _ => return Ok(()),
+            default(Duration::from_millis(200)) => {
+                if printer.as_ref().is_some_and(|p| p.is_finished()) {
+                    if let Some(Ok(Err(e))) = printer.take().map(|p| p.join()) {
+                        return Err(e);
+                    }
+                    return Ok(());
+                }
+            }
         }
     }
-    if printer.is_finished() {
-        if let Ok(Err(e)) = printer.join() {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Runs one chat-mode line. `Ok(None)` means quit.

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -132,6 +132,17 @@ impl BalancerClient {
             avoid,
         })?;
         session(reply)
+    }
+
+    /// Ends a session: its token is refused from now on.
+    pub fn logout(&mut self, token: &str) -> Result<()> {
+        match self.request(|id| BalancerRequest::Logout {
+            id,
+            token: token.into(),
+        })? {
+            BalancerReply::Ok { .. } => Ok(()),
+            other => Err(unexpected("Logout", &other)),
+        }
     }
 
     /// The live servers.
@@ -485,6 +496,8 @@ pub struct Client {
     /// Held while failing over, so two threads noticing the same failure reconnect once.
     failing_over: Mutex<()>,
     dedup: Mutex<Dedup>,
+    /// Set by [`Client::logout`]: a closed connection is then the end, not a failure.
+    logged_out: AtomicBool,
 }
 
 impl Client {
@@ -533,6 +546,7 @@ impl Client {
             }),
             failing_over: Mutex::new(()),
             dedup: Mutex::new(Dedup::default()),
+            logged_out: AtomicBool::new(false),
         };
         Ok((client, b))
     }
@@ -540,6 +554,15 @@ impl Client {
     /// The user, as the server knows it.
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    /// Ends the session: tells the balancer to refuse the token, then closes the connection
+    /// (without failing over).
+    pub fn logout(&self) -> Result<()> {
+        self.logged_out.store(true, Ordering::SeqCst);
+        let told = BalancerClient::connect(&self.balancer).and_then(|mut b| b.logout(&self.token));
+        self.conn().1.close();
+        told
     }
 
     /// The server in use now.
@@ -559,6 +582,9 @@ impl Client {
 
     /// Replaces the connection of generation `failed` (unless another thread already did).
     fn failover(&self, failed: u64) -> Result<Option<ServerInfo>> {
+        if self.logged_out.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
         let _one_at_a_time = self.failing_over.lock();
         let avoid = {
             let c = self.current.lock();

@@ -592,6 +592,13 @@ pub fn create_session(
     Ok(())
 }
 
+/// Ends a session (logout); unknown tokens are ignored.
+pub fn end_session(conn: &Connection, token_hash: &[u8]) -> Result<()> {
+    conn.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+        .execute(params![token_hash])?;
+    Ok(())
+}
+
 /// The user a token belongs to, if the session exists and has not expired.
 pub fn session_user(conn: &Connection, token_hash: &[u8]) -> Result<Option<String>> {
     Ok(conn

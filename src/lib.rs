@@ -17,6 +17,7 @@
 //! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
 //! * [`server`]: the chat server: accepting, peer links in, the balancer link.
 //! * `session`: one client connection on a server: requests, its writer thread, its sync.
+//! * [`throttle`]: limits on failed logins and on requests per connection.
 //! * [`router`]: a server's map of local users to their connections' outbound queues.
 //! * [`peers`]: a server's outbound links to the other servers.
 //! * [`client`]: the client library: balancer requests and a chat-server connection.
@@ -51,5 +52,6 @@ pub mod peers;
 pub mod router;
 pub mod server;
 mod session;
+pub mod throttle;
 
 pub use error::{Error, Result};

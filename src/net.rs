@@ -18,7 +18,9 @@
 //! (a delivered message) carry the server's message id, which the client acknowledges.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -75,6 +77,8 @@ pub enum ErrorCode {
     NoServers,
     /// The server is at capacity or shutting down; try again or elsewhere.
     Unavailable,
+    /// Too many attempts (failed logins); the message says how long to wait.
+    RateLimited,
     /// Something failed inside the server; the request had no effect.
     Internal,
 }
@@ -132,6 +136,14 @@ pub enum BalancerRequest {
         token: String,
         /// A server that just failed for this client: not chosen unless it is the only one.
         avoid: Option<u64>,
+    },
+    /// End a session: its token is refused from now on (connections already open with it
+    /// stay until they close).
+    Logout {
+        /// Request id.
+        id: u64,
+        /// The session token.
+        token: String,
     },
     /// List the live chat servers.
     Servers {
@@ -569,20 +581,77 @@ impl<R: Read> FrameReader<R> {
         self.inner.buffer().len()
     }
 
+    /// The wrapped stream, mutably.
+    pub fn get_mut(&mut self) -> &mut R {
+        self.inner.get_mut()
+    }
+
     /// Reads one frame. `Ok(None)` is a clean close between frames; a close inside a frame is an
     /// `UnexpectedEof` error. The length is checked before any allocation.
     pub fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
+        self.read_max(MAX_FRAME)
+    }
+
+    /// Like [`FrameReader::read`], refusing frames over `max` bytes (a first frame, which
+    /// should be small, need not be allowed the full [`MAX_FRAME`]).
+    pub fn read_max<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>> {
         let mut len = [0u8; 4];
         if !read_exact_or_eof(&mut self.inner, &mut len)? {
             return Ok(None);
         }
         let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
+        if len > max.min(MAX_FRAME) {
             return Err(Error::FrameTooLarge(len));
         }
         self.buf.resize(len, 0);
         self.inner.read_exact(&mut self.buf)?;
         decode(&self.buf).map(Some)
+    }
+}
+
+/// A socket whose reads fail with `TimedOut` once a deadline has passed: each read waits at
+/// most until then, so a peer cannot stretch a frame out forever by sending it a byte at a
+/// time. Without a deadline it is the plain socket.
+#[derive(Debug)]
+pub struct Timed {
+    inner: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Timed {
+    /// Wraps a socket, with no deadline.
+    pub fn new(inner: TcpStream) -> Timed {
+        Timed {
+            inner,
+            deadline: None,
+        }
+    }
+
+    /// Sets or clears the deadline.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            self.inner.set_read_timeout(None)?;
+        }
+        Ok(())
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &TcpStream {
+        &self.inner
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.inner.set_read_timeout(Some(left))?;
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -844,7 +913,7 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic() {
-        // A small deterministic generator; the fuzz target explores much further.
+        // A small deterministic generator; tests/fuzz.rs mutates real frames of every kind.
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for _ in 0..20_000 {
             x ^= x << 13;

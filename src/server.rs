@@ -23,7 +23,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
@@ -32,7 +32,7 @@ use crate::db::{self, Readers, Writer};
 use crate::error::{Error, Result};
 use crate::net::{
     BalancerReply, BalancerRequest, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerInfo,
-    ServerRequest, DEFAULT_MAX_FILE,
+    ServerRequest, Timed, DEFAULT_MAX_FILE,
 };
 use crate::peers::Peers;
 use crate::router::Router;
@@ -55,6 +55,9 @@ pub struct Config {
     pub hello_timeout: Duration,
     /// The largest file accepted, in bytes.
     pub max_file: u64,
+    /// Requests per second one connection may make (in bursts of as many); a faster client is
+    /// slowed down, not refused. 0: no limit.
+    pub max_rate: u32,
     /// How long to keep trying the balancer at start before giving up.
     pub startup_timeout: Duration,
 }
@@ -70,6 +73,7 @@ impl Config {
             queue_len: 4096,
             hello_timeout: Duration::from_secs(10),
             max_file: DEFAULT_MAX_FILE,
+            max_rate: 10_000,
             startup_timeout: Duration::from_secs(10),
         }
     }
@@ -210,10 +214,12 @@ pub fn run(
 /// One accepted connection: a client (after `Hello`) or a peer server (after `PeerHello`).
 fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(shared.config.hello_timeout))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = FrameReader::new(stream.try_clone()?);
-    let first = match reader.read::<ServerRequest>() {
+    // The first frame must come whole within the hello timeout, and be small.
+    let mut timed = Timed::new(stream.try_clone()?);
+    timed.set_deadline(Some(Instant::now() + shared.config.hello_timeout))?;
+    let mut reader = FrameReader::new(timed);
+    let first = match reader.read_max::<ServerRequest>(MAX_HELLO) {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -268,6 +274,9 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
     }
 }
 
+/// Largest first frame (`Hello` or `PeerHello`): a token or a secret and a few numbers.
+const MAX_HELLO: usize = 1024;
+
 /// Writes one error frame and closes the socket (for connections refused before they start).
 pub(crate) fn reply_once(stream: &TcpStream, id: Option<u64>, code: ErrorCode, message: &str) {
     if let Ok(s) = stream.try_clone() {
@@ -288,8 +297,8 @@ fn refuse_frame(stream: &TcpStream, e: &Error) {
 }
 
 /// A peer's link: relayed messages for users connected here.
-fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
-    reader.get_ref().set_read_timeout(None)?;
+fn serve_peer(mut reader: FrameReader<Timed>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
+    reader.get_mut().set_deadline(None)?;
     log::debug!("peer {peer} linked in");
     // However the link ends, messages the peer committed but had not yet relayed may exist:
     // every local connection re-reads its queue.
@@ -308,7 +317,7 @@ fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u6
             }
             Ok(Some(_)) => {
                 reply_once(
-                    reader.get_ref(),
+                    reader.get_ref().socket(),
                     None,
                     ErrorCode::BadRequest,
                     "peer links carry Relay frames only",
@@ -317,7 +326,7 @@ fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u6
             }
             Ok(None) => return Ok(()),
             Err(e) => {
-                refuse_frame(reader.get_ref(), &e);
+                refuse_frame(reader.get_ref().socket(), &e);
                 return Err(e);
             }
         }

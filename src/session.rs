@@ -28,12 +28,13 @@ use crate::error::{Error, Result};
 use crate::mailbox;
 use crate::names;
 use crate::net::{
-    chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, MAX_BODY,
+    chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, Timed, MAX_BODY,
     MAX_CHUNK,
 };
 use crate::peers::Relayed;
 use crate::router::{Handle, Outbound, Permit};
 use crate::server::{reply_once, Shared};
+use crate::throttle::Bucket;
 
 /// Messages read from the database per page during a sync.
 const SYNC_PAGE: usize = 256;
@@ -54,7 +55,7 @@ const WINDOW_WAIT: Duration = Duration::from_secs(30);
 /// Serves an authenticated client until it disconnects.
 pub(crate) fn serve_client(
     stream: TcpStream,
-    mut reader: FrameReader<TcpStream>,
+    mut reader: FrameReader<Timed>,
     shared: &Arc<Shared>,
     hello_id: u64,
     user: String,
@@ -70,7 +71,7 @@ pub(crate) fn serve_client(
         );
         return Ok(());
     }
-    stream.set_read_timeout(None)?;
+    reader.get_mut().set_deadline(None)?;
     let stream = Arc::new(stream);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mailbox::lazy::<Outbound>(shared.config.queue_len);
@@ -167,8 +168,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads and handles requests until the client leaves or sends garbage.
-    fn run(&self, reader: &mut FrameReader<TcpStream>) -> Result<()> {
+    /// Reads and handles requests until the client leaves or sends garbage. A client over
+    /// the request rate waits: its requests stay in its socket, and only it is slowed.
+    fn run(&self, reader: &mut FrameReader<Timed>) -> Result<()> {
+        let rate = self.shared.config.max_rate;
+        let mut bucket = (rate > 0).then(|| Bucket::new(rate));
         loop {
             let request = match reader.read::<ServerRequest>() {
                 Ok(Some(r)) => r,
@@ -183,6 +187,9 @@ impl Session<'_> {
                 }
                 Err(e) => return Err(e),
             };
+            if let Some(wait) = bucket.as_mut().and_then(Bucket::take) {
+                std::thread::sleep(wait);
+            }
             self.handle(request)?;
         }
     }

@@ -36,6 +36,17 @@ struct Args {
     /// Most clients connected at once; more are refused with "server is full".
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_clients: usize,
+    /// Requests per second one client connection may make (in bursts of as many); a faster
+    /// client is slowed down. 0 for no limit.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_rate: u32,
+    /// Seconds a new connection has to say Hello before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    hello_timeout: f64,
+    /// Outbound messages waiting for one client before it counts as not reading and is
+    /// disconnected (what it missed stays stored for its next login).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    queue_len: usize,
     /// Largest file accepted, in bytes, or with a suffix K, M or G (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     max_file_size: u64,
@@ -72,6 +83,15 @@ fn main() -> ExitCode {
     config.advertise = args.advertise;
     config.max_clients = args.max_clients;
     config.max_file = args.max_file_size;
+    config.max_rate = args.max_rate;
+    config.queue_len = args.queue_len;
+    if !(0.05..=3600.0).contains(&args.hello_timeout) || args.queue_len == 0 {
+        return fail(
+            "--hello-timeout must be 0.05 to 3600 seconds and --queue-len at least 1",
+            2,
+        );
+    }
+    config.hello_timeout = std::time::Duration::from_secs_f64(args.hello_timeout);
     let shutdown = fastchat::logging::shutdown_channel();
     let ready = |id: u64, addr: std::net::SocketAddr| {
         println!("fastchat-server {id} listening on {addr}");

@@ -171,6 +171,12 @@ fn main() -> ExitCode {
         home,
         user: args.user,
         password: std::env::var("FASTCHAT_PASSWORD").ok(),
+        // Ctrl-C ends `chat` and `recv --wait` cleanly; other commands keep the default (the
+        // process stops at once, and what was not confirmed was not done).
+        interrupt: match &args.command {
+            Command::Chat | Command::Recv { .. } => fastchat::logging::shutdown_channel(),
+            _ => crossbeam_channel::never(),
+        },
     };
     let result = match args.command {
         Command::Signup { name } => cli::signup(&opts, &name),

@@ -593,3 +593,83 @@ impl Cluster {
         i
     }
 }
+
+/// Connects to a chat server and sends `Hello`, and reads nothing at all afterwards: a client
+/// that has stopped reading.
+pub fn dial_hello(addr: &str, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut hello = Vec::new();
+    fastchat::net::encode_into(
+        &mut hello,
+        &fastchat::net::ServerRequest::Hello {
+            id: 0,
+            token: token.to_string(),
+        },
+    )
+    .unwrap();
+    s.write_all(&hello).unwrap();
+    s
+}
+
+/// A small deterministic random generator (xorshift64*) for fuzzing: a failure can be
+/// replayed from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// Flips, overwrites, inserts, removes or truncates a few bytes; sometimes rewrites the
+    /// length prefix.
+    pub fn mutate(&mut self, data: &mut Vec<u8>) {
+        for _ in 0..1 + self.below(4) {
+            if data.is_empty() {
+                data.push(self.next() as u8);
+                continue;
+            }
+            let at = self.below(data.len());
+            match self.below(6) {
+                0 => data[at] ^= 1 << self.below(8),
+                1 => data[at] = self.next() as u8,
+                2 => data.insert(at, self.next() as u8),
+                3 => {
+                    data.remove(at);
+                }
+                4 => data.truncate(at),
+                _ => {
+                    if data.len() >= 4 {
+                        let len = match self.below(3) {
+                            0 => u32::MAX,
+                            1 => self.next() as u32 % 4096,
+                            _ => (data.len() as u32).saturating_sub(4) + 1,
+                        };
+                        data[..4].copy_from_slice(&len.to_be_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Runs `fastchat ARGS` as `user` with the given password.
+    pub fn run_with_password(&self, user: &str, password: &str, args: &[&str]) -> Output {
+        run_limited(self.cmd(user).env("FASTCHAT_PASSWORD", password).args(args))
+    }
+}

@@ -1,0 +1,462 @@
+//! Hardening: hostile peers, slow and idle connections, limits, faults, graceful shutdown.
+//! Nothing here may panic a server, stall other clients, or lose an acknowledged message.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{raw_exchange, Cluster, LIMIT};
+use fastchat::client::{BalancerClient, Client, Connection, Event, Session};
+use fastchat::net::{self, BalancerReply, ErrorCode, FrameReader, ServerEvent, ServerRequest};
+
+/// The error code of the one error frame `answer` holds (server or balancer).
+fn error_of(answer: &[u8]) -> (ErrorCode, String) {
+    if let Ok(Some(ServerEvent::Error { code, message, .. })) =
+        FrameReader::new(answer).read::<ServerEvent>()
+    {
+        return (code, message);
+    }
+    match FrameReader::new(answer).read::<BalancerReply>() {
+        Ok(Some(BalancerReply::Error { code, message, .. })) => (code, message),
+        other => panic!("expected an error frame, got {other:?} from {answer:?}"),
+    }
+}
+
+fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    net::encode_into(&mut out, msg).unwrap();
+    out
+}
+
+/// Waits for the next message on a library client.
+fn next_message(client: &Client) -> fastchat::net::Envelope {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match client.next(deadline).unwrap() {
+            Some(Event::Message(m)) => return m,
+            Some(_) => continue,
+            None => panic!("no message within {LIMIT:?}"),
+        }
+    }
+}
+
+/// The cluster still carries a message from alice to bob.
+fn still_works(c: &Cluster) {
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    let id = alice.send("bob", 4242, b"still working").unwrap();
+    // Whatever else a test left queued for bob comes first.
+    loop {
+        let m = next_message(&bob);
+        bob.ack(&[m.id]).unwrap();
+        if m.id == id {
+            assert_eq!(m.body, b"still working");
+            break;
+        }
+    }
+}
+
+#[test]
+fn stolen_expired_and_logged_out_tokens_are_refused() {
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let mut b = BalancerClient::connect(&c.balancer_addr).unwrap();
+    let session = b.login("alice", "pw-alice").unwrap();
+    let refused = |token: &str| {
+        let s = Session {
+            token: token.to_string(),
+            ..session.clone()
+        };
+        match Connection::open(&s) {
+            Err(fastchat::Error::Refused {
+                code: ErrorCode::InvalidToken,
+                ..
+            }) => {}
+            other => panic!(
+                "token {token:?} was not refused: {:?}",
+                other.map(|c| c.user.clone())
+            ),
+        }
+        let resumed = BalancerClient::connect(&c.balancer_addr)
+            .unwrap()
+            .resume(token, None);
+        assert!(
+            matches!(
+                resumed,
+                Err(fastchat::Error::Refused {
+                    code: ErrorCode::InvalidToken,
+                    ..
+                })
+            ),
+            "{resumed:?}"
+        );
+    };
+    // What a thief reading the database gets is the token's hash: useless as a token.
+    let stored: Vec<u8> = c
+        .sql()
+        .query_row("SELECT token_hash FROM sessions LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    refused(&fastchat::crypto::to_hex(&stored));
+    // The real token works until logout, and never after.
+    assert_eq!(Connection::open(&session).unwrap().user, "alice");
+    b.logout(&session.token).unwrap();
+    refused(&session.token);
+    // An expired session is refused too.
+    let other = b.login("alice", "pw-alice").unwrap();
+    c.sql()
+        .execute("UPDATE sessions SET expires_at = 0", [])
+        .unwrap();
+    refused(&other.token);
+    still_works(&c);
+}
+
+#[test]
+fn the_cli_gives_up_its_session_when_a_command_ends() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "one");
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: one"]);
+    assert_eq!(
+        c.count("SELECT count(*) FROM sessions"),
+        0,
+        "every command logged out"
+    );
+}
+
+#[test]
+fn a_connection_that_never_says_hello_is_closed() {
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--hello-timeout", "0.3"]);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    // One says nothing; one trickles a Hello a byte at a time, too slowly.
+    let silent = TcpStream::connect(&c.server_addrs[0]).unwrap();
+    let mut slow = TcpStream::connect(&c.server_addrs[0]).unwrap();
+    let hello = frame(&ServerRequest::Hello {
+        id: 1,
+        token: "0".repeat(64),
+    });
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in &hello {
+        if slow.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if started.elapsed() > LIMIT {
+            break;
+        }
+    }
+    assert!(closed || hello.len() * 50 < 300, "the trickler was cut off");
+    for mut s in [silent, slow] {
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut buf = Vec::new();
+        // The server closes (EOF or reset), well before our own limit.
+        let _ = s.read_to_end(&mut buf);
+        assert!(started.elapsed() < LIMIT);
+    }
+    still_works(&c);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_and_gets_everything_later() {
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--queue-len", "4"]);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    // Bob connects and then never reads.
+    let session = BalancerClient::connect(&c.balancer_addr)
+        .unwrap()
+        .login("bob", "pw-bob")
+        .unwrap();
+    let mut bob_raw = common::dial_hello(&session.server.addr, &session.token);
+    c.wait_online("bob", 1);
+    // Alice sends far more than his socket and queue hold.
+    let alice = c.login("alice");
+    let body = vec![b'x'; 60_000];
+    let mut ids = Vec::new();
+    for i in 0..400u64 {
+        ids.push(alice.send("bob", i, &body).unwrap());
+    }
+    // The server gave up on bob (his presence is gone), and alice was never held up.
+    c.wait_online("bob", 0);
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 400);
+    let _ = bob_raw.write_all(b"");
+    drop(bob_raw);
+    // At his next login bob gets all of them, in order.
+    let bob = c.login("bob");
+    for (i, id) in ids.iter().enumerate() {
+        let m = next_message(&bob);
+        assert_eq!(m.id, *id, "message {i} in order");
+        bob.ack(&[m.id]).unwrap();
+    }
+}
+
+#[test]
+fn a_client_over_the_request_rate_is_slowed_not_failed() {
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--max-rate", "50"]);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let session = BalancerClient::connect(&c.balancer_addr)
+        .unwrap()
+        .login("alice", "pw-alice")
+        .unwrap();
+    let alice = Connection::open(&session).unwrap();
+    let started = Instant::now();
+    // 100 pipelined sends: 50 pass at once (the burst), the other 50 at 50 per second.
+    let replies: Vec<_> = (0..100u64)
+        .map(|i| {
+            alice
+                .request(|id| ServerRequest::Send {
+                    id,
+                    to: "bob".into(),
+                    client_id: i,
+                    body: vec![1],
+                    file: None,
+                    resend_after: None,
+                })
+                .unwrap()
+        })
+        .collect();
+    for r in &replies {
+        assert!(matches!(
+            fastchat::client::wait_reply(r),
+            Ok(ServerEvent::Stored { .. })
+        ));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "never faster than the limit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 100);
+}
+
+#[test]
+fn failed_logins_lock_out_the_name_for_a_while() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    for _ in 0..5 {
+        let out = c.run_with_password("alice", "wrong", &["whoami"]);
+        assert_eq!(
+            out.stderr.trim(),
+            "fastchat: error: invalid username or password"
+        );
+    }
+    // The sixth failure locks the name; even the right password must wait.
+    let out = c.run_with_password("alice", "wrong", &["whoami"]);
+    assert_eq!(out.code, 1);
+    let out = c.run("alice", &["whoami"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("fastchat: error: too many failed logins for alice; try again in "),
+        "{out:?}"
+    );
+    // Another name from the same address is not locked.
+    assert_eq!(c.run("bob", &["whoami"]).code, 0);
+    // After the lock-out (one second), the right password works again.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let out = c.run("alice", &["whoami"]);
+        if out.code == 0 {
+            break;
+        }
+        assert!(out.stderr.contains("too many failed logins"), "{out:?}");
+        assert!(Instant::now() < deadline, "never unlocked");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn hostile_names_and_bytes_are_refused_and_change_nothing() {
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let users_before = c.count("SELECT count(*) FROM users");
+    let keys = fastchat::crypto::Identity::generate()
+        .unwrap()
+        .public()
+        .unwrap();
+    let long = "a".repeat(10_000);
+    for name in [
+        "tab\there",
+        "nul\0byte",
+        "esc\u{1b}[2J",
+        long.as_str(),
+        "x'; DROP TABLE users; --",
+        "robert\"); DELETE FROM messages;--",
+        "",
+    ] {
+        let err = BalancerClient::connect(&c.balancer_addr)
+            .unwrap()
+            .signup(name, "pw", keys.clone())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                fastchat::Error::Refused {
+                    code: ErrorCode::InvalidName,
+                    ..
+                }
+            ),
+            "{name:?}: {err}"
+        );
+        assert!(
+            err.to_string().len() < 200,
+            "the error stays one short line"
+        );
+        // And as a recipient, through a chat server.
+        let alice = c.login("alice");
+        let err = alice.send(name, 1, b"x").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                fastchat::Error::Refused {
+                    code: ErrorCode::InvalidName,
+                    ..
+                }
+            ),
+            "{name:?}: {err}"
+        );
+    }
+    // Invalid UTF-8 where a name should be: a frame that does not decode.
+    let mut bad = frame(&fastchat::net::BalancerRequest::Keys {
+        id: 1,
+        name: "alice".into(),
+    });
+    let at = bad.windows(5).position(|w| w == b"alice").unwrap();
+    bad[at] = 0xff;
+    for addr in [&c.balancer_addr, &c.server_addrs[0]] {
+        let (code, _) = error_of(&raw_exchange(addr, &bad));
+        assert_eq!(code, ErrorCode::BadFrame);
+    }
+    // A valid frame of the wrong kind, and a huge length prefix, after a good Hello.
+    assert_eq!(c.count("SELECT count(*) FROM users"), users_before);
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    still_works(&c);
+}
+
+#[test]
+fn random_and_mutated_frames_never_take_a_server_down() {
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let session = BalancerClient::connect(&c.balancer_addr)
+        .unwrap()
+        .login("alice", "pw-alice")
+        .unwrap();
+    let hello = frame(&ServerRequest::Hello {
+        id: 1,
+        token: session.token.clone(),
+    });
+    let send = frame(&ServerRequest::Send {
+        id: 2,
+        to: "bob".into(),
+        client_id: 9,
+        body: vec![7; 40],
+        file: None,
+        resend_after: None,
+    });
+    let mut rng = common::Rng::new(0x5eed_f00d);
+    let started = Instant::now();
+    let mut rounds = 0;
+    while rounds < 300 && started.elapsed() < Duration::from_secs(10) {
+        rounds += 1;
+        // After a valid Hello (authenticated), then without: mutated requests and noise.
+        let mut bytes = if rounds % 2 == 0 {
+            hello.clone()
+        } else {
+            Vec::new()
+        };
+        let mut body = send.clone();
+        rng.mutate(&mut body);
+        bytes.extend_from_slice(&body);
+        if rounds % 5 == 0 {
+            bytes.extend(rng.bytes(64));
+        }
+        let _ = raw_exchange(&c.server_addrs[0], &bytes);
+        let _ = raw_exchange(&c.balancer_addr, &rng.bytes(32));
+    }
+    assert!(rounds >= 100, "enough rounds: {rounds}");
+    still_works(&c);
+}
+
+#[test]
+fn a_busy_database_delays_writes_but_never_fails_them() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    // Another process holds the write lock for a second and a half.
+    let holder = c.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let sender = c.spawn("alice", &["send", "bob", "patience"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    holder.execute_batch("COMMIT").unwrap();
+    let mut sender = sender;
+    let status = sender.wait_exit(LIMIT).expect("send finished");
+    assert!(status.success(), "the send waited and succeeded");
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.lines(), ["alice: patience"], "{out:?}");
+    assert!(!out.stderr.contains("locked"));
+}
+
+#[test]
+fn ctrl_c_stops_every_binary_cleanly_within_two_seconds() {
+    let mut c = Cluster::start(2);
+    c.signup("alice");
+    c.signup("bob");
+    let mut chat = c.spawn("alice", &["chat"]);
+    assert!(chat.line().starts_with("logged in as alice"));
+    c.wait_online("alice", 1);
+    // The interactive client: it logs out and exits 0.
+    let started = Instant::now();
+    let status = chat.interrupt().expect("chat exits");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(0));
+    c.wait_online("alice", 0);
+    // A server with a connected client: it stops accepting, commits what is pending (the
+    // client's presence is cleared) and exits 0.
+    let bob = c.login("bob");
+    c.wait_online("bob", 1);
+    let i = c.index_of(bob.server().id);
+    let started = Instant::now();
+    let status = c.servers[i].interrupt().expect("server exits");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        c.count(&format!(
+            "SELECT count(*) FROM presence WHERE server_id = {}",
+            c.server_ids[i]
+        )),
+        0
+    );
+    let started = Instant::now();
+    let status = c.balancer.interrupt().expect("balancer exits");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn clients_keep_talking_while_the_balancer_is_down() {
+    let mut c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    c.balancer.kill9();
+    for i in 0..5u64 {
+        let id = alice.send("bob", i, b"no balancer needed").unwrap();
+        let m = next_message(&bob);
+        assert_eq!(m.id, id);
+        bob.ack(&[m.id]).unwrap();
+    }
+}
