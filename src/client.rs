@@ -418,6 +418,7 @@ fn read_loop(
             | ServerEvent::Group { id, .. }
             | ServerEvent::GroupKey { id, .. }
             | ServerEvent::Upload { id, .. }
+            | ServerEvent::Online { id, .. }
             | ServerEvent::FileData { id, .. } => Some(*id),
             ServerEvent::Error { id, .. } => *id,
             ServerEvent::Deliver { .. } | ServerEvent::Synced => None,

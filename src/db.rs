@@ -671,6 +671,14 @@ pub fn add_presence(conn: &Connection, server_id: u64, conn_id: u64, user: &str)
     Ok(())
 }
 
+/// Users connected to any server now, by name (at most `limit`).
+pub fn online_users(conn: &Connection, limit: usize) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached("SELECT DISTINCT user FROM presence ORDER BY user LIMIT ?1")?
+        .query_map(params![limit as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
 /// Removes one connection's presence row.
 pub fn remove_presence(conn: &Connection, server_id: u64, conn_id: u64) -> Result<()> {
     conn.prepare_cached("DELETE FROM presence WHERE server_id = ?1 AND conn_id = ?2")?

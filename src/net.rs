@@ -33,6 +33,9 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 /// Largest message body (ciphertext) a client may send in one `Send`.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Most names in one `Online` reply.
+pub const MAX_WHO: usize = 1000;
+
 /// Plaintext bytes per file chunk; every chunk but the last is exactly this long.
 pub const FILE_CHUNK: usize = 256 * 1024;
 
@@ -430,6 +433,11 @@ pub enum ServerRequest {
         /// Request id.
         id: u64,
     },
+    /// Who is online (on any server); answered with `Online`.
+    Who {
+        /// Request id.
+        id: u64,
+    },
     /// One group's admin, members and epoch (members only).
     GroupInfo {
         /// Request id.
@@ -511,6 +519,13 @@ pub enum ServerEvent {
         id: u64,
         /// The group.
         group: GroupInfo,
+    },
+    /// The users connected to any server now, by name (at most [`MAX_WHO`]).
+    Online {
+        /// Request id.
+        id: u64,
+        /// Names.
+        users: Vec<String>,
     },
     /// An upload has started.
     Upload {

@@ -29,7 +29,7 @@ use crate::mailbox;
 use crate::names;
 use crate::net::{
     chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, Timed, MAX_BODY,
-    MAX_CHUNK,
+    MAX_CHUNK, MAX_WHO,
 };
 use crate::peers::Relayed;
 use crate::router::{Handle, Outbound, Permit};
@@ -402,6 +402,12 @@ impl Session<'_> {
                     });
                 }
             }
+            ServerRequest::Who { id } => self.read(id, |c| {
+                Ok(ServerEvent::Online {
+                    id,
+                    users: db::online_users(c, MAX_WHO)?,
+                })
+            }),
             ServerRequest::GroupList { id } => self.read(id, |c| {
                 Ok(ServerEvent::Groups {
                     id,
