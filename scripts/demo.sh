@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
 # The classroom demo: builds fastchat, starts a balancer and three chat servers on a SQLite file
-# in a temporary folder, runs a short conversation, and stops everything it started (by PID).
+# in a temporary folder, and plays a short story with four users, as a transcript: who is on
+# which server, direct messages across servers, an offline user catching up, a group with a
+# member removed (and the group key changed), an image, and a server killed mid-conversation
+# with its users moved to another one and nothing lost. Stops everything it started (by PID).
 #
-#   scripts/demo.sh          # run it
-#   KEEP=1 scripts/demo.sh   # keep the temporary folder (database, logs) for a look afterwards
-#   FASTCHAT_BIN=DIR scripts/demo.sh   # use binaries already built in DIR (no build step)
+#   scripts/demo.sh                     # run it (about 15 seconds once built)
+#   KEEP=1 scripts/demo.sh              # keep the temporary folder (database, logs, screens)
+#   FASTCHAT_BIN=DIR scripts/demo.sh    # use binaries already built in DIR (no build step)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/lib.sh"
 
-if [ -t 1 ]; then bold=$'\e[1m'; dim=$'\e[2m'; cyan=$'\e[36m'; reset=$'\e[0m'; else bold=; dim=; cyan=; reset=; fi
-say()  { printf '\n%s== %s%s\n' "$bold" "$*" "$reset"; }
-show() { printf '%s$ %s%s\n' "$dim" "$*" "$reset"; }
-as()   { local user=$1; shift; show "fastchat --user $user $*"; FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" "$@" | sed "s/^/  $cyan/;s/\$/$reset/"; }
+if [ -t 1 ]; then
+  bold=$'\e[1m' dim=$'\e[2m' cyan=$'\e[36m' yellow=$'\e[33m' reset=$'\e[0m'
+else
+  bold= dim= cyan= yellow= reset=
+fi
+say()    { printf '\n%s== %s%s\n' "$bold" "$*" "$reset"; }
+note()   { printf '%s   %s%s\n' "$yellow" "$*" "$reset"; }
+indent() { sed "s/^/   $cyan/;s/\$/$reset/"; }
+# quoted ARGS...: the arguments as one would type them (quotes around those with spaces).
+quoted() {
+  local a out=()
+  for a in "$@"; do
+    case "$a" in *[[:space:]\!\?\']*) out+=("\"$a\"") ;; *) out+=("$a") ;; esac
+  done
+  echo "${out[*]}"
+}
+# as USER ARGS...: runs a one-shot fastchat command as USER, showing the command and its output.
+as() {
+  local user=$1; shift
+  printf '%s$ fastchat --user %s %s%s\n' "$dim" "$user" "$(quoted "$@")" "$reset"
+  FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" "$@" 2>&1 | indent
+}
 
 if [ -z "${FASTCHAT_BIN:-}" ]; then
   say "Building"
@@ -28,50 +49,113 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# online USER: a chat session for USER in the background, reading commands from a pipe; what
+# it shows goes to $dir/USER.screen.
+online() {
+  local user=$1
+  mkfifo "$dir/$user.in"
+  FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" chat \
+    <"$dir/$user.in" >"$dir/$user.screen" 2>&1 &
+  echo $! >"$dir/chat-$user.pid"
+  # Hold the pipe open (and so the session) until the end of the demo.
+  sleep 300 >"$dir/$user.in" &
+  echo $! >"$dir/pipe-$user.pid"
+  wait_for_text "$dir/$user.screen" "logged in as $user"
+}
+
+# screen USER: what USER's chat session has shown since the last look.
+screen() {
+  local user=$1 seen=0 total
+  [ -f "$dir/$user.seen" ] && seen=$(cat "$dir/$user.seen")
+  total=$(wc -l <"$dir/$user.screen")
+  printf "   %s%s's screen:%s\n" "$dim" "$user" "$reset"
+  if [ "$total" -gt "$seen" ]; then
+    tail -n +"$((seen + 1))" "$dir/$user.screen" | head -n "$((total - seen))" | indent
+  else
+    echo "   (nothing new)"
+  fi
+  echo "$total" >"$dir/$user.seen"
+}
+
 say "Starting a balancer and three chat servers (database: $dir/chat.db)"
 balancer=$(start_balancer "$dir" --scrypt-log-n 10 --algo round-robin)
-echo "  balancer   $balancer"
+echo "   balancer   $balancer"
 for n in 1 2 3; do
-  echo "  server $n   $(start_server "$dir" "$n" "$balancer")"
+  echo "   server $n   $(start_server "$dir" "$n" "$balancer")"
 done
 export FASTCHAT_BALANCER=$balancer FASTCHAT_HOME="$dir/home"
-sleep 0.6 # one heartbeat, so every server knows its peers
 
-say "Signing up alice, bob and carol (each gets X25519 + Ed25519 keys)"
-for u in alice bob carol; do FASTCHAT_PASSWORD="pw-$u" "$FASTCHAT_BIN/fastchat" signup "$u" | sed 's/^/  /'; done
+say "Four users sign up; each gets X25519 (encryption) and Ed25519 (signature) keys"
+for u in alice bob carol dave; do
+  FASTCHAT_PASSWORD="pw-$u" "$FASTCHAT_BIN/fastchat" signup "$u" | indent
+done
+note "The private keys stay in $dir/home/USER/, encrypted with the password."
 
-say "Which server does each user get? (round-robin)"
-for u in alice bob carol; do as "$u" whoami; done
+say "bob and dave open chat sessions; the balancer gives each login a server (round-robin)"
+online bob
+online dave
+screen bob
+screen dave
+as alice whoami
+note "carol stays offline for now. Each one-shot command is a login of its own."
 
-say "bob is online (listening for 3 s); alice sends him a message, end-to-end encrypted"
-FASTCHAT_PASSWORD=pw-bob "$FASTCHAT_BIN/fastchat" --user bob recv --wait 3 >"$dir/bob.out" &
-bob_pid=$!
-if command -v sqlite3 >/dev/null; then
-  for i in $(seq 100); do # until bob's connection is registered (at most 5 s)
-    [ "$(sqlite3 "$dir/chat.db" "SELECT count(*) FROM presence WHERE user='bob'" 2>/dev/null || echo 0)" -ge 1 ] && break
-    sleep 0.05
-  done
-else
-  sleep 1
-fi
-as alice send bob "hi bob, this crossed the peer mesh if we are on different servers"
-wait "$bob_pid"
-echo "  bob's screen:"; sed "s/^/  $cyan/;s/\$/$reset/" "$dir/bob.out"
+say "alice writes to bob: encrypted by alice, relayed between servers, decrypted by bob"
+as alice send bob "hi bob! this crossed from one server to another"
+wait_for_text "$dir/bob.screen" "alice: hi bob"
+screen bob
 
-say "carol is offline; alice and bob write to her"
+say "carol is offline; alice and bob write to her anyway"
 as alice send carol "carol, lunch at noon?"
 as bob send carol "and bring the slides"
-echo "  what the server stored (ciphertext only):"
-sqlite3 "$dir/chat.db" "SELECT '  #' || id || ' ' || sender || ' -> ' || recipient || ': ' || hex(substr(body, 1, 24)) || '...' FROM messages" 2>/dev/null \
-  || echo "  (install sqlite3 to see the stored rows)"
-
-say "carol logs in and catches up, in order"
+note "The servers store only ciphertext until carol acknowledges it:"
+if command -v sqlite3 >/dev/null; then
+  sqlite3 "$dir/chat.db" "SELECT '#' || id || ' ' || sender || ' -> ' || recipient || ': ' || hex(substr(body, 1, 20)) || '...' FROM messages" | indent
+fi
+say "carol logs in and catches up, in order; a second look finds nothing left"
 as carol recv
-say "A second recv: nothing left, the queue was emptied on acknowledgement"
 as carol recv
-echo "  (nothing)"
 
-say "Live servers and their load"
+say "A group: alice creates 'class' (she is its admin) and adds bob, carol and dave"
+as alice group create class
+for u in bob carol dave; do as alice group add class "$u"; done
+as alice group send class "welcome to the class, everyone"
+wait_for_text "$dir/dave.screen" "welcome to the class"
+screen dave
+note "Signed by alice, sealed with the group key of epoch 1, stored once for all members."
+
+say "alice removes dave: a new group key (epoch 2) that dave never receives"
+as alice group remove class dave
+as alice group members class
+as alice group send class "dave cannot read this one"
+wait_for_text "$dir/bob.screen" "dave cannot read this one"
+screen bob
+screen dave
+note "Nothing new for dave: no key, no message."
+
+say "An image: alice sends a picture to the group; bob's client saves it and checks it"
+# A 1x1 PNG.
+printf 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==' \
+  | base64 -d >"$dir/photo.png"
+as alice group send-file class "$dir/photo.png"
+wait_for_text "$dir/bob.screen" "sent photo.png"
+screen bob
+cmp -s "$dir/photo.png" "$dir/home/bob/downloads/photo.png" \
+  && note "bob's copy is byte-for-byte the original (SHA-256 checked, chunks encrypted)."
+
+say "A server dies (kill -9) while bob is on it"
+bob_server=$(sed -n 's/^logged in as bob on server \([0-9]*\) .*/\1/p' "$dir/bob.screen")
+victim=$(cat "$dir/server$bob_server.pid")
+printf '%s$ kill -9 %s%s   (server %s)\n' "$dim" "$victim" "$reset" "$bob_server"
+kill -9 "$victim"
+rm -f "$dir/server$bob_server.pid"
+as alice send bob "bob, are you still there?"
+wait_for_text "$dir/bob.screen" "are you still there"
+screen bob
+note "bob's client went back to the balancer, got another server, and missed nothing."
+for i in $(seq 50); do # the balancer drops a silent server within two seconds
+  [ "$(FASTCHAT_PASSWORD=x "$FASTCHAT_BIN/fastchat" servers | wc -l)" -eq 2 ] && break
+  sleep 0.1
+done
 as alice servers
 
 say "Done: stopping every process this demo started"

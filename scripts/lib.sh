@@ -55,3 +55,15 @@ stop_all() {
     rm -f "$f"
   done
 }
+
+# Waits (at most ~10 s) until FILE contains TEXT; fails with a message otherwise.
+wait_for_text() {
+  local file=$1 text=$2 i
+  for i in $(seq 200); do
+    grep -qF -- "$text" "$file" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "timed out waiting for '$text' in $file:" >&2
+  cat "$file" >&2 2>/dev/null || true
+  return 1
+}

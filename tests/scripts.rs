@@ -22,12 +22,19 @@ fn demo_runs_a_conversation_and_exits_0() {
     let out = run_limited(Command::new(script("demo.sh")).env("FASTCHAT_BIN", bin_dir()));
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     for expected in [
-        "alice on server 1",
-        "bob on server 2",
-        "carol on server 3",
-        "alice: hi bob",
-        "alice: carol, lunch at noon?",
-        "bob: and bring the slides",
+        "logged in as bob on server 1",
+        "logged in as dave on server 2",
+        "alice on server 3",
+        "alice: hi bob! this crossed from one server to another",
+        "   alice: carol, lunch at noon?\n   bob: and bring the slides\n",
+        "[class] alice: welcome to the class, everyone",
+        "removed dave from class; new group key (epoch 2)",
+        "[class] alice: dave cannot read this one",
+        "dave's screen:\n   (nothing new)",
+        "[class] alice sent photo.png (70 B) -> ",
+        "bob's copy is byte-for-byte the original",
+        "* server lost; now on server ",
+        "alice: bob, are you still there?",
         "Done: stopping every process",
     ] {
         assert!(
