@@ -354,7 +354,12 @@ fn usage_errors_exit_2_and_help_explains() {
     let c = Cluster::start(0);
     let out = c.run("alice", &["frobnicate"]);
     assert_eq!(out.code, 2);
-    for bin in ["fastchat", "fastchat-balancer", "fastchat-server"] {
+    for bin in [
+        "fastchat",
+        "fastchat-balancer",
+        "fastchat-server",
+        "fastchat-bench",
+    ] {
         let out = common::run_limited(std::process::Command::new(common::bin(bin)).arg("--help"));
         assert_eq!(out.code, 0);
         assert!(out.stdout.contains("Usage:"), "{bin}: {out:?}");

@@ -143,6 +143,7 @@ pub fn bin(name: &str) -> PathBuf {
         "fastchat" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat")),
         "fastchat-balancer" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-balancer")),
         "fastchat-server" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-server")),
+        "fastchat-bench" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-bench")),
         other => panic!("unknown binary {other}"),
     }
 }
