@@ -1147,6 +1147,19 @@ fn check_keys_cover(keys: &[WrappedKey], members: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The group's epoch and members, if `by` is its admin; otherwise a refusal saying who may
+/// `what`.
+fn admin_view(conn: &Connection, group: &str, by: &str, what: &str) -> Result<(u64, Vec<String>)> {
+    let (admin, current, members) = member_view(conn, group, by)?;
+    if admin != by {
+        return Err(refuse(
+            ErrorCode::NotAllowed,
+            format!("only the admin of {group} ({admin}) can {what}"),
+        ));
+    }
+    Ok((current, members))
+}
+
 /// The admin adds `user`, giving them the current key.
 pub fn add_member(
     conn: &Connection,
@@ -1156,13 +1169,7 @@ pub fn add_member(
     epoch: u64,
     key: &[u8],
 ) -> Result<()> {
-    let (admin, current, members) = member_view(conn, group, by)?;
-    if admin != by {
-        return Err(refuse(
-            ErrorCode::NotAllowed,
-            format!("only the admin of {group} ({admin}) can add members"),
-        ));
-    }
+    let (current, members) = admin_view(conn, group, by, "add members")?;
     if !user_exists(conn, user)? {
         return Err(refuse(
             ErrorCode::UnknownUser,
@@ -1194,13 +1201,7 @@ pub fn remove_member(
     epoch: u64,
     keys: &[WrappedKey],
 ) -> Result<()> {
-    let (admin, current, members) = member_view(conn, group, by)?;
-    if admin != by {
-        return Err(refuse(
-            ErrorCode::NotAllowed,
-            format!("only the admin of {group} ({admin}) can remove members"),
-        ));
-    }
+    let (current, members) = admin_view(conn, group, by, "remove members")?;
     if user == by {
         return Err(refuse(
             ErrorCode::BadRequest,
