@@ -55,6 +55,8 @@ row "group, 100 clients in groups of 10 x $((100 / scale)) messages" \
   --spawn-servers 3 --clients 100 --messages $((100 / scale)) --mode group --group-size 10
 row "fixed rate: 10,000 messages/s offered, 100 clients" \
   --spawn-servers 3 --clients 100 --messages $((300 / scale)) --rate 10000
+row "fault: as the first row, one server killed (kill -9) after 0.5 s" \
+  --spawn-servers 3 --clients 100 --messages $((1000 / scale)) --window 32 --kill-server 0.5
 
 echo
 echo "### Connection capacity (idle clients held by one server)"

@@ -931,16 +931,21 @@ pub fn queued(conn: &Connection, user: &str, after: i64, limit: usize) -> Result
 pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
     let mut n = 0;
     let mut touched: Vec<String> = Vec::new();
+    // Prepared once per batch of ids: this runs for every message delivered.
+    let mut remember = conn.prepare_cached(
+        "INSERT INTO delivered (msg_id, sender, client_id)
+         SELECT id, sender, client_id FROM messages WHERE id = ?1 AND recipient = ?2",
+    )?;
+    let mut remove = conn.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING file_id")?;
     for id in ids {
-        // Look, then delete by key: a plain one-row delete needs no statement journal.
-        let direct: Option<(String, i64, Option<i64>)> = conn
-            .prepare_cached(
-                "SELECT sender, client_id, file_id FROM messages WHERE id = ?1 AND recipient = ?2",
-            )?
-            .query_row(params![id, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        if let Some((sender, client_id, file)) = direct {
-            remove_message(conn, *id, &sender, client_id, file)?;
+        // A direct message to this user: remembered as delivered, then removed (with the
+        // file it offers).
+        if remember.execute(params![id, user])? == 1 {
+            let file: Option<i64> = remove.query_row(params![id], |r| r.get(0))?;
+            if let Some(file) = file {
+                conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
+                    .execute(params![file])?;
+            }
             n += 1;
             continue;
         }

@@ -596,11 +596,6 @@ impl<R: Read> FrameReader<R> {
         self.inner.buffer().len()
     }
 
-    /// The wrapped stream, mutably.
-    pub fn get_mut(&mut self) -> &mut R {
-        self.inner.get_mut()
-    }
-
     /// Reads one frame. `Ok(None)` is a clean close between frames; a close inside a frame is an
     /// `UnexpectedEof` error. The length is checked before any allocation.
     pub fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
@@ -624,49 +619,51 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// A socket whose reads fail with `TimedOut` once a deadline has passed: each read waits at
-/// most until then, so a peer cannot stretch a frame out forever by sending it a byte at a
-/// time. Without a deadline it is the plain socket.
-#[derive(Debug)]
-pub struct Timed {
-    inner: TcpStream,
-    deadline: Option<Instant>,
-}
-
-impl Timed {
-    /// Wraps a socket, with no deadline.
-    pub fn new(inner: TcpStream) -> Timed {
-        Timed {
-            inner,
-            deadline: None,
+impl FrameReader<TcpStream> {
+    /// Like [`FrameReader::read_max`], but the whole frame must arrive before `deadline`:
+    /// each read of the socket waits only for the time left, so a peer cannot stretch a frame
+    /// out forever by sending it a byte at a time. Leaves the socket's read timeout set; clear
+    /// it afterwards.
+    pub fn read_before<T: DeserializeOwned>(
+        &mut self,
+        max: usize,
+        deadline: Instant,
+    ) -> Result<Option<T>> {
+        let mut len = [0u8; 4];
+        if !self.fill_before(&mut len, deadline, true)? {
+            return Ok(None);
         }
-    }
-
-    /// Sets or clears the deadline.
-    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
-        self.deadline = deadline;
-        if deadline.is_none() {
-            self.inner.set_read_timeout(None)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > max.min(MAX_FRAME) {
+            return Err(Error::FrameTooLarge(len));
         }
-        Ok(())
+        let mut body = std::mem::take(&mut self.buf);
+        body.resize(len, 0);
+        let filled = self.fill_before(&mut body, deadline, false);
+        self.buf = body;
+        filled?;
+        decode(&self.buf).map(Some)
     }
 
-    /// The socket.
-    pub fn socket(&self) -> &TcpStream {
-        &self.inner
-    }
-}
-
-impl Read for Timed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
+    /// Fills `out` from the socket before `deadline`. `false` on a clean close before the
+    /// first byte, when `eof_ok`.
+    fn fill_before(&mut self, out: &mut [u8], deadline: Instant, eof_ok: bool) -> io::Result<bool> {
+        let mut filled = 0;
+        while filled < out.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            self.inner.set_read_timeout(Some(left))?;
+            self.inner.get_ref().set_read_timeout(Some(left))?;
+            match self.inner.read(&mut out[filled..]) {
+                Ok(0) if filled == 0 && eof_ok => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
-        self.inner.read(buf)
+        Ok(true)
     }
 }
 

@@ -32,7 +32,7 @@ use crate::db::{self, Readers, Writer};
 use crate::error::{Error, Result};
 use crate::net::{
     BalancerReply, BalancerRequest, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerInfo,
-    ServerRequest, Timed, DEFAULT_MAX_FILE,
+    ServerRequest, DEFAULT_MAX_FILE,
 };
 use crate::peers::Peers;
 use crate::router::Router;
@@ -216,10 +216,9 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     // The first frame must come whole within the hello timeout, and be small.
-    let mut timed = Timed::new(stream.try_clone()?);
-    timed.set_deadline(Some(Instant::now() + shared.config.hello_timeout))?;
-    let mut reader = FrameReader::new(timed);
-    let first = match reader.read_max::<ServerRequest>(MAX_HELLO) {
+    let mut reader = FrameReader::new(stream.try_clone()?);
+    let deadline = Instant::now() + shared.config.hello_timeout;
+    let first = match reader.read_before::<ServerRequest>(MAX_HELLO, deadline) {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -297,8 +296,8 @@ fn refuse_frame(stream: &TcpStream, e: &Error) {
 }
 
 /// A peer's link: relayed messages for users connected here.
-fn serve_peer(mut reader: FrameReader<Timed>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
-    reader.get_mut().set_deadline(None)?;
+fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
+    reader.get_ref().set_read_timeout(None)?;
     log::debug!("peer {peer} linked in");
     // However the link ends, messages the peer committed but had not yet relayed may exist:
     // every local connection re-reads its queue.
@@ -317,7 +316,7 @@ fn serve_peer(mut reader: FrameReader<Timed>, shared: &Arc<Shared>, peer: u64) -
             }
             Ok(Some(_)) => {
                 reply_once(
-                    reader.get_ref().socket(),
+                    reader.get_ref(),
                     None,
                     ErrorCode::BadRequest,
                     "peer links carry Relay frames only",
@@ -326,7 +325,7 @@ fn serve_peer(mut reader: FrameReader<Timed>, shared: &Arc<Shared>, peer: u64) -
             }
             Ok(None) => return Ok(()),
             Err(e) => {
-                refuse_frame(reader.get_ref().socket(), &e);
+                refuse_frame(reader.get_ref(), &e);
                 return Err(e);
             }
         }

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::mailbox;
 use crate::names;
 use crate::net::{
-    chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, Timed, MAX_BODY,
+    chunk_count, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerRequest, MAX_BODY,
     MAX_CHUNK, MAX_WHO,
 };
 use crate::peers::Relayed;
@@ -55,7 +55,7 @@ const WINDOW_WAIT: Duration = Duration::from_secs(30);
 /// Serves an authenticated client until it disconnects.
 pub(crate) fn serve_client(
     stream: TcpStream,
-    mut reader: FrameReader<Timed>,
+    mut reader: FrameReader<TcpStream>,
     shared: &Arc<Shared>,
     hello_id: u64,
     user: String,
@@ -71,7 +71,7 @@ pub(crate) fn serve_client(
         );
         return Ok(());
     }
-    reader.get_mut().set_deadline(None)?;
+    reader.get_ref().set_read_timeout(None)?;
     let stream = Arc::new(stream);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mailbox::lazy::<Outbound>(shared.config.queue_len);
@@ -170,7 +170,7 @@ impl Session<'_> {
 
     /// Reads and handles requests until the client leaves or sends garbage. A client over
     /// the request rate waits: its requests stay in its socket, and only it is slowed.
-    fn run(&self, reader: &mut FrameReader<Timed>) -> Result<()> {
+    fn run(&self, reader: &mut FrameReader<TcpStream>) -> Result<()> {
         let rate = self.shared.config.max_rate;
         let mut bucket = (rate > 0).then(|| Bucket::new(rate));
         loop {

@@ -583,7 +583,7 @@ impl Plan {
         if let Some((after, pid)) = victim {
             std::thread::spawn(move || {
                 std::thread::sleep(after);
-                log::info!("killing server process {pid} (kill -9)");
+                log::debug!("killing server process {pid} (kill -9)");
                 let _ = std::process::Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();
