@@ -201,11 +201,13 @@ struct Shared {
     dummy_hash: String,
     /// Failed logins per name and address. A lock, not a thread: each use is a map lookup.
     logins: Mutex<Logins>,
+    /// What a chat server must show to register (from the shared database).
+    cluster_key: Vec<u8>,
 }
 
 /// Serves the balancer on `listener` until a message arrives on `shutdown` (or it is dropped).
 pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Result<()> {
-    db::open(&config.db)?;
+    let cluster_key = db::cluster_key(&db::open(&config.db)?)?;
     let shared = Arc::new(Shared {
         writer: Writer::start(&config.db)?,
         readers: Readers::new(&config.db),
@@ -216,6 +218,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
         }),
         dummy_hash: crypto::hash_password("not a password", config.scrypt)?,
         logins: Mutex::new(Logins::default()),
+        cluster_key,
         config,
     });
     let addr = listener.local_addr()?;
@@ -363,7 +366,12 @@ fn handle(
             match check_password(shared, &name, &password) {
                 Ok(()) => shared.logins.lock().succeeded(&name),
                 Err(e) => {
-                    shared.logins.lock().failed(&name, from);
+                    // Only valid names are remembered: a hostile client must not fill the
+                    // table with megabyte-long ones (its address is counted all the same).
+                    let named = names::validate("user", &name)
+                        .is_ok()
+                        .then_some(name.as_str());
+                    shared.logins.lock().failed(named, from);
                     return Err(e);
                 }
             }
@@ -410,7 +418,16 @@ fn handle(
             addr,
             server_id: known,
             secret,
+            cluster_key,
         } => {
+            let matches = cluster_key.len() == shared.cluster_key.len()
+                && openssl::memcmp::eq(&cluster_key, &shared.cluster_key);
+            if !matches {
+                return Err(Error::refused(
+                    ErrorCode::NotAllowed,
+                    "not a server of this cluster (wrong cluster key)",
+                ));
+            }
             let sid = register(shared, addr, known, &secret)?;
             *server_id = Some(sid);
             Ok(BalancerReply::Registered { id, server_id: sid })

@@ -164,6 +164,12 @@ const MIGRATIONS: &[&str] = &[
     -- re-sends what it never saw confirmed, and a message already delivered must not be stored
     -- twice. Keyed by message id, so new rows are appended (ids grow) and old ones are cut off
     -- as a range; a re-send names the id range to search (see `earlier`).
+    -- The key a chat server shows the balancer to register: whoever can read this file is
+    -- part of the cluster; a stranger on the network is not.
+    CREATE TABLE cluster (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        key BLOB NOT NULL
+    );
     CREATE TABLE delivered (
         msg_id    INTEGER PRIMARY KEY,
         sender    TEXT NOT NULL,
@@ -609,6 +615,15 @@ pub fn session_user(conn: &Connection, token_hash: &[u8]) -> Result<Option<Strin
 
 // ---------------------------------------------------------------------------------------------
 // Servers and presence.
+
+/// The cluster key, made (32 random bytes) by the first process that asks.
+pub fn cluster_key(conn: &Connection) -> Result<Vec<u8>> {
+    conn.execute(
+        "INSERT OR IGNORE INTO cluster (id, key) VALUES (1, randomblob(32))",
+        [],
+    )?;
+    Ok(conn.query_row("SELECT key FROM cluster WHERE id = 1", [], |r| r.get(0))?)
+}
 
 /// Registers a server (or re-registers a known id whose secret matches). Returns its id, or
 /// `None` when the id is unknown or the secret does not match.

@@ -171,6 +171,10 @@ pub enum BalancerRequest {
         /// The server's secret (random, 32 bytes); only its hash is stored. Peers present it.
         #[serde(with = "serde_bytes")]
         secret: Vec<u8>,
+        /// The cluster key, read from the shared database: only a process that can read the
+        /// database may join as a server (and so be handed clients and their tokens).
+        #[serde(with = "serde_bytes")]
+        cluster_key: Vec<u8>,
     },
     /// A registered server reports its load; the reply lists its live peers.
     Heartbeat {
@@ -788,6 +792,7 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             server_id: Some(3),
             secret: vec![9; 32],
+            cluster_key: vec![5; 32],
         });
         roundtrip(BalancerReply::Error {
             id: None,

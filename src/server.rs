@@ -118,7 +118,7 @@ pub fn run(
     shutdown: Receiver<()>,
     on_ready: impl FnOnce(u64, SocketAddr),
 ) -> Result<()> {
-    db::open(&config.db)?;
+    let cluster_key = db::cluster_key(&db::open(&config.db)?)?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         let ip = if local.ip().is_unspecified() {
@@ -130,7 +130,7 @@ pub fn run(
     });
     let secret = crypto::random_bytes(32)?;
     let writer = Writer::start(&config.db)?;
-    let link = BalancerLink::connect(&config, &advertise, &secret)?;
+    let link = BalancerLink::connect(&config, &advertise, &secret, cluster_key)?;
     let server_id = link.server_id;
     writer.call(move |c| {
         db::clear_presence(c, server_id)?;
@@ -338,17 +338,25 @@ struct BalancerLink {
     addr: String,
     advertise: String,
     secret: Vec<u8>,
+    /// Proves to the balancer that this server can read the cluster's database.
+    cluster_key: Vec<u8>,
     server_id: u64,
     conn: Option<(FrameReader<TcpStream>, FrameWriter<TcpStream>)>,
 }
 
 impl BalancerLink {
     /// Registers, retrying until `startup_timeout`.
-    fn connect(config: &Config, advertise: &str, secret: &[u8]) -> Result<BalancerLink> {
+    fn connect(
+        config: &Config,
+        advertise: &str,
+        secret: &[u8],
+        cluster_key: Vec<u8>,
+    ) -> Result<BalancerLink> {
         let mut link = BalancerLink {
             addr: config.balancer.clone(),
             advertise: advertise.to_string(),
             secret: secret.to_vec(),
+            cluster_key,
             server_id: 0,
             conn: None,
         };
@@ -377,6 +385,7 @@ impl BalancerLink {
             addr: self.advertise.clone(),
             server_id: known,
             secret: self.secret.clone(),
+            cluster_key: self.cluster_key.clone(),
         })?;
         match r.read::<BalancerReply>()? {
             Some(BalancerReply::Registered { server_id, .. }) => {

@@ -113,10 +113,12 @@ impl Logins {
         Ok(())
     }
 
-    /// Counts a failed login.
-    pub fn failed(&mut self, user: &str, from: IpAddr) {
+    /// Counts a failed login (against the name too, when it is one).
+    pub fn failed(&mut self, user: Option<&str>, from: IpAddr) {
         let now = Instant::now();
-        self.users.fail(&user.to_string(), now);
+        if let Some(user) = user {
+            self.users.fail(&user.to_string(), now);
+        }
         self.addresses.fail(&from, now);
     }
 
@@ -188,10 +190,10 @@ mod tests {
     fn logins_count_names_and_addresses_apart() {
         let mut l = Logins::default();
         for i in 0..FREE_FAILURES_PER_ADDRESS {
-            l.failed(&format!("user{i}"), HOME);
+            l.failed(Some(&format!("user{i}")), HOME);
         }
         assert!(l.check("someone", HOME).is_ok());
-        l.failed("user99", HOME);
+        l.failed(None, HOME);
         let err = l.check("someone", HOME).unwrap_err();
         assert!(
             err.starts_with("too many failed logins from 127.0.0.1"),

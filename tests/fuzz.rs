@@ -134,6 +134,7 @@ impl Gen {
                 addr: self.s(),
                 server_id: self.opt().map(|v| v as u64),
                 secret: self.b(),
+                cluster_key: self.b(),
             },
             _ => BalancerRequest::Heartbeat {
                 id,

@@ -460,3 +460,42 @@ fn clients_keep_talking_while_the_balancer_is_down() {
         bob.ack(&[m.id]).unwrap();
     }
 }
+
+#[test]
+fn only_a_process_that_can_read_the_database_can_join_as_a_server() {
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let register = |cluster_key: Vec<u8>| {
+        BalancerClient::connect(&c.balancer_addr)
+            .unwrap()
+            .request(|id| fastchat::net::BalancerRequest::Register {
+                id,
+                addr: "127.0.0.1:9".into(),
+                server_id: None,
+                secret: vec![7; 32],
+                cluster_key,
+            })
+    };
+    // A stranger on the network, guessing: refused, and never handed a client.
+    for guess in [vec![], vec![0; 32], vec![0; 1000]] {
+        match register(guess) {
+            Err(fastchat::Error::Refused {
+                code: ErrorCode::NotAllowed,
+                message,
+            }) => assert_eq!(message, "not a server of this cluster (wrong cluster key)"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.wait_servers(1).len(), 1);
+    // The key is in the shared database, where every real server reads it.
+    let key: Vec<u8> = c
+        .sql()
+        .query_row("SELECT key FROM cluster", [], |r| r.get(0))
+        .unwrap();
+    assert!(matches!(
+        register(key),
+        Ok(BalancerReply::Registered { .. })
+    ));
+    still_works(&c);
+}
