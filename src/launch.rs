@@ -17,6 +17,37 @@ use crate::error::{Error, Result};
 /// How long a process may take to print its ready line.
 const READY_LIMIT: Duration = Duration::from_secs(15);
 
+/// Every process and folder this program started and has not yet cleaned up: what
+/// [`stop_everything`] ends if the program is interrupted before the owners are dropped.
+static STARTED: parking_lot::Mutex<(Vec<u32>, Vec<PathBuf>)> =
+    parking_lot::Mutex::new((Vec::new(), Vec::new()));
+
+/// Stops every process this program started (SIGTERM, then SIGKILL a second later) and
+/// removes their folders: for a Ctrl-C handler, when the normal clean-up will not run.
+pub fn stop_everything() {
+    let (pids, dirs) = std::mem::take(&mut *STARTED.lock());
+    let signal = |sig: &str, pid: u32| {
+        let _ = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    };
+    for pid in &pids {
+        signal("-TERM", *pid);
+    }
+    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids {
+        signal("-KILL", pid);
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A started process and its PID.
 pub struct Process {
     child: Child,
@@ -32,6 +63,8 @@ impl Process {
 
     /// SIGTERM, a short wait, then SIGKILL; reaps it.
     fn stop(&mut self) {
+        let pid = self.pid();
+        STARTED.lock().0.retain(|p| *p != pid);
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.pid().to_string()])
@@ -77,6 +110,7 @@ impl LocalCluster {
             crypto::to_hex(&crypto::random_bytes(4)?)
         ));
         std::fs::create_dir_all(&dir)?;
+        STARTED.lock().1.push(dir.clone());
         let db = dir.join("chat.db");
         let db_arg = db.to_string_lossy().to_string();
         let log_n = scrypt_log_n.to_string();
@@ -151,6 +185,7 @@ impl Drop for LocalCluster {
             s.stop();
         }
         self.balancer_process.stop();
+        STARTED.lock().1.retain(|d| *d != self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -174,6 +209,7 @@ fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Result<(Proces
         .stderr(log)
         .spawn()
         .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", path.display())))?;
+    STARTED.lock().0.push(child.id());
     let stdout = child.stdout.take().expect("piped");
     let mut process = Process {
         child,

@@ -178,3 +178,50 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
         }
     }
 }
+
+/// The child processes of `pid` (Linux).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_the_cluster_the_bench_started() {
+    let mut bench = common::Proc::spawn(
+        "bench",
+        Command::new(env!("CARGO_BIN_EXE_fastchat-bench")).args([
+            "--spawn-servers",
+            "2",
+            "--clients",
+            "4",
+            "--messages",
+            "10000",
+            "--rate",
+            "100",
+            "--quiet",
+        ]),
+    );
+    let deadline = std::time::Instant::now() + common::LIMIT;
+    let started = loop {
+        let kids = children(bench.pid());
+        if kids.len() == 3 {
+            break kids;
+        }
+        assert!(std::time::Instant::now() < deadline, "no cluster: {kids:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status = bench.interrupt().expect("the bench exits");
+    assert_eq!(status.code(), Some(130));
+    for pid in started {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "process {pid} was left running"
+        );
+    }
+}

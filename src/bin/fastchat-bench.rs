@@ -14,7 +14,8 @@ use fastchat::bench::{self, Config, Mode, Target};
 /// servers on a temporary database (--spawn-servers); those are stopped when it ends.
 ///
 /// Exit codes: 0 every message delivered exactly once; 1 something was lost, duplicated or
-/// refused; 2 bad arguments; 3 the cluster could not be reached; 4 local trouble.
+/// refused; 2 bad arguments; 3 the cluster could not be reached; 4 local trouble; 130
+/// interrupted (Ctrl-C or SIGTERM; the processes it started are stopped first).
 #[derive(Parser)]
 #[command(
     version,
@@ -125,6 +126,15 @@ fn main() -> ExitCode {
     if let Err(e) = bench::check(&config) {
         return usage(&e.to_string());
     }
+    // Ctrl-C (or SIGTERM): stop the cluster this run started, and say so.
+    let interrupt = fastchat::logging::shutdown_channel();
+    std::thread::spawn(move || {
+        if interrupt.recv().is_ok() {
+            fastchat::launch::stop_everything();
+            eprintln!("fastchat-bench: interrupted; stopped every process it had started");
+            std::process::exit(130);
+        }
+    });
     match bench::run(&config) {
         Ok(report) => {
             if args.json {
