@@ -17,15 +17,32 @@ use crate::error::{Error, Result};
 /// How long a process may take to print its ready line.
 const READY_LIMIT: Duration = Duration::from_secs(15);
 
-/// Every process and folder this program started and has not yet cleaned up: what
-/// [`stop_everything`] ends if the program is interrupted before the owners are dropped.
-static STARTED: parking_lot::Mutex<(Vec<u32>, Vec<PathBuf>)> =
-    parking_lot::Mutex::new((Vec::new(), Vec::new()));
+/// What this program started and has not yet cleaned up, for [`stop_everything`] when the
+/// program is interrupted before the owners are dropped.
+struct Started {
+    pids: Vec<u32>,
+    dirs: Vec<PathBuf>,
+    /// Set by `stop_everything`: nothing more may be started.
+    stopped: bool,
+}
+
+static STARTED: parking_lot::Mutex<Started> = parking_lot::Mutex::new(Started {
+    pids: Vec::new(),
+    dirs: Vec::new(),
+    stopped: false,
+});
 
 /// Stops every process this program started (SIGTERM, then SIGKILL a second later) and
 /// removes their folders: for a Ctrl-C handler, when the normal clean-up will not run.
 pub fn stop_everything() {
-    let (pids, dirs) = std::mem::take(&mut *STARTED.lock());
+    let (pids, dirs) = {
+        let mut started = STARTED.lock();
+        started.stopped = true;
+        (
+            std::mem::take(&mut started.pids),
+            std::mem::take(&mut started.dirs),
+        )
+    };
     let signal = |sig: &str, pid: u32| {
         let _ = Command::new("kill")
             .args([sig, &pid.to_string()])
@@ -64,7 +81,7 @@ impl Process {
     /// SIGTERM, a short wait, then SIGKILL; reaps it.
     fn stop(&mut self) {
         let pid = self.pid();
-        STARTED.lock().0.retain(|p| *p != pid);
+        STARTED.lock().pids.retain(|p| *p != pid);
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.pid().to_string()])
@@ -110,7 +127,7 @@ impl LocalCluster {
             crypto::to_hex(&crypto::random_bytes(4)?)
         ));
         std::fs::create_dir_all(&dir)?;
-        STARTED.lock().1.push(dir.clone());
+        STARTED.lock().dirs.push(dir.clone());
         let db = dir.join("chat.db");
         let db_arg = db.to_string_lossy().to_string();
         let log_n = scrypt_log_n.to_string();
@@ -185,7 +202,7 @@ impl Drop for LocalCluster {
             s.stop();
         }
         self.balancer_process.stop();
-        STARTED.lock().1.retain(|d| *d != self.dir);
+        STARTED.lock().dirs.retain(|d| *d != self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -209,7 +226,16 @@ fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Result<(Proces
         .stderr(log)
         .spawn()
         .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", path.display())))?;
-    STARTED.lock().0.push(child.id());
+    {
+        let mut started = STARTED.lock();
+        if started.stopped {
+            // Interrupted while this one was starting: it must not outlive the program.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Invalid("interrupted".into()));
+        }
+        started.pids.push(child.id());
+    }
     let stdout = child.stdout.take().expect("piped");
     let mut process = Process {
         child,

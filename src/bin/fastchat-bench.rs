@@ -1,6 +1,7 @@
 //! `fastchat-bench`: the load generator.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
@@ -86,6 +87,9 @@ struct Args {
     quiet: bool,
 }
 
+/// Set when Ctrl-C arrived: the handler thread decides the exit status then.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     fastchat::logging::init("bench");
@@ -126,16 +130,24 @@ fn main() -> ExitCode {
     if let Err(e) = bench::check(&config) {
         return usage(&e.to_string());
     }
-    // Ctrl-C (or SIGTERM): stop the cluster this run started, and say so.
+    // Ctrl-C (or SIGTERM): stop the cluster this run started, say so, exit 130. The run may
+    // fail meanwhile (its cluster is going away): that thread then waits for this one.
     let interrupt = fastchat::logging::shutdown_channel();
     std::thread::spawn(move || {
         if interrupt.recv().is_ok() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
             fastchat::launch::stop_everything();
             eprintln!("fastchat-bench: interrupted; stopped every process it had started");
             std::process::exit(130);
         }
     });
-    match bench::run(&config) {
+    let result = bench::run(&config);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+    match result {
         Ok(report) => {
             if args.json {
                 println!("{}", bench::to_json(&report));
