@@ -189,18 +189,41 @@ pub fn now_ms() -> i64 {
 pub fn open(path: &Path) -> Result<Connection> {
     let conn = connect(path)?;
     // journal_mode returns a row, so it is queried rather than executed.
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    let mode: String =
+        retry_busy(|| Ok(conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Invalid(format!(
             "database {} cannot use WAL mode (got {mode})",
             path.display()
         )));
     }
-    conn.execute_batch(
-        "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
-    )?;
-    migrate(&conn)?;
+    // A WAL file that grew under load is cut back to 64 MiB once it has been checkpointed.
+    retry_busy(|| {
+        Ok(conn.execute_batch(
+            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;
+             PRAGMA journal_size_limit=67108864;",
+        )?)
+    })?;
+    retry_busy(|| migrate(&conn))?;
     Ok(conn)
+}
+
+/// Runs `f` again while the database answers "busy" in the ways SQLite's busy handler does not
+/// wait for (a brand-new file switching to WAL while other processes open it too), for up to
+/// [`BUSY_TIMEOUT`].
+fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match f() {
+            Err(Error::Db(e))
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Applies every migration newer than the file's `user_version`, each in its own transaction.
@@ -621,11 +644,13 @@ pub fn session_user(conn: &Connection, token_hash: &[u8]) -> Result<Option<Strin
 
 /// The cluster key, made (32 random bytes) by the first process that asks.
 pub fn cluster_key(conn: &Connection) -> Result<Vec<u8>> {
-    conn.execute(
-        "INSERT OR IGNORE INTO cluster (id, key) VALUES (1, randomblob(32))",
-        [],
-    )?;
-    Ok(conn.query_row("SELECT key FROM cluster WHERE id = 1", [], |r| r.get(0))?)
+    retry_busy(|| {
+        conn.execute(
+            "INSERT OR IGNORE INTO cluster (id, key) VALUES (1, randomblob(32))",
+            [],
+        )?;
+        Ok(conn.query_row("SELECT key FROM cluster WHERE id = 1", [], |r| r.get(0))?)
+    })
 }
 
 /// Registers a server (or re-registers a known id whose secret matches). Returns its id, or
@@ -1905,6 +1930,31 @@ mod tests {
         assert_eq!(forget_deliveries(&conn, first.envelope.id)?, 1);
         let kept: i64 = conn.query_row("SELECT count(*) FROM delivered", [], |r| r.get(0))?;
         assert_eq!(kept, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn many_openers_of_a_new_file_all_succeed() -> Result<()> {
+        // A balancer and servers start together on a file that does not exist yet.
+        for _ in 0..20 {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("chat.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), std::sync::Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        open(&path).and_then(|c| cluster_key(&c))
+                    })
+                })
+                .collect();
+            let keys: Vec<Vec<u8>> = openers
+                .into_iter()
+                .map(|t| t.join().expect("no panic"))
+                .collect::<Result<_>>()?;
+            assert!(keys.windows(2).all(|w| w[0] == w[1]), "one cluster key");
+        }
         Ok(())
     }
 }
