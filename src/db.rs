@@ -986,8 +986,7 @@ pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
         if remember.execute(params![id, user])? == 1 {
             let file: Option<i64> = remove.query_row(params![id], |r| r.get(0))?;
             if let Some(file) = file {
-                conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
-                    .execute(params![file])?;
+                drop_file(conn, file)?;
             }
             n += 1;
             continue;
@@ -1072,6 +1071,13 @@ fn collect_group_garbage(conn: &Connection, group: &str, after: i64, upto: i64) 
     Ok(())
 }
 
+/// Deletes an offered file (once its message is gone; its chunks go with it).
+fn drop_file(conn: &Connection, file: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
+        .execute(params![file])?;
+    Ok(())
+}
+
 /// Removes a delivered message, and the file it offers; remembers it as delivered.
 fn remove_message(
     conn: &Connection,
@@ -1083,8 +1089,7 @@ fn remove_message(
     conn.prepare_cached("DELETE FROM messages WHERE id = ?1")?
         .execute(params![id])?;
     if let Some(file) = file {
-        conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
-            .execute(params![file])?;
+        drop_file(conn, file)?;
     }
     remember_delivered(conn, id, sender, client_id)
 }
@@ -1307,8 +1312,7 @@ pub fn leave_group(conn: &Connection, group: &str, user: &str) -> Result<Left> {
             .query_map(params![group], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         for file in files {
-            conn.prepare_cached("DELETE FROM files WHERE id = ?1")?
-                .execute(params![file])?;
+            drop_file(conn, file)?;
         }
         conn.prepare_cached("DELETE FROM groups WHERE name = ?1")?
             .execute(params![group])?;
@@ -1453,8 +1457,8 @@ pub fn store_group_message(
 
 // ---------------------------------------------------------------------------------------------
 // Files: encrypted chunks uploaded first, then offered by a message. A file is deleted with the
-// message that offers it (`remove_message`); an upload never offered is deleted
-// when its connection ends.
+// message that offers it (`ack`, `remove_message`, `leave_group`); an upload never offered is
+// deleted when its connection ends.
 
 /// Starts an upload of `chunks` chunks for `owner` on connection `conn_id` of `server_id`,
 /// unless that connection already has `limit` unfinished uploads.

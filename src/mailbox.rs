@@ -139,11 +139,6 @@ impl<T> Sender<T> {
         self.bell.ring();
         Ok(())
     }
-
-    /// Whether the mailbox is empty.
-    pub fn is_empty(&self) -> bool {
-        self.tx().is_empty()
-    }
 }
 
 impl<T> Drop for Sender<T> {

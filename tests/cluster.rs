@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Proc, LIMIT};
+use common::{next_message, Cluster, Proc, LIMIT};
 use fastchat::client::{Client, Event};
 
 /// Logs in `n` library clients and counts them per server index.
@@ -90,18 +90,6 @@ fn a_new_server_is_used_and_a_silent_one_leaves_within_two_seconds() {
     c.signup_lib("late");
     for _ in 0..4 {
         assert_eq!(c.login("late").server().id, c.server_ids[1]);
-    }
-}
-
-/// Waits for the next message event, failing the test after `LIMIT`.
-fn next_message(client: &Client) -> fastchat::net::Envelope {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        match client.next(deadline).unwrap() {
-            Some(Event::Message(m)) => return m,
-            Some(_) => continue,
-            None => panic!("no message within {LIMIT:?}"),
-        }
     }
 }
 

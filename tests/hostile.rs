@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{raw_exchange, Cluster, LIMIT};
-use fastchat::client::{BalancerClient, Client, Connection, Event, Session};
+use common::{next_message, raw_exchange, Cluster, LIMIT};
+use fastchat::client::{BalancerClient, Connection, Session};
 use fastchat::net::{self, BalancerReply, ErrorCode, FrameReader, ServerEvent, ServerRequest};
 
 /// The error code of the one error frame `answer` holds (server or balancer).
@@ -28,18 +28,6 @@ fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
     let mut out = Vec::new();
     net::encode_into(&mut out, msg).unwrap();
     out
-}
-
-/// Waits for the next message on a library client.
-fn next_message(client: &Client) -> fastchat::net::Envelope {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        match client.next(deadline).unwrap() {
-            Some(Event::Message(m)) => return m,
-            Some(_) => continue,
-            None => panic!("no message within {LIMIT:?}"),
-        }
-    }
 }
 
 /// The cluster still carries a message from alice to bob.

@@ -548,27 +548,11 @@ impl Cluster {
     /// Starts a server, with extra arguments, whose advertised address is `proxy_addr`; returns
     /// the address it really listens on.
     pub fn add_server_at(&mut self, proxy_addr: &str, extra: &[&str]) -> String {
-        let i = self.servers.len();
-        let server = Proc::spawn(
-            &format!("server{i}"),
-            Command::new(bin("fastchat-server"))
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--advertise",
-                    proxy_addr,
-                    "--balancer",
-                    &self.balancer_addr,
-                    "--db",
-                    self.db.to_str().unwrap(),
-                ])
-                .args(extra),
-        );
-        let (id, listening) = parse_ready(&server.line());
-        self.servers.push(server);
-        self.server_addrs.push(proxy_addr.to_string());
-        self.server_ids.push(id);
-        listening
+        let mut args = vec!["--advertise", proxy_addr];
+        args.extend_from_slice(extra);
+        let i = self.add_server_with(&args);
+        // Clients are told the proxy's address; the caller gets the real one.
+        std::mem::replace(&mut self.server_addrs[i], proxy_addr.to_string())
     }
 
     /// Starts one more server with extra arguments; returns its index.
@@ -592,6 +576,18 @@ impl Cluster {
         self.server_addrs.push(addr);
         self.server_ids.push(id);
         i
+    }
+}
+
+/// Waits for the next message on a library client, failing the test after `LIMIT`.
+pub fn next_message(client: &fastchat::client::Client) -> fastchat::net::Envelope {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match client.next(deadline).unwrap() {
+            Some(fastchat::client::Event::Message(m)) => return m,
+            Some(_) => continue,
+            None => panic!("no message within {LIMIT:?}"),
+        }
     }
 }
 
