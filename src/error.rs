@@ -7,7 +7,43 @@
 use std::fmt;
 use std::io;
 
-use crate::net::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+/// Why a request was refused; carried in every refusal on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame was too large or did not decode; the connection is closed after this.
+    BadFrame,
+    /// A well-formed request that is not allowed here or now (for example before `Hello`).
+    BadRequest,
+    /// A name broke the naming rules.
+    InvalidName,
+    /// Signup with a name that is already registered.
+    NameTaken,
+    /// Wrong user name or password (deliberately not saying which).
+    InvalidCredentials,
+    /// The session token is unknown or expired.
+    InvalidToken,
+    /// The named recipient does not exist.
+    UnknownUser,
+    /// The named group does not exist (or the caller may not know it does).
+    UnknownGroup,
+    /// The caller is not allowed to do this (not a member, not the admin).
+    NotAllowed,
+    /// The request is based on stale state (for example a group epoch that has moved on);
+    /// fetch the state again and retry.
+    Conflict,
+    /// A message with no content, or over the size limit.
+    BadMessage,
+    /// No chat server is available.
+    NoServers,
+    /// The server is at capacity or shutting down; try again or elsewhere.
+    Unavailable,
+    /// Too many attempts (failed logins); the message says how long to wait.
+    RateLimited,
+    /// Something failed inside the server; the request had no effect.
+    Internal,
+}
 
 /// Everything that can go wrong in fastchat.
 #[derive(Debug)]
@@ -27,8 +63,13 @@ pub enum Error {
     Commit(String),
     /// OpenSSL reported an error.
     Crypto(openssl::error::ErrorStack),
-    /// A frame announced a body larger than [`crate::net::MAX_FRAME`].
-    FrameTooLarge(usize),
+    /// A frame announced a body larger than the link allows.
+    FrameTooLarge {
+        /// The announced body length, in bytes.
+        len: usize,
+        /// The largest body the link accepts here.
+        max: usize,
+    },
     /// A frame body did not decode as the expected message.
     Malformed(String),
     /// The peer sent something valid but out of place (a reply to nothing, a frame before Hello).
@@ -62,7 +103,7 @@ impl Error {
             | Error::InvalidName(_)
             | Error::Invalid(_)
             | Error::Integrity(_) => 1,
-            Error::Unreachable { .. } | Error::FrameTooLarge(_) | Error::Protocol(_) => 3,
+            Error::Unreachable { .. } | Error::FrameTooLarge { .. } | Error::Protocol(_) => 3,
             Error::Malformed(_) => 3,
             Error::Io(e) if is_disconnect(e) => 3,
             Error::Io(_) | Error::Db(_) | Error::Commit(_) | Error::Crypto(_) => 4,
@@ -110,11 +151,9 @@ impl fmt::Display for Error {
             Error::Db(e) => write!(f, "database error: {e}"),
             Error::Commit(e) => write!(f, "database commit failed: {e}"),
             Error::Crypto(e) => write!(f, "crypto error: {e}"),
-            Error::FrameTooLarge(n) => write!(
-                f,
-                "frame of {n} bytes is over the limit of {} bytes",
-                crate::net::MAX_FRAME
-            ),
+            Error::FrameTooLarge { len, max } => {
+                write!(f, "frame of {len} bytes is over the limit of {max} bytes")
+            }
             Error::Malformed(m) => write!(f, "malformed frame: {m}"),
             Error::Protocol(m) => write!(f, "protocol error: {m}"),
             Error::Refused { message, .. } => write!(f, "{message}"),

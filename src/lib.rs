@@ -9,49 +9,46 @@
 //!
 //! # Layout
 //!
+//! The tree follows the architecture: shared pieces at the top, then one folder per side.
+//! Sides depend on shared pieces, never on each other (the load generator drives the client).
+//!
+//! Shared:
 //! * [`net`]: the frame codec and every message of the wire protocol.
-//! * [`error`]: the library's error type and exit codes.
+//! * [`error`]: the library's error type, refusal codes and exit codes.
 //! * [`names`]: the naming rule for users and groups.
 //! * [`crypto`]: password hashing, tokens, key pairs, pair keys, AES-GCM, signatures.
-//! * [`db`]: the schema, its migrations, the reader pool and the group-commit writer thread.
-//! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
-//! * [`server`]: the chat server: accepting, peer links in, the balancer link.
-//! * `session`: one client connection on a server: requests, its writer thread, its sync.
-//! * [`throttle`]: limits on failed logins and on requests per connection.
-//! * [`router`]: a server's map of local users to their connections' outbound queues.
-//! * [`peers`]: a server's outbound links to the other servers.
-//! * [`client`]: the client library: balancer requests and a chat-server connection.
-//! * [`keystore`]: the client's key files and pinned peer keys.
-//! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning.
-//! * [`files`]: files and images as the client sends and receives them: chunks, safe names.
-//! * [`cli`]: the `fastchat` subcommands.
+//! * [`membership`]: the rules of groups (who may add, remove, leave; epochs), without I/O.
+//! * [`db`]: the storage interface ([`db::Store`], [`db::Tx`]) and its SQLite backend.
+//! * [`transport`]: dialing another process.
+//! * [`listen`]: the accept loop, stopping it, joining connection threads.
 //! * [`mailbox`]: a bounded channel whose consumer sleeps without spinning (the hot queues).
-//! * [`logging`]: logging set-up shared by the binaries.
-//! * [`launch`]: starting a local cluster (balancer and servers) as child processes.
-//! * [`bench`]: the load generator behind `fastchat-bench`.
+//! * [`throttle`]: a token bucket for request rates.
+//! * [`logging`]: logging and Ctrl-C set-up shared by the binaries.
+//!
+//! Sides:
+//! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
+//! * [`server`]: the chat server: sessions, routing, the peer mesh, the balancer link.
+//! * [`client`]: the client library, its end-to-end encryption, key files, files, and the
+//!   `fastchat` commands.
+//! * [`bench`]: the load generator behind `fastchat-bench`, and starting a local cluster.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod balancer;
 pub mod bench;
-pub mod cli;
 pub mod client;
 pub mod crypto;
 pub mod db;
-pub mod e2e;
 pub mod error;
-pub mod files;
-pub mod keystore;
-pub mod launch;
+pub mod listen;
 pub mod logging;
 pub mod mailbox;
+pub mod membership;
 pub mod names;
 pub mod net;
-pub mod peers;
-pub mod router;
 pub mod server;
-mod session;
 pub mod throttle;
+pub mod transport;
 
 pub use error::{Error, Result};

@@ -14,8 +14,19 @@
 //! refused with [`Error::Malformed`]. Both are answered with an error frame and the connection is
 //! closed by the receiving side.
 //!
-//! Requests carry a client-chosen `id`; the reply names the same `id`. Events pushed by a server
-//! (a delivered message) carry the server's message id, which the client acknowledges.
+//! What each link carries:
+//!
+//! ```text
+//! client → balancer   Request<BalancerRequest>              ◀ Response<BalancerReply>
+//! server → balancer   Request<Register>, then Heartbeats    ◀ Response<BalancerReply>
+//! client → server     Greeting::Hello, then Request<ServerRequest>
+//!                                                           ◀ ServerEvent: Welcome, Reply,
+//!                                                             Deliver, Synced
+//! server → server     Greeting::Peer, then PeerMessage      (one direction only)
+//! ```
+//!
+//! A request's id is chosen by its sender; the response names it. Messages pushed by a server
+//! (`Deliver`) carry the server's message id, which the client acknowledges.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
@@ -50,40 +61,69 @@ pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(FILE_CHUNK as u64)
 }
 
-/// Why a request was refused; carried in every error frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorCode {
-    /// The frame was too large or did not decode; the connection is closed after this.
-    BadFrame,
-    /// A well-formed request that is not allowed here or now (for example before `Hello`).
-    BadRequest,
-    /// A name broke the naming rules.
-    InvalidName,
-    /// Signup with a name that is already registered.
-    NameTaken,
-    /// Wrong user name or password (deliberately not saying which).
-    InvalidCredentials,
-    /// The session token is unknown or expired.
-    InvalidToken,
-    /// The named recipient does not exist.
-    UnknownUser,
-    /// The named group does not exist (or the caller may not know it does).
-    UnknownGroup,
-    /// The caller is not allowed to do this (not a member, not the admin).
-    NotAllowed,
-    /// The request is based on stale state (for example a group epoch that has moved on);
-    /// fetch the state again and retry.
-    Conflict,
-    /// A message with no content, or over the size limit.
-    BadMessage,
-    /// No chat server is available.
-    NoServers,
-    /// The server is at capacity or shutting down; try again or elsewhere.
-    Unavailable,
-    /// Too many attempts (failed logins); the message says how long to wait.
-    RateLimited,
-    /// Something failed inside the server; the request had no effect.
-    Internal,
+pub use crate::error::ErrorCode;
+
+/// A request and the id its response will carry.
+///
+/// ```text
+/// Request  = [id: u64, body]
+/// Response = [id: u64 or nil, {"Ok": reply} or {"Err": [code, message]}]
+/// ```
+///
+/// The id is chosen by the sender of the request (unique among its requests in flight on the
+/// connection); a response with no id is about the connection itself, which is closed after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request<T> {
+    /// Chosen by the requester; the response names it.
+    pub id: u64,
+    /// What is asked.
+    pub body: T,
+}
+
+/// The answer to a [`Request`], or a refusal of the whole connection (`id: None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response<T> {
+    /// The request answered; `None` when the connection itself is refused (a bad frame, a
+    /// bad token), just before it closes.
+    pub id: Option<u64>,
+    /// The reply, or why the request was refused.
+    pub result: std::result::Result<T, Refusal>,
+}
+
+impl<T> Response<T> {
+    /// A refusal of request `id` (or of the connection, for `None`).
+    pub fn refused(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response<T> {
+        Response {
+            id,
+            result: Err(Refusal {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+
+    /// The reply, with a refusal turned into [`Error::Refused`].
+    pub fn into_result(self) -> Result<T> {
+        self.result.map_err(Error::from)
+    }
+}
+
+/// Why a request (or a connection) was refused: a code for programs, a line for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable reason, one line.
+    pub message: String,
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Error {
+        Error::Refused {
+            code: r.code,
+            message: r.message,
+        }
+    }
 }
 
 /// A user's public keys, as uploaded at signup and served by the directory.
@@ -108,13 +148,12 @@ pub struct ServerInfo {
     pub load: u32,
 }
 
-/// Requests to the balancer, from clients and from chat servers.
+/// Requests to the balancer (in a [`Request`]), from clients and from chat servers; each is
+/// answered with a [`Response`] of a [`BalancerReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BalancerRequest {
-    /// Create an account. `keys` are the user's public keys for the directory.
+    /// Create an account (`Ok`). `keys` are the user's public keys for the directory.
     Signup {
-        /// Request id.
-        id: u64,
         /// Requested user name.
         name: String,
         /// Password (hashed by the balancer, never stored).
@@ -122,48 +161,36 @@ pub enum BalancerRequest {
         /// Public keys for the key directory.
         keys: PublicKeys,
     },
-    /// Check a password and get a session token plus a chat server.
+    /// Check a password and get a session token plus a chat server (`LoggedIn`).
     Login {
-        /// Request id.
-        id: u64,
         /// User name.
         name: String,
         /// Password.
         password: String,
     },
-    /// With a still-valid token, get a (possibly different) chat server: used after failover.
+    /// With a still-valid token, get a (possibly different) chat server (`LoggedIn`): used
+    /// after failover.
     Resume {
-        /// Request id.
-        id: u64,
         /// The session token from `LoggedIn`.
         token: String,
         /// A server that just failed for this client: not chosen unless it is the only one.
         avoid: Option<u64>,
     },
-    /// End a session: its token is refused from now on (connections already open with it
-    /// stay until they close).
+    /// End a session (`Ok`): its token is refused from now on (connections already open with
+    /// it stay until they close).
     Logout {
-        /// Request id.
-        id: u64,
         /// The session token.
         token: String,
     },
-    /// List the live chat servers.
-    Servers {
-        /// Request id.
-        id: u64,
-    },
-    /// Look up a user's public keys.
+    /// List the live chat servers (`Servers`).
+    Servers,
+    /// Look up a user's public keys (`Keys`).
     Keys {
-        /// Request id.
-        id: u64,
         /// Whose keys.
         name: String,
     },
-    /// A chat server announces itself (first frame of a server's link).
+    /// A chat server announces itself (`Registered`; first request of a server's link).
     Register {
-        /// Request id.
-        id: u64,
         /// Address clients and peers should use.
         addr: String,
         /// The id from an earlier registration, when re-registering after a balancer restart.
@@ -176,27 +203,20 @@ pub enum BalancerRequest {
         #[serde(with = "serde_bytes")]
         cluster_key: Vec<u8>,
     },
-    /// A registered server reports its load; the reply lists its live peers.
+    /// A registered server reports its load (`Peers`: its live peers).
     Heartbeat {
-        /// Request id.
-        id: u64,
         /// Connected clients.
         load: u32,
     },
 }
 
-/// Replies from the balancer.
+/// Replies from the balancer, inside a [`Response`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BalancerReply {
     /// The request succeeded and has nothing else to say.
-    Ok {
-        /// Request id.
-        id: u64,
-    },
+    Ok,
     /// Login or resume succeeded.
     LoggedIn {
-        /// Request id.
-        id: u64,
         /// The user name, as registered.
         user: String,
         /// Session token to present to the chat server in `Hello`.
@@ -206,15 +226,11 @@ pub enum BalancerReply {
     },
     /// The live chat servers.
     Servers {
-        /// Request id.
-        id: u64,
         /// Live servers, by id.
         servers: Vec<ServerInfo>,
     },
     /// A user's public keys.
     Keys {
-        /// Request id.
-        id: u64,
         /// Whose keys.
         name: String,
         /// The keys.
@@ -222,26 +238,13 @@ pub enum BalancerReply {
     },
     /// Registration accepted.
     Registered {
-        /// Request id.
-        id: u64,
         /// The server's id.
         server_id: u64,
     },
     /// Heartbeat accepted; these are the other live servers.
     Peers {
-        /// Request id.
-        id: u64,
         /// Live servers other than the caller.
         peers: Vec<ServerInfo>,
-    },
-    /// The request was refused.
-    Error {
-        /// Request id, when the request could be decoded.
-        id: Option<u64>,
-        /// Why.
-        code: ErrorCode,
-        /// One readable line.
-        message: String,
     },
 }
 
@@ -290,56 +293,68 @@ pub struct GroupInfo {
     pub keyed: bool,
 }
 
-/// Requests to a chat server, from clients and from peer servers.
+/// The first frame on a chat server's port: who is connecting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ServerRequest {
-    /// First frame of a client connection: who am I (the server looks the token up).
+pub enum Greeting {
+    /// A client, with the session token the balancer gave it; answered with
+    /// [`ServerEvent::Welcome`], then the client sends [`Request`]s of [`ServerRequest`]s.
     Hello {
-        /// Request id.
-        id: u64,
         /// Session token from the balancer.
         token: String,
     },
-    /// Store a message for `to` and deliver it when possible.
+    /// Another chat server opening its link to this one; then it sends [`PeerMessage`]s.
+    Peer {
+        /// The sending server's id.
+        server_id: u64,
+        /// That server's secret, checked against the hash the balancer stored.
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+    },
+}
+
+/// A message as its sender submits it, in `Send` and `GroupSend`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Sender-chosen id, unique per sender; a re-send with the same id is not stored twice.
+    pub client_id: u64,
+    /// Ciphertext.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// A completed upload this message offers (the body holds its key and name).
+    pub file: Option<i64>,
+    /// Set on a re-send after a lost connection: a message id the original (if it was stored
+    /// at all) is newer than, so the server can tell whether it was already stored, or even
+    /// delivered and removed. `None` on a first attempt.
+    pub resend_after: Option<i64>,
+}
+
+/// Requests of a logged-in client to its chat server (in a [`Request`]); each is answered
+/// with a [`ServerEvent::Reply`] naming the reply shown here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerRequest {
+    /// Store a message for `to` and deliver it when possible (`Stored`).
     Send {
-        /// Request id.
-        id: u64,
         /// Recipient.
         to: String,
-        /// Sender-chosen id, unique per sender; a re-send with the same id is not stored twice.
-        client_id: u64,
-        /// Ciphertext.
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
-        /// A completed upload this message offers (the body holds its key and name).
-        file: Option<i64>,
-        /// Set on a re-send after a lost connection: a message id the original (if it was
-        /// stored at all) is newer than, so the server can tell whether it was already
-        /// stored, or even delivered and removed. `None` on a first attempt.
-        resend_after: Option<i64>,
+        /// The message.
+        message: NewMessage,
     },
-    /// The client has shown these messages: remove them from its queue.
+    /// The client has shown these messages: remove them from its queue (`Done`).
     Ack {
-        /// Request id.
-        id: u64,
         /// Server message ids.
         msg_ids: Vec<i64>,
     },
-    /// Create a group with the caller as admin and only member; `key` is epoch 1's key wrapped
-    /// for the caller.
+    /// Create a group with the caller as admin and only member (`Done`); `key` is epoch 1's
+    /// key wrapped for the caller.
     GroupCreate {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
         /// The first key, wrapped for the caller.
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
-    /// Admin only: add `user`, with the current epoch's key wrapped for them.
+    /// Admin only: add `user`, with the current epoch's key wrapped for them (`Done`).
     GroupAdd {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
         /// Who to add.
@@ -350,10 +365,9 @@ pub enum ServerRequest {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
-    /// Admin only: remove `user` and start epoch `epoch` with `keys` for everyone left.
+    /// Admin only: remove `user` and start epoch `epoch` with `keys` for everyone left
+    /// (`Done`).
     GroupRemove {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
         /// Who to remove.
@@ -363,17 +377,14 @@ pub enum ServerRequest {
         /// The new key, wrapped for each remaining member.
         keys: Vec<WrappedKey>,
     },
-    /// Leave a group (any member). A new epoch starts, keyed by the next member to send.
+    /// Leave a group (any member; `Done`). A new epoch starts, keyed by the next member to
+    /// send.
     GroupLeave {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
     },
-    /// Any member: provide the keys of the current epoch when it has none yet.
+    /// Any member: provide the keys of the current epoch when it has none yet (`Done`).
     GroupRekey {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
         /// The current epoch.
@@ -381,39 +392,26 @@ pub enum ServerRequest {
         /// The key, wrapped for each member.
         keys: Vec<WrappedKey>,
     },
-    /// Send to every other member.
+    /// Send to every other member (`Stored`).
     GroupSend {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
-        /// Sender-chosen id, unique per sender.
-        client_id: u64,
         /// The epoch whose key sealed the body (must be the current one).
         epoch: u64,
-        /// Ciphertext and signature.
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
-        /// A completed upload this message offers.
-        file: Option<i64>,
-        /// As in `Send`.
-        resend_after: Option<i64>,
+        /// The message: ciphertext and signature.
+        message: NewMessage,
     },
     /// Start uploading an encrypted file of `size` plaintext bytes in `chunks` chunks of
-    /// [`FILE_CHUNK`]; answered with `Upload`. An upload not offered by a `Send` or `GroupSend`
-    /// before its connection ends is deleted.
+    /// [`FILE_CHUNK`] (`Upload`). An upload not offered by a `Send` or `GroupSend` before its
+    /// connection ends is deleted.
     FileBegin {
-        /// Request id.
-        id: u64,
         /// Plaintext size, checked against the server's limit.
         size: u64,
         /// Number of chunks: `size` divided by [`FILE_CHUNK`], rounded up.
         chunks: u64,
     },
-    /// One encrypted chunk of an upload; answered with `Done` once committed.
+    /// One encrypted chunk of an upload (`Done` once committed).
     FileChunk {
-        /// Request id.
-        id: u64,
         /// The upload, from `Upload`.
         upload: i64,
         /// Chunk number, from 0.
@@ -422,140 +420,99 @@ pub enum ServerRequest {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// One chunk of the file offered by a message queued for the caller; answered with
-    /// `FileData`.
+    /// One chunk of the file offered by a message queued for the caller (`FileData`).
     FileGet {
-        /// Request id.
-        id: u64,
         /// The message that offers the file.
         msg_id: i64,
         /// Chunk number, from 0.
         index: u64,
     },
-    /// The caller's groups.
-    GroupList {
-        /// Request id.
-        id: u64,
-    },
-    /// Who is online (on any server); answered with `Online`.
-    Who {
-        /// Request id.
-        id: u64,
-    },
-    /// One group's admin, members and epoch (members only).
+    /// The caller's groups (`Groups`).
+    GroupList,
+    /// Who is online, on any server (`Online`).
+    Who,
+    /// One group's admin, members and epoch (members only; `Group`).
     GroupInfo {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
     },
-    /// The caller's wrapped key for one epoch of a group (members only).
+    /// The caller's wrapped key for one epoch of a group (members only; `GroupKey`).
     GroupKey {
-        /// Request id.
-        id: u64,
         /// Group name.
         group: String,
         /// Which epoch.
         epoch: u64,
     },
-    /// First frame of a peer link: the sending server proves who it is.
-    PeerHello {
-        /// The sending server's id.
-        server_id: u64,
-        /// That server's secret, checked against the hash the balancer stored.
-        #[serde(with = "serde_bytes")]
-        secret: Vec<u8>,
-    },
-    /// On a peer link: a stored message for users connected here.
-    Relay {
-        /// The message, already committed by the sending server (shared, not copied, by the
-        /// queues it passes through).
-        msg: Arc<Envelope>,
-        /// Its recipients on the receiving server.
-        users: Vec<String>,
-    },
 }
 
-/// Frames from a chat server to a client.
+/// Replies of a chat server to a client's requests, inside a [`Response`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ServerEvent {
-    /// `Hello` accepted.
-    Welcome {
-        /// Request id.
-        id: u64,
-        /// Who the token says we are.
-        user: String,
-        /// This server's id.
-        server_id: u64,
-        /// The largest file this server accepts, in bytes.
-        max_file: u64,
-        /// The newest message id assigned so far: anything the client sends from now on gets
-        /// a larger one (the lower bound of a later `resend_after`).
-        newest: i64,
-    },
+pub enum ServerReply {
+    /// The request succeeded and has nothing else to say.
+    Done,
     /// The message is committed to the database.
     Stored {
-        /// Request id.
-        id: u64,
         /// Server message id.
         msg_id: i64,
     },
-    /// The acknowledged messages are removed.
-    Acked {
-        /// Request id.
-        id: u64,
-    },
-    /// A request with nothing more to say succeeded.
-    Done {
-        /// Request id.
-        id: u64,
-    },
     /// The caller's groups.
     Groups {
-        /// Request id.
-        id: u64,
         /// Groups, by name.
         groups: Vec<GroupInfo>,
     },
     /// One group.
     Group {
-        /// Request id.
-        id: u64,
         /// The group.
         group: GroupInfo,
     },
     /// The users connected to any server now, by name (at most [`MAX_WHO`]).
     Online {
-        /// Request id.
-        id: u64,
         /// Names.
         users: Vec<String>,
     },
     /// An upload has started.
     Upload {
-        /// Request id.
-        id: u64,
         /// The upload's id, for `FileChunk` and the offering `Send`.
         upload: i64,
     },
     /// One encrypted file chunk.
     FileData {
-        /// Request id.
-        id: u64,
         /// Ciphertext.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// A wrapped group key.
     GroupKey {
-        /// Request id.
-        id: u64,
         /// Who wrapped it (unwrap with the pair key shared with them).
         wrapped_by: String,
         /// The wrapped key.
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+}
+
+/// What the server said hello with: who the token says the client is, and this server's facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Who the token says we are.
+    pub user: String,
+    /// This server's id.
+    pub server_id: u64,
+    /// The largest file this server accepts, in bytes.
+    pub max_file: u64,
+    /// The newest message id assigned so far: anything the client sends from now on gets
+    /// a larger one (the lower bound of a later `resend_after`).
+    pub newest: i64,
+}
+
+/// Frames from a chat server to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerEvent {
+    /// `Hello` accepted: the first frame of a session.
+    Welcome(Welcome),
+    /// The response to a request (or, with no id, the refusal of the connection, which
+    /// then closes).
+    Reply(Response<ServerReply>),
     /// A message for this client; acknowledge it with `Ack`.
     Deliver {
         /// The message (shared with the other queues it is in, not copied).
@@ -563,14 +520,33 @@ pub enum ServerEvent {
     },
     /// Everything that was queued at login has been delivered; what follows is live.
     Synced,
-    /// A request was refused (or the frame was bad, in which case the connection closes).
-    Error {
-        /// Request id, when the request could be decoded.
-        id: Option<u64>,
-        /// Why.
-        code: ErrorCode,
-        /// One readable line.
-        message: String,
+}
+
+impl ServerEvent {
+    /// The refusal of a request, or of the connection (`id: None`).
+    pub fn refused(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerEvent {
+        ServerEvent::Reply(Response::refused(id, code, message))
+    }
+
+    /// A successful reply to request `id`.
+    pub fn reply(id: u64, reply: ServerReply) -> ServerEvent {
+        ServerEvent::Reply(Response {
+            id: Some(id),
+            result: Ok(reply),
+        })
+    }
+}
+
+/// Frames on a peer link, from the server that opened it (after [`Greeting::Peer`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// A stored message for users connected to the receiving server.
+    Relay {
+        /// The message, already committed by the sending server (shared, not copied, by the
+        /// queues it passes through).
+        msg: Arc<Envelope>,
+        /// Its recipients on the receiving server.
+        users: Vec<String>,
     },
 }
 
@@ -594,6 +570,12 @@ impl<R: Read> FrameReader<R> {
         self.inner.get_ref()
     }
 
+    /// The body of the last frame read, whether or not it decoded (to tell a peer what it
+    /// sent instead of what was expected).
+    pub fn body(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Bytes already read from the stream but not yet returned as frames: when 0, the next
     /// `read` will wait for the peer.
     pub fn buffered(&self) -> usize {
@@ -615,7 +597,10 @@ impl<R: Read> FrameReader<R> {
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > max.min(MAX_FRAME) {
-            return Err(Error::FrameTooLarge(len));
+            return Err(Error::FrameTooLarge {
+                len,
+                max: max.min(MAX_FRAME),
+            });
         }
         self.buf.resize(len, 0);
         self.inner.read_exact(&mut self.buf)?;
@@ -639,7 +624,10 @@ impl FrameReader<TcpStream> {
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > max.min(MAX_FRAME) {
-            return Err(Error::FrameTooLarge(len));
+            return Err(Error::FrameTooLarge {
+                len,
+                max: max.min(MAX_FRAME),
+            });
         }
         let mut body = std::mem::take(&mut self.buf);
         body.resize(len, 0);
@@ -699,7 +687,10 @@ pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<()> {
     let len = out.len() - start - 4;
     if len > MAX_FRAME {
         out.truncate(start);
-        return Err(Error::FrameTooLarge(len));
+        return Err(Error::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
@@ -776,69 +767,107 @@ mod tests {
         }
     }
 
+    fn request<T>(id: u64, body: T) -> Request<T> {
+        Request { id, body }
+    }
+
     #[test]
     fn every_message_kind_roundtrips() {
-        roundtrip(BalancerRequest::Signup {
-            id: 1,
-            name: "alice".into(),
-            password: "pw".into(),
-            keys: PublicKeys {
-                x25519: vec![1; 32],
-                ed25519: vec![2; 32],
+        roundtrip(request(
+            1,
+            BalancerRequest::Signup {
+                name: "alice".into(),
+                password: "pw".into(),
+                keys: PublicKeys {
+                    x25519: vec![1; 32],
+                    ed25519: vec![2; 32],
+                },
             },
+        ));
+        roundtrip(request(
+            2,
+            BalancerRequest::Register {
+                addr: "127.0.0.1:1".into(),
+                server_id: Some(3),
+                secret: vec![9; 32],
+                cluster_key: vec![5; 32],
+            },
+        ));
+        roundtrip(request(3, BalancerRequest::Servers));
+        roundtrip(Response::<BalancerReply>::refused(
+            None,
+            ErrorCode::InvalidCredentials,
+            "invalid username or password",
+        ));
+        roundtrip(Response {
+            id: Some(7),
+            result: Ok(BalancerReply::Peers {
+                peers: vec![ServerInfo {
+                    id: 1,
+                    addr: "127.0.0.1:9".into(),
+                    load: 3,
+                }],
+            }),
         });
-        roundtrip(BalancerRequest::Register {
-            id: 2,
-            addr: "127.0.0.1:1".into(),
-            server_id: Some(3),
-            secret: vec![9; 32],
-            cluster_key: vec![5; 32],
+        roundtrip(Greeting::Hello {
+            token: "t".repeat(64),
         });
-        roundtrip(BalancerReply::Error {
-            id: None,
-            code: ErrorCode::InvalidCredentials,
-            message: "invalid username or password".into(),
+        roundtrip(Greeting::Peer {
+            server_id: 4,
+            secret: vec![3; 32],
         });
-        roundtrip(BalancerReply::Peers {
-            id: 7,
-            peers: vec![ServerInfo {
-                id: 1,
-                addr: "127.0.0.1:9".into(),
-                load: 3,
-            }],
-        });
-        roundtrip(ServerRequest::Send {
-            id: 3,
-            to: "bob".into(),
-            client_id: 99,
-            body: b"hi".to_vec(),
-            file: Some(12),
-            resend_after: Some(40),
-        });
-        roundtrip(ServerRequest::FileChunk {
-            id: 4,
-            upload: 12,
-            index: 3,
-            data: vec![9; MAX_CHUNK],
-        });
-        roundtrip(ServerEvent::FileData {
-            id: 5,
-            data: vec![1; 100],
-        });
-        roundtrip(ServerRequest::Relay {
+        roundtrip(request(
+            3,
+            ServerRequest::Send {
+                to: "bob".into(),
+                message: NewMessage {
+                    client_id: 99,
+                    body: b"hi".to_vec(),
+                    file: Some(12),
+                    resend_after: Some(40),
+                },
+            },
+        ));
+        roundtrip(request(
+            4,
+            ServerRequest::FileChunk {
+                upload: 12,
+                index: 3,
+                data: vec![9; MAX_CHUNK],
+            },
+        ));
+        roundtrip(request(5, ServerRequest::Who));
+        roundtrip(ServerEvent::reply(
+            5,
+            ServerReply::FileData { data: vec![1; 100] },
+        ));
+        roundtrip(PeerMessage::Relay {
             msg: Arc::new(envelope()),
             users: vec!["bob".into()],
         });
-        roundtrip(ServerRequest::GroupRemove {
-            id: 4,
-            group: "team".into(),
-            user: "carol".into(),
-            epoch: 2,
-            keys: vec![WrappedKey {
-                member: "alice".into(),
-                wrapped: vec![7; 60],
-            }],
-        });
+        roundtrip(request(
+            4,
+            ServerRequest::GroupRemove {
+                group: "team".into(),
+                user: "carol".into(),
+                epoch: 2,
+                keys: vec![WrappedKey {
+                    member: "alice".into(),
+                    wrapped: vec![7; 60],
+                }],
+            },
+        ));
+        roundtrip(ServerEvent::Welcome(Welcome {
+            user: "alice".into(),
+            server_id: 2,
+            max_file: 1 << 20,
+            newest: -1,
+        }));
+        roundtrip(ServerEvent::refused(
+            Some(9),
+            ErrorCode::Conflict,
+            "moved on",
+        ));
         roundtrip(ServerEvent::Deliver {
             msg: Arc::new(envelope()),
         });
@@ -846,11 +875,23 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_becomes_a_refused_error() {
+        let r = Response::<ServerReply>::refused(Some(1), ErrorCode::NotAllowed, "admin only");
+        match r.into_result() {
+            Err(Error::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::NotAllowed);
+                assert_eq!(message, "admin only");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn several_frames_in_one_stream() {
         let mut bytes = Vec::new();
         let mut w = FrameWriter::new(&mut bytes);
         for i in 0..3 {
-            w.write(&ServerEvent::Acked { id: i }).unwrap();
+            w.write(&ServerEvent::reply(i, ServerReply::Done)).unwrap();
         }
         w.flush().unwrap();
         drop(w);
@@ -858,7 +899,7 @@ mod tests {
         for i in 0..3 {
             assert_eq!(
                 r.read::<ServerEvent>().unwrap(),
-                Some(ServerEvent::Acked { id: i })
+                Some(ServerEvent::reply(i, ServerReply::Done))
             );
         }
         assert_eq!(r.read::<ServerEvent>().unwrap(), None);
@@ -868,8 +909,10 @@ mod tests {
     fn oversize_length_is_refused_before_allocating() {
         let bytes = (u32::MAX).to_be_bytes();
         let mut r = FrameReader::new(&bytes[..]);
-        match r.read::<ServerRequest>() {
-            Err(Error::FrameTooLarge(n)) => assert_eq!(n, u32::MAX as usize),
+        match r.read::<Request<ServerRequest>>() {
+            Err(Error::FrameTooLarge { len, max }) => {
+                assert_eq!((len, max), (u32::MAX as usize, MAX_FRAME))
+            }
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
     }
@@ -880,7 +923,7 @@ mod tests {
         bytes.extend_from_slice(&[0xc1, 0xff, 0x00, 0x13, 0x37]);
         let mut r = FrameReader::new(&bytes[..]);
         assert!(matches!(
-            r.read::<ServerRequest>(),
+            r.read::<Request<ServerRequest>>(),
             Err(Error::Malformed(_))
         ));
     }
@@ -888,10 +931,10 @@ mod tests {
     #[test]
     fn valid_msgpack_of_the_wrong_shape_is_malformed() {
         let mut bytes = Vec::new();
-        encode_into(&mut bytes, &BalancerReply::Ok { id: 1 }).unwrap();
+        encode_into(&mut bytes, &request(1, BalancerReply::Ok)).unwrap();
         let mut r = FrameReader::new(&bytes[..]);
         assert!(matches!(
-            r.read::<ServerRequest>(),
+            r.read::<Request<ServerRequest>>(),
             Err(Error::Malformed(_))
         ));
     }
@@ -901,7 +944,7 @@ mod tests {
         let mut bytes = Vec::new();
         encode_into(
             &mut bytes,
-            &ServerRequest::Relay {
+            &PeerMessage::Relay {
                 msg: Arc::new(envelope()),
                 users: vec![],
             },
@@ -909,7 +952,7 @@ mod tests {
         .unwrap();
         for cut in [1, 3, 4, 10, bytes.len() - 1] {
             let mut r = FrameReader::new(&bytes[..cut]);
-            match r.read::<ServerRequest>() {
+            match r.read::<PeerMessage>() {
                 Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
                 other => panic!("cut at {cut}: expected EOF error, got {other:?}"),
             }
@@ -918,14 +961,15 @@ mod tests {
 
     #[test]
     fn huge_collection_header_inside_a_small_frame_does_not_allocate_wildly() {
-        // An array header claiming 2^32-1 elements, then nothing: must fail, not OOM.
+        // [id 1, {"Send": an array header claiming 2^32-1 elements}], then nothing: must
+        // fail, not run out of memory.
         let body = [
-            0x81, 0xa4, b'S', b'e', b'n', b'd', 0xdd, 0xff, 0xff, 0xff, 0xff,
+            0x92, 0x01, 0x81, 0xa4, b'S', b'e', b'n', b'd', 0xdd, 0xff, 0xff, 0xff, 0xff,
         ];
         let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&body);
         let mut r = FrameReader::new(&bytes[..]);
-        assert!(r.read::<ServerRequest>().is_err());
+        assert!(r.read::<Request<ServerRequest>>().is_err());
     }
 
     #[test]
@@ -943,9 +987,12 @@ mod tests {
                 y = y.wrapping_mul(6364136223846793005).wrapping_add(1);
                 body.push((y >> 56) as u8);
             }
-            let _ = decode::<ServerRequest>(&body);
-            let _ = decode::<BalancerRequest>(&body);
+            let _ = decode::<Request<ServerRequest>>(&body);
+            let _ = decode::<Request<BalancerRequest>>(&body);
+            let _ = decode::<Greeting>(&body);
+            let _ = decode::<PeerMessage>(&body);
             let _ = decode::<ServerEvent>(&body);
+            let _ = decode::<Response<BalancerReply>>(&body);
         }
     }
 }

@@ -12,6 +12,16 @@
 //!                                                                         per outbound link)
 //! ```
 //!
+//! # Layout
+//!
+//! * [`config`]: the settings.
+//! * `shared`: what every thread shares (the store, the router, the peer links, counters).
+//! * `session`: one client connection: its requests by concern (messages, groups, files).
+//! * `outbound`: a connection's outbound queue, its writer thread, the sync of its queue.
+//! * `router`: local users to their connections' outbound queues.
+//! * `peers`: links to the other servers, outbound and inbound.
+//! * `balancer_link`: registration and heartbeats.
+//!
 //! Delivery is "store, then route; register, then sync". A message is committed together with
 //! a read of where its recipient is connected (the presence table); a login commits its presence
 //! row before reading its queue. Whichever of the two commits second sees the other, so a
@@ -19,8 +29,7 @@
 //! once: live messages that reach a connection before its sync are dropped (the sync reads them
 //! from the database), and those the sync already sent are skipped by id.
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,84 +37,34 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 
 use crate::crypto;
-use crate::db::{self, Readers, Writer};
+use crate::db::Store;
 use crate::error::{Error, Result};
-use crate::net::{
-    BalancerReply, BalancerRequest, ErrorCode, FrameReader, FrameWriter, ServerEvent, ServerInfo,
-    ServerRequest, DEFAULT_MAX_FILE,
-};
-use crate::peers::Peers;
-use crate::router::Router;
-use crate::session;
+use crate::listen::{self, Threads};
+use crate::net::{decode, ErrorCode, FrameReader, Greeting, Request, ServerRequest};
 
-/// Chat server settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The shared SQLite file.
-    pub db: PathBuf,
-    /// The balancer to register with.
-    pub balancer: String,
-    /// The address to register (default: the listener's address, with 127.0.0.1 for 0.0.0.0).
-    pub advertise: Option<String>,
-    /// Most client connections at once; more are refused with an `Unavailable` error.
-    pub max_clients: usize,
-    /// Per-connection outbound queue length; a client that lets it fill is disconnected.
-    pub queue_len: usize,
-    /// A connection must send `Hello` within this time.
-    pub hello_timeout: Duration,
-    /// The largest file accepted, in bytes.
-    pub max_file: u64,
-    /// Requests per second one connection may make (in bursts of as many); a faster client is
-    /// slowed down, not refused. 0: no limit.
-    pub max_rate: u32,
-    /// How long to keep trying the balancer at start before giving up.
-    pub startup_timeout: Duration,
-}
+mod balancer_link;
+pub mod config;
+mod outbound;
+mod peers;
+mod router;
+mod session;
+mod shared;
+#[cfg(test)]
+mod testing;
 
-impl Config {
-    /// Defaults for everything but the database and balancer.
-    pub fn new(db: PathBuf, balancer: String) -> Config {
-        Config {
-            db,
-            balancer,
-            advertise: None,
-            max_clients: 10_000,
-            queue_len: 4096,
-            hello_timeout: Duration::from_secs(10),
-            max_file: DEFAULT_MAX_FILE,
-            max_rate: 10_000,
-            startup_timeout: Duration::from_secs(10),
-        }
-    }
-}
+use balancer_link::BalancerLink;
+pub use balancer_link::HEARTBEAT;
+pub use config::Config;
+use outbound::refuse_once;
+use peers::Peers;
+use router::Router;
+use shared::Shared;
 
-/// How often the load is reported to the balancer.
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Largest first frame (`Hello` or a peer's greeting): a token or a secret and a few numbers.
+const MAX_GREETING: usize = 1024;
 
-/// What every thread of one server shares.
-pub(crate) struct Shared {
-    /// The settings it was started with.
-    pub(crate) config: Config,
-    /// The id the balancer gave it.
-    pub(crate) server_id: u64,
-    /// The database writer thread (group commit).
-    pub(crate) writer: Writer,
-    /// Read connections.
-    pub(crate) readers: Readers,
-    /// Local users to their connections' outbound queues.
-    pub(crate) router: Router,
-    /// Outbound links to the other servers.
-    pub(crate) peers: Peers,
-    /// Next connection id (clients and inbound peer links).
-    pub(crate) next_conn: AtomicU64,
-    /// Connected clients (the load reported to the balancer).
-    pub(crate) clients: AtomicU32,
-    stopping: Arc<AtomicBool>,
-    /// Disconnects (its sender is dropped) when the server stops: wakes timed waits at once.
-    stop_signal: Receiver<()>,
-    /// Sockets of inbound peer links, so shutdown can close them (clients are in the router).
-    peer_sockets: parking_lot::Mutex<Vec<(u64, TcpStream)>>,
-}
+/// How long a stopping server waits for its connection threads to end.
+const JOIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves on `listener` until a message arrives on `shutdown` (or it is dropped). Registers
 /// with the balancer first; returns an error if the balancer cannot be reached in time.
@@ -118,7 +77,8 @@ pub fn run(
     shutdown: Receiver<()>,
     on_ready: impl FnOnce(u64, SocketAddr),
 ) -> Result<()> {
-    let cluster_key = db::cluster_key(&db::open(&config.db)?)?;
+    let store = Store::open(&config.db)?;
+    let cluster_key = store.call(|tx| tx.cluster_key())?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         let ip = if local.ip().is_unspecified() {
@@ -129,25 +89,23 @@ pub fn run(
         SocketAddr::new(ip, local.port()).to_string()
     });
     let secret = crypto::random_bytes(32)?;
-    let writer = Writer::start(&config.db)?;
     let link = BalancerLink::connect(&config, &advertise, &secret, cluster_key)?;
     let server_id = link.server_id;
-    writer.call(move |c| {
-        db::clear_presence(c, server_id)?;
-        db::drop_uploads(c, server_id, None)
+    store.call(move |tx| {
+        tx.clear_presence(server_id)?;
+        tx.drop_uploads(server_id, None)
     })?;
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_signal) = bounded::<()>(0);
     let shared = Arc::new(Shared {
         stop_signal,
-        peer_sockets: parking_lot::Mutex::new(Vec::new()),
-        readers: Readers::new(&config.db),
+        unrouted: parking_lot::Mutex::default(),
         router: Router::default(),
         peers: Peers::new(server_id, secret, Arc::clone(&stopping)),
         next_conn: AtomicU64::new(1),
         clients: AtomicU32::new(0),
         stopping: Arc::clone(&stopping),
-        writer,
+        store,
         server_id,
         config,
     });
@@ -160,81 +118,79 @@ pub fn run(
             .name("balancer-link".into())
             .spawn(move || link.run(&shared))?
     };
-    let waker = crate::balancer::stop_on_signal(shutdown, Arc::clone(&stopping), local)?;
-    // Every connection thread holds a clone; when all are gone, the receiver disconnects.
-    let (alive_tx, alive_rx) = bounded::<()>(0);
-    for stream in listener.incoming() {
-        if stopping.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("accept failed: {e}");
-                continue;
-            }
-        };
+    let threads = Threads {
+        name: "conn-reader",
+        stack_size: 256 * 1024,
+        // Client connections are closed through the router, peer links through their list.
+        closable: false,
+    };
+    let handlers = {
         let shared = Arc::clone(&shared);
-        let alive = alive_tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("conn-reader".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let peer = stream.peer_addr().ok();
-                if let Err(e) = serve(stream, &shared) {
-                    log::debug!("connection {peer:?} ended: {e}");
-                }
-                drop(alive);
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a connection thread: {e}");
-        }
-    }
+        listen::accept(&listener, shutdown, &threads, move |stream| {
+            serve(stream, &shared)
+        })?
+    };
 
-    // Graceful stop: no new connections; close the clients; let their threads finish; commit.
+    // Graceful stop: no new connections; close the clients and peer links; wait for their
+    // threads; close our links; commit.
     log::info!("server {server_id} stopping");
-    drop(alive_tx);
+    stopping.store(true, Ordering::SeqCst);
     drop(stop_tx);
     shared.router.close_all();
-    for (_, socket) in shared.peer_sockets.lock().drain(..) {
-        let _ = socket.shutdown(Shutdown::Both);
-    }
-    let _ = alive_rx.recv_timeout(Duration::from_millis(1500));
+    shared.close_unrouted();
+    handlers.join(JOIN_LIMIT);
     shared.peers.close();
     let _ = heartbeat.join();
-    let _ = waker.join();
-    shared.writer.call(move |c| {
-        db::clear_presence(c, server_id)?;
-        db::drop_uploads(c, server_id, None)
+    shared.store.call(move |tx| {
+        tx.clear_presence(server_id)?;
+        tx.drop_uploads(server_id, None)
     })?;
     log::info!("server {server_id} stopped");
     Ok(())
 }
 
-/// One accepted connection: a client (after `Hello`) or a peer server (after `PeerHello`).
+/// One accepted connection: a client (after `Hello`) or a peer server (after its greeting).
 fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    // The first frame must come whole within the hello timeout, and be small.
+    // The first frame must come whole within the hello timeout, and be small. Until the
+    // router knows the connection, a stopping server finds it through `unrouted`.
+    let tracked = shared.track(&stream)?;
     let mut reader = FrameReader::new(stream.try_clone()?);
     let deadline = Instant::now() + shared.config.hello_timeout;
-    let first = match reader.read_before::<ServerRequest>(MAX_HELLO, deadline) {
-        Ok(Some(r)) => r,
+    let greeting = match reader.read_before::<Greeting>(MAX_GREETING, deadline) {
+        Ok(Some(g)) => g,
         Ok(None) => return Ok(()),
-        Err(e) => {
-            refuse_frame(&stream, &e);
+        Err(e @ Error::Malformed(_)) => {
+            // A request where the greeting should be is a client that skipped `Hello`.
+            if decode::<Request<ServerRequest>>(reader.body()).is_ok() {
+                refuse_once(
+                    &stream,
+                    ErrorCode::BadRequest,
+                    "the first frame must be Hello",
+                );
+            } else {
+                refuse_once(&stream, ErrorCode::BadFrame, &e.to_string());
+            }
             return Err(e);
         }
+        Err(e @ Error::FrameTooLarge { .. }) => {
+            refuse_once(&stream, ErrorCode::BadFrame, &e.to_string());
+            return Err(e);
+        }
+        Err(e) => return Err(e),
     };
-    match first {
-        ServerRequest::Hello { id, token } => {
+    match greeting {
+        Greeting::Hello { token } => {
             let hash = crypto::token_hash(token.as_bytes())?;
-            match shared.readers.with(|c| db::session_user(c, &hash))? {
-                Some(user) => session::serve_client(stream, reader, shared, id, user),
+            match shared.store.read(|tx| tx.session_user(&hash))? {
+                Some(user) => {
+                    drop(tracked);
+                    session::serve_client(stream, reader, shared, user)
+                }
                 None => {
-                    reply_once(
+                    refuse_once(
                         &stream,
-                        Some(id),
                         ErrorCode::InvalidToken,
                         "invalid or expired session; log in again",
                     );
@@ -242,222 +198,18 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                 }
             }
         }
-        ServerRequest::PeerHello { server_id, secret } => {
-            let expected = shared
-                .readers
-                .with(|c| db::server_secret_hash(c, server_id))?;
+        Greeting::Peer { server_id, secret } => {
+            let expected = shared.store.read(|tx| tx.server_secret_hash(server_id))?;
             let given = crypto::token_hash(&secret)?;
             match expected {
                 Some(h) if openssl::memcmp::eq(&h, &given) => {
-                    let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-                    shared.peer_sockets.lock().push((id, stream.try_clone()?));
-                    let result = serve_peer(reader, shared, server_id);
-                    shared.peer_sockets.lock().retain(|(i, _)| *i != id);
-                    result
+                    peers::serve_inbound(&mut reader, &shared.router, server_id)
                 }
                 _ => {
-                    reply_once(&stream, None, ErrorCode::InvalidToken, "unknown peer");
+                    refuse_once(&stream, ErrorCode::InvalidToken, "unknown peer");
                     Ok(())
                 }
             }
-        }
-        _ => {
-            reply_once(
-                &stream,
-                None,
-                ErrorCode::BadRequest,
-                "the first frame must be Hello",
-            );
-            Ok(())
-        }
-    }
-}
-
-/// Largest first frame (`Hello` or `PeerHello`): a token or a secret and a few numbers.
-const MAX_HELLO: usize = 1024;
-
-/// Writes one error frame and closes the socket (for connections refused before they start).
-pub(crate) fn reply_once(stream: &TcpStream, id: Option<u64>, code: ErrorCode, message: &str) {
-    if let Ok(s) = stream.try_clone() {
-        let _ = FrameWriter::new(s).send(&ServerEvent::Error {
-            id,
-            code,
-            message: message.to_string(),
-        });
-    }
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
-/// Answers a frame that was too large or did not decode, then closes.
-fn refuse_frame(stream: &TcpStream, e: &Error) {
-    if matches!(e, Error::Malformed(_) | Error::FrameTooLarge(_)) {
-        reply_once(stream, None, ErrorCode::BadFrame, &e.to_string());
-    }
-}
-
-/// A peer's link: relayed messages for users connected here.
-fn serve_peer(mut reader: FrameReader<TcpStream>, shared: &Arc<Shared>, peer: u64) -> Result<()> {
-    reader.get_ref().set_read_timeout(None)?;
-    log::debug!("peer {peer} linked in");
-    // However the link ends, messages the peer committed but had not yet relayed may exist:
-    // every local connection re-reads its queue.
-    struct ResyncOnEnd<'a>(&'a Router, u64);
-    impl Drop for ResyncOnEnd<'_> {
-        fn drop(&mut self) {
-            log::info!("link from peer {} ended; re-syncing local clients", self.1);
-            self.0.resync_all();
-        }
-    }
-    let _resync = ResyncOnEnd(&shared.router, peer);
-    loop {
-        match reader.read::<ServerRequest>() {
-            Ok(Some(ServerRequest::Relay { msg, users })) => {
-                shared.router.deliver(&users, &msg);
-            }
-            Ok(Some(_)) => {
-                reply_once(
-                    reader.get_ref(),
-                    None,
-                    ErrorCode::BadRequest,
-                    "peer links carry Relay frames only",
-                );
-                return Ok(());
-            }
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                refuse_frame(reader.get_ref(), &e);
-                return Err(e);
-            }
-        }
-    }
-}
-
-/// The server's link to the balancer: registration, then a heartbeat every [`HEARTBEAT`] whose
-/// reply is the peer list. Reconnects and re-registers (same id) if the balancer restarts.
-struct BalancerLink {
-    addr: String,
-    advertise: String,
-    secret: Vec<u8>,
-    /// Proves to the balancer that this server can read the cluster's database.
-    cluster_key: Vec<u8>,
-    server_id: u64,
-    conn: Option<(FrameReader<TcpStream>, FrameWriter<TcpStream>)>,
-}
-
-impl BalancerLink {
-    /// Registers, retrying until `startup_timeout`.
-    fn connect(
-        config: &Config,
-        advertise: &str,
-        secret: &[u8],
-        cluster_key: Vec<u8>,
-    ) -> Result<BalancerLink> {
-        let mut link = BalancerLink {
-            addr: config.balancer.clone(),
-            advertise: advertise.to_string(),
-            secret: secret.to_vec(),
-            cluster_key,
-            server_id: 0,
-            conn: None,
-        };
-        let deadline = std::time::Instant::now() + config.startup_timeout;
-        loop {
-            match link.register(None) {
-                Ok(()) => return Ok(link),
-                Err(e @ Error::Refused { .. }) => return Err(e),
-                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-                Err(e) => {
-                    log::warn!("balancer {} not reachable yet: {e}", link.addr);
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-    }
-
-    fn register(&mut self, known: Option<u64>) -> Result<()> {
-        self.conn = None;
-        let stream = crate::client::dial(&self.addr, "balancer")?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut r = FrameReader::new(stream.try_clone()?);
-        let mut w = FrameWriter::new(stream);
-        w.send(&BalancerRequest::Register {
-            id: 1,
-            addr: self.advertise.clone(),
-            server_id: known,
-            secret: self.secret.clone(),
-            cluster_key: self.cluster_key.clone(),
-        })?;
-        match r.read::<BalancerReply>()? {
-            Some(BalancerReply::Registered { server_id, .. }) => {
-                self.server_id = server_id;
-                self.conn = Some((r, w));
-                Ok(())
-            }
-            Some(BalancerReply::Error { code, message, .. }) => {
-                Err(Error::Refused { code, message })
-            }
-            other => Err(Error::Protocol(format!(
-                "unexpected reply to Register: {other:?}"
-            ))),
-        }
-    }
-
-    fn heartbeat(&mut self, load: u32) -> Result<Vec<ServerInfo>> {
-        let (r, w) = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| Error::Protocol("not registered".into()))?;
-        w.send(&BalancerRequest::Heartbeat { id: 2, load })?;
-        match r.read::<BalancerReply>()? {
-            Some(BalancerReply::Peers { peers, .. }) => Ok(peers),
-            Some(BalancerReply::Error { code, message, .. }) => {
-                Err(Error::Refused { code, message })
-            }
-            other => Err(Error::Protocol(format!(
-                "unexpected reply to Heartbeat: {other:?}"
-            ))),
-        }
-    }
-
-    /// Heartbeats until the server stops.
-    fn run(mut self, shared: &Shared) {
-        let mut lost = false;
-        while !shared.stopping.load(Ordering::SeqCst) {
-            if self.conn.is_none() {
-                match self.register(Some(shared.server_id)) {
-                    Ok(()) if self.server_id == shared.server_id => {
-                        log::info!(
-                            "re-registered with the balancer as server {}",
-                            self.server_id
-                        );
-                        lost = false;
-                    }
-                    Ok(()) => {
-                        log::error!("balancer gave a new id; this server keeps its old one");
-                        self.server_id = shared.server_id;
-                    }
-                    Err(e) => {
-                        if !lost {
-                            log::warn!("balancer {} unreachable: {e}; retrying", self.addr);
-                            lost = true;
-                        }
-                        self.conn = None;
-                    }
-                }
-            }
-            if self.conn.is_some() {
-                let load = shared.clients.load(Ordering::SeqCst);
-                match self.heartbeat(load) {
-                    Ok(peers) => shared.peers.update(&peers),
-                    Err(e) => {
-                        log::warn!("heartbeat failed: {e}");
-                        self.conn = None;
-                        continue;
-                    }
-                }
-            }
-            // Sleep one period, or less if the server stops meanwhile.
-            let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
         }
     }
 }

@@ -153,7 +153,7 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
     );
     assert_eq!(refused.exit_code(), 1);
     // The two connected clients still talk.
-    alice.send("bob", 1, b"still here").unwrap();
+    alice.send("bob", 1, b"still here", None).unwrap();
     let deadline = std::time::Instant::now() + common::LIMIT;
     loop {
         match bob.next(deadline).unwrap() {

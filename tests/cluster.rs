@@ -106,7 +106,9 @@ fn a_message_crosses_to_another_server_live() {
     let deadline = Instant::now() + LIMIT;
     assert_eq!(bob.next(deadline).unwrap(), Some(Event::Synced));
     for i in 0..20u64 {
-        alice.send("bob", i, format!("m{i}").as_bytes()).unwrap();
+        alice
+            .send("bob", i, format!("m{i}").as_bytes(), None)
+            .unwrap();
     }
     for i in 0..20u64 {
         let m = next_message(&bob);
@@ -130,7 +132,7 @@ fn logging_in_while_messages_are_in_flight_loses_and_repeats_nothing() {
     let sender = std::thread::spawn(move || {
         let (alice, _) = Client::login(&balancer, "alice", "pw-alice").unwrap();
         for i in 0..N {
-            alice.send("bob", i, &i.to_be_bytes()).unwrap();
+            alice.send("bob", i, &i.to_be_bytes(), None).unwrap();
             // Pacing (not synchronisation): spread the sends over many of bob's sessions.
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -204,7 +206,7 @@ fn traffic_with_a_kill(c: &mut Cluster, n: u64, kill_at: u64, kill: impl FnOnce(
         if i == kill_at {
             (kill.take().unwrap())(c);
         }
-        alice.send("bob", i, &i.to_be_bytes()).unwrap();
+        alice.send("bob", i, &i.to_be_bytes(), None).unwrap();
     }
     let (got, _) = reader.join().unwrap();
     assert_eq!(

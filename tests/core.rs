@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use common::{raw_exchange, Cluster};
 use fastchat::client::{BalancerClient, Connection, Incoming, Session};
-use fastchat::net::{self, BalancerReply, ErrorCode, FrameReader, ServerEvent, ServerRequest};
+use fastchat::net::{
+    self, BalancerReply, ErrorCode, FrameReader, NewMessage, Request, Response, ServerEvent,
+    ServerRequest,
+};
 
 #[test]
 fn signup_enforces_names_and_uniqueness() {
@@ -170,7 +173,16 @@ fn identity_comes_from_the_token_only() {
     // A real one: the server says who we are, and stores messages under that name.
     let conn = Connection::open(&session).unwrap();
     assert_eq!(conn.user, "alice");
-    conn.send("bob", 7, b"opaque".to_vec()).unwrap();
+    conn.call(&ServerRequest::Send {
+        to: "bob".into(),
+        message: NewMessage {
+            client_id: 7,
+            body: b"opaque".to_vec(),
+            file: None,
+            resend_after: None,
+        },
+    })
+    .unwrap();
     let sender: String = c
         .sql()
         .query_row("SELECT sender FROM messages", [], |r| r.get(0))
@@ -181,24 +193,31 @@ fn identity_comes_from_the_token_only() {
     let mut frame = Vec::new();
     net::encode_into(
         &mut frame,
-        &ServerRequest::Send {
+        &Request {
             id: 1,
-            to: "bob".into(),
-            client_id: 1,
-            body: b"x".to_vec(),
-            file: None,
-            resend_after: None,
+            body: ServerRequest::Send {
+                to: "bob".into(),
+                message: NewMessage {
+                    client_id: 1,
+                    body: b"x".to_vec(),
+                    file: None,
+                    resend_after: None,
+                },
+            },
         },
     )
     .unwrap();
     let answer = raw_exchange(&c.server_addrs[0], &frame);
     let mut r = FrameReader::new(&answer[..]);
     match r.read::<ServerEvent>().unwrap() {
-        Some(ServerEvent::Error { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::BadRequest);
-            assert!(message.contains("Hello"), "{message}");
+        Some(ServerEvent::Reply(Response {
+            id: None,
+            result: Err(refusal),
+        })) => {
+            assert_eq!(refusal.code, ErrorCode::BadRequest);
+            assert!(refusal.message.contains("Hello"), "{refusal:?}");
         }
-        other => panic!("expected an error frame, got {other:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(c.count("SELECT count(*) FROM messages"), 1);
 }
@@ -370,13 +389,20 @@ fn usage_errors_exit_2_and_help_explains() {
 /// Decodes the single error frame a server or balancer sends before closing.
 fn error_code(answer: &[u8]) -> ErrorCode {
     let mut r = FrameReader::new(answer);
-    if let Ok(Some(ServerEvent::Error { code, .. })) = r.read::<ServerEvent>() {
-        return code;
+    if let Ok(Some(ServerEvent::Reply(Response {
+        id: None,
+        result: Err(refusal),
+    }))) = r.read::<ServerEvent>()
+    {
+        return refusal.code;
     }
     let mut r = FrameReader::new(answer);
-    match r.read::<BalancerReply>() {
-        Ok(Some(BalancerReply::Error { code, .. })) => code,
-        other => panic!("expected an error frame, got {other:?} from {answer:?}"),
+    match r.read::<Response<BalancerReply>>() {
+        Ok(Some(Response {
+            id: None,
+            result: Err(refusal),
+        })) => refusal.code,
+        other => panic!("expected a refusal, got {other:?} from {answer:?}"),
     }
 }
 

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Gate, GateProxy, LIMIT};
+use fastchat::client::e2e::{Directory, E2e};
+use fastchat::client::files::Target;
+use fastchat::client::keystore::Keystore;
 use fastchat::client::Client;
-use fastchat::e2e::{Directory, E2e};
-use fastchat::files::Target;
-use fastchat::keystore::Keystore;
 
 const MIB: usize = 1024 * 1024;
 
@@ -193,7 +193,7 @@ fn hostile_file_names_are_saved_safely_inside_downloads() {
     ];
     for name in names {
         let data = format!("contents of {name:?}");
-        fastchat::files::send_from(
+        fastchat::client::files::send_from(
             &client,
             &mut e2e,
             Target::User("bob"),
@@ -244,13 +244,7 @@ fn an_oversize_file_is_refused_before_upload() {
     assert_eq!(count(&c, "messages"), 0);
     // The server enforces it too, whatever a client claims.
     let (client, _) = alice(&c);
-    let err = client
-        .call(|id| fastchat::net::ServerRequest::FileBegin {
-            id,
-            size: 2 * MIB as u64,
-            chunks: 8,
-        })
-        .unwrap_err();
+    let err = client.file_begin(2 * MIB as u64, 8).unwrap_err();
     assert!(
         err.to_string()
             .contains("over this server's limit of 1048576 bytes"),

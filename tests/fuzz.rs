@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::Rng;
 use fastchat::net::{
     decode, encode_into, BalancerReply, BalancerRequest, Envelope, ErrorCode, FrameReader,
-    GroupInfo, PublicKeys, ServerEvent, ServerInfo, ServerRequest, WrappedKey, MAX_FRAME,
+    Greeting, GroupInfo, NewMessage, PeerMessage, PublicKeys, Refusal, Request, Response,
+    ServerEvent, ServerInfo, ServerReply, ServerRequest, Welcome, WrappedKey, MAX_FRAME,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -104,217 +105,193 @@ impl Gen {
             .collect()
     }
 
-    fn balancer_request(&mut self) -> BalancerRequest {
-        let id = self.n();
-        match self.0.below(8) {
+    fn balancer_request(&mut self) -> Request<BalancerRequest> {
+        let body = match self.0.below(8) {
             0 => BalancerRequest::Signup {
-                id,
                 name: self.s(),
                 password: self.s(),
                 keys: self.keys(),
             },
             1 => BalancerRequest::Login {
-                id,
                 name: self.s(),
                 password: self.s(),
             },
             2 => BalancerRequest::Resume {
-                id,
                 token: self.s(),
-                avoid: self.opt().map(|v| v as u64),
+                avoid: self.opt().map(|n| n as u64),
             },
-            3 => BalancerRequest::Logout {
-                id,
-                token: self.s(),
-            },
-            4 => BalancerRequest::Servers { id },
-            5 => BalancerRequest::Keys { id, name: self.s() },
+            3 => BalancerRequest::Logout { token: self.s() },
+            4 => BalancerRequest::Servers,
+            5 => BalancerRequest::Keys { name: self.s() },
             6 => BalancerRequest::Register {
-                id,
                 addr: self.s(),
-                server_id: self.opt().map(|v| v as u64),
+                server_id: self.opt().map(|n| n as u64),
                 secret: self.b(),
                 cluster_key: self.b(),
             },
             _ => BalancerRequest::Heartbeat {
-                id,
                 load: self.0.next() as u32,
             },
+        };
+        Request { id: self.n(), body }
+    }
+
+    fn refusal(&mut self) -> Refusal {
+        Refusal {
+            code: self.code(),
+            message: self.s(),
         }
     }
 
-    fn balancer_reply(&mut self) -> BalancerReply {
-        let id = self.n();
-        match self.0.below(7) {
-            0 => BalancerReply::Ok { id },
+    fn response<T>(&mut self, reply: impl FnOnce(&mut Gen) -> T) -> Response<T> {
+        let id = self.opt().map(|n| n as u64);
+        let result = if self.0.below(4) == 0 {
+            Err(self.refusal())
+        } else {
+            Ok(reply(self))
+        };
+        Response { id, result }
+    }
+
+    fn balancer_reply(&mut self) -> Response<BalancerReply> {
+        self.response(|g| match g.0.below(6) {
+            0 => BalancerReply::Ok,
             1 => BalancerReply::LoggedIn {
-                id,
-                user: self.s(),
-                token: self.s(),
-                server: self.server(),
+                user: g.s(),
+                token: g.s(),
+                server: g.server(),
             },
             2 => BalancerReply::Servers {
-                id,
-                servers: (0..self.0.below(4)).map(|_| self.server()).collect(),
+                servers: (0..g.0.below(4)).map(|_| g.server()).collect(),
             },
             3 => BalancerReply::Keys {
-                id,
-                name: self.s(),
-                keys: self.keys(),
+                name: g.s(),
+                keys: g.keys(),
             },
-            4 => BalancerReply::Registered {
-                id,
+            4 => BalancerReply::Registered { server_id: g.n() },
+            _ => BalancerReply::Peers {
+                peers: (0..g.0.below(4)).map(|_| g.server()).collect(),
+            },
+        })
+    }
+
+    fn greeting(&mut self) -> Greeting {
+        if self.0.below(2) == 0 {
+            Greeting::Hello { token: self.s() }
+        } else {
+            Greeting::Peer {
                 server_id: self.n(),
-            },
-            5 => BalancerReply::Peers {
-                id,
-                peers: (0..self.0.below(4)).map(|_| self.server()).collect(),
-            },
-            _ => BalancerReply::Error {
-                id: self.opt().map(|v| v as u64),
-                code: self.code(),
-                message: self.s(),
-            },
+                secret: self.b(),
+            }
         }
     }
 
-    fn server_request(&mut self) -> ServerRequest {
-        let id = self.n();
-        match self.0.below(17) {
-            0 => ServerRequest::Hello {
-                id,
-                token: self.s(),
-            },
-            1 => ServerRequest::Send {
-                id,
+    fn peer_message(&mut self) -> PeerMessage {
+        PeerMessage::Relay {
+            msg: self.envelope(),
+            users: (0..self.0.below(4)).map(|_| self.s()).collect(),
+        }
+    }
+
+    fn server_request(&mut self) -> Request<ServerRequest> {
+        let body = match self.0.below(15) {
+            0 => ServerRequest::Send {
                 to: self.s(),
-                client_id: self.n(),
-                body: self.b(),
-                file: self.opt(),
-                resend_after: self.opt(),
+                message: NewMessage {
+                    client_id: self.n(),
+                    body: self.b(),
+                    file: self.opt(),
+                    resend_after: self.opt(),
+                },
             },
-            2 => ServerRequest::Ack {
-                id,
+            1 => ServerRequest::Ack {
                 msg_ids: (0..self.0.below(8)).map(|_| self.i()).collect(),
             },
-            3 => ServerRequest::GroupCreate {
-                id,
+            2 => ServerRequest::GroupCreate {
                 group: self.s(),
                 key: self.b(),
             },
-            4 => ServerRequest::GroupAdd {
-                id,
+            3 => ServerRequest::GroupAdd {
                 group: self.s(),
                 user: self.s(),
                 epoch: self.n(),
                 key: self.b(),
             },
-            5 => ServerRequest::GroupRemove {
-                id,
+            4 => ServerRequest::GroupRemove {
                 group: self.s(),
                 user: self.s(),
                 epoch: self.n(),
                 keys: self.wrapped(),
             },
-            6 => ServerRequest::GroupLeave {
-                id,
-                group: self.s(),
-            },
-            7 => ServerRequest::GroupRekey {
-                id,
+            5 => ServerRequest::GroupLeave { group: self.s() },
+            6 => ServerRequest::GroupRekey {
                 group: self.s(),
                 epoch: self.n(),
                 keys: self.wrapped(),
             },
-            8 => ServerRequest::GroupSend {
-                id,
+            7 => ServerRequest::GroupSend {
                 group: self.s(),
-                client_id: self.n(),
                 epoch: self.n(),
-                body: self.b(),
-                file: self.opt(),
-                resend_after: self.opt(),
+                message: NewMessage {
+                    client_id: self.n(),
+                    body: self.b(),
+                    file: self.opt(),
+                    resend_after: self.opt(),
+                },
             },
-            9 => ServerRequest::GroupList { id },
-            10 => ServerRequest::GroupInfo {
-                id,
-                group: self.s(),
-            },
-            11 => ServerRequest::GroupKey {
-                id,
+            8 => ServerRequest::GroupList,
+            9 => ServerRequest::GroupInfo { group: self.s() },
+            10 => ServerRequest::GroupKey {
                 group: self.s(),
                 epoch: self.n(),
             },
-            12 => ServerRequest::FileBegin {
-                id,
+            11 => ServerRequest::FileBegin {
                 size: self.n(),
                 chunks: self.n(),
             },
-            13 => ServerRequest::FileChunk {
-                id,
+            12 => ServerRequest::FileChunk {
                 upload: self.i(),
                 index: self.n(),
                 data: self.b(),
             },
-            14 => ServerRequest::FileGet {
-                id,
+            13 => ServerRequest::FileGet {
                 msg_id: self.i(),
                 index: self.n(),
             },
-            15 => ServerRequest::PeerHello {
-                server_id: self.n(),
-                secret: self.b(),
-            },
-            _ => ServerRequest::Relay {
-                msg: self.envelope(),
-                users: (0..self.0.below(4)).map(|_| self.s()).collect(),
-            },
-        }
+            _ => ServerRequest::Who,
+        };
+        Request { id: self.n(), body }
     }
 
     fn server_event(&mut self) -> ServerEvent {
-        let id = self.n();
-        match self.0.below(13) {
-            0 => ServerEvent::Welcome {
-                id,
+        match self.0.below(4) {
+            0 => ServerEvent::Welcome(Welcome {
                 user: self.s(),
                 server_id: self.n(),
                 max_file: self.n(),
                 newest: self.i(),
-            },
-            1 => ServerEvent::Stored {
-                id,
-                msg_id: self.i(),
-            },
-            2 => ServerEvent::Acked { id },
-            3 => ServerEvent::Done { id },
-            4 => ServerEvent::Groups {
-                id,
-                groups: (0..self.0.below(3)).map(|_| self.group()).collect(),
-            },
-            5 => ServerEvent::Group {
-                id,
-                group: self.group(),
-            },
-            6 => ServerEvent::Upload {
-                id,
-                upload: self.i(),
-            },
-            7 => ServerEvent::FileData { id, data: self.b() },
-            8 => ServerEvent::GroupKey {
-                id,
-                wrapped_by: self.s(),
-                key: self.b(),
-            },
-            9 => ServerEvent::Deliver {
+            }),
+            1 => ServerEvent::Deliver {
                 msg: self.envelope(),
             },
-            10 => ServerEvent::Synced,
-            _ => ServerEvent::Error {
-                id: self.opt().map(|v| v as u64),
-                code: self.code(),
-                message: self.s(),
-            },
+            2 => ServerEvent::Synced,
+            _ => ServerEvent::Reply(self.response(|g| match g.0.below(8) {
+                0 => ServerReply::Done,
+                1 => ServerReply::Stored { msg_id: g.i() },
+                2 => ServerReply::Groups {
+                    groups: (0..g.0.below(3)).map(|_| g.group()).collect(),
+                },
+                3 => ServerReply::Group { group: g.group() },
+                4 => ServerReply::Online {
+                    users: (0..g.0.below(5)).map(|_| g.s()).collect(),
+                },
+                5 => ServerReply::Upload { upload: g.i() },
+                6 => ServerReply::FileData { data: g.b() },
+                _ => ServerReply::GroupKey {
+                    wrapped_by: g.s(),
+                    key: g.b(),
+                },
+            })),
         }
     }
 
@@ -351,10 +328,12 @@ where
     }
     // And the bare body through every decoder.
     let body = bytes.get(4..).unwrap_or(&[]);
-    let _ = decode::<BalancerRequest>(body);
-    let _ = decode::<BalancerReply>(body);
-    let _ = decode::<ServerRequest>(body);
+    let _ = decode::<Request<BalancerRequest>>(body);
+    let _ = decode::<Response<BalancerReply>>(body);
+    let _ = decode::<Greeting>(body);
+    let _ = decode::<Request<ServerRequest>>(body);
     let _ = decode::<ServerEvent>(body);
+    let _ = decode::<PeerMessage>(body);
 }
 
 #[test]
@@ -376,11 +355,13 @@ fn every_message_round_trips_and_mutated_frames_never_panic() {
         200_000
     };
     while started.elapsed() < budget && cases < limit {
-        match cases % 4 {
+        match cases % 6 {
             0 => case(&mut rng, gen.balancer_request()),
             1 => case(&mut rng, gen.balancer_reply()),
-            2 => case(&mut rng, gen.server_request()),
-            _ => case(&mut rng, gen.server_event()),
+            2 => case(&mut rng, gen.greeting()),
+            3 => case(&mut rng, gen.server_request()),
+            4 => case(&mut rng, gen.server_event()),
+            _ => case(&mut rng, gen.peer_message()),
         }
         cases += 1;
     }
@@ -394,8 +375,8 @@ fn a_length_over_the_limit_is_refused_before_anything_is_read() {
         // Nothing follows the prefix: had the reader tried to allocate and fill `len` bytes,
         // it would report a truncated frame instead.
         let bytes = len.to_be_bytes();
-        match FrameReader::new(&bytes[..]).read::<ServerRequest>() {
-            Err(fastchat::Error::FrameTooLarge(n)) => assert_eq!(n, len as usize),
+        match FrameReader::new(&bytes[..]).read::<Request<ServerRequest>>() {
+            Err(fastchat::Error::FrameTooLarge { len: n, .. }) => assert_eq!(n, len as usize),
             other => panic!("{len}: {other:?}"),
         }
     }

@@ -6,9 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Output, LIMIT};
+use fastchat::client::e2e::{Directory, E2e};
+use fastchat::client::keystore::Keystore;
 use fastchat::client::Client;
-use fastchat::e2e::{Directory, E2e};
-use fastchat::keystore::Keystore;
 use fastchat::net::Envelope;
 
 /// Runs `fastchat group ARGS` as `user`.
@@ -364,7 +364,7 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
         .collect();
     assert_eq!(
         texts.last(),
-        Some(&fastchat::e2e::Plain::Text("before".into()))
+        Some(&fastchat::client::e2e::Plain::Text("before".into()))
     );
 
     ok(&c, "alice", &["remove", "team", "bob"]);
@@ -389,14 +389,14 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
         0
     );
     // And the key bob still holds (epoch 1) does not open the new messages.
-    let epoch1 = fastchat::e2e::E2e::group_key(&mut e2e, &client, "team", 1);
+    let epoch1 = fastchat::client::e2e::E2e::group_key(&mut e2e, &client, "team", 1);
     assert!(epoch1.is_ok(), "cached from when bob was a member");
     let key = epoch1.unwrap();
     for m in &after {
-        let kind = fastchat::e2e::Kind::from_byte(m.body[1]).unwrap();
+        let kind = fastchat::client::e2e::Kind::from_byte(m.body[1]).unwrap();
         let epoch = u64::from_be_bytes(m.body[2..10].try_into().unwrap());
         assert_eq!(epoch, 2);
-        let aad = fastchat::e2e::group_aad("team", &m.from, m.client_id, epoch, kind);
+        let aad = fastchat::client::e2e::group_aad("team", &m.from, m.client_id, epoch, kind);
         assert!(key.open(&aad, &m.body[10 + 64..]).is_err());
     }
     // Carol, still a member, reads it.

@@ -9,18 +9,21 @@ use std::time::{Duration, Instant};
 
 use common::{next_message, raw_exchange, Cluster, LIMIT};
 use fastchat::client::{BalancerClient, Connection, Session};
-use fastchat::net::{self, BalancerReply, ErrorCode, FrameReader, ServerEvent, ServerRequest};
+use fastchat::net::{
+    self, BalancerReply, ErrorCode, FrameReader, Greeting, NewMessage, Request, Response,
+    ServerEvent, ServerReply, ServerRequest,
+};
 
-/// The error code of the one error frame `answer` holds (server or balancer).
+/// The code and reason of the one refusal `answer` holds (server or balancer).
 fn error_of(answer: &[u8]) -> (ErrorCode, String) {
-    if let Ok(Some(ServerEvent::Error { code, message, .. })) =
+    if let Ok(Some(ServerEvent::Reply(Response { result: Err(r), .. }))) =
         FrameReader::new(answer).read::<ServerEvent>()
     {
-        return (code, message);
+        return (r.code, r.message);
     }
-    match FrameReader::new(answer).read::<BalancerReply>() {
-        Ok(Some(BalancerReply::Error { code, message, .. })) => (code, message),
-        other => panic!("expected an error frame, got {other:?} from {answer:?}"),
+    match FrameReader::new(answer).read::<Response<BalancerReply>>() {
+        Ok(Some(Response { result: Err(r), .. })) => (r.code, r.message),
+        other => panic!("expected a refusal, got {other:?} from {answer:?}"),
     }
 }
 
@@ -34,7 +37,7 @@ fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
 fn still_works(c: &Cluster) {
     let alice = c.login("alice");
     let bob = c.login("bob");
-    let id = alice.send("bob", 4242, b"still working").unwrap();
+    let id = alice.send("bob", 4242, b"still working", None).unwrap();
     // Whatever else a test left queued for bob comes first.
     loop {
         let m = next_message(&bob);
@@ -124,8 +127,7 @@ fn a_connection_that_never_says_hello_is_closed() {
     // One says nothing; one trickles a Hello a byte at a time, too slowly.
     let silent = TcpStream::connect(&c.server_addrs[0]).unwrap();
     let mut slow = TcpStream::connect(&c.server_addrs[0]).unwrap();
-    let hello = frame(&ServerRequest::Hello {
-        id: 1,
+    let hello = frame(&Greeting::Hello {
         token: "0".repeat(64),
     });
     let started = Instant::now();
@@ -169,7 +171,7 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_later() {
     let body = vec![b'x'; 60_000];
     let mut ids = Vec::new();
     for i in 0..400u64 {
-        ids.push(alice.send("bob", i, &body).unwrap());
+        ids.push(alice.send("bob", i, &body, None).unwrap());
     }
     // The server gave up on bob (his presence is gone), and alice was never held up.
     c.wait_online("bob", 0);
@@ -201,13 +203,14 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
     let replies: Vec<_> = (0..100u64)
         .map(|i| {
             alice
-                .request(|id| ServerRequest::Send {
-                    id,
+                .request(&ServerRequest::Send {
                     to: "bob".into(),
-                    client_id: i,
-                    body: vec![1],
-                    file: None,
-                    resend_after: None,
+                    message: NewMessage {
+                        client_id: i,
+                        body: vec![1],
+                        file: None,
+                        resend_after: None,
+                    },
                 })
                 .unwrap()
         })
@@ -215,7 +218,7 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
     for r in &replies {
         assert!(matches!(
             fastchat::client::wait_reply(r),
-            Ok(ServerEvent::Stored { .. })
+            Ok(ServerReply::Stored { .. })
         ));
     }
     assert!(
@@ -303,7 +306,7 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
         );
         // And as a recipient, through a chat server.
         let alice = c.login("alice");
-        let err = alice.send(name, 1, b"x").unwrap_err();
+        let err = alice.send(name, 1, b"x", None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -316,9 +319,11 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
         );
     }
     // Invalid UTF-8 where a name should be: a frame that does not decode.
-    let mut bad = frame(&fastchat::net::BalancerRequest::Keys {
+    let mut bad = frame(&Request {
         id: 1,
-        name: "alice".into(),
+        body: fastchat::net::BalancerRequest::Keys {
+            name: "alice".into(),
+        },
     });
     let at = bad.windows(5).position(|w| w == b"alice").unwrap();
     bad[at] = 0xff;
@@ -341,17 +346,20 @@ fn random_and_mutated_frames_never_take_a_server_down() {
         .unwrap()
         .login("alice", "pw-alice")
         .unwrap();
-    let hello = frame(&ServerRequest::Hello {
-        id: 1,
+    let hello = frame(&Greeting::Hello {
         token: session.token.clone(),
     });
-    let send = frame(&ServerRequest::Send {
+    let send = frame(&Request {
         id: 2,
-        to: "bob".into(),
-        client_id: 9,
-        body: vec![7; 40],
-        file: None,
-        resend_after: None,
+        body: ServerRequest::Send {
+            to: "bob".into(),
+            message: NewMessage {
+                client_id: 9,
+                body: vec![7; 40],
+                file: None,
+                resend_after: None,
+            },
+        },
     });
     let mut rng = common::Rng::new(0x5eed_f00d);
     let started = Instant::now();
@@ -442,7 +450,7 @@ fn clients_keep_talking_while_the_balancer_is_down() {
     let bob = c.login("bob");
     c.balancer.kill9();
     for i in 0..5u64 {
-        let id = alice.send("bob", i, b"no balancer needed").unwrap();
+        let id = alice.send("bob", i, b"no balancer needed", None).unwrap();
         let m = next_message(&bob);
         assert_eq!(m.id, id);
         bob.ack(&[m.id]).unwrap();
@@ -455,15 +463,14 @@ fn only_a_process_that_can_read_the_database_can_join_as_a_server() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     let register = |cluster_key: Vec<u8>| {
-        BalancerClient::connect(&c.balancer_addr)
-            .unwrap()
-            .request(|id| fastchat::net::BalancerRequest::Register {
-                id,
+        BalancerClient::connect(&c.balancer_addr).unwrap().request(
+            fastchat::net::BalancerRequest::Register {
                 addr: "127.0.0.1:9".into(),
                 server_id: None,
                 secret: vec![7; 32],
                 cluster_key,
-            })
+            },
+        )
     };
     // A stranger on the network, guessing: refused, and never handed a client.
     for guess in [vec![], vec![0; 32], vec![0; 1000]] {

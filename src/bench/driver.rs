@@ -21,11 +21,14 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{open_link, Link};
+use crate::client::e2e::{self, Plain};
 use crate::client::BalancerClient;
 use crate::crypto::{Identity, PairKey};
-use crate::e2e::{self, Plain};
 use crate::error::{Error, Result};
-use crate::net::{Envelope, FrameReader, FrameWriter, ServerEvent, ServerRequest};
+use crate::net::{
+    Envelope, FrameReader, FrameWriter, NewMessage, Request, Response, ServerEvent, ServerReply,
+    ServerRequest,
+};
 
 /// Counters shared by every thread of a run.
 #[derive(Default)]
@@ -81,7 +84,7 @@ pub(super) struct Conn {
     out: Mutex<Out>,
     /// Sent and not yet confirmed stored, by request id (the sequence number): the request and
     /// the newest message id known when it was first sent (its `resend_after`).
-    unconfirmed: Mutex<BTreeMap<u64, (ServerRequest, i64)>>,
+    unconfirmed: Mutex<BTreeMap<u64, (Request<ServerRequest>, i64)>>,
     /// The newest message id this client has seen assigned.
     newest: AtomicI64,
     /// Acknowledgements not yet sent. Like TCP's delayed ACK: sent at once when a batch is
@@ -120,7 +123,7 @@ impl Conn {
 
     /// Writes a message request, remembering it until it is confirmed. A write to a server
     /// that just died fails silently: the failover re-sends it.
-    fn send(&self, seq: u64, request: ServerRequest, flush: bool) {
+    fn send(&self, seq: u64, request: Request<ServerRequest>, flush: bool) {
         let mut out = self.out.lock();
         // Remembered before it is written: its `Stored` may come back at once.
         let mut unconfirmed = self.unconfirmed.lock();
@@ -157,11 +160,10 @@ impl Conn {
         }
         let id = self.next_ack_id.fetch_add(1, Ordering::Relaxed);
         // Lost with a dying server: the messages come again from the next one.
-        let _ = self
-            .out
-            .lock()
-            .writer
-            .send(&ServerRequest::Ack { id, msg_ids });
+        let _ = self.out.lock().writer.send(&Request {
+            id,
+            body: ServerRequest::Ack { msg_ids },
+        });
     }
 
     /// Closes the connection (end of the run).
@@ -204,11 +206,12 @@ impl Conn {
 }
 
 /// The same request, marked as a re-send.
-fn resend(request: &ServerRequest, newest: i64) -> ServerRequest {
+fn resend(request: &Request<ServerRequest>, newest: i64) -> Request<ServerRequest> {
     let mut again = request.clone();
-    match &mut again {
-        ServerRequest::Send { resend_after, .. }
-        | ServerRequest::GroupSend { resend_after, .. } => *resend_after = Some(newest),
+    match &mut again.body {
+        ServerRequest::Send { message, .. } | ServerRequest::GroupSend { message, .. } => {
+            message.resend_after = Some(newest)
+        }
         _ => {}
     }
     again
@@ -272,29 +275,37 @@ impl Sending {
         }
     }
 
-    fn request(&self, seq: u64, text: &str) -> Result<ServerRequest> {
+    fn request(&self, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
         let plain = Plain::Text(text.to_string());
         if let Some((to, key)) = &self.to {
             let body = e2e::seal_direct_with(key, &self.me, to, seq, &plain)?;
-            return Ok(ServerRequest::Send {
+            return Ok(Request {
                 id: seq,
-                to: to.clone(),
-                client_id: seq,
-                body,
-                file: None,
-                resend_after: None,
+                body: ServerRequest::Send {
+                    to: to.clone(),
+                    message: NewMessage {
+                        client_id: seq,
+                        body,
+                        file: None,
+                        resend_after: None,
+                    },
+                },
             });
         }
         let (group, key) = self.group.as_ref().expect("a direct or group role");
         let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, 1, &plain)?;
-        Ok(ServerRequest::GroupSend {
+        Ok(Request {
             id: seq,
-            group: group.clone(),
-            client_id: seq,
-            epoch: 1,
-            body,
-            file: None,
-            resend_after: None,
+            body: ServerRequest::GroupSend {
+                group: group.clone(),
+                epoch: 1,
+                message: NewMessage {
+                    client_id: seq,
+                    body,
+                    file: None,
+                    resend_after: None,
+                },
+            },
         })
     }
 }
@@ -368,7 +379,10 @@ impl Receiving {
         let mut seen: HashMap<(u64, u64), i64> = HashMap::new();
         loop {
             match reader.read::<ServerEvent>() {
-                Ok(Some(ServerEvent::Stored { id, msg_id })) => {
+                Ok(Some(ServerEvent::Reply(Response {
+                    id: Some(id),
+                    result: Ok(ServerReply::Stored { msg_id }),
+                }))) => {
                     self.conn.newest.fetch_max(msg_id, Ordering::SeqCst);
                     if self.conn.unconfirmed.lock().remove(&id).is_some() {
                         let _ = self.free.try_recv();
@@ -379,7 +393,10 @@ impl Receiving {
                     self.delivered(&msg, &mut seen, &mut latencies);
                     self.conn.ack(msg.id);
                 }
-                Ok(Some(ServerEvent::Error { message, .. })) => self.counters.error(&message),
+                Ok(Some(ServerEvent::Reply(Response {
+                    result: Err(refusal),
+                    ..
+                }))) => self.counters.error(&refusal.message),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     if self.counters.finished.load(Ordering::SeqCst) {

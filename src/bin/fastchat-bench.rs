@@ -136,7 +136,7 @@ fn main() -> ExitCode {
     std::thread::spawn(move || {
         if interrupt.recv().is_ok() {
             INTERRUPTED.store(true, Ordering::SeqCst);
-            fastchat::launch::stop_everything();
+            fastchat::bench::launch::stop_everything();
             eprintln!("fastchat-bench: interrupted; stopped every process it had started");
             std::process::exit(130);
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastchat::cli::{self, Format, GroupCmd, Options};
+use fastchat::client::cli::{self, Format, GroupCmd, Options};
 
 /// The fastchat client: sign up, send and receive end-to-end encrypted messages.
 ///
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             let format = if json { Format::Json } else { Format::Lines };
             cli::recv(&opts, Duration::from_secs_f64(wait), format)
         }
-        Command::Chat => cli::chat(&opts),
+        Command::Chat => fastchat::client::chat::chat(&opts),
         Command::Servers => cli::servers(&opts),
         Command::Whoami => cli::whoami(&opts),
         Command::Trust { user } => cli::trust(&opts, &user),

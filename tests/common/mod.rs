@@ -598,8 +598,7 @@ pub fn dial_hello(addr: &str, token: &str) -> TcpStream {
     let mut hello = Vec::new();
     fastchat::net::encode_into(
         &mut hello,
-        &fastchat::net::ServerRequest::Hello {
-            id: 0,
+        &fastchat::net::Greeting::Hello {
             token: token.to_string(),
         },
     )

@@ -25,11 +25,11 @@ use std::path::{Path, PathBuf};
 
 use openssl::sha::Sha256;
 
-use crate::client::Client;
+use super::e2e::{E2e, FileOffer, Plain};
+use super::Client;
 use crate::crypto::{self, PairKey};
-use crate::e2e::{E2e, FileOffer, Plain};
-use crate::error::{Error, Result};
-use crate::net::{chunk_count, Envelope, ErrorCode, ServerEvent, ServerRequest, FILE_CHUNK};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::{chunk_count, Envelope, FILE_CHUNK};
 
 /// Where a file goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,7 @@ pub fn send_from<R: Read>(
         Target::User(to) => {
             let client_id = crypto::random_u64()?;
             let body = e2e.seal_direct(to, client_id, &plain)?;
-            client.send_with(to, client_id, &body, Some(upload))
+            client.send(to, client_id, &body, Some(upload))
         }
         Target::Group(group) => e2e.group_send_with(client, group, &plain, Some(upload)),
     }
@@ -140,10 +140,7 @@ fn upload(
 ) -> Result<(i64, FileOffer)> {
     let key = PairKey::random()?;
     let chunks = chunk_count(size);
-    let upload = match client.call(|id| ServerRequest::FileBegin { id, size, chunks })? {
-        ServerEvent::Upload { upload, .. } => upload,
-        other => return Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-    };
+    let upload = client.file_begin(size, chunks)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; FILE_CHUNK];
     for index in 0..chunks {
@@ -156,15 +153,7 @@ fn upload(
         }
         hasher.update(&buf[..want]);
         let data = key.seal(&chunk_aad(index, chunks), &buf[..want])?;
-        match client.call(|id| ServerRequest::FileChunk {
-            id,
-            upload,
-            index,
-            data: data.clone(),
-        })? {
-            ServerEvent::Done { .. } => {}
-            other => return Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        }
+        client.file_chunk(upload, index, data)?;
     }
     if read_full(&mut reader, &mut buf[..1])? != 0 {
         return Err(Error::Invalid(format!(
@@ -216,14 +205,7 @@ pub fn receive(
     let mut hasher = Sha256::new();
     let mut out = io::BufWriter::new(&partial.file);
     for index in 0..chunks {
-        let data = match client.call(|id| ServerRequest::FileGet {
-            id,
-            msg_id: msg.id,
-            index,
-        })? {
-            ServerEvent::FileData { data, .. } => data,
-            other => return Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        };
+        let data = client.file_get(msg.id, index)?;
         let plain = key.open(&chunk_aad(index, chunks), &data).map_err(|_| {
             Error::Integrity(format!(
                 "chunk {index} of {} failed authentication",

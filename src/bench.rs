@@ -29,14 +29,19 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
-use crate::client::{dial, BalancerClient, Session};
+use crate::client::e2e;
+use crate::client::{BalancerClient, Session};
 use crate::crypto::{self, Identity, PairKey};
-use crate::e2e;
 use crate::error::{Error, Result};
-use crate::launch::{self, LocalCluster, Usage};
-use crate::net::{FrameReader, FrameWriter, PublicKeys, ServerEvent, ServerRequest};
+use crate::net::{
+    FrameReader, FrameWriter, Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply,
+    ServerRequest,
+};
+use crate::transport::dial;
+use launch::{LocalCluster, Usage};
 
 mod driver;
+pub mod launch;
 mod report;
 
 use driver::{Acker, Conn, Counters, Receiving, Sending};
@@ -385,22 +390,22 @@ fn open_link(session: &Session) -> Result<Link> {
     let stream = dial(&session.server.addr, "chat server")?;
     let mut reader = FrameReader::new(stream.try_clone()?);
     let mut writer = FrameWriter::new(stream.try_clone()?);
-    writer.send(&ServerRequest::Hello {
-        id: 0,
+    writer.send(&Greeting::Hello {
         token: session.token.clone(),
     })?;
     match reader.read::<ServerEvent>()? {
-        Some(ServerEvent::Welcome {
-            server_id, newest, ..
-        }) => Ok(Link {
+        Some(ServerEvent::Welcome(w)) => Ok(Link {
             reader,
             writer,
             stream,
-            server_id,
-            newest,
+            server_id: w.server_id,
+            newest: w.newest,
             token: session.token.clone(),
         }),
-        Some(ServerEvent::Error { message, code, .. }) => Err(Error::Refused { code, message }),
+        Some(ServerEvent::Reply(Response {
+            result: Err(refusal),
+            ..
+        })) => Err(refusal.into()),
         other => Err(Error::Protocol(format!(
             "unexpected reply to Hello: {other:?}"
         ))),
@@ -408,25 +413,12 @@ fn open_link(session: &Session) -> Result<Link> {
 }
 
 /// Sends a request on a link and reads until its reply (setup only; nothing else is going on).
-fn call(link: &mut Link, request: ServerRequest) -> Result<ServerEvent> {
-    let id = match &request {
-        ServerRequest::GroupCreate { id, .. }
-        | ServerRequest::GroupAdd { id, .. }
-        | ServerRequest::GroupKey { id, .. } => *id,
-        _ => return Err(Error::Protocol("not a setup request".into())),
-    };
-    link.writer.send(&request)?;
+fn call(link: &mut Link, id: u64, body: ServerRequest) -> Result<ServerReply> {
+    link.writer.send(&Request { id, body })?;
     loop {
         match link.reader.read::<ServerEvent>()? {
-            Some(ServerEvent::Error {
-                id: Some(i),
-                code,
-                message,
-            }) if i == id => return Err(Error::Refused { code, message }),
-            Some(e @ (ServerEvent::Done { id: i } | ServerEvent::GroupKey { id: i, .. }))
-                if i == id =>
-            {
-                return Ok(e)
+            Some(ServerEvent::Reply(r)) if r.id == Some(id) || r.id.is_none() => {
+                return r.into_result()
             }
             Some(_) => {}
             None => return Err(Error::Protocol("server closed during setup".into())),
@@ -666,8 +658,8 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
     };
     call(
         &mut members[0].link,
+        1,
         ServerRequest::GroupCreate {
-            id: 1,
             group: group.clone(),
             key: wrap(admin)?,
         },
@@ -675,8 +667,8 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
     for (j, member) in users[first + 1..first + members.len()].iter().enumerate() {
         call(
             &mut members[0].link,
+            2 + j as u64,
             ServerRequest::GroupAdd {
-                id: 2 + j as u64,
                 group: group.clone(),
                 user: member.name.clone(),
                 epoch: 1,
@@ -688,15 +680,13 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
         let user = &users[first + j];
         let wrapped = match call(
             &mut role.link,
+            100,
             ServerRequest::GroupKey {
-                id: 100,
                 group: group.clone(),
                 epoch: 1,
             },
         )? {
-            ServerEvent::GroupKey {
-                key, wrapped_by, ..
-            } if wrapped_by == admin.name => key,
+            ServerReply::GroupKey { key, wrapped_by } if wrapped_by == admin.name => key,
             other => return Err(Error::Protocol(format!("unexpected {other:?}"))),
         };
         let pair = user

@@ -35,13 +35,11 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::client::{BalancerClient, Client};
+use super::keystore::Keystore;
+use super::{BalancerClient, Client};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
-use crate::error::{Error, Result};
-use crate::keystore::Keystore;
-use crate::net::{
-    Envelope, ErrorCode, GroupInfo, PublicKeys, ServerEvent, ServerRequest, WrappedKey,
-};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 
 /// Body format version.
 const VERSION: u8 = 1;
@@ -498,18 +496,10 @@ impl E2e {
         if let Some(k) = self.group_keys.get(&slot) {
             return Ok(k.clone());
         }
-        let (wrapped, by) = match client.call(|id| ServerRequest::GroupKey {
-            id,
-            group: group.to_string(),
-            epoch,
-        })? {
-            ServerEvent::GroupKey {
-                key, wrapped_by, ..
-            } => (key, wrapped_by),
-            other => return Err(unexpected("GroupKey", &other)),
-        };
+        let sealed = client.group_key(group, epoch)?;
+        let by = sealed.wrapped_by;
         let aad = wrap_aad(group, epoch, &self.me, &by);
-        let raw = self.pair_key(&by)?.open(&aad, &wrapped)?;
+        let raw = self.pair_key(&by)?.open(&aad, &sealed.key)?;
         let key = PairKey(raw.try_into().map_err(|_| {
             Error::Integrity(format!(
                 "the key of {group} epoch {epoch} has the wrong size"
@@ -524,11 +514,7 @@ impl E2e {
         let key = PairKey::random()?;
         let me = self.me.clone();
         let wrapped = self.wrap(group, 1, &me, &key)?.wrapped;
-        done(client.call(|id| ServerRequest::GroupCreate {
-            id,
-            group: group.to_string(),
-            key: wrapped.clone(),
-        })?)?;
+        client.group_create(group, wrapped)?;
         self.group_keys.insert((group.to_string(), 1), key);
         self.epochs.insert(group.to_string(), 1);
         Ok(())
@@ -540,25 +526,18 @@ impl E2e {
         let mut tries = 0;
         loop {
             tries += 1;
-            let info = group_info(client, group)?;
+            let info = client.group_info(group)?;
             if info.admin != self.me {
                 return Err(not_admin(group, &info.admin, "add members"));
             }
             let (epoch, key) = self.current_key(client, &info)?;
             let wrapped = self.wrap(group, epoch, user, &key)?.wrapped;
-            let reply = client.call(|id| ServerRequest::GroupAdd {
-                id,
-                group: group.to_string(),
-                user: user.to_string(),
-                epoch,
-                key: wrapped.clone(),
-            });
-            match reply {
+            match client.group_add(group, user, epoch, wrapped) {
                 Err(Error::Refused {
                     code: ErrorCode::Conflict,
                     ..
                 }) if tries < 3 => continue,
-                reply => done(reply?)?,
+                reply => reply?,
             }
             break;
         }
@@ -569,7 +548,7 @@ impl E2e {
     /// Removes `user` (admin only) and starts a new epoch whose key `user` never gets; tells
     /// the remaining members. Returns the new epoch.
     pub fn group_remove(&mut self, client: &Client, group: &str, user: &str) -> Result<u64> {
-        let info = group_info(client, group)?;
+        let info = client.group_info(group)?;
         if info.admin != self.me {
             return Err(not_admin(group, &info.admin, "remove members"));
         }
@@ -577,13 +556,7 @@ impl E2e {
         let key = PairKey::random()?;
         let remaining: Vec<String> = info.members.into_iter().filter(|m| m != user).collect();
         let keys = self.wrap_all(group, epoch, &remaining, &key)?;
-        done(client.call(|id| ServerRequest::GroupRemove {
-            id,
-            group: group.to_string(),
-            user: user.to_string(),
-            epoch,
-            keys: keys.clone(),
-        })?)?;
+        client.group_remove(group, user, epoch, keys)?;
         self.group_keys.insert((group.to_string(), epoch), key);
         self.epochs.insert(group.to_string(), epoch);
         self.group_send(client, group, &Plain::Notice(format!("removed {user}")))?;
@@ -592,14 +565,11 @@ impl E2e {
 
     /// Tells the group, then leaves it. The next member to send starts a new epoch.
     pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<()> {
-        let info = group_info(client, group)?;
+        let info = client.group_info(group)?;
         if info.members.len() > 1 {
             self.group_send(client, group, &Plain::Notice("left".into()))?;
         }
-        done(client.call(|id| ServerRequest::GroupLeave {
-            id,
-            group: group.to_string(),
-        })?)?;
+        client.group_leave(group)?;
         self.epochs.remove(group);
         Ok(())
     }
@@ -614,15 +584,8 @@ impl E2e {
         }
         let key = PairKey::random()?;
         let keys = self.wrap_all(group, epoch, &info.members, &key)?;
-        let reply = client.call(|id| ServerRequest::GroupRekey {
-            id,
-            group: group.to_string(),
-            epoch,
-            keys: keys.clone(),
-        });
-        match reply {
-            Ok(reply) => {
-                done(reply)?;
+        match client.group_rekey(group, epoch, keys) {
+            Ok(()) => {
                 self.group_keys
                     .insert((group.to_string(), epoch), key.clone());
                 Ok((epoch, key))
@@ -645,7 +608,7 @@ impl E2e {
                 }
             }
         }
-        let info = group_info(client, group)?;
+        let info = client.group_info(group)?;
         self.current_key(client, &info)
     }
 
@@ -688,18 +651,8 @@ impl E2e {
         loop {
             let (epoch, key) = self.send_key(client, group, fresh)?;
             let body = self.seal_group(group, client_id, epoch, &key, plain)?;
-            let reply = client.store(|id, resend_after| ServerRequest::GroupSend {
-                id,
-                group: group.to_string(),
-                client_id,
-                epoch,
-                body: body.clone(),
-                file,
-                resend_after,
-            });
-            match reply {
-                Ok(ServerEvent::Stored { msg_id, .. }) => return Ok(msg_id),
-                Ok(other) => return Err(unexpected("GroupSend", &other)),
+            match client.group_send(group, client_id, epoch, &body, file) {
+                Ok(msg_id) => return Ok(msg_id),
                 Err(Error::Refused {
                     code: ErrorCode::Conflict,
                     ..
@@ -710,40 +663,9 @@ impl E2e {
     }
 }
 
-/// A group's state (members only).
-pub fn group_info(client: &Client, group: &str) -> Result<GroupInfo> {
-    match client.call(|id| ServerRequest::GroupInfo {
-        id,
-        group: group.to_string(),
-    })? {
-        ServerEvent::Group { group, .. } => Ok(group),
-        other => Err(unexpected("GroupInfo", &other)),
-    }
-}
-
-/// The groups we belong to.
-pub fn group_list(client: &Client) -> Result<Vec<GroupInfo>> {
-    match client.call(|id| ServerRequest::GroupList { id })? {
-        ServerEvent::Groups { groups, .. } => Ok(groups),
-        other => Err(unexpected("GroupList", &other)),
-    }
-}
-
 fn not_admin(group: &str, admin: &str, what: &str) -> Error {
     Error::refused(
         ErrorCode::NotAllowed,
         format!("only the admin of {group} ({admin}) can {what}"),
     )
-}
-
-fn unexpected(what: &str, reply: &ServerEvent) -> Error {
-    Error::Protocol(format!("unexpected reply to {what}: {reply:?}"))
-}
-
-/// Maps a `Done` reply to `Ok`.
-fn done(reply: ServerEvent) -> Result<()> {
-    match reply {
-        ServerEvent::Done { .. } => Ok(()),
-        other => Err(unexpected("a group request", &other)),
-    }
 }

@@ -1,0 +1,76 @@
+//! Accounts: signup (name, password, public keys) and the password check of a login.
+//! Passwords are never stored or logged: a salted scrypt hash is, compared in constant time.
+
+use crate::crypto::{self, ScryptCost};
+use crate::db::Store;
+use crate::error::{Error, ErrorCode, Result};
+use crate::names;
+use crate::net::PublicKeys;
+
+/// Longest password accepted, in bytes.
+pub const MAX_PASSWORD: usize = 1024;
+
+/// Creates an account (its password hashed at `cost`), refusing bad names, empty or huge
+/// passwords, malformed keys, and names already taken.
+pub fn signup(
+    store: &Store,
+    cost: ScryptCost,
+    name: &str,
+    password: &str,
+    keys: PublicKeys,
+) -> Result<()> {
+    names::validate("user", name)?;
+    if password.is_empty() {
+        return Err(Error::refused(
+            ErrorCode::BadRequest,
+            "password must not be empty",
+        ));
+    }
+    if password.len() > MAX_PASSWORD {
+        return Err(Error::refused(
+            ErrorCode::BadRequest,
+            format!("password is longer than {MAX_PASSWORD} bytes"),
+        ));
+    }
+    if keys.x25519.len() != 32 || keys.ed25519.len() != 32 {
+        return Err(Error::refused(
+            ErrorCode::BadRequest,
+            "public keys must be 32-byte X25519 and Ed25519 keys",
+        ));
+    }
+    let hash = crypto::hash_password(password, cost)?;
+    let owned = name.to_string();
+    let created = store.call(move |tx| tx.create_user(&owned, &hash, &keys))?;
+    if !created {
+        return Err(Error::refused(
+            ErrorCode::NameTaken,
+            format!("the name {name} is taken"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a password; a wrong name and a wrong password get the same answer after the same
+/// work (`dummy_hash` stands in for the hash of a name that does not exist), so neither the
+/// answer nor its timing tells which names exist.
+pub fn check_password(store: &Store, dummy_hash: &str, name: &str, password: &str) -> Result<()> {
+    let invalid = || {
+        Error::refused(
+            ErrorCode::InvalidCredentials,
+            "invalid username or password",
+        )
+    };
+    let stored = if names::validate("user", name).is_ok() && password.len() <= MAX_PASSWORD {
+        store.read(|tx| tx.password_hash(name))?
+    } else {
+        None
+    };
+    match stored {
+        Some(hash) if crypto::verify_password(password, &hash)? => Ok(()),
+        Some(_) => Err(invalid()),
+        None => {
+            let _ = crypto::verify_password(password, dummy_hash);
+            Err(invalid())
+        }
+    }
+}

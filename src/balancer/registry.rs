@@ -1,0 +1,313 @@
+//! The registry of live chat servers, and the algorithms that choose one for each login.
+//!
+//! Servers register, then report their load every 500 ms. A server silent for longer than the
+//! timeout is out of rotation; one silent for [`FORGET_AFTER`] is forgotten. Between reports,
+//! the logins assigned to a server count as its load, so a burst of logins is spread before the
+//! next report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::net::ServerInfo;
+
+/// Servers silent for this long are forgotten: their presence rows are removed.
+pub const FORGET_AFTER: Duration = Duration::from_secs(10);
+
+/// How a chat server is chosen for each login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    /// Each live server in turn, by id.
+    RoundRobin,
+    /// A uniformly random live server.
+    Random,
+    /// The live server with the fewest clients (reported plus assigned since the report).
+    LeastLoaded,
+    /// Power of two choices: the less loaded of two random live servers.
+    P2c,
+}
+
+impl Algo {
+    /// Every algorithm with its command-line name.
+    pub const ALL: [(&'static str, Algo); 4] = [
+        ("round-robin", Algo::RoundRobin),
+        ("random", Algo::Random),
+        ("least-loaded", Algo::LeastLoaded),
+        ("p2c", Algo::P2c),
+    ];
+}
+
+impl FromStr for Algo {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Algo, String> {
+        Algo::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Algo::ALL.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown algorithm {s:?}; choose one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for Algo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = Algo::ALL.iter().find(|(_, a)| a == self).map(|(n, _)| *n);
+        f.write_str(name.unwrap_or("?"))
+    }
+}
+
+/// A registered chat server, as the registry sees it.
+pub struct Live {
+    addr: String,
+    /// Clients at the last report.
+    load: u32,
+    /// Logins assigned since the last report (so a burst of logins is spread, not piled up).
+    assigned: u32,
+    last_seen: Instant,
+}
+
+/// The live chat servers. Locked briefly by connection threads: a lookup or an update of a few
+/// fields, far cheaper than a round trip to a registry thread.
+pub struct Registry {
+    servers: BTreeMap<u64, Live>,
+    next: usize,
+    rng: u64,
+}
+
+impl Registry {
+    /// No servers yet; `seed` seeds the choices of `random` and `p2c`.
+    pub fn new(seed: u64) -> Registry {
+        Registry {
+            servers: BTreeMap::new(),
+            next: usize::MAX,
+            rng: seed | 1,
+        }
+    }
+
+    fn live(&self, timeout: Duration) -> impl Iterator<Item = (&u64, &Live)> {
+        self.servers
+            .iter()
+            .filter(move |(_, s)| s.last_seen.elapsed() <= timeout)
+    }
+
+    fn random(&mut self, below: usize) -> usize {
+        // xorshift64*: plenty for spreading load; seeded from OpenSSL at start.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % below as u64) as usize
+    }
+
+    /// A server registered (or re-registered) at `addr`: live from now.
+    pub fn register(&mut self, id: u64, addr: &str) {
+        self.servers.insert(
+            id,
+            Live {
+                addr: addr.to_string(),
+                load: 0,
+                assigned: 0,
+                last_seen: Instant::now(),
+            },
+        );
+    }
+
+    /// A server reports its load; `false` if it is not registered (forgotten, or the balancer
+    /// restarted).
+    pub fn report(&mut self, id: u64, load: u32) -> bool {
+        match self.servers.get_mut(&id) {
+            Some(s) => {
+                s.load = load;
+                s.assigned = 0;
+                s.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the servers silent for longer than `after`; returns their ids.
+    pub fn forget_silent(&mut self, after: Duration) -> Vec<u64> {
+        let dead: Vec<u64> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.last_seen.elapsed() > after)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &dead {
+            self.servers.remove(id);
+        }
+        dead
+    }
+
+    /// Chooses a server for one login and counts the assignment. `avoid` is skipped unless it
+    /// is the only live server.
+    pub fn assign(
+        &mut self,
+        algo: Algo,
+        timeout: Duration,
+        avoid: Option<u64>,
+    ) -> Option<ServerInfo> {
+        let mut live: Vec<(u64, u32)> = self
+            .live(timeout)
+            .map(|(id, s)| (*id, s.load + s.assigned))
+            .collect();
+        if live.len() > 1 {
+            live.retain(|(id, _)| Some(*id) != avoid);
+        }
+        if live.is_empty() {
+            return None;
+        }
+        let pick = match algo {
+            Algo::RoundRobin => {
+                self.next = self.next.wrapping_add(1);
+                live[self.next % live.len()].0
+            }
+            Algo::Random => live[self.random(live.len())].0,
+            Algo::LeastLoaded => live.iter().min_by_key(|(_, load)| *load)?.0,
+            Algo::P2c => {
+                // Two distinct choices (when there are two servers or more).
+                let a = self.random(live.len());
+                let b = (a + 1 + self.random(live.len().max(2) - 1)) % live.len();
+                if live[a].1 <= live[b].1 {
+                    live[a].0
+                } else {
+                    live[b].0
+                }
+            }
+        };
+        let s = self.servers.get_mut(&pick)?;
+        s.assigned += 1;
+        Some(ServerInfo {
+            id: pick,
+            addr: s.addr.clone(),
+            load: s.load + s.assigned,
+        })
+    }
+
+    /// The live servers (those heard from within `timeout`), by id.
+    pub fn infos(&self, timeout: Duration) -> Vec<ServerInfo> {
+        self.live(timeout)
+            .map(|(id, s)| ServerInfo {
+                id: *id,
+                addr: s.addr.clone(),
+                load: s.load,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(loads: &[u32]) -> Registry {
+        let mut servers = BTreeMap::new();
+        for (i, load) in loads.iter().enumerate() {
+            servers.insert(
+                i as u64 + 1,
+                Live {
+                    addr: format!("127.0.0.1:{}", 1000 + i),
+                    load: *load,
+                    assigned: 0,
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+        Registry {
+            servers,
+            next: usize::MAX,
+            rng: 0x1234_5678_9abc_def1,
+        }
+    }
+
+    const T: Duration = Duration::from_secs(2);
+
+    fn counts(reg: &mut Registry, algo: Algo, n: usize) -> Vec<usize> {
+        let mut c = vec![0; reg.servers.len()];
+        for _ in 0..n {
+            let s = reg.assign(algo, T, None).unwrap();
+            c[s.id as usize - 1] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_is_exact() {
+        assert_eq!(
+            counts(&mut registry(&[0, 0, 0]), Algo::RoundRobin, 30),
+            [10, 10, 10]
+        );
+    }
+
+    #[test]
+    fn least_loaded_fills_the_gaps_first() {
+        let mut reg = registry(&[5, 0, 2]);
+        assert_eq!(counts(&mut reg, Algo::LeastLoaded, 8), [0, 5, 3]);
+    }
+
+    #[test]
+    fn random_and_p2c_use_every_server() {
+        for algo in [Algo::Random, Algo::P2c] {
+            let c = counts(&mut registry(&[0, 0, 0]), algo, 300);
+            assert!(c.iter().all(|&n| n > 50), "{algo}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn p2c_avoids_the_heavy_server() {
+        let c = counts(&mut registry(&[1000, 0, 0]), Algo::P2c, 100);
+        assert_eq!(c[0], 0, "{c:?}");
+    }
+
+    #[test]
+    fn silent_servers_are_out_of_rotation() {
+        let mut reg = registry(&[0, 0]);
+        reg.servers.get_mut(&1).unwrap().last_seen = Instant::now() - Duration::from_secs(3);
+        assert_eq!(counts(&mut reg, Algo::RoundRobin, 4), [0, 4]);
+        reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(3);
+        assert!(reg.assign(Algo::LeastLoaded, T, None).is_none());
+    }
+
+    #[test]
+    fn avoided_server_is_skipped_unless_alone() {
+        let mut reg = registry(&[0, 0]);
+        for _ in 0..4 {
+            assert_eq!(reg.assign(Algo::RoundRobin, T, Some(1)).unwrap().id, 2);
+        }
+        let mut alone = registry(&[0]);
+        assert_eq!(alone.assign(Algo::RoundRobin, T, Some(1)).unwrap().id, 1);
+    }
+
+    #[test]
+    fn algo_names_parse_and_print() {
+        for (name, algo) in Algo::ALL {
+            assert_eq!(name.parse::<Algo>().unwrap(), algo);
+            assert_eq!(algo.to_string(), name);
+        }
+        assert!("fastest"
+            .parse::<Algo>()
+            .unwrap_err()
+            .contains("round-robin"));
+    }
+
+    #[test]
+    fn reports_keep_a_server_and_silence_forgets_it() {
+        let mut reg = Registry::new(7);
+        reg.register(1, "127.0.0.1:1");
+        reg.register(2, "127.0.0.1:2");
+        assert!(reg.report(1, 5));
+        assert!(!reg.report(3, 0), "never registered");
+        reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(11);
+        assert_eq!(reg.forget_silent(FORGET_AFTER), [2]);
+        assert!(!reg.report(2, 0), "forgotten: must register again");
+        let infos = reg.infos(T);
+        assert_eq!(infos.len(), 1);
+        assert_eq!((infos[0].id, infos[0].load), (1, 5));
+    }
+}

@@ -1,0 +1,449 @@
+//! [`Client`]: a logged-in user's connection that survives the loss of its server, with one
+//! typed method per request.
+//!
+//! On a lost connection it goes back to the balancer with its session token, gets another
+//! server, re-sends what was not confirmed (same client id, so nothing is stored twice) and
+//! drops messages it has already seen.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::balancer::{unexpected, BalancerClient};
+use super::connection::{closed, Connection, Incoming};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::{
+    Envelope, GroupInfo, NewMessage, ServerInfo, ServerReply, ServerRequest, WrappedKey,
+};
+
+/// How long a client keeps trying to reach another server after losing one.
+pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
+
+/// How many other servers a login tries when the one it was given is full.
+const FULL_RETRIES: usize = 3;
+
+/// Drops messages already seen, by server id (delivery is at-least-once on the wire).
+#[derive(Debug, Default)]
+pub struct Dedup {
+    seen: HashSet<i64>,
+}
+
+impl Dedup {
+    /// True the first time an id is offered.
+    pub fn first_time(&mut self, id: i64) -> bool {
+        self.seen.insert(id)
+    }
+}
+
+/// What [`Client::next`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message seen for the first time (acknowledge it with [`Client::ack`] once shown).
+    Message(Envelope),
+    /// The queue held at (re)connection has been delivered.
+    Synced,
+    /// The server was lost; the client is now on this one.
+    Failover(ServerInfo),
+}
+
+/// A group key as the server hands it to a member: sealed for them by another member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedGroupKey {
+    /// Who wrapped it (unwrap with the pair key shared with them).
+    pub wrapped_by: String,
+    /// The wrapped key.
+    pub key: Vec<u8>,
+}
+
+struct Current {
+    generation: u64,
+    conn: Arc<Connection>,
+    server: ServerInfo,
+}
+
+/// A chat client that survives the loss of its server.
+///
+/// Safe to share between threads (for example one reading input and sending, one printing).
+pub struct Client {
+    balancer: String,
+    user: String,
+    token: String,
+    current: Mutex<Current>,
+    /// Held while failing over, so two threads noticing the same failure reconnect once.
+    failing_over: Mutex<()>,
+    dedup: Mutex<Dedup>,
+    /// Set by [`Client::logout`]: a closed connection is then the end, not a failure.
+    logged_out: AtomicBool,
+}
+
+impl Client {
+    /// Logs in and connects to the assigned server. Also returns the balancer connection, which
+    /// the caller may keep for directory lookups.
+    pub fn login(balancer: &str, user: &str, password: &str) -> Result<(Client, BalancerClient)> {
+        let mut b = BalancerClient::connect(balancer)?;
+        let mut session = b.login(user, password)?;
+        // A server that died moments ago may still be assigned (it leaves the rotation within
+        // two seconds): ask again, avoiding it, until one answers.
+        // A full server refuses politely: try a few others before giving up.
+        let deadline = Instant::now() + FAILOVER_LIMIT;
+        let mut full = 0;
+        let conn = loop {
+            match Connection::open(&session) {
+                Ok(conn) => break conn,
+                Err(e) if e.is_disconnect() && Instant::now() < deadline => {
+                    log::info!(
+                        "server {} unreachable ({e}); asking for another",
+                        session.server.id
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(Error::Refused {
+                    code: ErrorCode::Unavailable,
+                    message,
+                }) if full < FULL_RETRIES => {
+                    log::info!(
+                        "server {}: {message}; asking for another",
+                        session.server.id
+                    );
+                    full += 1;
+                }
+                Err(e) => return Err(e),
+            }
+            session = b.resume(&session.token, Some(session.server.id))?;
+        };
+        let client = Client {
+            balancer: balancer.to_string(),
+            user: conn.user.clone(),
+            token: session.token,
+            current: Mutex::new(Current {
+                generation: 0,
+                conn: Arc::new(conn),
+                server: session.server,
+            }),
+            failing_over: Mutex::new(()),
+            dedup: Mutex::new(Dedup::default()),
+            logged_out: AtomicBool::new(false),
+        };
+        Ok((client, b))
+    }
+
+    /// The user, as the server knows it.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Ends the session: tells the balancer to refuse the token, then closes the connection
+    /// (without failing over).
+    pub fn logout(&self) -> Result<()> {
+        self.logged_out.store(true, Ordering::SeqCst);
+        let told = BalancerClient::connect(&self.balancer).and_then(|mut b| b.logout(&self.token));
+        self.conn().1.close();
+        told
+    }
+
+    /// The server in use now.
+    pub fn server(&self) -> ServerInfo {
+        self.current.lock().server.clone()
+    }
+
+    /// The largest file the current server accepts.
+    pub fn max_file(&self) -> u64 {
+        self.current.lock().conn.max_file
+    }
+
+    fn conn(&self) -> (u64, Arc<Connection>) {
+        let c = self.current.lock();
+        (c.generation, Arc::clone(&c.conn))
+    }
+
+    /// Replaces the connection of generation `failed` (unless another thread already did).
+    fn failover(&self, failed: u64) -> Result<Option<ServerInfo>> {
+        if self.logged_out.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        let _one_at_a_time = self.failing_over.lock();
+        let avoid = {
+            let c = self.current.lock();
+            if c.generation != failed {
+                return Ok(None);
+            }
+            c.server.id
+        };
+        let deadline = Instant::now() + FAILOVER_LIMIT;
+        let mut last: Error;
+        loop {
+            let attempt = BalancerClient::connect(&self.balancer)
+                .and_then(|mut b| b.resume(&self.token, Some(avoid)))
+                .and_then(|session| Ok((Connection::open(&session)?, session)));
+            match attempt {
+                Ok((conn, session)) => {
+                    log::info!(
+                        "{}: server {avoid} lost; now on server {}",
+                        self.user,
+                        conn.server_id
+                    );
+                    let mut c = self.current.lock();
+                    c.generation += 1;
+                    // Closing the old connection wakes any thread still reading its events.
+                    c.conn.close();
+                    c.conn = Arc::new(conn);
+                    c.server = session.server.clone();
+                    return Ok(Some(session.server));
+                }
+                Err(
+                    e @ Error::Refused {
+                        code: ErrorCode::InvalidToken,
+                        ..
+                    },
+                ) => return Err(e),
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `f` on the current connection; on a lost connection, fails over and runs it again.
+    fn with_failover<T>(&self, mut f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + FAILOVER_LIMIT;
+        loop {
+            let (generation, conn) = self.conn();
+            match f(&conn) {
+                Err(e) if e.is_disconnect() && Instant::now() < deadline => {
+                    self.failover(generation)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends any request and waits for its reply, failing over if the server is lost.
+    pub fn call(&self, request: &ServerRequest) -> Result<ServerReply> {
+        self.with_failover(|conn| conn.call(request))
+    }
+
+    /// Sends a request that stores a message (`build` gets `resend_after`) and returns the
+    /// stored id, failing over like [`Client::call`]. The first attempt says it is one; an
+    /// attempt after a lost connection names the newest id known before the first, so the
+    /// server finds the original if it was stored, even if it was delivered since.
+    fn store(&self, build: impl Fn(Option<i64>) -> ServerRequest) -> Result<i64> {
+        let mut first: Option<i64> = None;
+        let reply = self.with_failover(|conn| match first {
+            None => {
+                first = Some(conn.newest());
+                conn.call(&build(None))
+            }
+            Some(after) => conn.call(&build(Some(after))),
+        })?;
+        match reply {
+            ServerReply::Stored { msg_id } => Ok(msg_id),
+            other => Err(unexpected("a message", &other)),
+        }
+    }
+
+    /// Sends a message to `to` (offering a finished upload, if `file`) and waits until it is
+    /// stored; re-sent on another server if this one is lost meanwhile. Returns its id.
+    pub fn send(&self, to: &str, client_id: u64, body: &[u8], file: Option<i64>) -> Result<i64> {
+        self.store(|resend_after| ServerRequest::Send {
+            to: to.into(),
+            message: NewMessage {
+                client_id,
+                body: body.to_vec(),
+                file,
+                resend_after,
+            },
+        })
+    }
+
+    /// Sends a group message sealed under `epoch`, like [`Client::send`].
+    pub fn group_send(
+        &self,
+        group: &str,
+        client_id: u64,
+        epoch: u64,
+        body: &[u8],
+        file: Option<i64>,
+    ) -> Result<i64> {
+        self.store(|resend_after| ServerRequest::GroupSend {
+            group: group.into(),
+            epoch,
+            message: NewMessage {
+                client_id,
+                body: body.to_vec(),
+                file,
+                resend_after,
+            },
+        })
+    }
+
+    /// Acknowledges and waits for the confirmation. If the server is lost first, the messages
+    /// come again from the next server and are acknowledged then (see [`Client::next`]).
+    pub fn ack(&self, msg_ids: &[i64]) -> Result<()> {
+        let (_, conn) = self.conn();
+        match conn.ack(msg_ids) {
+            Err(e) if e.is_disconnect() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Who is online, on any server.
+    pub fn who(&self) -> Result<Vec<String>> {
+        match self.call(&ServerRequest::Who)? {
+            ServerReply::Online { users } => Ok(users),
+            other => Err(unexpected("Who", &other)),
+        }
+    }
+
+    fn done(&self, what: &str, request: &ServerRequest) -> Result<()> {
+        match self.call(request)? {
+            ServerReply::Done => Ok(()),
+            other => Err(unexpected(what, &other)),
+        }
+    }
+
+    /// Creates `group` with us as admin; `key` is epoch 1's key wrapped for us.
+    pub fn group_create(&self, group: &str, key: Vec<u8>) -> Result<()> {
+        let group = group.to_string();
+        self.done("GroupCreate", &ServerRequest::GroupCreate { group, key })
+    }
+
+    /// (Admin) adds `user` with `key`, the key of the current `epoch` wrapped for them.
+    pub fn group_add(&self, group: &str, user: &str, epoch: u64, key: Vec<u8>) -> Result<()> {
+        let request = ServerRequest::GroupAdd {
+            group: group.into(),
+            user: user.into(),
+            epoch,
+            key,
+        };
+        self.done("GroupAdd", &request)
+    }
+
+    /// (Admin) removes `user` and starts `epoch` with `keys` for everyone left.
+    pub fn group_remove(
+        &self,
+        group: &str,
+        user: &str,
+        epoch: u64,
+        keys: Vec<WrappedKey>,
+    ) -> Result<()> {
+        let request = ServerRequest::GroupRemove {
+            group: group.into(),
+            user: user.into(),
+            epoch,
+            keys,
+        };
+        self.done("GroupRemove", &request)
+    }
+
+    /// Leaves `group`.
+    pub fn group_leave(&self, group: &str) -> Result<()> {
+        let group = group.to_string();
+        self.done("GroupLeave", &ServerRequest::GroupLeave { group })
+    }
+
+    /// Keys the current, unkeyed `epoch` of `group` with `keys` for every member.
+    pub fn group_rekey(&self, group: &str, epoch: u64, keys: Vec<WrappedKey>) -> Result<()> {
+        let request = ServerRequest::GroupRekey {
+            group: group.into(),
+            epoch,
+            keys,
+        };
+        self.done("GroupRekey", &request)
+    }
+
+    /// Our groups.
+    pub fn group_list(&self) -> Result<Vec<GroupInfo>> {
+        match self.call(&ServerRequest::GroupList)? {
+            ServerReply::Groups { groups } => Ok(groups),
+            other => Err(unexpected("GroupList", &other)),
+        }
+    }
+
+    /// A group's admin, members and epoch (members only).
+    pub fn group_info(&self, group: &str) -> Result<GroupInfo> {
+        let group = group.to_string();
+        match self.call(&ServerRequest::GroupInfo { group })? {
+            ServerReply::Group { group } => Ok(group),
+            other => Err(unexpected("GroupInfo", &other)),
+        }
+    }
+
+    /// Our wrapped key of `epoch` of `group`.
+    pub fn group_key(&self, group: &str, epoch: u64) -> Result<SealedGroupKey> {
+        let group = group.to_string();
+        match self.call(&ServerRequest::GroupKey { group, epoch })? {
+            ServerReply::GroupKey { wrapped_by, key } => Ok(SealedGroupKey { wrapped_by, key }),
+            other => Err(unexpected("GroupKey", &other)),
+        }
+    }
+
+    /// Starts an upload of `size` bytes in `chunks` chunks; returns its id.
+    pub fn file_begin(&self, size: u64, chunks: u64) -> Result<i64> {
+        match self.call(&ServerRequest::FileBegin { size, chunks })? {
+            ServerReply::Upload { upload } => Ok(upload),
+            other => Err(unexpected("FileBegin", &other)),
+        }
+    }
+
+    /// Uploads chunk `index` (encrypted) of `upload`.
+    pub fn file_chunk(&self, upload: i64, index: u64, data: Vec<u8>) -> Result<()> {
+        let request = ServerRequest::FileChunk {
+            upload,
+            index,
+            data,
+        };
+        self.done("FileChunk", &request)
+    }
+
+    /// Chunk `index` (encrypted) of the file offered by message `msg_id`.
+    pub fn file_get(&self, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+        match self.call(&ServerRequest::FileGet { msg_id, index })? {
+            ServerReply::FileData { data } => Ok(data),
+            other => Err(unexpected("FileGet", &other)),
+        }
+    }
+
+    /// The next event, waiting at most until `deadline`; `None` when it passes. Messages
+    /// already seen are acknowledged again and not returned.
+    pub fn next(&self, deadline: Instant) -> Result<Option<Event>> {
+        loop {
+            let (generation, conn) = self.conn();
+            match conn.events().recv_deadline(deadline) {
+                Ok(Incoming::Message(msg)) => {
+                    if self.dedup.lock().first_time(msg.id) {
+                        return Ok(Some(Event::Message(msg)));
+                    }
+                    let _ = conn.request(&ServerRequest::Ack {
+                        msg_ids: vec![msg.id],
+                    });
+                }
+                Ok(Incoming::Synced) => return Ok(Some(Event::Synced)),
+                Ok(Incoming::Closed(why)) => {
+                    log::debug!("connection closed: {why:?}");
+                    if let Some(server) = self.failover(generation)? {
+                        return Ok(Some(Event::Failover(server)));
+                    }
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_passes_each_id_once() {
+        let mut d = Dedup::default();
+        assert!(d.first_time(1));
+        assert!(d.first_time(2));
+        assert!(!d.first_time(1));
+    }
+}

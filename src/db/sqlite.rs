@@ -1,0 +1,372 @@
+//! The SQLite backend: one file shared by the balancer and every chat server.
+//!
+//! * [`schema`]: the migrations and [`open`] (WAL mode, `synchronous=NORMAL`, foreign keys, a
+//!   busy handler, then the schema brought up to date).
+//! * The statements, one file per concern, layered so that each uses only those above it:
+//!   [`accounts`], [`registry`], then [`files`] ← [`queue`] ← [`groups`] ← [`inbox`].
+//! * [`Readers`], the pool of read connections; [`WriterConn`], the writer thread's connection
+//!   (the [`Batch`] of the group-commit writer); the checkpoint loop that runs beside it.
+//!
+//! Several processes share the file, so writers take turns at SQLite's write lock. A waiting
+//! statement sleeps 25 µs, doubling up to 500 µs, until the busy timeout (SQLite's own busy
+//! handler sleeps up to 100 ms at a time: with several servers taking turns at the lock, that
+//! leaves a writer asleep long after the lock is free). Every statement is parameterised; no
+//! SQL is assembled from input.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
+use rusqlite::Connection;
+
+use super::writer::{Background, Batch};
+use super::{Options, Outgoing, StoredMessage, Tx};
+use crate::error::{Error, Result};
+use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
+
+pub mod accounts;
+pub mod files;
+pub mod groups;
+pub mod inbox;
+pub mod queue;
+pub mod registry;
+pub mod schema;
+
+pub use schema::open;
+
+/// Longest single sleep while waiting for the write lock.
+const BUSY_SLEEP_MAX: Duration = Duration::from_micros(500);
+
+thread_local! {
+    /// How long a statement on this thread waits for another process's write lock. SQLite's
+    /// busy handler is a plain function called on the thread running the statement, so the
+    /// bound travels with the thread: set by whoever hands this thread a connection.
+    static BUSY_TIMEOUT: Cell<Duration> = const { Cell::new(super::DEFAULT_BUSY_TIMEOUT) };
+}
+
+/// Sets the busy timeout of statements run by this thread from now on.
+fn set_busy_timeout(d: Duration) {
+    BUSY_TIMEOUT.with(|t| t.set(d));
+}
+
+/// SQLite's busy handler: called with the number of earlier calls for this wait; `true` to try
+/// again. Sleeps grow from 25 µs to [`BUSY_SLEEP_MAX`] and stop after about the thread's busy
+/// timeout.
+fn busy_wait(attempt: i32) -> bool {
+    let attempt = attempt.max(0) as u32;
+    let sleep = Duration::from_micros(25u64 << attempt.min(6)).min(BUSY_SLEEP_MAX);
+    let limit = BUSY_TIMEOUT.with(Cell::get);
+    let attempts = (limit.as_micros() / BUSY_SLEEP_MAX.as_micros()) as u32;
+    if attempt > attempts {
+        return false;
+    }
+    std::thread::sleep(sleep);
+    true
+}
+
+/// Opens a connection with the busy handler set.
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_handler(Some(busy_wait))?;
+    Ok(conn)
+}
+
+/// Runs `f` again while the database answers "busy" in the ways SQLite's busy handler does not
+/// wait for (a brand-new file switching to WAL while other processes open it too), for up to
+/// `limit`.
+fn retry_busy<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Err(Error::Db(e))
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The SQLite implementation of [`Tx`]: statements on a borrowed connection, inside whatever
+/// transaction the connection is in.
+pub struct SqliteTx<'a> {
+    conn: &'a Connection,
+}
+
+impl<'a> SqliteTx<'a> {
+    /// Statements on `conn`.
+    pub fn new(conn: &'a Connection) -> SqliteTx<'a> {
+        SqliteTx { conn }
+    }
+}
+
+/// A small pool of read connections, shared by the threads of one process.
+///
+/// A lock and not a channel: taking a connection is a pop from a vector, held for nanoseconds,
+/// and a thread that finds the pool empty simply opens another connection.
+pub struct Readers {
+    path: PathBuf,
+    busy_timeout: Duration,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// A pool over the database at `path` (which [`open`] has already migrated).
+    pub fn new(path: &Path, options: &Options) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            busy_timeout: options.busy_timeout,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `work` with a read connection.
+    pub fn with<T>(&self, work: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let conn = self.pool.lock().pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => connect(&self.path)?,
+        };
+        set_busy_timeout(self.busy_timeout);
+        let out = work(&mut SqliteTx::new(&conn));
+        let mut pool = self.pool.lock();
+        if pool.len() < 16 {
+            pool.push(conn);
+        }
+        out
+    }
+}
+
+/// The writer thread's connection: one `BEGIN IMMEDIATE` ... `COMMIT` per batch, a savepoint
+/// per guarded job.
+pub struct WriterConn {
+    conn: Connection,
+    busy_timeout: Duration,
+}
+
+/// The writer's connection to `path` (opened and migrated) and the checkpoint loop to run
+/// beside it.
+pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option<Background>)> {
+    let conn = schema::open_with(path, options.busy_timeout)?;
+    // Checkpoints run on their own thread (below), never inside a commit: a commit that
+    // crossed the automatic checkpoint threshold would hold back every reply of its batch for
+    // the length of an fsync.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    let checkpoints = connect(path)?;
+    let busy_timeout = options.busy_timeout;
+    let background: Background = Box::new(move |stop| {
+        set_busy_timeout(busy_timeout);
+        checkpoint_loop(&checkpoints, &stop)
+    });
+    Ok((WriterConn { conn, busy_timeout }, Some(background)))
+}
+
+impl Batch for WriterConn {
+    fn begin(&mut self) -> Result<()> {
+        // The writer thread runs only this connection's statements.
+        set_busy_timeout(self.busy_timeout);
+        // The busy handler waits up to the busy timeout; a "busy" it does not wait for (a
+        // checkpoint in another process finishing) is retried within the same bound.
+        retry_busy(self.busy_timeout, || {
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            Ok(())
+        })
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    fn run(&mut self, guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()> {
+        let mut tx = SqliteTx::new(&self.conn);
+        if !guarded {
+            work(&mut tx);
+            return Ok(());
+        }
+        // Prepared once and reused: these run for every job.
+        self.conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+        if !work(&mut tx) {
+            self.conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+        }
+        self.conn.prepare_cached("RELEASE job")?.execute([])?;
+        Ok(())
+    }
+}
+
+/// How often the checkpoint thread copies the WAL into the database file. Often, so each
+/// checkpoint is small: its fsyncs hold up the disk for others, and at 10,000 messages/s a
+/// checkpoint every second (a megabyte or more) put 10-25 ms stalls into the latency tail
+/// where one every 50 ms keeps p99 near 3 ms (BENCHMARKS.md).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// Passive checkpoints (never waiting for, or blocking, readers and writers) until stopped.
+/// Every process with a writer runs one; whichever gets there first does the work.
+fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>) {
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        match done {
+            Ok((0, wal, copied)) if wal > 0 => log::trace!("checkpoint: {copied} of {wal} pages"),
+            Ok(_) => {}
+            Err(e) => log::debug!("checkpoint skipped: {e}"),
+        }
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn create_user(&mut self, name: &str, password_hash: &str, keys: &PublicKeys) -> Result<bool> {
+        accounts::create_user(self.conn, name, password_hash, keys)
+    }
+    fn password_hash(&mut self, name: &str) -> Result<Option<String>> {
+        accounts::password_hash(self.conn, name)
+    }
+    fn user_exists(&mut self, name: &str) -> Result<bool> {
+        accounts::user_exists(self.conn, name)
+    }
+    fn user_keys(&mut self, name: &str) -> Result<Option<PublicKeys>> {
+        accounts::user_keys(self.conn, name)
+    }
+    fn create_session(&mut self, token_hash: &[u8], user: &str, expires_at: i64) -> Result<()> {
+        accounts::create_session(self.conn, token_hash, user, expires_at)
+    }
+    fn end_session(&mut self, token_hash: &[u8]) -> Result<()> {
+        accounts::end_session(self.conn, token_hash)
+    }
+    fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<String>> {
+        accounts::session_user(self.conn, token_hash)
+    }
+
+    fn cluster_key(&mut self) -> Result<Vec<u8>> {
+        registry::cluster_key(self.conn)
+    }
+    fn register_server(
+        &mut self,
+        addr: &str,
+        server_id: Option<u64>,
+        secret_hash: &[u8],
+    ) -> Result<Option<u64>> {
+        registry::register_server(self.conn, addr, server_id, secret_hash)
+    }
+    fn forget_server(&mut self, server_id: u64) -> Result<()> {
+        registry::forget_server(self.conn, server_id)?;
+        files::drop_uploads(self.conn, server_id, None)?;
+        Ok(())
+    }
+    fn server_secret_hash(&mut self, server_id: u64) -> Result<Option<Vec<u8>>> {
+        registry::server_secret_hash(self.conn, server_id)
+    }
+    fn server_addr(&mut self, server_id: u64) -> Result<Option<String>> {
+        registry::server_addr(self.conn, server_id)
+    }
+    fn add_presence(&mut self, server_id: u64, conn_id: u64, user: &str) -> Result<()> {
+        registry::add_presence(self.conn, server_id, conn_id, user)
+    }
+    fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()> {
+        registry::remove_presence(self.conn, server_id, conn_id)
+    }
+    fn clear_presence(&mut self, server_id: u64) -> Result<()> {
+        registry::clear_presence(self.conn, server_id)
+    }
+    fn online_users(&mut self, limit: usize) -> Result<Vec<String>> {
+        registry::online_users(self.conn, limit)
+    }
+
+    fn newest_message_id(&mut self) -> Result<i64> {
+        queue::newest_message_id(self.conn)
+    }
+    fn store_message(&mut self, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
+        queue::store_message(self.conn, msg, to)
+    }
+    fn stored_group_copy(
+        &mut self,
+        msg: &Outgoing<'_>,
+        group: &str,
+    ) -> Result<Option<StoredMessage>> {
+        groups::stored_group_copy(self.conn, msg, group)
+    }
+    fn store_group_message(&mut self, msg: &Outgoing<'_>, group: &str) -> Result<StoredMessage> {
+        groups::store_group_message(self.conn, msg, group)
+    }
+    fn queued(&mut self, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
+        inbox::queued(self.conn, user, after, limit)
+    }
+    fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize> {
+        inbox::ack(self.conn, user, ids)
+    }
+    fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
+        queue::forget_deliveries(self.conn, upto)
+    }
+
+    fn group(&mut self, group: &str) -> Result<Option<GroupInfo>> {
+        groups::group(self.conn, group)
+    }
+    fn user_groups(&mut self, user: &str) -> Result<Vec<String>> {
+        groups::user_groups(self.conn, user)
+    }
+    fn create_group(&mut self, group: &str, admin: &str) -> Result<bool> {
+        groups::create_group(self.conn, group, admin)
+    }
+    fn add_member(&mut self, group: &str, user: &str) -> Result<()> {
+        groups::add_member(self.conn, group, user)
+    }
+    fn remove_member(&mut self, group: &str, user: &str) -> Result<()> {
+        groups::remove_member(self.conn, group, user)
+    }
+    fn set_group(&mut self, group: &str, admin: &str, epoch: u64) -> Result<()> {
+        groups::set_group(self.conn, group, admin, epoch)
+    }
+    fn delete_group(&mut self, group: &str) -> Result<()> {
+        groups::delete_group(self.conn, group)
+    }
+    fn put_keys(&mut self, group: &str, epoch: u64, keys: &[WrappedKey], by: &str) -> Result<()> {
+        groups::put_keys(self.conn, group, epoch, keys, by)
+    }
+    fn group_key(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        member: &str,
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        groups::group_key(self.conn, group, epoch, member)
+    }
+
+    fn begin_upload(
+        &mut self,
+        owner: &str,
+        server_id: u64,
+        conn_id: u64,
+        size: u64,
+        chunks: u64,
+        limit: usize,
+    ) -> Result<i64> {
+        files::begin_upload(self.conn, owner, server_id, conn_id, size, chunks, limit)
+    }
+    fn store_chunk(&mut self, owner: &str, upload: i64, index: u64, data: &[u8]) -> Result<()> {
+        files::store_chunk(self.conn, owner, upload, index, data)
+    }
+    fn file_chunk(&mut self, user: &str, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+        inbox::file_chunk(self.conn, user, msg_id, index)
+    }
+    fn drop_uploads(&mut self, server_id: u64, conn_id: Option<u64>) -> Result<usize> {
+        files::drop_uploads(self.conn, server_id, conn_id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+//! Groups: the group, member and key tables, and group messages (stored once, with a position
+//! per member). The statements only; who may do what is decided by the caller
+//! ([`crate::membership`]). Builds on the queue ([`super::queue`]) and files.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::files::{drop_file, finish_upload};
+use super::queue::{earlier, new_envelope, newest_message_id, remove_message};
+use crate::db::{now_ms, Outgoing, StoredMessage};
+use crate::error::Result;
+use crate::net::{GroupInfo, WrappedKey};
+
+/// A group's admin, members (longest-standing first), epoch and whether the epoch has keys.
+pub fn group(conn: &Connection, group: &str) -> Result<Option<GroupInfo>> {
+    let row: Option<(String, u64)> = conn
+        .prepare_cached("SELECT admin, epoch FROM groups WHERE name = ?1")?
+        .query_row(params![group], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()?;
+    let Some((admin, epoch)) = row else {
+        return Ok(None);
+    };
+    let members = conn
+        .prepare_cached("SELECT user FROM members WHERE grp = ?1 ORDER BY seq")?
+        .query_map(params![group], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    let keyed = conn
+        .prepare_cached("SELECT 1 FROM group_keys WHERE grp = ?1 AND epoch = ?2 LIMIT 1")?
+        .query_row(params![group, epoch as i64], |_| Ok(()))
+        .optional()?
+        .is_some();
+    Ok(Some(GroupInfo {
+        name: group.to_string(),
+        admin,
+        members,
+        epoch,
+        keyed,
+    }))
+}
+
+/// The names of the groups `user` belongs to, sorted.
+pub fn user_groups(conn: &Connection, user: &str) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached("SELECT grp FROM members WHERE user = ?1 ORDER BY grp")?
+        .query_map(params![user], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?)
+}
+
+/// Creates a group at epoch 1 with `admin` as its only member; `false` if the name is taken.
+pub fn create_group(conn: &Connection, group: &str, admin: &str) -> Result<bool> {
+    let created = conn
+        .prepare_cached(
+            "INSERT INTO groups (name, admin, epoch, created_at) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (name) DO NOTHING",
+        )?
+        .execute(params![group, admin, now_ms()])?;
+    if created == 0 {
+        return Ok(false);
+    }
+    add_member(conn, group, admin)?;
+    Ok(true)
+}
+
+/// Adds a member; its position starts at the newest message id, so it reads only what is sent
+/// after it joined.
+pub fn add_member(conn: &Connection, group: &str, user: &str) -> Result<()> {
+    let position = newest_message_id(conn)?;
+    conn.prepare_cached(
+        "INSERT INTO members (grp, user, seq, position)
+         VALUES (?1, ?2, (SELECT coalesce(max(seq), 0) + 1 FROM members WHERE grp = ?1), ?3)",
+    )?
+    .execute(params![group, user, position])?;
+    Ok(())
+}
+
+/// Removes a member, then the group messages that only they still needed.
+pub fn remove_member(conn: &Connection, group: &str, user: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM members WHERE grp = ?1 AND user = ?2")?
+        .execute(params![group, user])?;
+    collect_group_garbage(conn, group, 0, i64::MAX)
+}
+
+/// Sets a group's admin and epoch.
+pub fn set_group(conn: &Connection, group: &str, admin: &str, epoch: u64) -> Result<()> {
+    conn.prepare_cached("UPDATE groups SET admin = ?2, epoch = ?3 WHERE name = ?1")?
+        .execute(params![group, admin, epoch as i64])?;
+    Ok(())
+}
+
+/// Deletes a group: its messages go with it (a foreign key cascade), and so do the files they
+/// offer, its members and its keys.
+pub fn delete_group(conn: &Connection, group: &str) -> Result<()> {
+    let files: Vec<i64> = conn
+        .prepare_cached(
+            "DELETE FROM messages WHERE grp = ?1 AND file_id IS NOT NULL RETURNING file_id",
+        )?
+        .query_map(params![group], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for file in files {
+        drop_file(conn, file)?;
+    }
+    conn.prepare_cached("DELETE FROM groups WHERE name = ?1")?
+        .execute(params![group])?;
+    Ok(())
+}
+
+/// Stores wrapped keys of `epoch` (replacing any earlier one of the same member).
+pub fn put_keys(
+    conn: &Connection,
+    group: &str,
+    epoch: u64,
+    keys: &[WrappedKey],
+    by: &str,
+) -> Result<()> {
+    let mut insert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO group_keys (grp, epoch, member, wrapped, wrapped_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for k in keys {
+        insert.execute(params![group, epoch as i64, k.member, k.wrapped, by])?;
+    }
+    Ok(())
+}
+
+/// `member`'s wrapped key of `epoch` and who wrapped it.
+pub fn group_key(
+    conn: &Connection,
+    group: &str,
+    epoch: u64,
+    member: &str,
+) -> Result<Option<(Vec<u8>, String)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT wrapped, wrapped_by FROM group_keys
+              WHERE grp = ?1 AND epoch = ?2 AND member = ?3",
+        )?
+        .query_row(params![group, epoch as i64, member], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?)
+}
+
+/// `(server, user)` of every connection of a member of `group` other than `from`, by server.
+fn group_online(conn: &Connection, group: &str, from: &str) -> Result<Vec<(u64, String)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT DISTINCT p.server_id, p.user FROM presence p
+               JOIN members mb ON mb.user = p.user
+              WHERE mb.grp = ?1 AND p.user <> ?2 ORDER BY p.server_id",
+        )?
+        .query_map(params![group, from], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// The earlier copy of a re-sent group message (stored, or delivered with an id above
+/// `resend_after`; a first attempt looks among stored messages only), with the members to
+/// route it to.
+pub fn stored_group_copy(
+    conn: &Connection,
+    msg: &Outgoing<'_>,
+    group: &str,
+) -> Result<Option<StoredMessage>> {
+    let after = msg.resend_after.unwrap_or(i64::MAX);
+    match earlier(conn, msg, "", Some(group), after)? {
+        Some(envelope) => Ok(Some(StoredMessage {
+            envelope,
+            online_at: group_online(conn, group, msg.from)?,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Stores a group message once, offering `msg.file` if set; returns it with the other
+/// members' connections.
+pub fn store_group_message(
+    conn: &Connection,
+    msg: &Outgoing<'_>,
+    group: &str,
+) -> Result<StoredMessage> {
+    if let Some(upload) = msg.file {
+        finish_upload(conn, msg.from, upload)?;
+    }
+    let now = now_ms();
+    conn.prepare_cached(
+        "INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        msg.from,
+        group,
+        msg.client_id as i64,
+        msg.body,
+        now,
+        msg.file
+    ])?;
+    let envelope = new_envelope(conn, msg, "", Some(group), now);
+    // A sender alone in the group: nobody will ever acknowledge it.
+    collect_group_garbage(conn, group, envelope.id - 1, envelope.id)?;
+    Ok(StoredMessage {
+        envelope,
+        online_at: group_online(conn, group, msg.from)?,
+    })
+}
+
+/// Moves `user`'s position in `group` over every acknowledged message that directly follows
+/// it, then removes the group messages that no recipient still needs.
+pub fn advance_position(conn: &Connection, group: &str, user: &str) -> Result<()> {
+    let start: i64 = conn
+        .prepare_cached("SELECT position FROM members WHERE grp = ?1 AND user = ?2")?
+        .query_row(params![group, user], |r| r.get(0))?;
+    let mut position = start;
+    loop {
+        // The next message this user should receive in the group, if any.
+        let next: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(id) FROM messages WHERE grp = ?1 AND id > ?2 AND sender <> ?3",
+            )?
+            .query_row(params![group, position, user], |r| r.get(0))?;
+        let Some(next) = next else { break };
+        let acked = conn
+            .prepare_cached("DELETE FROM group_acks WHERE grp = ?1 AND user = ?2 AND msg_id = ?3")?
+            .execute(params![group, user, next])?;
+        if acked == 0 {
+            break;
+        }
+        position = next;
+    }
+    if position != start {
+        conn.prepare_cached("UPDATE members SET position = ?3 WHERE grp = ?1 AND user = ?2")?
+            .execute(params![group, user, position])?;
+        collect_group_garbage(conn, group, start, position)?;
+    }
+    Ok(())
+}
+
+/// Removes the group messages with ids in `(after, upto]` that every current member other than
+/// their sender has passed.
+fn collect_group_garbage(conn: &Connection, group: &str, after: i64, upto: i64) -> Result<()> {
+    let done = conn
+        .prepare_cached(
+            "SELECT id, sender, client_id, file_id FROM messages
+              WHERE grp = ?1 AND id > ?2 AND id <= ?3
+                AND NOT EXISTS (SELECT 1 FROM members mb
+                                 WHERE mb.grp = messages.grp AND mb.user <> messages.sender
+                                   AND mb.position < messages.id)",
+        )?
+        .query_map(params![group, after, upto], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (id, sender, client_id, file) in done {
+        remove_message(conn, id, &sender, client_id, file)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! A user's inbox: what is queued for them across direct and group messages, acknowledging it,
+//! and fetching the chunks of a file a queued message offers. The top layer: it reads the
+//! queue, the groups and the files.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::files::drop_file;
+use super::groups::advance_position;
+use super::queue::{envelope_row, ENVELOPE_COLUMNS};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::Envelope;
+
+/// Up to `limit` queued messages for `user` with ids above `after`, oldest first: direct
+/// messages to them, and group messages of their groups past their position that they have not
+/// acknowledged out of order.
+pub fn queued(conn: &Connection, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
+    let rows = conn
+        .prepare_cached(&format!(
+            "SELECT {ENVELOPE_COLUMNS} FROM messages m WHERE m.recipient = ?1 AND m.id > ?2
+             UNION ALL
+             SELECT {ENVELOPE_COLUMNS} FROM messages m
+               JOIN members mb ON mb.grp = m.grp AND mb.user = ?1
+              WHERE m.id > ?2 AND m.id > mb.position AND m.sender <> ?1
+                AND NOT EXISTS (SELECT 1 FROM group_acks a
+                                 WHERE a.grp = m.grp AND a.user = ?1 AND a.msg_id = m.id)
+             ORDER BY id LIMIT ?3"
+        ))?
+        .query_map(params![user, after, limit as i64], envelope_row)?
+        .collect::<rusqlite::Result<Vec<Envelope>>>()?;
+    Ok(rows)
+}
+
+/// Acknowledges messages for `user`. A direct message is removed. A group message moves the
+/// user's position in that group: a position means "everything up to here is acknowledged", so
+/// an id acknowledged ahead of an older unacknowledged one waits in `group_acks` until the gap
+/// closes (acknowledgements may arrive out of order when messages come through several
+/// servers). Group messages every recipient has passed are removed. Ids that are not the user's
+/// to acknowledge are ignored; returns how many were.
+pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
+    let mut n = 0;
+    let mut touched: Vec<String> = Vec::new();
+    // Prepared once per batch of ids: this runs for every message delivered.
+    let mut remember = conn.prepare_cached(
+        "INSERT INTO delivered (msg_id, sender, client_id)
+         SELECT id, sender, client_id FROM messages WHERE id = ?1 AND recipient = ?2",
+    )?;
+    let mut remove = conn.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING file_id")?;
+    for id in ids {
+        // A direct message to this user: remembered as delivered, then removed (with the
+        // file it offers).
+        if remember.execute(params![id, user])? == 1 {
+            let file: Option<i64> = remove.query_row(params![id], |r| r.get(0))?;
+            if let Some(file) = file {
+                drop_file(conn, file)?;
+            }
+            n += 1;
+            continue;
+        }
+        let pending: Option<String> = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO group_acks (grp, user, msg_id)
+                 SELECT m.grp, mb.user, m.id FROM messages m
+                   JOIN members mb ON mb.grp = m.grp AND mb.user = ?2
+                  WHERE m.id = ?1 AND m.sender <> ?2 AND m.id > mb.position
+                 RETURNING grp",
+            )?
+            .query_row(params![id, user], |r| r.get(0))
+            .optional()?;
+        if let Some(g) = pending {
+            n += 1;
+            if !touched.contains(&g) {
+                touched.push(g);
+            }
+        }
+    }
+    for g in touched {
+        advance_position(conn, &g, user)?;
+    }
+    Ok(n)
+}
+
+/// Chunk `index` of the file offered by message `msg_id`, if that message is queued for `user`
+/// (a direct message to them, or a group message they have not yet acknowledged).
+pub fn file_chunk(conn: &Connection, user: &str, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+    conn.prepare_cached(
+        "SELECT c.data FROM messages m
+           JOIN file_chunks c ON c.file_id = m.file_id AND c.idx = ?3
+          WHERE m.id = ?1
+            AND (m.recipient = ?2
+                 OR (m.sender <> ?2 AND EXISTS (
+                       SELECT 1 FROM members mb
+                        WHERE mb.grp = m.grp AND mb.user = ?2 AND mb.position < m.id)))",
+    )?
+    .query_row(params![msg_id, user, index as i64], |r| r.get(0))
+    .optional()?
+    .ok_or_else(|| {
+        Error::refused(
+            ErrorCode::BadRequest,
+            format!("message {msg_id} offers you no file chunk {index}"),
+        )
+    })
+}

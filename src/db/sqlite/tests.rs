@@ -1,0 +1,529 @@
+//! Tests of the SQLite backend through the storage interface ([`Tx`], [`Store`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::{open, schema, SqliteTx, WriterConn};
+use crate::db::writer::{Batch, Writer};
+use crate::db::{now_ms, Options, Outgoing, Store, Tx};
+use crate::error::{Error, Result};
+use crate::net::{PublicKeys, WrappedKey};
+
+fn keys() -> PublicKeys {
+    PublicKeys {
+        x25519: vec![1; 32],
+        ed25519: vec![2; 32],
+    }
+}
+
+fn fresh() -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("chat.db");
+    open(&path)?;
+    Ok((dir, path))
+}
+
+fn users(tx: &mut dyn Tx, names: &[&str]) -> Result<()> {
+    for u in names {
+        assert!(tx.create_user(u, "h", &keys())?);
+    }
+    Ok(())
+}
+
+#[test]
+fn migrations_are_idempotent_and_versioned() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let v: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    assert_eq!(v, schema::version());
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    assert_eq!(mode, "wal");
+    Ok(())
+}
+
+#[test]
+fn newer_schema_is_refused() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    Connection::open(&path)?.pragma_update(None, "user_version", 999)?;
+    assert!(open(&path).is_err());
+    Ok(())
+}
+
+#[test]
+fn users_are_unique() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    assert!(tx.create_user("alice", "h", &keys())?);
+    assert!(!tx.create_user("alice", "h2", &keys())?);
+    assert_eq!(tx.password_hash("alice")?.as_deref(), Some("h"));
+    assert_eq!(tx.password_hash("bob")?, None);
+    Ok(())
+}
+
+#[test]
+fn sessions_expire() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice"])?;
+    tx.create_session(b"live", "alice", now_ms() + 60_000)?;
+    tx.create_session(b"dead", "alice", now_ms() - 1)?;
+    assert_eq!(tx.session_user(b"live")?.as_deref(), Some("alice"));
+    assert_eq!(tx.session_user(b"dead")?, None);
+    assert_eq!(tx.session_user(b"none")?, None);
+    Ok(())
+}
+
+#[test]
+fn queue_is_ordered_idempotent_and_acked_by_recipient_only() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    let a = tx.store_message(&Outgoing::new("alice", 1, b"one"), "bob")?;
+    let b = tx.store_message(&Outgoing::new("alice", 2, b"two"), "bob")?;
+    let again = tx.store_message(&Outgoing::new("alice", 1, b"one"), "bob")?;
+    assert_eq!(
+        a.envelope.id, again.envelope.id,
+        "re-send is not stored twice"
+    );
+    assert!(a.envelope.id < b.envelope.id);
+    let q = tx.queued("bob", 0, 10)?;
+    assert_eq!(
+        q.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>(),
+        [b"one", b"two"]
+    );
+    assert_eq!(tx.ack("alice", &[a.envelope.id])?, 0, "not alice's to ack");
+    assert_eq!(tx.ack("bob", &[a.envelope.id])?, 1);
+    assert_eq!(tx.queued("bob", 0, 10)?.len(), 1);
+    // Ids are never reused, even after the newest row is deleted.
+    tx.ack("bob", &[b.envelope.id])?;
+    let c = tx.store_message(&Outgoing::new("alice", 3, b"three"), "bob")?;
+    assert!(c.envelope.id > b.envelope.id);
+    assert_eq!(tx.newest_message_id()?, c.envelope.id);
+    Ok(())
+}
+
+#[test]
+fn an_unknown_recipient_is_refused() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice"])?;
+    match tx.store_message(&Outgoing::new("alice", 1, b"x"), "nobody") {
+        Err(Error::Refused { code, .. }) => assert_eq!(code, crate::error::ErrorCode::UnknownUser),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn store_reports_presence() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    tx.add_presence(7, 1, "bob")?;
+    tx.add_presence(7, 2, "bob")?;
+    tx.add_presence(9, 3, "bob")?;
+    let bob = || "bob".to_string();
+    let at = tx
+        .store_message(&Outgoing::new("alice", 1, b"x"), "bob")?
+        .online_at;
+    assert_eq!(at, [(7, bob()), (9, bob())], "one entry per server, sorted");
+    tx.remove_presence(9, 3)?;
+    assert_eq!(
+        tx.store_message(&Outgoing::new("alice", 2, b"x"), "bob")?
+            .online_at,
+        [(7, bob())]
+    );
+    assert_eq!(tx.online_users(10)?, ["bob"]);
+    tx.clear_presence(7)?;
+    assert!(tx.online_users(10)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn writer_commits_in_order_and_isolates_failures() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let store = Store::open(&path)?;
+    store.call(|tx| users(tx, &["alice", "bob"]))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for i in 0..100u64 {
+        let tx = tx.clone();
+        let to = if i == 50 { "nobody" } else { "bob" };
+        store.submit(
+            move |t| t.store_message(&Outgoing::new("alice", i, b"m"), to),
+            move |res| {
+                let _ = tx.send((i, res.map(|s| s.envelope.id)));
+            },
+        );
+    }
+    drop(tx);
+    let results: Vec<_> = rx.iter().collect();
+    assert_eq!(results.len(), 100);
+    let order: Vec<u64> = results.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order, (0..100).collect::<Vec<_>>(), "completions in order");
+    assert!(results[50].1.is_err(), "the bad job fails alone");
+    assert_eq!(store.read(|t| t.queued("bob", 0, 1000))?.len(), 99);
+    Ok(())
+}
+
+/// The real writer connection, except that `begin` fails while `fail_begin` is set, and every
+/// job that runs is counted.
+struct FailingBegin {
+    inner: WriterConn,
+    fail_begin: Arc<std::sync::atomic::AtomicBool>,
+    ran: Arc<AtomicUsize>,
+}
+
+impl Batch for FailingBegin {
+    fn begin(&mut self) -> Result<()> {
+        if self.fail_begin.load(Ordering::SeqCst) {
+            return Err(Error::Commit("database is locked".into()));
+        }
+        self.inner.begin()
+    }
+    fn commit(&mut self) -> Result<()> {
+        self.inner.commit()
+    }
+    fn rollback(&mut self) {
+        self.inner.rollback()
+    }
+    fn run(&mut self, guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()> {
+        self.ran.fetch_add(1, Ordering::SeqCst);
+        self.inner.run(guarded, work)
+    }
+}
+
+#[test]
+fn a_batch_that_cannot_begin_runs_none_of_its_jobs() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let (inner, _) = super::writer_conn(&path, &Options::default())?;
+    let fail_begin = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let writer = Writer::start(
+        FailingBegin {
+            inner,
+            fail_begin: Arc::clone(&fail_begin),
+            ran: Arc::clone(&ran),
+        },
+        None,
+    )?;
+    let failed = writer.call(|tx| tx.create_user("alice", "h", &keys()));
+    assert!(
+        matches!(&failed, Err(Error::Commit(m)) if m.contains("cannot begin")),
+        "{failed:?}"
+    );
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "no job ran outside a transaction"
+    );
+    let conn = open(&path)?;
+    assert!(
+        !SqliteTx::new(&conn).user_exists("alice")?,
+        "nothing was written"
+    );
+    // Once the transaction can begin again, work goes through.
+    fail_begin.store(false, Ordering::SeqCst);
+    assert!(writer.call(|tx| tx.create_user("alice", "h", &keys()))?);
+    assert!(SqliteTx::new(&conn).user_exists("alice")?);
+    Ok(())
+}
+
+#[test]
+fn a_write_lock_held_elsewhere_fails_work_after_the_busy_timeout() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let options = Options {
+        busy_timeout: Duration::from_millis(200),
+    };
+    let store = Store::open_with(&path, &options)?;
+    store.call(|tx| users(tx, &["alice"]))?;
+    let other = Connection::open(&path)?;
+    other.execute_batch("BEGIN IMMEDIATE")?;
+    let started = std::time::Instant::now();
+    let failed = store.call(|tx| users(tx, &["bob"]));
+    assert!(matches!(failed, Err(Error::Commit(_))), "{failed:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
+    other.execute_batch("COMMIT")?;
+    assert!(!store.read(|tx| tx.user_exists("bob"))?);
+    store.call(|tx| users(tx, &["bob"]))?;
+    assert!(store.read(|tx| tx.user_exists("bob"))?);
+    Ok(())
+}
+
+/// A group of `admin` and `members`, keyed at epoch 1.
+fn group_of(tx: &mut dyn Tx, admin: &str, members: &[&str]) -> Result<()> {
+    assert!(tx.create_group("team", admin)?);
+    let mut all = vec![admin];
+    for m in members {
+        tx.add_member("team", m)?;
+        all.push(m);
+    }
+    tx.put_keys("team", 1, &wrapped(&all), admin)
+}
+
+fn wrapped(names: &[&str]) -> Vec<WrappedKey> {
+    names
+        .iter()
+        .map(|m| WrappedKey {
+            member: m.to_string(),
+            wrapped: b"k1".to_vec(),
+        })
+        .collect()
+}
+
+fn ids_for(tx: &mut dyn Tx, user: &str) -> Result<Vec<i64>> {
+    Ok(tx.queued(user, 0, 100)?.iter().map(|m| m.id).collect())
+}
+
+#[test]
+fn a_group_is_read_with_its_members_in_order_and_its_keys() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    assert!(tx.create_group("team", "alice")?);
+    assert!(!tx.create_group("team", "bob")?, "the name is taken");
+    let g = tx.group("team")?.expect("exists");
+    assert_eq!((g.admin.as_str(), g.epoch, g.keyed), ("alice", 1, false));
+    tx.add_member("team", "carol")?;
+    tx.add_member("team", "bob")?;
+    tx.put_keys("team", 1, &wrapped(&["alice", "carol", "bob"]), "alice")?;
+    let g = tx.group("team")?.expect("exists");
+    assert_eq!(
+        g.members,
+        ["alice", "carol", "bob"],
+        "longest-standing first"
+    );
+    assert!(g.keyed);
+    assert_eq!(
+        tx.group_key("team", 1, "bob")?,
+        Some((b"k1".to_vec(), "alice".to_string()))
+    );
+    assert_eq!(tx.group_key("team", 2, "bob")?, None);
+    tx.set_group("team", "carol", 2)?;
+    let g = tx.group("team")?.expect("exists");
+    assert_eq!((g.admin.as_str(), g.epoch, g.keyed), ("carol", 2, false));
+    assert_eq!(tx.user_groups("bob")?, ["team"]);
+    tx.delete_group("team")?;
+    assert_eq!(tx.group("team")?, None);
+    assert!(tx.user_groups("bob")?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_group_message_is_stored_once_and_removed_when_every_member_passed_it() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    group_of(tx, "alice", &["bob", "carol"])?;
+    tx.add_presence(7, 1, "bob")?;
+    tx.add_presence(7, 2, "alice")?;
+    let m = tx.store_group_message(&Outgoing::new("alice", 1, b"hi"), "team")?;
+    assert_eq!(m.online_at, [(7, "bob".to_string())], "not the sender");
+    let count = |sql: &str| -> Result<i64> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
+    assert_eq!(count("SELECT count(*) FROM messages")?, 1);
+    let tx = &mut SqliteTx::new(&conn);
+    assert_eq!(
+        ids_for(tx, "alice")?,
+        Vec::<i64>::new(),
+        "not to its sender"
+    );
+    assert_eq!(ids_for(tx, "bob")?, [m.envelope.id]);
+    assert_eq!(tx.ack("alice", &[m.envelope.id])?, 0, "not alice's to ack");
+    assert_eq!(tx.ack("bob", &[m.envelope.id])?, 1);
+    assert_eq!(ids_for(tx, "bob")?, Vec::<i64>::new());
+    assert_eq!(
+        count("SELECT count(*) FROM messages")?,
+        1,
+        "carol still needs it"
+    );
+    let tx = &mut SqliteTx::new(&conn);
+    assert_eq!(tx.ack("carol", &[m.envelope.id])?, 1);
+    assert_eq!(count("SELECT count(*) FROM messages")?, 0);
+    // The copy of a re-send is found among delivered messages.
+    let resend = Outgoing {
+        resend_after: Some(m.envelope.id - 1),
+        ..Outgoing::new("alice", 1, b"hi")
+    };
+    let tx = &mut SqliteTx::new(&conn);
+    let copy = tx.stored_group_copy(&resend, "team")?.expect("delivered");
+    assert_eq!(copy.envelope.id, m.envelope.id);
+    assert!(tx
+        .stored_group_copy(&Outgoing::new("alice", 2, b"new"), "team")?
+        .is_none());
+    Ok(())
+}
+
+#[test]
+fn removing_a_member_drops_what_only_they_still_needed() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    group_of(tx, "alice", &["bob", "carol"])?;
+    let m = tx.store_group_message(&Outgoing::new("alice", 1, b"hi"), "team")?;
+    tx.ack("bob", &[m.envelope.id])?;
+    assert_eq!(ids_for(tx, "carol")?, [m.envelope.id]);
+    tx.remove_member("team", "carol")?;
+    let left: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+    assert_eq!(left, 0, "nobody left needs it");
+    Ok(())
+}
+
+#[test]
+fn out_of_order_group_acks_never_skip_a_message() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    group_of(tx, "alice", &["bob", "carol"])?;
+    let ids: Vec<i64> = (1..=4)
+        .map(|i| {
+            Ok(tx
+                .store_group_message(&Outgoing::new("alice", i, b"m"), "team")?
+                .envelope
+                .id)
+        })
+        .collect::<Result<_>>()?;
+    // Bob acknowledges the 3rd and 4th before the 1st and 2nd arrive.
+    assert_eq!(tx.ack("bob", &[ids[2], ids[3]])?, 2);
+    assert_eq!(
+        ids_for(tx, "bob")?,
+        [ids[0], ids[1]],
+        "the gap is still queued"
+    );
+    assert_eq!(tx.ack("bob", &[ids[0]])?, 1);
+    assert_eq!(ids_for(tx, "bob")?, [ids[1]]);
+    assert_eq!(tx.ack("bob", &[ids[1]])?, 1);
+    assert_eq!(ids_for(tx, "bob")?, Vec::<i64>::new());
+    let position: i64 =
+        conn.query_row("SELECT position FROM members WHERE user = 'bob'", [], |r| {
+            r.get(0)
+        })?;
+    assert_eq!(position, ids[3], "the position closed over the gap");
+    let pending: i64 = conn.query_row("SELECT count(*) FROM group_acks", [], |r| r.get(0))?;
+    assert_eq!(pending, 0);
+    // A repeated acknowledgement is harmless.
+    assert_eq!(SqliteTx::new(&conn).ack("bob", &[ids[2]])?, 0);
+    Ok(())
+}
+
+#[test]
+fn sqlite_is_built_with_the_project_options() -> Result<()> {
+    let conn = Connection::open_in_memory()?;
+    let options: Vec<String> = conn
+        .prepare("PRAGMA compile_options")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for wanted in ["DEFAULT_MEMSTATUS=0", "THREADSAFE=2", "TEMP_STORE=3"] {
+        assert!(
+            options.iter().any(|o| o == wanted),
+            "{wanted} missing from {options:?} (see .cargo/config.toml)"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_message_delivered_and_removed_is_not_stored_again_by_a_resend() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    let before = tx.newest_message_id()?;
+    let first = tx.store_message(&Outgoing::new("alice", 7, b"hi"), "bob")?;
+    assert_eq!(tx.ack("bob", &[first.envelope.id])?, 1);
+    // The sender never saw `Stored` (its server died) and sends again.
+    let resend = |client_id, body| Outgoing {
+        resend_after: Some(before),
+        ..Outgoing::new("alice", client_id, body)
+    };
+    let again = tx.store_message(&resend(7, b"hi"), "bob")?;
+    assert_eq!(again.envelope.id, first.envelope.id, "the same message");
+    assert!(again.online_at.is_empty(), "not routed again");
+    assert!(tx.queued("bob", 0, 10)?.is_empty(), "not queued again");
+    // A re-send whose original was never stored is stored now.
+    let new = tx.store_message(&resend(8, b"ho"), "bob")?;
+    assert!(new.envelope.id > first.envelope.id);
+    // Delivery records are cut off by id.
+    assert_eq!(tx.forget_deliveries(first.envelope.id)?, 1);
+    let kept: i64 = conn.query_row("SELECT count(*) FROM delivered", [], |r| r.get(0))?;
+    assert_eq!(kept, 0);
+    Ok(())
+}
+
+#[test]
+fn uploads_are_per_connection_and_complete_only_with_every_chunk() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    let upload = tx.begin_upload("alice", 1, 10, 5, 2, 1)?;
+    assert!(
+        tx.begin_upload("alice", 1, 10, 5, 2, 1).is_err(),
+        "one unfinished upload per connection here"
+    );
+    tx.store_chunk("alice", upload, 0, b"c0")?;
+    assert!(
+        tx.store_chunk("bob", upload, 1, b"c1").is_err(),
+        "not bob's"
+    );
+    assert!(
+        tx.store_chunk("alice", upload, 2, b"c2").is_err(),
+        "past the end"
+    );
+    let offer = Outgoing {
+        file: Some(upload),
+        ..Outgoing::new("alice", 1, b"offer")
+    };
+    assert!(
+        tx.store_message(&offer, "bob").is_err(),
+        "an upload missing a chunk cannot be offered"
+    );
+    tx.store_chunk("alice", upload, 1, b"c1")?;
+    let m = tx.store_message(&offer, "bob")?;
+    assert_eq!(tx.file_chunk("bob", m.envelope.id, 1)?, b"c1");
+    assert!(
+        tx.file_chunk("alice", m.envelope.id, 1).is_err(),
+        "not for alice"
+    );
+    assert_eq!(tx.drop_uploads(1, Some(10))?, 0, "a finished upload stays");
+    tx.ack("bob", &[m.envelope.id])?;
+    let files: i64 = conn.query_row("SELECT count(*) FROM files", [], |r| r.get(0))?;
+    assert_eq!(files, 0, "the file went with its message");
+    Ok(())
+}
+
+#[test]
+fn many_openers_of_a_new_file_all_succeed() -> Result<()> {
+    // A balancer and servers start together on a file that does not exist yet.
+    for _ in 0..20 {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("chat.db");
+        let barrier = Arc::new(std::sync::Barrier::new(6));
+        let openers: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    open(&path).and_then(|c| SqliteTx::new(&c).cluster_key())
+                })
+            })
+            .collect();
+        let keys: Vec<Vec<u8>> = openers
+            .into_iter()
+            .map(|t| t.join().expect("no panic"))
+            .collect::<Result<_>>()?;
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "one cluster key");
+    }
+    Ok(())
+}

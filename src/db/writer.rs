@@ -1,0 +1,267 @@
+//! The process's single database writer: a thread that commits queued jobs in batches (group
+//! commit).
+//!
+//! ```text
+//! any thread ── submit(work, done) ──▶ jobs (bounded mailbox) ──▶ db-writer thread:
+//!     take every queued job (waiting up to COMMIT_WINDOW for more while the batch is small)
+//!     BEGIN ── run each job (in a savepoint unless unguarded) ── COMMIT
+//!     then each job's `done`, in submission order, with its result or the commit's error
+//! ```
+//!
+//! A commit costs far more than a job (WAL frames, locks, a wake-up of every thread it
+//! answers), so at a moderate load a short wait saves most of that work for a small delay.
+//! Completions run on the writer thread after the commit; they must not block (they send on
+//! channels). If the transaction cannot begin (another process holds the write lock past the
+//! busy timeout), no job of the batch runs: each is told the batch failed.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use super::Tx;
+use crate::error::{Error, Result};
+use crate::mailbox;
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 2048;
+
+/// How long a small batch waits for more jobs before it commits.
+const COMMIT_WINDOW: Duration = Duration::from_micros(300);
+
+/// A batch this large commits without waiting: the load is high enough to fill batches.
+const WINDOW_SKIP: usize = 32;
+
+/// How often a writer removes delivery records that are too old to matter: those of messages
+/// stored more than two periods ago (a client re-sends within `client::FAILOVER_LIMIT`).
+const PURGE_EVERY: Duration = Duration::from_secs(30);
+
+/// Queued jobs at most; a submitter waits while the queue is full.
+const QUEUE: usize = 8192;
+
+/// What a backend's writer connection does for the writer thread.
+pub trait Batch: Send + 'static {
+    /// Begins the batch's transaction (taking the database's write lock, waiting up to the
+    /// busy timeout).
+    fn begin(&mut self) -> Result<()>;
+    /// Commits it.
+    fn commit(&mut self) -> Result<()>;
+    /// Rolls it back after a failed commit.
+    fn rollback(&mut self);
+    /// Runs one job's work inside the transaction: in a savepoint when `guarded`, so that a
+    /// failing job undoes only its own writes. `work` returns whether it succeeded.
+    fn run(&mut self, guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()>;
+}
+
+/// Background work that a backend runs beside the writer (SQLite: WAL checkpoints); it must
+/// return once its `stop` channel disconnects.
+pub type Background = Box<dyn FnOnce(Receiver<()>) + Send>;
+
+/// A unit of work: `run` inside the batch transaction, then `complete` after the commit (with
+/// the commit's error, if it failed). One allocation per job.
+trait Job: Send {
+    fn run(&mut self, batch: &mut dyn Batch);
+    fn complete(self: Box<Self>, batch_error: Option<&str>);
+}
+
+/// A job made of closures: `work` produces a result, `done` receives it.
+struct ClosureJob<T, W, D> {
+    work: Option<W>,
+    done: D,
+    result: Option<Result<T>>,
+    guarded: bool,
+}
+
+impl<T, W, D> Job for ClosureJob<T, W, D>
+where
+    T: Send,
+    W: FnOnce(&mut dyn Tx) -> Result<T> + Send,
+    D: FnOnce(Result<T>) + Send,
+{
+    fn run(&mut self, batch: &mut dyn Batch) {
+        let mut work = self.work.take();
+        let mut result = None;
+        let ran = batch.run(self.guarded, &mut |tx| {
+            let Some(work) = work.take() else {
+                return false;
+            };
+            let r = work(tx);
+            let ok = r.is_ok();
+            result = Some(r);
+            ok
+        });
+        self.result = Some(match (ran, result) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(Error::Commit("the job never ran".into())),
+        });
+    }
+
+    fn complete(self: Box<Self>, batch_error: Option<&str>) {
+        let result = match (self.result, batch_error) {
+            (Some(Ok(_)) | None, Some(e)) => Err(Error::Commit(e.to_string())),
+            (Some(result), _) => result,
+            (None, None) => Err(Error::Commit("the job never ran".into())),
+        };
+        (self.done)(result)
+    }
+}
+
+/// The writer thread and the backend's background thread; both stop when this is dropped,
+/// after everything queued is committed.
+pub struct Writer {
+    jobs: Option<mailbox::Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+    /// Dropped to stop the background thread.
+    stop_background: Option<Sender<()>>,
+    background: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `batch`, and `background` on a thread of its own.
+    pub fn start(batch: impl Batch, background: Option<Background>) -> Result<Writer> {
+        let (tx, rx) = mailbox::bounded::<Box<dyn Job>>(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("db-writer".into())
+            .spawn(move || writer_loop(batch, rx))?;
+        let (stop, stopped) = bounded::<()>(0);
+        let background = match background {
+            Some(work) => Some(
+                std::thread::Builder::new()
+                    .name("db-background".into())
+                    .spawn(move || work(stopped))?,
+            ),
+            None => None,
+        };
+        Ok(Writer {
+            jobs: Some(tx),
+            thread: Some(thread),
+            stop_background: Some(stop),
+            background,
+        })
+    }
+
+    /// Queues a job (see [`super::Store::submit`]).
+    pub fn submit<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        done: impl FnOnce(Result<T>) + Send + 'static,
+        guarded: bool,
+    ) {
+        let job = Box::new(ClosureJob {
+            work: Some(work),
+            done,
+            result: None,
+            guarded,
+        });
+        // The thread only ends when `jobs` is dropped, so a failed send means it panicked; the
+        // dropped completion then closes its caller's reply channel, which reports the failure.
+        if let Some(jobs) = &self.jobs {
+            if jobs.send(job).is_err() {
+                log::error!("database writer thread has died; write dropped");
+            }
+        }
+    }
+
+    /// Runs `work` and waits for its commit.
+    pub fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = bounded(1);
+        self.submit(
+            work,
+            move |res| {
+                let _ = tx.send(res);
+            },
+            true,
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::Commit("the database writer has stopped".into())))
+    }
+}
+
+impl Drop for Writer {
+    /// Commits everything queued, then stops the threads.
+    fn drop(&mut self) {
+        self.stop_background.take();
+        if let Some(t) = self.background.take() {
+            let _ = t.join();
+        }
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            // A completion may hold the last reference to the owner of this writer; then the
+            // drop runs on the writer thread itself, which ends on its own once the queue closes.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    let mut last_purge = Instant::now();
+    // The newest message id at the previous two purges: the older one is at least
+    // 2 x PURGE_EVERY old.
+    let mut watermarks = (0i64, 0i64);
+    while let Ok(first) = jobs.recv() {
+        let window = Instant::now() + COMMIT_WINDOW;
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) if batch.len() >= WINDOW_SKIP => break,
+                Err(_) => match jobs.recv_deadline(window) {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                },
+            }
+        }
+        if let Err(e) = conn.begin() {
+            // Nothing ran: outside a transaction each job would commit on its own while its
+            // submitter is told it failed.
+            log::error!("database: cannot begin a transaction: {e}");
+            let why = format!("cannot begin a transaction: {e}");
+            for job in batch.drain(..) {
+                job.complete(Some(&why));
+            }
+            continue;
+        }
+        for job in batch.iter_mut() {
+            job.run(&mut conn);
+        }
+        if last_purge.elapsed() > PURGE_EVERY {
+            last_purge = Instant::now();
+            // Forget what was delivered before the previous mark (a minute or more ago).
+            let upto = watermarks.0;
+            let mut newest = None;
+            let purged = conn.run(true, &mut |tx| {
+                let r = tx
+                    .forget_deliveries(upto)
+                    .and_then(|_| tx.newest_message_id());
+                let ok = r.is_ok();
+                newest = Some(r);
+                ok
+            });
+            match (purged, newest) {
+                (Ok(()), Some(Ok(newest))) => watermarks = (watermarks.1, newest),
+                (Err(e), _) | (_, Some(Err(e))) => {
+                    log::warn!("database: cannot forget old deliveries: {e}")
+                }
+                _ => {}
+            }
+        }
+        let message = match conn.commit() {
+            Ok(()) => None,
+            Err(e) => {
+                log::error!("database: commit of {} jobs failed: {e}", batch.len());
+                conn.rollback();
+                Some(e.to_string())
+            }
+        };
+        for job in batch.drain(..) {
+            job.complete(message.as_deref());
+        }
+    }
+}

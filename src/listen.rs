@@ -1,0 +1,295 @@
+//! Accepting connections, for the balancer and the chat servers alike: a thread per
+//! connection, a stop on a signal, and every connection thread joined before the caller goes
+//! on.
+//!
+//! ```text
+//! caller: accept ──spawns──▶ handler thread (one per connection)
+//!    ▲                            │ ends: sends its id
+//!    │ self-connect               ▼
+//! waker: waits for the          reaper: joins each handler thread as it ends
+//! shutdown signal, sets
+//! the flag, connects
+//! ```
+//!
+//! A blocking `accept` cannot be interrupted, so the waker sets a flag and connects to the
+//! listener itself: `accept` returns, the loop sees the flag and stops. [`accept`] then returns
+//! the [`Handlers`], so the caller can close the connections it knows about (which makes their
+//! threads end) before [`Handlers::join`] waits, with a deadline, for every thread to finish.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::error::Result;
+
+/// How connection threads are made.
+#[derive(Debug, Clone)]
+pub struct Threads {
+    /// Thread name, shown by debuggers and `top -H`.
+    pub name: &'static str,
+    /// Stack size in bytes: a connection's work needs little, and thousands of connections
+    /// each reserve this much address space.
+    pub stack_size: usize,
+    /// Keep a handle on each connection's socket (one more descriptor each) so that
+    /// [`Handlers::close`] can end them; for callers that do not track their connections.
+    pub closable: bool,
+}
+
+/// A running connection thread and, if its socket is kept, the socket.
+struct Running {
+    thread: JoinHandle<()>,
+    socket: Option<TcpStream>,
+}
+
+/// The connection threads of a stopped accept loop, to be joined.
+pub struct Handlers {
+    /// Handles of the threads still running, by id; the reaper joins each as it ends.
+    running: Arc<Mutex<HashMap<u64, Running>>>,
+    /// Disconnects when the reaper has joined every handler.
+    reaped: Receiver<()>,
+    reaper: JoinHandle<()>,
+    name: &'static str,
+}
+
+impl Handlers {
+    /// How many connection threads are still running.
+    pub fn running(&self) -> usize {
+        self.running.lock().len()
+    }
+
+    /// Shuts down the socket of every running connection whose socket was kept (see
+    /// [`Threads::closable`]), so that its thread ends.
+    pub fn close(&self) {
+        for r in self.running.lock().values() {
+            if let Some(s) = &r.socket {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Waits until every connection thread has ended, or `limit` passes. Returns how many
+    /// were still running then (0 when all were joined).
+    pub fn join(self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        let _ = self.reaped.recv_deadline(deadline);
+        let left = self.running();
+        if left == 0 {
+            let _ = self.reaper.join();
+        } else {
+            log::warn!(
+                "{left} {} threads still running {limit:?} after the stop",
+                self.name
+            );
+        }
+        left
+    }
+}
+
+/// Accepts connections on `listener` and runs `handler` on a thread of its own for each, until
+/// `shutdown` receives a message or disconnects. Per-connection errors are logged here (at
+/// debug level: a client going away is not the server's problem). Returns the running
+/// connection threads, to be closed and joined by the caller.
+pub fn accept(
+    listener: &TcpListener,
+    shutdown: Receiver<()>,
+    threads: &Threads,
+    handler: impl Fn(TcpStream) -> Result<()> + Send + Sync + 'static,
+) -> Result<Handlers> {
+    let local = listener.local_addr()?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let waker = wake_on(shutdown, Arc::clone(&stopping), local)?;
+    let running: Arc<Mutex<HashMap<u64, Running>>> = Arc::default();
+    let (ended_tx, ended) = unbounded::<u64>();
+    let (reaped_tx, reaped) = bounded::<()>(0);
+    let reaper = {
+        let running = Arc::clone(&running);
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                // Ends when every sender is gone: the accept loop's and each handler's.
+                for id in ended {
+                    let done = running.lock().remove(&id);
+                    if let Some(r) = done {
+                        let _ = r.thread.join();
+                    }
+                }
+                drop(reaped_tx);
+            })?
+    };
+    let handler = Arc::new(handler);
+    let mut next_id = 0u64;
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        next_id += 1;
+        let id = next_id;
+        let socket = if threads.closable {
+            match stream.try_clone() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    log::warn!("cannot keep a handle on a connection: {e}");
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let (handler, ended) = (Arc::clone(&handler), ended_tx.clone());
+        // The map stays locked until the handle is in it, so the reaper (which takes the
+        // lock to remove it) cannot look for it too early.
+        let mut map = running.lock();
+        let spawned = std::thread::Builder::new()
+            .name(threads.name.into())
+            .stack_size(threads.stack_size)
+            .spawn(move || {
+                let peer = stream.peer_addr().ok();
+                if let Err(e) = handler(stream) {
+                    log::debug!("connection from {peer:?} ended: {e}");
+                }
+                let _ = ended.send(id);
+            });
+        match spawned {
+            Ok(thread) => {
+                map.insert(id, Running { thread, socket });
+            }
+            Err(e) => log::error!("cannot start a connection thread: {e}"),
+        }
+    }
+    drop(ended_tx);
+    let _ = waker.join();
+    Ok(Handlers {
+        running,
+        reaped,
+        reaper,
+        name: threads.name,
+    })
+}
+
+/// Starts the thread that waits for `shutdown`, then sets `stopping` and connects to the
+/// listener at `addr` so that a blocking `accept` returns.
+fn wake_on(
+    shutdown: Receiver<()>,
+    stopping: Arc<AtomicBool>,
+    addr: SocketAddr,
+) -> Result<JoinHandle<()>> {
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    Ok(std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let _ = shutdown.recv();
+            stopping.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+        })?)
+}
+
+/// A shutdown channel for [`accept`] that the caller triggers by dropping the sender.
+pub fn stop_channel() -> (Sender<()>, Receiver<()>) {
+    bounded(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    const THREADS: Threads = Threads {
+        name: "test-conn",
+        stack_size: 64 * 1024,
+        closable: false,
+    };
+
+    /// An echo server whose connections end when their peer closes.
+    fn echo(stream: TcpStream) -> Result<()> {
+        let mut s = stream;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&buf[..n])?;
+        }
+    }
+
+    #[test]
+    fn serves_until_stopped_and_joins_every_connection_thread() -> Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = stop_channel();
+        let server = std::thread::spawn(move || accept(&listener, shutdown, &THREADS, echo));
+        let mut clients = Vec::new();
+        for i in 0..5u8 {
+            let mut c = TcpStream::connect(addr)?;
+            c.write_all(&[i])?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)?;
+            assert_eq!(b[0], i, "echoed by its own thread");
+            clients.push(c);
+        }
+        drop(stop);
+        let handlers = server.join().expect("no panic")?;
+        assert_eq!(handlers.running(), 5, "the connections are still open");
+        // Closing the connections ends their threads; join waits for all of them.
+        drop(clients);
+        assert_eq!(handlers.join(Duration::from_secs(10)), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn join_gives_up_at_its_deadline_and_says_how_many_are_left() -> Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = stop_channel();
+        let server = std::thread::spawn(move || accept(&listener, shutdown, &THREADS, echo));
+        let held = TcpStream::connect(addr)?;
+        // Make sure the connection has its thread before stopping.
+        (&held).write_all(b"x")?;
+        (&held).read_exact(&mut [0u8; 1])?;
+        stop.send(()).expect("accept loop is waiting");
+        let handlers = server.join().expect("no panic")?;
+        let started = Instant::now();
+        assert_eq!(handlers.join(Duration::from_millis(100)), 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(held);
+        Ok(())
+    }
+
+    #[test]
+    fn closable_connections_are_ended_by_close() -> Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = stop_channel();
+        let threads = Threads {
+            closable: true,
+            ..THREADS
+        };
+        let server = std::thread::spawn(move || accept(&listener, shutdown, &threads, echo));
+        let mut held = TcpStream::connect(addr)?;
+        held.write_all(b"x")?;
+        held.read_exact(&mut [0u8; 1])?;
+        drop(stop);
+        let handlers = server.join().expect("no panic")?;
+        handlers.close();
+        assert_eq!(handlers.join(Duration::from_secs(10)), 0);
+        assert_eq!(held.read(&mut [0u8; 1])?, 0, "the client sees the close");
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! A chat server's settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::net::DEFAULT_MAX_FILE;
+
+/// Chat server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The shared SQLite file.
+    pub db: PathBuf,
+    /// The balancer to register with.
+    pub balancer: String,
+    /// The address to register (default: the listener's address, with 127.0.0.1 for 0.0.0.0).
+    pub advertise: Option<String>,
+    /// Most client connections at once; more are refused with an `Unavailable` error.
+    pub max_clients: usize,
+    /// Per-connection outbound queue length; a client that lets it fill is disconnected.
+    pub queue_len: usize,
+    /// A connection must send `Hello` within this time.
+    pub hello_timeout: Duration,
+    /// The largest file accepted, in bytes.
+    pub max_file: u64,
+    /// Requests per second one connection may make (in bursts of as many); a faster client is
+    /// slowed down, not refused. 0: no limit.
+    pub max_rate: u32,
+    /// How long to keep trying the balancer at start before giving up.
+    pub startup_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the database and balancer.
+    pub fn new(db: PathBuf, balancer: String) -> Config {
+        Config {
+            db,
+            balancer,
+            advertise: None,
+            max_clients: 10_000,
+            queue_len: 4096,
+            hello_timeout: Duration::from_secs(10),
+            max_file: DEFAULT_MAX_FILE,
+            max_rate: 10_000,
+            startup_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Messages: storing a client's message, routing it after the commit, acknowledging delivered
+//! ones.
+//!
+//! Delivery is "store, then route; register, then sync". A message is committed together with
+//! a read of where its recipient is connected (the presence table); a login commits its
+//! presence row before reading its queue. Whichever of the two commits second sees the other,
+//! so a message is never missed by both the live path and the sync.
+
+use std::sync::Arc;
+
+use super::{error_event, Session};
+use crate::db::{Outgoing, StoredMessage, Tx};
+use crate::error::Result;
+use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerReply, MAX_BODY};
+use crate::server::outbound::Outbound;
+use crate::server::peers::Relayed;
+use crate::server::shared::Shared;
+
+/// Most message ids in one `Ack`.
+pub const MAX_ACK: usize = 4096;
+
+impl Session<'_> {
+    /// `Send`: stores a direct message; `Stored` once committed.
+    pub(super) fn send(&self, id: u64, to: String, message: NewMessage) {
+        if !(self.names_ok(id, &[("recipient", &to)]) && self.body_ok(id, &message.body)) {
+            return;
+        }
+        let me = self.user.clone();
+        // Without a file or a look-up of an earlier attempt, storing is one insert: atomic
+        // without a savepoint.
+        let guarded = message.file.is_some() || message.resend_after.is_some();
+        self.store(id, guarded, move |tx| {
+            tx.store_message(&Outgoing::of(&me, &message), &to)
+        });
+    }
+
+    /// `Ack`: the client has shown these messages; they leave its queue.
+    pub(super) fn ack(&self, id: u64, msg_ids: Vec<i64>) {
+        if msg_ids.len() > MAX_ACK {
+            let why = format!("at most {MAX_ACK} ids per acknowledgement");
+            return self.refuse(id, ErrorCode::BadRequest, why);
+        }
+        let me = self.user.clone();
+        let handle = self.handle.clone();
+        // Unguarded: an acknowledgement applied half-way is still true.
+        self.shared.store.submit_unguarded(
+            move |tx| tx.ack(&me, &msg_ids),
+            move |res| {
+                let event = match res {
+                    Ok(_) => ServerEvent::reply(id, ServerReply::Done),
+                    Err(e) => error_event(id, e),
+                };
+                handle.offer(Outbound::Event(event));
+            },
+        );
+    }
+
+    /// Refuses an empty or oversized message body.
+    pub(super) fn body_ok(&self, id: u64, body: &[u8]) -> bool {
+        let why = if body.is_empty() {
+            "empty message".to_string()
+        } else if body.len() > MAX_BODY {
+            format!(
+                "message of {} bytes is over the limit of {MAX_BODY}",
+                body.len()
+            )
+        } else {
+            return true;
+        };
+        self.refuse(id, ErrorCode::BadMessage, why);
+        false
+    }
+
+    /// Stores a message on the writer thread; after the commit it is routed and the sender
+    /// told. `guarded`: run in a savepoint (work with more than one write).
+    pub(super) fn store(
+        &self,
+        id: u64,
+        guarded: bool,
+        work: impl FnOnce(&mut dyn Tx) -> Result<StoredMessage> + Send + 'static,
+    ) {
+        let handle = self.handle.clone();
+        let shared = Arc::clone(self.shared);
+        let done = move |res: Result<StoredMessage>| {
+            let event = match res {
+                Ok(stored) => {
+                    let msg_id = stored.envelope.id;
+                    route(&shared, stored);
+                    ServerEvent::reply(id, ServerReply::Stored { msg_id })
+                }
+                Err(e) => error_event(id, e),
+            };
+            handle.offer(Outbound::Event(event));
+        };
+        if guarded {
+            self.shared.store.submit(work, done);
+        } else {
+            self.shared.store.submit_unguarded(work, done);
+        }
+    }
+}
+
+/// Hands a committed message to every server where a recipient is connected: local users
+/// through the router, others through one relay per server.
+pub fn route(shared: &Shared, stored: StoredMessage) {
+    let msg = Arc::new(stored.envelope);
+    let mut online = stored.online_at.into_iter().peekable();
+    while let Some((server, first)) = online.next() {
+        let mut users = vec![first];
+        while let Some((_, user)) = online.next_if(|(s, _)| *s == server) {
+            users.push(user);
+        }
+        if server == shared.server_id {
+            shared.router.deliver(&users, &msg);
+            continue;
+        }
+        let item = Arc::new(Relayed {
+            msg: Arc::clone(&msg),
+            users,
+        });
+        if !shared.peers.relay(server, &item) && !shared.peers.has_link(server) {
+            // A server that registered since our last heartbeat: link to it now rather than
+            // leave the message until its recipients' next login.
+            match shared.store.read(|tx| tx.server_addr(server)) {
+                Ok(Some(addr)) => {
+                    shared.peers.ensure(server, &addr);
+                    shared.peers.relay(server, &item);
+                }
+                Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),
+                Err(e) => log::warn!("cannot look up server {server}: {e}"),
+            }
+        }
+    }
+}
