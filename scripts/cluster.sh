@@ -5,9 +5,10 @@
 #   scripts/cluster.sh stop DIR                            stop every process started in DIR
 #   scripts/cluster.sh status DIR                          list the processes and the live servers
 #
-# DIR holds chat.db, one log and one PID file per process, and "balancer.addr". Processes are
-# stopped by the PIDs recorded there, nothing else. Binaries come from target/release (built if
-# missing) unless FASTCHAT_BIN names another folder.
+# DIR holds chat.db, tls/ (the cluster's certificate authority and a certificate per process,
+# made on the first start), one log and one PID file per process, and "balancer.addr". Every
+# link is TLS. Processes are stopped by the PIDs recorded there, nothing else. Binaries come
+# from target/release (built if missing) unless FASTCHAT_BIN names another folder.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/lib.sh"
@@ -24,7 +25,7 @@ shift
 binaries() {
   if [ -z "${FASTCHAT_BIN:-}" ]; then
     FASTCHAT_BIN="$root/target/release"
-    if [ ! -x "$FASTCHAT_BIN/fastchat-server" ]; then
+    if [ ! -x "$FASTCHAT_BIN/fastchat-server" ] || [ ! -x "$FASTCHAT_BIN/fastchat-admin" ]; then
       echo "building release binaries..." >&2
       (cd "$root" && cargo build --release --quiet --bins)
     fi
@@ -45,6 +46,7 @@ case "$cmd" in
       exit 1
     fi
     binaries
+    init_tls "$dir" "$n"
     balancer=$(start_balancer "$dir" "$@") || { stop_all "$dir"; exit 1; }
     echo "$balancer" >"$dir/balancer.addr"
     echo "balancer  $balancer  (pid $(cat "$dir/balancer.pid"))"
@@ -52,7 +54,7 @@ case "$cmd" in
       addr=$(start_server "$dir" "$i" "$balancer") || { stop_all "$dir"; exit 1; }
       echo "server $i  $addr  (pid $(cat "$dir/server$i.pid"))"
     done
-    echo "export FASTCHAT_BALANCER=$balancer"
+    echo "export FASTCHAT_BALANCER=$balancer FASTCHAT_CA=$dir/tls/ca.pem"
     ;;
   stop)
     dir=$1
@@ -69,7 +71,7 @@ case "$cmd" in
       echo "$(basename "$f" .pid)  pid $pid  $state"
     done
     binaries
-    "$FASTCHAT_BIN/fastchat" --balancer "$(cat "$dir/balancer.addr")" servers || true
+    "$FASTCHAT_BIN/fastchat" --balancer "$(cat "$dir/balancer.addr")" --ca "$dir/tls/ca.pem" servers || true
     ;;
   *) usage ;;
 esac

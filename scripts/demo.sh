@@ -78,12 +78,17 @@ screen() {
 }
 
 say "Starting a balancer and three chat servers (database: $dir/chat.db)"
+init_tls "$dir" 3
+printf '%s$ fastchat-admin init %s/tls%s\n' "$dim" "$dir" "$reset"
+indent <"$dir/tls.out"
+note "Every link is TLS 1.3 with this cluster's own certificate authority: a process without"
+note "one of its certificates cannot join as a server, and clients check whom they talk to."
 balancer=$(start_balancer "$dir" --scrypt-log-n 10 --algo round-robin)
 echo "   balancer   $balancer"
 for n in 1 2 3; do
   echo "   server $n   $(start_server "$dir" "$n" "$balancer")"
 done
-export FASTCHAT_BALANCER=$balancer FASTCHAT_HOME="$dir/home"
+export FASTCHAT_BALANCER=$balancer FASTCHAT_HOME="$dir/home" FASTCHAT_CA="$dir/tls/ca.pem"
 
 say "Four users sign up; each gets X25519 (encryption) and Ed25519 (signature) keys"
 for u in alice bob carol dave; do

@@ -15,19 +15,34 @@ wait_for_line() {
   return 1
 }
 
-# Starts a balancer in DIR on a free port; prints its address. Extra arguments go to it.
+# Makes the cluster's certificate authority and certificates for a balancer and N servers in
+# DIR/tls (unless it exists: then certificates are added for servers that have none).
+init_tls() {
+  local dir=$1 n=$2 i
+  if [ ! -e "$dir/tls/ca.pem" ]; then
+    "$FASTCHAT_BIN/fastchat-admin" init "$dir/tls" --servers "$n" >"$dir/tls.out"
+  fi
+  for i in $(seq "$n"); do
+    [ -e "$dir/tls/server-$i.pem" ] || "$FASTCHAT_BIN/fastchat-admin" cert "$dir/tls" --server "server-$i" >>"$dir/tls.out"
+  done
+}
+
+# Starts a balancer in DIR on a free port, with the certificates in DIR/tls; prints its
+# address. Extra arguments go to it.
 start_balancer() {
   local dir=$1; shift
-  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "$dir/chat.db" "$@" \
+  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "$dir/chat.db" --tls-dir "$dir/tls" "$@" \
     >"$dir/balancer.out" 2>"$dir/balancer.log" &
   echo $! >"$dir/balancer.pid"
   wait_for_line "$dir/balancer.out" "fastchat-balancer listening on"
 }
 
-# Starts chat server number N in DIR against BALANCER; prints its address.
+# Starts chat server number N in DIR against BALANCER, with certificate server-N from
+# DIR/tls; prints its address.
 start_server() {
   local dir=$1 n=$2 balancer=$3
   "$FASTCHAT_BIN/fastchat-server" --listen 127.0.0.1:0 --balancer "$balancer" --db "$dir/chat.db" \
+    --tls-dir "$dir/tls" --name "server-$n" \
     >"$dir/server$n.out" 2>"$dir/server$n.log" &
   echo $! >"$dir/server$n.pid"
   wait_for_line "$dir/server$n.out" "fastchat-server"

@@ -16,8 +16,9 @@
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
@@ -27,9 +28,9 @@ use crate::db::{now_ms, Store};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listen::{self, Threads};
 use crate::names;
-use crate::net::{
-    BalancerReply, BalancerRequest, FrameReader, FrameWriter, Request, Response, ServerInfo,
-};
+use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
+use crate::transport::pki::{Member, Role};
+use crate::transport::{Channel, Transport};
 
 mod accounts;
 mod lockout;
@@ -41,10 +42,12 @@ pub use registry::Algo;
 use registry::{Registry, FORGET_AFTER};
 
 /// Balancer settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The shared SQLite file.
     pub db: PathBuf,
+    /// TLS with the balancer's certificate (or plaintext, for teaching).
+    pub transport: Transport,
     /// Server selection.
     pub algo: Algo,
     /// Cost of new password hashes.
@@ -56,10 +59,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the database path.
-    pub fn new(db: PathBuf) -> Config {
+    /// Defaults for everything but the database path and the transport.
+    pub fn new(db: PathBuf, transport: Transport) -> Config {
         Config {
             db,
+            transport,
             algo: Algo::RoundRobin,
             scrypt: ScryptCost::default(),
             token_ttl: Duration::from_secs(24 * 3600),
@@ -78,12 +82,29 @@ struct Shared {
     dummy_hash: String,
     /// Failed logins per name and address. A lock, not a thread: each use is a map lookup.
     logins: Mutex<Logins>,
-    /// What a chat server must show to register (from the shared database).
-    cluster_key: Vec<u8>,
+    /// Numbers the connections, so a server's registration knows the link it lives on.
+    next_link: AtomicU64,
+}
+
+/// What the balancer knows about one connection.
+struct Peer {
+    /// The client's address (failed logins are counted per address).
+    from: IpAddr,
+    /// The cluster member at the other end, from its certificate (servers only).
+    member: Option<Member>,
+    /// The connection's TLS binding, which session proofs sign.
+    binding: Option<[u8; 32]>,
+    /// This connection's number.
+    link: u64,
+    /// Set once this connection registers as a chat server's link.
+    server_id: Option<u64>,
 }
 
 /// Idle connections are closed after this long without a request.
 const IDLE: Duration = Duration::from_secs(60);
+
+/// A new connection must finish its TLS handshake within this time.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// How long a stopping balancer waits for its connection threads to end.
 const JOIN_LIMIT: Duration = Duration::from_secs(5);
@@ -91,13 +112,12 @@ const JOIN_LIMIT: Duration = Duration::from_secs(5);
 /// Serves the balancer on `listener` until a message arrives on `shutdown` (or it is dropped).
 pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Result<()> {
     let store = Store::open(&config.db)?;
-    let cluster_key = store.call(|tx| tx.cluster_key())?;
     let shared = Arc::new(Shared {
         store,
         registry: Mutex::new(Registry::new(crypto::random_u64()?)),
         dummy_hash: crypto::hash_password("not a password", config.scrypt)?,
         logins: Mutex::new(Logins::default()),
-        cluster_key,
+        next_link: AtomicU64::new(1),
         config,
     });
     let addr = listener.local_addr()?;
@@ -123,27 +143,43 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
     Ok(())
 }
 
-fn serve(stream: TcpStream, shared: &Shared) -> Result<()> {
-    let from = stream.peer_addr()?.ip();
-    stream.set_read_timeout(Some(IDLE))?;
-    stream.set_nodelay(true)?;
-    let mut reader = FrameReader::new(stream.try_clone()?);
-    let mut writer = FrameWriter::new(stream);
-    // Set once this connection registers as a chat server's link.
-    let mut server_id: Option<u64> = None;
+fn serve(tcp: TcpStream, shared: &Shared) -> Result<()> {
+    let from = tcp.peer_addr()?.ip();
+    tcp.set_nodelay(true)?;
+    let deadline = Instant::now() + HANDSHAKE_LIMIT;
+    let stream = shared.config.transport.accept(tcp, deadline, None)?;
+    let mut peer = Peer {
+        from,
+        member: stream.peer(),
+        binding: stream.binding(),
+        link: shared.next_link.fetch_add(1, Ordering::Relaxed),
+        server_id: None,
+    };
+    let mut chan = Channel::new(stream)?;
+    chan.stream().tcp().set_read_timeout(Some(IDLE))?;
+    let result = requests(&mut chan, shared, &mut peer);
+    if let Some(sid) = peer.server_id {
+        shared.registry.lock().unlink(sid, peer.link);
+        log::info!("server {sid}'s link ended; out of rotation until it registers again");
+    }
+    result
+}
+
+/// Answers requests on one connection until it ends.
+fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> {
     loop {
-        let Request { id, body } = match reader.read::<Request<BalancerRequest>>() {
+        let Request { id, body } = match chan.recv::<Request<BalancerRequest>>(MAX_FRAME) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
                 let refusal =
                     Response::<BalancerReply>::refused(None, ErrorCode::BadFrame, e.to_string());
-                let _ = writer.send(&refusal);
+                let _ = chan.send(&refusal);
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
-        let result = match handle(body, shared, from, &mut server_id) {
+        let result = match handle(body, shared, peer) {
             Ok(reply) => Ok(reply),
             Err(Error::Refused { code, message }) => Err((code, message)),
             Err(Error::InvalidName(message)) => Err((ErrorCode::InvalidName, message)),
@@ -162,17 +198,33 @@ fn serve(stream: TcpStream, shared: &Shared) -> Result<()> {
             },
             Err((code, message)) => Response::refused(Some(id), code, message),
         };
-        writer.send(&response)?;
+        chan.send(&response)?;
     }
 }
 
-/// Answers one request from the client at `from`.
-fn handle(
-    request: BalancerRequest,
-    shared: &Shared,
-    from: IpAddr,
-    server_id: &mut Option<u64>,
-) -> Result<BalancerReply> {
+/// The user of the session whose token is `token`, if `proof` shows that the sender holds the
+/// session's key and made the proof for this connection (with TLS).
+fn proven_session(shared: &Shared, peer: &Peer, token: &str, proof: &[u8]) -> Result<String> {
+    let expired = || Error::refused(ErrorCode::InvalidToken, "session expired; log in again");
+    let hash = crypto::token_hash(token.as_bytes())?;
+    let row = shared
+        .store
+        .read(|tx| tx.session(&hash))?
+        .ok_or_else(expired)?;
+    if let Some(binding) = &peer.binding {
+        if !crypto::check_session_proof(&row.session_key, binding, proof)? {
+            return Err(Error::refused(
+                ErrorCode::InvalidToken,
+                "the session proof does not match this connection; log in again",
+            ));
+        }
+    }
+    Ok(row.user)
+}
+
+/// Answers one request from `peer`.
+fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<BalancerReply> {
+    let from = peer.from;
     match request {
         BalancerRequest::Signup {
             name,
@@ -183,7 +235,17 @@ fn handle(
             log::info!("signed up {name}");
             Ok(BalancerReply::Ok)
         }
-        BalancerRequest::Login { name, password } => {
+        BalancerRequest::Login {
+            name,
+            password,
+            session_key,
+        } => {
+            if session_key.len() != 32 {
+                return Err(Error::refused(
+                    ErrorCode::BadRequest,
+                    "the session key must be a 32-byte Ed25519 public key",
+                ));
+            }
             // Locked-out names and addresses are refused before any hashing.
             shared
                 .logins
@@ -202,21 +264,21 @@ fn handle(
                     return Err(e);
                 }
             }
-            login(shared, name)
+            login(shared, name, session_key)
         }
-        BalancerRequest::Logout { token } => {
+        BalancerRequest::Logout { token, proof } => {
+            let user = proven_session(shared, peer, &token, &proof)?;
             let hash = crypto::token_hash(token.as_bytes())?;
             shared.store.call(move |tx| tx.end_session(&hash))?;
+            log::info!("{user} logged out");
             Ok(BalancerReply::Ok)
         }
-        BalancerRequest::Resume { token, avoid } => {
-            let hash = crypto::token_hash(token.as_bytes())?;
-            let user = shared
-                .store
-                .read(|tx| tx.session_user(&hash))?
-                .ok_or_else(|| {
-                    Error::refused(ErrorCode::InvalidToken, "session expired; log in again")
-                })?;
+        BalancerRequest::Resume {
+            token,
+            proof,
+            avoid,
+        } => {
+            let user = proven_session(shared, peer, &token, &proof)?;
             let server = assign(shared, avoid)?;
             log::info!("{user} resumed, assigned server {}", server.id);
             Ok(BalancerReply::LoggedIn {
@@ -238,35 +300,22 @@ fn handle(
                 })?;
             Ok(BalancerReply::Keys { name, keys })
         }
-        BalancerRequest::Register {
-            addr,
-            server_id: known,
-            secret,
-            cluster_key,
-        } => {
-            let matches = cluster_key.len() == shared.cluster_key.len()
-                && openssl::memcmp::eq(&cluster_key, &shared.cluster_key);
-            if !matches {
-                return Err(Error::refused(
-                    ErrorCode::NotAllowed,
-                    "not a server of this cluster (wrong cluster key)",
-                ));
-            }
-            let sid = register(shared, addr, known, &secret)?;
-            *server_id = Some(sid);
+        BalancerRequest::Register { addr, name } => {
+            let sid = register(shared, peer, addr, name)?;
+            peer.server_id = Some(sid);
             Ok(BalancerReply::Registered { server_id: sid })
         }
         BalancerRequest::Heartbeat { load } => {
-            let sid = server_id.ok_or_else(|| {
+            let sid = peer.server_id.ok_or_else(|| {
                 Error::refused(ErrorCode::BadRequest, "heartbeat before register")
             })?;
-            let peers = heartbeat(shared, sid, load)?;
+            let peers = heartbeat(shared, sid, peer.link, load)?;
             Ok(BalancerReply::Peers { peers })
         }
     }
 }
 
-fn login(shared: &Shared, user: String) -> Result<BalancerReply> {
+fn login(shared: &Shared, user: String, session_key: Vec<u8>) -> Result<BalancerReply> {
     let server = assign(shared, None)?;
     let token = crypto::new_token()?;
     let hash = crypto::token_hash(token.as_bytes())?;
@@ -274,7 +323,7 @@ fn login(shared: &Shared, user: String) -> Result<BalancerReply> {
     let owned = user.clone();
     shared
         .store
-        .call(move |tx| tx.create_session(&hash, &owned, expires))?;
+        .call(move |tx| tx.create_session(&hash, &owned, expires, &session_key))?;
     log::info!("{user} logged in, assigned server {}", server.id);
     Ok(BalancerReply::LoggedIn {
         user,
@@ -296,36 +345,52 @@ fn assign(shared: &Shared, avoid: Option<u64>) -> Result<ServerInfo> {
         })
 }
 
-fn register(shared: &Shared, addr: String, known: Option<u64>, secret: &[u8]) -> Result<u64> {
-    if secret.len() != 32 {
-        return Err(Error::refused(
-            ErrorCode::BadRequest,
-            "secret must be 32 bytes",
-        ));
-    }
+/// Registers a chat server: with TLS, only a connection that presented a `server`
+/// certificate of the cluster, under the name in it.
+fn register(shared: &Shared, peer: &Peer, addr: String, claimed: String) -> Result<u64> {
+    let name = if shared.config.transport.is_tls() {
+        match &peer.member {
+            Some(m) if m.role == Role::Server && m.name == claimed => m.name.clone(),
+            Some(m) if m.role == Role::Server => {
+                return Err(Error::refused(
+                    ErrorCode::NotAllowed,
+                    format!("your certificate is server {}'s, not {claimed}'s", m.name),
+                ))
+            }
+            _ => {
+                return Err(Error::refused(
+                    ErrorCode::NotAllowed,
+                    "only a chat server with a certificate of this cluster may register",
+                ))
+            }
+        }
+    } else {
+        names::validate("server", &claimed)?;
+        claimed
+    };
     if addr.parse::<SocketAddr>().is_err() {
         return Err(Error::refused(
             ErrorCode::BadRequest,
             format!("{addr:?} is not a socket address"),
         ));
     }
-    let hash = crypto::token_hash(secret)?;
-    let owned = addr.clone();
+    let (owned_name, owned_addr) = (name.clone(), addr.clone());
     let sid = shared
         .store
-        .call(move |tx| tx.register_server(&owned, known, &hash))?
-        .ok_or_else(|| {
-            Error::refused(ErrorCode::InvalidToken, "unknown server id or wrong secret")
-        })?;
-    shared.registry.lock().register(sid, &addr);
-    log::info!("server {sid} registered at {addr}");
+        .call(move |tx| tx.register_server(&owned_name, &owned_addr))?;
+    shared
+        .registry
+        .lock()
+        .register(sid, &name, &addr, peer.link, shared.config.server_timeout)
+        .map_err(|why| Error::refused(ErrorCode::NotAllowed, why))?;
+    log::info!("server {sid} ({name}) registered at {addr}");
     Ok(sid)
 }
 
-fn heartbeat(shared: &Shared, sid: u64, load: u32) -> Result<Vec<ServerInfo>> {
+fn heartbeat(shared: &Shared, sid: u64, link: u64, load: u32) -> Result<Vec<ServerInfo>> {
     let (peers, dead) = {
         let mut reg = shared.registry.lock();
-        if !reg.report(sid, load) {
+        if !reg.report(sid, link, load) {
             return Err(Error::refused(
                 ErrorCode::BadRequest,
                 "unknown server; register again",

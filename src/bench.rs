@@ -20,7 +20,7 @@
 //! message reaches the K-1 others. Idle mode: connect and hold, to see what a connection costs a
 //! server.
 
-use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -34,17 +34,16 @@ use crate::client::{BalancerClient, Session};
 use crate::crypto::{self, Identity, PairKey};
 use crate::error::{Error, Result};
 use crate::net::{
-    FrameReader, FrameWriter, Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply,
-    ServerRequest,
+    Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
 };
-use crate::transport::dial;
+use crate::transport::{Channel, Expect, Transport};
 use launch::{LocalCluster, Usage};
 
 mod driver;
 pub mod launch;
 mod report;
 
-use driver::{Acker, Conn, Counters, Receiving, Sending};
+use driver::{Conn, Counters, Receiving, Sending};
 pub use report::{markdown_header, markdown_row, progress_default, render, to_json};
 
 /// What the clients do.
@@ -119,6 +118,10 @@ pub struct Config {
     /// Kill one spawned server (SIGKILL) this long after the messages start: its clients must
     /// move to another server and nothing may be lost.
     pub kill_server: Option<Duration>,
+    /// The CA of a running cluster (`--balancer`); a spawned cluster makes its own.
+    pub ca: Option<PathBuf>,
+    /// Run without TLS (a spawned cluster too).
+    pub plaintext: bool,
 }
 
 /// Latency percentiles, microseconds.
@@ -201,16 +204,14 @@ struct User {
     public: PublicKeys,
 }
 
-/// A connected client: its socket, split, and what `Welcome` said.
+/// A connected client: its channel, and what `Welcome` said.
 struct Link {
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<TcpStream>,
-    stream: TcpStream,
+    chan: Channel,
     server_id: u64,
     /// The newest message id when it connected.
     newest: i64,
-    /// The session token, for moving to another server.
-    token: String,
+    /// The session (token and key), for moving to another server.
+    session: Session,
 }
 
 /// Runs the benchmark.
@@ -222,6 +223,7 @@ pub fn run(config: &Config) -> Result<Report> {
             config.scrypt_log_n,
             "round-robin",
             &["--max-clients", &config.clients.max(10_000).to_string()],
+            !config.plaintext,
         )?),
         Target::Balancer(_) => None,
     };
@@ -230,7 +232,19 @@ pub fn run(config: &Config) -> Result<Report> {
         (Target::Balancer(b), None) => b.clone(),
         (Target::Spawn(_), None) => unreachable!("spawned above"),
     };
-    let servers = BalancerClient::connect(&balancer)?.servers()?.len();
+    let transport = match (&cluster, &config.ca) {
+        _ if config.plaintext => Transport::plaintext(),
+        (Some(c), _) => c.transport()?,
+        (None, Some(ca)) => Transport::client_with_ca(ca)?,
+        (None, None) => {
+            return Err(Error::Invalid(
+                "give the cluster's CA file with --ca (or --insecure-plaintext)".into(),
+            ))
+        }
+    };
+    let servers = BalancerClient::connect(&balancer, &transport)?
+        .servers()?
+        .len();
     let usage_before = sample(cluster.as_ref());
 
     let run_id = crypto::to_hex(&crypto::random_bytes(3)?);
@@ -245,7 +259,7 @@ pub fn run(config: &Config) -> Result<Report> {
         })
         .collect::<Result<_>>()?;
     let started = Instant::now();
-    let links = connect_all(&balancer, &users)?;
+    let links = connect_all(&balancer, &transport, &users)?;
     let connect_secs = started.elapsed().as_secs_f64();
 
     let mut report = Report {
@@ -266,7 +280,7 @@ pub fn run(config: &Config) -> Result<Report> {
         report.server_usage = usage_before.into_iter().zip(after).collect();
         std::thread::sleep(config.hold.saturating_sub(Duration::from_secs(1)));
         for l in &links {
-            let _ = l.stream.shutdown(Shutdown::Both);
+            l.chan.stream().shutdown();
         }
         return Ok(report);
     }
@@ -276,7 +290,7 @@ pub fn run(config: &Config) -> Result<Report> {
         (Some(after), Some(c)) => c.servers.first().map(|s| (after, s.pid())),
         _ => None,
     };
-    plan.run(config, &balancer, victim, &mut report)?;
+    plan.run(config, &balancer, &transport, victim, &mut report)?;
     report.cpu = cpu_before
         .into_iter()
         .zip(cpu_sample(cluster.as_ref()))
@@ -346,7 +360,7 @@ fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
 }
 
 /// Signs up, logs in and connects every user, from a few threads at once.
-fn connect_all(balancer: &str, users: &[User]) -> Result<Vec<Link>> {
+fn connect_all(balancer: &str, transport: &Transport, users: &[User]) -> Result<Vec<Link>> {
     let next = AtomicU64::new(0);
     let slots: Vec<Mutex<Option<Result<Link>>>> = users.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
@@ -358,7 +372,7 @@ fn connect_all(balancer: &str, users: &[User]) -> Result<Vec<Link>> {
                     if i >= users.len() {
                         break;
                     }
-                    let result = connect_one(balancer, &mut b, &users[i]);
+                    let result = connect_one(balancer, transport, &mut b, &users[i]);
                     if result.is_err() {
                         b = None;
                     }
@@ -375,32 +389,40 @@ fn connect_all(balancer: &str, users: &[User]) -> Result<Vec<Link>> {
 
 const PASSWORD: &str = "bench-password";
 
-fn connect_one(balancer: &str, b: &mut Option<BalancerClient>, user: &User) -> Result<Link> {
+fn connect_one(
+    balancer: &str,
+    transport: &Transport,
+    b: &mut Option<BalancerClient>,
+    user: &User,
+) -> Result<Link> {
     let conn = match b {
         Some(c) => c,
-        None => b.insert(BalancerClient::connect(balancer)?),
+        None => b.insert(BalancerClient::connect(balancer, transport)?),
     };
     conn.signup(&user.name, PASSWORD, user.public.clone())?;
     let session = conn.login(&user.name, PASSWORD)?;
-    open_link(&session)
+    open_link(&session, transport)
 }
 
-/// Connects to the session's server and says hello.
-fn open_link(session: &Session) -> Result<Link> {
-    let stream = dial(&session.server.addr, "chat server")?;
-    let mut reader = FrameReader::new(stream.try_clone()?);
-    let mut writer = FrameWriter::new(stream.try_clone()?);
-    writer.send(&Greeting::Hello {
+/// Connects to the session's server and says hello (with the session's proof).
+fn open_link(session: &Session, transport: &Transport) -> Result<Link> {
+    let expect = Expect::Server(Some(session.server.name.clone()));
+    let stream = transport.connect(&session.server.addr, "chat server", &expect)?;
+    let mut chan = Channel::new(stream)?;
+    chan.stream()
+        .tcp()
+        .set_read_timeout(Some(crate::client::balancer::REPLY_TIMEOUT))?;
+    let proof = session.key.prove(chan.stream().binding().as_ref())?;
+    chan.send(&Greeting::Hello {
         token: session.token.clone(),
+        proof,
     })?;
-    match reader.read::<ServerEvent>()? {
+    match chan.recv::<ServerEvent>(MAX_FRAME)? {
         Some(ServerEvent::Welcome(w)) => Ok(Link {
-            reader,
-            writer,
-            stream,
+            chan,
             server_id: w.server_id,
             newest: w.newest,
-            token: session.token.clone(),
+            session: session.clone(),
         }),
         Some(ServerEvent::Reply(Response {
             result: Err(refusal),
@@ -414,9 +436,9 @@ fn open_link(session: &Session) -> Result<Link> {
 
 /// Sends a request on a link and reads until its reply (setup only; nothing else is going on).
 fn call(link: &mut Link, id: u64, body: ServerRequest) -> Result<ServerReply> {
-    link.writer.send(&Request { id, body })?;
+    link.chan.send(&Request { id, body })?;
     loop {
-        match link.reader.read::<ServerEvent>()? {
+        match link.chan.recv::<ServerEvent>(MAX_FRAME)? {
             Some(ServerEvent::Reply(r)) if r.id == Some(id) || r.id.is_none() => {
                 return r.into_result()
             }
@@ -506,6 +528,7 @@ impl Plan {
         self,
         config: &Config,
         balancer: &str,
+        transport: &Transport,
         victim: Option<(Duration, u32)>,
         report: &mut Report,
     ) -> Result<()> {
@@ -520,8 +543,7 @@ impl Plan {
         let mut paced = Vec::new();
         for role in self.roles {
             let (slots, free) = bounded::<()>(config.window);
-            let (conn, reader) = Conn::new(balancer, role.link);
-            let conn = Arc::new(conn);
+            let (conn, owner) = Conn::new(balancer, transport, role.link)?;
             conns.push(Arc::clone(&conn));
             let receiving = Receiving {
                 conn: Arc::clone(&conn),
@@ -536,7 +558,7 @@ impl Plan {
             readers.push(
                 std::thread::Builder::new()
                     .name(format!("bench-reader-{}", role.index))
-                    .spawn(move || receiving.run(reader))?,
+                    .spawn(move || receiving.run(owner))?,
             );
             let sending = Sending {
                 index: role.index,
@@ -568,7 +590,6 @@ impl Plan {
                     .spawn(move || driver::pace(paced, messages, rate, &go, &start))?,
             );
         }
-        let acker = Acker::start(conns.clone())?;
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
@@ -611,7 +632,6 @@ impl Plan {
         if let Some(p) = progress {
             p.stop();
         }
-        acker.stop();
         shared.finished.store(true, Ordering::SeqCst);
         for c in &conns {
             c.close();

@@ -275,6 +275,46 @@ impl Identity {
     }
 }
 
+/// The context every session proof signs, before the connection's binding.
+const SESSION_PROOF: &[u8] = b"fastchat/session-proof/v1";
+
+/// A key pair made for one login (Ed25519). Its public half is stored with the session; a
+/// client proves that a session token is its own by signing the binding of the TLS connection
+/// it presents the token on ([`SessionKey::prove`]), so a token seen elsewhere (a log, a
+/// proxy, a replay on another connection) is worth nothing.
+pub struct SessionKey(PKey<Private>);
+
+impl SessionKey {
+    /// A fresh key pair.
+    pub fn generate() -> Result<SessionKey> {
+        Ok(SessionKey(PKey::generate_ed25519()?))
+    }
+
+    /// The raw 32-byte public key, sent at login.
+    pub fn public(&self) -> Result<Vec<u8>> {
+        Ok(self.0.raw_public_key()?)
+    }
+
+    /// The proof for a connection whose binding is `binding` (empty without TLS).
+    pub fn prove(&self, binding: Option<&[u8; 32]>) -> Result<Vec<u8>> {
+        let Some(binding) = binding else {
+            return Ok(Vec::new());
+        };
+        let mut data = SESSION_PROOF.to_vec();
+        data.extend_from_slice(binding);
+        let mut signer = Signer::new_without_digest(&self.0)?;
+        Ok(signer.sign_oneshot_to_vec(&data)?)
+    }
+}
+
+/// Checks a session proof made by [`SessionKey::prove`] for the connection whose binding is
+/// `binding`, against the session's stored public key.
+pub fn check_session_proof(public: &[u8], binding: &[u8; 32], proof: &[u8]) -> Result<bool> {
+    let mut data = SESSION_PROOF.to_vec();
+    data.extend_from_slice(binding);
+    verify_signature(public, &data, proof)
+}
+
 /// Checks an Ed25519 signature against a raw public key.
 pub fn verify_signature(ed25519: &[u8], data: &[u8], signature: &[u8]) -> Result<bool> {
     let key: PKey<Public> = PKey::public_key_from_raw_bytes(ed25519, Id::ED25519)
@@ -555,6 +595,29 @@ mod tests {
             b"data",
             &sig[..10]
         )?);
+        Ok(())
+    }
+
+    #[test]
+    fn a_session_proof_holds_only_for_its_connection_and_key() -> Result<()> {
+        let key = SessionKey::generate()?;
+        let public = key.public()?;
+        let (here, there) = ([1u8; 32], [2u8; 32]);
+        let proof = key.prove(Some(&here))?;
+        assert!(check_session_proof(&public, &here, &proof)?);
+        assert!(
+            !check_session_proof(&public, &there, &proof)?,
+            "another connection"
+        );
+        let other = SessionKey::generate()?.public()?;
+        assert!(
+            !check_session_proof(&other, &here, &proof)?,
+            "another session"
+        );
+        assert!(
+            key.prove(None)?.is_empty(),
+            "nothing to bind to without TLS"
+        );
         Ok(())
     }
 }

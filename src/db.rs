@@ -171,6 +171,15 @@ impl<'a> Outgoing<'a> {
     }
 }
 
+/// A session as a chat server checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// Whose session.
+    pub user: String,
+    /// The public key (32-byte Ed25519) its token is proven with.
+    pub session_key: Vec<u8>,
+}
+
 /// What storing a message produced: the envelope and where its recipients are connected (read
 /// in the same transaction, so a login racing with this message either sees the message in its
 /// queue or is in this list).
@@ -197,33 +206,42 @@ pub trait Tx {
     fn user_exists(&mut self, name: &str) -> Result<bool>;
     /// A user's public keys.
     fn user_keys(&mut self, name: &str) -> Result<Option<PublicKeys>>;
-    /// Stores a session (by the token's hash) and drops expired ones.
-    fn create_session(&mut self, token_hash: &[u8], user: &str, expires_at: i64) -> Result<()>;
+    /// Stores a session (by the token's hash, with the public key its token is proven with)
+    /// and drops expired ones.
+    fn create_session(
+        &mut self,
+        token_hash: &[u8],
+        user: &str,
+        expires_at: i64,
+        session_key: &[u8],
+    ) -> Result<()>;
     /// Ends a session (logout); unknown tokens are ignored.
     fn end_session(&mut self, token_hash: &[u8]) -> Result<()>;
-    /// The user a token belongs to, if the session exists and has not expired.
-    fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<String>>;
+    /// The session a token belongs to, if it exists and has not expired.
+    fn session(&mut self, token_hash: &[u8]) -> Result<Option<SessionRow>>;
 
     // -- The cluster registry: servers and presence --------------------------------------
 
-    /// The cluster key, made (32 random bytes) by the first process that asks.
-    fn cluster_key(&mut self) -> Result<Vec<u8>>;
-    /// Registers a server (or re-registers a known id whose secret matches). Returns its id,
-    /// or `None` when the id is unknown or the secret does not match.
-    fn register_server(
-        &mut self,
-        addr: &str,
-        server_id: Option<u64>,
-        secret_hash: &[u8],
-    ) -> Result<Option<u64>>;
+    /// Registers the server named `name` at `addr` and returns its id: the same id every
+    /// time the same name registers.
+    fn register_server(&mut self, name: &str, addr: &str) -> Result<u64>;
     /// Forgets a server that has died: its row, its presence rows and its unfinished uploads.
     fn forget_server(&mut self, server_id: u64) -> Result<()>;
-    /// The stored hash of a server's secret.
-    fn server_secret_hash(&mut self, server_id: u64) -> Result<Option<Vec<u8>>>;
-    /// The address a server registered with, if it is still registered.
-    fn server_addr(&mut self, server_id: u64) -> Result<Option<String>>;
-    /// Records that `user` is connected to `server_id` on connection `conn_id`.
-    fn add_presence(&mut self, server_id: u64, conn_id: u64, user: &str) -> Result<()>;
+    /// The name a server registered with, if it is still registered.
+    fn server_name(&mut self, server_id: u64) -> Result<Option<String>>;
+    /// The address and name a server registered with, if it is still registered.
+    fn server_addr(&mut self, server_id: u64) -> Result<Option<(String, String)>>;
+    /// Records that `user` is connected to `server_id` on connection `conn_id`, with the
+    /// session whose token hashes to `token_hash`.
+    fn add_presence(
+        &mut self,
+        server_id: u64,
+        conn_id: u64,
+        user: &str,
+        token_hash: &[u8],
+    ) -> Result<()>;
+    /// The connections on `server_id` whose session has ended (logged out or expired).
+    fn ended_sessions(&mut self, server_id: u64) -> Result<Vec<u64>>;
     /// Removes one connection's presence row.
     fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()>;
     /// Removes every presence row of a server (at its start, after a crash of an earlier run).

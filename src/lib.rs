@@ -23,7 +23,7 @@
 //! * [`listen`]: the accept loop, stopping it, joining connection threads.
 //! * [`mailbox`]: a bounded channel whose consumer sleeps without spinning (the hot queues).
 //! * [`throttle`]: a token bucket for request rates.
-//! * [`logging`]: logging and Ctrl-C set-up shared by the binaries.
+//! * [`startup`]: what every binary does first: logging, Ctrl-C, private files, its transport.
 //!
 //! Sides:
 //! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.
@@ -42,12 +42,12 @@ pub mod crypto;
 pub mod db;
 pub mod error;
 pub mod listen;
-pub mod logging;
 pub mod mailbox;
 pub mod membership;
 pub mod names;
 pub mod net;
 pub mod server;
+pub mod startup;
 pub mod throttle;
 pub mod transport;
 

@@ -21,6 +21,10 @@
 //!
 //! Used for the queues that have one long-lived consumer thread: a connection's outbound
 //! queue, the database writer's jobs and the peer links.
+//!
+//! A consumer that waits for its socket too (a connection's thread, in `poll`) cannot park:
+//! its mailbox rings a [`Waker`] instead ([`lazy_with`]), and the consumer announces sleep with
+//! [`Receiver::prepare_wait`] before it polls and [`Receiver::woke`] after.
 
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,13 +34,17 @@ use std::time::Instant;
 pub use crossbeam_channel::{RecvError, RecvTimeoutError, SendError, TrySendError};
 use parking_lot::Mutex;
 
+use crate::transport::Waker;
+
 /// What a sender and its receiver share.
 #[derive(Debug)]
 struct Bell {
-    /// The receiver is (about to be) parked.
+    /// The receiver is (about to be) asleep.
     sleeping: AtomicBool,
-    /// The receiving thread, recorded when it first waits.
+    /// The receiving thread, recorded when it first waits (parking receivers).
     receiver: Mutex<Option<Thread>>,
+    /// What to ring instead of unparking (receivers that sleep in `poll`).
+    waker: Option<Arc<Waker>>,
     /// False once the receiver is dropped.
     receiver_alive: AtomicBool,
 }
@@ -45,8 +53,13 @@ impl Bell {
     fn ring(&self) {
         fence(Ordering::SeqCst);
         if self.sleeping.swap(false, Ordering::SeqCst) {
-            if let Some(t) = self.receiver.lock().as_ref() {
-                t.unpark();
+            match &self.waker {
+                Some(w) => w.wake(),
+                None => {
+                    if let Some(t) = self.receiver.lock().as_ref() {
+                        t.unpark();
+                    }
+                }
             }
         }
     }
@@ -55,23 +68,31 @@ impl Bell {
 /// A bounded mailbox with room for `cap` items, allocated up front (crossbeam's array
 /// channel): for busy queues.
 pub fn bounded<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
-    pair(crossbeam_channel::bounded(cap), None)
+    pair(crossbeam_channel::bounded(cap), None, None)
 }
 
 /// A mailbox that holds at most `cap` items but takes memory only for what it holds
 /// (crossbeam's list channel, growing in small blocks): for the many queues that are mostly
 /// empty, such as one per idle connection.
 pub fn lazy<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
-    pair(crossbeam_channel::unbounded(), Some(cap))
+    pair(crossbeam_channel::unbounded(), Some(cap), None)
+}
+
+/// Like [`lazy`], for a receiver that sleeps in `poll`: a sender rings `waker` when the
+/// receiver announced sleep.
+pub fn lazy_with<T>(cap: usize, waker: Arc<Waker>) -> (Sender<T>, Receiver<T>) {
+    pair(crossbeam_channel::unbounded(), Some(cap), Some(waker))
 }
 
 fn pair<T>(
     (tx, rx): (crossbeam_channel::Sender<T>, crossbeam_channel::Receiver<T>),
     cap: Option<usize>,
+    waker: Option<Arc<Waker>>,
 ) -> (Sender<T>, Receiver<T>) {
     let bell = Arc::new(Bell {
         sleeping: AtomicBool::new(false),
         receiver: Mutex::new(None),
+        waker,
         receiver_alive: AtomicBool::new(true),
     });
     (
@@ -160,6 +181,27 @@ impl<T> Receiver<T> {
     /// The next item if there is one now.
     pub fn try_recv(&self) -> Result<T, crossbeam_channel::TryRecvError> {
         self.rx.try_recv()
+    }
+
+    /// For a receiver that sleeps in `poll` on its waker: announces sleep. Returns `false` if
+    /// an item arrived meanwhile: then do not sleep. (Such a receiver learns that its senders
+    /// are gone from its owner, not from the mailbox.)
+    pub fn prepare_wait(&self) -> bool {
+        self.bell.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if !self.rx.is_empty() {
+            self.bell.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// After the `poll` that followed [`Receiver::prepare_wait`]: awake again.
+    pub fn woke(&self) {
+        self.bell.sleeping.store(false, Ordering::SeqCst);
+        if let Some(w) = &self.bell.waker {
+            w.reset();
+        }
     }
 
     /// The next item, sleeping until one comes; `Err` once every sender is gone and the

@@ -142,6 +142,8 @@ pub struct PublicKeys {
 pub struct ServerInfo {
     /// Stable id assigned by the balancer at first registration.
     pub id: u64,
+    /// Its name in the cluster: the name in its certificate, which a client checks.
+    pub name: String,
     /// Address clients and peers connect to.
     pub addr: String,
     /// Connected clients at the last report.
@@ -167,20 +169,30 @@ pub enum BalancerRequest {
         name: String,
         /// Password.
         password: String,
+        /// The public half (32-byte Ed25519) of a key pair the client made for this session:
+        /// the token works only with a proof made with it (see [`Greeting::Hello`]).
+        #[serde(with = "serde_bytes")]
+        session_key: Vec<u8>,
     },
     /// With a still-valid token, get a (possibly different) chat server (`LoggedIn`): used
     /// after failover.
     Resume {
         /// The session token from `LoggedIn`.
         token: String,
+        /// The session key's proof for this connection (see [`Greeting::Hello`]).
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
         /// A server that just failed for this client: not chosen unless it is the only one.
         avoid: Option<u64>,
     },
-    /// End a session (`Ok`): its token is refused from now on (connections already open with
-    /// it stay until they close).
+    /// End a session (`Ok`): its token is refused from now on, and every connection that
+    /// uses it is closed, on every server.
     Logout {
         /// The session token.
         token: String,
+        /// The session key's proof for this connection.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
     },
     /// List the live chat servers (`Servers`).
     Servers,
@@ -189,19 +201,14 @@ pub enum BalancerRequest {
         /// Whose keys.
         name: String,
     },
-    /// A chat server announces itself (`Registered`; first request of a server's link).
+    /// A chat server announces itself (`Registered`; first request of a server's link). With
+    /// TLS only a connection that presented a `server` certificate of the cluster may
+    /// register, under the name in that certificate; the server's id stays with its name.
     Register {
         /// Address clients and peers should use.
         addr: String,
-        /// The id from an earlier registration, when re-registering after a balancer restart.
-        server_id: Option<u64>,
-        /// The server's secret (random, 32 bytes); only its hash is stored. Peers present it.
-        #[serde(with = "serde_bytes")]
-        secret: Vec<u8>,
-        /// The cluster key, read from the shared database: only a process that can read the
-        /// database may join as a server (and so be handed clients and their tokens).
-        #[serde(with = "serde_bytes")]
-        cluster_key: Vec<u8>,
+        /// Its name (with TLS, it must be the one its certificate states).
+        name: String,
     },
     /// A registered server reports its load (`Peers`: its live peers).
     Heartbeat {
@@ -301,14 +308,17 @@ pub enum Greeting {
     Hello {
         /// Session token from the balancer.
         token: String,
+        /// The signature, with the session's key, of this TLS connection's binding (keying
+        /// material that only its two ends can derive): the token is refused on any other
+        /// connection, and from anyone without the key. Empty without TLS.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
     },
     /// Another chat server opening its link to this one; then it sends [`PeerMessage`]s.
+    /// With TLS the link's certificate must be that server's.
     Peer {
         /// The sending server's id.
         server_id: u64,
-        /// That server's secret, checked against the hash the balancer stored.
-        #[serde(with = "serde_bytes")]
-        secret: Vec<u8>,
     },
 }
 
@@ -788,9 +798,7 @@ mod tests {
             2,
             BalancerRequest::Register {
                 addr: "127.0.0.1:1".into(),
-                server_id: Some(3),
-                secret: vec![9; 32],
-                cluster_key: vec![5; 32],
+                name: "server-3".into(),
             },
         ));
         roundtrip(request(3, BalancerRequest::Servers));
@@ -804,6 +812,7 @@ mod tests {
             result: Ok(BalancerReply::Peers {
                 peers: vec![ServerInfo {
                     id: 1,
+                    name: "server-1".into(),
                     addr: "127.0.0.1:9".into(),
                     load: 3,
                 }],
@@ -811,11 +820,9 @@ mod tests {
         });
         roundtrip(Greeting::Hello {
             token: "t".repeat(64),
+            proof: vec![7; 64],
         });
-        roundtrip(Greeting::Peer {
-            server_id: 4,
-            secret: vec![3; 32],
-        });
+        roundtrip(Greeting::Peer { server_id: 4 });
         roundtrip(request(
             3,
             ServerRequest::Send {

@@ -40,7 +40,9 @@ use crate::crypto;
 use crate::db::Store;
 use crate::error::{Error, Result};
 use crate::listen::{self, Threads};
-use crate::net::{decode, ErrorCode, FrameReader, Greeting, Request, ServerRequest};
+use crate::net::{decode, ErrorCode, Greeting, Request, ServerEvent, ServerRequest};
+use crate::transport::pki::Role;
+use crate::transport::{Channel, Waker};
 
 mod balancer_link;
 pub mod config;
@@ -55,7 +57,6 @@ mod testing;
 use balancer_link::BalancerLink;
 pub use balancer_link::HEARTBEAT;
 pub use config::Config;
-use outbound::refuse_once;
 use peers::Peers;
 use router::Router;
 use shared::Shared;
@@ -78,7 +79,6 @@ pub fn run(
     on_ready: impl FnOnce(u64, SocketAddr),
 ) -> Result<()> {
     let store = Store::open(&config.db)?;
-    let cluster_key = store.call(|tx| tx.cluster_key())?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         let ip = if local.ip().is_unspecified() {
@@ -88,8 +88,8 @@ pub fn run(
         };
         SocketAddr::new(ip, local.port()).to_string()
     });
-    let secret = crypto::random_bytes(32)?;
-    let link = BalancerLink::connect(&config, &advertise, &secret, cluster_key)?;
+    let name = server_name(&config, local)?;
+    let link = BalancerLink::connect(&config, &advertise, &name)?;
     let server_id = link.server_id;
     store.call(move |tx| {
         tx.clear_presence(server_id)?;
@@ -99,9 +99,9 @@ pub fn run(
     let (stop_tx, stop_signal) = bounded::<()>(0);
     let shared = Arc::new(Shared {
         stop_signal,
-        unrouted: parking_lot::Mutex::default(),
+        stop: Waker::new()?,
         router: Router::default(),
-        peers: Peers::new(server_id, secret, Arc::clone(&stopping)),
+        peers: Peers::new(server_id, config.transport.clone(), Arc::clone(&stopping)),
         next_conn: AtomicU64::new(1),
         clients: AtomicU32::new(0),
         stopping: Arc::clone(&stopping),
@@ -109,7 +109,7 @@ pub fn run(
         server_id,
         config,
     });
-    log::info!("server {server_id} listening on {local}, advertised as {advertise}");
+    log::info!("server {server_id} ({name}) listening on {local}, advertised as {advertise}");
     on_ready(server_id, local);
 
     let heartbeat = {
@@ -119,9 +119,9 @@ pub fn run(
             .spawn(move || link.run(&shared))?
     };
     let threads = Threads {
-        name: "conn-reader",
+        name: "conn",
         stack_size: 256 * 1024,
-        // Client connections are closed through the router, peer links through their list.
+        // Every connection thread also waits on `shared.stop`, which ends them all.
         closable: false,
     };
     let handlers = {
@@ -131,13 +131,12 @@ pub fn run(
         })?
     };
 
-    // Graceful stop: no new connections; close the clients and peer links; wait for their
-    // threads; close our links; commit.
+    // Graceful stop: no new connections; every connection thread (clients, peer links, those
+    // still saying hello) sees the stop waker and ends; close our links; commit.
     log::info!("server {server_id} stopping");
     stopping.store(true, Ordering::SeqCst);
+    shared.stop.wake();
     drop(stop_tx);
-    shared.router.close_all();
-    shared.close_unrouted();
     handlers.join(JOIN_LIMIT);
     shared.peers.close();
     let _ = heartbeat.join();
@@ -149,67 +148,106 @@ pub fn run(
     Ok(())
 }
 
-/// One accepted connection: a client (after `Hello`) or a peer server (after its greeting).
-fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<()> {
-    stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    // The first frame must come whole within the hello timeout, and be small. Until the
-    // router knows the connection, a stopping server finds it through `unrouted`.
-    let tracked = shared.track(&stream)?;
-    let mut reader = FrameReader::new(stream.try_clone()?);
-    let deadline = Instant::now() + shared.config.hello_timeout;
-    let greeting = match reader.read_before::<Greeting>(MAX_GREETING, deadline) {
-        Ok(Some(g)) => g,
-        Ok(None) => return Ok(()),
-        Err(e @ Error::Malformed(_)) => {
-            // A request where the greeting should be is a client that skipped `Hello`.
-            if decode::<Request<ServerRequest>>(reader.body()).is_ok() {
-                refuse_once(
-                    &stream,
-                    ErrorCode::BadRequest,
-                    "the first frame must be Hello",
-                );
-            } else {
-                refuse_once(&stream, ErrorCode::BadFrame, &e.to_string());
-            }
-            return Err(e);
+/// The name this server registers under: its certificate's (with TLS), else the one
+/// configured, else `server-PORT`.
+fn server_name(config: &Config, local: SocketAddr) -> Result<String> {
+    match (config.transport.me(), &config.name) {
+        (Some(me), Some(given)) if &me.name != given => Err(Error::Invalid(format!(
+            "--name {given} differs from the name in this server's certificate ({})",
+            me.name
+        ))),
+        (Some(me), _) if me.role != Role::Server => Err(Error::Invalid(format!(
+            "{} holds a {} certificate, not a server's",
+            me.name, me.role
+        ))),
+        (Some(me), _) => Ok(me.name.clone()),
+        (None, Some(given)) => {
+            crate::names::validate("server", given)?;
+            Ok(given.clone())
         }
+        (None, None) => Ok(format!("server-{}", local.port())),
+    }
+}
+
+/// Refuses a connection before it starts, with one frame (the peer has a moment to read it).
+fn refuse(chan: &mut Channel, code: ErrorCode, message: &str) {
+    let refusal = ServerEvent::refused(None, code, message);
+    let _ = chan.send_before(&refusal, Instant::now() + Duration::from_secs(1));
+}
+
+/// One accepted connection: a client (after `Hello`) or a peer server (after its greeting).
+fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
+    tcp.set_nodelay(true)?;
+    // The handshake and the first frame must come whole within the hello timeout; the first
+    // frame must be small; the server's stop ends the wait.
+    let deadline = Instant::now() + shared.config.hello_timeout;
+    let stream = shared
+        .config
+        .transport
+        .accept(tcp, deadline, Some(&shared.stop))?;
+    let mut chan = Channel::new(stream)?;
+    chan.set_nonblocking(true)?;
+    let body = match chan.recv_raw_until(MAX_GREETING, Some(deadline), Some(&shared.stop)) {
+        Ok(Some(body)) => body,
+        Ok(None) => return Ok(()),
         Err(e @ Error::FrameTooLarge { .. }) => {
-            refuse_once(&stream, ErrorCode::BadFrame, &e.to_string());
+            refuse(&mut chan, ErrorCode::BadFrame, &e.to_string());
             return Err(e);
         }
         Err(e) => return Err(e),
     };
-    match greeting {
-        Greeting::Hello { token } => {
-            let hash = crypto::token_hash(token.as_bytes())?;
-            match shared.store.read(|tx| tx.session_user(&hash))? {
-                Some(user) => {
-                    drop(tracked);
-                    session::serve_client(stream, reader, shared, user)
-                }
-                None => {
-                    refuse_once(
-                        &stream,
-                        ErrorCode::InvalidToken,
-                        "invalid or expired session; log in again",
-                    );
-                    Ok(())
-                }
+    let greeting = match decode::<Greeting>(&body) {
+        Ok(g) => g,
+        Err(e) => {
+            // A request where the greeting should be is a client that skipped `Hello`.
+            if decode::<Request<ServerRequest>>(&body).is_ok() {
+                refuse(
+                    &mut chan,
+                    ErrorCode::BadRequest,
+                    "the first frame must be Hello",
+                );
+            } else {
+                refuse(&mut chan, ErrorCode::BadFrame, &e.to_string());
             }
+            return Err(e);
         }
-        Greeting::Peer { server_id, secret } => {
-            let expected = shared.store.read(|tx| tx.server_secret_hash(server_id))?;
-            let given = crypto::token_hash(&secret)?;
-            match expected {
-                Some(h) if openssl::memcmp::eq(&h, &given) => {
-                    peers::serve_inbound(&mut reader, &shared.router, server_id)
-                }
-                _ => {
-                    refuse_once(&stream, ErrorCode::InvalidToken, "unknown peer");
-                    Ok(())
+    };
+    match greeting {
+        Greeting::Hello { token, proof } => {
+            let hash = crypto::token_hash(token.as_bytes())?;
+            let Some(session) = shared.store.read(|tx| tx.session(&hash))? else {
+                refuse(
+                    &mut chan,
+                    ErrorCode::InvalidToken,
+                    "invalid or expired session; log in again",
+                );
+                return Ok(());
+            };
+            if let Some(binding) = chan.stream().binding() {
+                if !crypto::check_session_proof(&session.session_key, &binding, &proof)? {
+                    refuse(
+                        &mut chan,
+                        ErrorCode::InvalidToken,
+                        "the session proof does not match this connection; log in again",
+                    );
+                    return Ok(());
                 }
             }
+            session::serve_client(chan, shared, session.user, hash)
+        }
+        Greeting::Peer { server_id } => {
+            if shared.config.transport.is_tls() {
+                let registered = shared.store.read(|tx| tx.server_name(server_id))?;
+                let proven = match (chan.stream().peer(), registered) {
+                    (Some(m), Some(name)) => m.role == Role::Server && m.name == name,
+                    _ => false,
+                };
+                if !proven {
+                    refuse(&mut chan, ErrorCode::NotAllowed, "not that peer server");
+                    return Ok(());
+                }
+            }
+            peers::serve_inbound(&mut chan, &shared.router, &shared.stop, server_id)
         }
     }
 }

@@ -88,7 +88,7 @@ fn idle_mode_reports_what_connections_cost_the_server() {
     let usage = &r["server_usage"][0];
     let before = usage["threads_before"].as_u64().unwrap();
     let after = usage["threads_after"].as_u64().unwrap();
-    assert_eq!(after - before, 100, "a reader and a writer per client: {r}");
+    assert_eq!(after - before, 50, "one thread per client: {r}");
 }
 
 #[test]
@@ -144,9 +144,10 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
     }
     let alice = c.login("alice");
     let bob = c.login("bob");
-    let refused = fastchat::client::Client::login(&c.balancer_addr, "carol", "pw-carol")
-        .err()
-        .expect("a third client is refused");
+    let refused =
+        fastchat::client::Client::login(&c.balancer_addr, &c.transport, "carol", "pw-carol")
+            .err()
+            .expect("a third client is refused");
     assert_eq!(
         refused.to_string(),
         "server is full; ask the balancer for another"
@@ -169,7 +170,7 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
     drop(alice);
     let deadline = std::time::Instant::now() + common::LIMIT;
     loop {
-        match fastchat::client::Client::login(&c.balancer_addr, "carol", "pw-carol") {
+        match fastchat::client::Client::login(&c.balancer_addr, &c.transport, "carol", "pw-carol") {
             Ok(_) => break,
             Err(e) => {
                 assert!(std::time::Instant::now() < deadline, "never admitted: {e}");

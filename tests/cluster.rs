@@ -3,11 +3,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{next_message, Cluster, Proc, LIMIT};
+use common::{next_message, Cluster, LIMIT};
 use fastchat::client::{Client, Event};
 
 /// Logs in `n` library clients and counts them per server index.
@@ -128,9 +127,9 @@ fn logging_in_while_messages_are_in_flight_loses_and_repeats_nothing() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     const N: u64 = 300;
-    let balancer = c.balancer_addr.clone();
+    let (balancer, transport) = (c.balancer_addr.clone(), c.transport.clone());
     let sender = std::thread::spawn(move || {
-        let (alice, _) = Client::login(&balancer, "alice", "pw-alice").unwrap();
+        let (alice, _) = Client::login(&balancer, &transport, "alice", "pw-alice").unwrap();
         for i in 0..N {
             alice.send("bob", i, &i.to_be_bytes(), None).unwrap();
             // Pacing (not synchronisation): spread the sends over many of bob's sessions.
@@ -245,20 +244,7 @@ fn servers_reregister_after_a_balancer_restart() {
     let before = c.wait_servers(2);
     c.signup_lib("alice");
     c.balancer.kill9();
-    let addr = c.balancer_addr.clone();
-    let db = c.db.to_str().unwrap().to_string();
-    c.balancer = Proc::spawn(
-        "balancer2",
-        Command::new(common::bin("fastchat-balancer")).args([
-            "--listen",
-            &addr,
-            "--db",
-            &db,
-            "--scrypt-log-n",
-            "4",
-        ]),
-    );
-    assert!(c.balancer.line().ends_with(&addr));
+    c.restart_balancer();
     let mut after = c.wait_servers(2);
     after.sort_by_key(|s| s.id);
     let ids = |v: &[fastchat::net::ServerInfo]| {

@@ -107,7 +107,7 @@ fn login_needs_the_right_password() {
 fn sessions_are_random_hashed_tokens_with_expiry() {
     let c = Cluster::start(1);
     c.signup("alice");
-    let mut b = BalancerClient::connect(&c.balancer_addr).unwrap();
+    let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
     let s1 = b.login("alice", "pw-alice").unwrap();
     let s2 = b.login("alice", "pw-alice").unwrap();
     assert_ne!(s1.token, s2.token);
@@ -139,7 +139,9 @@ fn sessions_are_random_hashed_tokens_with_expiry() {
     // An expired session is refused by the server.
     conn.execute("UPDATE sessions SET expires_at = 0", [])
         .unwrap();
-    let err = Connection::open(&s1).err().expect("expired token refused");
+    let err = Connection::open(&s1, &c.transport)
+        .err()
+        .expect("expired token refused");
     assert!(
         err.to_string().contains("invalid or expired session"),
         "{err}"
@@ -151,7 +153,7 @@ fn identity_comes_from_the_token_only() {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
-    let mut b = BalancerClient::connect(&c.balancer_addr).unwrap();
+    let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
     let session = b.login("alice", "pw-alice").unwrap();
 
     // A made-up token is refused.
@@ -159,7 +161,7 @@ fn identity_comes_from_the_token_only() {
         token: "00".repeat(32),
         ..session.clone()
     };
-    let err = Connection::open(&forged)
+    let err = Connection::open(&forged, &c.transport)
         .err()
         .expect("forged token refused");
     assert!(matches!(
@@ -171,7 +173,7 @@ fn identity_comes_from_the_token_only() {
     ));
 
     // A real one: the server says who we are, and stores messages under that name.
-    let conn = Connection::open(&session).unwrap();
+    let conn = Connection::open(&session, &c.transport).unwrap();
     assert_eq!(conn.user, "alice");
     conn.call(&ServerRequest::Send {
         to: "bob".into(),
@@ -435,8 +437,8 @@ fn library_client_gets_live_events_and_synced_marker() {
     c.signup("alice");
     c.signup("bob");
     c.send("alice", "bob", "queued");
-    let mut b = BalancerClient::connect(&c.balancer_addr).unwrap();
-    let bob = Connection::open(&b.login("bob", "pw-bob").unwrap()).unwrap();
+    let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
+    let bob = Connection::open(&b.login("bob", "pw-bob").unwrap(), &c.transport).unwrap();
     let first = bob.events().recv_timeout(common::LIMIT).unwrap();
     let Incoming::Message(m) = first else {
         panic!("expected the queued message, got {first:?}")

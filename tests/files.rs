@@ -172,7 +172,7 @@ fn alice(c: &Cluster) -> (Client, E2e) {
         "alice",
         identity,
         store,
-        Directory::new(&c.balancer_addr, None),
+        Directory::new(&c.balancer_addr, &c.transport, None),
     );
     (client, e2e)
 }

@@ -61,6 +61,7 @@ impl Gen {
     fn server(&mut self) -> ServerInfo {
         ServerInfo {
             id: self.n(),
+            name: self.s(),
             addr: self.s(),
             load: self.0.next() as u32,
         }
@@ -115,19 +116,22 @@ impl Gen {
             1 => BalancerRequest::Login {
                 name: self.s(),
                 password: self.s(),
+                session_key: self.b(),
             },
             2 => BalancerRequest::Resume {
                 token: self.s(),
+                proof: self.b(),
                 avoid: self.opt().map(|n| n as u64),
             },
-            3 => BalancerRequest::Logout { token: self.s() },
+            3 => BalancerRequest::Logout {
+                token: self.s(),
+                proof: self.b(),
+            },
             4 => BalancerRequest::Servers,
             5 => BalancerRequest::Keys { name: self.s() },
             6 => BalancerRequest::Register {
                 addr: self.s(),
-                server_id: self.opt().map(|n| n as u64),
-                secret: self.b(),
-                cluster_key: self.b(),
+                name: self.s(),
             },
             _ => BalancerRequest::Heartbeat {
                 load: self.0.next() as u32,
@@ -177,11 +181,13 @@ impl Gen {
 
     fn greeting(&mut self) -> Greeting {
         if self.0.below(2) == 0 {
-            Greeting::Hello { token: self.s() }
+            Greeting::Hello {
+                token: self.s(),
+                proof: self.b(),
+            }
         } else {
             Greeting::Peer {
                 server_id: self.n(),
-                secret: self.b(),
             }
         }
     }

@@ -54,14 +54,14 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
     let c = Cluster::start(1);
     c.signup_lib("alice");
     c.signup_lib("bob");
-    let mut b = BalancerClient::connect(&c.balancer_addr).unwrap();
+    let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
     let session = b.login("alice", "pw-alice").unwrap();
     let refused = |token: &str| {
         let s = Session {
             token: token.to_string(),
             ..session.clone()
         };
-        match Connection::open(&s) {
+        match Connection::open(&s, &c.transport) {
             Err(fastchat::Error::Refused {
                 code: ErrorCode::InvalidToken,
                 ..
@@ -71,9 +71,9 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
                 other.map(|c| c.user.clone())
             ),
         }
-        let resumed = BalancerClient::connect(&c.balancer_addr)
+        let resumed = BalancerClient::connect(&c.balancer_addr, &c.transport)
             .unwrap()
-            .resume(token, None);
+            .resume(&s, None);
         assert!(
             matches!(
                 resumed,
@@ -92,8 +92,11 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
         .unwrap();
     refused(&fastchat::crypto::to_hex(&stored));
     // The real token works until logout, and never after.
-    assert_eq!(Connection::open(&session).unwrap().user, "alice");
-    b.logout(&session.token).unwrap();
+    assert_eq!(
+        Connection::open(&session, &c.transport).unwrap().user,
+        "alice"
+    );
+    b.logout(&session).unwrap();
     refused(&session.token);
     // An expired session is refused too.
     let other = b.login("alice", "pw-alice").unwrap();
@@ -124,13 +127,15 @@ fn a_connection_that_never_says_hello_is_closed() {
     c.add_server_with(&["--hello-timeout", "0.3"]);
     c.signup_lib("alice");
     c.signup_lib("bob");
-    // One says nothing; one trickles a Hello a byte at a time, too slowly.
+    // One says nothing (not even a TLS hello); one trickles its Hello a byte at a time (a TLS
+    // record each), too slowly.
+    let started = Instant::now();
     let silent = TcpStream::connect(&c.server_addrs[0]).unwrap();
-    let mut slow = TcpStream::connect(&c.server_addrs[0]).unwrap();
+    let mut slow = common::tls_connect(&c.server_addrs[0]);
     let hello = frame(&Greeting::Hello {
         token: "0".repeat(64),
+        proof: vec![0; 64],
     });
-    let started = Instant::now();
     let mut closed = false;
     for byte in &hello {
         if slow.write_all(&[*byte]).is_err() {
@@ -143,8 +148,9 @@ fn a_connection_that_never_says_hello_is_closed() {
         }
     }
     assert!(closed || hello.len() * 50 < 300, "the trickler was cut off");
-    for mut s in [silent, slow] {
-        s.set_read_timeout(Some(LIMIT)).unwrap();
+    let streams = [fastchat::transport::Stream::Plain(silent), slow];
+    for mut s in streams {
+        s.tcp().set_read_timeout(Some(LIMIT)).unwrap();
         let mut buf = Vec::new();
         // The server closes (EOF or reset), well before our own limit.
         let _ = s.read_to_end(&mut buf);
@@ -160,11 +166,11 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_later() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     // Bob connects and then never reads.
-    let session = BalancerClient::connect(&c.balancer_addr)
+    let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
         .login("bob", "pw-bob")
         .unwrap();
-    let mut bob_raw = common::dial_hello(&session.server.addr, &session.token);
+    let mut bob_raw = common::dial_hello(&session);
     c.wait_online("bob", 1);
     // Alice sends far more than his socket and queue hold.
     let alice = c.login("alice");
@@ -193,11 +199,11 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
     c.add_server_with(&["--max-rate", "50"]);
     c.signup_lib("alice");
     c.signup_lib("bob");
-    let session = BalancerClient::connect(&c.balancer_addr)
+    let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
         .login("alice", "pw-alice")
         .unwrap();
-    let alice = Connection::open(&session).unwrap();
+    let alice = Connection::open(&session, &c.transport).unwrap();
     let started = Instant::now();
     // 100 pipelined sends: 50 pass at once (the burst), the other 50 at 50 per second.
     let replies: Vec<_> = (0..100u64)
@@ -286,7 +292,7 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
         "robert\"); DELETE FROM messages;--",
         "",
     ] {
-        let err = BalancerClient::connect(&c.balancer_addr)
+        let err = BalancerClient::connect(&c.balancer_addr, &c.transport)
             .unwrap()
             .signup(name, "pw", keys.clone())
             .unwrap_err();
@@ -342,13 +348,10 @@ fn random_and_mutated_frames_never_take_a_server_down() {
     let c = Cluster::start(1);
     c.signup_lib("alice");
     c.signup_lib("bob");
-    let session = BalancerClient::connect(&c.balancer_addr)
+    let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
         .login("alice", "pw-alice")
         .unwrap();
-    let hello = frame(&Greeting::Hello {
-        token: session.token.clone(),
-    });
     let send = frame(&Request {
         id: 2,
         body: ServerRequest::Send {
@@ -367,18 +370,16 @@ fn random_and_mutated_frames_never_take_a_server_down() {
     while rounds < 300 && started.elapsed() < Duration::from_secs(10) {
         rounds += 1;
         // After a valid Hello (authenticated), then without: mutated requests and noise.
-        let mut bytes = if rounds % 2 == 0 {
-            hello.clone()
-        } else {
-            Vec::new()
-        };
-        let mut body = send.clone();
-        rng.mutate(&mut body);
-        bytes.extend_from_slice(&body);
+        let mut bytes = send.clone();
+        rng.mutate(&mut bytes);
         if rounds % 5 == 0 {
             bytes.extend(rng.bytes(64));
         }
-        let _ = raw_exchange(&c.server_addrs[0], &bytes);
+        if rounds % 2 == 0 {
+            let _ = common::exchange_after_hello(&session, &bytes);
+        } else {
+            let _ = raw_exchange(&c.server_addrs[0], &bytes);
+        }
         let _ = raw_exchange(&c.balancer_addr, &rng.bytes(32));
     }
     assert!(rounds >= 100, "enough rounds: {rounds}");
@@ -455,42 +456,4 @@ fn clients_keep_talking_while_the_balancer_is_down() {
         assert_eq!(m.id, id);
         bob.ack(&[m.id]).unwrap();
     }
-}
-
-#[test]
-fn only_a_process_that_can_read_the_database_can_join_as_a_server() {
-    let c = Cluster::start(1);
-    c.signup_lib("alice");
-    c.signup_lib("bob");
-    let register = |cluster_key: Vec<u8>| {
-        BalancerClient::connect(&c.balancer_addr).unwrap().request(
-            fastchat::net::BalancerRequest::Register {
-                addr: "127.0.0.1:9".into(),
-                server_id: None,
-                secret: vec![7; 32],
-                cluster_key,
-            },
-        )
-    };
-    // A stranger on the network, guessing: refused, and never handed a client.
-    for guess in [vec![], vec![0; 32], vec![0; 1000]] {
-        match register(guess) {
-            Err(fastchat::Error::Refused {
-                code: ErrorCode::NotAllowed,
-                message,
-            }) => assert_eq!(message, "not a server of this cluster (wrong cluster key)"),
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(c.wait_servers(1).len(), 1);
-    // The key is in the shared database, where every real server reads it.
-    let key: Vec<u8> = c
-        .sql()
-        .query_row("SELECT key FROM cluster", [], |r| r.get(0))
-        .unwrap();
-    assert!(matches!(
-        register(key),
-        Ok(BalancerReply::Registered { .. })
-    ));
-    still_works(&c);
 }

@@ -64,7 +64,12 @@ impl fmt::Display for Algo {
 
 /// A registered chat server, as the registry sees it.
 pub struct Live {
+    /// Its name (from its certificate).
+    name: String,
     addr: String,
+    /// The balancer connection it registered on; `None` once that connection ended (the
+    /// server is then out of rotation until it registers again).
+    link: Option<u64>,
     /// Clients at the last report.
     load: u32,
     /// Logins assigned since the last report (so a burst of logins is spread, not piled up).
@@ -93,7 +98,7 @@ impl Registry {
     fn live(&self, timeout: Duration) -> impl Iterator<Item = (&u64, &Live)> {
         self.servers
             .iter()
-            .filter(move |(_, s)| s.last_seen.elapsed() <= timeout)
+            .filter(move |(_, s)| s.link.is_some() && s.last_seen.elapsed() <= timeout)
     }
 
     fn random(&mut self, below: usize) -> usize {
@@ -104,30 +109,62 @@ impl Registry {
         (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % below as u64) as usize
     }
 
-    /// A server registered (or re-registered) at `addr`: live from now.
-    pub fn register(&mut self, id: u64, addr: &str) {
+    /// Server `id` (`name`) registered at `addr` on balancer connection `link`: live from now.
+    /// Refused (with the reason) while another connection holds a live registration of the
+    /// same server: two processes with one certificate.
+    pub fn register(
+        &mut self,
+        id: u64,
+        name: &str,
+        addr: &str,
+        link: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if let Some(old) = self.servers.get(&id) {
+            let held = old.link.is_some_and(|l| l != link);
+            if held && old.last_seen.elapsed() <= timeout {
+                return Err(format!(
+                    "server {name} is already registered by a live process at {}; is another \
+                     process using its certificate?",
+                    old.addr
+                ));
+            }
+        }
         self.servers.insert(
             id,
             Live {
+                name: name.to_string(),
                 addr: addr.to_string(),
+                link: Some(link),
                 load: 0,
                 assigned: 0,
                 last_seen: Instant::now(),
             },
         );
+        Ok(())
     }
 
-    /// A server reports its load; `false` if it is not registered (forgotten, or the balancer
-    /// restarted).
-    pub fn report(&mut self, id: u64, load: u32) -> bool {
+    /// The balancer connection `link` of server `id` ended: out of rotation at once (unless
+    /// the server registered again on another connection meanwhile).
+    pub fn unlink(&mut self, id: u64, link: u64) {
+        if let Some(s) = self.servers.get_mut(&id) {
+            if s.link == Some(link) {
+                s.link = None;
+            }
+        }
+    }
+
+    /// A server reports its load on `link`; `false` if it is not registered there (forgotten,
+    /// the balancer restarted, or another connection took the registration over).
+    pub fn report(&mut self, id: u64, link: u64, load: u32) -> bool {
         match self.servers.get_mut(&id) {
-            Some(s) => {
+            Some(s) if s.link == Some(link) => {
                 s.load = load;
                 s.assigned = 0;
                 s.last_seen = Instant::now();
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -185,6 +222,7 @@ impl Registry {
         s.assigned += 1;
         Some(ServerInfo {
             id: pick,
+            name: s.name.clone(),
             addr: s.addr.clone(),
             load: s.load + s.assigned,
         })
@@ -195,6 +233,7 @@ impl Registry {
         self.live(timeout)
             .map(|(id, s)| ServerInfo {
                 id: *id,
+                name: s.name.clone(),
                 addr: s.addr.clone(),
                 load: s.load,
             })
@@ -212,7 +251,9 @@ mod tests {
             servers.insert(
                 i as u64 + 1,
                 Live {
+                    name: format!("server-{}", i + 1),
                     addr: format!("127.0.0.1:{}", 1000 + i),
+                    link: Some(i as u64),
                     load: *load,
                     assigned: 0,
                     last_seen: Instant::now(),
@@ -299,15 +340,36 @@ mod tests {
     #[test]
     fn reports_keep_a_server_and_silence_forgets_it() {
         let mut reg = Registry::new(7);
-        reg.register(1, "127.0.0.1:1");
-        reg.register(2, "127.0.0.1:2");
-        assert!(reg.report(1, 5));
-        assert!(!reg.report(3, 0), "never registered");
+        reg.register(1, "server-1", "127.0.0.1:1", 10, T).unwrap();
+        reg.register(2, "server-2", "127.0.0.1:2", 20, T).unwrap();
+        assert!(reg.report(1, 10, 5));
+        assert!(!reg.report(1, 11, 5), "not on the link it registered on");
+        assert!(!reg.report(3, 30, 0), "never registered");
         reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(11);
         assert_eq!(reg.forget_silent(FORGET_AFTER), [2]);
-        assert!(!reg.report(2, 0), "forgotten: must register again");
+        assert!(!reg.report(2, 20, 0), "forgotten: must register again");
         let infos = reg.infos(T);
         assert_eq!(infos.len(), 1);
         assert_eq!((infos[0].id, infos[0].load), (1, 5));
+    }
+
+    #[test]
+    fn a_live_registration_is_not_taken_over_and_a_closed_link_leaves_rotation() {
+        let mut reg = Registry::new(7);
+        reg.register(1, "server-1", "127.0.0.1:1", 10, T).unwrap();
+        let err = reg
+            .register(1, "server-1", "127.0.0.1:9", 11, T)
+            .unwrap_err();
+        assert!(err.contains("already registered"), "{err}");
+        reg.unlink(1, 11);
+        assert_eq!(reg.infos(T).len(), 1, "another link's end changes nothing");
+        reg.unlink(1, 10);
+        assert!(
+            reg.infos(T).is_empty(),
+            "out of rotation when its link ends"
+        );
+        assert!(reg.assign(Algo::RoundRobin, T, None).is_none());
+        reg.register(1, "server-1", "127.0.0.1:9", 11, T).unwrap();
+        assert_eq!(reg.infos(T)[0].addr, "127.0.0.1:9", "registered again");
     }
 }

@@ -2,33 +2,34 @@
 //! and its receiving side, and the counters they share.
 //!
 //! ```text
-//! sender ──(window slot)──▶ Conn::send: remember as unconfirmed, write ──▶ server
-//! reader ◀── Stored (forget it, free the slot) / Deliver (open, count, queue an Ack)
+//! sender ──(window slot)──▶ Conn::send: remember as unconfirmed, queue the frame ──▶ ring
+//! connection thread (owns the socket): queued frames ──▶ server
+//!    ◀── Stored (forget it, free the slot) / Deliver (open, count, acknowledge in batches)
 //!    │ the connection ends while the run goes on
 //!    ▼
-//! Conn::failover: balancer Resume (avoiding the dead server), Hello to the new one, re-send
-//! every unconfirmed message with `resend_after` (stored once, whatever happened to the first)
+//! failover: balancer Resume (avoiding the dead server), Hello to the new one, re-send every
+//! unconfirmed message with `resend_after` (stored once, whatever happened to the first)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{open_link, Link};
 use crate::client::e2e::{self, Plain};
-use crate::client::BalancerClient;
+use crate::client::{BalancerClient, Session};
 use crate::crypto::{Identity, PairKey};
 use crate::error::{Error, Result};
+use crate::mailbox;
 use crate::net::{
-    Envelope, FrameReader, FrameWriter, NewMessage, Request, Response, ServerEvent, ServerReply,
-    ServerRequest,
+    encode_into, Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest,
+    MAX_FRAME,
 };
+use crate::transport::{wait, Channel, Fill, Transport, Waker};
 
 /// Counters shared by every thread of a run.
 #[derive(Default)]
@@ -65,135 +66,114 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
-/// Longest an acknowledgement waits to be batched with others.
+/// Longest an acknowledgement waits to be batched with others. Like TCP's delayed ACK: a
+/// client at a low rate does not cost the server a transaction and a reply per message.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
-/// The writing half of the current connection.
-struct Out {
-    writer: FrameWriter<TcpStream>,
-    stream: TcpStream,
-    server_id: u64,
-}
+/// Frames queued for one connection's thread, at most.
+const OUTBOX: usize = 4096;
 
-/// One client's connection to its server, replaced when that server dies.
+/// One client's connection, shared by its sender and its connection thread.
 pub(super) struct Conn {
     balancer: String,
-    token: String,
-    /// Locked to write; a failover holds it while it swaps the connection and re-sends, so a
-    /// message is either written to the new connection or re-sent on it.
-    out: Mutex<Out>,
+    transport: Transport,
+    session: Session,
+    /// Encoded request frames for the connection's thread to write.
+    outbox: mailbox::Sender<Vec<u8>>,
+    waker: Arc<Waker>,
     /// Sent and not yet confirmed stored, by request id (the sequence number): the request and
     /// the newest message id known when it was first sent (its `resend_after`).
     unconfirmed: Mutex<BTreeMap<u64, (Request<ServerRequest>, i64)>>,
     /// The newest message id this client has seen assigned.
     newest: AtomicI64,
-    /// Acknowledgements not yet sent. Like TCP's delayed ACK: sent at once when a batch is
-    /// full, else by the [`Acker`] within [`ACK_DELAY`], so a client at a low rate does not
-    /// cost the server a transaction and a reply per message.
-    acks: Mutex<Vec<i64>>,
-    next_ack_id: AtomicU64,
+    /// Set at the end of the run.
+    closing: AtomicBool,
+}
+
+/// What the connection's thread owns: the socket and what waits for it.
+pub(super) struct Owner {
+    chan: Channel,
+    frames: mailbox::Receiver<Vec<u8>>,
+    server_id: u64,
+    /// Acknowledgements not yet sent, and when the oldest must go.
+    acks: Vec<i64>,
+    acks_due: Option<Instant>,
+    next_ack_id: u64,
 }
 
 impl Conn {
-    /// Takes over a set-up link; returns the connection and the link's reading half.
-    pub fn new(balancer: &str, link: Link) -> (Conn, FrameReader<TcpStream>) {
+    /// Takes over a set-up link; returns the connection and what its thread owns.
+    pub fn new(balancer: &str, transport: &Transport, link: Link) -> Result<(Arc<Conn>, Owner)> {
         let Link {
-            reader,
-            writer,
-            stream,
+            mut chan,
             server_id,
             newest,
-            token,
+            session,
         } = link;
-        let conn = Conn {
+        chan.set_nonblocking(true)?;
+        let waker = Arc::new(Waker::new()?);
+        let (outbox, frames) = mailbox::lazy_with(OUTBOX, Arc::clone(&waker));
+        let conn = Arc::new(Conn {
             balancer: balancer.to_string(),
-            token,
-            out: Mutex::new(Out {
-                writer,
-                stream,
-                server_id,
-            }),
+            transport: transport.clone(),
+            session,
+            outbox,
+            waker,
             unconfirmed: Mutex::new(BTreeMap::new()),
             newest: AtomicI64::new(newest),
-            acks: Mutex::new(Vec::with_capacity(ACK_BATCH)),
-            next_ack_id: AtomicU64::new(1 << 62),
-        };
-        (conn, reader)
-    }
-
-    /// Writes a message request, remembering it until it is confirmed. A write to a server
-    /// that just died fails silently: the failover re-sends it.
-    fn send(&self, seq: u64, request: Request<ServerRequest>, flush: bool) {
-        let mut out = self.out.lock();
-        // Remembered before it is written: its `Stored` may come back at once.
-        let mut unconfirmed = self.unconfirmed.lock();
-        let newest = self.newest.load(Ordering::SeqCst);
-        let request = &unconfirmed.entry(seq).or_insert((request, newest)).0;
-        let _ = out.writer.write(request);
-        drop(unconfirmed);
-        if flush {
-            let _ = out.writer.flush();
-        }
-    }
-
-    fn flush(&self) {
-        let _ = self.out.lock().writer.flush();
-    }
-
-    /// Queues an acknowledgement; sends the batch if it is full.
-    fn ack(&self, msg_id: i64) {
-        let full = {
-            let mut p = self.acks.lock();
-            p.push(msg_id);
-            p.len() >= ACK_BATCH
-        };
-        if full {
-            self.flush_acks();
-        }
-    }
-
-    /// Sends the pending acknowledgements.
-    fn flush_acks(&self) {
-        let msg_ids = std::mem::take(&mut *self.acks.lock());
-        if msg_ids.is_empty() {
-            return;
-        }
-        let id = self.next_ack_id.fetch_add(1, Ordering::Relaxed);
-        // Lost with a dying server: the messages come again from the next one.
-        let _ = self.out.lock().writer.send(&Request {
-            id,
-            body: ServerRequest::Ack { msg_ids },
+            closing: AtomicBool::new(false),
         });
+        let owner = Owner {
+            chan,
+            frames,
+            server_id,
+            acks: Vec::with_capacity(ACK_BATCH),
+            acks_due: None,
+            next_ack_id: 1 << 62,
+        };
+        Ok((conn, owner))
     }
 
-    /// Closes the connection (end of the run).
+    /// Queues a message request, remembering it until it is confirmed. If the server dies
+    /// first, the failover re-sends it.
+    fn send(&self, seq: u64, request: Request<ServerRequest>) -> Result<()> {
+        let mut frame = Vec::new();
+        encode_into(&mut frame, &request)?;
+        // Remembered before it is written: its `Stored` may come back at once.
+        {
+            let mut unconfirmed = self.unconfirmed.lock();
+            let newest = self.newest.load(Ordering::SeqCst);
+            unconfirmed.entry(seq).or_insert((request, newest));
+        }
+        self.outbox
+            .send(frame)
+            .map_err(|_| Error::Protocol("the connection's thread is gone".into()))
+    }
+
+    /// Ends the connection (end of the run).
     pub fn close(&self) {
-        let _ = self.out.lock().stream.shutdown(Shutdown::Both);
+        self.closing.store(true, Ordering::SeqCst);
+        self.waker.wake();
     }
 
     /// Asks the balancer for another server, connects, and re-sends everything unconfirmed.
-    /// Returns the new connection's reading half.
-    fn failover(&self) -> Result<FrameReader<TcpStream>> {
-        let dead = self.out.lock().server_id;
+    fn failover(&self, owner: &mut Owner) -> Result<()> {
+        let dead = owner.server_id;
         let deadline = Instant::now() + FAILOVER_LIMIT;
         loop {
-            let attempt = BalancerClient::connect(&self.balancer)
-                .and_then(|mut b| b.resume(&self.token, Some(dead)))
-                .and_then(|session| open_link(&session));
+            let attempt = BalancerClient::connect(&self.balancer, &self.transport)
+                .and_then(|mut b| b.resume(&self.session, Some(dead)))
+                .and_then(|session| open_link(&session, &self.transport));
             match attempt {
                 Ok(link) => {
                     self.newest.fetch_max(link.newest, Ordering::SeqCst);
-                    let mut out = self.out.lock();
-                    *out = Out {
-                        writer: link.writer,
-                        stream: link.stream,
-                        server_id: link.server_id,
-                    };
+                    owner.chan = link.chan;
+                    owner.chan.set_nonblocking(true)?;
+                    owner.server_id = link.server_id;
                     for (request, newest) in self.unconfirmed.lock().values() {
-                        let _ = out.writer.write(&resend(request, *newest));
+                        owner.chan.queue(&resend(request, *newest))?;
                     }
-                    out.writer.flush()?;
-                    return Ok(link.reader);
+                    return Ok(());
                 }
                 Err(e) if Instant::now() < deadline => {
                     log::debug!("failover from server {dead}: {e}; trying again");
@@ -234,19 +214,14 @@ pub(super) struct Sending {
 impl Sending {
     /// Seals and writes message `seq`, due at `due` (`start` is time zero); `flush` sends it
     /// now, else it waits in the buffer until the window fills.
-    fn send(&self, seq: u64, due: Instant, start: Instant, flush: bool) -> Result<()> {
-        if self.slots.try_send(()).is_err() {
-            // The window is full: push out what is buffered, then wait for a slot.
-            self.conn.flush();
-            self.slots
-                .send_timeout((), FAILOVER_LIMIT + Duration::from_secs(10))
-                .map_err(|_| Error::Protocol("no Stored reply in 40 s".into()))?;
-        }
+    fn send(&self, seq: u64, due: Instant, start: Instant) -> Result<()> {
+        self.slots
+            .send_timeout((), FAILOVER_LIMIT + Duration::from_secs(10))
+            .map_err(|_| Error::Protocol("no Stored reply in 40 s".into()))?;
         let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
         let text = payload(self.index, seq, sent_ns, self.size);
         let request = self.request(seq, &text)?;
-        self.conn.send(seq, request, flush);
-        Ok(())
+        self.conn.send(seq, request)
     }
 
     /// As fast as the window allows: this client's own thread.
@@ -254,9 +229,8 @@ impl Sending {
         let _ = go.recv();
         let start = *start.get().expect("set before go");
         for seq in 0..messages {
-            self.send(seq, Instant::now(), start, false)?;
+            self.send(seq, Instant::now(), start)?;
         }
-        self.conn.flush();
         self.wait_stored();
         Ok(())
     }
@@ -330,7 +304,7 @@ pub(super) fn pace(
         if due > now + Duration::from_micros(50) {
             std::thread::sleep(due - now);
         }
-        clients[(k % n) as usize].send(k / n, due, start, true)?;
+        clients[(k % n) as usize].send(k / n, due, start)?;
     }
     for c in &clients {
         c.wait_stored();
@@ -371,49 +345,108 @@ pub(super) struct Receiving {
 }
 
 impl Receiving {
-    /// Reads until the run is over, failing over when the connection is lost; returns
+    /// Drives the connection until the run is over, failing over when it is lost; returns
     /// latencies in microseconds.
-    pub fn run(self, mut reader: FrameReader<TcpStream>) -> Vec<u32> {
+    pub fn run(self, mut owner: Owner) -> Vec<u32> {
         let mut latencies = Vec::new();
         // (sender, sequence) → the message id it was delivered under.
         let mut seen: HashMap<(u64, u64), i64> = HashMap::new();
         loop {
-            match reader.read::<ServerEvent>() {
-                Ok(Some(ServerEvent::Reply(Response {
-                    id: Some(id),
-                    result: Ok(ServerReply::Stored { msg_id }),
-                }))) => {
-                    self.conn.newest.fetch_max(msg_id, Ordering::SeqCst);
-                    if self.conn.unconfirmed.lock().remove(&id).is_some() {
-                        let _ = self.free.try_recv();
-                    }
-                }
-                Ok(Some(ServerEvent::Deliver { msg })) => {
-                    self.conn.newest.fetch_max(msg.id, Ordering::SeqCst);
-                    self.delivered(&msg, &mut seen, &mut latencies);
-                    self.conn.ack(msg.id);
-                }
-                Ok(Some(ServerEvent::Reply(Response {
-                    result: Err(refusal),
-                    ..
-                }))) => self.counters.error(&refusal.message),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    if self.counters.finished.load(Ordering::SeqCst) {
-                        break;
-                    }
+            if self.conn.closing.load(Ordering::SeqCst) {
+                break;
+            }
+            match self.turn(&mut owner, &mut seen, &mut latencies) {
+                Ok(()) => {}
+                Err(_) if self.counters.finished.load(Ordering::SeqCst) => break,
+                Err(_) => {
                     self.counters.failovers.fetch_add(1, Ordering::SeqCst);
-                    match self.conn.failover() {
-                        Ok(r) => reader = r,
-                        Err(e) => {
-                            self.counters.error(&format!("failover: {e}"));
-                            break;
-                        }
+                    if let Err(e) = self.conn.failover(&mut owner) {
+                        self.counters.error(&format!("failover: {e}"));
+                        break;
                     }
                 }
             }
         }
         latencies
+    }
+
+    /// One turn of the connection's thread: write what is queued, read what came, sleep if
+    /// there is nothing to do. `Err` when the connection is lost.
+    fn turn(
+        &self,
+        owner: &mut Owner,
+        seen: &mut HashMap<(u64, u64), i64>,
+        latencies: &mut Vec<u32>,
+    ) -> Result<()> {
+        while let Ok(frame) = owner.frames.try_recv() {
+            owner.chan.queue_encoded(&frame);
+        }
+        let now = Instant::now();
+        if owner.acks.len() >= ACK_BATCH || owner.acks_due.is_some_and(|d| now >= d) {
+            let msg_ids = std::mem::take(&mut owner.acks);
+            owner.acks_due = None;
+            owner.next_ack_id += 1;
+            owner.chan.queue(&Request {
+                id: owner.next_ack_id,
+                body: ServerRequest::Ack { msg_ids },
+            })?;
+        }
+        if owner.chan.pending() > 0 {
+            owner.chan.flush()?;
+        }
+        loop {
+            while let Some(event) = owner.chan.frame::<ServerEvent>(MAX_FRAME)? {
+                self.event(owner, event, seen, latencies);
+            }
+            match owner.chan.fill()? {
+                Fill::Data => {}
+                Fill::Idle => break,
+                Fill::Closed => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
+        if owner.acks.len() >= ACK_BATCH || !owner.frames.prepare_wait() {
+            return Ok(());
+        }
+        let ready = wait(
+            owner.chan.stream(),
+            owner.chan.interest(true),
+            &[&self.conn.waker],
+            owner.acks_due,
+        );
+        owner.frames.woke();
+        ready?;
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        owner: &mut Owner,
+        event: ServerEvent,
+        seen: &mut HashMap<(u64, u64), i64>,
+        latencies: &mut Vec<u32>,
+    ) {
+        match event {
+            ServerEvent::Reply(Response {
+                id: Some(id),
+                result: Ok(ServerReply::Stored { msg_id }),
+            }) => {
+                self.conn.newest.fetch_max(msg_id, Ordering::SeqCst);
+                if self.conn.unconfirmed.lock().remove(&id).is_some() {
+                    let _ = self.free.try_recv();
+                }
+            }
+            ServerEvent::Deliver { msg } => {
+                self.conn.newest.fetch_max(msg.id, Ordering::SeqCst);
+                self.delivered(&msg, seen, latencies);
+                owner.acks.push(msg.id);
+                owner.acks_due.get_or_insert(Instant::now() + ACK_DELAY);
+            }
+            ServerEvent::Reply(Response {
+                result: Err(refusal),
+                ..
+            }) => self.counters.error(&refusal.message),
+            _ => {}
+        }
     }
 
     fn delivered(
@@ -469,35 +502,6 @@ impl Receiving {
             }
             _ => Err(Error::Integrity("not a text message".into())),
         }
-    }
-}
-
-/// One thread that sends every client's pending acknowledgements every [`ACK_DELAY`].
-pub(super) struct Acker {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Acker {
-    pub fn start(all: Vec<Arc<Conn>>) -> Result<Acker> {
-        let (stop, stopped) = bounded::<()>(0);
-        let thread = std::thread::Builder::new()
-            .name("bench-acker".into())
-            .spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(ACK_DELAY)
-                {
-                    for conn in &all {
-                        conn.flush_acks();
-                    }
-                }
-            })?;
-        Ok(Acker { stop, thread })
-    }
-
-    pub fn stop(self) {
-        drop(self.stop);
-        let _ = self.thread.join();
     }
 }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use crate::client::BalancerClient;
 use crate::crypto;
 use crate::error::{Error, Result};
+use crate::transport::pki::{self, Member, Role};
+use crate::transport::Transport;
 
 /// How long a process may take to print its ready line.
 const READY_LIMIT: Duration = Duration::from_secs(15);
@@ -110,16 +112,21 @@ pub struct LocalCluster {
     pub balancer_process: Process,
     /// The server processes, in start order.
     pub servers: Vec<Process>,
+    /// The cluster's certificate folder; `None` for a plaintext cluster.
+    pub tls: Option<PathBuf>,
 }
 
 impl LocalCluster {
     /// Starts a balancer (with the given scrypt cost and algorithm) and `servers` servers, and
-    /// waits until all are registered. Logs go to files in the temporary folder.
+    /// waits until all are registered. With `tls`, a cluster CA and certificates are made
+    /// first (`tls/` in the temporary folder); else everything runs in plaintext. Logs go to
+    /// files in the temporary folder.
     pub fn start(
         servers: usize,
         scrypt_log_n: u8,
         algo: &str,
         server_args: &[&str],
+        tls: bool,
     ) -> Result<LocalCluster> {
         let dir = std::env::temp_dir().join(format!(
             "fastchat-{}-{}",
@@ -131,38 +138,70 @@ impl LocalCluster {
         let db = dir.join("chat.db");
         let db_arg = db.to_string_lossy().to_string();
         let log_n = scrypt_log_n.to_string();
-        let (balancer_process, line) = spawn(
-            &dir,
-            "balancer",
-            "fastchat-balancer",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                &db_arg,
-                "--scrypt-log-n",
-                &log_n,
-                "--algo",
-                algo,
-            ],
-        )?;
+        let tls_dir = dir.join("tls");
+        let tls_arg = tls_dir.to_string_lossy().to_string();
+        let names: Vec<String> = (1..=servers).map(|i| format!("server-{i}")).collect();
+        if tls {
+            let mut members = vec![Member {
+                role: Role::Balancer,
+                name: "balancer".into(),
+            }];
+            members.extend(names.iter().map(|n| Member {
+                role: Role::Server,
+                name: n.clone(),
+            }));
+            pki::init(&tls_dir, &members)?;
+        }
+        let security = |name: &str| -> Vec<String> {
+            if tls {
+                vec![
+                    "--tls-dir".into(),
+                    tls_arg.clone(),
+                    "--name".into(),
+                    name.into(),
+                ]
+            } else {
+                vec!["--insecure-plaintext".into()]
+            }
+        };
+        let mut balancer_args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db_arg,
+            "--scrypt-log-n",
+            &log_n,
+            "--algo",
+            algo,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        balancer_args.extend(security("balancer"));
+        let (balancer_process, line) =
+            spawn(&dir, "balancer", "fastchat-balancer", &balancer_args)?;
         let balancer = last_word(&line);
         let mut cluster = LocalCluster {
             dir,
             balancer,
             balancer_process,
             servers: Vec::new(),
+            tls: tls.then_some(tls_dir),
         };
-        for i in 0..servers {
-            let mut args = vec![
+        for (i, name) in names.iter().enumerate() {
+            let mut args: Vec<String> = [
                 "--listen",
                 "127.0.0.1:0",
                 "--balancer",
                 &cluster.balancer,
                 "--db",
                 &db_arg,
-            ];
-            args.extend_from_slice(server_args);
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            args.extend(security(name));
+            args.extend(server_args.iter().map(|a| a.to_string()));
             let (process, _) = spawn(
                 &cluster.dir,
                 &format!("server{i}"),
@@ -175,11 +214,20 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// How a client reaches this cluster: with its CA, or in plaintext.
+    pub fn transport(&self) -> Result<Transport> {
+        match &self.tls {
+            Some(dir) => Transport::client_with_ca(&pki::ca_path(dir)),
+            None => Ok(Transport::plaintext()),
+        }
+    }
+
     /// Waits until the balancer lists `n` live servers.
     fn wait_registered(&self, n: usize) -> Result<()> {
         let deadline = Instant::now() + READY_LIMIT;
+        let transport = self.transport()?;
         loop {
-            let live = BalancerClient::connect(&self.balancer)?.servers()?;
+            let live = BalancerClient::connect(&self.balancer, &transport)?.servers()?;
             if live.len() == n {
                 return Ok(());
             }
@@ -216,7 +264,7 @@ fn bin_dir() -> Result<PathBuf> {
 }
 
 /// Starts `program ARGS` with stderr to `dir/NAME.log`; returns it and its first stdout line.
-fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Result<(Process, String)> {
+fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Result<(Process, String)> {
     let path = bin_dir()?.join(program);
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut child = Command::new(&path)

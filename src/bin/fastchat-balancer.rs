@@ -11,13 +11,18 @@ use fastchat::crypto::{ScryptCost, DEFAULT_SCRYPT_LOG_N};
 
 /// Signs users up, checks passwords, serves public keys, and assigns each login a chat server.
 ///
+/// Every connection is TLS 1.3 with the cluster's certificate authority: the balancer presents
+/// its certificate from --tls-dir (made by `fastchat-admin init DIR`), and accepts as chat
+/// servers only processes that present a server certificate of the same CA.
+///
 /// Prints "fastchat-balancer listening on ADDR" on standard output once it accepts connections
 /// (useful with port 0). Stops cleanly on Ctrl-C or SIGTERM. Exit codes: 0 stopped cleanly,
-/// 2 bad arguments, 4 could not start (address in use, database unusable).
+/// 2 bad arguments, 4 could not start (address in use, database unusable, certificates).
+/// Files it creates are readable by its user only.
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Example:\n  fastchat-balancer --listen 127.0.0.1:7000 --db /tmp/chat.db --algo least-loaded"
+    after_help = "Example:\n  fastchat-admin init /tmp/fc/tls\n  fastchat-balancer --listen 127.0.0.1:7000 --db /tmp/fc/chat.db --tls-dir /tmp/fc/tls --algo least-loaded"
 )]
 struct Args {
     /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free port).
@@ -37,6 +42,16 @@ struct Args {
     /// Lifetime of a session token, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 24 * 3600)]
     token_ttl: u64,
+    /// The cluster's certificate folder (see `fastchat-admin init`).
+    #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Which certificate in --tls-dir is this balancer's.
+    #[arg(long, value_name = "NAME", default_value = "balancer")]
+    name: String,
+    /// No TLS at all: passwords and tokens cross the network readable. For a classroom on one
+    /// trusted machine only; a warning is printed at every start.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 fn parse_algo(s: &str) -> Result<Algo, String> {
@@ -45,7 +60,18 @@ fn parse_algo(s: &str) -> Result<Algo, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fastchat::logging::init("balancer");
+    fastchat::startup::init("balancer");
+    fastchat::startup::private_files();
+    let transport = match fastchat::startup::member_transport(
+        "fastchat-balancer",
+        args.tls_dir.as_deref(),
+        Some(&args.name),
+        "balancer",
+        args.insecure_plaintext,
+    ) {
+        Ok(t) => t,
+        Err(e) => return fail(&e.to_string(), 4),
+    };
     let scrypt = match ScryptCost::with_log_n(args.scrypt_log_n) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string(), 2),
@@ -58,11 +84,11 @@ fn main() -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let mut config = Config::new(args.db);
+    let mut config = Config::new(args.db, transport);
     config.algo = args.algo;
     config.scrypt = scrypt;
     config.token_ttl = Duration::from_secs(args.token_ttl);
-    let shutdown = fastchat::logging::shutdown_channel();
+    let shutdown = fastchat::startup::shutdown_channel();
     println!("fastchat-balancer listening on {addr}");
     match balancer::run(listener, config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,

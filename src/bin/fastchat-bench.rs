@@ -26,7 +26,8 @@ use fastchat::bench::{self, Config, Mode, Target};
   fastchat-bench --spawn-servers 3 --clients 100 --messages 300 --rate 10000
   fastchat-bench --spawn-servers 1 --clients 5000 --mode idle
   fastchat-bench --spawn-servers 3 --clients 60 --messages 2000 --rate 20000 --kill-server 1
-  fastchat-bench --balancer 127.0.0.1:7000 --clients 50 --messages 100 --json"
+  fastchat-bench --spawn-servers 3 --clients 100 --messages 1000 --insecure-plaintext
+  fastchat-bench --balancer 127.0.0.1:7000 --ca /tmp/fc/tls/ca.pem --clients 50 --messages 100 --json"
 )]
 struct Args {
     /// Simulated users, one connection each.
@@ -85,6 +86,12 @@ struct Args {
     /// Never draw the progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     quiet: bool,
+    /// With --balancer: the cluster's CA certificate (a spawned cluster makes its own).
+    #[arg(long, value_name = "FILE", conflicts_with = "spawn_servers")]
+    ca: Option<std::path::PathBuf>,
+    /// No TLS (a spawned cluster runs without it too): to compare with and without.
+    #[arg(long, conflicts_with = "ca")]
+    insecure_plaintext: bool,
 }
 
 /// Set when Ctrl-C arrived: the handler thread decides the exit status then.
@@ -92,7 +99,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fastchat::logging::init("bench");
+    fastchat::startup::init("bench");
     let target = match (args.balancer, args.spawn_servers) {
         (Some(b), None) => Target::Balancer(b),
         (None, Some(k)) if k >= 1 => Target::Spawn(k),
@@ -125,6 +132,8 @@ fn main() -> ExitCode {
         drain: Duration::from_secs_f64(args.drain),
         hold: Duration::from_secs_f64(args.hold),
         kill_server: args.kill_server.map(Duration::from_secs_f64),
+        ca: args.ca,
+        plaintext: args.insecure_plaintext,
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {
@@ -132,7 +141,7 @@ fn main() -> ExitCode {
     }
     // Ctrl-C (or SIGTERM): stop the cluster this run started, say so, exit 130. The run may
     // fail meanwhile (its cluster is going away): that thread then waits for this one.
-    let interrupt = fastchat::logging::shutdown_channel();
+    let interrupt = fastchat::startup::shutdown_channel();
     std::thread::spawn(move || {
         if interrupt.recv().is_ok() {
             INTERRUPTED.store(true, Ordering::SeqCst);

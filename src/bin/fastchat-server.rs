@@ -11,14 +11,19 @@ use fastchat::server::{self, Config};
 /// Serves chat clients: authenticates them by session token, stores their (encrypted) messages
 /// in the shared database and delivers them, relaying to other servers over the peer mesh.
 ///
+/// Every connection is TLS 1.3 with the cluster's certificate authority: the server presents
+/// its certificate (--name in --tls-dir, made by `fastchat-admin init DIR`) to clients, to the
+/// balancer and to the other servers, and registers under the name in it.
+///
 /// Registers with the balancer before serving, then reports its load every 500 ms. Prints
 /// "fastchat-server N listening on ADDR" on standard output once registered. Stops cleanly on
 /// Ctrl-C or SIGTERM. Exit codes: 0 stopped cleanly, 2 bad arguments, 3 balancer unreachable at
-/// start, 4 could not start (address in use, database unusable).
+/// start, 4 could not start (address in use, database unusable, certificates). Files it
+/// creates are readable by its user only.
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Example:\n  fastchat-server --listen 127.0.0.1:0 --balancer 127.0.0.1:7000 --db /tmp/chat.db"
+    after_help = "Example:\n  fastchat-server --listen 127.0.0.1:0 --balancer 127.0.0.1:7000 --db /tmp/fc/chat.db --tls-dir /tmp/fc/tls --name server-1"
 )]
 struct Args {
     /// Address to listen on, e.g. 127.0.0.1:7001 (port 0 picks a free port).
@@ -50,6 +55,17 @@ struct Args {
     /// Largest file accepted, in bytes, or with a suffix K, M or G (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     max_file_size: u64,
+    /// The cluster's certificate folder (see `fastchat-admin init`).
+    #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// This server's name: its certificate in --tls-dir (server-1, server-2, ...). In
+    /// plaintext, the name it registers under (default: server-PORT).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// No TLS at all: passwords and tokens cross the network readable. For a classroom on one
+    /// trusted machine only; a warning is printed at every start.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// `123`, `64K`, `64M`, `1G` (powers of 1024).
@@ -74,12 +90,30 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fastchat::logging::init("server");
+    fastchat::startup::init("server");
+    fastchat::startup::private_files();
+    if args.tls_dir.is_some() && args.name.is_none() {
+        return fail(
+            "--tls-dir needs --name: which certificate is this server's",
+            2,
+        );
+    }
+    let transport = match fastchat::startup::member_transport(
+        "fastchat-server",
+        args.tls_dir.as_deref(),
+        args.name.as_deref(),
+        "server",
+        args.insecure_plaintext,
+    ) {
+        Ok(t) => t,
+        Err(e) => return fail(&e.to_string(), 4),
+    };
     let listener = match TcpListener::bind(&args.listen) {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen), 4),
     };
-    let mut config = Config::new(args.db, args.balancer);
+    let mut config = Config::new(args.db, args.balancer, transport);
+    config.name = args.name;
     config.advertise = args.advertise;
     config.max_clients = args.max_clients;
     config.max_file = args.max_file_size;
@@ -92,7 +126,7 @@ fn main() -> ExitCode {
         );
     }
     config.hello_timeout = std::time::Duration::from_secs_f64(args.hello_timeout);
-    let shutdown = fastchat::logging::shutdown_channel();
+    let shutdown = fastchat::startup::shutdown_channel();
     let ready = |id: u64, addr: std::net::SocketAddr| {
         println!("fastchat-server {id} listening on {addr}");
         let _ = std::io::stdout().flush();

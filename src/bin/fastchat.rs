@@ -13,6 +13,11 @@ use fastchat::client::cli::{self, Format, GroupCmd, Options};
 /// from FASTCHAT_PASSWORD, or is asked for (without echo) on a terminal. Private keys live in
 /// FASTCHAT_HOME/USER/, encrypted with the password.
 ///
+/// Connections are TLS 1.3. The client checks the balancer's and the servers' certificates
+/// against the cluster's certificate authority: the file given with --ca, or else the one the
+/// balancer presented the first time, pinned in FASTCHAT_HOME/clusters/ (a later change is
+/// refused loudly).
+///
 /// Exit codes: 0 done, 1 refused or invalid (wrong password, unknown user, bad name, empty text),
 /// 2 bad arguments, 3 balancer or server unreachable or the connection broke, 4 local trouble
 /// (key files, disk).
@@ -39,6 +44,20 @@ struct Args {
     /// The user to act as.
     #[arg(long, env = "FASTCHAT_USER", value_name = "NAME")]
     user: Option<String>,
+    /// The cluster's CA certificate (ca.pem of `fastchat-admin init`) [default: the one pinned
+    /// on first contact].
+    #[arg(long, env = "FASTCHAT_CA", value_name = "FILE", global = true)]
+    ca: Option<PathBuf>,
+    /// No TLS: for a classroom cluster running with --insecure-plaintext on one trusted
+    /// machine. A warning is printed every time.
+    #[arg(
+        long,
+        env = "FASTCHAT_INSECURE_PLAINTEXT",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,7 +185,21 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| PathBuf::from("."))
             .join(".fastchat")
     });
+    let transport = match fastchat::startup::client_transport(
+        "fastchat",
+        &home,
+        &args.balancer,
+        args.ca.as_ref(),
+        args.insecure_plaintext,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fastchat: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     let opts = Options {
+        transport,
         balancer: args.balancer,
         home,
         user: args.user,
@@ -174,7 +207,7 @@ fn main() -> ExitCode {
         // Ctrl-C ends `chat` and `recv --wait` cleanly; other commands keep the default (the
         // process stops at once, and what was not confirmed was not done).
         interrupt: match &args.command {
-            Command::Chat | Command::Recv { .. } => fastchat::logging::shutdown_channel(),
+            Command::Chat | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
             _ => crossbeam_channel::never(),
         },
     };

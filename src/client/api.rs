@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::balancer::{unexpected, BalancerClient};
+use super::balancer::{unexpected, BalancerClient, Session};
 use super::connection::{closed, Connection, Incoming};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::{
     Envelope, GroupInfo, NewMessage, ServerInfo, ServerReply, ServerRequest, WrappedKey,
 };
+use crate::transport::Transport;
 
 /// How long a client keeps trying to reach another server after losing one.
 pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
@@ -69,8 +70,10 @@ struct Current {
 /// Safe to share between threads (for example one reading input and sending, one printing).
 pub struct Client {
     balancer: String,
-    user: String,
-    token: String,
+    /// How to reach the balancer and the servers (TLS and the cluster CA).
+    transport: Transport,
+    /// The token and the key that proves it (the server in it is the first one).
+    session: Session,
     current: Mutex<Current>,
     /// Held while failing over, so two threads noticing the same failure reconnect once.
     failing_over: Mutex<()>,
@@ -82,8 +85,13 @@ pub struct Client {
 impl Client {
     /// Logs in and connects to the assigned server. Also returns the balancer connection, which
     /// the caller may keep for directory lookups.
-    pub fn login(balancer: &str, user: &str, password: &str) -> Result<(Client, BalancerClient)> {
-        let mut b = BalancerClient::connect(balancer)?;
+    pub fn login(
+        balancer: &str,
+        transport: &Transport,
+        user: &str,
+        password: &str,
+    ) -> Result<(Client, BalancerClient)> {
+        let mut b = BalancerClient::connect(balancer, transport)?;
         let mut session = b.login(user, password)?;
         // A server that died moments ago may still be assigned (it leaves the rotation within
         // two seconds): ask again, avoiding it, until one answers.
@@ -91,7 +99,7 @@ impl Client {
         let deadline = Instant::now() + FAILOVER_LIMIT;
         let mut full = 0;
         let conn = loop {
-            match Connection::open(&session) {
+            match Connection::open(&session, transport) {
                 Ok(conn) => break conn,
                 Err(e) if e.is_disconnect() && Instant::now() < deadline => {
                     log::info!(
@@ -112,17 +120,17 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             }
-            session = b.resume(&session.token, Some(session.server.id))?;
+            session = b.resume(&session, Some(session.server.id))?;
         };
         let client = Client {
             balancer: balancer.to_string(),
-            user: conn.user.clone(),
-            token: session.token,
+            transport: transport.clone(),
             current: Mutex::new(Current {
                 generation: 0,
                 conn: Arc::new(conn),
-                server: session.server,
+                server: session.server.clone(),
             }),
+            session,
             failing_over: Mutex::new(()),
             dedup: Mutex::new(Dedup::default()),
             logged_out: AtomicBool::new(false),
@@ -130,16 +138,22 @@ impl Client {
         Ok((client, b))
     }
 
-    /// The user, as the server knows it.
+    /// The user, as the balancer knows it.
     pub fn user(&self) -> &str {
-        &self.user
+        &self.session.user
     }
 
-    /// Ends the session: tells the balancer to refuse the token, then closes the connection
-    /// (without failing over).
+    /// How this client reaches the cluster.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Ends the session: tells the balancer to refuse the token (and servers to close its
+    /// connections), then closes the connection (without failing over).
     pub fn logout(&self) -> Result<()> {
         self.logged_out.store(true, Ordering::SeqCst);
-        let told = BalancerClient::connect(&self.balancer).and_then(|mut b| b.logout(&self.token));
+        let told = BalancerClient::connect(&self.balancer, &self.transport)
+            .and_then(|mut b| b.logout(&self.session));
         self.conn().1.close();
         told
     }
@@ -175,14 +189,14 @@ impl Client {
         let deadline = Instant::now() + FAILOVER_LIMIT;
         let mut last: Error;
         loop {
-            let attempt = BalancerClient::connect(&self.balancer)
-                .and_then(|mut b| b.resume(&self.token, Some(avoid)))
-                .and_then(|session| Ok((Connection::open(&session)?, session)));
+            let attempt = BalancerClient::connect(&self.balancer, &self.transport)
+                .and_then(|mut b| b.resume(&self.session, Some(avoid)))
+                .and_then(|session| Ok((Connection::open(&session, &self.transport)?, session)));
             match attempt {
                 Ok((conn, session)) => {
                     log::info!(
                         "{}: server {avoid} lost; now on server {}",
-                        self.user,
+                        self.session.user,
                         conn.server_id
                     );
                     let mut c = self.current.lock();

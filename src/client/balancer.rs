@@ -1,46 +1,58 @@
 //! Talking to the balancer: strictly request and reply, one method per request.
 
-use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::crypto::SessionKey;
 use crate::error::{Error, Result};
 use crate::net::{
-    BalancerReply, BalancerRequest, FrameReader, FrameWriter, PublicKeys, Request, Response,
-    ServerInfo,
+    BalancerReply, BalancerRequest, PublicKeys, Request, Response, ServerInfo, MAX_FRAME,
 };
-use crate::transport::dial;
+use crate::transport::{Channel, Expect, Transport};
 
 /// How long to wait for the reply to a request.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A logged-in session: who, the token, and the server assigned.
-#[derive(Debug, Clone)]
+/// A logged-in session: who, the token and the key that proves it, and the server assigned.
+#[derive(Clone)]
 pub struct Session {
     /// The user name.
     pub user: String,
     /// Session token for `Hello`.
     pub token: String,
+    /// The key made for this session; the token is good only with its proofs.
+    pub key: Arc<SessionKey>,
     /// The chat server to use.
     pub server: ServerInfo,
+}
+
+impl std::fmt::Debug for Session {
+    /// Everything but the token and the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.user)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection to the balancer.
 pub struct BalancerClient {
     addr: String,
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<TcpStream>,
+    chan: Channel,
     next_id: u64,
 }
 
 impl BalancerClient {
-    /// Connects to the balancer at `addr`.
-    pub fn connect(addr: &str) -> Result<BalancerClient> {
-        let stream = dial(addr, "balancer")?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    /// Connects to the balancer at `addr` (checking, with TLS, that it is the cluster's).
+    pub fn connect(addr: &str, transport: &Transport) -> Result<BalancerClient> {
+        let stream = transport.connect(addr, "balancer", &Expect::Balancer)?;
+        let chan = Channel::new(stream)?;
+        chan.stream().tcp().set_read_timeout(Some(REPLY_TIMEOUT))?;
+        chan.stream().tcp().set_write_timeout(Some(REPLY_TIMEOUT))?;
         Ok(BalancerClient {
             addr: addr.to_string(),
-            reader: FrameReader::new(stream.try_clone()?),
-            writer: FrameWriter::new(stream),
+            chan,
             next_id: 1,
         })
     }
@@ -54,10 +66,10 @@ impl BalancerClient {
     pub fn request(&mut self, body: BalancerRequest) -> Result<BalancerReply> {
         let id = self.next_id;
         self.next_id += 1;
-        self.writer.send(&Request { id, body })?;
+        self.chan.send(&Request { id, body })?;
         let response = self
-            .reader
-            .read::<Response<BalancerReply>>()?
+            .chan
+            .recv::<Response<BalancerReply>>(MAX_FRAME)?
             .ok_or_else(|| {
                 Error::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -84,29 +96,39 @@ impl BalancerClient {
         }
     }
 
-    /// Logs in and gets a server.
+    /// Logs in with a fresh session key and gets a server.
     pub fn login(&mut self, name: &str, password: &str) -> Result<Session> {
+        let key = Arc::new(SessionKey::generate()?);
         let reply = self.request(BalancerRequest::Login {
             name: name.into(),
             password: password.into(),
+            session_key: key.public()?,
         })?;
-        session(reply)
+        session(reply, key)
+    }
+
+    /// The proof of `session` for this connection.
+    fn proof(&self, session: &Session) -> Result<Vec<u8>> {
+        session.key.prove(self.chan.stream().binding().as_ref())
     }
 
     /// Gets a (possibly different) server for an existing session, other than `avoid` if
     /// another is live.
-    pub fn resume(&mut self, token: &str, avoid: Option<u64>) -> Result<Session> {
+    pub fn resume(&mut self, session: &Session, avoid: Option<u64>) -> Result<Session> {
         let reply = self.request(BalancerRequest::Resume {
-            token: token.into(),
+            token: session.token.clone(),
+            proof: self.proof(session)?,
             avoid,
         })?;
-        session(reply)
+        let resumed = self::session(reply, Arc::clone(&session.key))?;
+        Ok(resumed)
     }
 
-    /// Ends a session: its token is refused from now on.
-    pub fn logout(&mut self, token: &str) -> Result<()> {
+    /// Ends a session: its token is refused from now on, and its connections are closed.
+    pub fn logout(&mut self, session: &Session) -> Result<()> {
         match self.request(BalancerRequest::Logout {
-            token: token.into(),
+            token: session.token.clone(),
+            proof: self.proof(session)?,
         })? {
             BalancerReply::Ok => Ok(()),
             other => Err(unexpected("Logout", &other)),
@@ -130,7 +152,7 @@ impl BalancerClient {
     }
 }
 
-fn session(reply: BalancerReply) -> Result<Session> {
+fn session(reply: BalancerReply, key: Arc<SessionKey>) -> Result<Session> {
     match reply {
         BalancerReply::LoggedIn {
             user,
@@ -139,6 +161,7 @@ fn session(reply: BalancerReply) -> Result<Session> {
         } => Ok(Session {
             user,
             token,
+            key,
             server,
         }),
         other => Err(unexpected("Login", &other)),

@@ -20,12 +20,16 @@ use crate::crypto::{self, Identity};
 use crate::error::{Error, Result};
 use crate::names;
 use crate::net::Envelope;
+use crate::transport::Transport;
 
 /// Settings every subcommand shares.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Balancer address.
     pub balancer: String,
+    /// How to reach the cluster: TLS with its CA (given, or pinned on first use), or
+    /// plaintext.
+    pub transport: Transport,
     /// Folder holding one sub-folder of keys per user.
     pub home: PathBuf,
     /// The acting user, for commands that need one.
@@ -83,7 +87,7 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
         return Err(Error::Invalid("password must not be empty".into()));
     }
     let identity = Identity::generate()?;
-    let mut balancer = BalancerClient::connect(&opts.balancer)?;
+    let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     balancer.signup(name, &password, identity.public()?)?;
     store.save_identity(&identity, &password)?;
     println!(
@@ -117,9 +121,9 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
     let user = opts.user()?.to_string();
     let password = opts.password(&format!("password for {user}: "))?;
     let store = Keystore::new(&opts.home, &user);
-    let (client, balancer) = Client::login(&opts.balancer, &user, &password)?;
+    let (client, balancer) = Client::login(&opts.balancer, &opts.transport, &user, &password)?;
     let identity = store.load_identity(&password)?;
-    let directory = Directory::new(&opts.balancer, Some(balancer));
+    let directory = Directory::new(&opts.balancer, &opts.transport, Some(balancer));
     Ok(LoggedIn {
         e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
         client: Arc::new(client),
@@ -191,7 +195,7 @@ pub fn whoami(opts: &Options) -> Result<()> {
 
 /// `fastchat servers`: the live servers.
 pub fn servers(opts: &Options) -> Result<()> {
-    let servers = BalancerClient::connect(&opts.balancer)?.servers()?;
+    let servers = BalancerClient::connect(&opts.balancer, &opts.transport)?.servers()?;
     if servers.is_empty() {
         println!("no live servers");
     }
@@ -207,7 +211,7 @@ pub fn trust(opts: &Options, peer: &str) -> Result<()> {
     names::validate("user", peer)?;
     let user = opts.user()?;
     let store = Keystore::new(&opts.home, user);
-    let directory = Directory::new(&opts.balancer, None);
+    let directory = Directory::new(&opts.balancer, &opts.transport, None);
     let password = opts.password(&format!("password for {user}: "))?;
     let identity = store.load_identity(&password)?;
     let mut e2e = E2e::new(user, identity, store, directory);

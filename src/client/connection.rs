@@ -1,19 +1,20 @@
-//! One connection to a chat server, authenticated by a session token.
+//! One connection to a chat server, authenticated by a session token and its proof.
 //!
-//! A reader thread hands each response to the request waiting for it (matched by request id)
+//! One thread owns the connection (its socket and TLS session): it writes the requests other
+//! threads queue, hands each response to the request waiting for it (matched by request id),
 //! and pushes delivered messages onto an event channel, so a program can send while messages
 //! arrive.
 //!
 //! ```text
-//! caller ── request(body) ──▶ writer (a lock: one frame at a time) ──▶ socket
-//!   ▲ reply channel                                                      │
-//!   └──────────── pending[id] ◀── reader thread ◀────────────────────────┘
-//!                                      └──▶ events: Message, Synced, Closed
+//! caller ── request(body): encode, pending[id], outbox ──▶ ring waker
+//!   ▲ reply channel                                            │
+//!   │                     the connection's thread: poll(socket, waker)
+//!   └───── pending[id] ◀── responses          outbox ──▶ socket
+//!                          Deliver, Synced ──▶ events: Message, Synced, Closed
 //! ```
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -22,13 +23,14 @@ use parking_lot::Mutex;
 
 use super::balancer::{unexpected, Session, REPLY_TIMEOUT};
 use crate::error::{Error, Result};
+use crate::mailbox;
 use crate::net::{
-    Envelope, FrameReader, FrameWriter, Greeting, Request, Response, ServerEvent, ServerReply,
-    ServerRequest,
+    encode_into, Envelope, Greeting, Request, Response, ServerEvent, ServerReply, ServerRequest,
+    MAX_FRAME,
 };
-use crate::transport::dial;
+use crate::transport::{wait, Channel, Expect, Fill, Transport, Waker};
 
-/// What a connection's reader thread hands to the program.
+/// What a connection's thread hands to the program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     /// A message for us (not yet acknowledged).
@@ -42,12 +44,15 @@ pub enum Incoming {
 /// The response to one request, when it comes.
 pub type Reply = Receiver<Response<ServerReply>>;
 
-/// Requests waiting for their reply, by id; `None` once the reader thread has ended, so a request
-/// on a closed connection fails at once instead of waiting for a reply that cannot come.
-/// A lock and not a channel: touched twice per request, by the caller and the reader thread.
+/// Requests waiting for their reply, by id; `None` once the connection's thread has ended, so
+/// a request on a closed connection fails at once instead of waiting for a reply that cannot
+/// come. A lock and not a channel: touched twice per request, by the caller and the thread.
 type Pending = Arc<Mutex<Option<HashMap<u64, Sender<Response<ServerReply>>>>>>;
 
-/// A connection to a chat server, authenticated by a session token.
+/// Requests queued for the thread to write, at most; a caller past it waits.
+const OUTBOX: usize = 4096;
+
+/// A connection to a chat server.
 pub struct Connection {
     /// Who the server says we are.
     pub user: String,
@@ -55,27 +60,34 @@ pub struct Connection {
     pub server_id: u64,
     /// The largest file the server accepts.
     pub max_file: u64,
-    /// See [`Connection::newest`]; raised by the reader thread.
+    /// See [`Connection::newest`]; raised by the connection's thread.
     newest: Arc<AtomicI64>,
-    writer: Mutex<FrameWriter<TcpStream>>,
-    stream: TcpStream,
+    /// Encoded request frames for the thread to write.
+    outbox: mailbox::Sender<Vec<u8>>,
+    /// Set to end the connection; the waker makes the thread look.
+    closing: Arc<AtomicBool>,
+    waker: Arc<Waker>,
     pending: Pending,
     events: Receiver<Incoming>,
     next_id: AtomicU64,
-    reader: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Connection {
-    /// Connects to the session's server and says `Hello`.
-    pub fn open(session: &Session) -> Result<Connection> {
-        let stream = dial(&session.server.addr, "chat server")?;
-        let mut reader = FrameReader::new(stream.try_clone()?);
-        let mut writer = FrameWriter::new(stream.try_clone()?);
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        writer.send(&Greeting::Hello {
+    /// Connects to the session's server (checking its certificate with `transport`), says
+    /// `Hello` with the session's proof for this connection, and starts the connection's
+    /// thread.
+    pub fn open(session: &Session, transport: &Transport) -> Result<Connection> {
+        let expect = Expect::Server(Some(session.server.name.clone()));
+        let stream = transport.connect(&session.server.addr, "chat server", &expect)?;
+        let mut chan = Channel::new(stream)?;
+        chan.stream().tcp().set_read_timeout(Some(REPLY_TIMEOUT))?;
+        let proof = session.key.prove(chan.stream().binding().as_ref())?;
+        chan.send(&Greeting::Hello {
             token: session.token.clone(),
+            proof,
         })?;
-        let welcome = match reader.read::<ServerEvent>()? {
+        let welcome = match chan.recv::<ServerEvent>(MAX_FRAME)? {
             Some(ServerEvent::Welcome(w)) => w,
             Some(ServerEvent::Reply(Response {
                 result: Err(refusal),
@@ -89,34 +101,47 @@ impl Connection {
                 )))
             }
         };
-        stream.set_read_timeout(None)?;
+        chan.stream().tcp().set_read_timeout(None)?;
+        chan.set_nonblocking(true)?;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events_tx, events) = unbounded();
         let newest = Arc::new(AtomicI64::new(welcome.newest));
+        let waker = Arc::new(Waker::new()?);
+        let (outbox, requests) = mailbox::lazy_with(OUTBOX, Arc::clone(&waker));
+        let closing = Arc::new(AtomicBool::new(false));
         let thread = {
-            let pending = Arc::clone(&pending);
-            let newest = Arc::clone(&newest);
+            let driver = Driver {
+                chan,
+                requests,
+                waker: Arc::clone(&waker),
+                closing: Arc::clone(&closing),
+                pending: Arc::clone(&pending),
+                events: events_tx,
+                newest: Arc::clone(&newest),
+            };
             std::thread::Builder::new()
-                .name("client-reader".into())
-                .spawn(move || read_loop(reader, &pending, &events_tx, &newest))?
+                .name("client-conn".into())
+                .spawn(move || driver.run())?
         };
         Ok(Connection {
             user: welcome.user,
             server_id: welcome.server_id,
             max_file: welcome.max_file,
             newest,
-            writer: Mutex::new(writer),
-            stream,
+            outbox,
+            closing,
+            waker,
             pending,
             events,
             next_id: AtomicU64::new(1),
-            reader: Some(thread),
+            thread: Some(thread),
         })
     }
 
-    /// Closes the connection; its reader thread then reports `Closed`.
+    /// Closes the connection; its thread then reports `Closed`.
     pub fn close(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.closing.store(true, Ordering::SeqCst);
+        self.waker.wake();
     }
 
     /// Delivered messages and connection state changes.
@@ -127,17 +152,18 @@ impl Connection {
     /// Sends a request and returns a channel that will carry its response.
     pub fn request(&self, body: &ServerRequest) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        encode_into(&mut frame, &Request { id, body })?;
         let (tx, rx) = bounded(1);
         match self.pending.lock().as_mut() {
             Some(pending) => pending.insert(id, tx),
             None => return Err(closed()),
         };
-        let sent = self.writer.lock().send(&Request { id, body });
-        if let Err(e) = sent {
+        if self.outbox.send(frame).is_err() {
             if let Some(pending) = self.pending.lock().as_mut() {
                 pending.remove(&id);
             }
-            return Err(e);
+            return Err(closed());
         }
         Ok(rx)
     }
@@ -191,50 +217,110 @@ pub(crate) fn closed() -> Error {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(t) = self.reader.take() {
+        self.close();
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn read_loop(
-    mut reader: FrameReader<TcpStream>,
-    pending: &Pending,
-    events: &Sender<Incoming>,
-    newest: &AtomicI64,
-) {
-    let why = loop {
-        let event = match reader.read::<ServerEvent>() {
-            Ok(Some(e)) => e,
-            Ok(None) => break None,
-            Err(e) => break Some(e.to_string()),
+/// What the connection's thread owns.
+struct Driver {
+    chan: Channel,
+    requests: mailbox::Receiver<Vec<u8>>,
+    waker: Arc<Waker>,
+    closing: Arc<AtomicBool>,
+    pending: Pending,
+    events: Sender<Incoming>,
+    newest: Arc<AtomicI64>,
+}
+
+impl Driver {
+    fn run(mut self) {
+        let why = match self.serve() {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
         };
+        // Wake every waiter (their requests get no reply on this connection) and refuse new
+        // ones.
+        self.pending.lock().take();
+        let _ = self.events.send(Incoming::Closed(why));
+    }
+
+    /// Until the connection ends: `Ok` when closed by us or cleanly by the server, `Err` with
+    /// the reason otherwise.
+    fn serve(&mut self) -> Result<()> {
+        let mut readable = true;
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            while let Ok(frame) = self.requests.try_recv() {
+                self.chan.queue_encoded(&frame);
+            }
+            if self.chan.pending() > 0 {
+                self.chan.flush()?;
+            }
+            while readable {
+                while let Some(event) = self.chan.frame::<ServerEvent>(MAX_FRAME)? {
+                    self.dispatch(event)?;
+                }
+                match self.chan.fill()? {
+                    Fill::Data => {}
+                    Fill::Idle => readable = false,
+                    Fill::Closed if self.chan.buffered() == 0 => return Ok(()),
+                    Fill::Closed => {
+                        return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                    }
+                }
+            }
+            if !self.requests.prepare_wait() {
+                continue;
+            }
+            let ready = wait(
+                self.chan.stream(),
+                self.chan.interest(true),
+                &[&self.waker],
+                None,
+            );
+            self.requests.woke();
+            readable = ready?.readable;
+        }
+    }
+
+    fn dispatch(&mut self, event: ServerEvent) -> Result<()> {
         match event {
             ServerEvent::Reply(response) => {
                 let Some(id) = response.id else {
                     // A refusal of no request: the server is closing the connection.
-                    break response.result.err().map(|r| r.message);
+                    let why = response
+                        .result
+                        .err()
+                        .map(|r| r.message)
+                        .unwrap_or_else(|| "the server closed the connection".into());
+                    return Err(Error::Invalid(why));
                 };
                 if let Ok(ServerReply::Stored { msg_id }) = &response.result {
-                    newest.fetch_max(*msg_id, Ordering::SeqCst);
+                    self.newest.fetch_max(*msg_id, Ordering::SeqCst);
                 }
-                let waiter = pending.lock().as_mut().and_then(|p| p.remove(&id));
+                let waiter = self.pending.lock().as_mut().and_then(|p| p.remove(&id));
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(response);
                 }
             }
             ServerEvent::Deliver { msg } => {
-                newest.fetch_max(msg.id, Ordering::SeqCst);
-                let _ = events.send(Incoming::Message(Arc::unwrap_or_clone(msg)));
+                self.newest.fetch_max(msg.id, Ordering::SeqCst);
+                let _ = self
+                    .events
+                    .send(Incoming::Message(Arc::unwrap_or_clone(msg)));
             }
             ServerEvent::Synced => {
-                let _ = events.send(Incoming::Synced);
+                let _ = self.events.send(Incoming::Synced);
             }
-            ServerEvent::Welcome(_) => break Some("the server said hello twice".into()),
+            ServerEvent::Welcome(_) => {
+                return Err(Error::Protocol("the server said hello twice".into()))
+            }
         }
-    };
-    // Wake every waiter (their requests get no reply on this connection) and refuse new ones.
-    pending.lock().take();
-    let _ = events.send(Incoming::Closed(why));
+        Ok(())
+    }
 }

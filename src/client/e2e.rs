@@ -40,6 +40,7 @@ use super::{BalancerClient, Client};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
+use crate::transport::Transport;
 
 /// Body format version.
 const VERSION: u8 = 1;
@@ -203,14 +204,17 @@ pub fn fingerprint(keys: &PublicKeys) -> Result<String> {
 /// balancer's idle timeout.
 pub struct Directory {
     addr: String,
+    transport: Transport,
     conn: Option<BalancerClient>,
 }
 
 impl Directory {
-    /// A directory at the balancer `addr`; `conn` may be an already open connection.
-    pub fn new(addr: &str, conn: Option<BalancerClient>) -> Directory {
+    /// A directory at the balancer `addr`, reached with `transport`; `conn` may be an already
+    /// open connection.
+    pub fn new(addr: &str, transport: &Transport, conn: Option<BalancerClient>) -> Directory {
         Directory {
             addr: addr.to_string(),
+            transport: transport.clone(),
             conn,
         }
     }
@@ -223,7 +227,9 @@ impl Directory {
                 other => return other,
             }
         }
-        let conn = self.conn.insert(BalancerClient::connect(&self.addr)?);
+        let conn = self
+            .conn
+            .insert(BalancerClient::connect(&self.addr, &self.transport)?);
         f(conn)
     }
 

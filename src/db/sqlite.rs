@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 
 use super::writer::{Background, Batch};
-use super::{Options, Outgoing, StoredMessage, Tx};
+use super::{Options, Outgoing, SessionRow, StoredMessage, Tx};
 use crate::error::{Error, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 
@@ -242,40 +242,47 @@ impl Tx for SqliteTx<'_> {
     fn user_keys(&mut self, name: &str) -> Result<Option<PublicKeys>> {
         accounts::user_keys(self.conn, name)
     }
-    fn create_session(&mut self, token_hash: &[u8], user: &str, expires_at: i64) -> Result<()> {
-        accounts::create_session(self.conn, token_hash, user, expires_at)
+    fn create_session(
+        &mut self,
+        token_hash: &[u8],
+        user: &str,
+        expires_at: i64,
+        session_key: &[u8],
+    ) -> Result<()> {
+        accounts::create_session(self.conn, token_hash, user, expires_at, session_key)
     }
     fn end_session(&mut self, token_hash: &[u8]) -> Result<()> {
         accounts::end_session(self.conn, token_hash)
     }
-    fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<String>> {
-        accounts::session_user(self.conn, token_hash)
+    fn session(&mut self, token_hash: &[u8]) -> Result<Option<SessionRow>> {
+        accounts::session(self.conn, token_hash)
     }
 
-    fn cluster_key(&mut self) -> Result<Vec<u8>> {
-        registry::cluster_key(self.conn)
-    }
-    fn register_server(
-        &mut self,
-        addr: &str,
-        server_id: Option<u64>,
-        secret_hash: &[u8],
-    ) -> Result<Option<u64>> {
-        registry::register_server(self.conn, addr, server_id, secret_hash)
+    fn register_server(&mut self, name: &str, addr: &str) -> Result<u64> {
+        registry::register_server(self.conn, name, addr)
     }
     fn forget_server(&mut self, server_id: u64) -> Result<()> {
         registry::forget_server(self.conn, server_id)?;
         files::drop_uploads(self.conn, server_id, None)?;
         Ok(())
     }
-    fn server_secret_hash(&mut self, server_id: u64) -> Result<Option<Vec<u8>>> {
-        registry::server_secret_hash(self.conn, server_id)
+    fn server_name(&mut self, server_id: u64) -> Result<Option<String>> {
+        Ok(registry::server_addr(self.conn, server_id)?.map(|(_, name)| name))
     }
-    fn server_addr(&mut self, server_id: u64) -> Result<Option<String>> {
+    fn server_addr(&mut self, server_id: u64) -> Result<Option<(String, String)>> {
         registry::server_addr(self.conn, server_id)
     }
-    fn add_presence(&mut self, server_id: u64, conn_id: u64, user: &str) -> Result<()> {
-        registry::add_presence(self.conn, server_id, conn_id, user)
+    fn add_presence(
+        &mut self,
+        server_id: u64,
+        conn_id: u64,
+        user: &str,
+        token_hash: &[u8],
+    ) -> Result<()> {
+        registry::add_presence(self.conn, server_id, conn_id, user, token_hash)
+    }
+    fn ended_sessions(&mut self, server_id: u64) -> Result<Vec<u64>> {
+        registry::ended_sessions(self.conn, server_id)
     }
     fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()> {
         registry::remove_presence(self.conn, server_id, conn_id)

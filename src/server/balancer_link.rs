@@ -1,17 +1,18 @@
-//! The server's link to the balancer: registration, then a heartbeat every [`HEARTBEAT`] whose
-//! reply is the peer list. Reconnects and re-registers (same id, proven by the server's secret)
-//! if the balancer restarts.
+//! The server's link to the balancer: registration (mutual TLS: the balancer knows the server by
+//! its certificate, the server knows the balancer by its own), then a heartbeat every
+//! [`HEARTBEAT`] whose reply is the peer list. Reconnects and registers again (same name, so the
+//! same id) if the balancer restarts. Each beat also closes the local connections whose
+//! session ended (logout or expiry), wherever that happened.
 
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::shared::Shared;
 use crate::error::{Error, Result};
-use crate::net::ServerInfo;
-use crate::net::{BalancerReply, BalancerRequest, FrameReader, FrameWriter, Request, Response};
-use crate::transport::dial;
+use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
+use crate::transport::tls::LINK_TIMEOUT;
+use crate::transport::{Channel, Expect, Transport};
 
 /// How often the load is reported to the balancer.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -20,37 +21,32 @@ pub const HEARTBEAT: Duration = Duration::from_millis(500);
 pub struct BalancerLink {
     addr: String,
     advertise: String,
-    secret: Vec<u8>,
-    /// Proves to the balancer that this server can read the cluster's database.
-    cluster_key: Vec<u8>,
+    /// The name this server registers under.
+    pub name: String,
+    transport: Transport,
     /// The id the balancer gave at the last registration.
     pub server_id: u64,
-    conn: Option<(FrameReader<TcpStream>, FrameWriter<TcpStream>)>,
+    conn: Option<Channel>,
     next_id: u64,
 }
 
 impl BalancerLink {
-    /// Registers, retrying until `startup_timeout`; a refusal is final.
-    pub fn connect(
-        config: &Config,
-        advertise: &str,
-        secret: &[u8],
-        cluster_key: Vec<u8>,
-    ) -> Result<BalancerLink> {
+    /// Registers as `name`, retrying until `startup_timeout`; a refusal is final.
+    pub fn connect(config: &Config, advertise: &str, name: &str) -> Result<BalancerLink> {
         let mut link = BalancerLink {
             addr: config.balancer.clone(),
             advertise: advertise.to_string(),
-            secret: secret.to_vec(),
-            cluster_key,
+            name: name.to_string(),
+            transport: config.transport.clone(),
             server_id: 0,
             conn: None,
             next_id: 1,
         };
         let deadline = Instant::now() + config.startup_timeout;
         loop {
-            match link.register(None) {
+            match link.register() {
                 Ok(()) => return Ok(link),
-                Err(e @ Error::Refused { .. }) => return Err(e),
+                Err(e @ (Error::Refused { .. } | Error::Integrity(_))) => return Err(e),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(e) => {
                     log::warn!("balancer {} not reachable yet: {e}", link.addr);
@@ -64,12 +60,12 @@ impl BalancerLink {
     fn request(&mut self, body: BalancerRequest) -> Result<BalancerReply> {
         let id = self.next_id;
         self.next_id += 1;
-        let (r, w) = self
+        let ch = self
             .conn
             .as_mut()
             .ok_or_else(|| Error::Protocol("not connected to the balancer".into()))?;
-        w.send(&Request { id, body })?;
-        match r.read::<Response<BalancerReply>>()? {
+        ch.send(&Request { id, body })?;
+        match ch.recv::<Response<BalancerReply>>(MAX_FRAME)? {
             Some(response) if response.id == Some(id) || response.id.is_none() => {
                 response.into_result()
             }
@@ -81,19 +77,18 @@ impl BalancerLink {
         }
     }
 
-    fn register(&mut self, known: Option<u64>) -> Result<()> {
+    fn register(&mut self) -> Result<()> {
         self.conn = None;
-        let stream = dial(&self.addr, "balancer")?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        self.conn = Some((
-            FrameReader::new(stream.try_clone()?),
-            FrameWriter::new(stream),
-        ));
+        let stream = self
+            .transport
+            .connect(&self.addr, "balancer", &Expect::Balancer)?;
+        let ch = Channel::new(stream)?;
+        ch.stream().tcp().set_read_timeout(Some(LINK_TIMEOUT))?;
+        ch.stream().tcp().set_write_timeout(Some(LINK_TIMEOUT))?;
+        self.conn = Some(ch);
         let reply = self.request(BalancerRequest::Register {
             addr: self.advertise.clone(),
-            server_id: known,
-            secret: self.secret.clone(),
-            cluster_key: self.cluster_key.clone(),
+            name: self.name.clone(),
         });
         match reply {
             Ok(BalancerReply::Registered { server_id }) => {
@@ -127,10 +122,10 @@ impl BalancerLink {
         let mut lost = false;
         while !shared.stopping.load(Ordering::SeqCst) {
             if self.conn.is_none() {
-                match self.register(Some(shared.server_id)) {
+                match self.register() {
                     Ok(()) if self.server_id == shared.server_id => {
                         log::info!(
-                            "re-registered with the balancer as server {}",
+                            "registered again with the balancer as server {}",
                             self.server_id
                         );
                         lost = false;
@@ -159,8 +154,22 @@ impl BalancerLink {
                     }
                 }
             }
+            close_ended_sessions(shared);
             // Sleep one period, or less if the server stops meanwhile.
             let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
         }
+    }
+}
+
+/// Closes the local connections whose session has ended (a logout on any balancer, or
+/// expiry): the database is where sessions live, so every server hears of it.
+fn close_ended_sessions(shared: &Shared) {
+    match shared.store.read(|tx| tx.ended_sessions(shared.server_id)) {
+        Ok(ended) if !ended.is_empty() => {
+            let n = shared.router.cut(&ended);
+            log::info!("closed {n} connections whose session ended");
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot check for ended sessions: {e}"),
     }
 }

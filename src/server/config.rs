@@ -4,12 +4,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::net::DEFAULT_MAX_FILE;
+use crate::transport::Transport;
 
 /// Chat server settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The shared SQLite file.
     pub db: PathBuf,
+    /// TLS with this server's certificate (or plaintext, for teaching).
+    pub transport: Transport,
+    /// The name to register under: with TLS, the name in the certificate (the default); in
+    /// plaintext, `server-PORT` unless given.
+    pub name: Option<String>,
     /// The balancer to register with.
     pub balancer: String,
     /// The address to register (default: the listener's address, with 127.0.0.1 for 0.0.0.0).
@@ -30,10 +36,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the database and balancer.
-    pub fn new(db: PathBuf, balancer: String) -> Config {
+    /// Defaults for everything but the database, the balancer and the transport.
+    pub fn new(db: PathBuf, balancer: String, transport: Transport) -> Config {
         Config {
             db,
+            transport,
+            name: None,
             balancer,
             advertise: None,
             max_clients: 10_000,

@@ -1,29 +1,29 @@
-//! A client connection's outbound side: what its writer thread is asked to write, the handle
-//! other threads use to reach it, and the writer thread's loop (including the sync of the
-//! client's queue at login).
+//! A client connection's outbound side: what other threads hand its thread to send, the handle
+//! they reach it by, and what its thread does with each item (including the sync of the
+//! client's queue at login, page by page).
 //!
 //! ```text
-//! session (replies) ──┐
-//! db-writer (Stored,  ├─▶ Handle: mailbox (bounded) ──▶ writer thread ──▶ socket
-//!   live messages) ───┤       full? cut the connection     one flush per burst
-//! peer links ─────────┘
+//! db-writer (Stored,  ─┐
+//!   live messages)     ├─▶ Handle: mailbox (bounded) + waker ──▶ the connection's thread:
+//! peer links ──────────┘       full? cut the connection          Delivery::put ──▶ Channel
 //! ```
 
-use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
 use crate::db::Store;
 use crate::error::Result;
-use crate::mailbox::{self, Sender, TrySendError};
-use crate::net::{Envelope, ErrorCode, FrameWriter, ServerEvent};
+use crate::mailbox::{Sender, TrySendError};
+use crate::net::{Envelope, ServerEvent};
+use crate::transport::{Channel, Waker};
 
 /// Messages read from the database per page during a sync.
 const SYNC_PAGE: usize = 256;
 
 /// A slot of a connection's file window, given back when dropped: a file chunk holds one from
-/// the moment its request is read until it is committed (upload) or written to the socket
+/// the moment its request is read until it is committed (upload) or queued for the socket
 /// (download), so a client can make the server hold only a few chunks at a time.
 #[derive(Debug)]
 pub struct Permit(Receiver<()>);
@@ -42,12 +42,12 @@ impl Drop for Permit {
     }
 }
 
-/// What a connection's writer thread is asked to write.
+/// What a connection's thread is asked to send.
 #[derive(Debug)]
 pub enum Outbound {
     /// A reply or notice, written as is.
     Event(ServerEvent),
-    /// A file chunk; its window slot is given back once it is written.
+    /// A file chunk; its window slot is given back once it is queued for the socket.
     Chunk(ServerEvent, Permit),
     /// A live message. Dropped if it arrives before the queue is synced (the sync reads it from
     /// the database) or if the sync already sent it.
@@ -59,16 +59,38 @@ pub enum Outbound {
     Resync,
 }
 
-/// How another thread cuts a connection off (its queue is full, the server is stopping): the
-/// connection's own threads then notice and end.
+/// How another thread cuts a connection off (its queue is full, its session ended): the
+/// connection's thread then notices and ends.
 pub trait Cut: Send + Sync {
     /// Ends the connection.
     fn cut(&self);
 }
 
-impl Cut for TcpStream {
+/// A connection's cut-off: a flag its thread checks, and the waker that makes it look.
+pub struct ConnCut {
+    cut: AtomicBool,
+    waker: Arc<Waker>,
+}
+
+impl ConnCut {
+    /// A cut-off that wakes the thread sleeping on `waker`.
+    pub fn new(waker: Arc<Waker>) -> ConnCut {
+        ConnCut {
+            cut: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// Whether the connection was cut off.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+}
+
+impl Cut for ConnCut {
     fn cut(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+        self.cut.store(true, Ordering::SeqCst);
+        self.waker.wake();
     }
 }
 
@@ -77,9 +99,9 @@ impl Cut for TcpStream {
 pub struct Handle {
     /// Unique per server run.
     pub conn_id: u64,
-    /// The connection's outbound queue.
+    /// The connection's outbound mailbox (it rings the connection's waker).
     pub tx: Sender<Outbound>,
-    /// Cuts the connection off (a client whose queue is full, a server stopping).
+    /// Cuts the connection off (a client whose queue is full, a session that ended).
     pub cut: Arc<dyn Cut>,
 }
 
@@ -102,70 +124,101 @@ impl Handle {
     }
 }
 
-/// Writes one refusal of the connection (no request id) and closes the socket: for
-/// connections refused before they start.
-pub fn refuse_once(stream: &TcpStream, code: ErrorCode, message: &str) {
-    if let Ok(s) = stream.try_clone() {
-        let _ = FrameWriter::new(s).send(&ServerEvent::refused(None, code, message));
-    }
-    let _ = stream.shutdown(Shutdown::Both);
+/// A sync in progress.
+#[derive(Debug, Clone, Copy)]
+struct Syncing {
+    /// The highest message id sent so far.
+    after: i64,
+    /// A resync (the first sync is done).
+    again: bool,
 }
 
-/// The connection's writer thread: drains its outbound queue onto the socket, flushing when the
-/// queue runs dry so bursts go out in few system calls.
-pub fn write_loop(
-    stream: TcpStream,
-    rx: &mailbox::Receiver<Outbound>,
-    store: &Store,
-    user: &str,
-) -> Result<()> {
-    let mut w = FrameWriter::new(stream);
-    // Highest message id sent by the sync; `None` until the sync has run.
-    let mut synced_to: Option<i64> = None;
-    while let Ok(first) = rx.recv() {
-        let mut item = Some(first);
-        while let Some(next) = item.take() {
-            match next {
-                Outbound::Event(e) => w.write(&e)?,
-                Outbound::Chunk(e, permit) => {
-                    w.write(&e)?;
-                    drop(permit);
+/// What a connection has sent of its user's queue, and what it holds back meanwhile.
+///
+/// The first sync reads the queue in pages (so a large backlog never sits whole in memory);
+/// live messages that arrive meanwhile are dropped, because the sync reads them from the
+/// database (they were committed before they were routed). After it, live messages with ids
+/// above the last one synced are sent as they come. A resync reads the queue again from the
+/// start; live messages that arrive meanwhile wait until it ends, so that nothing newer
+/// overtakes what it finds.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// The highest id the syncs sent; `None` until the first sync ended.
+    synced_to: Option<i64>,
+    syncing: Option<Syncing>,
+    held: Vec<Arc<Envelope>>,
+}
+
+impl Delivery {
+    /// Whether a sync is in progress (see [`Delivery::sync_page`]).
+    pub fn syncing(&self) -> bool {
+        self.syncing.is_some()
+    }
+
+    /// Takes one outbound item: frames go into `chan`'s write buffer.
+    pub fn put(&mut self, item: Outbound, chan: &mut Channel) -> Result<()> {
+        match item {
+            Outbound::Event(e) => chan.queue(&e)?,
+            Outbound::Chunk(e, permit) => {
+                chan.queue(&e)?;
+                drop(permit);
+            }
+            Outbound::Message(msg) => match (self.syncing, self.synced_to) {
+                (Some(Syncing { again: true, .. }), _) => self.held.push(msg),
+                (Some(_), _) => {}
+                (None, Some(upto)) if msg.id > upto => {
+                    chan.queue(&ServerEvent::Deliver { msg })?;
                 }
-                Outbound::Message(msg) => match synced_to {
-                    Some(upto) if msg.id > upto => w.write(&ServerEvent::Deliver { msg })?,
-                    _ => {}
-                },
-                Outbound::Sync => synced_to = Some(sync(&mut w, store, user, 0)?),
-                Outbound::Resync => {
-                    if let Some(upto) = synced_to {
-                        synced_to = Some(upto.max(sync(&mut w, store, user, 0)?));
-                    }
+                _ => {}
+            },
+            Outbound::Sync => {
+                if self.syncing.is_none() && self.synced_to.is_none() {
+                    self.syncing = Some(Syncing {
+                        after: 0,
+                        again: false,
+                    });
                 }
             }
-            item = rx.try_recv().ok();
+            // A sync in progress already covers what a resync would find (ids follow commit
+            // order, and what a dead peer committed is older than what the sync reads next).
+            Outbound::Resync => {
+                if self.syncing.is_none() && self.synced_to.is_some() {
+                    self.syncing = Some(Syncing {
+                        after: 0,
+                        again: true,
+                    });
+                }
+            }
         }
-        w.flush()?;
+        Ok(())
     }
-    Ok(())
-}
 
-/// Sends every queued message for `user` with an id above `after`, oldest first, then
-/// `Synced`. Returns the highest id sent (`after` when there was none).
-fn sync(w: &mut FrameWriter<TcpStream>, store: &Store, user: &str, mut after: i64) -> Result<i64> {
-    loop {
-        let page = store.read(|tx| tx.queued(user, after, SYNC_PAGE))?;
+    /// Sends the next page of the sync in progress (and `Synced`, after the last page).
+    pub fn sync_page(&mut self, chan: &mut Channel, store: &Store, user: &str) -> Result<()> {
+        let Some(mut s) = self.syncing else {
+            return Ok(());
+        };
+        let page = store.read(|tx| tx.queued(user, s.after, SYNC_PAGE))?;
         let last_page = page.len() < SYNC_PAGE;
         for msg in page {
-            after = msg.id;
-            w.write(&ServerEvent::Deliver { msg: Arc::new(msg) })?;
+            s.after = msg.id;
+            chan.queue(&ServerEvent::Deliver { msg: Arc::new(msg) })?;
         }
-        if last_page {
-            break;
+        if !last_page {
+            self.syncing = Some(s);
+            return Ok(());
         }
-        w.flush()?;
+        chan.queue(&ServerEvent::Synced)?;
+        self.syncing = None;
+        // Ids follow commit order (db invariant 1), so every message for this user with an id
+        // up to `s.after` was in the pages read; live messages with higher ids are new.
+        let upto = self.synced_to.map_or(s.after, |t| t.max(s.after));
+        self.synced_to = Some(upto);
+        for msg in std::mem::take(&mut self.held) {
+            if msg.id > upto {
+                chan.queue(&ServerEvent::Deliver { msg })?;
+            }
+        }
+        Ok(())
     }
-    w.write(&ServerEvent::Synced)?;
-    // Ids follow commit order (db invariant 1), so every message for this user with an id up
-    // to `after` was in the pages read above; live messages with higher ids are new.
-    Ok(after)
 }

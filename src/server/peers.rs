@@ -15,7 +15,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,7 +25,9 @@ use parking_lot::Mutex;
 use super::router::Router;
 use crate::error::{Error, Result};
 use crate::mailbox::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
-use crate::net::{Envelope, FrameReader, FrameWriter, Greeting, PeerMessage, ServerInfo};
+use crate::net::{Envelope, ErrorCode, Greeting, PeerMessage, ServerEvent, ServerInfo, MAX_FRAME};
+use crate::transport::tls::LINK_TIMEOUT;
+use crate::transport::{Channel, Expect, Transport, Waker};
 
 /// Messages waiting on one link before new ones are dropped (they stay stored).
 const LINK_QUEUE: usize = 65_536;
@@ -52,17 +53,18 @@ struct Link {
 /// a lookup plus a `try_send`.
 pub struct Peers {
     me: u64,
-    secret: Vec<u8>,
+    /// Our certificate, to present to peers, and the CA to check theirs.
+    transport: Transport,
     links: Mutex<HashMap<u64, Link>>,
     stopping: Arc<AtomicBool>,
 }
 
 impl Peers {
-    /// No links yet; `me` and `secret` identify this server to its peers.
-    pub fn new(me: u64, secret: Vec<u8>, stopping: Arc<AtomicBool>) -> Peers {
+    /// No links yet; this server is `me`, and proves it with `transport`'s certificate.
+    pub fn new(me: u64, transport: Transport, stopping: Arc<AtomicBool>) -> Peers {
         Peers {
             me,
-            secret,
+            transport,
             links: Mutex::new(HashMap::new()),
             stopping,
         }
@@ -94,16 +96,17 @@ impl Peers {
 
     fn open(&self, peer: &ServerInfo) -> Result<Link> {
         let (tx, rx) = mailbox::bounded(LINK_QUEUE);
-        let hello = Greeting::Peer {
-            server_id: self.me,
-            secret: self.secret.clone(),
+        let target = Target {
+            id: peer.id,
+            name: peer.name.clone(),
+            addr: peer.addr.clone(),
+            hello: Greeting::Peer { server_id: self.me },
         };
-        let addr = peer.addr.clone();
+        let transport = self.transport.clone();
         let stopping = Arc::clone(&self.stopping);
-        let peer_id = peer.id;
         let thread = std::thread::Builder::new()
-            .name(format!("peer-{peer_id}"))
-            .spawn(move || link_loop(peer_id, &addr, &hello, &rx, &stopping))?;
+            .name(format!("peer-{}", peer.id))
+            .spawn(move || link_loop(&target, &transport, &rx, &stopping))?;
         Ok(Link {
             addr: peer.addr.clone(),
             tx,
@@ -116,23 +119,18 @@ impl Peers {
         self.links.lock().contains_key(&peer)
     }
 
-    /// Opens a link to `peer` at `addr` unless one exists (before the heartbeat lists it).
-    pub fn ensure(&self, peer: u64, addr: &str) {
+    /// Opens a link to `peer` unless one exists (before the heartbeat lists it).
+    pub fn ensure(&self, peer: &ServerInfo) {
         let mut links = self.links.lock();
-        if peer == self.me || links.contains_key(&peer) {
+        if peer.id == self.me || links.contains_key(&peer.id) {
             return;
         }
-        let info = ServerInfo {
-            id: peer,
-            addr: addr.to_string(),
-            load: 0,
-        };
-        match self.open(&info) {
+        match self.open(peer) {
             Ok(link) => {
-                log::info!("peer {peer} at {addr} linked on demand");
-                links.insert(peer, link);
+                log::info!("peer {} at {} linked on demand", peer.id, peer.addr);
+                links.insert(peer.id, link);
             }
-            Err(e) => log::error!("cannot start link to peer {peer}: {e}"),
+            Err(e) => log::error!("cannot start link to peer {}: {e}", peer.id),
         }
     }
 
@@ -167,28 +165,44 @@ impl Peers {
     }
 }
 
+/// The server a link goes to.
+struct Target {
+    id: u64,
+    /// The name its certificate must state.
+    name: String,
+    addr: String,
+    /// Our greeting.
+    hello: Greeting,
+}
+
 /// Connects (and reconnects) to a peer and writes relayed messages until the link is dropped.
 ///
 /// Messages written since the last successful flush are kept and written again after a
 /// reconnect, so a broken link does not leave a gap that would let a later message overtake an
 /// earlier one (the peer may get some twice; clients drop duplicates by id).
 fn link_loop(
-    peer: u64,
-    addr: &str,
-    hello: &Greeting,
+    target: &Target,
+    transport: &Transport,
     rx: &Receiver<Arc<Relayed>>,
     stopping: &AtomicBool,
 ) {
-    let Ok(sockaddr) = addr.parse::<SocketAddr>() else {
-        log::error!("peer {peer} has a bad address {addr:?}");
-        return;
-    };
+    let peer = target.id;
+    let what = format!("peer server {peer}");
+    let expect = Expect::Server(Some(target.name.clone()));
     let mut unsent: Vec<Arc<Relayed>> = Vec::new();
     while !stopping.load(Ordering::SeqCst) {
-        let stream = match TcpStream::connect_timeout(&sockaddr, Duration::from_secs(1)) {
-            Ok(s) => s,
+        let link = transport
+            .connect(&target.addr, &what, &expect)
+            .and_then(Channel::new)
+            .and_then(|mut ch| {
+                ch.stream().tcp().set_write_timeout(Some(LINK_TIMEOUT))?;
+                ch.send(&target.hello)?;
+                Ok(ch)
+            });
+        let mut ch = match link {
+            Ok(ch) => ch,
             Err(e) => {
-                log::debug!("peer {peer} at {addr} unreachable: {e}");
+                log::debug!("{what} at {} unreachable: {e}", target.addr);
                 // Wait before retrying, but notice the link being closed.
                 match rx.recv_deadline(std::time::Instant::now() + Duration::from_millis(250)) {
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -202,15 +216,9 @@ fn link_loop(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        let mut w = FrameWriter::new(stream);
-        if w.send(hello).is_err() {
-            continue;
-        }
-        match pump(&mut w, rx, &mut unsent) {
+        match pump(&mut ch, rx, &mut unsent) {
             Ok(()) => return,
-            Err(e) => log::warn!("link to peer {peer} at {addr} broke: {e}; reconnecting"),
+            Err(e) => log::warn!("link to {what} at {} broke: {e}; reconnecting", target.addr),
         }
     }
 }
@@ -218,15 +226,17 @@ fn link_loop(
 /// Writes `unsent` and then queued messages, flushing whenever the queue runs dry; a message
 /// leaves `unsent` only once a flush that included it succeeded. `Ok` when the link is closed.
 fn pump(
-    w: &mut FrameWriter<TcpStream>,
+    ch: &mut Channel,
     rx: &Receiver<Arc<Relayed>>,
     unsent: &mut Vec<Arc<Relayed>>,
 ) -> Result<()> {
     loop {
         for msg in unsent.iter() {
-            w.write(&relay(msg))?;
+            ch.queue(&relay(msg))?;
         }
-        w.flush()?;
+        if !ch.flush()? {
+            return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+        }
         unsent.clear();
         match rx.recv() {
             Ok(msg) => unsent.push(msg),
@@ -248,16 +258,12 @@ fn relay(item: &Relayed) -> PeerMessage {
     }
 }
 
-/// Serves a link a peer opened to this server (after its [`Greeting::Peer`] was checked):
-/// relayed messages go to their local recipients until the link ends. However it ends, the
-/// peer may have committed messages it never relayed: every local connection then re-reads
-/// its queue.
-pub fn serve_inbound(
-    reader: &mut FrameReader<TcpStream>,
-    router: &Router,
-    peer: u64,
-) -> Result<()> {
-    reader.get_ref().set_read_timeout(None)?;
+/// Serves a link a peer opened to this server (after its greeting was checked): relayed
+/// messages go to their local recipients until the link ends or `stop` is set. However it
+/// ends, the peer may have committed messages it never relayed: every local connection then
+/// re-reads its queue.
+pub fn serve_inbound(ch: &mut Channel, router: &Router, stop: &Waker, peer: u64) -> Result<()> {
+    ch.set_nonblocking(true)?;
     log::debug!("peer {peer} linked in");
     struct ResyncOnEnd<'a>(&'a Router, u64);
     impl Drop for ResyncOnEnd<'_> {
@@ -268,17 +274,14 @@ pub fn serve_inbound(
     }
     let _resync = ResyncOnEnd(router, peer);
     loop {
-        match reader.read::<PeerMessage>() {
+        match ch.recv_until::<PeerMessage>(MAX_FRAME, None, Some(stop)) {
             Ok(Some(PeerMessage::Relay { msg, users })) => {
                 router.deliver(&users, &msg);
             }
             Ok(None) => return Ok(()),
             Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
-                super::outbound::refuse_once(
-                    reader.get_ref(),
-                    crate::net::ErrorCode::BadFrame,
-                    &e.to_string(),
-                );
+                let bad = ServerEvent::refused(None, ErrorCode::BadFrame, e.to_string());
+                let _ = ch.send_before(&bad, std::time::Instant::now() + LINK_TIMEOUT);
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -292,9 +295,37 @@ mod tests {
     use crate::net::encode_into;
     use crate::server::outbound::{Handle, Outbound};
     use crate::server::testing::{envelope, Flag};
+    use crate::transport::pki::{self, Member, Role};
+    use crate::transport::Stream;
     use std::io::Write;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
     use std::time::Instant;
+
+    /// A cluster folder with a balancer and two servers' certificates.
+    struct Pki {
+        _tmp: tempfile::TempDir,
+        dir: PathBuf,
+    }
+
+    fn pki() -> Pki {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tls");
+        let member = |role, name: &str| Member {
+            role,
+            name: name.into(),
+        };
+        pki::init(
+            &dir,
+            &[
+                member(Role::Balancer, "balancer"),
+                member(Role::Server, "server-1"),
+                member(Role::Server, "server-2"),
+            ],
+        )
+        .unwrap();
+        Pki { _tmp: tmp, dir }
+    }
 
     fn relayed(id: i64) -> Arc<Relayed> {
         Arc::new(Relayed {
@@ -303,34 +334,34 @@ mod tests {
         })
     }
 
-    /// Accepts the next link within a few seconds and checks its greeting.
-    fn accept_link(listener: &TcpListener, me: u64) -> FrameReader<TcpStream> {
+    /// Accepts the next link within a few seconds as `as_server`, checks that it comes from
+    /// server-1 (its certificate and its greeting), and returns it.
+    fn accept_link(listener: &TcpListener, as_server: &Transport) -> Option<Channel> {
         listener.set_nonblocking(true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
+        let tcp = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => panic!("no link within 10 s: {e}"),
             }
         };
-        stream.set_nonblocking(false).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut r = FrameReader::new(stream);
-        match r.read::<Greeting>().unwrap() {
-            Some(Greeting::Peer { server_id, secret }) => {
-                assert_eq!(server_id, me);
-                assert_eq!(secret, b"secret".to_vec());
-            }
-            other => panic!("expected a peer greeting, got {other:?}"),
+        let stream = as_server.accept(tcp, deadline, None).ok()?;
+        assert_eq!(stream.peer().map(|m| m.name), Some("server-1".into()));
+        let mut ch = Channel::new(stream).unwrap();
+        ch.set_nonblocking(true).unwrap();
+        match ch.recv_until::<Greeting>(1024, Some(deadline), None) {
+            Ok(Some(Greeting::Peer { server_id: 1 })) => Some(ch),
+            _ => None,
         }
-        r
     }
 
-    fn next_id(r: &mut FrameReader<TcpStream>) -> i64 {
-        match r.read::<PeerMessage>().unwrap() {
+    fn next_id(ch: &mut Channel) -> i64 {
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        match ch
+            .recv_until::<PeerMessage>(MAX_FRAME, deadline, None)
+            .unwrap()
+        {
             Some(PeerMessage::Relay { msg, users }) => {
                 assert_eq!(users, ["bob"]);
                 msg.id
@@ -339,30 +370,34 @@ mod tests {
         }
     }
 
-    fn peers() -> Peers {
-        Peers::new(1, b"secret".to_vec(), Arc::new(AtomicBool::new(false)))
+    fn peers(p: &Pki) -> Peers {
+        let me = Transport::member(&p.dir, "server-1").unwrap();
+        Peers::new(1, me, Arc::new(AtomicBool::new(false)))
     }
 
-    fn info(id: u64, listener: &TcpListener) -> ServerInfo {
+    fn info(id: u64, name: &str, listener: &TcpListener) -> ServerInfo {
         ServerInfo {
             id,
+            name: name.into(),
             addr: listener.local_addr().unwrap().to_string(),
             load: 0,
         }
     }
 
     #[test]
-    fn a_link_greets_then_relays_in_order() {
+    fn a_link_proves_itself_greets_then_relays_in_order() {
+        let p = pki();
+        let server2 = Transport::member(&p.dir, "server-2").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peers = peers();
+        let peers = peers(&p);
         assert!(!peers.relay(2, &relayed(1)), "no link yet");
-        peers.update(&[info(2, &listener)]);
+        peers.update(&[info(2, "server-2", &listener)]);
         assert!(peers.has_link(2));
         for id in 1..=50 {
             assert!(peers.relay(2, &relayed(id)));
         }
-        let mut r = accept_link(&listener, 1);
-        let got: Vec<i64> = (0..50).map(|_| next_id(&mut r)).collect();
+        let mut ch = accept_link(&listener, &server2).expect("linked");
+        let got: Vec<i64> = (0..50).map(|_| next_id(&mut ch)).collect();
         assert_eq!(got, (1..=50).collect::<Vec<_>>());
         peers.update(&[]);
         assert!(!peers.has_link(2), "a peer gone from the list is unlinked");
@@ -370,20 +405,43 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_link_reconnects_and_what_comes_next_arrives() {
+    fn a_link_refuses_a_peer_whose_certificate_is_another_servers() {
+        let p = pki();
+        // Listed as server-3, but the process there holds server-2's certificate.
+        let server2 = Transport::member(&p.dir, "server-2").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peers = peers();
-        peers.ensure(2, &info(2, &listener).addr);
+        let peers = peers(&p);
+        peers.update(&[info(3, "server-3", &listener)]);
+        peers.relay(3, &relayed(1));
+        assert!(
+            accept_link(&listener, &server2).is_none(),
+            "no greeting, no relay"
+        );
+        peers.close();
+    }
+
+    #[test]
+    fn a_broken_link_reconnects_and_what_comes_next_arrives() {
+        let p = pki();
+        let server2 = Transport::member(&p.dir, "server-2").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = peers(&p);
+        peers.ensure(&info(2, "server-2", &listener));
         peers.relay(2, &relayed(1));
-        let mut first = accept_link(&listener, 1);
+        let mut first = accept_link(&listener, &server2).expect("linked");
         assert_eq!(next_id(&mut first), 1);
         drop(first);
         // Keep relaying until the link notices and comes back (a write into the dead socket
         // may still succeed once: relaying is best-effort, the database has it all).
-        listener.set_nonblocking(true).unwrap();
+        let relaying = std::thread::spawn({
+            let peers = Arc::new(());
+            move || drop(peers)
+        });
+        relaying.join().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut id = 1;
-        let stream = loop {
+        listener.set_nonblocking(true).unwrap();
+        let tcp = loop {
             id += 1;
             peers.relay(2, &relayed(id));
             match listener.accept() {
@@ -394,15 +452,15 @@ mod tests {
                 Err(e) => panic!("no reconnect within 10 s: {e}"),
             }
         };
-        stream.set_nonblocking(false).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+        let stream = server2
+            .accept(tcp, Instant::now() + Duration::from_secs(10), None)
             .unwrap();
-        let mut again = FrameReader::new(stream);
-        assert!(matches!(
-            again.read::<Greeting>().unwrap(),
-            Some(Greeting::Peer { server_id: 1, .. })
-        ));
+        let mut again = Channel::new(stream).unwrap();
+        again.set_nonblocking(true).unwrap();
+        let greeting = again
+            .recv_until::<Greeting>(1024, Some(Instant::now() + Duration::from_secs(10)), None)
+            .unwrap();
+        assert!(matches!(greeting, Some(Greeting::Peer { server_id: 1 })));
         peers.relay(2, &relayed(1000));
         let mut seen = Vec::new();
         while seen.last() != Some(&1000) {
@@ -440,8 +498,9 @@ mod tests {
         }
         peer.write_all(&frames).unwrap();
         drop(peer);
-        let mut reader = FrameReader::new(inbound);
-        serve_inbound(&mut reader, &router, 2).unwrap();
+        let mut ch = Channel::new(Stream::Plain(inbound)).unwrap();
+        let stop = Waker::new().unwrap();
+        serve_inbound(&mut ch, &router, &stop, 2).unwrap();
         let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|o| match o {
                 Outbound::Message(m) => format!("message {}", m.id),

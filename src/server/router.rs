@@ -70,13 +70,16 @@ impl Router {
         }
     }
 
-    /// Cuts off every client connection (server shutdown); their threads then clean up.
-    pub fn close_all(&self) {
+    /// Cuts off the connections with these ids (their sessions ended); returns how many.
+    pub fn cut(&self, conn_ids: &[u64]) -> usize {
+        let mut n = 0;
         for handles in self.users.read().values() {
-            for h in handles {
+            for h in handles.iter().filter(|h| conn_ids.contains(&h.conn_id)) {
                 h.cut.cut();
+                n += 1;
             }
         }
+        n
     }
 }
 
@@ -140,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn resync_and_close_reach_every_connection() {
+    fn resync_reaches_every_connection_and_cut_only_those_named() {
         let router = Router::default();
         let (a, rx_a, cut_a) = connection(1, 8);
         let (b, rx_b, cut_b) = connection(2, 8);
@@ -150,7 +153,7 @@ mod tests {
         for rx in [&rx_a, &rx_b] {
             assert!(matches!(rx.try_recv(), Ok(Outbound::Resync)));
         }
-        router.close_all();
-        assert!(cut_a.is_set() && cut_b.is_set());
+        assert_eq!(router.cut(&[2, 9]), 1);
+        assert!(!cut_a.is_set() && cut_b.is_set());
     }
 }

@@ -1,39 +1,42 @@
-//! One client connection on a chat server, after `Hello`: its reader thread (which decodes and
-//! handles requests), its writer thread (which owns the socket's write half; see
-//! [`super::outbound`]), and what a request does, by concern: [`messages`] (send, acknowledge,
-//! route), [`groups`] and [`files`].
+//! One client connection on a chat server, after `Hello`: one thread owns the connection (its
+//! socket and TLS session), reads and handles requests, and writes everything the client is
+//! sent. What a request does is split by concern: [`messages`] (send, acknowledge, route),
+//! [`groups`] and [`files`].
 //!
 //! ```text
-//! reader thread ── writes: Store::submit ──▶ db-writer ── after commit ──▶ reply, route
-//!      │ reads: Store::read (own thread)                                      │
-//!      ▼                                                                      ▼
-//!  Outbound (bounded) ◀──────────────── Router (live messages) ◀───── local or peer
-//!      │
-//!      ▼
-//! writer thread: Sync first, then events and live messages, one flush per burst
+//!                  ┌──────────── the connection's thread ─────────────┐
+//! socket ─ frames ─▶ handle request ── reads: Store::read (here)       │
+//!                  │      │ writes: Store::submit ──▶ db-writer ─ after commit ─┐
+//!                  │      ▼ replies (local queue)                     │         │ Stored,
+//!                  │  Delivery ◀── mailbox (bounded) ◀── waker ◀──────┼─────────┘ live
+//!                  │      │  sync page by page                        │   messages (router,
+//! socket ◀─ flush ─┼──────┘                                           │   peer links)
+//!                  └─ poll(socket, waker, stop) when there is nothing to do
 //! ```
 //!
-//! The reader never waits for a commit, so a client may pipeline requests. Replies that come
-//! from the writer thread are offered without blocking; a client whose queue is full is cut off
-//! (everything it was sent stays stored for its next login).
+//! The thread never waits for a commit, so a client may pipeline requests. It stops reading
+//! while its output is backed up (a client that does not read cannot make it buffer without
+//! bound), while a file request waits for a window slot, and while the client is over its
+//! request rate. Other threads offer items without blocking; a client whose mailbox is full is
+//! cut off (everything it was sent stays stored for its next login).
 
-use std::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::outbound::{self, Handle, Outbound, Permit};
+use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit};
 use super::shared::Shared;
 use crate::db::Tx;
 use crate::error::{Error, Result};
 use crate::mailbox;
 use crate::names;
-use crate::net::{
-    ErrorCode, FrameReader, Request, ServerEvent, ServerReply, ServerRequest, Welcome,
-};
+use crate::net::{ErrorCode, Request, ServerEvent, ServerReply, ServerRequest, Welcome, MAX_FRAME};
 use crate::throttle::Bucket;
+use crate::transport::{wait, Channel, Fill, Waker};
 
 mod files;
 mod groups;
@@ -43,67 +46,69 @@ mod messages;
 /// outbound queue (downloads). Bounds the memory one client can make the server hold.
 const FILE_WINDOW: usize = 8;
 
-/// How long a reader waits for a file-window slot before giving up on the client.
-const WINDOW_WAIT: Duration = Duration::from_secs(30);
+/// Bytes waiting for the socket above which a connection stops reading requests and taking
+/// items from its mailbox, until the client reads.
+const BACKLOG: usize = 1024 * 1024;
 
-/// Serves an authenticated client until it disconnects.
+/// Requests handled in one turn before the thread looks at its mailbox again.
+const TURN: usize = 64;
+
+/// How long a connection that is closing may take to send what it still has.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Serves an authenticated client until it disconnects, on the calling thread.
 pub fn serve_client(
-    stream: TcpStream,
-    mut reader: FrameReader<TcpStream>,
+    mut chan: Channel,
     shared: &Arc<Shared>,
     user: String,
+    token_hash: Vec<u8>,
 ) -> Result<()> {
     let count = shared.clients.fetch_add(1, Ordering::SeqCst) as usize + 1;
     if count > shared.config.max_clients {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
-        outbound::refuse_once(
-            &stream,
+        let full = ServerEvent::refused(
+            None,
             ErrorCode::Unavailable,
             "server is full; ask the balancer for another",
         );
+        let _ = chan.send_before(&full, Instant::now() + LINGER);
         return Ok(());
     }
-    reader.get_ref().set_read_timeout(None)?;
-    let stream = Arc::new(stream);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-    let (tx, rx) = mailbox::lazy::<Outbound>(shared.config.queue_len);
+    let waker = Arc::new(Waker::new()?);
+    let (tx, rx) = mailbox::lazy_with::<Outbound>(shared.config.queue_len, Arc::clone(&waker));
+    let cut = Arc::new(ConnCut::new(Arc::clone(&waker)));
     let handle = Handle {
         conn_id,
         tx,
-        cut: stream.clone(),
+        cut: cut.clone(),
     };
-    let writer_thread = {
-        let out = stream.try_clone()?;
-        let socket = Arc::clone(&stream);
-        let shared = Arc::clone(shared);
-        let user = user.clone();
-        std::thread::Builder::new()
-            .name("conn-writer".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                if let Err(e) = outbound::write_loop(out, &rx, &shared.store, &user) {
-                    log::debug!("writer for {user} ended: {e}");
-                    // A writer that cannot write ends the connection, so the reader stops too.
-                    outbound::Cut::cut(&*socket);
-                }
-            })?
-    };
-    let session = Session::new(shared, user, conn_id, handle);
-    let result = session.start().and_then(|()| session.run(&mut reader));
-    drop(session);
-    let _ = writer_thread.join();
-    result
+    let session = Session::new(shared, user, conn_id, handle, token_hash);
+    session.start()?;
+    Connection {
+        chan,
+        rx,
+        waker,
+        cut,
+        delivery: Delivery::default(),
+    }
+    .run(&session)
 }
 
-/// One client connection's state, owned by its reader thread.
+/// One client connection's state, owned by its thread.
 pub struct Session<'a> {
     shared: &'a Arc<Shared>,
     /// Who the token said the client is; every request acts as this user.
     user: String,
     /// Unique per server run.
     conn_id: u64,
-    /// The outbound queue, and how to cut the connection off.
+    /// The session's token, hashed: its presence row names it, so that the server can close
+    /// this connection when the session ends.
+    token_hash: Vec<u8>,
+    /// The outbound mailbox, and how to cut the connection off.
     handle: Handle,
+    /// Replies made on this thread, sent before what other threads queued.
+    local: RefCell<VecDeque<Outbound>>,
     /// The file window: a slot is taken by sending, given back by receiving (see [`Permit`]).
     slots: Sender<()>,
     free: Receiver<()>,
@@ -115,7 +120,6 @@ impl Drop for Session<'_> {
         let shared = self.shared;
         shared.router.remove(&self.user, self.conn_id);
         shared.clients.fetch_sub(1, Ordering::SeqCst);
-        self.handle.cut.cut();
         let (sid, cid) = (shared.server_id, self.conn_id);
         shared.store.submit(
             move |tx| {
@@ -129,15 +133,23 @@ impl Drop for Session<'_> {
 }
 
 impl<'a> Session<'a> {
-    /// A session of `user` on connection `conn_id`, writing through `handle`; counted in
+    /// A session of `user` on connection `conn_id`, reached through `handle`; counted in
     /// `shared.clients` by its creator, uncounted when dropped.
-    pub fn new(shared: &'a Arc<Shared>, user: String, conn_id: u64, handle: Handle) -> Session<'a> {
+    pub fn new(
+        shared: &'a Arc<Shared>,
+        user: String,
+        conn_id: u64,
+        handle: Handle,
+        token_hash: Vec<u8>,
+    ) -> Session<'a> {
         let (slots, free) = bounded(FILE_WINDOW);
         Session {
             shared,
             user,
             conn_id,
+            token_hash,
             handle,
+            local: RefCell::new(VecDeque::new()),
             slots,
             free,
         }
@@ -148,8 +160,9 @@ impl<'a> Session<'a> {
         let shared = self.shared;
         shared.router.add(&self.user, self.handle.clone());
         let (sid, cid, u) = (shared.server_id, self.conn_id, self.user.clone());
+        let hash = self.token_hash.clone();
         let newest = shared.store.call(move |tx| {
-            tx.add_presence(sid, cid, &u)?;
+            tx.add_presence(sid, cid, &u, &hash)?;
             tx.newest_message_id()
         })?;
         self.queue(Outbound::Event(ServerEvent::Welcome(Welcome {
@@ -163,30 +176,12 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Reads and handles requests until the client leaves or sends garbage. A client over
-    /// the request rate waits: its requests stay in its socket, and only it is slowed.
-    pub fn run(&self, reader: &mut FrameReader<TcpStream>) -> Result<()> {
-        let rate = self.shared.config.max_rate;
-        let mut bucket = (rate > 0).then(|| Bucket::new(rate));
-        loop {
-            let request = match reader.read::<Request<ServerRequest>>() {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(()),
-                Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
-                    self.queue(Outbound::Event(ServerEvent::refused(
-                        None,
-                        ErrorCode::BadFrame,
-                        e.to_string(),
-                    )));
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            };
-            if let Some(wait) = bucket.as_mut().and_then(Bucket::take) {
-                std::thread::sleep(wait);
-            }
-            self.handle(request)?;
-        }
+    /// Whether a request must wait for a file-window slot before it is handled.
+    fn waits_for_window(&self, request: &ServerRequest) -> bool {
+        matches!(
+            request,
+            ServerRequest::FileChunk { .. } | ServerRequest::FileGet { .. }
+        ) && self.slots.is_full()
     }
 
     /// Handles one request. Refusals are replies; only a broken connection is an error.
@@ -236,10 +231,9 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Queues an item for the writer thread, waiting if the queue is full: this is the client's
-    /// own thread, so only the client is slowed.
+    /// Queues an item made on this thread (a reply); sent before the mailbox's items.
     fn queue(&self, item: Outbound) {
-        let _ = self.handle.tx.send(item);
+        self.local.borrow_mut().push_back(item);
     }
 
     fn refuse(&self, id: u64, code: ErrorCode, message: impl Into<String>) {
@@ -286,15 +280,138 @@ impl<'a> Session<'a> {
         });
     }
 
-    /// Takes a slot of the file window, waiting for one to come back if all are out.
+    /// Takes a slot of the file window ([`Session::waits_for_window`] said there is one).
     fn permit(&self) -> Result<Permit> {
-        self.slots.send_timeout((), WINDOW_WAIT).map_err(|_| {
-            Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "client stopped taking file chunks",
-            ))
-        })?;
+        self.slots
+            .try_send(())
+            .map_err(|_| Error::Protocol("the file window is full".into()))?;
         Ok(Permit::new(self.free.clone()))
+    }
+}
+
+/// The connection a session runs on, and what its thread keeps between turns.
+struct Connection {
+    chan: Channel,
+    rx: mailbox::Receiver<Outbound>,
+    waker: Arc<Waker>,
+    cut: Arc<ConnCut>,
+    delivery: Delivery,
+}
+
+impl Connection {
+    /// Serves the session until the client leaves, sends garbage, is cut off, or the server
+    /// stops.
+    fn run(mut self, session: &Session<'_>) -> Result<()> {
+        let shared = session.shared;
+        let rate = shared.config.max_rate;
+        let mut bucket = (rate > 0).then(|| Bucket::new(rate));
+        // A request read but not yet handled: it waits for a window slot or for its turn under
+        // the request rate.
+        let mut waiting: Option<Request<ServerRequest>> = None;
+        let mut rested_until: Option<Instant> = None;
+        // Whether the socket may have something to read (a read that found nothing clears it;
+        // poll sets it).
+        let mut readable = true;
+        let mut closed = false;
+        loop {
+            if self.cut.is_cut() || shared.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.send_queued(session)?;
+            if self.chan.pending() > 0 {
+                self.chan.flush()?;
+            }
+            if rested_until.is_some_and(|t| Instant::now() >= t) {
+                rested_until = None;
+            }
+            let backed_up = self.chan.pending() >= BACKLOG;
+            // Requests, as many as may go now.
+            let mut handled = 0;
+            while !backed_up && rested_until.is_none() && handled < TURN {
+                if let Some(request) = waiting.take() {
+                    if session.waits_for_window(&request.body) {
+                        waiting = Some(request);
+                        break;
+                    }
+                    session.handle(request)?;
+                    handled += 1;
+                    continue;
+                }
+                let request = match self.chan.frame::<Request<ServerRequest>>(MAX_FRAME) {
+                    Ok(Some(r)) => r,
+                    Ok(None) if closed || !readable => break,
+                    Ok(None) => {
+                        match self.chan.fill()? {
+                            Fill::Data => {}
+                            Fill::Idle => readable = false,
+                            Fill::Closed => closed = true,
+                        }
+                        continue;
+                    }
+                    Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
+                        let bad = ServerEvent::refused(None, ErrorCode::BadFrame, e.to_string());
+                        let _ = self.chan.send_before(&bad, Instant::now() + LINGER);
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some(pause) = bucket.as_mut().and_then(Bucket::take) {
+                    rested_until = Some(Instant::now() + pause);
+                }
+                waiting = Some(request);
+            }
+            if closed && waiting.is_none() && !self.chan.has_frame() {
+                // The client is gone; send what is left of the replies if it still reads.
+                self.send_queued(session)?;
+                let _ = self.chan.flush_before(Instant::now() + LINGER);
+                return Ok(());
+            }
+            // Anything left to do without waiting?
+            let window_open = waiting
+                .as_ref()
+                .is_some_and(|r| !session.waits_for_window(&r.body));
+            let more = !session.local.borrow().is_empty()
+                || (self.delivery.syncing() && self.chan.pending() < BACKLOG)
+                || (handled == TURN)
+                || (window_open && rested_until.is_none() && !backed_up);
+            if more || !self.rx.prepare_wait() {
+                continue;
+            }
+            let want_read = !closed
+                && waiting.is_none()
+                && rested_until.is_none()
+                && self.chan.pending() < BACKLOG;
+            let ready = wait(
+                self.chan.stream(),
+                self.chan.interest(want_read),
+                &[&self.waker, &shared.stop],
+                rested_until,
+            );
+            self.rx.woke();
+            let ready = ready?;
+            readable |= ready.readable;
+        }
+    }
+
+    /// Moves replies, then the mailbox's items, then sync pages, into the write buffer, as far
+    /// as the client keeps up.
+    fn send_queued(&mut self, session: &Session<'_>) -> Result<()> {
+        while self.chan.pending() < BACKLOG {
+            let local = session.local.borrow_mut().pop_front();
+            let item = match local {
+                Some(item) => item,
+                None => match self.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                },
+            };
+            self.delivery.put(item, &mut self.chan)?;
+        }
+        while self.delivery.syncing() && self.chan.pending() < BACKLOG {
+            self.delivery
+                .sync_page(&mut self.chan, &session.shared.store, &session.user)?;
+        }
+        Ok(())
     }
 }
 

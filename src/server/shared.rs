@@ -1,17 +1,15 @@
 //! What every thread of one chat server shares.
 
-use std::collections::HashMap;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use parking_lot::Mutex;
 
 use super::config::Config;
 use super::peers::Peers;
 use super::router::Router;
 use crate::db::Store;
+use crate::transport::Waker;
 
 /// The server's state, behind an `Arc` held by every connection thread.
 pub struct Shared {
@@ -31,41 +29,11 @@ pub struct Shared {
     pub clients: AtomicU32,
     /// Set when the server stops.
     pub stopping: Arc<AtomicBool>,
+    /// Set (and never reset) when the server stops: every connection thread waits on it too,
+    /// so all of them end at once, whatever they were waiting for.
+    pub stop: Waker,
     /// Disconnects (its sender is dropped) when the server stops: wakes timed waits at once.
     pub stop_signal: Receiver<()>,
-    /// Sockets of the connections the router does not know (saying hello, inbound peer
-    /// links), so that shutdown can close them. A lock, not a channel: touched once when such
-    /// a connection starts and once when it ends.
-    pub unrouted: Mutex<HashMap<u64, TcpStream>>,
-}
-
-impl Shared {
-    /// Keeps a handle on `stream` until the returned guard is dropped, so that
-    /// [`Shared::close_unrouted`] can close it.
-    pub fn track(&self, stream: &TcpStream) -> std::io::Result<Tracked<'_>> {
-        let id = self.next_conn.fetch_add(1, Ordering::SeqCst);
-        self.unrouted.lock().insert(id, stream.try_clone()?);
-        Ok(Tracked { shared: self, id })
-    }
-
-    /// Shuts down every tracked socket (server shutdown).
-    pub fn close_unrouted(&self) {
-        for (_, s) in self.unrouted.lock().drain() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-/// A socket kept in [`Shared::unrouted`] while this lives.
-pub struct Tracked<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for Tracked<'_> {
-    fn drop(&mut self) {
-        self.shared.unrouted.lock().remove(&self.id);
-    }
 }
 
 #[cfg(test)]
@@ -80,16 +48,16 @@ impl Shared {
         let stopping = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_signal) = crossbeam_channel::bounded(0);
         let shared = Shared {
+            peers: Peers::new(server_id, config.transport.clone(), Arc::clone(&stopping)),
             config,
             server_id,
             store,
             router: Router::default(),
-            peers: Peers::new(server_id, vec![0; 32], Arc::clone(&stopping)),
             next_conn: AtomicU64::new(1),
             clients: AtomicU32::new(0),
             stopping,
+            stop: Waker::new().expect("an eventfd"),
             stop_signal,
-            unrouted: Mutex::default(),
         };
         (Arc::new(shared), stop_tx)
     }

@@ -126,10 +126,15 @@ impl Output {
     }
 }
 
-/// A balancer and some servers on a fresh database in a temporary folder.
+/// A balancer and some servers on a fresh database in a temporary folder, with TLS and a
+/// cluster CA of their own (unless started in plaintext).
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
+    /// The cluster's certificate folder; `None` in plaintext.
+    pub tls: Option<PathBuf>,
+    /// How a library client reaches this cluster (its CA, or plaintext).
+    pub transport: fastchat::transport::Transport,
     pub balancer: Proc,
     pub balancer_addr: String,
     pub servers: Vec<Proc>,
@@ -144,6 +149,7 @@ pub fn bin(name: &str) -> PathBuf {
         "fastchat-balancer" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-balancer")),
         "fastchat-server" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-server")),
         "fastchat-bench" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-bench")),
+        "fastchat-admin" => PathBuf::from(env!("CARGO_BIN_EXE_fastchat-admin")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -155,29 +161,44 @@ impl Cluster {
     }
 
     pub fn start_with(n: usize, algo: &str) -> Cluster {
+        Cluster::start_secured(n, algo, true)
+    }
+
+    /// A balancer and `n` servers without TLS (`--insecure-plaintext`).
+    pub fn start_plaintext(n: usize) -> Cluster {
+        Cluster::start_secured(n, "round-robin", false)
+    }
+
+    fn start_secured(n: usize, algo: &str, tls: bool) -> Cluster {
+        use fastchat::transport::pki::{self, Member, Role};
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("chat.db");
-        let balancer = Proc::spawn(
-            "balancer",
-            Command::new(bin("fastchat-balancer")).args([
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                db.to_str().unwrap(),
-                "--scrypt-log-n",
-                "4",
-                "--algo",
-                algo,
-            ]),
-        );
+        let tls_dir = tls.then(|| dir.path().join("tls"));
+        if let Some(t) = &tls_dir {
+            let balancer = Member {
+                role: Role::Balancer,
+                name: "balancer".into(),
+            };
+            pki::init(t, &[balancer]).expect("a cluster CA");
+        }
+        let mut cmd = balancer_command(&db, tls_dir.as_deref(), "127.0.0.1:0");
+        let balancer = Proc::spawn("balancer", cmd.args(["--algo", algo]));
         let first = balancer.line();
         let balancer_addr = first
             .strip_prefix("fastchat-balancer listening on ")
             .unwrap_or_else(|| panic!("unexpected balancer output {first:?}"))
             .to_string();
+        let transport = match &tls_dir {
+            Some(t) => {
+                fastchat::transport::Transport::client_with_ca(&pki::ca_path(t)).expect("the CA")
+            }
+            None => fastchat::transport::Transport::plaintext(),
+        };
         let mut c = Cluster {
             dir,
             db,
+            tls: tls_dir,
+            transport,
             balancer,
             balancer_addr,
             servers: Vec::new(),
@@ -210,25 +231,41 @@ impl Cluster {
             .unwrap()
             .public()
             .unwrap();
-        fastchat::client::BalancerClient::connect(&self.balancer_addr)
-            .unwrap()
+        self.balancer_client()
             .signup(user, &format!("pw-{user}"), keys)
             .unwrap();
     }
 
+    /// A connection to the balancer, as a library client.
+    pub fn balancer_client(&self) -> fastchat::client::BalancerClient {
+        fastchat::client::BalancerClient::connect(&self.balancer_addr, &self.transport)
+            .unwrap_or_else(|e| panic!("balancer: {e}"))
+    }
+
     /// Logs a library client in as `user`.
     pub fn login(&self, user: &str) -> fastchat::client::Client {
-        fastchat::client::Client::login(&self.balancer_addr, user, &format!("pw-{user}"))
-            .unwrap_or_else(|e| panic!("login {user}: {e}"))
-            .0
+        fastchat::client::Client::login(
+            &self.balancer_addr,
+            &self.transport,
+            user,
+            &format!("pw-{user}"),
+        )
+        .unwrap_or_else(|e| panic!("login {user}: {e}"))
+        .0
+    }
+
+    /// The cluster CA's certificate file (TLS clusters).
+    pub fn ca(&self) -> PathBuf {
+        fastchat::transport::pki::ca_path(self.tls.as_ref().expect("a TLS cluster"))
     }
 
     /// Waits until the balancer lists exactly `n` live servers.
     pub fn wait_servers(&self, n: usize) -> Vec<fastchat::net::ServerInfo> {
         let deadline = Instant::now() + LIMIT;
         loop {
-            if let Ok(list) = fastchat::client::BalancerClient::connect(&self.balancer_addr)
-                .and_then(|mut b| b.servers())
+            if let Ok(list) =
+                fastchat::client::BalancerClient::connect(&self.balancer_addr, &self.transport)
+                    .and_then(|mut b| b.servers())
             {
                 if list.len() == n {
                     return list;
@@ -250,7 +287,13 @@ impl Cluster {
             .env("FASTCHAT_HOME", self.home())
             .env("FASTCHAT_USER", user)
             .env("FASTCHAT_PASSWORD", format!("pw-{user}"))
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            .env_remove("FASTCHAT_CA")
+            .env_remove("FASTCHAT_INSECURE_PLAINTEXT");
+        match &self.tls {
+            Some(_) => cmd.env("FASTCHAT_CA", self.ca()),
+            None => cmd.env("FASTCHAT_INSECURE_PLAINTEXT", "1"),
+        };
         cmd
     }
 
@@ -312,6 +355,36 @@ impl Cluster {
     }
 }
 
+/// The command that starts a balancer on `db`, listening on `listen`, with the certificates
+/// in `tls` (or in plaintext).
+fn balancer_command(db: &Path, tls: Option<&Path>, listen: &str) -> Command {
+    let mut cmd = Command::new(bin("fastchat-balancer"));
+    cmd.args([
+        "--listen",
+        listen,
+        "--db",
+        db.to_str().unwrap(),
+        "--scrypt-log-n",
+        "4",
+    ]);
+    match tls {
+        Some(t) => cmd.arg("--tls-dir").arg(t),
+        None => cmd.arg("--insecure-plaintext"),
+    };
+    cmd
+}
+
+impl Cluster {
+    /// Starts a balancer again where the first one listened (after it was killed); waits
+    /// until it listens.
+    pub fn restart_balancer(&mut self) {
+        let mut cmd = balancer_command(&self.db, self.tls.as_deref(), &self.balancer_addr);
+        self.balancer = Proc::spawn("balancer2", &mut cmd);
+        let line = self.balancer.line();
+        assert!(line.ends_with(&self.balancer_addr), "{line}");
+    }
+}
+
 /// Parses "fastchat-server ID listening on ADDR".
 fn parse_ready(line: &str) -> (u64, String) {
     let words: Vec<&str> = line.split(' ').collect();
@@ -360,14 +433,55 @@ pub fn run_limited(cmd: &mut Command) -> Output {
     }
 }
 
-/// Sends raw bytes to `addr` and returns everything it answers until it closes the connection
-/// (or `LIMIT` passes, which fails the test).
+/// A TLS connection to `addr` that checks nothing about the other side: the test is a raw
+/// peer, or an attacker.
+pub fn tls_connect(addr: &str) -> fastchat::transport::Stream {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    // Built once: a connector loads the system's CA store, which takes a while.
+    static CONNECTOR: std::sync::OnceLock<SslConnector> = std::sync::OnceLock::new();
+    let connector = CONNECTOR.get_or_init(|| {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        b.build()
+    });
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(LIMIT)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let ssl = connector
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .use_server_name_indication(false);
+    let s = ssl.connect("fastchat", tcp).expect("TLS handshake");
+    fastchat::transport::Stream::Tls(Box::new(s))
+}
+
+/// Sends raw bytes (inside TLS) to `addr` and returns everything it answers until it closes
+/// the connection (or `LIMIT` passes, which fails the test).
 pub fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    exchange(tls_connect(addr), addr, bytes)
+}
+
+/// Like [`raw_exchange`], without TLS (for clusters in plaintext, or to show what a peer that
+/// does not speak TLS gets).
+pub fn raw_exchange_plain(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(LIMIT)).unwrap();
+    exchange(fastchat::transport::Stream::Plain(s), addr, bytes)
+}
+
+/// Says `Hello` as `session` (with a valid proof for the connection), then sends `bytes`, and
+/// returns everything the server answers until it closes the connection.
+pub fn exchange_after_hello(session: &fastchat::client::Session, bytes: &[u8]) -> Vec<u8> {
+    let s = dial_hello(session);
+    exchange(s, &session.server.addr, bytes)
+}
+
+fn exchange(mut s: fastchat::transport::Stream, addr: &str, bytes: &[u8]) -> Vec<u8> {
     let _ = s.write_all(bytes);
+    let _ = s.flush();
     // Half-close, so a truncated frame is seen as one (EOF inside the frame).
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    s.close_write();
     let mut answer = Vec::new();
     let started = Instant::now();
     let mut buf = [0u8; 4096];
@@ -376,6 +490,7 @@ pub fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
             Ok(0) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) if started.elapsed() < LIMIT && e.kind() == std::io::ErrorKind::Other => break,
             Err(e) => panic!("no close from {addr} after {:?}: {e}", started.elapsed()),
         }
     }
@@ -555,22 +670,37 @@ impl Cluster {
         std::mem::replace(&mut self.server_addrs[i], proxy_addr.to_string())
     }
 
-    /// Starts one more server with extra arguments; returns its index.
+    /// Starts one more server with extra arguments; returns its index. With TLS, server
+    /// number i (from 1) holds the certificate `server-i`, made now if it does not exist yet.
     pub fn add_server_with(&mut self, extra: &[&str]) -> usize {
+        use fastchat::transport::pki::{self, Member, Role};
         let i = self.servers.len();
-        let server = Proc::spawn(
-            &format!("server{i}"),
-            Command::new(bin("fastchat-server"))
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--balancer",
-                    &self.balancer_addr,
-                    "--db",
-                    self.db.to_str().unwrap(),
-                ])
-                .args(extra),
-        );
+        let mut cmd = Command::new(bin("fastchat-server"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--balancer",
+            &self.balancer_addr,
+            "--db",
+            self.db.to_str().unwrap(),
+        ]);
+        match &self.tls {
+            Some(t) => {
+                let name = format!("server-{}", i + 1);
+                if !t.join(format!("{name}.pem")).exists() {
+                    let member = Member {
+                        role: Role::Server,
+                        name: name.clone(),
+                    };
+                    pki::issue(t, &member).expect("a server certificate");
+                }
+                cmd.arg("--tls-dir").arg(t).args(["--name", &name]);
+            }
+            None => {
+                cmd.arg("--insecure-plaintext");
+            }
+        }
+        let server = Proc::spawn(&format!("server{i}"), cmd.args(extra));
         let (id, addr) = parse_ready(&server.line());
         self.servers.push(server);
         self.server_addrs.push(addr);
@@ -591,15 +721,17 @@ pub fn next_message(client: &fastchat::client::Client) -> fastchat::net::Envelop
     }
 }
 
-/// Connects to a chat server and sends `Hello`, and reads nothing at all afterwards: a client
-/// that has stopped reading.
-pub fn dial_hello(addr: &str, token: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
+/// Connects to the session's server and sends `Hello` with the session's proof for this
+/// connection, and reads nothing at all afterwards: a client that has stopped reading.
+pub fn dial_hello(session: &fastchat::client::Session) -> fastchat::transport::Stream {
+    let mut s = tls_connect(&session.server.addr);
+    let proof = session.key.prove(s.binding().as_ref()).unwrap();
     let mut hello = Vec::new();
     fastchat::net::encode_into(
         &mut hello,
         &fastchat::net::Greeting::Hello {
-            token: token.to_string(),
+            token: session.token.clone(),
+            proof,
         },
     )
     .unwrap();

@@ -3,7 +3,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::db::now_ms;
+use crate::db::{now_ms, SessionRow};
 use crate::error::Result;
 use crate::net::PublicKeys;
 
@@ -52,17 +52,21 @@ pub fn user_keys(conn: &Connection, name: &str) -> Result<Option<PublicKeys>> {
         .optional()?)
 }
 
-/// Stores a session (by the token's hash) and drops expired ones.
+/// Stores a session (by the token's hash, with the key its token is proven with) and drops
+/// expired ones.
 pub fn create_session(
     conn: &Connection,
     token_hash: &[u8],
     user: &str,
     expires_at: i64,
+    session_key: &[u8],
 ) -> Result<()> {
     conn.prepare_cached("DELETE FROM sessions WHERE expires_at < ?1")?
         .execute(params![now_ms()])?;
-    conn.prepare_cached("INSERT INTO sessions (token_hash, user, expires_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![token_hash, user, expires_at])?;
+    conn.prepare_cached(
+        "INSERT INTO sessions (token_hash, user, expires_at, session_key) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![token_hash, user, expires_at, session_key])?;
     Ok(())
 }
 
@@ -73,10 +77,17 @@ pub fn end_session(conn: &Connection, token_hash: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The user a token belongs to, if the session exists and has not expired.
-pub fn session_user(conn: &Connection, token_hash: &[u8]) -> Result<Option<String>> {
+/// The session a token belongs to, if it exists and has not expired.
+pub fn session(conn: &Connection, token_hash: &[u8]) -> Result<Option<SessionRow>> {
     Ok(conn
-        .prepare_cached("SELECT user FROM sessions WHERE token_hash = ?1 AND expires_at > ?2")?
-        .query_row(params![token_hash, now_ms()], |r| r.get(0))
+        .prepare_cached(
+            "SELECT user, session_key FROM sessions WHERE token_hash = ?1 AND expires_at > ?2",
+        )?
+        .query_row(params![token_hash, now_ms()], |r| {
+            Ok(SessionRow {
+                user: r.get(0)?,
+                session_key: r.get(1)?,
+            })
+        })
         .optional()?)
 }

@@ -3,41 +3,19 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::retry_busy;
-use crate::db::{now_ms, DEFAULT_BUSY_TIMEOUT};
+use crate::db::now_ms;
 use crate::error::Result;
 
-/// The cluster key, made (32 random bytes) by the first process that asks.
-pub fn cluster_key(conn: &Connection) -> Result<Vec<u8>> {
-    retry_busy(DEFAULT_BUSY_TIMEOUT, || {
-        conn.execute(
-            "INSERT OR IGNORE INTO cluster (id, key) VALUES (1, randomblob(32))",
-            [],
-        )?;
-        Ok(conn.query_row("SELECT key FROM cluster WHERE id = 1", [], |r| r.get(0))?)
-    })
-}
-
-/// Registers a server (or re-registers a known id whose secret matches). Returns its id, or
-/// `None` when the id is unknown or the secret does not match.
-pub fn register_server(
-    conn: &Connection,
-    addr: &str,
-    server_id: Option<u64>,
-    secret_hash: &[u8],
-) -> Result<Option<u64>> {
-    if let Some(id) = server_id {
-        let n = conn.execute(
-            "UPDATE servers SET addr = ?1 WHERE id = ?2 AND secret_hash = ?3",
-            params![addr, id as i64, secret_hash],
-        )?;
-        return Ok((n == 1).then_some(id));
-    }
-    conn.execute(
-        "INSERT INTO servers (addr, secret_hash, registered_at) VALUES (?1, ?2, ?3)",
-        params![addr, secret_hash, now_ms()],
-    )?;
-    Ok(Some(conn.last_insert_rowid() as u64))
+/// Registers the server named `name` at `addr` (a new row, or the address of its row updated);
+/// returns its id.
+pub fn register_server(conn: &Connection, name: &str, addr: &str) -> Result<u64> {
+    let id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO servers (name, addr, registered_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET addr = excluded.addr RETURNING id",
+        )?
+        .query_row(params![name, addr, now_ms()], |r| r.get(0))?;
+    Ok(id as u64)
 }
 
 /// Forgets a server that has died: its row and its presence rows (its uploads are the files
@@ -54,29 +32,44 @@ pub fn forget_server(conn: &Connection, server_id: u64) -> Result<()> {
     Ok(())
 }
 
-/// The stored hash of a server's secret.
-pub fn server_secret_hash(conn: &Connection, server_id: u64) -> Result<Option<Vec<u8>>> {
+/// The address and name a server registered with, if it is still registered.
+pub fn server_addr(conn: &Connection, server_id: u64) -> Result<Option<(String, String)>> {
     Ok(conn
-        .prepare_cached("SELECT secret_hash FROM servers WHERE id = ?1")?
-        .query_row(params![server_id as i64], |r| r.get(0))
+        .prepare_cached("SELECT addr, name FROM servers WHERE id = ?1")?
+        .query_row(params![server_id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
 }
 
-/// The address a server registered with, if it is still registered.
-pub fn server_addr(conn: &Connection, server_id: u64) -> Result<Option<String>> {
-    Ok(conn
-        .prepare_cached("SELECT addr FROM servers WHERE id = ?1")?
-        .query_row(params![server_id as i64], |r| r.get(0))
-        .optional()?)
-}
-
-/// Records that `user` is connected to `server_id` on connection `conn_id`.
-pub fn add_presence(conn: &Connection, server_id: u64, conn_id: u64, user: &str) -> Result<()> {
+/// Records that `user` is connected to `server_id` on connection `conn_id` with the session
+/// whose token hashes to `token_hash`.
+pub fn add_presence(
+    conn: &Connection,
+    server_id: u64,
+    conn_id: u64,
+    user: &str,
+    token_hash: &[u8],
+) -> Result<()> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO presence (server_id, conn_id, user) VALUES (?1, ?2, ?3)",
+        "INSERT OR REPLACE INTO presence (server_id, conn_id, user, token_hash)
+         VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![server_id as i64, conn_id as i64, user])?;
+    .execute(params![server_id as i64, conn_id as i64, user, token_hash])?;
     Ok(())
+}
+
+/// The connections on `server_id` whose session has ended (logged out or expired).
+pub fn ended_sessions(conn: &Connection, server_id: u64) -> Result<Vec<u64>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT p.conn_id FROM presence p
+              WHERE p.server_id = ?1 AND p.token_hash IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM sessions s
+                                 WHERE s.token_hash = p.token_hash AND s.expires_at > ?2)",
+        )?
+        .query_map(params![server_id as i64, now_ms()], |r| {
+            Ok(r.get::<_, i64>(0)? as u64)
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// Users connected to any server now, by name (at most `limit`).

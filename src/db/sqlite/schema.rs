@@ -117,6 +117,24 @@ const MIGRATIONS: &[&str] = &[
         sender    TEXT NOT NULL,
         client_id INTEGER NOT NULL
     );",
+    // Version 2: trust by certificate. A chat server is known by the name in its certificate
+    // (no secret, no cluster key); a session carries the public key its token is proven with;
+    // a connection's presence row names its session, so that a server closes the connections
+    // of sessions that ended. Sessions, presence and unfinished uploads from before are dropped
+    // (everyone logs in again).
+    "DROP TABLE cluster;
+    DROP TABLE servers;
+    CREATE TABLE servers (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        name          TEXT NOT NULL UNIQUE,
+        addr          TEXT NOT NULL,
+        registered_at INTEGER NOT NULL
+    );
+    DELETE FROM presence;
+    ALTER TABLE presence ADD COLUMN token_hash BLOB;
+    DELETE FROM sessions;
+    ALTER TABLE sessions ADD COLUMN session_key BLOB NOT NULL DEFAULT x'';
+    DELETE FROM files WHERE complete = 0;",
 ];
 
 /// Opens (creating if needed) the database file and brings its schema up to date.
@@ -127,6 +145,7 @@ pub fn open(path: &Path) -> Result<Connection> {
 /// Like [`open`], waiting at most `busy_timeout` for other processes' locks.
 pub fn open_with(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     set_busy_timeout(busy_timeout);
+    make_private(path)?;
     let conn = connect(path)?;
     // journal_mode returns a row, so it is queried rather than executed.
     let mode: String = retry_busy(busy_timeout, || {
@@ -176,6 +195,40 @@ pub fn migrate(conn: &Connection) -> Result<()> {
             }
         }
     }
+}
+
+/// Creates the database file readable by its owner only (0600) if it does not exist, and
+/// takes read access away from others on an existing one and its `-wal` and `-shm` files
+/// (SQLite gives those the database file's mode when it creates them).
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(Error::Invalid(format!(
+                "cannot create the database {}: {e}",
+                path.display()
+            )))
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Ok(meta) = std::fs::metadata(&file) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                let private = std::fs::Permissions::from_mode(meta.permissions().mode() & 0o700);
+                if let Err(e) = std::fs::set_permissions(&file, private) {
+                    log::warn!("cannot make {} private: {e}", file.display());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The schema version this program writes.

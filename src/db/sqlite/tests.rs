@@ -46,6 +46,28 @@ fn migrations_are_idempotent_and_versioned() -> Result<()> {
 }
 
 #[test]
+fn the_database_and_its_wal_are_private() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, path) = fresh()?;
+    let store = Store::open(&path)?;
+    store.call(|tx| users(tx, &["alice"]))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+    // A file made readable by others is made private again when opened.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    drop(store);
+    open(&path)?;
+    assert_eq!(
+        std::fs::metadata(&path)?.permissions().mode() & 0o777,
+        0o600
+    );
+    Ok(())
+}
+
+#[test]
 fn newer_schema_is_refused() -> Result<()> {
     let (_dir, path) = fresh()?;
     Connection::open(&path)?.pragma_update(None, "user_version", 999)?;
@@ -71,11 +93,60 @@ fn sessions_expire() -> Result<()> {
     let conn = open(&path)?;
     let tx = &mut SqliteTx::new(&conn);
     users(tx, &["alice"])?;
-    tx.create_session(b"live", "alice", now_ms() + 60_000)?;
-    tx.create_session(b"dead", "alice", now_ms() - 1)?;
-    assert_eq!(tx.session_user(b"live")?.as_deref(), Some("alice"));
-    assert_eq!(tx.session_user(b"dead")?, None);
-    assert_eq!(tx.session_user(b"none")?, None);
+    tx.create_session(b"live", "alice", now_ms() + 60_000, &[5; 32])?;
+    tx.create_session(b"dead", "alice", now_ms() - 1, &[6; 32])?;
+    let live = tx.session(b"live")?.expect("live");
+    assert_eq!(
+        (live.user.as_str(), live.session_key),
+        ("alice", vec![5; 32])
+    );
+    assert_eq!(tx.session(b"dead")?, None);
+    assert_eq!(tx.session(b"none")?, None);
+    Ok(())
+}
+
+#[test]
+fn connections_of_ended_sessions_are_found_on_their_server() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    tx.create_session(b"a", "alice", now_ms() + 60_000, &[1; 32])?;
+    tx.create_session(b"b", "bob", now_ms() + 60_000, &[2; 32])?;
+    tx.add_presence(7, 1, "alice", b"a")?;
+    tx.add_presence(7, 2, "bob", b"b")?;
+    tx.add_presence(9, 3, "bob", b"b")?;
+    assert!(tx.ended_sessions(7)?.is_empty());
+    tx.end_session(b"b")?;
+    assert_eq!(
+        tx.ended_sessions(7)?,
+        [2],
+        "bob's connection here, not alice's"
+    );
+    assert_eq!(tx.ended_sessions(9)?, [3], "and on every server");
+    Ok(())
+}
+
+#[test]
+fn a_server_keeps_its_id_by_name() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    let one = tx.register_server("server-1", "127.0.0.1:1")?;
+    let two = tx.register_server("server-2", "127.0.0.1:2")?;
+    assert_ne!(one, two);
+    assert_eq!(
+        tx.register_server("server-1", "127.0.0.1:9")?,
+        one,
+        "same name, same id"
+    );
+    assert_eq!(
+        tx.server_addr(one)?,
+        Some(("127.0.0.1:9".to_string(), "server-1".to_string()))
+    );
+    assert_eq!(tx.server_name(two)?.as_deref(), Some("server-2"));
+    tx.forget_server(two)?;
+    assert_eq!(tx.server_name(two)?, None);
     Ok(())
 }
 
@@ -128,9 +199,9 @@ fn store_reports_presence() -> Result<()> {
     let conn = open(&path)?;
     let tx = &mut SqliteTx::new(&conn);
     users(tx, &["alice", "bob"])?;
-    tx.add_presence(7, 1, "bob")?;
-    tx.add_presence(7, 2, "bob")?;
-    tx.add_presence(9, 3, "bob")?;
+    tx.add_presence(7, 1, "bob", b"t")?;
+    tx.add_presence(7, 2, "bob", b"t")?;
+    tx.add_presence(9, 3, "bob", b"t")?;
     let bob = || "bob".to_string();
     let at = tx
         .store_message(&Outgoing::new("alice", 1, b"x"), "bob")?
@@ -325,8 +396,8 @@ fn a_group_message_is_stored_once_and_removed_when_every_member_passed_it() -> R
     let tx = &mut SqliteTx::new(&conn);
     users(tx, &["alice", "bob", "carol"])?;
     group_of(tx, "alice", &["bob", "carol"])?;
-    tx.add_presence(7, 1, "bob")?;
-    tx.add_presence(7, 2, "alice")?;
+    tx.add_presence(7, 1, "bob", b"t")?;
+    tx.add_presence(7, 2, "alice", b"t")?;
     let m = tx.store_group_message(&Outgoing::new("alice", 1, b"hi"), "team")?;
     assert_eq!(m.online_at, [(7, "bob".to_string())], "not the sender");
     let count = |sql: &str| -> Result<i64> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
@@ -515,15 +586,13 @@ fn many_openers_of_a_new_file_all_succeed() -> Result<()> {
                 let (path, barrier) = (path.clone(), Arc::clone(&barrier));
                 std::thread::spawn(move || {
                     barrier.wait();
-                    open(&path).and_then(|c| SqliteTx::new(&c).cluster_key())
+                    open(&path).and_then(|c| SqliteTx::new(&c).newest_message_id())
                 })
             })
             .collect();
-        let keys: Vec<Vec<u8>> = openers
-            .into_iter()
-            .map(|t| t.join().expect("no panic"))
-            .collect::<Result<_>>()?;
-        assert!(keys.windows(2).all(|w| w[0] == w[1]), "one cluster key");
+        for t in openers {
+            assert_eq!(t.join().expect("no panic")?, 0);
+        }
     }
     Ok(())
 }

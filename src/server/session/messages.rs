@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::{error_event, Session};
 use crate::db::{Outgoing, StoredMessage, Tx};
 use crate::error::Result;
-use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerReply, MAX_BODY};
+use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY};
 use crate::server::outbound::Outbound;
 use crate::server::peers::Relayed;
 use crate::server::shared::Shared;
@@ -122,8 +122,14 @@ pub fn route(shared: &Shared, stored: StoredMessage) {
             // A server that registered since our last heartbeat: link to it now rather than
             // leave the message until its recipients' next login.
             match shared.store.read(|tx| tx.server_addr(server)) {
-                Ok(Some(addr)) => {
-                    shared.peers.ensure(server, &addr);
+                Ok(Some((addr, name))) => {
+                    let peer = ServerInfo {
+                        id: server,
+                        name,
+                        addr,
+                        load: 0,
+                    };
+                    shared.peers.ensure(&peer);
                     shared.peers.relay(server, &item);
                 }
                 Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),

@@ -17,6 +17,7 @@ use crate::server::config::Config;
 use crate::server::outbound::{Handle, Outbound};
 use crate::server::shared::Shared;
 use crate::server::testing::Flag;
+use crate::transport::Transport;
 
 struct Server {
     _dir: tempfile::TempDir,
@@ -38,7 +39,7 @@ fn server(users: &[&str]) -> Result<Server> {
             tx.create_user(&name, "h", &keys)
         })?;
     }
-    let mut config = Config::new(db, "127.0.0.1:1".into());
+    let mut config = Config::new(db, "127.0.0.1:1".into(), Transport::plaintext());
     config.max_file = 1 << 20;
     let (shared, stop) = Shared::for_tests(config, store, 1);
     Ok(Server {
@@ -68,7 +69,7 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
     shared
         .clients
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let session = Session::new(shared, user.to_string(), conn_id, handle);
+    let session = Session::new(shared, user.to_string(), conn_id, handle, b"t".to_vec());
     session.start()?;
     let conn = Conn {
         session,
@@ -84,8 +85,12 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
 }
 
 impl Conn<'_> {
-    /// The next item the session queued, failing the test after a few seconds.
+    /// The next item for the client: a reply the session made on its own thread, else what
+    /// other threads queued (failing the test after a few seconds).
     fn next(&self) -> Outbound {
+        if let Some(local) = self.session.local.borrow_mut().pop_front() {
+            return local;
+        }
         self.rx
             .recv_deadline(Instant::now() + Duration::from_secs(10))
             .expect("the session queued nothing within 10 s")

@@ -1,0 +1,399 @@
+//! Frames over one [`Stream`], both ways, owned by one thread.
+//!
+//! A `Channel` buffers what it has read and what it has yet to write. It serves two kinds of
+//! owner:
+//!
+//! * request and reply on one thread (the balancer's connections, a client's balancer
+//!   connection, the links between members): [`Channel::send`] and [`Channel::recv`] block
+//!   (on a blocking socket, or by waiting with poll on a nonblocking one);
+//! * a connection thread that must react to its socket and to other threads at once (a chat
+//!   server's session, a client's server connection): the socket is nonblocking, and the
+//!   thread calls [`Channel::fill`], [`Channel::frame`], [`Channel::queue`] and
+//!   [`Channel::flush`] as far as they go, then waits in [`super::wait`] on the socket (for
+//!   what [`Channel::interest`] says) and on its waker.
+//!
+//! The read buffer grows only as bytes arrive: a peer announcing a 1 MiB frame and sending one
+//! byte costs the one byte (and the length is refused at once if it is over the limit).
+
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::tls::Stream;
+use super::waker::{self, Interest, Waker};
+use crate::error::{Error, Result};
+use crate::net::{decode, encode_into};
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A buffer this large is given back once it is empty (idle connections stay small).
+const KEEP: usize = 64 * 1024;
+
+/// What one [`Channel::fill`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Bytes arrived.
+    Data,
+    /// Nothing to read now.
+    Idle,
+    /// The peer closed its side.
+    Closed,
+}
+
+/// Frames over a stream, with a read buffer and a write buffer.
+pub struct Channel {
+    stream: Stream,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// What the last read needs before it can go on (TLS may need to write to read).
+    read_blocked_on: Interest,
+    /// What the last write needs.
+    write_blocked_on: Interest,
+    /// Whether the socket is in nonblocking mode (else a read or write that would block means
+    /// its timeout ran out).
+    nonblocking: bool,
+}
+
+impl Channel {
+    /// Frames over `stream`, whose socket is put in blocking mode (see
+    /// [`Channel::set_nonblocking`]).
+    pub fn new(stream: Stream) -> Result<Channel> {
+        stream.tcp().set_nonblocking(false)?;
+        Ok(Channel {
+            stream,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            read_blocked_on: Interest::default(),
+            write_blocked_on: Interest::default(),
+            nonblocking: false,
+        })
+    }
+
+    /// Puts the socket in nonblocking mode (for an owner that waits with poll), or back.
+    pub fn set_nonblocking(&mut self, on: bool) -> Result<()> {
+        self.stream.tcp().set_nonblocking(on)?;
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The range of the next complete frame's body in the read buffer, if one is complete;
+    /// a frame announced longer than `max` is refused (and the connection should end).
+    fn next_body(&self, max: usize) -> Result<Option<(usize, usize)>> {
+        let buffered = &self.rbuf[self.rpos..];
+        if buffered.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize;
+        if len > max {
+            return Err(Error::FrameTooLarge { len, max });
+        }
+        if buffered.len() < 4 + len {
+            return Ok(None);
+        }
+        let start = self.rpos + 4;
+        Ok(Some((start, start + len)))
+    }
+
+    /// Decodes the next complete frame already read, if there is one; a frame announced
+    /// longer than `max` is refused (and the connection should end).
+    pub fn frame<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>> {
+        let Some((start, end)) = self.next_body(max)? else {
+            return Ok(None);
+        };
+        let value = decode(&self.rbuf[start..end]);
+        self.rpos = end;
+        self.compact();
+        value.map(Some)
+    }
+
+    /// Like [`Channel::frame`], the body's bytes undecoded.
+    fn raw_frame(&mut self, max: usize) -> Result<Option<Vec<u8>>> {
+        let Some((start, end)) = self.next_body(max)? else {
+            return Ok(None);
+        };
+        let body = self.rbuf[start..end].to_vec();
+        self.rpos = end;
+        self.compact();
+        Ok(Some(body))
+    }
+
+    /// Whether a complete frame (of any length) is buffered.
+    pub fn has_frame(&self) -> bool {
+        self.next_body(usize::MAX).ok().flatten().is_some()
+    }
+
+    fn compact(&mut self) {
+        if self.rpos == self.rbuf.len() {
+            self.rpos = 0;
+            if self.rbuf.capacity() > KEEP {
+                self.rbuf = Vec::new();
+            } else {
+                self.rbuf.clear();
+            }
+        } else if self.rpos > KEEP {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+    }
+
+    /// Bytes read and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len() - self.rpos
+    }
+
+    /// Reads what the socket has (one read). On a blocking socket this waits for data.
+    pub fn fill(&mut self) -> Result<Fill> {
+        let mut chunk = [0u8; READ_CHUNK];
+        match self.stream.read_nonblocking(&mut chunk)? {
+            Ok(0) => Ok(Fill::Closed),
+            Ok(n) => {
+                self.read_blocked_on = Interest::default();
+                self.rbuf.extend_from_slice(&chunk[..n]);
+                Ok(Fill::Data)
+            }
+            Err(interest) => {
+                self.read_blocked_on = interest;
+                Ok(Fill::Idle)
+            }
+        }
+    }
+
+    /// Appends one frame to the write buffer.
+    pub fn queue<T: Serialize>(&mut self, msg: &T) -> Result<()> {
+        encode_into(&mut self.wbuf, msg)
+    }
+
+    /// Appends bytes that are already whole frames.
+    pub fn queue_encoded(&mut self, frames: &[u8]) {
+        self.wbuf.extend_from_slice(frames);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Writes as much of the write buffer as the socket takes now; `true` when all of it is
+    /// written. On a blocking socket this writes it all.
+    pub fn flush(&mut self) -> Result<bool> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write_nonblocking(&self.wbuf[self.wpos..])? {
+                Ok(0) => return Err(Error::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.wpos += n,
+                Err(interest) => {
+                    self.write_blocked_on = interest;
+                    return Ok(false);
+                }
+            }
+        }
+        self.write_blocked_on = Interest::default();
+        self.wpos = 0;
+        if self.wbuf.capacity() > KEEP {
+            self.wbuf = Vec::new();
+        } else {
+            self.wbuf.clear();
+        }
+        Ok(true)
+    }
+
+    /// What to wait for on the socket: reading if `want_read` (and what a blocked read needs),
+    /// writing while something is queued (and what a blocked write needs).
+    pub fn interest(&self, want_read: bool) -> Interest {
+        let mut i = Interest {
+            read: want_read,
+            write: self.pending() > 0,
+        };
+        if want_read && self.read_blocked_on != Interest::default() {
+            i.read = self.read_blocked_on.read;
+            i.write |= self.read_blocked_on.write;
+        }
+        if self.pending() > 0 && self.write_blocked_on != Interest::default() {
+            i.read |= self.write_blocked_on.read;
+            i.write = self.write_blocked_on.write || !self.write_blocked_on.read;
+        }
+        i
+    }
+
+    /// Sends one frame and waits until it is written (waiting with poll if the socket is
+    /// nonblocking).
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<()> {
+        self.queue(msg)?;
+        if self.flush_until(None)? {
+            Ok(())
+        } else {
+            Err(Error::Io(std::io::ErrorKind::TimedOut.into()))
+        }
+    }
+
+    /// Like [`Channel::send`], giving up at `deadline` (a nonblocking socket: a peer that
+    /// does not read cannot hold the thread).
+    pub fn send_before<T: Serialize>(&mut self, msg: &T, deadline: Instant) -> Result<()> {
+        self.queue(msg)?;
+        if self.flush_until(Some(deadline))? {
+            Ok(())
+        } else {
+            Err(Error::Io(std::io::ErrorKind::TimedOut.into()))
+        }
+    }
+
+    /// Writes everything queued, waiting for the socket until `deadline`; `false` if the
+    /// deadline passed first.
+    pub fn flush_before(&mut self, deadline: Instant) -> Result<bool> {
+        self.flush_until(Some(deadline))
+    }
+
+    fn flush_until(&mut self, deadline: Option<Instant>) -> Result<bool> {
+        while !self.flush()? {
+            if !self.nonblocking || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            waker::wait(self.stream.tcp(), self.interest(false), &[], deadline)?;
+        }
+        Ok(true)
+    }
+
+    /// Waits for the next frame; `Ok(None)` on a clean close between frames. On a blocking
+    /// socket the socket's read timeout applies.
+    pub fn recv<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>> {
+        self.recv_until(max, None, None)
+    }
+
+    /// Like [`Channel::recv`], but the whole frame must arrive before `deadline` (each wait
+    /// gets only the time left, so trickling bytes does not help), and a set `stop` waker ends
+    /// the wait. The deadline and waker apply only to a nonblocking socket.
+    pub fn recv_until<T: DeserializeOwned>(
+        &mut self,
+        max: usize,
+        deadline: Option<Instant>,
+        stop: Option<&Waker>,
+    ) -> Result<Option<T>> {
+        match self.recv_raw_until(max, deadline, stop)? {
+            Some(body) => decode(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`Channel::recv_until`], returning the frame's body undecoded.
+    pub fn recv_raw_until(
+        &mut self,
+        max: usize,
+        deadline: Option<Instant>,
+        stop: Option<&Waker>,
+    ) -> Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(body) = self.raw_frame(max)? {
+                return Ok(Some(body));
+            }
+            match self.fill()? {
+                Fill::Data => continue,
+                Fill::Closed if self.buffered() == 0 => return Ok(None),
+                Fill::Closed => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Fill::Idle if !self.nonblocking => {
+                    // A blocking socket's read timeout ran out.
+                    return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+                }
+                Fill::Idle => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+            }
+            let wakers: Vec<&Waker> = stop.into_iter().collect();
+            let ready = waker::wait(self.stream.tcp(), self.interest(true), &wakers, deadline)?;
+            if ready.woken != 0 {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "stopping",
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{Greeting, Request, ServerRequest, MAX_FRAME};
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn pair() -> Result<(Channel, TcpStream)> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        let mut ch = Channel::new(Stream::Plain(server))?;
+        ch.set_nonblocking(true)?;
+        Ok((ch, client))
+    }
+
+    #[test]
+    fn frames_arrive_whole_however_the_bytes_are_cut() -> Result<()> {
+        let (mut ch, mut peer) = pair()?;
+        let mut bytes = Vec::new();
+        for id in 0..3 {
+            encode_into(
+                &mut bytes,
+                &Request {
+                    id,
+                    body: ServerRequest::Who,
+                },
+            )?;
+        }
+        for b in &bytes {
+            peer.write_all(&[*b])?;
+        }
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        for id in 0..3 {
+            let r: Request<ServerRequest> = ch.recv_until(MAX_FRAME, deadline, None)?.unwrap();
+            assert_eq!(r.id, id);
+        }
+        drop(peer);
+        let end: Option<Request<ServerRequest>> = ch.recv_until(MAX_FRAME, deadline, None)?;
+        assert!(end.is_none(), "a clean close between frames");
+        Ok(())
+    }
+
+    #[test]
+    fn an_announced_length_over_the_limit_is_refused_without_waiting_for_it() -> Result<()> {
+        let (mut ch, mut peer) = pair()?;
+        peer.write_all(&(1u32 << 20).to_be_bytes())?;
+        peer.write_all(b"x")?;
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        match ch.recv_until::<Greeting>(1024, deadline, None) {
+            Err(Error::FrameTooLarge { len, max }) => assert_eq!((len, max), (1 << 20, 1024)),
+            other => panic!("expected FrameTooLarge, got {:?}", other.map(|_| ())),
+        }
+        assert!(ch.buffered() < 16, "only what arrived is held");
+        Ok(())
+    }
+
+    #[test]
+    fn a_frame_must_arrive_before_its_deadline() -> Result<()> {
+        let (mut ch, mut peer) = pair()?;
+        peer.write_all(&[0, 0, 0, 9, 1])?;
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let err = ch
+            .recv_until::<Greeting>(1024, Some(deadline), None)
+            .map(|_| ())
+            .expect_err("timed out");
+        assert!(err.is_disconnect(), "{err}");
+        assert!(Instant::now() >= deadline);
+        // A set waker ends the wait at once.
+        let stop = Waker::new()?;
+        stop.wake();
+        let far = Some(Instant::now() + Duration::from_secs(60));
+        assert!(ch.recv_until::<Greeting>(1024, far, Some(&stop)).is_err());
+        Ok(())
+    }
+}
