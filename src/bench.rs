@@ -1,14 +1,10 @@
 //! The load generator behind `fastchat-bench`: many clients, the real protocol, real crypto.
 //!
 //! Every simulated user signs up and logs in through the balancer (with fresh key pairs), then
-//! holds one connection to the server it was given. Each client has two threads:
-//!
-//! ```text
-//! sender: wait for a window slot ─▶ seal (and sign, in groups) ─▶ Send/GroupSend ─▶ socket
-//!            ▲ slot back on Stored                    (flushed when the window is full)
-//! reader: socket ─▶ Stored: free a slot │ Deliver: open, check, record latency, queue Ack
-//!                                       └ Ack sent when the read buffer runs dry
-//! ```
+//! holds one connection to the server it was given, driven by one thread of its own (see
+//! `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
+//! fixed offered rate, when each message is due), and opens, checks and acknowledges what
+//! arrives.
 //!
 //! A payload is text, `SENDER:SEQ:NANOS:` padded to the requested size, where NANOS is when it
 //! was sent (or, with a fixed rate, when it was due: latency then includes any time the client
@@ -43,7 +39,7 @@ mod driver;
 pub mod launch;
 mod report;
 
-use driver::{Conn, Counters, Receiving, Sending};
+use driver::{Client, Counters, Receiving, Sending};
 pub use report::{markdown_header, markdown_row, progress_default, render, to_json};
 
 /// What the clients do.
@@ -534,62 +530,52 @@ impl Plan {
     ) -> Result<()> {
         let n = self.roles.len() as u64;
         let expected = n * config.messages * self.fanout;
-        let shared = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::default());
         let start: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+        let shared = Arc::new(driver::Shared {
+            counters: Arc::clone(&counters),
+            start: Arc::clone(&start),
+            balancer: balancer.to_string(),
+            transport: transport.clone(),
+        });
         let (go_tx, go) = bounded::<()>(0);
-        let mut readers: Vec<JoinHandle<Vec<u32>>> = Vec::new();
-        let mut senders: Vec<JoinHandle<Result<()>>> = Vec::new();
-        let mut conns: Vec<Arc<Conn>> = Vec::new();
-        let mut paced = Vec::new();
+        let (stored_tx, stored) = crossbeam_channel::unbounded::<Result<()>>();
+        let mut threads: Vec<JoinHandle<Vec<u32>>> = Vec::new();
+        let mut wakers = Vec::new();
         for role in self.roles {
-            let (slots, free) = bounded::<()>(config.window);
-            let (conn, owner) = Conn::new(balancer, transport, role.link)?;
-            conns.push(Arc::clone(&conn));
-            let receiving = Receiving {
-                conn: Arc::clone(&conn),
-                from_key: role.from_key.clone(),
-                group_key: role.group.as_ref().map(|(_, k)| k.clone()),
-                ed25519: Arc::clone(&self.ed25519),
-                prefix_len: role.me.rfind('-').map_or(0, |p| p + 1),
-                counters: Arc::clone(&shared),
-                start: Arc::clone(&start),
-                free,
-            };
-            readers.push(
-                std::thread::Builder::new()
-                    .name(format!("bench-reader-{}", role.index))
-                    .spawn(move || receiving.run(owner))?,
-            );
             let sending = Sending {
                 index: role.index,
-                me: role.me,
+                me: role.me.clone(),
                 to: role.to,
-                group: role.group,
+                group: role.group.clone(),
                 identity: role.identity,
-                conn,
-                slots,
+                messages: config.messages,
                 size: config.size,
-                counters: Arc::clone(&shared),
+                window: config.window,
+                schedule: config.rate.map(|r| (r, n)),
             };
-            if config.rate.is_some() {
-                paced.push(sending);
-                continue;
-            }
-            let (go, start, messages) = (go.clone(), Arc::clone(&start), config.messages);
-            senders.push(
+            let receiving = Receiving {
+                from_key: role.from_key,
+                group_key: role.group.map(|(_, k)| k),
+                ed25519: Arc::clone(&self.ed25519),
+                prefix_len: role.me.rfind('-').map_or(0, |p| p + 1),
+            };
+            let client = Client::new(
+                role.link,
+                sending,
+                receiving,
+                Arc::clone(&shared),
+                stored_tx.clone(),
+            )?;
+            wakers.push(Arc::clone(&client.waker));
+            let go = go.clone();
+            threads.push(
                 std::thread::Builder::new()
-                    .name(format!("bench-sender-{}", sending.index))
-                    .spawn(move || sending.run(messages, &go, &start))?,
+                    .name(format!("bench-client-{}", role.index))
+                    .spawn(move || client.run(&go))?,
             );
         }
-        if let Some(rate) = config.rate {
-            let (go, start, messages) = (go.clone(), Arc::clone(&start), config.messages);
-            senders.push(
-                std::thread::Builder::new()
-                    .name("bench-pacer".into())
-                    .spawn(move || driver::pace(paced, messages, rate, &go, &start))?,
-            );
-        }
+        drop(stored_tx);
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
@@ -604,24 +590,20 @@ impl Plan {
         }
         let progress = config
             .progress
-            .then(|| report::Progress::start(Arc::clone(&shared), expected));
+            .then(|| report::Progress::start(Arc::clone(&counters), expected));
         let mut send_error = None;
-        for s in senders {
-            match s.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => send_error = send_error.or(Some(e)),
-                Err(_) => {
-                    send_error = send_error.or(Some(Error::Protocol("sender panicked".into())))
-                }
+        for outcome in stored.iter().take(threads.len()) {
+            if let Err(e) = outcome {
+                send_error = send_error.or(Some(e));
             }
         }
         report.send_secs = t0.elapsed().as_secs_f64();
         // Wait for the stragglers, as long as deliveries keep coming.
-        let mut last = shared.delivered.load(Ordering::SeqCst);
+        let mut last = counters.delivered.load(Ordering::SeqCst);
         let mut quiet_since = Instant::now();
-        while shared.delivered.load(Ordering::SeqCst) < expected {
+        while counters.delivered.load(Ordering::SeqCst) < expected {
             std::thread::sleep(Duration::from_millis(20));
-            let now = shared.delivered.load(Ordering::SeqCst);
+            let now = counters.delivered.load(Ordering::SeqCst);
             if now != last {
                 last = now;
                 quiet_since = Instant::now();
@@ -632,19 +614,20 @@ impl Plan {
         if let Some(p) = progress {
             p.stop();
         }
-        shared.finished.store(true, Ordering::SeqCst);
-        for c in &conns {
-            c.close();
+        counters.finished.store(true, Ordering::SeqCst);
+        for w in &wakers {
+            w.wake();
         }
         let mut latencies: Vec<u32> = Vec::new();
-        for r in readers {
-            if let Ok(l) = r.join() {
+        for t in threads {
+            if let Ok(l) = t.join() {
                 latencies.extend(l);
             }
         }
         if let Some(e) = send_error {
-            shared.error(&format!("sending failed: {e}"));
+            counters.error(&format!("sending failed: {e}"));
         }
+        let shared = counters;
         let delivered = shared.delivered.load(Ordering::SeqCst);
         report.expected = expected;
         report.delivered = delivered;

@@ -1,18 +1,24 @@
-//! The running clients: each one's connection (replaced if its server dies), its sending side
-//! and its receiving side, and the counters they share.
+//! The running clients: one thread per simulated user, which owns its connection (replaced if
+//! its server dies), sends what its window and schedule allow, and takes in what arrives.
 //!
 //! ```text
-//! sender ──(window slot)──▶ Conn::send: remember as unconfirmed, queue the frame ──▶ ring
-//! connection thread (owns the socket): queued frames ──▶ server
-//!    ◀── Stored (forget it, free the slot) / Deliver (open, count, acknowledge in batches)
-//!    │ the connection ends while the run goes on
-//!    ▼
-//! failover: balancer Resume (avoiding the dead server), Hello to the new one, re-send every
-//! unconfirmed message with `resend_after` (stored once, whatever happened to the first)
+//! client thread (owns the socket):
+//!   send: seal the next message while fewer than `window` are unconfirmed (and, at a fixed
+//!         rate, once it is due); remember it until `Stored`
+//!   read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
+//!         batches (ACK_BATCH, or ACK_DELAY after the first)
+//!   wait: poll(socket, waker) until data, the next due message, an acknowledgement's
+//!         deadline, or the end of the run
+//!   the connection ends while the run goes on → failover: balancer Resume (avoiding the dead
+//!   server), Hello to the new one, re-send every unconfirmed message with `resend_after`
+//!   (stored once, whatever happened to the first)
 //! ```
+//!
+//! One thread does it all, so the tool pays no hand-off between threads per message: what it
+//! costs the machine it measures is the sealing, the opening and the system calls.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,10 +30,8 @@ use crate::client::e2e::{self, Plain};
 use crate::client::{BalancerClient, Session};
 use crate::crypto::{Identity, PairKey};
 use crate::error::{Error, Result};
-use crate::mailbox;
 use crate::net::{
-    encode_into, Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest,
-    MAX_FRAME,
+    Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
 };
 use crate::transport::{wait, Channel, Fill, Transport, Waker};
 
@@ -63,6 +67,9 @@ impl Counters {
 /// How long a client keeps trying to reach another server.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a client waits for a `Stored` before it gives up on its run.
+const STORED_LIMIT: Duration = Duration::from_secs(40);
+
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
@@ -70,40 +77,147 @@ const ACK_BATCH: usize = 256;
 /// client at a low rate does not cost the server a transaction and a reply per message.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
-/// Frames queued for one connection's thread, at most.
-const OUTBOX: usize = 4096;
-
-/// One client's connection, shared by its sender and its connection thread.
-pub(super) struct Conn {
-    balancer: String,
-    transport: Transport,
-    session: Session,
-    /// Encoded request frames for the connection's thread to write.
-    outbox: mailbox::Sender<Vec<u8>>,
-    waker: Arc<Waker>,
-    /// Sent and not yet confirmed stored, by request id (the sequence number): the request and
-    /// the newest message id known when it was first sent (its `resend_after`).
-    unconfirmed: Mutex<BTreeMap<u64, (Request<ServerRequest>, i64)>>,
-    /// The newest message id this client has seen assigned.
-    newest: AtomicI64,
-    /// Set at the end of the run.
-    closing: AtomicBool,
+/// What a client sends.
+pub(super) struct Sending {
+    pub index: usize,
+    pub me: String,
+    /// Direct mode: the recipient and the pair key with them.
+    pub to: Option<(String, PairKey)>,
+    /// Group mode: the group and its key (epoch 1).
+    pub group: Option<(String, PairKey)>,
+    pub identity: Arc<Identity>,
+    pub messages: u64,
+    pub size: usize,
+    /// Messages sent and not yet confirmed stored, at most.
+    pub window: usize,
+    /// At a fixed offered rate: (total messages per second, clients). Message `s` of client
+    /// `i` is then due `(s × clients + i) / rate` seconds after the start.
+    pub schedule: Option<(f64, u64)>,
 }
 
-/// What the connection's thread owns: the socket and what waits for it.
-pub(super) struct Owner {
+impl Sending {
+    fn due(&self, seq: u64, start: Instant) -> Option<Instant> {
+        let (rate, clients) = self.schedule?;
+        let k = seq * clients + self.index as u64;
+        Some(start + Duration::from_secs_f64(k as f64 / rate))
+    }
+
+    fn request(&self, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
+        let plain = Plain::Text(text.to_string());
+        let message = |body| NewMessage {
+            client_id: seq,
+            body,
+            file: None,
+            resend_after: None,
+        };
+        if let Some((to, key)) = &self.to {
+            let body = e2e::seal_direct_with(key, &self.me, to, seq, &plain)?;
+            return Ok(Request {
+                id: seq,
+                body: ServerRequest::Send {
+                    to: to.clone(),
+                    message: message(body),
+                },
+            });
+        }
+        let (group, key) = self.group.as_ref().expect("a direct or group role");
+        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, 1, &plain)?;
+        Ok(Request {
+            id: seq,
+            body: ServerRequest::GroupSend {
+                group: group.clone(),
+                epoch: 1,
+                message: message(body),
+            },
+        })
+    }
+}
+
+/// How a client opens what it receives.
+pub(super) struct Receiving {
+    /// Direct mode: the one sender and the pair key with them.
+    pub from_key: Option<PairKey>,
+    /// Group mode: the group's key.
+    pub group_key: Option<PairKey>,
+    pub ed25519: Arc<Vec<Vec<u8>>>,
+    /// Where the index starts in a user name (`bRUN-INDEX`).
+    pub prefix_len: usize,
+}
+
+impl Receiving {
+    /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
+    fn open(&self, msg: &Envelope) -> Result<(u64, u64, u64)> {
+        let plain = match (&self.from_key, &self.group_key) {
+            (Some(key), _) => e2e::open_direct_with(key, msg)?,
+            (None, Some(key)) => {
+                let sender: usize = msg
+                    .from
+                    .get(self.prefix_len..)
+                    .and_then(|i| i.parse().ok())
+                    .filter(|i| *i < self.ed25519.len())
+                    .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
+                e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?
+            }
+            (None, None) => return Err(Error::Protocol("a message in idle mode".into())),
+        };
+        match plain {
+            Plain::Text(t) => {
+                parse_payload(&t).ok_or_else(|| Error::Integrity("not a bench payload".into()))
+            }
+            _ => Err(Error::Integrity("not a text message".into())),
+        }
+    }
+}
+
+/// What the run's threads share with each client.
+pub(super) struct Shared {
+    pub counters: Arc<Counters>,
+    /// Time zero, set before `go`.
+    pub start: Arc<OnceLock<Instant>>,
+    pub balancer: String,
+    pub transport: Transport,
+}
+
+/// One simulated user: everything its thread owns.
+pub(super) struct Client {
+    pub sending: Sending,
+    pub receiving: Receiving,
+    pub shared: Arc<Shared>,
+    /// Rung to end the run (with `Counters::finished` set).
+    pub waker: Arc<Waker>,
+    /// Told once every message of this client is stored (or that it never will be); `None`
+    /// once told.
+    stored: Option<Sender<Result<()>>>,
     chan: Channel,
-    frames: mailbox::Receiver<Vec<u8>>,
     server_id: u64,
-    /// Acknowledgements not yet sent, and when the oldest must go.
+    session: Session,
+    /// The newest message id this client has seen assigned.
+    newest: i64,
+    /// Sent and not yet confirmed stored, by request id (the sequence number): the request and
+    /// the newest message id known when it was first sent (its `resend_after`).
+    unconfirmed: BTreeMap<u64, (Request<ServerRequest>, i64)>,
+    next_seq: u64,
+    /// Acknowledgements not yet sent, and when the first of them must go.
     acks: Vec<i64>,
     acks_due: Option<Instant>,
     next_ack_id: u64,
+    /// (sender, sequence) → the message id it was delivered under.
+    seen: HashMap<(u64, u64), i64>,
+    latencies: Vec<u32>,
 }
 
-impl Conn {
-    /// Takes over a set-up link; returns the connection and what its thread owns.
-    pub fn new(balancer: &str, transport: &Transport, link: Link) -> Result<(Arc<Conn>, Owner)> {
+/// A pending `Stored` is overdue: the client stops sending.
+struct Overdue;
+
+impl Client {
+    /// A client on a set-up link.
+    pub fn new(
+        link: Link,
+        sending: Sending,
+        receiving: Receiving,
+        shared: Arc<Shared>,
+        stored: Sender<Result<()>>,
+    ) -> Result<Client> {
         let Link {
             mut chan,
             server_id,
@@ -111,67 +225,223 @@ impl Conn {
             session,
         } = link;
         chan.set_nonblocking(true)?;
-        let waker = Arc::new(Waker::new()?);
-        let (outbox, frames) = mailbox::lazy_with(OUTBOX, Arc::clone(&waker));
-        let conn = Arc::new(Conn {
-            balancer: balancer.to_string(),
-            transport: transport.clone(),
-            session,
-            outbox,
-            waker,
-            unconfirmed: Mutex::new(BTreeMap::new()),
-            newest: AtomicI64::new(newest),
-            closing: AtomicBool::new(false),
-        });
-        let owner = Owner {
+        Ok(Client {
+            sending,
+            receiving,
+            shared,
+            waker: Arc::new(Waker::new()?),
+            stored: Some(stored),
             chan,
-            frames,
             server_id,
+            session,
+            newest,
+            unconfirmed: BTreeMap::new(),
+            next_seq: 0,
             acks: Vec::with_capacity(ACK_BATCH),
             acks_due: None,
             next_ack_id: 1 << 62,
-        };
-        Ok((conn, owner))
+            seen: HashMap::new(),
+            latencies: Vec::new(),
+        })
     }
 
-    /// Queues a message request, remembering it until it is confirmed. If the server dies
-    /// first, the failover re-sends it.
-    fn send(&self, seq: u64, request: Request<ServerRequest>) -> Result<()> {
-        let mut frame = Vec::new();
-        encode_into(&mut frame, &request)?;
-        // Remembered before it is written: its `Stored` may come back at once.
-        {
-            let mut unconfirmed = self.unconfirmed.lock();
-            let newest = self.newest.load(Ordering::SeqCst);
-            unconfirmed.entry(seq).or_insert((request, newest));
+    /// Runs the client from `go` until the run is over; returns its latencies in microseconds.
+    pub fn run(mut self, go: &Receiver<()>) -> Vec<u32> {
+        let _ = go.recv();
+        let start = *self.shared.start.get().expect("set before go");
+        let mut last_stored = Instant::now();
+        while !self.shared.counters.finished.load(Ordering::SeqCst) {
+            match self.turn(start, &mut last_stored) {
+                Ok(()) => {}
+                Err(Ok(Overdue)) => self.tell(Err(Error::Protocol(format!(
+                    "no Stored reply in {} s",
+                    STORED_LIMIT.as_secs()
+                )))),
+                Err(Err(_)) if self.shared.counters.finished.load(Ordering::SeqCst) => break,
+                Err(Err(_)) => {
+                    self.shared
+                        .counters
+                        .failovers
+                        .fetch_add(1, Ordering::SeqCst);
+                    if let Err(e) = self.failover() {
+                        self.shared.counters.error(&format!("failover: {e}"));
+                        self.tell(Err(e));
+                        break;
+                    }
+                }
+            }
         }
-        self.outbox
-            .send(frame)
-            .map_err(|_| Error::Protocol("the connection's thread is gone".into()))
+        // Best effort: what this client showed leaves its queue.
+        if !self.acks.is_empty() && self.send_acks().is_ok() {
+            let _ = self
+                .chan
+                .flush_before(Instant::now() + Duration::from_millis(200));
+        }
+        self.latencies
     }
 
-    /// Ends the connection (end of the run).
-    pub fn close(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        self.waker.wake();
+    /// Tells the run how sending ended, once.
+    fn tell(&mut self, outcome: Result<()>) {
+        if let Some(stored) = self.stored.take() {
+            let _ = stored.send(outcome);
+        }
+    }
+
+    /// One turn: send what may go, read what came, sleep if there is nothing to do.
+    /// `Err(Err(_))` when the connection is lost.
+    fn turn(
+        &mut self,
+        start: Instant,
+        last_stored: &mut Instant,
+    ) -> std::result::Result<(), std::result::Result<Overdue, Error>> {
+        let now = Instant::now();
+        let mut next_due = None;
+        while self.next_seq < self.sending.messages && self.unconfirmed.len() < self.sending.window
+        {
+            let due = self.sending.due(self.next_seq, start).unwrap_or(now);
+            if due > now {
+                next_due = Some(due);
+                break;
+            }
+            let seq = self.next_seq;
+            let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
+            let text = payload(self.sending.index, seq, sent_ns, self.sending.size);
+            let request = self.sending.request(seq, &text).map_err(Err)?;
+            self.chan.queue(&request).map_err(Err)?;
+            self.unconfirmed.insert(seq, (request, self.newest));
+            self.next_seq += 1;
+        }
+        if self.acks.len() >= ACK_BATCH || self.acks_due.is_some_and(|d| now >= d) {
+            self.send_acks().map_err(Err)?;
+        }
+        if self.chan.pending() > 0 {
+            self.chan.flush().map_err(Err)?;
+        }
+        loop {
+            while let Some(event) = self.chan.frame::<ServerEvent>(MAX_FRAME).map_err(Err)? {
+                if self.event(event) {
+                    *last_stored = Instant::now();
+                }
+            }
+            match self.chan.fill().map_err(Err)? {
+                Fill::Data => {}
+                Fill::Idle => break,
+                Fill::Closed => {
+                    return Err(Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())))
+                }
+            }
+        }
+        if self.next_seq == self.sending.messages && self.unconfirmed.is_empty() {
+            self.tell(Ok(()));
+        }
+        let overdue = !self.unconfirmed.is_empty() && last_stored.elapsed() > STORED_LIMIT;
+        let can_send = self.next_seq < self.sending.messages
+            && self.unconfirmed.len() < self.sending.window
+            && next_due.is_none();
+        if (can_send && !overdue) || self.acks.len() >= ACK_BATCH {
+            return Ok(());
+        }
+        let deadline = [next_due, self.acks_due, Some(now + STORED_LIMIT)]
+            .into_iter()
+            .flatten()
+            .min();
+        let ready = wait(
+            self.chan.stream(),
+            self.chan.interest(true),
+            &[&self.waker],
+            deadline,
+        );
+        self.waker.reset();
+        ready.map_err(|e| Err(e.into()))?;
+        if overdue {
+            return Err(Ok(Overdue));
+        }
+        Ok(())
+    }
+
+    fn send_acks(&mut self) -> Result<()> {
+        let msg_ids = std::mem::take(&mut self.acks);
+        self.acks_due = None;
+        self.next_ack_id += 1;
+        self.chan.queue(&Request {
+            id: self.next_ack_id,
+            body: ServerRequest::Ack { msg_ids },
+        })
+    }
+
+    /// Takes one event in; `true` for a `Stored` of one of ours.
+    fn event(&mut self, event: ServerEvent) -> bool {
+        match event {
+            ServerEvent::Reply(Response {
+                id: Some(id),
+                result: Ok(ServerReply::Stored { msg_id }),
+            }) => {
+                self.newest = self.newest.max(msg_id);
+                return self.unconfirmed.remove(&id).is_some();
+            }
+            ServerEvent::Deliver { msg } => {
+                self.newest = self.newest.max(msg.id);
+                self.delivered(&msg);
+                self.acks.push(msg.id);
+                self.acks_due.get_or_insert(Instant::now() + ACK_DELAY);
+            }
+            ServerEvent::Reply(Response {
+                result: Err(refusal),
+                ..
+            }) => self.shared.counters.error(&refusal.message),
+            _ => {}
+        }
+        false
+    }
+
+    fn delivered(&mut self, msg: &Envelope) {
+        let counters = &self.shared.counters;
+        let (sender, seq, sent_ns) = match self.receiving.open(msg) {
+            Ok(fields) => fields,
+            Err(e) => return counters.error(&format!("message {}: {e}", msg.id)),
+        };
+        match self.seen.get(&(sender, seq)) {
+            None => {
+                self.seen.insert((sender, seq), msg.id);
+                let now = self
+                    .shared
+                    .start
+                    .get()
+                    .map_or(0, |s| s.elapsed().as_nanos() as u64);
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
+                counters.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+                self.latencies
+                    .push((now.saturating_sub(sent_ns) / 1000) as u32);
+            }
+            Some(id) if *id == msg.id => {
+                counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {
+                counters.duplicated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Asks the balancer for another server, connects, and re-sends everything unconfirmed.
-    fn failover(&self, owner: &mut Owner) -> Result<()> {
-        let dead = owner.server_id;
+    fn failover(&mut self) -> Result<()> {
+        let dead = self.server_id;
         let deadline = Instant::now() + FAILOVER_LIMIT;
         loop {
-            let attempt = BalancerClient::connect(&self.balancer, &self.transport)
+            let shared = &self.shared;
+            let attempt = BalancerClient::connect(&shared.balancer, &shared.transport)
                 .and_then(|mut b| b.resume(&self.session, Some(dead)))
-                .and_then(|session| open_link(&session, &self.transport));
+                .and_then(|session| open_link(&session, &shared.transport));
             match attempt {
                 Ok(link) => {
-                    self.newest.fetch_max(link.newest, Ordering::SeqCst);
-                    owner.chan = link.chan;
-                    owner.chan.set_nonblocking(true)?;
-                    owner.server_id = link.server_id;
-                    for (request, newest) in self.unconfirmed.lock().values() {
-                        owner.chan.queue(&resend(request, *newest))?;
+                    self.newest = self.newest.max(link.newest);
+                    self.chan = link.chan;
+                    self.chan.set_nonblocking(true)?;
+                    self.server_id = link.server_id;
+                    // Acknowledgements that went with the old connection come again.
+                    self.acks.clear();
+                    self.acks_due = None;
+                    for (request, newest) in self.unconfirmed.values() {
+                        self.chan.queue(&resend(request, *newest))?;
                     }
                     return Ok(());
                 }
@@ -197,121 +467,6 @@ fn resend(request: &Request<ServerRequest>, newest: i64) -> Request<ServerReques
     again
 }
 
-/// A client's sending side.
-pub(super) struct Sending {
-    pub index: usize,
-    pub me: String,
-    pub to: Option<(String, PairKey)>,
-    pub group: Option<(String, PairKey)>,
-    pub identity: Arc<Identity>,
-    pub conn: Arc<Conn>,
-    /// Window: a slot is taken per message and given back by the reader on `Stored`.
-    pub slots: Sender<()>,
-    pub size: usize,
-    pub counters: Arc<Counters>,
-}
-
-impl Sending {
-    /// Seals and writes message `seq`, due at `due` (`start` is time zero); `flush` sends it
-    /// now, else it waits in the buffer until the window fills.
-    fn send(&self, seq: u64, due: Instant, start: Instant) -> Result<()> {
-        self.slots
-            .send_timeout((), FAILOVER_LIMIT + Duration::from_secs(10))
-            .map_err(|_| Error::Protocol("no Stored reply in 40 s".into()))?;
-        let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
-        let text = payload(self.index, seq, sent_ns, self.size);
-        let request = self.request(seq, &text)?;
-        self.conn.send(seq, request)
-    }
-
-    /// As fast as the window allows: this client's own thread.
-    pub fn run(self, messages: u64, go: &Receiver<()>, start: &OnceLock<Instant>) -> Result<()> {
-        let _ = go.recv();
-        let start = *start.get().expect("set before go");
-        for seq in 0..messages {
-            self.send(seq, Instant::now(), start)?;
-        }
-        self.wait_stored();
-        Ok(())
-    }
-
-    /// Waits until every message is stored (all window slots back).
-    fn wait_stored(&self) {
-        for _ in 0..self.slots.capacity().unwrap_or(0) {
-            if self
-                .slots
-                .send_timeout((), FAILOVER_LIMIT + Duration::from_secs(10))
-                .is_err()
-            {
-                self.counters.error("messages never confirmed as stored");
-                break;
-            }
-        }
-    }
-
-    fn request(&self, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
-        let plain = Plain::Text(text.to_string());
-        if let Some((to, key)) = &self.to {
-            let body = e2e::seal_direct_with(key, &self.me, to, seq, &plain)?;
-            return Ok(Request {
-                id: seq,
-                body: ServerRequest::Send {
-                    to: to.clone(),
-                    message: NewMessage {
-                        client_id: seq,
-                        body,
-                        file: None,
-                        resend_after: None,
-                    },
-                },
-            });
-        }
-        let (group, key) = self.group.as_ref().expect("a direct or group role");
-        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, 1, &plain)?;
-        Ok(Request {
-            id: seq,
-            body: ServerRequest::GroupSend {
-                group: group.clone(),
-                epoch: 1,
-                message: NewMessage {
-                    client_id: seq,
-                    body,
-                    file: None,
-                    resend_after: None,
-                },
-            },
-        })
-    }
-}
-
-/// A fixed offered load, from one thread for all clients: message k (of client k mod N, its
-/// number k div N) is due k/R seconds after the start, and is written and flushed then. One
-/// pacing thread wakes far less often than one sleeping thread per client would, so the tool
-/// takes less of the machine it measures.
-pub(super) fn pace(
-    clients: Vec<Sending>,
-    messages: u64,
-    rate: f64,
-    go: &Receiver<()>,
-    start: &OnceLock<Instant>,
-) -> Result<()> {
-    let _ = go.recv();
-    let start = *start.get().expect("set before go");
-    let n = clients.len() as u64;
-    for k in 0..n * messages {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
-        let now = Instant::now();
-        if due > now + Duration::from_micros(50) {
-            std::thread::sleep(due - now);
-        }
-        clients[(k % n) as usize].send(k / n, due, start)?;
-    }
-    for c in &clients {
-        c.wait_stored();
-    }
-    Ok(())
-}
-
 /// `SENDER:SEQ:NANOS:` padded with dots to `size` bytes.
 pub(super) fn payload(sender: usize, seq: u64, nanos: u64, size: usize) -> String {
     let mut s = format!("{sender}:{seq}:{nanos}:");
@@ -329,180 +484,6 @@ pub(super) fn parse_payload(text: &str) -> Option<(u64, u64, u64)> {
         it.next()?.parse().ok()?,
         it.next()?.parse().ok()?,
     ))
-}
-
-/// A client's receiving side.
-pub(super) struct Receiving {
-    pub conn: Arc<Conn>,
-    pub from_key: Option<PairKey>,
-    pub group_key: Option<PairKey>,
-    pub ed25519: Arc<Vec<Vec<u8>>>,
-    /// Where the index starts in a user name (`bRUN-INDEX`).
-    pub prefix_len: usize,
-    pub counters: Arc<Counters>,
-    pub start: Arc<OnceLock<Instant>>,
-    pub free: Receiver<()>,
-}
-
-impl Receiving {
-    /// Drives the connection until the run is over, failing over when it is lost; returns
-    /// latencies in microseconds.
-    pub fn run(self, mut owner: Owner) -> Vec<u32> {
-        let mut latencies = Vec::new();
-        // (sender, sequence) → the message id it was delivered under.
-        let mut seen: HashMap<(u64, u64), i64> = HashMap::new();
-        loop {
-            if self.conn.closing.load(Ordering::SeqCst) {
-                break;
-            }
-            match self.turn(&mut owner, &mut seen, &mut latencies) {
-                Ok(()) => {}
-                Err(_) if self.counters.finished.load(Ordering::SeqCst) => break,
-                Err(_) => {
-                    self.counters.failovers.fetch_add(1, Ordering::SeqCst);
-                    if let Err(e) = self.conn.failover(&mut owner) {
-                        self.counters.error(&format!("failover: {e}"));
-                        break;
-                    }
-                }
-            }
-        }
-        latencies
-    }
-
-    /// One turn of the connection's thread: write what is queued, read what came, sleep if
-    /// there is nothing to do. `Err` when the connection is lost.
-    fn turn(
-        &self,
-        owner: &mut Owner,
-        seen: &mut HashMap<(u64, u64), i64>,
-        latencies: &mut Vec<u32>,
-    ) -> Result<()> {
-        while let Ok(frame) = owner.frames.try_recv() {
-            owner.chan.queue_encoded(&frame);
-        }
-        let now = Instant::now();
-        if owner.acks.len() >= ACK_BATCH || owner.acks_due.is_some_and(|d| now >= d) {
-            let msg_ids = std::mem::take(&mut owner.acks);
-            owner.acks_due = None;
-            owner.next_ack_id += 1;
-            owner.chan.queue(&Request {
-                id: owner.next_ack_id,
-                body: ServerRequest::Ack { msg_ids },
-            })?;
-        }
-        if owner.chan.pending() > 0 {
-            owner.chan.flush()?;
-        }
-        loop {
-            while let Some(event) = owner.chan.frame::<ServerEvent>(MAX_FRAME)? {
-                self.event(owner, event, seen, latencies);
-            }
-            match owner.chan.fill()? {
-                Fill::Data => {}
-                Fill::Idle => break,
-                Fill::Closed => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            }
-        }
-        if owner.acks.len() >= ACK_BATCH || !owner.frames.prepare_wait() {
-            return Ok(());
-        }
-        let ready = wait(
-            owner.chan.stream(),
-            owner.chan.interest(true),
-            &[&self.conn.waker],
-            owner.acks_due,
-        );
-        owner.frames.woke();
-        ready?;
-        Ok(())
-    }
-
-    fn event(
-        &self,
-        owner: &mut Owner,
-        event: ServerEvent,
-        seen: &mut HashMap<(u64, u64), i64>,
-        latencies: &mut Vec<u32>,
-    ) {
-        match event {
-            ServerEvent::Reply(Response {
-                id: Some(id),
-                result: Ok(ServerReply::Stored { msg_id }),
-            }) => {
-                self.conn.newest.fetch_max(msg_id, Ordering::SeqCst);
-                if self.conn.unconfirmed.lock().remove(&id).is_some() {
-                    let _ = self.free.try_recv();
-                }
-            }
-            ServerEvent::Deliver { msg } => {
-                self.conn.newest.fetch_max(msg.id, Ordering::SeqCst);
-                self.delivered(&msg, seen, latencies);
-                owner.acks.push(msg.id);
-                owner.acks_due.get_or_insert(Instant::now() + ACK_DELAY);
-            }
-            ServerEvent::Reply(Response {
-                result: Err(refusal),
-                ..
-            }) => self.counters.error(&refusal.message),
-            _ => {}
-        }
-    }
-
-    fn delivered(
-        &self,
-        msg: &Envelope,
-        seen: &mut HashMap<(u64, u64), i64>,
-        latencies: &mut Vec<u32>,
-    ) {
-        let (sender, seq, sent_ns) = match self.open(msg) {
-            Ok(fields) => fields,
-            Err(e) => return self.counters.error(&format!("message {}: {e}", msg.id)),
-        };
-        match seen.get(&(sender, seq)) {
-            None => {
-                seen.insert((sender, seq), msg.id);
-                let now = self
-                    .start
-                    .get()
-                    .map_or(0, |s| s.elapsed().as_nanos() as u64);
-                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .last_delivery_ns
-                    .fetch_max(now, Ordering::Relaxed);
-                latencies.push((now.saturating_sub(sent_ns) / 1000) as u32);
-            }
-            Some(id) if *id == msg.id => {
-                self.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(_) => {
-                self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
-    fn open(&self, msg: &Envelope) -> Result<(u64, u64, u64)> {
-        let plain = match (&self.from_key, &self.group_key) {
-            (Some(key), _) => e2e::open_direct_with(key, msg)?,
-            (None, Some(key)) => {
-                let sender: usize = msg
-                    .from
-                    .get(self.prefix_len..)
-                    .and_then(|i| i.parse().ok())
-                    .filter(|i| *i < self.ed25519.len())
-                    .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
-                e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?
-            }
-            (None, None) => return Err(Error::Protocol("a message in idle mode".into())),
-        };
-        match plain {
-            Plain::Text(t) => {
-                parse_payload(&t).ok_or_else(|| Error::Integrity("not a bench payload".into()))
-            }
-            _ => Err(Error::Integrity("not a text message".into())),
-        }
-    }
 }
 
 #[cfg(test)]
