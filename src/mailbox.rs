@@ -196,11 +196,15 @@ impl<T> Receiver<T> {
         true
     }
 
-    /// After the `poll` that followed [`Receiver::prepare_wait`]: awake again.
-    pub fn woke(&self) {
+    /// After the `poll` that followed [`Receiver::prepare_wait`]: awake again. `rung`: the
+    /// poll saw the waker set, so it is cleared (one system call; a waker left set by a ring
+    /// that came after the poll only ends the next wait at once).
+    pub fn woke(&self, rung: bool) {
         self.bell.sleeping.store(false, Ordering::SeqCst);
         if let Some(w) = &self.bell.waker {
-            w.reset();
+            if rung {
+                w.reset();
+            }
         }
     }
 

@@ -40,7 +40,7 @@ pub mod tls;
 pub mod waker;
 
 pub use channel::{Channel, Fill};
-pub use tls::{pin_path, Expect, Stream, Transport};
+pub use tls::{pin_path, Expect, Socket, Stream, Transport};
 pub use waker::{wait, Interest, Ready, Waker};
 
 /// How long to wait for a TCP connection (and, after it, for the TLS handshake).

@@ -148,7 +148,7 @@ fn a_connection_that_never_says_hello_is_closed() {
         }
     }
     assert!(closed || hello.len() * 50 < 300, "the trickler was cut off");
-    let streams = [fastchat::transport::Stream::Plain(silent), slow];
+    let streams = [fastchat::transport::Stream::plain(silent), slow];
     for mut s in streams {
         s.tcp().set_read_timeout(Some(LIMIT)).unwrap();
         let mut buf = Vec::new();

@@ -6,7 +6,7 @@
 //!   send: seal the next message while fewer than `window` are unconfirmed (and, at a fixed
 //!         rate, once it is due); remember it until `Stored`
 //!   read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
-//!         batches (ACK_BATCH, or ACK_DELAY after the first)
+//!         batches (ACK_BATCH ids, at the next ACK_DELAY tick, or with the next message out)
 //!   wait: poll(socket, waker) until data, the next due message, an acknowledgement's
 //!         deadline, or the end of the run
 //!   the connection ends while the run goes on → failover: balancer Resume (avoiding the dead
@@ -73,8 +73,10 @@ const STORED_LIMIT: Duration = Duration::from_secs(40);
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
-/// Longest an acknowledgement waits to be batched with others. Like TCP's delayed ACK: a
-/// client at a low rate does not cost the server a transaction and a reply per message.
+/// Acknowledgements go out on a common tick of this period (counted from the start, the same
+/// for every client), like TCP's delayed ACK: a client at a low rate does not cost the server
+/// a transaction and a reply per message, and the acknowledgements of all clients reach the
+/// servers together, to be committed together.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// What a client sends.
@@ -248,7 +250,7 @@ impl Client {
     /// Runs the client from `go` until the run is over; returns its latencies in microseconds.
     pub fn run(mut self, go: &Receiver<()>) -> Vec<u32> {
         let _ = go.recv();
-        let start = *self.shared.start.get().expect("set before go");
+        let start = self.start();
         let mut last_stored = Instant::now();
         while !self.shared.counters.finished.load(Ordering::SeqCst) {
             match self.turn(start, &mut last_stored) {
@@ -311,7 +313,10 @@ impl Client {
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;
         }
-        if self.acks.len() >= ACK_BATCH || self.acks_due.is_some_and(|d| now >= d) {
+        // Acknowledgements ride along with messages going out anyway.
+        let sending = self.chan.pending() > 0;
+        let due = self.acks_due.is_some_and(|d| now >= d) || (sending && !self.acks.is_empty());
+        if self.acks.len() >= ACK_BATCH || due {
             self.send_acks().map_err(Err)?;
         }
         if self.chan.pending() > 0 {
@@ -351,12 +356,19 @@ impl Client {
             &[&self.waker],
             deadline,
         );
-        self.waker.reset();
-        ready.map_err(|e| Err(e.into()))?;
+        let ready = ready.map_err(|e| Err(e.into()))?;
+        if ready.woken != 0 {
+            self.waker.reset();
+        }
         if overdue {
             return Err(Ok(Overdue));
         }
         Ok(())
+    }
+
+    /// Time zero of the run.
+    fn start(&self) -> Instant {
+        *self.shared.start.get().expect("set before go")
     }
 
     fn send_acks(&mut self) -> Result<()> {
@@ -383,7 +395,9 @@ impl Client {
                 self.newest = self.newest.max(msg.id);
                 self.delivered(&msg);
                 self.acks.push(msg.id);
-                self.acks_due.get_or_insert(Instant::now() + ACK_DELAY);
+                if self.acks_due.is_none() {
+                    self.acks_due = Some(next_tick(self.start(), Instant::now()));
+                }
             }
             ServerEvent::Reply(Response {
                 result: Err(refusal),
@@ -453,6 +467,13 @@ impl Client {
             }
         }
     }
+}
+
+/// The first acknowledgement tick after `now`.
+fn next_tick(start: Instant, now: Instant) -> Instant {
+    let period = ACK_DELAY.as_nanos();
+    let ticks = now.saturating_duration_since(start).as_nanos() / period + 1;
+    start + Duration::from_nanos((ticks * period) as u64)
 }
 
 /// The same request, marked as a re-send.

@@ -45,7 +45,8 @@ struct Args {
     /// client is slowed down. 0 for no limit.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_rate: u32,
-    /// Seconds a new connection has to say Hello before it is closed.
+    /// Seconds a new connection has to finish the TLS handshake and say Hello before it is
+    /// closed.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     hello_timeout: f64,
     /// Outbound messages waiting for one client before it counts as not reading and is

@@ -283,7 +283,8 @@ impl Driver {
                 &[&self.waker],
                 None,
             );
-            self.requests.woke();
+            self.requests
+                .woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));
             readable = ready?.readable;
         }
     }

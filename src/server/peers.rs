@@ -498,7 +498,7 @@ mod tests {
         }
         peer.write_all(&frames).unwrap();
         drop(peer);
-        let mut ch = Channel::new(Stream::Plain(inbound)).unwrap();
+        let mut ch = Channel::new(Stream::plain(inbound)).unwrap();
         let stop = Waker::new().unwrap();
         serve_inbound(&mut ch, &router, &stop, 2).unwrap();
         let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())

@@ -387,7 +387,8 @@ impl Connection {
                 &[&self.waker, &shared.stop],
                 rested_until,
             );
-            self.rx.woke();
+            self.rx
+                .woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));
             let ready = ready?;
             readable |= ready.readable;
         }

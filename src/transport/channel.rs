@@ -62,7 +62,7 @@ impl Channel {
     /// Frames over `stream`, whose socket is put in blocking mode (see
     /// [`Channel::set_nonblocking`]).
     pub fn new(stream: Stream) -> Result<Channel> {
-        stream.tcp().set_nonblocking(false)?;
+        stream.set_nonblocking(false)?;
         Ok(Channel {
             stream,
             rbuf: Vec::new(),
@@ -77,7 +77,7 @@ impl Channel {
 
     /// Puts the socket in nonblocking mode (for an owner that waits with poll), or back.
     pub fn set_nonblocking(&mut self, on: bool) -> Result<()> {
-        self.stream.tcp().set_nonblocking(on)?;
+        self.stream.set_nonblocking(on)?;
         self.nonblocking = on;
         Ok(())
     }
@@ -208,8 +208,12 @@ impl Channel {
     }
 
     /// What to wait for on the socket: reading if `want_read` (and what a blocked read needs),
-    /// writing while something is queued (and what a blocked write needs).
+    /// writing while something is queued (and what a blocked write needs). Call it right
+    /// before the wait: when it asks for reading, the next read after the wait asks the kernel.
     pub fn interest(&self, want_read: bool) -> Interest {
+        if want_read {
+            self.stream.rearm();
+        }
         let mut i = Interest {
             read: want_read,
             write: self.pending() > 0,
@@ -332,7 +336,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let client = TcpStream::connect(listener.local_addr()?)?;
         let (server, _) = listener.accept()?;
-        let mut ch = Channel::new(Stream::Plain(server))?;
+        let mut ch = Channel::new(Stream::plain(server))?;
         ch.set_nonblocking(true)?;
         Ok((ch, client))
     }
@@ -361,6 +365,92 @@ mod tests {
         drop(peer);
         let end: Option<Request<ServerRequest>> = ch.recv_until(MAX_FRAME, deadline, None)?;
         assert!(end.is_none(), "a clean close between frames");
+        Ok(())
+    }
+
+    fn who(id: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        encode_into(
+            &mut bytes,
+            &Request {
+                id,
+                body: ServerRequest::Who,
+            },
+        )
+        .unwrap();
+        bytes
+    }
+
+    /// Reads every frame that arrives within a few seconds, the way a connection's thread
+    /// does: read until idle, then wait in poll.
+    fn ids_until(ch: &mut Channel, want: usize) -> Result<Vec<u64>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ids = Vec::new();
+        while ids.len() < want && Instant::now() < deadline {
+            while let Some(r) = ch.frame::<Request<ServerRequest>>(MAX_FRAME)? {
+                ids.push(r.id);
+            }
+            if ids.len() == want {
+                break;
+            }
+            if ch.fill()? == Fill::Idle {
+                let interest = ch.interest(true);
+                waker::wait(ch.stream().tcp(), interest, &[], Some(deadline))?;
+            }
+        }
+        Ok(ids)
+    }
+
+    #[test]
+    fn a_short_read_skips_the_empty_read_and_misses_nothing() -> Result<()> {
+        let (mut ch, mut peer) = pair()?;
+        peer.write_all(&who(1))?;
+        assert_eq!(ids_until(&mut ch, 1)?, [1]);
+        // The last read came back short: the next one says "idle" without asking the kernel,
+        // even though more has arrived since...
+        peer.write_all(&who(2))?;
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(ch.fill()?, Fill::Idle);
+        // ...and the wait that follows sees it at once.
+        let interest = ch.interest(true);
+        let ready = waker::wait(ch.stream().tcp(), interest, &[], None)?;
+        assert!(ready.readable);
+        assert_eq!(ids_until(&mut ch, 1)?, [2]);
+        Ok(())
+    }
+
+    #[test]
+    fn tls_records_read_ahead_are_all_delivered_before_a_wait() -> Result<()> {
+        use crate::transport::pki::{self, Member, Role};
+        use crate::transport::{Expect, Transport};
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("tls");
+        let member = Member {
+            role: Role::Server,
+            name: "server-1".into(),
+        };
+        pki::init(&dir, &[member])?;
+        let server = Transport::member(&dir, "server-1")?;
+        let client = Transport::client_with_ca(&dir.join("ca.pem"))?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let accepting = std::thread::spawn(move || -> Result<Channel> {
+            let (tcp, _) = listener.accept()?;
+            let stream = server.accept(tcp, Instant::now() + Duration::from_secs(10), None)?;
+            let mut ch = Channel::new(stream)?;
+            ch.set_nonblocking(true)?;
+            Ok(ch)
+        });
+        let mut peer = client.connect(&addr, "server", &Expect::Server(Some("server-1".into())))?;
+        let mut ch = accepting.join().expect("accept thread")?;
+        // Three records back to back: the first read takes all of them (read-ahead).
+        for id in 1..=3 {
+            peer.write_all(&who(id))?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(ids_until(&mut ch, 3)?, [1, 2, 3]);
+        peer.write_all(&who(4))?;
+        assert_eq!(ids_until(&mut ch, 1)?, [4]);
         Ok(())
     }
 

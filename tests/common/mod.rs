@@ -452,7 +452,9 @@ pub fn tls_connect(addr: &str) -> fastchat::transport::Stream {
         .unwrap()
         .verify_hostname(false)
         .use_server_name_indication(false);
-    let s = ssl.connect("fastchat", tcp).expect("TLS handshake");
+    let s = ssl
+        .connect("fastchat", fastchat::transport::Socket::new(tcp))
+        .expect("TLS handshake");
     fastchat::transport::Stream::Tls(Box::new(s))
 }
 
@@ -467,7 +469,7 @@ pub fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
 pub fn raw_exchange_plain(addr: &str, bytes: &[u8]) -> Vec<u8> {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    exchange(fastchat::transport::Stream::Plain(s), addr, bytes)
+    exchange(fastchat::transport::Stream::plain(s), addr, bytes)
 }
 
 /// Says `Hello` as `session` (with a valid proof for the connection), then sends `bytes`, and
