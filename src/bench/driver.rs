@@ -6,7 +6,8 @@
 //!   send: seal the next message while fewer than `window` are unconfirmed (and, at a fixed
 //!         rate, once it is due); remember it until `Stored`
 //!   read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
-//!         batches (ACK_BATCH ids, at the next ACK_DELAY tick, or with the next message out)
+//!         batches (ACK_BATCH ids; with the next message out; at the next ACK_DELAY tick, or
+//!         one tick later if a message is due by then)
 //!   wait: poll(socket, waker) until data, the next due message, an acknowledgement's
 //!         deadline, or the end of the run
 //!   the connection ends while the run goes on → failover: balancer Resume (avoiding the dead
@@ -73,9 +74,10 @@ const STORED_LIMIT: Duration = Duration::from_secs(40);
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
-/// Acknowledgements go out on a common tick of this period (counted from the start, the same
-/// for every client), like TCP's delayed ACK: a client at a low rate does not cost the server
-/// a transaction and a reply per message, and the acknowledgements of all clients reach the
+/// Acknowledgements go out with the client's next message, or on a common tick of this period
+/// (counted from the start, the same for every client) when no message is due within one more
+/// period: like TCP's delayed ACK, a client at a low rate does not cost the server a
+/// transaction and a reply per message, and the acknowledgements of all clients reach the
 /// servers together, to be committed together.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
@@ -313,8 +315,14 @@ impl Client {
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;
         }
-        // Acknowledgements ride along with messages going out anyway.
+        // Acknowledgements ride along with messages going out anyway; at their tick, they wait
+        // one more period for a message that is due by then.
         let sending = self.chan.pending() > 0;
+        if let (Some(tick), Some(send)) = (self.acks_due, next_due) {
+            if now >= tick && send <= tick + ACK_DELAY {
+                self.acks_due = Some(send);
+            }
+        }
         let due = self.acks_due.is_some_and(|d| now >= d) || (sending && !self.acks.is_empty());
         if self.acks.len() >= ACK_BATCH || due {
             self.send_acks().map_err(Err)?;

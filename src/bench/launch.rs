@@ -313,11 +313,14 @@ fn last_word(line: &str) -> String {
     line.rsplit(' ').next().unwrap_or_default().to_string()
 }
 
-/// A process's thread count, resident memory and CPU time so far, from `/proc` (Linux).
+/// A process's thread count, open descriptors, resident memory and CPU time so far, from
+/// `/proc` (Linux).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Usage {
     /// Threads.
     pub threads: u64,
+    /// Open file descriptors (sockets, eventfds, files).
+    pub fds: u64,
     /// Resident set size, KiB.
     pub rss_kib: u64,
     /// User and system CPU time, seconds.
@@ -347,6 +350,7 @@ pub fn usage(pid: u32) -> Option<Usage> {
     };
     Some(Usage {
         threads: field("Threads:")?,
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64,
         rss_kib: field("VmRSS:")?,
         cpu_secs: ticks / USER_HZ,
     })

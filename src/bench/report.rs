@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Sender};
 
 use super::driver::Counters;
+use super::launch::Usage;
 use super::{Latency, Report};
 
 /// Percentiles of latencies in microseconds (sorts them).
@@ -111,10 +112,12 @@ pub fn render(r: &Report) -> String {
         for (i, (before, after)) in r.server_usage.iter().enumerate() {
             let clients = r.clients as f64 / r.server_usage.len() as f64;
             out.push_str(&format!(
-                "  server {i}    {} threads, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads and {:.1} KiB per client)\n",
+                "  server {i}    {} threads, {} descriptors, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads, {:.2} descriptors and {:.1} KiB per client)\n",
                 after.threads,
+                after.fds,
                 after.rss_kib as f64 / 1024.0,
                 (after.threads as f64 - before.threads as f64) / clients,
+                (after.fds as f64 - before.fds as f64) / clients,
                 (after.rss_kib as f64 - before.rss_kib as f64) / clients
             ));
         }
@@ -168,7 +171,7 @@ pub fn render(r: &Report) -> String {
 /// The header of [`markdown_row`]'s table for a mode (`idle` has its own columns).
 pub fn markdown_header(idle: bool) -> &'static str {
     if idle {
-        "| run | clients | connect time | server threads | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+        "| run | clients | connect time | server threads | server descriptors | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     } else {
         "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     }
@@ -178,24 +181,24 @@ pub fn markdown_header(idle: bool) -> &'static str {
 pub fn markdown_row(label: &str, r: &Report) -> String {
     let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
     if r.mode == "idle" {
-        let (threads, rss): (u64, u64) = r
-            .server_usage
-            .iter()
-            .map(|(_, a)| (a.threads, a.rss_kib))
-            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
-        let (t0, m0): (u64, u64) = r
-            .server_usage
-            .iter()
-            .map(|(b, _)| (b.threads, b.rss_kib))
-            .fold((0, 0), |(t, m), (a, b)| (t + a, m + b));
+        let sum = |pick: fn(&Usage) -> u64, after: bool| -> f64 {
+            r.server_usage
+                .iter()
+                .map(|(b, a)| pick(if after { a } else { b }))
+                .sum::<u64>() as f64
+        };
         let n = r.clients.max(1) as f64;
+        let per = |pick: fn(&Usage) -> u64| (sum(pick, true) - sum(pick, false)) / n;
         return format!(
-            "| {label} | {} | {:.2} s | {threads} | {:.0} MiB | {:.2} threads, {:.0} KiB |",
+            "| {label} | {} | {:.2} s | {} | {} | {:.0} MiB | {:.2} threads, {:.2} descriptors, {:.0} KiB |",
             r.clients,
             r.connect_secs,
-            rss as f64 / 1024.0,
-            (threads as f64 - t0 as f64) / n,
-            (rss as f64 - m0 as f64) / n
+            sum(|u| u.threads, true),
+            sum(|u| u.fds, true),
+            sum(|u| u.rss_kib, true) / 1024.0,
+            per(|u| u.threads),
+            per(|u| u.fds),
+            per(|u| u.rss_kib)
         );
     }
     let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
@@ -244,8 +247,8 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         },
         "cpu_secs": r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
         "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
-            "threads_before": b.threads, "rss_kib_before": b.rss_kib,
-            "threads_after": a.threads, "rss_kib_after": a.rss_kib,
+            "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,
+            "threads_after": a.threads, "rss_kib_after": a.rss_kib, "fds_after": a.fds,
         })).collect::<Vec<_>>(),
     })
 }
