@@ -12,6 +12,8 @@
 //!   group keys and epochs.
 //! * [`keystore`]: the private key files and pinned peer keys.
 //! * [`files`]: files and images: chunked encryption, upload, download, safe names.
+//! * [`text`]: other people's text made safe to show (controls and format characters
+//!   escaped).
 //! * [`cli`]: the one-shot `fastchat` subcommands; [`chat`]: the interactive chat.
 
 pub mod api;
@@ -22,6 +24,7 @@ pub mod connection;
 pub mod e2e;
 pub mod files;
 pub mod keystore;
+pub mod text;
 
 pub use api::{Client, Event, SealedGroupKey, FAILOVER_LIMIT};
 pub use balancer::{BalancerClient, Session};

@@ -192,6 +192,16 @@ pub fn token_hash(token: &[u8]) -> Result<Vec<u8>> {
     Ok(sha256(token)?.to_vec())
 }
 
+/// The first line of a key file.
+const KEY_FILE_TAG: &str = "fastchat-identity v2";
+
+/// The associated data of a key file: whose keys they are.
+fn key_file_aad(user: &str) -> Vec<u8> {
+    let mut a = b"fastchat/identity/v2".to_vec();
+    a.extend_from_slice(user.as_bytes());
+    a
+}
+
 /// A user's private keys: X25519 for key agreement, Ed25519 for signatures.
 pub struct Identity {
     x25519: PKey<Private>,
@@ -215,7 +225,84 @@ impl Identity {
         })
     }
 
-    /// Both private keys as encrypted PKCS#8 PEM (AES-256-CBC under the password), in that order.
+    /// Both private keys, sealed for a key file: AES-256-GCM under a key that scrypt derives
+    /// from the password (cost `cost`, a fresh salt), the user's name bound in as associated
+    /// data. See [`Identity::from_key_file`] for the format.
+    pub fn to_key_file(&self, user: &str, password: &str, cost: ScryptCost) -> Result<Vec<u8>> {
+        let salt = random_bytes(16)?;
+        let key = PairKey(scrypt(password, &salt, cost)?);
+        let mut both = self.x25519.raw_private_key()?;
+        both.extend_from_slice(&self.ed25519.raw_private_key()?);
+        let sealed = key.seal(&key_file_aad(user), &both)?;
+        both.fill(0);
+        Ok(format!(
+            "{KEY_FILE_TAG}\nscrypt {} {} {} {}\n{}\n",
+            cost.log_n,
+            cost.r,
+            cost.p,
+            to_hex(&salt),
+            to_hex(&sealed)
+        )
+        .into_bytes())
+    }
+
+    /// Reads a key file written by [`Identity::to_key_file`]:
+    ///
+    /// ```text
+    /// fastchat-identity v2
+    /// scrypt LOG_N R P SALT-HEX
+    /// NONCE || CIPHERTEXT || TAG, hex      plaintext: X25519 private (32) || Ed25519 private (32)
+    /// ```
+    ///
+    /// Returns the identity and the file's scrypt cost. A wrong password (or a file of another
+    /// user) is an [`Error::Integrity`].
+    pub fn from_key_file(
+        data: &[u8],
+        user: &str,
+        password: &str,
+    ) -> Result<(Identity, ScryptCost)> {
+        let bad =
+            || Error::Invalid("the key file is damaged (not a fastchat-identity v2 file)".into());
+        let text = std::str::from_utf8(data).map_err(|_| bad())?;
+        let mut lines = text.lines();
+        if lines.next() != Some(KEY_FILE_TAG) {
+            return Err(bad());
+        }
+        let params: Vec<&str> = lines.next().ok_or_else(bad)?.split(' ').collect();
+        let ["scrypt", log_n, r, p, salt] = params[..] else {
+            return Err(bad());
+        };
+        let cost = ScryptCost {
+            log_n: log_n.parse().map_err(|_| bad())?,
+            r: r.parse().map_err(|_| bad())?,
+            p: p.parse().map_err(|_| bad())?,
+        };
+        if !(1..=20).contains(&cost.log_n)
+            || !(1..=32).contains(&cost.r)
+            || !(1..=16).contains(&cost.p)
+        {
+            return Err(bad());
+        }
+        let salt = from_hex(salt).ok_or_else(bad)?;
+        let sealed = from_hex(lines.next().ok_or_else(bad)?).ok_or_else(bad)?;
+        let key = PairKey(scrypt(password, &salt, cost)?);
+        let mut both = key.open(&key_file_aad(user), &sealed).map_err(|_| {
+            Error::Integrity("cannot decrypt the key file: wrong password or damaged file".into())
+        })?;
+        if both.len() != 64 {
+            both.fill(0);
+            return Err(bad());
+        }
+        let identity = Identity {
+            x25519: PKey::private_key_from_raw_bytes(&both[..32], Id::X25519)?,
+            ed25519: PKey::private_key_from_raw_bytes(&both[32..], Id::ED25519)?,
+        };
+        both.fill(0);
+        Ok((identity, cost))
+    }
+
+    /// Both private keys as encrypted PKCS#8 PEM (AES-256-CBC, PBKDF2 under the password), in
+    /// that order: the key files before version 2, kept for tests of their migration.
     pub fn to_pem(&self, password: &str) -> Result<(Vec<u8>, Vec<u8>)> {
         let cipher = Cipher::aes_256_cbc();
         Ok((

@@ -209,7 +209,7 @@ fn hostile_file_names_are_saved_safely_inside_downloads() {
     let dl = downloads(&c, "bob");
     assert_eq!(
         listing(&dl),
-        ["ab[2J.txt", "bashrc", "file", "file (1)", "passwd", "x"]
+        ["a\\nb\\u{1b}[2J.txt", "bashrc", "file", "file (1)", "passwd", "x"]
     );
     for (name, line) in names.iter().zip(out.lines()) {
         let path = PathBuf::from(line.split_once(" -> ").unwrap().1);
@@ -379,4 +379,38 @@ fn chat_mode_sends_and_saves_files() {
     alice.type_line("/file bob /no/such/file");
     alice.type_line("/quit");
     assert_eq!(alice.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn format_characters_are_shown_escaped_in_text_and_file_names() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    // Shown raw, U+202E would make this read "invoiceexe.pdf".
+    let tricky = "invoice\u{202E}fdp.exe";
+    let path = c.dir.path().join(tricky);
+    std::fs::write(&path, b"MZ not really").unwrap();
+    let out = c.run("alice", &["send-file", "bob", path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    c.send("alice", "bob", "see the \u{202E}fdp.exe\u{202C} and a\u{200B}b");
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        !out.stdout.contains('\u{202E}') && !out.stdout.contains('\u{200B}'),
+        "{:?}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("invoice\\u{202e}fdp.exe"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("alice: see the \\u{202e}fdp.exe\\u{202c} and a\\u{200b}b"),
+        "{}",
+        out.stdout
+    );
+    let downloads = c.home().join("bob").join("downloads");
+    let saved: Vec<String> = std::fs::read_dir(&downloads)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(saved, ["invoice\\u{202e}fdp.exe"]);
 }

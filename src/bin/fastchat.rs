@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fastchat::client::cli::{self, Format, GroupCmd, Options};
+use fastchat::client::text::one_line;
 
 /// The fastchat client: sign up, send and receive end-to-end encrypted messages.
 ///
@@ -194,7 +195,7 @@ fn main() -> ExitCode {
     ) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("fastchat: error: {e}");
+            eprintln!("fastchat: error: {}", one_line(&e.to_string()));
             return ExitCode::from(e.exit_code() as u8);
         }
     };
@@ -232,7 +233,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fastchat: error: {e}");
+            eprintln!("fastchat: error: {}", one_line(&e.to_string()));
             ExitCode::from(e.exit_code() as u8)
         }
     }

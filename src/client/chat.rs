@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 use parking_lot::Mutex;
 
-use super::cli::{file_sent, login, one_line, show, Format, GroupCmd, LoggedIn, Options};
+use super::cli::{file_sent, login, show, Format, GroupCmd, LoggedIn, Options};
 use super::e2e::E2e;
 use super::files::Target;
+use super::text::one_line;
 use super::{Client, Event};
 use crate::crypto;
 use crate::error::{Error, Result};
@@ -189,7 +190,10 @@ fn chat_terminal(me: &LoggedIn, opts: &Options) -> Result<()> {
                 match chat_command(line, &me.client, &me.e2e) {
                     Ok(Some(reply)) => println!("{}", paint("2", &reply, true)),
                     Ok(None) => return Ok(()),
-                    Err(e) => println!("{}", paint("31", &format!("error: {e}"), true)),
+                    Err(e) => println!(
+                        "{}",
+                        paint("31", &format!("error: {}", one_line(&e.to_string())), true)
+                    ),
                 }
             }
             Err(ReadlineError::Interrupted | ReadlineError::Eof) => return Ok(()),
@@ -224,7 +228,7 @@ fn chat_lines(me: &LoggedIn, opts: &Options) -> Result<()> {
                 match chat_command(line, &me.client, &me.e2e) {
                     Ok(Some(reply)) => println!("{reply}"),
                     Ok(None) => return Ok(()),
-                    Err(e) => eprintln!("error: {e}"),
+                    Err(e) => eprintln!("error: {}", one_line(&e.to_string())),
                 }
             }
             recv(opts.interrupt) -> _ => return Ok(()),

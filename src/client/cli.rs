@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use super::e2e::{fingerprint, Directory, E2e, Plain};
 use super::files::{self, Target};
 use super::keystore::Keystore;
+use super::text::one_line;
 use super::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity};
 use crate::error::{Error, Result};
@@ -528,30 +529,5 @@ pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> Strin
             path.map(|p| one_line(&p.display().to_string()))
                 .unwrap_or_default()
         ),
-    }
-}
-
-/// Escapes control characters, so a message is one line and cannot drive the terminal.
-pub fn one_line(text: &str) -> String {
-    let mut s = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            s.extend(c.escape_default());
-        } else {
-            s.push(c);
-        }
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_line_escapes_controls_only() {
-        assert_eq!(one_line("héllo wörld"), "héllo wörld");
-        assert_eq!(one_line("a\nb"), "a\\nb");
-        assert_eq!(one_line("\u{1b}[31mred"), "\\u{1b}[31mred");
     }
 }

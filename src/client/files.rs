@@ -327,12 +327,13 @@ fn numbered(name: &str, n: u32) -> String {
 /// Longest file name kept, in bytes.
 const MAX_NAME: usize = 200;
 
-/// A sender's file name made safe to save: its last path component, without control
-/// characters, leading dots (no hidden files, no `.` or `..`) or surrounding spaces, at most
+/// A sender's file name made safe to save: its last path component, with control and format
+/// characters escaped (`invoice\u{202e}fdp.exe`, never a name that shows as another), without
+/// leading dots (no hidden files, no `.` or `..`) or surrounding spaces, at most
 /// [`MAX_NAME`] bytes (keeping the extension); `file` if nothing is left.
 pub fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or("");
-    let visible: String = last.chars().filter(|c| !c.is_control()).collect();
+    let visible = super::text::one_line(last);
     let trimmed = visible.trim().trim_start_matches('.').trim();
     if trimmed.is_empty() {
         return "file".to_string();
@@ -384,7 +385,9 @@ mod tests {
             ("...", "file"),
             ("dir\\evil.exe", "evil.exe"),
             ("  .hidden  ", "hidden"),
-            ("bell\u{7}\nname.txt", "bellname.txt"),
+            ("bell\u{7}\nname.txt", "bell\\u{7}\\nname.txt"),
+            ("invoice\u{202E}fdp.exe", "invoice\\u{202e}fdp.exe"),
+            ("zero\u{200B}width.txt", "zero\\u{200b}width.txt"),
             ("héllo wörld.txt", "héllo wörld.txt"),
         ] {
             assert_eq!(safe_name(given), safe, "{given:?}");

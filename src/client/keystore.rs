@@ -3,17 +3,21 @@
 //! ```text
 //! FASTCHAT_HOME/            (default ~/.fastchat)
 //! └── alice/                mode 0700
-//!     ├── x25519.pem        encrypted PKCS#8 (password), mode 0600
-//!     ├── ed25519.pem       encrypted PKCS#8 (password), mode 0600
+//!     ├── identity.key      both private keys, AES-256-GCM under scrypt(password), mode 0600
 //!     └── known_keys        pinned peer keys: "name x25519-hex ed25519-hex" per line
 //! ```
+//!
+//! The key file costs an attacker who stole it as much per password guess as the balancer's
+//! password hash does (scrypt, N = 2^15 by default). Key files of earlier versions
+//! (`x25519.pem`, `ed25519.pem`: PKCS#8 under PBKDF2 with 2,048 iterations, far cheaper to
+//! attack) are rewritten in this format the first time they are opened, and then removed.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::crypto::{from_hex, to_hex, Identity};
+use crate::crypto::{from_hex, to_hex, Identity, ScryptCost};
 use crate::error::{Error, Result};
 use crate::net::PublicKeys;
 
@@ -37,17 +41,19 @@ impl Keystore {
         &self.dir
     }
 
-    fn x_path(&self) -> PathBuf {
-        self.dir.join("x25519.pem")
+    fn key_path(&self) -> PathBuf {
+        self.dir.join("identity.key")
     }
 
-    fn e_path(&self) -> PathBuf {
-        self.dir.join("ed25519.pem")
+    /// The key files before version 2.
+    fn pem_paths(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("x25519.pem"), self.dir.join("ed25519.pem"))
     }
 
     /// Whether key files exist for this user.
     pub fn has_identity(&self) -> bool {
-        self.x_path().exists() || self.e_path().exists()
+        let (x, e) = self.pem_paths();
+        self.key_path().exists() || x.exists() || e.exists()
     }
 
     /// Creates the folder (0700) if needed.
@@ -68,13 +74,22 @@ impl Keystore {
             )));
         }
         self.ensure_dir()?;
-        let (x, e) = id.to_pem(password)?;
-        write_private(&self.x_path(), &x)?;
-        write_private(&self.e_path(), &e)?;
+        self.write_key_file(id, password)
+    }
+
+    fn write_key_file(&self, id: &Identity, password: &str) -> Result<()> {
+        let data = id.to_key_file(&self.user, password, ScryptCost::default())?;
+        let tmp = self.dir.join(".identity.key.tmp");
+        write_private(&tmp, &data)?;
+        fs::rename(&tmp, self.key_path()).map_err(|e| {
+            Error::Invalid(format!("cannot write {}: {e}", self.key_path().display()))
+        })?;
         Ok(())
     }
 
     /// Reads and decrypts the identity. A missing file is a clear error saying what to do.
+    /// Key files of an earlier version, or of a lower cost than today's default, are written
+    /// again in the current format once the password has opened them.
     pub fn load_identity(&self, password: &str) -> Result<Identity> {
         let read = |p: PathBuf| {
             fs::read(&p).map_err(|e| match e.kind() {
@@ -87,8 +102,25 @@ impl Keystore {
                 _ => Error::Invalid(format!("cannot read {}: {e}", p.display())),
             })
         };
-        let (x, e) = (read(self.x_path())?, read(self.e_path())?);
-        Identity::from_pem(&x, &e, password)
+        if self.key_path().exists() {
+            let (id, cost) =
+                Identity::from_key_file(&read(self.key_path())?, &self.user, password)?;
+            if cost.log_n < ScryptCost::default().log_n {
+                self.write_key_file(&id, password)?;
+            }
+            return Ok(id);
+        }
+        let (x_path, e_path) = self.pem_paths();
+        let id = Identity::from_pem(&read(x_path.clone())?, &read(e_path.clone())?, password)?;
+        self.write_key_file(&id, password)?;
+        fs::remove_file(&x_path)?;
+        fs::remove_file(&e_path)?;
+        log::info!(
+            "re-encrypted the private keys of {} under scrypt ({})",
+            self.user,
+            self.key_path().display()
+        );
+        Ok(id)
     }
 
     fn pins_path(&self) -> PathBuf {
@@ -164,14 +196,65 @@ mod tests {
         let ks = Keystore::new(home.path(), "alice");
         let id = Identity::generate()?;
         ks.save_identity(&id, "pw")?;
-        for f in ["x25519.pem", "ed25519.pem"] {
-            let mode = fs::metadata(ks.dir().join(f))?.permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{f}");
-        }
+        let mode = fs::metadata(ks.key_path())?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         assert_eq!(fs::metadata(ks.dir())?.permissions().mode() & 0o777, 0o700);
         assert!(ks.save_identity(&Identity::generate()?, "pw").is_err());
         assert_eq!(ks.load_identity("pw")?.public()?, id.public()?);
+        assert!(matches!(ks.load_identity("nope"), Err(Error::Integrity(_))));
+        Ok(())
+    }
+
+    /// The cost of one password guess against the key file, as the file states it.
+    fn file_cost(ks: &Keystore) -> String {
+        let text = fs::read_to_string(ks.key_path()).unwrap();
+        text.lines().nth(1).unwrap().to_string()
+    }
+
+    #[test]
+    fn a_key_file_costs_a_guess_as_much_as_the_password_hash() -> Result<()> {
+        let home = tempfile::tempdir()?;
+        let ks = Keystore::new(home.path(), "alice");
+        ks.save_identity(&Identity::generate()?, "pw")?;
+        let want = format!("scrypt {} 8 1 ", crate::crypto::DEFAULT_SCRYPT_LOG_N);
+        assert!(file_cost(&ks).starts_with(&want), "{}", file_cost(&ks));
+        // Bound to its user: alice's file copied as bob's does not open as bob's.
+        let bob = Keystore::new(home.path(), "bob");
+        bob.ensure_dir()?;
+        fs::copy(ks.key_path(), bob.key_path())?;
+        assert!(matches!(bob.load_identity("pw"), Err(Error::Integrity(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn old_key_files_are_migrated_on_first_use() -> Result<()> {
+        let home = tempfile::tempdir()?;
+        let ks = Keystore::new(home.path(), "alice");
+        ks.ensure_dir()?;
+        let id = Identity::generate()?;
+        let (x, e) = id.to_pem("pw")?;
+        let (x_path, e_path) = ks.pem_paths();
+        write_private(&x_path, &x)?;
+        write_private(&e_path, &e)?;
+        assert!(ks.has_identity());
+        // A wrong password changes nothing.
         assert!(ks.load_identity("nope").is_err());
+        assert!(x_path.exists() && !ks.key_path().exists());
+        assert_eq!(ks.load_identity("pw")?.public()?, id.public()?);
+        assert!(
+            !x_path.exists() && !e_path.exists(),
+            "the weak files are gone"
+        );
+        assert!(file_cost(&ks).starts_with("scrypt 15 "));
+        assert_eq!(ks.load_identity("pw")?.public()?, id.public()?);
+        // A file written at a lower cost is written again at today's.
+        fs::write(
+            ks.key_path(),
+            id.to_key_file("alice", "pw", ScryptCost::with_log_n(4)?)?,
+        )?;
+        assert!(file_cost(&ks).starts_with("scrypt 4 "));
+        assert_eq!(ks.load_identity("pw")?.public()?, id.public()?);
+        assert!(file_cost(&ks).starts_with("scrypt 15 "));
         Ok(())
     }
 
