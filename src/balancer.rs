@@ -290,7 +290,8 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
         BalancerRequest::Servers => Ok(BalancerReply::Servers {
             servers: shared.registry.lock().infos(shared.config.server_timeout),
         }),
-        BalancerRequest::Keys { name } => {
+        BalancerRequest::Keys { name, token, proof } => {
+            proven_session(shared, peer, &token, &proof)?;
             names::validate("user", &name)?;
             let keys = shared
                 .store

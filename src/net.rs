@@ -196,10 +196,16 @@ pub enum BalancerRequest {
     },
     /// List the live chat servers (`Servers`).
     Servers,
-    /// Look up a user's public keys (`Keys`).
+    /// Look up a user's public keys (`Keys`): for a logged-in user only, so that the
+    /// directory does not tell strangers which names exist.
     Keys {
         /// Whose keys.
         name: String,
+        /// The asker's session token.
+        token: String,
+        /// The session key's proof for this connection.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
     },
     /// A chat server announces itself (`Registered`; first request of a server's link). With
     /// TLS only a connection that presented a `server` certificate of the cluster may

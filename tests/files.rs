@@ -172,7 +172,7 @@ fn alice(c: &Cluster) -> (Client, E2e) {
         "alice",
         identity,
         store,
-        Directory::new(&c.balancer_addr, &c.transport, None),
+        Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
     );
     (client, e2e)
 }
@@ -209,7 +209,14 @@ fn hostile_file_names_are_saved_safely_inside_downloads() {
     let dl = downloads(&c, "bob");
     assert_eq!(
         listing(&dl),
-        ["a\\nb\\u{1b}[2J.txt", "bashrc", "file", "file (1)", "passwd", "x"]
+        [
+            "a\\nb\\u{1b}[2J.txt",
+            "bashrc",
+            "file",
+            "file (1)",
+            "passwd",
+            "x"
+        ]
     );
     for (name, line) in names.iter().zip(out.lines()) {
         let path = PathBuf::from(line.split_once(" -> ").unwrap().1);
@@ -392,7 +399,11 @@ fn format_characters_are_shown_escaped_in_text_and_file_names() {
     std::fs::write(&path, b"MZ not really").unwrap();
     let out = c.run("alice", &["send-file", "bob", path.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{out:?}");
-    c.send("alice", "bob", "see the \u{202E}fdp.exe\u{202C} and a\u{200B}b");
+    c.send(
+        "alice",
+        "bob",
+        "see the \u{202E}fdp.exe\u{202C} and a\u{200B}b",
+    );
     let out = c.run("bob", &["recv"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
@@ -400,9 +411,14 @@ fn format_characters_are_shown_escaped_in_text_and_file_names() {
         "{:?}",
         out.stdout
     );
-    assert!(out.stdout.contains("invoice\\u{202e}fdp.exe"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("alice: see the \\u{202e}fdp.exe\\u{202c} and a\\u{200b}b"),
+        out.stdout.contains("invoice\\u{202e}fdp.exe"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("alice: see the \\u{202e}fdp.exe\\u{202c} and a\\u{200b}b"),
         "{}",
         out.stdout
     );

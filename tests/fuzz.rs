@@ -128,7 +128,11 @@ impl Gen {
                 proof: self.b(),
             },
             4 => BalancerRequest::Servers,
-            5 => BalancerRequest::Keys { name: self.s() },
+            5 => BalancerRequest::Keys {
+                name: self.s(),
+                token: self.s(),
+                proof: self.b(),
+            },
             6 => BalancerRequest::Register {
                 addr: self.s(),
                 name: self.s(),

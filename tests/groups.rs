@@ -318,7 +318,7 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
         "bob",
         identity,
         store,
-        Directory::new(&c.balancer_addr, &c.transport, None),
+        Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
     );
     (client, e2e)
 }

@@ -108,6 +108,42 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
 }
 
 #[test]
+fn the_key_directory_answers_logged_in_users_only() {
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    c.signup_lib("bob");
+    let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
+    let session = b.login("alice", "pw-alice").unwrap();
+    // A logged-in user gets keys, and learns that a name does not exist.
+    assert!(b.keys(&session, "bob").is_ok());
+    assert!(matches!(
+        b.keys(&session, "nobody"),
+        Err(fastchat::Error::Refused {
+            code: ErrorCode::UnknownUser,
+            ..
+        })
+    ));
+    // A stranger gets the same refusal for a name that exists and one that does not.
+    let stranger = Session {
+        token: "not-a-token".into(),
+        ..session.clone()
+    };
+    for name in ["bob", "nobody"] {
+        let mut fresh = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
+        match fresh.keys(&stranger, name) {
+            Err(fastchat::Error::Refused {
+                code: ErrorCode::InvalidToken,
+                ..
+            }) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // After logout, the token no longer opens the directory.
+    b.logout(&session).unwrap();
+    assert!(b.keys(&session, "bob").is_err());
+}
+
+#[test]
 fn the_cli_gives_up_its_session_when_a_command_ends() {
     let c = Cluster::start(1);
     c.signup("alice");
@@ -329,6 +365,8 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
         id: 1,
         body: fastchat::net::BalancerRequest::Keys {
             name: "alice".into(),
+            token: "t".into(),
+            proof: vec![],
         },
     });
     let at = bad.windows(5).position(|w| w == b"alice").unwrap();

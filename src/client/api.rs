@@ -138,6 +138,11 @@ impl Client {
         Ok((client, b))
     }
 
+    /// The session: token, key and first server.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     /// The user, as the balancer knows it.
     pub fn user(&self) -> &str {
         &self.session.user

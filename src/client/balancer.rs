@@ -143,9 +143,13 @@ impl BalancerClient {
         }
     }
 
-    /// A user's public keys from the directory.
-    pub fn keys(&mut self, name: &str) -> Result<PublicKeys> {
-        match self.request(BalancerRequest::Keys { name: name.into() })? {
+    /// A user's public keys from the directory (asked as `session`'s user).
+    pub fn keys(&mut self, session: &Session, name: &str) -> Result<PublicKeys> {
+        match self.request(BalancerRequest::Keys {
+            name: name.into(),
+            token: session.token.clone(),
+            proof: self.proof(session)?,
+        })? {
             BalancerReply::Keys { keys, .. } => Ok(keys),
             other => Err(unexpected("Keys", &other)),
         }

@@ -124,7 +124,12 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
     let store = Keystore::new(&opts.home, &user);
     let (client, balancer) = Client::login(&opts.balancer, &opts.transport, &user, &password)?;
     let identity = store.load_identity(&password)?;
-    let directory = Directory::new(&opts.balancer, &opts.transport, Some(balancer));
+    let directory = Directory::new(
+        &opts.balancer,
+        &opts.transport,
+        client.session(),
+        Some(balancer),
+    );
     Ok(LoggedIn {
         e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
         client: Arc::new(client),
@@ -210,13 +215,8 @@ pub fn servers(opts: &Options) -> Result<()> {
 /// `fastchat trust USER`: accept USER's current keys.
 pub fn trust(opts: &Options, peer: &str) -> Result<()> {
     names::validate("user", peer)?;
-    let user = opts.user()?;
-    let store = Keystore::new(&opts.home, user);
-    let directory = Directory::new(&opts.balancer, &opts.transport, None);
-    let password = opts.password(&format!("password for {user}: "))?;
-    let identity = store.load_identity(&password)?;
-    let mut e2e = E2e::new(user, identity, store, directory);
-    let keys = e2e.trust(peer)?;
+    let session = login(opts)?;
+    let keys = session.e2e.lock().trust(peer)?;
     println!(
         "now trusting {peer} with fingerprint {}",
         fingerprint(&keys)?

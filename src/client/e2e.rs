@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::keystore::Keystore;
-use super::{BalancerClient, Client};
+use super::{BalancerClient, Client, Session};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
@@ -200,21 +200,28 @@ pub fn fingerprint(keys: &PublicKeys) -> Result<String> {
         .join(" "))
 }
 
-/// The key directory (the balancer), reconnected on demand: a long chat session outlives the
-/// balancer's idle timeout.
+/// The key directory (the balancer), asked as a logged-in user and reconnected on demand: a
+/// long chat session outlives the balancer's idle timeout.
 pub struct Directory {
     addr: String,
     transport: Transport,
+    session: Session,
     conn: Option<BalancerClient>,
 }
 
 impl Directory {
-    /// A directory at the balancer `addr`, reached with `transport`; `conn` may be an already
-    /// open connection.
-    pub fn new(addr: &str, transport: &Transport, conn: Option<BalancerClient>) -> Directory {
+    /// A directory at the balancer `addr`, reached with `transport` and asked as `session`'s
+    /// user; `conn` may be an already open connection.
+    pub fn new(
+        addr: &str,
+        transport: &Transport,
+        session: &Session,
+        conn: Option<BalancerClient>,
+    ) -> Directory {
         Directory {
             addr: addr.to_string(),
             transport: transport.clone(),
+            session: session.clone(),
             conn,
         }
     }
@@ -235,7 +242,8 @@ impl Directory {
 
     /// A user's keys as the directory has them now.
     pub fn keys(&mut self, name: &str) -> Result<PublicKeys> {
-        self.with(|c| c.keys(name))
+        let session = self.session.clone();
+        self.with(|c| c.keys(&session, name))
     }
 }
 
