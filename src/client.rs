@@ -11,6 +11,7 @@
 //! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning,
 //!   group keys and epochs.
 //! * [`keystore`]: the private key files and pinned peer keys.
+//! * [`replay`]: the record of messages already shown (replays are refused).
 //! * [`files`]: files and images: chunked encryption, upload, download, safe names.
 //! * [`text`]: other people's text made safe to show (controls and format characters
 //!   escaped).
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod e2e;
 pub mod files;
 pub mod keystore;
+pub mod replay;
 pub mod text;
 
 pub use api::{Client, Event, SealedGroupKey, FAILOVER_LIMIT};

@@ -360,7 +360,11 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     let before = stored_group_messages(&c);
     let texts: Vec<_> = before
         .iter()
-        .map(|m| e2e.open(&client, m).expect("bob reads while a member"))
+        .map(|m| {
+            e2e.open(&client, m)
+                .expect("bob reads while a member")
+                .plain
+        })
         .collect();
     assert_eq!(
         texts.last(),
@@ -395,9 +399,11 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     for m in &after {
         let kind = fastchat::client::e2e::Kind::from_byte(m.body[1]).unwrap();
         let epoch = u64::from_be_bytes(m.body[2..10].try_into().unwrap());
+        let seq = u64::from_be_bytes(m.body[10..18].try_into().unwrap());
         assert_eq!(epoch, 2);
-        let aad = fastchat::client::e2e::group_aad("team", &m.from, m.client_id, epoch, kind);
-        assert!(key.open(&aad, &m.body[10 + 64..]).is_err());
+        let at = fastchat::client::e2e::GroupSeq { epoch, seq };
+        let aad = fastchat::client::e2e::group_aad("team", &m.from, m.client_id, at, kind);
+        assert!(key.open(&aad, &m.body[18 + 64..]).is_err());
     }
     // Carol, still a member, reads it.
     let out = c.run("carol", &["recv"]);

@@ -115,7 +115,7 @@ impl Sending {
             resend_after: None,
         };
         if let Some((to, key)) = &self.to {
-            let body = e2e::seal_direct_with(key, &self.me, to, seq, &plain)?;
+            let body = e2e::seal_direct_with(key, &self.me, to, seq, seq, &plain)?;
             return Ok(Request {
                 id: seq,
                 body: ServerRequest::Send {
@@ -125,7 +125,8 @@ impl Sending {
             });
         }
         let (group, key) = self.group.as_ref().expect("a direct or group role");
-        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, 1, &plain)?;
+        let at = e2e::GroupSeq { epoch: 1, seq };
+        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, at, &plain)?;
         Ok(Request {
             id: seq,
             body: ServerRequest::GroupSend {
@@ -164,7 +165,7 @@ impl Receiving {
             }
             (None, None) => return Err(Error::Protocol("a message in idle mode".into())),
         };
-        match plain {
+        match plain.plain {
             Plain::Text(t) => {
                 parse_payload(&t).ok_or_else(|| Error::Integrity("not a bench payload".into()))
             }

@@ -2,10 +2,11 @@
 //! typed method per request.
 //!
 //! On a lost connection it goes back to the balancer with its session token, gets another
-//! server, re-sends what was not confirmed (same client id, so nothing is stored twice) and
-//! drops messages it has already seen.
+//! server, and re-sends what was not confirmed (same client id, so nothing is stored twice).
+//! Messages come at least once: telling a message seen before from a new one is the end-to-end
+//! layer's work ([`super::replay`]), on authenticated content, never on the server's ids,
+//! which a forged message could use up.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,23 +27,11 @@ pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 /// How many other servers a login tries when the one it was given is full.
 const FULL_RETRIES: usize = 3;
 
-/// Drops messages already seen, by server id (delivery is at-least-once on the wire).
-#[derive(Debug, Default)]
-pub struct Dedup {
-    seen: HashSet<i64>,
-}
-
-impl Dedup {
-    /// True the first time an id is offered.
-    pub fn first_time(&mut self, id: i64) -> bool {
-        self.seen.insert(id)
-    }
-}
-
 /// What [`Client::next`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A message seen for the first time (acknowledge it with [`Client::ack`] once shown).
+    /// A message (acknowledge it with [`Client::ack`] once shown; it may be one delivered
+    /// before: see [`super::replay`]).
     Message(Envelope),
     /// The queue held at (re)connection has been delivered.
     Synced,
@@ -77,7 +66,6 @@ pub struct Client {
     current: Mutex<Current>,
     /// Held while failing over, so two threads noticing the same failure reconnect once.
     failing_over: Mutex<()>,
-    dedup: Mutex<Dedup>,
     /// Set by [`Client::logout`]: a closed connection is then the end, not a failure.
     logged_out: AtomicBool,
 }
@@ -132,7 +120,6 @@ impl Client {
             }),
             session,
             failing_over: Mutex::new(()),
-            dedup: Mutex::new(Dedup::default()),
             logged_out: AtomicBool::new(false),
         };
         Ok((client, b))
@@ -427,20 +414,12 @@ impl Client {
         }
     }
 
-    /// The next event, waiting at most until `deadline`; `None` when it passes. Messages
-    /// already seen are acknowledged again and not returned.
+    /// The next event, waiting at most until `deadline`; `None` when it passes.
     pub fn next(&self, deadline: Instant) -> Result<Option<Event>> {
         loop {
             let (generation, conn) = self.conn();
             match conn.events().recv_deadline(deadline) {
-                Ok(Incoming::Message(msg)) => {
-                    if self.dedup.lock().first_time(msg.id) {
-                        return Ok(Some(Event::Message(msg)));
-                    }
-                    let _ = conn.request(&ServerRequest::Ack {
-                        msg_ids: vec![msg.id],
-                    });
-                }
+                Ok(Incoming::Message(msg)) => return Ok(Some(Event::Message(msg))),
                 Ok(Incoming::Synced) => return Ok(Some(Event::Synced)),
                 Ok(Incoming::Closed(why)) => {
                     log::debug!("connection closed: {why:?}");
@@ -451,18 +430,5 @@ impl Client {
                 Err(_) => return Ok(None),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_passes_each_id_once() {
-        let mut d = Dedup::default();
-        assert!(d.first_time(1));
-        assert!(d.first_time(2));
-        assert!(!d.first_time(1));
     }
 }

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use super::e2e::{fingerprint, Directory, E2e, Plain};
 use super::files::{self, Target};
 use super::keystore::Keystore;
+use super::replay::Verdict;
 use super::text::one_line;
 use super::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity};
@@ -452,8 +453,9 @@ fn downloads(opts: &Options, user: &str) -> PathBuf {
 
 /// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, `[GROUP] * FROM TEXT` for a notice,
 /// `FROM sent NAME (SIZE) -> PATH` for a file (saved first). A message that fails to decrypt,
-/// verify or download is reported on stderr, never shown; only a lost connection is an error
-/// (the message then stays queued).
+/// verify or download, a replay of one already shown, or one too old to tell, is reported on
+/// stderr, never shown; the same message delivered again is silently skipped. Only a lost
+/// connection is an error (the message then stays queued).
 pub(super) fn show(
     e2e: &Mutex<E2e>,
     client: &Client,
@@ -462,28 +464,56 @@ pub(super) fn show(
     format: Format,
     out: &mut impl Write,
 ) -> Result<()> {
+    let reject = |why: String| {
+        eprintln!(
+            "fastchat: warning: message {} from {} rejected: {}",
+            msg.id,
+            msg.from,
+            one_line(&why)
+        );
+    };
     // The lock is held to open the message, not while a file downloads.
-    let opened = e2e.lock().open(client, msg);
-    let opened = opened.and_then(|plain| match plain {
-        Plain::File(offer) => {
-            let path = files::receive(client, msg, &offer, downloads)?;
-            Ok((Plain::File(offer), Some(path)))
-        }
-        plain => Ok((plain, None)),
-    });
-    let (plain, path) = match opened {
-        Ok(shown) => shown,
+    let opened = match e2e.lock().open(client, msg) {
+        Ok(opened) => opened,
         Err(e) if e.is_disconnect() => return Err(e),
         Err(e) => {
-            eprintln!(
-                "fastchat: warning: message {} from {} rejected: {e}",
-                msg.id, msg.from
-            );
+            reject(e.to_string());
             return Ok(());
         }
     };
+    match opened.verdict {
+        Verdict::New => {}
+        Verdict::Again => return Ok(()),
+        Verdict::Replay { first } => {
+            reject(format!(
+                "it replays message {first}, which was shown before (the server sent it again \
+                 under another id)"
+            ));
+            return Ok(());
+        }
+        Verdict::TooOld => {
+            reject(format!(
+                "it is more than a week older than the newest message of {} you have seen, \
+                 and may be a replay",
+                msg.from
+            ));
+            return Ok(());
+        }
+    }
+    let path = match &opened.plain {
+        Plain::File(offer) => match files::receive(client, msg, offer, downloads) {
+            Ok(path) => Some(path),
+            Err(e) if e.is_disconnect() => return Err(e),
+            Err(e) => {
+                reject(e.to_string());
+                return Ok(());
+            }
+        },
+        _ => None,
+    };
+    let plain = &opened.plain;
     match format {
-        Format::Lines => writeln!(out, "{}", message_line(msg, &plain, path.as_deref()))?,
+        Format::Lines => writeln!(out, "{}", message_line(msg, plain, path.as_deref()))?,
         Format::Json => {
             let mut json = serde_json::json!({
                 "id": msg.id,
@@ -492,7 +522,7 @@ pub(super) fn show(
                 "group": msg.group,
                 "sent_at": msg.sent_at,
             });
-            let fields = match &plain {
+            let fields = match plain {
                 Plain::Text(t) => serde_json::json!({ "kind": "text", "text": t }),
                 Plain::Notice(t) => serde_json::json!({ "kind": "notice", "text": t }),
                 Plain::File(offer) => serde_json::json!({
@@ -509,7 +539,7 @@ pub(super) fn show(
         }
     }
     out.flush()?;
-    Ok(())
+    e2e.lock().shown(&opened)
 }
 
 /// The one line a message is shown as (`path`: where a file was saved).

@@ -4,12 +4,16 @@
 //! the pair key of sender and recipient (see [`crate::crypto`]):
 //!
 //! ```text
-//! body = version (1 byte, = 1) || kind (1 byte) || sealed
-//! aad  = "fastchat/dm/v1" || len(from) || from || len(to) || to || client_id (8, BE) || kind
+//! body = version (1 byte, = 2) || kind (1 byte) || seq (8, BE) || sealed
+//! aad  = "fastchat/dm/v2" || len(from) || from || len(to) || to || client_id (8, BE)
+//!        || seq || kind
 //! ```
 //!
-//! so the header (sender, recipient, message id, kind) is authenticated: a message re-addressed
-//! or replayed under another id fails to open.
+//! so the header (sender, recipient, message id, sequence, kind) is authenticated: a message
+//! re-addressed or relabelled fails to open. `seq` is the sender's clock in microseconds when
+//! it sealed the message (strictly increasing per process): the recipient remembers which
+//! sequences of each conversation it accepted ([`super::replay`]) and refuses a message it
+//! has already shown, whatever id the server gives it.
 //!
 //! A group has a random 256-bit key per epoch, made by a member (the admin, or whoever sends
 //! first after someone left) and wrapped for each member under the pair key of the wrapping
@@ -17,9 +21,9 @@
 //! sender, so members cannot forge each other:
 //!
 //! ```text
-//! body = version || kind || epoch (8, BE) || signature (64) || sealed
-//! aad  = "fastchat/grp/v1" || len(group) || group || len(from) || from || client_id || epoch
-//!        || kind
+//! body = version || kind || epoch (8, BE) || seq (8, BE) || signature (64) || sealed
+//! aad  = "fastchat/grp/v2" || len(group) || group || len(from) || from || client_id || epoch
+//!        || seq || kind
 //! signature   = Ed25519(sender, aad || sealed)      checked before anything is decrypted
 //! wrapped key = seal(pair key(wrapper, member),
 //!                    aad = "fastchat/gk/v1" || group || epoch || member || wrapper, key)
@@ -36,6 +40,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::keystore::Keystore;
+use super::replay::{self, Accepted, Verdict};
 use super::{BalancerClient, Client, Session};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, ErrorCode, Result};
@@ -43,7 +48,7 @@ use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 use crate::transport::Transport;
 
 /// Body format version.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Length of an Ed25519 signature.
 const SIGNATURE: usize = 64;
@@ -153,26 +158,53 @@ fn push_name(a: &mut Vec<u8>, name: &str) {
 }
 
 /// The associated data for a direct message.
-fn direct_aad(from: &str, to: &str, client_id: u64, kind: Kind) -> Vec<u8> {
-    let mut a = Vec::with_capacity(32 + from.len() + to.len());
-    a.extend_from_slice(b"fastchat/dm/v1");
+fn direct_aad(from: &str, to: &str, client_id: u64, seq: u64, kind: Kind) -> Vec<u8> {
+    let mut a = Vec::with_capacity(40 + from.len() + to.len());
+    a.extend_from_slice(b"fastchat/dm/v2");
     push_name(&mut a, from);
     push_name(&mut a, to);
     a.extend_from_slice(&client_id.to_be_bytes());
+    a.extend_from_slice(&seq.to_be_bytes());
     a.push(kind as u8);
     a
 }
 
+/// Where a group message sits in its group: the epoch whose key seals it and the sender's
+/// sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSeq {
+    /// The key epoch.
+    pub epoch: u64,
+    /// The sender's sequence (see the module documentation).
+    pub seq: u64,
+}
+
 /// The associated data (and, with the ciphertext, the signed bytes) of a group message.
-pub fn group_aad(group: &str, from: &str, client_id: u64, epoch: u64, kind: Kind) -> Vec<u8> {
-    let mut a = Vec::with_capacity(48 + group.len() + from.len());
-    a.extend_from_slice(b"fastchat/grp/v1");
+pub fn group_aad(group: &str, from: &str, client_id: u64, at: GroupSeq, kind: Kind) -> Vec<u8> {
+    let mut a = Vec::with_capacity(56 + group.len() + from.len());
+    a.extend_from_slice(b"fastchat/grp/v2");
     push_name(&mut a, group);
     push_name(&mut a, from);
     a.extend_from_slice(&client_id.to_be_bytes());
-    a.extend_from_slice(&epoch.to_be_bytes());
+    a.extend_from_slice(&at.epoch.to_be_bytes());
+    a.extend_from_slice(&at.seq.to_be_bytes());
     a.push(kind as u8);
     a
+}
+
+/// Reads a big-endian u64 off the front of `bytes`.
+fn take_u64(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let (head, rest) = bytes.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*head), rest))
+}
+
+/// A message that opened: what it says and its sender's sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authentic {
+    /// The content.
+    pub plain: Plain,
+    /// The sender's sequence, authenticated with the content.
+    pub seq: u64,
 }
 
 /// The associated data of a group key wrapped by `wrapper` for `member`.
@@ -254,38 +286,47 @@ fn split_body(msg: &Envelope) -> Result<(Kind, &[u8])> {
         return Err(bad("is truncated".into()));
     };
     if *version != VERSION {
-        return Err(bad(format!("uses unknown format version {version}")));
+        return Err(bad(format!(
+            "uses format version {version}, not {VERSION} (messages from before replay \
+             protection cannot be checked for freshness)"
+        )));
     }
     let kind = Kind::from_byte(*kind).ok_or_else(|| bad(format!("has unknown kind {kind}")))?;
     Ok((kind, rest))
 }
 
-/// A direct message body from `from` to `to`, sealed under their pair key.
+/// A direct message body from `from` to `to`, sealed under their pair key, as the sender's
+/// message `seq`.
 pub fn seal_direct_with(
     key: &PairKey,
     from: &str,
     to: &str,
     client_id: u64,
+    seq: u64,
     plain: &Plain,
 ) -> Result<Vec<u8>> {
     let kind = plain.kind();
-    let aad = direct_aad(from, to, client_id, kind);
+    let aad = direct_aad(from, to, client_id, seq, kind);
     let sealed = key.seal(&aad, &plain.bytes()?)?;
-    let mut body = Vec::with_capacity(2 + sealed.len());
+    let mut body = Vec::with_capacity(10 + sealed.len());
     body.push(VERSION);
     body.push(kind as u8);
+    body.extend_from_slice(&seq.to_be_bytes());
     body.extend_from_slice(&sealed);
     Ok(body)
 }
 
 /// Opens a direct message with the pair key of its sender and recipient.
-pub fn open_direct_with(key: &PairKey, msg: &Envelope) -> Result<Plain> {
-    let (kind, sealed) = split_body(msg)?;
-    let aad = direct_aad(&msg.from, &msg.to, msg.client_id, kind);
-    Plain::decode(kind, key.open(&aad, sealed)?, msg.id)
+pub fn open_direct_with(key: &PairKey, msg: &Envelope) -> Result<Authentic> {
+    let (kind, rest) = split_body(msg)?;
+    let (seq, sealed) = take_u64(rest)
+        .ok_or_else(|| Error::Integrity(format!("message {} is truncated", msg.id)))?;
+    let aad = direct_aad(&msg.from, &msg.to, msg.client_id, seq, kind);
+    let plain = Plain::decode(kind, key.open(&aad, sealed)?, msg.id)?;
+    Ok(Authentic { plain, seq })
 }
 
-/// A group message body from `from`, sealed under the key of `epoch` and signed by
+/// A group message body from `from`, sealed under the key of `at.epoch` and signed by
 /// `identity` (the sender's).
 pub fn seal_group_with(
     identity: &Identity,
@@ -293,19 +334,20 @@ pub fn seal_group_with(
     group: &str,
     from: &str,
     client_id: u64,
-    epoch: u64,
+    at: GroupSeq,
     plain: &Plain,
 ) -> Result<Vec<u8>> {
     let kind = plain.kind();
-    let aad = group_aad(group, from, client_id, epoch, kind);
+    let aad = group_aad(group, from, client_id, at, kind);
     let sealed = key.seal(&aad, &plain.bytes()?)?;
     let mut signed = aad;
     signed.extend_from_slice(&sealed);
     let signature = identity.sign(&signed)?;
-    let mut body = Vec::with_capacity(2 + 8 + SIGNATURE + sealed.len());
+    let mut body = Vec::with_capacity(2 + 16 + SIGNATURE + sealed.len());
     body.push(VERSION);
     body.push(kind as u8);
-    body.extend_from_slice(&epoch.to_be_bytes());
+    body.extend_from_slice(&at.epoch.to_be_bytes());
+    body.extend_from_slice(&at.seq.to_be_bytes());
     body.extend_from_slice(&signature);
     body.extend_from_slice(&sealed);
     Ok(body)
@@ -313,8 +355,8 @@ pub fn seal_group_with(
 
 /// A group message whose signature has been checked, not yet decrypted.
 pub struct Verified<'a> {
-    /// The epoch whose key opens it.
-    pub epoch: u64,
+    /// The epoch whose key opens it, and the sender's sequence.
+    pub at: GroupSeq,
     kind: Kind,
     aad: Vec<u8>,
     sealed: &'a [u8],
@@ -322,9 +364,13 @@ pub struct Verified<'a> {
 }
 
 impl Verified<'_> {
-    /// Decrypts with the key of [`Verified::epoch`].
-    pub fn open(self, key: &PairKey) -> Result<Plain> {
-        Plain::decode(self.kind, key.open(&self.aad, self.sealed)?, self.msg_id)
+    /// Decrypts with the key of the message's epoch.
+    pub fn open(self, key: &PairKey) -> Result<Authentic> {
+        let plain = Plain::decode(self.kind, key.open(&self.aad, self.sealed)?, self.msg_id)?;
+        Ok(Authentic {
+            plain,
+            seq: self.at.seq,
+        })
     }
 }
 
@@ -334,15 +380,14 @@ pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Veri
     let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
     let group = msg.group.as_deref().ok_or_else(|| bad("names no group"))?;
     let (kind, rest) = split_body(msg)?;
-    if rest.len() < 8 + SIGNATURE {
+    let (epoch, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
+    let (seq, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
+    if rest.len() < SIGNATURE {
         return Err(bad("is truncated"));
     }
-    let (epoch, rest) = rest.split_at(8);
-    let mut be = [0u8; 8];
-    be.copy_from_slice(epoch);
-    let epoch = u64::from_be_bytes(be);
     let (signature, sealed) = rest.split_at(SIGNATURE);
-    let aad = group_aad(group, &msg.from, msg.client_id, epoch, kind);
+    let at = GroupSeq { epoch, seq };
+    let aad = group_aad(group, &msg.from, msg.client_id, at, kind);
     let mut signed = aad.clone();
     signed.extend_from_slice(sealed);
     if !verify_signature(sender_ed25519, &signed, signature)? {
@@ -352,7 +397,7 @@ pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Veri
         )));
     }
     Ok(Verified {
-        epoch,
+        at,
         kind,
         aad,
         sealed,
@@ -376,6 +421,22 @@ pub struct E2e {
     /// The epoch each group was at when we last sent to it (a stale one is refused by the
     /// server with `Conflict`, and then fetched again).
     epochs: HashMap<String, u64>,
+    /// What was already shown (opened on first use).
+    accepted: Option<Accepted>,
+    /// The last sequence sealed by this process.
+    last_seq: u64,
+}
+
+/// A message that authenticated, and whether it was shown before.
+#[derive(Debug)]
+pub struct Opened {
+    /// What it says.
+    pub plain: Plain,
+    /// New, the same message again, a replay, or too old (see [`replay`]).
+    pub verdict: Verdict,
+    conversation: String,
+    seq: u64,
+    msg_id: i64,
 }
 
 impl E2e {
@@ -390,7 +451,33 @@ impl E2e {
             peers: HashMap::new(),
             group_keys: HashMap::new(),
             epochs: HashMap::new(),
+            accepted: None,
+            last_seq: 0,
         }
+    }
+
+    /// The sequence of the next message sealed: the clock in microseconds, strictly
+    /// increasing in this process.
+    fn next_seq(&mut self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.last_seq = now.max(self.last_seq + 1);
+        self.last_seq
+    }
+
+    fn accepted(&mut self) -> Result<&mut Accepted> {
+        if self.accepted.is_none() {
+            self.store.ensure_dir()?;
+            self.accepted = Some(Accepted::open(self.store.dir())?);
+        }
+        Ok(self.accepted.as_mut().expect("just opened"))
+    }
+
+    /// Records that `opened` was shown: it will not be shown again.
+    pub fn shown(&mut self, opened: &Opened) -> Result<()> {
+        let (c, seq, id) = (opened.conversation.clone(), opened.seq, opened.msg_id);
+        self.accepted()?.record(&c, seq, id)
     }
 
     /// Our own name.
@@ -453,17 +540,20 @@ impl E2e {
     /// Encrypts a message for `to`.
     pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
         let me = self.me.clone();
-        seal_direct_with(self.pair_key(to)?, &me, to, client_id, plain)
+        let seq = self.next_seq();
+        seal_direct_with(self.pair_key(to)?, &me, to, client_id, seq, plain)
     }
 
-    /// Decrypts and authenticates a message for us; group keys are fetched through `client`.
-    pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Plain> {
-        match &msg.group {
+    /// Decrypts and authenticates a message for us (group keys are fetched through `client`),
+    /// and says whether it was shown before. Show it only if it is [`Verdict::New`], then call
+    /// [`E2e::shown`].
+    pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Opened> {
+        let authentic = match &msg.group {
             Some(group) => {
                 let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
                 let verified = verify_group(&ed25519, msg)?;
-                let key = self.group_key(client, group, verified.epoch)?;
-                verified.open(&key)
+                let key = self.group_key(client, group, verified.at.epoch)?;
+                verified.open(&key)?
             }
             None => {
                 if msg.to != self.me {
@@ -472,9 +562,20 @@ impl E2e {
                         msg.id, msg.to
                     )));
                 }
-                open_direct_with(self.pair_key(&msg.from)?, msg)
+                open_direct_with(self.pair_key(&msg.from)?, msg)?
             }
-        }
+        };
+        let conversation = replay::conversation(msg.group.as_deref(), &msg.from);
+        let verdict = self
+            .accepted()?
+            .check(&conversation, authentic.seq, msg.id)?;
+        Ok(Opened {
+            plain: authentic.plain,
+            verdict,
+            conversation,
+            seq: authentic.seq,
+            msg_id: msg.id,
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -626,24 +727,16 @@ impl E2e {
         self.current_key(client, &info)
     }
 
-    /// Seals and signs `plain` for `group` under `epoch`'s key.
+    /// Seals and signs `plain` for `group` under the key of `at.epoch`.
     pub fn seal_group(
         &self,
         group: &str,
         client_id: u64,
-        epoch: u64,
+        at: GroupSeq,
         key: &PairKey,
         plain: &Plain,
     ) -> Result<Vec<u8>> {
-        seal_group_with(
-            &self.identity,
-            key,
-            group,
-            &self.me,
-            client_id,
-            epoch,
-            plain,
-        )
+        seal_group_with(&self.identity, key, group, &self.me, client_id, at, plain)
     }
 
     /// Encrypts, signs and sends `plain` to `group`; returns the stored message id. If the
@@ -661,10 +754,11 @@ impl E2e {
         file: Option<i64>,
     ) -> Result<i64> {
         let client_id = crypto::random_u64()?;
+        let seq = self.next_seq();
         let mut fresh = false;
         loop {
             let (epoch, key) = self.send_key(client, group, fresh)?;
-            let body = self.seal_group(group, client_id, epoch, &key, plain)?;
+            let body = self.seal_group(group, client_id, GroupSeq { epoch, seq }, &key, plain)?;
             match client.group_send(group, client_id, epoch, &body, file) {
                 Ok(msg_id) => return Ok(msg_id),
                 Err(Error::Refused {

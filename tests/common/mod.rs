@@ -803,3 +803,81 @@ impl Cluster {
         run_limited(self.cmd(user).env("FASTCHAT_PASSWORD", password).args(args))
     }
 }
+
+/// A malicious chat server: a process with a genuine server certificate of the cluster (the
+/// operator made it, or it was stolen with a server's disk), registered with the balancer
+/// like any server, with a peer link open to a real server. Through that link it hands the
+/// real server's users whatever it likes, as every honest server's relay does.
+pub struct EvilServer {
+    /// The id the balancer gave it.
+    pub id: u64,
+    link: fastchat::transport::Channel,
+    /// Kept open: the registration lives as long as this link to the balancer.
+    _balancer: fastchat::transport::Channel,
+}
+
+impl EvilServer {
+    /// Makes a certificate `name`, registers, and links to server `target` (an index).
+    pub fn join(c: &Cluster, name: &str, target: usize) -> EvilServer {
+        use fastchat::net::{BalancerReply, BalancerRequest, Greeting, Request, Response};
+        use fastchat::transport::pki::{self, Member, Role};
+        use fastchat::transport::{Channel, Expect, Transport};
+        let tls = c.tls.as_ref().expect("a TLS cluster");
+        let member = Member {
+            role: Role::Server,
+            name: name.into(),
+        };
+        pki::issue(tls, &member).unwrap();
+        let me = Transport::member(tls, name).unwrap();
+        let stream = me
+            .connect(&c.balancer_addr, "balancer", &Expect::Balancer)
+            .unwrap();
+        let mut balancer = Channel::new(stream).unwrap();
+        balancer
+            .send(&Request {
+                id: 1,
+                body: BalancerRequest::Register {
+                    addr: "127.0.0.1:9".into(),
+                    name: name.into(),
+                },
+            })
+            .unwrap();
+        let answer: Response<BalancerReply> =
+            balancer.recv(fastchat::net::MAX_FRAME).unwrap().unwrap();
+        let id = match answer.result {
+            Ok(BalancerReply::Registered { server_id }) => server_id,
+            other => panic!("registration refused: {other:?}"),
+        };
+        let stream = me
+            .connect(&c.server_addrs[target], "server", &Expect::Server(None))
+            .unwrap();
+        let mut link = Channel::new(stream).unwrap();
+        link.send(&Greeting::Peer { server_id: id }).unwrap();
+        EvilServer {
+            id,
+            link,
+            _balancer: balancer,
+        }
+    }
+
+    /// Relays `msg` to `users` (connected to the target server), as if it had stored it.
+    pub fn relay(&mut self, msg: fastchat::net::Envelope, users: &[&str]) {
+        self.link
+            .send(&fastchat::net::PeerMessage::Relay {
+                msg: std::sync::Arc::new(msg),
+                users: users.iter().map(|u| u.to_string()).collect(),
+            })
+            .unwrap();
+    }
+}
+
+/// The id the next stored message will get.
+pub fn next_message_id(c: &Cluster) -> i64 {
+    c.sql()
+        .query_row(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
