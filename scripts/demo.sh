@@ -120,15 +120,17 @@ say "carol logs in and catches up, in order; a second look finds nothing left"
 as carol recv
 as carol recv
 
-say "A group: alice creates 'class' (she is its admin) and adds bob, carol and dave"
+say "A group: alice creates 'class' (alice/class: groups live in their creator's name space) and adds bob, carol and dave"
 as alice group create class
 for u in bob carol dave; do as alice group add class "$u"; done
 as alice group send class "welcome to the class, everyone"
 wait_for_text "$dir/dave.screen" "welcome to the class"
 screen dave
-note "Signed by alice, sealed with the group key of epoch 1, stored once for all members."
+note "Every change of membership is signed by alice and checked by every member against the"
+note "group's chain of changes; each starts a new group key, so dave cannot read what came"
+note "before he joined. The message is signed by alice, sealed, stored once for all members."
 
-say "alice removes dave: a new group key (epoch 2) that dave never receives"
+say "alice removes dave: a new group key that dave never receives"
 as alice group remove class dave
 as alice group members class
 as alice group send class "dave cannot read this one"

@@ -29,8 +29,10 @@ use crate::client::e2e;
 use crate::client::{BalancerClient, Session};
 use crate::crypto::{self, Identity, PairKey};
 use crate::error::{Error, Result};
+use crate::membership::{self, After, Roster};
 use crate::net::{
-    Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
+    Action, Change, Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply,
+    ServerRequest, WrappedKey, MAX_FRAME,
 };
 use crate::transport::{Channel, Expect, Transport};
 use launch::{LocalCluster, Usage};
@@ -208,6 +210,8 @@ struct Link {
     newest: i64,
     /// The session (token and key), for moving to another server.
     session: Session,
+    /// Messages delivered during set-up (group membership announcements), to acknowledge.
+    unacked: Vec<i64>,
 }
 
 /// Runs the benchmark.
@@ -419,6 +423,7 @@ fn open_link(session: &Session, transport: &Transport) -> Result<Link> {
             server_id: w.server_id,
             newest: w.newest,
             session: session.clone(),
+            unacked: Vec::new(),
         }),
         Some(ServerEvent::Reply(Response {
             result: Err(refusal),
@@ -438,6 +443,7 @@ fn call(link: &mut Link, id: u64, body: ServerRequest) -> Result<ServerReply> {
             Some(ServerEvent::Reply(r)) if r.id == Some(id) || r.id.is_none() => {
                 return r.into_result()
             }
+            Some(ServerEvent::Deliver { msg }) => link.unacked.push(msg.id),
             Some(_) => {}
             None => return Err(Error::Protocol("server closed during setup".into())),
         }
@@ -453,8 +459,8 @@ struct Role {
     to: Option<(String, PairKey)>,
     /// Direct mode: the one sender and the pair key with them.
     from_key: Option<PairKey>,
-    /// Group mode: the group and its key (epoch 1).
-    group: Option<(String, PairKey)>,
+    /// Group mode: the group, its current key and epoch.
+    group: Option<(String, PairKey, u64)>,
     identity: Arc<Identity>,
 }
 
@@ -556,7 +562,7 @@ impl Plan {
             };
             let receiving = Receiving {
                 from_key: role.from_key,
-                group_key: role.group.map(|(_, k)| k),
+                group_key: role.group.map(|(_, k, _)| k),
                 ed25519: Arc::clone(&self.ed25519),
                 prefix_len: role.me.rfind('-').map_or(0, |p| p + 1),
             };
@@ -646,39 +652,63 @@ impl Plan {
     }
 }
 
-/// Creates group `g` of `members` through the protocol: the first member is admin, wraps the
-/// key for everyone; the others fetch and unwrap theirs.
+/// Creates a group of `members` through the protocol, as clients do: the first member
+/// creates it and adds the others, each change signed and keyed for the members after it;
+/// then every member fetches and unwraps the key of the last epoch.
 fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> {
-    let group = format!("{}-g", members[0].me);
-    let key = PairKey::random()?;
+    let group = format!("{}/g", members[0].me);
     let admin = &users[first];
-    let wrap = |member: &User| -> Result<Vec<u8>> {
+    let wrap = |key: &PairKey, epoch: u64, member: &User| -> Result<WrappedKey> {
         let pair = admin
             .identity
             .pair_key(&admin.name, &member.name, &member.public.x25519)?;
-        let aad = e2e::wrap_aad(&group, 1, &member.name, &admin.name);
-        pair.seal(&aad, &key.0)
+        let aad = e2e::wrap_aad(&group, epoch, &member.name, &admin.name);
+        Ok(WrappedKey {
+            member: member.name.clone(),
+            wrapped: pair.seal(&aad, &key.0)?,
+        })
     };
-    call(
-        &mut members[0].link,
-        1,
-        ServerRequest::GroupCreate {
-            group: group.clone(),
-            key: wrap(admin)?,
-        },
-    )?;
-    for (j, member) in users[first + 1..first + members.len()].iter().enumerate() {
+    let mut roster: Option<Roster> = None;
+    let group_users = &users[first..first + members.len()];
+    for (j, member) in group_users.iter().enumerate() {
+        let action = if j == 0 {
+            Action::Create
+        } else {
+            Action::Add(member.name.clone())
+        };
+        let (seq, prev) = roster
+            .as_ref()
+            .map_or((1, Vec::new()), |r| (r.seq + 1, r.head.clone()));
+        let change = e2e::sign_change(
+            &admin.identity,
+            Change {
+                group: group.clone(),
+                seq,
+                prev,
+                by: admin.name.clone(),
+                action,
+            },
+        )?;
+        let key = PairKey::random()?;
+        let keys = group_users[..=j]
+            .iter()
+            .map(|u| wrap(&key, seq, u))
+            .collect::<Result<Vec<_>>>()?;
+        roster = match membership::apply(roster.as_ref(), &change)? {
+            After::Roster(r) => Some(r),
+            After::Deleted => None,
+        };
         call(
             &mut members[0].link,
-            2 + j as u64,
-            ServerRequest::GroupAdd {
-                group: group.clone(),
-                user: member.name.clone(),
-                epoch: 1,
-                key: wrap(member)?,
+            1 + j as u64,
+            ServerRequest::GroupChange {
+                change,
+                keys,
+                client_id: crypto::random_u64()?,
             },
         )?;
     }
+    let epoch = members.len() as u64;
     for (j, role) in members.iter_mut().enumerate() {
         let user = &users[first + j];
         let wrapped = match call(
@@ -686,7 +716,7 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
             100,
             ServerRequest::GroupKey {
                 group: group.clone(),
-                epoch: 1,
+                epoch,
             },
         )? {
             ServerReply::GroupKey { key, wrapped_by } if wrapped_by == admin.name => key,
@@ -695,12 +725,13 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
         let pair = user
             .identity
             .pair_key(&user.name, &admin.name, &admin.public.x25519)?;
-        let raw = pair.open(&e2e::wrap_aad(&group, 1, &user.name, &admin.name), &wrapped)?;
+        let aad = e2e::wrap_aad(&group, epoch, &user.name, &admin.name);
+        let raw = pair.open(&aad, &wrapped)?;
         let key = PairKey(
             raw.try_into()
                 .map_err(|_| Error::Integrity("group key of the wrong size".into()))?,
         );
-        role.group = Some((group.clone(), key));
+        role.group = Some((group.clone(), key, epoch));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning,
 //!   group keys and epochs.
 //! * [`keystore`]: the private key files and pinned peer keys.
+//! * [`chains`]: the groups' chains of membership changes, as this client verified them.
 //! * [`replay`]: the record of messages already shown (replays are refused).
 //! * [`files`]: files and images: chunked encryption, upload, download, safe names.
 //! * [`text`]: other people's text made safe to show (controls and format characters
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod balancer;
+pub mod chains;
 pub mod chat;
 pub mod cli;
 pub mod connection;

@@ -294,6 +294,12 @@ pub trait Tx {
     fn set_group(&mut self, group: &str, admin: &str, epoch: u64) -> Result<()>;
     /// Deletes a group with its messages and the files they offer.
     fn delete_group(&mut self, group: &str) -> Result<()>;
+    /// Appends change `seq` (a serialized signed change) to a group's chain.
+    fn add_change(&mut self, group: &str, seq: u64, change: &[u8]) -> Result<()>;
+    /// Up to `limit` changes of a group's chain after `after`, in order.
+    fn changes(&mut self, group: &str, after: u64, limit: usize) -> Result<Vec<Vec<u8>>>;
+    /// The last change of a group's chain.
+    fn last_change(&mut self, group: &str) -> Result<Option<Vec<u8>>>;
     /// Stores wrapped keys of `epoch`, each for its member, wrapped by `by`.
     fn put_keys(&mut self, group: &str, epoch: u64, keys: &[WrappedKey], by: &str) -> Result<()>;
     /// `member`'s wrapped key of `epoch`, and who wrapped it.

@@ -1,18 +1,28 @@
-//! The rules of group membership: who may add, remove and leave, what each change does to the
-//! admin and the key epoch, and what a member must know before sending. Pure functions over a
-//! group's state ([`GroupInfo`]); no storage, no I/O. The chat server applies them inside the
-//! transaction that reads the state and writes the change.
+//! The rules of group membership, and the chain of signed changes that carries them. Pure
+//! functions; no storage, no I/O. The chat server applies them inside the transaction that
+//! reads the group and writes the change; every client applies them again to the chain it
+//! fetches, so a server cannot add, drop or reorder a member without the members noticing.
 //!
+//! * A group is named `OWNER/NAME`, and only `OWNER` can create it: a name taken by someone
+//!   else's group is never refused (it cannot be asked for), so nobody learns which groups
+//!   exist unless they are in them.
 //! * The creator is the admin; only the admin adds and removes members.
 //! * Anyone may leave. When the admin leaves, the longest-standing member takes over; the last
 //!   member out deletes the group.
-//! * Every group key belongs to an epoch. Removing a member starts the next epoch with keys
-//!   for everyone else (never for the removed member); leaving starts the next epoch with no
-//!   keys yet, which the next member to send provides for exactly the members.
+//! * Every change is a link of the group's chain: it names the group, its place `seq` (1 for
+//!   the creation), the hash of the link before it, who makes it and what it does, and is
+//!   signed with the maker's Ed25519 key. A change is valid only if its maker was allowed to
+//!   make it by the chain before it.
+//! * Every change starts a new key epoch, numbered like the change: the creation, an addition
+//!   and a removal come with the new key for exactly the members after the change (so a new
+//!   member cannot read what was sent before, and a removed one nothing after); a leave starts
+//!   an epoch with no keys yet, which the next member to send provides, again for exactly the
+//!   members.
 //! * A non-member is told the same thing whether or not the group exists.
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::net::{GroupInfo, WrappedKey};
+use crate::names;
+use crate::net::{Action, Change, GroupInfo, SignedChange, WrappedKey};
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Error {
     Error::refused(code, message)
@@ -23,119 +33,205 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Error {
 pub fn member_view(group: &str, state: Option<GroupInfo>, user: &str) -> Result<GroupInfo> {
     match state {
         Some(g) if g.members.iter().any(|m| m == user) => Ok(g),
-        _ => Err(refuse(
-            ErrorCode::UnknownGroup,
-            format!("no group {group} with you as a member"),
-        )),
+        _ => Err(not_a_member(group)),
     }
 }
 
-/// Refuses anyone but the admin, saying who may `what`.
-fn admin_only(g: &GroupInfo, by: &str, what: &str) -> Result<()> {
-    if g.admin != by {
-        return Err(refuse(
-            ErrorCode::NotAllowed,
-            format!("only the admin of {} ({}) can {what}", g.name, g.admin),
-        ));
-    }
-    Ok(())
+fn not_a_member(group: &str) -> Error {
+    refuse(
+        ErrorCode::UnknownGroup,
+        format!("no group {group} with you as a member"),
+    )
 }
 
-/// A new group may take this name only if no group has it.
-pub fn check_create(group: &str, exists: bool) -> Result<()> {
-    if exists {
-        return Err(refuse(
-            ErrorCode::NameTaken,
-            format!("a group named {group} already exists"),
-        ));
-    }
-    Ok(())
+/// The bytes a change's maker signs.
+pub fn signed_bytes(change: &Change) -> Vec<u8> {
+    let mut out = b"fastchat/change/v1".to_vec();
+    // Serializing a plain struct cannot fail.
+    out.extend_from_slice(&rmp_serde::to_vec(change).expect("a change serializes"));
+    out
 }
 
-/// `by` adds `user` with a key of `epoch`: the admin only, an existing user who is not yet a
-/// member, and a key of the current epoch.
-pub fn check_add(g: &GroupInfo, by: &str, user: &str, user_exists: bool, epoch: u64) -> Result<()> {
-    admin_only(g, by, "add members")?;
-    if !user_exists {
-        return Err(refuse(
-            ErrorCode::UnknownUser,
-            format!("no such user: {user}"),
-        ));
-    }
-    if g.members.iter().any(|m| m == user) {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            format!("{user} is already a member of {}", g.name),
-        ));
-    }
-    if epoch != g.epoch {
-        return Err(refuse(
-            ErrorCode::Conflict,
-            format!("{} has moved to key epoch {}; try again", g.name, g.epoch),
-        ));
-    }
-    Ok(())
+/// The hash that the next change names as its `prev`: SHA-256 of the signed bytes and the
+/// signature.
+pub fn hash(signed: &SignedChange) -> Result<Vec<u8>> {
+    let mut bytes = signed_bytes(&signed.change);
+    bytes.extend_from_slice(&signed.signature);
+    Ok(crate::crypto::sha256(&bytes)?.to_vec())
 }
 
-/// `by` removes `user`, starting `epoch` with `keys`: the admin only, not themselves, a
-/// member, the next epoch, and keys for exactly the remaining members.
-pub fn check_remove(
-    g: &GroupInfo,
-    by: &str,
-    user: &str,
-    epoch: u64,
-    keys: &[WrappedKey],
-) -> Result<()> {
-    admin_only(g, by, "remove members")?;
-    if user == by {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            format!("to leave {}, use group leave", g.name),
-        ));
-    }
-    if !g.members.iter().any(|m| m == user) {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            format!("{user} is not a member of {}", g.name),
-        ));
-    }
-    if epoch != g.epoch + 1 {
-        return Err(refuse(
-            ErrorCode::Conflict,
-            format!("{} is at key epoch {}; try again", g.name, g.epoch),
-        ));
-    }
-    let remaining: Vec<String> = g.members.iter().filter(|m| *m != user).cloned().collect();
-    check_keys_cover(keys, &remaining)
-}
-
-/// What happens when a member leaves.
+/// A group's membership after the change `seq` of its chain, whose hash is `head`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Leaving {
-    /// The group goes on with this admin (the longest-standing member if the admin left), at
-    /// this new epoch, which has no keys yet.
-    Stays {
-        /// The admin from now on.
-        admin: String,
-        /// The new epoch.
-        epoch: u64,
-    },
-    /// The last member left: the group and its messages go.
+pub struct Roster {
+    /// The group.
+    pub group: String,
+    /// The last change applied (the current key epoch).
+    pub seq: u64,
+    /// That change's hash.
+    pub head: Vec<u8>,
+    /// The admin.
+    pub admin: String,
+    /// Members, longest-standing first.
+    pub members: Vec<String>,
+}
+
+impl Roster {
+    /// Whether `user` is a member.
+    pub fn has(&self, user: &str) -> bool {
+        self.members.iter().any(|m| m == user)
+    }
+}
+
+/// What a change leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// The group, as it is now.
+    Roster(Roster),
+    /// The last member left: the group is gone.
     Deleted,
 }
 
-/// `user` (a member) leaves `g`.
-pub fn leave(g: &GroupInfo, user: &str) -> Leaving {
-    match g.members.iter().find(|m| *m != user) {
-        None => Leaving::Deleted,
-        Some(oldest) => Leaving::Stays {
-            admin: if g.admin == user {
-                oldest.clone()
-            } else {
-                g.admin.clone()
-            },
-            epoch: g.epoch + 1,
+/// Applies `signed` (whose signature the caller has checked) to the group as it was before
+/// (`None`: it does not exist yet), or says why the change is not allowed.
+pub fn apply(before: Option<&Roster>, signed: &SignedChange) -> Result<After> {
+    let c = &signed.change;
+    let head = hash(signed)?;
+    if c.action == Action::Create {
+        if names::group_owner(&c.group) != Some(c.by.as_str()) {
+            return Err(refuse(
+                ErrorCode::NotAllowed,
+                format!("a group you create is named {}/NAME, not {}", c.by, c.group),
+            ));
+        }
+        if before.is_some() {
+            return Err(refuse(
+                ErrorCode::NameTaken,
+                format!("you already have a group named {}", c.group),
+            ));
+        }
+    }
+    let Some(r) = before else {
+        if c.action != Action::Create {
+            return Err(not_a_member(&c.group));
+        }
+        if c.seq != 1 || !c.prev.is_empty() {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "a group's first change is number 1, with nothing before it",
+            ));
+        }
+        return Ok(After::Roster(Roster {
+            group: c.group.clone(),
+            seq: 1,
+            head,
+            admin: c.by.clone(),
+            members: vec![c.by.clone()],
+        }));
+    };
+    if c.group != r.group {
+        return Err(refuse(ErrorCode::BadRequest, "a change of another group"));
+    }
+    if !r.has(&c.by) {
+        return Err(not_a_member(&c.group));
+    }
+    if c.seq != r.seq + 1 || c.prev != r.head {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!(
+                "{} has changed since (now at change {}); fetch it and try again",
+                c.group, r.seq
+            ),
+        ));
+    }
+    let admin_only = |what: &str| -> Result<()> {
+        if r.admin != c.by {
+            return Err(refuse(
+                ErrorCode::NotAllowed,
+                format!("only the admin of {} ({}) can {what}", c.group, r.admin),
+            ));
+        }
+        Ok(())
+    };
+    let mut next = Roster {
+        seq: c.seq,
+        head,
+        ..r.clone()
+    };
+    match &c.action {
+        Action::Create => unreachable!("refused above"),
+        Action::Add(user) => {
+            admin_only("add members")?;
+            names::validate("user", user)?;
+            if r.has(user) {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!("{user} is already a member of {}", c.group),
+                ));
+            }
+            next.members.push(user.clone());
+        }
+        Action::Remove(user) => {
+            admin_only("remove members")?;
+            if *user == c.by {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!("to leave {}, use group leave", c.group),
+                ));
+            }
+            if !r.has(user) {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!("{user} is not a member of {}", c.group),
+                ));
+            }
+            next.members.retain(|m| m != user);
+        }
+        Action::Leave => {
+            next.members.retain(|m| *m != c.by);
+            match next.members.first() {
+                None => return Ok(After::Deleted),
+                Some(oldest) if r.admin == c.by => next.admin = oldest.clone(),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(After::Roster(next))
+}
+
+/// Who gets the key of the epoch a change starts: every member after it, except after a
+/// leave, whose epoch is keyed later (by the next member to send).
+pub fn keyed_for(after: &After, action: &Action) -> Vec<String> {
+    match (after, action) {
+        (After::Roster(_), Action::Leave) | (After::Deleted, _) => Vec::new(),
+        (After::Roster(r), _) => r.members.clone(),
+    }
+}
+
+/// For tests: the change of `alice/team` after `roster`, with a made-up signature (the rules
+/// do not look at signatures; callers check them first).
+#[cfg(test)]
+pub fn unsigned_next(roster: Option<&Roster>, by: &str, action: Action) -> SignedChange {
+    let (seq, prev) = roster.map_or((1, Vec::new()), |r| (r.seq + 1, r.head.clone()));
+    SignedChange {
+        change: Change {
+            group: "alice/team".into(),
+            seq,
+            prev,
+            by: by.into(),
+            action,
         },
+        signature: vec![seq as u8; 64],
+    }
+}
+
+/// What a change says, for people: `alice added carol`.
+pub fn describe(change: &Change) -> String {
+    let by = &change.by;
+    match &change.action {
+        Action::Create => format!("{by} created the group"),
+        Action::Add(user) => format!("{by} added {user}"),
+        Action::Remove(user) => format!("{by} removed {user}"),
+        Action::Leave => format!("{by} left"),
     }
 }
 
@@ -221,100 +317,147 @@ mod tests {
         assert_eq!(alice.unwrap().admin, "alice");
     }
 
-    #[test]
-    fn only_the_admin_adds_with_the_current_key() {
-        let g = team(&["alice", "bob"], 3, true);
-        assert_eq!(
-            code(check_add(&g, "bob", "carol", true, 3)),
-            ErrorCode::NotAllowed
-        );
-        assert_eq!(
-            code(check_add(&g, "alice", "carol", false, 3)),
-            ErrorCode::UnknownUser
-        );
-        assert_eq!(
-            code(check_add(&g, "alice", "bob", true, 3)),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            code(check_add(&g, "alice", "carol", true, 2)),
-            ErrorCode::Conflict
-        );
-        check_add(&g, "alice", "carol", true, 3).unwrap();
+    /// A chain made by the test: each change "signed" with a made-up signature (the rules do
+    /// not look at signatures; callers check them first).
+    struct Chain {
+        roster: Option<Roster>,
+    }
+
+    impl Chain {
+        fn change(&self, by: &str, action: Action) -> SignedChange {
+            unsigned_next(self.roster.as_ref(), by, action)
+        }
+
+        fn try_apply(&mut self, by: &str, action: Action) -> Result<After> {
+            let signed = self.change(by, action);
+            let after = apply(self.roster.as_ref(), &signed)?;
+            self.roster = match &after {
+                After::Roster(r) => Some(r.clone()),
+                After::Deleted => None,
+            };
+            Ok(after)
+        }
+
+        fn ok(&mut self, by: &str, action: Action) -> Roster {
+            match self.try_apply(by, action).unwrap() {
+                After::Roster(r) => r,
+                After::Deleted => panic!("deleted"),
+            }
+        }
+    }
+
+    fn add(u: &str) -> Action {
+        Action::Add(u.into())
     }
 
     #[test]
-    fn a_removal_starts_the_next_epoch_without_the_removed_member() {
-        let g = team(&["alice", "bob", "carol"], 1, true);
+    fn only_the_owner_creates_and_only_the_admin_adds_and_removes() {
+        let mut chain = Chain { roster: None };
         assert_eq!(
-            code(check_remove(
-                &g,
-                "bob",
-                "carol",
-                2,
-                &keys(&["alice", "bob"])
-            )),
+            code(chain.try_apply("bob", Action::Create)),
             ErrorCode::NotAllowed
         );
         assert_eq!(
-            code(check_remove(
-                &g,
-                "alice",
-                "alice",
-                2,
-                &keys(&["bob", "carol"])
-            )),
+            code(chain.try_apply("alice", add("bob"))),
+            ErrorCode::UnknownGroup
+        );
+        let r = chain.ok("alice", Action::Create);
+        assert_eq!((r.seq, r.admin.as_str(), r.members.len()), (1, "alice", 1));
+        assert_eq!(
+            code(chain.try_apply("alice", Action::Create)),
+            ErrorCode::NameTaken
+        );
+        chain.ok("alice", add("bob"));
+        assert_eq!(
+            code(chain.try_apply("bob", add("carol"))),
+            ErrorCode::NotAllowed
+        );
+        assert_eq!(
+            code(chain.try_apply("carol", add("carol"))),
+            ErrorCode::UnknownGroup
+        );
+        assert_eq!(
+            code(chain.try_apply("alice", add("bob"))),
+            ErrorCode::BadRequest
+        );
+        let r = chain.ok("alice", add("carol"));
+        assert_eq!(r.members, ["alice", "bob", "carol"]);
+        assert_eq!(r.seq, 3, "every change starts an epoch");
+        assert_eq!(
+            code(chain.try_apply("bob", Action::Remove("carol".into()))),
+            ErrorCode::NotAllowed
+        );
+        assert_eq!(
+            code(chain.try_apply("alice", Action::Remove("alice".into()))),
             ErrorCode::BadRequest,
             "the admin leaves instead"
         );
         assert_eq!(
-            code(check_remove(&g, "alice", "dave", 2, &keys(&["alice"]))),
+            code(chain.try_apply("alice", Action::Remove("dave".into()))),
             ErrorCode::BadRequest
         );
+        let r = chain.ok("alice", Action::Remove("carol".into()));
+        assert_eq!(r.members, ["alice", "bob"]);
+    }
+
+    #[test]
+    fn a_change_must_follow_the_last_one() {
+        let mut chain = Chain { roster: None };
+        chain.ok("alice", Action::Create);
+        let mut late = chain.change("alice", add("bob"));
+        chain.ok("alice", add("carol"));
+        // Made against the chain before carol was added: refused, whatever it says.
+        late.change.seq += 1;
         assert_eq!(
-            code(check_remove(
-                &g,
-                "alice",
-                "carol",
-                1,
-                &keys(&["alice", "bob"])
-            )),
-            ErrorCode::Conflict,
-            "not the next epoch"
+            code(apply(chain.roster.as_ref(), &late)),
+            ErrorCode::Conflict
         );
+        let mut skipping = chain.change("alice", add("dave"));
+        skipping.change.seq += 1;
         assert_eq!(
-            code(check_remove(
-                &g,
-                "alice",
-                "carol",
-                2,
-                &keys(&["alice", "bob", "carol"])
-            )),
-            ErrorCode::Conflict,
-            "the new key must not go to the removed member"
+            code(apply(chain.roster.as_ref(), &skipping)),
+            ErrorCode::Conflict
         );
-        check_remove(&g, "alice", "carol", 2, &keys(&["bob", "alice"])).unwrap();
+        let mut other = chain.change("alice", add("dave"));
+        other.change.group = "alice/other".into();
+        assert_eq!(
+            code(apply(chain.roster.as_ref(), &other)),
+            ErrorCode::BadRequest
+        );
     }
 
     #[test]
     fn leaving_hands_the_group_on_or_ends_it() {
-        let g = team(&["alice", "bob", "carol"], 4, true);
+        let mut chain = Chain { roster: None };
+        chain.ok("alice", Action::Create);
+        chain.ok("alice", add("bob"));
+        chain.ok("alice", add("carol"));
+        let r = chain.ok("alice", Action::Leave);
+        assert_eq!(r.admin, "bob", "the longest-standing member takes over");
+        let r = chain.ok("carol", Action::Leave);
+        assert_eq!((r.admin.as_str(), r.members.len()), ("bob", 1));
         assert_eq!(
-            leave(&g, "alice"),
-            Leaving::Stays {
-                admin: "bob".into(),
-                epoch: 5
-            },
-            "the longest-standing member takes over"
+            chain.try_apply("bob", Action::Leave).unwrap(),
+            After::Deleted
+        );
+    }
+
+    #[test]
+    fn the_new_key_goes_to_exactly_the_members_after_the_change() {
+        let mut chain = Chain { roster: None };
+        let created = After::Roster(chain.ok("alice", Action::Create));
+        assert_eq!(keyed_for(&created, &Action::Create), ["alice"]);
+        let added = After::Roster(chain.ok("alice", add("bob")));
+        assert_eq!(keyed_for(&added, &add("bob")), ["alice", "bob"]);
+        let left = After::Roster(chain.ok("bob", Action::Leave));
+        assert!(
+            keyed_for(&left, &Action::Leave).is_empty(),
+            "keyed by the next sender"
         );
         assert_eq!(
-            leave(&g, "carol"),
-            Leaving::Stays {
-                admin: "alice".into(),
-                epoch: 5
-            }
+            describe(&chain.change("alice", add("carol")).change),
+            "alice added carol"
         );
-        assert_eq!(leave(&team(&["alice"], 1, true), "alice"), Leaving::Deleted);
     }
 
     #[test]
@@ -347,7 +490,5 @@ mod tests {
             ErrorCode::Conflict
         );
         check_send(&team(&["alice"], 2, true), 2).unwrap();
-        assert_eq!(code(check_create("team", true)), ErrorCode::NameTaken);
-        check_create("team", false).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 //! The naming rule shared by users and groups.
 //!
 //! A name is 1 to 32 characters from ASCII letters, digits, `_`, `.` and `-`. That keeps names
-//! safe in file paths (the client's folder per user), in log lines and on a terminal.
+//! safe in file paths (the client's folder per user), in log lines and on a terminal. A group
+//! is named `OWNER/NAME` (see [`validate_group`]).
 
 use crate::error::{Error, Result};
 
@@ -38,6 +39,35 @@ pub fn validate(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a group name: `OWNER/NAME`, the owner a user name and the rest a name, as in
+/// `alice/team`. Groups live in their creator's name space, so creating one never tells
+/// anyone which other groups exist.
+pub fn validate_group(name: &str) -> Result<()> {
+    let Some((owner, short)) = name.split_once('/') else {
+        return Err(Error::InvalidName(format!(
+            "group name {} must be OWNER/NAME, as in alice/team",
+            shown(name)
+        )));
+    };
+    validate("group owner", owner)?;
+    validate("group", short)
+}
+
+/// Checks a group as a command names it: `OWNER/NAME`, or just `NAME` (one of the user's
+/// groups, or, to create one, the user's own).
+pub fn validate_group_ref(name: &str) -> Result<()> {
+    if name.contains('/') {
+        validate_group(name)
+    } else {
+        validate("group", name)
+    }
+}
+
+/// The owner part of a group name, if it has one.
+pub fn group_owner(group: &str) -> Option<&str> {
+    group.split_once('/').map(|(owner, _)| owner)
+}
+
 /// A name as it may be shown in an error: quoted, escaped, and cut when long.
 fn shown(name: &str) -> String {
     let cut: String = name.chars().take(40).collect();
@@ -61,6 +91,26 @@ fn describe(c: char) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_owner_slash_name() {
+        validate_group("alice/team").unwrap();
+        validate_group_ref("team").unwrap();
+        validate_group_ref("alice/team").unwrap();
+        assert_eq!(group_owner("alice/team"), Some("alice"));
+        assert_eq!(group_owner("team"), None);
+        for bad in [
+            "team",
+            "/team",
+            "alice/",
+            "alice/te am",
+            "a/b/c",
+            "al ice/team",
+        ] {
+            assert!(validate_group(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_group_ref("te am").is_err());
+    }
 
     #[test]
     fn accepts_the_allowed_alphabet() {

@@ -47,6 +47,9 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Most names in one `Online` reply.
 pub const MAX_WHO: usize = 1000;
 
+/// Most changes in one `Changes` reply.
+pub const MAX_CHANGES: usize = 256;
+
 /// Plaintext bytes per file chunk; every chunk but the last is exactly this long.
 pub const FILE_CHUNK: usize = 256 * 1024;
 
@@ -291,6 +294,45 @@ pub struct WrappedKey {
     pub wrapped: Vec<u8>,
 }
 
+/// What a membership change does (see [`crate::membership`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// The group begins, with its creator as admin and only member.
+    Create,
+    /// The admin adds a user.
+    Add(String),
+    /// The admin removes a member.
+    Remove(String),
+    /// The signer leaves.
+    Leave,
+}
+
+/// One change of a group's membership: a link of the group's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The group.
+    pub group: String,
+    /// Its place in the chain, from 1 (the creation); also the key epoch it starts.
+    pub seq: u64,
+    /// The hash of the previous change ([`crate::membership::hash`]); empty for the creation.
+    #[serde(with = "serde_bytes")]
+    pub prev: Vec<u8>,
+    /// Who makes it, and signs it.
+    pub by: String,
+    /// What it does.
+    pub action: Action,
+}
+
+/// A [`Change`] with its maker's Ed25519 signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedChange {
+    /// The change.
+    pub change: Change,
+    /// Ed25519 signature of [`crate::membership::signed_bytes`] by `change.by`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
 /// A group as a member sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupInfo {
@@ -360,44 +402,27 @@ pub enum ServerRequest {
         /// Server message ids.
         msg_ids: Vec<i64>,
     },
-    /// Create a group with the caller as admin and only member (`Done`); `key` is epoch 1's
-    /// key wrapped for the caller.
-    GroupCreate {
-        /// Group name.
-        group: String,
-        /// The first key, wrapped for the caller.
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-    },
-    /// Admin only: add `user`, with the current epoch's key wrapped for them (`Done`).
-    GroupAdd {
-        /// Group name.
-        group: String,
-        /// Who to add.
-        user: String,
-        /// The epoch `key` belongs to (must be the current one).
-        epoch: u64,
-        /// The current key, wrapped for `user`.
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-    },
-    /// Admin only: remove `user` and start epoch `epoch` with `keys` for everyone left
-    /// (`Done`).
-    GroupRemove {
-        /// Group name.
-        group: String,
-        /// Who to remove.
-        user: String,
-        /// The new epoch (current + 1).
-        epoch: u64,
-        /// The new key, wrapped for each remaining member.
+    /// Change a group's membership: create it, add or remove a member (the admin), or leave
+    /// it. The change must be signed by the caller and follow the group's chain (see
+    /// [`crate::membership`]); it starts key epoch `change.seq`, whose key comes wrapped in
+    /// `keys` for every member after the change (none for a leave: the next member to send
+    /// keys it). Every member is then sent the change, as a group message from the caller
+    /// with `client_id` (`Stored`; `Done` when the last member left and the group is gone).
+    GroupChange {
+        /// The signed change.
+        change: SignedChange,
+        /// The new epoch's key, wrapped for each member.
         keys: Vec<WrappedKey>,
+        /// The caller's id for the message announcing the change.
+        client_id: u64,
     },
-    /// Leave a group (any member; `Done`). A new epoch starts, keyed by the next member to
-    /// send.
-    GroupLeave {
+    /// The changes of a group's chain after `after` (members only; `Changes`), at most
+    /// [`MAX_CHANGES`] at a time.
+    GroupLog {
         /// Group name.
         group: String,
+        /// The last change the caller has.
+        after: u64,
     },
     /// Any member: provide the keys of the current epoch when it has none yet (`Done`).
     GroupRekey {
@@ -475,6 +500,11 @@ pub enum ServerReply {
     Groups {
         /// Groups, by name.
         groups: Vec<GroupInfo>,
+    },
+    /// Changes of a group's chain, in order.
+    Changes {
+        /// The changes.
+        changes: Vec<SignedChange>,
     },
     /// One group.
     Group {
@@ -695,6 +725,11 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     rmp_serde::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))
 }
 
+/// Encodes a body (no length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
+    rmp_serde::to_vec(msg).map_err(|e| Error::Malformed(e.to_string()))
+}
+
 /// Encodes one frame (length prefix and body) onto the end of `out`.
 pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<()> {
     let start = out.len();
@@ -860,14 +895,22 @@ mod tests {
         });
         roundtrip(request(
             4,
-            ServerRequest::GroupRemove {
-                group: "team".into(),
-                user: "carol".into(),
-                epoch: 2,
+            ServerRequest::GroupChange {
+                change: SignedChange {
+                    change: Change {
+                        group: "alice/team".into(),
+                        seq: 2,
+                        prev: vec![3; 32],
+                        by: "alice".into(),
+                        action: Action::Remove("carol".into()),
+                    },
+                    signature: vec![9; 64],
+                },
                 keys: vec![WrappedKey {
                     member: "alice".into(),
                     wrapped: vec![7; 60],
                 }],
+                client_id: 77,
             },
         ));
         roundtrip(ServerEvent::Welcome(Welcome {

@@ -147,7 +147,7 @@ fn a_group_image_reaches_every_member() {
     let out = group("alice", &["send-file", "pics", image.to_str().unwrap()]);
     assert!(
         out.stdout
-            .starts_with("sent photo.png (300.0 KiB) to group pics as message "),
+            .starts_with("sent photo.png (300.0 KiB) to group alice/pics as message "),
         "{out:?}"
     );
     assert_eq!(count(&c, "files"), 1, "stored once for the whole group");
@@ -156,7 +156,7 @@ fn a_group_image_reaches_every_member() {
         let out = c.run(u, &["recv"]);
         assert_eq!(out.code, 0, "{out:?}");
         let line = out.lines().last().unwrap().to_string();
-        let got = saved_path(&line, "[pics] alice sent photo.png (300.0 KiB) -> ");
+        let got = saved_path(&line, "[alice/pics] alice sent photo.png (300.0 KiB) -> ");
         assert!(std::fs::read(&got).unwrap() == want, "{u}'s copy differs");
     }
     assert_eq!(count(&c, "files"), 0, "removed once every member has it");

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::Rng;
 use fastchat::net::{
-    decode, encode_into, BalancerReply, BalancerRequest, Envelope, ErrorCode, FrameReader,
-    Greeting, GroupInfo, NewMessage, PeerMessage, PublicKeys, Refusal, Request, Response,
-    ServerEvent, ServerInfo, ServerReply, ServerRequest, Welcome, WrappedKey, MAX_FRAME,
+    decode, encode_into, Action, BalancerReply, BalancerRequest, Change, Envelope, ErrorCode,
+    FrameReader, Greeting, GroupInfo, NewMessage, PeerMessage, PublicKeys, Refusal, Request,
+    Response, ServerEvent, ServerInfo, ServerReply, ServerRequest, SignedChange, Welcome,
+    WrappedKey, MAX_FRAME,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -217,23 +218,29 @@ impl Gen {
             1 => ServerRequest::Ack {
                 msg_ids: (0..self.0.below(8)).map(|_| self.i()).collect(),
             },
-            2 => ServerRequest::GroupCreate {
-                group: self.s(),
-                key: self.b(),
-            },
-            3 => ServerRequest::GroupAdd {
-                group: self.s(),
-                user: self.s(),
-                epoch: self.n(),
-                key: self.b(),
-            },
-            4 => ServerRequest::GroupRemove {
-                group: self.s(),
-                user: self.s(),
-                epoch: self.n(),
+            2..=4 => ServerRequest::GroupChange {
+                change: SignedChange {
+                    change: Change {
+                        group: self.s(),
+                        seq: self.n(),
+                        prev: self.b(),
+                        by: self.s(),
+                        action: match self.0.below(4) {
+                            0 => Action::Create,
+                            1 => Action::Add(self.s()),
+                            2 => Action::Remove(self.s()),
+                            _ => Action::Leave,
+                        },
+                    },
+                    signature: self.b(),
+                },
                 keys: self.wrapped(),
+                client_id: self.n(),
             },
-            5 => ServerRequest::GroupLeave { group: self.s() },
+            5 => ServerRequest::GroupLog {
+                group: self.s(),
+                after: self.n(),
+            },
             6 => ServerRequest::GroupRekey {
                 group: self.s(),
                 epoch: self.n(),

@@ -11,18 +11,12 @@ use fastchat::client::keystore::Keystore;
 use fastchat::client::Client;
 use fastchat::net::Envelope;
 
-/// Runs `fastchat group ARGS` as `user`.
 fn group(c: &Cluster, user: &str, args: &[&str]) -> Output {
-    let mut all = vec!["group"];
-    all.extend_from_slice(args);
-    c.run(user, &all)
+    c.group(user, args)
 }
 
-/// Runs a group command that must succeed; returns its output.
 fn ok(c: &Cluster, user: &str, args: &[&str]) -> String {
-    let out = group(c, user, args);
-    assert_eq!(out.code, 0, "{user}: group {args:?}: {out:?}");
-    out.stdout
+    c.group_ok(user, args)
 }
 
 /// Runs a group command that must be refused with `error` (exit 1, one line, nothing printed).
@@ -73,21 +67,24 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
     }
     assert_eq!(
         ok(&c, "alice", &["create", "team"]),
-        "created group team; you are its admin\n"
+        "created group alice/team; you are its admin\n"
     );
     assert_eq!(
         ok(&c, "alice", &["add", "team", "bob"]),
-        "added bob to team\n"
+        "added bob to alice/team\n"
     );
     assert_eq!(
         ok(&c, "alice", &["add", "team", "carol"]),
-        "added carol to team\n"
+        "added carol to alice/team\n"
     );
     assert_eq!(
         members(&c, "bob", "team"),
         ["alice (admin)", "bob", "carol"]
     );
-    assert_eq!(ok(&c, "carol", &["list"]), "team: 3 members, admin alice\n");
+    assert_eq!(
+        ok(&c, "carol", &["list"]),
+        "alice/team: 3 members, admin alice\n"
+    );
     assert_eq!(ok(&c, "dave", &["list"]), "no groups\n");
 
     let before = group_state(&c);
@@ -96,13 +93,13 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
         &c,
         "bob",
         &["add", "team", "dave"],
-        "only the admin of team (alice) can add members",
+        "only the admin of alice/team (alice) can add members",
     );
     refused(
         &c,
         "bob",
         &["remove", "team", "carol"],
-        "only the admin of team (alice) can remove members",
+        "only the admin of alice/team (alice) can remove members",
     );
     refused(&c, "dave", &["add", "team", "dave"], not_member);
     refused(&c, "dave", &["send", "team", "let me in"], not_member);
@@ -114,11 +111,25 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
         &["members", "nosuch"],
         "no group nosuch with you as a member",
     );
+    // Groups live in their creator's name space: nobody can ask for someone else's name,
+    // so a refusal tells nothing about which groups exist.
     refused(
         &c,
         "bob",
+        &["create", "alice/team"],
+        "a group you create is named bob/NAME, not alice/team",
+    );
+    refused(
+        &c,
+        "bob",
+        &["create", "alice/nosuch"],
+        "a group you create is named bob/NAME, not alice/nosuch",
+    );
+    refused(
+        &c,
+        "alice",
         &["create", "team"],
-        "a group named team already exists",
+        "you already have a group named alice/team",
     );
     refused(
         &c,
@@ -130,19 +141,19 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
         &c,
         "alice",
         &["add", "team", "bob"],
-        "bob is already a member of team",
+        "bob is already a member of alice/team",
     );
     refused(
         &c,
         "alice",
         &["remove", "team", "dave"],
-        "dave is not a member of team",
+        "dave is not a member of alice/team",
     );
     refused(
         &c,
         "alice",
         &["remove", "team", "alice"],
-        "to leave team, use group leave",
+        "to leave alice/team, use group leave",
     );
     refused(
         &c,
@@ -153,8 +164,8 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
     refused(
         &c,
         "alice",
-        &["create", "bad/name"],
-        "group name \"bad/name\" contains '/': use letters, digits, '_', '.' and '-'",
+        &["create", "bad name"],
+        "group name \"bad name\" contains a space: use letters, digits, '_', '.' and '-'",
     );
     refused(
         &c,
@@ -167,7 +178,7 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
     // The admin removes; the removed member is out.
     assert_eq!(
         ok(&c, "alice", &["remove", "team", "carol"]),
-        "removed carol from team; new group key (epoch 2)\n"
+        "removed carol from alice/team; new group key (epoch 4)\n"
     );
     assert_eq!(members(&c, "alice", "team"), ["alice (admin)", "bob"]);
     refused(&c, "carol", &["send", "team", "still here?"], not_member);
@@ -183,7 +194,7 @@ fn the_longest_standing_member_succeeds_a_leaving_admin_and_an_empty_group_is_de
     ok(&c, "alice", &["create", "team"]);
     ok(&c, "alice", &["add", "team", "carol"]);
     ok(&c, "alice", &["add", "team", "bob"]);
-    assert_eq!(ok(&c, "alice", &["leave", "team"]), "left team\n");
+    assert_eq!(ok(&c, "alice", &["leave", "team"]), "left alice/team\n");
     // carol joined before bob.
     assert_eq!(members(&c, "bob", "team"), ["carol (admin)", "bob"]);
     ok(&c, "carol", &["add", "team", "alice"]);
@@ -195,8 +206,9 @@ fn the_longest_standing_member_succeeds_a_leaving_admin_and_an_empty_group_is_de
     assert_eq!(c.count("SELECT count(*) FROM members"), 0);
     assert_eq!(c.count("SELECT count(*) FROM group_keys"), 0);
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    assert_eq!(c.count("SELECT count(*) FROM group_changes"), 0);
     // The name is free again.
-    ok(&c, "bob", &["create", "team"]);
+    ok(&c, "alice", &["create", "team"]);
 }
 
 #[test]
@@ -220,9 +232,9 @@ fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() 
     );
     for notice in ["added bob", "added carol", "added dave"] {
         if notice != "added bob" {
-            assert_eq!(carol.line(), format!("[team] * alice {notice}"));
+            assert_eq!(carol.line(), format!("[alice/team] * alice {notice}"));
         }
-        assert_eq!(bob.line(), format!("[team] * alice {notice}"));
+        assert_eq!(bob.line(), format!("[alice/team] * alice {notice}"));
     }
     c.wait_online("bob", 1);
     c.wait_online("carol", 1);
@@ -233,14 +245,14 @@ fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() 
         let out = group(&c, "alice", &["send", "team", &format!("hello {i}")]);
         assert_eq!(out.code, 0, "{out:?}");
         assert!(out.stdout.starts_with("stored message "), "{out:?}");
-        assert!(out.stdout.ends_with(" for group team\n"), "{out:?}");
+        assert!(out.stdout.ends_with(" for group alice/team\n"), "{out:?}");
     }
     for i in 1..=3 {
-        assert_eq!(bob.line(), format!("[team] alice: hello {i}"));
-        assert_eq!(carol.line(), format!("[team] alice: hello {i}"));
+        assert_eq!(bob.line(), format!("[alice/team] alice: hello {i}"));
+        assert_eq!(carol.line(), format!("[alice/team] alice: hello {i}"));
     }
     // Stored once each, however many members.
-    let unread = c.count("SELECT count(*) FROM messages WHERE grp = 'team'");
+    let unread = c.count("SELECT count(*) FROM messages WHERE grp = 'alice/team'");
     assert!(unread <= 6, "3 notices and 3 texts at most: {unread}");
     assert_eq!(
         c.count("SELECT count(*) FROM messages WHERE recipient IS NOT NULL"),
@@ -251,10 +263,10 @@ fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() 
     assert_eq!(
         dave.lines(),
         [
-            "[team] * alice added dave",
-            "[team] alice: hello 1",
-            "[team] alice: hello 2",
-            "[team] alice: hello 3",
+            "[alice/team] * alice added dave",
+            "[alice/team] alice: hello 1",
+            "[alice/team] alice: hello 2",
+            "[alice/team] alice: hello 3",
         ],
         "{dave:?}"
     );
@@ -286,13 +298,13 @@ fn chat_mode_speaks_group_commands() {
     assert!(alice.line().starts_with("logged in as alice"));
     assert!(bob.line().starts_with("logged in as bob"));
     alice.type_line("/group create crew");
-    assert_eq!(alice.line(), "created group crew; you are its admin");
+    assert_eq!(alice.line(), "created group alice/crew; you are its admin");
     alice.type_line("/group add crew bob");
-    assert_eq!(alice.line(), "added bob to crew");
-    assert_eq!(bob.line(), "[crew] * alice added bob");
+    assert_eq!(alice.line(), "added bob to alice/crew");
+    assert_eq!(bob.line(), "[alice/crew] * alice added bob");
     bob.type_line("/group send crew ahoy all");
-    assert!(bob.line().ends_with(" for group crew"));
-    assert_eq!(alice.line(), "[crew] bob: ahoy all");
+    assert!(bob.line().ends_with(" for group alice/crew"));
+    assert_eq!(alice.line(), "[alice/crew] bob: ahoy all");
     bob.type_line("/group members crew");
     assert_eq!(bob.line(), "alice (admin)");
     assert_eq!(bob.line(), "bob");
@@ -355,7 +367,7 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     ok(&c, "alice", &["add", "team", "carol"]);
     ok(&c, "alice", &["send", "team", "before"]);
 
-    // While a member, bob reads epoch 1 with his own keys (and keeps the key in his cache).
+    // While a member, bob reads epoch 3 with his own keys (and keeps the key in his cache).
     let (client, mut e2e) = bob_keys(&c);
     let before = stored_group_messages(&c);
     let texts: Vec<_> = before
@@ -382,33 +394,35 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
         let err = e2e.open(&client, m).unwrap_err();
         assert!(
             err.to_string()
-                .contains("no group team with you as a member")
+                .contains("no group alice/team with you as a member")
                 || err.to_string().contains("failed authentication"),
             "{err}"
         );
     }
     // No key of the new epoch was wrapped for bob, and none of the wrapped keys opens for him.
     assert_eq!(
-        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member = 'bob'"),
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 4 AND member = 'bob'"),
         0
     );
-    // And the key bob still holds (epoch 1) does not open the new messages.
-    let epoch1 = fastchat::client::e2e::E2e::group_key(&mut e2e, &client, "team", 1);
-    assert!(epoch1.is_ok(), "cached from when bob was a member");
-    let key = epoch1.unwrap();
-    for m in &after {
+    // And the key bob still holds (epoch 3) does not open the new messages.
+    let epoch3 = fastchat::client::e2e::E2e::group_key(&mut e2e, &client, "alice/team", 3);
+    assert!(epoch3.is_ok(), "cached from when bob was a member");
+    let key = epoch3.unwrap();
+    let texts = after.iter().filter(|m| m.body[1] == 1);
+    for m in texts {
         let kind = fastchat::client::e2e::Kind::from_byte(m.body[1]).unwrap();
         let epoch = u64::from_be_bytes(m.body[2..10].try_into().unwrap());
         let seq = u64::from_be_bytes(m.body[10..18].try_into().unwrap());
-        assert_eq!(epoch, 2);
+        assert_eq!(epoch, 4);
         let at = fastchat::client::e2e::GroupSeq { epoch, seq };
-        let aad = fastchat::client::e2e::group_aad("team", &m.from, m.client_id, at, kind);
+        let aad = fastchat::client::e2e::group_aad("alice/team", &m.from, m.client_id, at, kind);
         assert!(key.open(&aad, &m.body[18 + 64..]).is_err());
     }
     // Carol, still a member, reads it.
     let out = c.run("carol", &["recv"]);
     assert!(
-        out.stdout.contains("[team] alice: SECRET-after-removal"),
+        out.stdout
+            .contains("[alice/team] alice: SECRET-after-removal"),
         "{out:?}"
     );
 }
@@ -454,24 +468,27 @@ fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
     ok(&c, "alice", &["add", "team", "bob"]);
     ok(&c, "alice", &["add", "team", "carol"]);
     ok(&c, "carol", &["leave", "team"]);
-    assert_eq!(c.count("SELECT epoch FROM groups"), 2);
+    assert_eq!(c.count("SELECT epoch FROM groups"), 4);
     assert_eq!(
-        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2"),
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 4"),
         0
     );
     ok(&c, "bob", &["send", "team", "after carol left"]);
     assert_eq!(
-        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member <> 'carol'"),
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 4 AND member <> 'carol'"),
         2
     );
     assert_eq!(
-        c.count("SELECT count(*) FROM group_keys WHERE epoch = 2 AND member = 'carol'"),
+        c.count("SELECT count(*) FROM group_keys WHERE epoch = 4 AND member = 'carol'"),
         0
     );
     let out = c.run("alice", &["recv"]);
     assert_eq!(
         out.lines(),
-        ["[team] * carol left", "[team] bob: after carol left"],
+        [
+            "[alice/team] * carol left",
+            "[alice/team] bob: after carol left"
+        ],
         "{out:?}"
     );
 }

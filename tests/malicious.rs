@@ -169,3 +169,221 @@ fn forged_frames_never_make_a_genuine_message_disappear() {
         out.stderr
     );
 }
+
+fn group(c: &Cluster, user: &str, args: &[&str]) -> Output {
+    c.group(user, args)
+}
+
+fn ok(c: &Cluster, user: &str, args: &[&str]) -> String {
+    c.group_ok(user, args)
+}
+
+/// alice/team with alice (admin), bob and carol; everyone has read the announcements.
+fn team(c: &Cluster, extra: &[&str]) {
+    for u in ["alice", "bob", "carol"].iter().chain(extra) {
+        c.signup(u);
+    }
+    ok(c, "alice", &["create", "team"]);
+    ok(c, "alice", &["add", "team", "bob"]);
+    ok(c, "alice", &["add", "team", "carol"]);
+    for u in ["bob", "carol"] {
+        let out = c.run(u, &["recv"]);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+}
+
+#[test]
+fn a_member_the_server_adds_gets_no_key_and_is_reported() {
+    let c = Cluster::start(1);
+    team(&c, &["mallory"]);
+    // The server adds mallory on its own: a member row, and a key "for" her.
+    let sql = c.sql();
+    sql.execute(
+        "INSERT INTO members (grp, user, seq, position) VALUES ('alice/team', 'mallory', 9, 0)",
+        [],
+    )
+    .unwrap();
+    // Carol leaves; the next sender keys the new epoch, for the members it has verified.
+    ok(&c, "carol", &["leave", "team"]);
+    let out = group(&c, "bob", &["send", "team", "secret plan"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "WARNING: the server lists members of alice/team that no signed change made \
+             ([\"mallory\"])"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM group_keys WHERE member = 'mallory'"),
+        0,
+        "no key was ever wrapped for mallory"
+    );
+    let mallory = c.run("mallory", &["recv"]);
+    assert!(!mallory.stdout.contains("secret plan"), "{mallory:?}");
+    // `members` shows the verified chain, not the server's list.
+    assert_eq!(ok(&c, "bob", &["members", "team"]), "alice (admin)\nbob\n");
+}
+
+#[test]
+fn a_forged_change_is_refused_with_a_warning() {
+    let c = Cluster::start(1);
+    team(&c, &["mallory"]);
+    // The server appends a change to the chain that alice never made: mallory adds herself,
+    // with a valid signature of hers (she is a user; she is not the admin).
+    let store = fastchat::client::keystore::Keystore::new(&c.home(), "mallory");
+    let mallory = store.load_identity("pw-mallory").unwrap();
+    let sql = c.sql();
+    let last: Vec<u8> = sql
+        .query_row(
+            "SELECT change FROM group_changes WHERE grp = 'alice/team' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last: fastchat::net::SignedChange = fastchat::net::decode(&last).unwrap();
+    let forged = fastchat::client::e2e::sign_change(
+        &mallory,
+        fastchat::net::Change {
+            group: "alice/team".into(),
+            seq: 4,
+            prev: fastchat::membership::hash(&last).unwrap(),
+            by: "mallory".into(),
+            action: fastchat::net::Action::Add("mallory".into()),
+        },
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO group_changes (grp, seq, change) VALUES ('alice/team', 4, ?1)",
+        [fastchat::net::encode(&forged).unwrap()],
+    )
+    .unwrap();
+    sql.execute("UPDATE groups SET epoch = 4 WHERE name = 'alice/team'", [])
+        .unwrap();
+    let out = group(&c, "bob", &["send", "team", "secret plan"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "WARNING: change 4 of alice/team (mallory added mallory) was made by mallory, who is \
+             not a member. The server may be forging the group's membership"
+        ),
+        "{}",
+        out.stderr
+    );
+    // Nor can it rewrite history signed by alice: a change with a broken signature.
+    let mut tampered = forged.clone();
+    tampered.change.by = "alice".into();
+    sql.execute(
+        "UPDATE group_changes SET change = ?1 WHERE grp = 'alice/team' AND seq = 4",
+        [fastchat::net::encode(&tampered).unwrap()],
+    )
+    .unwrap();
+    let out = group(&c, "carol", &["members", "team"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("does not carry a valid signature of alice"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_history_rolled_back_by_the_server_is_noticed() {
+    let c = Cluster::start(1);
+    team(&c, &[]);
+    // Bob has verified the chain up to carol's addition (change 3). The server forgets it.
+    let sql = c.sql();
+    sql.execute(
+        "DELETE FROM group_changes WHERE grp = 'alice/team' AND seq = 3",
+        [],
+    )
+    .unwrap();
+    sql.execute(
+        "DELETE FROM members WHERE grp = 'alice/team' AND user = 'carol'",
+        [],
+    )
+    .unwrap();
+    sql.execute("UPDATE groups SET epoch = 2 WHERE name = 'alice/team'", [])
+        .unwrap();
+    let out = group(&c, "bob", &["send", "team", "hello"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "WARNING: the server says alice/team is at change 2, but its verified chain is at \
+             change 3"
+        ),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_new_member_cannot_read_what_was_sent_before_it_joined() {
+    let c = Cluster::start(1);
+    team(&c, &["dave"]);
+    ok(&c, "alice", &["send", "team", "before dave"]);
+    ok(&c, "alice", &["add", "team", "dave"]);
+    ok(&c, "alice", &["send", "team", "after dave"]);
+    // The server hands dave everything, from the start.
+    c.sql()
+        .execute("UPDATE members SET position = 0 WHERE user = 'dave'", [])
+        .unwrap();
+    let out = c.run("dave", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stdout.contains("before dave"), "{out:?}");
+    assert!(
+        out.stdout.contains("[alice/team] alice: after dave"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("rejected: no key of alice/team epoch 3 for you"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_key_wrapped_by_someone_who_may_not_key_the_epoch_is_refused() {
+    let c = Cluster::start(1);
+    team(&c, &[]);
+    ok(&c, "alice", &["send", "team", "the real plan"]);
+    // Epoch 3 began with alice adding carol: only alice keys it. Carol (a member, colluding
+    // with the server) wraps a key she chose for bob, and the server hands him that one.
+    let carol = fastchat::client::keystore::Keystore::new(&c.home(), "carol")
+        .load_identity("pw-carol")
+        .unwrap();
+    let sql = c.sql();
+    let bob_x25519: Vec<u8> = sql
+        .query_row("SELECT x25519 FROM users WHERE name = 'bob'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let chosen = fastchat::crypto::PairKey::random().unwrap();
+    let aad = fastchat::client::e2e::wrap_aad("alice/team", 3, "bob", "carol");
+    let wrapped = carol
+        .pair_key("carol", "bob", &bob_x25519)
+        .unwrap()
+        .seal(&aad, &chosen.0)
+        .unwrap();
+    let n = sql
+        .execute(
+            "UPDATE group_keys SET wrapped = ?1, wrapped_by = 'carol'
+             WHERE grp = 'alice/team' AND epoch = 3 AND member = 'bob'",
+            rusqlite::params![wrapped],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let out = c.run("bob", &["recv"]);
+    assert!(!out.stdout.contains("the real plan"), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "WARNING: the key of alice/team epoch 3 was wrapped by carol, who may not key that \
+             epoch"
+        ),
+        "{}",
+        out.stderr
+    );
+}

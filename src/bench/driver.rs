@@ -87,8 +87,8 @@ pub(super) struct Sending {
     pub me: String,
     /// Direct mode: the recipient and the pair key with them.
     pub to: Option<(String, PairKey)>,
-    /// Group mode: the group and its key (epoch 1).
-    pub group: Option<(String, PairKey)>,
+    /// Group mode: the group, its key and epoch.
+    pub group: Option<(String, PairKey, u64)>,
     pub identity: Arc<Identity>,
     pub messages: u64,
     pub size: usize,
@@ -124,14 +124,14 @@ impl Sending {
                 },
             });
         }
-        let (group, key) = self.group.as_ref().expect("a direct or group role");
-        let at = e2e::GroupSeq { epoch: 1, seq };
+        let (group, key, epoch) = self.group.as_ref().expect("a direct or group role");
+        let at = e2e::GroupSeq { epoch: *epoch, seq };
         let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, at, &plain)?;
         Ok(Request {
             id: seq,
             body: ServerRequest::GroupSend {
                 group: group.clone(),
-                epoch: 1,
+                epoch: *epoch,
                 message: message(body),
             },
         })
@@ -228,6 +228,7 @@ impl Client {
             server_id,
             newest,
             session,
+            unacked,
         } = link;
         chan.set_nonblocking(true)?;
         Ok(Client {
@@ -242,7 +243,7 @@ impl Client {
             newest,
             unconfirmed: BTreeMap::new(),
             next_seq: 0,
-            acks: Vec::with_capacity(ACK_BATCH),
+            acks: unacked,
             acks_due: None,
             next_ack_id: 1 << 62,
             seen: HashMap::new(),
@@ -419,6 +420,10 @@ impl Client {
 
     fn delivered(&mut self, msg: &Envelope) {
         let counters = &self.shared.counters;
+        // A membership change announced during set-up: acknowledged, not counted.
+        if msg.group.is_some() && msg.body.get(1) == Some(&(e2e::Kind::Change as u8)) {
+            return;
+        }
         let (sender, seq, sent_ns) = match self.receiving.open(msg) {
             Ok(fields) => fields,
             Err(e) => return counters.error(&format!("message {}: {e}", msg.id)),

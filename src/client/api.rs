@@ -17,7 +17,8 @@ use super::balancer::{unexpected, BalancerClient, Session};
 use super::connection::{closed, Connection, Incoming};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::{
-    Envelope, GroupInfo, NewMessage, ServerInfo, ServerReply, ServerRequest, WrappedKey,
+    Envelope, GroupInfo, NewMessage, ServerInfo, ServerReply, ServerRequest, SignedChange,
+    WrappedKey,
 };
 use crate::transport::Transport;
 
@@ -312,44 +313,34 @@ impl Client {
         }
     }
 
-    /// Creates `group` with us as admin; `key` is epoch 1's key wrapped for us.
-    pub fn group_create(&self, group: &str, key: Vec<u8>) -> Result<()> {
-        let group = group.to_string();
-        self.done("GroupCreate", &ServerRequest::GroupCreate { group, key })
-    }
-
-    /// (Admin) adds `user` with `key`, the key of the current `epoch` wrapped for them.
-    pub fn group_add(&self, group: &str, user: &str, epoch: u64, key: Vec<u8>) -> Result<()> {
-        let request = ServerRequest::GroupAdd {
-            group: group.into(),
-            user: user.into(),
-            epoch,
-            key,
-        };
-        self.done("GroupAdd", &request)
-    }
-
-    /// (Admin) removes `user` and starts `epoch` with `keys` for everyone left.
-    pub fn group_remove(
+    /// Submits a signed change of a group's membership with the new epoch's `keys`; the
+    /// id of the message that announces it to the members (`None`: the group is gone).
+    pub fn group_change(
         &self,
-        group: &str,
-        user: &str,
-        epoch: u64,
+        change: &SignedChange,
         keys: Vec<WrappedKey>,
-    ) -> Result<()> {
-        let request = ServerRequest::GroupRemove {
-            group: group.into(),
-            user: user.into(),
-            epoch,
+        client_id: u64,
+    ) -> Result<Option<i64>> {
+        let request = ServerRequest::GroupChange {
+            change: change.clone(),
             keys,
+            client_id,
         };
-        self.done("GroupRemove", &request)
+        match self.call(&request)? {
+            ServerReply::Stored { msg_id } => Ok(Some(msg_id)),
+            ServerReply::Done => Ok(None),
+            other => Err(unexpected("GroupChange", &other)),
+        }
     }
 
-    /// Leaves `group`.
-    pub fn group_leave(&self, group: &str) -> Result<()> {
+    /// The changes of `group`'s chain after `after` (a batch of at most
+    /// [`crate::net::MAX_CHANGES`]).
+    pub fn group_log(&self, group: &str, after: u64) -> Result<Vec<SignedChange>> {
         let group = group.to_string();
-        self.done("GroupLeave", &ServerRequest::GroupLeave { group })
+        match self.call(&ServerRequest::GroupLog { group, after })? {
+            ServerReply::Changes { changes } => Ok(changes),
+            other => Err(unexpected("GroupLog", &other)),
+        }
     }
 
     /// Keys the current, unkeyed `epoch` of `group` with `keys` for every member.

@@ -301,13 +301,13 @@ impl GroupCmd {
             GroupCmd::Create(g)
             | GroupCmd::Leave(g)
             | GroupCmd::Members(g)
-            | GroupCmd::SendFile(g, _) => names::validate("group", g),
+            | GroupCmd::SendFile(g, _) => names::validate_group_ref(g),
             GroupCmd::Add(g, u) | GroupCmd::Remove(g, u) => {
-                names::validate("group", g)?;
+                names::validate_group_ref(g)?;
                 names::validate("user", u)
             }
             GroupCmd::Send(g, text) => {
-                names::validate("group", g)?;
+                names::validate_group_ref(g)?;
                 if text.trim().is_empty() {
                     return Err(Error::Invalid("empty message: nothing was sent".into()));
                 }
@@ -317,31 +317,42 @@ impl GroupCmd {
         }
     }
 
-    /// Runs the command; returns what to print.
+    /// Runs the command; returns what to print. Membership shown is the group's verified
+    /// chain of changes, not the server's word.
     pub(super) fn run(&self, client: &Client, e2e: &mut E2e) -> Result<String> {
         self.validate()?;
+        let me = client.user().to_string();
+        let group = |g: &str| resolve_group(client, &me, g, false);
         Ok(match self {
             GroupCmd::Create(g) => {
-                e2e.group_create(client, g)?;
+                let g = resolve_group(client, &me, g, true)?;
+                e2e.group_create(client, &g)?;
                 format!("created group {g}; you are its admin")
             }
             GroupCmd::Add(g, u) => {
-                e2e.group_add(client, g, u)?;
+                let g = group(g)?;
+                e2e.group_add(client, &g, u)?;
                 format!("added {u} to {g}")
             }
             GroupCmd::Remove(g, u) => {
-                let epoch = e2e.group_remove(client, g, u)?;
+                let g = group(g)?;
+                let epoch = e2e.group_remove(client, &g, u)?;
                 format!("removed {u} from {g}; new group key (epoch {epoch})")
             }
             GroupCmd::Leave(g) => {
-                e2e.group_leave(client, g)?;
+                let g = group(g)?;
+                e2e.group_leave(client, &g)?;
                 format!("left {g}")
             }
             GroupCmd::Send(g, text) => {
-                let id = e2e.group_send(client, g, &Plain::Text(text.clone()))?;
+                let g = group(g)?;
+                let id = e2e.group_send(client, &g, &Plain::Text(text.clone()))?;
                 format!("stored message {id} for group {g}")
             }
-            GroupCmd::SendFile(g, path) => file_sent(client, e2e, Target::Group(g), path)?,
+            GroupCmd::SendFile(g, path) => {
+                let g = group(g)?;
+                file_sent(client, e2e, Target::Group(&g), path)?
+            }
             GroupCmd::List => {
                 let groups = client.group_list()?;
                 if groups.is_empty() {
@@ -349,20 +360,24 @@ impl GroupCmd {
                 }
                 groups
                     .iter()
-                    .map(|g| {
-                        let n = g.members.len();
-                        let plural = if n == 1 { "" } else { "s" };
-                        format!("{}: {n} member{plural}, admin {}", g.name, g.admin)
+                    .map(|g| match e2e.group_roster(client, &g.name) {
+                        Ok(r) => {
+                            let n = r.members.len();
+                            let plural = if n == 1 { "" } else { "s" };
+                            format!("{}: {n} member{plural}, admin {}", g.name, r.admin)
+                        }
+                        Err(e) => format!("{}: {}", g.name, one_line(&e.to_string())),
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
             }
             GroupCmd::Members(g) => {
-                let info = client.group_info(g)?;
-                info.members
+                let roster = e2e.group_roster(client, &group(g)?)?;
+                roster
+                    .members
                     .iter()
                     .map(|m| {
-                        if *m == info.admin {
+                        if *m == roster.admin {
                             format!("{m} (admin)")
                         } else {
                             m.clone()
@@ -372,6 +387,35 @@ impl GroupCmd {
                     .join("\n")
             }
         })
+    }
+}
+
+/// The full name of the group a command names: `OWNER/NAME` as given; or, for a short name,
+/// our own group of that name when creating, else the one group of ours with that name.
+fn resolve_group(client: &Client, me: &str, given: &str, creating: bool) -> Result<String> {
+    if given.contains('/') {
+        names::validate_group(given)?;
+        return Ok(given.to_string());
+    }
+    if creating {
+        return Ok(format!("{me}/{given}"));
+    }
+    let named: Vec<String> = client
+        .group_list()?
+        .into_iter()
+        .map(|g| g.name)
+        .filter(|n| n.split_once('/').map(|(_, short)| short) == Some(given))
+        .collect();
+    match &named[..] {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::refused(
+            crate::error::ErrorCode::UnknownGroup,
+            format!("no group {given} with you as a member"),
+        )),
+        several => Err(Error::Invalid(format!(
+            "several of your groups are called {given} ({}); say which, as OWNER/NAME",
+            several.join(", ")
+        ))),
     }
 }
 
@@ -524,7 +568,7 @@ pub(super) fn show(
             });
             let fields = match plain {
                 Plain::Text(t) => serde_json::json!({ "kind": "text", "text": t }),
-                Plain::Notice(t) => serde_json::json!({ "kind": "notice", "text": t }),
+                Plain::Membership(t) => serde_json::json!({ "kind": "membership", "text": t }),
                 Plain::File(offer) => serde_json::json!({
                     "kind": "file",
                     "name": offer.name,
@@ -550,7 +594,7 @@ pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> Strin
     };
     match plain {
         Plain::Text(t) => format!("{prefix}{}: {}", msg.from, one_line(t)),
-        Plain::Notice(t) => format!("{prefix}* {} {}", msg.from, one_line(t)),
+        Plain::Membership(t) => format!("{prefix}* {}", one_line(t)),
         Plain::File(offer) => format!(
             "{prefix}{} sent {} ({}) -> {}",
             msg.from,

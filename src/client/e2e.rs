@@ -29,8 +29,11 @@
 //!                    aad = "fastchat/gk/v1" || group || epoch || member || wrapper, key)
 //! ```
 //!
-//! Removing a member or a member leaving starts a new epoch whose key the departed member never
-//! gets, so they cannot read what is sent after. Peer public keys come from the balancer's
+//! Who is in a group is what the group's chain of signed changes says ([`crate::membership`]),
+//! as this client verified it ([`super::chains`]), never what the server lists: keys are
+//! wrapped only for verified members, a message is accepted only from a member of its epoch,
+//! and a key only from whoever may key that epoch. Every change starts a new epoch, so an added
+//! member cannot read what was sent before, and one who left or was removed nothing after. Peer public keys come from the balancer's
 //! directory and are pinned on first use; a key that later differs from the pin is refused until
 //! the user runs `fastchat trust NAME`.
 
@@ -39,12 +42,16 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::chains::Chains;
 use super::keystore::Keystore;
 use super::replay::{self, Accepted, Verdict};
 use super::{BalancerClient, Client, Session};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, ErrorCode, Result};
-use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
+use crate::membership::{self, After, Roster};
+use crate::net::{
+    Action, Change, Envelope, GroupInfo, PublicKeys, SignedChange, WrappedKey, MAX_CHANGES,
+};
 use crate::transport::Transport;
 
 /// Body format version.
@@ -59,10 +66,12 @@ const SIGNATURE: usize = 64;
 pub enum Kind {
     /// UTF-8 text.
     Text = 1,
-    /// UTF-8 text about the conversation itself ("added carol"), written by its sender.
-    Notice = 2,
     /// A file: a MessagePack [`FileOffer`].
     File = 3,
+    /// A group membership change, announced to the members by the server: a MessagePack
+    /// [`SignedChange`], not encrypted (servers know who is in a group), checked against the
+    /// group's verified chain.
+    Change = 4,
 }
 
 impl Kind {
@@ -70,8 +79,8 @@ impl Kind {
     pub fn from_byte(b: u8) -> Option<Kind> {
         match b {
             1 => Some(Kind::Text),
-            2 => Some(Kind::Notice),
             3 => Some(Kind::File),
+            4 => Some(Kind::Change),
             _ => None,
         }
     }
@@ -109,26 +118,32 @@ impl std::fmt::Debug for FileOffer {
 pub enum Plain {
     /// A text message.
     Text(String),
-    /// A notice about the conversation, such as a membership change.
-    Notice(String),
     /// A file offer (the file is fetched separately).
     File(FileOffer),
+    /// A change of a group's membership, verified against the group's chain: what it says
+    /// (`alice added carol`).
+    Membership(String),
 }
 
 impl Plain {
     fn kind(&self) -> Kind {
         match self {
             Plain::Text(_) => Kind::Text,
-            Plain::Notice(_) => Kind::Notice,
             Plain::File(_) => Kind::File,
+            Plain::Membership(_) => Kind::Change,
         }
     }
 
     fn bytes(&self) -> Result<Cow<'_, [u8]>> {
         Ok(match self {
-            Plain::Text(t) | Plain::Notice(t) => Cow::Borrowed(t.as_bytes()),
+            Plain::Text(t) => Cow::Borrowed(t.as_bytes()),
             Plain::File(offer) => {
                 Cow::Owned(rmp_serde::to_vec(offer).map_err(|e| Error::Invalid(e.to_string()))?)
+            }
+            Plain::Membership(_) => {
+                return Err(Error::Invalid(
+                    "membership changes are signed changes, not messages".into(),
+                ))
             }
         })
     }
@@ -143,11 +158,11 @@ impl Plain {
             }
             return Ok(Plain::File(offer));
         }
+        if kind != Kind::Text {
+            return Err(bad("is not a sealed message"));
+        }
         let text = String::from_utf8(plain).map_err(|_| bad("is not UTF-8"))?;
-        Ok(match kind {
-            Kind::Notice => Plain::Notice(text),
-            _ => Plain::Text(text),
-        })
+        Ok(Plain::Text(text))
     }
 }
 
@@ -405,6 +420,12 @@ pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Veri
     })
 }
 
+/// `change`, signed by `identity` (its maker's).
+pub fn sign_change(identity: &Identity, change: Change) -> Result<SignedChange> {
+    let signature = identity.sign(&membership::signed_bytes(&change))?;
+    Ok(SignedChange { change, signature })
+}
+
 /// One user's end-to-end state: private keys, pinned peers, cached pair and group keys.
 pub struct E2e {
     me: String,
@@ -423,6 +444,8 @@ pub struct E2e {
     epochs: HashMap<String, u64>,
     /// What was already shown (opened on first use).
     accepted: Option<Accepted>,
+    /// The groups' verified chains of changes.
+    chains: Chains,
     /// The last sequence sealed by this process.
     last_seq: u64,
 }
@@ -442,6 +465,7 @@ pub struct Opened {
 impl E2e {
     /// State for `me`, whose keys are `identity`.
     pub fn new(me: &str, identity: Identity, store: Keystore, directory: Directory) -> E2e {
+        let chains = Chains::new(store.dir());
         E2e {
             me: me.to_string(),
             identity,
@@ -452,6 +476,7 @@ impl E2e {
             group_keys: HashMap::new(),
             epochs: HashMap::new(),
             accepted: None,
+            chains,
             last_seq: 0,
         }
     }
@@ -548,11 +573,22 @@ impl E2e {
     /// and says whether it was shown before. Show it only if it is [`Verdict::New`], then call
     /// [`E2e::shown`].
     pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Opened> {
+        if let (Some(group), (Kind::Change, _)) = (&msg.group, split_body(msg)?) {
+            return self.open_change(client, group, msg);
+        }
         let authentic = match &msg.group {
             Some(group) => {
                 let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
                 let verified = verify_group(&ed25519, msg)?;
-                let key = self.group_key(client, group, verified.at.epoch)?;
+                let epoch = verified.at.epoch;
+                let roster = self.roster_at(client, group, epoch)?;
+                if !roster.has(&msg.from) {
+                    return Err(Error::Integrity(format!(
+                        "{} was not a member of {group} in key epoch {epoch}",
+                        msg.from
+                    )));
+                }
+                let key = self.group_key(client, group, epoch)?;
                 verified.open(&key)?
             }
             None => {
@@ -581,6 +617,119 @@ impl E2e {
     // -----------------------------------------------------------------------------------------
     // Groups.
 
+    /// An announced membership change: shown once it is found in the group's verified chain.
+    fn open_change(&mut self, client: &Client, group: &str, msg: &Envelope) -> Result<Opened> {
+        let (_, rest) = split_body(msg)?;
+        let announced: SignedChange = crate::net::decode(rest).map_err(|_| {
+            Error::Integrity(format!("message {} holds a malformed group change", msg.id))
+        })?;
+        let c = &announced.change;
+        if c.group != group || c.by != msg.from {
+            return Err(Error::Integrity(format!(
+                "message {} announces a change of {} by {} as one of {group} by {}",
+                msg.id, c.group, c.by, msg.from
+            )));
+        }
+        if self.chains.get(group)?.change(c.seq).is_none() {
+            self.sync_group(client, group)?;
+        }
+        if self.chains.get(group)?.change(c.seq) != Some(&announced) {
+            return Err(Error::Integrity(format!(
+                "message {} announces a change of {group} that its verified chain does not have",
+                msg.id
+            )));
+        }
+        let conversation = format!("c:{group}");
+        let verdict = self.accepted()?.check(&conversation, c.seq, msg.id)?;
+        Ok(Opened {
+            plain: Plain::Membership(membership::describe(c)),
+            verdict,
+            conversation,
+            seq: c.seq,
+            msg_id: msg.id,
+        })
+    }
+
+    /// Signs a change as us.
+    fn sign_change(&self, change: Change) -> Result<SignedChange> {
+        sign_change(&self.identity, change)
+    }
+
+    /// The Ed25519 key of a change's maker: ours, or their pinned one.
+    fn signer_key(&mut self, user: &str) -> Result<Vec<u8>> {
+        if user == self.me {
+            return Ok(self.identity.public()?.ed25519);
+        }
+        Ok(self.peer_keys(user)?.ed25519.clone())
+    }
+
+    /// Brings our verified copy of `group`'s chain up to date with what the server has: each
+    /// new change must carry its maker's signature and follow the rules from the change
+    /// before it, or the whole answer is refused with a warning.
+    pub fn sync_group(&mut self, client: &Client, group: &str) -> Result<()> {
+        loop {
+            let mut chain = self.chains.get(group)?.clone();
+            let after = chain.head().map_or(0, |r| r.seq);
+            let batch = client.group_log(group, after)?;
+            let more = batch.len() >= MAX_CHANGES;
+            for signed in &batch {
+                let c = &signed.change;
+                let forged = |why: String| {
+                    Error::Integrity(format!(
+                        "WARNING: change {} of {group} ({}) {why}. The server may be forging \
+                         the group's membership; refusing it",
+                        c.seq,
+                        membership::describe(c)
+                    ))
+                };
+                if c.group != group {
+                    return Err(forged(format!("belongs to {}", c.group)));
+                }
+                let key = self.signer_key(&c.by)?;
+                if !verify_signature(&key, &membership::signed_bytes(c), &signed.signature)? {
+                    return Err(forged(format!(
+                        "does not carry a valid signature of {}",
+                        c.by
+                    )));
+                }
+                chain.extend(signed.clone()).map_err(|e| match e {
+                    Error::Refused {
+                        code: ErrorCode::UnknownGroup,
+                        ..
+                    } => forged(format!("was made by {}, who is not a member", c.by)),
+                    e => forged(format!("breaks the group's rules ({e})")),
+                })?;
+            }
+            self.chains.append(group, &batch)?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The verified members of `group` in key epoch `epoch` (fetching newer changes first if
+    /// our chain stops before it).
+    fn roster_at(&mut self, client: &Client, group: &str, epoch: u64) -> Result<Roster> {
+        if self.chains.get(group)?.at(epoch).is_none() {
+            self.sync_group(client, group)?;
+        }
+        self.chains.get(group)?.at(epoch).cloned().ok_or_else(|| {
+            Error::Integrity(format!(
+                "key epoch {epoch} of {group} is not in its verified chain of changes"
+            ))
+        })
+    }
+
+    /// The group as its verified chain says now (after fetching what is new).
+    pub fn group_roster(&mut self, client: &Client, group: &str) -> Result<Roster> {
+        self.sync_group(client, group)?;
+        self.chains
+            .get(group)?
+            .head()
+            .cloned()
+            .ok_or_else(|| Error::Integrity(format!("{group} has no verified chain of changes")))
+    }
+
     /// Wraps a group key for `member`.
     fn wrap(&mut self, group: &str, epoch: u64, member: &str, key: &PairKey) -> Result<WrappedKey> {
         let aad = wrap_aad(group, epoch, member, &self.me);
@@ -605,7 +754,9 @@ impl E2e {
             .collect()
     }
 
-    /// The key of `epoch` of `group`: cached, or fetched from the server and unwrapped.
+    /// The key of `epoch` of `group`: cached, or fetched from the server and unwrapped. It
+    /// must have been wrapped by whoever may key that epoch: the maker of the change that
+    /// started it, or, after a leave, a member of the epoch.
     pub fn group_key(&mut self, client: &Client, group: &str, epoch: u64) -> Result<PairKey> {
         let slot = (group.to_string(), epoch);
         if let Some(k) = self.group_keys.get(&slot) {
@@ -613,6 +764,22 @@ impl E2e {
         }
         let sealed = client.group_key(group, epoch)?;
         let by = sealed.wrapped_by;
+        let roster = self.roster_at(client, group, epoch)?;
+        let starter = self.chains.get(group)?.change(epoch).cloned();
+        let allowed = match starter.map(|c| c.change) {
+            Some(Change {
+                action: Action::Leave,
+                ..
+            }) => roster.has(&by),
+            Some(c) => c.by == by,
+            None => false,
+        };
+        if !allowed {
+            return Err(Error::Integrity(format!(
+                "WARNING: the key of {group} epoch {epoch} was wrapped by {by}, who may not key \
+                 that epoch; refusing it"
+            )));
+        }
         let aad = wrap_aad(group, epoch, &self.me, &by);
         let raw = self.pair_key(&by)?.open(&aad, &sealed.key)?;
         let key = PairKey(raw.try_into().map_err(|_| {
@@ -624,81 +791,121 @@ impl E2e {
         Ok(key)
     }
 
-    /// Creates `group` with us as admin, keyed with a fresh random key.
-    pub fn group_create(&mut self, client: &Client, group: &str) -> Result<()> {
-        let key = PairKey::random()?;
-        let me = self.me.clone();
-        let wrapped = self.wrap(group, 1, &me, &key)?.wrapped;
-        client.group_create(group, wrapped)?;
-        self.group_keys.insert((group.to_string(), 1), key);
-        self.epochs.insert(group.to_string(), 1);
-        Ok(())
-    }
-
-    /// Adds `user` (admin only), giving them the current key, and tells the group.
-    pub fn group_add(&mut self, client: &Client, group: &str, user: &str) -> Result<()> {
-        // A member leaving meanwhile moves the group to a new epoch: then add with its key.
+    /// Makes, signs and submits a change of `group` (with the new epoch's key for exactly the
+    /// members after it), and adds it to our verified chain. Tries again if the group changed
+    /// meanwhile; a change that went through although its reply was lost is found in the
+    /// chain. Returns the group after the change (`None`: it is gone).
+    fn change_group(&mut self, client: &Client, group: &str, action: Action) -> Result<After> {
         let mut tries = 0;
         loop {
             tries += 1;
-            let info = client.group_info(group)?;
-            if info.admin != self.me {
-                return Err(not_admin(group, &info.admin, "add members"));
+            if action != Action::Create {
+                self.sync_group(client, group)?;
             }
-            let (epoch, key) = self.current_key(client, &info)?;
-            let wrapped = self.wrap(group, epoch, user, &key)?.wrapped;
-            match client.group_add(group, user, epoch, wrapped) {
+            let before = self.chains.get(group)?.head().cloned();
+            let (seq, prev) = before
+                .as_ref()
+                .map_or((1, Vec::new()), |r| (r.seq + 1, r.head.clone()));
+            let signed = self.sign_change(Change {
+                group: group.to_string(),
+                seq,
+                prev,
+                by: self.me.clone(),
+                action: action.clone(),
+            })?;
+            let after = membership::apply(before.as_ref(), &signed)?;
+            let key = PairKey::random()?;
+            let keys = self.wrap_all(group, seq, &membership::keyed_for(&after, &action), &key)?;
+            let client_id = crypto::random_u64()?;
+            match client.group_change(&signed, keys, client_id) {
+                Ok(_) => {}
                 Err(Error::Refused {
                     code: ErrorCode::Conflict,
                     ..
-                }) if tries < 3 => continue,
-                reply => reply?,
+                }) if action != Action::Create && tries < 4 => {
+                    self.sync_group(client, group)?;
+                    if self.chains.get(group)?.change(seq) != Some(&signed) {
+                        continue;
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            break;
+            match &after {
+                After::Roster(_) if action == Action::Leave => self.chains.forget(group)?,
+                After::Roster(_) => {
+                    if self.chains.get(group)?.change(seq).is_none() {
+                        self.chains.append(group, std::slice::from_ref(&signed))?;
+                    }
+                    if action != Action::Leave {
+                        self.group_keys.insert((group.to_string(), seq), key);
+                        self.epochs.insert(group.to_string(), seq);
+                    }
+                }
+                After::Deleted => self.chains.forget(group)?,
+            }
+            if action == Action::Leave {
+                self.epochs.remove(group);
+            }
+            return Ok(after);
         }
-        self.group_send(client, group, &Plain::Notice(format!("added {user}")))?;
-        Ok(())
     }
 
-    /// Removes `user` (admin only) and starts a new epoch whose key `user` never gets; tells
-    /// the remaining members. Returns the new epoch.
+    /// Creates `group` (named `OUR-NAME/...`) with us as admin, keyed with a fresh key.
+    pub fn group_create(&mut self, client: &Client, group: &str) -> Result<()> {
+        self.change_group(client, group, Action::Create).map(|_| ())
+    }
+
+    /// Adds `user` (admin only); the group moves to a new epoch keyed for everyone.
+    pub fn group_add(&mut self, client: &Client, group: &str, user: &str) -> Result<()> {
+        self.change_group(client, group, Action::Add(user.to_string()))
+            .map(|_| ())
+    }
+
+    /// Removes `user` (admin only) and starts a new epoch whose key `user` never gets.
+    /// Returns the new epoch.
     pub fn group_remove(&mut self, client: &Client, group: &str, user: &str) -> Result<u64> {
-        let info = client.group_info(group)?;
-        if info.admin != self.me {
-            return Err(not_admin(group, &info.admin, "remove members"));
+        match self.change_group(client, group, Action::Remove(user.to_string()))? {
+            After::Roster(r) => Ok(r.seq),
+            After::Deleted => Err(Error::Protocol(format!("{group} is gone"))),
         }
-        let epoch = info.epoch + 1;
-        let key = PairKey::random()?;
-        let remaining: Vec<String> = info.members.into_iter().filter(|m| m != user).collect();
-        let keys = self.wrap_all(group, epoch, &remaining, &key)?;
-        client.group_remove(group, user, epoch, keys)?;
-        self.group_keys.insert((group.to_string(), epoch), key);
-        self.epochs.insert(group.to_string(), epoch);
-        self.group_send(client, group, &Plain::Notice(format!("removed {user}")))?;
-        Ok(epoch)
     }
 
-    /// Tells the group, then leaves it. The next member to send starts a new epoch.
+    /// Leaves `group`. The next member to send starts a new epoch.
     pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<()> {
-        let info = client.group_info(group)?;
-        if info.members.len() > 1 {
-            self.group_send(client, group, &Plain::Notice("left".into()))?;
-        }
-        client.group_leave(group)?;
-        self.epochs.remove(group);
-        Ok(())
+        self.change_group(client, group, Action::Leave).map(|_| ())
     }
 
     /// The current epoch and its key, making the key first if the epoch has none yet (after a
-    /// member left).
+    /// member left): for the members of the verified chain, which must be the server's too.
     fn current_key(&mut self, client: &Client, info: &GroupInfo) -> Result<(u64, PairKey)> {
         let (group, epoch) = (info.name.as_str(), info.epoch);
+        let roster = self.group_roster(client, group)?;
+        if roster.seq != epoch {
+            return Err(Error::Integrity(format!(
+                "WARNING: the server says {group} is at change {epoch}, but its verified chain is \
+                 at change {}; refusing to send",
+                roster.seq
+            )));
+        }
+        let mut listed = info.members.clone();
+        let mut verified = roster.members.clone();
+        listed.sort();
+        verified.sort();
+        if listed != verified {
+            let ghosts: Vec<&String> = listed.iter().filter(|m| !roster.has(m)).collect();
+            let missing: Vec<&String> = verified.iter().filter(|m| !listed.contains(m)).collect();
+            return Err(Error::Integrity(format!(
+                "WARNING: the server lists members of {group} that no signed change made \
+                 ({ghosts:?}) or leaves out members ({missing:?}). The server may be forging \
+                 the group's membership; refusing to key or send"
+            )));
+        }
         self.epochs.insert(group.to_string(), epoch);
         if info.keyed {
             return Ok((epoch, self.group_key(client, group, epoch)?));
         }
         let key = PairKey::random()?;
-        let keys = self.wrap_all(group, epoch, &info.members, &key)?;
+        let keys = self.wrap_all(group, epoch, &roster.members, &key)?;
         match client.group_rekey(group, epoch, keys) {
             Ok(()) => {
                 self.group_keys
@@ -769,11 +976,4 @@ impl E2e {
             }
         }
     }
-}
-
-fn not_admin(group: &str, admin: &str, what: &str) -> Error {
-    Error::refused(
-        ErrorCode::NotAllowed,
-        format!("only the admin of {group} ({admin}) can {what}"),
-    )
 }

@@ -341,6 +341,15 @@ impl Tx for SqliteTx<'_> {
     fn delete_group(&mut self, group: &str) -> Result<()> {
         groups::delete_group(self.conn, group)
     }
+    fn add_change(&mut self, group: &str, seq: u64, change: &[u8]) -> Result<()> {
+        groups::add_change(self.conn, group, seq, change)
+    }
+    fn changes(&mut self, group: &str, after: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+        groups::changes(self.conn, group, after, limit)
+    }
+    fn last_change(&mut self, group: &str) -> Result<Option<Vec<u8>>> {
+        groups::last_change(self.conn, group)
+    }
     fn put_keys(&mut self, group: &str, epoch: u64, keys: &[WrappedKey], by: &str) -> Result<()> {
         groups::put_keys(self.conn, group, epoch, keys, by)
     }

@@ -195,20 +195,12 @@ impl<'a> Session<'a> {
                     users: tx.online_users(crate::net::MAX_WHO)?,
                 })
             }),
-            ServerRequest::GroupCreate { group, key } => self.group_create(id, group, key),
-            ServerRequest::GroupAdd {
-                group,
-                user,
-                epoch,
-                key,
-            } => self.group_add(id, group, user, epoch, key),
-            ServerRequest::GroupRemove {
-                group,
-                user,
-                epoch,
+            ServerRequest::GroupChange {
+                change,
                 keys,
-            } => self.group_remove(id, group, user, epoch, keys),
-            ServerRequest::GroupLeave { group } => self.group_leave(id, group),
+                client_id,
+            } => self.group_change(id, change, keys, client_id),
+            ServerRequest::GroupLog { group, after } => self.group_log(id, group, after),
             ServerRequest::GroupRekey { group, epoch, keys } => {
                 self.group_rekey(id, group, epoch, keys)
             }
@@ -247,7 +239,11 @@ impl<'a> Session<'a> {
     /// Refuses the request if a name is bad; `names` pairs what each name is with the name.
     fn names_ok(&self, id: u64, names: &[(&str, &str)]) -> bool {
         for (kind, name) in names {
-            if let Err(e) = names::validate(kind, name) {
+            let checked = match *kind {
+                "group" => names::validate_group(name),
+                _ => names::validate(kind, name),
+            };
+            if let Err(e) = checked {
                 self.refuse(id, ErrorCode::InvalidName, e.to_string());
                 return false;
             }

@@ -315,6 +315,20 @@ impl Cluster {
         assert!(out.stdout.starts_with("stored message "), "{out:?}");
     }
 
+    /// Runs `fastchat group ARGS` as `user`.
+    pub fn group(&self, user: &str, args: &[&str]) -> Output {
+        let mut all = vec!["group"];
+        all.extend_from_slice(args);
+        self.run(user, &all)
+    }
+
+    /// Runs a group command that must succeed; returns what it printed.
+    pub fn group_ok(&self, user: &str, args: &[&str]) -> String {
+        let out = self.group(user, args);
+        assert_eq!(out.code, 0, "{user}: group {args:?}: {out:?}");
+        out.stdout
+    }
+
     /// Starts a long-running `fastchat ARGS` as `user`.
     pub fn spawn(&self, user: &str, args: &[&str]) -> Proc {
         Proc::spawn(&format!("{user}:{}", args[0]), self.cmd(user).args(args))

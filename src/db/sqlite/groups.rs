@@ -105,6 +105,33 @@ pub fn delete_group(conn: &Connection, group: &str) -> Result<()> {
     Ok(())
 }
 
+/// Appends change `seq` (a serialized `SignedChange`) to a group's chain.
+pub fn add_change(conn: &Connection, group: &str, seq: u64, change: &[u8]) -> Result<()> {
+    conn.prepare_cached("INSERT INTO group_changes (grp, seq, change) VALUES (?1, ?2, ?3)")?
+        .execute(params![group, seq as i64, change])?;
+    Ok(())
+}
+
+/// Up to `limit` changes of a group's chain after `after`, in order.
+pub fn changes(conn: &Connection, group: &str, after: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT change FROM group_changes WHERE grp = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?
+        .query_map(params![group, after as i64, limit as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<Vec<u8>>>>()?)
+}
+
+/// The last change of a group's chain.
+pub fn last_change(conn: &Connection, group: &str) -> Result<Option<Vec<u8>>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT change FROM group_changes WHERE grp = ?1 ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row(params![group], |r| r.get(0))
+        .optional()?)
+}
+
 /// Stores wrapped keys of `epoch` (replacing any earlier one of the same member).
 pub fn put_keys(
     conn: &Connection,

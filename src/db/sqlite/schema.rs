@@ -135,6 +135,24 @@ const MIGRATIONS: &[&str] = &[
     DELETE FROM sessions;
     ALTER TABLE sessions ADD COLUMN session_key BLOB NOT NULL DEFAULT x'';
     DELETE FROM files WHERE complete = 0;",
+    // Version 3: membership chains. Every change of a group's membership is a signed link
+    // that its members verify (see `membership`). Groups from before have no chain, so their
+    // members could not verify them: they are removed, with their messages and keys.
+    "CREATE TEMP TABLE old_group_files AS
+         SELECT file_id FROM messages WHERE grp IS NOT NULL AND file_id IS NOT NULL;
+    DELETE FROM messages WHERE grp IS NOT NULL;
+    DELETE FROM files WHERE id IN (SELECT file_id FROM old_group_files);
+    DROP TABLE old_group_files;
+    DELETE FROM group_acks;
+    DELETE FROM group_keys;
+    DELETE FROM members;
+    DELETE FROM groups;
+    CREATE TABLE group_changes (
+        grp    TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        seq    INTEGER NOT NULL,
+        change BLOB NOT NULL,
+        PRIMARY KEY (grp, seq)
+    ) WITHOUT ROWID;",
 ];
 
 /// Opens (creating if needed) the database file and brings its schema up to date.

@@ -3,10 +3,14 @@
 //! written yet.
 
 use super::Session;
+use crate::crypto;
 use crate::db::{Outgoing, Tx};
-use crate::error::Result;
-use crate::membership::{self, Leaving};
-use crate::net::{GroupInfo, NewMessage, ServerReply, WrappedKey};
+use crate::error::{Error, ErrorCode, Result};
+use crate::membership::{self, After, Roster};
+use crate::net::{
+    decode, encode, Action, GroupInfo, NewMessage, ServerReply, SignedChange, WrappedKey,
+    MAX_CHANGES,
+};
 
 /// The group as `user` may see it (see [`membership::member_view`]).
 fn member_view(tx: &mut dyn Tx, group: &str, user: &str) -> Result<GroupInfo> {
@@ -14,85 +18,126 @@ fn member_view(tx: &mut dyn Tx, group: &str, user: &str) -> Result<GroupInfo> {
     membership::member_view(group, state, user)
 }
 
+/// A group's roster as the server holds it: its state and the hash of its last change.
+fn roster(tx: &mut dyn Tx, group: &str) -> Result<Option<Roster>> {
+    let Some(g) = tx.group(group)? else {
+        return Ok(None);
+    };
+    let last = tx
+        .last_change(group)?
+        .ok_or_else(|| Error::Invalid(format!("group {group} has no chain of changes")))?;
+    let last: SignedChange = decode(&last)?;
+    Ok(Some(Roster {
+        group: g.name,
+        seq: g.epoch,
+        head: membership::hash(&last)?,
+        admin: g.admin,
+        members: g.members,
+    }))
+}
+
+/// The body of the group message that announces a change: format version, kind 4, and the
+/// signed change (not encrypted: the servers know a group's members anyway).
+pub fn change_body(change: &[u8]) -> Vec<u8> {
+    let mut body = vec![2, 4];
+    body.extend_from_slice(change);
+    body
+}
+
 impl Session<'_> {
-    /// `GroupCreate`: the caller becomes admin and only member; epoch 1 is keyed with `key`.
-    pub(super) fn group_create(&self, id: u64, group: String, key: Vec<u8>) {
-        if !self.names_ok(id, &[("group", &group)]) {
-            return;
-        }
-        let me = self.user.clone();
-        self.write(id, move |tx| {
-            let created = tx.create_group(&group, &me)?;
-            membership::check_create(&group, !created)?;
-            let wrapped = [WrappedKey {
-                member: me.clone(),
-                wrapped: key,
-            }];
-            tx.put_keys(&group, 1, &wrapped, &me)?;
-            Ok(ServerReply::Done)
-        });
-    }
-
-    /// `GroupAdd`: the admin adds `user` with the current epoch's key.
-    pub(super) fn group_add(&self, id: u64, group: String, user: String, epoch: u64, key: Vec<u8>) {
-        if !self.names_ok(id, &[("group", &group), ("user", &user)]) {
-            return;
-        }
-        let me = self.user.clone();
-        self.write(id, move |tx| {
-            let g = member_view(tx, &group, &me)?;
-            let exists = tx.user_exists(&user)?;
-            membership::check_add(&g, &me, &user, exists, epoch)?;
-            tx.add_member(&group, &user)?;
-            let wrapped = [WrappedKey {
-                member: user,
-                wrapped: key,
-            }];
-            tx.put_keys(&group, epoch, &wrapped, &me)?;
-            Ok(ServerReply::Done)
-        });
-    }
-
-    /// `GroupRemove`: the admin removes `user` and starts `epoch` with `keys` for the rest.
-    pub(super) fn group_remove(
+    /// `GroupChange`: a change of membership, signed by the caller, applied by the rules of
+    /// [`membership`] to the chain as it is, and stored as its next link with the new epoch's
+    /// keys; then announced to the members.
+    pub(super) fn group_change(
         &self,
         id: u64,
-        group: String,
-        user: String,
-        epoch: u64,
+        change: SignedChange,
         keys: Vec<WrappedKey>,
+        client_id: u64,
     ) {
-        if !self.names_ok(id, &[("group", &group), ("user", &user)]) {
+        let group = change.change.group.clone();
+        if !self.names_ok(id, &[("group", &group)]) {
             return;
         }
+        if change.change.by != self.user {
+            let why = format!(
+                "a change you make is signed by you, not {}",
+                change.change.by
+            );
+            return self.refuse(id, ErrorCode::NotAllowed, why);
+        }
         let me = self.user.clone();
-        self.write(id, move |tx| {
-            let g = member_view(tx, &group, &me)?;
-            membership::check_remove(&g, &me, &user, epoch, &keys)?;
-            tx.remove_member(&group, &user)?;
-            tx.set_group(&group, &g.admin, epoch)?;
-            tx.put_keys(&group, epoch, &keys, &me)?;
-            Ok(ServerReply::Done)
+        self.store_or_done(id, move |tx| {
+            let signer = tx
+                .user_keys(&me)?
+                .ok_or_else(|| Error::Invalid(format!("no keys for {me}")))?;
+            let signed = membership::signed_bytes(&change.change);
+            if !crypto::verify_signature(&signer.ed25519, &signed, &change.signature)? {
+                return Err(Error::refused(
+                    ErrorCode::BadRequest,
+                    "the change does not carry your valid signature",
+                ));
+            }
+            let before = roster(tx, &group)?;
+            let after = membership::apply(before.as_ref(), &change)?;
+            let action = &change.change.action;
+            if let Action::Add(user) = action {
+                if !tx.user_exists(user)? {
+                    let why = format!("no such user: {user}");
+                    return Err(Error::refused(ErrorCode::UnknownUser, why));
+                }
+            }
+            membership::check_keys_cover(&keys, &membership::keyed_for(&after, action))?;
+            let seq = change.change.seq;
+            match (action, &after) {
+                (Action::Leave, After::Deleted) => {
+                    tx.delete_group(&group)?;
+                    return Ok(None);
+                }
+                (Action::Create, _) => {
+                    if !tx.create_group(&group, &me)? {
+                        return Err(Error::Invalid(format!("group {group} exists")));
+                    }
+                }
+                (Action::Add(user), _) => tx.add_member(&group, user)?,
+                (Action::Remove(user), _) => tx.remove_member(&group, user)?,
+                (Action::Leave, _) => tx.remove_member(&group, &me)?,
+            }
+            if let After::Roster(r) = &after {
+                tx.set_group(&group, &r.admin, seq)?;
+            }
+            if !keys.is_empty() {
+                tx.put_keys(&group, seq, &keys, &me)?;
+            }
+            let bytes = encode(&change)?;
+            tx.add_change(&group, seq, &bytes)?;
+            let announcement = NewMessage {
+                client_id,
+                body: change_body(&bytes),
+                file: None,
+                resend_after: None,
+            };
+            Ok(Some(tx.store_group_message(
+                &Outgoing::of(&me, &announcement),
+                &group,
+            )?))
         });
     }
 
-    /// `GroupLeave`: any member leaves; the group moves to a new, unkeyed epoch (or is deleted
-    /// with its last member).
-    pub(super) fn group_leave(&self, id: u64, group: String) {
+    /// `GroupLog`: changes of a group's chain, to a member.
+    pub(super) fn group_log(&self, id: u64, group: String, after: u64) {
         if !self.names_ok(id, &[("group", &group)]) {
             return;
         }
         let me = self.user.clone();
-        self.write(id, move |tx| {
-            let g = member_view(tx, &group, &me)?;
-            match membership::leave(&g, &me) {
-                Leaving::Deleted => tx.delete_group(&group)?,
-                Leaving::Stays { admin, epoch } => {
-                    tx.remove_member(&group, &me)?;
-                    tx.set_group(&group, &admin, epoch)?;
-                }
-            }
-            Ok(ServerReply::Done)
+        self.read(id, move |tx| {
+            member_view(tx, &group, &me)?;
+            let changes = tx
+                .changes(&group, after, MAX_CHANGES)?
+                .iter()
+                .map(|bytes| decode(bytes))
+                .collect::<Result<Vec<SignedChange>>>()?;
+            Ok(ServerReply::Changes { changes })
         });
     }
 

@@ -79,23 +79,42 @@ impl Session<'_> {
         guarded: bool,
         work: impl FnOnce(&mut dyn Tx) -> Result<StoredMessage> + Send + 'static,
     ) {
+        let done = self.stored_reply(id);
+        if guarded {
+            self.shared
+                .store
+                .submit(work, move |res| done(res.map(Some)));
+        } else {
+            let done = move |res: Result<StoredMessage>| done(res.map(Some));
+            self.shared.store.submit_unguarded(work, done);
+        }
+    }
+
+    /// Like [`Session::store`] (guarded), for work that may store nothing: then the reply is
+    /// `Done`.
+    pub(super) fn store_or_done(
+        &self,
+        id: u64,
+        work: impl FnOnce(&mut dyn Tx) -> Result<Option<StoredMessage>> + Send + 'static,
+    ) {
+        self.shared.store.submit(work, self.stored_reply(id));
+    }
+
+    /// What runs after the commit of a store: route the message, tell the sender.
+    fn stored_reply(&self, id: u64) -> impl FnOnce(Result<Option<StoredMessage>>) + Send + 'static {
         let handle = self.handle.clone();
         let shared = Arc::clone(self.shared);
-        let done = move |res: Result<StoredMessage>| {
+        move |res: Result<Option<StoredMessage>>| {
             let event = match res {
-                Ok(stored) => {
+                Ok(Some(stored)) => {
                     let msg_id = stored.envelope.id;
                     route(&shared, stored);
                     ServerEvent::reply(id, ServerReply::Stored { msg_id })
                 }
+                Ok(None) => ServerEvent::reply(id, ServerReply::Done),
                 Err(e) => error_event(id, e),
             };
             handle.offer(Outbound::Event(event));
-        };
-        if guarded {
-            self.shared.store.submit(work, done);
-        } else {
-            self.shared.store.submit_unguarded(work, done);
         }
     }
 }

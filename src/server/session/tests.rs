@@ -2,16 +2,20 @@
 //! test connects sessions the way the server does (`Session::new`, `start`), hands them
 //! requests, and reads what they queue for their writer threads.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Session;
+use crate::client::e2e::sign_change;
+use crate::crypto::Identity;
 use crate::db::Store;
 use crate::error::{ErrorCode, Result};
 use crate::mailbox;
+use crate::membership::{self, After, Roster};
 use crate::net::{
-    GroupInfo, NewMessage, PublicKeys, Request, Response, ServerEvent, ServerReply, ServerRequest,
-    WrappedKey, MAX_BODY,
+    Action, Change, GroupInfo, NewMessage, PublicKeys, Request, Response, ServerEvent, ServerReply,
+    ServerRequest, SignedChange, WrappedKey, MAX_BODY,
 };
 use crate::server::config::Config;
 use crate::server::outbound::{Handle, Outbound};
@@ -23,21 +27,21 @@ struct Server {
     _dir: tempfile::TempDir,
     shared: Arc<Shared>,
     _stop: crossbeam_channel::Sender<()>,
+    /// Each user's keys, to sign group changes with.
+    ids: HashMap<String, Identity>,
 }
 
 fn server(users: &[&str]) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("chat.db");
     let store = Store::open(&db)?;
+    let mut ids = HashMap::new();
     for u in users {
         let name = u.to_string();
-        store.call(move |tx| {
-            let keys = PublicKeys {
-                x25519: vec![1; 32],
-                ed25519: vec![2; 32],
-            };
-            tx.create_user(&name, "h", &keys)
-        })?;
+        let id = Identity::generate()?;
+        let keys: PublicKeys = id.public()?;
+        ids.insert(name.clone(), id);
+        store.call(move |tx| tx.create_user(&name, "h", &keys))?;
     }
     let mut config = Config::new(db, "127.0.0.1:1".into(), Transport::plaintext());
     config.max_file = 1 << 20;
@@ -46,6 +50,7 @@ fn server(users: &[&str]) -> Result<Server> {
         _dir: dir,
         shared,
         _stop: stop,
+        ids,
     })
 }
 
@@ -238,83 +243,188 @@ fn info(conn: &mut Conn<'_>, group: &str) -> GroupInfo {
     }
 }
 
+/// A group's chain as its members make it in these tests.
+struct Chain {
+    group: String,
+    roster: Option<Roster>,
+}
+
+impl Chain {
+    fn new(group: &str) -> Chain {
+        Chain {
+            group: group.into(),
+            roster: None,
+        }
+    }
+
+    /// The next change, made and signed by `by`.
+    fn next(&self, s: &Server, by: &str, action: Action) -> SignedChange {
+        let (seq, prev) = self
+            .roster
+            .as_ref()
+            .map_or((1, Vec::new()), |r| (r.seq + 1, r.head.clone()));
+        let change = Change {
+            group: self.group.clone(),
+            seq,
+            prev,
+            by: by.into(),
+            action,
+        };
+        sign_change(&s.ids[by], change).unwrap()
+    }
+
+    /// Records a change the server accepted.
+    fn accepted(&mut self, signed: &SignedChange) {
+        self.roster = match membership::apply(self.roster.as_ref(), signed).unwrap() {
+            After::Roster(r) => Some(r),
+            After::Deleted => None,
+        };
+    }
+}
+
+fn submit(change: &SignedChange, keys: &[&str]) -> ServerRequest {
+    ServerRequest::GroupChange {
+        change: change.clone(),
+        keys: keys.iter().map(|m| key_for(m)).collect(),
+        client_id: crate::crypto::random_u64().unwrap(),
+    }
+}
+
+impl Conn<'_> {
+    /// Submits `change` with keys for `keys`; expects it to be accepted.
+    fn change(&mut self, chain: &mut Chain, change: SignedChange, keys: &[&str]) -> ServerReply {
+        let reply = self.ok(submit(&change, keys));
+        chain.accepted(&change);
+        reply
+    }
+}
+
 #[test]
-fn group_requests_follow_the_membership_rules() -> Result<()> {
+fn group_changes_follow_the_rules_and_the_chain() -> Result<()> {
     let s = server(&["alice", "bob", "carol"])?;
     let mut alice = connect(&s.shared, "alice")?;
     let mut bob = connect(&s.shared, "bob")?;
-    let create = |group: &str| ServerRequest::GroupCreate {
-        group: group.into(),
-        key: b"k1".to_vec(),
-    };
-    alice.ok(create("team"));
-    assert_eq!(bob.refused(create("team")), ErrorCode::NameTaken);
-    let add = |user: &str, epoch| ServerRequest::GroupAdd {
-        group: "team".into(),
-        user: user.into(),
-        epoch,
-        key: b"k".to_vec(),
-    };
+    let mut team = Chain::new("alice/team");
+    // Only alice may create alice/..., whether or not it exists: nothing is learned.
+    let by_bob = team.next(&s, "bob", Action::Create);
     assert_eq!(
-        bob.refused(add("carol", 1)),
-        ErrorCode::UnknownGroup,
-        "not a member"
+        bob.refused(submit(&by_bob, &["bob"])),
+        ErrorCode::NotAllowed
     );
-    alice.ok(add("bob", 1));
+    let create = team.next(&s, "alice", Action::Create);
     assert_eq!(
-        bob.refused(add("carol", 1)),
+        bob.refused(submit(&create, &["alice"])),
         ErrorCode::NotAllowed,
-        "not the admin"
+        "a change is submitted by its signer"
     );
+    let mut forged = create.clone();
+    forged.signature[0] ^= 1;
     assert_eq!(
-        alice.refused(add("carol", 2)),
-        ErrorCode::Conflict,
-        "wrong epoch"
+        alice.refused(submit(&forged, &["alice"])),
+        ErrorCode::BadRequest
     );
-    alice.ok(add("carol", 1));
-    let g = info(&mut bob, "team");
+    stored(alice.change(&mut team, create.clone(), &["alice"]));
+    assert_eq!(
+        alice.refused(submit(&create, &["alice"])),
+        ErrorCode::NameTaken
+    );
+    let mut bobs = Chain::new("bob/team");
+    let bobs_create = bobs.next(&s, "bob", Action::Create);
+    bob.change(&mut bobs, bobs_create, &["bob"]);
+
+    // Additions: the admin only, each starting an epoch keyed for everyone after it.
+    let by_outsider = team.next(&s, "bob", Action::Add("carol".into()));
+    assert_eq!(
+        bob.refused(submit(&by_outsider, &["alice", "carol"])),
+        ErrorCode::UnknownGroup
+    );
+    let add_bob = team.next(&s, "alice", Action::Add("bob".into()));
+    assert_eq!(
+        alice.refused(submit(&add_bob, &["bob"])),
+        ErrorCode::Conflict,
+        "keys for all"
+    );
+    let ghost = team.next(&s, "alice", Action::Add("nobody".into()));
+    assert_eq!(
+        alice.refused(submit(&ghost, &["alice", "nobody"])),
+        ErrorCode::UnknownUser
+    );
+    alice.change(&mut team, add_bob.clone(), &["alice", "bob"]);
+    assert_eq!(
+        alice.refused(submit(&add_bob, &["alice", "bob"])),
+        ErrorCode::Conflict,
+        "stale"
+    );
+    let by_member = team.next(&s, "bob", Action::Add("carol".into()));
+    assert_eq!(
+        bob.refused(submit(&by_member, &["alice", "bob", "carol"])),
+        ErrorCode::NotAllowed
+    );
+    let add_carol = team.next(&s, "alice", Action::Add("carol".into()));
+    alice.change(&mut team, add_carol, &["alice", "bob", "carol"]);
+    let g = info(&mut bob, "alice/team");
     assert_eq!(g.members, ["alice", "bob", "carol"]);
-    assert_eq!((g.epoch, g.keyed), (1, true));
+    assert_eq!((g.epoch, g.keyed), (3, true));
     match bob.ok(ServerRequest::GroupKey {
-        group: "team".into(),
-        epoch: 1,
+        group: "alice/team".into(),
+        epoch: 3,
     }) {
         ServerReply::GroupKey { wrapped_by, key } => {
-            assert_eq!((wrapped_by.as_str(), key.as_slice()), ("alice", &b"k"[..]))
+            assert_eq!(
+                (wrapped_by.as_str(), key.as_slice()),
+                ("alice", &b"key for bob"[..])
+            )
         }
         other => panic!("expected GroupKey, got {other:?}"),
     }
-    // A removal must key the next epoch for exactly the others.
-    let remove = |keys: Vec<WrappedKey>| ServerRequest::GroupRemove {
-        group: "team".into(),
-        user: "carol".into(),
-        epoch: 2,
-        keys,
+
+    // A removal keys the next epoch for exactly the others.
+    let remove = team.next(&s, "alice", Action::Remove("carol".into()));
+    assert_eq!(
+        alice.refused(submit(&remove, &["alice", "bob", "carol"])),
+        ErrorCode::Conflict
+    );
+    alice.change(&mut team, remove, &["alice", "bob"]);
+    let g = info(&mut alice, "alice/team");
+    assert_eq!((g.members.len(), g.epoch), (2, 4));
+
+    // The chain, as a member fetches it; not for anyone else.
+    let log = |after| ServerRequest::GroupLog {
+        group: "alice/team".into(),
+        after,
     };
-    let with_carol = vec![key_for("alice"), key_for("bob"), key_for("carol")];
-    assert_eq!(alice.refused(remove(with_carol)), ErrorCode::Conflict);
-    alice.ok(remove(vec![key_for("alice"), key_for("bob")]));
-    let g = info(&mut alice, "team");
-    assert_eq!((g.members.len(), g.epoch), (2, 2));
+    match bob.ok(log(1)) {
+        ServerReply::Changes { changes } => {
+            let seqs: Vec<u64> = changes.iter().map(|c| c.change.seq).collect();
+            assert_eq!(seqs, [2, 3, 4]);
+        }
+        other => panic!("expected Changes, got {other:?}"),
+    }
+    let mut carol = connect(&s.shared, "carol")?;
+    assert_eq!(carol.refused(log(0)), ErrorCode::UnknownGroup);
+
     // The admin leaves: bob takes over, the new epoch waits for keys, and the first member to
     // send provides them.
-    alice.ok(ServerRequest::GroupLeave {
-        group: "team".into(),
-    });
-    let g = info(&mut bob, "team");
-    assert_eq!((g.admin.as_str(), g.epoch, g.keyed), ("bob", 3, false));
+    let leave = team.next(&s, "alice", Action::Leave);
+    assert_eq!(
+        alice.refused(submit(&leave, &["bob"])),
+        ErrorCode::Conflict,
+        "no keys yet"
+    );
+    alice.change(&mut team, leave, &[]);
+    let g = info(&mut bob, "alice/team");
+    assert_eq!((g.admin.as_str(), g.epoch, g.keyed), ("bob", 5, false));
     let rekey = ServerRequest::GroupRekey {
-        group: "team".into(),
-        epoch: 3,
+        group: "alice/team".into(),
+        epoch: 5,
         keys: vec![key_for("bob")],
     };
     bob.ok(rekey.clone());
     assert_eq!(bob.refused(rekey), ErrorCode::Conflict, "keyed once");
-    bob.ok(ServerRequest::GroupLeave {
-        group: "team".into(),
-    });
+    let last = team.next(&s, "bob", Action::Leave);
+    assert_eq!(bob.change(&mut team, last, &[]), ServerReply::Done);
     assert_eq!(
-        s.shared.store.read(|tx| tx.group("team"))?,
+        s.shared.store.read(|tx| tx.group("alice/team"))?,
         None,
         "the last one out"
     );
@@ -325,36 +435,32 @@ fn group_requests_follow_the_membership_rules() -> Result<()> {
 fn a_group_message_needs_the_current_epoch_unless_it_is_a_resend() -> Result<()> {
     let s = server(&["alice", "bob"])?;
     let mut alice = connect(&s.shared, "alice")?;
-    let bob = connect(&s.shared, "bob")?;
-    alice.ok(ServerRequest::GroupCreate {
-        group: "team".into(),
-        key: b"k1".to_vec(),
-    });
-    alice.ok(ServerRequest::GroupAdd {
-        group: "team".into(),
-        user: "bob".into(),
-        epoch: 1,
-        key: b"k1".to_vec(),
-    });
+    let mut bob = connect(&s.shared, "bob")?;
+    let mut team = Chain::new("alice/team");
+    let create = team.next(&s, "alice", Action::Create);
+    alice.change(&mut team, create, &["alice"]);
+    let add = team.next(&s, "alice", Action::Add("bob".into()));
+    alice.change(&mut team, add, &["alice", "bob"]);
+    // Bob was told of his addition.
+    let announced = bob.message();
     let group_send = |client_id, epoch, resend_after| ServerRequest::GroupSend {
-        group: "team".into(),
+        group: "alice/team".into(),
         epoch,
         message: message(client_id, b"sealed", resend_after),
     };
-    let first = stored(alice.ok(group_send(1, 1, None)));
+    let first = stored(alice.ok(group_send(1, 2, None)));
+    assert!(first > announced);
     assert_eq!(bob.message(), first, "routed to the other member");
-    assert_eq!(alice.refused(group_send(2, 2, None)), ErrorCode::Conflict);
-    // The group moves on to epoch 2; the re-send of message 1 is still message 1.
-    alice.ok(ServerRequest::GroupLeave {
-        group: "team".into(),
-    });
-    let mut bob = bob;
+    assert_eq!(alice.refused(group_send(2, 1, None)), ErrorCode::Conflict);
+    assert_eq!(alice.refused(group_send(2, 3, None)), ErrorCode::Conflict);
+    // The group moves on to epoch 3; the re-send of message 1 is still message 1.
+    let leave = team.next(&s, "alice", Action::Leave);
+    alice.change(&mut team, leave, &[]);
     bob.ok(ServerRequest::GroupRekey {
-        group: "team".into(),
-        epoch: 2,
+        group: "alice/team".into(),
+        epoch: 3,
         keys: vec![key_for("bob")],
     });
-    let mut alice = alice;
     assert_eq!(
         alice.refused(group_send(1, 1, Some(0))),
         ErrorCode::UnknownGroup,
