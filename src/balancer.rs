@@ -28,7 +28,7 @@ use crate::db::{now_ms, Store};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listen::{self, Threads};
 use crate::names;
-use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
+use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo};
 use crate::transport::pki::{Member, Role};
 use crate::transport::{Channel, Transport};
 
@@ -36,8 +36,10 @@ mod accounts;
 mod lockout;
 pub mod registry;
 
+use crate::capacity::Limits;
+use accounts::HashSlots;
 pub use accounts::MAX_PASSWORD;
-use lockout::Logins;
+use lockout::{wait_secs, Logins, Outcome, Table, Wait};
 pub use registry::Algo;
 use registry::{Registry, FORGET_AFTER};
 
@@ -56,6 +58,16 @@ pub struct Config {
     pub token_ttl: Duration,
     /// A server silent for this long is out of rotation.
     pub server_timeout: Duration,
+    /// Signups allowed from one address before each next one waits (1 s, 2 s, ... up to five
+    /// minutes; strikes are forgotten after ten quiet minutes); 0 for no limit.
+    pub signups_per_address: u32,
+    /// Most connections at once (lowered to what the descriptor limit allows).
+    pub max_connections: usize,
+    /// Most connections at once from one address.
+    pub max_per_address: usize,
+    /// A request, once its first byte has come, must be whole within this time (and the TLS
+    /// handshake too): a client that trickles bytes cannot hold a connection.
+    pub request_timeout: Duration,
 }
 
 impl Config {
@@ -68,6 +80,10 @@ impl Config {
             scrypt: ScryptCost::default(),
             token_ttl: Duration::from_secs(24 * 3600),
             server_timeout: Duration::from_secs(2),
+            signups_per_address: 30,
+            max_connections: 4096,
+            max_per_address: 256,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,8 +96,12 @@ struct Shared {
     /// A password hash for names that do not exist, so a wrong name costs as much as a wrong
     /// password and timing does not reveal which names are registered.
     dummy_hash: String,
-    /// Failed logins per name and address. A lock, not a thread: each use is a map lookup.
+    /// Logins per name and address. A lock, not a thread: each use is a map lookup.
     logins: Mutex<Logins>,
+    /// Signups per address.
+    signups: Mutex<Table<IpAddr>>,
+    /// Passwords being hashed at once.
+    hashing: HashSlots,
     /// Numbers the connections, so a server's registration knows the link it lives on.
     next_link: AtomicU64,
 }
@@ -103,8 +123,13 @@ struct Peer {
 /// Idle connections are closed after this long without a request.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// A new connection must finish its TLS handshake within this time.
-const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// Largest request: every balancer request is small (a signup is a name, a password of at most
+/// 1 KiB and two keys), so a larger announced length is refused before anything is read.
+const MAX_REQUEST: usize = 4096;
+
+/// How long a signup or login waits for its turn to hash a password before it is told the
+/// balancer is busy.
+const HASH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long a stopping balancer waits for its connection threads to end.
 const JOIN_LIMIT: Duration = Duration::from_secs(5);
@@ -117,6 +142,8 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
         registry: Mutex::new(Registry::new(crypto::random_u64()?)),
         dummy_hash: crypto::hash_password("not a password", config.scrypt)?,
         logins: Mutex::new(Logins::default()),
+        signups: Mutex::new(Table::new(config.signups_per_address)),
+        hashing: HashSlots::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         next_link: AtomicU64::new(1),
         config,
     });
@@ -126,10 +153,20 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
         shared.config.algo,
         shared.config.db.display()
     );
+    // Each connection holds its socket and a handle to close it with: two descriptors.
+    let limits = Limits::of_this_process();
+    let room = limits.connections(2, 128) as usize;
+    let max = shared.config.max_connections.min(room);
+    log::info!(
+        "room for {max} connections ({} from one address)",
+        shared.config.max_per_address
+    );
     let threads = Threads {
         name: "balancer-conn",
         stack_size: 256 * 1024,
         closable: true,
+        max,
+        per_address: shared.config.max_per_address,
     };
     let handlers = {
         let shared = Arc::clone(&shared);
@@ -146,7 +183,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
 fn serve(tcp: TcpStream, shared: &Shared) -> Result<()> {
     let from = tcp.peer_addr()?.ip();
     tcp.set_nodelay(true)?;
-    let deadline = Instant::now() + HANDSHAKE_LIMIT;
+    let deadline = Instant::now() + shared.config.request_timeout;
     let stream = shared.config.transport.accept(tcp, deadline, None)?;
     let mut peer = Peer {
         from,
@@ -156,7 +193,7 @@ fn serve(tcp: TcpStream, shared: &Shared) -> Result<()> {
         server_id: None,
     };
     let mut chan = Channel::new(stream)?;
-    chan.stream().tcp().set_read_timeout(Some(IDLE))?;
+    chan.set_nonblocking(true)?;
     let result = requests(&mut chan, shared, &mut peer);
     if let Some(sid) = peer.server_id {
         shared.registry.lock().unlink(sid, peer.link);
@@ -168,13 +205,19 @@ fn serve(tcp: TcpStream, shared: &Shared) -> Result<()> {
 /// Answers requests on one connection until it ends.
 fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> {
     loop {
-        let Request { id, body } = match chan.recv::<Request<BalancerRequest>>(MAX_FRAME) {
+        if !chan.wait_for_data(Instant::now() + IDLE)? {
+            log::debug!("closing a connection idle for {IDLE:?}");
+            return Ok(());
+        }
+        let limit = shared.config.request_timeout;
+        let deadline = Some(Instant::now() + limit);
+        let Request { id, body } = match chan.recv_until(MAX_REQUEST, deadline, None) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
                 let refusal =
                     Response::<BalancerReply>::refused(None, ErrorCode::BadFrame, e.to_string());
-                let _ = chan.send(&refusal);
+                let _ = chan.send_before(&refusal, Instant::now() + limit);
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -198,7 +241,7 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
             },
             Err((code, message)) => Response::refused(Some(id), code, message),
         };
-        chan.send(&response)?;
+        chan.send_before(&response, Instant::now() + limit)?;
     }
 }
 
@@ -231,6 +274,20 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             password,
             keys,
         } => {
+            if shared.config.signups_per_address > 0 {
+                shared.signups.lock().count(&from).map_err(|wait| {
+                    let d = match wait {
+                        Wait::Locked(d) => d,
+                        Wait::Busy => Duration::from_secs(1),
+                    };
+                    let why = format!(
+                        "too many signups from {from}; try again in {} s",
+                        wait_secs(d)
+                    );
+                    Error::refused(ErrorCode::RateLimited, why)
+                })?;
+            }
+            let _slot = hash_slot(shared)?;
             accounts::signup(&shared.store, shared.config.scrypt, &name, &password, keys)?;
             log::info!("signed up {name}");
             Ok(BalancerReply::Ok)
@@ -246,24 +303,30 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                     "the session key must be a 32-byte Ed25519 public key",
                 ));
             }
-            // Locked-out names and addresses are refused before any hashing.
+            // The attempt is counted before any hashing, and locked-out pairs and addresses
+            // are refused. Only valid names are remembered: a hostile client must not fill the
+            // table with megabyte-long ones (its address is counted all the same).
+            let named = names::validate("user", &name)
+                .is_ok()
+                .then_some(name.as_str());
             shared
                 .logins
                 .lock()
-                .check(&name, from)
+                .begin(named, from)
                 .map_err(|why| Error::refused(ErrorCode::RateLimited, why))?;
-            match accounts::check_password(&shared.store, &shared.dummy_hash, &name, &password) {
-                Ok(()) => shared.logins.lock().succeeded(&name),
-                Err(e) => {
-                    // Only valid names are remembered: a hostile client must not fill the
-                    // table with megabyte-long ones (its address is counted all the same).
-                    let named = names::validate("user", &name)
-                        .is_ok()
-                        .then_some(name.as_str());
-                    shared.logins.lock().failed(named, from);
-                    return Err(e);
-                }
-            }
+            let checked = hash_slot(shared).and_then(|_slot| {
+                accounts::check_password(&shared.store, &shared.dummy_hash, &name, &password)
+            });
+            let outcome = match &checked {
+                Ok(()) => Outcome::Right,
+                Err(Error::Refused {
+                    code: ErrorCode::InvalidCredentials,
+                    ..
+                }) => Outcome::Wrong,
+                Err(_) => Outcome::Untried,
+            };
+            shared.logins.lock().end(named, from, outcome);
+            checked?;
             login(shared, name, session_key)
         }
         BalancerRequest::Logout { token, proof } => {
@@ -314,6 +377,16 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             Ok(BalancerReply::Peers { peers })
         }
     }
+}
+
+/// A turn to hash a password, or `RateLimited` if none comes soon.
+fn hash_slot(shared: &Shared) -> Result<accounts::HashSlot<'_>> {
+    shared.hashing.take(HASH_PATIENCE).ok_or_else(|| {
+        Error::refused(
+            ErrorCode::RateLimited,
+            "the balancer is busy checking passwords; try again in a moment",
+        )
+    })
 }
 
 fn login(shared: &Shared, user: String, session_key: Vec<u8>) -> Result<BalancerReply> {

@@ -37,6 +37,7 @@
 
 pub mod balancer;
 pub mod bench;
+pub mod capacity;
 pub mod client;
 pub mod crypto;
 pub mod db;

@@ -15,9 +15,14 @@
 //! listener itself: `accept` returns, the loop sees the flag and stops. [`accept`] then returns
 //! the [`Handlers`], so the caller can close the connections it knows about (which makes their
 //! threads end) before [`Handlers::join`] waits, with a deadline, for every thread to finish.
+//!
+//! Limits: past [`Threads::max`] connections at once, or [`Threads::per_address`] from one
+//! address, a new connection is closed at once, before it costs a thread. A failing `accept`
+//! (out of descriptors, say) is retried after a pause that doubles from 10 ms to 1 s, and
+//! logged at most once a second.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -27,6 +32,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::error::Result;
+use crate::throttle::Quiet;
 
 /// How connection threads are made.
 #[derive(Debug, Clone)]
@@ -39,18 +45,45 @@ pub struct Threads {
     /// Keep a handle on each connection's socket (one more descriptor each) so that
     /// [`Handlers::close`] can end them; for callers that do not track their connections.
     pub closable: bool,
+    /// Most connections at once (0: no limit).
+    pub max: usize,
+    /// Most connections at once from one address (0: no limit).
+    pub per_address: usize,
 }
 
 /// A running connection thread and, if its socket is kept, the socket.
 struct Running {
     thread: JoinHandle<()>,
     socket: Option<TcpStream>,
+    from: Option<IpAddr>,
+}
+
+/// The running connections: their threads, and how many come from each address.
+#[derive(Default)]
+struct Connections {
+    threads: HashMap<u64, Running>,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+impl Connections {
+    fn remove(&mut self, id: u64) -> Option<Running> {
+        let r = self.threads.remove(&id)?;
+        if let Some(ip) = r.from {
+            if let Some(n) = self.per_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_address.remove(&ip);
+                }
+            }
+        }
+        Some(r)
+    }
 }
 
 /// The connection threads of a stopped accept loop, to be joined.
 pub struct Handlers {
     /// Handles of the threads still running, by id; the reaper joins each as it ends.
-    running: Arc<Mutex<HashMap<u64, Running>>>,
+    running: Arc<Mutex<Connections>>,
     /// Disconnects when the reaper has joined every handler.
     reaped: Receiver<()>,
     reaper: JoinHandle<()>,
@@ -60,13 +93,13 @@ pub struct Handlers {
 impl Handlers {
     /// How many connection threads are still running.
     pub fn running(&self) -> usize {
-        self.running.lock().len()
+        self.running.lock().threads.len()
     }
 
     /// Shuts down the socket of every running connection whose socket was kept (see
     /// [`Threads::closable`]), so that its thread ends.
     pub fn close(&self) {
-        for r in self.running.lock().values() {
+        for r in self.running.lock().threads.values() {
             if let Some(s) = &r.socket {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
@@ -104,7 +137,7 @@ pub fn accept(
     let local = listener.local_addr()?;
     let stopping = Arc::new(AtomicBool::new(false));
     let waker = wake_on(shutdown, Arc::clone(&stopping), local)?;
-    let running: Arc<Mutex<HashMap<u64, Running>>> = Arc::default();
+    let running: Arc<Mutex<Connections>> = Arc::default();
     let (ended_tx, ended) = unbounded::<u64>();
     let (reaped_tx, reaped) = bounded::<()>(0);
     let reaper = {
@@ -114,7 +147,7 @@ pub fn accept(
             .spawn(move || {
                 // Ends when every sender is gone: the accept loop's and each handler's.
                 for id in ended {
-                    let done = running.lock().remove(&id);
+                    let done = running.lock().remove(id);
                     if let Some(r) = done {
                         let _ = r.thread.join();
                     }
@@ -124,17 +157,47 @@ pub fn accept(
     };
     let handler = Arc::new(handler);
     let mut next_id = 0u64;
+    let mut pause = Duration::ZERO;
+    let failing = Quiet::new(Duration::from_secs(1));
+    let refusing = Quiet::new(Duration::from_secs(1));
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
         }
         let stream = match stream {
-            Ok(s) => s,
+            Ok(s) => {
+                pause = Duration::ZERO;
+                s
+            }
             Err(e) => {
-                log::warn!("accept failed: {e}");
+                // Out of descriptors, most likely: wait for connections to end rather than
+                // spin (the error repeats until one does).
+                pause = (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                failing.warn(&format!("accept failed: {e}; pausing {pause:?}"));
+                std::thread::sleep(pause);
                 continue;
             }
         };
+        let from = stream.peer_addr().ok().map(|a| a.ip());
+        {
+            let conns = running.lock();
+            let total = conns.threads.len();
+            let here = from
+                .and_then(|ip| conns.per_address.get(&ip))
+                .copied()
+                .unwrap_or(0);
+            let full = threads.max > 0 && total >= threads.max;
+            if full || (threads.per_address > 0 && here >= threads.per_address) {
+                drop(conns);
+                let what = if full {
+                    format!("{total} connections, the most allowed")
+                } else {
+                    format!("{here} connections from {from:?}, the most allowed from one address")
+                };
+                refusing.warn(&format!("{}: {what}; closing a new one", threads.name));
+                continue;
+            }
+        }
         next_id += 1;
         let id = next_id;
         let socket = if threads.closable {
@@ -164,9 +227,19 @@ pub fn accept(
             });
         match spawned {
             Ok(thread) => {
-                map.insert(id, Running { thread, socket });
+                map.threads.insert(
+                    id,
+                    Running {
+                        thread,
+                        socket,
+                        from,
+                    },
+                );
+                if let Some(ip) = from {
+                    *map.per_address.entry(ip).or_insert(0) += 1;
+                }
             }
-            Err(e) => log::error!("cannot start a connection thread: {e}"),
+            Err(e) => failing.warn(&format!("cannot start a connection thread: {e}")),
         }
     }
     drop(ended_tx);
@@ -214,6 +287,8 @@ mod tests {
         name: "test-conn",
         stack_size: 64 * 1024,
         closable: false,
+        max: 0,
+        per_address: 0,
     };
 
     /// An echo server whose connections end when their peer closes.
@@ -269,6 +344,57 @@ mod tests {
         assert_eq!(handlers.join(Duration::from_millis(100)), 1);
         assert!(started.elapsed() < Duration::from_secs(5));
         drop(held);
+        Ok(())
+    }
+
+    #[test]
+    fn connections_past_the_limits_are_closed_at_once() -> Result<()> {
+        for threads in [
+            Threads { max: 2, ..THREADS },
+            Threads {
+                per_address: 2,
+                ..THREADS
+            },
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            let (stop, shutdown) = stop_channel();
+            let server = std::thread::spawn(move || accept(&listener, shutdown, &threads, echo));
+            let mut held = Vec::new();
+            for i in 0..2u8 {
+                let mut c = TcpStream::connect(addr)?;
+                c.write_all(&[i])?;
+                c.read_exact(&mut [0u8; 1])?;
+                held.push(c);
+            }
+            let mut third = TcpStream::connect(addr)?;
+            third.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let _ = third.write_all(b"x");
+            assert!(
+                matches!(third.read(&mut [0u8; 1]), Ok(0) | Err(_)),
+                "closed, not served"
+            );
+            // Once one ends, a new one is served again.
+            drop(held.pop());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let served = loop {
+                let mut c = TcpStream::connect(addr)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                c.write_all(b"y")?;
+                if c.read(&mut [0u8; 1]).is_ok_and(|n| n == 1) {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(served);
+            drop(stop);
+            drop(held);
+            let handlers = server.join().expect("no panic")?;
+            assert_eq!(handlers.join(Duration::from_secs(10)), 0);
+        }
         Ok(())
     }
 

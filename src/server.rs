@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
+use crate::capacity::Limits;
 use crate::crypto;
 use crate::db::Store;
 use crate::error::{Error, Result};
@@ -64,6 +65,14 @@ use shared::Shared;
 /// Largest first frame (`Hello` or a peer's greeting): a token or a secret and a few numbers.
 const MAX_GREETING: usize = 1024;
 
+/// Descriptors and threads kept for everything but client connections: the database, the
+/// listener, links to the balancer and the peers.
+const RESERVE: u64 = 128;
+
+/// Connections beyond the clients: peer links, and connections still shaking hands or being
+/// told the server is full.
+const SLACK: u64 = 64;
+
 /// How long a stopping server waits for its connection threads to end.
 const JOIN_LIMIT: Duration = Duration::from_secs(5);
 
@@ -74,10 +83,28 @@ const JOIN_LIMIT: Duration = Duration::from_secs(5);
 /// listens on (clients are given the advertised address, which is the same unless configured).
 pub fn run(
     listener: TcpListener,
-    config: Config,
+    mut config: Config,
     shutdown: Receiver<()>,
     on_ready: impl FnOnce(u64, SocketAddr),
 ) -> Result<()> {
+    let limits = Limits::of_this_process();
+    let room = limits.connections(2, RESERVE + SLACK) as usize;
+    if room < config.max_clients {
+        log::warn!(
+            "room for {room} clients, not --max-clients {}: each needs 2 descriptors and a \
+             thread, and this process may open {} descriptors and start {} threads",
+            config.max_clients,
+            limits.descriptors,
+            limits.threads
+        );
+        config.max_clients = room;
+    }
+    log::info!(
+        "room for {} clients ({} descriptors and {} threads allowed)",
+        config.max_clients,
+        limits.descriptors,
+        limits.threads
+    );
     let store = Store::open(&config.db)?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
@@ -123,6 +150,9 @@ pub fn run(
         stack_size: 256 * 1024,
         // Every connection thread also waits on `shared.stop`, which ends them all.
         closable: false,
+        // Clients past the maximum still get their "server is full" (and peers their links).
+        max: shared.config.max_clients + SLACK as usize,
+        per_address: 0,
     };
     let handlers = {
         let shared = Arc::clone(&shared);

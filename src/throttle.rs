@@ -1,7 +1,11 @@
-//! Limits on how fast one party may ask: a token bucket (a chat server's requests per
-//! connection).
+//! Limits on how fast something may happen: a token bucket (a chat server's requests per
+//! connection), and log lines that could repeat in a loop (at most one a second, with a count
+//! of those left out).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// A token bucket: at most `rate` requests per second on average, in bursts of up to `rate`.
 #[derive(Debug)]
@@ -33,9 +37,65 @@ impl Bucket {
     }
 }
 
+/// A log line that may repeat in a loop (an accept that keeps failing, a peer link that keeps
+/// breaking): written at most once per period, saying how many were left out since.
+#[derive(Debug)]
+pub struct Quiet {
+    period: Duration,
+    last: Mutex<Option<Instant>>,
+    left_out: AtomicU64,
+}
+
+impl Quiet {
+    /// At most one line per `period`.
+    pub const fn new(period: Duration) -> Quiet {
+        Quiet {
+            period,
+            last: Mutex::new(None),
+            left_out: AtomicU64::new(0),
+        }
+    }
+
+    /// The line to write now, if one may be: `message`, with the count of those left out.
+    pub fn line(&self, message: &str) -> Option<String> {
+        let now = Instant::now();
+        let mut last = self.last.lock();
+        if last.is_some_and(|t| now.duration_since(t) < self.period) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(match self.left_out.swap(0, Ordering::Relaxed) {
+            0 => message.to_string(),
+            n => format!("{message} ({n} more like it not logged)"),
+        })
+    }
+
+    /// Logs `message` as a warning, unless one was logged within the period.
+    pub fn warn(&self, message: &str) {
+        if let Some(line) = self.line(message) {
+            log::warn!("{line}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeating_line_is_written_once_a_period_with_a_count() {
+        let q = Quiet::new(Duration::from_millis(200));
+        assert_eq!(q.line("accept failed").as_deref(), Some("accept failed"));
+        for _ in 0..1000 {
+            assert_eq!(q.line("accept failed"), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            q.line("accept failed").as_deref(),
+            Some("accept failed (1000 more like it not logged)")
+        );
+    }
 
     #[test]
     fn a_bucket_allows_its_rate_and_makes_the_rest_wait() {

@@ -271,27 +271,46 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
     assert_eq!(c.count("SELECT count(*) FROM messages"), 100);
 }
 
+/// One raw login to the balancer from the local address `from`; the refusal's code and
+/// reason, or `None` if it succeeded.
+fn raw_login(c: &Cluster, from: &str, name: &str, password: &str) -> Option<(ErrorCode, String)> {
+    let stream = common::tls_over(common::connect_from(from, &c.balancer_addr));
+    let mut ch = fastchat::transport::Channel::new(stream).unwrap();
+    ch.send(&Request {
+        id: 1,
+        body: fastchat::net::BalancerRequest::Login {
+            name: name.into(),
+            password: password.into(),
+            session_key: vec![0; 32],
+        },
+    })
+    .unwrap();
+    let answer: Response<BalancerReply> = ch.recv(net::MAX_FRAME).unwrap().unwrap();
+    answer.result.err().map(|r| (r.code, r.message))
+}
+
 #[test]
-fn failed_logins_lock_out_the_name_for_a_while() {
+fn failed_logins_lock_out_the_name_from_that_address_for_a_while() {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
-    for _ in 0..5 {
+    for _ in 0..4 {
         let out = c.run_with_password("alice", "wrong", &["whoami"]);
         assert_eq!(
             out.stderr.trim(),
             "fastchat: error: invalid username or password"
         );
     }
-    // The sixth failure locks the name; even the right password must wait.
-    let out = c.run_with_password("alice", "wrong", &["whoami"]);
-    assert_eq!(out.code, 1);
-    let out = c.run("alice", &["whoami"]);
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr
-            .starts_with("fastchat: error: too many failed logins for alice; try again in "),
-        "{out:?}"
+    // The fifth failure locks the name from this address for a second; even the right
+    // password waits (raw logins, quicker than starting the client, so the second is not
+    // over before the check).
+    let (code, _) = raw_login(&c, "127.0.0.1", "alice", "wrong").expect("refused");
+    assert_eq!(code, ErrorCode::InvalidCredentials);
+    let (code, why) = raw_login(&c, "127.0.0.1", "alice", "pw-alice").expect("refused");
+    assert_eq!(code, ErrorCode::RateLimited);
+    assert_eq!(
+        why,
+        "too many failed logins for alice from 127.0.0.1; try again in 1 s"
     );
     // Another name from the same address is not locked.
     assert_eq!(c.run("bob", &["whoami"]).code, 0);
@@ -306,6 +325,112 @@ fn failed_logins_lock_out_the_name_for_a_while() {
         assert!(Instant::now() < deadline, "never unlocked");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_stranger_guessing_a_password_locks_out_only_himself() {
+    let c = Cluster::start(1);
+    c.signup("carol");
+    for _ in 0..5 {
+        let (code, _) = raw_login(&c, "127.0.0.2", "carol", "guess").expect("refused");
+        assert_eq!(code, ErrorCode::InvalidCredentials);
+    }
+    let (code, why) = raw_login(&c, "127.0.0.2", "carol", "guess").expect("refused");
+    assert_eq!(code, ErrorCode::RateLimited);
+    assert!(
+        why.starts_with("too many failed logins for carol from 127.0.0.2"),
+        "{why}"
+    );
+    // Carol, from her own address, is not locked out.
+    assert_eq!(c.run("carol", &["whoami"]).code, 0);
+    assert_eq!(raw_login(&c, "127.0.0.3", "carol", "pw-carol"), None);
+}
+
+#[test]
+fn guesses_sent_at_once_are_counted_before_they_are_hashed() {
+    let c = Cluster::start(1);
+    c.signup("carol");
+    let outcomes: Vec<Option<(ErrorCode, String)>> = std::thread::scope(|s| {
+        let guesses: Vec<_> = (0..48)
+            .map(|_| s.spawn(|| raw_login(&c, "127.0.0.4", "carol", "guess")))
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    let hashed = outcomes
+        .iter()
+        .filter(|o| matches!(o, Some((ErrorCode::InvalidCredentials, _))))
+        .count();
+    let limited = outcomes
+        .iter()
+        .filter(|o| matches!(o, Some((ErrorCode::RateLimited, _))))
+        .count();
+    assert!(hashed <= 5, "{hashed} guesses were checked: {outcomes:?}");
+    assert_eq!(hashed + limited, outcomes.len(), "{outcomes:?}");
+}
+
+#[test]
+fn signups_from_one_address_are_limited() {
+    let c = Cluster::start_with_balancer_args(1, &["--signups-per-address", "3"]);
+    for u in ["u1", "u2", "u3"] {
+        c.signup(u);
+    }
+    let out = c.run("u4", &["signup", "u4"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("fastchat: error: too many signups from 127.0.0.1; try again in "),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_balancer_refuses_large_slow_and_too_many_connections() {
+    let c = Cluster::start_with_balancer_args(
+        1,
+        &["--request-timeout", "0.5", "--max-per-address", "3"],
+    );
+    // A request announcing more than 4 KiB is refused before anything more is read.
+    let mut big = Vec::new();
+    big.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    big.push(0x91);
+    let (code, why) = error_of(&raw_exchange(&c.balancer_addr, &big));
+    assert_eq!(code, ErrorCode::BadFrame);
+    assert!(why.contains("over the limit of 4096"), "{why}");
+    // A request trickled more slowly than the timeout: the connection is closed.
+    let started = Instant::now();
+    let mut slow = common::tls_over(common::connect_from("127.0.0.5", &c.balancer_addr));
+    slow.write_all(&[0, 0, 0, 40]).unwrap();
+    let mut closed = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        if slow.write_all(b"x").and_then(|_| slow.flush()).is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 1];
+        if matches!(slow.read(&mut b), Ok(0)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed || slow.read(&mut [0u8; 64]).map_or(true, |n| n == 0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Three connections from one address are served; a fourth is closed at once.
+    let held: Vec<_> = (0..3)
+        .map(|_| common::tls_over(common::connect_from("127.0.0.6", &c.balancer_addr)))
+        .collect();
+    let fourth = common::connect_from("127.0.0.6", &c.balancer_addr);
+    let mut b = [0u8; 1];
+    assert!(
+        matches!((&fourth).read(&mut b), Ok(0) | Err(_)),
+        "closed before any handshake"
+    );
+    // Another address still gets in.
+    assert_eq!(
+        raw_login(&c, "127.0.0.7", "nobody", "pw").map(|e| e.0),
+        Some(ErrorCode::InvalidCredentials)
+    );
+    drop(held);
 }
 
 #[test]
@@ -332,15 +457,16 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
             .unwrap()
             .signup(name, "pw", keys.clone())
             .unwrap_err();
+        // A name too long for a balancer request is refused as a frame, before it is read.
+        let code = if name.len() > 4000 {
+            ErrorCode::BadFrame
+        } else {
+            ErrorCode::InvalidName
+        };
         assert!(
-            matches!(
-                err,
-                fastchat::Error::Refused {
-                    code: ErrorCode::InvalidName,
-                    ..
-                }
-            ),
-            "{name:?}: {err}"
+            matches!(&err, fastchat::Error::Refused { code: c, .. } if *c == code),
+            "{:?}: {err:.200}",
+            &name[..name.len().min(40)]
         );
         assert!(
             err.to_string().len() < 200,

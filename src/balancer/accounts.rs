@@ -1,6 +1,10 @@
 //! Accounts: signup (name, password, public keys) and the password check of a login.
 //! Passwords are never stored or logged: a salted scrypt hash is, compared in constant time.
 
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
 use crate::crypto::{self, ScryptCost};
 use crate::db::Store;
 use crate::error::{Error, ErrorCode, Result};
@@ -72,5 +76,45 @@ pub fn check_password(store: &Store, dummy_hash: &str, name: &str, password: &st
             let _ = crypto::verify_password(password, dummy_hash);
             Err(invalid())
         }
+    }
+}
+
+/// How many passwords are hashed at once, at most: each scrypt takes 32 MiB and tens of
+/// milliseconds, so a burst of logins (or guesses) must queue rather than take the machine.
+pub struct HashSlots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A slot taken from [`HashSlots`]; given back when dropped.
+pub struct HashSlot<'a>(&'a HashSlots);
+
+impl HashSlots {
+    /// `n` slots.
+    pub fn new(n: usize) -> HashSlots {
+        HashSlots {
+            free: Mutex::new(n),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// A slot, waiting up to `patience` for one; `None` if none came free.
+    pub fn take(&self, patience: Duration) -> Option<HashSlot<'_>> {
+        let deadline = Instant::now() + patience;
+        let mut free = self.free.lock();
+        while *free == 0 {
+            if self.freed.wait_until(&mut free, deadline).timed_out() && *free == 0 {
+                return None;
+            }
+        }
+        *free -= 1;
+        Some(HashSlot(self))
+    }
+}
+
+impl Drop for HashSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.freed.notify_one();
     }
 }

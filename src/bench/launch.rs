@@ -169,6 +169,8 @@ impl LocalCluster {
             "127.0.0.1:0",
             "--db",
             &db_arg,
+            "--signups-per-address",
+            "0",
             "--scrypt-log-n",
             &log_n,
             "--algo",

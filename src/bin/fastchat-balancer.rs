@@ -42,6 +42,22 @@ struct Args {
     /// Lifetime of a session token, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 24 * 3600)]
     token_ttl: u64,
+    /// Signups allowed from one address; past that, each next one waits (1 s, 2 s, ... up to
+    /// five minutes; forgotten after ten quiet minutes). Raise it for a class behind one
+    /// address; 0 for no limit.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    signups_per_address: u32,
+    /// Most connections at once (lowered to what the descriptor limit allows); more are
+    /// closed at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_connections: usize,
+    /// Most connections at once from one address; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_per_address: usize,
+    /// Seconds a connection has for its TLS handshake, and a request for all its bytes once
+    /// the first has come; slower ones are closed.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    request_timeout: f64,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -88,6 +104,13 @@ fn main() -> ExitCode {
     config.algo = args.algo;
     config.scrypt = scrypt;
     config.token_ttl = Duration::from_secs(args.token_ttl);
+    config.signups_per_address = args.signups_per_address;
+    config.max_connections = args.max_connections;
+    config.max_per_address = args.max_per_address;
+    config.request_timeout = match Duration::try_from_secs_f64(args.request_timeout) {
+        Ok(d) if !d.is_zero() => d,
+        _ => return fail("--request-timeout must be a positive number of seconds", 2),
+    };
     let shutdown = fastchat::startup::shutdown_channel();
     println!("fastchat-balancer listening on {addr}");
     match balancer::run(listener, config, shutdown) {

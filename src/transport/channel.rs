@@ -267,6 +267,26 @@ impl Channel {
         Ok(true)
     }
 
+    /// Waits (on a nonblocking socket) until something has been read, or the peer closed, or
+    /// `deadline` passes: `false` then.
+    pub fn wait_for_data(&mut self, deadline: Instant) -> Result<bool> {
+        loop {
+            if self.buffered() > 0 {
+                return Ok(true);
+            }
+            match self.fill()? {
+                Fill::Data | Fill::Closed => return Ok(true),
+                Fill::Idle if !self.nonblocking => return Ok(false),
+                Fill::Idle => {}
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            let interest = self.interest(true);
+            waker::wait(self.stream.tcp(), interest, &[], Some(deadline))?;
+        }
+    }
+
     /// Waits for the next frame; `Ok(None)` on a clean close between frames. On a blocking
     /// socket the socket's read timeout applies.
     pub fn recv<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>> {

@@ -169,7 +169,16 @@ impl Cluster {
         Cluster::start_secured(n, "round-robin", false)
     }
 
+    /// A balancer started with `args` (which override the tests' defaults) and `n` servers.
+    pub fn start_with_balancer_args(n: usize, args: &[&str]) -> Cluster {
+        Cluster::start_full(n, "round-robin", true, args)
+    }
+
     fn start_secured(n: usize, algo: &str, tls: bool) -> Cluster {
+        Cluster::start_full(n, algo, tls, &[])
+    }
+
+    fn start_full(n: usize, algo: &str, tls: bool, extra: &[&str]) -> Cluster {
         use fastchat::transport::pki::{self, Member, Role};
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("chat.db");
@@ -181,7 +190,7 @@ impl Cluster {
             };
             pki::init(t, &[balancer]).expect("a cluster CA");
         }
-        let mut cmd = balancer_command(&db, tls_dir.as_deref(), "127.0.0.1:0");
+        let mut cmd = balancer_command(&db, tls_dir.as_deref(), "127.0.0.1:0", extra);
         let balancer = Proc::spawn("balancer", cmd.args(["--algo", algo]));
         let first = balancer.line();
         let balancer_addr = first
@@ -371,7 +380,7 @@ impl Cluster {
 
 /// The command that starts a balancer on `db`, listening on `listen`, with the certificates
 /// in `tls` (or in plaintext).
-fn balancer_command(db: &Path, tls: Option<&Path>, listen: &str) -> Command {
+fn balancer_command(db: &Path, tls: Option<&Path>, listen: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("fastchat-balancer"));
     cmd.args([
         "--listen",
@@ -381,6 +390,11 @@ fn balancer_command(db: &Path, tls: Option<&Path>, listen: &str) -> Command {
         "--scrypt-log-n",
         "4",
     ]);
+    // Tests sign up many users from 127.0.0.1; tests/hostile.rs checks the limit.
+    if !extra.contains(&"--signups-per-address") {
+        cmd.args(["--signups-per-address", "1000"]);
+    }
+    cmd.args(extra);
     match tls {
         Some(t) => cmd.arg("--tls-dir").arg(t),
         None => cmd.arg("--insecure-plaintext"),
@@ -392,7 +406,7 @@ impl Cluster {
     /// Starts a balancer again where the first one listened (after it was killed); waits
     /// until it listens.
     pub fn restart_balancer(&mut self) {
-        let mut cmd = balancer_command(&self.db, self.tls.as_deref(), &self.balancer_addr);
+        let mut cmd = balancer_command(&self.db, self.tls.as_deref(), &self.balancer_addr, &[]);
         self.balancer = Proc::spawn("balancer2", &mut cmd);
         let line = self.balancer.line();
         assert!(line.ends_with(&self.balancer_addr), "{line}");
@@ -462,6 +476,38 @@ pub fn tls_connect(addr: &str) -> fastchat::transport::Stream {
     tcp.set_read_timeout(Some(LIMIT)).unwrap();
     tcp.set_nodelay(true).unwrap();
     let ssl = connector
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .use_server_name_indication(false);
+    let s = ssl
+        .connect("fastchat", fastchat::transport::Socket::new(tcp))
+        .expect("TLS handshake");
+    fastchat::transport::Stream::Tls(Box::new(s))
+}
+
+/// A TCP connection to `addr` from the local address `from` (on Linux any 127.x.y.z is a
+/// loopback address): to be a client from another address.
+pub fn connect_from(from: &str, addr: &str) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType};
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    let to: std::net::SocketAddr = addr.parse().unwrap();
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&fd, &from).unwrap();
+    rustix::net::connect(&fd, &to).unwrap();
+    let tcp = TcpStream::from(fd);
+    tcp.set_read_timeout(Some(LIMIT)).unwrap();
+    tcp
+}
+
+/// TLS over an open TCP connection, checking nothing about the other side (see
+/// [`tls_connect`]).
+pub fn tls_over(tcp: TcpStream) -> fastchat::transport::Stream {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    let ssl = b
+        .build()
         .configure()
         .unwrap()
         .verify_hostname(false)
