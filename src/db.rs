@@ -131,6 +131,15 @@ impl Store {
     }
 }
 
+/// What a queue or a user holds: messages (or files) and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// How many messages (or files).
+    pub messages: u64,
+    /// Their size in bytes (message bodies, or file plaintext sizes).
+    pub bytes: u64,
+}
+
 /// A message as its sender hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
@@ -275,6 +284,20 @@ pub trait Tx {
     fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize>;
     /// Forgets the deliveries of messages with ids up to `upto`.
     fn forget_deliveries(&mut self, upto: i64) -> Result<usize>;
+    /// What a queue holds: a user's direct messages, or (`g:GROUP`) a group's messages not yet
+    /// read by every member.
+    fn queue_usage(&mut self, owner: &str) -> Result<Usage>;
+    /// What `sender` holds in `recipient`'s queue.
+    fn pair_usage(&mut self, sender: &str, recipient: &str) -> Result<Usage>;
+    /// The queues (as [`Tx::queue_usage`] names them) holding at least `messages` messages or
+    /// `bytes` bytes: a look over the whole queue, for now and then.
+    fn heavy_queues(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>>;
+    /// The senders with at least `messages` messages or `bytes` bytes waiting for one
+    /// recipient, keyed `SENDER RECIPIENT`.
+    fn heavy_senders(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>>;
+    /// Deletes up to `limit` messages stored before `before_ms`, with the files they offer;
+    /// returns how many.
+    fn expire_messages(&mut self, before_ms: i64, limit: usize) -> Result<usize>;
 
     // -- Groups --------------------------------------------------------------------------
 
@@ -312,6 +335,9 @@ pub trait Tx {
 
     // -- Files ---------------------------------------------------------------------------
 
+    /// The files `owner` has stored (unfinished uploads and offered files), or all files:
+    /// how many, and their plaintext size.
+    fn file_usage(&mut self, owner: Option<&str>) -> Result<Usage>;
     /// Starts an upload of `chunks` chunks for `owner` on connection `conn_id` of
     /// `server_id`, unless that connection already has `limit` unfinished uploads.
     fn begin_upload(

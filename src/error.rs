@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Unavailable,
     /// Too many attempts (failed logins); the message says how long to wait.
     RateLimited,
+    /// A quota is full (a recipient's queue, a user's files); the message says which.
+    QuotaExceeded,
     /// Something failed inside the server; the request had no effect.
     Internal,
 }

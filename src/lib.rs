@@ -51,5 +51,6 @@ pub mod server;
 pub mod startup;
 pub mod throttle;
 pub mod transport;
+pub mod units;
 
 pub use error::{Error, Result};

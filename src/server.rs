@@ -49,6 +49,7 @@ mod balancer_link;
 pub mod config;
 mod outbound;
 mod peers;
+pub mod quota;
 mod router;
 mod session;
 mod shared;
@@ -59,6 +60,7 @@ use balancer_link::BalancerLink;
 pub use balancer_link::HEARTBEAT;
 pub use config::Config;
 use peers::Peers;
+use quota::Watch;
 use router::Router;
 use shared::Shared;
 
@@ -134,8 +136,10 @@ pub fn run(
         stopping: Arc::clone(&stopping),
         store,
         server_id,
+        quota_watch: Watch::default(),
         config,
     });
+    refresh_quota_watch(&shared);
     log::info!("server {server_id} ({name}) listening on {local}, advertised as {advertise}");
     on_ready(server_id, local);
 
@@ -176,6 +180,17 @@ pub fn run(
     })?;
     log::info!("server {server_id} stopped");
     Ok(())
+}
+
+/// Looks over the queues again for those near their quotas (see [`quota::Watch`]).
+pub(crate) fn refresh_quota_watch(shared: &Shared) {
+    let quotas = shared.config.quotas;
+    if let Err(e) = shared
+        .store
+        .read(|tx| shared.quota_watch.refresh(tx, &quotas))
+    {
+        log::warn!("cannot look over the queues for quotas: {e}");
+    }
 }
 
 /// The name this server registers under: its certificate's (with TLS), else the one

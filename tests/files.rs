@@ -430,3 +430,77 @@ fn format_characters_are_shown_escaped_in_text_and_file_names() {
         .collect();
     assert_eq!(saved, ["invoice\\u{202e}fdp.exe"]);
 }
+
+#[test]
+fn a_large_file_is_offered_and_saved_only_when_asked_for() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let big = random_file(c.dir.path(), "video.bin", 40 * 1024);
+    let out = c.run("alice", &["send-file", "bob", big.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    c.send("alice", "bob", "it is big");
+    let recv = |args: &[&str]| {
+        let mut cmd = c.cmd("bob");
+        cmd.env("FASTCHAT_AUTO_DOWNLOAD", "10K").args(args);
+        common::run_limited(&mut cmd)
+    };
+    // Offered, not saved; offered again until taken; the text is shown once.
+    let out = recv(&["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines = out.lines();
+    assert_eq!(lines.len(), 2, "{out:?}");
+    let id: i64 = lines[0]
+        .strip_prefix("alice offers video.bin (40.0 KiB): fastchat get ")
+        .unwrap_or_else(|| panic!("{out:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(lines[1], "alice: it is big");
+    assert!(listing(&downloads(&c, "bob")).is_empty());
+    let again = recv(&["recv"]);
+    assert_eq!(again.lines(), [lines[0]], "still waiting");
+    // Taken on request, checked like any file.
+    let out = recv(&["get", &id.to_string()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let got = saved_path(out.lines()[0], "alice sent video.bin (40.0 KiB) -> ");
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&big).unwrap());
+    assert_eq!(recv(&["recv"]).stdout, "", "taken");
+    assert_eq!(count(&c, "files"), 0);
+    let out = recv(&["get", &id.to_string()]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains(&format!("no message {id} waiting for you")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn in_chat_an_offered_file_is_saved_with_get() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let mut cmd = c.cmd("bob");
+    cmd.env("FASTCHAT_AUTO_DOWNLOAD", "1K").arg("chat");
+    let mut bob = common::Proc::spawn("bob", &mut cmd);
+    assert!(bob.line().starts_with("logged in as bob"));
+    let file = random_file(c.dir.path(), "notes.txt", 5000);
+    assert_eq!(
+        c.run("alice", &["send-file", "bob", file.to_str().unwrap()])
+            .code,
+        0
+    );
+    let offer = bob.line();
+    let id = offer
+        .strip_prefix("alice offers notes.txt (4.9 KiB): fastchat get ")
+        .unwrap_or_else(|| panic!("{offer:?}"))
+        .to_string();
+    bob.type_line("/get 999999");
+    bob.type_line(&format!("/get {id}"));
+    let saved = bob.line();
+    let got = saved_path(&saved, "alice sent notes.txt (4.9 KiB) -> ");
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&file).unwrap());
+    bob.type_line("/quit");
+    assert_eq!(bob.wait_exit(common::LIMIT).and_then(|s| s.code()), Some(0));
+    assert_eq!(count(&c, "files"), 0, "taken from the queue");
+}

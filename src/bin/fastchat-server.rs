@@ -56,6 +56,46 @@ struct Args {
     /// Largest file accepted, in bytes, or with a suffix K, M or G (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     max_file_size: u64,
+    /// Quota: messages waiting for one user (or one group, not yet read by every member);
+    /// more are refused until some are read.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        help_heading = "Quotas"
+    )]
+    max_queue: u64,
+    /// Quota: bytes waiting for one user (or group).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size, help_heading = "Quotas")]
+    max_queue_size: u64,
+    /// Quota: messages one sender may have waiting for one user.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1_000,
+        help_heading = "Quotas"
+    )]
+    max_per_sender: u64,
+    /// Quota: bytes one sender may have waiting for one user.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, help_heading = "Quotas")]
+    max_per_sender_size: u64,
+    /// Quota: files one user may have stored (uploading, or offered and not yet taken).
+    #[arg(long, value_name = "N", default_value_t = 100, help_heading = "Quotas")]
+    max_files: u64,
+    /// Quota: bytes of files one user may have stored.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size, help_heading = "Quotas")]
+    max_file_space: u64,
+    /// Quota: bytes of all files stored.
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size, help_heading = "Quotas")]
+    max_file_space_total: u64,
+    /// Days a message (and the file it offers) is kept when nobody takes it.
+    #[arg(
+        long,
+        value_name = "DAYS",
+        default_value_t = 30.0,
+        help_heading = "Quotas"
+    )]
+    message_lifetime: f64,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -69,25 +109,7 @@ struct Args {
     insecure_plaintext: bool,
 }
 
-/// `123`, `64K`, `64M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, unit) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
-        _ => (s, 'B'),
-    };
-    let shift = match unit {
-        'B' => 0,
-        'K' => 10,
-        'M' => 20,
-        'G' => 30,
-        _ => return Err(format!("unknown unit {unit:?}: use K, M or G")),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 1048576, 512K, 64M or 1G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s} is too large"))
-}
+use fastchat::units::parse_size;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -120,6 +142,20 @@ fn main() -> ExitCode {
     config.max_file = args.max_file_size;
     config.max_rate = args.max_rate;
     config.queue_len = args.queue_len;
+    let lifetime = match std::time::Duration::try_from_secs_f64(args.message_lifetime * 86_400.0) {
+        Ok(d) if !d.is_zero() => d,
+        _ => return fail("--message-lifetime must be a positive number of days", 2),
+    };
+    config.quotas = fastchat::server::quota::Quotas {
+        queue_messages: args.max_queue,
+        queue_bytes: args.max_queue_size,
+        sender_messages: args.max_per_sender,
+        sender_bytes: args.max_per_sender_size,
+        user_files: args.max_files,
+        user_file_bytes: args.max_file_space,
+        total_file_bytes: args.max_file_space_total,
+        lifetime,
+    };
     if !(0.05..=3600.0).contains(&args.hello_timeout) || args.queue_len == 0 {
         return fail(
             "--hello-timeout must be 0.05 to 3600 seconds and --queue-len at least 1",

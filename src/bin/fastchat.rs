@@ -59,6 +59,17 @@ struct Args {
         action = clap::ArgAction::SetTrue
     )]
     insecure_plaintext: bool,
+    /// Files up to SIZE (bytes, or with K, M or G) are saved as they arrive; larger ones are
+    /// offered, and saved with `fastchat get ID`.
+    #[arg(
+        long,
+        env = "FASTCHAT_AUTO_DOWNLOAD",
+        value_name = "SIZE",
+        default_value = "16M",
+        value_parser = fastchat::units::parse_size,
+        global = true
+    )]
+    auto_download: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -108,6 +119,12 @@ enum Command {
     /// Groups: create, add, remove, leave, send, list, members.
     #[command(subcommand)]
     Group(GroupArgs),
+    /// Save the file offered by message ID (one larger than --auto-download, which `recv`
+    /// offers instead of saving), and take it from the queue.
+    Get {
+        /// The message id the offer shows.
+        id: i64,
+    },
 }
 
 /// Group commands. The creator of a group is its admin: only the admin adds and removes
@@ -211,6 +228,7 @@ fn main() -> ExitCode {
             Command::Chat | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
             _ => crossbeam_channel::never(),
         },
+        auto_download: args.auto_download,
     };
     let result = match args.command {
         Command::Signup { name } => cli::signup(&opts, &name),
@@ -229,6 +247,7 @@ fn main() -> ExitCode {
         Command::Whoami => cli::whoami(&opts),
         Command::Trust { user } => cli::trust(&opts, &user),
         Command::Group(args) => cli::group(&opts, &args.into()),
+        Command::Get { id } => cli::get(&opts, id),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

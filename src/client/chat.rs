@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
-use parking_lot::Mutex;
 
-use super::cli::{file_sent, login, show, Format, GroupCmd, LoggedIn, Options};
-use super::e2e::E2e;
+use super::cli::{file_sent, login, show, take_offer, Format, GroupCmd, LoggedIn, Options, Shown};
 use super::files::Target;
 use super::text::one_line;
-use super::{Client, Event};
+use super::Event;
 use crate::crypto;
 use crate::error::{Error, Result};
 use crate::names;
@@ -32,6 +30,7 @@ const CHAT_COMMANDS: &[(&str, &str)] = &[
         "send the file (or image) at PATH to USER",
     ),
     ("/who", "who is online"),
+    ("/get ID", "save the file offered by message ID"),
     ("/group create GROUP", "create GROUP; you are its admin"),
     ("/group add GROUP USER", "(admin) add USER to GROUP"),
     (
@@ -98,14 +97,20 @@ fn spawn_printer(
     let client = Arc::clone(&me.client);
     let e2e = Arc::clone(&me.e2e);
     let downloads = me.downloads.clone();
+    let offers = Arc::clone(&me.offers);
     std::thread::spawn(move || -> Result<()> {
         let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         while let Some(event) = client.next(forever)? {
             match event {
                 Event::Message(msg) => {
                     let mut line = Vec::new();
-                    show(&e2e, &client, &downloads, &msg, Format::Lines, &mut line)?;
-                    client.ack(&[msg.id])?;
+                    match show(&e2e, &client, &downloads, &msg, Format::Lines, &mut line)? {
+                        Shown::Done => client.ack(&[msg.id])?,
+                        // Kept queued until `/get ID`.
+                        Shown::Offered => {
+                            offers.lock().insert(msg.id, msg.clone());
+                        }
+                    }
                     let text = String::from_utf8_lossy(&line).trim_end().to_string();
                     if !text.is_empty() {
                         print(if color { colorize(&msg, &text) } else { text });
@@ -187,7 +192,7 @@ fn chat_terminal(me: &LoggedIn, opts: &Options) -> Result<()> {
                     continue;
                 }
                 let _ = editor.add_history_entry(line);
-                match chat_command(line, &me.client, &me.e2e) {
+                match chat_command(line, me) {
                     Ok(Some(reply)) => println!("{}", paint("2", &reply, true)),
                     Ok(None) => return Ok(()),
                     Err(e) => println!(
@@ -225,7 +230,7 @@ fn chat_lines(me: &LoggedIn, opts: &Options) -> Result<()> {
                 if line.is_empty() {
                     continue;
                 }
-                match chat_command(line, &me.client, &me.e2e) {
+                match chat_command(line, me) {
                     Ok(Some(reply)) => println!("{reply}"),
                     Ok(None) => return Ok(()),
                     Err(e) => eprintln!("error: {}", one_line(&e.to_string())),
@@ -245,9 +250,23 @@ fn chat_lines(me: &LoggedIn, opts: &Options) -> Result<()> {
 }
 
 /// Runs one chat-mode line. `Ok(None)` means quit.
-fn chat_command(line: &str, client: &Client, e2e: &Mutex<E2e>) -> Result<Option<String>> {
+fn chat_command(line: &str, me: &LoggedIn) -> Result<Option<String>> {
+    let (client, e2e) = (&*me.client, &*me.e2e);
     let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
     match cmd {
+        "/get" => {
+            let id: i64 = rest.trim().parse().map_err(|_| {
+                Error::Invalid("usage: /get ID (the number the offer shows)".into())
+            })?;
+            let msg = me
+                .offers
+                .lock()
+                .remove(&id)
+                .ok_or_else(|| Error::Invalid(format!("no file offered by message {id}")))?;
+            let mut line = Vec::new();
+            take_offer(me, &msg, &mut line)?;
+            Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()))
+        }
         "/quit" | "/exit" => Ok(None),
         "/help" => Ok(Some(chat_help())),
         "/who" => {

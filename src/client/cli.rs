@@ -4,6 +4,7 @@
 //! the order sent (control characters in TEXT are escaped, so a message is always one line), or
 //! with `--json` one JSON object per line. Errors go to standard error as one line.
 
+use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
-use super::e2e::{fingerprint, Directory, E2e, Plain};
+use super::e2e::{fingerprint, Directory, E2e, FileOffer, Plain};
 use super::files::{self, Target};
 use super::keystore::Keystore;
 use super::replay::Verdict;
@@ -41,6 +42,9 @@ pub struct Options {
     /// Signalled on Ctrl-C: the long-running commands (`chat`, `recv --wait`) then end
     /// cleanly, with what was shown acknowledged, and exit 0.
     pub interrupt: Receiver<()>,
+    /// Files up to this size are saved when they arrive; larger ones are offered, and saved
+    /// by `fastchat get ID` (or `/get ID`).
+    pub auto_download: u64,
 }
 
 impl Options {
@@ -100,6 +104,15 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where received files go, and which are saved at once.
+#[derive(Debug, Clone)]
+pub(super) struct Downloads {
+    /// `FASTCHAT_HOME/USER/downloads/`.
+    pub(super) dir: PathBuf,
+    /// Files up to this size are saved when they arrive; larger ones wait for `get`.
+    pub(super) auto_max: u64,
+}
+
 /// A logged-in user: the (failover-capable) client and the end-to-end state.
 pub(super) struct LoggedIn {
     /// The connection, shared with the chat's printer thread.
@@ -107,7 +120,10 @@ pub(super) struct LoggedIn {
     /// Keys and pins; locked to seal or open one message.
     pub(super) e2e: Arc<Mutex<E2e>>,
     /// Where received files are saved.
-    pub(super) downloads: PathBuf,
+    pub(super) downloads: Downloads,
+    /// Files offered and not saved yet (larger than `downloads.auto_max`), by message id:
+    /// `/get ID` in chat saves one.
+    pub(super) offers: Arc<Mutex<HashMap<i64, Envelope>>>,
 }
 
 impl Drop for LoggedIn {
@@ -134,7 +150,11 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
     Ok(LoggedIn {
         e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
         client: Arc::new(client),
-        downloads: downloads(opts, &user),
+        downloads: Downloads {
+            dir: opts.home.join(&user).join("downloads"),
+            auto_max: opts.auto_download,
+        },
+        offers: Arc::default(),
     })
 }
 
@@ -461,7 +481,7 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
         };
         match event {
             Event::Message(msg) => {
-                show(
+                let shown = show(
                     e2e,
                     &me.client,
                     &me.downloads,
@@ -469,7 +489,10 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
                     format,
                     &mut out.lock(),
                 )?;
-                batch.push(msg.id);
+                // An offered file stays queued until it is taken with `get`.
+                if shown == Shown::Done {
+                    batch.push(msg.id);
+                }
                 if deadline != far {
                     me.client.ack(&std::mem::take(&mut batch))?;
                 }
@@ -490,24 +513,21 @@ pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
     }
 }
 
-/// Where a logged-in user's received files go: `FASTCHAT_HOME/USER/downloads/`.
-fn downloads(opts: &Options, user: &str) -> PathBuf {
-    opts.home.join(user).join("downloads")
-}
-
 /// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, `[GROUP] * FROM TEXT` for a notice,
 /// `FROM sent NAME (SIZE) -> PATH` for a file (saved first). A message that fails to decrypt,
 /// verify or download, a replay of one already shown, or one too old to tell, is reported on
-/// stderr, never shown; the same message delivered again is silently skipped. Only a lost
+/// stderr, never shown; the same message delivered again is silently skipped. A file larger
+/// than `downloads.auto_max` is offered (`FROM offers NAME (SIZE): fastchat get ID`), not
+/// saved: it stays queued, and is offered again next time, until `get` takes it. Only a lost
 /// connection is an error (the message then stays queued).
 pub(super) fn show(
     e2e: &Mutex<E2e>,
     client: &Client,
-    downloads: &Path,
+    downloads: &Downloads,
     msg: &Envelope,
     format: Format,
     out: &mut impl Write,
-) -> Result<()> {
+) -> Result<Shown> {
     let reject = |why: String| {
         eprintln!(
             "fastchat: warning: message {} from {} rejected: {}",
@@ -522,18 +542,18 @@ pub(super) fn show(
         Err(e) if e.is_disconnect() => return Err(e),
         Err(e) => {
             reject(e.to_string());
-            return Ok(());
+            return Ok(Shown::Done);
         }
     };
     match opened.verdict {
         Verdict::New => {}
-        Verdict::Again => return Ok(()),
+        Verdict::Again => return Ok(Shown::Done),
         Verdict::Replay { first } => {
             reject(format!(
                 "it replays message {first}, which was shown before (the server sent it again \
                  under another id)"
             ));
-            return Ok(());
+            return Ok(Shown::Done);
         }
         Verdict::TooOld => {
             reject(format!(
@@ -541,16 +561,20 @@ pub(super) fn show(
                  and may be a replay",
                 msg.from
             ));
-            return Ok(());
+            return Ok(Shown::Done);
         }
     }
     let path = match &opened.plain {
-        Plain::File(offer) => match files::receive(client, msg, offer, downloads) {
+        Plain::File(offer) if offer.size > downloads.auto_max => {
+            offered(msg, offer, format, out)?;
+            return Ok(Shown::Offered);
+        }
+        Plain::File(offer) => match files::receive(client, msg, offer, &downloads.dir) {
             Ok(path) => Some(path),
             Err(e) if e.is_disconnect() => return Err(e),
             Err(e) => {
                 reject(e.to_string());
-                return Ok(());
+                return Ok(Shown::Done);
             }
         },
         _ => None,
@@ -583,7 +607,85 @@ pub(super) fn show(
         }
     }
     out.flush()?;
-    e2e.lock().shown(&opened)
+    e2e.lock().shown(&opened)?;
+    Ok(Shown::Done)
+}
+
+/// What [`show`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shown {
+    /// Shown (or reported as rejected): acknowledge it.
+    Done,
+    /// A file offered and not saved: leave it queued until `get` takes it.
+    Offered,
+}
+
+/// Prints a file offered and not saved: `FROM offers NAME (SIZE): fastchat get ID`.
+fn offered(msg: &Envelope, offer: &FileOffer, format: Format, out: &mut impl Write) -> Result<()> {
+    match format {
+        Format::Lines => {
+            let prefix = msg
+                .group
+                .as_ref()
+                .map_or(String::new(), |g| format!("[{g}] "));
+            writeln!(
+                out,
+                "{prefix}{} offers {} ({}): fastchat get {}",
+                msg.from,
+                one_line(&offer.name),
+                files::human_size(offer.size),
+                msg.id
+            )?
+        }
+        Format::Json => writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "id": msg.id,
+                "from": msg.from,
+                "to": msg.to,
+                "group": msg.group,
+                "sent_at": msg.sent_at,
+                "kind": "file-offer",
+                "name": offer.name,
+                "size": offer.size,
+            })
+        )?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `fastchat get ID`: saves the file offered by message ID (one too large to be saved when it
+/// arrived), and takes it from the queue.
+pub fn get(opts: &Options, id: i64) -> Result<()> {
+    let me = login(opts)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut found = None;
+    while let Some(event) = me.client.next(deadline)? {
+        match event {
+            Event::Message(msg) if msg.id == id => found = Some(msg),
+            Event::Synced => break,
+            _ => {}
+        }
+    }
+    let msg = found.ok_or_else(|| {
+        Error::refused(
+            crate::error::ErrorCode::BadRequest,
+            format!("no message {id} waiting for you (fastchat recv shows what is)"),
+        )
+    })?;
+    take_offer(&me, &msg, &mut io::stdout().lock())
+}
+
+/// Saves the file `msg` offers, whatever its size, shows it, and acknowledges it.
+pub(super) fn take_offer(me: &LoggedIn, msg: &Envelope, out: &mut impl Write) -> Result<()> {
+    let all = Downloads {
+        auto_max: u64::MAX,
+        ..me.downloads.clone()
+    };
+    show(&me.e2e, &me.client, &all, msg, Format::Lines, out)?;
+    me.client.ack(&[msg.id])
 }
 
 /// The one line a message is shown as (`path`: where a file was saved).

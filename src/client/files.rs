@@ -352,21 +352,7 @@ pub fn safe_name(name: &str) -> String {
     format!("{}{ext}", &trimmed[..stem_end])
 }
 
-/// A size for people: `512 B`, `1.5 KiB`, `5.0 MiB`, `1.2 GiB`.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    for unit in UNITS {
-        if value < 1024.0 || unit == "GiB" {
-            return format!("{value:.1} {unit}");
-        }
-        value /= 1024.0;
-    }
-    unreachable!("the last unit always returns")
-}
+pub use crate::units::human_size;
 
 #[cfg(test)]
 mod tests {
@@ -404,15 +390,6 @@ mod tests {
         assert_eq!(numbered("photo.png", 1), "photo (1).png");
         assert_eq!(numbered("archive.tar.gz", 2), "archive.tar (2).gz");
         assert_eq!(numbered("README", 3), "README (3)");
-    }
-
-    #[test]
-    fn sizes_read_well() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(1023), "1023 B");
-        assert_eq!(human_size(1536), "1.5 KiB");
-        assert_eq!(human_size(5 * 1024 * 1024), "5.0 MiB");
-        assert_eq!(human_size(3 << 30), "3.0 GiB");
     }
 
     #[test]

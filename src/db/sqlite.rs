@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 
 use super::writer::{Background, Batch};
-use super::{Options, Outgoing, SessionRow, StoredMessage, Tx};
+use super::{Options, Outgoing, SessionRow, StoredMessage, Tx, Usage};
 use crate::error::{Error, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 
@@ -318,6 +318,24 @@ impl Tx for SqliteTx<'_> {
     }
     fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
         queue::forget_deliveries(self.conn, upto)
+    }
+    fn queue_usage(&mut self, owner: &str) -> Result<Usage> {
+        queue::queue_usage(self.conn, owner)
+    }
+    fn pair_usage(&mut self, sender: &str, recipient: &str) -> Result<Usage> {
+        queue::pair_usage(self.conn, sender, recipient)
+    }
+    fn heavy_queues(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+        queue::heavy_queues(self.conn, messages, bytes)
+    }
+    fn heavy_senders(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+        queue::heavy_senders(self.conn, messages, bytes)
+    }
+    fn expire_messages(&mut self, before_ms: i64, limit: usize) -> Result<usize> {
+        queue::expire_messages(self.conn, before_ms, limit)
+    }
+    fn file_usage(&mut self, owner: Option<&str>) -> Result<Usage> {
+        files::file_usage(self.conn, owner)
     }
 
     fn group(&mut self, group: &str) -> Result<Option<GroupInfo>> {

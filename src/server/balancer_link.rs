@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::shared::Shared;
+use crate::db::now_ms;
 use crate::error::{Error, Result};
 use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
+use crate::throttle::Quiet;
 use crate::transport::tls::LINK_TIMEOUT;
 use crate::transport::{Channel, Expect, Transport};
 
@@ -43,13 +45,14 @@ impl BalancerLink {
             next_id: 1,
         };
         let deadline = Instant::now() + config.startup_timeout;
+        let waiting = Quiet::new(Duration::from_secs(1));
         loop {
             match link.register() {
                 Ok(()) => return Ok(link),
                 Err(e @ (Error::Refused { .. } | Error::Integrity(_))) => return Err(e),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(e) => {
-                    log::warn!("balancer {} not reachable yet: {e}", link.addr);
+                    waiting.warn(&format!("balancer {} not reachable yet: {e}", link.addr));
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -120,7 +123,13 @@ impl BalancerLink {
     /// Heartbeats until the server stops.
     pub fn run(mut self, shared: &Shared) {
         let mut lost = false;
+        let mut expired_at: Option<Instant> = None;
         while !shared.stopping.load(Ordering::SeqCst) {
+            let every = EXPIRE_EVERY.min(shared.config.quotas.lifetime / 2);
+            if expired_at.is_none_or(|t| t.elapsed() >= every) {
+                expired_at = Some(Instant::now());
+                expire_old_messages(shared);
+            }
             if self.conn.is_none() {
                 match self.register() {
                     Ok(()) if self.server_id == shared.server_id => {
@@ -155,10 +164,36 @@ impl BalancerLink {
                 }
             }
             close_ended_sessions(shared);
+            super::refresh_quota_watch(shared);
             // Sleep one period, or less if the server stops meanwhile.
             let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
         }
     }
+}
+
+/// How often a server deletes the messages past their lifetime (more often if the lifetime
+/// is short).
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Most messages deleted by one expiry (the rest go next time): one job never holds the
+/// database's write lock for long.
+const EXPIRE_BATCH: usize = 10_000;
+
+/// Deletes the messages stored longer ago than their lifetime, with the files they offer.
+fn expire_old_messages(shared: &Shared) {
+    let lifetime = shared.config.quotas.lifetime;
+    let before = now_ms() - lifetime.as_millis() as i64;
+    shared.store.submit(
+        move |tx| tx.expire_messages(before, EXPIRE_BATCH),
+        move |res| match res {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "deleted {n} messages stored more than {} days ago",
+                lifetime.as_secs() / 86_400
+            ),
+            Err(e) => log::warn!("cannot delete old messages: {e}"),
+        },
+    );
 }
 
 /// Closes the local connections whose session has ended (a logout on any balancer, or

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::quota::Quotas;
 use crate::net::DEFAULT_MAX_FILE;
 use crate::transport::Transport;
 
@@ -33,6 +34,8 @@ pub struct Config {
     pub max_rate: u32,
     /// How long to keep trying the balancer at start before giving up.
     pub startup_timeout: Duration,
+    /// What queues and users may hold, and how long messages are kept.
+    pub quotas: Quotas,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             max_file: DEFAULT_MAX_FILE,
             max_rate: 10_000,
             startup_timeout: Duration::from_secs(10),
+            quotas: Quotas::default(),
         }
     }
 }

@@ -26,11 +26,15 @@ use super::router::Router;
 use crate::error::{Error, Result};
 use crate::mailbox::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 use crate::net::{Envelope, ErrorCode, Greeting, PeerMessage, ServerEvent, ServerInfo, MAX_FRAME};
+use crate::throttle::Quiet;
 use crate::transport::tls::LINK_TIMEOUT;
 use crate::transport::{Channel, Expect, Transport, Waker};
 
 /// Messages waiting on one link before new ones are dropped (they stay stored).
 const LINK_QUEUE: usize = 65_536;
+
+/// "Backed up" is said once a second at most: it can be true of every message for a while.
+static BACKED_UP: Quiet = Quiet::new(Duration::from_secs(1));
 
 /// A committed message and its recipients on one peer server.
 #[derive(Debug)]
@@ -145,10 +149,10 @@ impl Peers {
         match link.tx.try_send(Arc::clone(item)) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
-                log::warn!(
+                BACKED_UP.warn(&format!(
                     "link to server {to} is backed up; message {} waits",
                     item.msg.id
-                );
+                ));
                 false
             }
             Err(TrySendError::Disconnected(_)) => false,
@@ -190,6 +194,8 @@ fn link_loop(
     let what = format!("peer server {peer}");
     let expect = Expect::Server(Some(target.name.clone()));
     let mut unsent: Vec<Arc<Relayed>> = Vec::new();
+    // A peer that keeps failing is reported once a second at most.
+    let broken = Quiet::new(Duration::from_secs(1));
     while !stopping.load(Ordering::SeqCst) {
         let link = transport
             .connect(&target.addr, &what, &expect)
@@ -218,7 +224,10 @@ fn link_loop(
         };
         match pump(&mut ch, rx, &mut unsent) {
             Ok(()) => return,
-            Err(e) => log::warn!("link to {what} at {} broke: {e}; reconnecting", target.addr),
+            Err(e) => broken.warn(&format!(
+                "link to {what} at {} broke: {e}; reconnecting",
+                target.addr
+            )),
         }
     }
 }

@@ -7,6 +7,7 @@ use crossbeam_channel::Receiver;
 
 use super::config::Config;
 use super::peers::Peers;
+use super::quota::Watch;
 use super::router::Router;
 use crate::db::Store;
 use crate::transport::Waker;
@@ -34,6 +35,8 @@ pub struct Shared {
     pub stop: Waker,
     /// Disconnects (its sender is dropped) when the server stops: wakes timed waits at once.
     pub stop_signal: Receiver<()>,
+    /// The queues and senders near their quotas.
+    pub quota_watch: Watch,
 }
 
 #[cfg(test)]
@@ -58,6 +61,7 @@ impl Shared {
             stopping,
             stop: Waker::new().expect("an eventfd"),
             stop_signal,
+            quota_watch: Watch::default(),
         };
         (Arc::new(shared), stop_tx)
     }

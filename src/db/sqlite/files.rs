@@ -4,7 +4,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::db::now_ms;
+use crate::db::{now_ms, Usage};
 use crate::error::{Error, ErrorCode, Result};
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Error {
@@ -120,4 +120,21 @@ pub fn drop_uploads(conn: &Connection, server_id: u64, conn_id: Option<u64>) -> 
                AND (?2 IS NULL OR conn_id = ?2)",
         )?
         .execute(params![server_id as i64, conn_id.map(|c| c as i64)])?)
+}
+
+/// The files `owner` has stored (unfinished uploads and offered files), or all files: how many,
+/// and their size.
+pub fn file_usage(conn: &Connection, owner: Option<&str>) -> Result<Usage> {
+    let (count, bytes): (i64, i64) = match owner {
+        Some(o) => conn
+            .prepare_cached("SELECT count(*), coalesce(sum(size), 0) FROM files WHERE owner = ?1")?
+            .query_row(params![o], |r| Ok((r.get(0)?, r.get(1)?)))?,
+        None => conn
+            .prepare_cached("SELECT count(*), coalesce(sum(size), 0) FROM files")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?,
+    };
+    Ok(Usage {
+        messages: count as u64,
+        bytes: bytes as u64,
+    })
 }

@@ -5,7 +5,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::files::{drop_file, finish_upload};
-use crate::db::{now_ms, Outgoing, StoredMessage};
+use crate::db::{now_ms, Outgoing, StoredMessage, Usage};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
 
@@ -196,4 +196,125 @@ pub fn remove_message(
         drop_file(conn, file)?;
     }
     remember_delivered(conn, id, sender, client_id)
+}
+
+/// What a queue (`owner`: a user, or `g:GROUP`) holds, counted (an index range: cheap for
+/// the queues near their quota that it is asked about).
+pub fn queue_usage(conn: &Connection, owner: &str) -> Result<Usage> {
+    let (sql, key) = match owner.strip_prefix("g:") {
+        Some(group) => (
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM messages WHERE grp = ?1",
+            group,
+        ),
+        None => (
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM messages WHERE recipient = ?1",
+            owner,
+        ),
+    };
+    usage(conn, sql, params![key])
+}
+
+/// What `sender` holds in `recipient`'s queue.
+pub fn pair_usage(conn: &Connection, sender: &str, recipient: &str) -> Result<Usage> {
+    usage(
+        conn,
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM messages
+         WHERE recipient = ?2 AND sender = ?1",
+        params![sender, recipient],
+    )
+}
+
+fn usage(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Usage> {
+    let (messages, bytes): (i64, i64) = conn
+        .prepare_cached(sql)?
+        .query_row(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Usage {
+        messages: messages.max(0) as u64,
+        bytes: bytes.max(0) as u64,
+    })
+}
+
+/// The queues holding at least `messages` messages or `bytes` bytes (a scan of the whole
+/// queue: for a periodic look, not for every message).
+pub fn heavy_queues(conn: &Connection, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+    heavy(
+        conn,
+        "SELECT coalesce(recipient, 'g:' || grp), count(*), sum(length(body)) FROM messages
+         GROUP BY 1 HAVING count(*) >= ?1 OR sum(length(body)) >= ?2",
+        messages,
+        bytes,
+    )
+}
+
+/// The (sender, recipient) pairs where the sender has at least `messages` messages or `bytes`
+/// bytes waiting; the key is `SENDER RECIPIENT`.
+pub fn heavy_senders(conn: &Connection, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+    heavy(
+        conn,
+        "SELECT sender || ' ' || recipient, count(*), sum(length(body)) FROM messages
+         WHERE recipient IS NOT NULL
+         GROUP BY sender, recipient HAVING count(*) >= ?1 OR sum(length(body)) >= ?2",
+        messages,
+        bytes,
+    )
+}
+
+fn heavy(conn: &Connection, sql: &str, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_map(params![messages as i64, bytes as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Usage {
+                    messages: r.get::<_, i64>(1)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes up to `limit` messages stored before `before_ms` (and the files they offer), the
+/// oldest first; returns how many. Message ids follow commit order and `sent_at` is the commit
+/// time, so the expired messages are the ids below the first one stored at `before_ms` or
+/// later, found with a binary search over ids rather than a scan.
+pub fn expire_messages(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
+    let first_at_or_after = |id: i64| -> Result<Option<(i64, i64)>> {
+        Ok(conn
+            .prepare_cached("SELECT id, sent_at FROM messages WHERE id >= ?1 ORDER BY id LIMIT 1")?
+            .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    };
+    let Some((oldest, sent)) = first_at_or_after(i64::MIN)? else {
+        return Ok(0);
+    };
+    if sent >= before_ms {
+        return Ok(0);
+    }
+    // The smallest id whose message was stored at `before_ms` or later (or past the end).
+    let (mut lo, mut hi) = (oldest, newest_message_id(conn)? + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match first_at_or_after(mid)? {
+            Some((_, sent)) if sent >= before_ms => hi = mid,
+            Some((id, _)) => lo = id + 1,
+            None => hi = mid,
+        }
+    }
+    let expired: Vec<(i64, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT id, file_id FROM messages WHERE id < ?1 AND sent_at < ?2 ORDER BY id LIMIT ?3",
+        )?
+        .query_map(params![lo, before_ms, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, file) in &expired {
+        conn.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+            .execute(params![id])?;
+        if let Some(file) = file {
+            drop_file(conn, *file)?;
+        }
+    }
+    Ok(expired.len())
 }

@@ -153,6 +153,8 @@ const MIGRATIONS: &[&str] = &[
         change BLOB NOT NULL,
         PRIMARY KEY (grp, seq)
     ) WITHOUT ROWID;",
+    // Version 4: an index to count a user's files (quotas).
+    "CREATE INDEX files_owner ON files(owner);",
 ];
 
 /// Opens (creating if needed) the database file and brings its schema up to date.

@@ -596,3 +596,94 @@ fn many_openers_of_a_new_file_all_succeed() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_look_over_the_queue_finds_the_heavy_queues_and_senders() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    for i in 0..3 {
+        tx.store_message(&Outgoing::new("alice", i, b"xx"), "bob")?;
+    }
+    tx.store_message(&Outgoing::new("carol", 1, b"x"), "bob")?;
+    tx.store_message(&Outgoing::new("bob", 1, &[0u8; 100]), "carol")?;
+    let keys = |v: Vec<(String, crate::db::Usage)>| -> Vec<String> {
+        let mut k: Vec<String> = v.into_iter().map(|(k, _)| k).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(tx.heavy_queues(3, 1000)?), ["bob"]);
+    assert_eq!(
+        keys(tx.heavy_queues(3, 100)?),
+        ["bob", "carol"],
+        "by bytes too"
+    );
+    assert_eq!(keys(tx.heavy_senders(2, 1000)?), ["alice bob"]);
+    assert_eq!(tx.heavy_queues(5, 1000)?, []);
+    Ok(())
+}
+
+#[test]
+fn queues_count_what_they_hold_through_stores_acks_and_deletions() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    let a1 = tx.store_message(&Outgoing::new("alice", 1, b"12345"), "bob")?;
+    tx.store_message(&Outgoing::new("alice", 2, b"123"), "bob")?;
+    tx.store_message(&Outgoing::new("carol", 1, b"1"), "bob")?;
+    let used = |m, b| crate::db::Usage {
+        messages: m,
+        bytes: b,
+    };
+    assert_eq!(tx.queue_usage("bob")?, used(3, 9));
+    assert_eq!(tx.pair_usage("alice", "bob")?, used(2, 8));
+    assert_eq!(tx.pair_usage("carol", "bob")?, used(1, 1));
+    assert_eq!(tx.queue_usage("alice")?, used(0, 0), "nothing for alice");
+    // A re-send is the same message: counted once.
+    tx.store_message(&Outgoing::new("alice", 1, b"12345"), "bob")?;
+    assert_eq!(tx.queue_usage("bob")?, used(3, 9));
+    tx.ack("bob", &[a1.envelope.id])?;
+    assert_eq!(tx.queue_usage("bob")?, used(2, 4));
+    assert_eq!(tx.pair_usage("alice", "bob")?, used(1, 3));
+    // Group messages count for the group, and go with it.
+    group_of(tx, "alice", &["bob"])?;
+    tx.store_group_message(&Outgoing::new("alice", 9, b"hello"), "team")?;
+    assert_eq!(tx.queue_usage("g:team")?, used(1, 5));
+    tx.delete_group("team")?;
+    assert_eq!(tx.queue_usage("g:team")?, used(0, 0));
+    Ok(())
+}
+
+#[test]
+fn messages_past_their_lifetime_are_deleted_oldest_first() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob"])?;
+    let mut ids = Vec::new();
+    for i in 0..10u64 {
+        ids.push(
+            tx.store_message(&Outgoing::new("alice", i, b"x"), "bob")?
+                .envelope
+                .id,
+        );
+    }
+    // The first six were stored long ago.
+    conn.execute(
+        "UPDATE messages SET sent_at = sent_at - 86400000 * 40 WHERE id <= ?1",
+        [ids[5]],
+    )?;
+    let tx = &mut SqliteTx::new(&conn);
+    let cutoff = now_ms() - 86_400_000 * 30;
+    assert_eq!(tx.expire_messages(cutoff, 4)?, 4, "a batch at a time");
+    assert_eq!(tx.expire_messages(cutoff, 100)?, 2);
+    assert_eq!(tx.expire_messages(cutoff, 100)?, 0);
+    assert_eq!(ids_for(tx, "bob")?, ids[6..]);
+    assert_eq!(tx.queue_usage("bob")?.messages, 4);
+    assert_eq!(tx.pair_usage("alice", "bob")?.messages, 4);
+    assert_eq!(tx.expire_messages(now_ms() + 1, 100)?, 4);
+    assert_eq!(tx.queue_usage("bob")?.messages, 0);
+    Ok(())
+}

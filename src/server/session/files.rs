@@ -23,7 +23,9 @@ impl Session<'_> {
             return self.refuse(id, ErrorCode::BadRequest, why);
         }
         let (me, sid, cid) = (self.user.clone(), self.shared.server_id, self.conn_id);
+        let quotas = self.shared.config.quotas;
         self.write(id, move |tx| {
+            quotas.check_file(tx.file_usage(Some(&me))?, tx.file_usage(None)?, size)?;
             let upload = tx.begin_upload(&me, sid, cid, size, chunks, MAX_UPLOADS)?;
             Ok(ServerReply::Upload { upload })
         });

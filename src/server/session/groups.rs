@@ -161,6 +161,10 @@ impl Session<'_> {
             return;
         }
         let me = self.user.clone();
+        let quotas = self.shared.config.quotas;
+        let (watch, queue) = (&self.shared.quota_watch, format!("g:{group}"));
+        let counted = watch.near(&quotas, &queue, None);
+        watch.note(&queue, None, message.body.len() as u64);
         self.store(id, true, move |tx| {
             let msg = Outgoing::of(&me, &message);
             let g = member_view(tx, &group, &me)?;
@@ -170,6 +174,11 @@ impl Session<'_> {
                 return Ok(copy);
             }
             membership::check_send(&g, epoch)?;
+            if counted {
+                let queue = tx.queue_usage(&format!("g:{group}"))?;
+                let len = message.body.len() as u64;
+                quotas.check_message(&format!("group {group}"), queue, None, len)?;
+            }
             tx.store_group_message(&msg, &group)
         });
     }

@@ -26,11 +26,34 @@ impl Session<'_> {
             return;
         }
         let me = self.user.clone();
+        let quotas = self.shared.config.quotas;
+        // Counted only for a queue or a sender near its quota (see `quota::Watch`).
+        let watch = &self.shared.quota_watch;
+        let counted = watch.near(&quotas, &to, Some(&me));
+        watch.note(&to, Some(&me), message.body.len() as u64);
         // Without a file or a look-up of an earlier attempt, storing is one insert: atomic
         // without a savepoint.
-        let guarded = message.file.is_some() || message.resend_after.is_some();
+        let resend = message.resend_after.is_some();
+        let guarded = message.file.is_some() || resend || counted;
         self.store(id, guarded, move |tx| {
-            tx.store_message(&Outgoing::of(&me, &message), &to)
+            if !counted {
+                return tx.store_message(&Outgoing::of(&me, &message), &to);
+            }
+            let (queue, mine) = (tx.queue_usage(&to)?, tx.pair_usage(&me, &to)?);
+            let check = || {
+                let len = message.body.len() as u64;
+                quotas.check_message(&format!("{to}'s queue"), queue, Some(mine), len)
+            };
+            if !resend {
+                check()?;
+            }
+            let stored = tx.store_message(&Outgoing::of(&me, &message), &to)?;
+            // A re-send that was stored before is that message, quota or not; one that was not
+            // is checked like any message (and undone with its savepoint if it does not fit).
+            if resend && tx.queue_usage(&to)?.messages > queue.messages {
+                check()?;
+            }
+            Ok(stored)
         });
     }
 
