@@ -29,9 +29,7 @@
 //! (`Deliver`) carry the server's message id, which the client acknowledges.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -648,60 +646,16 @@ impl<R: Read> FrameReader<R> {
                 max: max.min(MAX_FRAME),
             });
         }
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf)?;
+        // The buffer grows as bytes arrive: a peer that announces a large frame and sends
+        // little costs what it sent.
+        self.buf.clear();
+        let got = (&mut self.inner)
+            .take(len as u64)
+            .read_to_end(&mut self.buf)?;
+        if got < len {
+            return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
         decode(&self.buf).map(Some)
-    }
-}
-
-impl FrameReader<TcpStream> {
-    /// Like [`FrameReader::read_max`], but the whole frame must arrive before `deadline`:
-    /// each read of the socket waits only for the time left, so a peer cannot stretch a frame
-    /// out forever by sending it a byte at a time. Leaves the socket's read timeout set; clear
-    /// it afterwards.
-    pub fn read_before<T: DeserializeOwned>(
-        &mut self,
-        max: usize,
-        deadline: Instant,
-    ) -> Result<Option<T>> {
-        let mut len = [0u8; 4];
-        if !self.fill_before(&mut len, deadline, true)? {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > max.min(MAX_FRAME) {
-            return Err(Error::FrameTooLarge {
-                len,
-                max: max.min(MAX_FRAME),
-            });
-        }
-        let mut body = std::mem::take(&mut self.buf);
-        body.resize(len, 0);
-        let filled = self.fill_before(&mut body, deadline, false);
-        self.buf = body;
-        filled?;
-        decode(&self.buf).map(Some)
-    }
-
-    /// Fills `out` from the socket before `deadline`. `false` on a clean close before the
-    /// first byte, when `eof_ok`.
-    fn fill_before(&mut self, out: &mut [u8], deadline: Instant, eof_ok: bool) -> io::Result<bool> {
-        let mut filled = 0;
-        while filled < out.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.inner.get_ref().set_read_timeout(Some(left))?;
-            match self.inner.read(&mut out[filled..]) {
-                Ok(0) if filled == 0 && eof_ok => return Ok(false),
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
     }
 }
 
@@ -971,6 +925,16 @@ mod tests {
             }
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_large_announced_frame_costs_only_what_arrives() {
+        let mut bytes = ((MAX_FRAME - 1) as u32).to_be_bytes().to_vec();
+        bytes.push(0x90);
+        let mut r = FrameReader::new(&bytes[..]);
+        assert!(r.read::<PeerMessage>().is_err(), "cut short");
+        assert_eq!(r.body().len(), 1);
+        assert!(r.buf.capacity() < 64 * 1024, "{}", r.buf.capacity());
     }
 
     #[test]

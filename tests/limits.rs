@@ -105,3 +105,37 @@ fn messages_nobody_takes_are_deleted_after_their_lifetime() {
     assert_eq!(c.count("SELECT count(*) FROM file_chunks"), 0);
     assert_eq!(c.run("bob", &["recv"]).stdout, "");
 }
+
+#[test]
+fn a_server_takes_as_many_clients_as_its_descriptors_allow_and_refuses_the_next() {
+    let mut c = Cluster::start(0);
+    // 200 descriptors: 192 kept for the database, links and slack, 2 per client: room for 4.
+    c.add_server_limited(Some(200), &[]);
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let user = format!("u{i}");
+        c.signup_lib(&user);
+        held.push(c.login(&user));
+    }
+    c.signup_lib("u4");
+    let err = fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "pw-u4")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            fastchat::Error::Refused {
+                code: fastchat::net::ErrorCode::Unavailable,
+                message
+            } if message.starts_with("server is full")
+        ),
+        "{err}"
+    );
+    // One leaves: there is room again.
+    drop(held.pop());
+    let deadline = Instant::now() + LIMIT;
+    while fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "pw-u4").is_err() {
+        assert!(Instant::now() < deadline, "no room came free");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -735,9 +735,23 @@ impl Cluster {
     /// Starts one more server with extra arguments; returns its index. With TLS, server
     /// number i (from 1) holds the certificate `server-i`, made now if it does not exist yet.
     pub fn add_server_with(&mut self, extra: &[&str]) -> usize {
+        self.add_server_limited(None, extra)
+    }
+
+    /// Like [`Cluster::add_server_with`], in a shell that first lowers the descriptor limit
+    /// to `nofile`.
+    pub fn add_server_limited(&mut self, nofile: Option<u32>, extra: &[&str]) -> usize {
         use fastchat::transport::pki::{self, Member, Role};
         let i = self.servers.len();
-        let mut cmd = Command::new(bin("fastchat-server"));
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(bin("fastchat-server"));
+                sh
+            }
+            None => Command::new(bin("fastchat-server")),
+        };
         cmd.args([
             "--listen",
             "127.0.0.1:0",
