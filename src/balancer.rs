@@ -68,6 +68,8 @@ pub struct Config {
     /// A request, once its first byte has come, must be whole within this time (and the TLS
     /// handshake too): a client that trickles bytes cannot hold a connection.
     pub request_timeout: Duration,
+    /// How long work waits for the database, and how large its log may grow.
+    pub db_options: crate::db::Options,
 }
 
 impl Config {
@@ -84,6 +86,7 @@ impl Config {
             max_connections: 4096,
             max_per_address: 256,
             request_timeout: Duration::from_secs(10),
+            db_options: crate::db::Options::default(),
         }
     }
 }
@@ -136,7 +139,7 @@ const JOIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves the balancer on `listener` until a message arrives on `shutdown` (or it is dropped).
 pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Result<()> {
-    let store = Store::open(&config.db)?;
+    let store = Store::open_with(&config.db, &config.db_options)?;
     let shared = Arc::new(Shared {
         store,
         registry: Mutex::new(Registry::new(crypto::random_u64()?)),
@@ -222,18 +225,7 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
             }
             Err(e) => return Err(e),
         };
-        let result = match handle(body, shared, peer) {
-            Ok(reply) => Ok(reply),
-            Err(Error::Refused { code, message }) => Err((code, message)),
-            Err(Error::InvalidName(message)) => Err((ErrorCode::InvalidName, message)),
-            Err(e) => {
-                log::error!("request {id} failed: {e}");
-                Err((
-                    ErrorCode::Internal,
-                    "internal error; nothing was changed".to_string(),
-                ))
-            }
-        };
+        let result = handle(body, shared, peer).map_err(|e| e.into_refusal(id));
         let response = match result {
             Ok(reply) => Response {
                 id: Some(id),

@@ -62,15 +62,40 @@ pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Options {
     /// How long work waits for another process's write lock before it fails with an error.
     pub busy_timeout: Duration,
+    /// Bytes of the write-ahead log not yet copied into the database (a reader elsewhere is
+    /// holding back checkpoints) past which writes slow down; past twice this, they are
+    /// refused until the reader lets go.
+    pub wal_limit: u64,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            wal_limit: DEFAULT_WAL_LIMIT,
         }
     }
 }
+
+impl Options {
+    /// Options from a binary's `--db-timeout SECS` and `--wal-limit BYTES`, or why not.
+    pub fn from_args(timeout_secs: f64, wal_limit: u64) -> std::result::Result<Options, String> {
+        let busy_timeout = match Duration::try_from_secs_f64(timeout_secs) {
+            Ok(d) if d >= Duration::from_millis(10) => d,
+            _ => return Err("--db-timeout must be at least 0.01 seconds".into()),
+        };
+        if wal_limit < 1 << 20 {
+            return Err("--wal-limit must be at least 1M".into());
+        }
+        Ok(Options {
+            busy_timeout,
+            wal_limit,
+        })
+    }
+}
+
+/// The default [`Options::wal_limit`].
+pub const DEFAULT_WAL_LIMIT: u64 = 256 << 20;
 
 /// A process's handle on the database: a pool of read connections and the writer thread.
 /// Dropping it commits everything queued, then stops the writer's threads.
@@ -234,7 +259,8 @@ pub trait Tx {
     /// Registers the server named `name` at `addr` and returns its id: the same id every
     /// time the same name registers.
     fn register_server(&mut self, name: &str, addr: &str) -> Result<u64>;
-    /// Forgets a server that has died: its row, its presence rows and its unfinished uploads.
+    /// Forgets the connections of a server gone silent: its presence rows and its unfinished
+    /// uploads (its row and id stay with its name).
     fn forget_server(&mut self, server_id: u64) -> Result<()>;
     /// The name a server registered with, if it is still registered.
     fn server_name(&mut self, server_id: u64) -> Result<Option<String>>;
@@ -251,6 +277,8 @@ pub trait Tx {
     ) -> Result<()>;
     /// The connections on `server_id` whose session has ended (logged out or expired).
     fn ended_sessions(&mut self, server_id: u64) -> Result<Vec<u64>>;
+    /// The connections on `server_id` that have a presence row.
+    fn present_connections(&mut self, server_id: u64) -> Result<Vec<u64>>;
     /// Removes one connection's presence row.
     fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()>;
     /// Removes every presence row of a server (at its start, after a crash of an earlier run).

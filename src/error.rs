@@ -112,6 +112,70 @@ impl Error {
         }
     }
 
+    /// Whether this is the database saying another process holds its lock.
+    pub fn is_busy(&self) -> bool {
+        self.sqlite_code().is_some_and(|code| {
+            matches!(
+                code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+        })
+    }
+
+    /// Whether this is the disk (or the database's size limit) being full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+            _ => self.sqlite_code() == Some(rusqlite::ErrorCode::DiskFull),
+        }
+    }
+
+    /// A storage failure the caller can do something about (wait, free space), as the
+    /// sentence a client should read; `None` for every other error.
+    pub fn storage_refusal(&self) -> Option<String> {
+        if self.is_busy() {
+            Some(
+                "the database is busy: another process has held it longer than the time \
+                 allowed; nothing was stored, try again"
+                    .to_string(),
+            )
+        } else if self.is_disk_full() {
+            Some("the server's disk is full; nothing was stored, try again later".to_string())
+        } else {
+            None
+        }
+    }
+
+    /// What a server answers when handling request `id` failed with this error: a refusal
+    /// passes through, a storage failure becomes `Unavailable` with its reason, and anything
+    /// else is logged and becomes an `Internal` error that reveals nothing.
+    pub fn into_refusal(self, id: u64) -> (ErrorCode, String) {
+        match self {
+            Error::Refused { code, message } => (code, message),
+            Error::InvalidName(message) => (ErrorCode::InvalidName, message),
+            e => match e.storage_refusal() {
+                Some(message) => {
+                    log::warn!("request {id} refused: {e}");
+                    (ErrorCode::Unavailable, message)
+                }
+                None => {
+                    log::error!("request {id} failed: {e}");
+                    (
+                        ErrorCode::Internal,
+                        "internal error; the request had no effect".to_string(),
+                    )
+                }
+            },
+        }
+    }
+
+    fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            Error::Db(rusqlite::Error::SqliteFailure(e, _)) => Some(e.code),
+            _ => None,
+        }
+    }
+
     /// Shorthand for a refusal with a code and message.
     pub fn refused(code: ErrorCode, message: impl Into<String>) -> Error {
         Error::Refused {

@@ -107,7 +107,7 @@ pub fn run(
         limits.descriptors,
         limits.threads
     );
-    let store = Store::open(&config.db)?;
+    let store = Store::open_with(&config.db, &config.db_options)?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         let ip = if local.ip().is_unspecified() {
@@ -137,6 +137,8 @@ pub fn run(
         store,
         server_id,
         quota_watch: Watch::default(),
+        peers_seen: Default::default(),
+        detached: AtomicBool::new(false),
         config,
     });
     refresh_quota_watch(&shared);
@@ -292,7 +294,8 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                     return Ok(());
                 }
             }
-            peers::serve_inbound(&mut chan, &shared.router, &shared.stop, server_id)
+            let again = !shared.peers_seen.lock().insert(server_id);
+            peers::serve_inbound(&mut chan, &shared.router, &shared.stop, server_id, again)
         }
     }
 }

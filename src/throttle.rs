@@ -77,6 +77,13 @@ impl Quiet {
             log::warn!("{line}");
         }
     }
+
+    /// Logs `message` as an error, unless one was logged within the period.
+    pub fn error(&self, message: &str) {
+        if let Some(line) = self.line(message) {
+            log::error!("{line}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -275,6 +275,32 @@ fn offline_messages_arrive_in_order_once() {
 }
 
 #[test]
+fn a_client_id_reused_for_another_message_is_refused_not_dropped() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup_lib(u);
+    }
+    let alice = c.login("alice");
+    let first = alice.send("bob", 7, b"one", None).unwrap();
+    // The same request again is a re-send: the same message, stored once.
+    assert_eq!(alice.send("bob", 7, b"one", None).unwrap(), first);
+    // The same id for another recipient or another body is a mistake the sender hears of.
+    for (to, body) in [("carol", &b"one"[..]), ("bob", &b"two"[..])] {
+        match alice.send(to, 7, body, None) {
+            Err(fastchat::Error::Refused {
+                code: ErrorCode::Conflict,
+                message,
+            }) => assert!(
+                message.contains("client id 7 was already used"),
+                "{message}"
+            ),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 1);
+}
+
+#[test]
 fn recv_json_prints_one_object_per_line() {
     let c = Cluster::start(1);
     c.signup("alice");

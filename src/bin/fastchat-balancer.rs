@@ -58,6 +58,15 @@ struct Args {
     /// the first has come; slower ones are closed.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     request_timeout: f64,
+    /// Seconds a write waits for the database when another process holds it, before it
+    /// fails with "the database is busy".
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    db_timeout: f64,
+    /// Bytes of the database's log not yet copied into it (a reader in another process
+    /// holding back checkpoints) past which writes slow down; past twice this they are refused
+    /// until the reader lets go.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = fastchat::units::parse_size)]
+    wal_limit: u64,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -107,6 +116,10 @@ fn main() -> ExitCode {
     config.signups_per_address = args.signups_per_address;
     config.max_connections = args.max_connections;
     config.max_per_address = args.max_per_address;
+    config.db_options = match fastchat::db::Options::from_args(args.db_timeout, args.wal_limit) {
+        Ok(o) => o,
+        Err(why) => return fail(&why, 2),
+    };
     config.request_timeout = match Duration::try_from_secs_f64(args.request_timeout) {
         Ok(d) if !d.is_zero() => d,
         _ => return fail("--request-timeout must be a positive number of seconds", 2),

@@ -96,6 +96,15 @@ struct Args {
         help_heading = "Quotas"
     )]
     message_lifetime: f64,
+    /// Seconds a write waits for the database when another process holds it, before it
+    /// fails with "the database is busy".
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    db_timeout: f64,
+    /// Bytes of the database's log not yet copied into it (a reader in another process
+    /// holding back checkpoints) past which writes slow down; past twice this they are refused
+    /// until the reader lets go.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = fastchat::units::parse_size)]
+    wal_limit: u64,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -142,6 +151,10 @@ fn main() -> ExitCode {
     config.max_file = args.max_file_size;
     config.max_rate = args.max_rate;
     config.queue_len = args.queue_len;
+    config.db_options = match fastchat::db::Options::from_args(args.db_timeout, args.wal_limit) {
+        Ok(o) => o,
+        Err(why) => return fail(&why, 2),
+    };
     let lifetime = match std::time::Duration::try_from_secs_f64(args.message_lifetime * 86_400.0) {
         Ok(d) if !d.is_zero() => d,
         _ => return fail("--message-lifetime must be a positive number of days", 2),

@@ -17,11 +17,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::balancer::{unexpected, Session, REPLY_TIMEOUT};
+use super::balancer::{unexpected, Session};
 use crate::error::{Error, Result};
 use crate::mailbox;
 use crate::net::{
@@ -29,6 +30,11 @@ use crate::net::{
     MAX_FRAME,
 };
 use crate::transport::{wait, Channel, Expect, Fill, Transport, Waker};
+
+/// How long a request to a chat server waits for its reply (and `Hello` for `Welcome`)
+/// before the server counts as lost: a server that is stopped or cut off is left after a few
+/// seconds for another, and the request is sent again there (stored once).
+pub const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a connection's thread hands to the program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +87,7 @@ impl Connection {
         let expect = Expect::Server(Some(session.server.name.clone()));
         let stream = transport.connect(&session.server.addr, "chat server", &expect)?;
         let mut chan = Channel::new(stream)?;
-        chan.stream().tcp().set_read_timeout(Some(REPLY_TIMEOUT))?;
+        chan.stream().tcp().set_read_timeout(Some(SERVER_TIMEOUT))?;
         let proof = session.key.prove(chan.stream().binding().as_ref())?;
         chan.send(&Greeting::Hello {
             token: session.token.clone(),
@@ -197,7 +203,7 @@ impl Connection {
 
 /// Waits for the response from [`Connection::request`]; a refusal becomes [`Error::Refused`].
 pub fn wait_reply(rx: &Reply) -> Result<ServerReply> {
-    match rx.recv_timeout(REPLY_TIMEOUT) {
+    match rx.recv_timeout(SERVER_TIMEOUT) {
         Ok(response) => response.into_result(),
         Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

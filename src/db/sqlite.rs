@@ -15,6 +15,8 @@
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -25,6 +27,7 @@ use super::writer::{Background, Batch};
 use super::{Options, Outgoing, SessionRow, StoredMessage, Tx, Usage};
 use crate::error::{Error, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
+use crate::throttle::Quiet;
 
 pub mod accounts;
 pub mod files;
@@ -146,7 +149,20 @@ impl Readers {
 pub struct WriterConn {
     conn: Connection,
     busy_timeout: Duration,
+    /// See [`Options::wal_limit`].
+    wal_limit: u64,
+    /// Bytes of the log not yet copied into the database, as the last checkpoint found.
+    backlog: Arc<AtomicU64>,
 }
+
+/// Said at most once a second: the log is over its limit.
+static HELD_BACK: Quiet = Quiet::new(Duration::from_secs(1));
+
+/// How long a batch waits, at most, while the log is over its limit.
+const HELD_BACK_PAUSE: Duration = Duration::from_millis(200);
+
+/// The log is cut back to this size (or the limit, if smaller) once it has been copied.
+const SMALL_WAL: u64 = 8 << 20;
 
 /// The writer's connection to `path` (opened and migrated) and the checkpoint loop to run
 /// beside it.
@@ -156,17 +172,70 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
     // crossed the automatic checkpoint threshold would hold back every reply of its batch for
     // the length of an fsync.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Once a checkpoint has copied everything and a writer starts the log over, the file is
+    // cut back to this: a log that grew while a reader held back checkpoints does not stay
+    // large.
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        SMALL_WAL.min(options.wal_limit) as i64,
+    )?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let checkpoints = connect(path)?;
     let busy_timeout = options.busy_timeout;
+    let backlog = Arc::new(AtomicU64::new(0));
+    let published = Arc::clone(&backlog);
     let background: Background = Box::new(move |stop| {
         set_busy_timeout(busy_timeout);
-        checkpoint_loop(&checkpoints, &stop)
+        checkpoint_loop(&checkpoints, &stop, page_size.max(512) as u64, &published)
     });
-    Ok((WriterConn { conn, busy_timeout }, Some(background)))
+    let writer = WriterConn {
+        conn,
+        busy_timeout,
+        wal_limit: options.wal_limit,
+        backlog,
+    };
+    Ok((writer, Some(background)))
+}
+
+impl WriterConn {
+    /// Holds back a batch while the log is over its limit (a reader elsewhere keeps
+    /// checkpoints from copying it): up to a moment past the limit, refused past twice it.
+    fn mind_the_log(&self) -> Result<()> {
+        let over = || self.backlog.load(Ordering::Relaxed) > self.wal_limit;
+        if !over() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + HELD_BACK_PAUSE;
+        while over() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        let size = crate::units::human_size;
+        let why = format!(
+            "the database's log holds {} not yet copied into it, over the limit of {}: a \
+             reader in another process is holding back checkpoints (an open transaction?)",
+            size(backlog),
+            size(self.wal_limit)
+        );
+        if backlog > 2 * self.wal_limit {
+            HELD_BACK.warn(&format!("{why}; refusing writes until it lets go"));
+            return Err(Error::refused(
+                crate::error::ErrorCode::Unavailable,
+                "the database cannot take more writes now (a reader is holding back its log); \
+                 nothing was stored, try again later",
+            ));
+        }
+        if backlog > self.wal_limit {
+            HELD_BACK.warn(&format!("{why}; slowing writes"));
+        }
+        Ok(())
+    }
 }
 
 impl Batch for WriterConn {
     fn begin(&mut self) -> Result<()> {
+        self.mind_the_log()?;
         // The writer thread runs only this connection's statements.
         set_busy_timeout(self.busy_timeout);
         // The busy handler waits up to the busy timeout; a "busy" it does not wait for (a
@@ -209,8 +278,9 @@ impl Batch for WriterConn {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 /// Passive checkpoints (never waiting for, or blocking, readers and writers) until stopped.
-/// Every process with a writer runs one; whichever gets there first does the work.
-fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>) {
+/// Every process with a writer runs one; whichever gets there first does the work. Each
+/// publishes in `backlog` how many bytes of the log it could not copy.
+fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>, page_size: u64, backlog: &AtomicU64) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_EVERY)
     {
@@ -222,7 +292,12 @@ fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>) {
             ))
         });
         match done {
-            Ok((0, wal, copied)) if wal > 0 => log::trace!("checkpoint: {copied} of {wal} pages"),
+            Ok((0, wal, copied)) => {
+                backlog.store((wal - copied).max(0) as u64 * page_size, Ordering::Relaxed);
+                if wal > 0 {
+                    log::trace!("checkpoint: {copied} of {wal} pages");
+                }
+            }
             Ok(_) => {}
             Err(e) => log::debug!("checkpoint skipped: {e}"),
         }
@@ -283,6 +358,9 @@ impl Tx for SqliteTx<'_> {
     }
     fn ended_sessions(&mut self, server_id: u64) -> Result<Vec<u64>> {
         registry::ended_sessions(self.conn, server_id)
+    }
+    fn present_connections(&mut self, server_id: u64) -> Result<Vec<u64>> {
+        registry::present_connections(self.conn, server_id)
     }
     fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()> {
         registry::remove_presence(self.conn, server_id, conn_id)

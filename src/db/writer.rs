@@ -61,7 +61,37 @@ pub type Background = Box<dyn FnOnce(Receiver<()>) + Send>;
 /// the commit's error, if it failed). One allocation per job.
 trait Job: Send {
     fn run(&mut self, batch: &mut dyn Batch);
-    fn complete(self: Box<Self>, batch_error: Option<&str>);
+    fn complete(self: Box<Self>, batch_error: Option<&BatchError>);
+}
+
+/// Why a whole batch failed.
+#[derive(Debug, Clone)]
+pub enum BatchError {
+    /// Another process held the database (its write lock, or its log full of pages a reader
+    /// holds back), or the disk was full: nothing was written; try again later.
+    Busy(String),
+    /// The batch could not be begun or committed.
+    Failed(String),
+}
+
+impl BatchError {
+    /// `e`, as a batch error: busy, or failed.
+    pub fn of(e: &Error, what: &str) -> BatchError {
+        match e {
+            Error::Refused { message, .. } => BatchError::Busy(message.clone()),
+            e => match e.storage_refusal() {
+                Some(message) => BatchError::Busy(format!("{message} ({e})")),
+                None => BatchError::Failed(format!("{what}: {e}")),
+            },
+        }
+    }
+
+    fn to_error(&self) -> Error {
+        match self {
+            BatchError::Busy(m) => Error::refused(crate::error::ErrorCode::Unavailable, m.clone()),
+            BatchError::Failed(m) => Error::Commit(m.clone()),
+        }
+    }
 }
 
 /// A job made of closures: `work` produces a result, `done` receives it.
@@ -97,9 +127,9 @@ where
         });
     }
 
-    fn complete(self: Box<Self>, batch_error: Option<&str>) {
+    fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         let result = match (self.result, batch_error) {
-            (Some(Ok(_)) | None, Some(e)) => Err(Error::Commit(e.to_string())),
+            (Some(Ok(_)) | None, Some(e)) => Err(e.to_error()),
             (Some(result), _) => result,
             (None, None) => Err(Error::Commit("the job never ran".into())),
         };
@@ -199,6 +229,11 @@ impl Drop for Writer {
     }
 }
 
+/// A failing `BEGIN` or `COMMIT` (a locked database, a full disk) repeats for every batch while
+/// it lasts: each said once a second.
+static BEGIN_FAILED: crate::throttle::Quiet = crate::throttle::Quiet::new(Duration::from_secs(1));
+static COMMIT_FAILED: crate::throttle::Quiet = crate::throttle::Quiet::new(Duration::from_secs(1));
+
 fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut last_purge = Instant::now();
@@ -221,8 +256,8 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
         if let Err(e) = conn.begin() {
             // Nothing ran: outside a transaction each job would commit on its own while its
             // submitter is told it failed.
-            log::error!("database: cannot begin a transaction: {e}");
-            let why = format!("cannot begin a transaction: {e}");
+            BEGIN_FAILED.warn(&format!("database: cannot begin a transaction: {e}"));
+            let why = BatchError::of(&e, "cannot begin a transaction");
             for job in batch.drain(..) {
                 job.complete(Some(&why));
             }
@@ -255,13 +290,13 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
         let message = match conn.commit() {
             Ok(()) => None,
             Err(e) => {
-                log::error!("database: commit of {} jobs failed: {e}", batch.len());
+                COMMIT_FAILED.error(&format!("database: a commit failed: {e}"));
                 conn.rollback();
-                Some(e.to_string())
+                Some(BatchError::of(&e, "commit failed"))
             }
         };
         for job in batch.drain(..) {
-            job.complete(message.as_deref());
+            job.complete(message.as_ref());
         }
     }
 }

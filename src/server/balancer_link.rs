@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::shared::Shared;
+use crate::balancer::registry::FORGET_AFTER;
 use crate::db::now_ms;
 use crate::error::{Error, Result};
 use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
@@ -123,6 +124,8 @@ impl BalancerLink {
     /// Heartbeats until the server stops.
     pub fn run(mut self, shared: &Shared) {
         let mut lost = false;
+        // Since when the balancer has refused to register this server.
+        let mut refused_since: Option<Instant> = None;
         let mut expired_at: Option<Instant> = None;
         while !shared.stopping.load(Ordering::SeqCst) {
             let every = EXPIRE_EVERY.min(shared.config.quotas.lifetime / 2);
@@ -132,21 +135,35 @@ impl BalancerLink {
             }
             if self.conn.is_none() {
                 match self.register() {
-                    Ok(()) if self.server_id == shared.server_id => {
-                        log::info!(
-                            "registered again with the balancer as server {}",
-                            self.server_id
-                        );
-                        lost = false;
-                    }
                     Ok(()) => {
-                        log::error!("balancer gave a new id; this server keeps its old one");
-                        self.server_id = shared.server_id;
+                        if self.server_id == shared.server_id {
+                            log::info!(
+                                "registered again with the balancer as server {}",
+                                self.server_id
+                            );
+                        } else {
+                            log::error!("balancer gave a new id; this server keeps its old one");
+                            self.server_id = shared.server_id;
+                        }
+                        lost = false;
+                        refused_since = None;
+                        rejoin(shared);
                     }
                     Err(e) => {
+                        let refused = matches!(e, Error::Refused { .. });
                         if !lost {
-                            log::warn!("balancer {} unreachable: {e}; retrying", self.addr);
+                            if refused {
+                                log::warn!("balancer {} refuses this server: {e}", self.addr);
+                            } else {
+                                log::warn!("balancer {} unreachable: {e}; retrying", self.addr);
+                            }
                             lost = true;
+                        }
+                        if refused {
+                            let since = *refused_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= FORGET_AFTER {
+                                detach(shared, &e);
+                            }
                         }
                         self.conn = None;
                     }
@@ -164,6 +181,7 @@ impl BalancerLink {
                 }
             }
             close_ended_sessions(shared);
+            close_forgotten_connections(shared);
             super::refresh_quota_watch(shared);
             // Sleep one period, or less if the server stops meanwhile.
             let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
@@ -194,6 +212,65 @@ fn expire_old_messages(shared: &Shared) {
             Err(e) => log::warn!("cannot delete old messages: {e}"),
         },
     );
+}
+
+/// The balancer has refused this server for as long as it takes to forget a silent one:
+/// whoever it lets in under this name (or nobody), this server is out of the cluster. Its
+/// clients are closed so that they fail over at once, and it takes no new ones (a client that
+/// still comes is told to ask the balancer for another).
+fn detach(shared: &Shared, why: &Error) {
+    if shared.detached.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let n = shared.router.cut(&shared.router.settled(Duration::ZERO));
+    log::error!(
+        "the balancer has refused this server for {} s ({why}); closed its {n} connections \
+         and takes no clients until it is let back in",
+        FORGET_AFTER.as_secs()
+    );
+}
+
+/// The balancer registered this server again: it takes clients again (if it had stopped).
+fn rejoin(shared: &Shared) {
+    if shared.detached.swap(false, Ordering::SeqCst) {
+        log::info!("the balancer let this server back in; taking clients again");
+    }
+}
+
+/// A connection this old without a presence row lost it to the balancer, not to a race
+/// with its own login (which writes the row before the session starts).
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// Closes the local connections whose presence rows are gone: the balancer forgot this
+/// server while it was stopped or cut off (it deletes a silent server's rows after ten
+/// seconds), so nothing would be routed to them live. Their clients reconnect (to whichever
+/// server the balancer gives them), write their rows again and read their queues: nothing is
+/// lost, and live delivery resumes.
+fn close_forgotten_connections(shared: &Shared) {
+    let settled = shared.router.settled(SETTLED);
+    if settled.is_empty() {
+        return;
+    }
+    match shared
+        .store
+        .read(|tx| tx.present_connections(shared.server_id))
+    {
+        Ok(present) => {
+            let present: std::collections::HashSet<u64> = present.into_iter().collect();
+            let forgotten: Vec<u64> = settled
+                .into_iter()
+                .filter(|c| !present.contains(c))
+                .collect();
+            if !forgotten.is_empty() {
+                let n = shared.router.cut(&forgotten);
+                log::warn!(
+                    "{n} connections had lost their presence rows (the balancer forgot this \
+                     server while it was away); closed them so their clients reconnect"
+                );
+            }
+        }
+        Err(e) => log::warn!("cannot check this server's presence rows: {e}"),
+    }
 }
 
 /// Closes the local connections whose session has ended (a logout on any balancer, or

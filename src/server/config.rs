@@ -36,6 +36,8 @@ pub struct Config {
     pub startup_timeout: Duration,
     /// What queues and users may hold, and how long messages are kept.
     pub quotas: Quotas,
+    /// How long work waits for the database, and how large its log may grow.
+    pub db_options: crate::db::Options,
 }
 
 impl Config {
@@ -54,6 +56,7 @@ impl Config {
             max_rate: 10_000,
             startup_timeout: Duration::from_secs(10),
             quotas: Quotas::default(),
+            db_options: crate::db::Options::default(),
         }
     }
 }

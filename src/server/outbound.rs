@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
@@ -103,6 +104,8 @@ pub struct Handle {
     pub tx: Sender<Outbound>,
     /// Cuts the connection off (a client whose queue is full, a session that ended).
     pub cut: Arc<dyn Cut>,
+    /// When the connection's session started here.
+    pub since: Instant,
 }
 
 impl Handle {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -32,6 +32,13 @@ use crate::transport::{Channel, Expect, Transport, Waker};
 
 /// Messages waiting on one link before new ones are dropped (they stay stored).
 const LINK_QUEUE: usize = 65_536;
+
+/// How long a peer the heartbeat stopped listing is not linked to on demand (the balancer
+/// forgets a silent server, and its users' presence rows, after ten seconds).
+const DEPARTED_FOR: Duration = Duration::from_secs(15);
+
+/// The longest pause between attempts to reach a peer.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 /// "Backed up" is said once a second at most: it can be true of every message for a while.
 static BACKED_UP: Quiet = Quiet::new(Duration::from_secs(1));
@@ -60,6 +67,11 @@ pub struct Peers {
     /// Our certificate, to present to peers, and the CA to check theirs.
     transport: Transport,
     links: Mutex<HashMap<u64, Link>>,
+    /// Peers the heartbeat stopped listing, and when: not linked again on demand until the
+    /// balancer lists them again (a stopped server's users keep their presence rows for a
+    /// while, and linking to it for each of their messages only to drop the link at the next
+    /// heartbeat would flap).
+    departed: Mutex<HashMap<u64, Instant>>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -70,6 +82,7 @@ impl Peers {
             me,
             transport,
             links: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
             stopping,
         }
     }
@@ -77,13 +90,16 @@ impl Peers {
     /// Opens links to new peers and closes links to peers that are gone.
     pub fn update(&self, peers: &[ServerInfo]) {
         let mut links = self.links.lock();
+        let mut departed = self.departed.lock();
         links.retain(|id, link| {
             let keep = peers.iter().any(|p| p.id == *id && p.addr == link.addr);
             if !keep {
                 log::info!("peer {id} at {} left the mesh", link.addr);
+                departed.insert(*id, Instant::now());
             }
             keep
         });
+        departed.retain(|id, at| at.elapsed() < DEPARTED_FOR && !peers.iter().any(|p| p.id == *id));
         for p in peers {
             if p.id == self.me || links.contains_key(&p.id) {
                 continue;
@@ -123,10 +139,23 @@ impl Peers {
         self.links.lock().contains_key(&peer)
     }
 
-    /// Opens a link to `peer` unless one exists (before the heartbeat lists it).
+    /// Opens a link to `peer` unless one exists (before the heartbeat lists it), or the
+    /// heartbeat stopped listing it lately.
     pub fn ensure(&self, peer: &ServerInfo) {
         let mut links = self.links.lock();
         if peer.id == self.me || links.contains_key(&peer.id) {
+            return;
+        }
+        if self
+            .departed
+            .lock()
+            .get(&peer.id)
+            .is_some_and(|at| at.elapsed() < DEPARTED_FOR)
+        {
+            log::debug!(
+                "peer {} left the mesh lately; not linking on demand",
+                peer.id
+            );
             return;
         }
         match self.open(peer) {
@@ -194,8 +223,10 @@ fn link_loop(
     let what = format!("peer server {peer}");
     let expect = Expect::Server(Some(target.name.clone()));
     let mut unsent: Vec<Arc<Relayed>> = Vec::new();
-    // A peer that keeps failing is reported once a second at most.
-    let broken = Quiet::new(Duration::from_secs(1));
+    // Logged once when the link goes down and once when it is back; attempts in between
+    // back off from 250 ms to five seconds.
+    let mut down = false;
+    let mut pause = Duration::ZERO;
     while !stopping.load(Ordering::SeqCst) {
         let link = transport
             .connect(&target.addr, &what, &expect)
@@ -208,12 +239,23 @@ fn link_loop(
         let mut ch = match link {
             Ok(ch) => ch,
             Err(e) => {
-                log::debug!("{what} at {} unreachable: {e}", target.addr);
-                // Wait before retrying, but notice the link being closed.
-                match rx.recv_deadline(std::time::Instant::now() + Duration::from_millis(250)) {
-                    Err(RecvTimeoutError::Disconnected) => return,
-                    Ok(msg) => unsent.push(msg),
-                    Err(RecvTimeoutError::Timeout) => {}
+                if !down {
+                    log::warn!(
+                        "{what} at {} unreachable: {e}; retrying, less and less often",
+                        target.addr
+                    );
+                    down = true;
+                }
+                pause = (pause * 2).clamp(Duration::from_millis(250), MAX_RETRY_PAUSE);
+                // Wait before retrying, keeping what is queued meanwhile, but notice the link
+                // being closed.
+                let until = Instant::now() + pause;
+                loop {
+                    match rx.recv_deadline(until) {
+                        Err(RecvTimeoutError::Disconnected) => return,
+                        Ok(msg) => unsent.push(msg),
+                        Err(RecvTimeoutError::Timeout) => break,
+                    }
                 }
                 // A peer that stays away must not make this list grow without bound.
                 if unsent.len() > LINK_QUEUE {
@@ -222,12 +264,16 @@ fn link_loop(
                 continue;
             }
         };
+        if down {
+            log::info!("link to {what} at {} is back", target.addr);
+        }
+        pause = Duration::ZERO;
         match pump(&mut ch, rx, &mut unsent) {
             Ok(()) => return,
-            Err(e) => broken.warn(&format!(
-                "link to {what} at {} broke: {e}; reconnecting",
-                target.addr
-            )),
+            Err(e) => {
+                log::warn!("link to {what} at {} broke: {e}; reconnecting", target.addr);
+                down = true;
+            }
         }
     }
 }
@@ -270,10 +316,21 @@ fn relay(item: &Relayed) -> PeerMessage {
 /// Serves a link a peer opened to this server (after its greeting was checked): relayed
 /// messages go to their local recipients until the link ends or `stop` is set. However it
 /// ends, the peer may have committed messages it never relayed: every local connection then
-/// re-reads its queue.
-pub fn serve_inbound(ch: &mut Channel, router: &Router, stop: &Waker, peer: u64) -> Result<()> {
+/// re-reads its queue. The same when the link comes `again` after an absence: while it was
+/// away the peer stored messages for local users without relaying them.
+pub fn serve_inbound(
+    ch: &mut Channel,
+    router: &Router,
+    stop: &Waker,
+    peer: u64,
+    again: bool,
+) -> Result<()> {
     ch.set_nonblocking(true)?;
     log::debug!("peer {peer} linked in");
+    if again {
+        log::info!("link from peer {peer} is back; re-syncing local clients");
+        router.resync_all();
+    }
     struct ResyncOnEnd<'a>(&'a Router, u64);
     impl Drop for ResyncOnEnd<'_> {
         fn drop(&mut self) {
@@ -489,6 +546,7 @@ mod tests {
                 conn_id: 1,
                 tx,
                 cut: Arc::new(Flag::default()),
+                since: std::time::Instant::now(),
             },
         );
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -509,7 +567,7 @@ mod tests {
         drop(peer);
         let mut ch = Channel::new(Stream::plain(inbound)).unwrap();
         let stop = Waker::new().unwrap();
-        serve_inbound(&mut ch, &router, &stop, 2).unwrap();
+        serve_inbound(&mut ch, &router, &stop, 2, false).unwrap();
         let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|o| match o {
                 Outbound::Message(m) => format!("message {}", m.id),

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 
@@ -70,6 +71,17 @@ impl Router {
         }
     }
 
+    /// The connections whose sessions started here more than `age` ago.
+    pub fn settled(&self, age: Duration) -> Vec<u64> {
+        self.users
+            .read()
+            .values()
+            .flatten()
+            .filter(|h| h.since.elapsed() > age)
+            .map(|h| h.conn_id)
+            .collect()
+    }
+
     /// Cuts off the connections with these ids (their sessions ended); returns how many.
     pub fn cut(&self, conn_ids: &[u64]) -> usize {
         let mut n = 0;
@@ -93,7 +105,17 @@ mod tests {
         let (tx, rx) = mailbox::lazy(cap);
         let flag = Arc::new(Flag::default());
         let cut: Arc<dyn crate::server::outbound::Cut> = flag.clone();
-        (Handle { conn_id, tx, cut }, rx, flag)
+        let since = std::time::Instant::now();
+        (
+            Handle {
+                conn_id,
+                tx,
+                cut,
+                since,
+            },
+            rx,
+            flag,
+        )
     }
 
     fn delivered(rx: &mailbox::Receiver<Outbound>) -> Vec<i64> {

@@ -63,6 +63,16 @@ pub fn serve_client(
     user: String,
     token_hash: Vec<u8>,
 ) -> Result<()> {
+    if shared.detached.load(Ordering::SeqCst) {
+        let away = ServerEvent::refused(
+            None,
+            ErrorCode::Unavailable,
+            "this server is not part of the cluster now (the balancer refuses it); ask the \
+             balancer for another",
+        );
+        let _ = chan.send_before(&away, Instant::now() + LINGER);
+        return Ok(());
+    }
     let count = shared.clients.fetch_add(1, Ordering::SeqCst) as usize + 1;
     if count > shared.config.max_clients {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
@@ -82,6 +92,7 @@ pub fn serve_client(
         conn_id,
         tx,
         cut: cut.clone(),
+        since: std::time::Instant::now(),
     };
     let session = Session::new(shared, user, conn_id, handle, token_hash);
     session.start()?;
@@ -415,17 +426,7 @@ impl Connection {
 /// The reply for a failed request: refusals keep their reason; anything else is logged here
 /// and reported as an internal error, without details.
 fn error_event(id: u64, e: Error) -> ServerEvent {
-    let (code, message) = match e {
-        Error::Refused { code, message } => (code, message),
-        Error::InvalidName(message) => (ErrorCode::InvalidName, message),
-        e => {
-            log::error!("request {id} failed: {e}");
-            (
-                ErrorCode::Internal,
-                "internal error; the request had no effect".to_string(),
-            )
-        }
-    };
+    let (code, message) = e.into_refusal(id);
     ServerEvent::refused(Some(id), code, message)
 }
 

@@ -3,7 +3,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 
+use std::collections::HashSet;
+
 use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
 
 use super::config::Config;
 use super::peers::Peers;
@@ -37,6 +40,11 @@ pub struct Shared {
     pub stop_signal: Receiver<()>,
     /// The queues and senders near their quotas.
     pub quota_watch: Watch,
+    /// The peers that have linked in since this server started.
+    pub peers_seen: Mutex<HashSet<u64>>,
+    /// Set while the balancer refuses this server (for longer than it takes to forget a
+    /// silent one): it has closed its clients and takes no new ones until it is let back in.
+    pub detached: AtomicBool,
 }
 
 #[cfg(test)]
@@ -62,6 +70,8 @@ impl Shared {
             stop: Waker::new().expect("an eventfd"),
             stop_signal,
             quota_watch: Watch::default(),
+            peers_seen: Mutex::default(),
+            detached: AtomicBool::new(false),
         };
         (Arc::new(shared), stop_tx)
     }

@@ -174,13 +174,28 @@ impl Cluster {
         Cluster::start_full(n, "round-robin", true, args)
     }
 
+    /// A balancer and `n` servers keeping their files (database, certificates) in `dir`.
+    pub fn start_in(dir: tempfile::TempDir, n: usize) -> Cluster {
+        Cluster::start_full_in(dir, n, "round-robin", true, &[])
+    }
+
     fn start_secured(n: usize, algo: &str, tls: bool) -> Cluster {
         Cluster::start_full(n, algo, tls, &[])
     }
 
     fn start_full(n: usize, algo: &str, tls: bool, extra: &[&str]) -> Cluster {
-        use fastchat::transport::pki::{self, Member, Role};
         let dir = tempfile::tempdir().expect("tempdir");
+        Cluster::start_full_in(dir, n, algo, tls, extra)
+    }
+
+    fn start_full_in(
+        dir: tempfile::TempDir,
+        n: usize,
+        algo: &str,
+        tls: bool,
+        extra: &[&str],
+    ) -> Cluster {
+        use fastchat::transport::pki::{self, Member, Role};
         let db = dir.path().join("chat.db");
         let tls_dir = tls.then(|| dir.path().join("tls"));
         if let Some(t) = &tls_dir {
@@ -741,6 +756,13 @@ impl Cluster {
     /// Like [`Cluster::add_server_with`], in a shell that first lowers the descriptor limit
     /// to `nofile`.
     pub fn add_server_limited(&mut self, nofile: Option<u32>, extra: &[&str]) -> usize {
+        let name = format!("server-{}", self.servers.len() + 1);
+        self.add_server_as(&name, nofile, extra)
+    }
+
+    /// Starts one more server under `name` (its certificate's, made if missing); waits until
+    /// it is registered and returns its index.
+    pub fn add_server_as(&mut self, name: &str, nofile: Option<u32>, extra: &[&str]) -> usize {
         use fastchat::transport::pki::{self, Member, Role};
         let i = self.servers.len();
         let mut cmd = match nofile {
@@ -762,15 +784,14 @@ impl Cluster {
         ]);
         match &self.tls {
             Some(t) => {
-                let name = format!("server-{}", i + 1);
                 if !t.join(format!("{name}.pem")).exists() {
                     let member = Member {
                         role: Role::Server,
-                        name: name.clone(),
+                        name: name.to_string(),
                     };
                     pki::issue(t, &member).expect("a server certificate");
                 }
-                cmd.arg("--tls-dir").arg(t).args(["--name", &name]);
+                cmd.arg("--tls-dir").arg(t).args(["--name", name]);
             }
             None => {
                 cmd.arg("--insecure-plaintext");

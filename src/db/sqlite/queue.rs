@@ -37,7 +37,7 @@ pub fn earlier(
     after: i64,
 ) -> Result<Option<Envelope>> {
     if let Some(copy) = stored_copy(conn, msg.from, msg.client_id)? {
-        return Ok(Some(copy));
+        return same_message(copy, msg, to, group).map(Some);
     }
     let delivered: Option<i64> = conn
         .prepare_cached(
@@ -108,6 +108,28 @@ pub fn forget_deliveries(conn: &Connection, upto: i64) -> Result<usize> {
         .execute(params![upto])?)
 }
 
+/// `first`, the message stored under `msg`'s client id, if `msg` is a re-send of it; a refusal
+/// if the sender used the id for another message (another recipient, another body), which
+/// would otherwise be dropped as a duplicate without a word.
+fn same_message(
+    first: Envelope,
+    msg: &Outgoing<'_>,
+    to: &str,
+    group: Option<&str>,
+) -> Result<Envelope> {
+    if first.to == to && first.group.as_deref() == group && first.body == msg.body {
+        Ok(first)
+    } else {
+        Err(Error::refused(
+            ErrorCode::Conflict,
+            format!(
+                "client id {} was already used for another message; give each message its own",
+                msg.client_id
+            ),
+        ))
+    }
+}
+
 /// The message `from` already stored under `client_id`, if any (a re-send).
 fn stored_copy(conn: &Connection, from: &str, client_id: u64) -> Result<Option<Envelope>> {
     Ok(conn
@@ -147,8 +169,11 @@ pub fn store_message(conn: &Connection, msg: &Outgoing<'_>, to: &str) -> Result<
     let envelope = match (file, resend_after) {
         // The common case: one statement (a conflict means a duplicate on the wire).
         (None, None) => match insert(conn, now)? {
-            0 => stored_copy(conn, from, client_id)?
-                .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?,
+            0 => {
+                let first = stored_copy(conn, from, client_id)?
+                    .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?;
+                same_message(first, msg, to, None)?
+            }
             _ => new_envelope(conn, msg, to, None, now),
         },
         // A re-send, or an offer that must not finish (and so orphan) a second upload.

@@ -18,18 +18,26 @@ pub fn register_server(conn: &Connection, name: &str, addr: &str) -> Result<u64>
     Ok(id as u64)
 }
 
-/// Forgets a server that has died: its row and its presence rows (its uploads are the files
-/// layer's to drop).
+/// Forgets the connections of a server that has gone silent: its presence rows (its uploads
+/// are the files layer's to drop). Its row stays: the id belongs to its name, and a server
+/// that was only stopped registers again under it.
 pub fn forget_server(conn: &Connection, server_id: u64) -> Result<()> {
     conn.execute(
         "DELETE FROM presence WHERE server_id = ?1",
         params![server_id as i64],
     )?;
-    conn.execute(
-        "DELETE FROM servers WHERE id = ?1",
-        params![server_id as i64],
-    )?;
     Ok(())
+}
+
+/// The connections of `server_id` that have a presence row.
+pub fn present_connections(conn: &Connection, server_id: u64) -> Result<Vec<u64>> {
+    Ok(conn
+        .prepare_cached("SELECT conn_id FROM presence WHERE server_id = ?1")?
+        .query_map(
+            params![server_id as i64],
+            |r| Ok(r.get::<_, i64>(0)? as u64),
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// The address and name a server registered with, if it is still registered.

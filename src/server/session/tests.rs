@@ -70,6 +70,7 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
         conn_id,
         tx,
         cut: Arc::new(Flag::default()),
+        since: std::time::Instant::now(),
     };
     shared
         .clients
