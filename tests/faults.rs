@@ -306,7 +306,7 @@ fn a_full_disk_refuses_writes_clearly_and_loses_nothing() {
     let (disk, dir) = match SmallDisk::mount("24m") {
         Ok(mounted) => mounted,
         Err(why) => {
-            // Mounting needs root (CI runs as root); say so rather than pass silently.
+            // Mounting needs root; say so rather than pass silently.
             eprintln!("SKIPPED: cannot mount a small disk here: {why}");
             return;
         }
