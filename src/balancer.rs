@@ -24,7 +24,7 @@ use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
 use crate::crypto::{self, ScryptCost};
-use crate::db::{now_ms, Store};
+use crate::db::{now_ms, SessionRow, Store};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listen::{self, Threads};
 use crate::names;
@@ -138,7 +138,14 @@ const HASH_PATIENCE: Duration = Duration::from_secs(10);
 const JOIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves the balancer on `listener` until a message arrives on `shutdown` (or it is dropped).
-pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Result<()> {
+/// `on_ready` is called with the listening address once the database is open and migrated,
+/// before the first connection is accepted.
+pub fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Receiver<()>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
     let store = Store::open_with(&config.db, &config.db_options)?;
     let shared = Arc::new(Shared {
         store,
@@ -171,6 +178,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Receiver<()>) -> Res
         max,
         per_address: shared.config.max_per_address,
     };
+    on_ready(addr);
     let handlers = {
         let shared = Arc::clone(&shared);
         listen::accept(&listener, shutdown, &threads, move |stream| {
@@ -240,6 +248,16 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
 /// The user of the session whose token is `token`, if `proof` shows that the sender holds the
 /// session's key and made the proof for this connection (with TLS).
 fn proven_session(shared: &Shared, peer: &Peer, token: &str, proof: &[u8]) -> Result<String> {
+    Ok(proven_row(shared, peer, token, proof)?.0.user)
+}
+
+/// Like [`proven_session`]; also returns the session row and the token's hash.
+fn proven_row(
+    shared: &Shared,
+    peer: &Peer,
+    token: &str,
+    proof: &[u8],
+) -> Result<(SessionRow, Vec<u8>)> {
     let expired = || Error::refused(ErrorCode::InvalidToken, "session expired; log in again");
     let hash = crypto::token_hash(token.as_bytes())?;
     let row = shared
@@ -254,7 +272,7 @@ fn proven_session(shared: &Shared, peer: &Peer, token: &str, proof: &[u8]) -> Re
             ));
         }
     }
-    Ok(row.user)
+    Ok((row, hash))
 }
 
 /// Answers one request from `peer`.
@@ -333,8 +351,18 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             proof,
             avoid,
         } => {
-            let user = proven_session(shared, peer, &token, &proof)?;
+            let (row, hash) = proven_row(shared, peer, &token, &proof)?;
             let server = assign(shared, avoid)?;
+            // A session in use is renewed: once less than half its lifetime is left, it gets
+            // a whole one again (one write per half lifetime, not per resume).
+            let ttl = shared.config.token_ttl.as_millis() as i64;
+            if row.expires_at - now_ms() < ttl / 2 {
+                let expires = now_ms() + ttl;
+                shared
+                    .store
+                    .call(move |tx| tx.renew_session(&hash, expires))?;
+            }
+            let user = row.user;
             log::info!("{user} resumed, assigned server {}", server.id);
             Ok(BalancerReply::LoggedIn {
                 user,

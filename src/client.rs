@@ -18,6 +18,7 @@
 //!   escaped).
 //! * [`cli`]: the one-shot `fastchat` subcommands; [`chat`]: the interactive chat.
 
+pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod chains;

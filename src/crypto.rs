@@ -217,6 +217,25 @@ impl Identity {
         })
     }
 
+    /// Both private keys, raw (X25519 || Ed25519, 64 bytes), for the session agent; the
+    /// caller wipes them after use.
+    pub fn to_raw(&self) -> Result<Vec<u8>> {
+        let mut both = self.x25519.raw_private_key()?;
+        both.extend_from_slice(&self.ed25519.raw_private_key()?);
+        Ok(both)
+    }
+
+    /// The identity from [`Identity::to_raw`]'s bytes.
+    pub fn from_raw(both: &[u8]) -> Result<Identity> {
+        if both.len() != 64 {
+            return Err(Error::Invalid("an identity is 64 bytes of keys".into()));
+        }
+        Ok(Identity {
+            x25519: PKey::private_key_from_raw_bytes(&both[..32], Id::X25519)?,
+            ed25519: PKey::private_key_from_raw_bytes(&both[32..], Id::ED25519)?,
+        })
+    }
+
     /// The public halves, as uploaded to the directory.
     pub fn public(&self) -> Result<PublicKeys> {
         Ok(PublicKeys {
@@ -231,8 +250,7 @@ impl Identity {
     pub fn to_key_file(&self, user: &str, password: &str, cost: ScryptCost) -> Result<Vec<u8>> {
         let salt = random_bytes(16)?;
         let key = PairKey(scrypt(password, &salt, cost)?);
-        let mut both = self.x25519.raw_private_key()?;
-        both.extend_from_slice(&self.ed25519.raw_private_key()?);
+        let mut both = self.to_raw()?;
         let sealed = key.seal(&key_file_aad(user), &both)?;
         both.fill(0);
         Ok(format!(
@@ -293,12 +311,9 @@ impl Identity {
             both.fill(0);
             return Err(bad());
         }
-        let identity = Identity {
-            x25519: PKey::private_key_from_raw_bytes(&both[..32], Id::X25519)?,
-            ed25519: PKey::private_key_from_raw_bytes(&both[32..], Id::ED25519)?,
-        };
+        let identity = Identity::from_raw(&both);
         both.fill(0);
-        Ok((identity, cost))
+        Ok((identity?, cost))
     }
 
     /// Both private keys as encrypted PKCS#8 PEM (AES-256-CBC, PBKDF2 under the password), in
@@ -380,6 +395,19 @@ impl SessionKey {
     /// The raw 32-byte public key, sent at login.
     pub fn public(&self) -> Result<Vec<u8>> {
         Ok(self.0.raw_public_key()?)
+    }
+
+    /// The raw 32-byte private key, for the session agent; the caller wipes it after use.
+    pub fn to_raw(&self) -> Result<Vec<u8>> {
+        Ok(self.0.raw_private_key()?)
+    }
+
+    /// The key from [`SessionKey::to_raw`]'s bytes.
+    pub fn from_raw(raw: &[u8]) -> Result<SessionKey> {
+        Ok(SessionKey(PKey::private_key_from_raw_bytes(
+            raw,
+            Id::ED25519,
+        )?))
     }
 
     /// The proof for a connection whose binding is `binding` (empty without TLS).

@@ -212,6 +212,8 @@ pub struct SessionRow {
     pub user: String,
     /// The public key (32-byte Ed25519) its token is proven with.
     pub session_key: Vec<u8>,
+    /// When it expires unless renewed (milliseconds since the epoch).
+    pub expires_at: i64,
 }
 
 /// What storing a message produced: the envelope and where its recipients are connected (read
@@ -253,6 +255,8 @@ pub trait Tx {
     fn end_session(&mut self, token_hash: &[u8]) -> Result<()>;
     /// The session a token belongs to, if it exists and has not expired.
     fn session(&mut self, token_hash: &[u8]) -> Result<Option<SessionRow>>;
+    /// Moves a live session's expiry to `expires_at`.
+    fn renew_session(&mut self, token_hash: &[u8], expires_at: i64) -> Result<()>;
 
     // -- The cluster registry: servers and presence --------------------------------------
 

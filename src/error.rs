@@ -89,6 +89,9 @@ pub enum Error {
     Invalid(String),
     /// Decryption or verification failed: the data was tampered with or not meant for us.
     Integrity(String),
+    /// Our standard output was closed (`fastchat recv | head -1`): the command ends quietly,
+    /// having shown (and acknowledged) only what was written.
+    OutputClosed,
 }
 
 /// Shorthand used throughout the crate.
@@ -97,10 +100,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// The process exit code a binary should use for this error.
     ///
-    /// 1: the request was refused or invalid; 3: a server could not be reached or the connection
-    /// broke; 4: local trouble (files, database, crypto). 2 is left to argument parsing.
+    /// 0: standard output was closed (the reader had enough); 1: the request was refused or
+    /// invalid; 3: a server could not be reached, none is available, or the connection broke;
+    /// 4: local trouble (files, database, crypto). 2 is left to argument parsing.
     pub fn exit_code(&self) -> i32 {
         match self {
+            Error::OutputClosed => 0,
+            Error::Refused {
+                code: ErrorCode::NoServers | ErrorCode::Unavailable,
+                ..
+            } => 3,
             Error::Refused { .. }
             | Error::InvalidName(_)
             | Error::Invalid(_)
@@ -140,7 +149,7 @@ impl Error {
                     .to_string(),
             )
         } else if self.is_disk_full() {
-            Some("the server's disk is full; nothing was stored, try again later".to_string())
+            Some("server storage is full; nothing was stored, try again later".to_string())
         } else {
             None
         }
@@ -226,6 +235,7 @@ impl fmt::Display for Error {
             Error::InvalidName(m) => write!(f, "{m}"),
             Error::Invalid(m) => write!(f, "{m}"),
             Error::Integrity(m) => write!(f, "{m}"),
+            Error::OutputClosed => write!(f, "standard output was closed"),
         }
     }
 }

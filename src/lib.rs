@@ -39,6 +39,7 @@ pub mod balancer;
 pub mod bench;
 pub mod capacity;
 pub mod client;
+pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod error;

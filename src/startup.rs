@@ -10,7 +10,19 @@ use crate::transport::{pin_path, Transport};
 /// Logs to standard error at `info` (or as `RUST_LOG` says), one line per record:
 /// `2026-11-24T10:00:00Z INFO server: text`.
 pub fn init(program: &'static str) {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    init_with(program, None, "info");
+}
+
+/// Like [`init`], at `level` (a `--log-level` flag: `off`, `error`, `warn`, `info`, `debug`,
+/// `trace`, or a `RUST_LOG`-style filter) if given, else as `RUST_LOG` says, else `default`.
+/// Lines are never coloured.
+pub fn init_with(program: &'static str, level: Option<&str>, default: &str) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if let Some(level) = level {
+        builder.parse_filters(level);
+    }
+    builder
         .format(move |buf, record| {
             writeln!(
                 buf,
@@ -21,6 +33,19 @@ pub fn init(program: &'static str) {
             )
         })
         .init();
+}
+
+/// Ends the process with `code` after `limit`, saying so (a `--timeout` flag): whatever it is
+/// waiting for, a script gets its answer in time.
+pub fn exit_after(limit: std::time::Duration, program: &'static str, code: i32) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!(
+            "{program}: error: timed out after {} (--timeout)",
+            crate::units::human_duration_precise(limit)
+        );
+        std::process::exit(code);
+    });
 }
 
 /// Installs a Ctrl-C (SIGINT/SIGTERM) handler and returns the channel it signals.

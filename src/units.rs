@@ -1,4 +1,25 @@
-//! Sizes for people: read as `512K`, `64M`, `1G` (powers of 1024), shown as `1.5 MiB`.
+//! Sizes for people: read as `512K`, `64M`, `1G` (powers of 1024), shown as `1.5 MiB`; and
+//! durations shown as `8 h`, `1 h 30 min`, `45 s`.
+
+use std::time::Duration;
+
+/// A duration as given, for messages about a limit: `2.5 s`, `30 s`.
+pub fn human_duration_precise(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// A duration for people, to the second: `45 s`, `2 min`, `1 h 30 min`, `2 d`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 if s.is_multiple_of(60) => format!("{} min", s / 60),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ if s.is_multiple_of(86_400) => format!("{} d", s / 86_400),
+        _ if s.is_multiple_of(3600) => format!("{} h", s / 3600),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
 
 /// A size for people: `512 B`, `1.5 KiB`, `5.0 MiB`, `1.2 GiB`.
 pub fn human_size(bytes: u64) -> String {
@@ -38,6 +59,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_read_at_a_glance() {
+        use super::human_duration as h;
+        use std::time::Duration as D;
+        assert_eq!(h(D::from_secs(45)), "45 s");
+        assert_eq!(h(D::from_secs(120)), "2 min");
+        assert_eq!(h(D::from_secs(90)), "1 min 30 s");
+        assert_eq!(h(D::from_secs(8 * 3600)), "8 h");
+        assert_eq!(h(D::from_secs(5400)), "1 h 30 min");
+        assert_eq!(h(D::from_secs(2 * 86_400)), "2 d");
+    }
+
     use super::*;
 
     #[test]

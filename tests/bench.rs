@@ -152,7 +152,7 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
         refused.to_string(),
         "server is full; ask the balancer for another"
     );
-    assert_eq!(refused.exit_code(), 1);
+    assert_eq!(refused.exit_code(), 3, "no server available: 3");
     // The two connected clients still talk.
     alice.send("bob", 1, b"still here", None).unwrap();
     let deadline = std::time::Instant::now() + common::LIMIT;

@@ -25,6 +25,10 @@ fn signup_enforces_names_and_uniqueness() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the name alice is taken"));
+    // Names ignore case for uniqueness: Alice is alice's name too.
+    let out = c.run("Alice", &["signup", "Alice"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("the name Alice is taken"), "{out:?}");
 
     let long = "x".repeat(33);
     for bad in [

@@ -318,7 +318,7 @@ fn a_full_disk_refuses_writes_clearly_and_loses_nothing() {
     // reason: the disk is full. None is half-stored.
     let (accepted, refused) = send_until_unavailable(&alice, 400, || {});
     let why = refused.expect("a full disk refused writes");
-    assert!(why.starts_with("the server's disk is full"), "{why}");
+    assert!(why.starts_with("server storage is full"), "{why}");
     // Space comes back: the server writes again without a restart.
     std::fs::remove_file(filler).unwrap();
     let deadline = Instant::now() + LIMIT;

@@ -48,7 +48,7 @@ pub fn signup(
     if !created {
         return Err(Error::refused(
             ErrorCode::NameTaken,
-            format!("the name {name} is taken"),
+            format!("the name {name} is taken (names ignore case)"),
         ));
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! `fastchat-balancer`: the front door of a fastchat cluster.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,9 +23,18 @@ use fastchat::crypto::{ScryptCost, DEFAULT_SCRYPT_LOG_N};
 #[derive(Parser)]
 #[command(
     version,
+    args_override_self = true,
     after_help = "Example:\n  fastchat-admin init /tmp/fc/tls\n  fastchat-balancer --listen 127.0.0.1:7000 --db /tmp/fc/chat.db --tls-dir /tmp/fc/tls --algo least-loaded"
 )]
 struct Args {
+    /// Log level on standard error: off, error, warn, info, debug, trace, or a RUST_LOG
+    /// filter [default: info, or RUST_LOG].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// A configuration file of defaults for these flags, table [balancer] (docs/CLI.md)
+    /// [default: FASTCHAT_CONFIG, else FASTCHAT_HOME/fastchat.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
@@ -84,8 +94,8 @@ fn parse_algo(s: &str) -> Result<Algo, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    fastchat::startup::init("balancer");
+    let args: Args = fastchat::config::parse("fastchat-balancer", "balancer");
+    fastchat::startup::init_with("balancer", args.log_level.as_deref(), "info");
     fastchat::startup::private_files();
     let transport = match fastchat::startup::member_transport(
         "fastchat-balancer",
@@ -105,10 +115,6 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen), 4),
     };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
     let mut config = Config::new(args.db, transport);
     config.algo = args.algo;
     config.scrypt = scrypt;
@@ -125,9 +131,16 @@ fn main() -> ExitCode {
         _ => return fail("--request-timeout must be a positive number of seconds", 2),
     };
     let shutdown = fastchat::startup::shutdown_channel();
-    println!("fastchat-balancer listening on {addr}");
-    match balancer::run(listener, config, shutdown) {
+    let started = std::cell::Cell::new(false);
+    let ready = |addr| {
+        println!("fastchat-balancer listening on {addr}");
+        let _ = std::io::stdout().flush();
+        started.set(true);
+    };
+    match balancer::run(listener, config, shutdown, ready) {
         Ok(()) => ExitCode::SUCCESS,
+        // Before it listens, whatever failed (the database, mostly) means it could not start.
+        Err(e) if !started.get() => fail(&e.to_string(), 4),
         Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }

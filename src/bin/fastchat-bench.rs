@@ -1,5 +1,6 @@
 //! `fastchat-bench`: the load generator.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use fastchat::bench::{self, Config, Mode, Target};
 #[derive(Parser)]
 #[command(
     version,
+    args_override_self = true,
     after_help = "Examples:
   fastchat-bench --spawn-servers 3 --clients 100 --messages 1000
   fastchat-bench --spawn-servers 3 --clients 100 --messages 200 --mode group --group-size 10
@@ -30,6 +32,14 @@ use fastchat::bench::{self, Config, Mode, Target};
   fastchat-bench --balancer 127.0.0.1:7000 --ca /tmp/fc/tls/ca.pem --clients 50 --messages 100 --json"
 )]
 struct Args {
+    /// Log level on standard error: off, error, warn, info, debug, trace, or a RUST_LOG
+    /// filter [default: info, or RUST_LOG].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// A configuration file of defaults for these flags, table [bench] (docs/CLI.md)
+    /// [default: FASTCHAT_CONFIG, else FASTCHAT_HOME/fastchat.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Simulated users, one connection each.
     #[arg(long, default_value_t = 100, value_name = "N")]
     clients: usize,
@@ -98,8 +108,8 @@ struct Args {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    fastchat::startup::init("bench");
+    let args: Args = fastchat::config::parse("fastchat-bench", "bench");
+    fastchat::startup::init_with("bench", args.log_level.as_deref(), "info");
     let target = match (args.balancer, args.spawn_servers) {
         (Some(b), None) => Target::Balancer(b),
         (None, Some(k)) if k >= 1 => Target::Spawn(k),

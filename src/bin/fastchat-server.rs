@@ -23,9 +23,18 @@ use fastchat::server::{self, Config};
 #[derive(Parser)]
 #[command(
     version,
+    args_override_self = true,
     after_help = "Example:\n  fastchat-server --listen 127.0.0.1:0 --balancer 127.0.0.1:7000 --db /tmp/fc/chat.db --tls-dir /tmp/fc/tls --name server-1"
 )]
 struct Args {
+    /// Log level on standard error: off, error, warn, info, debug, trace, or a RUST_LOG
+    /// filter [default: info, or RUST_LOG].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// A configuration file of defaults for these flags, table [server] (docs/CLI.md)
+    /// [default: FASTCHAT_CONFIG, else FASTCHAT_HOME/fastchat.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:7001 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
@@ -121,8 +130,8 @@ struct Args {
 use fastchat::units::parse_size;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    fastchat::startup::init("server");
+    let args: Args = fastchat::config::parse("fastchat-server", "server");
+    fastchat::startup::init_with("server", args.log_level.as_deref(), "info");
     fastchat::startup::private_files();
     if args.tls_dir.is_some() && args.name.is_none() {
         return fail(
@@ -177,12 +186,16 @@ fn main() -> ExitCode {
     }
     config.hello_timeout = std::time::Duration::from_secs_f64(args.hello_timeout);
     let shutdown = fastchat::startup::shutdown_channel();
+    let started = std::cell::Cell::new(false);
     let ready = |id: u64, addr: std::net::SocketAddr| {
         println!("fastchat-server {id} listening on {addr}");
         let _ = std::io::stdout().flush();
+        started.set(true);
     };
     match server::run(listener, config, shutdown, ready) {
         Ok(()) => ExitCode::SUCCESS,
+        // Before it listens: 3 if the balancer was out of reach, else 4 (could not start).
+        Err(e) if !started.get() && e.exit_code() != 3 => fail(&e.to_string(), 4),
         Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }

@@ -4,46 +4,58 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use fastchat::client::cli::{self, Format, GroupCmd, Options};
+use clap::{CommandFactory, Parser, Subcommand};
+use fastchat::client::cli::{self, GroupCmd, Options, RecvOptions};
 use fastchat::client::text::one_line;
 
 /// The fastchat client: sign up, send and receive end-to-end encrypted messages.
 ///
-/// Every command logs in through the balancer, which assigns a chat server. The password comes
-/// from FASTCHAT_PASSWORD, or is asked for (without echo) on a terminal. Private keys live in
-/// FASTCHAT_HOME/USER/, encrypted with the password.
+/// `fastchat login NAME` logs in once and keeps the session for later commands (no password,
+/// no password hash: a command takes tens of milliseconds); `fastchat logout` ends it. Without
+/// a kept session every command logs in on its own, with the password from FASTCHAT_PASSWORD
+/// or asked for (without echo) on a terminal. Private keys live in FASTCHAT_HOME/USER/,
+/// encrypted with the password.
 ///
 /// Connections are TLS 1.3. The client checks the balancer's and the servers' certificates
 /// against the cluster's certificate authority: the file given with --ca, or else the one the
 /// balancer presented the first time, pinned in FASTCHAT_HOME/clusters/ (a later change is
 /// refused loudly).
 ///
-/// Exit codes: 0 done, 1 refused or invalid (wrong password, unknown user, bad name, empty text),
-/// 2 bad arguments, 3 balancer or server unreachable or the connection broke, 4 local trouble
-/// (key files, disk).
+/// Flags may come before or after the command. With --json every command prints JSON, one
+/// object per line (docs/CLI.md lists the fields).
+///
+/// Exit codes: 0 done (also when standard output is closed early, as by `| head`); 1 refused
+/// or invalid (wrong password, unknown user, bad name, empty text, a quota); 2 bad arguments;
+/// 3 balancer or server unreachable, no server available, the connection broke, or --timeout
+/// passed; 4 local trouble (key files, disk).
 #[derive(Parser)]
 #[command(
     version,
+    args_override_self = true,
     after_help = "Examples:
   FASTCHAT_PASSWORD=secret fastchat signup alice
-  FASTCHAT_PASSWORD=secret fastchat --user alice send bob 'hello bob'
-  FASTCHAT_PASSWORD=secret fastchat --user bob recv --wait 5"
+  FASTCHAT_PASSWORD=secret fastchat login alice
+  fastchat send bob 'hello bob'
+  echo 'hello from a pipe' | fastchat send bob -
+  fastchat -u bob recv --wait 5 --json
+  fastchat logout"
 )]
 struct Args {
     /// Balancer address.
     #[arg(
+        short,
         long,
         env = "FASTCHAT_BALANCER",
         default_value = "127.0.0.1:7000",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        global = true
     )]
     balancer: String,
     /// Folder for key files, one sub-folder per user [default: ~/.fastchat].
-    #[arg(long, env = "FASTCHAT_HOME", value_name = "DIR")]
+    #[arg(long, env = "FASTCHAT_HOME", value_name = "DIR", global = true)]
     home: Option<PathBuf>,
-    /// The user to act as.
-    #[arg(long, env = "FASTCHAT_USER", value_name = "NAME")]
+    /// The user to act as [default: the one user logged in with `fastchat login`].
+    #[arg(short, long, env = "FASTCHAT_USER", value_name = "NAME", global = true)]
     user: Option<String>,
     /// The cluster's CA certificate (ca.pem of `fastchat-admin init`) [default: the one pinned
     /// on first contact].
@@ -70,6 +82,20 @@ struct Args {
         global = true
     )]
     auto_download: u64,
+    /// Print JSON, one object per line, instead of text (fields: docs/CLI.md).
+    #[arg(short, long, global = true)]
+    json: bool,
+    /// Give up after SECS seconds (exit 3), whatever the command is waiting for.
+    #[arg(short, long, value_name = "SECS", global = true)]
+    timeout: Option<f64>,
+    /// Log level on standard error: off, error, warn, info, debug, trace [default: warn, or
+    /// RUST_LOG].
+    #[arg(long, value_name = "LEVEL", global = true)]
+    log_level: Option<String>,
+    /// A configuration file of defaults for these flags (docs/CLI.md) [default:
+    /// FASTCHAT_CONFIG, else FASTCHAT_HOME/fastchat.toml if it exists].
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,15 +104,34 @@ struct Args {
 enum Command {
     /// Create an account NAME: makes key pairs, uploads the public keys, saves the private ones.
     Signup {
-        /// Letters, digits, '_', '.', '-'; 1 to 32 characters.
+        /// Letters, digits, '_', '.', '-'; 1 to 32 characters (unique regardless of case).
         name: String,
+        /// An account that exists already is fine (exit 0): for scripts that run again. Keys
+        /// already in FASTCHAT_HOME/NAME are uploaded if the account is missing.
+        #[arg(long)]
+        exist_ok: bool,
     },
+    /// Log in once and keep the session for later commands, which then need no password (the
+    /// unlocked keys stay in a small agent process until `fastchat logout`, or --idle passes
+    /// without a command).
+    Login {
+        /// Who to log in as [default: --user].
+        name: Option<String>,
+        /// End the kept session after this many seconds without a command.
+        #[arg(long, value_name = "SECS", default_value_t = 8 * 3600)]
+        idle: u64,
+    },
+    /// End the kept session (its token is refused from then on, everywhere).
+    Logout,
     /// Send TEXT to user TO; prints the stored message id once the server has committed it.
     Send {
         /// Recipient.
         to: String,
-        /// The message (quote it).
+        /// The message (quote it), or - to read it from standard input.
         text: String,
+        /// With -: send each non-empty input line as a message of its own.
+        #[arg(long)]
+        lines: bool,
     },
     /// Send the file (or image) at PATH to user TO, end-to-end encrypted, in chunks.
     SendFile {
@@ -99,22 +144,26 @@ enum Command {
     /// are saved in FASTCHAT_HOME/USER/downloads/ and shown as "FROM sent NAME (SIZE) -> PATH".
     Recv {
         /// After the queue is empty, keep printing live messages for this many seconds.
-        #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+        #[arg(short, long, value_name = "SECS", default_value_t = 0.0)]
         wait: f64,
-        /// Print one JSON object per message instead.
-        #[arg(long)]
-        json: bool,
+        /// Show without acknowledging: the messages stay queued.
+        #[arg(short, long)]
+        peek: bool,
+        /// Stop after N messages.
+        #[arg(short = 'n', long, value_name = "N")]
+        limit: Option<u64>,
     },
     /// Interactive chat: /msg USER TEXT, /group ..., /help, /quit.
     Chat,
     /// List the live chat servers with their load.
     Servers,
-    /// Log in and print the user and the server assigned.
+    /// Print the user, the server assigned, and whether the session is kept.
     Whoami,
     /// Accept USER's current public keys after they changed (replaces the pinned keys).
     Trust {
         /// Whose keys to trust.
-        user: String,
+        #[arg(value_name = "USER")]
+        peer: String,
     },
     /// Groups: create, add, remove, leave, send, list, members.
     #[command(subcommand)]
@@ -124,6 +173,14 @@ enum Command {
     Get {
         /// The message id the offer shows.
         id: i64,
+    },
+    /// The session agent that `login` starts (not for direct use).
+    #[command(name = "__agent", hide = true)]
+    Agent {
+        /// The user's folder.
+        dir: PathBuf,
+        /// Seconds without a request before it ends.
+        idle: u64,
     },
 }
 
@@ -143,14 +200,16 @@ enum GroupArgs {
         /// The group.
         group: String,
         /// Who to add.
-        user: String,
+        #[arg(value_name = "USER")]
+        member: String,
     },
     /// (Admin) remove USER from GROUP; a new group key is made that USER never gets.
     Remove {
         /// The group.
         group: String,
         /// Who to remove.
-        user: String,
+        #[arg(value_name = "USER")]
+        member: String,
     },
     /// Leave GROUP.
     Leave {
@@ -184,8 +243,8 @@ impl From<GroupArgs> for GroupCmd {
     fn from(args: GroupArgs) -> GroupCmd {
         match args {
             GroupArgs::Create { group } => GroupCmd::Create(group),
-            GroupArgs::Add { group, user } => GroupCmd::Add(group, user),
-            GroupArgs::Remove { group, user } => GroupCmd::Remove(group, user),
+            GroupArgs::Add { group, member } => GroupCmd::Add(group, member),
+            GroupArgs::Remove { group, member } => GroupCmd::Remove(group, member),
             GroupArgs::Leave { group } => GroupCmd::Leave(group),
             GroupArgs::Send { group, text } => GroupCmd::Send(group, text),
             GroupArgs::SendFile { group, path } => GroupCmd::SendFile(group, path),
@@ -196,7 +255,34 @@ impl From<GroupArgs> for GroupCmd {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let argv = match fastchat::config::with_file_defaults(
+        &Args::command(),
+        "fastchat",
+        std::env::args_os(),
+    ) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("fastchat: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = Args::parse_from(argv);
+    if let Command::Agent { dir, idle } = &args.command {
+        return match fastchat::client::agent::serve(dir, Duration::from_secs(*idle)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    fastchat::startup::init_with("fastchat", args.log_level.as_deref(), "warn");
+    if let Some(secs) = args.timeout {
+        match Duration::try_from_secs_f64(secs) {
+            Ok(limit) if !limit.is_zero() => fastchat::startup::exit_after(limit, "fastchat", 3),
+            _ => {
+                eprintln!("fastchat: error: --timeout must be a positive number of seconds");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let home = args.home.unwrap_or_else(|| {
         std::env::var_os("HOME")
             .map(PathBuf::from)
@@ -211,49 +297,73 @@ fn main() -> ExitCode {
         args.insecure_plaintext,
     ) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("fastchat: error: {}", one_line(&e.to_string()));
-            return ExitCode::from(e.exit_code() as u8);
-        }
+        Err(e) => return fail(&e),
+    };
+    let user = match &args.command {
+        Command::Login {
+            name: Some(name), ..
+        } => Some(name.clone()),
+        _ => args.user,
     };
     let opts = Options {
         transport,
         balancer: args.balancer,
         home,
-        user: args.user,
+        user,
         password: std::env::var("FASTCHAT_PASSWORD").ok(),
-        // Ctrl-C ends `chat` and `recv --wait` cleanly; other commands keep the default (the
-        // process stops at once, and what was not confirmed was not done).
+        // Ctrl-C ends `chat` and `recv` cleanly; other commands keep the default (the process
+        // stops at once, and what was not confirmed was not done).
         interrupt: match &args.command {
             Command::Chat | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
             _ => crossbeam_channel::never(),
         },
         auto_download: args.auto_download,
+        kept_user: Default::default(),
+        json: args.json,
     };
     let result = match args.command {
-        Command::Signup { name } => cli::signup(&opts, &name),
-        Command::Send { to, text } => cli::send(&opts, &to, &text),
+        Command::Signup { name, exist_ok } => cli::signup(&opts, &name, exist_ok),
+        Command::Login { idle, .. } => {
+            if idle == 0 {
+                eprintln!("fastchat: error: --idle must be at least 1 second");
+                return ExitCode::from(2);
+            }
+            cli::keep_login(&opts, Duration::from_secs(idle))
+        }
+        Command::Logout => cli::logout(&opts),
+        Command::Send { to, text, lines } => cli::send(&opts, &to, &text, lines),
         Command::SendFile { to, path } => cli::send_file(&opts, &to, &path),
-        Command::Recv { wait, json } => {
+        Command::Recv { wait, peek, limit } => {
             if !(0.0..=86_400.0).contains(&wait) {
                 eprintln!("fastchat: error: --wait must be between 0 and 86400 seconds");
                 return ExitCode::from(2);
             }
-            let format = if json { Format::Json } else { Format::Lines };
-            cli::recv(&opts, Duration::from_secs_f64(wait), format)
+            let how = RecvOptions {
+                wait: Duration::from_secs_f64(wait),
+                peek,
+                limit,
+            };
+            cli::recv(&opts, how)
         }
         Command::Chat => fastchat::client::chat::chat(&opts),
         Command::Servers => cli::servers(&opts),
         Command::Whoami => cli::whoami(&opts),
-        Command::Trust { user } => cli::trust(&opts, &user),
+        Command::Trust { peer } => cli::trust(&opts, &peer),
         Command::Group(args) => cli::group(&opts, &args.into()),
         Command::Get { id } => cli::get(&opts, id),
+        Command::Agent { .. } => unreachable!("served above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fastchat: error: {}", one_line(&e.to_string()));
-            ExitCode::from(e.exit_code() as u8)
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Says what went wrong, on one line (nothing when standard output was closed: the reader
+/// had enough), and exits with its code.
+fn fail(e: &fastchat::Error) -> ExitCode {
+    if !matches!(e, fastchat::Error::OutputClosed) {
+        eprintln!("fastchat: error: {}", one_line(&e.to_string()));
+    }
+    ExitCode::from(e.exit_code() as u8)
 }

@@ -81,7 +81,28 @@ impl Client {
         password: &str,
     ) -> Result<(Client, BalancerClient)> {
         let mut b = BalancerClient::connect(balancer, transport)?;
-        let mut session = b.login(user, password)?;
+        let session = b.login(user, password)?;
+        let client = Client::connect(&mut b, transport, session)?;
+        Ok((client, b))
+    }
+
+    /// Takes up a session made earlier (a kept session: token and key), through the balancer,
+    /// which assigns a live server and renews the session; like [`Client::login`] otherwise.
+    pub fn resume(
+        balancer: &str,
+        transport: &Transport,
+        session: &Session,
+    ) -> Result<(Client, BalancerClient)> {
+        let mut b = BalancerClient::connect(balancer, transport)?;
+        let session = b.resume(session, None)?;
+        let client = Client::connect(&mut b, transport, session)?;
+        Ok((client, b))
+    }
+
+    /// Connects to the server `session` was given, asking `b` for another while it is
+    /// unreachable or full.
+    fn connect(b: &mut BalancerClient, transport: &Transport, session: Session) -> Result<Client> {
+        let mut session = session;
         // A server that died moments ago may still be assigned (it leaves the rotation within
         // two seconds): ask again, avoiding it, until one answers.
         // A full server refuses politely: try a few others before giving up.
@@ -111,8 +132,8 @@ impl Client {
             }
             session = b.resume(&session, Some(session.server.id))?;
         };
-        let client = Client {
-            balancer: balancer.to_string(),
+        Ok(Client {
+            balancer: b.addr().to_string(),
             transport: transport.clone(),
             current: Mutex::new(Current {
                 generation: 0,
@@ -122,8 +143,7 @@ impl Client {
             session,
             failing_over: Mutex::new(()),
             logged_out: AtomicBool::new(false),
-        };
-        Ok((client, b))
+        })
     }
 
     /// The session: token, key and first server.
@@ -149,6 +169,13 @@ impl Client {
             .and_then(|mut b| b.logout(&self.session));
         self.conn().1.close();
         told
+    }
+
+    /// Closes the connection without ending the session (a kept session outlives the command
+    /// that used it) and without failing over.
+    pub fn close(&self) {
+        self.logged_out.store(true, Ordering::SeqCst);
+        self.conn().1.close();
     }
 
     /// The server in use now.
@@ -208,7 +235,8 @@ impl Client {
                 ) => return Err(e),
                 Err(e) => last = e,
             }
-            if Instant::now() >= deadline {
+            // Closed meanwhile (Ctrl-C, logout): stop looking.
+            if Instant::now() >= deadline || self.logged_out.load(Ordering::SeqCst) {
                 return Err(last);
             }
             std::thread::sleep(Duration::from_millis(100));

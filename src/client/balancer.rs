@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::net::{
     BalancerReply, BalancerRequest, PublicKeys, Request, Response, ServerInfo, MAX_FRAME,
 };
+use crate::transport::tls::not_fastchat;
 use crate::transport::{Channel, Expect, Transport};
 
 /// How long to wait for the reply to a request.
@@ -69,7 +70,14 @@ impl BalancerClient {
         self.chan.send(&Request { id, body })?;
         let response = self
             .chan
-            .recv::<Response<BalancerReply>>(MAX_FRAME)?
+            .recv::<Response<BalancerReply>>(MAX_FRAME)
+            .map_err(|e| match e {
+                // The first answer is no fastchat frame at all: another program.
+                Error::FrameTooLarge { .. } | Error::Malformed(_) if id == 1 => {
+                    not_fastchat(&self.addr, "its answer is not a fastchat frame")
+                }
+                e => e,
+            })?
             .ok_or_else(|| {
                 Error::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,

@@ -61,8 +61,9 @@ fn chat_help() -> String {
 }
 
 /// ANSI styles for the terminal; plain text when `on` is false (pipes, scripts, tests).
+/// `text` in an ANSI `style` when `on`, unless `NO_COLOR` is set (https://no-color.org).
 fn paint(style: &str, text: &str, on: bool) -> String {
-    if on {
+    if on && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) {
         format!("\x1b[{style}m{text}\x1b[0m")
     } else {
         text.to_string()
@@ -104,7 +105,15 @@ fn spawn_printer(
             match event {
                 Event::Message(msg) => {
                     let mut line = Vec::new();
-                    match show(&e2e, &client, &downloads, &msg, Format::Lines, &mut line)? {
+                    match show(
+                        &e2e,
+                        &client,
+                        &downloads,
+                        &msg,
+                        Format::Lines,
+                        true,
+                        &mut line,
+                    )? {
                         Shown::Done => client.ack(&[msg.id])?,
                         // Kept queued until `/get ID`.
                         Shown::Offered => {
@@ -168,9 +177,14 @@ fn chat_terminal(me: &LoggedIn, opts: &Options) -> Result<()> {
     {
         let client = Arc::clone(&me.client);
         let interrupt = opts.interrupt.clone();
+        let kept = me.kept;
         std::thread::spawn(move || {
             if interrupt.recv().is_ok() {
-                let _ = client.logout();
+                if kept {
+                    client.close();
+                } else {
+                    let _ = client.logout();
+                }
                 let _ = std::process::Command::new("stty").arg("sane").status();
                 println!();
                 std::process::exit(0);
@@ -264,7 +278,7 @@ fn chat_command(line: &str, me: &LoggedIn) -> Result<Option<String>> {
                 .remove(&id)
                 .ok_or_else(|| Error::Invalid(format!("no file offered by message {id}")))?;
             let mut line = Vec::new();
-            take_offer(me, &msg, &mut line)?;
+            take_offer(me, &msg, Format::Lines, &mut line)?;
             Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()))
         }
         "/quit" | "/exit" => Ok(None),
@@ -300,10 +314,17 @@ fn chat_command(line: &str, me: &LoggedIn) -> Result<Option<String>> {
                 .ok_or_else(|| Error::Invalid("usage: /file USER PATH".into()))?;
             names::validate("recipient", to)?;
             let path = Path::new(path.trim());
-            file_sent(client, &mut e2e.lock(), Target::User(to), path).map(Some)
+            file_sent(client, &mut e2e.lock(), Target::User(to), path).map(|(text, _)| Some(text))
         }
         "/group" => GroupCmd::parse(rest)?
             .run(client, &mut e2e.lock())
+            .map(|lines| {
+                lines
+                    .into_iter()
+                    .map(|(text, _)| text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .map(Some),
         _ if cmd.starts_with('/') => Err(Error::Invalid(match closest_command(cmd) {
             Some(known) => {

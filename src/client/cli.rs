@@ -12,15 +12,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
+use serde_json::{json, Value};
 
+use super::agent;
+use super::balancer::Session;
 use super::e2e::{fingerprint, Directory, E2e, FileOffer, Plain};
 use super::files::{self, Target};
-use super::keystore::Keystore;
+use super::keystore::{KeptSession, Keystore};
 use super::replay::Verdict;
 use super::text::one_line;
 use super::{BalancerClient, Client, Event};
-use crate::crypto::{self, Identity};
-use crate::error::{Error, Result};
+use crate::crypto::{self, Identity, SessionKey};
+use crate::error::{Error, ErrorCode, Result};
 use crate::names;
 use crate::net::Envelope;
 use crate::transport::Transport;
@@ -45,15 +48,56 @@ pub struct Options {
     /// Files up to this size are saved when they arrive; larger ones are offered, and saved
     /// by `fastchat get ID` (or `/get ID`).
     pub auto_download: u64,
+    /// The user found by its kept session when no `--user` was given.
+    pub kept_user: std::sync::OnceLock<String>,
+    /// Print one JSON object per result (per message, for `recv`) instead of text.
+    pub json: bool,
 }
 
 impl Options {
+    /// The acting user: `--user`, else the one user with a kept session.
     fn user(&self) -> Result<&str> {
-        let user = self.user.as_deref().ok_or_else(|| {
-            Error::Invalid("no user given: pass --user NAME or set FASTCHAT_USER".into())
-        })?;
+        let user = match self.user.as_deref() {
+            Some(u) => u,
+            None => {
+                let kept = super::keystore::kept_users(&self.home);
+                match &kept[..] {
+                    [one] => return self.user_kept(one.clone()),
+                    [] => {
+                        return Err(Error::Invalid(
+                            "no user given: pass --user NAME, set FASTCHAT_USER, or run \
+                             `fastchat login NAME` first"
+                                .into(),
+                        ))
+                    }
+                    several => {
+                        return Err(Error::Invalid(format!(
+                            "several users are logged in here ({}); say which with --user",
+                            several.join(", ")
+                        )))
+                    }
+                }
+            }
+        };
         names::validate("user", user)?;
         Ok(user)
+    }
+
+    /// Prints a command's result: `text` for people, or `json` as one line.
+    pub fn print(&self, text: &str, json: serde_json::Value) -> Result<()> {
+        let mut out = io::stdout().lock();
+        let written = if self.json {
+            writeln!(out, "{json}")
+        } else {
+            writeln!(out, "{text}")
+        };
+        written.and_then(|()| out.flush()).map_err(output_error)
+    }
+
+    /// The one logged-in user, kept for the rest of the command.
+    fn user_kept(&self, user: String) -> Result<&str> {
+        names::validate("user", &user)?;
+        Ok(self.kept_user.get_or_init(|| user).as_str())
     }
 
     fn password(&self, prompt: &str) -> Result<String> {
@@ -69,18 +113,34 @@ impl Options {
     }
 }
 
-/// `fastchat signup NAME`: makes keys, creates the account, saves the keys.
-pub fn signup(opts: &Options, name: &str) -> Result<()> {
+/// A failed write to standard output: closed by the reader ([`Error::OutputClosed`]: the
+/// command ends quietly), or another error.
+pub fn output_error(e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Error::OutputClosed
+    } else {
+        Error::Io(e)
+    }
+}
+
+/// `fastchat signup NAME [--exist-ok]`: makes keys, creates the account, saves the keys. With
+/// `exist_ok`, an account that exists already is not an error (a signup script may run
+/// again): keys already in the folder are uploaded if the account is missing (the password
+/// must open them).
+pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
     names::validate("user", name)?;
     let store = Keystore::new(&opts.home, name);
-    if store.has_identity() {
+    let existing = store.has_identity();
+    if existing && !exist_ok {
         return Err(Error::Invalid(format!(
-            "keys for {name} already exist in {}; remove them first to sign up again",
+            "keys for {name} already exist in {}; remove them first to sign up again (or \
+             pass --exist-ok if an existing account is fine)",
             store.dir().display()
         )));
     }
     let password = match &opts.password {
         Some(p) => p.clone(),
+        None if existing => opts.password(&format!("password for {name}: "))?,
         None => {
             let p = opts.password(&format!("new password for {name}: "))?;
             if opts.password(&format!("repeat the password for {name}: "))? != p {
@@ -92,16 +152,45 @@ pub fn signup(opts: &Options, name: &str) -> Result<()> {
     if password.is_empty() {
         return Err(Error::Invalid("password must not be empty".into()));
     }
-    let identity = Identity::generate()?;
+    let identity = if existing {
+        store.load_identity(&password)?
+    } else {
+        Identity::generate()?
+    };
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
-    balancer.signup(name, &password, identity.public()?)?;
-    store.save_identity(&identity, &password)?;
-    println!(
-        "signed up {name}; keys saved in {} (fingerprint {})",
-        store.dir().display(),
-        fingerprint(&identity.public()?)?
-    );
-    Ok(())
+    let created = match balancer.signup(name, &password, identity.public()?) {
+        Ok(()) => true,
+        Err(Error::Refused {
+            code: ErrorCode::NameTaken,
+            ..
+        }) if exist_ok => false,
+        Err(e) => return Err(e),
+    };
+    if created && !existing {
+        store.save_identity(&identity, &password)?;
+    }
+    let fp = fingerprint(&identity.public()?)?;
+    let dir = store.dir().display().to_string();
+    let text = match (created, existing) {
+        (true, false) => format!("signed up {name}; keys saved in {dir} (fingerprint {fp})"),
+        (true, true) => {
+            format!("signed up {name} with the keys already in {dir} (fingerprint {fp})")
+        }
+        (false, true) => format!("{name} is signed up already; its keys are in {dir}"),
+        (false, false) => format!(
+            "{name} is signed up already; its keys are not in {dir} (they stay on the machine \
+             that signed up)"
+        ),
+    };
+    opts.print(
+        &text,
+        serde_json::json!({
+            "user": name,
+            "created": created,
+            "keys": if existing || created { Some(dir) } else { None },
+            "fingerprint": if existing || created { Some(fp) } else { None },
+        }),
+    )
 }
 
 /// Where received files go, and which are saved at once.
@@ -124,30 +213,51 @@ pub(super) struct LoggedIn {
     /// Files offered and not saved yet (larger than `downloads.auto_max`), by message id:
     /// `/get ID` in chat saves one.
     pub(super) offers: Arc<Mutex<HashMap<i64, Envelope>>>,
+    /// A kept session (`fastchat login`) outlives the command; any other ends with it.
+    pub(super) kept: bool,
 }
 
 impl Drop for LoggedIn {
-    /// Each command is one session: its token is given up when the command ends.
+    /// A command's own session is given up when the command ends; a kept one is not.
     fn drop(&mut self) {
-        if let Err(e) = self.client.logout() {
+        if self.kept {
+            self.client.close();
+        } else if let Err(e) = self.client.logout() {
             log::debug!("logout failed: {e}");
         }
     }
 }
 
+/// Logs in for one command: with the kept session if there is one (no password, no hash),
+/// else with the password (a session that ends with the command).
 pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
     let user = opts.user()?.to_string();
-    let password = opts.password(&format!("password for {user}: "))?;
     let store = Keystore::new(&opts.home, &user);
+    if let Some(me) = kept_login(opts, &user, &store)? {
+        return Ok(me);
+    }
+    let password = opts.password(&format!("password for {user}: "))?;
     let (client, balancer) = Client::login(&opts.balancer, &opts.transport, &user, &password)?;
     let identity = store.load_identity(&password)?;
+    Ok(logged_in(opts, client, balancer, identity, store, false))
+}
+
+fn logged_in(
+    opts: &Options,
+    client: Client,
+    balancer: BalancerClient,
+    identity: Identity,
+    store: Keystore,
+    kept: bool,
+) -> LoggedIn {
+    let user = client.user().to_string();
     let directory = Directory::new(
         &opts.balancer,
         &opts.transport,
         client.session(),
         Some(balancer),
     );
-    Ok(LoggedIn {
+    LoggedIn {
         e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
         client: Arc::new(client),
         downloads: Downloads {
@@ -155,20 +265,198 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
             auto_max: opts.auto_download,
         },
         offers: Arc::default(),
-    })
+        kept,
+    }
 }
 
-/// `fastchat send TO TEXT`.
-pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
+/// The user's kept session, taken up: `None` if there is none for this balancer, or its agent
+/// has gone (a reboot, its idle time), in which case it is forgotten. A session the balancer
+/// no longer knows (expired, logged out elsewhere) is forgotten too, and is an error unless a
+/// password is at hand to log in afresh.
+fn kept_login(opts: &Options, user: &str, store: &Keystore) -> Result<Option<LoggedIn>> {
+    let Some(kept) = store.kept_session()? else {
+        return Ok(None);
+    };
+    if kept.balancer != opts.balancer {
+        return Ok(None);
+    }
+    let Some(secrets) = agent::fetch(store.dir())? else {
+        log::info!("the session agent of {user} has ended; logging in with the password");
+        store.remove_session()?;
+        return Ok(None);
+    };
+    let session = Session {
+        user: user.to_string(),
+        token: kept.token.clone(),
+        key: Arc::new(SessionKey::from_raw(secrets.session_key())?),
+        server: crate::net::ServerInfo {
+            id: 0,
+            name: String::new(),
+            addr: String::new(),
+            load: 0,
+        },
+    };
+    match Client::resume(&opts.balancer, &opts.transport, &session) {
+        Ok((client, balancer)) => {
+            let identity = Identity::from_raw(secrets.identity())?;
+            Ok(Some(logged_in(
+                opts,
+                client,
+                balancer,
+                identity,
+                Keystore::new(&opts.home, user),
+                true,
+            )))
+        }
+        Err(Error::Refused {
+            code: ErrorCode::InvalidToken,
+            ..
+        }) => {
+            agent::stop(store.dir());
+            store.remove_session()?;
+            if opts.password.is_some() {
+                return Ok(None);
+            }
+            Err(Error::refused(
+                ErrorCode::InvalidToken,
+                format!(
+                    "the kept session of {user} has ended (expired, or logged out elsewhere); \
+                     run `fastchat login {user}` again"
+                ),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How long a kept session's agent waits for a command before it ends, by default.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(8 * 3600);
+
+/// `fastchat login [NAME]`: logs in once and keeps the session for later commands: the token
+/// in `FASTCHAT_HOME/NAME/session`, the unlocked keys in a session agent that ends after
+/// `idle` without a command (or at `fastchat logout`). A kept session of NAME from before is
+/// ended first.
+pub fn keep_login(opts: &Options, idle: Duration) -> Result<()> {
+    let user = opts.user()?.to_string();
+    let store = Keystore::new(&opts.home, &user);
+    if store.kept_session()?.is_some() {
+        end_kept(opts, &user, &store)?;
+    }
+    let password = opts.password(&format!("password for {user}: "))?;
+    let identity = store.load_identity(&password)?;
+    let mut b = BalancerClient::connect(&opts.balancer, &opts.transport)?;
+    let session = b.login(&user, &password)?;
+    let mut raw_identity = identity.to_raw()?;
+    let mut raw_key = session.key.to_raw()?;
+    let secrets = agent::Secrets::new(&raw_identity, &raw_key);
+    raw_identity.fill(0);
+    raw_key.fill(0);
+    let exe = std::env::current_exe()?;
+    store.ensure_dir()?;
+    let agent_pid = agent::start(&exe, store.dir(), idle, &secrets?)?;
+    store.save_session(&KeptSession {
+        user: user.clone(),
+        balancer: opts.balancer.clone(),
+        token: session.token.clone(),
+        agent_pid,
+        since_ms: crate::db::now_ms(),
+    })?;
+    opts.print(
+        &format!(
+            "logged in as {user}; later commands use this session until `fastchat logout` \
+             (or {} without one)",
+            crate::units::human_duration(idle)
+        ),
+        serde_json::json!({
+            "user": user,
+            "agent_pid": agent_pid,
+            "idle_secs": idle.as_secs(),
+        }),
+    )
+}
+
+/// `fastchat logout`: ends the kept session (the balancer refuses its token, the servers close
+/// its connections) and its agent.
+pub fn logout(opts: &Options) -> Result<()> {
+    let user = opts.user()?.to_string();
+    let store = Keystore::new(&opts.home, &user);
+    let had = store.kept_session()?.is_some();
+    if had {
+        end_kept(opts, &user, &store)?;
+    }
+    opts.print(
+        &if had {
+            format!("logged out {user}")
+        } else {
+            format!("{user} had no kept session here")
+        },
+        serde_json::json!({ "user": user, "ended": had }),
+    )
+}
+
+/// Ends `user`'s kept session: logs its token out (if the agent still holds its key), stops
+/// the agent, removes the file.
+fn end_kept(opts: &Options, user: &str, store: &Keystore) -> Result<()> {
+    if let (Some(kept), Some(secrets)) = (store.kept_session()?, agent::fetch(store.dir())?) {
+        let session = Session {
+            user: user.to_string(),
+            token: kept.token,
+            key: Arc::new(SessionKey::from_raw(secrets.session_key())?),
+            server: crate::net::ServerInfo {
+                id: 0,
+                name: String::new(),
+                addr: String::new(),
+                load: 0,
+            },
+        };
+        let told = BalancerClient::connect(&kept.balancer, &opts.transport)
+            .and_then(|mut b| b.logout(&session));
+        if let Err(e) = told {
+            log::warn!("could not tell the balancer that {user}'s session ended: {e}");
+        }
+    }
+    agent::stop(store.dir());
+    store.remove_session()
+}
+
+/// `fastchat send TO TEXT`: one message; TEXT `-` reads it from standard input (the whole
+/// input, without its last newline), or with `lines` one message per non-empty input line.
+pub fn send(opts: &Options, to: &str, text: &str, lines: bool) -> Result<()> {
     names::validate("recipient", to)?;
-    if text.is_empty() {
+    let texts: Vec<String> = if text == "-" {
+        let mut input = String::new();
+        io::Read::read_to_string(&mut io::stdin(), &mut input)?;
+        if lines {
+            input
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect()
+        } else {
+            let one = input.strip_suffix('\n').unwrap_or(&input);
+            let one = one.strip_suffix('\r').unwrap_or(one);
+            vec![one.to_string()]
+        }
+    } else if lines {
+        return Err(Error::Invalid(
+            "--lines reads standard input: give the text as -".into(),
+        ));
+    } else {
+        vec![text.to_string()]
+    };
+    if texts.is_empty() || texts.iter().any(|t| t.is_empty()) {
         return Err(Error::Invalid("empty message: nothing was sent".into()));
     }
     let me = login(opts)?;
-    let client_id = crypto::random_u64()?;
-    let body = me.e2e.lock().seal_text(to, client_id, text)?;
-    let id = me.client.send(to, client_id, &body, None)?;
-    println!("stored message {id} for {to}");
+    for text in &texts {
+        let client_id = crypto::random_u64()?;
+        let body = me.e2e.lock().seal_text(to, client_id, text)?;
+        let id = me.client.send(to, client_id, &body, None)?;
+        opts.print(
+            &format!("stored message {id} for {to}"),
+            serde_json::json!({ "id": id, "to": to }),
+        )?;
+    }
     Ok(())
 }
 
@@ -176,59 +464,75 @@ pub fn send(opts: &Options, to: &str, text: &str) -> Result<()> {
 pub fn send_file(opts: &Options, to: &str, path: &Path) -> Result<()> {
     names::validate("recipient", to)?;
     let me = login(opts)?;
-    println!(
-        "{}",
-        file_sent(&me.client, &mut me.e2e.lock(), Target::User(to), path)?
-    );
-    Ok(())
+    let (text, json) = file_sent(&me.client, &mut me.e2e.lock(), Target::User(to), path)?;
+    opts.print(&text, json)
 }
 
-/// Sends a file and says what was sent.
+/// Sends a file and says what was sent: a line, and its JSON.
 pub(super) fn file_sent(
     client: &Client,
     e2e: &mut E2e,
     target: Target<'_>,
     path: &Path,
-) -> Result<String> {
+) -> Result<(String, serde_json::Value)> {
     let id = files::send_file(client, e2e, target, path)?;
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let to = match target {
-        Target::User(u) => u.to_string(),
-        Target::Group(g) => format!("group {g}"),
+    let (to, json_to, json_group) = match target {
+        Target::User(u) => (u.to_string(), Some(u), None),
+        Target::Group(g) => (format!("group {g}"), None, Some(g)),
     };
-    Ok(format!(
-        "sent {} ({}) to {to} as message {id}",
-        one_line(&name),
-        files::human_size(size)
+    Ok((
+        format!(
+            "sent {} ({}) to {to} as message {id}",
+            one_line(&name),
+            files::human_size(size)
+        ),
+        serde_json::json!({
+            "id": id,
+            "to": json_to,
+            "group": json_group,
+            "name": name,
+            "size": size,
+        }),
     ))
 }
 
-/// `fastchat whoami`: the user and the server the balancer gave.
+/// `fastchat whoami`: the user, the server the balancer gave, and whether the session is kept.
 pub fn whoami(opts: &Options) -> Result<()> {
     let me = login(opts)?;
     let server = me.client.server();
-    println!(
-        "{} on server {} at {}",
-        me.client.user(),
-        server.id,
-        server.addr
-    );
-    Ok(())
+    let kept = if me.kept { " (kept session)" } else { "" };
+    opts.print(
+        &format!(
+            "{} on server {} at {}{kept}",
+            me.client.user(),
+            server.id,
+            server.addr
+        ),
+        serde_json::json!({
+            "user": me.client.user(),
+            "server": { "id": server.id, "name": server.name, "addr": server.addr },
+            "kept": me.kept,
+        }),
+    )
 }
 
-/// `fastchat servers`: the live servers.
+/// `fastchat servers`: the live servers, one per line.
 pub fn servers(opts: &Options) -> Result<()> {
     let servers = BalancerClient::connect(&opts.balancer, &opts.transport)?.servers()?;
-    if servers.is_empty() {
-        println!("no live servers");
+    if servers.is_empty() && !opts.json {
+        opts.print("no live servers", serde_json::Value::Null)?;
     }
     for s in servers {
         let plural = if s.load == 1 { "" } else { "s" };
-        println!("server {} at {}: {} client{plural}", s.id, s.addr, s.load);
+        opts.print(
+            &format!("server {} at {}: {} client{plural}", s.id, s.addr, s.load),
+            serde_json::json!({ "id": s.id, "name": s.name, "addr": s.addr, "load": s.load }),
+        )?;
     }
     Ok(())
 }
@@ -238,11 +542,11 @@ pub fn trust(opts: &Options, peer: &str) -> Result<()> {
     names::validate("user", peer)?;
     let session = login(opts)?;
     let keys = session.e2e.lock().trust(peer)?;
-    println!(
-        "now trusting {peer} with fingerprint {}",
-        fingerprint(&keys)?
-    );
-    Ok(())
+    let fp = fingerprint(&keys)?;
+    opts.print(
+        &format!("now trusting {peer} with fingerprint {fp}"),
+        serde_json::json!({ "user": peer, "fingerprint": fp }),
+    )
 }
 
 /// A `fastchat group ...` command (also `/group ...` in chat mode).
@@ -337,76 +641,99 @@ impl GroupCmd {
         }
     }
 
-    /// Runs the command; returns what to print. Membership shown is the group's verified
-    /// chain of changes, not the server's word.
-    pub(super) fn run(&self, client: &Client, e2e: &mut E2e) -> Result<String> {
+    /// Runs the command; returns what to print, one line each, with its JSON. Membership
+    /// shown is the group's verified chain of changes, not the server's word.
+    pub(super) fn run(&self, client: &Client, e2e: &mut E2e) -> Result<Vec<(String, Value)>> {
         self.validate()?;
         let me = client.user().to_string();
         let group = |g: &str| resolve_group(client, &me, g, false);
-        Ok(match self {
+        let one = |text: String, json: Value| Ok(vec![(text, json)]);
+        match self {
             GroupCmd::Create(g) => {
                 let g = resolve_group(client, &me, g, true)?;
                 e2e.group_create(client, &g)?;
-                format!("created group {g}; you are its admin")
+                one(
+                    format!("created group {g}; you are its admin"),
+                    json!({ "group": g, "admin": me }),
+                )
             }
             GroupCmd::Add(g, u) => {
                 let g = group(g)?;
                 e2e.group_add(client, &g, u)?;
-                format!("added {u} to {g}")
+                one(
+                    format!("added {u} to {g}"),
+                    json!({ "group": g, "added": u }),
+                )
             }
             GroupCmd::Remove(g, u) => {
                 let g = group(g)?;
                 let epoch = e2e.group_remove(client, &g, u)?;
-                format!("removed {u} from {g}; new group key (epoch {epoch})")
+                one(
+                    format!("removed {u} from {g}; new group key (epoch {epoch})"),
+                    json!({ "group": g, "removed": u, "epoch": epoch }),
+                )
             }
             GroupCmd::Leave(g) => {
                 let g = group(g)?;
                 e2e.group_leave(client, &g)?;
-                format!("left {g}")
+                one(format!("left {g}"), json!({ "group": g, "left": true }))
             }
             GroupCmd::Send(g, text) => {
                 let g = group(g)?;
                 let id = e2e.group_send(client, &g, &Plain::Text(text.clone()))?;
-                format!("stored message {id} for group {g}")
+                one(
+                    format!("stored message {id} for group {g}"),
+                    json!({ "id": id, "group": g }),
+                )
             }
             GroupCmd::SendFile(g, path) => {
                 let g = group(g)?;
-                file_sent(client, e2e, Target::Group(&g), path)?
+                let (text, json) = file_sent(client, e2e, Target::Group(&g), path)?;
+                one(text, json)
             }
             GroupCmd::List => {
                 let groups = client.group_list()?;
                 if groups.is_empty() {
-                    return Ok("no groups".into());
+                    return one("no groups".into(), Value::Null);
                 }
-                groups
+                Ok(groups
                     .iter()
                     .map(|g| match e2e.group_roster(client, &g.name) {
                         Ok(r) => {
                             let n = r.members.len();
                             let plural = if n == 1 { "" } else { "s" };
-                            format!("{}: {n} member{plural}, admin {}", g.name, r.admin)
+                            (
+                                format!("{}: {n} member{plural}, admin {}", g.name, r.admin),
+                                json!({ "group": g.name, "members": n, "admin": r.admin }),
+                            )
                         }
-                        Err(e) => format!("{}: {}", g.name, one_line(&e.to_string())),
+                        Err(e) => {
+                            let why = one_line(&e.to_string());
+                            (
+                                format!("{}: {why}", g.name),
+                                json!({ "group": g.name, "error": why }),
+                            )
+                        }
                     })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                    .collect())
             }
             GroupCmd::Members(g) => {
                 let roster = e2e.group_roster(client, &group(g)?)?;
-                roster
+                Ok(roster
                     .members
                     .iter()
                     .map(|m| {
-                        if *m == roster.admin {
+                        let admin = *m == roster.admin;
+                        let text = if admin {
                             format!("{m} (admin)")
                         } else {
                             m.clone()
-                        }
+                        };
+                        (text, json!({ "user": m, "admin": admin }))
                     })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                    .collect())
             }
-        })
+        }
     }
 }
 
@@ -443,7 +770,13 @@ fn resolve_group(client: &Client, me: &str, given: &str, creating: bool) -> Resu
 pub fn group(opts: &Options, cmd: &GroupCmd) -> Result<()> {
     cmd.validate()?;
     let me = login(opts)?;
-    println!("{}", cmd.run(&me.client, &mut me.e2e.lock())?);
+    let lines = cmd.run(&me.client, &mut me.e2e.lock())?;
+    for (text, json) in lines {
+        // An empty list prints nothing as JSON.
+        if !(opts.json && json.is_null()) {
+            opts.print(&text, json)?;
+        }
+    }
     Ok(())
 }
 
@@ -456,58 +789,132 @@ pub enum Format {
     Json,
 }
 
-/// `fastchat recv [--wait SECS] [--json]`: prints and acknowledges queued messages, then waits
-/// up to `wait` for live ones.
-pub fn recv(opts: &Options, wait: Duration, format: Format) -> Result<()> {
+/// How `recv` reads the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvOptions {
+    /// After the queue is drained, keep showing live messages this long.
+    pub wait: Duration,
+    /// Show without acknowledging: everything stays queued (and is shown again next time).
+    pub peek: bool,
+    /// Stop after showing this many messages.
+    pub limit: Option<u64>,
+}
+
+/// Acknowledgements are sent in pages of this many while a queue drains (the server takes at
+/// most 4096 ids in one).
+const ACK_PAGE: usize = 1024;
+
+/// `fastchat recv [--wait SECS] [--peek] [--limit N]`: prints queued messages and acknowledges
+/// them (in pages, so any queue drains), then waits up to `wait` for live ones. Ctrl-C ends it
+/// cleanly, even while it is looking for another server.
+pub fn recv(opts: &Options, how: RecvOptions) -> Result<()> {
+    let format = if opts.json {
+        Format::Json
+    } else {
+        Format::Lines
+    };
     let me = login(opts)?;
-    let e2e = &me.e2e;
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        // The loop below notices Ctrl-C within 200 ms; a client stuck looking for another
+        // server is closed, which ends its search.
+        let (flag, client, interrupt) = (
+            Arc::clone(&interrupted),
+            Arc::clone(&me.client),
+            opts.interrupt.clone(),
+        );
+        std::thread::spawn(move || {
+            if interrupt.recv().is_ok() {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(500));
+                client.close();
+            }
+        });
+    }
+    let stopped = || interrupted.load(std::sync::atomic::Ordering::SeqCst);
+    match recv_loop(opts, &me, how, format, &stopped) {
+        Err(_) if stopped() => Ok(()),
+        other => other,
+    }
+}
+
+fn recv_loop(
+    opts: &Options,
+    me: &LoggedIn,
+    how: RecvOptions,
+    format: Format,
+    stopped: &dyn Fn() -> bool,
+) -> Result<()> {
     let out = io::stdout();
     // No deadline until the queue is drained (bounded by the server's queue); then `wait`.
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut deadline = far;
     let mut batch: Vec<i64> = Vec::new();
+    let mut shown = 0u64;
+    let ack = |batch: &mut Vec<i64>| -> Result<()> {
+        if how.peek || batch.is_empty() {
+            batch.clear();
+            return Ok(());
+        }
+        me.client.ack(&std::mem::take(batch))
+    };
     loop {
+        if how.limit.is_some_and(|n| shown >= n) {
+            return ack(&mut batch);
+        }
         // Wake up now and then to notice Ctrl-C.
         let slice = deadline.min(Instant::now() + Duration::from_millis(200));
         let event = me.client.next(slice)?;
-        if opts.interrupt.try_recv().is_ok() {
-            return me.client.ack(&batch);
+        if stopped() {
+            return ack(&mut batch);
         }
         let Some(event) = event else {
             if Instant::now() >= deadline {
-                return Ok(());
+                return ack(&mut batch);
             }
             continue;
         };
         match event {
             Event::Message(msg) => {
-                let shown = show(
-                    e2e,
+                let done = show(
+                    &me.e2e,
                     &me.client,
                     &me.downloads,
                     &msg,
                     format,
+                    !how.peek,
                     &mut out.lock(),
-                )?;
+                );
+                let done = match done {
+                    // What was shown is acknowledged before the command ends quietly.
+                    Err(Error::OutputClosed) => {
+                        ack(&mut batch)?;
+                        return Err(Error::OutputClosed);
+                    }
+                    other => other?,
+                };
                 // An offered file stays queued until it is taken with `get`.
-                if shown == Shown::Done {
+                if done == Shown::Done {
                     batch.push(msg.id);
                 }
-                if deadline != far {
-                    me.client.ack(&std::mem::take(&mut batch))?;
+                shown += 1;
+                if deadline != far || batch.len() >= ACK_PAGE {
+                    ack(&mut batch)?;
                 }
             }
             Event::Synced => {
-                me.client.ack(&std::mem::take(&mut batch))?;
-                if wait.is_zero() {
+                ack(&mut batch)?;
+                if how.wait.is_zero() {
                     return Ok(());
                 }
                 if deadline == far {
-                    deadline = Instant::now() + wait;
+                    deadline = Instant::now() + how.wait;
                 }
             }
             Event::Failover(server) => {
-                eprintln!("fastchat: server lost; continuing on server {}", server.id)
+                if !opts.json {
+                    eprintln!("fastchat: server lost; continuing on server {}", server.id)
+                }
             }
         }
     }
@@ -526,6 +933,7 @@ pub(super) fn show(
     downloads: &Downloads,
     msg: &Envelope,
     format: Format,
+    record: bool,
     out: &mut impl Write,
 ) -> Result<Shown> {
     let reject = |why: String| {
@@ -581,7 +989,9 @@ pub(super) fn show(
     };
     let plain = &opened.plain;
     match format {
-        Format::Lines => writeln!(out, "{}", message_line(msg, plain, path.as_deref()))?,
+        Format::Lines => {
+            writeln!(out, "{}", message_line(msg, plain, path.as_deref())).map_err(output_error)?
+        }
         Format::Json => {
             let mut json = serde_json::json!({
                 "id": msg.id,
@@ -603,11 +1013,15 @@ pub(super) fn show(
             if let (Some(all), serde_json::Value::Object(more)) = (json.as_object_mut(), fields) {
                 all.extend(more);
             }
-            writeln!(out, "{json}")?
+            writeln!(out, "{json}").map_err(output_error)?
         }
     }
-    out.flush()?;
-    e2e.lock().shown(&opened)?;
+    out.flush().map_err(output_error)?;
+    // Peeked at, it is not recorded as shown: shown again next time, it must not look like a
+    // replay.
+    if record {
+        e2e.lock().shown(&opened)?;
+    }
     Ok(Shown::Done)
 }
 
@@ -635,7 +1049,8 @@ fn offered(msg: &Envelope, offer: &FileOffer, format: Format, out: &mut impl Wri
                 one_line(&offer.name),
                 files::human_size(offer.size),
                 msg.id
-            )?
+            )
+            .map_err(output_error)?
         }
         Format::Json => writeln!(
             out,
@@ -650,9 +1065,10 @@ fn offered(msg: &Envelope, offer: &FileOffer, format: Format, out: &mut impl Wri
                 "name": offer.name,
                 "size": offer.size,
             })
-        )?,
+        )
+        .map_err(output_error)?,
     }
-    out.flush()?;
+    out.flush().map_err(output_error)?;
     Ok(())
 }
 
@@ -675,16 +1091,26 @@ pub fn get(opts: &Options, id: i64) -> Result<()> {
             format!("no message {id} waiting for you (fastchat recv shows what is)"),
         )
     })?;
-    take_offer(&me, &msg, &mut io::stdout().lock())
+    let format = if opts.json {
+        Format::Json
+    } else {
+        Format::Lines
+    };
+    take_offer(&me, &msg, format, &mut io::stdout().lock())
 }
 
 /// Saves the file `msg` offers, whatever its size, shows it, and acknowledges it.
-pub(super) fn take_offer(me: &LoggedIn, msg: &Envelope, out: &mut impl Write) -> Result<()> {
+pub(super) fn take_offer(
+    me: &LoggedIn,
+    msg: &Envelope,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<()> {
     let all = Downloads {
         auto_max: u64::MAX,
         ..me.downloads.clone()
     };
-    show(&me.e2e, &me.client, &all, msg, Format::Lines, out)?;
+    show(&me.e2e, &me.client, &all, msg, format, true, out)?;
     me.client.ack(&[msg.id])
 }
 

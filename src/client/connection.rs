@@ -29,6 +29,7 @@ use crate::net::{
     encode_into, Envelope, Greeting, Request, Response, ServerEvent, ServerReply, ServerRequest,
     MAX_FRAME,
 };
+use crate::transport::tls::not_fastchat;
 use crate::transport::{wait, Channel, Expect, Fill, Transport, Waker};
 
 /// How long a request to a chat server waits for its reply (and `Hello` for `Welcome`)
@@ -93,7 +94,13 @@ impl Connection {
             token: session.token.clone(),
             proof,
         })?;
-        let welcome = match chan.recv::<ServerEvent>(MAX_FRAME)? {
+        let first = chan.recv::<ServerEvent>(MAX_FRAME).map_err(|e| match e {
+            Error::FrameTooLarge { .. } | Error::Malformed(_) => {
+                not_fastchat(&session.server.addr, "its answer is not a fastchat frame")
+            }
+            e => e,
+        })?;
+        let welcome = match first {
             Some(ServerEvent::Welcome(w)) => w,
             Some(ServerEvent::Reply(Response {
                 result: Err(refusal),

@@ -4,7 +4,10 @@
 //! FASTCHAT_HOME/            (default ~/.fastchat)
 //! └── alice/                mode 0700
 //!     ├── identity.key      both private keys, AES-256-GCM under scrypt(password), mode 0600
-//!     └── known_keys        pinned peer keys: "name x25519-hex ed25519-hex" per line
+//!     ├── known_keys        pinned peer keys: "name x25519-hex ed25519-hex" per line
+//!     ├── session           a kept session (`fastchat login`): JSON, token and agent, 0600
+//!     ├── agent.sock        the session agent's socket (see `agent`), 0600
+//!     └── downloads/        files received
 //! ```
 //!
 //! The key file costs an attacker who stole it as much per password guess as the balancer's
@@ -169,6 +172,72 @@ impl Keystore {
         fs::rename(&tmp, self.pins_path())?;
         Ok(())
     }
+}
+
+/// A session kept by `fastchat login` for later commands: its token (useless without the
+/// session key, which only the agent holds) and the agent holding its keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptSession {
+    /// Whose session.
+    pub user: String,
+    /// The balancer it was made with (another balancer's commands log in afresh).
+    pub balancer: String,
+    /// The session token.
+    pub token: String,
+    /// The agent's process id.
+    pub agent_pid: u32,
+    /// When it was made, in milliseconds since the epoch.
+    pub since_ms: i64,
+}
+
+impl Keystore {
+    fn session_path(&self) -> PathBuf {
+        self.dir.join("session")
+    }
+
+    /// Saves the kept session (0600).
+    pub fn save_session(&self, kept: &KeptSession) -> Result<()> {
+        self.ensure_dir()?;
+        let json = serde_json::to_vec(kept).map_err(|e| Error::Invalid(e.to_string()))?;
+        let tmp = self.dir.join(".session.tmp");
+        write_private(&tmp, &json)?;
+        fs::rename(&tmp, self.session_path())?;
+        Ok(())
+    }
+
+    /// The kept session, if there is one.
+    pub fn kept_session(&self) -> Result<Option<KeptSession>> {
+        match fs::read(self.session_path()) {
+            Ok(data) => Ok(serde_json::from_slice(&data).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Invalid(format!(
+                "cannot read {}: {e}",
+                self.session_path().display()
+            ))),
+        }
+    }
+
+    /// Forgets the kept session (its agent is stopped separately).
+    pub fn remove_session(&self) -> Result<()> {
+        match fs::remove_file(self.session_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The users with a kept session in `home`.
+pub fn kept_users(home: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(home) else {
+        return Vec::new();
+    };
+    let mut users: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().join("session").is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    users.sort();
+    users
 }
 
 /// Writes a file readable only by its owner, replacing any earlier one, synced to disk.

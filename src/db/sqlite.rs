@@ -332,6 +332,9 @@ impl Tx for SqliteTx<'_> {
     fn session(&mut self, token_hash: &[u8]) -> Result<Option<SessionRow>> {
         accounts::session(self.conn, token_hash)
     }
+    fn renew_session(&mut self, token_hash: &[u8], expires_at: i64) -> Result<()> {
+        accounts::renew_session(self.conn, token_hash, expires_at)
+    }
 
     fn register_server(&mut self, name: &str, addr: &str) -> Result<u64> {
         registry::register_server(self.conn, name, addr)

@@ -13,7 +13,6 @@ use crate::balancer::registry::FORGET_AFTER;
 use crate::db::now_ms;
 use crate::error::{Error, Result};
 use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
-use crate::throttle::Quiet;
 use crate::transport::tls::LINK_TIMEOUT;
 use crate::transport::{Channel, Expect, Transport};
 
@@ -46,14 +45,22 @@ impl BalancerLink {
             next_id: 1,
         };
         let deadline = Instant::now() + config.startup_timeout;
-        let waiting = Quiet::new(Duration::from_secs(1));
+        let mut said = false;
         loop {
             match link.register() {
                 Ok(()) => return Ok(link),
                 Err(e @ (Error::Refused { .. } | Error::Integrity(_))) => return Err(e),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(e) => {
-                    waiting.warn(&format!("balancer {} not reachable yet: {e}", link.addr));
+                    // Said once; the error at the deadline says the rest.
+                    if !said {
+                        log::warn!(
+                            "balancer {} not reachable yet: {e}; retrying for up to {} s",
+                            link.addr,
+                            config.startup_timeout.as_secs()
+                        );
+                        said = true;
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }

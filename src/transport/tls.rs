@@ -461,6 +461,7 @@ impl Transport {
                 what: format!("{what} at {addr}"),
                 source: io,
             },
+            Error::Protocol(why) => not_fastchat(addr, &why),
             other => other,
         })?;
         let stream = Stream::Tls(Box::new(s));
@@ -553,6 +554,12 @@ fn handshake(
     }
 }
 
+/// What a client is told when the other end of `addr` is not a fastchat balancer or server
+/// (`why`: what gave it away).
+pub fn not_fastchat(addr: &str, why: &str) -> Error {
+    Error::Protocol(format!("not a fastchat server at {addr}: {why}"))
+}
+
 fn handshake_error(e: openssl::ssl::Error) -> Error {
     if let Some(io) = e.io_error() {
         return Error::Io(io::Error::new(io.kind(), io.to_string()));
@@ -563,7 +570,9 @@ fn handshake_error(e: openssl::ssl::Error) -> Error {
         .unwrap_or_else(|| e.to_string());
     if detail.contains("wrong version number") || detail.contains("record layer failure") {
         return Error::Protocol(
-            "the other side does not speak TLS (is it running with --insecure-plaintext?)".into(),
+            "it does not speak TLS (another program, or a cluster running with \
+             --insecure-plaintext)"
+                .into(),
         );
     }
     if detail.contains("certificate") {

@@ -7,7 +7,7 @@ use crate::db::{now_ms, SessionRow};
 use crate::error::Result;
 use crate::net::PublicKeys;
 
-/// Inserts a new user. `Ok(false)` if the name is taken.
+/// Inserts a new user. `Ok(false)` if the name is taken, in any case (`Alice` by `alice`).
 pub fn create_user(
     conn: &Connection,
     name: &str,
@@ -16,7 +16,8 @@ pub fn create_user(
 ) -> Result<bool> {
     let n = conn.execute(
         "INSERT INTO users (name, password_hash, x25519, ed25519, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+         SELECT ?1, ?2, ?3, ?4, ?5
+         WHERE NOT EXISTS (SELECT 1 FROM users WHERE name = ?1 COLLATE NOCASE)",
         params![name, password_hash, keys.x25519, keys.ed25519, now_ms()],
     )?;
     Ok(n == 1)
@@ -81,13 +82,24 @@ pub fn end_session(conn: &Connection, token_hash: &[u8]) -> Result<()> {
 pub fn session(conn: &Connection, token_hash: &[u8]) -> Result<Option<SessionRow>> {
     Ok(conn
         .prepare_cached(
-            "SELECT user, session_key FROM sessions WHERE token_hash = ?1 AND expires_at > ?2",
+            "SELECT user, session_key, expires_at FROM sessions
+             WHERE token_hash = ?1 AND expires_at > ?2",
         )?
         .query_row(params![token_hash, now_ms()], |r| {
             Ok(SessionRow {
                 user: r.get(0)?,
                 session_key: r.get(1)?,
+                expires_at: r.get(2)?,
             })
         })
         .optional()?)
+}
+
+/// Moves a live session's expiry to `expires_at` (a session in use is renewed).
+pub fn renew_session(conn: &Connection, token_hash: &[u8], expires_at: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE sessions SET expires_at = ?2 WHERE token_hash = ?1 AND expires_at > ?3",
+    )?
+    .execute(params![token_hash, expires_at, now_ms()])?;
+    Ok(())
 }

@@ -51,8 +51,8 @@ pub fn user_groups(conn: &Connection, user: &str) -> Result<Vec<String>> {
 pub fn create_group(conn: &Connection, group: &str, admin: &str) -> Result<bool> {
     let created = conn
         .prepare_cached(
-            "INSERT INTO groups (name, admin, epoch, created_at) VALUES (?1, ?2, 1, ?3)
-             ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO groups (name, admin, epoch, created_at) SELECT ?1, ?2, 1, ?3
+             WHERE NOT EXISTS (SELECT 1 FROM groups WHERE name = ?1 COLLATE NOCASE)",
         )?
         .execute(params![group, admin, now_ms()])?;
     if created == 0 {

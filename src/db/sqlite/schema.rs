@@ -155,6 +155,13 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
     // Version 4: an index to count a user's files (quotas).
     "CREATE INDEX files_owner ON files(owner);",
+    // Version 5: names are unique regardless of case (`Alice` is taken once `alice` is; both
+    // are stored as typed; accounts from before that differ only in case stay), and an
+    // account may be marked to take new public keys once (an operator reset its password, or
+    // made it without keys).
+    "CREATE INDEX users_name_nocase ON users(name COLLATE NOCASE);
+    CREATE INDEX groups_name_nocase ON groups(name COLLATE NOCASE);
+    ALTER TABLE users ADD COLUMN rekey INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens (creating if needed) the database file and brings its schema up to date.

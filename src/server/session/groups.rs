@@ -96,7 +96,10 @@ impl Session<'_> {
                 }
                 (Action::Create, _) => {
                     if !tx.create_group(&group, &me)? {
-                        return Err(Error::Invalid(format!("group {group} exists")));
+                        return Err(Error::refused(
+                            ErrorCode::NameTaken,
+                            format!("you already have a group named {group} (names ignore case)"),
+                        ));
                     }
                 }
                 (Action::Add(user), _) => tx.add_member(&group, user)?,

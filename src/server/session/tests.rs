@@ -329,6 +329,13 @@ fn group_changes_follow_the_rules_and_the_chain() -> Result<()> {
         alice.refused(submit(&create, &["alice"])),
         ErrorCode::NameTaken
     );
+    // Group names ignore case too.
+    let shouting = Chain::new("alice/TEAM");
+    let create_shouting = shouting.next(&s, "alice", Action::Create);
+    assert_eq!(
+        alice.refused(submit(&create_shouting, &["alice"])),
+        ErrorCode::NameTaken
+    );
     let mut bobs = Chain::new("bob/team");
     let bobs_create = bobs.next(&s, "bob", Action::Create);
     bob.change(&mut bobs, bobs_create, &["bob"]);
