@@ -38,7 +38,6 @@ pub mod registry;
 
 use crate::capacity::Limits;
 use accounts::HashSlots;
-pub use accounts::MAX_PASSWORD;
 use lockout::{wait_secs, Logins, Outcome, Table, Wait};
 pub use registry::Algo;
 use registry::{Registry, FORGET_AFTER};
@@ -370,6 +369,22 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 server,
             })
         }
+        BalancerRequest::SetKeys { token, proof, keys } => {
+            let user = proven_session(shared, peer, &token, &proof)?;
+            accounts::check_keys(&keys)?;
+            let owned = user.clone();
+            if !shared.store.call(move |tx| tx.set_keys(&owned, &keys))? {
+                return Err(Error::refused(
+                    ErrorCode::NotAllowed,
+                    format!(
+                        "{user} already has keys; new ones are taken only after an operator \
+                         resets the password (fastchat-admin users reset-password)"
+                    ),
+                ));
+            }
+            log::info!("{user} set new keys");
+            Ok(BalancerReply::Ok)
+        }
         BalancerRequest::Servers => Ok(BalancerReply::Servers {
             servers: shared.registry.lock().infos(shared.config.server_timeout),
         }),
@@ -382,6 +397,15 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 .ok_or_else(|| {
                     Error::refused(ErrorCode::UnknownUser, format!("no such user: {name}"))
                 })?;
+            if keys.x25519.is_empty() {
+                return Err(Error::refused(
+                    ErrorCode::NotAllowed,
+                    format!(
+                        "{name} has not finished signing up (an operator made the account; \
+                         `fastchat signup {name}` with its password sets its keys)"
+                    ),
+                ));
+            }
             Ok(BalancerReply::Keys { name, keys })
         }
         BalancerRequest::Register { addr, name } => {
@@ -389,11 +413,11 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             peer.server_id = Some(sid);
             Ok(BalancerReply::Registered { server_id: sid })
         }
-        BalancerRequest::Heartbeat { load } => {
+        BalancerRequest::Heartbeat { load, arrived } => {
             let sid = peer.server_id.ok_or_else(|| {
                 Error::refused(ErrorCode::BadRequest, "heartbeat before register")
             })?;
-            let peers = heartbeat(shared, sid, peer.link, load)?;
+            let peers = heartbeat(shared, sid, peer.link, load, arrived)?;
             Ok(BalancerReply::Peers { peers })
         }
     }
@@ -481,10 +505,16 @@ fn register(shared: &Shared, peer: &Peer, addr: String, claimed: String) -> Resu
     Ok(sid)
 }
 
-fn heartbeat(shared: &Shared, sid: u64, link: u64, load: u32) -> Result<Vec<ServerInfo>> {
+fn heartbeat(
+    shared: &Shared,
+    sid: u64,
+    link: u64,
+    load: u32,
+    arrived: u64,
+) -> Result<Vec<ServerInfo>> {
     let (peers, dead) = {
         let mut reg = shared.registry.lock();
-        if !reg.report(sid, link, load) {
+        if !reg.report(sid, link, load, arrived) {
             return Err(Error::refused(
                 ErrorCode::BadRequest,
                 "unknown server; register again",

@@ -156,6 +156,12 @@ pub struct Report {
     pub servers: usize,
     /// Time to sign up, log in and connect every client.
     pub connect_secs: f64,
+    /// `--kill-server` came after the run had ended: no failover was tested.
+    pub kill_missed: bool,
+    /// Clients that could not sign up, log in or connect: the run goes on without them.
+    pub connect_failed: usize,
+    /// Why the first of them failed.
+    pub connect_error: Option<String>,
     /// Time until every message was sent and stored.
     pub send_secs: f64,
     /// Time until the last delivery.
@@ -189,9 +195,35 @@ pub struct Report {
 }
 
 impl Report {
-    /// True when nothing was lost, duplicated or refused.
+    /// What made the run unclean, for one line of text.
+    pub fn problems(&self) -> String {
+        let mut said = Vec::new();
+        for (n, what) in [
+            (self.lost, "lost"),
+            (self.duplicated, "duplicated"),
+            (self.errors, "errors"),
+            (self.connect_failed as u64, "clients could not connect"),
+        ] {
+            if n > 0 {
+                said.push(format!("{n} {what}"));
+            }
+        }
+        if let Some(e) = self.first_error.as_ref().or(self.connect_error.as_ref()) {
+            said.push(format!("first error: {e}"));
+        }
+        if self.kill_missed {
+            said.push("the run ended before --kill-server's time: no failover was tested".into());
+        }
+        said.join("; ")
+    }
+
+    /// True when every client connected and nothing was lost, duplicated or refused.
     pub fn clean(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.errors == 0
+        self.lost == 0
+            && self.duplicated == 0
+            && self.errors == 0
+            && self.connect_failed == 0
+            && !self.kill_missed
     }
 }
 
@@ -259,8 +291,9 @@ pub fn run(config: &Config) -> Result<Report> {
         })
         .collect::<Result<_>>()?;
     let started = Instant::now();
-    let links = connect_all(&balancer, &transport, &users)?;
+    let outcomes = connect_all(&balancer, &transport, &users);
     let connect_secs = started.elapsed().as_secs_f64();
+    let (users, links, failed) = connected(config, users, outcomes)?;
 
     let mut report = Report {
         mode: config.mode.to_string(),
@@ -272,6 +305,8 @@ pub fn run(config: &Config) -> Result<Report> {
         rate: config.rate,
         servers,
         connect_secs,
+        connect_failed: failed.len(),
+        connect_error: failed.into_iter().next().map(|e| e.to_string()),
         ..Report::default()
     };
     if config.mode == Mode::Idle {
@@ -343,15 +378,17 @@ fn sample(cluster: Option<&LocalCluster>) -> Vec<Usage> {
         .unwrap_or_default()
 }
 
-/// CPU seconds so far of each spawned process and of this one.
+/// CPU seconds so far of each spawned process and of this one; nothing when the cluster is
+/// not this tool's (its servers' CPU is not ours to see, and this tool's alone would mislead).
 fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
+    let Some(c) = cluster else {
+        return Vec::new();
+    };
     let mut processes: Vec<(String, u32)> = Vec::new();
-    if let Some(c) = cluster {
-        for s in &c.servers {
-            processes.push((s.name.clone(), s.pid()));
-        }
-        processes.push(("balancer".into(), c.balancer_process.pid()));
+    for s in &c.servers {
+        processes.push((s.name.clone(), s.pid()));
     }
+    processes.push(("balancer".into(), c.balancer_process.pid()));
     processes.push(("bench".into(), std::process::id()));
     processes
         .into_iter()
@@ -359,8 +396,53 @@ fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Signs up, logs in and connects every user, from a few threads at once.
-fn connect_all(balancer: &str, transport: &Transport, users: &[User]) -> Result<Vec<Link>> {
+/// The users that connected, with their links, and why the others did not. A run goes on
+/// without the clients that failed (and reports them); in group mode, with whole groups only.
+/// No client at all is an error.
+fn connected(
+    config: &Config,
+    users: Vec<User>,
+    outcomes: Vec<Result<Link>>,
+) -> Result<(Vec<User>, Vec<Link>, Vec<Error>)> {
+    let mut ok = Vec::with_capacity(users.len());
+    let mut failed = Vec::new();
+    for (user, outcome) in users.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(link) => ok.push((user, link)),
+            Err(e) => failed.push(e),
+        }
+    }
+    if !failed.is_empty() {
+        log::warn!(
+            "{} of {} clients could not connect (first: {})",
+            failed.len(),
+            failed.len() + ok.len(),
+            failed[0]
+        );
+    }
+    if config.mode == Mode::Group {
+        let whole = ok.len() - ok.len() % config.group_size;
+        for (_, link) in ok.drain(whole..) {
+            link.chan.stream().shutdown();
+        }
+    }
+    let least = if config.mode == Mode::Group {
+        config.group_size
+    } else {
+        1
+    };
+    if ok.len() < least.max(1) {
+        return Err(failed.into_iter().next().unwrap_or_else(|| {
+            Error::Invalid("too few clients connected to make a group".into())
+        }));
+    }
+    let (users, links) = ok.into_iter().unzip();
+    Ok((users, links, failed))
+}
+
+/// Signs up, logs in and connects every user, from a few threads at once: each user's
+/// outcome, in order.
+fn connect_all(balancer: &str, transport: &Transport, users: &[User]) -> Vec<Result<Link>> {
     let next = AtomicU64::new(0);
     let slots: Vec<Mutex<Option<Result<Link>>>> = users.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
@@ -585,15 +667,21 @@ impl Plan {
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
-        if let Some((after, pid)) = victim {
+        // The kill is called off if the run ends first (and then reported: a fault run
+        // whose fault came too late tested nothing).
+        let (run_over, over) = bounded::<()>(0);
+        let killer = victim.map(|(after, pid)| {
             std::thread::spawn(move || {
-                std::thread::sleep(after);
+                if over.recv_timeout(after) != Err(crossbeam_channel::RecvTimeoutError::Timeout) {
+                    return false;
+                }
                 log::debug!("killing server process {pid} (kill -9)");
                 let _ = std::process::Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();
-            });
-        }
+                true
+            })
+        });
         let progress = config
             .progress
             .then(|| report::Progress::start(Arc::clone(&counters), expected));
@@ -620,6 +708,8 @@ impl Plan {
         if let Some(p) = progress {
             p.stop();
         }
+        drop(run_over);
+        report.kill_missed = killer.is_some_and(|k| !k.join().unwrap_or(false));
         counters.finished.store(true, Ordering::SeqCst);
         for w in &wakers {
             w.wake();

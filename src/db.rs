@@ -216,6 +216,73 @@ pub struct SessionRow {
     pub expires_at: i64,
 }
 
+/// An account as an operator sees it (`fastchat-admin users list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserSummary {
+    /// The name, as typed at signup.
+    pub name: String,
+    /// When it signed up (milliseconds since the epoch).
+    pub created_at: i64,
+    /// Whether it has public keys (an account an operator made has none until claimed).
+    pub has_keys: bool,
+    /// Whether it may upload new keys once (after a password reset, or until claimed).
+    pub may_rekey: bool,
+    /// Direct messages waiting for it.
+    pub queued: u64,
+    /// Their size in bytes (ciphertext).
+    pub queued_bytes: u64,
+    /// Connections open now, on any server.
+    pub connections: u64,
+    /// Groups it is a member of.
+    pub groups: u64,
+}
+
+/// A user connected to a server (`fastchat-admin online`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OnlineRow {
+    /// Who.
+    pub user: String,
+    /// The server's id.
+    pub server_id: u64,
+    /// The server's name.
+    pub server: String,
+    /// How many connections they have there.
+    pub connections: u64,
+}
+
+/// What deleting a user took with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Deleted {
+    /// Groups they owned, deleted with their messages.
+    pub groups_deleted: Vec<String>,
+    /// Other people's groups they were in: their signed member lists still name them until
+    /// those groups' admins remove them.
+    pub groups_left: Vec<String>,
+    /// Direct messages that were waiting for them.
+    pub messages_deleted: u64,
+}
+
+/// A stored message as an export shows it: ciphertext and metadata, nothing decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// Its id.
+    pub id: i64,
+    /// Who sent it.
+    pub sender: String,
+    /// The recipient of a direct message.
+    pub recipient: Option<String>,
+    /// The group of a group message.
+    pub group: Option<String>,
+    /// The sender's id for it.
+    pub client_id: u64,
+    /// When it was stored (milliseconds since the epoch).
+    pub sent_at: i64,
+    /// The body, end-to-end encrypted.
+    pub body: Vec<u8>,
+    /// The file it offers, if any.
+    pub file_id: Option<i64>,
+}
+
 /// What storing a message produced: the envelope and where its recipients are connected (read
 /// in the same transaction, so a login racing with this message either sees the message in its
 /// queue or is in this list).
@@ -364,6 +431,30 @@ pub trait Tx {
         epoch: u64,
         member: &str,
     ) -> Result<Option<(Vec<u8>, String)>>;
+
+    // -- Operators (fastchat-admin) ------------------------------------------------------
+
+    /// Every account, by name, with what it holds on the servers.
+    fn users(&mut self) -> Result<Vec<UserSummary>>;
+    /// Makes an account without keys that its owner claims at their first signup; `false`
+    /// if the name is taken.
+    fn create_account(&mut self, name: &str, password_hash: &str) -> Result<bool>;
+    /// Sets a user's password, ends their sessions and lets them upload new keys once;
+    /// `false` if there is no such user.
+    fn reset_password(&mut self, name: &str, password_hash: &str) -> Result<bool>;
+    /// Replaces a user's public keys if an operator allowed it; `false` if not.
+    fn set_keys(&mut self, name: &str, keys: &PublicKeys) -> Result<bool>;
+    /// Ends every session of a user; how many there were.
+    fn end_sessions(&mut self, name: &str) -> Result<usize>;
+    /// Deletes a user and what is theirs (see [`Deleted`]); `None` if there is no such user.
+    fn delete_user(&mut self, name: &str) -> Result<Option<Deleted>>;
+    /// Who is connected, where.
+    fn online(&mut self) -> Result<Vec<OnlineRow>>;
+    /// Empties a user's queue (direct messages, and their place in each group); how many
+    /// direct messages went.
+    fn purge_queue(&mut self, name: &str) -> Result<u64>;
+    /// The messages to or from `user` (or all), as stored, oldest first.
+    fn export(&mut self, user: Option<&str>) -> Result<Vec<Exported>>;
 
     // -- Files ---------------------------------------------------------------------------
 

@@ -30,11 +30,14 @@
 //! * [`server`]: the chat server: sessions, routing, the peer mesh, the balancer link.
 //! * [`client`]: the client library, its end-to-end encryption, key files, files, and the
 //!   `fastchat` commands.
+//! * [`admin`]: the operator's commands behind `fastchat-admin`, on the database (its
+//!   announcements are sent by the client, as a user).
 //! * [`bench`]: the load generator behind `fastchat-bench`, and starting a local cluster.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod balancer;
 pub mod bench;
 pub mod capacity;

@@ -42,6 +42,9 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 /// Largest message body (ciphertext) a client may send in one `Send`.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Longest password accepted, in bytes.
+pub const MAX_PASSWORD: usize = 1024;
+
 /// Most names in one `Online` reply.
 pub const MAX_WHO: usize = 1000;
 
@@ -221,6 +224,21 @@ pub enum BalancerRequest {
     Heartbeat {
         /// Connected clients.
         load: u32,
+        /// Clients arrived in all since the server started (so that the balancer knows
+        /// which logins it assigned have connected).
+        arrived: u64,
+    },
+    /// Replace the caller's public keys (`Ok`): allowed once after an operator reset the
+    /// password or made the account without keys (`fastchat-admin`), refused otherwise, so
+    /// that a stolen password alone cannot swap a user's keys.
+    SetKeys {
+        /// The session token.
+        token: String,
+        /// The session key's proof for this connection.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+        /// The new public keys.
+        keys: PublicKeys,
     },
 }
 

@@ -133,6 +133,7 @@ pub fn run(
         peers: Peers::new(server_id, config.transport.clone(), Arc::clone(&stopping)),
         next_conn: AtomicU64::new(1),
         clients: AtomicU32::new(0),
+        arrived: AtomicU64::new(0),
         stopping: Arc::clone(&stopping),
         store,
         server_id,

@@ -59,6 +59,14 @@ pub fn shutdown_channel() -> crossbeam_channel::Receiver<()> {
     rx
 }
 
+/// The client's folder when FASTCHAT_HOME is not set: `~/.fastchat`.
+pub fn default_home() -> std::path::PathBuf {
+    std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("."))
+        .join(".fastchat")
+}
+
 /// Every file and folder this process creates from now on is its owner's alone (0600, 0700):
 /// the database with its -wal and -shm files, logs, keys.
 pub fn private_files() {

@@ -21,6 +21,28 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// A moment for people, in UTC to the minute: `2026-12-02 04:03`, from milliseconds since
+/// the epoch.
+pub fn utc_minute(ms: i64) -> String {
+    let minutes = ms.div_euclid(60_000);
+    let (days, minute) = (minutes.div_euclid(1440), minutes.rem_euclid(1440));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        minute / 60,
+        minute % 60
+    )
+}
+
 /// A size for people: `512 B`, `1.5 KiB`, `5.0 MiB`, `1.2 GiB`.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
@@ -59,6 +81,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn moments_read_as_utc_dates() {
+        use super::utc_minute;
+        assert_eq!(utc_minute(0), "1970-01-01 00:00");
+        assert_eq!(utc_minute(951_782_400_000), "2000-02-29 00:00");
+        assert_eq!(utc_minute(1_796_184_180_000), "2026-12-02 04:03");
+        assert_eq!(utc_minute(-60_000), "1969-12-31 23:59");
+    }
+
     #[test]
     fn durations_read_at_a_glance() {
         use super::human_duration as h;

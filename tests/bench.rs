@@ -117,6 +117,28 @@ fn kill_9_of_a_server_mid_run_loses_nothing_and_stores_nothing_twice() {
         r["failovers"].as_u64().unwrap() >= 4,
         "the killed server's clients moved: {r}"
     );
+    assert_eq!(r["kill_missed"], false);
+}
+
+#[test]
+fn a_kill_that_comes_after_the_run_is_called_off_and_fails_the_run() {
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "2",
+        "--clients",
+        "4",
+        "--messages",
+        "5",
+        "--kill-server",
+        "15",
+    ]);
+    assert_eq!(
+        code, 1,
+        "a fault run without its fault tested nothing: {r} {err}"
+    );
+    assert_eq!(r["kill_missed"], true, "{r}");
+    assert_eq!((&r["delivered"], &r["failovers"]), (&20.into(), &0.into()));
+    assert!(err.contains("no failover was tested"), "{err}");
 }
 
 #[test]
@@ -225,4 +247,46 @@ fn ctrl_c_stops_the_cluster_the_bench_started() {
             "process {pid} was left running"
         );
     }
+}
+
+#[test]
+fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
+    // Someone else's cluster: one server with room for 4 clients; the bench brings 6.
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--max-clients", "4"]);
+    let ca = c.ca();
+    let target = [
+        "--balancer",
+        c.balancer_addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--clients",
+        "6",
+        "--messages",
+        "5",
+    ];
+    let (code, r, err) = bench(&target);
+    assert_eq!(code, 1, "a run with failures is not clean: {r} {err}");
+    assert_eq!(r["connect_failed"], 2, "{r}");
+    assert!(
+        r["connect_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("server is full")),
+        "{r}"
+    );
+    assert_eq!((&r["expected"], &r["delivered"]), (&20.into(), &20.into()));
+    // Another machine's servers: their CPU is not this tool's to measure.
+    assert!(
+        r["cpu_secs"].is_null() && r["cpu_us_per_delivery"].is_null(),
+        "{r}"
+    );
+    let out = run_limited(
+        Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+            .args(target)
+            .args(["--clients", "2"])
+            .env_remove("RUST_LOG"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("cpu         n/a"), "{out:?}");
+    assert!(!out.stdout.contains("µs per delivery"), "{out:?}");
 }

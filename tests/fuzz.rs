@@ -140,6 +140,7 @@ impl Gen {
             },
             _ => BalancerRequest::Heartbeat {
                 load: self.0.next() as u32,
+                arrived: self.0.next(),
             },
         };
         Request { id: self.n(), body }

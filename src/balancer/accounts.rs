@@ -9,10 +9,7 @@ use crate::crypto::{self, ScryptCost};
 use crate::db::Store;
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
-use crate::net::PublicKeys;
-
-/// Longest password accepted, in bytes.
-pub const MAX_PASSWORD: usize = 1024;
+use crate::net::{PublicKeys, MAX_PASSWORD};
 
 /// Creates an account (its password hashed at `cost`), refusing bad names, empty or huge
 /// passwords, malformed keys, and names already taken.
@@ -36,12 +33,7 @@ pub fn signup(
             format!("password is longer than {MAX_PASSWORD} bytes"),
         ));
     }
-    if keys.x25519.len() != 32 || keys.ed25519.len() != 32 {
-        return Err(Error::refused(
-            ErrorCode::BadRequest,
-            "public keys must be 32-byte X25519 and Ed25519 keys",
-        ));
-    }
+    check_keys(&keys)?;
     let hash = crypto::hash_password(password, cost)?;
     let owned = name.to_string();
     let created = store.call(move |tx| tx.create_user(&owned, &hash, &keys))?;
@@ -49,6 +41,17 @@ pub fn signup(
         return Err(Error::refused(
             ErrorCode::NameTaken,
             format!("the name {name} is taken (names ignore case)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses public keys that are not a 32-byte X25519 key and a 32-byte Ed25519 key.
+pub fn check_keys(keys: &PublicKeys) -> Result<()> {
+    if keys.x25519.len() != 32 || keys.ed25519.len() != 32 {
+        return Err(Error::refused(
+            ErrorCode::BadRequest,
+            "public keys must be 32-byte X25519 and Ed25519 keys",
         ));
     }
     Ok(())

@@ -1,11 +1,12 @@
 //! The registry of live chat servers, and the algorithms that choose one for each login.
 //!
 //! Servers register, then report their load every 500 ms. A server silent for longer than the
-//! timeout is out of rotation; one silent for [`FORGET_AFTER`] is forgotten. Between reports,
-//! the logins assigned to a server count as its load, so a burst of logins is spread before the
-//! next report.
+//! timeout is out of rotation; one silent for [`FORGET_AFTER`] is forgotten. A login assigned
+//! to a server counts as its load until the server reports that client arrived (each report
+//! says how many clients have arrived in all), or for [`PENDING_FOR`] at most: so a burst of
+//! logins is spread evenly however the reports fall within it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -14,6 +15,10 @@ use crate::net::ServerInfo;
 
 /// Servers silent for this long are forgotten: their presence rows are removed.
 pub const FORGET_AFTER: Duration = Duration::from_secs(10);
+
+/// A login assigned to a server and not reported arrived counts as load for this long: a
+/// client that was handed a server but never connected stops counting.
+pub const PENDING_FOR: Duration = Duration::from_secs(5);
 
 /// How a chat server is chosen for each login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +77,10 @@ pub struct Live {
     link: Option<u64>,
     /// Clients at the last report.
     load: u32,
-    /// Logins assigned since the last report (so a burst of logins is spread, not piled up).
-    assigned: u32,
+    /// Clients arrived in all, at the last report (`None` before the first one).
+    arrived: Option<u64>,
+    /// When each login assigned here and not reported arrived yet was assigned, oldest first.
+    pending: VecDeque<Instant>,
     last_seen: Instant,
 }
 
@@ -137,7 +144,8 @@ impl Registry {
                 addr: addr.to_string(),
                 link: Some(link),
                 load: 0,
-                assigned: 0,
+                arrived: None,
+                pending: VecDeque::new(),
                 last_seen: Instant::now(),
             },
         );
@@ -154,18 +162,31 @@ impl Registry {
         }
     }
 
-    /// A server reports its load on `link`; `false` if it is not registered there (forgotten,
-    /// the balancer restarted, or another connection took the registration over).
-    pub fn report(&mut self, id: u64, link: u64, load: u32) -> bool {
+    /// A server reports on `link` its clients now, and how many have arrived in all since
+    /// it started; `false` if it is not registered there (forgotten, the balancer restarted,
+    /// or another connection took the registration over). The clients that arrived since the
+    /// last report are in `load` now: as many pending logins stop counting, oldest first.
+    pub fn report(&mut self, id: u64, link: u64, load: u32, arrived: u64) -> bool {
         match self.servers.get_mut(&id) {
             Some(s) if s.link == Some(link) => {
+                let new = s.arrived.map_or(0, |before| arrived.saturating_sub(before));
+                let new = usize::try_from(new).unwrap_or(usize::MAX);
+                s.pending.drain(..new.min(s.pending.len()));
+                s.arrived = Some(arrived);
                 s.load = load;
-                s.assigned = 0;
                 s.last_seen = Instant::now();
                 true
             }
             _ => false,
         }
+    }
+
+    /// A server's load as the algorithms see it: its clients, and the logins on their way.
+    fn load_of(s: &mut Live) -> u32 {
+        while s.pending.front().is_some_and(|t| t.elapsed() > PENDING_FOR) {
+            s.pending.pop_front();
+        }
+        s.load.saturating_add(s.pending.len() as u32)
     }
 
     /// Removes the servers silent for longer than `after`; returns their ids.
@@ -191,8 +212,10 @@ impl Registry {
         avoid: Option<u64>,
     ) -> Option<ServerInfo> {
         let mut live: Vec<(u64, u32)> = self
-            .live(timeout)
-            .map(|(id, s)| (*id, s.load + s.assigned))
+            .servers
+            .iter_mut()
+            .filter(|(_, s)| s.link.is_some() && s.last_seen.elapsed() <= timeout)
+            .map(|(id, s)| (*id, Registry::load_of(s)))
             .collect();
         if live.len() > 1 {
             live.retain(|(id, _)| Some(*id) != avoid);
@@ -219,12 +242,12 @@ impl Registry {
             }
         };
         let s = self.servers.get_mut(&pick)?;
-        s.assigned += 1;
+        s.pending.push_back(Instant::now());
         Some(ServerInfo {
             id: pick,
             name: s.name.clone(),
             addr: s.addr.clone(),
-            load: s.load + s.assigned,
+            load: Registry::load_of(s),
         })
     }
 
@@ -255,7 +278,8 @@ mod tests {
                     addr: format!("127.0.0.1:{}", 1000 + i),
                     link: Some(i as u64),
                     load: *load,
-                    assigned: 0,
+                    arrived: Some(0),
+                    pending: VecDeque::new(),
                     last_seen: Instant::now(),
                 },
             );
@@ -290,6 +314,28 @@ mod tests {
     fn least_loaded_fills_the_gaps_first() {
         let mut reg = registry(&[5, 0, 2]);
         assert_eq!(counts(&mut reg, Algo::LeastLoaded, 8), [0, 5, 3]);
+    }
+
+    #[test]
+    fn least_loaded_spreads_a_burst_evenly_whatever_reports_fall_within_it() {
+        let mut reg = registry(&[0, 0, 0]);
+        assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
+        // Server 1 reports before its login has connected: that login still counts.
+        assert!(reg.report(1, 0, 0, 0));
+        assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
+        // Now both of its clients have arrived: they count once, as its load.
+        assert!(reg.report(1, 0, 2, 2));
+        assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
+        // Logins that never connect stop counting after a while.
+        for s in reg.servers.values_mut() {
+            for t in s.pending.iter_mut() {
+                *t -= PENDING_FOR + Duration::from_secs(1);
+            }
+        }
+        assert!(reg.report(2, 1, 1, 1));
+        assert!(reg.report(3, 2, 1, 1));
+        // Loads now 2 (server 1; its third login lapsed), 1, 1: two logins even them out.
+        assert_eq!(counts(&mut reg, Algo::LeastLoaded, 2), [0, 1, 1]);
     }
 
     #[test]
@@ -342,12 +388,12 @@ mod tests {
         let mut reg = Registry::new(7);
         reg.register(1, "server-1", "127.0.0.1:1", 10, T).unwrap();
         reg.register(2, "server-2", "127.0.0.1:2", 20, T).unwrap();
-        assert!(reg.report(1, 10, 5));
-        assert!(!reg.report(1, 11, 5), "not on the link it registered on");
-        assert!(!reg.report(3, 30, 0), "never registered");
+        assert!(reg.report(1, 10, 5, 5));
+        assert!(!reg.report(1, 11, 5, 5), "not on the link it registered on");
+        assert!(!reg.report(3, 30, 0, 0), "never registered");
         reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(11);
         assert_eq!(reg.forget_silent(FORGET_AFTER), [2]);
-        assert!(!reg.report(2, 20, 0), "forgotten: must register again");
+        assert!(!reg.report(2, 20, 0, 0), "forgotten: must register again");
         let infos = reg.infos(T);
         assert_eq!(infos.len(), 1);
         assert_eq!((infos[0].id, infos[0].load), (1, 5));

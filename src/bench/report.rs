@@ -5,9 +5,10 @@ use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::driver::Counters;
 use super::launch::Usage;
@@ -28,40 +29,35 @@ pub(super) fn percentiles(us: &mut [u32]) -> Latency {
     }
 }
 
-/// A progress bar on standard error, redrawn five times a second.
+/// A progress bar on standard error (indicatif), updated five times a second from the
+/// delivery counter by a thread of its own.
 pub(super) struct Progress {
+    /// Dropped to stop the thread: it then ends at once, whatever it was doing.
     stop: Sender<()>,
     thread: JoinHandle<()>,
 }
 
 impl Progress {
     pub fn start(counters: Arc<Counters>, expected: u64) -> Progress {
+        Progress::start_on(counters, expected, ProgressDrawTarget::stderr())
+    }
+
+    fn start_on(counters: Arc<Counters>, expected: u64, target: ProgressDrawTarget) -> Progress {
+        let bar = ProgressBar::with_draw_target(Some(expected), target);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "[{bar:30}] {percent:>3}%  {pos}/{len} delivered  {per_sec:>12}  {elapsed}",
+            )
+            .expect("a valid template")
+            .progress_chars("#>."),
+        );
         let (stop, stopped) = bounded::<()>(0);
-        let thread = std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut previous = (0u64, Instant::now());
-            loop {
-                let done = counters.delivered.load(Ordering::Relaxed);
-                let rate =
-                    (done - previous.0) as f64 / previous.1.elapsed().as_secs_f64().max(1e-3);
-                previous = (done, Instant::now());
-                let frac = if expected == 0 {
-                    1.0
-                } else {
-                    done as f64 / expected as f64
-                };
-                let filled = (frac * 30.0) as usize;
-                eprint!(
-                    "\r[{}{}] {:>5.1}%  {done}/{expected} delivered  {:>9.0} msg/s  {:>5.1} s ",
-                    "#".repeat(filled.min(30)),
-                    ".".repeat(30 - filled.min(30)),
-                    frac * 100.0,
-                    rate,
-                    started.elapsed().as_secs_f64()
-                );
-                if stopped.recv_timeout(Duration::from_millis(200)).is_ok() || done >= expected {
-                    let _ = stopped.recv_timeout(Duration::from_secs(60));
-                    eprintln!();
+        let thread = std::thread::spawn(move || loop {
+            bar.set_position(counters.delivered.load(Ordering::Relaxed));
+            match stopped.recv_timeout(Duration::from_millis(200)) {
+                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                    bar.finish();
                     return;
                 }
             }
@@ -69,8 +65,9 @@ impl Progress {
         Progress { stop, thread }
     }
 
+    /// Draws the last state and ends the bar's thread, at once.
     pub fn stop(self) {
-        let _ = self.stop.send(());
+        drop(self.stop);
         let _ = self.thread.join();
     }
 }
@@ -104,10 +101,17 @@ pub fn render(r: &Report) -> String {
     ));
     out.push_str(&format!(
         "  connect     {} clients signed up, logged in and connected in {:.2} s ({:.2} ms each)\n",
-        r.clients,
+        r.clients - r.connect_failed,
         r.connect_secs,
         r.connect_secs * 1000.0 / r.clients.max(1) as f64
     ));
+    if r.connect_failed > 0 {
+        out.push_str(&format!(
+            "  FAILED      {} clients could not connect and were left out (first: {})\n",
+            r.connect_failed,
+            r.connect_error.as_deref().unwrap_or("?")
+        ));
+    }
     if r.mode == "idle" {
         for (i, (before, after)) in r.server_usage.iter().enumerate() {
             let clients = r.clients as f64 / r.server_usage.len() as f64;
@@ -139,7 +143,11 @@ pub fn render(r: &Report) -> String {
         ms(r.latency.p99),
         ms(r.latency.max)
     ));
-    if !r.cpu.is_empty() {
+    if r.cpu.is_empty() {
+        out.push_str(
+            "  cpu         n/a (the servers are not this tool's to measure; --spawn-servers is)\n",
+        );
+    } else {
         let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
         let parts: Vec<String> = r.cpu.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
         out.push_str(&format!(
@@ -148,6 +156,12 @@ pub fn render(r: &Report) -> String {
             parts.join(", "),
             total * 1e6 / r.delivered.max(1) as f64
         ));
+    }
+    if r.kill_missed {
+        out.push_str(
+            "  FAILED      the run ended before --kill-server's time: no failover was tested \
+             (send more messages, or at a --rate)\n",
+        );
     }
     if r.failovers > 0 || r.redelivered > 0 {
         out.push_str(&format!(
@@ -201,9 +215,12 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
             per(|u| u.rss_kib)
         );
     }
-    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+    let cpu = match cpu_per_delivery(r) {
+        Some(us) => format!("{us:.1} µs"),
+        None => "n/a".into(),
+    };
     format!(
-        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
+        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} |",
         r.delivered,
         r.throughput,
         ms(r.latency.p50),
@@ -212,8 +229,17 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
         ms(r.latency.max),
         r.lost,
         r.duplicated,
-        cpu * 1e6 / r.delivered.max(1) as f64
     )
+}
+
+/// CPU microseconds per delivery, of every process of the run; `None` when the servers were
+/// not spawned by this tool.
+fn cpu_per_delivery(r: &Report) -> Option<f64> {
+    if r.cpu.is_empty() {
+        return None;
+    }
+    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+    Some(cpu * 1e6 / r.delivered.max(1) as f64)
 }
 
 /// The report as one JSON object.
@@ -228,6 +254,8 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "rate": r.rate,
         "servers": r.servers,
         "connect_secs": r.connect_secs,
+        "connect_failed": r.connect_failed,
+        "connect_error": r.connect_error,
         "send_secs": r.send_secs,
         "deliver_secs": r.deliver_secs,
         "expected": r.expected,
@@ -236,6 +264,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "duplicated": r.duplicated,
         "redelivered": r.redelivered,
         "failovers": r.failovers,
+        "kill_missed": r.kill_missed,
         "errors": r.errors,
         "first_error": r.first_error,
         "throughput": r.throughput,
@@ -245,7 +274,8 @@ pub fn to_json(r: &Report) -> serde_json::Value {
             "p99": r.latency.p99,
             "max": r.latency.max,
         },
-        "cpu_secs": r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "cpu_secs": (!r.cpu.is_empty()).then(|| r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>()),
+        "cpu_us_per_delivery": cpu_per_delivery(r),
         "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
             "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,
             "threads_after": a.threads, "rss_kib_after": a.rss_kib, "fds_after": a.fds,
@@ -256,6 +286,25 @@ pub fn to_json(r: &Report) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bar once waited a minute for a second stop signal after a run that ended short of
+    /// its expected deliveries.
+    #[test]
+    fn the_progress_bar_stops_at_once_after_the_run() {
+        let counters = Arc::new(Counters::default());
+        counters.delivered.store(5, Ordering::SeqCst);
+        let bar = Progress::start_on(Arc::clone(&counters), 10, ProgressDrawTarget::hidden());
+        std::thread::sleep(Duration::from_millis(300));
+        let (done, stopped) = bounded(1);
+        std::thread::spawn(move || {
+            bar.stop();
+            let _ = done.send(());
+        });
+        assert!(
+            stopped.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "stop() returned"
+        );
+    }
 
     #[test]
     fn percentiles_pick_ranks() {

@@ -181,6 +181,10 @@ fn main() -> ExitCode {
             if report.clean() {
                 ExitCode::SUCCESS
             } else {
+                eprintln!(
+                    "fastchat-bench: the run was not clean: {}",
+                    report.problems()
+                );
                 ExitCode::from(1)
             }
         }

@@ -123,6 +123,10 @@ enum Command {
     },
     /// End the kept session (its token is refused from then on, everywhere).
     Logout,
+    /// After an operator reset your password (`fastchat-admin users reset-password`), make
+    /// new keys and upload them with the new password. The old key file is kept as
+    /// identity.key.old; contacts see your new fingerprint and must `fastchat trust` you.
+    Rekey,
     /// Send TEXT to user TO; prints the stored message id once the server has committed it.
     Send {
         /// Recipient.
@@ -283,12 +287,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let home = args.home.unwrap_or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join(".fastchat")
-    });
+    let home = args.home.unwrap_or_else(fastchat::startup::default_home);
     let transport = match fastchat::startup::client_transport(
         "fastchat",
         &home,
@@ -331,6 +330,7 @@ fn main() -> ExitCode {
             cli::keep_login(&opts, Duration::from_secs(idle))
         }
         Command::Logout => cli::logout(&opts),
+        Command::Rekey => cli::rekey(&opts),
         Command::Send { to, text, lines } => cli::send(&opts, &to, &text, lines),
         Command::SendFile { to, path } => cli::send_file(&opts, &to, &path),
         Command::Recv { wait, peek, limit } => {

@@ -143,6 +143,18 @@ impl BalancerClient {
         }
     }
 
+    /// Replaces the session user's public keys (allowed once after an operator reset).
+    pub fn set_keys(&mut self, session: &Session, keys: PublicKeys) -> Result<()> {
+        match self.request(BalancerRequest::SetKeys {
+            token: session.token.clone(),
+            proof: self.proof(session)?,
+            keys,
+        })? {
+            BalancerReply::Ok => Ok(()),
+            other => Err(unexpected("SetKeys", &other)),
+        }
+    }
+
     /// The live servers.
     pub fn servers(&mut self) -> Result<Vec<ServerInfo>> {
         match self.request(BalancerRequest::Servers)? {

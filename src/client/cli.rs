@@ -158,12 +158,24 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
         Identity::generate()?
     };
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
+    let mut claimed = false;
     let created = match balancer.signup(name, &password, identity.public()?) {
         Ok(()) => true,
-        Err(Error::Refused {
-            code: ErrorCode::NameTaken,
-            ..
-        }) if exist_ok => false,
+        Err(
+            taken @ Error::Refused {
+                code: ErrorCode::NameTaken,
+                ..
+            },
+        ) => {
+            // An account an operator made (or reset) takes its first keys from the first
+            // signup with its password: that claims it.
+            claimed = !existing && claim(&mut balancer, name, &password, &identity)?;
+            match (claimed, exist_ok) {
+                (true, _) => true,
+                (false, true) => false,
+                (false, false) => return Err(taken),
+            }
+        }
         Err(e) => return Err(e),
     };
     if created && !existing {
@@ -172,6 +184,9 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
     let fp = fingerprint(&identity.public()?)?;
     let dir = store.dir().display().to_string();
     let text = match (created, existing) {
+        (true, false) if claimed => {
+            format!("claimed {name}, made by an operator; keys saved in {dir} (fingerprint {fp})")
+        }
         (true, false) => format!("signed up {name}; keys saved in {dir} (fingerprint {fp})"),
         (true, true) => {
             format!("signed up {name} with the keys already in {dir} (fingerprint {fp})")
@@ -187,9 +202,71 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
         serde_json::json!({
             "user": name,
             "created": created,
+            "claimed": claimed,
             "keys": if existing || created { Some(dir) } else { None },
             "fingerprint": if existing || created { Some(fp) } else { None },
         }),
+    )
+}
+
+/// Uploads `identity`'s public keys for an account an operator made or reset, which takes
+/// keys once. `Ok(false)` if the password is wrong or the account has its keys already: the
+/// name is simply taken.
+fn claim(
+    balancer: &mut BalancerClient,
+    name: &str,
+    password: &str,
+    identity: &Identity,
+) -> Result<bool> {
+    let session = match balancer.login(name, password) {
+        Ok(s) => s,
+        Err(Error::Refused {
+            code: ErrorCode::InvalidCredentials,
+            ..
+        }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let set = balancer.set_keys(&session, identity.public()?);
+    if let Err(e) = balancer.logout(&session) {
+        log::debug!("logout after signup failed: {e}");
+    }
+    match set {
+        Ok(()) => Ok(true),
+        Err(Error::Refused {
+            code: ErrorCode::NotAllowed,
+            ..
+        }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `fastchat rekey`: after an operator reset the password (the key file, sealed under the old
+/// one, no longer opens), makes new keys, uploads them and keeps them; the old key file is
+/// kept as `identity.key.old`. Contacts see the new fingerprint and must `fastchat trust` it.
+pub fn rekey(opts: &Options) -> Result<()> {
+    let user = opts.user()?.to_string();
+    let store = Keystore::new(&opts.home, &user);
+    let password = opts.password(&format!("new password for {user} (from your operator): "))?;
+    let identity = Identity::generate()?;
+    let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
+    let session = balancer.login(&user, &password)?;
+    let set = balancer.set_keys(&session, identity.public()?);
+    if let Err(e) = balancer.logout(&session) {
+        log::debug!("logout after rekey failed: {e}");
+    }
+    set?;
+    // The reset ended every session of the user already; the agent holds the old keys.
+    agent::stop(store.dir());
+    store.remove_session()?;
+    store.replace_identity(&identity, &password)?;
+    let fp = fingerprint(&identity.public()?)?;
+    let dir = store.dir().display().to_string();
+    opts.print(
+        &format!(
+            "new keys for {user} saved in {dir} (fingerprint {fp}); your contacts will be told \
+             your keys changed and must run `fastchat trust {user}`"
+        ),
+        json!({ "user": user, "keys": dir, "fingerprint": fp }),
     )
 }
 
@@ -458,6 +535,33 @@ pub fn send(opts: &Options, to: &str, text: &str, lines: bool) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What [`announce`] did for one recipient: the stored message's id, or why not.
+pub type Announced = (String, Result<i64>);
+
+/// Sends `text` as the options' user to each of `recipients`, end-to-end encrypted like any
+/// message, over one login (`fastchat-admin announce`). A recipient that fails (a key that
+/// changed since it was pinned, an account deleted meanwhile) does not stop the others.
+pub fn announce(opts: &Options, recipients: &[String], text: &str) -> Result<Vec<Announced>> {
+    if text.is_empty() {
+        return Err(Error::Invalid("empty message: nothing was sent".into()));
+    }
+    let me = login(opts)?;
+    let mut done = Vec::with_capacity(recipients.len());
+    for to in recipients {
+        let sent = crypto::random_u64().and_then(|client_id| {
+            let body = me.e2e.lock().seal_text(to, client_id, text)?;
+            me.client.send(to, client_id, &body, None)
+        });
+        // No server or a lost connection ends the announcement; what was sent is reported.
+        let unreachable = matches!(&sent, Err(e) if e.exit_code() == 3);
+        done.push((to.clone(), sent));
+        if unreachable {
+            break;
+        }
+    }
+    Ok(done)
 }
 
 /// `fastchat send-file TO PATH`.
@@ -996,7 +1100,7 @@ pub(super) fn show(
             let mut json = serde_json::json!({
                 "id": msg.id,
                 "from": msg.from,
-                "to": msg.to,
+                "to": (!msg.to.is_empty()).then_some(&msg.to),
                 "group": msg.group,
                 "sent_at": msg.sent_at,
             });
@@ -1058,7 +1162,7 @@ fn offered(msg: &Envelope, offer: &FileOffer, format: Format, out: &mut impl Wri
             serde_json::json!({
                 "id": msg.id,
                 "from": msg.from,
-                "to": msg.to,
+                "to": (!msg.to.is_empty()).then_some(&msg.to),
                 "group": msg.group,
                 "sent_at": msg.sent_at,
                 "kind": "file-offer",

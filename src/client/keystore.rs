@@ -80,6 +80,24 @@ impl Keystore {
         self.write_key_file(id, password)
     }
 
+    /// Replaces the identity with a new one (after an operator reset the password and the old
+    /// key file cannot be opened any more): the old file is kept as `identity.key.old`, never
+    /// deleted, in case the old password turns up.
+    pub fn replace_identity(&self, id: &Identity, password: &str) -> Result<()> {
+        self.ensure_dir()?;
+        if self.key_path().exists() {
+            fs::rename(self.key_path(), self.dir.join("identity.key.old"))?;
+        }
+        for old in <[PathBuf; 2]>::from(self.pem_paths()) {
+            if old.exists() {
+                let mut kept = old.clone().into_os_string();
+                kept.push(".old");
+                fs::rename(&old, kept)?;
+            }
+        }
+        self.write_key_file(id, password)
+    }
+
     fn write_key_file(&self, id: &Identity, password: &str) -> Result<()> {
         let data = id.to_key_file(&self.user, password, ScryptCost::default())?;
         let tmp = self.dir.join(".identity.key.tmp");

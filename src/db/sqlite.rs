@@ -24,7 +24,10 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 
 use super::writer::{Background, Batch};
-use super::{Options, Outgoing, SessionRow, StoredMessage, Tx, Usage};
+use super::{
+    Deleted, Exported, OnlineRow, Options, Outgoing, SessionRow, StoredMessage, Tx, Usage,
+    UserSummary,
+};
 use crate::error::{Error, Result};
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 use crate::throttle::Quiet;
@@ -33,6 +36,7 @@ pub mod accounts;
 pub mod files;
 pub mod groups;
 pub mod inbox;
+pub mod operators;
 pub mod queue;
 pub mod registry;
 pub mod schema;
@@ -334,6 +338,34 @@ impl Tx for SqliteTx<'_> {
     }
     fn renew_session(&mut self, token_hash: &[u8], expires_at: i64) -> Result<()> {
         accounts::renew_session(self.conn, token_hash, expires_at)
+    }
+
+    fn users(&mut self) -> Result<Vec<UserSummary>> {
+        operators::users(self.conn)
+    }
+    fn create_account(&mut self, name: &str, password_hash: &str) -> Result<bool> {
+        operators::create_account(self.conn, name, password_hash)
+    }
+    fn reset_password(&mut self, name: &str, password_hash: &str) -> Result<bool> {
+        operators::reset_password(self.conn, name, password_hash)
+    }
+    fn set_keys(&mut self, name: &str, keys: &PublicKeys) -> Result<bool> {
+        operators::set_keys(self.conn, name, keys)
+    }
+    fn end_sessions(&mut self, name: &str) -> Result<usize> {
+        operators::end_sessions(self.conn, name)
+    }
+    fn delete_user(&mut self, name: &str) -> Result<Option<Deleted>> {
+        operators::delete_user(self.conn, name)
+    }
+    fn online(&mut self) -> Result<Vec<OnlineRow>> {
+        operators::online(self.conn)
+    }
+    fn purge_queue(&mut self, name: &str) -> Result<u64> {
+        operators::purge_queue(self.conn, name)
+    }
+    fn export(&mut self, user: Option<&str>) -> Result<Vec<Exported>> {
+        operators::export(self.conn, user)
     }
 
     fn register_server(&mut self, name: &str, addr: &str) -> Result<u64> {

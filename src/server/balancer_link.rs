@@ -119,8 +119,8 @@ impl BalancerLink {
         }
     }
 
-    fn heartbeat(&mut self, load: u32) -> Result<Vec<ServerInfo>> {
-        match self.request(BalancerRequest::Heartbeat { load })? {
+    fn heartbeat(&mut self, load: u32, arrived: u64) -> Result<Vec<ServerInfo>> {
+        match self.request(BalancerRequest::Heartbeat { load, arrived })? {
             BalancerReply::Peers { peers } => Ok(peers),
             other => Err(Error::Protocol(format!(
                 "unexpected reply to Heartbeat: {other:?}"
@@ -178,7 +178,8 @@ impl BalancerLink {
             }
             if self.conn.is_some() {
                 let load = shared.clients.load(Ordering::SeqCst);
-                match self.heartbeat(load) {
+                let arrived = shared.arrived.load(Ordering::SeqCst);
+                match self.heartbeat(load, arrived) {
                     Ok(peers) => shared.peers.update(&peers),
                     Err(e) => {
                         log::warn!("heartbeat failed: {e}");

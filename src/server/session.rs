@@ -84,6 +84,7 @@ pub fn serve_client(
         let _ = chan.send_before(&full, Instant::now() + LINGER);
         return Ok(());
     }
+    shared.arrived.fetch_add(1, Ordering::SeqCst);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let waker = Arc::new(Waker::new()?);
     let (tx, rx) = mailbox::lazy_with::<Outbound>(shared.config.queue_len, Arc::clone(&waker));

@@ -31,6 +31,9 @@ pub struct Shared {
     pub next_conn: AtomicU64,
     /// Connected clients (the load reported to the balancer).
     pub clients: AtomicU32,
+    /// Clients accepted in all since the start (reported too: the balancer stops counting
+    /// the logins it sent here as they arrive).
+    pub arrived: AtomicU64,
     /// Set when the server stops.
     pub stopping: Arc<AtomicBool>,
     /// Set (and never reset) when the server stops: every connection thread waits on it too,
@@ -66,6 +69,7 @@ impl Shared {
             router: Router::default(),
             next_conn: AtomicU64::new(1),
             clients: AtomicU32::new(0),
+            arrived: AtomicU64::new(0),
             stopping,
             stop: Waker::new().expect("an eventfd"),
             stop_signal,
