@@ -87,6 +87,9 @@ pub enum Error {
     InvalidName(String),
     /// Input given on the command line or in a file was unusable.
     Invalid(String),
+    /// A local file, folder or process this program keeps could not be made or used (a key
+    /// file, the key agent, a download folder): exit code 4.
+    Local(String),
     /// Decryption or verification failed: the data was tampered with or not meant for us.
     Integrity(String),
     /// Our standard output was closed (`fastchat recv | head -1`): the command ends quietly,
@@ -117,7 +120,9 @@ impl Error {
             Error::Unreachable { .. } | Error::FrameTooLarge { .. } | Error::Protocol(_) => 3,
             Error::Malformed(_) => 3,
             Error::Io(e) if is_disconnect(e) => 3,
-            Error::Io(_) | Error::Db(_) | Error::Commit(_) | Error::Crypto(_) => 4,
+            Error::Io(_) | Error::Db(_) | Error::Commit(_) | Error::Crypto(_) | Error::Local(_) => {
+                4
+            }
         }
     }
 
@@ -234,6 +239,7 @@ impl fmt::Display for Error {
             Error::Refused { message, .. } => write!(f, "{message}"),
             Error::InvalidName(m) => write!(f, "{m}"),
             Error::Invalid(m) => write!(f, "{m}"),
+            Error::Local(m) => write!(f, "{m}"),
             Error::Integrity(m) => write!(f, "{m}"),
             Error::OutputClosed => write!(f, "standard output was closed"),
         }

@@ -368,6 +368,24 @@ fn exit_codes_are_what_the_help_says() {
         std::thread::sleep(Duration::from_millis(300));
     }
     c.add_server();
+    // Refused: 1.
+    let out = run_limited(
+        c.cmd("alice")
+            .env("FASTCHAT_PASSWORD", "wrong")
+            .args(["send", "bob", "x"]),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    // Local trouble (a key folder that cannot be made): 4, and no account is left behind.
+    let blocker = c.dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let out = run_limited(
+        c.cmd("zed")
+            .env("FASTCHAT_HOME", blocker.join("home"))
+            .args(["signup", "zed"]),
+    );
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stderr.contains("cannot create"), "{out:?}");
+    assert_eq!(c.count("SELECT count(*) FROM users WHERE name = 'zed'"), 0);
     // Bad arguments: 2.
     assert_eq!(c.run("alice", &["send"]).code, 2);
     assert_eq!(c.run("alice", &["recv", "--wait", "-1"]).code, 2);

@@ -138,7 +138,7 @@ fn a_machine_without_the_key_files_gets_a_clear_error() {
             .env("FASTCHAT_HOME", &elsewhere)
             .args(["send", "bob", "hi"]),
     );
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "local trouble: {out:?}");
     assert!(out.stderr.contains("no private keys for alice"), "{out:?}");
     assert!(out.stderr.contains("copy that folder here"), "{out:?}");
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0);

@@ -275,7 +275,7 @@ fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Result<(Proc
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", path.display())))?;
+        .map_err(|e| Error::Local(format!("cannot start {}: {e}", path.display())))?;
     {
         let mut started = STARTED.lock();
         if started.stopped {

@@ -80,7 +80,7 @@ pub fn start(exe: &Path, dir: &Path, idle: Duration, secrets: &Secrets) -> Resul
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| Error::Invalid(format!("cannot start the session agent: {e}")))?;
+        .map_err(|e| Error::Local(format!("cannot start the session agent: {e}")))?;
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(&secrets.0)?;
     drop(stdin);
@@ -144,7 +144,7 @@ pub fn serve(dir: &Path, idle: Duration) -> Result<()> {
         std::fs::remove_file(&path)?;
     }
     let listener = UnixListener::bind(&path)
-        .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", path.display())))?;
+        .map_err(|e| Error::Local(format!("cannot listen on {}: {e}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     println!("ready {}", std::process::id());

@@ -157,6 +157,8 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
     } else {
         Identity::generate()?
     };
+    // The folder first: an account must not be made whose keys then have nowhere to go.
+    store.ensure_dir()?;
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let mut claimed = false;
     let created = match balancer.signup(name, &password, identity.public()?) {

@@ -236,7 +236,7 @@ pub fn receive(
 /// Creates the downloads folder (0700) and removes what interrupted downloads left behind.
 fn prepare_downloads(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)
-        .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+        .map_err(|e| Error::Local(format!("cannot create {}: {e}", dir.display())))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     for entry in fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();

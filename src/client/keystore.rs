@@ -62,7 +62,7 @@ impl Keystore {
     /// Creates the folder (0700) if needed.
     pub fn ensure_dir(&self) -> Result<()> {
         fs::create_dir_all(&self.dir)
-            .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", self.dir.display())))?;
+            .map_err(|e| Error::Local(format!("cannot create {}: {e}", self.dir.display())))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
         Ok(())
     }
@@ -103,7 +103,7 @@ impl Keystore {
         let tmp = self.dir.join(".identity.key.tmp");
         write_private(&tmp, &data)?;
         fs::rename(&tmp, self.key_path()).map_err(|e| {
-            Error::Invalid(format!("cannot write {}: {e}", self.key_path().display()))
+            Error::Local(format!("cannot write {}: {e}", self.key_path().display()))
         })?;
         Ok(())
     }
@@ -114,13 +114,13 @@ impl Keystore {
     pub fn load_identity(&self, password: &str) -> Result<Identity> {
         let read = |p: PathBuf| {
             fs::read(&p).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::Invalid(format!(
+                std::io::ErrorKind::NotFound => Error::Local(format!(
                     "no private keys for {} in {}: keys are made at signup and stay on that \
                      machine; copy that folder here (or set FASTCHAT_HOME to it)",
                     self.user,
                     self.dir.display()
                 )),
-                _ => Error::Invalid(format!("cannot read {}: {e}", p.display())),
+                _ => Error::Local(format!("cannot read {}: {e}", p.display())),
             })
         };
         if self.key_path().exists() {
@@ -266,7 +266,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))?;
+        .map_err(|e| Error::Local(format!("cannot write {}: {e}", path.display())))?;
     f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(data)?;
     f.sync_all()?;

@@ -109,7 +109,7 @@ impl Accepted {
             .create(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| Error::Invalid(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| Error::Local(format!("cannot open {}: {e}", path.display())))?;
         let inode = file.metadata()?.ino();
         let mut record = Accepted {
             path: path.to_path_buf(),

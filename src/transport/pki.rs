@@ -108,7 +108,7 @@ fn write_new(path: &Path, data: &[u8]) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", path.display())))?;
+        .map_err(|e| Error::Local(format!("cannot create {}: {e}", path.display())))?;
     f.write_all(data)?;
     f.sync_all()?;
     Ok(())
@@ -117,7 +117,7 @@ fn write_new(path: &Path, data: &[u8]) -> Result<()> {
 /// Creates `dir` (0700) if needed; refuses a folder others can read.
 fn private_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)
-        .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+        .map_err(|e| Error::Local(format!("cannot create {}: {e}", dir.display())))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     Ok(())
 }
@@ -218,7 +218,7 @@ pub fn issue(dir: &Path, member: &Member) -> Result<PathBuf> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))
+    fs::read(path).map_err(|e| Error::Local(format!("cannot read {}: {e}", path.display())))
 }
 
 /// Reads a PEM certificate.

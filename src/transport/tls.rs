@@ -680,7 +680,7 @@ fn presented_root(chain: &StackRef<X509>) -> Option<X509> {
 fn write_pin(path: &Path, ca: &X509) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)
-            .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Local(format!("cannot create {}: {e}", dir.display())))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     let tmp = path.with_extension("tmp");
@@ -690,7 +690,7 @@ fn write_pin(path: &Path, ca: &X509) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", tmp.display())))?;
+        .map_err(|e| Error::Local(format!("cannot write {}: {e}", tmp.display())))?;
     f.write_all(&ca.to_pem()?)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
