@@ -16,8 +16,15 @@ struct Tmux {
 impl Tmux {
     /// Starts `command` in a 100 x 24 terminal.
     fn start(name: &str, env: &[(&str, String)], command: &str) -> Tmux {
+        Tmux::start_sized(name, 100, env, command)
+    }
+
+    /// Starts `command` in a `cols` x 24 terminal, on a tmux server of its own.
+    fn start_sized(name: &str, cols: u32, env: &[(&str, String)], command: &str) -> Tmux {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let t = Tmux {
-            socket: format!("fastchat-test-{}-{name}", std::process::id()),
+            socket: format!("fastchat-test-{}-{n}-{name}", std::process::id()),
         };
         let mut cmd = Command::new("tmux");
         cmd.args([
@@ -26,7 +33,7 @@ impl Tmux {
             "new-session",
             "-d",
             "-x",
-            "100",
+            &cols.to_string(),
             "-y",
             "24",
         ]);
@@ -126,7 +133,7 @@ fn chat_on_a_terminal_prints_above_the_prompt_and_keeps_what_is_typed() {
         &env_for(&c, "alice"),
         // The shell says how the client ended, on the screen.
         &format!(
-            "sh -c '{} chat; echo exited with $?; sleep 60'",
+            "sh -c '{} chat --no-time; echo exited with $?; sleep 60'",
             bin.display()
         ),
     );
@@ -183,15 +190,264 @@ fn chat_on_a_terminal_prints_above_the_prompt_and_keeps_what_is_typed() {
     t.wait_for("error: unknown command /mgs; did you mean /msg? (/help lists them)");
     t.text("just words");
     t.keys(&["Enter"]);
-    t.wait_for("error: to send, type /msg USER TEXT; /help lists the commands");
+    t.wait_for("error: to send, type /msg USER TEXT, or /query USER first");
     t.text("/msg nobody hi");
     t.keys(&["Enter"]);
     t.wait_for("error: no such user: nobody");
 
-    // Ctrl-C leaves cleanly: exit status 0, the session given up.
+    // Ctrl-C clears the line; Ctrl-D on an empty line leaves cleanly: exit status 0, the
+    // session given up.
+    t.text("never sent");
     t.keys(&["C-c"]);
+    t.wait("the line cleared", |s| {
+        s.last().is_some_and(|l| l == "alice>")
+    });
+    t.keys(&["C-d"]);
     t.wait_for("exited with 0");
     c.wait_online("alice", 0);
     carol.type_line("/quit");
     assert_eq!(carol.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
+}
+
+/// A chat on a terminal of `cols` columns, as `user`, with `args` after `chat`.
+fn chat_in_tmux(c: &Cluster, user: &str, args: &str, cols: u32) -> Tmux {
+    let bin = common::bin("fastchat");
+    let mut env = env_for(c, user);
+    env.push(("FASTCHAT_CA", c.ca().to_string_lossy().to_string()));
+    let t = Tmux::start_sized(
+        user,
+        cols,
+        &env,
+        &format!(
+            "sh -c '{} chat {args}; echo exited with $?; sleep 60'",
+            bin.display()
+        ),
+    );
+    t.wait_for(&format!("logged in as {user} on server "));
+    t
+}
+
+/// The messages `user` has waiting, as `recv` prints them.
+fn received(c: &Cluster, user: &str) -> Vec<String> {
+    let out = c.run(user, &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    out.lines().iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn lines_typed_ahead_or_pasted_are_all_sent_in_order() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let t = chat_in_tmux(&c, "alice", "--no-time bob", 100);
+    t.wait_for("now talking to bob");
+    t.wait("the prompt", |s| {
+        s.last().is_some_and(|l| l == "[bob] alice>")
+    });
+
+    // Typed ahead: four lines in one burst, faster than any of them is sent.
+    let mut burst = Vec::new();
+    for i in 1..=4 {
+        burst.push(format!("/msg bob typed {i}"));
+        burst.push("Enter".to_string());
+    }
+    let mut args = vec!["send-keys"];
+    for (i, k) in burst.iter().enumerate() {
+        if i % 2 == 0 {
+            args.extend(["-l", k.as_str()]);
+            t.tmux(&args);
+            args = vec!["send-keys"];
+        } else {
+            t.tmux(&["send-keys", "Enter"]);
+        }
+    }
+    t.wait_for("-> bob: typed 4");
+
+    // A bracketed paste of 20 lines: 20 messages, in order, in the current conversation.
+    let pasted: Vec<String> = (1..=20).map(|i| format!("pasted line {i}")).collect();
+    t.tmux(&["set-buffer", "-b", "p", &format!("{}\n", pasted.join("\n"))]);
+    t.tmux(&["paste-buffer", "-p", "-d", "-b", "p"]);
+    t.wait_for("-> bob: pasted line 20");
+
+    let mut expected: Vec<String> = (1..=4).map(|i| format!("alice: typed {i}")).collect();
+    expected.extend(pasted.iter().map(|l| format!("alice: {l}")));
+    assert_eq!(received(&c, "bob"), expected);
+}
+
+#[test]
+fn conversations_unread_counts_completion_and_times() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    c.group_ok("alice", &["create", "team"]);
+    c.group_ok("alice", &["add", "team", "bob"]);
+    let t = chat_in_tmux(&c, "alice", "", 100);
+    // Every line has the local time.
+    let screen = t.wait_for("logged in as alice");
+    let first = screen.iter().find(|l| l.contains("logged in")).unwrap();
+    assert!(
+        !first.starts_with(char::is_numeric),
+        "the banner is not a chat line"
+    );
+
+    // Tab completes commands and names.
+    t.text("/que");
+    t.keys(&["Tab"]);
+    t.wait("the command completed", |s| {
+        s.last().is_some_and(|l| l.ends_with("alice> /query"))
+    });
+    t.text("bo");
+    t.keys(&["Tab"]);
+    t.wait("the name completed", |s| {
+        s.last().is_some_and(|l| l.ends_with("alice> /query bob"))
+    });
+    t.keys(&["Enter"]);
+    let screen = t.wait_for("now talking to bob");
+    let line = screen
+        .iter()
+        .find(|l| l.contains("now talking to bob"))
+        .unwrap();
+    assert!(
+        line.len() > 6 && line.as_bytes()[2] == b':' && line[..2].parse::<u8>().is_ok(),
+        "HH:MM first: {line:?}"
+    );
+    t.wait("the conversation in the prompt", |s| {
+        s.last().is_some_and(|l| l == "[bob] alice>")
+    });
+
+    // Plain text goes to the conversation.
+    t.text("plain words to bob");
+    t.keys(&["Enter"]);
+    t.wait_for("-> bob: plain words to bob");
+    assert_eq!(
+        received(&c, "bob"),
+        [
+            "[alice/team] * alice added bob",
+            "alice: plain words to bob"
+        ]
+    );
+
+    // Messages from elsewhere are shown, and counted until their conversation is entered.
+    c.send("carol", "alice", "psst");
+    c.group_ok("bob", &["send", "team", "hello team"]);
+    t.wait_for("carol: psst");
+    t.wait("two unread in the prompt", |s| {
+        s.last()
+            .is_some_and(|l| l == "[bob] alice (2 unread, /list)>")
+    });
+    t.text("/list");
+    t.keys(&["Enter"]);
+    t.wait_for("carol: 1 unread");
+    t.wait_for("alice/team: 1 unread");
+    t.text("/join te");
+    t.keys(&["Tab"]);
+    t.wait("the group completed", |s| {
+        s.last().is_some_and(|l| l.ends_with("/join alice/team"))
+    });
+    t.keys(&["Enter"]);
+    t.wait_for("now talking to alice/team (1 unread above)");
+    t.wait("one unread left", |s| {
+        s.last()
+            .is_some_and(|l| l == "[alice/team] alice (1 unread, /list)>")
+    });
+    t.text("to the team");
+    t.keys(&["Enter"]);
+    t.wait_for("stored message");
+    let bob = received(&c, "bob");
+    assert!(
+        bob.contains(&"[alice/team] alice: to the team".to_string()),
+        "{bob:?}"
+    );
+    t.text("/quit");
+    t.keys(&["Enter"]);
+    t.wait_for("exited with 0");
+}
+
+#[test]
+fn a_long_line_in_a_narrow_window_leaves_nothing_behind() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let t = chat_in_tmux(&c, "alice", "--no-time", 30);
+    t.wait("the prompt", |s| s.last().is_some_and(|l| l == "alice>"));
+    // "alice> " and 73 characters: the input wraps over three rows of 30, the last of 20.
+    let long = format!("/msg bob {}", "x".repeat(64));
+    t.text(&long);
+    t.wait("the line wrapped", |s| {
+        s.len() >= 3 && s[s.len() - 1] == "x".repeat(20)
+    });
+    for i in 1..=3 {
+        c.send("bob", "alice", &format!("incoming {i}"));
+        t.wait_for(&format!("bob: incoming {i}"));
+    }
+    let screen = t.wait("the input drawn once, below the messages", |s| {
+        s.len() >= 6 && s[s.len() - 1] == "x".repeat(20) && s[s.len() - 4] == "bob: incoming 3"
+    });
+    let xs = screen.iter().filter(|l| l.contains("xxx")).count();
+    assert_eq!(xs, 3, "three rows of input, no stale fragment: {screen:?}");
+    t.keys(&["Enter"]);
+    t.wait_for("-> bob: xxxx");
+    let screen = t.wait("an empty prompt", |s| {
+        s.last().is_some_and(|l| l == "alice>")
+    });
+    assert_eq!(
+        screen
+            .iter()
+            .filter(|l| l.starts_with("alice> /msg"))
+            .count(),
+        0,
+        "no input left on screen: {screen:?}"
+    );
+}
+
+#[test]
+fn a_file_uploads_in_the_background_while_messages_print() {
+    // A server that takes 40 requests a second: the 192 chunks take about five seconds.
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--max-rate", "40"]);
+    c.signup("alice");
+    c.signup("bob");
+    let big = c.dir.path().join("big.bin");
+    // 48 MiB of varied bytes: long enough to take seconds.
+    let mut data = Vec::with_capacity(48 << 20);
+    let mut x: u64 = 1;
+    while data.len() < 48 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&big, &data).unwrap();
+    let t = chat_in_tmux(&c, "alice", "--no-time", 100);
+    t.wait("the prompt", |s| s.last().is_some_and(|l| l == "alice>"));
+    t.text(&format!("/file bob {}", big.display()));
+    t.keys(&["Enter"]);
+    // The upload reports progress; meanwhile commands run and messages print.
+    t.wait_for("* big.bin: ");
+    c.send("bob", "alice", "during the upload");
+    t.text("/who");
+    t.keys(&["Enter"]);
+    let screen = t.wait_for("sent big.bin (48.0 MiB) to bob as message");
+    let at = |needle: &str| {
+        screen
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} on screen: {screen:?}"))
+    };
+    assert!(
+        at("bob: during the upload") < at("sent big.bin"),
+        "{screen:?}"
+    );
+    assert!(
+        at("nobody else is online") < at("sent big.bin"),
+        "{screen:?}"
+    );
+    let out = c.run("bob", &["recv"]);
+    // Over the 16 MiB auto-download limit: offered, to fetch with `get`.
+    assert!(
+        out.stdout
+            .starts_with("alice offers big.bin (48.0 MiB): fastchat get "),
+        "{out:?}"
+    );
 }

@@ -158,7 +158,13 @@ enum Command {
         limit: Option<u64>,
     },
     /// Interactive chat: /msg USER TEXT, /group ..., /help, /quit.
-    Chat,
+    Chat {
+        /// The conversation to start in: a user, or a group (OWNER/NAME, or NAME).
+        with: Option<String>,
+        /// No time before each line.
+        #[arg(long)]
+        no_time: bool,
+    },
     /// List the live chat servers with their load.
     Servers,
     /// Print the user, the server assigned, and whether the session is kept.
@@ -313,7 +319,7 @@ fn main() -> ExitCode {
         // Ctrl-C ends `chat` and `recv` cleanly; other commands keep the default (the process
         // stops at once, and what was not confirmed was not done).
         interrupt: match &args.command {
-            Command::Chat | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
+            Command::Chat { .. } | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
             _ => crossbeam_channel::never(),
         },
         auto_download: args.auto_download,
@@ -345,7 +351,13 @@ fn main() -> ExitCode {
             };
             cli::recv(&opts, how)
         }
-        Command::Chat => fastchat::client::chat::chat(&opts),
+        Command::Chat { with, no_time } => fastchat::client::chat::chat(
+            &opts,
+            &fastchat::client::chat::ChatOptions {
+                time: !no_time,
+                with,
+            },
+        ),
         Command::Servers => cli::servers(&opts),
         Command::Whoami => cli::whoami(&opts),
         Command::Trust { peer } => cli::trust(&opts, &peer),

@@ -1,68 +1,134 @@
-//! `fastchat chat`: the interactive session. On a terminal, a line editor (rustyline) with
-//! incoming messages printed above the prompt; from a pipe, one command per input line.
+//! `fastchat chat`: the interactive session. On a terminal, our own line editor
+//! ([`editor`]) with everything else printed above the prompt; from a pipe, one command per
+//! input line.
 //!
 //! ```text
-//! main thread: read a line ──▶ chat_command ──▶ Client (send, /who, /group ...)
-//! printer thread: Client::next ──▶ open (E2e) ──▶ print above the prompt ──▶ ack
+//! input thread:   keys (terminal) or lines (pipe) ──▶ main loop
+//! main loop:      Key ──▶ Editor ──▶ entered lines ──▶ commands channel (in order, never
+//!                 dropped) ; Out ──▶ the screen (above the prompt) ; Ctrl-D, /quit, signals
+//! command thread: one line at a time ──▶ Client (send, /who, /group ...) ──▶ Out
+//!                 /file ──▶ an upload thread of its own (progress ──▶ Out)
+//! printer thread: Client::next ──▶ open (E2e) ──▶ Out ──▶ ack
 //! ```
+//!
+//! A conversation (`/query USER`, `/join GROUP`) is where plain text goes; while in one,
+//! messages from other conversations (shown all the same) count as unread until entered. Lines carry the local time
+//! (`--no-time` leaves it out; pipes never get it, so that scripts read the same lines).
 
-use std::io::{self, BufRead, IsTerminal};
-use std::path::Path;
+mod commands;
+mod editor;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::select;
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
 
-use super::cli::{file_sent, login, show, take_offer, Format, GroupCmd, LoggedIn, Options, Shown};
-use super::files::Target;
-use super::text::one_line;
-use super::Event;
-use crate::crypto;
+use super::cli::{login, show, Downloads, Format, LoggedIn, Options, Shown};
+use super::e2e::E2e;
+use super::{Client, Event};
 use crate::error::{Error, Result};
-use crate::names;
 use crate::net::Envelope;
+use editor::{Action, Editor, Key, RawMode, Screen};
 
-/// The chat commands and what they do (also the `/help` text).
-const CHAT_COMMANDS: &[(&str, &str)] = &[
-    ("/msg USER TEXT", "send TEXT to USER"),
-    (
-        "/file USER PATH",
-        "send the file (or image) at PATH to USER",
-    ),
-    ("/who", "who is online"),
-    ("/get ID", "save the file offered by message ID"),
-    ("/group create GROUP", "create GROUP; you are its admin"),
-    ("/group add GROUP USER", "(admin) add USER to GROUP"),
-    (
-        "/group remove GROUP USER",
-        "(admin) remove USER; the group gets a new key",
-    ),
-    ("/group leave GROUP", "leave GROUP"),
-    (
-        "/group send GROUP TEXT",
-        "send TEXT to every member of GROUP",
-    ),
-    (
-        "/group send-file GROUP PATH",
-        "send the file at PATH to every member of GROUP",
-    ),
-    ("/group list", "your groups"),
-    ("/group members GROUP", "who is in GROUP"),
-    ("/help", "this list"),
-    ("/quit", "leave (Ctrl-D and Ctrl-C work too)"),
-];
-
-fn chat_help() -> String {
-    let mut s = String::from("commands:");
-    for (usage, what) in CHAT_COMMANDS {
-        s.push_str(&format!("\n  {usage:<28}{what}"));
-    }
-    s
+/// How the chat looks.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    /// Print the local time before each line (on a terminal).
+    pub time: bool,
+    /// The conversation to start in: a user or a group.
+    pub with: Option<String>,
 }
 
-/// ANSI styles for the terminal; plain text when `on` is false (pipes, scripts, tests).
-/// `text` in an ANSI `style` when `on`, unless `NO_COLOR` is set (https://no-color.org).
-fn paint(style: &str, text: &str, on: bool) -> String {
+/// A conversation: with a user, or in a group.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Conversation {
+    User(String),
+    Group(String),
+}
+
+impl Conversation {
+    /// How it is shown: `bob`, `alice/team`.
+    pub(super) fn label(&self) -> &str {
+        match self {
+            Conversation::User(u) | Conversation::Group(u) => u,
+        }
+    }
+
+    /// The conversation a message belongs to, for its recipient.
+    fn of(msg: &Envelope) -> Conversation {
+        match &msg.group {
+            Some(g) => Conversation::Group(g.clone()),
+            None => Conversation::User(msg.from.clone()),
+        }
+    }
+}
+
+/// What the chat's threads share.
+#[derive(Default)]
+pub(super) struct State {
+    /// Where plain text goes.
+    pub(super) current: Option<Conversation>,
+    /// Messages not seen in their conversation yet, by conversation.
+    pub(super) unread: BTreeMap<Conversation, u32>,
+    /// Names seen (online, in groups, senders): Tab completes them.
+    pub(super) users: BTreeSet<String>,
+    /// The user's groups, by full name.
+    pub(super) groups: BTreeSet<String>,
+}
+
+/// A line for the screen, by what it is (each kind looks different).
+#[derive(Debug, Clone)]
+pub(super) enum Line {
+    /// A message received (already styled when on a terminal).
+    Incoming(String),
+    /// The result of the user's own command (`-> bob: hi`).
+    Reply(String),
+    /// Something that happened (`* server lost`, an upload's progress).
+    Notice(String),
+    /// A command failed.
+    Error(String),
+}
+
+/// What the other threads tell the main loop.
+pub(super) enum Out {
+    Lines(Vec<Line>),
+    /// The conversation or the unread counts changed: draw the prompt again.
+    Prompt,
+    /// The session is over (a `/quit` reached, or the connection is gone for good).
+    Done(Result<()>),
+}
+
+/// What the command thread takes.
+pub(super) enum Command {
+    Line(String),
+    Quit,
+}
+
+/// Everything a chat thread needs, cheap to clone.
+#[derive(Clone)]
+pub(super) struct Ctx {
+    pub(super) client: Arc<Client>,
+    pub(super) e2e: Arc<Mutex<E2e>>,
+    pub(super) downloads: Downloads,
+    pub(super) offers: Arc<Mutex<std::collections::HashMap<i64, Envelope>>>,
+    pub(super) state: Arc<Mutex<State>>,
+    pub(super) out: Sender<Out>,
+    /// On a terminal: colours, progress lines.
+    pub(super) terminal: bool,
+}
+
+impl Ctx {
+    pub(super) fn say(&self, line: Line) {
+        let _ = self.out.send(Out::Lines(vec![line]));
+    }
+}
+
+/// ANSI styles for the terminal: `text` in `style` when `on`, unless `NO_COLOR` is set
+/// (https://no-color.org).
+pub(super) fn paint(style: &str, text: &str, on: bool) -> String {
     if on && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) {
         format!("\x1b[{style}m{text}\x1b[0m")
     } else {
@@ -70,9 +136,8 @@ fn paint(style: &str, text: &str, on: bool) -> String {
     }
 }
 
-/// `fastchat chat`: interactive session. On a terminal, incoming messages are printed above
-/// the prompt without disturbing what is being typed; otherwise (a pipe) line by line.
-pub fn chat(opts: &Options) -> Result<()> {
+/// `fastchat chat`: the interactive session.
+pub fn chat(opts: &Options, how: &ChatOptions) -> Result<()> {
     let me = login(opts)?;
     let terminal = io::stdin().is_terminal() && io::stdout().is_terminal();
     let server = me.client.server();
@@ -82,62 +147,105 @@ pub fn chat(opts: &Options) -> Result<()> {
         server.id,
         server.addr
     );
-    if terminal {
-        chat_terminal(&me, opts)
-    } else {
-        chat_lines(&me, opts)
+    let (out_tx, out) = unbounded::<Out>();
+    let ctx = Ctx {
+        client: Arc::clone(&me.client),
+        e2e: Arc::clone(&me.e2e),
+        downloads: me.downloads.clone(),
+        offers: Arc::clone(&me.offers),
+        state: Arc::new(Mutex::new(State::default())),
+        out: out_tx,
+        terminal,
+    };
+    let (commands_tx, commands_rx) = unbounded::<Command>();
+    if let Some(with) = &how.with {
+        commands_tx
+            .send(Command::Line(format!("/query {with}")))
+            .expect("the receiver is here");
     }
+    spawn_printer(ctx.clone());
+    {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || commands::run(&ctx, &commands_rx));
+    }
+    let result = if terminal {
+        chat_terminal(&ctx, &me, opts, how, &commands_tx, &out)
+    } else {
+        chat_lines(opts, &commands_tx, &out)
+    };
+    drop(me);
+    result
 }
 
-/// Receives messages until the session ends, handing each line to `print`.
-fn spawn_printer(
-    me: &LoggedIn,
-    color: bool,
-    mut print: impl FnMut(String) + Send + 'static,
-) -> std::thread::JoinHandle<Result<()>> {
-    let client = Arc::clone(&me.client);
-    let e2e = Arc::clone(&me.e2e);
-    let downloads = me.downloads.clone();
-    let offers = Arc::clone(&me.offers);
-    std::thread::spawn(move || -> Result<()> {
+/// Receives messages until the session ends: each one opened, shown, acknowledged.
+fn spawn_printer(ctx: Ctx) {
+    std::thread::spawn(move || {
         let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        while let Some(event) = client.next(forever)? {
-            match event {
-                Event::Message(msg) => {
-                    let mut line = Vec::new();
-                    match show(
-                        &e2e,
-                        &client,
-                        &downloads,
-                        &msg,
-                        Format::Lines,
-                        true,
-                        &mut line,
-                    )? {
-                        Shown::Done => client.ack(&[msg.id])?,
-                        // Kept queued until `/get ID`.
-                        Shown::Offered => {
-                            offers.lock().insert(msg.id, msg.clone());
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                    if !text.is_empty() {
-                        print(if color { colorize(&msg, &text) } else { text });
-                    }
-                }
-                Event::Synced => {}
-                Event::Failover(server) => print(paint(
-                    "33",
-                    &format!(
-                        "* server lost; now on server {} ({})",
-                        server.id, server.addr
-                    ),
-                    color,
-                )),
+        let result = loop {
+            let event = match ctx.client.next(forever) {
+                Ok(Some(event)) => event,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = printed(&ctx, event) {
+                break Err(e);
             }
+        };
+        let _ = ctx.out.send(Out::Done(result));
+    });
+}
+
+/// Shows one event.
+fn printed(ctx: &Ctx, event: Event) -> Result<()> {
+    match event {
+        Event::Message(msg) => {
+            let mut line = Vec::new();
+            match show(
+                &ctx.e2e,
+                &ctx.client,
+                &ctx.downloads,
+                &msg,
+                Format::Lines,
+                true,
+                &mut line,
+            )? {
+                Shown::Done => ctx.client.ack(&[msg.id])?,
+                // Kept queued until `/get ID`.
+                Shown::Offered => {
+                    ctx.offers.lock().insert(msg.id, msg.clone());
+                }
+            }
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if text.is_empty() {
+                return Ok(());
+            }
+            {
+                let mut state = ctx.state.lock();
+                state.users.insert(msg.from.clone());
+                let conversation = Conversation::of(&msg);
+                if let Conversation::Group(g) = &conversation {
+                    state.groups.insert(g.clone());
+                }
+                // Without a current conversation every message is in the one stream shown;
+                // in one, the others' messages wait, counted, until they are entered.
+                if state.current.is_some() && state.current.as_ref() != Some(&conversation) {
+                    *state.unread.entry(conversation).or_default() += 1;
+                    let _ = ctx.out.send(Out::Prompt);
+                }
+            }
+            ctx.say(Line::Incoming(if ctx.terminal {
+                colorize(&msg, &text)
+            } else {
+                text
+            }));
         }
-        Ok(())
-    })
+        Event::Synced => {}
+        Event::Failover(server) => ctx.say(Line::Notice(format!(
+            "* server lost; now on server {} ({})",
+            server.id, server.addr
+        ))),
+    }
+    Ok(())
 }
 
 /// Colours a message line: the group tag, the sender, notices dimmed.
@@ -161,236 +269,158 @@ fn colorize(msg: &Envelope, line: &str) -> String {
     }
 }
 
-/// Chat on a terminal: a line editor (history, editing) with incoming messages printed above
-/// the prompt.
-fn chat_terminal(me: &LoggedIn, opts: &Options) -> Result<()> {
-    use rustyline::error::ReadlineError;
-    use rustyline::ExternalPrinter;
-    let editor_error = |e: ReadlineError| Error::Io(io::Error::other(e.to_string()));
-    let mut editor = rustyline::DefaultEditor::new().map_err(editor_error)?;
-    let mut printer = editor.create_external_printer().map_err(editor_error)?;
-    let printer = spawn_printer(me, true, move |line| {
-        let _ = printer.print(format!("{line}\n"));
-    });
-    // Ctrl-C as a key ends the editor below; a signal from elsewhere (kill -INT, SIGTERM)
-    // cannot interrupt it, so it ends the session here: logout, terminal back to normal.
-    {
-        let client = Arc::clone(&me.client);
-        let interrupt = opts.interrupt.clone();
-        let kept = me.kept;
-        std::thread::spawn(move || {
-            if interrupt.recv().is_ok() {
-                if kept {
-                    client.close();
-                } else {
-                    let _ = client.logout();
-                }
-                let _ = std::process::Command::new("stty").arg("sane").status();
-                println!();
-                std::process::exit(0);
-            }
-        });
+/// A line as the terminal shows it: the time, then the text in its kind's style.
+fn render(line: &Line, time: bool) -> String {
+    let text = match line {
+        Line::Incoming(t) => t.clone(),
+        Line::Reply(t) => paint("2", t, true),
+        Line::Notice(t) => paint("33", t, true),
+        Line::Error(t) => paint("31", &format!("error: {t}"), true),
+    };
+    if time {
+        format!(
+            "{} {text}",
+            paint("2", &chrono::Local::now().format("%H:%M").to_string(), true)
+        )
+    } else {
+        text
     }
-    let prompt = format!("{}> ", paint("1", me.client.user(), true));
-    loop {
-        if printer.is_finished() {
-            return match printer.join() {
-                Ok(Err(e)) => Err(e),
-                _ => Ok(()),
-            };
-        }
-        match editor.readline(&prompt) {
-            Ok(line) => {
-                let line = line.trim();
-                if line.is_empty() {
+}
+
+/// The prompt: the conversation, the user, and how many messages wait elsewhere.
+fn prompt(ctx: &Ctx) -> String {
+    let state = ctx.state.lock();
+    let mut p = String::new();
+    if let Some(c) = &state.current {
+        p.push_str(&paint("36", &format!("[{}] ", c.label()), true));
+    }
+    p.push_str(&paint("1", ctx.client.user(), true));
+    let unread: u32 = state.unread.values().sum();
+    if unread > 0 {
+        p.push_str(&paint("33", &format!(" ({unread} unread, /list)"), true));
+    }
+    p.push_str("> ");
+    p
+}
+
+/// Chat on a terminal.
+fn chat_terminal(
+    ctx: &Ctx,
+    me: &LoggedIn,
+    opts: &Options,
+    how: &ChatOptions,
+    commands: &Sender<Command>,
+    out: &Receiver<Out>,
+) -> Result<()> {
+    let raw = RawMode::enable()?;
+    let (keys_tx, keys) = unbounded::<Key>();
+    std::thread::spawn(move || editor::read_keys(keys_tx));
+    let mut editor = Editor::default();
+    let mut screen = Screen::new();
+    screen.draw(&prompt(ctx), &editor)?;
+    let result = loop {
+        select! {
+            recv(keys) -> key => {
+                let Ok(key) = key else {
+                    let _ = commands.send(Command::Quit);
                     continue;
+                };
+                match editor.key(key) {
+                    Action::Submit(lines) => {
+                        for line in lines {
+                            let _ = commands.send(Command::Line(line));
+                        }
+                    }
+                    Action::Quit => {
+                        let _ = commands.send(Command::Quit);
+                    }
+                    Action::Complete => {
+                        let shown = commands::complete(ctx, &mut editor);
+                        if !shown.is_empty() {
+                            screen.print_above(&[shown], &prompt(ctx), &editor)?;
+                            continue;
+                        }
+                    }
+                    Action::None => {}
                 }
-                let _ = editor.add_history_entry(line);
-                match chat_command(line, me) {
-                    Ok(Some(reply)) => println!("{}", paint("2", &reply, true)),
-                    Ok(None) => return Ok(()),
-                    Err(e) => println!(
-                        "{}",
-                        paint("31", &format!("error: {}", one_line(&e.to_string())), true)
-                    ),
-                }
+                screen.draw(&prompt(ctx), &editor)?;
             }
-            Err(ReadlineError::Interrupted | ReadlineError::Eof) => return Ok(()),
-            Err(e) => return Err(editor_error(e)),
+            recv(out) -> event => match event {
+                Ok(Out::Lines(mut lines)) => {
+                    // Everything waiting, in one redraw.
+                    let mut done = None;
+                    for more in out.try_iter() {
+                        match more {
+                            Out::Lines(l) => lines.extend(l),
+                            Out::Prompt => {}
+                            Out::Done(r) => { done = Some(r); break; }
+                        }
+                    }
+                    let rendered: Vec<String> =
+                        lines.iter().map(|l| render(l, how.time)).collect();
+                    screen.print_above(&rendered, &prompt(ctx), &editor)?;
+                    if let Some(r) = done {
+                        break r;
+                    }
+                }
+                Ok(Out::Prompt) => screen.draw(&prompt(ctx), &editor)?,
+                Ok(Out::Done(r)) => break r,
+                Err(_) => break Ok(()),
+            },
+            // SIGTERM or SIGINT from elsewhere.
+            recv(opts.interrupt) -> _ => break Ok(()),
         }
-    }
+    };
+    screen.finish()?;
+    drop(raw);
+    let _ = me;
+    result
 }
 
 /// Chat from a pipe: one command per input line, one output line per event.
-fn chat_lines(me: &LoggedIn, opts: &Options) -> Result<()> {
-    let printer = spawn_printer(me, false, |line| println!("{line}"));
-    // Standard input is read on a thread of its own, so Ctrl-C and a lost session are noticed
-    // while nothing is being typed.
-    let (lines_tx, lines) = crossbeam_channel::unbounded::<io::Result<String>>();
+fn chat_lines(opts: &Options, commands: &Sender<Command>, out: &Receiver<Out>) -> Result<()> {
+    // Standard input is read on a thread of its own: its lines go to the command thread in
+    // order, and the end of input ends the session once they are done.
+    let lines_to = commands.clone();
     std::thread::spawn(move || {
         for line in io::stdin().lock().lines() {
-            if lines_tx.send(line).is_err() {
-                break;
+            let Ok(line) = line else { break };
+            if lines_to.send(Command::Line(line)).is_err() {
+                return;
             }
         }
+        let _ = lines_to.send(Command::Quit);
     });
-    let mut printer = Some(printer);
     loop {
         select! {
-            recv(lines) -> line => {
-                let Ok(line) = line else { return Ok(()) }; // end of input
-                let line = line?;
-                let line = line.trim();
-                if line.is_empty() {
-                    continue;
-                }
-                match chat_command(line, me) {
-                    Ok(Some(reply)) => println!("{reply}"),
-                    Ok(None) => return Ok(()),
-                    Err(e) => eprintln!("error: {}", one_line(&e.to_string())),
-                }
-            }
-            recv(opts.interrupt) -> _ => return Ok(()),
-            default(Duration::from_millis(200)) => {
-                if printer.as_ref().is_some_and(|p| p.is_finished()) {
-                    if let Some(Ok(Err(e))) = printer.take().map(|p| p.join()) {
-                        return Err(e);
+            recv(out) -> event => match event {
+                Ok(Out::Lines(lines)) => {
+                    let mut stdout = io::stdout().lock();
+                    for line in lines {
+                        let written = match line {
+                            Line::Error(t) => {
+                                eprintln!("error: {t}");
+                                Ok(())
+                            }
+                            Line::Incoming(t) | Line::Reply(t) | Line::Notice(t) => {
+                                writeln!(stdout, "{t}")
+                            }
+                        };
+                        written
+                            .and_then(|()| stdout.flush())
+                            .map_err(super::cli::output_error)?;
                     }
-                    return Ok(());
                 }
-            }
+                Ok(Out::Prompt) => {}
+                Ok(Out::Done(r)) => return r,
+                Err(_) => return Ok(()),
+            },
+            recv(opts.interrupt) -> _ => return Ok(()),
         }
     }
 }
 
-/// Runs one chat-mode line. `Ok(None)` means quit.
-fn chat_command(line: &str, me: &LoggedIn) -> Result<Option<String>> {
-    let (client, e2e) = (&*me.client, &*me.e2e);
-    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
-    match cmd {
-        "/get" => {
-            let id: i64 = rest.trim().parse().map_err(|_| {
-                Error::Invalid("usage: /get ID (the number the offer shows)".into())
-            })?;
-            let msg = me
-                .offers
-                .lock()
-                .remove(&id)
-                .ok_or_else(|| Error::Invalid(format!("no file offered by message {id}")))?;
-            let mut line = Vec::new();
-            take_offer(me, &msg, Format::Lines, &mut line)?;
-            Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()))
-        }
-        "/quit" | "/exit" => Ok(None),
-        "/help" => Ok(Some(chat_help())),
-        "/who" => {
-            let users = client.who()?;
-            let others: Vec<&String> = users.iter().filter(|u| *u != client.user()).collect();
-            Ok(Some(if others.is_empty() {
-                "nobody else is online".to_string()
-            } else {
-                format!("online: {}", join(&others))
-            }))
-        }
-        "/msg" => {
-            let (to, text) = rest
-                .trim()
-                .split_once(' ')
-                .ok_or_else(|| Error::Invalid("usage: /msg USER TEXT".into()))?;
-            names::validate("recipient", to)?;
-            let text = text.trim();
-            if text.is_empty() {
-                return Err(Error::Invalid("empty message: nothing was sent".into()));
-            }
-            let client_id = crypto::random_u64()?;
-            let body = e2e.lock().seal_text(to, client_id, text)?;
-            client.send(to, client_id, &body, None)?;
-            Ok(Some(format!("-> {to}: {}", one_line(text))))
-        }
-        "/file" => {
-            let (to, path) = rest
-                .trim()
-                .split_once(' ')
-                .ok_or_else(|| Error::Invalid("usage: /file USER PATH".into()))?;
-            names::validate("recipient", to)?;
-            let path = Path::new(path.trim());
-            file_sent(client, &mut e2e.lock(), Target::User(to), path).map(|(text, _)| Some(text))
-        }
-        "/group" => GroupCmd::parse(rest)?
-            .run(client, &mut e2e.lock())
-            .map(|lines| {
-                lines
-                    .into_iter()
-                    .map(|(text, _)| text)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .map(Some),
-        _ if cmd.starts_with('/') => Err(Error::Invalid(match closest_command(cmd) {
-            Some(known) => {
-                format!("unknown command {cmd}; did you mean {known}? (/help lists them)")
-            }
-            None => format!("unknown command {cmd}; /help lists the commands"),
-        })),
-        _ => Err(Error::Invalid(
-            "to send, type /msg USER TEXT; /help lists the commands".into(),
-        )),
-    }
-}
-
-fn join(names: &[&String]) -> String {
-    names
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The known command nearest to a mistyped one, if one is close (at most two edits).
-fn closest_command(typed: &str) -> Option<&'static str> {
-    CHAT_COMMANDS
-        .iter()
-        .map(|(usage, _)| usage.split(' ').next().unwrap_or(usage))
-        .map(|known| (edit_distance(typed, known), known))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, known)| known)
-}
-
-/// Levenshtein distance, over characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = diagonal + usize::from(ca != *cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
-        }
-    }
-    row[b.len()]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_mistyped_command_gets_the_nearest_one() {
-        assert_eq!(closest_command("/mgs"), Some("/msg"));
-        assert_eq!(closest_command("/hlep"), Some("/help"));
-        assert_eq!(closest_command("/wh"), Some("/who"));
-        assert_eq!(closest_command("/launch-missiles"), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
-
-    #[test]
-    fn help_lists_every_command() {
-        let help = chat_help();
-        for (usage, _) in CHAT_COMMANDS {
-            assert!(help.contains(usage), "{usage}");
-        }
-    }
+/// The error a failed command shows: one line.
+pub(super) fn error_line(e: &Error) -> Line {
+    Line::Error(super::text::one_line(&e.to_string()))
 }

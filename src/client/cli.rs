@@ -845,7 +845,12 @@ impl GroupCmd {
 
 /// The full name of the group a command names: `OWNER/NAME` as given; or, for a short name,
 /// our own group of that name when creating, else the one group of ours with that name.
-fn resolve_group(client: &Client, me: &str, given: &str, creating: bool) -> Result<String> {
+pub(super) fn resolve_group(
+    client: &Client,
+    me: &str,
+    given: &str,
+    creating: bool,
+) -> Result<String> {
     if given.contains('/') {
         names::validate_group(given)?;
         return Ok(given.to_string());
@@ -1202,22 +1207,31 @@ pub fn get(opts: &Options, id: i64) -> Result<()> {
     } else {
         Format::Lines
     };
-    take_offer(&me, &msg, format, &mut io::stdout().lock())
+    take_offer(
+        &me.e2e,
+        &me.client,
+        &me.downloads,
+        &msg,
+        format,
+        &mut io::stdout().lock(),
+    )
 }
 
 /// Saves the file `msg` offers, whatever its size, shows it, and acknowledges it.
 pub(super) fn take_offer(
-    me: &LoggedIn,
+    e2e: &Mutex<E2e>,
+    client: &Client,
+    downloads: &Downloads,
     msg: &Envelope,
     format: Format,
     out: &mut impl Write,
 ) -> Result<()> {
     let all = Downloads {
         auto_max: u64::MAX,
-        ..me.downloads.clone()
+        ..downloads.clone()
     };
-    show(&me.e2e, &me.client, &all, msg, format, true, out)?;
-    me.client.ack(&[msg.id])
+    show(e2e, client, &all, msg, format, true, out)?;
+    client.ack(&[msg.id])
 }
 
 /// The one line a message is shown as (`path`: where a file was saved).

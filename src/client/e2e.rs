@@ -521,7 +521,7 @@ impl E2e {
     }
 
     /// `peer`'s public keys, checked against the pin once per process.
-    fn peer_keys(&mut self, peer: &str) -> Result<&PublicKeys> {
+    pub(super) fn peer_keys(&mut self, peer: &str) -> Result<&PublicKeys> {
         if !self.keys.contains_key(peer) {
             let keys = self.checked_keys(peer)?;
             self.keys.insert(peer.to_string(), keys);

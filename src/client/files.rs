@@ -60,6 +60,40 @@ fn chunk_len(size: u64, index: u64) -> usize {
 /// Sends the file at `path` (its name is the last component of the path); returns the stored
 /// message id. A file over the server's limit is refused before anything is uploaded.
 pub fn send_file(client: &Client, e2e: &mut E2e, target: Target<'_>, path: &Path) -> Result<i64> {
+    let uploaded = upload_file(client, path, &mut |_| {})?;
+    offer(client, e2e, target, uploaded)
+}
+
+/// Sends `size` bytes read from what `open` opens (called again if the upload starts over),
+/// under the name `name`; returns the stored message id.
+pub fn send_from<R: Read>(
+    client: &Client,
+    e2e: &mut E2e,
+    target: Target<'_>,
+    name: &str,
+    size: u64,
+    open: impl FnMut() -> Result<R>,
+) -> Result<i64> {
+    let uploaded = upload_from(client, name, size, open, &mut |_| {})?;
+    offer(client, e2e, target, uploaded)
+}
+
+/// A file uploaded (encrypted under a key of its own) and not offered yet.
+pub struct Uploaded {
+    /// The upload's id on the server.
+    pub upload: i64,
+    /// What the recipients need to fetch and check it: name, size, SHA-256, key.
+    pub offer: FileOffer,
+}
+
+/// Uploads the file at `path`, calling `progress` with the bytes sent so far after each
+/// chunk. Needs no end-to-end state: the chat uploads in the background while messages are
+/// opened and printed.
+pub fn upload_file(
+    client: &Client,
+    path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Uploaded> {
     let meta = fs::metadata(path)
         .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))?;
     if !meta.is_file() {
@@ -75,19 +109,18 @@ pub fn send_file(client: &Client, e2e: &mut E2e, target: Target<'_>, path: &Path
     let open = || {
         File::open(path).map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))
     };
-    send_from(client, e2e, target, &name, meta.len(), open)
+    upload_from(client, &name, meta.len(), open, progress)
 }
 
-/// Sends `size` bytes read from what `open` opens (called again if the upload starts over),
-/// under the name `name`; returns the stored message id.
-pub fn send_from<R: Read>(
+/// Uploads `size` bytes read from what `open` opens (called again if the upload starts over
+/// on another server), under the name `name`.
+pub fn upload_from<R: Read>(
     client: &Client,
-    e2e: &mut E2e,
-    target: Target<'_>,
     name: &str,
     size: u64,
     mut open: impl FnMut() -> Result<R>,
-) -> Result<i64> {
+    progress: &mut dyn FnMut(u64),
+) -> Result<Uploaded> {
     let limit = client.max_file();
     if size > limit {
         return Err(Error::Invalid(format!(
@@ -97,25 +130,29 @@ pub fn send_from<R: Read>(
         )));
     }
     let mut tries = 0;
-    let (upload, offer) = loop {
+    loop {
         tries += 1;
-        match upload(client, name, size, open()?) {
-            Ok(done) => break done,
+        match upload(client, name, size, open()?, progress) {
+            Ok((upload, offer)) => return Ok(Uploaded { upload, offer }),
             // The server was lost and the upload with it: start over on the new one.
             Err(e) if tries < UPLOAD_TRIES && upload_lost(&e) => {
                 log::info!("upload of {name} interrupted ({e}); starting over");
             }
             Err(e) => return Err(e),
         }
-    };
-    let plain = Plain::File(offer);
+    }
+}
+
+/// Offers an uploaded file to `target`: the message holding its key; returns its id.
+pub fn offer(client: &Client, e2e: &mut E2e, target: Target<'_>, file: Uploaded) -> Result<i64> {
+    let plain = Plain::File(file.offer);
     match target {
         Target::User(to) => {
             let client_id = crypto::random_u64()?;
             let body = e2e.seal_direct(to, client_id, &plain)?;
-            client.send(to, client_id, &body, Some(upload))
+            client.send(to, client_id, &body, Some(file.upload))
         }
-        Target::Group(group) => e2e.group_send_with(client, group, &plain, Some(upload)),
+        Target::Group(group) => e2e.group_send_with(client, group, &plain, Some(file.upload)),
     }
 }
 
@@ -137,6 +174,7 @@ fn upload(
     name: &str,
     size: u64,
     mut reader: impl Read,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(i64, FileOffer)> {
     let key = PairKey::random()?;
     let chunks = chunk_count(size);
@@ -154,6 +192,7 @@ fn upload(
         hasher.update(&buf[..want]);
         let data = key.seal(&chunk_aad(index, chunks), &buf[..want])?;
         client.file_chunk(upload, index, data)?;
+        progress((index * FILE_CHUNK as u64 + want as u64).min(size));
     }
     if read_full(&mut reader, &mut buf[..1])? != 0 {
         return Err(Error::Invalid(format!(
