@@ -106,6 +106,9 @@ struct Shared {
     hashing: HashSlots,
     /// Numbers the connections, so a server's registration knows the link it lives on.
     next_link: AtomicU64,
+    /// When presence rows of servers this balancer never heard from were last looked for
+    /// (servers that died before it started: nobody else would ever forget them).
+    orphans_swept: Mutex<std::time::Instant>,
 }
 
 /// What the balancer knows about one connection.
@@ -154,6 +157,7 @@ pub fn run(
         signups: Mutex::new(Table::new(config.signups_per_address)),
         hashing: HashSlots::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         next_link: AtomicU64::new(1),
+        orphans_swept: Mutex::new(std::time::Instant::now()),
         config,
     });
     let addr = listener.local_addr()?;
@@ -423,6 +427,34 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
     }
 }
 
+/// Forgets the presence rows of servers that have not registered since this balancer started
+/// [`FORGET_AFTER`] ago (they died before it started, or while it was down), once per
+/// [`FORGET_AFTER`]: a user who was on one of them is not shown online for ever.
+fn sweep_orphans(shared: &Shared) -> Result<()> {
+    {
+        let mut swept = shared.orphans_swept.lock();
+        if swept.elapsed() < FORGET_AFTER {
+            return Ok(());
+        }
+        *swept = std::time::Instant::now();
+    }
+    let with_rows = shared.store.read(|tx| tx.presence_servers())?;
+    let orphans: Vec<u64> = {
+        let registry = shared.registry.lock();
+        with_rows
+            .into_iter()
+            .filter(|id| !registry.knows(*id))
+            .collect()
+    };
+    for id in orphans {
+        log::warn!(
+            "server {id} has not registered for {FORGET_AFTER:?}: its clients are forgotten"
+        );
+        shared.store.call(move |tx| tx.forget_server(id))?;
+    }
+    Ok(())
+}
+
 /// A turn to hash a password, or `RateLimited` if none comes soon.
 fn hash_slot(shared: &Shared) -> Result<accounts::HashSlot<'_>> {
     shared.hashing.take(HASH_PATIENCE).ok_or_else(|| {
@@ -529,5 +561,6 @@ fn heartbeat(
         log::warn!("server {id} silent for {FORGET_AFTER:?}: forgotten");
         shared.store.call(move |tx| tx.forget_server(id))?;
     }
+    sweep_orphans(shared)?;
     Ok(peers)
 }

@@ -354,8 +354,12 @@ pub trait Tx {
     fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()>;
     /// Removes every presence row of a server (at its start, after a crash of an earlier run).
     fn clear_presence(&mut self, server_id: u64) -> Result<()>;
-    /// Users connected to any server now, by name (at most `limit`).
-    fn online_users(&mut self, limit: usize) -> Result<Vec<String>>;
+    /// Users connected now to one of `servers` (the live ones), by name (at most `limit`).
+    fn online_users(&mut self, limit: usize, servers: &[u64]) -> Result<Vec<String>>;
+    /// Which of `users` are connected now to one of `servers`.
+    fn online_among(&mut self, users: &[String], servers: &[u64]) -> Result<Vec<String>>;
+    /// The servers that have presence rows.
+    fn presence_servers(&mut self) -> Result<Vec<u64>>;
 
     // -- The message queue ---------------------------------------------------------------
 

@@ -486,8 +486,15 @@ pub enum ServerRequest {
     },
     /// The caller's groups (`Groups`).
     GroupList,
-    /// Who is online, on any server (`Online`).
+    /// Who is online, on any live server (`Online`).
     Who,
+    /// Tell this connection when any of `users` comes online or goes offline
+    /// ([`ServerEvent::Presence`]; at most [`MAX_WHO`] names; replaces the set given before;
+    /// `Done`). Each newly watched user is told at once, online or not.
+    Watch {
+        /// The users to watch.
+        users: Vec<String>,
+    },
     /// One group's admin, members and epoch (members only; `Group`).
     GroupInfo {
         /// Group name.
@@ -582,6 +589,13 @@ pub enum ServerEvent {
     },
     /// Everything that was queued at login has been delivered; what follows is live.
     Synced,
+    /// A watched user (see [`ServerRequest::Watch`]) came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now (on some live server), or not.
+        online: bool,
+    },
 }
 
 impl ServerEvent {

@@ -49,6 +49,7 @@ mod balancer_link;
 pub mod config;
 mod outbound;
 mod peers;
+mod presence;
 pub mod quota;
 mod router;
 mod session;
@@ -134,6 +135,8 @@ pub fn run(
         next_conn: AtomicU64::new(1),
         clients: AtomicU32::new(0),
         arrived: AtomicU64::new(0),
+        watches: presence::Watches::default(),
+        live_peers: parking_lot::Mutex::default(),
         stopping: Arc::clone(&stopping),
         store,
         server_id,

@@ -144,9 +144,10 @@ fn chat_on_a_terminal_prints_above_the_prompt_and_keeps_what_is_typed() {
     t.text("/msg bob hel");
     t.wait_for("alice> /msg bob hel");
     c.send("bob", "alice", "hi alice, are you there?");
+    // (bob's coming and going, as his command logs in and out, may be shown too.)
     let screen = t.wait("the message above the prompt", |s| {
         s.len() >= 2
-            && s[s.len() - 2] == "bob: hi alice, are you there?"
+            && s.iter().any(|l| l == "bob: hi alice, are you there?")
             && s[s.len() - 1] == "alice> /msg bob hel"
     });
     assert_eq!(
@@ -450,4 +451,56 @@ fn a_file_uploads_in_the_background_while_messages_print() {
             .starts_with("alice offers big.bin (48.0 MiB): fastchat get "),
         "{out:?}"
     );
+}
+
+#[test]
+fn contacts_coming_and_going_are_shown_and_who_forgets_dead_servers() {
+    let mut c = Cluster::start(2);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    // alice has written to bob (pinned: a contact); carol is in her group.
+    c.send("alice", "bob", "hi");
+    c.group_ok("alice", &["create", "team"]);
+    c.group_ok("alice", &["add", "team", "carol"]);
+    let t = chat_in_tmux(&c, "alice", "--no-time", 100);
+    t.wait("the prompt", |s| s.last().is_some_and(|l| l == "alice>"));
+
+    // bob comes online, then leaves.
+    let mut bob = c.spawn("bob", &["recv", "--wait", "60"]);
+    t.wait_for("* bob is online");
+    bob.interrupt();
+    t.wait_for("* bob is offline");
+
+    // carol is on a server that dies: she is offline at once for everyone (not shown by
+    // /who), although her presence row stays until that server is forgotten.
+    // (Her client is stopped first, so that it cannot move to another server.)
+    let mut carol = c.spawn("carol", &["recv", "--wait", "60"]);
+    t.wait_for("* carol is online");
+    let carol_server = c.count("SELECT server_id FROM presence WHERE user = 'carol'") as u64;
+    let stopped = Command::new("kill")
+        .args(["-STOP", &carol.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let index = c.index_of(carol_server);
+    c.servers[index].kill9();
+    t.wait_for("* carol is offline");
+    carol.kill9();
+    t.text("/who");
+    t.keys(&["Enter"]);
+    t.wait_for("nobody else is online");
+
+    // The balancer restarts before it forgot that server: the new one, which never heard of
+    // it, forgets its clients after a while all the same.
+    c.balancer.kill9();
+    c.restart_balancer();
+    let deadline = Instant::now() + LIMIT;
+    while c.count(&format!(
+        "SELECT count(*) FROM presence WHERE server_id = {carol_server}"
+    )) > 0
+    {
+        assert!(Instant::now() < deadline, "the dead server's rows stayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -189,6 +189,11 @@ impl Registry {
         s.load.saturating_add(s.pending.len() as u32)
     }
 
+    /// Whether server `id` is registered (live or silent, not yet forgotten).
+    pub fn knows(&self, id: u64) -> bool {
+        self.servers.contains_key(&id)
+    }
+
     /// Removes the servers silent for longer than `after`; returns their ids.
     pub fn forget_silent(&mut self, after: Duration) -> Vec<u64> {
         let dead: Vec<u64> = self

@@ -36,8 +36,16 @@ pub enum Event {
     Message(Envelope),
     /// The queue held at (re)connection has been delivered.
     Synced,
-    /// The server was lost; the client is now on this one.
+    /// The server was lost; the client is now on this one (what was watched must be watched
+    /// again there).
     Failover(ServerInfo),
+    /// A watched user ([`Client::watch`]) came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now, or not.
+        online: bool,
+    },
 }
 
 /// A group key as the server hands it to a member: sealed for them by another member.
@@ -326,7 +334,13 @@ impl Client {
         }
     }
 
-    /// Who is online, on any server.
+    /// Be told when any of `users` comes online or goes offline ([`Event::Presence`]);
+    /// replaces the set watched before. Those online now are told at once.
+    pub fn watch(&self, users: Vec<String>) -> Result<()> {
+        self.done("Watch", &ServerRequest::Watch { users })
+    }
+
+    /// Who is online, on any live server.
     pub fn who(&self) -> Result<Vec<String>> {
         match self.call(&ServerRequest::Who)? {
             ServerReply::Online { users } => Ok(users),
@@ -440,6 +454,9 @@ impl Client {
             match conn.events().recv_deadline(deadline) {
                 Ok(Incoming::Message(msg)) => return Ok(Some(Event::Message(msg))),
                 Ok(Incoming::Synced) => return Ok(Some(Event::Synced)),
+                Ok(Incoming::Presence(user, online)) => {
+                    return Ok(Some(Event::Presence { user, online }))
+                }
                 Ok(Incoming::Closed(why)) => {
                     log::debug!("connection closed: {why:?}");
                     if let Some(server) = self.failover(generation)? {

@@ -77,6 +77,11 @@ pub(super) struct State {
     pub(super) users: BTreeSet<String>,
     /// The user's groups, by full name.
     pub(super) groups: BTreeSet<String>,
+    /// Whose comings and goings are shown: pinned contacts, group members, anyone written to
+    /// or heard from.
+    pub(super) contacts: BTreeSet<String>,
+    /// The contacts online, as last told.
+    pub(super) online: BTreeSet<String>,
 }
 
 /// A line for the screen, by what it is (each kind looks different).
@@ -219,6 +224,7 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
             if text.is_empty() {
                 return Ok(());
             }
+            watch(ctx, [msg.from.clone()]);
             {
                 let mut state = ctx.state.lock();
                 state.users.insert(msg.from.clone());
@@ -240,12 +246,60 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
             }));
         }
         Event::Synced => {}
-        Event::Failover(server) => ctx.say(Line::Notice(format!(
-            "* server lost; now on server {} ({})",
-            server.id, server.addr
-        ))),
+        Event::Failover(server) => {
+            ctx.say(Line::Notice(format!(
+                "* server lost; now on server {} ({})",
+                server.id, server.addr
+            )));
+            // The new server does not know whom this connection watched.
+            let contacts: Vec<String> = ctx.state.lock().contacts.iter().cloned().collect();
+            if let Err(e) = ctx.client.watch(contacts) {
+                log::debug!("watch after failover: {e}");
+            }
+        }
+        Event::Presence { user, online } => {
+            let changed = {
+                let mut state = ctx.state.lock();
+                if online {
+                    state.users.insert(user.clone());
+                    state.online.insert(user.clone())
+                } else {
+                    state.online.remove(&user)
+                }
+            };
+            // For people: a script reading a pipe gets messages and replies only.
+            if changed && ctx.terminal {
+                let now = if online { "online" } else { "offline" };
+                ctx.say(Line::Notice(format!("* {user} is {now}")));
+            }
+        }
     }
     Ok(())
+}
+
+/// Adds `users` to the contacts whose comings and goings are shown, and tells the server if
+/// that changed the set.
+pub(super) fn watch(ctx: &Ctx, users: impl IntoIterator<Item = String>) {
+    let me = ctx.client.user().to_string();
+    let contacts = {
+        let mut state = ctx.state.lock();
+        let before = state.contacts.len();
+        state
+            .contacts
+            .extend(users.into_iter().filter(|u| *u != me));
+        if state.contacts.len() == before {
+            return;
+        }
+        state
+            .contacts
+            .iter()
+            .take(crate::net::MAX_WHO)
+            .cloned()
+            .collect()
+    };
+    if let Err(e) = ctx.client.watch(contacts) {
+        log::debug!("watch: {e}");
+    }
 }
 
 /// Colours a message line: the group tag, the sender, notices dimmed.

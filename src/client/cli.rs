@@ -1022,6 +1022,7 @@ fn recv_loop(
                     deadline = Instant::now() + how.wait;
                 }
             }
+            Event::Presence { .. } => {}
             Event::Failover(server) => {
                 if !opts.json {
                     eprintln!("fastchat: server lost; continuing on server {}", server.id)

@@ -44,6 +44,8 @@ pub enum Incoming {
     Message(Envelope),
     /// Everything queued at login has been delivered.
     Synced,
+    /// A watched user came online (`true`) or went offline.
+    Presence(String, bool),
     /// The connection ended; the text says why when the server said so.
     Closed(Option<String>),
 }
@@ -330,6 +332,9 @@ impl Driver {
             }
             ServerEvent::Synced => {
                 let _ = self.events.send(Incoming::Synced);
+            }
+            ServerEvent::Presence { user, online } => {
+                let _ = self.events.send(Incoming::Presence(user, online));
             }
             ServerEvent::Welcome(_) => {
                 return Err(Error::Protocol("the server said hello twice".into()))

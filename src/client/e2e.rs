@@ -506,6 +506,11 @@ impl E2e {
     }
 
     /// Our own name.
+    pub fn keystore(&self) -> &Keystore {
+        &self.store
+    }
+
+    /// Our name.
     pub fn me(&self) -> &str {
         &self.me
     }

@@ -148,6 +148,18 @@ impl Keystore {
         self.dir.join("known_keys")
     }
 
+    /// The names with pinned keys: the people this user has written to or heard from.
+    pub fn pinned_names(&self) -> Vec<String> {
+        fs::read_to_string(self.pins_path())
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The pinned keys of `name`, if any.
     pub fn pinned(&self, name: &str) -> Result<Option<PublicKeys>> {
         let text = match fs::read_to_string(self.pins_path()) {

@@ -403,8 +403,14 @@ impl Tx for SqliteTx<'_> {
     fn clear_presence(&mut self, server_id: u64) -> Result<()> {
         registry::clear_presence(self.conn, server_id)
     }
-    fn online_users(&mut self, limit: usize) -> Result<Vec<String>> {
-        registry::online_users(self.conn, limit)
+    fn online_users(&mut self, limit: usize, servers: &[u64]) -> Result<Vec<String>> {
+        registry::online_users(self.conn, limit, servers)
+    }
+    fn online_among(&mut self, users: &[String], servers: &[u64]) -> Result<Vec<String>> {
+        registry::online_among(self.conn, users, servers)
+    }
+    fn presence_servers(&mut self) -> Result<Vec<u64>> {
+        registry::presence_servers(self.conn)
     }
 
     fn newest_message_id(&mut self) -> Result<i64> {

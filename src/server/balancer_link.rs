@@ -180,13 +180,19 @@ impl BalancerLink {
                 let load = shared.clients.load(Ordering::SeqCst);
                 let arrived = shared.arrived.load(Ordering::SeqCst);
                 match self.heartbeat(load, arrived) {
-                    Ok(peers) => shared.peers.update(&peers),
+                    Ok(peers) => {
+                        *shared.live_peers.lock() = peers.iter().map(|p| p.id).collect();
+                        shared.peers.update(&peers);
+                    }
                     Err(e) => {
                         log::warn!("heartbeat failed: {e}");
                         self.conn = None;
                         continue;
                     }
                 }
+            }
+            if let Err(e) = super::presence::tick(shared) {
+                log::debug!("presence: {e}");
             }
             close_ended_sessions(shared);
             close_forgotten_connections(shared);

@@ -131,6 +131,7 @@ impl Drop for Session<'_> {
     fn drop(&mut self) {
         let shared = self.shared;
         shared.router.remove(&self.user, self.conn_id);
+        shared.watches.remove(self.conn_id);
         shared.clients.fetch_sub(1, Ordering::SeqCst);
         let (sid, cid) = (shared.server_id, self.conn_id);
         shared.store.submit(
@@ -202,11 +203,15 @@ impl<'a> Session<'a> {
         match body {
             ServerRequest::Send { to, message } => self.send(id, to, message),
             ServerRequest::Ack { msg_ids } => self.ack(id, msg_ids),
-            ServerRequest::Who => self.read(id, |tx| {
-                Ok(ServerReply::Online {
-                    users: tx.online_users(crate::net::MAX_WHO)?,
+            ServerRequest::Who => {
+                let live = super::presence::live_servers(self.shared);
+                self.read(id, |tx| {
+                    Ok(ServerReply::Online {
+                        users: tx.online_users(crate::net::MAX_WHO, &live)?,
+                    })
                 })
-            }),
+            }
+            ServerRequest::Watch { users } => self.watch(id, users),
             ServerRequest::GroupChange {
                 change,
                 keys,
@@ -261,6 +266,31 @@ impl<'a> Session<'a> {
             }
         }
         true
+    }
+
+    /// Watches `users` come and go; those online now are told at once.
+    fn watch(&self, id: u64, users: Vec<String>) {
+        if users.len() > crate::net::MAX_WHO {
+            return self.refuse(
+                id,
+                ErrorCode::BadRequest,
+                format!("at most {} users to watch", crate::net::MAX_WHO),
+            );
+        }
+        let named: Vec<(&str, &str)> = users.iter().map(|u| ("user", u.as_str())).collect();
+        if !self.names_ok(id, &named) {
+            return;
+        }
+        self.shared.watches.set(
+            self.conn_id,
+            &self.user,
+            self.handle.clone(),
+            users.into_iter().collect(),
+        );
+        self.queue(Outbound::Event(ServerEvent::reply(id, ServerReply::Done)));
+        if let Err(e) = super::presence::tick(self.shared) {
+            log::debug!("presence: {e}");
+        }
     }
 
     /// Answers a read-only request from this thread.

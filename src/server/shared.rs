@@ -43,6 +43,10 @@ pub struct Shared {
     pub stop_signal: Receiver<()>,
     /// The queues and senders near their quotas.
     pub quota_watch: Watch,
+    /// The connections watching users come and go.
+    pub watches: super::presence::Watches,
+    /// The other servers the balancer listed as live at the last heartbeat.
+    pub live_peers: Mutex<Vec<u64>>,
     /// The peers that have linked in since this server started.
     pub peers_seen: Mutex<HashSet<u64>>,
     /// Set while the balancer refuses this server (for longer than it takes to forget a
@@ -70,6 +74,8 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             clients: AtomicU32::new(0),
             arrived: AtomicU64::new(0),
+            watches: super::presence::Watches::default(),
+            live_peers: Mutex::default(),
             stopping,
             stop: Waker::new().expect("an eventfd"),
             stop_signal,

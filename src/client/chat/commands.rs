@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::editor::Editor;
-use super::{error_line, Command, Conversation, Ctx, Line, Out};
+use super::{error_line, watch, Command, Conversation, Ctx, Line, Out};
 use crate::client::cli::{resolve_group, take_offer, Format, GroupCmd};
 use crate::client::files::{self, Target};
 use crate::client::text::one_line;
@@ -107,18 +107,25 @@ pub(super) fn run(ctx: &Ctx, commands: &Receiver<Command>) {
     let _ = ctx.out.send(Out::Done(Ok(())));
 }
 
-/// Names for Tab to complete: who is online, the user's groups and their members.
+/// Names for Tab to complete (who is online, the user's groups and their members), and the
+/// contacts to watch (the pinned ones, and the members of the user's groups).
 fn seed_names(ctx: &Ctx) {
     let online = ctx.client.who().unwrap_or_default();
     let groups = ctx.client.group_list().unwrap_or_default();
-    let mut state = ctx.state.lock();
-    state.users.extend(online);
-    for g in groups {
-        state.users.extend(g.members);
-        state.groups.insert(g.name);
+    let mut contacts = ctx.e2e.lock().keystore().pinned_names();
+    {
+        let mut state = ctx.state.lock();
+        state.users.extend(online);
+        for g in groups {
+            contacts.extend(g.members.iter().cloned());
+            state.users.extend(g.members);
+            state.groups.insert(g.name);
+        }
+        state.users.extend(contacts.iter().cloned());
+        let me = ctx.client.user().to_string();
+        state.users.remove(&me);
     }
-    let me = ctx.client.user().to_string();
-    state.users.remove(&me);
+    watch(ctx, contacts);
 }
 
 /// Runs one line. `Ok(None)` means quit.
@@ -171,9 +178,12 @@ fn command_line(
                     }
                     None => {}
                 }
-                state.current = conversation;
+                state.current = conversation.clone();
                 text
             };
+            if let Some(Conversation::User(u)) = conversation {
+                watch(ctx, [u]);
+            }
             let _ = ctx.out.send(Out::Prompt);
             one(text)
         }
@@ -294,6 +304,7 @@ fn send_text(ctx: &Ctx, to: &str, text: &str) -> Result<Line> {
     let body = ctx.e2e.lock().seal_text(to, client_id, text)?;
     ctx.client.send(to, client_id, &body, None)?;
     ctx.state.lock().users.insert(to.to_string());
+    watch(ctx, [to.to_string()]);
     Ok(Line::Reply(format!("-> {to}: {}", one_line(text))))
 }
 

@@ -81,11 +81,42 @@ pub fn ended_sessions(conn: &Connection, server_id: u64) -> Result<Vec<u64>> {
 }
 
 /// Users connected to any server now, by name (at most `limit`).
-pub fn online_users(conn: &Connection, limit: usize) -> Result<Vec<String>> {
+pub fn online_users(conn: &Connection, limit: usize, servers: &[u64]) -> Result<Vec<String>> {
     Ok(conn
-        .prepare_cached("SELECT DISTINCT user FROM presence ORDER BY user LIMIT ?1")?
-        .query_map(params![limit as i64], |r| r.get(0))?
+        .prepare_cached(
+            "SELECT DISTINCT user FROM presence
+              WHERE server_id IN (SELECT value FROM json_each(?2))
+              ORDER BY user LIMIT ?1",
+        )?
+        .query_map(params![limit as i64, json_list(servers)], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Which of `users` are connected to one of `servers`.
+pub fn online_among(conn: &Connection, users: &[String], servers: &[u64]) -> Result<Vec<String>> {
+    let users = serde_json::to_string(users).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+    Ok(conn
+        .prepare_cached(
+            "SELECT DISTINCT user FROM presence
+              WHERE user IN (SELECT value FROM json_each(?1))
+                AND server_id IN (SELECT value FROM json_each(?2))",
+        )?
+        .query_map(params![users, json_list(servers)], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// The servers with presence rows.
+pub fn presence_servers(conn: &Connection) -> Result<Vec<u64>> {
+    Ok(conn
+        .prepare_cached("SELECT DISTINCT server_id FROM presence")?
+        .query_map([], |r| Ok(r.get::<_, i64>(0)? as u64))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// `[1,2,3]`, for `json_each`.
+fn json_list(ids: &[u64]) -> String {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    format!("[{}]", ids.join(","))
 }
 
 /// Removes one connection's presence row.

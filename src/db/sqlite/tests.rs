@@ -218,9 +218,16 @@ fn store_reports_presence() -> Result<()> {
             .online_at,
         [(7, bob())]
     );
-    assert_eq!(tx.online_users(10)?, ["bob"]);
+    assert_eq!(tx.online_users(10, &[7, 9])?, ["bob"]);
+    assert!(
+        tx.online_users(10, &[9])?.is_empty(),
+        "a connection on a server that is not live does not count"
+    );
+    let (bob, ghost) = ("bob".to_string(), "ghost".to_string());
+    assert_eq!(tx.online_among(&[bob.clone(), ghost], &[7])?, [bob]);
+    assert_eq!(tx.presence_servers()?, [7]);
     tx.clear_presence(7)?;
-    assert!(tx.online_users(10)?.is_empty());
+    assert!(tx.online_users(10, &[7, 9])?.is_empty());
     Ok(())
 }
 

@@ -538,11 +538,18 @@ fn a_session_that_ends_leaves_no_presence_and_no_uploads() -> Result<()> {
         size: 10,
         chunks: 1,
     });
-    assert_eq!(s.shared.store.read(|tx| tx.online_users(10))?, ["alice"]);
+    assert_eq!(
+        s.shared.store.read(|tx| tx.online_users(10, &[1]))?,
+        ["alice"]
+    );
     drop(alice);
     // The clean-up is a write queued by the session's drop: a later write commits after it.
     s.shared.store.call(|_| Ok(()))?;
-    assert!(s.shared.store.read(|tx| tx.online_users(10))?.is_empty());
+    assert!(s
+        .shared
+        .store
+        .read(|tx| tx.online_users(10, &[1]))?
+        .is_empty());
     let unfinished = s.shared.store.call(|tx| tx.drop_uploads(1, None))?;
     assert_eq!(unfinished, 0, "the upload went with its connection");
     assert_eq!(
