@@ -228,9 +228,9 @@ fn chat_in_tmux(c: &Cluster, user: &str, args: &str, cols: u32) -> Tmux {
     t
 }
 
-/// The messages `user` has waiting, as `recv` prints them.
+/// The messages `user` has waiting, as `recv` prints them (it sends receipts).
 fn received(c: &Cluster, user: &str) -> Vec<String> {
-    let out = c.run(user, &["recv"]);
+    let out = common::run_limited(c.cmd_with_receipts(user).arg("recv"));
     assert_eq!(out.code, 0, "{out:?}");
     out.lines().iter().map(|l| l.to_string()).collect()
 }
@@ -503,4 +503,70 @@ fn contacts_coming_and_going_are_shown_and_who_forgets_dead_servers() {
         assert!(Instant::now() < deadline, "the dead server's rows stayed");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn senders_see_their_messages_stored_delivered_and_read() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    c.send("carol", "bob", "so bob knows carol");
+    assert_eq!(received(&c, "bob"), ["carol: so bob knows carol"]);
+    let alice = chat_in_tmux(&c, "alice", "--no-time bob", 100);
+    alice.wait("the prompt", |s| {
+        s.last().is_some_and(|l| l == "[bob] alice>")
+    });
+    // Stored: ✓.
+    alice.text("first");
+    alice.keys(&["Enter"]);
+    alice.wait_for("-> bob: first ✓");
+    // bob reads it with recv: read.
+    assert_eq!(received(&c, "bob"), ["alice: first"]);
+    alice.wait_for("✓✓ bob read “first”");
+
+    // bob chats with carol: alice's next message reaches him, but is not read...
+    let bob = chat_in_tmux(&c, "bob", "--no-time carol", 100);
+    bob.wait("bob's prompt", |s| {
+        s.last().is_some_and(|l| l == "[carol] bob>")
+    });
+    alice.text("second");
+    alice.keys(&["Enter"]);
+    bob.wait_for("alice: second");
+    alice.wait_for("✓✓ bob got “second”");
+    assert!(
+        !alice.screen().iter().any(|l| l.contains("read “second”")),
+        "not read yet"
+    );
+    // ... until he goes to that conversation.
+    bob.text("/query alice");
+    bob.keys(&["Enter"]);
+    bob.wait_for("now talking to alice (1 unread above)");
+    alice.wait_for("✓✓ bob read “second”");
+}
+
+#[test]
+fn receipts_can_be_turned_off() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let alice = chat_in_tmux(&c, "alice", "--no-time bob", 100);
+    alice.wait("the prompt", |s| {
+        s.last().is_some_and(|l| l == "[bob] alice>")
+    });
+    alice.text("private");
+    alice.keys(&["Enter"]);
+    alice.wait_for("-> bob: private ✓");
+    let out = common::run_limited(c.cmd_with_receipts("bob").args(["recv", "--no-receipts"]));
+    assert_eq!(out.stdout, "alice: private\n");
+    // A message bob reads with receipts on comes after: its receipt is the only one.
+    alice.text("public");
+    alice.keys(&["Enter"]);
+    alice.wait_for("-> bob: public ✓");
+    assert_eq!(received(&c, "bob"), ["alice: public"]);
+    let screen = alice.wait_for("✓✓ bob read “public”");
+    assert!(
+        !screen.iter().any(|l| l.contains("“private”")),
+        "{screen:?}"
+    );
 }

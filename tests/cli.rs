@@ -280,11 +280,36 @@ fn recv_drains_a_queue_larger_than_one_acknowledgement() {
     let lines: String = (0..5000).map(|i| format!("m{i}\n")).collect();
     let out = run_with_input(&c, "alice", &["send", "bob", "-", "--lines"], &lines);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let out = c.run("bob", &["recv"]);
+    let out = run_limited(c.cmd_with_receipts("bob").arg("recv"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.lines().count(), 5000);
     assert_eq!(out.stdout.lines().last(), Some("alice: m4999"));
-    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages WHERE recipient = 'bob'"),
+        0
+    );
+    // alice is told, in receipts of at most 1024 messages each, that bob read all 5000.
+    let out = c.run("alice", &["recv", "--json"]);
+    let receipts = json_lines(&out);
+    assert_eq!(receipts.len(), 5, "{out:?}");
+    let mut read = 0;
+    for r in &receipts {
+        assert_eq!(
+            (&r["kind"], &r["reached"], &r["from"]),
+            (&"receipt".into(), &"read".into(), &"bob".into())
+        );
+        read += r["of"].as_array().unwrap().len();
+    }
+    assert_eq!(read, 5000);
+    // Text output is for people: receipts are not messages.
+    c.send("alice", "bob", "one more");
+    let out = run_limited(c.cmd_with_receipts("bob").args(["recv", "--no-receipts"]));
+    assert_eq!(out.stdout, "alice: one more\n");
+    assert_eq!(
+        c.run("alice", &["recv", "--json"]).stdout,
+        "",
+        "bob turned receipts off"
+    );
 }
 
 /// A TCP listener that answers every connection like a web server, for `count` connections.

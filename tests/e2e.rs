@@ -180,7 +180,7 @@ fn tampered_or_misaddressed_messages_are_rejected_never_shown() {
     )
     .unwrap();
 
-    let bob = c.run("bob", &["recv"]);
+    let bob = common::run_limited(c.cmd_with_receipts("bob").arg("recv"));
     assert_eq!(bob.code, 0, "{bob:?}");
     assert_eq!(bob.lines(), ["alice: untouched"]);
     assert!(
@@ -193,8 +193,19 @@ fn tampered_or_misaddressed_messages_are_rejected_never_shown() {
     let carol = c.run("carol", &["recv"]);
     assert_eq!(carol.stdout, "", "{carol:?}");
     assert!(carol.stderr.contains("rejected"), "{carol:?}");
-    // Rejected messages are acknowledged too, so they do not come back forever.
-    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    // Rejected messages are acknowledged too, so they do not come back forever. (Left: the
+    // read receipt for the one bob was shown; none for the rejected ones.)
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages WHERE recipient IN ('bob', 'carol')"),
+        0
+    );
+    let receipts = c.run("alice", &["recv", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(receipts.stdout.trim()).unwrap();
+    assert_eq!(
+        (&r["kind"], &r["reached"]),
+        (&"receipt".into(), &"read".into())
+    );
+    assert_eq!(r["of"], serde_json::json!([ids[2]]));
 }
 
 #[test]

@@ -313,6 +313,7 @@ fn on_db(admin: &Admin, command: Command, json: bool) -> fastchat::Result<()> {
                 auto_download: 0,
                 kept_user: Default::default(),
                 json,
+                receipts: false,
             };
             let done = cli::announce(&opts, &recipients, &text)?;
             let mut failed = 0;

@@ -85,6 +85,11 @@ struct Args {
     /// Print JSON, one object per line, instead of text (fields: docs/CLI.md).
     #[arg(short, long, global = true)]
     json: bool,
+    /// Do not tell senders that their messages were delivered and read (receipts).
+    #[arg(long, env = "FASTCHAT_NO_RECEIPTS", global = true,
+          value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    no_receipts: bool,
     /// Give up after SECS seconds (exit 3), whatever the command is waiting for.
     #[arg(short, long, value_name = "SECS", global = true)]
     timeout: Option<f64>,
@@ -324,6 +329,7 @@ fn main() -> ExitCode {
         },
         auto_download: args.auto_download,
         kept_user: Default::default(),
+        receipts: !args.no_receipts,
         json: args.json,
     };
     let result = match args.command {

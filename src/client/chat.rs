@@ -27,7 +27,8 @@ use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::cli::{login, show, Downloads, Format, LoggedIn, Options, Shown};
-use super::e2e::E2e;
+use super::e2e::{E2e, Reached, Receipt};
+use super::receipts;
 use super::{Client, Event};
 use crate::error::{Error, Result};
 use crate::net::Envelope;
@@ -82,6 +83,24 @@ pub(super) struct State {
     pub(super) contacts: BTreeSet<String>,
     /// The contacts online, as last told.
     pub(super) online: BTreeSet<String>,
+    /// Messages of other conversations, delivered but not read yet: their read receipts go
+    /// when the conversation is entered.
+    pub(super) unread_ids: BTreeMap<Conversation, Vec<(i64, u64)>>,
+    /// What this chat sent lately, by the sender's id for it: receipts name it.
+    pub(super) sent: std::collections::VecDeque<(u64, String)>,
+}
+
+/// How many sent texts are kept for receipts.
+const REMEMBER_SENT: usize = 4096;
+
+impl State {
+    /// Remembers a text sent, for its receipts.
+    pub(super) fn sent(&mut self, client_id: u64, text: &str) {
+        if self.sent.len() >= REMEMBER_SENT {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((client_id, text.to_string()));
+    }
 }
 
 /// A line for the screen, by what it is (each kind looks different).
@@ -123,6 +142,8 @@ pub(super) struct Ctx {
     pub(super) out: Sender<Out>,
     /// On a terminal: colours, progress lines.
     pub(super) terminal: bool,
+    /// Send receipts for the messages shown.
+    pub(super) receipts: bool,
 }
 
 impl Ctx {
@@ -161,6 +182,7 @@ pub fn chat(opts: &Options, how: &ChatOptions) -> Result<()> {
         state: Arc::new(Mutex::new(State::default())),
         out: out_tx,
         terminal,
+        receipts: opts.receipts,
     };
     let (commands_tx, commands_rx) = unbounded::<Command>();
     if let Some(with) = &how.with {
@@ -205,7 +227,7 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
     match event {
         Event::Message(msg) => {
             let mut line = Vec::new();
-            match show(
+            let shown = show(
                 &ctx.e2e,
                 &ctx.client,
                 &ctx.downloads,
@@ -213,12 +235,21 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
                 Format::Lines,
                 true,
                 &mut line,
-            )? {
-                Shown::Done => ctx.client.ack(&[msg.id])?,
+            )?;
+            match &shown {
                 // Kept queued until `/get ID`.
                 Shown::Offered => {
                     ctx.offers.lock().insert(msg.id, msg.clone());
                 }
+                _ => ctx.client.ack(&[msg.id])?,
+            }
+            match shown {
+                Shown::Receipt(r) => {
+                    ctx.say(Line::Notice(receipt_line(ctx, &msg.from, &r)));
+                    return Ok(());
+                }
+                Shown::Answer if ctx.receipts => answer(ctx, &msg),
+                _ => {}
             }
             let text = String::from_utf8_lossy(&line).trim_end().to_string();
             if text.is_empty() {
@@ -275,6 +306,60 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends the receipt a message shown here deserves: read if it is in the current
+/// conversation (or there is none: everything is in view), else delivered, and read later,
+/// when its conversation is entered.
+fn answer(ctx: &Ctx, msg: &Envelope) {
+    let conversation = Conversation::of(msg);
+    let reached = {
+        let mut state = ctx.state.lock();
+        match &state.current {
+            Some(c) if *c != conversation => {
+                state
+                    .unread_ids
+                    .entry(conversation)
+                    .or_default()
+                    .push((msg.id, msg.client_id));
+                Reached::Delivered
+            }
+            _ => Reached::Read,
+        }
+    };
+    receipts::send(
+        &ctx.client,
+        &ctx.e2e,
+        &msg.from,
+        reached,
+        vec![(msg.id, msg.client_id)],
+    );
+}
+
+/// What a receipt says: `✓✓ bob read “hi”`, naming the texts this chat sent.
+fn receipt_line(ctx: &Ctx, from: &str, r: &Receipt) -> String {
+    let state = ctx.state.lock();
+    let texts: Vec<String> =
+        r.of.iter()
+            .filter_map(|(_, cid)| state.sent.iter().find(|(c, _)| c == cid))
+            .map(|(_, t)| {
+                let t: String = t.chars().take(40).collect();
+                format!("“{}”", super::text::one_line(&t))
+            })
+            .collect();
+    let verb = match r.reached {
+        Reached::Delivered => "got",
+        Reached::Read => "read",
+    };
+    match texts.len() {
+        0 => format!("✓✓ {from} {verb} {} of your messages", r.of.len()),
+        n if n <= 3 => format!("✓✓ {from} {verb} {}", texts.join(", ")),
+        n => format!(
+            "✓✓ {from} {verb} {} and {} more",
+            texts[..3].join(", "),
+            n - 3
+        ),
+    }
 }
 
 /// Adds `users` to the contacts whose comings and goings are shown, and tells the server if

@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 
 use super::agent;
 use super::balancer::Session;
-use super::e2e::{fingerprint, Directory, E2e, FileOffer, Plain};
+use super::e2e::{fingerprint, Directory, E2e, FileOffer, Plain, Reached, Receipt};
 use super::files::{self, Target};
 use super::keystore::{KeptSession, Keystore};
+use super::receipts::Receipts;
 use super::replay::Verdict;
 use super::text::one_line;
 use super::{BalancerClient, Client, Event};
@@ -52,6 +53,8 @@ pub struct Options {
     pub kept_user: std::sync::OnceLock<String>,
     /// Print one JSON object per result (per message, for `recv`) instead of text.
     pub json: bool,
+    /// Send receipts (delivered, read) to the senders of the messages shown.
+    pub receipts: bool,
 }
 
 impl Options {
@@ -962,7 +965,10 @@ fn recv_loop(
     let mut deadline = far;
     let mut batch: Vec<i64> = Vec::new();
     let mut shown = 0u64;
-    let ack = |batch: &mut Vec<i64>| -> Result<()> {
+    let mut receipts = Receipts::default();
+    // Acknowledges a page, and sends the receipts it earned.
+    let ack = |batch: &mut Vec<i64>, receipts: &mut Receipts| -> Result<()> {
+        receipts.send(&me.client, &me.e2e);
         if how.peek || batch.is_empty() {
             batch.clear();
             return Ok(());
@@ -971,17 +977,17 @@ fn recv_loop(
     };
     loop {
         if how.limit.is_some_and(|n| shown >= n) {
-            return ack(&mut batch);
+            return ack(&mut batch, &mut receipts);
         }
         // Wake up now and then to notice Ctrl-C.
         let slice = deadline.min(Instant::now() + Duration::from_millis(200));
         let event = me.client.next(slice)?;
         if stopped() {
-            return ack(&mut batch);
+            return ack(&mut batch, &mut receipts);
         }
         let Some(event) = event else {
             if Instant::now() >= deadline {
-                return ack(&mut batch);
+                return ack(&mut batch, &mut receipts);
             }
             continue;
         };
@@ -999,22 +1005,30 @@ fn recv_loop(
                 let done = match done {
                     // What was shown is acknowledged before the command ends quietly.
                     Err(Error::OutputClosed) => {
-                        ack(&mut batch)?;
+                        ack(&mut batch, &mut receipts)?;
                         return Err(Error::OutputClosed);
                     }
                     other => other?,
                 };
                 // An offered file stays queued until it is taken with `get`.
-                if done == Shown::Done {
+                if done != Shown::Offered {
                     batch.push(msg.id);
+                }
+                if done == Shown::Answer && opts.receipts {
+                    let reached = if how.peek {
+                        Reached::Delivered
+                    } else {
+                        Reached::Read
+                    };
+                    receipts.add(&msg, reached);
                 }
                 shown += 1;
                 if deadline != far || batch.len() >= ACK_PAGE {
-                    ack(&mut batch)?;
+                    ack(&mut batch, &mut receipts)?;
                 }
             }
             Event::Synced => {
-                ack(&mut batch)?;
+                ack(&mut batch, &mut receipts)?;
                 if how.wait.is_zero() {
                     return Ok(());
                 }
@@ -1100,11 +1114,14 @@ pub(super) fn show(
         _ => None,
     };
     let plain = &opened.plain;
-    match format {
-        Format::Lines => {
+    match (format, plain) {
+        // Receipts are for the sender's client (the chat shows them); a script sees them
+        // with --json.
+        (Format::Lines, Plain::Receipt(_)) => {}
+        (Format::Lines, _) => {
             writeln!(out, "{}", message_line(msg, plain, path.as_deref())).map_err(output_error)?
         }
-        Format::Json => {
+        (Format::Json, _) => {
             let mut json = serde_json::json!({
                 "id": msg.id,
                 "from": msg.from,
@@ -1121,6 +1138,14 @@ pub(super) fn show(
                     "size": offer.size,
                     "path": path,
                 }),
+                Plain::Receipt(r) => serde_json::json!({
+                    "kind": "receipt",
+                    "reached": match r.reached {
+                        Reached::Delivered => "delivered",
+                        Reached::Read => "read",
+                    },
+                    "of": r.of.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+                }),
             };
             if let (Some(all), serde_json::Value::Object(more)) = (json.as_object_mut(), fields) {
                 all.extend(more);
@@ -1134,14 +1159,22 @@ pub(super) fn show(
     if record {
         e2e.lock().shown(&opened)?;
     }
-    Ok(Shown::Done)
+    Ok(match opened.plain {
+        Plain::Receipt(r) => Shown::Receipt(r),
+        Plain::Text(_) | Plain::File(_) if msg.group.is_none() => Shown::Answer,
+        _ => Shown::Done,
+    })
 }
 
-/// What [`show`] did with a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`show`] did with a message. Anything but `Offered` is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Shown {
-    /// Shown (or reported as rejected): acknowledge it.
+    /// Shown (or reported as rejected).
     Done,
+    /// A new direct message, shown: its sender may be sent a receipt.
+    Answer,
+    /// A receipt for messages we sent (not shown as a message).
+    Receipt(Receipt),
     /// A file offered and not saved: leave it queued until `get` takes it.
     Offered,
 }
@@ -1244,6 +1277,15 @@ pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> Strin
     match plain {
         Plain::Text(t) => format!("{prefix}{}: {}", msg.from, one_line(t)),
         Plain::Membership(t) => format!("{prefix}* {}", one_line(t)),
+        Plain::Receipt(r) => format!(
+            "{prefix}* {} {} {} of your messages",
+            msg.from,
+            match r.reached {
+                Reached::Delivered => "received",
+                Reached::Read => "read",
+            },
+            r.of.len()
+        ),
         Plain::File(offer) => format!(
             "{prefix}{} sent {} ({}) -> {}",
             msg.from,

@@ -72,6 +72,8 @@ pub enum Kind {
     /// [`SignedChange`], not encrypted (servers know who is in a group), checked against the
     /// group's verified chain.
     Change = 4,
+    /// A receipt: a MessagePack [`Receipt`] (direct messages only).
+    Receipt = 5,
 }
 
 impl Kind {
@@ -81,10 +83,34 @@ impl Kind {
             1 => Some(Kind::Text),
             3 => Some(Kind::File),
             4 => Some(Kind::Change),
+            5 => Some(Kind::Receipt),
             _ => None,
         }
     }
 }
+
+/// How far a message got on its recipient's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Reached {
+    /// The recipient's client received and decrypted it.
+    Delivered,
+    /// It was shown to the recipient (printed by `recv`, or in the chat's conversation).
+    Read,
+}
+
+/// A receipt, sent back by a message's recipient to its sender, end-to-end encrypted and
+/// authenticated like any direct message (so a server can neither forge nor read it), and
+/// only if the recipient has not turned receipts off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// How far the messages got.
+    pub reached: Reached,
+    /// The messages: the id the server gave each, and the sender's own id for it.
+    pub of: Vec<(i64, u64)>,
+}
+
+/// Most messages one receipt speaks for.
+pub const MAX_RECEIPT: usize = 1024;
 
 /// What a file message carries, encrypted: where the file's chunks are and how to open and
 /// check them. The chunks themselves are sealed under `key` (see [`crate::files`]).
@@ -123,6 +149,8 @@ pub enum Plain {
     /// A change of a group's membership, verified against the group's chain: what it says
     /// (`alice added carol`).
     Membership(String),
+    /// A receipt for messages this user sent.
+    Receipt(Receipt),
 }
 
 impl Plain {
@@ -131,6 +159,7 @@ impl Plain {
             Plain::Text(_) => Kind::Text,
             Plain::File(_) => Kind::File,
             Plain::Membership(_) => Kind::Change,
+            Plain::Receipt(_) => Kind::Receipt,
         }
     }
 
@@ -139,6 +168,9 @@ impl Plain {
             Plain::Text(t) => Cow::Borrowed(t.as_bytes()),
             Plain::File(offer) => {
                 Cow::Owned(rmp_serde::to_vec(offer).map_err(|e| Error::Invalid(e.to_string()))?)
+            }
+            Plain::Receipt(r) => {
+                Cow::Owned(rmp_serde::to_vec(r).map_err(|e| Error::Invalid(e.to_string()))?)
             }
             Plain::Membership(_) => {
                 return Err(Error::Invalid(
@@ -157,6 +189,14 @@ impl Plain {
                 return Err(bad("holds a malformed file offer"));
             }
             return Ok(Plain::File(offer));
+        }
+        if kind == Kind::Receipt {
+            let receipt: Receipt =
+                rmp_serde::from_slice(&plain).map_err(|_| bad("holds a malformed receipt"))?;
+            if receipt.of.is_empty() || receipt.of.len() > MAX_RECEIPT {
+                return Err(bad("holds a receipt for no messages, or too many"));
+            }
+            return Ok(Plain::Receipt(receipt));
         }
         if kind != Kind::Text {
             return Err(bad("is not a sealed message"));
@@ -606,6 +646,12 @@ impl E2e {
                 open_direct_with(self.pair_key(&msg.from)?, msg)?
             }
         };
+        if msg.group.is_some() && matches!(authentic.plain, Plain::Receipt(_)) {
+            return Err(Error::Integrity(format!(
+                "message {} is a receipt sent to a group",
+                msg.id
+            )));
+        }
         let conversation = replay::conversation(msg.group.as_deref(), &msg.from);
         let verdict = self
             .accepted()?

@@ -304,10 +304,20 @@ impl Cluster {
         self.dir.path().join("home")
     }
 
-    /// A `fastchat` command acting as `user` (password `pw-USER`).
+    /// A `fastchat` command acting as `user` (password `pw-USER`), without receipts (they
+    /// are messages too, and the tests that count messages count the ones they sent; the
+    /// tests of receipts use [`Cluster::cmd_with_receipts`]).
     pub fn cmd(&self, user: &str) -> Command {
+        let mut cmd = self.cmd_with_receipts(user);
+        cmd.env("FASTCHAT_NO_RECEIPTS", "1");
+        cmd
+    }
+
+    /// A `fastchat` command acting as `user` that sends receipts.
+    pub fn cmd_with_receipts(&self, user: &str) -> Command {
         let mut cmd = Command::new(bin("fastchat"));
-        cmd.env("FASTCHAT_BALANCER", &self.balancer_addr)
+        cmd.env_remove("FASTCHAT_NO_RECEIPTS")
+            .env("FASTCHAT_BALANCER", &self.balancer_addr)
             .env("FASTCHAT_HOME", self.home())
             .env("FASTCHAT_USER", user)
             .env("FASTCHAT_PASSWORD", format!("pw-{user}"))

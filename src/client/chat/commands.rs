@@ -10,7 +10,9 @@ use crossbeam_channel::Receiver;
 use super::editor::Editor;
 use super::{error_line, watch, Command, Conversation, Ctx, Line, Out};
 use crate::client::cli::{resolve_group, take_offer, Format, GroupCmd};
+use crate::client::e2e::Reached;
 use crate::client::files::{self, Target};
+use crate::client::receipts;
 use crate::client::text::one_line;
 use crate::crypto;
 use crate::error::{Error, Result};
@@ -157,10 +159,14 @@ fn command_line(
                     false,
                 )?)),
             };
+            let mut read_now = None;
             let text = {
                 let mut state = ctx.state.lock();
                 let text = match &conversation {
                     Some(c) => {
+                        if let Some(ids) = state.unread_ids.remove(c) {
+                            read_now = Some((c.clone(), ids));
+                        }
                         let unread = state.unread.remove(c).unwrap_or(0);
                         match unread {
                             0 => format!("now talking to {}", c.label()),
@@ -183,6 +189,10 @@ fn command_line(
             };
             if let Some(Conversation::User(u)) = conversation {
                 watch(ctx, [u]);
+            }
+            // What waited in this conversation is read now: tell its senders.
+            if let Some((Conversation::User(from), ids)) = read_now.filter(|_| ctx.receipts) {
+                receipts::send(client, &ctx.e2e, &from, Reached::Read, ids);
             }
             let _ = ctx.out.send(Out::Prompt);
             one(text)
@@ -303,9 +313,15 @@ fn send_text(ctx: &Ctx, to: &str, text: &str) -> Result<Line> {
     let client_id = crypto::random_u64()?;
     let body = ctx.e2e.lock().seal_text(to, client_id, text)?;
     ctx.client.send(to, client_id, &body, None)?;
-    ctx.state.lock().users.insert(to.to_string());
+    {
+        let mut state = ctx.state.lock();
+        state.users.insert(to.to_string());
+        state.sent(client_id, text);
+    }
     watch(ctx, [to.to_string()]);
-    Ok(Line::Reply(format!("-> {to}: {}", one_line(text))))
+    // ✓: stored (✓✓ lines follow when it is delivered and read).
+    let mark = if ctx.terminal { " ✓" } else { "" };
+    Ok(Line::Reply(format!("-> {to}: {}{mark}", one_line(text))))
 }
 
 /// Files from this size on show their progress.
