@@ -13,6 +13,7 @@
 //! * [`keystore`]: the private key files and pinned peer keys.
 //! * [`chains`]: the groups' chains of membership changes, as this client verified them.
 //! * [`replay`]: the record of messages already shown (replays are refused).
+//! * [`history`]: the local history of conversations, encrypted at rest.
 //! * [`receipts`]: telling senders their messages were delivered and read.
 //! * [`files`]: files and images: chunked encryption, upload, download, safe names.
 //! * [`text`]: other people's text made safe to show (controls and format characters
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod connection;
 pub mod e2e;
 pub mod files;
+pub mod history;
 pub mod keystore;
 pub mod receipts;
 pub mod replay;

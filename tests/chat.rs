@@ -570,3 +570,56 @@ fn receipts_can_be_turned_off() {
         "{screen:?}"
     );
 }
+
+#[test]
+fn history_is_kept_encrypted_and_shown_in_the_chat_and_by_the_command() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "the secret plan");
+    c.send("bob", "alice", "sounds good");
+    assert_eq!(c.run("alice", &["recv"]).stdout, "bob: sounds good\n");
+    // The file holds no plaintext.
+    let file = c.home().join("alice").join("history");
+    let raw = std::fs::read(&file).unwrap();
+    assert!(!raw.windows(6).any(|w| w == b"secret"));
+
+    // The command: oldest first, JSON too.
+    let out = c.run("alice", &["history", "bob"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines = out.lines();
+    assert_eq!(lines.len(), 2, "{out:?}");
+    assert!(lines[0].ends_with(" alice: the secret plan"), "{out:?}");
+    assert!(lines[1].ends_with(" bob: sounds good"), "{out:?}");
+    let out = c.run("alice", &["history", "bob", "--limit", "1", "--json"]);
+    let e: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        (&e["from"], &e["text"]),
+        (&"bob".into(), &"sounds good".into())
+    );
+
+    // The chat shows the last lines when a conversation starts, and /history more.
+    let t = chat_in_tmux(&c, "alice", "--no-time bob", 100);
+    t.wait_for("now talking to bob");
+    t.wait_for("alice: the secret plan");
+    t.wait_for("bob: sounds good");
+    t.text("more to say");
+    t.keys(&["Enter"]);
+    t.wait_for("-> bob: more to say");
+    t.text("/history 1");
+    t.keys(&["Enter"]);
+    let screen = t.wait("the last line again", |s| {
+        s.iter()
+            .filter(|l| l.ends_with("alice: more to say"))
+            .count()
+            == 1
+    });
+    assert!(
+        screen.iter().any(|l| l.contains("-> bob: more to say")),
+        "{screen:?}"
+    );
+    // bob's history is his own: what he sent (he has not read alice's message yet).
+    let out = c.run("bob", &["history", "alice"]);
+    assert_eq!(out.lines().len(), 1, "{out:?}");
+    assert!(out.stdout.ends_with(" bob: sounds good\n"), "{out:?}");
+}

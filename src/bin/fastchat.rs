@@ -128,6 +128,15 @@ enum Command {
     },
     /// End the kept session (its token is refused from then on, everywhere).
     Logout,
+    /// The last lines of a conversation from the local history (kept on this machine,
+    /// encrypted with your keys): WITH is a user, or a group as OWNER/NAME.
+    History {
+        /// The other user, or the group.
+        with: String,
+        /// How many lines, at most.
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 50)]
+        limit: usize,
+    },
     /// After an operator reset your password (`fastchat-admin users reset-password`), make
     /// new keys and upload them with the new password. The old key file is kept as
     /// identity.key.old; contacts see your new fingerprint and must `fastchat trust` you.
@@ -343,6 +352,7 @@ fn main() -> ExitCode {
         }
         Command::Logout => cli::logout(&opts),
         Command::Rekey => cli::rekey(&opts),
+        Command::History { with, limit } => cli::history(&opts, &with, limit),
         Command::Send { to, text, lines } => cli::send(&opts, &to, &text, lines),
         Command::SendFile { to, path } => cli::send_file(&opts, &to, &path),
         Command::Recv { wait, peek, limit } => {

@@ -114,6 +114,8 @@ pub(super) enum Line {
     Notice(String),
     /// A command failed.
     Error(String),
+    /// A line from the local history (it has its own time).
+    History(String),
 }
 
 /// What the other threads tell the main loop.
@@ -415,6 +417,7 @@ fn render(line: &Line, time: bool) -> String {
         Line::Reply(t) => paint("2", t, true),
         Line::Notice(t) => paint("33", t, true),
         Line::Error(t) => paint("31", &format!("error: {t}"), true),
+        Line::History(t) => return paint("2", t, true),
     };
     if time {
         format!(
@@ -541,7 +544,10 @@ fn chat_lines(opts: &Options, commands: &Sender<Command>, out: &Receiver<Out>) -
                                 eprintln!("error: {t}");
                                 Ok(())
                             }
-                            Line::Incoming(t) | Line::Reply(t) | Line::Notice(t) => {
+                            Line::Incoming(t)
+                            | Line::Reply(t)
+                            | Line::Notice(t)
+                            | Line::History(t) => {
                                 writeln!(stdout, "{t}")
                             }
                         };

@@ -534,6 +534,7 @@ pub fn send(opts: &Options, to: &str, text: &str, lines: bool) -> Result<()> {
         let client_id = crypto::random_u64()?;
         let body = me.e2e.lock().seal_text(to, client_id, text)?;
         let id = me.client.send(to, client_id, &body, None)?;
+        me.e2e.lock().remember_sent(to, text);
         opts.print(
             &format!("stored message {id} for {to}"),
             serde_json::json!({ "id": id, "to": to }),
@@ -569,6 +570,55 @@ pub fn announce(opts: &Options, recipients: &[String], text: &str) -> Result<Vec
     Ok(done)
 }
 
+/// `fastchat history WITH [--limit N]`: the last lines of a conversation (a user, or a group
+/// as OWNER/NAME) from the local history, oldest first. Needs no server: the keys come from
+/// the kept session's agent, or the key file and the password.
+pub fn history(opts: &Options, with: &str, limit: usize) -> Result<()> {
+    names::validate_group_ref(with)?;
+    let user = opts.user()?.to_string();
+    let store = Keystore::new(&opts.home, &user);
+    let kept = match store.kept_session()? {
+        Some(_) => agent::fetch(store.dir())?,
+        None => None,
+    };
+    let identity = match kept {
+        Some(secrets) => Identity::from_raw(secrets.identity())?,
+        None => store.load_identity(&opts.password(&format!("password for {user}: "))?)?,
+    };
+    let history = super::history::History::new(store.dir().to_path_buf(), &user, &identity)?;
+    for e in history.last(Some(with), limit)? {
+        opts.print(
+            &history_line(&e, true),
+            json!({
+                "at": e.at,
+                "conversation": e.conversation,
+                "from": e.from,
+                "text": e.text,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+/// A line of history for people: `2026-12-02 04:05 bob: TEXT` (`04:05 ...` without the
+/// date), in local time.
+pub(super) fn history_line(e: &super::history::Entry, date: bool) -> String {
+    use chrono::TimeZone;
+    let at = chrono::Local
+        .timestamp_millis_opt(e.at)
+        .single()
+        .map(|t| {
+            t.format(if date { "%Y-%m-%d %H:%M" } else { "%H:%M" })
+                .to_string()
+        })
+        .unwrap_or_default();
+    let text = one_line(&e.text);
+    match text.strip_prefix("* ") {
+        Some(notice) => format!("{at} * {notice}"),
+        None => format!("{at} {}: {text}", e.from),
+    }
+}
+
 /// `fastchat send-file TO PATH`.
 pub fn send_file(opts: &Options, to: &str, path: &Path) -> Result<()> {
     names::validate("recipient", to)?;
@@ -590,6 +640,13 @@ pub(super) fn file_sent(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
+    let conversation = match target {
+        Target::User(u) | Target::Group(u) => u,
+    };
+    e2e.remember_sent(
+        conversation,
+        &format!("sent {name} ({})", files::human_size(size)),
+    );
     let (to, json_to, json_group) = match target {
         Target::User(u) => (u.to_string(), Some(u), None),
         Target::Group(g) => (format!("group {g}"), None, Some(g)),
@@ -790,6 +847,7 @@ impl GroupCmd {
             GroupCmd::Send(g, text) => {
                 let g = group(g)?;
                 let id = e2e.group_send(client, &g, &Plain::Text(text.clone()))?;
+                e2e.remember_sent(&g, text);
                 one(
                     format!("stored message {id} for group {g}"),
                     json!({ "id": id, "group": g }),
@@ -1157,13 +1215,32 @@ pub(super) fn show(
     // Peeked at, it is not recorded as shown: shown again next time, it must not look like a
     // replay.
     if record {
-        e2e.lock().shown(&opened)?;
+        let mut e2e = e2e.lock();
+        e2e.shown(&opened)?;
+        if let Some(text) = history_text(plain) {
+            let conversation = msg.group.as_deref().unwrap_or(&msg.from);
+            e2e.remember(conversation, &msg.from, &text);
+        }
     }
     Ok(match opened.plain {
         Plain::Receipt(r) => Shown::Receipt(r),
         Plain::Text(_) | Plain::File(_) if msg.group.is_none() => Shown::Answer,
         _ => Shown::Done,
     })
+}
+
+/// What the local history keeps of a message (receipts are not kept).
+pub(super) fn history_text(plain: &Plain) -> Option<String> {
+    match plain {
+        Plain::Text(t) => Some(t.clone()),
+        Plain::Membership(t) => Some(format!("* {t}")),
+        Plain::File(offer) => Some(format!(
+            "sent {} ({})",
+            offer.name,
+            files::human_size(offer.size)
+        )),
+        Plain::Receipt(_) => None,
+    }
 }
 
 /// What [`show`] did with a message. Anything but `Offered` is acknowledged.

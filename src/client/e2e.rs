@@ -43,6 +43,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::chains::Chains;
+use super::history::{Entry, History};
 use super::keystore::Keystore;
 use super::replay::{self, Accepted, Verdict};
 use super::{BalancerClient, Client, Session};
@@ -488,6 +489,8 @@ pub struct E2e {
     chains: Chains,
     /// The last sequence sealed by this process.
     last_seq: u64,
+    /// The local history (opened on first use).
+    history: Option<History>,
 }
 
 /// A message that authenticated, and whether it was shown before.
@@ -518,6 +521,7 @@ impl E2e {
             accepted: None,
             chains,
             last_seq: 0,
+            history: None,
         }
     }
 
@@ -545,7 +549,39 @@ impl E2e {
         self.accepted()?.record(&c, seq, id)
     }
 
-    /// Our own name.
+    /// The local history, opened on first use.
+    pub fn history(&mut self) -> Result<&History> {
+        if self.history.is_none() {
+            self.store.ensure_dir()?;
+            self.history = Some(History::new(
+                self.store.dir().to_path_buf(),
+                &self.me,
+                &self.identity,
+            )?);
+        }
+        Ok(self.history.as_ref().expect("made above"))
+    }
+
+    /// Adds a line to the local history (a failure is logged: the message itself went).
+    pub fn remember(&mut self, conversation: &str, from: &str, text: &str) {
+        let entry = Entry {
+            at: crate::db::now_ms(),
+            conversation: conversation.to_string(),
+            from: from.to_string(),
+            text: text.to_string(),
+        };
+        if let Err(e) = self.history().and_then(|h| h.append(&entry)) {
+            log::warn!("not kept in the history: {e}");
+        }
+    }
+
+    /// Adds a line this user sent to `conversation` to the local history.
+    pub fn remember_sent(&mut self, conversation: &str, text: &str) {
+        let me = self.me.clone();
+        self.remember(conversation, &me, text);
+    }
+
+    /// The key store (key files, pins) of this user.
     pub fn keystore(&self) -> &Keystore {
         &self.store
     }

@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 
 use super::editor::Editor;
 use super::{error_line, watch, Command, Conversation, Ctx, Line, Out};
-use crate::client::cli::{resolve_group, take_offer, Format, GroupCmd};
+use crate::client::cli::{history_line, resolve_group, take_offer, Format, GroupCmd};
 use crate::client::e2e::Reached;
 use crate::client::files::{self, Target};
 use crate::client::receipts;
@@ -24,6 +24,10 @@ pub(super) const CHAT_COMMANDS: &[(&str, &str)] = &[
     ("/join GROUP", "talk in GROUP: plain text goes to it"),
     ("/close", "leave the current conversation"),
     ("/list", "conversations with unread messages"),
+    (
+        "/history [N]",
+        "the last N lines (20) of this conversation, from the local history",
+    ),
     ("/msg USER TEXT", "send TEXT to USER"),
     (
         "/file USER PATH",
@@ -195,7 +199,32 @@ fn command_line(
                 receipts::send(client, &ctx.e2e, &from, Reached::Read, ids);
             }
             let _ = ctx.out.send(Out::Prompt);
-            one(text)
+            // The last lines of the conversation, as a reminder.
+            let mut lines = vec![Line::Reply(text)];
+            let current = ctx.state.lock().current.clone();
+            if let Some(c) = current {
+                lines.extend(backlog(ctx, &c, BACKLOG)?);
+            }
+            Ok(Some(lines))
+        }
+        "/history" => {
+            let n: usize = match rest {
+                "" => 20,
+                n => n
+                    .parse()
+                    .map_err(|_| Error::Invalid("usage: /history [N]".into()))?,
+            };
+            let current = ctx.state.lock().current.clone();
+            let Some(c) = current else {
+                return Err(Error::Invalid(
+                    "no current conversation: /query USER or /join GROUP first".into(),
+                ));
+            };
+            let lines = backlog(ctx, &c, n)?;
+            if lines.is_empty() {
+                return one(format!("no history with {}", c.label()));
+            }
+            Ok(Some(lines))
         }
         "/list" => {
             let state = ctx.state.lock();
@@ -304,6 +333,26 @@ fn command_line(
     }
 }
 
+/// How many lines of history entering a conversation shows.
+const BACKLOG: usize = 5;
+
+/// The last `n` lines of a conversation from the local history, dated when not from today.
+fn backlog(ctx: &Ctx, c: &Conversation, n: usize) -> Result<Vec<Line>> {
+    let entries = ctx.e2e.lock().history()?.last(Some(c.label()), n)?;
+    let today = chrono::Local::now().date_naive();
+    Ok(entries
+        .iter()
+        .map(|e| {
+            use chrono::TimeZone;
+            let dated = chrono::Local
+                .timestamp_millis_opt(e.at)
+                .single()
+                .is_none_or(|t| t.date_naive() != today);
+            Line::History(history_line(e, dated))
+        })
+        .collect())
+}
+
 /// Sends a text to a user: `-> bob: TEXT`.
 fn send_text(ctx: &Ctx, to: &str, text: &str) -> Result<Line> {
     names::validate("recipient", to)?;
@@ -313,6 +362,7 @@ fn send_text(ctx: &Ctx, to: &str, text: &str) -> Result<Line> {
     let client_id = crypto::random_u64()?;
     let body = ctx.e2e.lock().seal_text(to, client_id, text)?;
     ctx.client.send(to, client_id, &body, None)?;
+    ctx.e2e.lock().remember_sent(to, text);
     {
         let mut state = ctx.state.lock();
         state.users.insert(to.to_string());
@@ -361,7 +411,13 @@ fn upload(ctx: &Ctx, to: Conversation, path: PathBuf) -> JoinHandle<()> {
                 Conversation::Group(g) => Target::Group(g),
             };
             // The lock only to seal the offer: a message's worth.
-            files::offer(&ctx.client, &mut ctx.e2e.lock(), target, uploaded)
+            let mut e2e = ctx.e2e.lock();
+            let id = files::offer(&ctx.client, &mut e2e, target, uploaded)?;
+            e2e.remember_sent(
+                to.label(),
+                &format!("sent {name} ({})", files::human_size(size)),
+            );
+            Ok(id)
         });
         match sent {
             Ok(id) => {
