@@ -135,9 +135,10 @@ as alice group remove class dave
 as alice group members class
 as alice group send class "dave cannot read this one"
 wait_for_text "$dir/bob.screen" "dave cannot read this one"
+wait_for_text "$dir/dave.screen" "removed you from"
 screen bob
 screen dave
-note "Nothing new for dave: no key, no message."
+note "dave is told, by alice's signed change sent to him directly; after it, no key and no message."
 
 say "An image: alice sends a picture to the group; bob's client saves it and checks it"
 # A 1x1 PNG.

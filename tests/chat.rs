@@ -623,3 +623,20 @@ fn history_is_kept_encrypted_and_shown_in_the_chat_and_by_the_command() {
     assert_eq!(out.lines().len(), 1, "{out:?}");
     assert!(out.stdout.ends_with(" bob: sounds good\n"), "{out:?}");
 }
+
+#[test]
+fn a_member_removed_while_chatting_is_told() {
+    let c = Cluster::start(1);
+    for u in ["alice", "carol"] {
+        c.signup(u);
+    }
+    c.group_ok("alice", &["create", "team"]);
+    c.group_ok("alice", &["add", "team", "carol"]);
+    let t = chat_in_tmux(&c, "carol", "--no-time team", 100);
+    t.wait_for("now talking to alice/team");
+    t.wait("the prompt", |s| {
+        s.last().is_some_and(|l| l == "[alice/team] carol>")
+    });
+    c.group_ok("alice", &["remove", "team", "carol"]);
+    t.wait_for("* alice removed you from alice/team");
+}

@@ -338,7 +338,7 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
 fn stored_group_messages(c: &Cluster) -> Vec<Envelope> {
     let sql = c.sql();
     let mut stmt = sql
-        .prepare("SELECT id, sender, grp, client_id, body, sent_at FROM messages ORDER BY id")
+        .prepare("SELECT id, sender, grp, client_id, body, sent_at FROM messages WHERE grp IS NOT NULL ORDER BY id")
         .unwrap();
     let rows = stmt
         .query_map([], |r| {
@@ -489,6 +489,75 @@ fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
             "[alice/team] * carol left",
             "[alice/team] bob: after carol left"
         ],
+        "{out:?}"
+    );
+}
+
+/// `user`'s library client and end-to-end state (password `pw-USER`).
+fn library_user(c: &Cluster, user: &str) -> (Client, E2e) {
+    let store = Keystore::new(&c.home(), user);
+    let identity = store.load_identity(&format!("pw-{user}")).unwrap();
+    let client = c.login(user);
+    let e2e = E2e::new(
+        user,
+        identity,
+        store,
+        Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
+    );
+    (client, e2e)
+}
+
+#[test]
+fn a_removed_member_is_told_and_a_forged_removal_is_refused() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol", "mallory"] {
+        c.signup(u);
+    }
+    c.group_ok("alice", &["create", "team"]);
+    for u in ["bob", "carol", "mallory"] {
+        c.group_ok("alice", &["add", "team", u]);
+    }
+    // carol follows the group (her client verifies its chain).
+    let out = c.run("carol", &["recv"]);
+    assert!(out.stdout.contains("* alice added mallory"), "{out:?}");
+
+    // mallory, a member but not the admin, signs a change that removes carol, and sends it to
+    // her sealed as a removal: carol's client checks it against the chain and refuses it.
+    let (client, mut e2e) = library_user(&c, "mallory");
+    let chain = c.group("carol", &["members", "team"]);
+    assert_eq!(chain.code, 0, "{chain:?}");
+    let roster = e2e.group_roster(&client, "alice/team").unwrap();
+    let forged = fastchat::client::e2e::sign_change(
+        &Keystore::new(&c.home(), "mallory")
+            .load_identity("pw-mallory")
+            .unwrap(),
+        fastchat::net::Change {
+            group: "alice/team".into(),
+            seq: roster.seq + 1,
+            prev: roster.head.clone(),
+            by: "mallory".into(),
+            action: fastchat::net::Action::Remove("carol".into()),
+        },
+    )
+    .unwrap();
+    let body = e2e
+        .seal_direct("carol", 99, &fastchat::client::e2e::Plain::Removal(forged))
+        .unwrap();
+    client.send("carol", 99, &body, None).unwrap();
+    let out = c.run("carol", &["recv"]);
+    assert_eq!(out.stdout, "", "{out:?}");
+    assert!(
+        out.stderr
+            .contains("does not follow from the group's chain"),
+        "{out:?}"
+    );
+
+    // The admin removes carol: she is told, although the group's messages no longer reach
+    // her.
+    c.group_ok("alice", &["remove", "team", "carol"]);
+    let out = c.run("carol", &["recv"]);
+    assert_eq!(
+        out.stdout, "* alice removed you from alice/team\n",
         "{out:?}"
     );
 }

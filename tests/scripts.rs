@@ -30,7 +30,7 @@ fn demo_runs_a_conversation_and_exits_0() {
         "[alice/class] alice: welcome to the class, everyone",
         "removed dave from alice/class; new group key (epoch 5)",
         "[alice/class] alice: dave cannot read this one",
-        "dave's screen:\n   (nothing new)",
+        "dave's screen:\n   * alice removed you from alice/class\n",
         "[alice/class] alice sent photo.png (70 B) -> ",
         "bob's copy is byte-for-byte the original",
         "* server lost; now on server ",

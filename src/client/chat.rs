@@ -189,7 +189,7 @@ pub fn chat(opts: &Options, how: &ChatOptions) -> Result<()> {
     let (commands_tx, commands_rx) = unbounded::<Command>();
     if let Some(with) = &how.with {
         commands_tx
-            .send(Command::Line(format!("/query {with}")))
+            .send(Command::Line(format!("/open {with}")))
             .expect("the receiver is here");
     }
     spawn_printer(ctx.clone());

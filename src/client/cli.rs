@@ -1190,6 +1190,11 @@ pub(super) fn show(
             let fields = match plain {
                 Plain::Text(t) => serde_json::json!({ "kind": "text", "text": t }),
                 Plain::Membership(t) => serde_json::json!({ "kind": "membership", "text": t }),
+                // (Opened messages carry removals as the membership notice they checked out as.)
+                Plain::Removal(s) => serde_json::json!({
+                    "kind": "membership",
+                    "text": crate::membership::describe(&s.change),
+                }),
                 Plain::File(offer) => serde_json::json!({
                     "kind": "file",
                     "name": offer.name,
@@ -1234,6 +1239,7 @@ pub(super) fn history_text(plain: &Plain) -> Option<String> {
     match plain {
         Plain::Text(t) => Some(t.clone()),
         Plain::Membership(t) => Some(format!("* {t}")),
+        Plain::Removal(s) => Some(format!("* {}", crate::membership::describe(&s.change))),
         Plain::File(offer) => Some(format!(
             "sent {} ({})",
             offer.name,
@@ -1354,6 +1360,10 @@ pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> Strin
     match plain {
         Plain::Text(t) => format!("{prefix}{}: {}", msg.from, one_line(t)),
         Plain::Membership(t) => format!("{prefix}* {}", one_line(t)),
+        Plain::Removal(s) => format!(
+            "{prefix}* {}",
+            one_line(&crate::membership::describe(&s.change))
+        ),
         Plain::Receipt(r) => format!(
             "{prefix}* {} {} {} of your messages",
             msg.from,

@@ -152,6 +152,10 @@ pub enum Plain {
     Membership(String),
     /// A receipt for messages this user sent.
     Receipt(Receipt),
+    /// The signed change that removed the recipient from a group, sent to them by whoever
+    /// removed them (they are no longer a member, so the group's announcement does not reach
+    /// them). Shown as the [`Plain::Membership`] it describes once checked.
+    Removal(SignedChange),
 }
 
 impl Plain {
@@ -161,6 +165,7 @@ impl Plain {
             Plain::File(_) => Kind::File,
             Plain::Membership(_) => Kind::Change,
             Plain::Receipt(_) => Kind::Receipt,
+            Plain::Removal(_) => Kind::Change,
         }
     }
 
@@ -173,6 +178,7 @@ impl Plain {
             Plain::Receipt(r) => {
                 Cow::Owned(rmp_serde::to_vec(r).map_err(|e| Error::Invalid(e.to_string()))?)
             }
+            Plain::Removal(signed) => Cow::Owned(crate::net::encode(signed)?),
             Plain::Membership(_) => {
                 return Err(Error::Invalid(
                     "membership changes are signed changes, not messages".into(),
@@ -190,6 +196,11 @@ impl Plain {
                 return Err(bad("holds a malformed file offer"));
             }
             return Ok(Plain::File(offer));
+        }
+        if kind == Kind::Change {
+            let signed: SignedChange =
+                crate::net::decode(&plain).map_err(|_| bad("holds a malformed group change"))?;
+            return Ok(Plain::Removal(signed));
         }
         if kind == Kind::Receipt {
             let receipt: Receipt =
@@ -682,11 +693,18 @@ impl E2e {
                 open_direct_with(self.pair_key(&msg.from)?, msg)?
             }
         };
-        if msg.group.is_some() && matches!(authentic.plain, Plain::Receipt(_)) {
-            return Err(Error::Integrity(format!(
-                "message {} is a receipt sent to a group",
-                msg.id
-            )));
+        let mut authentic = authentic;
+        match (&msg.group, authentic.plain) {
+            (Some(_), Plain::Receipt(_) | Plain::Removal(_)) => {
+                return Err(Error::Integrity(format!(
+                    "message {} is a receipt or a removal sent to a group",
+                    msg.id
+                )));
+            }
+            (None, Plain::Removal(signed)) => {
+                authentic.plain = Plain::Membership(self.removal(&msg.from, &signed)?);
+            }
+            (_, plain) => authentic.plain = plain,
         }
         let conversation = replay::conversation(msg.group.as_deref(), &msg.from);
         let verdict = self
@@ -878,6 +896,46 @@ impl E2e {
         Ok(key)
     }
 
+    /// Checks a removal sent to us by `from`: their own signed change, removing us, that
+    /// follows from the group's chain as we verified it (when we have it up to there). Says
+    /// what happened; forgets the group's chain, which is no longer ours to follow.
+    fn removal(&mut self, from: &str, signed: &SignedChange) -> Result<String> {
+        let c = &signed.change;
+        let forged = |why: &str| {
+            Error::Integrity(format!(
+                "a removal from {} sent by {from} {why}; refusing it",
+                c.group
+            ))
+        };
+        if c.by != from || c.action != Action::Remove(self.me.clone()) {
+            return Err(forged("is not theirs, or does not remove us"));
+        }
+        let key = self.signer_key(from)?;
+        if !verify_signature(&key, &membership::signed_bytes(c), &signed.signature)? {
+            return Err(forged("does not carry their valid signature"));
+        }
+        let chain = self.chains.get(&c.group)?;
+        let checked = match (chain.change(c.seq), chain.head()) {
+            (Some(known), _) => known == signed,
+            (None, Some(head)) if head.seq + 1 == c.seq => {
+                membership::apply(Some(head), signed).is_ok()
+            }
+            // We never saw the group up to there: the signature is all we can check.
+            _ => {
+                return Ok(format!(
+                    "{from} removed you from {} (their signature checked; this client had not                      followed the group up to then)",
+                    c.group
+                ))
+            }
+        };
+        if !checked {
+            return Err(forged("does not follow from the group's chain"));
+        }
+        self.chains.forget(&c.group)?;
+        self.group_keys.retain(|(g, _), _| *g != c.group);
+        Ok(format!("{from} removed you from {}", c.group))
+    }
+
     /// Makes, signs and submits a change of `group` (with the new epoch's key for exactly the
     /// members after it), and adds it to our verified chain. Tries again if the group changed
     /// meanwhile; a change that went through although its reply was lost is found in the
@@ -951,10 +1009,22 @@ impl E2e {
     /// Removes `user` (admin only) and starts a new epoch whose key `user` never gets.
     /// Returns the new epoch.
     pub fn group_remove(&mut self, client: &Client, group: &str, user: &str) -> Result<u64> {
-        match self.change_group(client, group, Action::Remove(user.to_string()))? {
-            After::Roster(r) => Ok(r.seq),
-            After::Deleted => Err(Error::Protocol(format!("{group} is gone"))),
+        let seq = match self.change_group(client, group, Action::Remove(user.to_string()))? {
+            After::Roster(r) => r.seq,
+            After::Deleted => return Err(Error::Protocol(format!("{group} is gone"))),
+        };
+        // The removed member no longer gets the group's messages: tell them directly, with
+        // the signed change (best effort: the removal stands either way).
+        if let Some(signed) = self.chains.get(group)?.change(seq).cloned() {
+            let told = crypto::random_u64().and_then(|client_id| {
+                let body = self.seal_direct(user, client_id, &Plain::Removal(signed))?;
+                client.send(user, client_id, &body, None)
+            });
+            if let Err(e) = told {
+                log::warn!("could not tell {user} they were removed from {group}: {e}");
+            }
         }
+        Ok(seq)
     }
 
     /// Leaves `group`. The next member to send starts a new epoch.

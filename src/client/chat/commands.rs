@@ -147,9 +147,25 @@ fn command_line(
     match cmd {
         "/quit" | "/exit" => Ok(None),
         "/help" => one(chat_help()),
-        "/query" | "/join" | "/close" => {
+        "/query" | "/join" | "/close" | "/open" => {
             let conversation = match (cmd, rest) {
                 ("/close", _) | (_, "") => None,
+                // `chat WITH`: a group when it is written as one or names no user.
+                ("/open", with) => {
+                    let user = !with.contains('/')
+                        && names::validate("user", with).is_ok()
+                        && ctx.e2e.lock().peer_keys(with).is_ok();
+                    if user {
+                        Some(Conversation::User(with.to_string()))
+                    } else {
+                        Some(Conversation::Group(resolve_group(
+                            client,
+                            client.user(),
+                            with,
+                            false,
+                        )?))
+                    }
+                }
                 ("/query", user) => {
                     names::validate("user", user)?;
                     // The user must exist: their keys are fetched (and pinned) now.
