@@ -47,22 +47,24 @@ row() {
     run "$@"
   fi
 }
-row "direct, 100 clients x $((1000 / scale)) messages, window 32" \
-  --spawn-servers 3 --clients 100 --messages $((1000 / scale)) --window 32
-row "direct, 1000 clients x $((100 / scale)) messages, window 32" \
-  --spawn-servers 3 --clients 1000 --messages $((100 / scale)) --window 32
+row "direct spread, 100 clients x $((1000 / scale)) messages, window 32" \
+  --spawn-servers 3 --clients 100 --messages $((1000 / scale)) --window 32 --pattern spread
+row "direct ring (batches perfectly), 100 clients x $((1000 / scale)) messages, window 32" \
+  --spawn-servers 3 --clients 100 --messages $((1000 / scale)) --window 32 --pattern ring
+row "direct spread, 1000 clients x $((100 / scale)) messages, window 32" \
+  --spawn-servers 3 --clients 1000 --messages $((100 / scale)) --window 32 --pattern spread
 row "group, 100 clients in groups of 10 x $((100 / scale)) messages" \
   --spawn-servers 3 --clients 100 --messages $((100 / scale)) --mode group --group-size 10
-row "fixed rate: 10,000 messages/s offered, 100 clients" \
-  --spawn-servers 3 --clients 100 --messages $((300 / scale)) --rate 10000
+row "fixed rate, spread: 10,000 messages/s offered, 100 clients" \
+  --spawn-servers 3 --clients 100 --messages $((300 / scale)) --rate 10000 --pattern spread
 if $quick; then
   # A quick run is over in well under 0.5 s: offered at a rate, it lasts 1.5 s and the kill
   # falls inside it (fastchat-bench fails a run whose kill came after its end).
   row "fault: 100 clients x 30 messages at 2,000 messages/s, one server killed (kill -9) after 0.5 s" \
-    --spawn-servers 3 --clients 100 --messages 30 --rate 2000 --kill-server 0.5
+    --spawn-servers 3 --clients 100 --messages 30 --rate 2000 --kill-server 0.5 --pattern spread
 else
-  row "fault: as the first row, one server killed (kill -9) after 0.5 s" \
-    --spawn-servers 3 --clients 100 --messages 1000 --window 32 --kill-server 0.5
+  row "fault: as the first row (spread), one server killed (kill -9) after 0.5 s" \
+    --spawn-servers 3 --clients 100 --messages 1000 --window 32 --kill-server 0.5 --pattern spread
 fi
 
 echo

@@ -16,6 +16,7 @@
 //! message reaches the K-1 others. Idle mode: connect and hold, to see what a connection costs a
 //! server.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -39,6 +40,7 @@ use launch::{LocalCluster, Usage};
 
 mod driver;
 pub mod launch;
+pub mod plot;
 mod report;
 
 use driver::{Client, Counters, Receiving, Sending};
@@ -47,7 +49,7 @@ pub use report::{markdown_header, markdown_row, progress_default, render, to_jso
 /// What the clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Client i sends to client i+1.
+    /// Direct messages, to recipients chosen by a [`Pattern`].
     Direct,
     /// Groups of `group_size`; everyone sends to their group.
     Group,
@@ -77,6 +79,43 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Whom each client writes to in direct mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Client i to client i+1 only: a whole window to one recipient, which batches
+    /// perfectly (and flatters the server).
+    Ring,
+    /// Message s of client i to client i+1+(s mod K), over K = min(messages, clients-1)
+    /// others: every message to another recipient, as chat is (the default).
+    Spread,
+    /// Each message to one of those K others, chosen at random.
+    Random,
+}
+
+impl std::str::FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Pattern, String> {
+        match s {
+            "ring" => Ok(Pattern::Ring),
+            "spread" => Ok(Pattern::Spread),
+            "random" => Ok(Pattern::Random),
+            other => Err(format!(
+                "unknown pattern {other:?}: use ring, spread or random"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pattern::Ring => "ring",
+            Pattern::Spread => "spread",
+            Pattern::Random => "random",
+        })
+    }
+}
+
 /// Where the cluster comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -99,6 +138,8 @@ pub struct Config {
     pub window: usize,
     /// What the clients do.
     pub mode: Mode,
+    /// Whom they write to, in direct mode.
+    pub pattern: Pattern,
     /// Members per group (group mode).
     pub group_size: usize,
     /// Total offered messages per second across all clients; `None` for as fast as possible.
@@ -140,6 +181,8 @@ pub struct Latency {
 pub struct Report {
     /// The mode, as text.
     pub mode: String,
+    /// Whom messages went to (direct mode), as text.
+    pub pattern: String,
     /// Clients.
     pub clients: usize,
     /// Messages per client.
@@ -297,6 +340,7 @@ pub fn run(config: &Config) -> Result<Report> {
 
     let mut report = Report {
         mode: config.mode.to_string(),
+        pattern: config.pattern.to_string(),
         clients: config.clients,
         messages: config.messages,
         size: config.size,
@@ -537,10 +581,10 @@ struct Role {
     index: usize,
     me: String,
     link: Link,
-    /// Direct mode: the recipient and the pair key with them.
-    to: Option<(String, PairKey)>,
-    /// Direct mode: the one sender and the pair key with them.
-    from_key: Option<PairKey>,
+    /// Direct mode: the recipients and the pair keys with them.
+    to: Vec<(String, PairKey)>,
+    /// Direct mode: the senders (by index) and the pair keys with them.
+    from_keys: HashMap<usize, PairKey>,
     /// Group mode: the group, its current key and epoch.
     group: Option<(String, PairKey, u64)>,
     identity: Arc<Identity>,
@@ -551,6 +595,8 @@ struct Plan {
     roles: Vec<Role>,
     /// Each user's Ed25519 public key, for checking group signatures.
     ed25519: Arc<Vec<Vec<u8>>>,
+    /// Each user's place in `roles` (and `ed25519`), by name.
+    senders: Arc<HashMap<String, usize>>,
     /// Deliveries per message.
     fanout: u64,
 }
@@ -564,30 +610,32 @@ impl Plan {
                 index: i,
                 me: users[i].name.clone(),
                 link,
-                to: None,
-                from_key: None,
+                to: Vec::new(),
+                from_keys: HashMap::new(),
                 group: None,
                 identity: Arc::clone(&users[i].identity),
             });
         }
         let fanout = match config.mode {
             Mode::Direct => {
+                // Client i writes to the K clients after it; so client j hears from the K
+                // before it. A pair key serves both directions: each is made once, on as
+                // many threads as there are cores.
+                let k = recipients(config, n);
+                let mut pairs: Vec<(usize, usize)> = (0..n)
+                    .flat_map(|i| (1..=k).map(move |d| (i, (i + d) % n)))
+                    .map(|(a, b)| (a.min(b), a.max(b)))
+                    .collect();
+                pairs.sort_unstable();
+                pairs.dedup();
+                let keys = pair_keys(users, &pairs)?;
                 for i in 0..n {
-                    let next = (i + 1) % n;
-                    let prev = (i + n - 1) % n;
-                    let u = &users[i];
-                    let to_key = u.identity.pair_key(
-                        &u.name,
-                        &users[next].name,
-                        &users[next].public.x25519,
-                    )?;
-                    let from_key = u.identity.pair_key(
-                        &u.name,
-                        &users[prev].name,
-                        &users[prev].public.x25519,
-                    )?;
-                    roles[i].to = Some((users[next].name.clone(), to_key));
-                    roles[i].from_key = Some(from_key);
+                    for d in 1..=k {
+                        let j = (i + d) % n;
+                        let key = keys[&(i.min(j), i.max(j))].clone();
+                        roles[i].to.push((users[j].name.clone(), key.clone()));
+                        roles[j].from_keys.insert(i, key);
+                    }
                 }
                 1
             }
@@ -603,6 +651,13 @@ impl Plan {
         Ok(Plan {
             roles,
             ed25519: Arc::new(users.iter().map(|u| u.public.ed25519.clone()).collect()),
+            senders: Arc::new(
+                users
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| (u.name.clone(), i))
+                    .collect(),
+            ),
             fanout,
         })
     }
@@ -635,6 +690,7 @@ impl Plan {
                 index: role.index,
                 me: role.me.clone(),
                 to: role.to,
+                pattern: config.pattern,
                 group: role.group.clone(),
                 identity: role.identity,
                 messages: config.messages,
@@ -643,10 +699,10 @@ impl Plan {
                 schedule: config.rate.map(|r| (r, n)),
             };
             let receiving = Receiving {
-                from_key: role.from_key,
+                from_keys: role.from_keys,
                 group_key: role.group.map(|(_, k, _)| k),
                 ed25519: Arc::clone(&self.ed25519),
-                prefix_len: role.me.rfind('-').map_or(0, |p| p + 1),
+                senders: Arc::clone(&self.senders),
             };
             let client = Client::new(
                 role.link,
@@ -740,6 +796,51 @@ impl Plan {
         report.latency = report::percentiles(&mut latencies);
         Ok(())
     }
+}
+
+/// How many others each client writes to in direct mode: one in a ring, else as many as it
+/// sends messages, at most everyone else.
+fn recipients(config: &Config, n: usize) -> usize {
+    match config.pattern {
+        Pattern::Ring => 1,
+        Pattern::Spread | Pattern::Random => {
+            (config.messages.min(n.saturating_sub(1) as u64) as usize).max(1)
+        }
+    }
+}
+
+/// The pair keys of `pairs` (indexes into `users`, lower first), made on every core.
+fn pair_keys(users: &[User], pairs: &[(usize, usize)]) -> Result<HashMap<(usize, usize), PairKey>> {
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let chunk = pairs.len().div_ceil(cores).max(1);
+    type Keyed = Vec<((usize, usize), PairKey)>;
+    let parts: Vec<Result<Keyed>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pairs
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&(a, b)| {
+                            let (u, v) = (&users[a], &users[b]);
+                            Ok((
+                                (a, b),
+                                u.identity.pair_key(&u.name, &v.name, &v.public.x25519)?,
+                            ))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a pair key thread"))
+            .collect()
+    });
+    let mut keys = HashMap::with_capacity(pairs.len());
+    for part in parts {
+        keys.extend(part?);
+    }
+    Ok(keys)
 }
 
 /// Creates a group of `members` through the protocol, as clients do: the first member

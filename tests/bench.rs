@@ -34,6 +34,7 @@ fn direct_mode_delivers_every_message_once_across_servers() {
     ]);
     assert_eq!(code, 0, "{r} {err}");
     assert_eq!(r["mode"], "direct");
+    assert_eq!(r["pattern"], "spread", "the fair pattern by default");
     assert_eq!(r["servers"], 2);
     assert_eq!(r["expected"], 300);
     assert_eq!(r["delivered"], 300);
@@ -289,4 +290,34 @@ fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("cpu         n/a"), "{out:?}");
     assert!(!out.stdout.contains("µs per delivery"), "{out:?}");
+}
+
+#[test]
+fn a_rate_sweep_reports_each_run_and_draws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("sweep.svg");
+    let out = run_limited(
+        Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+            .args(["--spawn-servers", "1", "--clients", "4", "--messages", "20"])
+            .args(["--sweep", "rate=200,400", "--json", "--svg"])
+            .arg(&svg)
+            .env_remove("RUST_LOG"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let runs: Vec<serde_json::Value> = out
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{out:?}");
+    assert_eq!(
+        (&runs[0]["rate"], &runs[1]["rate"]),
+        (&200.0.into(), &400.0.into())
+    );
+    assert!(runs.iter().all(|r| r["delivered"] == 80), "{out:?}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawn.starts_with("<svg") && drawn.contains("p99"),
+        "{drawn}"
+    );
 }

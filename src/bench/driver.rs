@@ -86,7 +86,9 @@ pub(super) struct Sending {
     pub index: usize,
     pub me: String,
     /// Direct mode: the recipient and the pair key with them.
-    pub to: Option<(String, PairKey)>,
+    pub to: Vec<(String, PairKey)>,
+    /// How a message's recipient is chosen among `to`.
+    pub pattern: super::Pattern,
     /// Group mode: the group, its key and epoch.
     pub group: Option<(String, PairKey, u64)>,
     pub identity: Arc<Identity>,
@@ -100,6 +102,27 @@ pub(super) struct Sending {
 }
 
 impl Sending {
+    /// Direct mode: message `seq`'s recipient and the pair key with them.
+    fn recipient(&self, seq: u64) -> Option<&(String, PairKey)> {
+        if self.to.is_empty() {
+            return None;
+        }
+        let k = self.to.len() as u64;
+        let at = match self.pattern {
+            super::Pattern::Ring | super::Pattern::Spread => seq % k,
+            // A fixed mix of the client and the sequence (splitmix64): the same on a re-send.
+            super::Pattern::Random => {
+                let mut z = (self.index as u64)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(seq);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) % k
+            }
+        };
+        self.to.get(at as usize)
+    }
+
     fn due(&self, seq: u64, start: Instant) -> Option<Instant> {
         let (rate, clients) = self.schedule?;
         let k = seq * clients + self.index as u64;
@@ -114,7 +137,7 @@ impl Sending {
             file: None,
             resend_after: None,
         };
-        if let Some((to, key)) = &self.to {
+        if let Some((to, key)) = self.recipient(seq) {
             let body = e2e::seal_direct_with(key, &self.me, to, seq, seq, &plain)?;
             return Ok(Request {
                 id: seq,
@@ -140,30 +163,31 @@ impl Sending {
 
 /// How a client opens what it receives.
 pub(super) struct Receiving {
-    /// Direct mode: the one sender and the pair key with them.
-    pub from_key: Option<PairKey>,
+    /// Direct mode: the senders (by index) and the pair keys with them.
+    pub from_keys: std::collections::HashMap<usize, PairKey>,
     /// Group mode: the group's key.
     pub group_key: Option<PairKey>,
     pub ed25519: Arc<Vec<Vec<u8>>>,
-    /// Where the index starts in a user name (`bRUN-INDEX`).
-    pub prefix_len: usize,
+    /// Each user's index (into `ed25519`, and of `from_keys`), by name.
+    pub senders: Arc<std::collections::HashMap<String, usize>>,
 }
 
 impl Receiving {
     /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
     fn open(&self, msg: &Envelope) -> Result<(u64, u64, u64)> {
-        let plain = match (&self.from_key, &self.group_key) {
+        let sender = *self
+            .senders
+            .get(&msg.from)
+            .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
+        let plain = match (self.from_keys.get(&sender), &self.group_key) {
             (Some(key), _) => e2e::open_direct_with(key, msg)?,
-            (None, Some(key)) => {
-                let sender: usize = msg
-                    .from
-                    .get(self.prefix_len..)
-                    .and_then(|i| i.parse().ok())
-                    .filter(|i| *i < self.ed25519.len())
-                    .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
-                e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?
+            (None, Some(key)) => e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?,
+            (None, None) => {
+                return Err(Error::Integrity(format!(
+                    "a message from {}, who does not write to this client",
+                    msg.from
+                )))
             }
-            (None, None) => return Err(Error::Protocol("a message in idle mode".into())),
         };
         match plain.plain {
             Plain::Text(t) => {
@@ -524,6 +548,43 @@ pub(super) fn parse_payload(text: &str) -> Option<(u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sending(pattern: super::super::Pattern, k: usize) -> Result<Sending> {
+        Ok(Sending {
+            index: 3,
+            me: "b-3".into(),
+            to: (0..k)
+                .map(|i| Ok((format!("b-{i}"), PairKey::random()?)))
+                .collect::<Result<_>>()?,
+            pattern,
+            group: None,
+            identity: Arc::new(Identity::generate()?),
+            messages: 100,
+            size: 100,
+            window: 1,
+            schedule: None,
+        })
+    }
+
+    #[test]
+    fn patterns_choose_recipients_as_documented() -> Result<()> {
+        use super::super::Pattern;
+        let to = |s: &Sending, seq| s.recipient(seq).map(|(name, _)| name.clone());
+        let ring = sending(Pattern::Ring, 1)?;
+        assert!((0..10).all(|seq| to(&ring, seq).as_deref() == Some("b-0")));
+        // Spread: each message to the next of the K, in turn.
+        let spread = sending(Pattern::Spread, 5)?;
+        let names: Vec<_> = (0..10).filter_map(|seq| to(&spread, seq)).collect();
+        assert_eq!(names[..5], ["b-0", "b-1", "b-2", "b-3", "b-4"]);
+        assert_eq!(names[5..], names[..5]);
+        // Random: every one of the K used, the same choice for the same message.
+        let random = sending(Pattern::Random, 5)?;
+        let chosen: std::collections::HashSet<_> =
+            (0..200).filter_map(|seq| to(&random, seq)).collect();
+        assert_eq!(chosen.len(), 5);
+        assert_eq!(to(&random, 42), to(&random, 42));
+        Ok(())
+    }
 
     #[test]
     fn payloads_round_trip_and_pad() {

@@ -87,6 +87,7 @@ pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let shape = match r.mode.as_str() {
         "group" => format!("groups of {}, ", r.group_size),
+        "direct" => format!("{} pattern, ", r.pattern),
         _ => String::new(),
     };
     out.push_str(&format!(
@@ -246,6 +247,7 @@ fn cpu_per_delivery(r: &Report) -> Option<f64> {
 pub fn to_json(r: &Report) -> serde_json::Value {
     serde_json::json!({
         "mode": r.mode,
+        "pattern": (r.mode == "direct").then_some(&r.pattern),
         "clients": r.clients,
         "messages_per_client": r.messages,
         "size": r.size,

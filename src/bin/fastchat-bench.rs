@@ -52,10 +52,16 @@ struct Args {
     /// Messages a client may have in flight (sent, not yet confirmed stored).
     #[arg(long, default_value_t = 32, value_name = "W")]
     window: usize,
-    /// direct (client i to client i+1), group (everyone to their group) or idle (connect
-    /// and hold).
+    /// direct (one recipient per message, by --pattern), group (everyone to their group) or
+    /// idle (connect and hold).
     #[arg(long, default_value = "direct", value_name = "MODE")]
     mode: Mode,
+    /// Direct mode: whom each message goes to. spread: message s of client i to client
+    /// i+1+(s mod K), over K = min(M, N-1) others, as chat spreads (the default); random: to one
+    /// of those K at random; ring: always client i+1 (a whole window to one recipient, which
+    /// batches perfectly: not a fair workload).
+    #[arg(long, default_value = "spread", value_name = "PATTERN")]
+    pattern: bench::Pattern,
     /// Members per group, in group mode.
     #[arg(long, default_value_t = 10, value_name = "K")]
     group_size: usize,
@@ -102,6 +108,15 @@ struct Args {
     /// No TLS (a spawned cluster runs without it too): to compare with and without.
     #[arg(long, conflicts_with = "ca")]
     insecure_plaintext: bool,
+    /// Run the workload once per value: rate=R1,R2,... (the offered rate) or
+    /// clients=N1,N2,... (the number of clients), each on a fresh cluster when spawned; one
+    /// report per run.
+    #[arg(long, value_name = "WHAT=V1,V2,...")]
+    sweep: Option<bench::plot::Sweep>,
+    /// With --sweep: also draw it in this SVG file (latency percentiles against the offered
+    /// rate, or throughput against clients).
+    #[arg(long, value_name = "FILE", requires = "sweep")]
+    svg: Option<std::path::PathBuf>,
 }
 
 /// Set when Ctrl-C arrived: the handler thread decides the exit status then.
@@ -135,6 +150,7 @@ fn main() -> ExitCode {
         size: args.size,
         window: args.window,
         mode: args.mode,
+        pattern: args.pattern,
         group_size: args.group_size,
         rate: args.rate,
         target,
@@ -160,6 +176,14 @@ fn main() -> ExitCode {
             std::process::exit(130);
         }
     });
+    if let Some(sweep) = &args.sweep {
+        let print = Print {
+            json: args.json,
+            markdown: args.markdown.clone(),
+            header: args.header,
+        };
+        return run_sweep(&print, &config, sweep, args.svg.as_deref());
+    }
     let result = bench::run(&config);
     if INTERRUPTED.load(Ordering::SeqCst) {
         loop {
@@ -192,6 +216,76 @@ fn main() -> ExitCode {
             eprintln!("fastchat-bench: error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// How reports are printed.
+struct Print {
+    json: bool,
+    markdown: Option<String>,
+    header: bool,
+}
+
+/// Runs the workload once per value of the sweep, prints each report as it comes, and
+/// draws the plot if asked.
+fn run_sweep(
+    args: &Print,
+    config: &Config,
+    sweep: &bench::plot::Sweep,
+    svg: Option<&std::path::Path>,
+) -> ExitCode {
+    let mut reports = Vec::with_capacity(sweep.len());
+    let mut clean = true;
+    for i in 0..sweep.len() {
+        let mut run = config.clone();
+        match sweep {
+            bench::plot::Sweep::Rate(rates) => run.rate = Some(rates[i]),
+            bench::plot::Sweep::Clients(clients) => run.clients = clients[i],
+        }
+        if let Err(e) = bench::check(&run) {
+            return usage(&format!("{}: {e}", sweep.label(i)));
+        }
+        let report = match bench::run(&run) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fastchat-bench: error: {}: {e}", sweep.label(i));
+                return ExitCode::from(e.exit_code() as u8);
+            }
+        };
+        if args.json {
+            println!("{}", bench::to_json(&report));
+        } else if let Some(label) = &args.markdown {
+            if args.header && i == 0 {
+                println!("{}", bench::markdown_header(report.mode == "idle"));
+            }
+            println!(
+                "{}",
+                bench::markdown_row(&format!("{label}, {}", sweep.label(i)), &report)
+            );
+        } else {
+            println!("== {}", sweep.label(i));
+            print!("{}", bench::render(&report));
+        }
+        if !report.clean() {
+            eprintln!(
+                "fastchat-bench: {} was not clean: {}",
+                sweep.label(i),
+                report.problems()
+            );
+            clean = false;
+        }
+        reports.push(report);
+    }
+    if let Some(path) = svg {
+        if let Err(e) = bench::plot::write_svg(path, sweep, &reports) {
+            eprintln!("fastchat-bench: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    }
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
