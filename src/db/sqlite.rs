@@ -155,8 +155,31 @@ pub struct WriterConn {
     busy_timeout: Duration,
     /// See [`Options::wal_limit`].
     wal_limit: u64,
-    /// Bytes of the log not yet copied into the database, as the last checkpoint found.
-    backlog: Arc<AtomicU64>,
+    /// What the last checkpoint found (see [`Backlog`]).
+    backlog: Arc<Backlog>,
+    /// The log file (`-wal`), whose growth since the last checkpoint counts too.
+    wal_path: std::path::PathBuf,
+}
+
+/// How much of the log is not yet copied into the database: what the last checkpoint could
+/// not copy, plus what the log file grew since (a checkpoint thread starved of CPU must not
+/// let the log outgrow its limit unseen).
+#[derive(Default)]
+struct Backlog {
+    /// Bytes the last checkpoint could not copy.
+    uncopied: AtomicU64,
+    /// The log file's length at that checkpoint.
+    file_len: AtomicU64,
+}
+
+impl Backlog {
+    fn now(&self, wal_path: &Path) -> u64 {
+        let grown = std::fs::metadata(wal_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .saturating_sub(self.file_len.load(Ordering::Relaxed));
+        self.uncopied.load(Ordering::Relaxed) + grown
+    }
 }
 
 /// Said at most once a second: the log is over its limit.
@@ -187,17 +210,28 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let checkpoints = connect(path)?;
     let busy_timeout = options.busy_timeout;
-    let backlog = Arc::new(AtomicU64::new(0));
+    let backlog = Arc::new(Backlog::default());
     let published = Arc::clone(&backlog);
+    let mut wal_path = path.as_os_str().to_owned();
+    wal_path.push("-wal");
+    let wal_path = std::path::PathBuf::from(wal_path);
+    let checked = wal_path.clone();
     let background: Background = Box::new(move |stop| {
         set_busy_timeout(busy_timeout);
-        checkpoint_loop(&checkpoints, &stop, page_size.max(512) as u64, &published)
+        checkpoint_loop(
+            &checkpoints,
+            &stop,
+            page_size.max(512) as u64,
+            &published,
+            &checked,
+        )
     });
     let writer = WriterConn {
         conn,
         busy_timeout,
         wal_limit: options.wal_limit,
         backlog,
+        wal_path,
     };
     Ok((writer, Some(background)))
 }
@@ -206,7 +240,7 @@ impl WriterConn {
     /// Holds back a batch while the log is over its limit (a reader elsewhere keeps
     /// checkpoints from copying it): up to a moment past the limit, refused past twice it.
     fn mind_the_log(&self) -> Result<()> {
-        let over = || self.backlog.load(Ordering::Relaxed) > self.wal_limit;
+        let over = || self.backlog.now(&self.wal_path) > self.wal_limit;
         if !over() {
             return Ok(());
         }
@@ -214,7 +248,7 @@ impl WriterConn {
         while over() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let backlog = self.backlog.load(Ordering::Relaxed);
+        let backlog = self.backlog.now(&self.wal_path);
         let size = crate::units::human_size;
         let why = format!(
             "the database's log holds {} not yet copied into it, over the limit of {}: a \
@@ -284,7 +318,13 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// Passive checkpoints (never waiting for, or blocking, readers and writers) until stopped.
 /// Every process with a writer runs one; whichever gets there first does the work. Each
 /// publishes in `backlog` how many bytes of the log it could not copy.
-fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>, page_size: u64, backlog: &AtomicU64) {
+fn checkpoint_loop(
+    conn: &Connection,
+    stop: &Receiver<()>,
+    page_size: u64,
+    backlog: &Backlog,
+    wal_path: &Path,
+) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_EVERY)
     {
@@ -297,7 +337,12 @@ fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>, page_size: u64, backl
         });
         match done {
             Ok((0, wal, copied)) => {
-                backlog.store((wal - copied).max(0) as u64 * page_size, Ordering::Relaxed);
+                // The file's length first: growth after it counts as not copied.
+                let len = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
+                backlog.file_len.store(len, Ordering::Relaxed);
+                backlog
+                    .uncopied
+                    .store((wal - copied).max(0) as u64 * page_size, Ordering::Relaxed);
                 if wal > 0 {
                     log::trace!("checkpoint: {copied} of {wal} pages");
                 }
