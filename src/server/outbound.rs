@@ -141,13 +141,17 @@ struct Syncing {
 /// The first sync reads the queue in pages (so a large backlog never sits whole in memory);
 /// live messages that arrive meanwhile are dropped, because the sync reads them from the
 /// database (they were committed before they were routed). After it, live messages with ids
-/// above the last one synced are sent as they come. A resync reads the queue again from the
-/// start; live messages that arrive meanwhile wait until it ends, so that nothing newer
-/// overtakes what it finds.
+/// above the last one synced are sent as they come. A resync reads the queue again from where
+/// the last sync ended (everything up to there was read then; what a dead peer committed and
+/// never relayed has a higher id, since ids follow commit order); live messages that arrive
+/// meanwhile wait until it ends, so that nothing newer overtakes what it finds.
 #[derive(Debug, Default)]
 pub struct Delivery {
     /// The highest id the syncs sent; `None` until the first sync ended.
     synced_to: Option<i64>,
+    /// Where the last sync ended reading the queue: every message for this user up to this id
+    /// was sent by a sync.
+    read_to: i64,
     syncing: Option<Syncing>,
     held: Vec<Arc<Envelope>>,
 }
@@ -187,7 +191,7 @@ impl Delivery {
             Outbound::Resync => {
                 if self.syncing.is_none() && self.synced_to.is_some() {
                     self.syncing = Some(Syncing {
-                        after: 0,
+                        after: self.read_to,
                         again: true,
                     });
                 }
@@ -213,6 +217,7 @@ impl Delivery {
         }
         chan.queue(&ServerEvent::Synced)?;
         self.syncing = None;
+        self.read_to = self.read_to.max(s.after);
         // Ids follow commit order (db invariant 1), so every message for this user with an id
         // up to `s.after` was in the pages read; live messages with higher ids are new.
         let upto = self.synced_to.map_or(s.after, |t| t.max(s.after));
@@ -222,6 +227,81 @@ impl Delivery {
                 chan.queue(&ServerEvent::Deliver { msg })?;
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Outgoing;
+    use crate::net::{PublicKeys, MAX_FRAME};
+    use crate::transport::Stream;
+
+    /// A channel whose other end is read back: the frames the delivery queued.
+    fn channel() -> Result<(Channel, Channel)> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let a = std::net::TcpStream::connect(listener.local_addr()?)?;
+        let (b, _) = listener.accept()?;
+        Ok((
+            Channel::new(Stream::plain(a))?,
+            Channel::new(Stream::plain(b))?,
+        ))
+    }
+
+    /// The message ids of the `Deliver`s (and a 0 for each `Synced`) that arrived.
+    fn delivered(rx: &mut Channel, tx: &mut Channel) -> Result<Vec<i64>> {
+        tx.flush()?;
+        rx.stream()
+            .tcp()
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))?;
+        let mut ids = Vec::new();
+        while let Ok(Some(event)) = rx.recv::<ServerEvent>(MAX_FRAME) {
+            match event {
+                ServerEvent::Deliver { msg } => ids.push(msg.id),
+                ServerEvent::Synced => ids.push(0),
+                _ => {}
+            }
+        }
+        Ok(ids)
+    }
+
+    #[test]
+    fn a_resync_reads_only_past_where_the_last_sync_ended() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&dir.path().join("chat.db"))?;
+        let keys = PublicKeys {
+            x25519: vec![1; 32],
+            ed25519: vec![2; 32],
+        };
+        for u in ["alice", "bob"] {
+            let k = keys.clone();
+            store.call(move |tx| tx.create_user(u, "h", &k))?;
+        }
+        let put = |n: u64| -> Result<i64> {
+            store.call(move |tx| {
+                Ok(tx
+                    .store_message(&Outgoing::new("alice", n, b"x"), "bob")?
+                    .envelope
+                    .id)
+            })
+        };
+        let (first, second) = (put(1)?, put(2)?);
+        let (mut tx, mut rx) = channel()?;
+        let mut d = Delivery::default();
+        d.put(Outbound::Sync, &mut tx)?;
+        d.sync_page(&mut tx, &store, "bob")?;
+        assert_eq!(delivered(&mut rx, &mut tx)?, [first, second, 0]);
+        // A peer committed a message and died before relaying it; bob has not acknowledged
+        // the first two. The resync sends the lost one only.
+        let lost = put(3)?;
+        d.put(Outbound::Resync, &mut tx)?;
+        d.sync_page(&mut tx, &store, "bob")?;
+        assert_eq!(delivered(&mut rx, &mut tx)?, [lost, 0]);
+        // And the next resync starts past it.
+        d.put(Outbound::Resync, &mut tx)?;
+        d.sync_page(&mut tx, &store, "bob")?;
+        assert_eq!(delivered(&mut rx, &mut tx)?, [0]);
         Ok(())
     }
 }
