@@ -6,18 +6,30 @@
 # with its users moved to another one and nothing lost. Stops everything it started (by PID).
 #
 #   scripts/demo.sh                     # run it (about 15 seconds once built)
+#   scripts/demo.sh --dashboard         # also serve the live dashboard, and go slower to watch it
 #   KEEP=1 scripts/demo.sh              # keep the temporary folder (database, logs, screens)
 #   FASTCHAT_BIN=DIR scripts/demo.sh    # use binaries already built in DIR (no build step)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/lib.sh"
 
+dashboard=false
+case "${1:-}" in
+  --dashboard) dashboard=true ;;
+  "") ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
+
 if [ -t 1 ]; then
   bold=$'\e[1m' dim=$'\e[2m' cyan=$'\e[36m' yellow=$'\e[33m' reset=$'\e[0m'
 else
   bold= dim= cyan= yellow= reset=
 fi
-say()    { printf '\n%s== %s%s\n' "$bold" "$*" "$reset"; }
+say()    {
+  # With the dashboard, a moment before each step to look at it.
+  if $dashboard; then sleep 3; fi
+  printf '\n%s== %s%s\n' "$bold" "$*" "$reset"
+}
 note()   { printf '%s   %s%s\n' "$yellow" "$*" "$reset"; }
 indent() { sed "s/^/   $cyan/;s/\$/$reset/"; }
 # quoted ARGS...: the arguments as one would type them (quotes around those with spaces).
@@ -83,8 +95,16 @@ printf '%s$ fastchat-admin init %s/tls%s\n' "$dim" "$dir" "$reset"
 indent <"$dir/tls.out"
 note "Every link is TLS 1.3 with this cluster's own certificate authority: a process without"
 note "one of its certificates cannot join as a server, and clients check whom they talk to."
-balancer=$(start_balancer "$dir" --scrypt-log-n 10 --algo round-robin)
+if $dashboard; then
+  balancer=$(start_balancer "$dir" --scrypt-log-n 10 --algo round-robin --http 127.0.0.1:0)
+else
+  balancer=$(start_balancer "$dir" --scrypt-log-n 10 --algo round-robin)
+fi
 echo "   balancer   $balancer"
+if $dashboard; then
+  page=$(wait_for_line "$dir/balancer.out" "fastchat-balancer dashboard on")
+  note "Open $page in a browser: the servers, who is on which, messages per second."
+fi
 for n in 1 2 3; do
   echo "   server $n   $(start_server "$dir" "$n" "$balancer")"
 done

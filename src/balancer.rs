@@ -33,6 +33,7 @@ use crate::transport::pki::{Member, Role};
 use crate::transport::{Channel, Transport};
 
 mod accounts;
+pub mod dashboard;
 mod lockout;
 pub mod registry;
 
@@ -69,6 +70,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long work waits for the database, and how large its log may grow.
     pub db_options: crate::db::Options,
+    /// Serve the dashboard and `/metrics` on this address (`--http`).
+    pub http: Option<String>,
+    /// The token the dashboard asks for (made at start, off loopback, if not given).
+    pub http_token: Option<String>,
 }
 
 impl Config {
@@ -86,6 +91,8 @@ impl Config {
             max_per_address: 256,
             request_timeout: Duration::from_secs(10),
             db_options: crate::db::Options::default(),
+            http: None,
+            http_token: None,
         }
     }
 }
@@ -106,6 +113,8 @@ struct Shared {
     hashing: HashSlots,
     /// Numbers the connections, so a server's registration knows the link it lives on.
     next_link: AtomicU64,
+    /// What `/metrics` counts.
+    counters: dashboard::Counters,
     /// When presence rows of servers this balancer never heard from were last looked for
     /// (servers that died before it started: nobody else would ever forget them).
     orphans_swept: Mutex<std::time::Instant>,
@@ -146,7 +155,7 @@ pub fn run(
     listener: TcpListener,
     config: Config,
     shutdown: Receiver<()>,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(SocketAddr, Option<&dashboard::Dashboard>),
 ) -> Result<()> {
     let store = Store::open_with(&config.db, &config.db_options)?;
     let shared = Arc::new(Shared {
@@ -158,6 +167,7 @@ pub fn run(
         hashing: HashSlots::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         next_link: AtomicU64::new(1),
         orphans_swept: Mutex::new(std::time::Instant::now()),
+        counters: dashboard::Counters::default(),
         config,
     });
     let addr = listener.local_addr()?;
@@ -181,7 +191,16 @@ pub fn run(
         max,
         per_address: shared.config.max_per_address,
     };
-    on_ready(addr);
+    let board = match &shared.config.http {
+        Some(http) => Some(dashboard::start(
+            http,
+            shared.config.http_token.clone(),
+            Arc::clone(&shared),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
+    on_ready(addr, board.as_ref());
     let handlers = {
         let shared = Arc::clone(&shared);
         listen::accept(&listener, shutdown, &threads, move |stream| {
@@ -242,7 +261,10 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
                 id: Some(id),
                 result: Ok(reply),
             },
-            Err((code, message)) => Response::refused(Some(id), code, message),
+            Err((code, message)) => {
+                shared.counters.refusals.fetch_add(1, Ordering::Relaxed);
+                Response::refused(Some(id), code, message)
+            }
         };
         chan.send_before(&response, Instant::now() + limit)?;
     }
@@ -302,6 +324,7 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             }
             let _slot = hash_slot(shared)?;
             accounts::signup(&shared.store, shared.config.scrypt, &name, &password, keys)?;
+            shared.counters.signups.fetch_add(1, Ordering::Relaxed);
             log::info!("signed up {name}");
             Ok(BalancerReply::Ok)
         }
@@ -339,6 +362,12 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 Err(_) => Outcome::Untried,
             };
             shared.logins.lock().end(named, from, outcome);
+            let counted = match outcome {
+                Outcome::Right => &shared.counters.logins,
+                Outcome::Wrong => &shared.counters.failed_logins,
+                Outcome::Untried => &shared.counters.refusals,
+            };
+            counted.fetch_add(1, Ordering::Relaxed);
             checked?;
             login(shared, name, session_key)
         }
@@ -417,11 +446,15 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             peer.server_id = Some(sid);
             Ok(BalancerReply::Registered { server_id: sid })
         }
-        BalancerRequest::Heartbeat { load, arrived } => {
+        BalancerRequest::Heartbeat {
+            load,
+            arrived,
+            counts,
+        } => {
             let sid = peer.server_id.ok_or_else(|| {
                 Error::refused(ErrorCode::BadRequest, "heartbeat before register")
             })?;
-            let peers = heartbeat(shared, sid, peer.link, load, arrived)?;
+            let peers = heartbeat(shared, sid, peer.link, load, arrived, counts)?;
             Ok(BalancerReply::Peers { peers })
         }
     }
@@ -543,10 +576,11 @@ fn heartbeat(
     link: u64,
     load: u32,
     arrived: u64,
+    counts: crate::net::Counts,
 ) -> Result<Vec<ServerInfo>> {
     let (peers, dead) = {
         let mut reg = shared.registry.lock();
-        if !reg.report(sid, link, load, arrived) {
+        if !reg.report(sid, link, load, arrived, counts) {
             return Err(Error::refused(
                 ErrorCode::BadRequest,
                 "unknown server; register again",

@@ -454,6 +454,8 @@ pub trait Tx {
     fn delete_user(&mut self, name: &str) -> Result<Option<Deleted>>;
     /// Who is connected, where.
     fn online(&mut self) -> Result<Vec<OnlineRow>>;
+    /// Messages stored and not yet acknowledged, in all.
+    fn queued_total(&mut self) -> Result<u64>;
     /// Empties a user's queue (direct messages, and their place in each group); how many
     /// direct messages went.
     fn purge_queue(&mut self, name: &str) -> Result<u64>;

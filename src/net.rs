@@ -227,6 +227,8 @@ pub enum BalancerRequest {
         /// Clients arrived in all since the server started (so that the balancer knows
         /// which logins it assigned have connected).
         arrived: u64,
+        /// What the server has done since it started (for the dashboard's rates).
+        counts: Counts,
     },
     /// Replace the caller's public keys (`Ok`): allowed once after an operator reset the
     /// password or made the account without keys (`fastchat-admin`), refused otherwise, so
@@ -240,6 +242,17 @@ pub enum BalancerRequest {
         /// The new public keys.
         keys: PublicKeys,
     },
+}
+
+/// What a chat server has done since it started, reported with each heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Messages stored (direct and group).
+    pub stored: u64,
+    /// Deliveries to this server's clients.
+    pub delivered: u64,
+    /// Deliveries handed to peer links, for their clients.
+    pub relayed: u64,
 }
 
 /// Replies from the balancer, inside a [`Response`].

@@ -47,6 +47,7 @@ use crate::transport::{Channel, Waker};
 
 mod balancer_link;
 pub mod config;
+pub mod metrics;
 mod outbound;
 mod peers;
 mod presence;
@@ -88,7 +89,7 @@ pub fn run(
     listener: TcpListener,
     mut config: Config,
     shutdown: Receiver<()>,
-    on_ready: impl FnOnce(u64, SocketAddr),
+    on_ready: impl FnOnce(u64, SocketAddr, Option<SocketAddr>),
 ) -> Result<()> {
     let limits = Limits::of_this_process();
     let room = limits.connections(2, RESERVE + SLACK) as usize;
@@ -136,6 +137,7 @@ pub fn run(
         clients: AtomicU32::new(0),
         arrived: AtomicU64::new(0),
         watches: presence::Watches::default(),
+        counts: shared::Counters::default(),
         live_peers: parking_lot::Mutex::default(),
         stopping: Arc::clone(&stopping),
         store,
@@ -147,7 +149,14 @@ pub fn run(
     });
     refresh_quota_watch(&shared);
     log::info!("server {server_id} ({name}) listening on {local}, advertised as {advertise}");
-    on_ready(server_id, local);
+    let metrics = match &shared.config.metrics {
+        Some(addr) => Some(metrics::start(addr, Arc::clone(&shared))?),
+        None => None,
+    };
+    if let Some(m) = metrics {
+        log::info!("metrics on http://{m}/metrics");
+    }
+    on_ready(server_id, local, metrics);
 
     let heartbeat = {
         let shared = Arc::clone(&shared);

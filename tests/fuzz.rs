@@ -141,6 +141,11 @@ impl Gen {
             _ => BalancerRequest::Heartbeat {
                 load: self.0.next() as u32,
                 arrived: self.0.next(),
+                counts: fastchat::net::Counts {
+                    stored: self.0.next(),
+                    delivered: self.0.next(),
+                    relayed: self.0.next(),
+                },
             },
         };
         Request { id: self.n(), body }

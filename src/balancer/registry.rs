@@ -11,7 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::net::ServerInfo;
+use crate::net::{Counts, ServerInfo};
 
 /// Servers silent for this long are forgotten: their presence rows are removed.
 pub const FORGET_AFTER: Duration = Duration::from_secs(10);
@@ -81,6 +81,8 @@ pub struct Live {
     arrived: Option<u64>,
     /// When each login assigned here and not reported arrived yet was assigned, oldest first.
     pending: VecDeque<Instant>,
+    /// The last two reports of what it has done, with when they came (for rates).
+    counts: [(Instant, Counts); 2],
     last_seen: Instant,
 }
 
@@ -146,6 +148,7 @@ impl Registry {
                 load: 0,
                 arrived: None,
                 pending: VecDeque::new(),
+                counts: [(Instant::now(), Counts::default()); 2],
                 last_seen: Instant::now(),
             },
         );
@@ -166,9 +169,10 @@ impl Registry {
     /// it started; `false` if it is not registered there (forgotten, the balancer restarted,
     /// or another connection took the registration over). The clients that arrived since the
     /// last report are in `load` now: as many pending logins stop counting, oldest first.
-    pub fn report(&mut self, id: u64, link: u64, load: u32, arrived: u64) -> bool {
+    pub fn report(&mut self, id: u64, link: u64, load: u32, arrived: u64, counts: Counts) -> bool {
         match self.servers.get_mut(&id) {
             Some(s) if s.link == Some(link) => {
+                s.counts = [s.counts[1], (Instant::now(), counts)];
                 let new = s.arrived.map_or(0, |before| arrived.saturating_sub(before));
                 let new = usize::try_from(new).unwrap_or(usize::MAX);
                 s.pending.drain(..new.min(s.pending.len()));
@@ -256,6 +260,40 @@ impl Registry {
         })
     }
 
+    /// Every registered server for the dashboard: its info, whether it is live, and its
+    /// stored, delivered and relayed messages per second over its last two reports.
+    pub fn dashboard(&self, timeout: Duration) -> Vec<(ServerInfo, bool, [f64; 3])> {
+        self.servers
+            .iter()
+            .map(|(id, s)| {
+                let live = s.link.is_some() && s.last_seen.elapsed() <= timeout;
+                let [(t0, a), (t1, b)] = s.counts;
+                let secs = t1.duration_since(t0).as_secs_f64();
+                let rate = |x: u64, y: u64| {
+                    if live && secs > 0.0 {
+                        y.saturating_sub(x) as f64 / secs
+                    } else {
+                        0.0
+                    }
+                };
+                (
+                    ServerInfo {
+                        id: *id,
+                        name: s.name.clone(),
+                        addr: s.addr.clone(),
+                        load: s.load,
+                    },
+                    live,
+                    [
+                        rate(a.stored, b.stored),
+                        rate(a.delivered, b.delivered),
+                        rate(a.relayed, b.relayed),
+                    ],
+                )
+            })
+            .collect()
+    }
+
     /// The live servers (those heard from within `timeout`), by id.
     pub fn infos(&self, timeout: Duration) -> Vec<ServerInfo> {
         self.live(timeout)
@@ -285,6 +323,7 @@ mod tests {
                     load: *load,
                     arrived: Some(0),
                     pending: VecDeque::new(),
+                    counts: [(Instant::now(), Counts::default()); 2],
                     last_seen: Instant::now(),
                 },
             );
@@ -326,10 +365,10 @@ mod tests {
         let mut reg = registry(&[0, 0, 0]);
         assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
         // Server 1 reports before its login has connected: that login still counts.
-        assert!(reg.report(1, 0, 0, 0));
+        assert!(reg.report(1, 0, 0, 0, Counts::default()));
         assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
         // Now both of its clients have arrived: they count once, as its load.
-        assert!(reg.report(1, 0, 2, 2));
+        assert!(reg.report(1, 0, 2, 2, Counts::default()));
         assert_eq!(counts(&mut reg, Algo::LeastLoaded, 3), [1, 1, 1]);
         // Logins that never connect stop counting after a while.
         for s in reg.servers.values_mut() {
@@ -337,8 +376,8 @@ mod tests {
                 *t -= PENDING_FOR + Duration::from_secs(1);
             }
         }
-        assert!(reg.report(2, 1, 1, 1));
-        assert!(reg.report(3, 2, 1, 1));
+        assert!(reg.report(2, 1, 1, 1, Counts::default()));
+        assert!(reg.report(3, 2, 1, 1, Counts::default()));
         // Loads now 2 (server 1; its third login lapsed), 1, 1: two logins even them out.
         assert_eq!(counts(&mut reg, Algo::LeastLoaded, 2), [0, 1, 1]);
     }
@@ -393,12 +432,21 @@ mod tests {
         let mut reg = Registry::new(7);
         reg.register(1, "server-1", "127.0.0.1:1", 10, T).unwrap();
         reg.register(2, "server-2", "127.0.0.1:2", 20, T).unwrap();
-        assert!(reg.report(1, 10, 5, 5));
-        assert!(!reg.report(1, 11, 5, 5), "not on the link it registered on");
-        assert!(!reg.report(3, 30, 0, 0), "never registered");
+        assert!(reg.report(1, 10, 5, 5, Counts::default()));
+        assert!(
+            !reg.report(1, 11, 5, 5, Counts::default()),
+            "not on the link it registered on"
+        );
+        assert!(
+            !reg.report(3, 30, 0, 0, Counts::default()),
+            "never registered"
+        );
         reg.servers.get_mut(&2).unwrap().last_seen = Instant::now() - Duration::from_secs(11);
         assert_eq!(reg.forget_silent(FORGET_AFTER), [2]);
-        assert!(!reg.report(2, 20, 0, 0), "forgotten: must register again");
+        assert!(
+            !reg.report(2, 20, 0, 0, Counts::default()),
+            "forgotten: must register again"
+        );
         let infos = reg.infos(T);
         assert_eq!(infos.len(), 1);
         assert_eq!((infos[0].id, infos[0].load), (1, 5));

@@ -83,6 +83,19 @@ struct Args {
     /// Which certificate in --tls-dir is this balancer's.
     #[arg(long, value_name = "NAME", default_value = "balancer")]
     name: String,
+    /// Serve the cluster dashboard (a live web page for the class), its JSON
+    /// (/api/cluster) and /metrics (Prometheus) on ADDR, such as 127.0.0.1:8080. Read-only;
+    /// off loopback it asks for a token (--http-token, or one made and printed at start).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// The dashboard's token [default: none on loopback, else made at start].
+    #[arg(
+        long,
+        env = "FASTCHAT_HTTP_TOKEN",
+        value_name = "TOKEN",
+        requires = "http"
+    )]
+    http_token: Option<String>,
     /// No TLS at all: passwords and tokens cross the network readable. For a classroom on one
     /// trusted machine only; a warning is printed at every start.
     #[arg(long)]
@@ -130,10 +143,21 @@ fn main() -> ExitCode {
         Ok(d) if !d.is_zero() => d,
         _ => return fail("--request-timeout must be a positive number of seconds", 2),
     };
+    config.http = args.http;
+    config.http_token = args.http_token;
     let shutdown = fastchat::startup::shutdown_channel();
     let started = std::cell::Cell::new(false);
-    let ready = |addr| {
+    let ready = |addr, board: Option<&balancer::dashboard::Dashboard>| {
         println!("fastchat-balancer listening on {addr}");
+        if let Some(b) = board {
+            match &b.token {
+                Some(t) => println!(
+                    "fastchat-balancer dashboard on http://{}/?token={t}",
+                    b.addr
+                ),
+                None => println!("fastchat-balancer dashboard on http://{}/", b.addr),
+            }
+        }
         let _ = std::io::stdout().flush();
         started.set(true);
     };

@@ -47,6 +47,10 @@ struct Args {
     /// Address to give the balancer for clients and peers (default: the listening address).
     #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,
+    /// Serve /metrics (Prometheus text: clients, messages stored, delivered, relayed) on
+    /// ADDR, such as 127.0.0.1:9101.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Most clients connected at once; more are refused with "server is full".
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_clients: usize,
@@ -185,10 +189,14 @@ fn main() -> ExitCode {
         );
     }
     config.hello_timeout = std::time::Duration::from_secs_f64(args.hello_timeout);
+    config.metrics = args.metrics;
     let shutdown = fastchat::startup::shutdown_channel();
     let started = std::cell::Cell::new(false);
-    let ready = |id: u64, addr: std::net::SocketAddr| {
+    let ready = |id: u64, addr: std::net::SocketAddr, metrics: Option<std::net::SocketAddr>| {
         println!("fastchat-server {id} listening on {addr}");
+        if let Some(m) = metrics {
+            println!("fastchat-server {id} metrics on http://{m}/metrics");
+        }
         let _ = std::io::stdout().flush();
         started.set(true);
     };

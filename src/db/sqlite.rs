@@ -406,6 +406,9 @@ impl Tx for SqliteTx<'_> {
     fn online(&mut self) -> Result<Vec<OnlineRow>> {
         operators::online(self.conn)
     }
+    fn queued_total(&mut self) -> Result<u64> {
+        operators::queued_total(self.conn)
+    }
     fn purge_queue(&mut self, name: &str) -> Result<u64> {
         operators::purge_queue(self.conn, name)
     }

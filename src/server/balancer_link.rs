@@ -12,7 +12,9 @@ use super::shared::Shared;
 use crate::balancer::registry::FORGET_AFTER;
 use crate::db::now_ms;
 use crate::error::{Error, Result};
-use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_FRAME};
+use crate::net::{
+    BalancerReply, BalancerRequest, Counts, Request, Response, ServerInfo, MAX_FRAME,
+};
 use crate::transport::tls::LINK_TIMEOUT;
 use crate::transport::{Channel, Expect, Transport};
 
@@ -119,8 +121,12 @@ impl BalancerLink {
         }
     }
 
-    fn heartbeat(&mut self, load: u32, arrived: u64) -> Result<Vec<ServerInfo>> {
-        match self.request(BalancerRequest::Heartbeat { load, arrived })? {
+    fn heartbeat(&mut self, load: u32, arrived: u64, counts: Counts) -> Result<Vec<ServerInfo>> {
+        match self.request(BalancerRequest::Heartbeat {
+            load,
+            arrived,
+            counts,
+        })? {
             BalancerReply::Peers { peers } => Ok(peers),
             other => Err(Error::Protocol(format!(
                 "unexpected reply to Heartbeat: {other:?}"
@@ -179,7 +185,7 @@ impl BalancerLink {
             if self.conn.is_some() {
                 let load = shared.clients.load(Ordering::SeqCst);
                 let arrived = shared.arrived.load(Ordering::SeqCst);
-                match self.heartbeat(load, arrived) {
+                match self.heartbeat(load, arrived, shared.counts()) {
                     Ok(peers) => {
                         *shared.live_peers.lock() = peers.iter().map(|p| p.id).collect();
                         shared.peers.update(&peers);

@@ -38,6 +38,8 @@ pub struct Config {
     pub quotas: Quotas,
     /// How long work waits for the database, and how large its log may grow.
     pub db_options: crate::db::Options,
+    /// Serve `/metrics` (Prometheus text) on this address.
+    pub metrics: Option<String>,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Config {
             startup_timeout: Duration::from_secs(10),
             quotas: Quotas::default(),
             db_options: crate::db::Options::default(),
+            metrics: None,
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::net::Envelope;
 #[derive(Default)]
 pub struct Router {
     users: RwLock<HashMap<String, Vec<Handle>>>,
+    /// Messages handed to local connections, in all (from this server and from peers).
+    pub delivered: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -54,12 +56,15 @@ impl Router {
     /// Offers a message to every connection here of each of `users`. Returns how many took it.
     pub fn deliver(&self, users: &[String], msg: &Arc<Envelope>) -> usize {
         let map = self.users.read();
-        users
+        let n = users
             .iter()
             .filter_map(|u| map.get(u))
             .flatten()
             .filter(|h| h.offer(Outbound::Message(Arc::clone(msg))))
-            .count()
+            .count();
+        self.delivered
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        n
     }
 
     /// Asks every local connection to re-read its queue (after a peer link ended).

@@ -43,6 +43,9 @@ pub struct Shared {
     pub stop_signal: Receiver<()>,
     /// The queues and senders near their quotas.
     pub quota_watch: Watch,
+    /// What this server has done since it started (heartbeats report it; `/metrics` shows
+    /// it).
+    pub counts: Counters,
     /// The connections watching users come and go.
     pub watches: super::presence::Watches,
     /// The other servers the balancer listed as live at the last heartbeat.
@@ -75,6 +78,7 @@ impl Shared {
             clients: AtomicU32::new(0),
             arrived: AtomicU64::new(0),
             watches: super::presence::Watches::default(),
+            counts: Counters::default(),
             live_peers: Mutex::default(),
             stopping,
             stop: Waker::new().expect("an eventfd"),
@@ -84,5 +88,26 @@ impl Shared {
             detached: AtomicBool::new(false),
         };
         (Arc::new(shared), stop_tx)
+    }
+}
+
+/// The counts behind [`crate::net::Counts`], updated as things happen.
+#[derive(Default)]
+pub struct Counters {
+    /// Messages stored.
+    pub stored: AtomicU64,
+    /// Deliveries handed to peers.
+    pub relayed: AtomicU64,
+}
+
+impl Shared {
+    /// What this server has done since it started.
+    pub fn counts(&self) -> crate::net::Counts {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::net::Counts {
+            stored: self.counts.stored.load(Relaxed),
+            delivered: self.router.delivered.load(Relaxed),
+            relayed: self.counts.relayed.load(Relaxed),
+        }
     }
 }

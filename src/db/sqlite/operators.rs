@@ -205,3 +205,11 @@ pub fn export(conn: &Connection, user: Option<&str>) -> Result<Vec<Exported>> {
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
+
+/// Messages stored and not yet acknowledged, in all.
+pub fn queued_total(conn: &Connection) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM messages")?
+        .query_row([], |r| r.get(0))?;
+    Ok(n as u64)
+}

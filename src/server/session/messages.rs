@@ -6,6 +6,7 @@
 //! presence row before reading its queue. Whichever of the two commits second sees the other,
 //! so a message is never missed by both the live path and the sync.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{error_event, Session};
@@ -145,6 +146,7 @@ impl Session<'_> {
 /// Hands a committed message to every server where a recipient is connected: local users
 /// through the router, others through one relay per server.
 pub fn route(shared: &Shared, stored: StoredMessage) {
+    shared.counts.stored.fetch_add(1, Ordering::Relaxed);
     let msg = Arc::new(stored.envelope);
     let mut online = stored.online_at.into_iter().peekable();
     while let Some((server, first)) = online.next() {
@@ -156,11 +158,14 @@ pub fn route(shared: &Shared, stored: StoredMessage) {
             shared.router.deliver(&users, &msg);
             continue;
         }
+        let n = users.len() as u64;
         let item = Arc::new(Relayed {
             msg: Arc::clone(&msg),
             users,
         });
-        if !shared.peers.relay(server, &item) && !shared.peers.has_link(server) {
+        if shared.peers.relay(server, &item) {
+            shared.counts.relayed.fetch_add(n, Ordering::Relaxed);
+        } else if !shared.peers.has_link(server) {
             // A server that registered since our last heartbeat: link to it now rather than
             // leave the message until its recipients' next login.
             match shared.store.read(|tx| tx.server_addr(server)) {
