@@ -262,7 +262,7 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
                 result: Ok(reply),
             },
             Err((code, message)) => {
-                shared.counters.refusals.fetch_add(1, Ordering::Relaxed);
+                *shared.counters.refusals.lock().entry(code).or_default() += 1;
                 Response::refused(Some(id), code, message)
             }
         };
@@ -362,12 +362,14 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 Err(_) => Outcome::Untried,
             };
             shared.logins.lock().end(named, from, outcome);
-            let counted = match outcome {
-                Outcome::Right => &shared.counters.logins,
-                Outcome::Wrong => &shared.counters.failed_logins,
-                Outcome::Untried => &shared.counters.refusals,
+            match outcome {
+                Outcome::Right => shared.counters.logins.fetch_add(1, Ordering::Relaxed),
+                Outcome::Wrong => shared
+                    .counters
+                    .failed_logins
+                    .fetch_add(1, Ordering::Relaxed),
+                Outcome::Untried => 0,
             };
-            counted.fetch_add(1, Ordering::Relaxed);
             checked?;
             login(shared, name, session_key)
         }

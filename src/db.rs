@@ -120,6 +120,11 @@ impl Store {
         })
     }
 
+    /// What the writer thread has committed since the store was opened.
+    pub fn writer_stats(&self) -> &writer::Stats {
+        &self.writer.stats
+    }
+
     /// Runs read-only `work` on a connection of the pool, on the calling thread.
     pub fn read<T>(&self, work: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
         self.readers.with(work)

@@ -10,7 +10,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 /// Why a request was refused; carried in every refusal on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// The frame was too large or did not decode; the connection is closed after this.
     BadFrame,

@@ -245,7 +245,7 @@ pub enum BalancerRequest {
 }
 
 /// What a chat server has done since it started, reported with each heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     /// Messages stored (direct and group).
     pub stored: u64,
@@ -253,6 +253,8 @@ pub struct Counts {
     pub delivered: u64,
     /// Deliveries handed to peer links, for their clients.
     pub relayed: u64,
+    /// The same, by peer: (server id, deliveries).
+    pub links: Vec<(u64, u64)>,
 }
 
 /// Replies from the balancer, inside a [`Response`].

@@ -131,10 +131,21 @@ fn the_dashboard_shows_servers_clients_and_a_server_death_and_metrics_parse() {
     let bob_on = server_of(&v, "bob").unwrap();
     assert_ne!(alice_on, bob_on, "round-robin: {v}");
 
-    // Traffic shows in the counts.
+    // Traffic shows in the counts; refusals by their reason.
     for i in 0..5 {
         c.send("carol", "alice", &format!("hello {i}"));
     }
+    let wrong = common::run_limited(
+        c.cmd("carol")
+            .env("FASTCHAT_PASSWORD", "wrong")
+            .args(["send", "alice", "x"]),
+    );
+    assert_eq!(wrong.code, 1, "{wrong:?}");
+    // (The balancer's key directory refuses this one; a server the next.)
+    let unknown = c.run("carol", &["send", "nobody", "x"]);
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    let no_group = c.run("carol", &["group", "members", "alice/nothing"]);
+    assert_eq!(no_group.code, 1, "{no_group:?}");
     let (status, text) = get(&format!("{base}metrics"));
     assert_eq!(status, 200);
     assert_eq!(
@@ -150,17 +161,44 @@ fn the_dashboard_shows_servers_clients_and_a_server_death_and_metrics_parse() {
         text.contains("# TYPE fastchat_balancer_signups_total counter"),
         "{text}"
     );
-    let stored: u64 = server_metrics
-        .iter()
-        .map(|url| {
-            let (status, text) = get(url);
-            assert_eq!(status, 200, "{text}");
-            metric(&text, "fastchat_server_messages_stored_total").unwrap()
-        })
-        .sum();
     assert_eq!(
-        stored, 5,
+        metric(&text, "fastchat_balancer_failed_logins_total"),
+        Some(1),
+        "{text}"
+    );
+    for reason in ["InvalidCredentials", "UnknownUser"] {
+        assert!(
+            text.contains(&format!(
+                "fastchat_balancer_refusals_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{text}"
+        );
+    }
+    let servers: Vec<String> = server_metrics.iter().map(|url| get(url).1).collect();
+    let sum = |name: &str| -> u64 { servers.iter().map(|t| metric(t, name).unwrap()).sum() };
+    assert_eq!(
+        sum("fastchat_server_messages_stored_total"),
+        5,
         "every message counted once, by the server that stored it"
+    );
+    assert!(sum("fastchat_server_commits_total") >= 5, "{servers:?}");
+    // carol's sends alternate between the servers (round-robin): some crossed a peer link.
+    assert!(
+        servers
+            .iter()
+            .any(|t| t.contains("fastchat_server_link_relayed_total{server=")),
+        "{servers:?}"
+    );
+    assert!(
+        sum("fastchat_server_commit_jobs_total") >= sum("fastchat_server_commits_total"),
+        "{servers:?}"
+    );
+    assert!(
+        servers
+            .iter()
+            .any(|t| t.contains("fastchat_server_refusals_total{server=")
+                && t.contains("reason=\"UnknownGroup\"} 1")),
+        "{servers:?}"
     );
 
     // The page, in a browser: both servers, each with its client.

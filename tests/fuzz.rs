@@ -145,6 +145,7 @@ impl Gen {
                     stored: self.0.next(),
                     delivered: self.0.next(),
                     relayed: self.0.next(),
+                    links: vec![(self.0.next(), self.0.next())],
                 },
             },
         };

@@ -31,8 +31,8 @@ pub struct Counters {
     pub failed_logins: std::sync::atomic::AtomicU64,
     /// Accounts made.
     pub signups: std::sync::atomic::AtomicU64,
-    /// Requests refused, for any reason.
-    pub refusals: std::sync::atomic::AtomicU64,
+    /// Requests refused, by reason.
+    pub refusals: parking_lot::Mutex<std::collections::BTreeMap<crate::net::ErrorCode, u64>>,
 }
 
 /// A dashboard being served.
@@ -146,7 +146,9 @@ fn cluster(shared: &Shared) -> Result<serde_json::Value> {
     let queued = shared.store.read(|tx| tx.queued_total())?;
     let servers: Vec<serde_json::Value> = servers
         .into_iter()
-        .map(|(info, live, [stored, delivered, relayed])| {
+        .map(|board| {
+            let (info, live) = (&board.info, board.live);
+            let [stored, delivered, relayed] = board.rates;
             // A server that stopped answering has no clients worth showing: theirs are moving
             // to other servers (its rows are forgotten a little later).
             let users: Vec<&str> = online
@@ -164,6 +166,7 @@ fn cluster(shared: &Shared) -> Result<serde_json::Value> {
                 "stored_per_s": stored,
                 "delivered_per_s": delivered,
                 "relayed_per_s": relayed,
+                "links": board.links.iter().map(|(to, per_s)| json!({ "to": to, "per_s": per_s })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -181,11 +184,11 @@ fn metrics(shared: &Shared) -> Result<String> {
         .registry
         .lock()
         .dashboard(shared.config.server_timeout);
-    let live = servers.iter().filter(|(_, live, _)| *live).count();
+    let live = servers.iter().filter(|b| b.live).count();
     let clients: u64 = servers
         .iter()
-        .filter(|(_, live, _)| *live)
-        .map(|(s, _, _)| u64::from(s.load))
+        .filter(|b| b.live)
+        .map(|b| u64::from(b.info.load))
         .sum();
     let queued = shared.store.read(|tx| tx.queued_total())?;
     let c = &shared.counters;
@@ -231,11 +234,12 @@ fn metrics(shared: &Shared) -> Result<String> {
         "Accounts made.",
         c.signups.load(Ordering::Relaxed),
     );
-    metric(
-        "fastchat_balancer_refusals_total",
-        "counter",
-        "Requests refused, for any reason.",
-        c.refusals.load(Ordering::Relaxed),
-    );
+    let name = "fastchat_balancer_refusals_total";
+    out.push_str(&format!(
+        "# HELP {name} Requests refused, by reason.\n# TYPE {name} counter\n"
+    ));
+    for (code, n) in c.refusals.lock().iter() {
+        out.push_str(&format!("{name}{{reason=\"{code:?}\"}} {n}\n"));
+    }
     Ok(out)
 }

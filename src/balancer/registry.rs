@@ -67,6 +67,18 @@ impl fmt::Display for Algo {
     }
 }
 
+/// A server as the dashboard draws it.
+pub struct Board {
+    /// Who and where; `load` is its clients.
+    pub info: ServerInfo,
+    /// Whether it is in rotation.
+    pub live: bool,
+    /// Messages stored, delivered and relayed per second, over its last two reports.
+    pub rates: [f64; 3],
+    /// Deliveries relayed per second to each peer: (server id, rate).
+    pub links: Vec<(u64, f64)>,
+}
+
 /// A registered chat server, as the registry sees it.
 pub struct Live {
     /// Its name (from its certificate).
@@ -148,7 +160,10 @@ impl Registry {
                 load: 0,
                 arrived: None,
                 pending: VecDeque::new(),
-                counts: [(Instant::now(), Counts::default()); 2],
+                counts: [
+                    (Instant::now(), Counts::default()),
+                    (Instant::now(), Counts::default()),
+                ],
                 last_seen: Instant::now(),
             },
         );
@@ -172,7 +187,8 @@ impl Registry {
     pub fn report(&mut self, id: u64, link: u64, load: u32, arrived: u64, counts: Counts) -> bool {
         match self.servers.get_mut(&id) {
             Some(s) if s.link == Some(link) => {
-                s.counts = [s.counts[1], (Instant::now(), counts)];
+                s.counts.swap(0, 1);
+                s.counts[1] = (Instant::now(), counts);
                 let new = s.arrived.map_or(0, |before| arrived.saturating_sub(before));
                 let new = usize::try_from(new).unwrap_or(usize::MAX);
                 s.pending.drain(..new.min(s.pending.len()));
@@ -262,13 +278,13 @@ impl Registry {
 
     /// Every registered server for the dashboard: its info, whether it is live, and its
     /// stored, delivered and relayed messages per second over its last two reports.
-    pub fn dashboard(&self, timeout: Duration) -> Vec<(ServerInfo, bool, [f64; 3])> {
+    pub fn dashboard(&self, timeout: Duration) -> Vec<Board> {
         self.servers
             .iter()
             .map(|(id, s)| {
                 let live = s.link.is_some() && s.last_seen.elapsed() <= timeout;
-                let [(t0, a), (t1, b)] = s.counts;
-                let secs = t1.duration_since(t0).as_secs_f64();
+                let [(t0, a), (t1, b)] = &s.counts;
+                let secs = t1.duration_since(*t0).as_secs_f64();
                 let rate = |x: u64, y: u64| {
                     if live && secs > 0.0 {
                         y.saturating_sub(x) as f64 / secs
@@ -276,20 +292,31 @@ impl Registry {
                         0.0
                     }
                 };
-                (
-                    ServerInfo {
+                let before = |peer: u64| {
+                    a.links
+                        .iter()
+                        .find(|(p, _)| *p == peer)
+                        .map_or(0, |(_, n)| *n)
+                };
+                Board {
+                    info: ServerInfo {
                         id: *id,
                         name: s.name.clone(),
                         addr: s.addr.clone(),
                         load: s.load,
                     },
                     live,
-                    [
+                    rates: [
                         rate(a.stored, b.stored),
                         rate(a.delivered, b.delivered),
                         rate(a.relayed, b.relayed),
                     ],
-                )
+                    links: b
+                        .links
+                        .iter()
+                        .map(|(peer, n)| (*peer, rate(before(*peer), *n)))
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -323,7 +350,10 @@ mod tests {
                     load: *load,
                     arrived: Some(0),
                     pending: VecDeque::new(),
-                    counts: [(Instant::now(), Counts::default()); 2],
+                    counts: [
+                        (Instant::now(), Counts::default()),
+                        (Instant::now(), Counts::default()),
+                    ],
                     last_seen: Instant::now(),
                 },
             );

@@ -14,6 +14,8 @@
 //! channels). If the transaction cannot begin (another process holds the write lock past the
 //! busy timeout), no job of the batch runs: each is told the batch failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -140,6 +142,8 @@ where
 /// The writer thread and the backend's background thread; both stop when this is dropped,
 /// after everything queued is committed.
 pub struct Writer {
+    /// What the writer has committed (for `/metrics`).
+    pub stats: Arc<Stats>,
     jobs: Option<mailbox::Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
     /// Dropped to stop the background thread.
@@ -147,13 +151,26 @@ pub struct Writer {
     background: Option<JoinHandle<()>>,
 }
 
+/// What the writer thread has done since it started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Jobs in them (the mean batch size is `jobs / batches`).
+    pub jobs: AtomicU64,
+    /// Time from `BEGIN` to the end of `COMMIT`, in all, in microseconds.
+    pub commit_us: AtomicU64,
+}
+
 impl Writer {
     /// Starts the writer thread on `batch`, and `background` on a thread of its own.
     pub fn start(batch: impl Batch, background: Option<Background>) -> Result<Writer> {
         let (tx, rx) = mailbox::bounded::<Box<dyn Job>>(QUEUE);
+        let stats = Arc::new(Stats::default());
+        let counted = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(batch, rx))?;
+            .spawn(move || writer_loop(batch, rx, &counted))?;
         let (stop, stopped) = bounded::<()>(0);
         let background = match background {
             Some(work) => Some(
@@ -164,6 +181,7 @@ impl Writer {
             None => None,
         };
         Ok(Writer {
+            stats,
             jobs: Some(tx),
             thread: Some(thread),
             stop_background: Some(stop),
@@ -234,7 +252,7 @@ impl Drop for Writer {
 static BEGIN_FAILED: crate::throttle::Quiet = crate::throttle::Quiet::new(Duration::from_secs(1));
 static COMMIT_FAILED: crate::throttle::Quiet = crate::throttle::Quiet::new(Duration::from_secs(1));
 
-fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
+fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stats: &Stats) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut last_purge = Instant::now();
     // The newest message id at the previous two purges: the older one is at least
@@ -253,6 +271,7 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
                 },
             }
         }
+        let began = Instant::now();
         if let Err(e) = conn.begin() {
             // Nothing ran: outside a transaction each job would commit on its own while its
             // submitter is told it failed.
@@ -288,7 +307,14 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>) {
             }
         }
         let message = match conn.commit() {
-            Ok(()) => None,
+            Ok(()) => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats
+                    .commit_us
+                    .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+                None
+            }
             Err(e) => {
                 COMMIT_FAILED.error(&format!("database: a commit failed: {e}"));
                 conn.rollback();

@@ -99,5 +99,43 @@ fn text(shared: &Shared) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{server=\"{id}\"}} {value}\n"
         ));
     }
+    let name = "fastchat_server_link_relayed_total";
+    out.push_str(&format!(
+        "# HELP {name} Deliveries handed to each peer.\n# TYPE {name} counter\n"
+    ));
+    for (to, n) in shared.counts.relayed_to.lock().iter() {
+        out.push_str(&format!("{name}{{server=\"{id}\",to=\"{to}\"}} {n}\n"));
+    }
+    let w = shared.store.writer_stats();
+    for (name, help, value) in [
+        (
+            "fastchat_server_commits_total",
+            "Transactions the writer committed.",
+            w.batches.load(Ordering::Relaxed),
+        ),
+        (
+            "fastchat_server_commit_jobs_total",
+            "Jobs in them (divided by commits: the mean batch size).",
+            w.jobs.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{server=\"{id}\"}} {value}\n"
+        ));
+    }
+    let name = "fastchat_server_commit_seconds_total";
+    out.push_str(&format!(
+        "# HELP {name} Time from BEGIN to the end of COMMIT, in all (divided by commits: the mean commit latency).\n# TYPE {name} counter\n{name}{{server=\"{id}\"}} {:.6}\n",
+        w.commit_us.load(Ordering::Relaxed) as f64 / 1e6
+    ));
+    let name = "fastchat_server_refusals_total";
+    out.push_str(&format!(
+        "# HELP {name} Requests refused, by reason.\n# TYPE {name} counter\n"
+    ));
+    for (code, n) in shared.counts.refusals.lock().iter() {
+        out.push_str(&format!(
+            "{name}{{server=\"{id}\",reason=\"{code:?}\"}} {n}\n"
+        ));
+    }
     out
 }

@@ -444,6 +444,13 @@ impl Connection {
                     Err(_) => break,
                 },
             };
+            if let Outbound::Event(ServerEvent::Reply(crate::net::Response {
+                result: Err(refusal),
+                ..
+            })) = &item
+            {
+                session.shared.counts.refused(refusal.code);
+            }
             self.delivery.put(item, &mut self.chan)?;
         }
         while self.delivery.syncing() && self.chan.pending() < BACKLOG {

@@ -98,6 +98,17 @@ pub struct Counters {
     pub stored: AtomicU64,
     /// Deliveries handed to peers.
     pub relayed: AtomicU64,
+    /// Requests refused, by reason.
+    pub refusals: Mutex<std::collections::BTreeMap<crate::net::ErrorCode, u64>>,
+    /// Deliveries handed to each peer, by server id.
+    pub relayed_to: Mutex<std::collections::BTreeMap<u64, u64>>,
+}
+
+impl Counters {
+    /// Counts a refusal.
+    pub fn refused(&self, code: crate::net::ErrorCode) {
+        *self.refusals.lock().entry(code).or_default() += 1;
+    }
 }
 
 impl Shared {
@@ -108,6 +119,13 @@ impl Shared {
             stored: self.counts.stored.load(Relaxed),
             delivered: self.router.delivered.load(Relaxed),
             relayed: self.counts.relayed.load(Relaxed),
+            links: self
+                .counts
+                .relayed_to
+                .lock()
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
         }
     }
 }

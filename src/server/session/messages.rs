@@ -165,6 +165,7 @@ pub fn route(shared: &Shared, stored: StoredMessage) {
         });
         if shared.peers.relay(server, &item) {
             shared.counts.relayed.fetch_add(n, Ordering::Relaxed);
+            *shared.counts.relayed_to.lock().entry(server).or_default() += n;
         } else if !shared.peers.has_link(server) {
             // A server that registered since our last heartbeat: link to it now rather than
             // leave the message until its recipients' next login.
