@@ -455,7 +455,7 @@ fn chat_terminal(
     out: &Receiver<Out>,
 ) -> Result<()> {
     let raw = RawMode::enable()?;
-    let (keys_tx, keys) = unbounded::<Key>();
+    let (keys_tx, mut keys) = unbounded::<Key>();
     std::thread::spawn(move || editor::read_keys(keys_tx));
     let mut editor = Editor::default();
     let mut screen = Screen::new();
@@ -464,7 +464,9 @@ fn chat_terminal(
         select! {
             recv(keys) -> key => {
                 let Ok(key) = key else {
+                    // The terminal is gone: finish what was entered, then end.
                     let _ = commands.send(Command::Quit);
+                    keys = crossbeam_channel::never();
                     continue;
                 };
                 match editor.key(key) {
