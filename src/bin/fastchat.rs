@@ -171,7 +171,8 @@ enum Command {
         #[arg(short = 'n', long, value_name = "N")]
         limit: Option<u64>,
     },
-    /// Interactive chat: /msg USER TEXT, /group ..., /help, /quit.
+    /// Interactive chat: /query USER or /join GROUP, then type; /msg, /file, /history, /list,
+    /// /group ..., /help; /quit or Ctrl-D (Ctrl-C clears the line).
     Chat {
         /// The conversation to start in: a user, or a group (OWNER/NAME, or NAME).
         with: Option<String>,
