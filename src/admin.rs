@@ -115,6 +115,12 @@ impl Admin {
     /// so a class's roster may be run again.
     pub fn add(&self, roster: &[RosterEntry]) -> Result<()> {
         for (name, given) in roster {
+            names::validate("user", name)?;
+            if let Some(p) = given {
+                check_password(p)?;
+            }
+        }
+        for (name, given) in roster {
             let password = match given {
                 Some(p) => p.clone(),
                 None => generate_password()?,

@@ -358,3 +358,14 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert!(out.lines()[0].starts_with("USER"), "{out:?}");
     assert!(out.lines()[1].contains("unclaimed"), "{out:?}");
 }
+
+#[test]
+fn a_single_account_is_checked_like_a_roster_line() {
+    let c = Cluster::start(0);
+    let out = admin(&c, &["users", "add", "bad/name"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let out = admin(&c, &["users", "add", "ok", "--password", ""]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("must not be empty"), "{out:?}");
+    assert_eq!(c.count("SELECT count(*) FROM users"), 0);
+}
