@@ -207,16 +207,26 @@ pub fn chat(opts: &Options, how: &ChatOptions) -> Result<()> {
 }
 
 /// Receives messages until the session ends: each one opened, shown, acknowledged.
+///
+/// Acknowledgements and receipts wait while more messages are already there, and go together
+/// once there are none (one round trip for a burst, not one per message).
 fn spawn_printer(ctx: Ctx) {
     std::thread::spawn(move || {
         let forever = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let mut owed = Owed::default();
         let result = loop {
-            let event = match ctx.client.next(forever) {
+            let idle = owed.acks.is_empty();
+            let deadline = if idle { forever } else { Instant::now() };
+            let event = match ctx.client.next(deadline) {
                 Ok(Some(event)) => event,
-                Ok(None) => break Ok(()),
+                Ok(None) if idle => break Ok(()),
+                Ok(None) => match owed.pay(&ctx) {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                },
                 Err(e) => break Err(e),
             };
-            if let Err(e) = printed(&ctx, event) {
+            if let Err(e) = printed(&ctx, event, &mut owed) {
                 break Err(e);
             }
         };
@@ -224,8 +234,26 @@ fn spawn_printer(ctx: Ctx) {
     });
 }
 
+/// What the printer owes the server and the senders: acknowledgements and receipts.
+#[derive(Default)]
+struct Owed {
+    acks: Vec<i64>,
+    receipts: receipts::Receipts,
+}
+
+impl Owed {
+    /// Sends what is owed.
+    fn pay(&mut self, ctx: &Ctx) -> Result<()> {
+        if !self.acks.is_empty() {
+            ctx.client.ack(&std::mem::take(&mut self.acks))?;
+        }
+        self.receipts.send(&ctx.client, &ctx.e2e);
+        Ok(())
+    }
+}
+
 /// Shows one event.
-fn printed(ctx: &Ctx, event: Event) -> Result<()> {
+fn printed(ctx: &Ctx, event: Event, owed: &mut Owed) -> Result<()> {
     match event {
         Event::Message(msg) => {
             let mut line = Vec::new();
@@ -243,14 +271,14 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
                 Shown::Offered => {
                     ctx.offers.lock().insert(msg.id, msg.clone());
                 }
-                _ => ctx.client.ack(&[msg.id])?,
+                _ => owed.acks.push(msg.id),
             }
             match shown {
                 Shown::Receipt(r) => {
                     ctx.say(Line::Notice(receipt_line(ctx, &msg.from, &r)));
                     return Ok(());
                 }
-                Shown::Answer if ctx.receipts => answer(ctx, &msg),
+                Shown::Answer if ctx.receipts => owed.receipts.add(&msg, reached(ctx, &msg)),
                 _ => {}
             }
             let text = String::from_utf8_lossy(&line).trim_end().to_string();
@@ -310,32 +338,23 @@ fn printed(ctx: &Ctx, event: Event) -> Result<()> {
     Ok(())
 }
 
-/// Sends the receipt a message shown here deserves: read if it is in the current
-/// conversation (or there is none: everything is in view), else delivered, and read later,
-/// when its conversation is entered.
-fn answer(ctx: &Ctx, msg: &Envelope) {
+/// The receipt a message shown here deserves: read if it is in the current conversation (or
+/// there is none: everything is in view), else delivered, and read later, when its
+/// conversation is entered.
+fn reached(ctx: &Ctx, msg: &Envelope) -> Reached {
     let conversation = Conversation::of(msg);
-    let reached = {
-        let mut state = ctx.state.lock();
-        match &state.current {
-            Some(c) if *c != conversation => {
-                state
-                    .unread_ids
-                    .entry(conversation)
-                    .or_default()
-                    .push((msg.id, msg.client_id));
-                Reached::Delivered
-            }
-            _ => Reached::Read,
+    let mut state = ctx.state.lock();
+    match &state.current {
+        Some(c) if *c != conversation => {
+            state
+                .unread_ids
+                .entry(conversation)
+                .or_default()
+                .push((msg.id, msg.client_id));
+            Reached::Delivered
         }
-    };
-    receipts::send(
-        &ctx.client,
-        &ctx.e2e,
-        &msg.from,
-        reached,
-        vec![(msg.id, msg.client_id)],
-    );
+        _ => Reached::Read,
+    }
 }
 
 /// What a receipt says: `✓✓ bob read “hi”`, naming the texts this chat sent.
