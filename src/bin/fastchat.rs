@@ -331,8 +331,9 @@ fn main() -> ExitCode {
         home,
         user,
         password: std::env::var("FASTCHAT_PASSWORD").ok(),
-        // Ctrl-C ends `chat` and `recv` cleanly; other commands keep the default (the process
-        // stops at once, and what was not confirmed was not done).
+        // SIGINT and SIGTERM end `chat` and `recv` cleanly (in `chat` on a terminal, the
+        // Ctrl-C key only clears the line); other commands keep the default (the process stops
+        // at once, and what was not confirmed was not done).
         interrupt: match &args.command {
             Command::Chat { .. } | Command::Recv { .. } => fastchat::startup::shutdown_channel(),
             _ => crossbeam_channel::never(),
