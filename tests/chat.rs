@@ -640,3 +640,33 @@ fn a_member_removed_while_chatting_is_told() {
     c.group_ok("alice", &["remove", "team", "carol"]);
     t.wait_for("* alice removed you from alice/team");
 }
+
+#[test]
+fn a_message_that_waited_shows_when_it_was_sent() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("bob", "alice", "written while you were away");
+    // Two days ago, as the server says.
+    let two_days = 2 * 24 * 3600 * 1000;
+    c.sql()
+        .execute(
+            "UPDATE messages SET sent_at = sent_at - ?1",
+            [two_days as i64],
+        )
+        .unwrap();
+    let then: i64 = c.count("SELECT sent_at FROM messages");
+    use chrono::TimeZone;
+    let day = chrono::Local
+        .timestamp_millis_opt(then)
+        .unwrap()
+        .format("%Y-%m-%d %H:%M")
+        .to_string();
+    let t = chat_in_tmux(&c, "alice", "", 100);
+    let screen = t.wait_for("bob: written while you were away");
+    let line = screen
+        .iter()
+        .find(|l| l.contains("written while you were away"))
+        .unwrap();
+    assert!(line.starts_with(&day), "{line:?} starts with {day}");
+}

@@ -106,8 +106,10 @@ impl State {
 /// A line for the screen, by what it is (each kind looks different).
 #[derive(Debug, Clone)]
 pub(super) enum Line {
-    /// A message received (already styled when on a terminal).
-    Incoming(String),
+    /// A message received (already styled when on a terminal), and when it was sent (ms
+    /// since the epoch): a message that waited while its recipient was away shows when it
+    /// was written, not when it arrived.
+    Incoming(String, i64),
     /// The result of the user's own command (`-> bob: hi`).
     Reply(String),
     /// Something that happened (`* server lost`, an upload's progress).
@@ -300,11 +302,12 @@ fn printed(ctx: &Ctx, event: Event, owed: &mut Owed) -> Result<()> {
                     let _ = ctx.out.send(Out::Prompt);
                 }
             }
-            ctx.say(Line::Incoming(if ctx.terminal {
+            let text = if ctx.terminal {
                 colorize(&msg, &text)
             } else {
                 text
-            }));
+            };
+            ctx.say(Line::Incoming(text, msg.sent_at));
         }
         Event::Synced => {}
         Event::Failover(server) => {
@@ -431,18 +434,28 @@ fn colorize(msg: &Envelope, line: &str) -> String {
 
 /// A line as the terminal shows it: the time, then the text in its kind's style.
 fn render(line: &Line, time: bool) -> String {
+    let mut at = chrono::Local::now();
     let text = match line {
-        Line::Incoming(t) => t.clone(),
+        Line::Incoming(t, sent) => {
+            use chrono::TimeZone;
+            if let Some(sent) = chrono::Local.timestamp_millis_opt(*sent).single() {
+                at = sent;
+            }
+            t.clone()
+        }
         Line::Reply(t) => paint("2", t, true),
         Line::Notice(t) => paint("33", t, true),
         Line::Error(t) => paint("31", &format!("error: {t}"), true),
         Line::History(t) => return paint("2", t, true),
     };
     if time {
-        format!(
-            "{} {text}",
-            paint("2", &chrono::Local::now().format("%H:%M").to_string(), true)
-        )
+        // A line from another day says which.
+        let shown = if at.date_naive() == chrono::Local::now().date_naive() {
+            at.format("%H:%M").to_string()
+        } else {
+            at.format("%Y-%m-%d %H:%M").to_string()
+        };
+        format!("{} {text}", paint("2", &shown, true))
     } else {
         text
     }
@@ -565,7 +578,7 @@ fn chat_lines(opts: &Options, commands: &Sender<Command>, out: &Receiver<Out>) -
                                 eprintln!("error: {t}");
                                 Ok(())
                             }
-                            Line::Incoming(t)
+                            Line::Incoming(t, _)
                             | Line::Reply(t)
                             | Line::Notice(t)
                             | Line::History(t) => {

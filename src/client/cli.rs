@@ -1224,7 +1224,7 @@ pub(super) fn show(
         e2e.shown(&opened)?;
         if let Some(text) = history_text(plain) {
             let conversation = msg.group.as_deref().unwrap_or(&msg.from);
-            e2e.remember(conversation, &msg.from, &text);
+            e2e.remember_at(msg.sent_at, conversation, &msg.from, &text);
         }
     }
     Ok(match opened.plain {

@@ -573,10 +573,16 @@ impl E2e {
         Ok(self.history.as_ref().expect("made above"))
     }
 
-    /// Adds a line to the local history (a failure is logged: the message itself went).
+    /// Adds a line written now to the local history (a failure is logged: the message
+    /// itself went).
     pub fn remember(&mut self, conversation: &str, from: &str, text: &str) {
+        self.remember_at(crate::db::now_ms(), conversation, from, text);
+    }
+
+    /// Adds a line written at `at` (ms since the epoch) to the local history.
+    pub fn remember_at(&mut self, at: i64, conversation: &str, from: &str, text: &str) {
         let entry = Entry {
-            at: crate::db::now_ms(),
+            at,
             conversation: conversation.to_string(),
             from: from.to_string(),
             text: text.to_string(),
