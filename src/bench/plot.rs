@@ -114,6 +114,8 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
                 .configure_mesh()
                 .x_desc("offered messages/s")
                 .y_desc("send to delivery, ms")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .draw()
                 .map_err(|e| fail(&e))?;
             for (name, pick, color) in series {
@@ -135,6 +137,7 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
             }
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .draw()
@@ -157,6 +160,8 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
                 .configure_mesh()
                 .x_desc("clients")
                 .y_desc("delivered messages/s")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .draw()
                 .map_err(|e| fail(&e))?;
             let points: Vec<(f64, f64)> = clients
@@ -174,6 +179,7 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
                 .map_err(|e| fail(&e))?;
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .draw()
