@@ -73,6 +73,9 @@ pub struct Peers {
     /// heartbeat would flap).
     departed: Mutex<HashMap<u64, Instant>>,
     stopping: Arc<AtomicBool>,
+    /// Relays for servers being linked to on demand, in order, until the link is up (they
+    /// then go first, so that no later message overtakes them).
+    pub pending: Mutex<HashMap<u64, Vec<Arc<Relayed>>>>,
 }
 
 impl Peers {
@@ -84,6 +87,7 @@ impl Peers {
             links: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashMap::new()),
             stopping,
+            pending: Mutex::default(),
         }
     }
 

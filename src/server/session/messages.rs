@@ -143,9 +143,40 @@ impl Session<'_> {
     }
 }
 
+/// Links to `server` (looked up in the database), then relays what waited for it, in order,
+/// under the lock that keeps later relays behind them.
+fn link_and_relay(shared: &Shared, server: u64) {
+    let peer = match shared.store.read(|tx| tx.server_addr(server)) {
+        Ok(Some((addr, name))) => Some(ServerInfo {
+            id: server,
+            name,
+            addr,
+            load: 0,
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("cannot look up server {server}: {e}");
+            None
+        }
+    };
+    if let Some(peer) = &peer {
+        shared.peers.ensure(peer);
+    }
+    let mut pending = shared.peers.pending.lock();
+    for item in pending.remove(&server).unwrap_or_default() {
+        if peer.is_some() && shared.peers.relay(server, &item) {
+            let n = item.users.len() as u64;
+            shared.counts.relayed.fetch_add(n, Ordering::Relaxed);
+            *shared.counts.relayed_to.lock().entry(server).or_default() += n;
+        } else {
+            log::debug!("server {server} is gone; message {} waits", item.msg.id);
+        }
+    }
+}
+
 /// Hands a committed message to every server where a recipient is connected: local users
 /// through the router, others through one relay per server.
-pub fn route(shared: &Shared, stored: StoredMessage) {
+pub fn route(shared: &Arc<Shared>, stored: StoredMessage) {
     shared.counts.stored.fetch_add(1, Ordering::Relaxed);
     let msg = Arc::new(stored.envelope);
     let mut online = stored.online_at.into_iter().peekable();
@@ -163,25 +194,27 @@ pub fn route(shared: &Shared, stored: StoredMessage) {
             msg: Arc::clone(&msg),
             users,
         });
+        // Behind earlier relays still waiting for a link to that server: in order.
+        if let Some(waiting) = shared.peers.pending.lock().get_mut(&server) {
+            waiting.push(item);
+            continue;
+        }
         if shared.peers.relay(server, &item) {
             shared.counts.relayed.fetch_add(n, Ordering::Relaxed);
             *shared.counts.relayed_to.lock().entry(server).or_default() += n;
         } else if !shared.peers.has_link(server) {
             // A server that registered since our last heartbeat: link to it now rather than
-            // leave the message until its recipients' next login.
-            match shared.store.read(|tx| tx.server_addr(server)) {
-                Ok(Some((addr, name))) => {
-                    let peer = ServerInfo {
-                        id: server,
-                        name,
-                        addr,
-                        load: 0,
-                    };
-                    shared.peers.ensure(&peer);
-                    shared.peers.relay(server, &item);
-                }
-                Ok(None) => log::debug!("server {server} is gone; message {} waits", msg.id),
-                Err(e) => log::warn!("cannot look up server {server}: {e}"),
+            // leave the message until its recipients' next login; off this thread (the
+            // writer's, which must not wait on a database read or start a link). What follows
+            // for that server waits behind it in `pending`.
+            shared.peers.pending.lock().insert(server, vec![item]);
+            let linker = Arc::clone(shared);
+            let spawned = std::thread::Builder::new()
+                .name("link-on-demand".into())
+                .spawn(move || link_and_relay(&linker, server));
+            if let Err(e) = spawned {
+                log::warn!("cannot start a link to server {server}: {e}");
+                shared.peers.pending.lock().remove(&server);
             }
         }
     }
