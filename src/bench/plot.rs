@@ -72,121 +72,93 @@ impl Sweep {
     }
 }
 
-/// A line of the rate plot: its name, the percentile it draws, its colour.
-type Series = (&'static str, fn(&Report) -> u64, RGBColor);
-
 /// Writes the plot of a sweep's reports: latency percentiles against the offered rate, or
-/// delivered messages per second (and p99) against the number of clients.
+/// delivered messages per second against the number of clients.
 pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
-    let fail =
-        |e: &dyn std::fmt::Display| Error::Local(format!("cannot draw {}: {e}", path.display()));
     let Some(first) = reports.first() else {
         return Err(Error::Invalid("nothing to plot".into()));
     };
     let workload = workload(first);
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
     let ms = |us: u64| us as f64 / 1000.0;
-    match sweep {
-        Sweep::Rate(rates) => {
-            let series: [Series; 3] = [
-                ("p50", |r| r.latency.p50, BLUE),
-                ("p90", |r| r.latency.p90, GREEN),
-                ("p99", |r| r.latency.p99, RED),
-            ];
-            let top = reports
-                .iter()
-                .map(|r| ms(r.latency.p99))
-                .fold(1.0, f64::max)
-                * 1.1;
-            let right = rates.iter().cloned().fold(1.0, f64::max) * 1.05;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    format!("latency against offered rate ({workload})"),
-                    ("sans-serif", 20),
-                )
-                .margin(20)
-                .x_label_area_size(45)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0.0..right, 0.0..top)
-                .map_err(|e| fail(&e))?;
+    let line = |pick: &dyn Fn(&Report) -> f64| reports.iter().map(pick).collect::<Vec<f64>>();
+    let plot = match sweep {
+        Sweep::Rate(rates) => Plot {
+            caption: format!("latency against offered rate ({workload})"),
+            x_desc: "offered messages/s",
+            y_desc: "send to delivery, ms",
+            xs: rates.clone(),
+            lines: vec![
+                ("p50", BLUE, line(&|r| ms(r.latency.p50))),
+                ("p90", GREEN, line(&|r| ms(r.latency.p90))),
+                ("p99", RED, line(&|r| ms(r.latency.p99))),
+            ],
+        },
+        Sweep::Clients(clients) => Plot {
+            caption: format!("throughput against clients ({workload})"),
+            x_desc: "clients",
+            y_desc: "delivered messages/s",
+            xs: clients.iter().map(|n| *n as f64).collect(),
+            lines: vec![("delivered/s", BLUE, line(&|r| r.throughput))],
+        },
+    };
+    plot.draw(path)
+        .map_err(|e| Error::Local(format!("cannot draw {}: {e}", path.display())))
+}
+
+/// One chart: lines of points over the same x values.
+struct Plot {
+    caption: String,
+    x_desc: &'static str,
+    y_desc: &'static str,
+    xs: Vec<f64>,
+    /// Each line: its name, its colour, a y for each x.
+    lines: Vec<(&'static str, RGBColor, Vec<f64>)>,
+}
+
+impl Plot {
+    fn draw(&self, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let top = self
+            .lines
+            .iter()
+            .flat_map(|(_, _, ys)| ys.iter().copied())
+            .fold(1.0, f64::max)
+            * 1.1;
+        let right = self.xs.iter().copied().fold(1.0, f64::max) * 1.05;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&self.caption, ("sans-serif", 20))
+            .margin(20)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..right, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_desc)
+            .y_desc(self.y_desc)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        for (name, color, ys) in &self.lines {
+            let color = *color;
+            let points: Vec<(f64, f64)> = self.xs.iter().copied().zip(ys.iter().copied()).collect();
             chart
-                .configure_mesh()
-                .x_desc("offered messages/s")
-                .y_desc("send to delivery, ms")
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .draw()
-                .map_err(|e| fail(&e))?;
-            for (name, pick, color) in series {
-                let points: Vec<(f64, f64)> = rates
-                    .iter()
-                    .zip(reports)
-                    .map(|(rate, r)| (*rate, ms(pick(r))))
-                    .collect();
-                chart
-                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                    .map_err(|e| fail(&e))?
-                    .label(name)
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
-                chart
-                    .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
-                    .map_err(|e| fail(&e))?;
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()
-                .map_err(|e| fail(&e))?;
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
-        Sweep::Clients(clients) => {
-            let top = reports.iter().map(|r| r.throughput).fold(1.0, f64::max) * 1.1;
-            let right = clients.iter().copied().max().unwrap_or(1) as f64 * 1.05;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    format!("throughput against clients ({workload})"),
-                    ("sans-serif", 20),
-                )
-                .margin(20)
-                .x_label_area_size(45)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0.0..right, 0.0..top)
-                .map_err(|e| fail(&e))?;
-            chart
-                .configure_mesh()
-                .x_desc("clients")
-                .y_desc("delivered messages/s")
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .draw()
-                .map_err(|e| fail(&e))?;
-            let points: Vec<(f64, f64)> = clients
-                .iter()
-                .zip(reports)
-                .map(|(n, r)| (*n as f64, r.throughput))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))
-                .map_err(|e| fail(&e))?
-                .label("delivered/s")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-            chart
-                .draw_series(points.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
-                .map_err(|e| fail(&e))?;
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()
-                .map_err(|e| fail(&e))?;
-        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        root.present()?;
+        Ok(())
     }
-    root.present().map_err(|e| fail(&e))
 }
 
 /// The workload in a few words, for the caption: `direct spread, 100 clients, 3 servers`.

@@ -367,17 +367,7 @@ fn kept_login(opts: &Options, user: &str, store: &Keystore) -> Result<Option<Log
         store.remove_session()?;
         return Ok(None);
     };
-    let session = Session {
-        user: user.to_string(),
-        token: kept.token.clone(),
-        key: Arc::new(SessionKey::from_raw(secrets.session_key())?),
-        server: crate::net::ServerInfo {
-            id: 0,
-            name: String::new(),
-            addr: String::new(),
-            load: 0,
-        },
-    };
+    let session = kept_session(user, &kept, &secrets)?;
     match Client::resume(&opts.balancer, &opts.transport, &session) {
         Ok((client, balancer)) => {
             let identity = Identity::from_raw(secrets.identity())?;
@@ -476,21 +466,27 @@ pub fn logout(opts: &Options) -> Result<()> {
     )
 }
 
+/// The session a kept session's file and agent describe (its server is not known yet: the
+/// balancer hands one out on `Resume`).
+fn kept_session(user: &str, kept: &KeptSession, secrets: &agent::Secrets) -> Result<Session> {
+    Ok(Session {
+        user: user.to_string(),
+        token: kept.token.clone(),
+        key: Arc::new(SessionKey::from_raw(secrets.session_key())?),
+        server: crate::net::ServerInfo {
+            id: 0,
+            name: String::new(),
+            addr: String::new(),
+            load: 0,
+        },
+    })
+}
+
 /// Ends `user`'s kept session: logs its token out (if the agent still holds its key), stops
 /// the agent, removes the file.
 fn end_kept(opts: &Options, user: &str, store: &Keystore) -> Result<()> {
     if let (Some(kept), Some(secrets)) = (store.kept_session()?, agent::fetch(store.dir())?) {
-        let session = Session {
-            user: user.to_string(),
-            token: kept.token,
-            key: Arc::new(SessionKey::from_raw(secrets.session_key())?),
-            server: crate::net::ServerInfo {
-                id: 0,
-                name: String::new(),
-                addr: String::new(),
-                load: 0,
-            },
-        };
+        let session = kept_session(user, &kept, &secrets)?;
         let told = BalancerClient::connect(&kept.balancer, &opts.transport)
             .and_then(|mut b| b.logout(&session));
         if let Err(e) = told {
