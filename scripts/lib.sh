@@ -31,7 +31,7 @@ init_tls() {
 # address. Extra arguments go to it.
 start_balancer() {
   local dir=$1; shift
-  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "$dir/chat.db" --tls-dir "$dir/tls" "$@" \
+  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "${FASTCHAT_DB:-$dir/chat.db}" --tls-dir "$dir/tls" "$@" \
     >"$dir/balancer.out" 2>"$dir/balancer.log" &
   echo $! >"$dir/balancer.pid"
   wait_for_line "$dir/balancer.out" "fastchat-balancer listening on"
@@ -41,7 +41,7 @@ start_balancer() {
 # DIR/tls; prints its address.
 start_server() {
   local dir=$1 n=$2 balancer=$3
-  "$FASTCHAT_BIN/fastchat-server" --listen 127.0.0.1:0 --balancer "$balancer" --db "$dir/chat.db" \
+  "$FASTCHAT_BIN/fastchat-server" --listen 127.0.0.1:0 --balancer "$balancer" --db "${FASTCHAT_DB:-$dir/chat.db}" \
     --tls-dir "$dir/tls" --name "server-$n" \
     >"$dir/server$n.out" 2>"$dir/server$n.log" &
   echo $! >"$dir/server$n.pid"

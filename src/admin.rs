@@ -8,13 +8,12 @@
 
 use std::collections::HashSet;
 use std::io::{self, Write};
-use std::path::Path;
 
 use serde_json::{json, Value};
 
 use crate::client::cli::output_error;
 use crate::crypto::{self, ScryptCost};
-use crate::db::{Exported, Store, UserSummary};
+use crate::db::{Exported, Location, Store, UserSummary};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
 use crate::net::MAX_PASSWORD;
@@ -33,15 +32,14 @@ pub struct Admin {
 impl Admin {
     /// Opens the database at `db`, which must exist (a typo must not create an empty one).
     /// `cost` is the scrypt cost of the passwords it sets.
-    pub fn open(db: &Path, json: bool, cost: ScryptCost) -> Result<Admin> {
-        if !db.is_file() {
+    pub fn open(db: &Location, json: bool, cost: ScryptCost) -> Result<Admin> {
+        if db.path().is_some_and(|p| !p.is_file()) {
             return Err(Error::Invalid(format!(
-                "no database at {}: give the --db the balancer uses",
-                db.display()
+                "no database at {db}: give the --db the balancer uses"
             )));
         }
         Ok(Admin {
-            store: Store::open(db)?,
+            store: Store::open(db.clone())?,
             json,
             cost,
         })

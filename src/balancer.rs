@@ -15,7 +15,6 @@
 //! * `lockout`: failed logins, per name and per address.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +46,7 @@ use registry::{Registry, FORGET_AFTER};
 #[derive(Clone)]
 pub struct Config {
     /// The shared SQLite file.
-    pub db: PathBuf,
+    pub db: crate::db::Location,
     /// TLS with the balancer's certificate (or plaintext, for teaching).
     pub transport: Transport,
     /// Server selection.
@@ -78,9 +77,9 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the database path and the transport.
-    pub fn new(db: PathBuf, transport: Transport) -> Config {
+    pub fn new(db: impl Into<crate::db::Location>, transport: Transport) -> Config {
         Config {
-            db,
+            db: db.into(),
             transport,
             algo: Algo::RoundRobin,
             scrypt: ScryptCost::default(),
@@ -174,7 +173,7 @@ pub fn run(
     log::info!(
         "balancer on {addr}, algorithm {}, database {}",
         shared.config.algo,
-        shared.config.db.display()
+        shared.config.db
     );
     // Each connection holds its socket and a handle to close it with: two descriptors.
     let limits = Limits::of_this_process();

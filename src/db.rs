@@ -9,8 +9,9 @@
 //!   `&mut dyn Tx` and never sees a backend's connection type; a second backend (PostgreSQL)
 //!   implements `Tx` and the writer's [`writer::Batch`].
 //!
-//! The only backend today is SQLite ([`sqlite`]): one file shared by the balancer and every
-//! chat server, in WAL mode.
+//! Two backends, chosen by [`Location`]: SQLite ([`sqlite`], the embedded default: one file
+//! shared by the balancer and every chat server, in WAL mode) and PostgreSQL ([`postgres`], for
+//! a cluster across machines).
 //!
 //! # What a backend must guarantee
 //!
@@ -35,12 +36,13 @@
 //! 5. **Re-sends are idempotent**: `(sender, client_id)` is unique among stored messages, and a
 //!    delivered message is remembered (by id) for at least two purge periods.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
 
+pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 
@@ -97,27 +99,110 @@ impl Options {
 /// The default [`Options::wal_limit`].
 pub const DEFAULT_WAL_LIMIT: u64 = 256 << 20;
 
+/// Where the database is: `--db PATH` (SQLite) or `--db postgres://USER@HOST/DB`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file, created if needed.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL (`postgres://` or `postgresql://`).
+    Postgres(String),
+}
+
+impl Location {
+    /// `s` as a location: a PostgreSQL URL, or else a file path.
+    pub fn parse(s: &str) -> Location {
+        if postgres::is_url(s) {
+            Location::Postgres(s.to_string())
+        } else {
+            Location::Sqlite(PathBuf::from(s))
+        }
+    }
+
+    /// The SQLite file, if this is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Location::Sqlite(p) => Some(p),
+            Location::Postgres(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Location, String> {
+        if s.is_empty() {
+            return Err("give a file path or a postgres:// URL".into());
+        }
+        Ok(Location::parse(s))
+    }
+}
+
+/// A path or a URL, with a URL's password hidden.
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => write!(f, "{}", postgres::redacted(url)),
+        }
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(p: &Path) -> Location {
+        Location::Sqlite(p.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(p: &PathBuf) -> Location {
+        Location::Sqlite(p.clone())
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(p: PathBuf) -> Location {
+        Location::Sqlite(p)
+    }
+}
+
 /// A process's handle on the database: a pool of read connections and the writer thread.
 /// Dropping it commits everything queued, then stops the writer's threads.
 pub struct Store {
-    readers: sqlite::Readers,
+    readers: Readers,
     writer: Writer,
 }
 
+/// The read pool of either backend.
+enum Readers {
+    Sqlite(sqlite::Readers),
+    Postgres(postgres::Readers),
+}
+
 impl Store {
-    /// Opens (creating if needed) the SQLite database at `path`, brings its schema up to date,
-    /// and starts the writer.
-    pub fn open(path: &Path) -> Result<Store> {
-        Store::open_with(path, &Options::default())
+    /// Opens (creating if needed) the database, brings its schema up to date, and starts the
+    /// writer.
+    pub fn open(location: impl Into<Location>) -> Result<Store> {
+        Store::open_with(&location.into(), &Options::default())
     }
 
     /// Like [`Store::open`], with options.
-    pub fn open_with(path: &Path, options: &Options) -> Result<Store> {
-        let (batch, checkpoints) = sqlite::writer_conn(path, options)?;
-        Ok(Store {
-            readers: sqlite::Readers::new(path, options),
-            writer: Writer::start(batch, checkpoints)?,
-        })
+    pub fn open_with(location: &Location, options: &Options) -> Result<Store> {
+        match location {
+            Location::Sqlite(path) => {
+                let (batch, checkpoints) = sqlite::writer_conn(path, options)?;
+                Ok(Store {
+                    readers: Readers::Sqlite(sqlite::Readers::new(path, options)),
+                    writer: Writer::start(batch, checkpoints)?,
+                })
+            }
+            Location::Postgres(url) => {
+                let (batch, background) = postgres::writer_conn(url, options)?;
+                Ok(Store {
+                    readers: Readers::Postgres(postgres::Readers::new(url, options)),
+                    writer: Writer::start(batch, background)?,
+                })
+            }
+        }
     }
 
     /// What the writer thread has committed since the store was opened.
@@ -127,7 +212,10 @@ impl Store {
 
     /// Runs read-only `work` on a connection of the pool, on the calling thread.
     pub fn read<T>(&self, work: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
-        self.readers.with(work)
+        match &self.readers {
+            Readers::Sqlite(r) => r.with(work),
+            Readers::Postgres(r) => r.with(work),
+        }
     }
 
     /// Queues `work` for the writer; `done` gets its result once the batch is committed (or

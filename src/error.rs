@@ -61,6 +61,8 @@ pub enum Error {
     },
     /// The database refused an operation.
     Db(rusqlite::Error),
+    /// PostgreSQL refused an operation, or the connection to it failed.
+    Postgres(postgres::Error),
     /// A batch of writes could not be committed (the reason, as the database gave it).
     Commit(String),
     /// OpenSSL reported an error.
@@ -120,14 +122,34 @@ impl Error {
             Error::Unreachable { .. } | Error::FrameTooLarge { .. } | Error::Protocol(_) => 3,
             Error::Malformed(_) => 3,
             Error::Io(e) if is_disconnect(e) => 3,
-            Error::Io(_) | Error::Db(_) | Error::Commit(_) | Error::Crypto(_) | Error::Local(_) => {
-                4
-            }
+            Error::Io(_)
+            | Error::Db(_)
+            | Error::Postgres(_)
+            | Error::Commit(_)
+            | Error::Crypto(_)
+            | Error::Local(_) => 4,
         }
     }
 
-    /// Whether this is the database saying another process holds its lock.
+    /// Whether this is the database saying another process holds its lock (or, for
+    /// PostgreSQL, that the database cannot be reached now).
     pub fn is_busy(&self) -> bool {
+        if let Error::Postgres(e) = self {
+            use postgres::error::SqlState;
+            return e.is_closed()
+                || e.code().is_some_and(|c| {
+                    [
+                        SqlState::LOCK_NOT_AVAILABLE,
+                        SqlState::T_R_SERIALIZATION_FAILURE,
+                        SqlState::T_R_DEADLOCK_DETECTED,
+                        SqlState::QUERY_CANCELED,
+                        SqlState::ADMIN_SHUTDOWN,
+                        SqlState::CANNOT_CONNECT_NOW,
+                        SqlState::TOO_MANY_CONNECTIONS,
+                    ]
+                    .contains(c)
+                });
+        }
         self.sqlite_code().is_some_and(|code| {
             matches!(
                 code,
@@ -140,6 +162,7 @@ impl Error {
     pub fn is_disk_full(&self) -> bool {
         match self {
             Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+            Error::Postgres(e) => e.code() == Some(&postgres::error::SqlState::DISK_FULL),
             _ => self.sqlite_code() == Some(rusqlite::ErrorCode::DiskFull),
         }
     }
@@ -229,6 +252,10 @@ impl fmt::Display for Error {
             Error::Io(e) => write!(f, "{e}"),
             Error::Unreachable { what, source } => write!(f, "cannot reach {what}: {source}"),
             Error::Db(e) => write!(f, "database error: {e}"),
+            Error::Postgres(e) => match e.as_db_error() {
+                Some(db) => write!(f, "database error: {}", db.message()),
+                None => write!(f, "database error: {e}"),
+            },
             Error::Commit(e) => write!(f, "database commit failed: {e}"),
             Error::Crypto(e) => write!(f, "crypto error: {e}"),
             Error::FrameTooLarge { len, max } => {
@@ -252,6 +279,7 @@ impl std::error::Error for Error {
             Error::Io(e) => Some(e),
             Error::Unreachable { source, .. } => Some(source),
             Error::Db(e) => Some(e),
+            Error::Postgres(e) => Some(e),
             Error::Crypto(e) => Some(e),
             _ => None,
         }
@@ -267,6 +295,12 @@ impl From<io::Error> for Error {
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Error {
         Error::Db(e)
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Error {
+        Error::Postgres(e)
     }
 }
 

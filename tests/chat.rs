@@ -649,12 +649,10 @@ fn a_message_that_waited_shows_when_it_was_sent() {
     c.send("bob", "alice", "written while you were away");
     // Two days ago, as the server says.
     let two_days = 2 * 24 * 3600 * 1000;
-    c.sql()
-        .execute(
-            "UPDATE messages SET sent_at = sent_at - ?1",
-            [two_days as i64],
-        )
-        .unwrap();
+    c.sql().exec(
+        "UPDATE messages SET sent_at = sent_at - ?1",
+        &[&(two_days as i64)],
+    );
     let then: i64 = c.count("SELECT sent_at FROM messages");
     use chrono::TimeZone;
     let day = chrono::Local

@@ -154,8 +154,7 @@ fn a_kept_session_ended_elsewhere_says_so() {
     let agent = AgentGuard::of(&c, "alice");
     // An operator ends every session of alice's (as `fastchat-admin kick` does).
     c.sql()
-        .execute("DELETE FROM sessions WHERE user = 'alice'", [])
-        .unwrap();
+        .exec("DELETE FROM sessions WHERE user = 'alice'", &[]);
     let out = run_nopw(&c, Some("alice"), &["send", "bob", "hi"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(

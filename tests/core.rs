@@ -56,14 +56,11 @@ fn passwords_are_stored_only_as_salted_scrypt_hashes() {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
-    let conn = c.sql();
-    let mut stmt = conn
-        .prepare("SELECT name, password_hash FROM users")
-        .unwrap();
-    let rows: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
+    let rows: Vec<(String, String)> = c
+        .sql()
+        .rows("SELECT name, password_hash FROM users ORDER BY name", &[])
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(rows.len(), 2);
     for (name, hash) in &rows {
@@ -116,14 +113,11 @@ fn sessions_are_random_hashed_tokens_with_expiry() {
     let s2 = b.login("alice", "pw-alice").unwrap();
     assert_ne!(s1.token, s2.token);
     assert_eq!(s1.token.len(), 64);
-    let conn = c.sql();
-    let mut stmt = conn
-        .prepare("SELECT token_hash, user, expires_at FROM sessions")
-        .unwrap();
-    let rows: Vec<(Vec<u8>, String, i64)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
+    let rows: Vec<(Vec<u8>, String, i64)> = c
+        .sql()
+        .rows("SELECT token_hash, user, expires_at FROM sessions", &[])
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(rows.len(), 2);
     let now = fastchat::db::now_ms();
@@ -141,8 +135,7 @@ fn sessions_are_random_hashed_tokens_with_expiry() {
     assert!(!hashes.iter().any(|h| h.as_slice() == s1.token.as_bytes()));
 
     // An expired session is refused by the server.
-    conn.execute("UPDATE sessions SET expires_at = 0", [])
-        .unwrap();
+    c.sql().exec("UPDATE sessions SET expires_at = 0", &[]);
     let err = Connection::open(&s1, &c.transport)
         .err()
         .expect("expired token refused");
@@ -189,10 +182,7 @@ fn identity_comes_from_the_token_only() {
         },
     })
     .unwrap();
-    let sender: String = c
-        .sql()
-        .query_row("SELECT sender FROM messages", [], |r| r.get(0))
-        .unwrap();
+    let sender: String = c.sql().one("SELECT sender FROM messages", &[]);
     assert_eq!(sender, "alice");
 
     // A request before Hello is refused and the connection closed.

@@ -115,10 +115,7 @@ fn private_keys_are_encrypted_at_rest_with_mode_0600() {
     // The directory holds the matching public keys.
     let x: Vec<u8> = c
         .sql()
-        .query_row("SELECT x25519 FROM users WHERE name = 'alice'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+        .one("SELECT x25519 FROM users WHERE name = 'alice'", &[]);
     let private = PKey::private_key_from_raw_bytes(
         &raw_private(&c.home(), "alice").0,
         openssl::pkey::Id::X25519,
@@ -154,31 +151,19 @@ fn tampered_or_misaddressed_messages_are_rejected_never_shown() {
     c.send("alice", "bob", "for bob only");
     c.send("alice", "bob", "untouched");
     let db = c.sql();
-    let ids: Vec<i64> = db
-        .prepare("SELECT id FROM messages ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let ids: Vec<i64> = db.column("SELECT id FROM messages ORDER BY id", &[]);
     // Flip one ciphertext byte of the first; re-address the second to carol.
-    let mut body: Vec<u8> = db
-        .query_row("SELECT body FROM messages WHERE id = ?1", [ids[0]], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let mut body: Vec<u8> = db.one("SELECT body FROM messages WHERE id = ?1", &[&ids[0]]);
     let last = body.len() - 20;
     body[last] ^= 0x40;
-    db.execute(
+    db.exec(
         "UPDATE messages SET body = ?1 WHERE id = ?2",
-        rusqlite::params![body, ids[0]],
-    )
-    .unwrap();
-    db.execute(
+        &[&body, &ids[0]],
+    );
+    db.exec(
         "UPDATE messages SET recipient = 'carol' WHERE id = ?1",
-        [ids[1]],
-    )
-    .unwrap();
+        &[&ids[1]],
+    );
 
     let bob = common::run_limited(c.cmd_with_receipts("bob").arg("recv"));
     assert_eq!(bob.code, 0, "{bob:?}");
@@ -223,12 +208,10 @@ fn changed_keys_are_refused_until_trusted() {
         .unwrap()
         .public()
         .unwrap();
-    c.sql()
-        .execute(
-            "UPDATE users SET x25519 = ?1, ed25519 = ?2 WHERE name = 'bob'",
-            rusqlite::params![mallory.x25519, mallory.ed25519],
-        )
-        .unwrap();
+    c.sql().exec(
+        "UPDATE users SET x25519 = ?1, ed25519 = ?2 WHERE name = 'bob'",
+        &[&mallory.x25519, &mallory.ed25519],
+    );
     let out = c.run("alice", &["send", "bob", "secret"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(

@@ -346,14 +346,17 @@ fn a_corrupted_file_is_rejected_and_not_saved() {
     let file = random_file(c.dir.path(), "doc.pdf", MIB + 10);
     c.run("alice", &["send-file", "bob", file.to_str().unwrap()]);
     // A hostile server flips a byte of the last chunk.
-    let n = c
-        .sql()
-        .execute(
-            "UPDATE file_chunks SET data = CAST(substr(data, 1, 20) || x'00' || substr(data, 22) AS BLOB)
-              WHERE idx = (SELECT max(idx) FROM file_chunks)",
-            [],
-        )
-        .unwrap();
+    let sql = c.sql();
+    let last = "(SELECT max(idx) FROM file_chunks)";
+    let mut data: Vec<u8> = sql.one(
+        &format!("SELECT data FROM file_chunks WHERE idx = {last}"),
+        &[],
+    );
+    data[20] ^= 0xff;
+    let n = sql.exec(
+        &format!("UPDATE file_chunks SET data = ?1 WHERE idx = {last}"),
+        &[&data],
+    );
     assert_eq!(n, 1);
     let out = c.run("bob", &["recv"]);
     assert_eq!(out.stdout, "", "{out:?}");

@@ -46,14 +46,11 @@ fn group_state(c: &Cluster) -> String {
         "SELECT name || ':' || admin || ':' || epoch FROM groups ORDER BY name",
         "SELECT grp || ':' || user || ':' || seq FROM members ORDER BY grp, seq",
         "SELECT grp || ':' || epoch || ':' || member FROM group_keys ORDER BY 1",
-        "SELECT count(*) FROM messages",
+        "SELECT CAST(count(*) AS TEXT) FROM messages",
     ] {
-        let mut stmt = sql.prepare(query).unwrap();
-        let rows = stmt
-            .query_map([], |r| r.get::<_, rusqlite::types::Value>(0))
-            .unwrap();
-        for row in rows {
-            out.push_str(&format!("{:?}\n", row.unwrap()));
+        for row in sql.column::<String>(query, &[]) {
+            out.push_str(&row);
+            out.push('\n');
         }
     }
     out
@@ -336,24 +333,23 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
 }
 
 fn stored_group_messages(c: &Cluster) -> Vec<Envelope> {
-    let sql = c.sql();
-    let mut stmt = sql
-        .prepare("SELECT id, sender, grp, client_id, body, sent_at FROM messages WHERE grp IS NOT NULL ORDER BY id")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(Envelope {
-                id: r.get(0)?,
-                from: r.get(1)?,
-                to: String::new(),
-                group: r.get(2)?,
-                client_id: r.get::<_, i64>(3)? as u64,
-                body: r.get(4)?,
-                sent_at: r.get(5)?,
-            })
+    c.sql()
+        .rows(
+            "SELECT id, sender, grp, client_id, body, sent_at FROM messages
+              WHERE grp IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .iter()
+        .map(|r| Envelope {
+            id: r.get(0),
+            from: r.get(1),
+            to: String::new(),
+            group: r.get(2),
+            client_id: r.get::<i64>(3) as u64,
+            body: r.get(4),
+            sent_at: r.get(5),
         })
-        .unwrap();
-    rows.map(Result::unwrap).collect()
+        .collect()
 }
 
 #[test]
@@ -441,13 +437,10 @@ fn a_group_message_with_a_forged_sender_is_rejected() {
     let out = group(&c, "carol", &["send", "team", "from carol"]);
     assert_eq!(out.code, 0);
     // A hostile server relabels carol's message as alice's.
-    let n = c
-        .sql()
-        .execute(
-            "UPDATE messages SET sender = 'alice' WHERE sender = 'carol'",
-            [],
-        )
-        .unwrap();
+    let n = c.sql().exec(
+        "UPDATE messages SET sender = 'alice' WHERE sender = 'carol'",
+        &[],
+    );
     assert_eq!(n, 1);
     let out = c.run("bob", &["recv"]);
     assert_eq!(out.stdout, "", "nothing forged is shown: {out:?}");

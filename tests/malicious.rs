@@ -10,25 +10,22 @@ use fastchat::net::Envelope;
 
 /// A stored message, as the server holds it (or, with `table` = `spy`, held it).
 fn stored_in(c: &Cluster, table: &str, id: i64) -> Envelope {
-    c.sql()
-        .query_row(
-            &format!(
-                "SELECT id, sender, recipient, client_id, body, sent_at FROM {table} WHERE id = ?1"
-            ),
-            [id],
-            |r| {
-                Ok(Envelope {
-                    id: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    group: None,
-                    client_id: r.get::<_, i64>(3)? as u64,
-                    body: r.get(4)?,
-                    sent_at: r.get(5)?,
-                })
-            },
-        )
-        .unwrap()
+    let rows = c.sql().rows(
+        &format!(
+            "SELECT id, sender, recipient, client_id, body, sent_at FROM {table} WHERE id = ?1"
+        ),
+        &[&id],
+    );
+    let r = &rows[0];
+    Envelope {
+        id: r.get(0),
+        from: r.get(1),
+        to: r.get(2),
+        group: None,
+        client_id: r.get::<i64>(3) as u64,
+        body: r.get(4),
+        sent_at: r.get(5),
+    }
 }
 
 fn stored(c: &Cluster, id: i64) -> Envelope {
@@ -38,33 +35,40 @@ fn stored(c: &Cluster, id: i64) -> Envelope {
 /// Keeps a copy of every message stored from now on in table `spy`, as a malicious server
 /// would.
 fn spy_on_messages(c: &Cluster) {
-    c.sql()
-        .execute_batch(
+    let sql = c.sql();
+    if sql.is_postgres() {
+        sql.batch(
+            "CREATE TABLE spy AS SELECT * FROM messages WHERE false;
+             CREATE FUNCTION spy_copy() RETURNS trigger AS $$
+                 BEGIN INSERT INTO spy SELECT NEW.*; RETURN NEW; END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER spying AFTER INSERT ON messages
+                 FOR EACH ROW EXECUTE FUNCTION spy_copy();",
+        );
+    } else {
+        sql.batch(
             "CREATE TABLE spy AS SELECT * FROM messages WHERE 0;
              CREATE TRIGGER spying AFTER INSERT ON messages BEGIN
                  INSERT INTO spy SELECT * FROM messages WHERE id = new.id;
              END;",
-        )
-        .unwrap();
+        );
+    }
 }
 
 /// Puts `msg` back into the queue under `id` (and client id `client_id`), as a server that
 /// rewrites its database would.
 fn store_copy(c: &Cluster, msg: &Envelope, id: i64, client_id: u64) {
-    c.sql()
-        .execute(
-            "INSERT INTO messages (id, sender, recipient, client_id, body, sent_at)
+    c.sql().exec(
+        "INSERT INTO messages (id, sender, recipient, client_id, body, sent_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            rusqlite::params![
-                id,
-                msg.from,
-                msg.to,
-                client_id as i64,
-                msg.body,
-                msg.sent_at
-            ],
-        )
-        .unwrap();
+        &[
+            &id,
+            &msg.from,
+            &msg.to,
+            &(client_id as i64),
+            &msg.body,
+            &msg.sent_at,
+        ],
+    );
 }
 
 #[test]
@@ -198,11 +202,10 @@ fn a_member_the_server_adds_gets_no_key_and_is_reported() {
     team(&c, &["mallory"]);
     // The server adds mallory on its own: a member row, and a key "for" her.
     let sql = c.sql();
-    sql.execute(
+    sql.exec(
         "INSERT INTO members (grp, user, seq, position) VALUES ('alice/team', 'mallory', 9, 0)",
-        [],
-    )
-    .unwrap();
+        &[],
+    );
     // Carol leaves; the next sender keys the new epoch, for the members it has verified.
     ok(&c, "carol", &["leave", "team"]);
     let out = group(&c, "bob", &["send", "team", "secret plan"]);
@@ -235,13 +238,10 @@ fn a_forged_change_is_refused_with_a_warning() {
     let store = fastchat::client::keystore::Keystore::new(&c.home(), "mallory");
     let mallory = store.load_identity("pw-mallory").unwrap();
     let sql = c.sql();
-    let last: Vec<u8> = sql
-        .query_row(
-            "SELECT change FROM group_changes WHERE grp = 'alice/team' ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let last: Vec<u8> = sql.one(
+        "SELECT change FROM group_changes WHERE grp = 'alice/team' ORDER BY seq DESC LIMIT 1",
+        &[],
+    );
     let last: fastchat::net::SignedChange = fastchat::net::decode(&last).unwrap();
     let forged = fastchat::client::e2e::sign_change(
         &mallory,
@@ -254,13 +254,11 @@ fn a_forged_change_is_refused_with_a_warning() {
         },
     )
     .unwrap();
-    sql.execute(
+    sql.exec(
         "INSERT INTO group_changes (grp, seq, change) VALUES ('alice/team', 4, ?1)",
-        [fastchat::net::encode(&forged).unwrap()],
-    )
-    .unwrap();
-    sql.execute("UPDATE groups SET epoch = 4 WHERE name = 'alice/team'", [])
-        .unwrap();
+        &[&fastchat::net::encode(&forged).unwrap()],
+    );
+    sql.exec("UPDATE groups SET epoch = 4 WHERE name = 'alice/team'", &[]);
     let out = group(&c, "bob", &["send", "team", "secret plan"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -274,11 +272,10 @@ fn a_forged_change_is_refused_with_a_warning() {
     // Nor can it rewrite history signed by alice: a change with a broken signature.
     let mut tampered = forged.clone();
     tampered.change.by = "alice".into();
-    sql.execute(
+    sql.exec(
         "UPDATE group_changes SET change = ?1 WHERE grp = 'alice/team' AND seq = 4",
-        [fastchat::net::encode(&tampered).unwrap()],
-    )
-    .unwrap();
+        &[&fastchat::net::encode(&tampered).unwrap()],
+    );
     let out = group(&c, "carol", &["members", "team"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -295,18 +292,15 @@ fn a_history_rolled_back_by_the_server_is_noticed() {
     team(&c, &[]);
     // Bob has verified the chain up to carol's addition (change 3). The server forgets it.
     let sql = c.sql();
-    sql.execute(
+    sql.exec(
         "DELETE FROM group_changes WHERE grp = 'alice/team' AND seq = 3",
-        [],
-    )
-    .unwrap();
-    sql.execute(
+        &[],
+    );
+    sql.exec(
         "DELETE FROM members WHERE grp = 'alice/team' AND user = 'carol'",
-        [],
-    )
-    .unwrap();
-    sql.execute("UPDATE groups SET epoch = 2 WHERE name = 'alice/team'", [])
-        .unwrap();
+        &[],
+    );
+    sql.exec("UPDATE groups SET epoch = 2 WHERE name = 'alice/team'", &[]);
     let out = group(&c, "bob", &["send", "team", "hello"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -328,8 +322,7 @@ fn a_new_member_cannot_read_what_was_sent_before_it_joined() {
     ok(&c, "alice", &["send", "team", "after dave"]);
     // The server hands dave everything, from the start.
     c.sql()
-        .execute("UPDATE members SET position = 0 WHERE user = 'dave'", [])
-        .unwrap();
+        .exec("UPDATE members SET position = 0 WHERE user = 'dave'", &[]);
     let out = c.run("dave", &["recv"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!out.stdout.contains("before dave"), "{out:?}");
@@ -356,11 +349,7 @@ fn a_key_wrapped_by_someone_who_may_not_key_the_epoch_is_refused() {
         .load_identity("pw-carol")
         .unwrap();
     let sql = c.sql();
-    let bob_x25519: Vec<u8> = sql
-        .query_row("SELECT x25519 FROM users WHERE name = 'bob'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let bob_x25519: Vec<u8> = sql.one("SELECT x25519 FROM users WHERE name = 'bob'", &[]);
     let chosen = fastchat::crypto::PairKey::random().unwrap();
     let aad = fastchat::client::e2e::wrap_aad("alice/team", 3, "bob", "carol");
     let wrapped = carol
@@ -368,13 +357,11 @@ fn a_key_wrapped_by_someone_who_may_not_key_the_epoch_is_refused() {
         .unwrap()
         .seal(&aad, &chosen.0)
         .unwrap();
-    let n = sql
-        .execute(
-            "UPDATE group_keys SET wrapped = ?1, wrapped_by = 'carol'
+    let n = sql.exec(
+        "UPDATE group_keys SET wrapped = ?1, wrapped_by = 'carol'
              WHERE grp = 'alice/team' AND epoch = 3 AND member = 'bob'",
-            rusqlite::params![wrapped],
-        )
-        .unwrap();
+        &[&wrapped],
+    );
     assert_eq!(n, 1);
     let out = c.run("bob", &["recv"]);
     assert!(!out.stdout.contains("the real plan"), "{out:?}");

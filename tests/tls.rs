@@ -127,7 +127,7 @@ fn a_server_without_a_certificate_of_the_cluster_cannot_register() {
             "--balancer",
             &c.balancer_addr,
             "--db",
-            c.db.to_str().unwrap(),
+            &c.db,
             "--tls-dir",
             foreign.to_str().unwrap(),
             "--name",

@@ -47,8 +47,8 @@ use serde_json::json;
 )]
 struct Args {
     /// The cluster's database (the balancer's --db).
-    #[arg(long, env = "FASTCHAT_DB", value_name = "PATH", global = true)]
-    db: Option<PathBuf>,
+    #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL", global = true)]
+    db: Option<fastchat::db::Location>,
     /// Print JSON, one object per line, instead of text (fields: docs/CLI.md).
     #[arg(short, long, global = true)]
     json: bool,
@@ -240,7 +240,7 @@ fn main() -> ExitCode {
             let Some(db) = args.db else {
                 eprintln!(
                     "fastchat-admin: error: this command works on the cluster's database: give \
-                     --db PATH (or FASTCHAT_DB), the balancer's --db"
+                     --db PATH|URL (or FASTCHAT_DB), the balancer's --db"
                 );
                 return ExitCode::from(2);
             };

@@ -38,9 +38,10 @@ struct Args {
     /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// SQLite database file shared with the chat servers (created if missing).
-    #[arg(long, value_name = "PATH")]
-    db: PathBuf,
+    /// The cluster's database, shared with the chat servers: a SQLite file (created if
+    /// missing), or postgres://USER[:PASSWORD]@HOST[:PORT]/DB for a cluster across machines.
+    #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL")]
+    db: fastchat::db::Location,
     /// How to choose a chat server for each login.
     #[arg(long, default_value = "round-robin", value_parser = parse_algo,
           help = "How to choose a chat server for each login: round-robin, random, least-loaded or p2c")]

@@ -41,9 +41,10 @@ struct Args {
     /// The balancer's address.
     #[arg(long, value_name = "ADDR")]
     balancer: String,
-    /// SQLite database file shared with the balancer.
-    #[arg(long, value_name = "PATH")]
-    db: PathBuf,
+    /// The cluster's database, shared with the balancer: a SQLite file, or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB for a cluster across machines.
+    #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL")]
+    db: fastchat::db::Location,
     /// Address to give the balancer for clients and peers (default: the listening address).
     #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,

@@ -1,6 +1,5 @@
 //! A chat server's settings.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use super::quota::Quotas;
@@ -11,7 +10,7 @@ use crate::transport::Transport;
 #[derive(Clone)]
 pub struct Config {
     /// The shared SQLite file.
-    pub db: PathBuf,
+    pub db: crate::db::Location,
     /// TLS with this server's certificate (or plaintext, for teaching).
     pub transport: Transport,
     /// The name to register under: with TLS, the name in the certificate (the default); in
@@ -44,9 +43,13 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the database, the balancer and the transport.
-    pub fn new(db: PathBuf, balancer: String, transport: Transport) -> Config {
+    pub fn new(
+        db: impl Into<crate::db::Location>,
+        balancer: String,
+        transport: Transport,
+    ) -> Config {
         Config {
-            db,
+            db: db.into(),
             transport,
             name: None,
             balancer,

@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn a_resync_reads_only_past_where_the_last_sync_ended() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::open(&dir.path().join("chat.db"))?;
+        let store = Store::open(dir.path().join("chat.db"))?;
         let keys = PublicKeys {
             x25519: vec![1; 32],
             ed25519: vec![2; 32],

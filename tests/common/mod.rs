@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver};
 
+pub mod db;
+pub use db::Sql;
+
 /// How long any single wait in a test may take before the test fails.
 pub const LIMIT: Duration = Duration::from_secs(20);
 
@@ -130,7 +133,8 @@ impl Output {
 /// cluster CA of their own (unless started in plaintext).
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub db: PathBuf,
+    /// What the processes get as `--db`: a SQLite file in `dir`, or a PostgreSQL URL.
+    pub db: String,
     /// The cluster's certificate folder; `None` in plaintext.
     pub tls: Option<PathBuf>,
     /// How a library client reaches this cluster (its CA, or plaintext).
@@ -141,6 +145,8 @@ pub struct Cluster {
     pub server_addrs: Vec<String>,
     /// The id each server registered under, by index.
     pub server_ids: Vec<u64>,
+    /// The PostgreSQL database of this cluster, dropped last (FASTCHAT_TEST_POSTGRES).
+    pub pg: Option<db::PgDatabase>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -196,7 +202,11 @@ impl Cluster {
         extra: &[&str],
     ) -> Cluster {
         use fastchat::transport::pki::{self, Member, Role};
-        let db = dir.path().join("chat.db");
+        let pg = db::postgres_url().map(|server| db::PgDatabase::create(&server));
+        let db = match &pg {
+            Some(pg) => pg.url.clone(),
+            None => dir.path().join("chat.db").to_string_lossy().into_owned(),
+        };
         let tls_dir = tls.then(|| dir.path().join("tls"));
         if let Some(t) = &tls_dir {
             let balancer = Member {
@@ -228,6 +238,7 @@ impl Cluster {
             servers: Vec::new(),
             server_addrs: Vec::new(),
             server_ids: Vec::new(),
+            pg,
         };
         for _ in 0..n {
             c.add_server();
@@ -368,15 +379,25 @@ impl Cluster {
         Proc::spawn(&format!("{user}:{}", args[0]), self.cmd(user).args(args))
     }
 
-    /// A read-only connection to the shared database.
-    pub fn sql(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open(&self.db).expect("open db");
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c
+    /// A connection to the shared database (SQLite or PostgreSQL: see [`Sql`]).
+    pub fn sql(&self) -> Sql {
+        Sql::open(&self.db)
     }
 
+    /// Whether this cluster runs on PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    /// The SQLite file, for the tests of what only SQLite does (its log, its locks, its
+    /// file on disk); `None` on PostgreSQL, where such a test says it does not apply.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        (!self.on_postgres()).then(|| PathBuf::from(&self.db))
+    }
+
+    /// The one integer a query returns.
     pub fn count(&self, sql: &str) -> i64 {
-        self.sql().query_row(sql, [], |r| r.get(0)).expect(sql)
+        self.sql().one(sql, &[])
     }
 
     /// Waits until `user` has `n` live connections (per the presence table).
@@ -385,12 +406,7 @@ impl Cluster {
         loop {
             let got: i64 = self
                 .sql()
-                .query_row(
-                    "SELECT count(*) FROM presence WHERE user = ?1",
-                    [user],
-                    |r| r.get(0),
-                )
-                .unwrap();
+                .one("SELECT count(*) FROM presence WHERE user = ?1", &[&user]);
             if got == n {
                 return;
             }
@@ -405,16 +421,9 @@ impl Cluster {
 
 /// The command that starts a balancer on `db`, listening on `listen`, with the certificates
 /// in `tls` (or in plaintext).
-fn balancer_command(db: &Path, tls: Option<&Path>, listen: &str, extra: &[&str]) -> Command {
+fn balancer_command(db: &str, tls: Option<&Path>, listen: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("fastchat-balancer"));
-    cmd.args([
-        "--listen",
-        listen,
-        "--db",
-        db.to_str().unwrap(),
-        "--scrypt-log-n",
-        "4",
-    ]);
+    cmd.args(["--listen", listen, "--db", db, "--scrypt-log-n", "4"]);
     // Tests sign up many users from 127.0.0.1; tests/hostile.rs checks the limit.
     if !extra.contains(&"--signups-per-address") {
         cmd.args(["--signups-per-address", "1000"]);
@@ -790,7 +799,7 @@ impl Cluster {
             "--balancer",
             &self.balancer_addr,
             "--db",
-            self.db.to_str().unwrap(),
+            &self.db,
         ]);
         match &self.tls {
             Some(t) => {
@@ -978,11 +987,11 @@ impl EvilServer {
 
 /// The id the next stored message will get.
 pub fn next_message_id(c: &Cluster) -> i64 {
-    c.sql()
-        .query_row(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
+    let sql = c.sql();
+    let newest = if sql.is_postgres() {
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_id_seq"
+    } else {
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
+    };
+    sql.one::<i64>(newest, &[]) + 1
 }

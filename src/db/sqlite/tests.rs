@@ -327,7 +327,7 @@ fn a_write_lock_held_elsewhere_fails_work_after_the_busy_timeout() -> Result<()>
         busy_timeout: Duration::from_millis(200),
         ..Options::default()
     };
-    let store = Store::open_with(&path, &options)?;
+    let store = Store::open_with(&path.clone().into(), &options)?;
     store.call(|tx| users(tx, &["alice"]))?;
     let other = Connection::open(&path)?;
     other.execute_batch("BEGIN IMMEDIATE")?;

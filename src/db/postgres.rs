@@ -1,0 +1,536 @@
+//! The PostgreSQL backend: for a cluster that outgrows one machine (`--db postgres://...`).
+//!
+//! * [`schema`]: the migrations, applied under an advisory lock so that processes starting
+//!   together take turns.
+//! * The statements, one file per concern as in the SQLite backend: [`accounts`],
+//!   [`registry`], then [`files`] ← [`queue`] ← [`groups`] ← [`inbox`], and [`operators`].
+//! * [`Conn`]: one connection with its prepared statements; it implements [`Tx`].
+//! * [`Readers`], a bounded pool of read connections; [`WriterConn`], the writer thread's
+//!   connection (the [`Batch`] of the group-commit writer).
+//!
+//! # Commit order
+//!
+//! The delivery logic needs message ids in commit order (`db` module, invariant 1) and a login's
+//! presence row committed either before or after a message's transaction, never beside it
+//! (invariant 3). SQLite gives both through its single write lock. PostgreSQL runs writers side
+//! by side, and a sequence hands out ids in the order transactions ask, not the order they
+//! commit. So every writer batch begins by taking one transaction-scoped advisory lock
+//! ([`WRITE_LOCK`]), held until its commit: batches from every process commit one after
+//! another, ids come out in commit order, and a login's presence insert waits for the message
+//! batch in flight. Group commit keeps this cheap: one lock and one commit per batch of up to
+//! thousands of jobs, and reads (most of a server's database work) never take it.
+//!
+//! # Connections
+//!
+//! The `postgres` crate: a blocking client over `tokio-postgres`, which drives a current-thread
+//! runtime inside each call on the calling thread (no thread of its own; docs/ARCHITECTURE.md
+//! says why this crate). TLS is used when the server offers it (`sslmode=prefer`, the default;
+//! `sslmode=require` in the URL insists). The server's certificate is checked against the CA
+//! file in `PGSSLROOTCERT` when that is set, as libpq does; without it the link is encrypted
+//! but not authenticated (docs/SECURITY.md).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+
+use super::writer::{Background, Batch};
+use super::{
+    Deleted, Exported, OnlineRow, Options, Outgoing, SessionRow, StoredMessage, Tx, Usage,
+    UserSummary,
+};
+use crate::error::{Error, Result};
+use crate::net::{Envelope, GroupInfo, PublicKeys, WrappedKey};
+
+pub mod accounts;
+pub mod files;
+pub mod groups;
+pub mod inbox;
+pub mod operators;
+pub mod queue;
+pub mod registry;
+pub mod schema;
+
+/// The advisory lock every writer batch holds until it commits ("fastchat" in ASCII).
+pub const WRITE_LOCK: i64 = 0x6661_7374_6368_6174;
+
+/// The most read connections one process keeps open; a reader past them waits for one.
+const MAX_READERS: usize = 8;
+
+/// Whether `s` names a PostgreSQL database rather than a file.
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// `url` with its password (if any) replaced by `***`, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// One connection and the statements prepared on it.
+pub struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// Parameters of a statement.
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Conn {
+    /// Connects to `url` with TLS if the server offers it; statements wait at most
+    /// `busy_timeout` for a lock.
+    pub fn connect(url: &str, busy_timeout: Duration) -> Result<Conn> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Invalid(format!("bad PostgreSQL URL {}: {e}", redacted(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("fastchat");
+        let mut client = config.connect(tls()?).map_err(|e| Error::Unreachable {
+            what: format!("database {}", redacted(url)),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let ms = busy_timeout.as_millis().max(1);
+        client.batch_execute(&format!(
+            "SET lock_timeout = {ms}; SET idle_in_transaction_session_timeout = 60000"
+        ))?;
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Every row `sql` returns.
+    pub fn rows(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query(&s, params)?)
+    }
+
+    /// The row `sql` returns, if any.
+    pub fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query_opt(&s, params)?)
+    }
+
+    /// The one row `sql` returns.
+    pub fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query_one(&s, params)?)
+    }
+
+    /// Runs `sql`; how many rows it changed.
+    pub fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64> {
+        let s = self.statement(sql)?;
+        Ok(self.client.execute(&s, params)?)
+    }
+
+    /// Runs statements without parameters (transaction control, migrations).
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
+        Ok(self.client.batch_execute(sql)?)
+    }
+
+    /// Whether the connection is gone (the server restarted, the network broke).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// The TLS connector: encryption whenever the server offers it; the server's certificate
+/// checked (with its host name) only against `PGSSLROOTCERT`, as libpq does.
+fn tls() -> Result<postgres_openssl::MakeTlsConnector> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+    let ca = std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty());
+    match &ca {
+        Some(file) => builder.set_ca_file(file).map_err(|e| {
+            Error::Invalid(format!(
+                "PGSSLROOTCERT {}: {e}",
+                std::path::Path::new(file).display()
+            ))
+        })?,
+        None => builder.set_verify(SslVerifyMode::NONE),
+    }
+    let mut connector = postgres_openssl::MakeTlsConnector::new(builder.build());
+    if ca.is_none() {
+        connector.set_callback(|config, _| {
+            config.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(connector)
+}
+
+/// A bounded pool of read connections, shared by the threads of one process: a thread that
+/// finds none free opens one while fewer than [`MAX_READERS`] are open, and waits otherwise
+/// (a server has a thread per client; PostgreSQL, a process per connection).
+pub struct Readers {
+    url: String,
+    busy_timeout: Duration,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+impl Readers {
+    /// A pool over the database at `url` (which [`schema::migrate`] has brought up to date).
+    pub fn new(url: &str, options: &Options) -> Readers {
+        Readers {
+            url: url.to_string(),
+            busy_timeout: options.busy_timeout,
+            pool: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Runs `work` with a read connection (each statement sees what was committed when it
+    /// began, as in SQLite's autocommit reads).
+    pub fn with<T>(&self, work: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let mut conn = self.take()?;
+        let out = work(&mut conn);
+        let mut pool = self.pool.lock();
+        if conn.is_closed() {
+            pool.open -= 1;
+        } else {
+            pool.idle.push(conn);
+        }
+        drop(pool);
+        self.freed.notify_one();
+        out
+    }
+
+    fn take(&self) -> Result<Conn> {
+        let deadline = Instant::now() + self.busy_timeout;
+        let mut pool = self.pool.lock();
+        loop {
+            while let Some(conn) = pool.idle.pop() {
+                if !conn.is_closed() {
+                    return Ok(conn);
+                }
+                pool.open -= 1;
+            }
+            if pool.open < MAX_READERS {
+                pool.open += 1;
+                drop(pool);
+                return Conn::connect(&self.url, self.busy_timeout).inspect_err(|_| {
+                    self.pool.lock().open -= 1;
+                    self.freed.notify_one();
+                });
+            }
+            if self.freed.wait_until(&mut pool, deadline).timed_out() {
+                return Err(Error::refused(
+                    crate::error::ErrorCode::Unavailable,
+                    "every database connection of this process is busy; try again",
+                ));
+            }
+        }
+    }
+}
+
+/// The writer thread's connection: `BEGIN`, the write lock, a savepoint per job, `COMMIT`.
+/// A connection that broke is opened again at the next batch.
+pub struct WriterConn {
+    url: String,
+    busy_timeout: Duration,
+    conn: Conn,
+}
+
+/// The writer's connection to `url`, with the schema brought up to date.
+pub fn writer_conn(url: &str, options: &Options) -> Result<(WriterConn, Option<Background>)> {
+    let mut conn = Conn::connect(url, options.busy_timeout)?;
+    schema::migrate(&mut conn)?;
+    Ok((
+        WriterConn {
+            url: url.to_string(),
+            busy_timeout: options.busy_timeout,
+            conn,
+        },
+        None,
+    ))
+}
+
+impl Batch for WriterConn {
+    fn begin(&mut self) -> Result<()> {
+        if self.conn.is_closed() {
+            log::warn!("database connection lost; connecting again");
+            self.conn = Conn::connect(&self.url, self.busy_timeout)?;
+        }
+        // One round trip: the lock waits at most `lock_timeout` (the busy timeout).
+        self.conn.batch(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+        ))
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.conn.batch("COMMIT")
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.batch("ROLLBACK");
+    }
+
+    /// Every job runs in a savepoint, guarded or not: after a failed statement PostgreSQL
+    /// refuses everything else in the transaction until it is rolled back to a savepoint.
+    fn run(&mut self, _guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()> {
+        self.conn.batch("SAVEPOINT job")?;
+        if work(&mut self.conn) {
+            self.conn.batch("RELEASE SAVEPOINT job")
+        } else {
+            self.conn
+                .batch("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+        }
+    }
+}
+
+/// A column as `i64` turned into `u64` (counts and ids are never negative).
+fn unsigned(row: &Row, i: usize) -> Result<u64> {
+    Ok(row.try_get::<_, i64>(i)?.max(0) as u64)
+}
+
+impl Tx for Conn {
+    fn create_user(&mut self, name: &str, password_hash: &str, keys: &PublicKeys) -> Result<bool> {
+        accounts::create_user(self, name, password_hash, keys)
+    }
+    fn password_hash(&mut self, name: &str) -> Result<Option<String>> {
+        accounts::password_hash(self, name)
+    }
+    fn user_exists(&mut self, name: &str) -> Result<bool> {
+        accounts::user_exists(self, name)
+    }
+    fn user_keys(&mut self, name: &str) -> Result<Option<PublicKeys>> {
+        accounts::user_keys(self, name)
+    }
+    fn create_session(
+        &mut self,
+        token_hash: &[u8],
+        user: &str,
+        expires_at: i64,
+        session_key: &[u8],
+    ) -> Result<()> {
+        accounts::create_session(self, token_hash, user, expires_at, session_key)
+    }
+    fn end_session(&mut self, token_hash: &[u8]) -> Result<()> {
+        accounts::end_session(self, token_hash)
+    }
+    fn session(&mut self, token_hash: &[u8]) -> Result<Option<SessionRow>> {
+        accounts::session(self, token_hash)
+    }
+    fn renew_session(&mut self, token_hash: &[u8], expires_at: i64) -> Result<()> {
+        accounts::renew_session(self, token_hash, expires_at)
+    }
+
+    fn users(&mut self) -> Result<Vec<UserSummary>> {
+        operators::users(self)
+    }
+    fn create_account(&mut self, name: &str, password_hash: &str) -> Result<bool> {
+        operators::create_account(self, name, password_hash)
+    }
+    fn reset_password(&mut self, name: &str, password_hash: &str) -> Result<bool> {
+        operators::reset_password(self, name, password_hash)
+    }
+    fn set_keys(&mut self, name: &str, keys: &PublicKeys) -> Result<bool> {
+        operators::set_keys(self, name, keys)
+    }
+    fn end_sessions(&mut self, name: &str) -> Result<usize> {
+        operators::end_sessions(self, name)
+    }
+    fn delete_user(&mut self, name: &str) -> Result<Option<Deleted>> {
+        operators::delete_user(self, name)
+    }
+    fn online(&mut self) -> Result<Vec<OnlineRow>> {
+        operators::online(self)
+    }
+    fn queued_total(&mut self) -> Result<u64> {
+        operators::queued_total(self)
+    }
+    fn purge_queue(&mut self, name: &str) -> Result<u64> {
+        operators::purge_queue(self, name)
+    }
+    fn export(&mut self, user: Option<&str>) -> Result<Vec<Exported>> {
+        operators::export(self, user)
+    }
+
+    fn register_server(&mut self, name: &str, addr: &str) -> Result<u64> {
+        registry::register_server(self, name, addr)
+    }
+    fn forget_server(&mut self, server_id: u64) -> Result<()> {
+        registry::forget_server(self, server_id)?;
+        files::drop_uploads(self, server_id, None)?;
+        Ok(())
+    }
+    fn server_name(&mut self, server_id: u64) -> Result<Option<String>> {
+        Ok(registry::server_addr(self, server_id)?.map(|(_, name)| name))
+    }
+    fn server_addr(&mut self, server_id: u64) -> Result<Option<(String, String)>> {
+        registry::server_addr(self, server_id)
+    }
+    fn add_presence(
+        &mut self,
+        server_id: u64,
+        conn_id: u64,
+        user: &str,
+        token_hash: &[u8],
+    ) -> Result<()> {
+        registry::add_presence(self, server_id, conn_id, user, token_hash)
+    }
+    fn ended_sessions(&mut self, server_id: u64) -> Result<Vec<u64>> {
+        registry::ended_sessions(self, server_id)
+    }
+    fn present_connections(&mut self, server_id: u64) -> Result<Vec<u64>> {
+        registry::present_connections(self, server_id)
+    }
+    fn remove_presence(&mut self, server_id: u64, conn_id: u64) -> Result<()> {
+        registry::remove_presence(self, server_id, conn_id)
+    }
+    fn clear_presence(&mut self, server_id: u64) -> Result<()> {
+        registry::clear_presence(self, server_id)
+    }
+    fn online_users(&mut self, limit: usize, servers: &[u64]) -> Result<Vec<String>> {
+        registry::online_users(self, limit, servers)
+    }
+    fn online_among(&mut self, users: &[String], servers: &[u64]) -> Result<Vec<String>> {
+        registry::online_among(self, users, servers)
+    }
+    fn presence_servers(&mut self) -> Result<Vec<u64>> {
+        registry::presence_servers(self)
+    }
+
+    fn newest_message_id(&mut self) -> Result<i64> {
+        queue::newest_message_id(self)
+    }
+    fn store_message(&mut self, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
+        queue::store_message(self, msg, to)
+    }
+    fn stored_group_copy(
+        &mut self,
+        msg: &Outgoing<'_>,
+        group: &str,
+    ) -> Result<Option<StoredMessage>> {
+        groups::stored_group_copy(self, msg, group)
+    }
+    fn store_group_message(&mut self, msg: &Outgoing<'_>, group: &str) -> Result<StoredMessage> {
+        groups::store_group_message(self, msg, group)
+    }
+    fn queued(&mut self, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
+        inbox::queued(self, user, after, limit)
+    }
+    fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize> {
+        inbox::ack(self, user, ids)
+    }
+    fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
+        queue::forget_deliveries(self, upto)
+    }
+    fn queue_usage(&mut self, owner: &str) -> Result<Usage> {
+        queue::queue_usage(self, owner)
+    }
+    fn pair_usage(&mut self, sender: &str, recipient: &str) -> Result<Usage> {
+        queue::pair_usage(self, sender, recipient)
+    }
+    fn heavy_queues(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+        queue::heavy_queues(self, messages, bytes)
+    }
+    fn heavy_senders(&mut self, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+        queue::heavy_senders(self, messages, bytes)
+    }
+    fn expire_messages(&mut self, before_ms: i64, limit: usize) -> Result<usize> {
+        queue::expire_messages(self, before_ms, limit)
+    }
+    fn file_usage(&mut self, owner: Option<&str>) -> Result<Usage> {
+        files::file_usage(self, owner)
+    }
+
+    fn group(&mut self, group: &str) -> Result<Option<GroupInfo>> {
+        groups::group(self, group)
+    }
+    fn user_groups(&mut self, user: &str) -> Result<Vec<String>> {
+        groups::user_groups(self, user)
+    }
+    fn create_group(&mut self, group: &str, admin: &str) -> Result<bool> {
+        groups::create_group(self, group, admin)
+    }
+    fn add_member(&mut self, group: &str, user: &str) -> Result<()> {
+        groups::add_member(self, group, user)
+    }
+    fn remove_member(&mut self, group: &str, user: &str) -> Result<()> {
+        groups::remove_member(self, group, user)
+    }
+    fn set_group(&mut self, group: &str, admin: &str, epoch: u64) -> Result<()> {
+        groups::set_group(self, group, admin, epoch)
+    }
+    fn delete_group(&mut self, group: &str) -> Result<()> {
+        groups::delete_group(self, group)
+    }
+    fn add_change(&mut self, group: &str, seq: u64, change: &[u8]) -> Result<()> {
+        groups::add_change(self, group, seq, change)
+    }
+    fn changes(&mut self, group: &str, after: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+        groups::changes(self, group, after, limit)
+    }
+    fn last_change(&mut self, group: &str) -> Result<Option<Vec<u8>>> {
+        groups::last_change(self, group)
+    }
+    fn put_keys(&mut self, group: &str, epoch: u64, keys: &[WrappedKey], by: &str) -> Result<()> {
+        groups::put_keys(self, group, epoch, keys, by)
+    }
+    fn group_key(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        member: &str,
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        groups::group_key(self, group, epoch, member)
+    }
+
+    fn begin_upload(
+        &mut self,
+        owner: &str,
+        server_id: u64,
+        conn_id: u64,
+        size: u64,
+        chunks: u64,
+        limit: usize,
+    ) -> Result<i64> {
+        files::begin_upload(self, owner, server_id, conn_id, size, chunks, limit)
+    }
+    fn store_chunk(&mut self, owner: &str, upload: i64, index: u64, data: &[u8]) -> Result<()> {
+        files::store_chunk(self, owner, upload, index, data)
+    }
+    fn file_chunk(&mut self, user: &str, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+        inbox::file_chunk(self, user, msg_id, index)
+    }
+    fn drop_uploads(&mut self, server_id: u64, conn_id: Option<u64>) -> Result<usize> {
+        files::drop_uploads(self, server_id, conn_id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

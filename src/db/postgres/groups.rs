@@ -1,0 +1,291 @@
+//! Groups: the group, member and key tables, and group messages (stored once, with a position
+//! per member). See the SQLite backend's `groups`.
+
+use super::files::{drop_file, finish_upload};
+use super::queue::{earlier, envelope_of, newest_message_id, remove_message, server_users};
+use super::registry::strings;
+use super::Conn;
+use crate::db::{now_ms, Outgoing, StoredMessage};
+use crate::error::Result;
+use crate::net::{GroupInfo, WrappedKey};
+
+/// A group's admin, members (longest-standing first), epoch and whether the epoch has keys.
+pub fn group(conn: &mut Conn, group: &str) -> Result<Option<GroupInfo>> {
+    let Some(row) = conn.opt("SELECT admin, epoch FROM groups WHERE name = $1", &[&group])? else {
+        return Ok(None);
+    };
+    let admin: String = row.try_get(0)?;
+    let epoch: i64 = row.try_get(1)?;
+    let members = strings(conn.rows(
+        r#"SELECT "user" FROM members WHERE grp = $1 ORDER BY seq"#,
+        &[&group],
+    )?)?;
+    let keyed = conn
+        .opt(
+            "SELECT 1 FROM group_keys WHERE grp = $1 AND epoch = $2 LIMIT 1",
+            &[&group, &epoch],
+        )?
+        .is_some();
+    Ok(Some(GroupInfo {
+        name: group.to_string(),
+        admin,
+        members,
+        epoch: epoch.max(0) as u64,
+        keyed,
+    }))
+}
+
+/// The names of the groups `user` belongs to, sorted.
+pub fn user_groups(conn: &mut Conn, user: &str) -> Result<Vec<String>> {
+    strings(conn.rows(
+        r#"SELECT grp FROM members WHERE "user" = $1 ORDER BY grp"#,
+        &[&user],
+    )?)
+}
+
+/// Creates a group at epoch 1 with `admin` as its only member; `false` if the name is taken
+/// (in any case).
+pub fn create_group(conn: &mut Conn, group: &str, admin: &str) -> Result<bool> {
+    let created = conn.exec(
+        "INSERT INTO groups (name, admin, epoch, created_at) VALUES ($1, $2, 1, $3)
+         ON CONFLICT DO NOTHING",
+        &[&group, &admin, &now_ms()],
+    )?;
+    if created == 0 {
+        return Ok(false);
+    }
+    add_member(conn, group, admin)?;
+    Ok(true)
+}
+
+/// Adds a member; its position starts at the newest message id, so it reads only what is sent
+/// after it joined.
+pub fn add_member(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
+    let position = newest_message_id(conn)?;
+    conn.exec(
+        r#"INSERT INTO members (grp, "user", seq, position)
+           VALUES ($1, $2, (SELECT coalesce(max(seq), 0) + 1 FROM members WHERE grp = $1), $3)"#,
+        &[&group, &user, &position],
+    )?;
+    Ok(())
+}
+
+/// Removes a member, then the group messages that only they still needed.
+pub fn remove_member(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
+    conn.exec(
+        r#"DELETE FROM members WHERE grp = $1 AND "user" = $2"#,
+        &[&group, &user],
+    )?;
+    collect_group_garbage(conn, group, 0, i64::MAX)
+}
+
+/// Sets a group's admin and epoch.
+pub fn set_group(conn: &mut Conn, group: &str, admin: &str, epoch: u64) -> Result<()> {
+    conn.exec(
+        "UPDATE groups SET admin = $2, epoch = $3 WHERE name = $1",
+        &[&group, &admin, &(epoch as i64)],
+    )?;
+    Ok(())
+}
+
+/// Deletes a group with its messages, the files they offer, its members and its keys.
+pub fn delete_group(conn: &mut Conn, group: &str) -> Result<()> {
+    let files = conn.rows(
+        "DELETE FROM messages WHERE grp = $1 AND file_id IS NOT NULL RETURNING file_id",
+        &[&group],
+    )?;
+    for r in &files {
+        drop_file(conn, r.try_get(0)?)?;
+    }
+    conn.exec("DELETE FROM groups WHERE name = $1", &[&group])?;
+    Ok(())
+}
+
+/// Appends change `seq` (a serialized `SignedChange`) to a group's chain.
+pub fn add_change(conn: &mut Conn, group: &str, seq: u64, change: &[u8]) -> Result<()> {
+    conn.exec(
+        "INSERT INTO group_changes (grp, seq, change) VALUES ($1, $2, $3)",
+        &[&group, &(seq as i64), &change],
+    )?;
+    Ok(())
+}
+
+/// Up to `limit` changes of a group's chain after `after`, in order.
+pub fn changes(conn: &mut Conn, group: &str, after: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+    conn.rows(
+        "SELECT change FROM group_changes WHERE grp = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        &[&group, &(after as i64), &(limit as i64)],
+    )?
+    .iter()
+    .map(|r| Ok(r.try_get(0)?))
+    .collect()
+}
+
+/// The last change of a group's chain.
+pub fn last_change(conn: &mut Conn, group: &str) -> Result<Option<Vec<u8>>> {
+    match conn.opt(
+        "SELECT change FROM group_changes WHERE grp = $1 ORDER BY seq DESC LIMIT 1",
+        &[&group],
+    )? {
+        Some(r) => Ok(Some(r.try_get(0)?)),
+        None => Ok(None),
+    }
+}
+
+/// Stores wrapped keys of `epoch` (replacing any earlier one of the same member).
+pub fn put_keys(
+    conn: &mut Conn,
+    group: &str,
+    epoch: u64,
+    keys: &[WrappedKey],
+    by: &str,
+) -> Result<()> {
+    for k in keys {
+        conn.exec(
+            "INSERT INTO group_keys (grp, epoch, member, wrapped, wrapped_by)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (grp, epoch, member)
+             DO UPDATE SET wrapped = excluded.wrapped, wrapped_by = excluded.wrapped_by",
+            &[&group, &(epoch as i64), &k.member, &k.wrapped, &by],
+        )?;
+    }
+    Ok(())
+}
+
+/// `member`'s wrapped key of `epoch` and who wrapped it.
+pub fn group_key(
+    conn: &mut Conn,
+    group: &str,
+    epoch: u64,
+    member: &str,
+) -> Result<Option<(Vec<u8>, String)>> {
+    match conn.opt(
+        "SELECT wrapped, wrapped_by FROM group_keys
+          WHERE grp = $1 AND epoch = $2 AND member = $3",
+        &[&group, &(epoch as i64), &member],
+    )? {
+        Some(r) => Ok(Some((r.try_get(0)?, r.try_get(1)?))),
+        None => Ok(None),
+    }
+}
+
+/// `(server, user)` of every connection of a member of `group` other than `from`, by server.
+fn group_online(conn: &mut Conn, group: &str, from: &str) -> Result<Vec<(u64, String)>> {
+    server_users(conn.rows(
+        r#"SELECT DISTINCT p.server_id, p."user" FROM presence p
+             JOIN members mb ON mb."user" = p."user"
+            WHERE mb.grp = $1 AND p."user" <> $2 ORDER BY p.server_id"#,
+        &[&group, &from],
+    )?)
+}
+
+/// The earlier copy of a re-sent group message, with the members to route it to.
+pub fn stored_group_copy(
+    conn: &mut Conn,
+    msg: &Outgoing<'_>,
+    group: &str,
+) -> Result<Option<StoredMessage>> {
+    let after = msg.resend_after.unwrap_or(i64::MAX);
+    match earlier(conn, msg, "", Some(group), after)? {
+        Some(envelope) => Ok(Some(StoredMessage {
+            envelope,
+            online_at: group_online(conn, group, msg.from)?,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Stores a group message once, offering `msg.file` if set; returns it with the other
+/// members' connections.
+pub fn store_group_message(
+    conn: &mut Conn,
+    msg: &Outgoing<'_>,
+    group: &str,
+) -> Result<StoredMessage> {
+    if let Some(upload) = msg.file {
+        finish_upload(conn, msg.from, upload)?;
+    }
+    let now = now_ms();
+    let id: i64 = conn
+        .one(
+            "INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[
+                &msg.from,
+                &group,
+                &(msg.client_id as i64),
+                &msg.body,
+                &now,
+                &msg.file,
+            ],
+        )?
+        .try_get(0)?;
+    let envelope = envelope_of(id, msg, "", Some(group), now);
+    // A sender alone in the group: nobody will ever acknowledge it.
+    collect_group_garbage(conn, group, id - 1, id)?;
+    Ok(StoredMessage {
+        envelope,
+        online_at: group_online(conn, group, msg.from)?,
+    })
+}
+
+/// Moves `user`'s position in `group` over every acknowledged message that directly follows
+/// it, then removes the group messages that no recipient still needs.
+pub fn advance_position(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
+    let start: i64 = conn
+        .one(
+            r#"SELECT position FROM members WHERE grp = $1 AND "user" = $2"#,
+            &[&group, &user],
+        )?
+        .try_get(0)?;
+    let mut position = start;
+    loop {
+        // The next message this user should receive in the group, if any.
+        let next: Option<i64> = conn
+            .one(
+                "SELECT min(id) FROM messages WHERE grp = $1 AND id > $2 AND sender <> $3",
+                &[&group, &position, &user],
+            )?
+            .try_get(0)?;
+        let Some(next) = next else { break };
+        let acked = conn.exec(
+            r#"DELETE FROM group_acks WHERE grp = $1 AND "user" = $2 AND msg_id = $3"#,
+            &[&group, &user, &next],
+        )?;
+        if acked == 0 {
+            break;
+        }
+        position = next;
+    }
+    if position != start {
+        conn.exec(
+            r#"UPDATE members SET position = $3 WHERE grp = $1 AND "user" = $2"#,
+            &[&group, &user, &position],
+        )?;
+        collect_group_garbage(conn, group, start, position)?;
+    }
+    Ok(())
+}
+
+/// Removes the group messages with ids in `(after, upto]` that every current member other than
+/// their sender has passed.
+fn collect_group_garbage(conn: &mut Conn, group: &str, after: i64, upto: i64) -> Result<()> {
+    let done = conn.rows(
+        r#"SELECT id, sender, client_id, file_id FROM messages
+            WHERE grp = $1 AND id > $2 AND id <= $3
+              AND NOT EXISTS (SELECT 1 FROM members mb
+                               WHERE mb.grp = messages.grp AND mb."user" <> messages.sender
+                                 AND mb.position < messages.id)"#,
+        &[&group, &after, &upto],
+    )?;
+    for r in &done {
+        remove_message(
+            conn,
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+        )?;
+    }
+    Ok(())
+}

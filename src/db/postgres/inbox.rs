@@ -1,0 +1,104 @@
+//! A user's inbox: what is queued for them across direct and group messages, acknowledging it,
+//! and fetching the chunks of a file a queued message offers (see the SQLite backend's
+//! `inbox`).
+
+use super::files::drop_file;
+use super::groups::advance_position;
+use super::queue::{envelope_columns, envelope_row};
+use super::Conn;
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::Envelope;
+
+/// Up to `limit` queued messages for `user` with ids above `after`, oldest first.
+pub fn queued(conn: &mut Conn, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
+    conn.rows(
+        concat!(
+            "SELECT ",
+            envelope_columns!(),
+            r#" FROM messages m WHERE m.recipient = $1 AND m.id > $2
+             UNION ALL
+             SELECT "#,
+            envelope_columns!(),
+            r#" FROM messages m
+               JOIN members mb ON mb.grp = m.grp AND mb."user" = $1
+              WHERE m.id > $2 AND m.id > mb.position AND m.sender <> $1
+                AND NOT EXISTS (SELECT 1 FROM group_acks a
+                                 WHERE a.grp = m.grp AND a."user" = $1 AND a.msg_id = m.id)
+             ORDER BY 1 LIMIT $3"#
+        ),
+        &[&user, &after, &(limit as i64)],
+    )?
+    .iter()
+    .map(envelope_row)
+    .collect()
+}
+
+/// Acknowledges messages for `user`: a direct message is removed (and remembered as
+/// delivered), a group message moves the user's position (see the SQLite backend). Returns how
+/// many ids were the user's to acknowledge.
+pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
+    let mut n = 0;
+    let mut touched: Vec<String> = Vec::new();
+    for id in ids {
+        let remembered = conn.exec(
+            "INSERT INTO delivered (msg_id, sender, client_id)
+             SELECT id, sender, client_id FROM messages WHERE id = $1 AND recipient = $2
+             ON CONFLICT DO NOTHING",
+            &[id, &user],
+        )?;
+        if remembered == 1 {
+            let file: Option<i64> = conn
+                .one(
+                    "DELETE FROM messages WHERE id = $1 RETURNING file_id",
+                    &[id],
+                )?
+                .try_get(0)?;
+            if let Some(file) = file {
+                drop_file(conn, file)?;
+            }
+            n += 1;
+            continue;
+        }
+        let pending = conn.opt(
+            r#"INSERT INTO group_acks (grp, "user", msg_id)
+               SELECT m.grp, mb."user", m.id FROM messages m
+                 JOIN members mb ON mb.grp = m.grp AND mb."user" = $2
+                WHERE m.id = $1 AND m.sender <> $2 AND m.id > mb.position
+               ON CONFLICT DO NOTHING
+               RETURNING grp"#,
+            &[id, &user],
+        )?;
+        if let Some(r) = pending {
+            let g: String = r.try_get(0)?;
+            n += 1;
+            if !touched.contains(&g) {
+                touched.push(g);
+            }
+        }
+    }
+    for g in touched {
+        advance_position(conn, &g, user)?;
+    }
+    Ok(n)
+}
+
+/// Chunk `index` of the file offered by message `msg_id`, if that message is queued for `user`.
+pub fn file_chunk(conn: &mut Conn, user: &str, msg_id: i64, index: u64) -> Result<Vec<u8>> {
+    let row = conn.opt(
+        r#"SELECT c.data FROM messages m
+             JOIN file_chunks c ON c.file_id = m.file_id AND c.idx = $3
+            WHERE m.id = $1
+              AND (m.recipient = $2
+                   OR (m.sender <> $2 AND EXISTS (
+                         SELECT 1 FROM members mb
+                          WHERE mb.grp = m.grp AND mb."user" = $2 AND mb.position < m.id)))"#,
+        &[&msg_id, &user, &(index as i64)],
+    )?;
+    match row {
+        Some(r) => Ok(r.try_get(0)?),
+        None => Err(Error::refused(
+            ErrorCode::BadRequest,
+            format!("message {msg_id} offers you no file chunk {index}"),
+        )),
+    }
+}

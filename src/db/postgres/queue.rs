@@ -1,0 +1,310 @@
+//! The message queue: storing messages (idempotently per sender and client id), remembering
+//! what was delivered, removing what was (see the SQLite backend's `queue`).
+
+use postgres::Row;
+
+use super::files::{drop_file, finish_upload};
+use super::{unsigned, Conn};
+use crate::db::{now_ms, Outgoing, StoredMessage, Usage};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::Envelope;
+
+/// The columns [`envelope_row`] reads, from `messages m`.
+macro_rules! envelope_columns {
+    () => {
+        "m.id, m.sender, coalesce(m.recipient, ''), m.grp, m.client_id, m.body, m.sent_at"
+    };
+}
+pub(crate) use envelope_columns;
+
+/// Reads an envelope from a row of [`envelope_columns`].
+pub fn envelope_row(r: &Row) -> Result<Envelope> {
+    Ok(Envelope {
+        id: r.try_get(0)?,
+        from: r.try_get(1)?,
+        to: r.try_get(2)?,
+        group: r.try_get(3)?,
+        client_id: r.try_get::<_, i64>(4)? as u64,
+        body: r.try_get(5)?,
+        sent_at: r.try_get(6)?,
+    })
+}
+
+/// What a re-send of `msg` refers to: the stored message, or one already delivered and
+/// removed (its id, with the request's own fields). `after` bounds the search of delivered
+/// messages: the original, if stored at all, has an id above it.
+pub fn earlier(
+    conn: &mut Conn,
+    msg: &Outgoing<'_>,
+    to: &str,
+    group: Option<&str>,
+    after: i64,
+) -> Result<Option<Envelope>> {
+    if let Some(copy) = stored_copy(conn, msg.from, msg.client_id)? {
+        return same_message(copy, msg, to, group).map(Some);
+    }
+    let delivered = conn.opt(
+        "SELECT msg_id FROM delivered WHERE msg_id > $3 AND sender = $1 AND client_id = $2",
+        &[&msg.from, &(msg.client_id as i64), &after],
+    )?;
+    match delivered {
+        Some(r) => Ok(Some(envelope_of(r.try_get(0)?, msg, to, group, now_ms()))),
+        None => Ok(None),
+    }
+}
+
+/// The envelope of message `id`: `msg`, to `to` (empty for a group message) or `group`.
+pub fn envelope_of(
+    id: i64,
+    msg: &Outgoing<'_>,
+    to: &str,
+    group: Option<&str>,
+    sent_at: i64,
+) -> Envelope {
+    Envelope {
+        id,
+        from: msg.from.to_string(),
+        to: to.to_string(),
+        group: group.map(str::to_string),
+        client_id: msg.client_id,
+        body: msg.body.to_vec(),
+        sent_at,
+    }
+}
+
+/// The newest message id ever assigned: the sequence's last value (ids are taken under the
+/// writers' lock, so every id below it belongs to a committed message or to none).
+pub fn newest_message_id(conn: &mut Conn) -> Result<i64> {
+    Ok(conn
+        .one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_id_seq",
+            &[],
+        )?
+        .try_get(0)?)
+}
+
+/// Forgets the deliveries of messages with ids up to `upto`.
+pub fn forget_deliveries(conn: &mut Conn, upto: i64) -> Result<usize> {
+    Ok(conn.exec("DELETE FROM delivered WHERE msg_id <= $1", &[&upto])? as usize)
+}
+
+/// `first`, the message stored under `msg`'s client id, if `msg` is a re-send of it; a refusal
+/// if the sender used the id for another message.
+fn same_message(
+    first: Envelope,
+    msg: &Outgoing<'_>,
+    to: &str,
+    group: Option<&str>,
+) -> Result<Envelope> {
+    if first.to == to && first.group.as_deref() == group && first.body == msg.body {
+        Ok(first)
+    } else {
+        Err(Error::refused(
+            ErrorCode::Conflict,
+            format!(
+                "client id {} was already used for another message; give each message its own",
+                msg.client_id
+            ),
+        ))
+    }
+}
+
+/// The message `from` already stored under `client_id`, if any (a re-send).
+fn stored_copy(conn: &mut Conn, from: &str, client_id: u64) -> Result<Option<Envelope>> {
+    match conn.opt(
+        concat!(
+            "SELECT ",
+            envelope_columns!(),
+            " FROM messages m WHERE m.sender = $1 AND m.client_id = $2"
+        ),
+        &[&from, &(client_id as i64)],
+    )? {
+        Some(r) => envelope_row(&r).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Whether `e` is PostgreSQL refusing a row for a foreign key (an unknown recipient).
+fn is_foreign_key_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+}
+
+/// Stores a direct message, idempotently per `(sender, client_id)` (see the SQLite backend).
+pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
+    let now = now_ms();
+    let insert = |conn: &mut Conn| -> Result<Option<i64>> {
+        let s = conn.statement(
+            "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender, client_id) DO NOTHING
+             RETURNING id",
+        )?;
+        let params: super::Params<'_> = &[
+            &msg.from,
+            &to,
+            &(msg.client_id as i64),
+            &msg.body,
+            &now,
+            &msg.file,
+        ];
+        match conn.client.query_opt(&s, params) {
+            Ok(Some(r)) => Ok(Some(r.try_get(0)?)),
+            Ok(None) => Ok(None),
+            Err(e) if is_foreign_key_violation(&e) => Err(Error::refused(
+                ErrorCode::UnknownUser,
+                format!("no such user: {to}"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let envelope = match (msg.file, msg.resend_after) {
+        // The common case: one statement (a conflict means a duplicate on the wire).
+        (None, None) => match insert(conn)? {
+            Some(id) => envelope_of(id, msg, to, None, now),
+            None => {
+                let first = stored_copy(conn, msg.from, msg.client_id)?
+                    .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?;
+                same_message(first, msg, to, None)?
+            }
+        },
+        // A re-send, or an offer that must not finish (and so orphan) a second upload.
+        (file, after) => match earlier(conn, msg, to, None, after.unwrap_or(0))? {
+            Some(first) => first,
+            None => {
+                if let Some(upload) = file {
+                    finish_upload(conn, msg.from, upload)?;
+                }
+                let id = insert(conn)?
+                    .ok_or_else(|| Error::Commit("a message was stored twice".into()))?;
+                envelope_of(id, msg, to, None, now)
+            }
+        },
+    };
+    let online_at = online(conn, &envelope.to)?;
+    Ok(StoredMessage {
+        envelope,
+        online_at,
+    })
+}
+
+/// `(server, user)` from the rows of a presence query.
+pub fn server_users(rows: Vec<Row>) -> Result<Vec<(u64, String)>> {
+    rows.iter()
+        .map(|r| Ok((unsigned(r, 0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// `(server, user)` of every connection of `user`, sorted by server.
+fn online(conn: &mut Conn, user: &str) -> Result<Vec<(u64, String)>> {
+    server_users(conn.rows(
+        r#"SELECT DISTINCT server_id, "user" FROM presence WHERE "user" = $1 ORDER BY server_id"#,
+        &[&user],
+    )?)
+}
+
+/// Removes a delivered message, and the file it offers; remembers it as delivered.
+pub fn remove_message(
+    conn: &mut Conn,
+    id: i64,
+    sender: &str,
+    client_id: i64,
+    file: Option<i64>,
+) -> Result<()> {
+    conn.exec("DELETE FROM messages WHERE id = $1", &[&id])?;
+    if let Some(file) = file {
+        drop_file(conn, file)?;
+    }
+    conn.exec(
+        "INSERT INTO delivered (msg_id, sender, client_id) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+        &[&id, &sender, &client_id],
+    )?;
+    Ok(())
+}
+
+fn usage(row: Row) -> Result<Usage> {
+    Ok(Usage {
+        messages: unsigned(&row, 0)?,
+        bytes: unsigned(&row, 1)?,
+    })
+}
+
+/// What a queue (`owner`: a user, or `g:GROUP`) holds.
+pub fn queue_usage(conn: &mut Conn, owner: &str) -> Result<Usage> {
+    let row = match owner.strip_prefix("g:") {
+        Some(group) => conn.one(
+            "SELECT count(*), coalesce(sum(length(body)), 0)::BIGINT FROM messages
+              WHERE grp = $1",
+            &[&group],
+        )?,
+        None => conn.one(
+            "SELECT count(*), coalesce(sum(length(body)), 0)::BIGINT FROM messages
+              WHERE recipient = $1",
+            &[&owner],
+        )?,
+    };
+    usage(row)
+}
+
+/// What `sender` holds in `recipient`'s queue.
+pub fn pair_usage(conn: &mut Conn, sender: &str, recipient: &str) -> Result<Usage> {
+    usage(conn.one(
+        "SELECT count(*), coalesce(sum(length(body)), 0)::BIGINT FROM messages
+          WHERE recipient = $2 AND sender = $1",
+        &[&sender, &recipient],
+    )?)
+}
+
+/// Rows of `(key, count, bytes)` as keyed usages.
+fn keyed(rows: Vec<Row>) -> Result<Vec<(String, Usage)>> {
+    rows.into_iter()
+        .map(|r| {
+            let key: String = r.try_get(0)?;
+            Ok((
+                key,
+                Usage {
+                    messages: unsigned(&r, 1)?,
+                    bytes: unsigned(&r, 2)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The queues holding at least `messages` messages or `bytes` bytes.
+pub fn heavy_queues(conn: &mut Conn, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+    keyed(conn.rows(
+        "SELECT coalesce(recipient, 'g:' || grp), count(*), sum(length(body))::BIGINT
+           FROM messages GROUP BY 1
+         HAVING count(*) >= $1 OR sum(length(body)) >= $2",
+        &[&(messages as i64), &(bytes as i64)],
+    )?)
+}
+
+/// The (sender, recipient) pairs where the sender has at least `messages` messages or `bytes`
+/// bytes waiting; the key is `SENDER RECIPIENT`.
+pub fn heavy_senders(conn: &mut Conn, messages: u64, bytes: u64) -> Result<Vec<(String, Usage)>> {
+    keyed(conn.rows(
+        "SELECT sender || ' ' || recipient, count(*), sum(length(body))::BIGINT FROM messages
+          WHERE recipient IS NOT NULL GROUP BY sender, recipient
+         HAVING count(*) >= $1 OR sum(length(body)) >= $2",
+        &[&(messages as i64), &(bytes as i64)],
+    )?)
+}
+
+/// Deletes up to `limit` messages stored before `before_ms` (and the files they offer), the
+/// oldest first; returns how many. `sent_at` follows ids only as closely as the servers'
+/// clocks agree, so this reads by time (an index on ids, filtered), not by a search over ids.
+pub fn expire_messages(conn: &mut Conn, before_ms: i64, limit: usize) -> Result<usize> {
+    let expired = conn.rows(
+        "DELETE FROM messages WHERE id IN (
+             SELECT id FROM messages WHERE sent_at < $1 ORDER BY id LIMIT $2)
+         RETURNING file_id",
+        &[&before_ms, &(limit as i64)],
+    )?;
+    for r in &expired {
+        if let Some(file) = r.try_get::<_, Option<i64>>(0)? {
+            drop_file(conn, file)?;
+        }
+    }
+    Ok(expired.len())
+}
