@@ -552,13 +552,7 @@ fn a_busy_database_delays_writes_but_never_fails_them() {
     c.signup("bob");
     // Another process holds the write lock for a second and a half (SQLite's, or the
     // advisory lock every PostgreSQL writer takes).
-    let holder = c.sql();
-    if holder.is_postgres() {
-        let lock = fastchat::db::postgres::WRITE_LOCK;
-        holder.batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({lock})"));
-    } else {
-        holder.batch("BEGIN IMMEDIATE");
-    }
+    let holder = c.hold_write_lock();
     let sender = c.spawn("alice", &["send", "bob", "patience"]);
     std::thread::sleep(Duration::from_millis(1500));
     holder.batch("COMMIT");

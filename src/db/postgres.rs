@@ -284,10 +284,16 @@ impl Batch for WriterConn {
             log::warn!("database connection lost; connecting again");
             self.conn = Conn::connect(&self.url, self.busy_timeout)?;
         }
-        // One round trip: the lock waits at most `lock_timeout` (the busy timeout).
-        self.conn.batch(&format!(
+        // One round trip: the lock waits at most `lock_timeout` (the busy timeout). A lock
+        // not had leaves the transaction begun and aborted: it is rolled back here, or the
+        // next batch would find it.
+        let began = self.conn.batch(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
-        ))
+        ));
+        if began.is_err() {
+            self.rollback();
+        }
+        began
     }
 
     fn commit(&mut self) -> Result<()> {

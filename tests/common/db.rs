@@ -218,6 +218,37 @@ impl Sql {
         rows[0].get(0)
     }
 
+    /// Every value of every table of the fastchat schema, as bytes (`bytea` raw, the rest as
+    /// text), by table: what a thief with a copy of a PostgreSQL database reads.
+    pub fn dump_postgres(&self) -> Vec<(String, Vec<u8>)> {
+        let columns = self.rows(
+            "SELECT table_name::TEXT, column_name::TEXT, data_type::TEXT
+               FROM information_schema.columns WHERE table_schema = 'public'",
+            &[],
+        );
+        let mut out = Vec::new();
+        for col in &columns {
+            let (table, column, kind): (String, String, String) =
+                (col.get(0), col.get(1), col.get(2));
+            let q = if kind == "bytea" {
+                format!("SELECT \"{column}\" FROM \"{table}\" WHERE \"{column}\" IS NOT NULL")
+            } else {
+                format!(
+                    "SELECT convert_to(\"{column}\"::TEXT, 'UTF8') FROM \"{table}\"
+                      WHERE \"{column}\" IS NOT NULL"
+                )
+            };
+            let Sql::Pg(c) = self else {
+                panic!("not a PostgreSQL database")
+            };
+            let rows = c.borrow_mut().query(q.as_str(), &[]).expect("dump");
+            for r in rows {
+                out.push((format!("{table}.{column}"), r.get::<_, Vec<u8>>(0)));
+            }
+        }
+        out
+    }
+
     /// Runs statements without parameters.
     pub fn batch(&self, sql: &str) {
         match self {

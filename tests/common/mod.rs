@@ -395,6 +395,44 @@ impl Cluster {
         (!self.on_postgres()).then(|| PathBuf::from(&self.db))
     }
 
+    /// What the database holds at rest, by where: the SQLite file and its log (every byte,
+    /// free pages included), or every value of every table of the PostgreSQL database.
+    pub fn stored_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        if self.on_postgres() {
+            return self.sql().dump_postgres();
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("chat.db") {
+                out.push((name, std::fs::read(entry.path()).unwrap()));
+            }
+        }
+        out
+    }
+
+    /// A connection that holds the database's write lock until it runs `COMMIT`: SQLite's
+    /// (`BEGIN IMMEDIATE`), or the advisory lock every PostgreSQL writer batch takes.
+    pub fn hold_write_lock(&self) -> Sql {
+        let holder = self.sql();
+        if holder.is_postgres() {
+            let lock = fastchat::db::postgres::WRITE_LOCK;
+            holder.batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({lock})"));
+        } else {
+            holder.batch("BEGIN IMMEDIATE");
+        }
+        holder
+    }
+
+    /// Says that a test of what only SQLite does does not apply on PostgreSQL; `true` if so
+    /// (the test then returns).
+    pub fn sqlite_only(&self, what: &str) -> bool {
+        if self.on_postgres() {
+            eprintln!("NOT APPLICABLE on PostgreSQL: {what} is SQLite's");
+        }
+        self.on_postgres()
+    }
+
     /// The one integer a query returns.
     pub fn count(&self, sql: &str) -> i64 {
         self.sql().one(sql, &[])

@@ -124,36 +124,35 @@ fn stored_copy(conn: &mut Conn, from: &str, client_id: u64) -> Result<Option<Env
     }
 }
 
-/// Whether `e` is PostgreSQL refusing a row for a foreign key (an unknown recipient).
-fn is_foreign_key_violation(e: &postgres::Error) -> bool {
-    e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
-}
-
 /// Stores a direct message, idempotently per `(sender, client_id)` (see the SQLite backend).
+///
+/// The insert names its recipient only if that user exists, rather than leaning on the foreign
+/// key: a failed statement would abort the whole transaction (every job of the batch up to the
+/// job's savepoint), where SQLite fails just the statement.
 pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
     let now = now_ms();
     let insert = |conn: &mut Conn| -> Result<Option<i64>> {
-        let s = conn.statement(
+        let row = conn.opt(
             "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender, client_id) DO NOTHING
+             SELECT $1, name, $3, $4, $5, $6 FROM users WHERE name = $2
+             ON CONFLICT (sender, client_id) DO NOTHING
              RETURNING id",
+            &[
+                &msg.from,
+                &to,
+                &(msg.client_id as i64),
+                &msg.body,
+                &now,
+                &msg.file,
+            ],
         )?;
-        let params: super::Params<'_> = &[
-            &msg.from,
-            &to,
-            &(msg.client_id as i64),
-            &msg.body,
-            &now,
-            &msg.file,
-        ];
-        match conn.client.query_opt(&s, params) {
-            Ok(Some(r)) => Ok(Some(r.try_get(0)?)),
-            Ok(None) => Ok(None),
-            Err(e) if is_foreign_key_violation(&e) => Err(Error::refused(
+        match row {
+            Some(r) => Ok(Some(r.try_get(0)?)),
+            None if !super::accounts::user_exists(conn, to)? => Err(Error::refused(
                 ErrorCode::UnknownUser,
                 format!("no such user: {to}"),
             )),
-            Err(e) => Err(e.into()),
+            None => Ok(None),
         }
     };
     let envelope = match (msg.file, msg.resend_after) {

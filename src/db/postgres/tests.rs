@@ -1,1 +1,286 @@
+//! Tests of the PostgreSQL backend, on a fresh database of the server that
+//! `FASTCHAT_TEST_POSTGRES` names (`scripts/postgres.sh start DIR` prints one; `.ci/run` sets
+//! it). Without it they say so and pass: `cargo test` needs no PostgreSQL; with it set and the
+//! server unreachable, they fail.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{redacted, schema, Conn};
+use crate::db::{Location, Options, Outgoing, Store, Tx};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::PublicKeys;
+
+/// A database of its own, dropped at the end of the test.
+struct Fresh {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl Fresh {
+    fn new() -> Option<Fresh> {
+        let Some(server) = std::env::var("FASTCHAT_TEST_POSTGRES")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
+            eprintln!("NOT RUN: set FASTCHAT_TEST_POSTGRES to test the PostgreSQL backend");
+            return None;
+        };
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "fcu_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("FASTCHAT_TEST_POSTGRES is set but unreachable: {e}"));
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .and_then(|()| admin.batch_execute(&format!("CREATE DATABASE {name}")))
+            .expect("create a database");
+        let base = server.rsplit_once('/').expect("a URL with a database").0;
+        let url = format!("{base}/{name}");
+        Some(Fresh { server, name, url })
+    }
+
+    fn location(&self) -> Location {
+        Location::Postgres(self.url.clone())
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&self.server, postgres::NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+fn keys() -> PublicKeys {
+    PublicKeys {
+        x25519: vec![1; 32],
+        ed25519: vec![2; 32],
+    }
+}
+
+#[test]
+fn a_url_is_shown_without_its_password() {
+    assert_eq!(
+        redacted("postgres://fastchat:s3cret@10.0.0.4:5432/chat?sslmode=require"),
+        "postgres://fastchat:***@10.0.0.4:5432/chat?sslmode=require"
+    );
+    assert_eq!(redacted("postgres://me@host/db"), "postgres://me@host/db");
+    assert_eq!(
+        Location::parse("postgresql://a:b@h/d").to_string(),
+        "postgresql://a:***@h/d"
+    );
+    assert_eq!(
+        Location::parse("/tmp/chat.db"),
+        Location::Sqlite("/tmp/chat.db".into())
+    );
+}
+
+#[test]
+fn migrations_are_versioned_and_a_newer_schema_is_refused() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let mut conn = Conn::connect(&db.url, Duration::from_secs(5))?;
+    schema::migrate(&mut conn)?;
+    schema::migrate(&mut conn)?;
+    let v: i32 = conn
+        .one("SELECT version FROM fastchat_schema", &[])?
+        .try_get(0)?;
+    assert_eq!(v as usize, schema::version());
+    conn.batch("UPDATE fastchat_schema SET version = 999")?;
+    match schema::migrate(&mut conn) {
+        Err(Error::Invalid(m)) => assert!(m.contains("newer than this program"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn the_storage_contract_holds() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    store.call(|tx| {
+        assert!(tx.create_user("alice", "h", &keys())?);
+        assert!(
+            !tx.create_user("ALICE", "h2", &keys())?,
+            "names ignore case"
+        );
+        assert!(tx.create_user("bob", "h", &keys())?);
+        // The queue: ordered, idempotent, acknowledged by its recipient only.
+        let a = tx.store_message(&Outgoing::new("alice", 1, b"one"), "bob")?;
+        let b = tx.store_message(&Outgoing::new("alice", 2, b"two"), "bob")?;
+        let again = tx.store_message(&Outgoing::new("alice", 1, b"one"), "bob")?;
+        assert_eq!(a.envelope.id, again.envelope.id);
+        match tx.store_message(&Outgoing::new("alice", 1, b"other"), "bob") {
+            Err(Error::Refused { code, .. }) => assert_eq!(code, ErrorCode::Conflict),
+            other => panic!("a reused client id: {other:?}"),
+        }
+        match tx.store_message(&Outgoing::new("alice", 3, b"x"), "nobody") {
+            Err(Error::Refused { code, .. }) => assert_eq!(code, ErrorCode::UnknownUser),
+            other => panic!("an unknown recipient: {other:?}"),
+        }
+        assert_eq!(tx.queued("bob", 0, 10)?.len(), 2);
+        assert_eq!(tx.ack("alice", &[a.envelope.id])?, 0);
+        assert_eq!(tx.ack("bob", &[a.envelope.id, b.envelope.id])?, 2);
+        assert!(tx.queued("bob", 0, 10)?.is_empty());
+        // Every id handed out is covered (a conflicting insert uses one up, unlike SQLite).
+        assert!(tx.newest_message_id()? >= b.envelope.id);
+        // A re-send of a delivered message is not stored again.
+        let resend = Outgoing {
+            resend_after: Some(0),
+            ..Outgoing::new("alice", 1, b"one")
+        };
+        assert_eq!(tx.store_message(&resend, "bob")?.envelope.id, a.envelope.id);
+        assert!(tx.queued("bob", 0, 10)?.is_empty());
+        // Presence, read with the message that is routed by it.
+        tx.add_presence(7, 1, "bob", b"t")?;
+        tx.add_presence(9, 2, "bob", b"t")?;
+        let c = tx.store_message(&Outgoing::new("alice", 4, b"x"), "bob")?;
+        assert_eq!(c.online_at, [(7, "bob".into()), (9, "bob".into())]);
+        assert_eq!(tx.online_users(10, &[9])?, ["bob"]);
+        Ok(())
+    })?;
+    // A group message waits for every member, out-of-order acknowledgements included.
+    store.call(|tx| {
+        tx.create_user("carol", "h", &keys())?;
+        assert!(tx.create_group("alice/team", "alice")?);
+        assert!(!tx.create_group("Alice/Team", "bob")?);
+        tx.add_member("alice/team", "bob")?;
+        tx.add_member("alice/team", "carol")?;
+        let one = tx.store_group_message(&Outgoing::new("alice", 10, b"g1"), "alice/team")?;
+        let two = tx.store_group_message(&Outgoing::new("alice", 11, b"g2"), "alice/team")?;
+        let ids = |tx: &mut dyn Tx, u: &str| -> Result<Vec<i64>> {
+            Ok(tx.queued(u, 0, 10)?.iter().map(|m| m.id).collect())
+        };
+        assert!(ids(tx, "bob")?.contains(&one.envelope.id));
+        tx.ack("bob", &[two.envelope.id])?;
+        assert!(ids(tx, "bob")?.contains(&one.envelope.id), "the gap stays");
+        tx.ack("bob", &[one.envelope.id])?;
+        assert!(!ids(tx, "bob")?.contains(&one.envelope.id));
+        assert_eq!(tx.queue_usage("g:alice/team")?.messages, 2, "carol has not");
+        tx.ack("carol", &[one.envelope.id, two.envelope.id])?;
+        assert_eq!(tx.queue_usage("g:alice/team")?.messages, 0);
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Several processes' writers (each a `Store` with its own connection) store messages for one
+/// recipient at once, while a reader follows the queue as a login's sync does: it asks only for
+/// ids above the last it saw. If ids did not follow commit order, a message committed after a
+/// larger id was seen would be skipped.
+#[test]
+fn ids_follow_commit_order_across_writers() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    const WRITERS: usize = 4;
+    const EACH: u64 = 300;
+    let first = Store::open(db.location())?;
+    first.call(|tx| {
+        for u in ["bob", "w0", "w1", "w2", "w3"] {
+            tx.create_user(u, "h", &keys())?;
+        }
+        Ok(())
+    })?;
+    let stores: Vec<Arc<Store>> = (0..WRITERS)
+        .map(|_| Store::open(db.location()).map(Arc::new))
+        .collect::<Result<_>>()?;
+    let writers: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(w, store)| {
+            let store = Arc::clone(store);
+            std::thread::spawn(move || {
+                let (done, finished) = crossbeam_channel::unbounded();
+                let from = format!("w{w}");
+                for i in 0..EACH {
+                    let from = from.clone();
+                    let done = done.clone();
+                    store.submit(
+                        move |tx| {
+                            tx.store_message(&Outgoing::new(&from, i, b"x"), "bob")
+                                .map(|_| ())
+                        },
+                        move |r| {
+                            let _ = done.send(r);
+                        },
+                    );
+                }
+                for _ in 0..EACH {
+                    finished.recv().expect("a completion").expect("stored");
+                }
+            })
+        })
+        .collect();
+    let mut seen: Vec<i64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let total = WRITERS * EACH as usize;
+    let mut writers_done = false;
+    loop {
+        let after = seen.last().copied().unwrap_or(0);
+        let batch = first.read(|tx| tx.queued("bob", after, 10_000))?;
+        seen.extend(batch.iter().map(|m| m.id));
+        if writers_done && batch.is_empty() {
+            break;
+        }
+        if !writers_done && writers.iter().all(|w| w.is_finished()) {
+            writers_done = true;
+        }
+        assert!(Instant::now() < deadline, "the writers never finished");
+    }
+    for w in writers {
+        w.join().expect("a writer thread");
+    }
+    let stored = first.read(|tx| tx.queue_usage("bob"))?.messages as usize;
+    assert_eq!(stored, total);
+    assert_eq!(
+        seen.len(),
+        total,
+        "a reader that follows ids saw every message"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+#[test]
+fn a_lost_connection_is_opened_again() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open_with(&db.location(), &Options::default())?;
+    store.call(|tx| tx.create_user("alice", "h", &keys()).map(|_| ()))?;
+    // An operator ends every connection to the database (a restart does the same).
+    let mut admin = postgres::Client::connect(&db.server, postgres::NoTls).expect("admin");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .expect("terminate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The first try may fail on the dead connection; the next ones connect again.
+        let wrote = store.call(|tx| tx.create_user("bob", "h", &keys()));
+        let read = store.read(|tx| tx.user_exists("alice"));
+        if let (Ok(_), Ok(true)) = (wrote, read) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never connected again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(store.read(|tx| tx.user_exists("bob"))?);
+    Ok(())
+}
