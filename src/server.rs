@@ -120,7 +120,7 @@ pub fn run(
         SocketAddr::new(ip, local.port()).to_string()
     });
     let name = server_name(&config, local)?;
-    let link = BalancerLink::connect(&config, &advertise, &name)?;
+    let (link, more_links) = BalancerLink::connect(&config, &advertise, &name)?;
     let server_id = link.server_id;
     store.call(move |tx| {
         tx.clear_presence(server_id)?;
@@ -162,8 +162,16 @@ pub fn run(
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("balancer-link".into())
-            .spawn(move || link.run(&shared))?
+            .spawn(move || link.run(&shared, true))?
     };
+    // Further balancers (a cluster on PostgreSQL may have several): a beat of their own each.
+    // They end with the server; nothing waits for them.
+    for more in more_links {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("balancer-link".into())
+            .spawn(move || more.run(&shared, false))?;
+    }
     let threads = Threads {
         name: "conn",
         stack_size: 256 * 1024,

@@ -301,3 +301,49 @@ fn chat_mode_moves_to_another_server_when_its_server_dies() {
         c.count("SELECT count(*) FROM messages")
     );
 }
+
+#[test]
+fn two_balancers_serve_one_cluster_and_clients_try_the_next() {
+    let mut c = Cluster::start(0);
+    let (_second, second_addr) = c.spawn_balancer();
+    let first_addr = c.balancer_addr.clone();
+    // Servers register with both; clients (and this test) try the first, then the second.
+    c.balancer_addr = format!("{first_addr},{second_addr}");
+    c.add_server();
+    c.add_server();
+    for addr in [&first_addr, &second_addr] {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let listed = fastchat::client::BalancerClient::connect(addr, &c.transport)
+                .and_then(|mut b| b.servers())
+                .map_or(0, |l| l.len());
+            if listed == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} lists {listed} servers, not 2"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "through the first balancer");
+    // The first balancer dies: accounts and sessions are in the database, so the second
+    // takes every client, signups and logins included.
+    c.balancer.kill9();
+    c.signup("carol");
+    c.send("alice", "bob", "through the second balancer");
+    c.send("carol", "bob", "a newcomer, through the second");
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.lines(),
+        [
+            "alice: through the first balancer",
+            "alice: through the second balancer",
+            "carol: a newcomer, through the second"
+        ]
+    );
+}

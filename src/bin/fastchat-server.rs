@@ -38,8 +38,9 @@ struct Args {
     /// Address to listen on, e.g. 127.0.0.1:7001 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// The balancer's address.
-    #[arg(long, value_name = "ADDR")]
+    /// The balancer's address; ADDR,ADDR,... for a cluster with several balancers (on
+    /// PostgreSQL): the server registers with every one.
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     balancer: String,
     /// The cluster's database, shared with the balancer: a SQLite file, or
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB for a cluster across machines.

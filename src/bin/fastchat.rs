@@ -41,13 +41,14 @@ use fastchat::client::text::one_line;
   fastchat logout"
 )]
 struct Args {
-    /// Balancer address.
+    /// Balancer address; ADDR,ADDR,... names several balancers of one cluster, tried in order
+    /// until one answers.
     #[arg(
         short,
         long,
         env = "FASTCHAT_BALANCER",
         default_value = "127.0.0.1:7000",
-        value_name = "ADDR",
+        value_name = "ADDR[,ADDR...]",
         global = true
     )]
     balancer: String,

@@ -45,8 +45,26 @@ pub struct BalancerClient {
 }
 
 impl BalancerClient {
-    /// Connects to the balancer at `addr` (checking, with TLS, that it is the cluster's).
+    /// Connects to the balancer at `addr` (checking, with TLS, that it is the cluster's). A
+    /// list `ADDR,ADDR,...` names several balancers of one cluster: they are tried in order,
+    /// and the first that answers is used.
     pub fn connect(addr: &str, transport: &Transport) -> Result<BalancerClient> {
+        let mut last = None;
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match BalancerClient::connect_one(one, transport) {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    if addr.contains(',') {
+                        log::info!("balancer {one}: {e}; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Invalid("no balancer address given".into())))
+    }
+
+    fn connect_one(addr: &str, transport: &Transport) -> Result<BalancerClient> {
         let stream = transport.connect(addr, "balancer", &Expect::Balancer)?;
         let chan = Channel::new(stream)?;
         chan.stream().tcp().set_read_timeout(Some(REPLY_TIMEOUT))?;

@@ -35,37 +35,64 @@ pub struct BalancerLink {
 }
 
 impl BalancerLink {
-    /// Registers as `name`, retrying until `startup_timeout`; a refusal is final.
-    pub fn connect(config: &Config, advertise: &str, name: &str) -> Result<BalancerLink> {
-        let mut link = BalancerLink {
-            addr: config.balancer.clone(),
+    /// A link to the balancer at `addr`, not yet connected.
+    fn new(config: &Config, addr: &str, advertise: &str, name: &str) -> BalancerLink {
+        BalancerLink {
+            addr: addr.to_string(),
             advertise: advertise.to_string(),
             name: name.to_string(),
             transport: config.transport.clone(),
             server_id: 0,
             conn: None,
             next_id: 1,
-        };
+        }
+    }
+
+    /// Registers as `name` with every balancer of `config`: the first that answers gives
+    /// the id (retrying until `startup_timeout`; a refusal is final); the links to the others
+    /// come back unconnected and register in their own threads ([`BalancerLink::run`]). Every
+    /// balancer gives a name the same id: ids live in the database they share.
+    pub fn connect(
+        config: &Config,
+        advertise: &str,
+        name: &str,
+    ) -> Result<(BalancerLink, Vec<BalancerLink>)> {
+        let addrs = config.balancers();
+        if addrs.is_empty() {
+            return Err(Error::Invalid("no balancer address given".into()));
+        }
+        let mut links: Vec<BalancerLink> = addrs
+            .iter()
+            .map(|a| BalancerLink::new(config, a, advertise, name))
+            .collect();
         let deadline = Instant::now() + config.startup_timeout;
         let mut said = false;
         loop {
-            match link.register() {
-                Ok(()) => return Ok(link),
-                Err(e @ (Error::Refused { .. } | Error::Integrity(_))) => return Err(e),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(e) => {
-                    // Said once; the error at the deadline says the rest.
-                    if !said {
-                        log::warn!(
-                            "balancer {} not reachable yet: {e}; retrying for up to {} s",
-                            link.addr,
-                            config.startup_timeout.as_secs()
-                        );
-                        said = true;
+            for i in 0..links.len() {
+                match links[i].register() {
+                    Ok(()) => {
+                        let first = links.swap_remove(i);
+                        for other in &mut links {
+                            other.server_id = first.server_id;
+                        }
+                        return Ok((first, links));
                     }
-                    std::thread::sleep(Duration::from_millis(200));
+                    Err(e @ (Error::Refused { .. } | Error::Integrity(_))) => return Err(e),
+                    Err(e) if Instant::now() >= deadline && i + 1 == links.len() => return Err(e),
+                    Err(e) => {
+                        // Said once; the error at the deadline says the rest.
+                        if !said {
+                            log::warn!(
+                                "balancer {} not reachable yet: {e}; retrying for up to {} s",
+                                links[i].addr,
+                                config.startup_timeout.as_secs()
+                            );
+                            said = true;
+                        }
+                    }
                 }
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -134,15 +161,17 @@ impl BalancerLink {
         }
     }
 
-    /// Heartbeats until the server stops.
-    pub fn run(mut self, shared: &Shared) {
+    /// Heartbeats until the server stops. The `main` link also does the server's periodic
+    /// housekeeping (expiry, presence, ended sessions, quotas), whether its balancer answers
+    /// or not; the links to further balancers only register and beat.
+    pub fn run(mut self, shared: &Shared, main: bool) {
         let mut lost = false;
         // Since when the balancer has refused to register this server.
         let mut refused_since: Option<Instant> = None;
         let mut expired_at: Option<Instant> = None;
         while !shared.stopping.load(Ordering::SeqCst) {
             let every = EXPIRE_EVERY.min(shared.config.quotas.lifetime / 2);
-            if expired_at.is_none_or(|t| t.elapsed() >= every) {
+            if main && expired_at.is_none_or(|t| t.elapsed() >= every) {
                 expired_at = Some(Instant::now());
                 expire_old_messages(shared);
             }
@@ -151,7 +180,8 @@ impl BalancerLink {
                     Ok(()) => {
                         if self.server_id == shared.server_id {
                             log::info!(
-                                "registered again with the balancer as server {}",
+                                "registered with the balancer {} as server {}",
+                                self.addr,
                                 self.server_id
                             );
                         } else {
@@ -197,12 +227,14 @@ impl BalancerLink {
                     }
                 }
             }
-            if let Err(e) = super::presence::tick(shared) {
-                log::debug!("presence: {e}");
+            if main {
+                if let Err(e) = super::presence::tick(shared) {
+                    log::debug!("presence: {e}");
+                }
+                close_ended_sessions(shared);
+                close_forgotten_connections(shared);
+                super::refresh_quota_watch(shared);
             }
-            close_ended_sessions(shared);
-            close_forgotten_connections(shared);
-            super::refresh_quota_watch(shared);
             // Sleep one period, or less if the server stops meanwhile.
             let _ = shared.stop_signal.recv_timeout(HEARTBEAT);
         }

@@ -16,7 +16,8 @@ pub struct Config {
     /// The name to register under: with TLS, the name in the certificate (the default); in
     /// plaintext, `server-PORT` unless given.
     pub name: Option<String>,
-    /// The balancer to register with.
+    /// The balancer to register with: `ADDR`, or `ADDR,ADDR,...` for a cluster with several
+    /// (on PostgreSQL); the server registers with, and beats to, every one.
     pub balancer: String,
     /// The address to register (default: the listener's address, with 127.0.0.1 for 0.0.0.0).
     pub advertise: Option<String>,
@@ -42,6 +43,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The balancers' addresses, in the order given.
+    pub fn balancers(&self) -> Vec<String> {
+        self.balancer
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Defaults for everything but the database, the balancer and the transport.
     pub fn new(
         db: impl Into<crate::db::Location>,

@@ -475,6 +475,20 @@ fn balancer_command(db: &str, tls: Option<&Path>, listen: &str, extra: &[&str]) 
 }
 
 impl Cluster {
+    /// Starts another balancer on the same database and certificates; returns it with its
+    /// address. Servers started after `balancer_addr` is set to `FIRST,SECOND` register with
+    /// both, and clients try them in that order.
+    pub fn spawn_balancer(&self) -> (Proc, String) {
+        let mut cmd = balancer_command(&self.db, self.tls.as_deref(), "127.0.0.1:0", &[]);
+        let b = Proc::spawn("balancer-b", &mut cmd);
+        let first = b.line();
+        let addr = first
+            .strip_prefix("fastchat-balancer listening on ")
+            .unwrap_or_else(|| panic!("unexpected balancer output {first:?}"))
+            .to_string();
+        (b, addr)
+    }
+
     /// Starts a balancer again where the first one listened (after it was killed); waits
     /// until it listens.
     pub fn restart_balancer(&mut self) {
