@@ -115,3 +115,43 @@ fn cluster_script_starts_and_stops_by_pid() {
     );
     assert_eq!(bad.code, 2, "{bad:?}");
 }
+
+#[test]
+fn a_cluster_across_hosts_loses_nothing_when_a_host_dies() {
+    // Network namespaces need root; CI runs as root. Elsewhere, say so rather than pass
+    // silently.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: scripts/multihost.sh needs root for network namespaces");
+        return;
+    }
+    let out = common::run_limited_for(
+        Command::new(script("multihost.sh")).env("FASTCHAT_BIN", bin_dir()),
+        std::time::Duration::from_secs(180),
+    );
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    for expected in [
+        "balancer 2 on fc",
+        "server 3 on fc",
+        "host 1 (10.77.0.11) is gone",
+        "   alice: during the outage: 3",
+        "   dave: a newcomer, during the outage",
+        "Nothing lost, nothing repeated: 6 messages",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "missing {expected:?} in\n{}",
+            out.stdout
+        );
+    }
+    // Its namespaces (named after its PID) are gone.
+    let ours = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("fc") && w.ends_with("-db"))
+        .expect("the database host's name")
+        .trim_end_matches("db")
+        .to_string();
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains(&ours), "{ours} left behind: {left}");
+}

@@ -510,6 +510,11 @@ fn parse_ready(line: &str) -> (u64, String) {
 
 /// Runs a command to completion, killing it (and failing) after `LIMIT`.
 pub fn run_limited(cmd: &mut Command) -> Output {
+    run_limited_for(cmd, LIMIT)
+}
+
+/// Runs a command to completion, killing it (and failing) after `limit`.
+pub fn run_limited_for(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -528,7 +533,7 @@ pub fn run_limited(cmd: &mut Command) -> Output {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + LIMIT;
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
@@ -536,7 +541,7 @@ pub fn run_limited(cmd: &mut Command) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("command {cmd:?} did not finish within {LIMIT:?}");
+            panic!("command {cmd:?} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
