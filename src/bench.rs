@@ -161,6 +161,9 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// Run without TLS (a spawned cluster too).
     pub plaintext: bool,
+    /// The database of a spawned cluster: a file, or a PostgreSQL URL (default: a SQLite file
+    /// in the run's temporary folder).
+    pub db: Option<String>,
 }
 
 /// Latency percentiles, microseconds.
@@ -299,6 +302,7 @@ pub fn run(config: &Config) -> Result<Report> {
             "round-robin",
             &["--max-clients", &config.clients.max(10_000).to_string()],
             !config.plaintext,
+            config.db.as_deref(),
         )?),
         Target::Balancer(_) => None,
     };

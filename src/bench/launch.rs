@@ -127,6 +127,7 @@ impl LocalCluster {
         algo: &str,
         server_args: &[&str],
         tls: bool,
+        db: Option<&str>,
     ) -> Result<LocalCluster> {
         let dir = std::env::temp_dir().join(format!(
             "fastchat-{}-{}",
@@ -135,8 +136,10 @@ impl LocalCluster {
         ));
         std::fs::create_dir_all(&dir)?;
         STARTED.lock().dirs.push(dir.clone());
-        let db = dir.join("chat.db");
-        let db_arg = db.to_string_lossy().to_string();
+        let db_arg = match db {
+            Some(db) => db.to_string(),
+            None => dir.join("chat.db").to_string_lossy().to_string(),
+        };
         let log_n = scrypt_log_n.to_string();
         let tls_dir = dir.join("tls");
         let tls_arg = tls_dir.to_string_lossy().to_string();

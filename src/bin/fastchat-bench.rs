@@ -89,6 +89,11 @@ struct Args {
     /// start. Its clients move to other servers; the run must still lose nothing.
     #[arg(long, value_name = "SECS", requires = "spawn_servers")]
     kill_server: Option<f64>,
+    /// With --spawn-servers: the cluster's database, a SQLite file or postgres://... (default:
+    /// a SQLite file in a temporary folder). Users are named per run, so a database may be
+    /// reused.
+    #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL")]
+    db: Option<String>,
     /// Print the report as one JSON object.
     #[arg(long, conflicts_with = "markdown")]
     json: bool,
@@ -160,6 +165,7 @@ fn main() -> ExitCode {
         kill_server: args.kill_server.map(Duration::from_secs_f64),
         ca: args.ca,
         plaintext: args.insecure_plaintext,
+        db: args.db,
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {

@@ -86,6 +86,9 @@ pub fn redacted(url: &str) -> String {
 pub struct Conn {
     client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// Set when a statement fails: inside a transaction, PostgreSQL then refuses everything
+    /// until a rollback (to a savepoint).
+    failed: bool,
 }
 
 /// Parameters of a statement.
@@ -113,14 +116,24 @@ impl Conn {
         Ok(Conn {
             client,
             statements: HashMap::new(),
+            failed: false,
         })
+    }
+
+    /// `r`, noting a failure (see [`Conn::failed`]).
+    fn noted<T>(&mut self, r: std::result::Result<T, postgres::Error>) -> Result<T> {
+        if r.is_err() {
+            self.failed = true;
+        }
+        Ok(r?)
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let s = self.client.prepare(sql);
+        let s = self.noted(s)?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }
@@ -128,30 +141,35 @@ impl Conn {
     /// Every row `sql` returns.
     pub fn rows(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>> {
         let s = self.statement(sql)?;
-        Ok(self.client.query(&s, params)?)
+        let r = self.client.query(&s, params);
+        self.noted(r)
     }
 
     /// The row `sql` returns, if any.
     pub fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>> {
         let s = self.statement(sql)?;
-        Ok(self.client.query_opt(&s, params)?)
+        let r = self.client.query_opt(&s, params);
+        self.noted(r)
     }
 
     /// The one row `sql` returns.
     pub fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row> {
         let s = self.statement(sql)?;
-        Ok(self.client.query_one(&s, params)?)
+        let r = self.client.query_one(&s, params);
+        self.noted(r)
     }
 
     /// Runs `sql`; how many rows it changed.
     pub fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64> {
         let s = self.statement(sql)?;
-        Ok(self.client.execute(&s, params)?)
+        let r = self.client.execute(&s, params);
+        self.noted(r)
     }
 
     /// Runs statements without parameters (transaction control, migrations).
     pub fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.client.batch_execute(sql)?)
+        let r = self.client.batch_execute(sql);
+        self.noted(r)
     }
 
     /// Whether the connection is gone (the server restarted, the network broke).
@@ -262,6 +280,9 @@ pub struct WriterConn {
     url: String,
     busy_timeout: Duration,
     conn: Conn,
+    /// Whether the savepoint of the previous job is still there: the next job releases it
+    /// and takes its own in one round trip.
+    savepoint: bool,
 }
 
 /// The writer's connection to `url`, with the schema brought up to date.
@@ -273,6 +294,7 @@ pub fn writer_conn(url: &str, options: &Options) -> Result<(WriterConn, Option<B
             url: url.to_string(),
             busy_timeout: options.busy_timeout,
             conn,
+            savepoint: false,
         },
         None,
     ))
@@ -287,6 +309,8 @@ impl Batch for WriterConn {
         // One round trip: the lock waits at most `lock_timeout` (the busy timeout). A lock
         // not had leaves the transaction begun and aborted: it is rolled back here, or the
         // next batch would find it.
+        self.savepoint = false;
+        self.conn.failed = false;
         let began = self.conn.batch(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
         ));
@@ -297,6 +321,14 @@ impl Batch for WriterConn {
     }
 
     fn commit(&mut self) -> Result<()> {
+        // PostgreSQL answers COMMIT of a failed transaction by rolling it back, without an
+        // error: a batch with a failed statement that no savepoint undid must not say it
+        // committed.
+        if self.conn.failed {
+            return Err(Error::Commit(
+                "a statement of the batch failed; nothing of it was stored".into(),
+            ));
+        }
         self.conn.batch("COMMIT")
     }
 
@@ -304,16 +336,38 @@ impl Batch for WriterConn {
         let _ = self.conn.batch("ROLLBACK");
     }
 
-    /// Every job runs in a savepoint, guarded or not: after a failed statement PostgreSQL
-    /// refuses everything else in the transaction until it is rolled back to a savepoint.
-    fn run(&mut self, _guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()> {
-        self.conn.batch("SAVEPOINT job")?;
-        if work(&mut self.conn) {
-            self.conn.batch("RELEASE SAVEPOINT job")
-        } else {
-            self.conn
-                .batch("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+    /// A guarded job runs in a savepoint: after a failed statement PostgreSQL refuses
+    /// everything else in the transaction until it is rolled back to one. Its savepoint is
+    /// released when the next one is taken, in the same round trip (or by the commit).
+    ///
+    /// An unguarded job (one statement, or writes true even half-way: the hot path of sends
+    /// and acknowledgements) runs without, saving a round trip. If one of its statements fails
+    /// (a lost connection, a full disk; refusals are not failed statements), the transaction
+    /// is lost: the jobs after it are not run and the whole batch is reported failed, as when
+    /// a commit fails.
+    fn run(&mut self, guarded: bool, work: &mut dyn FnMut(&mut dyn Tx) -> bool) -> Result<()> {
+        if self.conn.failed {
+            return Err(Error::Commit(
+                "an earlier statement of the batch failed; nothing of it was stored".into(),
+            ));
         }
+        if !guarded {
+            work(&mut self.conn);
+            return Ok(());
+        }
+        if self.savepoint {
+            self.conn.batch("RELEASE SAVEPOINT job; SAVEPOINT job")?;
+        } else {
+            self.conn.batch("SAVEPOINT job")?;
+            self.savepoint = true;
+        }
+        if !work(&mut self.conn) {
+            // Undoes the job's writes (and a failed statement's hold on the transaction); the
+            // savepoint stays, for the next job to release.
+            self.conn.batch("ROLLBACK TO SAVEPOINT job")?;
+            self.conn.failed = false;
+        }
+        Ok(())
     }
 }
 

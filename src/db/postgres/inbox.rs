@@ -37,28 +37,28 @@ pub fn queued(conn: &mut Conn, user: &str, after: i64, limit: usize) -> Result<V
 /// delivered), a group message moves the user's position (see the SQLite backend). Returns how
 /// many ids were the user's to acknowledge.
 pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
-    let mut n = 0;
     let mut touched: Vec<String> = Vec::new();
-    for id in ids {
-        let remembered = conn.exec(
-            "INSERT INTO delivered (msg_id, sender, client_id)
-             SELECT id, sender, client_id FROM messages WHERE id = $1 AND recipient = $2
-             ON CONFLICT DO NOTHING",
-            &[id, &user],
-        )?;
-        if remembered == 1 {
-            let file: Option<i64> = conn
-                .one(
-                    "DELETE FROM messages WHERE id = $1 RETURNING file_id",
-                    &[id],
-                )?
-                .try_get(0)?;
-            if let Some(file) = file {
-                drop_file(conn, file)?;
-            }
-            n += 1;
-            continue;
+    // Every direct message among them in one round trip: removed, and remembered as
+    // delivered.
+    let direct = conn.rows(
+        "WITH gone AS (
+             DELETE FROM messages WHERE id = ANY($1) AND recipient = $2
+             RETURNING id, sender, client_id, file_id),
+         remembered AS (
+             INSERT INTO delivered (msg_id, sender, client_id)
+             SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING)
+         SELECT id, file_id FROM gone",
+        &[&ids, &user],
+    )?;
+    let mut n = direct.len();
+    let mut done = std::collections::HashSet::with_capacity(direct.len());
+    for r in &direct {
+        done.insert(r.try_get::<_, i64>(0)?);
+        if let Some(file) = r.try_get::<_, Option<i64>>(1)? {
+            drop_file(conn, file)?;
         }
+    }
+    for id in ids.iter().filter(|id| !done.contains(id)) {
         let pending = conn.opt(
             r#"INSERT INTO group_acks (grp, "user", msg_id)
                SELECT m.grp, mb."user", m.id FROM messages m

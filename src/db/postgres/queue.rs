@@ -124,19 +124,30 @@ fn stored_copy(conn: &mut Conn, from: &str, client_id: u64) -> Result<Option<Env
     }
 }
 
+/// A new message's id, and the recipient's connections.
+type Inserted = (i64, Vec<(u64, String)>);
+
 /// Stores a direct message, idempotently per `(sender, client_id)` (see the SQLite backend).
 ///
-/// The insert names its recipient only if that user exists, rather than leaning on the foreign
-/// key: a failed statement would abort the whole transaction (every job of the batch up to the
-/// job's savepoint), where SQLite fails just the statement.
+/// The common case is one round trip: the insert returns the new id with the recipient's
+/// connections (read in the same statement, under the writers' lock). It names its recipient
+/// only if that user exists, rather than leaning on the foreign key: a failed statement would
+/// abort the whole transaction, where SQLite fails just the statement.
 pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
     let now = now_ms();
-    let insert = |conn: &mut Conn| -> Result<Option<i64>> {
-        let row = conn.opt(
-            "INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
-             SELECT $1, name, $3, $4, $5, $6 FROM users WHERE name = $2
-             ON CONFLICT (sender, client_id) DO NOTHING
-             RETURNING id",
+    // The new id and where the recipient is connected; `None` if nothing was inserted (a
+    // re-send, or no such user).
+    let insert = |conn: &mut Conn| -> Result<Option<Inserted>> {
+        let rows = conn.rows(
+            r#"WITH ins AS (
+                   INSERT INTO messages (sender, recipient, client_id, body, sent_at, file_id)
+                   SELECT $1, name, $3, $4, $5, $6 FROM users WHERE name = $2
+                   ON CONFLICT (sender, client_id) DO NOTHING
+                   RETURNING id)
+               SELECT ins.id, p.server_id, p."user" FROM ins
+                 LEFT JOIN (SELECT DISTINCT server_id, "user" FROM presence
+                             WHERE "user" = $2) p ON true
+                ORDER BY p.server_id"#,
             &[
                 &msg.from,
                 &to,
@@ -146,39 +157,47 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
                 &msg.file,
             ],
         )?;
-        match row {
-            Some(r) => Ok(Some(r.try_get(0)?)),
-            None if !super::accounts::user_exists(conn, to)? => Err(Error::refused(
-                ErrorCode::UnknownUser,
-                format!("no such user: {to}"),
-            )),
-            None => Ok(None),
+        let Some(first) = rows.first() else {
+            if !super::accounts::user_exists(conn, to)? {
+                return Err(Error::refused(
+                    ErrorCode::UnknownUser,
+                    format!("no such user: {to}"),
+                ));
+            }
+            return Ok(None);
+        };
+        let id: i64 = first.try_get(0)?;
+        let mut online = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(server) = r.try_get::<_, Option<i64>>(1)? {
+                online.push((server.max(0) as u64, r.try_get(2)?));
+            }
         }
+        Ok(Some((id, online)))
     };
-    let envelope = match (msg.file, msg.resend_after) {
-        // The common case: one statement (a conflict means a duplicate on the wire).
+    let (envelope, online_at) = match (msg.file, msg.resend_after) {
+        // The common case (a conflict means a duplicate on the wire).
         (None, None) => match insert(conn)? {
-            Some(id) => envelope_of(id, msg, to, None, now),
+            Some((id, online)) => (envelope_of(id, msg, to, None, now), online),
             None => {
                 let first = stored_copy(conn, msg.from, msg.client_id)?
                     .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?;
-                same_message(first, msg, to, None)?
+                (same_message(first, msg, to, None)?, online(conn, to)?)
             }
         },
         // A re-send, or an offer that must not finish (and so orphan) a second upload.
         (file, after) => match earlier(conn, msg, to, None, after.unwrap_or(0))? {
-            Some(first) => first,
+            Some(first) => (first, online(conn, to)?),
             None => {
                 if let Some(upload) = file {
                     finish_upload(conn, msg.from, upload)?;
                 }
-                let id = insert(conn)?
+                let (id, online) = insert(conn)?
                     .ok_or_else(|| Error::Commit("a message was stored twice".into()))?;
-                envelope_of(id, msg, to, None, now)
+                (envelope_of(id, msg, to, None, now), online)
             }
         },
     };
-    let online_at = online(conn, &envelope.to)?;
     Ok(StoredMessage {
         envelope,
         online_at,

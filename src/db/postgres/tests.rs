@@ -284,3 +284,64 @@ fn a_lost_connection_is_opened_again() -> Result<()> {
     assert!(store.read(|tx| tx.user_exists("bob"))?);
     Ok(())
 }
+
+/// Three jobs in one batch, the middle one failing in the database (a member for a group that
+/// does not exist breaks a foreign key): guarded, it alone fails; unguarded, the batch is lost
+/// and every job of it is told so. Never is a batch with a failed statement said to commit
+/// (PostgreSQL answers COMMIT of a failed transaction with a rollback, not an error).
+#[test]
+fn a_failed_statement_fails_its_job_or_its_whole_batch_never_silently() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    for guarded in [true, false] {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Holds the writer so that the three jobs queue up and form one batch.
+        store.submit(
+            |_| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            },
+            |_: Result<()>| {},
+        );
+        let names = if guarded { ["a1", "a3"] } else { ["b1", "b3"] };
+        let submit = |work: Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + Send>, i: usize| {
+            let tx = tx.clone();
+            let done = move |r: Result<()>| {
+                let _ = tx.send((i, r.is_ok()));
+            };
+            if guarded {
+                store.submit(work, done);
+            } else {
+                store.submit_unguarded(work, done);
+            }
+        };
+        let first = names[0].to_string();
+        submit(
+            Box::new(move |tx| tx.create_user(&first, "h", &keys()).map(|_| ())),
+            1,
+        );
+        submit(Box::new(|tx| tx.add_member("no/such-group", "a1")), 2);
+        let third = names[1].to_string();
+        submit(
+            Box::new(move |tx| tx.create_user(&third, "h", &keys()).map(|_| ())),
+            3,
+        );
+        let mut results: Vec<(usize, bool)> = (0..3)
+            .map(|_| rx.recv_timeout(Duration::from_secs(20)).expect("a result"))
+            .collect();
+        results.sort();
+        let exists = |n: &str| store.read(|tx| tx.user_exists(n));
+        if guarded {
+            assert_eq!(results, [(1, true), (2, false), (3, true)]);
+            assert!(exists(names[0])? && exists(names[1])?);
+        } else {
+            assert_eq!(results, [(1, false), (2, false), (3, false)]);
+            assert!(!exists(names[0])? && !exists(names[1])?);
+        }
+    }
+    // The writer goes on.
+    store.call(|tx| tx.create_user("after", "h", &keys()))?;
+    Ok(())
+}
