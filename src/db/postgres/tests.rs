@@ -285,6 +285,9 @@ fn a_lost_connection_is_opened_again() -> Result<()> {
     Ok(())
 }
 
+/// A job, boxed.
+type Work = Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + Send>;
+
 /// Three jobs in one batch, the middle one failing in the database (a member for a group that
 /// does not exist breaks a foreign key): guarded, it alone fails; unguarded, the batch is lost
 /// and every job of it is told so. Never is a batch with a failed statement said to commit
@@ -306,7 +309,7 @@ fn a_failed_statement_fails_its_job_or_its_whole_batch_never_silently() -> Resul
             |_: Result<()>| {},
         );
         let names = if guarded { ["a1", "a3"] } else { ["b1", "b3"] };
-        let submit = |work: Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + Send>, i: usize| {
+        let submit = |work: Work, i: usize| {
             let tx = tx.clone();
             let done = move |r: Result<()>| {
                 let _ = tx.send((i, r.is_ok()));
