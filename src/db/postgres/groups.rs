@@ -2,11 +2,11 @@
 //! per member). See the SQLite backend's `groups`.
 
 use super::files::{drop_file, finish_upload};
-use super::queue::{earlier, envelope_of, newest_message_id, remove_message, server_users};
+use super::queue::{earlier, envelope_of, newest_message_id, server_users};
 use super::registry::strings;
 use super::Conn;
 use crate::db::{now_ms, Outgoing, StoredMessage};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::net::{GroupInfo, WrappedKey};
 
 /// A group's admin, members (longest-standing first), epoch and whether the epoch has keys.
@@ -206,86 +206,115 @@ pub fn store_group_message(
         finish_upload(conn, msg.from, upload)?;
     }
     let now = now_ms();
-    let id: i64 = conn
-        .one(
-            "INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            &[
-                &msg.from,
-                &group,
-                &(msg.client_id as i64),
-                &msg.body,
-                &now,
-                &msg.file,
-            ],
-        )?
-        .try_get(0)?;
-    let envelope = envelope_of(id, msg, "", Some(group), now);
-    // A sender alone in the group: nobody will ever acknowledge it.
-    collect_group_garbage(conn, group, id - 1, id)?;
+    // One round trip: the new id, whether anyone else is a member (if not, nobody will ever
+    // acknowledge it), and the other members' connections.
+    let rows = conn.rows(
+        r#"WITH ins AS (
+               INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING id)
+           SELECT ins.id,
+                  EXISTS (SELECT 1 FROM members WHERE grp = $2 AND "user" <> $1),
+                  p.server_id, p."user"
+             FROM ins LEFT JOIN (
+                  SELECT DISTINCT p.server_id, p."user" FROM presence p
+                    JOIN members mb ON mb."user" = p."user"
+                   WHERE mb.grp = $2 AND p."user" <> $1) p ON true
+            ORDER BY p.server_id"#,
+        &[
+            &msg.from,
+            &group,
+            &(msg.client_id as i64),
+            &msg.body,
+            &now,
+            &msg.file,
+        ],
+    )?;
+    let first = rows
+        .first()
+        .ok_or_else(|| Error::Commit("a group message was not stored".into()))?;
+    let id: i64 = first.try_get(0)?;
+    let others: bool = first.try_get(1)?;
+    let mut online_at = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
+            online_at.push((server.max(0) as u64, r.try_get(3)?));
+        }
+    }
+    if !others {
+        collect_group_garbage(conn, group, id - 1, id)?;
+    }
     Ok(StoredMessage {
-        envelope,
-        online_at: group_online(conn, group, msg.from)?,
+        envelope: envelope_of(id, msg, "", Some(group), now),
+        online_at,
     })
 }
 
 /// Moves `user`'s position in `group` over every acknowledged message that directly follows
-/// it, then removes the group messages that no recipient still needs.
+/// it, and removes the group messages that no recipient still needs, in one statement. It
+/// walks forward from the position a message at a time (an index lookup each, as the SQLite
+/// backend's loop does, so the cost is what the position advances, not what is queued behind
+/// a gap) while the next message is acknowledged; the acknowledgements it passes go, and so do
+/// the messages it passes that every other member has passed too (remembered as delivered).
+/// The statement's parts do not see each other's writes, so that last test counts this user
+/// at the new position and the others at theirs.
 pub fn advance_position(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
-    let start: i64 = conn
-        .one(
-            r#"SELECT position FROM members WHERE grp = $1 AND "user" = $2"#,
-            &[&group, &user],
-        )?
-        .try_get(0)?;
-    let mut position = start;
-    loop {
-        // The next message this user should receive in the group, if any.
-        let next: Option<i64> = conn
-            .one(
-                "SELECT min(id) FROM messages WHERE grp = $1 AND id > $2 AND sender <> $3",
-                &[&group, &position, &user],
-            )?
-            .try_get(0)?;
-        let Some(next) = next else { break };
-        let acked = conn.exec(
-            r#"DELETE FROM group_acks WHERE grp = $1 AND "user" = $2 AND msg_id = $3"#,
-            &[&group, &user, &next],
-        )?;
-        if acked == 0 {
-            break;
-        }
-        position = next;
-    }
-    if position != start {
-        conn.exec(
-            r#"UPDATE members SET position = $3 WHERE grp = $1 AND "user" = $2"#,
-            &[&group, &user, &position],
-        )?;
-        collect_group_garbage(conn, group, start, position)?;
+    let files = conn.rows(
+        r#"WITH RECURSIVE walk(p) AS (
+               SELECT position FROM members WHERE grp = $1 AND "user" = $2
+               UNION ALL
+               SELECT nxt.id FROM walk, LATERAL (
+                   SELECT m.id FROM messages m
+                    WHERE m.grp = $1 AND m.id > walk.p AND m.sender <> $2
+                    ORDER BY m.id LIMIT 1) nxt
+                WHERE EXISTS (SELECT 1 FROM group_acks a
+                               WHERE a.grp = $1 AND a."user" = $2 AND a.msg_id = nxt.id)),
+           old AS (SELECT position AS p FROM members WHERE grp = $1 AND "user" = $2),
+           next AS (SELECT max(p) AS p FROM walk),
+           dropped AS (
+               DELETE FROM group_acks a USING next
+                WHERE a.grp = $1 AND a."user" = $2 AND a.msg_id <= next.p),
+           moved AS (
+               UPDATE members SET position = next.p FROM next
+                WHERE grp = $1 AND "user" = $2 AND next.p > members.position),
+           gone AS (
+               DELETE FROM messages m USING old, next
+                WHERE m.grp = $1 AND m.id > old.p AND m.id <= next.p
+                  AND NOT EXISTS (SELECT 1 FROM members mb
+                                   WHERE mb.grp = $1 AND mb."user" <> m.sender
+                                     AND mb."user" <> $2 AND mb.position < m.id)
+               RETURNING m.id, m.sender, m.client_id, m.file_id),
+           remembered AS (
+               INSERT INTO delivered (msg_id, sender, client_id)
+               SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING)
+           SELECT file_id FROM gone WHERE file_id IS NOT NULL"#,
+        &[&group, &user],
+    )?;
+    for r in &files {
+        drop_file(conn, r.try_get(0)?)?;
     }
     Ok(())
 }
 
 /// Removes the group messages with ids in `(after, upto]` that every current member other than
-/// their sender has passed.
+/// their sender has passed, remembering them as delivered (one statement), then the files they
+/// offered.
 fn collect_group_garbage(conn: &mut Conn, group: &str, after: i64, upto: i64) -> Result<()> {
-    let done = conn.rows(
-        r#"SELECT id, sender, client_id, file_id FROM messages
-            WHERE grp = $1 AND id > $2 AND id <= $3
-              AND NOT EXISTS (SELECT 1 FROM members mb
-                               WHERE mb.grp = messages.grp AND mb."user" <> messages.sender
-                                 AND mb.position < messages.id)"#,
+    let files = conn.rows(
+        r#"WITH done AS (
+               DELETE FROM messages
+                WHERE grp = $1 AND id > $2 AND id <= $3
+                  AND NOT EXISTS (SELECT 1 FROM members mb
+                                   WHERE mb.grp = messages.grp AND mb."user" <> messages.sender
+                                     AND mb.position < messages.id)
+               RETURNING id, sender, client_id, file_id),
+           remembered AS (
+               INSERT INTO delivered (msg_id, sender, client_id)
+               SELECT id, sender, client_id FROM done ON CONFLICT DO NOTHING)
+           SELECT file_id FROM done WHERE file_id IS NOT NULL"#,
         &[&group, &after, &upto],
     )?;
-    for r in &done {
-        remove_message(
-            conn,
-            r.try_get(0)?,
-            r.try_get(1)?,
-            r.try_get(2)?,
-            r.try_get(3)?,
-        )?;
+    for r in &files {
+        drop_file(conn, r.try_get(0)?)?;
     }
     Ok(())
 }

@@ -58,19 +58,26 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
             drop_file(conn, file)?;
         }
     }
-    for id in ids.iter().filter(|id| !done.contains(id)) {
-        let pending = conn.opt(
+    // The rest are group messages, or not the user's to acknowledge (ignored): one statement
+    // for all of them.
+    let rest: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !done.contains(id))
+        .collect();
+    if !rest.is_empty() {
+        let acked = conn.rows(
             r#"INSERT INTO group_acks (grp, "user", msg_id)
                SELECT m.grp, mb."user", m.id FROM messages m
                  JOIN members mb ON mb.grp = m.grp AND mb."user" = $2
-                WHERE m.id = $1 AND m.sender <> $2 AND m.id > mb.position
+                WHERE m.id = ANY($1) AND m.sender <> $2 AND m.id > mb.position
                ON CONFLICT DO NOTHING
                RETURNING grp"#,
-            &[id, &user],
+            &[&rest, &user],
         )?;
-        if let Some(r) = pending {
+        n += acked.len();
+        for r in &acked {
             let g: String = r.try_get(0)?;
-            n += 1;
             if !touched.contains(&g) {
                 touched.push(g);
             }

@@ -219,26 +219,6 @@ fn online(conn: &mut Conn, user: &str) -> Result<Vec<(u64, String)>> {
     )?)
 }
 
-/// Removes a delivered message, and the file it offers; remembers it as delivered.
-pub fn remove_message(
-    conn: &mut Conn,
-    id: i64,
-    sender: &str,
-    client_id: i64,
-    file: Option<i64>,
-) -> Result<()> {
-    conn.exec("DELETE FROM messages WHERE id = $1", &[&id])?;
-    if let Some(file) = file {
-        drop_file(conn, file)?;
-    }
-    conn.exec(
-        "INSERT INTO delivered (msg_id, sender, client_id) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-        &[&id, &sender, &client_id],
-    )?;
-    Ok(())
-}
-
 fn usage(row: Row) -> Result<Usage> {
     Ok(Usage {
         messages: unsigned(&row, 0)?,
