@@ -348,3 +348,26 @@ fn a_failed_statement_fails_its_job_or_its_whole_batch_never_silently() -> Resul
     store.call(|tx| tx.create_user("after", "h", &keys()))?;
     Ok(())
 }
+
+/// The connection is encrypted when the server offers TLS (scripts/postgres.sh, which CI uses,
+/// turns it on).
+#[test]
+fn the_link_to_postgresql_uses_tls_when_offered() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let mut conn = Conn::connect(&db.url, Duration::from_secs(5))?;
+    let offered: String = conn.one("SHOW ssl", &[])?.try_get(0)?;
+    let ours: bool = conn
+        .one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )?
+        .try_get(0)?;
+    assert_eq!(ours, offered == "on", "TLS is used exactly when offered");
+    assert!(
+        ours,
+        "the tests' PostgreSQL should offer TLS (scripts/postgres.sh turns it on)"
+    );
+    Ok(())
+}
