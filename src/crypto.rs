@@ -10,6 +10,10 @@
 //!
 //! so the cost can change without invalidating existing accounts.
 //!
+//! Forward secrecy (not yet what messages use; issue 22): [`x3dh`], the asynchronous key
+//! agreement over a published bundle of prekeys, and [`ratchet`], the double ratchet it
+//! starts.
+//!
 //! End-to-end: each user has an X25519 key pair (agreement) and an Ed25519 key pair
 //! (signatures), together an [`Identity`]. Two users share a [`PairKey`]:
 //!
@@ -42,6 +46,9 @@ use openssl::symm::Cipher;
 
 use crate::error::{Error, Result};
 use crate::net::PublicKeys;
+
+pub mod ratchet;
+pub mod x3dh;
 
 /// Default scrypt cost: N = 2^15, r = 8, p = 1 (32 MiB and some tens of milliseconds a hash).
 pub const DEFAULT_SCRYPT_LOG_N: u8 = 15;

@@ -1,0 +1,294 @@
+//! The properties the double ratchet and the key agreement promise, each shown by a test that
+//! would fail if it broke.
+
+use super::super::x3dh::{self, Bundle};
+use super::super::Identity;
+use super::{Header, Ratchet, KEPT_FOR_MS, MAX_SKIP};
+use crate::error::{Error, Result};
+
+const AD: &[u8] = b"alice->bob";
+const NOW: i64 = 1_000_000;
+
+/// A captured message: what crossed the wire.
+type Captured = (Header, Vec<u8>);
+
+/// Alice and Bob after a key agreement over Bob's published bundle (with a one-time prekey
+/// when `one_time`).
+fn pair(one_time: bool) -> Result<(Ratchet, Ratchet)> {
+    let alice = Identity::generate()?;
+    let bob = Identity::generate()?;
+    let bob_public = bob.public()?;
+    let (spk, spk_public, signature) = x3dh::signed_prekey(7, |m| bob.sign(m))?;
+    let (opk, opk_public) = super::x25519_pair()?;
+    let bundle = Bundle {
+        identity: bob_public.x25519.clone(),
+        signed_prekey_id: 7,
+        signed_prekey: spk_public.clone(),
+        signature,
+        one_time: one_time.then(|| (3, serde_bytes::ByteBuf::from(opk_public))),
+    };
+    let alice_raw = alice.to_raw()?;
+    let (secret_a, init) = x3dh::initiate(
+        "alice",
+        &alice_raw[..32],
+        "bob",
+        &bob_public.ed25519,
+        &bundle,
+    )?;
+    let bob_raw = bob.to_raw()?;
+    let secret_b = x3dh::respond(
+        "bob",
+        &bob_raw[..32],
+        &spk,
+        one_time.then_some(opk.as_slice()),
+        "alice",
+        &alice.public()?.x25519,
+        &init,
+    )?;
+    assert_eq!(secret_a, secret_b, "both sides agree");
+    Ok((
+        Ratchet::initiator(&secret_a, &spk_public)?,
+        Ratchet::responder(&secret_b, &spk)?,
+    ))
+}
+
+fn send(from: &mut Ratchet, text: &str) -> Result<Captured> {
+    from.seal(AD, text.as_bytes())
+}
+
+fn read(to: &mut Ratchet, m: &Captured) -> Result<String> {
+    Ok(String::from_utf8(to.open(AD, &m.0, &m.1, NOW)?).unwrap())
+}
+
+#[test]
+fn both_sides_agree_with_and_without_a_one_time_prekey() -> Result<()> {
+    for one_time in [true, false] {
+        let (mut alice, mut bob) = pair(one_time)?;
+        assert!(!bob.can_send(), "the responder waits for the first message");
+        let m = send(&mut alice, "hello bob")?;
+        assert_eq!(read(&mut bob, &m)?, "hello bob");
+        let r = send(&mut bob, "hello alice")?;
+        assert_eq!(read(&mut alice, &r)?, "hello alice");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bundle_with_a_forged_signed_prekey_is_refused() -> Result<()> {
+    let bob = Identity::generate()?;
+    let mallory = Identity::generate()?;
+    // The directory (or the server) swaps in a prekey of its own, signed by someone else.
+    let (_, spk_public, signature) = x3dh::signed_prekey(1, |m| mallory.sign(m))?;
+    let bundle = Bundle {
+        identity: bob.public()?.x25519,
+        signed_prekey_id: 1,
+        signed_prekey: spk_public,
+        signature,
+        one_time: None,
+    };
+    let alice = Identity::generate()?.to_raw()?;
+    match x3dh::initiate(
+        "alice",
+        &alice[..32],
+        "bob",
+        &bob.public()?.ed25519,
+        &bundle,
+    ) {
+        Err(Error::Integrity(m)) => assert!(m.contains("signature"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_used_one_time_prekey_cannot_start_a_second_conversation() -> Result<()> {
+    let bob = Identity::generate()?;
+    let (spk, spk_public, signature) = x3dh::signed_prekey(1, |m| bob.sign(m))?;
+    let (_, opk_public) = super::x25519_pair()?;
+    let bundle = Bundle {
+        identity: bob.public()?.x25519,
+        signed_prekey_id: 1,
+        signed_prekey: spk_public,
+        signature,
+        one_time: Some((9, serde_bytes::ByteBuf::from(opk_public))),
+    };
+    let alice = Identity::generate()?;
+    let raw = alice.to_raw()?;
+    let (_, init) = x3dh::initiate("alice", &raw[..32], "bob", &bob.public()?.ed25519, &bundle)?;
+    // Bob deleted prekey 9 after its first use: a replayed first message finds nothing.
+    let bob_raw = bob.to_raw()?;
+    let again = x3dh::respond(
+        "bob",
+        &bob_raw[..32],
+        &spk,
+        None,
+        "alice",
+        &alice.public()?.x25519,
+        &init,
+    );
+    assert!(matches!(again, Err(Error::Integrity(_))), "{again:?}");
+    Ok(())
+}
+
+#[test]
+fn many_round_trips_in_both_directions() -> Result<()> {
+    let (mut alice, mut bob) = pair(true)?;
+    for round in 0..50 {
+        for i in 0..(round % 4 + 1) {
+            let m = send(&mut alice, &format!("a{round}.{i}"))?;
+            assert_eq!(read(&mut bob, &m)?, format!("a{round}.{i}"));
+        }
+        for i in 0..(round % 3 + 1) {
+            let m = send(&mut bob, &format!("b{round}.{i}"))?;
+            assert_eq!(read(&mut alice, &m)?, format!("b{round}.{i}"));
+        }
+    }
+    Ok(())
+}
+
+/// Forward secrecy: ciphertexts captured from the wire, then a copy of the recipient's state
+/// taken after it read them (what a stolen laptop holds), do not open.
+#[test]
+fn a_stolen_state_does_not_open_earlier_messages() -> Result<()> {
+    let (mut alice, mut bob) = pair(true)?;
+    let mut captured = Vec::new();
+    for i in 0..5 {
+        let m = send(&mut alice, &format!("early {i}"))?;
+        read(&mut bob, &m)?;
+        captured.push(m);
+        let r = send(&mut bob, "ok")?;
+        read(&mut alice, &r)?;
+    }
+    // The laptop is stolen now: its state, as saved.
+    let stolen: Ratchet = rmp_serde::from_slice(&rmp_serde::to_vec(&bob).unwrap()).unwrap();
+    for m in &captured {
+        let mut thief = stolen.clone();
+        assert!(
+            thief.open(AD, &m.0, &m.1, NOW).is_err(),
+            "an earlier message opened with the stolen state"
+        );
+    }
+    Ok(())
+}
+
+/// Recovery after compromise: the thief of Bob's state reads along until a round trip that
+/// starts with a message to Bob (he makes a fresh ratchet key pair on it, and Alice's next
+/// messages use it); after that, new messages do not open with the stolen state, even for a
+/// thief who saw every message on the wire and kept its copy in step.
+#[test]
+fn after_a_compromise_and_a_round_trip_new_messages_are_closed_again() -> Result<()> {
+    let (mut alice, mut bob) = pair(true)?;
+    let m = send(&mut alice, "before")?;
+    read(&mut bob, &m)?;
+    let r = send(&mut bob, "ok")?;
+    read(&mut alice, &r)?;
+    // The laptop is stolen; the thief sees everything on the wire from now on.
+    let mut thief = bob.clone();
+    // A round trip: Alice writes (Bob makes a fresh key pair), Bob answers with it.
+    let a1 = send(&mut alice, "while stolen")?;
+    assert_eq!(read(&mut bob, &a1)?, "while stolen");
+    assert_eq!(
+        read(&mut thief, &a1)?,
+        "while stolen",
+        "a compromise reads along"
+    );
+    let b1 = send(&mut bob, "reply")?;
+    read(&mut alice, &b1)?;
+    // Alice's next messages use Bob's fresh key: closed to the thief.
+    for text in ["after the round trip", "and after"] {
+        let m = send(&mut alice, text)?;
+        assert_eq!(read(&mut bob, &m)?, text);
+        assert!(
+            thief.open(AD, &m.0, &m.1, NOW).is_err(),
+            "a message after the round trip opened with the stolen state"
+        );
+    }
+    Ok(())
+}
+
+/// Offline and out-of-order delivery: 1,000 messages over several ratchet steps, delivered in
+/// a shuffled order, all open, each exactly once.
+#[test]
+fn a_thousand_messages_out_of_order_all_open_once() -> Result<()> {
+    let (mut alice, mut bob) = pair(true)?;
+    let first = send(&mut alice, "hi")?;
+    read(&mut bob, &first)?;
+    let mut wire = Vec::new();
+    for i in 0..1000 {
+        // Bob answers now and then without Alice reading it yet: new chains on his side.
+        if i % 250 == 0 {
+            let r = send(&mut bob, "still here")?;
+            read(&mut alice, &r)?;
+        }
+        wire.push((i, send(&mut alice, &format!("m{i}"))?));
+    }
+    // A fixed shuffle (a linear congruential order), then a replay of the first.
+    let mut order: Vec<usize> = (0..wire.len()).collect();
+    let mut x: u64 = 12345;
+    for i in (1..order.len()).rev() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        order.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    for &k in &order {
+        let (i, m) = &wire[k];
+        assert_eq!(read(&mut bob, m)?, format!("m{i}"));
+    }
+    assert_eq!(bob.kept(), 0, "every kept key was used, and deleted");
+    let (_, replay) = &wire[order[0]];
+    assert!(
+        bob.open(AD, &replay.0, &replay.1, NOW).is_err(),
+        "a replay does not open"
+    );
+    Ok(())
+}
+
+#[test]
+fn kept_keys_are_bounded_in_number_and_age() -> Result<()> {
+    let (mut alice, mut bob) = pair(false)?;
+    let first = send(&mut alice, "hi")?;
+    read(&mut bob, &first)?;
+    // A gap larger than a step may skip is refused, and changes nothing.
+    let mut far = None;
+    for _ in 0..=MAX_SKIP + 1 {
+        far = Some(send(&mut alice, "x")?);
+    }
+    let far = far.unwrap();
+    assert!(bob.open(AD, &far.0, &far.1, NOW).is_err());
+    assert_eq!(bob.kept(), 0);
+    // A small gap keeps its keys, for a while.
+    let (mut alice, mut bob) = pair(false)?;
+    let late = send(&mut alice, "late")?;
+    let next = send(&mut alice, "next")?;
+    read(&mut bob, &next)?;
+    assert_eq!(bob.kept(), 1);
+    let much_later = NOW + KEPT_FOR_MS + 1;
+    assert!(
+        bob.open(AD, &late.0, &late.1, much_later).is_err(),
+        "a key kept past its time is gone"
+    );
+    assert_eq!(bob.kept(), 0);
+    Ok(())
+}
+
+#[test]
+fn a_forged_or_altered_message_opens_nothing_and_moves_nothing() -> Result<()> {
+    let (mut alice, mut bob) = pair(true)?;
+    let m = send(&mut alice, "genuine")?;
+    let mut altered = m.clone();
+    altered.1[20] ^= 1;
+    assert!(bob.open(AD, &altered.0, &altered.1, NOW).is_err());
+    let mut header = m.0.clone();
+    header.n += 1;
+    assert!(
+        bob.open(AD, &header, &m.1, NOW).is_err(),
+        "the header is authenticated"
+    );
+    assert!(
+        bob.open(b"bob->alice", &m.0, &m.1, NOW).is_err(),
+        "so is the conversation"
+    );
+    assert_eq!(read(&mut bob, &m)?, "genuine", "the state did not move");
+    Ok(())
+}
