@@ -296,6 +296,37 @@ impl<'a> Outgoing<'a> {
             resend_after: None,
         }
     }
+
+    /// This message as stored under `id`: to `to` (empty for a group message) or `group`.
+    pub fn envelope(&self, id: i64, to: &str, group: Option<&str>, sent_at: i64) -> Envelope {
+        Envelope {
+            id,
+            from: self.from.to_string(),
+            to: to.to_string(),
+            group: group.map(str::to_string),
+            client_id: self.client_id,
+            body: self.body.to_vec(),
+            sent_at,
+        }
+    }
+
+    /// `first`, the message stored under this one's client id, if this is a re-send of it; a
+    /// refusal if the sender used the id for another message (another recipient, another
+    /// body), which would otherwise be dropped as a duplicate without a word.
+    pub fn resend_of(&self, first: Envelope, to: &str, group: Option<&str>) -> Result<Envelope> {
+        if first.to == to && first.group.as_deref() == group && first.body == self.body {
+            Ok(first)
+        } else {
+            Err(crate::Error::refused(
+                crate::error::ErrorCode::Conflict,
+                format!(
+                    "client id {} was already used for another message; give each message its \
+                     own",
+                    self.client_id
+                ),
+            ))
+        }
+    }
 }
 
 /// A session as a chat server checks it.

@@ -2,7 +2,7 @@
 //! per member). See the SQLite backend's `groups`.
 
 use super::files::{drop_file, finish_upload};
-use super::queue::{earlier, envelope_of, newest_message_id, server_users};
+use super::queue::{earlier, joined_connections, newest_message_id, server_users};
 use super::registry::strings;
 use super::Conn;
 use crate::db::{now_ms, Outgoing, StoredMessage};
@@ -234,17 +234,12 @@ pub fn store_group_message(
         .ok_or_else(|| Error::Commit("a group message was not stored".into()))?;
     let id: i64 = first.try_get(0)?;
     let others: bool = first.try_get(1)?;
-    let mut online_at = Vec::with_capacity(rows.len());
-    for r in &rows {
-        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
-            online_at.push((server.max(0) as u64, r.try_get(3)?));
-        }
-    }
+    let online_at = joined_connections(&rows, 2)?;
     if !others {
         collect_group_garbage(conn, group, id - 1, id)?;
     }
     Ok(StoredMessage {
-        envelope: envelope_of(id, msg, "", Some(group), now),
+        envelope: msg.envelope(id, "", Some(group), now),
         online_at,
     })
 }

@@ -41,34 +41,15 @@ pub fn earlier(
     after: i64,
 ) -> Result<Option<Envelope>> {
     if let Some(copy) = stored_copy(conn, msg.from, msg.client_id)? {
-        return same_message(copy, msg, to, group).map(Some);
+        return msg.resend_of(copy, to, group).map(Some);
     }
     let delivered = conn.opt(
         "SELECT msg_id FROM delivered WHERE msg_id > $3 AND sender = $1 AND client_id = $2",
         &[&msg.from, &(msg.client_id as i64), &after],
     )?;
     match delivered {
-        Some(r) => Ok(Some(envelope_of(r.try_get(0)?, msg, to, group, now_ms()))),
+        Some(r) => Ok(Some(msg.envelope(r.try_get(0)?, to, group, now_ms()))),
         None => Ok(None),
-    }
-}
-
-/// The envelope of message `id`: `msg`, to `to` (empty for a group message) or `group`.
-pub fn envelope_of(
-    id: i64,
-    msg: &Outgoing<'_>,
-    to: &str,
-    group: Option<&str>,
-    sent_at: i64,
-) -> Envelope {
-    Envelope {
-        id,
-        from: msg.from.to_string(),
-        to: to.to_string(),
-        group: group.map(str::to_string),
-        client_id: msg.client_id,
-        body: msg.body.to_vec(),
-        sent_at,
     }
 }
 
@@ -86,27 +67,6 @@ pub fn newest_message_id(conn: &mut Conn) -> Result<i64> {
 /// Forgets the deliveries of messages with ids up to `upto`.
 pub fn forget_deliveries(conn: &mut Conn, upto: i64) -> Result<usize> {
     Ok(conn.exec("DELETE FROM delivered WHERE msg_id <= $1", &[&upto])? as usize)
-}
-
-/// `first`, the message stored under `msg`'s client id, if `msg` is a re-send of it; a refusal
-/// if the sender used the id for another message.
-fn same_message(
-    first: Envelope,
-    msg: &Outgoing<'_>,
-    to: &str,
-    group: Option<&str>,
-) -> Result<Envelope> {
-    if first.to == to && first.group.as_deref() == group && first.body == msg.body {
-        Ok(first)
-    } else {
-        Err(Error::refused(
-            ErrorCode::Conflict,
-            format!(
-                "client id {} was already used for another message; give each message its own",
-                msg.client_id
-            ),
-        ))
-    }
 }
 
 /// The message `from` already stored under `client_id`, if any (a re-send).
@@ -167,22 +127,16 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
             return Ok(None);
         };
         let id: i64 = first.try_get(0)?;
-        let mut online = Vec::with_capacity(rows.len());
-        for r in &rows {
-            if let Some(server) = r.try_get::<_, Option<i64>>(1)? {
-                online.push((server.max(0) as u64, r.try_get(2)?));
-            }
-        }
-        Ok(Some((id, online)))
+        Ok(Some((id, joined_connections(&rows, 1)?)))
     };
     let (envelope, online_at) = match (msg.file, msg.resend_after) {
         // The common case (a conflict means a duplicate on the wire).
         (None, None) => match insert(conn)? {
-            Some((id, online)) => (envelope_of(id, msg, to, None, now), online),
+            Some((id, online)) => (msg.envelope(id, to, None, now), online),
             None => {
                 let first = stored_copy(conn, msg.from, msg.client_id)?
                     .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?;
-                (same_message(first, msg, to, None)?, online(conn, to)?)
+                (msg.resend_of(first, to, None)?, online(conn, to)?)
             }
         },
         // A re-send, or an offer that must not finish (and so orphan) a second upload.
@@ -194,7 +148,7 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
                 }
                 let (id, online) = insert(conn)?
                     .ok_or_else(|| Error::Commit("a message was stored twice".into()))?;
-                (envelope_of(id, msg, to, None, now), online)
+                (msg.envelope(id, to, None, now), online)
             }
         },
     };
@@ -202,6 +156,18 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
         envelope,
         online_at,
     })
+}
+
+/// `(server, user)` from columns `at` and `at + 1` of rows that joined a message with the
+/// presence of its recipients (a row without a connection has no server).
+pub fn joined_connections(rows: &[Row], at: usize) -> Result<Vec<(u64, String)>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let Some(server) = r.try_get::<_, Option<i64>>(at)? {
+            out.push((server.max(0) as u64, r.try_get(at + 1)?));
+        }
+    }
+    Ok(out)
 }
 
 /// `(server, user)` from the rows of a presence query.

@@ -37,7 +37,7 @@ pub fn earlier(
     after: i64,
 ) -> Result<Option<Envelope>> {
     if let Some(copy) = stored_copy(conn, msg.from, msg.client_id)? {
-        return same_message(copy, msg, to, group).map(Some);
+        return msg.resend_of(copy, to, group).map(Some);
     }
     let delivered: Option<i64> = conn
         .prepare_cached(
@@ -45,26 +45,7 @@ pub fn earlier(
         )?
         .query_row(params![msg.from, msg.client_id as i64, after], |r| r.get(0))
         .optional()?;
-    Ok(delivered.map(|id| envelope_of(id, msg, to, group, now_ms())))
-}
-
-/// The envelope of message `id`: `msg`, to `to` (empty for a group message) or `group`.
-fn envelope_of(
-    id: i64,
-    msg: &Outgoing<'_>,
-    to: &str,
-    group: Option<&str>,
-    sent_at: i64,
-) -> Envelope {
-    Envelope {
-        id,
-        from: msg.from.to_string(),
-        to: to.to_string(),
-        group: group.map(str::to_string),
-        client_id: msg.client_id,
-        body: msg.body.to_vec(),
-        sent_at,
-    }
+    Ok(delivered.map(|id| msg.envelope(id, to, group, now_ms())))
 }
 
 /// The envelope of `msg`, the row just inserted.
@@ -75,7 +56,7 @@ pub fn new_envelope(
     group: Option<&str>,
     sent_at: i64,
 ) -> Envelope {
-    envelope_of(conn.last_insert_rowid(), msg, to, group, sent_at)
+    msg.envelope(conn.last_insert_rowid(), to, group, sent_at)
 }
 
 /// Remembers that a message was delivered and removed (see the `delivered` table).
@@ -106,28 +87,6 @@ pub fn forget_deliveries(conn: &Connection, upto: i64) -> Result<usize> {
     Ok(conn
         .prepare_cached("DELETE FROM delivered WHERE msg_id <= ?1")?
         .execute(params![upto])?)
-}
-
-/// `first`, the message stored under `msg`'s client id, if `msg` is a re-send of it; a refusal
-/// if the sender used the id for another message (another recipient, another body), which
-/// would otherwise be dropped as a duplicate without a word.
-fn same_message(
-    first: Envelope,
-    msg: &Outgoing<'_>,
-    to: &str,
-    group: Option<&str>,
-) -> Result<Envelope> {
-    if first.to == to && first.group.as_deref() == group && first.body == msg.body {
-        Ok(first)
-    } else {
-        Err(Error::refused(
-            ErrorCode::Conflict,
-            format!(
-                "client id {} was already used for another message; give each message its own",
-                msg.client_id
-            ),
-        ))
-    }
 }
 
 /// The message `from` already stored under `client_id`, if any (a re-send).
@@ -172,7 +131,7 @@ pub fn store_message(conn: &Connection, msg: &Outgoing<'_>, to: &str) -> Result<
             0 => {
                 let first = stored_copy(conn, from, client_id)?
                     .ok_or_else(|| Error::Commit("a re-sent message vanished".into()))?;
-                same_message(first, msg, to, None)?
+                msg.resend_of(first, to, None)?
             }
             _ => new_envelope(conn, msg, to, None, now),
         },
