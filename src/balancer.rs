@@ -27,7 +27,10 @@ use crate::db::{now_ms, SessionRow, Store};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listen::{self, Threads};
 use crate::names;
-use crate::net::{BalancerReply, BalancerRequest, Request, Response, ServerInfo};
+use crate::net::{
+    BalancerReply, BalancerRequest, Request, Response, ServerInfo, MAX_ONE_TIME_PREKEYS,
+    PREKEYS_PER_REQUEST,
+};
 use crate::transport::pki::{Member, Role};
 use crate::transport::{Channel, Transport};
 
@@ -270,6 +273,52 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
 }
 
 /// The user of the session whose token is `token`, if `proof` shows that the sender holds the
+
+/// Stores a user's prekeys (`Prekeys`): a signed prekey must carry the user's own signature
+/// (so that a client's mistake cannot publish a key its peers will refuse), every key is an
+/// X25519 public key, and no more than [`MAX_ONE_TIME_PREKEYS`] are kept. Returns how many
+/// one-time prekeys the user has.
+fn publish_prekeys(
+    shared: &Shared,
+    user: String,
+    signed: Option<crate::net::SignedPrekey>,
+    one_time: Vec<(u32, serde_bytes::ByteBuf)>,
+) -> Result<u32> {
+    let bad = |why: String| Error::refused(ErrorCode::BadRequest, why);
+    if let Some(s) = &signed {
+        let keys = shared
+            .store
+            .read(|tx| tx.user_keys(&user))?
+            .ok_or_else(|| bad("no such user".into()))?;
+        let message = crypto::x3dh::signed_prekey_message(s.id, &s.public);
+        if s.public.len() != 32 || !crypto::verify_signature(&keys.ed25519, &message, &s.signature)?
+        {
+            return Err(bad(format!(
+                "signed prekey {} does not carry your identity key's signature",
+                s.id
+            )));
+        }
+    }
+    if one_time.len() > PREKEYS_PER_REQUEST {
+        return Err(bad(format!(
+            "at most {PREKEYS_PER_REQUEST} one-time prekeys at once"
+        )));
+    }
+    if let Some((id, _)) = one_time.iter().find(|(_, k)| k.len() != 32) {
+        return Err(bad(format!(
+            "one-time prekey {id} is not an X25519 public key"
+        )));
+    }
+    let one_time: Vec<(u32, Vec<u8>)> = one_time
+        .into_iter()
+        .map(|(id, k)| (id, k.into_vec()))
+        .collect();
+    let n = shared
+        .store
+        .call(move |tx| tx.put_prekeys(&user, signed.as_ref(), &one_time, MAX_ONE_TIME_PREKEYS))?;
+    Ok(n.min(u32::MAX as u64) as u32)
+}
+
 /// session's key and made the proof for this connection (with TLS).
 fn proven_session(shared: &Shared, peer: &Peer, token: &str, proof: &[u8]) -> Result<String> {
     Ok(proven_row(shared, peer, token, proof)?.0.user)
@@ -441,6 +490,31 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 ));
             }
             Ok(BalancerReply::Keys { name, keys })
+        }
+        BalancerRequest::Prekeys {
+            token,
+            proof,
+            signed,
+            one_time,
+        } => {
+            let user = proven_session(shared, peer, &token, &proof)?;
+            let n = publish_prekeys(shared, user, signed, one_time)?;
+            Ok(BalancerReply::Prekeys { one_time: n })
+        }
+        BalancerRequest::Bundle { name, token, proof } => {
+            proven_session(shared, peer, &token, &proof)?;
+            names::validate("user", &name)?;
+            let whose = name.clone();
+            // On the writer: the one-time prekey handed out is deleted in the same commit, so
+            // no two askers ever get the same one.
+            let bundle = shared.store.call(move |tx| tx.take_bundle(&whose))?;
+            if bundle.is_none() && !shared.store.read(|tx| tx.user_exists(&name))? {
+                return Err(Error::refused(
+                    ErrorCode::UnknownUser,
+                    format!("no such user: {name}"),
+                ));
+            }
+            Ok(BalancerReply::Bundle { name, bundle })
         }
         BalancerRequest::Register { addr, name } => {
             let sid = register(shared, peer, addr, name)?;

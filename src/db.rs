@@ -560,6 +560,22 @@ pub trait Tx {
         member: &str,
     ) -> Result<Option<(Vec<u8>, String)>>;
 
+    // -- Prekeys (the key directory of the asynchronous key agreement) --------------------
+
+    /// Stores prekeys of `user`: `signed` replaces their signed prekey; `one_time` are added
+    /// unless that would make more than `max` (refused). Returns how many one-time prekeys
+    /// they now have.
+    fn put_prekeys(
+        &mut self,
+        user: &str,
+        signed: Option<&crate::net::SignedPrekey>,
+        one_time: &[(u32, Vec<u8>)],
+        max: usize,
+    ) -> Result<u64>;
+    /// A user's bundle: their identity X25519 key, signed prekey, and one one-time prekey,
+    /// which is deleted (never handed out twice); `None` without a signed prekey.
+    fn take_bundle(&mut self, user: &str) -> Result<Option<crate::crypto::x3dh::Bundle>>;
+
     // -- Operators (fastchat-admin) ------------------------------------------------------
 
     /// Every account, by name, with what it holds on the servers.

@@ -242,6 +242,54 @@ pub enum BalancerRequest {
         /// The new public keys.
         keys: PublicKeys,
     },
+    /// Publish prekeys for the asynchronous key agreement (`Prekeys`: how many one-time
+    /// prekeys the directory now holds for the caller). `signed`, if given, replaces the
+    /// caller's signed prekey (its signature is checked against the caller's identity key);
+    /// `one_time` are added (ids unique per user, at most [`PREKEYS_PER_REQUEST`] at once and
+    /// [`MAX_ONE_TIME_PREKEYS`] kept). With neither, it only counts.
+    Prekeys {
+        /// The session token.
+        token: String,
+        /// The session key's proof for this connection.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+        /// A new signed prekey.
+        signed: Option<SignedPrekey>,
+        /// New one-time prekeys: (id, X25519 public key).
+        one_time: Vec<(u32, serde_bytes::ByteBuf)>,
+    },
+    /// Get a user's prekey bundle (`Bundle`), for a logged-in user only. The directory hands
+    /// out each one-time prekey once: it is deleted as it is handed out.
+    Bundle {
+        /// Whose bundle.
+        name: String,
+        /// The asker's session token.
+        token: String,
+        /// The session key's proof for this connection.
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
+}
+
+/// The most one-time prekeys the directory keeps for one user.
+pub const MAX_ONE_TIME_PREKEYS: usize = 200;
+
+/// The most one-time prekeys one `Prekeys` request carries (a request to the balancer is at
+/// most 4 KiB).
+pub const PREKEYS_PER_REQUEST: usize = 64;
+
+/// A signed prekey as published: its id, its X25519 public key, and the Ed25519 signature of
+/// `crypto::x3dh::signed_prekey_message(id, public)` by the owner's identity key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedPrekey {
+    /// Its id (the owner's choice; a new one replaces the old).
+    pub id: u32,
+    /// The X25519 public key.
+    #[serde(with = "serde_bytes")]
+    pub public: Vec<u8>,
+    /// The owner's signature.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
 }
 
 /// What a chat server has done since it started, reported with each heartbeat.
@@ -292,6 +340,18 @@ pub enum BalancerReply {
     Peers {
         /// Live servers other than the caller.
         peers: Vec<ServerInfo>,
+    },
+    /// Prekeys stored: how many one-time prekeys the directory holds for the caller.
+    Prekeys {
+        /// One-time prekeys left.
+        one_time: u32,
+    },
+    /// A user's prekey bundle; `None` if they have published none yet.
+    Bundle {
+        /// Whose.
+        name: String,
+        /// The bundle (with one one-time prekey while any are left).
+        bundle: Option<crate::crypto::x3dh::Bundle>,
     },
 }
 

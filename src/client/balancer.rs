@@ -192,6 +192,46 @@ impl BalancerClient {
             other => Err(unexpected("Keys", &other)),
         }
     }
+
+    /// Publishes prekeys for the asynchronous key agreement (a new signed prekey, and
+    /// one-time prekeys to add); returns how many one-time prekeys the directory holds for
+    /// this user. With neither, it only counts.
+    pub fn publish_prekeys(
+        &mut self,
+        session: &Session,
+        signed: Option<crate::net::SignedPrekey>,
+        one_time: Vec<(u32, Vec<u8>)>,
+    ) -> Result<u32> {
+        match self.request(BalancerRequest::Prekeys {
+            token: session.token.clone(),
+            proof: self.proof(session)?,
+            signed,
+            one_time: one_time
+                .into_iter()
+                .map(|(id, k)| (id, serde_bytes::ByteBuf::from(k)))
+                .collect(),
+        })? {
+            BalancerReply::Prekeys { one_time } => Ok(one_time),
+            other => Err(unexpected("Prekeys", &other)),
+        }
+    }
+
+    /// `name`'s prekey bundle (taking one of their one-time prekeys while any are left);
+    /// `None` if they have published none.
+    pub fn bundle(
+        &mut self,
+        session: &Session,
+        name: &str,
+    ) -> Result<Option<crate::crypto::x3dh::Bundle>> {
+        match self.request(BalancerRequest::Bundle {
+            name: name.into(),
+            token: session.token.clone(),
+            proof: self.proof(session)?,
+        })? {
+            BalancerReply::Bundle { bundle, .. } => Ok(bundle),
+            other => Err(unexpected("Bundle", &other)),
+        }
+    }
 }
 
 fn session(reply: BalancerReply, key: Arc<SessionKey>) -> Result<Session> {

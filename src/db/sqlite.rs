@@ -37,6 +37,7 @@ pub mod files;
 pub mod groups;
 pub mod inbox;
 pub mod operators;
+pub mod prekeys;
 pub mod queue;
 pub mod registry;
 pub mod schema;
@@ -383,6 +384,19 @@ impl Tx for SqliteTx<'_> {
     }
     fn renew_session(&mut self, token_hash: &[u8], expires_at: i64) -> Result<()> {
         accounts::renew_session(self.conn, token_hash, expires_at)
+    }
+
+    fn put_prekeys(
+        &mut self,
+        user: &str,
+        signed: Option<&crate::net::SignedPrekey>,
+        one_time: &[(u32, Vec<u8>)],
+        max: usize,
+    ) -> Result<u64> {
+        prekeys::put_prekeys(self.conn, user, signed, one_time, max)
+    }
+    fn take_bundle(&mut self, user: &str) -> Result<Option<crate::crypto::x3dh::Bundle>> {
+        prekeys::take_bundle(self.conn, user)
     }
 
     fn users(&mut self) -> Result<Vec<UserSummary>> {

@@ -119,6 +119,19 @@ const MIGRATIONS: &[&str] = &[
         sender    TEXT NOT NULL,
         client_id BIGINT NOT NULL
     );"#,
+    // Version 2: prekeys for the asynchronous key agreement (SQLite's version 6).
+    r#"CREATE TABLE signed_prekeys (
+        "user"    TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+        id        BIGINT NOT NULL,
+        public    BYTEA NOT NULL,
+        signature BYTEA NOT NULL
+    );
+    CREATE TABLE one_time_prekeys (
+        "user" TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        id     BIGINT NOT NULL,
+        public BYTEA NOT NULL,
+        PRIMARY KEY ("user", id)
+    );"#,
 ];
 
 /// Applies every migration the database has not had, in one transaction, under an advisory

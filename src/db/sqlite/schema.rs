@@ -162,6 +162,20 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX users_name_nocase ON users(name COLLATE NOCASE);
     CREATE INDEX groups_name_nocase ON groups(name COLLATE NOCASE);
     ALTER TABLE users ADD COLUMN rekey INTEGER NOT NULL DEFAULT 0;",
+    // Version 6: prekeys for the asynchronous key agreement (forward secrecy): one signed
+    // prekey per user, and one-time prekeys, each handed out once.
+    "CREATE TABLE signed_prekeys (
+        user      TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+        id        INTEGER NOT NULL,
+        public    BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    CREATE TABLE one_time_prekeys (
+        user   TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        id     INTEGER NOT NULL,
+        public BLOB NOT NULL,
+        PRIMARY KEY (user, id)
+    ) WITHOUT ROWID;",
 ];
 
 /// Opens (creating if needed) the database file and brings its schema up to date.

@@ -1,0 +1,138 @@
+//! The key directory's prekeys (the asynchronous key agreement of forward secrecy): published
+//! with the owner's signature, each one-time prekey handed out once however many ask at once,
+//! the signed prekey alone once they run out.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::Cluster;
+use fastchat::client::{BalancerClient, Session};
+use fastchat::crypto::{x3dh, Identity};
+use fastchat::net::{ErrorCode, SignedPrekey};
+
+/// Signs `user` up with a fresh identity (kept, to sign prekeys) and logs them in.
+fn user(c: &Cluster, name: &str) -> (Identity, Session) {
+    let identity = Identity::generate().unwrap();
+    let mut b = c.balancer_client();
+    b.signup(name, &format!("pw-{name}"), identity.public().unwrap())
+        .unwrap();
+    let session = b.login(name, &format!("pw-{name}")).unwrap();
+    (identity, session)
+}
+
+fn signed(identity: &Identity, id: u32) -> SignedPrekey {
+    let (_, public, signature) = x3dh::signed_prekey(id, |m| identity.sign(m)).unwrap();
+    SignedPrekey {
+        id,
+        public,
+        signature,
+    }
+}
+
+fn one_time(ids: std::ops::Range<u32>) -> Vec<(u32, Vec<u8>)> {
+    ids.map(|id| (id, fastchat::crypto::ratchet::x25519_pair().unwrap().1))
+        .collect()
+}
+
+fn refusal(r: fastchat::Result<impl std::fmt::Debug>) -> (ErrorCode, String) {
+    match r {
+        Err(fastchat::Error::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_one_time_prekey_is_handed_out_once_then_the_signed_prekey_alone() {
+    let c = Cluster::start(1);
+    let (alice, alice_session) = user(&c, "alice");
+    let (_, bob_session) = user(&c, "bob");
+    let mut b = c.balancer_client();
+    assert_eq!(
+        b.bundle(&bob_session, "alice").unwrap(),
+        None,
+        "nothing published yet"
+    );
+    let n = b
+        .publish_prekeys(&alice_session, Some(signed(&alice, 1)), one_time(0..5))
+        .unwrap();
+    assert_eq!(n, 5);
+    // Eight askers at once, each on a connection of its own.
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let session = bob_session.clone();
+            let addr = c.balancer_addr.clone();
+            let transport = c.transport.clone();
+            std::thread::spawn(move || {
+                BalancerClient::connect(&addr, &transport)
+                    .and_then(|mut b| b.bundle(&session, "alice"))
+                    .unwrap()
+                    .expect("a bundle")
+            })
+        })
+        .collect();
+    let bundles: Vec<x3dh::Bundle> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let handed: Vec<u32> = bundles
+        .iter()
+        .filter_map(|b| b.one_time.as_ref().map(|(id, _)| *id))
+        .collect();
+    let distinct: HashSet<u32> = handed.iter().copied().collect();
+    assert_eq!(
+        handed.len(),
+        5,
+        "five askers got a one-time prekey: {handed:?}"
+    );
+    assert_eq!(distinct.len(), 5, "never the same one twice: {handed:?}");
+    // Every bundle, with or without a one-time prekey, starts a key agreement that checks.
+    let keys = b.keys(&bob_session, "alice").unwrap();
+    let bob_identity = Identity::generate().unwrap().to_raw().unwrap();
+    for bundle in &bundles {
+        x3dh::initiate("bob", &bob_identity[..32], "alice", &keys.ed25519, bundle).unwrap();
+    }
+    assert_eq!(
+        b.publish_prekeys(&alice_session, None, Vec::new()).unwrap(),
+        0,
+        "all used up"
+    );
+}
+
+#[test]
+fn prekeys_must_be_the_owners_and_well_formed() {
+    let c = Cluster::start(1);
+    let (alice, alice_session) = user(&c, "alice");
+    let (mallory, _) = user(&c, "mallory");
+    let mut b = c.balancer_client();
+    // A signed prekey signed by someone else is refused: peers would refuse it anyway.
+    let (code, message) =
+        refusal(b.publish_prekeys(&alice_session, Some(signed(&mallory, 1)), Vec::new()));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("signature"), "{message}");
+    // An id used twice, a key that is not one, too many.
+    b.publish_prekeys(&alice_session, Some(signed(&alice, 1)), one_time(0..3))
+        .unwrap();
+    let (code, message) = refusal(b.publish_prekeys(&alice_session, None, one_time(2..4)));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("published before"), "{message}");
+    let (code, _) = refusal(b.publish_prekeys(&alice_session, None, vec![(50, vec![1; 5])]));
+    assert_eq!(code, ErrorCode::BadRequest);
+    // At most so many at once, and so many in all (3 + 3 x 64 = 195 of 200: 64 more are
+    // refused, and nothing of a refused request is kept).
+    let per = fastchat::net::PREKEYS_PER_REQUEST as u32;
+    let (code, _) = refusal(b.publish_prekeys(&alice_session, None, one_time(100..101 + per)));
+    assert_eq!(code, ErrorCode::BadRequest);
+    for k in 0..3 {
+        let from = 100 + k * per;
+        b.publish_prekeys(&alice_session, None, one_time(from..from + per))
+            .unwrap();
+    }
+    let (code, message) =
+        refusal(b.publish_prekeys(&alice_session, None, one_time(500..500 + per)));
+    assert_eq!(code, ErrorCode::QuotaExceeded, "{message}");
+    assert_eq!(
+        b.publish_prekeys(&alice_session, None, Vec::new()).unwrap(),
+        3 + 3 * per
+    );
+    // A bundle for nobody is refused as an unknown user.
+    let (code, _) = refusal(b.bundle(&alice_session, "nobody"));
+    assert_eq!(code, ErrorCode::UnknownUser);
+}
