@@ -272,8 +272,6 @@ fn requests(chan: &mut Channel, shared: &Shared, peer: &mut Peer) -> Result<()> 
     }
 }
 
-/// The user of the session whose token is `token`, if `proof` shows that the sender holds the
-
 /// Stores a user's prekeys (`Prekeys`): a signed prekey must carry the user's own signature
 /// (so that a client's mistake cannot publish a key its peers will refuse), every key is an
 /// X25519 public key, and no more than [`MAX_ONE_TIME_PREKEYS`] are kept. Returns how many
@@ -319,6 +317,7 @@ fn publish_prekeys(
     Ok(n.min(u32::MAX as u64) as u32)
 }
 
+/// The user of the session whose token is `token`, if `proof` shows that the sender holds the
 /// session's key and made the proof for this connection (with TLS).
 fn proven_session(shared: &Shared, peer: &Peer, token: &str, proof: &[u8]) -> Result<String> {
     Ok(proven_row(shared, peer, token, proof)?.0.user)

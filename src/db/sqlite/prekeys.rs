@@ -53,16 +53,22 @@ fn count(conn: &Connection, user: &str) -> Result<u64> {
 
 /// `user`'s bundle, taking (deleting) one one-time prekey; `None` without a signed prekey.
 pub fn take_bundle(conn: &Connection, user: &str) -> Result<Option<Bundle>> {
-    let signed: Option<(Vec<u8>, u32, Vec<u8>, Vec<u8>)> = conn
+    let signed: Option<Bundle> = conn
         .prepare_cached(
             "SELECT u.x25519, s.id, s.public, s.signature
                FROM signed_prekeys s JOIN users u ON u.name = s.user WHERE s.user = ?1",
         )?
         .query_row(params![user], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok(Bundle {
+                identity: r.get(0)?,
+                signed_prekey_id: r.get(1)?,
+                signed_prekey: r.get(2)?,
+                signature: r.get(3)?,
+                one_time: None,
+            })
         })
         .optional()?;
-    let Some((identity, signed_prekey_id, signed_prekey, signature)) = signed else {
+    let Some(mut bundle) = signed else {
         return Ok(None);
     };
     let one_time: Option<(u32, Vec<u8>)> = conn
@@ -73,11 +79,6 @@ pub fn take_bundle(conn: &Connection, user: &str) -> Result<Option<Bundle>> {
         )?
         .query_row(params![user], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(Some(Bundle {
-        identity,
-        signed_prekey_id,
-        signed_prekey,
-        signature,
-        one_time: one_time.map(|(id, p)| (id, serde_bytes::ByteBuf::from(p))),
-    }))
+    bundle.one_time = one_time.map(|(id, p)| (id, serde_bytes::ByteBuf::from(p)));
+    Ok(Some(bundle))
 }
