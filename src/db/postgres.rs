@@ -260,9 +260,14 @@ impl Readers {
             if pool.open < MAX_READERS {
                 pool.open += 1;
                 drop(pool);
-                return Conn::connect(&self.url, self.busy_timeout).inspect_err(|_| {
+                return Conn::connect(&self.url, self.busy_timeout).map_err(|e| {
                     self.pool.lock().open -= 1;
                     self.freed.notify_one();
+                    log::warn!("{e}");
+                    Error::refused(
+                        crate::error::ErrorCode::Unavailable,
+                        "the database cannot be reached now; try again",
+                    )
                 });
             }
             if self.freed.wait_until(&mut pool, deadline).timed_out() {
@@ -305,7 +310,14 @@ impl Batch for WriterConn {
     fn begin(&mut self) -> Result<()> {
         if self.conn.is_closed() {
             log::warn!("database connection lost; connecting again");
-            self.conn = Conn::connect(&self.url, self.busy_timeout)?;
+            self.conn = Conn::connect(&self.url, self.busy_timeout).map_err(|e| {
+                log::warn!("{e}");
+                // What the batch's requesters are told: try again (not where the database is).
+                Error::refused(
+                    crate::error::ErrorCode::Unavailable,
+                    "the database cannot be reached now; nothing was stored, try again",
+                )
+            })?;
         }
         // One round trip: the lock waits at most `lock_timeout` (the busy timeout). A lock
         // not had leaves the transaction begun and aborted: it is rolled back here, or the
