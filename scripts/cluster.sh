@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Starts or stops a local fastchat cluster: one balancer and N chat servers on one SQLite file.
+# Starts or stops a local fastchat cluster: one balancer and N chat servers on one database.
 #
 #   scripts/cluster.sh start N DIR [BALANCER-OPTIONS...]   start a balancer and N servers in DIR
 #   scripts/cluster.sh stop DIR                            stop every process started in DIR
 #   scripts/cluster.sh status DIR                          list the processes and the live servers
 #
-# DIR holds chat.db, tls/ (the cluster's certificate authority and a certificate per process,
-# made on the first start), one log and one PID file per process, and "balancer.addr". Every
+# DIR holds chat.db (or, with FASTCHAT_DB=postgres://..., the cluster uses that database),
+# tls/ (the cluster's certificate authority and a certificate per process, made on the first
+# start), one log and one PID file per process, and "balancer.addr". Every
 # link is TLS. Processes are stopped by the PIDs recorded there, nothing else. Binaries come
 # from target/release (built if missing) unless FASTCHAT_BIN names another folder.
 set -euo pipefail
@@ -14,7 +15,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/lib.sh"
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
