@@ -31,6 +31,7 @@ pub mod e2e;
 pub mod files;
 pub mod history;
 pub mod keystore;
+pub mod prekeys;
 pub mod receipts;
 pub mod replay;
 pub mod text;

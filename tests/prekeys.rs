@@ -136,3 +136,74 @@ fn prekeys_must_be_the_owners_and_well_formed() {
     let (code, _) = refusal(b.bundle(&alice_session, "nobody"));
     assert_eq!(code, ErrorCode::UnknownUser);
 }
+
+/// The client's side: `fastchat login` publishes a signed prekey and one-time prekeys whose
+/// private halves it keeps, sealed, in the user's folder, and tops them up once others have
+/// used them.
+#[test]
+fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
+    use fastchat::client::keystore::Keystore;
+    use fastchat::client::prekeys::{Prekeys, LOW_WATER};
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    let bob = c.balancer_client().login("bob", "pw-bob").unwrap();
+    let mut b = c.balancer_client();
+    assert_eq!(
+        b.bundle(&bob, "alice").unwrap(),
+        None,
+        "nothing before alice logs in"
+    );
+    let out = c.run("alice", &["login"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let keys = b.keys(&bob, "alice").unwrap();
+    let bundle = b
+        .bundle(&bob, "alice")
+        .unwrap()
+        .expect("alice published a bundle");
+    let bob_identity = Identity::generate().unwrap().to_raw().unwrap();
+    x3dh::initiate("bob", &bob_identity[..32], "alice", &keys.ed25519, &bundle).unwrap();
+    // Alice's folder holds the private halves of what the directory handed out, sealed.
+    let store = Keystore::new(&c.home(), "alice");
+    let identity = store.load_identity("pw-alice").unwrap();
+    let kept = Prekeys::load(&store, &identity).unwrap();
+    let public_of = |private: &[u8]| {
+        openssl::pkey::PKey::private_key_from_raw_bytes(private, openssl::pkey::Id::X25519)
+            .unwrap()
+            .raw_public_key()
+            .unwrap()
+    };
+    let signed = kept
+        .signed_private(bundle.signed_prekey_id)
+        .expect("the signed prekey");
+    assert_eq!(public_of(signed), bundle.signed_prekey);
+    let (id, public) = bundle.one_time.clone().expect("a one-time prekey");
+    let one_time = kept.one_time_private(id).expect("its private half");
+    assert_eq!(public_of(one_time), public.into_vec());
+    let file = std::fs::read(store.dir().join("prekeys")).unwrap();
+    assert!(
+        !file.windows(32).any(|w| w == signed || w == one_time),
+        "the private halves are not in the file in the clear"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(store.dir().join("prekeys"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Others use them up, down to fewer than the low-water mark.
+    let alice = c.balancer_client().login("alice", "pw-alice").unwrap();
+    let start = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
+    assert!(start >= LOW_WATER, "the login published plenty: {start}");
+    for _ in 0..=(start - LOW_WATER) {
+        b.bundle(&bob, "alice").unwrap();
+    }
+    let held = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
+    assert!(held < LOW_WATER);
+    // Alice's next login tops them up.
+    let out = c.run("alice", &["login"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let after = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
+    assert_eq!(after, held + fastchat::net::PREKEYS_PER_REQUEST as u32);
+    let _ = c.run("alice", &["logout"]);
+}

@@ -44,6 +44,28 @@ impl Keystore {
         &self.dir
     }
 
+    /// Whose folder.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Replaces `path` (in this folder) with `data` so that a crash leaves the old file or the
+    /// new one, never a mix: a private temporary file, synced, renamed over it, the folder
+    /// synced.
+    pub fn write_atomically(&self, path: &Path, data: &[u8]) -> Result<()> {
+        self.ensure_dir()?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        write_private(&tmp, data)?;
+        fs::rename(&tmp, path)
+            .map_err(|e| Error::Local(format!("cannot write {}: {e}", path.display())))?;
+        if let Ok(d) = fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
     fn key_path(&self) -> PathBuf {
         self.dir.join("identity.key")
     }

@@ -1,0 +1,180 @@
+//! The user's prekeys for the asynchronous key agreement (forward secrecy, issue 22): the
+//! private halves of what the key directory hands out, kept in `FASTCHAT_HOME/USER/prekeys`.
+//!
+//! * The file is sealed (AES-256-GCM) under a key derived from the identity's private key, so
+//!   it opens exactly where the identity does (the password), and it is written atomically
+//!   (a temporary file, synced, renamed): a crash leaves the old file or the new one.
+//! * It is saved *before* new prekeys are published: whatever the directory hands out has its
+//!   private half here.
+//! * [`refresh`] makes a signed prekey when there is none or it is older than
+//!   [`SIGNED_LIFETIME_MS`] (the one before is kept, for key agreements already under way), and
+//!   tops up the one-time prekeys when the directory holds fewer than [`LOW_WATER`].
+//!   `fastchat login` runs it (a signup does not log in: a login is handed a server, which
+//!   round-robin and least-loaded count; publishing the first prekeys with the signup itself
+//!   is the next step).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::balancer::{BalancerClient, Session};
+use super::keystore::Keystore;
+use crate::crypto::{hkdf_sha256, ratchet, x3dh, Identity, PairKey};
+use crate::error::{Error, Result};
+use crate::net::{SignedPrekey, MAX_ONE_TIME_PREKEYS, PREKEYS_PER_REQUEST};
+
+/// Below this many one-time prekeys in the directory, [`refresh`] publishes more.
+pub const LOW_WATER: u32 = 32;
+
+/// How long a signed prekey is used before a new one replaces it (7 days).
+pub const SIGNED_LIFETIME_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// One-time private keys kept at most: the directory holds up to
+/// [`MAX_ONE_TIME_PREKEYS`], and those it handed out wait here for their first message.
+const KEPT_ONE_TIME: usize = 4 * MAX_ONE_TIME_PREKEYS;
+
+/// A signed prekey's private half.
+#[derive(Clone, Serialize, Deserialize)]
+struct Signed {
+    id: u32,
+    private: ByteBuf,
+    made_at: i64,
+}
+
+/// The private halves of a user's prekeys.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Prekeys {
+    signed: Option<Signed>,
+    /// The signed prekey before the current one.
+    previous: Option<Signed>,
+    /// One-time prekeys by id.
+    one_time: BTreeMap<u32, ByteBuf>,
+    /// The next id to give (signed and one-time prekeys share the count; never reused).
+    next_id: u32,
+}
+
+fn path(store: &Keystore) -> PathBuf {
+    store.dir().join("prekeys")
+}
+
+/// What the file is bound to: its kind and its owner.
+fn aad(store: &Keystore) -> Vec<u8> {
+    let mut a = b"fastchat/prekeys/v1".to_vec();
+    a.extend_from_slice(store.user().as_bytes());
+    a
+}
+
+/// The key the file is sealed under: derived from the identity's private X25519 key.
+fn file_key(identity: &Identity) -> Result<PairKey> {
+    let mut raw = identity.to_raw()?;
+    let key = hkdf_sha256(&raw[..32], b"fastchat/state/v1", b"prekeys");
+    raw.fill(0);
+    Ok(PairKey(key?))
+}
+
+impl Prekeys {
+    /// The user's prekeys (none yet if the file does not exist).
+    pub fn load(store: &Keystore, identity: &Identity) -> Result<Prekeys> {
+        let file = path(store);
+        let sealed = match std::fs::read(&file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prekeys::default()),
+            Err(e) => {
+                return Err(Error::Local(format!("cannot read {}: {e}", file.display())));
+            }
+        };
+        let plain = file_key(identity)?
+            .open(&aad(store), &sealed)
+            .map_err(|_| {
+                Error::Local(format!(
+                    "{} does not open with this identity (damaged, or another user's)",
+                    file.display()
+                ))
+            })?;
+        rmp_serde::from_slice(&plain)
+            .map_err(|e| Error::Local(format!("{} is damaged: {e}", file.display())))
+    }
+
+    /// Seals and writes the prekeys atomically.
+    pub fn save(&self, store: &Keystore, identity: &Identity) -> Result<()> {
+        let plain = rmp_serde::to_vec(self).map_err(|e| Error::Local(e.to_string()))?;
+        let sealed = file_key(identity)?.seal(&aad(store), &plain)?;
+        store.write_atomically(&path(store), &sealed)
+    }
+
+    /// The private half of signed prekey `id` (the current one or the one before).
+    pub fn signed_private(&self, id: u32) -> Option<&[u8]> {
+        [&self.signed, &self.previous]
+            .into_iter()
+            .flatten()
+            .find(|s| s.id == id)
+            .map(|s| s.private.as_slice())
+    }
+
+    /// The private half of one-time prekey `id`, if it is still here.
+    pub fn one_time_private(&self, id: u32) -> Option<&[u8]> {
+        self.one_time.get(&id).map(|k| k.as_slice())
+    }
+
+    fn next(&mut self) -> Result<u32> {
+        let id = self.next_id;
+        self.next_id = id.checked_add(1).ok_or_else(|| {
+            Error::Local("prekey ids ran out; make new keys (`fastchat rekey`)".into())
+        })?;
+        Ok(id)
+    }
+}
+
+/// Makes and publishes what the directory lacks for this user (see the module documentation);
+/// returns how many one-time prekeys it holds now.
+pub fn refresh(
+    store: &Keystore,
+    identity: &Identity,
+    balancer: &mut BalancerClient,
+    session: &Session,
+    now_ms: i64,
+) -> Result<u32> {
+    let mut keys = Prekeys::load(store, identity)?;
+    let mut signed = None;
+    if keys
+        .signed
+        .as_ref()
+        .is_none_or(|s| now_ms - s.made_at > SIGNED_LIFETIME_MS)
+    {
+        let id = keys.next()?;
+        let (private, public, signature) = x3dh::signed_prekey(id, |m| identity.sign(m))?;
+        keys.previous = keys.signed.take();
+        keys.signed = Some(Signed {
+            id,
+            private: ByteBuf::from(private),
+            made_at: now_ms,
+        });
+        signed = Some(SignedPrekey {
+            id,
+            public,
+            signature,
+        });
+    }
+    let held = balancer.publish_prekeys(session, None, Vec::new())?;
+    let mut one_time = Vec::new();
+    if held < LOW_WATER {
+        let room = MAX_ONE_TIME_PREKEYS.saturating_sub(held as usize);
+        for _ in 0..PREKEYS_PER_REQUEST.min(room) {
+            let (private, public) = ratchet::x25519_pair()?;
+            let id = keys.next()?;
+            keys.one_time.insert(id, ByteBuf::from(private));
+            one_time.push((id, public));
+        }
+        while keys.one_time.len() > KEPT_ONE_TIME {
+            keys.one_time.pop_first();
+        }
+    }
+    if signed.is_none() && one_time.is_empty() {
+        return Ok(held);
+    }
+    // Before publishing: every key the directory may hand out has its private half here.
+    keys.save(store, identity)?;
+    balancer.publish_prekeys(session, signed, one_time)
+}
