@@ -418,7 +418,12 @@ pub fn keep_login(opts: &Options, idle: Duration) -> Result<()> {
     let identity = store.load_identity(&password)?;
     let mut b = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = b.login(&user, &password)?;
-    super::prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms())?;
+    // Prekeys are not yet what messages use: trouble with them must not stop the login.
+    if let Err(e) =
+        super::prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms())
+    {
+        log::warn!("could not publish prekeys: {e}");
+    }
     let mut raw_identity = identity.to_raw()?;
     let mut raw_key = session.key.to_raw()?;
     let secrets = agent::Secrets::new(&raw_identity, &raw_key);
