@@ -282,15 +282,33 @@ fn publish_prekeys(
     signed: Option<crate::net::SignedPrekey>,
     one_time: Vec<(u32, serde_bytes::ByteBuf)>,
 ) -> Result<u32> {
-    let bad = |why: String| Error::refused(ErrorCode::BadRequest, why);
-    if let Some(s) = &signed {
+    if signed.is_some() {
         let keys = shared
             .store
             .read(|tx| tx.user_keys(&user))?
-            .ok_or_else(|| bad("no such user".into()))?;
+            .ok_or_else(|| Error::refused(ErrorCode::BadRequest, "no such user"))?;
+        check_prekeys(&keys.ed25519, signed.as_ref(), &one_time)?;
+    } else {
+        check_prekeys(&[], None, &one_time)?;
+    }
+    let one_time = raw_prekeys(one_time);
+    let n = shared
+        .store
+        .call(move |tx| tx.put_prekeys(&user, signed.as_ref(), &one_time, MAX_ONE_TIME_PREKEYS))?;
+    Ok(n.min(u32::MAX as u64) as u32)
+}
+
+/// Refuses prekeys that are malformed, too many, or (the signed one) not signed by the
+/// identity key `ed25519`.
+fn check_prekeys(
+    ed25519: &[u8],
+    signed: Option<&crate::net::SignedPrekey>,
+    one_time: &[(u32, serde_bytes::ByteBuf)],
+) -> Result<()> {
+    let bad = |why: String| Error::refused(ErrorCode::BadRequest, why);
+    if let Some(s) = signed {
         let message = crypto::x3dh::signed_prekey_message(s.id, &s.public);
-        if s.public.len() != 32 || !crypto::verify_signature(&keys.ed25519, &message, &s.signature)?
-        {
+        if s.public.len() != 32 || !crypto::verify_signature(ed25519, &message, &s.signature)? {
             return Err(bad(format!(
                 "signed prekey {} does not carry your identity key's signature",
                 s.id
@@ -307,14 +325,14 @@ fn publish_prekeys(
             "one-time prekey {id} is not an X25519 public key"
         )));
     }
-    let one_time: Vec<(u32, Vec<u8>)> = one_time
+    Ok(())
+}
+
+fn raw_prekeys(one_time: Vec<(u32, serde_bytes::ByteBuf)>) -> Vec<(u32, Vec<u8>)> {
+    one_time
         .into_iter()
         .map(|(id, k)| (id, k.into_vec()))
-        .collect();
-    let n = shared
-        .store
-        .call(move |tx| tx.put_prekeys(&user, signed.as_ref(), &one_time, MAX_ONE_TIME_PREKEYS))?;
-    Ok(n.min(u32::MAX as u64) as u32)
+        .collect()
 }
 
 /// The user of the session whose token is `token`, if `proof` shows that the sender holds the
@@ -355,6 +373,7 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             name,
             password,
             keys,
+            prekeys,
         } => {
             if shared.config.signups_per_address > 0 {
                 shared.signups.lock().count(&from).map_err(|wait| {
@@ -370,7 +389,21 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 })?;
             }
             let _slot = hash_slot(shared)?;
-            accounts::signup(&shared.store, shared.config.scrypt, &name, &password, keys)?;
+            let prekeys = match prekeys {
+                Some(p) => {
+                    check_prekeys(&keys.ed25519, Some(&p.signed), &p.one_time)?;
+                    Some((p.signed, raw_prekeys(p.one_time)))
+                }
+                None => None,
+            };
+            accounts::signup(
+                &shared.store,
+                shared.config.scrypt,
+                &name,
+                &password,
+                keys,
+                prekeys,
+            )?;
             shared.counters.signups.fetch_add(1, Ordering::Relaxed);
             log::info!("signed up {name}");
             Ok(BalancerReply::Ok)

@@ -27,7 +27,9 @@ use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::client::e2e;
+use crate::client::sessions::Session as RatchetSession;
 use crate::client::{BalancerClient, Session};
+use crate::crypto::ratchet::{self, Ratchet};
 use crate::crypto::{self, Identity, PairKey};
 use crate::error::{Error, Result};
 use crate::membership::{self, After, Roster};
@@ -529,7 +531,7 @@ fn connect_one(
         Some(c) => c,
         None => b.insert(BalancerClient::connect(balancer, transport)?),
     };
-    conn.signup(&user.name, PASSWORD, user.public.clone())?;
+    conn.signup(&user.name, PASSWORD, user.public.clone(), None)?;
     let session = conn.login(&user.name, PASSWORD)?;
     open_link(&session, transport)
 }
@@ -585,10 +587,10 @@ struct Role {
     index: usize,
     me: String,
     link: Link,
-    /// Direct mode: the recipients and the pair keys with them.
-    to: Vec<(String, PairKey)>,
-    /// Direct mode: the senders (by index) and the pair keys with them.
-    from_keys: HashMap<usize, PairKey>,
+    /// Direct mode: the recipients (name, index).
+    to: Vec<(String, usize)>,
+    /// Direct mode: this client's side of the double ratchet with each peer, by index.
+    sessions: HashMap<usize, RatchetSession>,
     /// Group mode: the group, its current key and epoch.
     group: Option<(String, PairKey, u64)>,
     identity: Arc<Identity>,
@@ -615,7 +617,7 @@ impl Plan {
                 me: users[i].name.clone(),
                 link,
                 to: Vec::new(),
-                from_keys: HashMap::new(),
+                sessions: HashMap::new(),
                 group: None,
                 identity: Arc::clone(&users[i].identity),
             });
@@ -623,8 +625,9 @@ impl Plan {
         let fanout = match config.mode {
             Mode::Direct => {
                 // Client i writes to the K clients after it; so client j hears from the K
-                // before it. A pair key serves both directions: each is made once, on as
-                // many threads as there are cores.
+                // before it. A session serves both directions: each pair's is made once (its
+                // secret on as many threads as there are cores), both sides in this process
+                // (the tool skips the directory's key agreement, which happens once per pair).
                 let k = recipients(config, n);
                 let mut pairs: Vec<(usize, usize)> = (0..n)
                     .flat_map(|i| (1..=k).map(move |d| (i, (i + d) % n)))
@@ -633,12 +636,15 @@ impl Plan {
                 pairs.sort_unstable();
                 pairs.dedup();
                 let keys = pair_keys(users, &pairs)?;
-                for i in 0..n {
+                for &(a, b) in &pairs {
+                    let (first, second) = session_pair(&keys[&(a, b)], a, b)?;
+                    roles[a].sessions.insert(b, first);
+                    roles[b].sessions.insert(a, second);
+                }
+                for (i, role) in roles.iter_mut().enumerate() {
                     for d in 1..=k {
                         let j = (i + d) % n;
-                        let key = keys[&(i.min(j), i.max(j))].clone();
-                        roles[i].to.push((users[j].name.clone(), key.clone()));
-                        roles[j].from_keys.insert(i, key);
+                        role.to.push((users[j].name.clone(), j));
                     }
                 }
                 1
@@ -703,7 +709,6 @@ impl Plan {
                 schedule: config.rate.map(|r| (r, n)),
             };
             let receiving = Receiving {
-                from_keys: role.from_keys,
                 group_key: role.group.map(|(_, k, _)| k),
                 ed25519: Arc::clone(&self.ed25519),
                 senders: Arc::clone(&self.senders),
@@ -712,6 +717,7 @@ impl Plan {
                 role.link,
                 sending,
                 receiving,
+                role.sessions,
                 Arc::clone(&shared),
                 stored_tx.clone(),
             )?;
@@ -811,6 +817,23 @@ fn recipients(config: &Config, n: usize) -> usize {
             (config.messages.min(n.saturating_sub(1) as u64) as usize).max(1)
         }
     }
+}
+
+/// Both sides of a pair's double ratchet, from their shared secret: `a` starts it and `b`
+/// answers a first message at once (in memory), so that either may send.
+fn session_pair(secret: &PairKey, a: usize, b: usize) -> Result<(RatchetSession, RatchetSession)> {
+    let (private, public) = ratchet::x25519_pair()?;
+    let mut first = Ratchet::initiator(&secret.0, &public)?;
+    let mut second = Ratchet::responder(&secret.0, &private)?;
+    let (header, sealed) = first.seal(b"fastchat-bench", b"hello")?;
+    second.open(b"fastchat-bench", &header, &sealed, crate::db::now_ms())?;
+    let id = ((a as u64) << 32) | b as u64;
+    let side = |ratchet| RatchetSession {
+        id,
+        ratchet,
+        init: None,
+    };
+    Ok((side(first), side(second)))
 }
 
 /// The pair keys of `pairs` (indexes into `users`, lower first), made on every core.

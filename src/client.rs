@@ -34,6 +34,7 @@ pub mod keystore;
 pub mod prekeys;
 pub mod receipts;
 pub mod replay;
+pub mod sessions;
 pub mod text;
 
 pub use api::{Client, Event, SealedGroupKey, FAILOVER_LIMIT};

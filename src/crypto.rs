@@ -232,6 +232,12 @@ impl Identity {
         Ok(both)
     }
 
+    /// The raw private X25519 key (for the key agreement and the keys of the state files);
+    /// the caller wipes it after use.
+    pub fn x25519_private(&self) -> Result<Vec<u8>> {
+        Ok(self.x25519.raw_private_key()?)
+    }
+
     /// The identity from [`Identity::to_raw`]'s bytes.
     pub fn from_raw(both: &[u8]) -> Result<Identity> {
         if both.len() != 64 {

@@ -166,6 +166,10 @@ pub enum BalancerRequest {
         password: String,
         /// Public keys for the key directory.
         keys: PublicKeys,
+        /// The first prekeys (checked as `Prekeys` checks them, stored with the account), so
+        /// that others can start a conversation before the user first logs in.
+        #[serde(default)]
+        prekeys: Option<NewPrekeys>,
     },
     /// Check a password and get a session token plus a chat server (`LoggedIn`).
     Login {
@@ -277,6 +281,16 @@ pub const MAX_ONE_TIME_PREKEYS: usize = 200;
 /// The most one-time prekeys one `Prekeys` request carries (a request to the balancer is at
 /// most 4 KiB).
 pub const PREKEYS_PER_REQUEST: usize = 64;
+
+/// Prekeys published with a signup: a signed prekey and one-time prekeys (id, X25519 public
+/// key), at most [`PREKEYS_PER_REQUEST`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewPrekeys {
+    /// The signed prekey.
+    pub signed: SignedPrekey,
+    /// One-time prekeys.
+    pub one_time: Vec<(u32, serde_bytes::ByteBuf)>,
+}
 
 /// A signed prekey as published: its id, its X25519 public key, and the Ed25519 signature of
 /// `crypto::x3dh::signed_prekey_message(id, public)` by the owner's identity key.
@@ -894,6 +908,14 @@ mod tests {
                     x25519: vec![1; 32],
                     ed25519: vec![2; 32],
                 },
+                prekeys: Some(NewPrekeys {
+                    signed: SignedPrekey {
+                        id: 1,
+                        public: vec![3; 32],
+                        signature: vec![4; 64],
+                    },
+                    one_time: vec![(2, serde_bytes::ByteBuf::from(vec![5; 32]))],
+                }),
             },
         ));
         roundtrip(request(

@@ -231,8 +231,16 @@ fn changed_keys_are_refused_until_trusted() {
     assert!(trust
         .stdout
         .starts_with("now trusting bob with fingerprint "));
+    // The session with the old keys is gone, and a new one needs prekeys signed with the new
+    // keys: the directory swapped the keys but cannot sign for them.
+    assert!(!c.home().join("alice/sessions/bob").exists());
     let out = c.run("alice", &["send", "bob", "after trust"]);
-    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("bob's signed prekey does not carry bob's signature"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -171,7 +171,8 @@ fn alice(c: &Cluster) -> (Client, E2e) {
         identity,
         store,
         Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
-    );
+    )
+    .unwrap();
     (client, e2e)
 }
 

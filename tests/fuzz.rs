@@ -113,6 +113,7 @@ impl Gen {
                 name: self.s(),
                 password: self.s(),
                 keys: self.keys(),
+                prekeys: None,
             },
             1 => BalancerRequest::Login {
                 name: self.s(),

@@ -328,7 +328,8 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
         identity,
         store,
         Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
-    );
+    )
+    .unwrap();
     (client, e2e)
 }
 
@@ -496,7 +497,8 @@ fn library_user(c: &Cluster, user: &str) -> (Client, E2e) {
         identity,
         store,
         Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
-    );
+    )
+    .unwrap();
     (client, e2e)
 }
 

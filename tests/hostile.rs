@@ -450,7 +450,7 @@ fn hostile_names_and_bytes_are_refused_and_change_nothing() {
     ] {
         let err = BalancerClient::connect(&c.balancer_addr, &c.transport)
             .unwrap()
-            .signup(name, "pw", keys.clone())
+            .signup(name, "pw", keys.clone(), None)
             .unwrap_err();
         // A name too long for a balancer request is refused as a frame, before it is read.
         let code = if name.len() > 4000 {

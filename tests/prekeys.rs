@@ -15,8 +15,13 @@ use fastchat::net::{ErrorCode, SignedPrekey};
 fn user(c: &Cluster, name: &str) -> (Identity, Session) {
     let identity = Identity::generate().unwrap();
     let mut b = c.balancer_client();
-    b.signup(name, &format!("pw-{name}"), identity.public().unwrap())
-        .unwrap();
+    b.signup(
+        name,
+        &format!("pw-{name}"),
+        identity.public().unwrap(),
+        None,
+    )
+    .unwrap();
     let session = b.login(name, &format!("pw-{name}")).unwrap();
     (identity, session)
 }
@@ -137,9 +142,9 @@ fn prekeys_must_be_the_owners_and_well_formed() {
     assert_eq!(code, ErrorCode::UnknownUser);
 }
 
-/// The client's side: `fastchat login` publishes a signed prekey and one-time prekeys whose
-/// private halves it keeps, sealed, in the user's folder, and tops them up once others have
-/// used them.
+/// The client's side: `fastchat signup` publishes a signed prekey and one-time prekeys whose
+/// private halves it keeps, sealed, in the user's folder, and `fastchat login` tops them up
+/// once others have used them.
 #[test]
 fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     use fastchat::client::keystore::Keystore;
@@ -149,11 +154,12 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     c.signup("bob");
     let bob = c.balancer_client().login("bob", "pw-bob").unwrap();
     let mut b = c.balancer_client();
-    assert_eq!(
-        b.bundle(&bob, "alice").unwrap(),
-        None,
-        "nothing before alice logs in"
-    );
+    // The signup published her first prekeys: she can be written to before she logs in.
+    let first = b
+        .bundle(&bob, "alice")
+        .unwrap()
+        .expect("a bundle at signup");
+    assert!(first.one_time.is_some());
     let out = c.run("alice", &["login"]);
     assert_eq!(out.code, 0, "{out:?}");
     let keys = b.keys(&bob, "alice").unwrap();

@@ -9,7 +9,10 @@ use crate::crypto::{self, ScryptCost};
 use crate::db::Store;
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
-use crate::net::{PublicKeys, MAX_PASSWORD};
+use crate::net::{PublicKeys, SignedPrekey, MAX_ONE_TIME_PREKEYS, MAX_PASSWORD};
+
+/// The prekeys a signup publishes: the signed one, and one-time prekeys (id, public key).
+pub type FirstPrekeys = (SignedPrekey, Vec<(u32, Vec<u8>)>);
 
 /// Creates an account (its password hashed at `cost`), refusing bad names, empty or huge
 /// passwords, malformed keys, and names already taken.
@@ -19,6 +22,7 @@ pub fn signup(
     name: &str,
     password: &str,
     keys: PublicKeys,
+    prekeys: Option<FirstPrekeys>,
 ) -> Result<()> {
     names::validate("user", name)?;
     if password.is_empty() {
@@ -36,7 +40,13 @@ pub fn signup(
     check_keys(&keys)?;
     let hash = crypto::hash_password(password, cost)?;
     let owned = name.to_string();
-    let created = store.call(move |tx| tx.create_user(&owned, &hash, &keys))?;
+    let created = store.call(move |tx| {
+        let created = tx.create_user(&owned, &hash, &keys)?;
+        if let (true, Some((signed, one_time))) = (created, &prekeys) {
+            tx.put_prekeys(&owned, Some(signed), one_time, MAX_ONE_TIME_PREKEYS)?;
+        }
+        Ok(created)
+    })?;
     if !created {
         return Err(Error::refused(
             ErrorCode::NameTaken,

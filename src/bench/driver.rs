@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 
 use super::{open_link, Link};
 use crate::client::e2e::{self, Plain};
+use crate::client::sessions::Session as RatchetSession;
 use crate::client::{BalancerClient, Session};
 use crate::crypto::{Identity, PairKey};
 use crate::error::{Error, Result};
@@ -85,8 +86,8 @@ const ACK_DELAY: Duration = Duration::from_millis(10);
 pub(super) struct Sending {
     pub index: usize,
     pub me: String,
-    /// Direct mode: the recipient and the pair key with them.
-    pub to: Vec<(String, PairKey)>,
+    /// Direct mode: the recipients (name, index).
+    pub to: Vec<(String, usize)>,
     /// How a message's recipient is chosen among `to`.
     pub pattern: super::Pattern,
     /// Group mode: the group, its key and epoch.
@@ -102,8 +103,8 @@ pub(super) struct Sending {
 }
 
 impl Sending {
-    /// Direct mode: message `seq`'s recipient and the pair key with them.
-    fn recipient(&self, seq: u64) -> Option<&(String, PairKey)> {
+    /// Direct mode: message `seq`'s recipient (name, index).
+    fn recipient(&self, seq: u64) -> Option<&(String, usize)> {
         if self.to.is_empty() {
             return None;
         }
@@ -129,7 +130,13 @@ impl Sending {
         Some(start + Duration::from_secs_f64(k as f64 / rate))
     }
 
-    fn request(&self, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
+    /// Message `seq` (direct ones sealed in the session with their recipient, which moves on).
+    fn request(
+        &self,
+        sessions: &mut HashMap<usize, RatchetSession>,
+        seq: u64,
+        text: &str,
+    ) -> Result<Request<ServerRequest>> {
         let plain = Plain::Text(text.to_string());
         let message = |body| NewMessage {
             client_id: seq,
@@ -137,8 +144,11 @@ impl Sending {
             file: None,
             resend_after: None,
         };
-        if let Some((to, key)) = self.recipient(seq) {
-            let body = e2e::seal_direct_with(key, &self.me, to, seq, seq, &plain)?;
+        if let Some((to, peer)) = self.recipient(seq) {
+            let session = sessions
+                .get_mut(peer)
+                .ok_or_else(|| Error::Invalid(format!("no session with {to}")))?;
+            let body = e2e::seal_direct_in(session, &self.me, to, seq, seq, &plain)?;
             return Ok(Request {
                 id: seq,
                 body: ServerRequest::Send {
@@ -163,24 +173,27 @@ impl Sending {
 
 /// How a client opens what it receives.
 pub(super) struct Receiving {
-    /// Direct mode: the senders (by index) and the pair keys with them.
-    pub from_keys: std::collections::HashMap<usize, PairKey>,
     /// Group mode: the group's key.
     pub group_key: Option<PairKey>,
     pub ed25519: Arc<Vec<Vec<u8>>>,
-    /// Each user's index (into `ed25519`, and of `from_keys`), by name.
+    /// Each user's index (into `ed25519`, and of the sessions), by name.
     pub senders: Arc<std::collections::HashMap<String, usize>>,
 }
 
 impl Receiving {
     /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
-    fn open(&self, msg: &Envelope) -> Result<(u64, u64, u64)> {
+    fn open(
+        &self,
+        sessions: &mut HashMap<usize, RatchetSession>,
+        msg: &Envelope,
+    ) -> Result<(u64, u64, u64)> {
         let sender = *self
             .senders
             .get(&msg.from)
             .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
-        let plain = match (self.from_keys.get(&sender), &self.group_key) {
-            (Some(key), _) => e2e::open_direct_with(key, msg)?,
+        let now = crate::db::now_ms();
+        let plain = match (sessions.get_mut(&sender), &self.group_key) {
+            (Some(session), _) => e2e::open_direct_in(session, msg, now)?,
             (None, Some(key)) => e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?,
             (None, None) => {
                 return Err(Error::Integrity(format!(
@@ -211,6 +224,12 @@ pub(super) struct Shared {
 pub(super) struct Client {
     pub sending: Sending,
     pub receiving: Receiving,
+    /// Direct mode: the double ratchet with each peer, by index (kept in memory only: the
+    /// tool measures what sealing and opening in a ratchet cost, not the client's files).
+    sessions: HashMap<usize, RatchetSession>,
+    /// Direct messages opened, by id: one delivered again is not opened again (its key is
+    /// gone once used).
+    opened: std::collections::HashSet<i64>,
     pub shared: Arc<Shared>,
     /// Rung to end the run (with `Counters::finished` set).
     pub waker: Arc<Waker>,
@@ -244,6 +263,7 @@ impl Client {
         link: Link,
         sending: Sending,
         receiving: Receiving,
+        sessions: HashMap<usize, RatchetSession>,
         shared: Arc<Shared>,
         stored: Sender<Result<()>>,
     ) -> Result<Client> {
@@ -258,6 +278,8 @@ impl Client {
         Ok(Client {
             sending,
             receiving,
+            sessions,
+            opened: std::collections::HashSet::new(),
             shared,
             waker: Arc::new(Waker::new()?),
             stored: Some(stored),
@@ -336,7 +358,10 @@ impl Client {
             let seq = self.next_seq;
             let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
             let text = payload(self.sending.index, seq, sent_ns, self.sending.size);
-            let request = self.sending.request(seq, &text).map_err(Err)?;
+            let request = self
+                .sending
+                .request(&mut self.sessions, seq, &text)
+                .map_err(Err)?;
             self.chan.queue(&request).map_err(Err)?;
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;
@@ -448,7 +473,11 @@ impl Client {
         if msg.group.is_some() && msg.body.get(1) == Some(&(e2e::Kind::Change as u8)) {
             return;
         }
-        let (sender, seq, sent_ns) = match self.receiving.open(msg) {
+        if msg.group.is_none() && !self.opened.insert(msg.id) {
+            counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (sender, seq, sent_ns) = match self.receiving.open(&mut self.sessions, msg) {
             Ok(fields) => fields,
             Err(e) => return counters.error(&format!("message {}: {e}", msg.id)),
         };
@@ -553,9 +582,7 @@ mod tests {
         Ok(Sending {
             index: 3,
             me: "b-3".into(),
-            to: (0..k)
-                .map(|i| Ok((format!("b-{i}"), PairKey::random()?)))
-                .collect::<Result<_>>()?,
+            to: (0..k).map(|i| (format!("b-{i}"), i)).collect(),
             pattern,
             group: None,
             identity: Arc::new(Identity::generate()?),

@@ -110,12 +110,19 @@ impl BalancerClient {
         }
     }
 
-    /// Creates an account.
-    pub fn signup(&mut self, name: &str, password: &str, keys: PublicKeys) -> Result<()> {
+    /// Creates an account, with its first prekeys if given.
+    pub fn signup(
+        &mut self,
+        name: &str,
+        password: &str,
+        keys: PublicKeys,
+        prekeys: Option<crate::net::NewPrekeys>,
+    ) -> Result<()> {
         match self.request(BalancerRequest::Signup {
             name: name.into(),
             password: password.into(),
             keys,
+            prekeys,
         })? {
             BalancerReply::Ok => Ok(()),
             other => Err(unexpected("Signup", &other)),

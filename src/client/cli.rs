@@ -19,6 +19,7 @@ use super::balancer::Session;
 use super::e2e::{fingerprint, Directory, E2e, FileOffer, Plain, Reached, Receipt};
 use super::files::{self, Target};
 use super::keystore::{KeptSession, Keystore};
+use super::prekeys::{self, Prekeys};
 use super::receipts::Receipts;
 use super::replay::Verdict;
 use super::text::one_line;
@@ -26,7 +27,7 @@ use super::{BalancerClient, Client, Event};
 use crate::crypto::{self, Identity, SessionKey};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
-use crate::net::Envelope;
+use crate::net::{Envelope, NewPrekeys};
 use crate::transport::Transport;
 
 /// Settings every subcommand shares.
@@ -162,9 +163,23 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
     };
     // The folder first: an account must not be made whose keys then have nowhere to go.
     store.ensure_dir()?;
+    // The first prekeys go with the signup. With keys already here, their private halves are
+    // saved first (the directory may hand them out at once); with new keys, with the keys.
+    let now = crate::db::now_ms();
+    let mut prekeys = Prekeys::default();
+    let published = if existing {
+        let _lock = store.lock_state()?;
+        prekeys = Prekeys::load(&store, &identity)?;
+        let published = prekeys::for_signup(&mut prekeys, &identity, now)?;
+        prekeys.save(&store, &identity)?;
+        published
+    } else {
+        prekeys::for_signup(&mut prekeys, &identity, now)?
+    };
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let mut claimed = false;
-    let created = match balancer.signup(name, &password, identity.public()?) {
+    let signed_up = balancer.signup(name, &password, identity.public()?, Some(published.clone()));
+    let created = match signed_up {
         Ok(()) => true,
         Err(
             taken @ Error::Refused {
@@ -174,7 +189,7 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
         ) => {
             // An account an operator made (or reset) takes its first keys from the first
             // signup with its password: that claims it.
-            claimed = !existing && claim(&mut balancer, name, &password, &identity)?;
+            claimed = !existing && claim(&mut balancer, name, &password, &identity, published)?;
             match (claimed, exist_ok) {
                 (true, _) => true,
                 (false, true) => false,
@@ -185,6 +200,7 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
     };
     if created && !existing {
         store.save_identity(&identity, &password)?;
+        prekeys.save(&store, &identity)?;
     }
     let fp = fingerprint(&identity.public()?)?;
     let dir = store.dir().display().to_string();
@@ -222,6 +238,7 @@ fn claim(
     name: &str,
     password: &str,
     identity: &Identity,
+    prekeys: NewPrekeys,
 ) -> Result<bool> {
     let session = match balancer.login(name, password) {
         Ok(s) => s,
@@ -231,18 +248,33 @@ fn claim(
         }) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let set = balancer.set_keys(&session, identity.public()?);
+    let set = balancer
+        .set_keys(&session, identity.public()?)
+        .and_then(|()| publish_first(balancer, &session, prekeys));
     if let Err(e) = balancer.logout(&session) {
         log::debug!("logout after signup failed: {e}");
     }
     match set {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(Error::Refused {
             code: ErrorCode::NotAllowed,
             ..
         }) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Publishes the first prekeys of new keys (see [`prekeys::for_signup`]).
+fn publish_first(
+    balancer: &mut BalancerClient,
+    session: &Session,
+    prekeys: NewPrekeys,
+) -> Result<u32> {
+    let one_time = prekeys
+        .one_time
+        .into_iter()
+        .map(|(id, k)| (id, k.into_vec()));
+    balancer.publish_prekeys(session, Some(prekeys.signed), one_time.collect())
 }
 
 /// `fastchat rekey`: after an operator reset the password (the key file, sealed under the old
@@ -253,9 +285,14 @@ pub fn rekey(opts: &Options) -> Result<()> {
     let store = Keystore::new(&opts.home, &user);
     let password = opts.password(&format!("new password for {user} (from your operator): "))?;
     let identity = Identity::generate()?;
+    // The directory drops the old keys' prekeys; new ones go with the new keys.
+    let mut prekeys = Prekeys::default();
+    let published = prekeys::for_signup(&mut prekeys, &identity, crate::db::now_ms())?;
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = balancer.login(&user, &password)?;
-    let set = balancer.set_keys(&session, identity.public()?);
+    let set = balancer
+        .set_keys(&session, identity.public()?)
+        .and_then(|()| publish_first(&mut balancer, &session, published));
     if let Err(e) = balancer.logout(&session) {
         log::debug!("logout after rekey failed: {e}");
     }
@@ -264,6 +301,16 @@ pub fn rekey(opts: &Options) -> Result<()> {
     agent::stop(store.dir());
     store.remove_session()?;
     store.replace_identity(&identity, &password)?;
+    {
+        // What was sealed under the old keys no longer opens: conversations start again.
+        let _lock = store.lock_state()?;
+        prekeys.save(&store, &identity)?;
+        let sessions = store.dir().join("sessions");
+        if sessions.exists() {
+            std::fs::remove_dir_all(&sessions)
+                .map_err(|e| Error::Local(format!("cannot remove {}: {e}", sessions.display())))?;
+        }
+    }
     let fp = fingerprint(&identity.public()?)?;
     let dir = store.dir().display().to_string();
     opts.print(
@@ -321,7 +368,7 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
     let password = opts.password(&format!("password for {user}: "))?;
     let (client, balancer) = Client::login(&opts.balancer, &opts.transport, &user, &password)?;
     let identity = store.load_identity(&password)?;
-    Ok(logged_in(opts, client, balancer, identity, store, false))
+    logged_in(opts, client, balancer, identity, store, false)
 }
 
 fn logged_in(
@@ -331,7 +378,7 @@ fn logged_in(
     identity: Identity,
     store: Keystore,
     kept: bool,
-) -> LoggedIn {
+) -> Result<LoggedIn> {
     let user = client.user().to_string();
     let directory = Directory::new(
         &opts.balancer,
@@ -339,8 +386,8 @@ fn logged_in(
         client.session(),
         Some(balancer),
     );
-    LoggedIn {
-        e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory))),
+    Ok(LoggedIn {
+        e2e: Arc::new(Mutex::new(E2e::new(&user, identity, store, directory)?)),
         client: Arc::new(client),
         downloads: Downloads {
             dir: opts.home.join(&user).join("downloads"),
@@ -348,7 +395,7 @@ fn logged_in(
         },
         offers: Arc::default(),
         kept,
-    }
+    })
 }
 
 /// The user's kept session, taken up: `None` if there is none for this balancer, or its agent
@@ -378,7 +425,7 @@ fn kept_login(opts: &Options, user: &str, store: &Keystore) -> Result<Option<Log
                 identity,
                 Keystore::new(&opts.home, user),
                 true,
-            )))
+            )?))
         }
         Err(Error::Refused {
             code: ErrorCode::InvalidToken,
@@ -419,9 +466,7 @@ pub fn keep_login(opts: &Options, idle: Duration) -> Result<()> {
     let mut b = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = b.login(&user, &password)?;
     // Prekeys are not yet what messages use: trouble with them must not stop the login.
-    if let Err(e) =
-        super::prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms())
-    {
+    if let Err(e) = prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms()) {
         log::warn!("could not publish prekeys: {e}");
     }
     let mut raw_identity = identity.to_raw()?;

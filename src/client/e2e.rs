@@ -1,16 +1,23 @@
 //! End-to-end encryption of messages, as the client does it.
 //!
-//! The servers only ever see the `body` of an [`Envelope`]. A direct message is sealed under
-//! the pair key of sender and recipient (see [`crate::crypto`]):
+//! The servers only ever see the `body` of an [`Envelope`]. A direct message is sealed in the
+//! conversation's double ratchet ([`super::sessions`]), under a key of its own that is
+//! deleted once used (forward secrecy):
 //!
 //! ```text
-//! body = version (1 byte, = 2) || kind (1 byte) || seq (8, BE) || sealed
-//! aad  = "fastchat/dm/v2" || len(from) || from || len(to) || to || client_id (8, BE)
-//!        || seq || kind
+//! body  = version (1 byte, = 3) || kind (1 byte) || seq (8, BE) || len(frame) (2, BE)
+//!         || frame || sealed
+//! frame = MessagePack { session (u64), init (the key agreement's, until the peer answered),
+//!                       header (the sender's ratchet key, pn, n) }
+//! ad    = "fastchat/dm/v3" || len(from) || from || len(to) || to || client_id (8, BE)
+//!         || seq || kind || session (8, BE)
+//! sealed = AES-256-GCM(message key, aad = len(ad) || ad || header, plaintext)
 //! ```
 //!
-//! so the header (sender, recipient, message id, sequence, kind) is authenticated: a message
-//! re-addressed or relabelled fails to open. `seq` is the sender's clock in microseconds when
+//! so the header (sender, recipient, message id, sequence, kind, session, ratchet header) is
+//! authenticated: a message re-addressed or relabelled fails to open. The first message to a
+//! peer with no session fetches their prekey bundle from the directory (one-time prekeys are
+//! handed out once) and starts one ([`crate::crypto::x3dh`]). `seq` is the sender's clock in microseconds when
 //! it sealed the message (strictly increasing per process): the recipient remembers which
 //! sequences of each conversation it accepted ([`super::replay`]) and refuses a message it
 //! has already shown, whatever id the server gives it.
@@ -45,8 +52,12 @@ use serde::{Deserialize, Serialize};
 use super::chains::Chains;
 use super::history::{Entry, History};
 use super::keystore::Keystore;
+use super::prekeys::Prekeys;
 use super::replay::{self, Accepted, Verdict};
-use super::{BalancerClient, Client, Session};
+use super::sessions::{self, HeldId, Session, Sessions};
+use super::{BalancerClient, Client};
+use crate::crypto::ratchet::{Header, Ratchet};
+use crate::crypto::x3dh::{self, Init};
 use crate::crypto::{self, to_hex, verify_signature, Identity, PairKey};
 use crate::error::{Error, ErrorCode, Result};
 use crate::membership::{self, After, Roster};
@@ -55,8 +66,14 @@ use crate::net::{
 };
 use crate::transport::Transport;
 
-/// Body format version.
+/// Body format version of group messages.
 const VERSION: u8 = 2;
+
+/// Body format version of direct messages (the double ratchet).
+const DIRECT_VERSION: u8 = 3;
+
+/// The longest frame a direct message carries (its session, key agreement and header).
+const MAX_FRAME: usize = 512;
 
 /// Length of an Ed25519 signature.
 const SIGNATURE: usize = 64;
@@ -224,16 +241,114 @@ fn push_name(a: &mut Vec<u8>, name: &str) {
     a.extend_from_slice(name.as_bytes());
 }
 
-/// The associated data for a direct message.
-fn direct_aad(from: &str, to: &str, client_id: u64, seq: u64, kind: Kind) -> Vec<u8> {
-    let mut a = Vec::with_capacity(40 + from.len() + to.len());
-    a.extend_from_slice(b"fastchat/dm/v2");
+/// The associated data for a direct message in `session`.
+fn direct_aad(from: &str, to: &str, client_id: u64, seq: u64, kind: Kind, session: u64) -> Vec<u8> {
+    let mut a = Vec::with_capacity(48 + from.len() + to.len());
+    a.extend_from_slice(b"fastchat/dm/v3");
     push_name(&mut a, from);
     push_name(&mut a, to);
     a.extend_from_slice(&client_id.to_be_bytes());
     a.extend_from_slice(&seq.to_be_bytes());
     a.push(kind as u8);
+    a.extend_from_slice(&session.to_be_bytes());
     a
+}
+
+/// What a direct message carries in clear between its sequence and its ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// The session it is sealed in.
+    pub session: u64,
+    /// The key agreement that started the session, while its initiator has not heard back.
+    pub init: Option<Init>,
+    /// The ratchet header.
+    pub header: Header,
+}
+
+/// A direct message taken apart, not yet opened.
+pub struct Direct<'a> {
+    /// What it holds.
+    pub kind: Kind,
+    /// The sender's sequence.
+    pub seq: u64,
+    /// Its session, key agreement and ratchet header.
+    pub frame: Frame,
+    /// The ciphertext.
+    pub sealed: &'a [u8],
+    /// The associated data it was sealed with.
+    pub ad: Vec<u8>,
+}
+
+/// Takes a direct message's body apart.
+pub fn parse_direct(msg: &Envelope) -> Result<Direct<'_>> {
+    let bad = |why: &str| Error::Integrity(format!("message {} {why}", msg.id));
+    let (kind, rest) = split_body(msg, DIRECT_VERSION)?;
+    let (seq, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
+    let (len, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("is truncated"))?;
+    let len = u16::from_be_bytes(*len) as usize;
+    if len > MAX_FRAME || rest.len() < len {
+        return Err(bad("is truncated"));
+    }
+    let (frame, sealed) = rest.split_at(len);
+    let frame: Frame = rmp_serde::from_slice(frame).map_err(|_| bad("has a malformed frame"))?;
+    let ad = direct_aad(&msg.from, &msg.to, msg.client_id, seq, kind, frame.session);
+    Ok(Direct {
+        kind,
+        seq,
+        frame,
+        sealed,
+        ad,
+    })
+}
+
+impl Direct<'_> {
+    /// The content, from the plaintext the ratchet gave.
+    pub fn authentic(&self, plain: Vec<u8>, msg_id: i64) -> Result<Authentic> {
+        Ok(Authentic {
+            plain: Plain::decode(self.kind, plain, msg_id)?,
+            seq: self.seq,
+        })
+    }
+}
+
+/// A direct message body from `from` to `to` in `session`, as the sender's message `seq`. The
+/// session's ratchet moves on: save it before the body leaves.
+pub fn seal_direct_in(
+    session: &mut Session,
+    from: &str,
+    to: &str,
+    client_id: u64,
+    seq: u64,
+    plain: &Plain,
+) -> Result<Vec<u8>> {
+    let kind = plain.kind();
+    let ad = direct_aad(from, to, client_id, seq, kind, session.id);
+    let (header, sealed) = session.ratchet.seal(&ad, &plain.bytes()?)?;
+    let frame = Frame {
+        session: session.id,
+        init: session.init.clone(),
+        header,
+    };
+    let frame = rmp_serde::to_vec(&frame).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut body = Vec::with_capacity(12 + frame.len() + sealed.len());
+    body.push(DIRECT_VERSION);
+    body.push(kind as u8);
+    body.extend_from_slice(&seq.to_be_bytes());
+    body.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    body.extend_from_slice(&frame);
+    body.extend_from_slice(&sealed);
+    Ok(body)
+}
+
+/// Opens a direct message in `session` (the caller found the session the frame names).
+pub fn open_direct_in(session: &mut Session, msg: &Envelope, now_ms: i64) -> Result<Authentic> {
+    let direct = parse_direct(msg)?;
+    let plain = session
+        .ratchet
+        .open(&direct.ad, &direct.frame.header, direct.sealed, now_ms)?;
+    direct.authentic(plain, msg.id)
 }
 
 /// Where a group message sits in its group: the epoch whose key seals it and the sender's
@@ -304,7 +419,7 @@ pub fn fingerprint(keys: &PublicKeys) -> Result<String> {
 pub struct Directory {
     addr: String,
     transport: Transport,
-    session: Session,
+    session: super::Session,
     conn: Option<BalancerClient>,
 }
 
@@ -314,7 +429,7 @@ impl Directory {
     pub fn new(
         addr: &str,
         transport: &Transport,
-        session: &Session,
+        session: &super::Session,
         conn: Option<BalancerClient>,
     ) -> Directory {
         Directory {
@@ -344,53 +459,28 @@ impl Directory {
         let session = self.session.clone();
         self.with(|c| c.keys(&session, name))
     }
+
+    /// A user's prekey bundle (taking one of their one-time prekeys), if they published one.
+    pub fn bundle(&mut self, name: &str) -> Result<Option<x3dh::Bundle>> {
+        let session = self.session.clone();
+        self.with(|c| c.bundle(&session, name))
+    }
 }
 
-/// The kind of a message body and what follows the kind byte.
-fn split_body(msg: &Envelope) -> Result<(Kind, &[u8])> {
+/// The kind of a message body (format `version`) and what follows the kind byte.
+fn split_body(msg: &Envelope, version: u8) -> Result<(Kind, &[u8])> {
     let bad = |why: String| Error::Integrity(format!("message {} {why}", msg.id));
-    let [version, kind, rest @ ..] = msg.body.as_slice() else {
+    let [found, kind, rest @ ..] = msg.body.as_slice() else {
         return Err(bad("is truncated".into()));
     };
-    if *version != VERSION {
+    if *found != version {
         return Err(bad(format!(
-            "uses format version {version}, not {VERSION} (messages from before replay \
-             protection cannot be checked for freshness)"
+            "uses format version {found}, not {version} (direct messages from before forward \
+             secrecy, and any from before replay protection, are not accepted)"
         )));
     }
     let kind = Kind::from_byte(*kind).ok_or_else(|| bad(format!("has unknown kind {kind}")))?;
     Ok((kind, rest))
-}
-
-/// A direct message body from `from` to `to`, sealed under their pair key, as the sender's
-/// message `seq`.
-pub fn seal_direct_with(
-    key: &PairKey,
-    from: &str,
-    to: &str,
-    client_id: u64,
-    seq: u64,
-    plain: &Plain,
-) -> Result<Vec<u8>> {
-    let kind = plain.kind();
-    let aad = direct_aad(from, to, client_id, seq, kind);
-    let sealed = key.seal(&aad, &plain.bytes()?)?;
-    let mut body = Vec::with_capacity(10 + sealed.len());
-    body.push(VERSION);
-    body.push(kind as u8);
-    body.extend_from_slice(&seq.to_be_bytes());
-    body.extend_from_slice(&sealed);
-    Ok(body)
-}
-
-/// Opens a direct message with the pair key of its sender and recipient.
-pub fn open_direct_with(key: &PairKey, msg: &Envelope) -> Result<Authentic> {
-    let (kind, rest) = split_body(msg)?;
-    let (seq, sealed) = take_u64(rest)
-        .ok_or_else(|| Error::Integrity(format!("message {} is truncated", msg.id)))?;
-    let aad = direct_aad(&msg.from, &msg.to, msg.client_id, seq, kind);
-    let plain = Plain::decode(kind, key.open(&aad, sealed)?, msg.id)?;
-    Ok(Authentic { plain, seq })
 }
 
 /// A group message body from `from`, sealed under the key of `at.epoch` and signed by
@@ -446,7 +536,7 @@ impl Verified<'_> {
 pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Verified<'a>> {
     let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
     let group = msg.group.as_deref().ok_or_else(|| bad("names no group"))?;
-    let (kind, rest) = split_body(msg)?;
+    let (kind, rest) = split_body(msg, VERSION)?;
     let (epoch, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
     let (seq, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
     if rest.len() < SIGNATURE {
@@ -478,6 +568,88 @@ pub fn sign_change(identity: &Identity, change: Change) -> Result<SignedChange> 
     Ok(SignedChange { change, signature })
 }
 
+/// Starts a session with `peer` (whose pinned keys are `keys`) from their prekey bundle.
+fn start_session(
+    directory: &mut Directory,
+    identity: &Identity,
+    me: &str,
+    peer: &str,
+    keys: &PublicKeys,
+) -> Result<Session> {
+    let bundle = directory.bundle(peer)?.ok_or_else(|| Error::Refused {
+        code: ErrorCode::UnknownUser,
+        message: format!(
+            "{peer} has published no prekeys yet (they signed up with an older client \
+                 and have not logged in since); ask them to log in once"
+        ),
+    })?;
+    if bundle.identity != keys.x25519 {
+        return Err(Error::Integrity(format!(
+            "WARNING: the directory's prekey bundle for {peer} names another identity key \
+             than the one pinned for {peer}; refusing it"
+        )));
+    }
+    let mut private = identity.x25519_private()?;
+    let started = x3dh::initiate(me, &private, peer, &keys.ed25519, &bundle);
+    private.fill(0);
+    let (secret, init) = started?;
+    if bundle.one_time.is_none() {
+        log::warn!(
+            "{peer} has no one-time prekeys left: this conversation starts on their signed \
+             prekey alone (see docs/SECURITY.md)"
+        );
+    }
+    Ok(Session {
+        id: sessions::session_id(&init)?,
+        ratchet: Ratchet::initiator(&secret, &bundle.signed_prekey)?,
+        init: Some(init),
+    })
+}
+
+/// Our side of a session `peer` started with `init` (under the state lock).
+fn respond(
+    store: &Keystore,
+    identity: &Identity,
+    me: &str,
+    peer: &str,
+    keys: &PublicKeys,
+    id: u64,
+    init: &Init,
+) -> Result<Session> {
+    if sessions::session_id(init)? != id {
+        return Err(Error::Integrity(format!(
+            "a message from {peer} names a session its key agreement does not start"
+        )));
+    }
+    let prekeys = Prekeys::load(store, identity)?;
+    let signed = prekeys
+        .signed_private(init.signed_prekey_id)
+        .ok_or_else(|| {
+            Error::Integrity(format!(
+                "{peer} started a session with signed prekey {}, which this client no \
+                 longer has (replaced twice since); ask {peer} to send again",
+                init.signed_prekey_id
+            ))
+        })?;
+    let one_time = match init.one_time_id {
+        Some(n) => Some(prekeys.one_time_private(n).ok_or_else(|| {
+            Error::Integrity(format!(
+                "{peer} started a session with one-time prekey {n}, which is used up or \
+                 unknown (a replayed first message?)"
+            ))
+        })?),
+        None => None,
+    };
+    let mut private = identity.x25519_private()?;
+    let secret = x3dh::respond(me, &private, signed, one_time, peer, &keys.x25519, init);
+    private.fill(0);
+    Ok(Session {
+        id,
+        ratchet: Ratchet::responder(&secret?, signed)?,
+        init: None,
+    })
+}
+
 /// One user's end-to-end state: private keys, pinned peers, cached pair and group keys.
 pub struct E2e {
     me: String,
@@ -502,6 +674,8 @@ pub struct E2e {
     last_seq: u64,
     /// The local history (opened on first use).
     history: Option<History>,
+    /// The double ratchets with peers.
+    sessions: Sessions,
 }
 
 /// A message that authenticated, and whether it was shown before.
@@ -514,13 +688,16 @@ pub struct Opened {
     conversation: String,
     seq: u64,
     msg_id: i64,
+    /// A direct message's sender and its held key (released once shown).
+    held: Option<(String, HeldId)>,
 }
 
 impl E2e {
     /// State for `me`, whose keys are `identity`.
-    pub fn new(me: &str, identity: Identity, store: Keystore, directory: Directory) -> E2e {
+    pub fn new(me: &str, identity: Identity, store: Keystore, directory: Directory) -> Result<E2e> {
         let chains = Chains::new(store.dir());
-        E2e {
+        let sessions = Sessions::new(&store, &identity)?;
+        Ok(E2e {
             me: me.to_string(),
             identity,
             store,
@@ -533,7 +710,8 @@ impl E2e {
             chains,
             last_seq: 0,
             history: None,
-        }
+            sessions,
+        })
     }
 
     /// The sequence of the next message sealed: the clock in microseconds, strictly
@@ -554,10 +732,24 @@ impl E2e {
         Ok(self.accepted.as_mut().expect("just opened"))
     }
 
-    /// Records that `opened` was shown: it will not be shown again.
+    /// Records that `opened` was shown: it will not be shown again, and its key is deleted.
     pub fn shown(&mut self, opened: &Opened) -> Result<()> {
         let (c, seq, id) = (opened.conversation.clone(), opened.seq, opened.msg_id);
-        self.accepted()?.record(&c, seq, id)
+        self.accepted()?.record(&c, seq, id)?;
+        self.release(opened)
+    }
+
+    /// Deletes the held key of a direct message that is done with.
+    fn release(&mut self, opened: &Opened) -> Result<()> {
+        let Some((peer, held)) = &opened.held else {
+            return Ok(());
+        };
+        let locked = self.sessions.lock(&self.store)?;
+        let mut conversation = locked.load(peer, crate::db::now_ms())?;
+        if conversation.release(held) {
+            locked.save(peer, &conversation)?;
+        }
+        Ok(())
     }
 
     /// The local history, opened on first use.
@@ -646,10 +838,12 @@ impl E2e {
         }
     }
 
-    /// Pins `peer`'s current directory keys, replacing an earlier pin; returns them.
+    /// Pins `peer`'s current directory keys, replacing an earlier pin; returns them. The
+    /// sessions with their old keys are forgotten: the next message starts a new one.
     pub fn trust(&mut self, peer: &str) -> Result<PublicKeys> {
         let keys = self.directory.keys(peer)?;
         self.store.pin(peer, &keys)?;
+        self.sessions.lock(&self.store)?.forget(peer)?;
         self.peers.remove(peer);
         self.keys.remove(peer);
         Ok(keys)
@@ -660,20 +854,99 @@ impl E2e {
         self.seal_direct(to, client_id, &Plain::Text(text.to_string()))
     }
 
-    /// Encrypts a message for `to`.
+    /// Encrypts a message for `to` in our session with them (starting one if there is none),
+    /// and saves the session before returning: the body may leave once this returns.
     pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
-        let me = self.me.clone();
+        let keys = self.peer_keys(to)?.clone();
         let seq = self.next_seq();
-        seal_direct_with(self.pair_key(to)?, &me, to, client_id, seq, plain)
+        let locked = self.sessions.lock(&self.store)?;
+        let mut conversation = locked.load(to, crate::db::now_ms())?;
+        if conversation.sender().is_none() {
+            let session = start_session(&mut self.directory, &self.identity, &self.me, to, &keys)?;
+            conversation.add(session);
+        }
+        let session = conversation.sender().expect("a session that can send");
+        let body = seal_direct_in(session, &self.me, to, client_id, seq, plain)?;
+        locked.save(to, &conversation)?;
+        Ok(body)
+    }
+
+    /// Opens a direct message from `msg.from` (whose pinned keys are `keys`) in its session:
+    /// with the key held for it if it was opened before, in a session we have, or in a new
+    /// one its key agreement starts. Returns it and the id of its now held key.
+    fn open_direct(&mut self, msg: &Envelope, keys: &PublicKeys) -> Result<(Authentic, HeldId)> {
+        let direct = parse_direct(msg)?;
+        let (peer, frame) = (msg.from.as_str(), &direct.frame);
+        let held = HeldId::of(frame.session, &frame.header);
+        let now = crate::db::now_ms();
+        let locked = self.sessions.lock(&self.store)?;
+        let mut conversation = locked.load(peer, now)?;
+        if let Some(key) = conversation.held(&held, now) {
+            if let Ok(plain) = key.open(&direct.ad, &frame.header, direct.sealed) {
+                return Ok((direct.authentic(plain, msg.id)?, held));
+            }
+        }
+        let mut used_one_time = None;
+        let (plain, key) = match conversation.session(frame.session) {
+            Some(session) => {
+                let opened =
+                    session
+                        .ratchet
+                        .open_keeping(&direct.ad, &frame.header, direct.sealed, now)?;
+                // They answered in a session we started: no need to repeat its start.
+                session.init = None;
+                opened
+            }
+            None => {
+                let init = frame.init.as_ref().ok_or_else(|| {
+                    Error::Integrity(format!(
+                        "message {} is in a session with {peer} this client does not have (its \
+                         state was lost, or it is too old); ask {peer} to send it again",
+                        msg.id
+                    ))
+                })?;
+                let mut session = respond(
+                    &self.store,
+                    &self.identity,
+                    &self.me,
+                    peer,
+                    keys,
+                    frame.session,
+                    init,
+                )?;
+                let opened =
+                    session
+                        .ratchet
+                        .open_keeping(&direct.ad, &frame.header, direct.sealed, now)?;
+                used_one_time = init.one_time_id;
+                conversation.add(session);
+                opened
+            }
+        };
+        conversation.touch(frame.session);
+        conversation.hold(held.clone(), key, now);
+        locked.save(peer, &conversation)?;
+        // The session is saved: the one-time prekey that started it is no longer needed.
+        if let Some(id) = used_one_time {
+            let mut prekeys = Prekeys::load(&self.store, &self.identity)?;
+            if prekeys.remove_one_time(id) {
+                prekeys.save(&self.store, &self.identity)?;
+            }
+        }
+        drop(locked);
+        Ok((direct.authentic(plain, msg.id)?, held))
     }
 
     /// Decrypts and authenticates a message for us (group keys are fetched through `client`),
     /// and says whether it was shown before. Show it only if it is [`Verdict::New`], then call
     /// [`E2e::shown`].
     pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Opened> {
-        if let (Some(group), (Kind::Change, _)) = (&msg.group, split_body(msg)?) {
-            return self.open_change(client, group, msg);
+        if let Some(group) = &msg.group {
+            if split_body(msg, VERSION)?.0 == Kind::Change {
+                return self.open_change(client, group, msg);
+            }
         }
+        let mut held = None;
         let authentic = match &msg.group {
             Some(group) => {
                 let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
@@ -696,7 +969,10 @@ impl E2e {
                         msg.id, msg.to
                     )));
                 }
-                open_direct_with(self.pair_key(&msg.from)?, msg)?
+                let keys = self.peer_keys(&msg.from)?.clone();
+                let (authentic, id) = self.open_direct(msg, &keys)?;
+                held = Some((msg.from.clone(), id));
+                authentic
             }
         };
         let mut authentic = authentic;
@@ -716,13 +992,19 @@ impl E2e {
         let verdict = self
             .accepted()?
             .check(&conversation, authentic.seq, msg.id)?;
-        Ok(Opened {
+        let opened = Opened {
             plain: authentic.plain,
             verdict,
             conversation,
             seq: authentic.seq,
             msg_id: msg.id,
-        })
+            held,
+        };
+        if verdict != Verdict::New {
+            // It will not be shown: its key is of no further use.
+            self.release(&opened)?;
+        }
+        Ok(opened)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -730,7 +1012,7 @@ impl E2e {
 
     /// An announced membership change: shown once it is found in the group's verified chain.
     fn open_change(&mut self, client: &Client, group: &str, msg: &Envelope) -> Result<Opened> {
-        let (_, rest) = split_body(msg)?;
+        let (_, rest) = split_body(msg, VERSION)?;
         let announced: SignedChange = crate::net::decode(rest).map_err(|_| {
             Error::Integrity(format!("message {} holds a malformed group change", msg.id))
         })?;
@@ -758,6 +1040,7 @@ impl E2e {
             conversation,
             seq: c.seq,
             msg_id: msg.id,
+            held: None,
         })
     }
 

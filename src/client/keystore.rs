@@ -7,6 +7,9 @@
 //!     ├── known_keys        pinned peer keys: "name x25519-hex ed25519-hex" per line
 //!     ├── session           a kept session (`fastchat login`): JSON, token and agent, 0600
 //!     ├── agent.sock        the session agent's socket (see `agent`), 0600
+//!     ├── prekeys           private halves of the published prekeys, sealed (see `prekeys`)
+//!     ├── sessions/PEER     the double ratchet with PEER, sealed (see `sessions`)
+//!     ├── state.lock        held while prekeys or sessions change
 //!     └── downloads/        files received
 //! ```
 //!
@@ -17,12 +20,17 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::crypto::{from_hex, to_hex, Identity, ScryptCost};
+use crate::crypto::{from_hex, hkdf_sha256, to_hex, Identity, PairKey, ScryptCost};
 use crate::error::{Error, Result};
 use crate::net::PublicKeys;
+
+/// The user's state lock, held while it lives (see [`Keystore::lock_state`]).
+pub struct StateLock {
+    _file: fs::File,
+}
 
 /// One user's folder of key files.
 pub struct Keystore {
@@ -49,21 +57,55 @@ impl Keystore {
         &self.user
     }
 
-    /// Replaces `path` (in this folder) with `data` so that a crash leaves the old file or the
-    /// new one, never a mix: a private temporary file, synced, renamed over it, the folder
-    /// synced.
+    /// Replaces `path` (in this folder or a folder of it, made 0700 if missing) with `data`
+    /// so that a crash leaves the old file or the new one, never a mix: a private temporary
+    /// file, synced, renamed over it, the folder synced.
     pub fn write_atomically(&self, path: &Path, data: &[u8]) -> Result<()> {
         self.ensure_dir()?;
+        let folder = path.parent().unwrap_or(&self.dir);
+        if !folder.exists() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(folder)
+                .map_err(|e| Error::Local(format!("cannot create {}: {e}", folder.display())))?;
+        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         write_private(&tmp, data)?;
         fs::rename(&tmp, path)
             .map_err(|e| Error::Local(format!("cannot write {}: {e}", path.display())))?;
-        if let Ok(d) = fs::File::open(&self.dir) {
+        if let Ok(d) = fs::File::open(folder) {
             let _ = d.sync_all();
         }
         Ok(())
+    }
+
+    /// The key a state file of this user (prekeys, sessions) is sealed under: derived from
+    /// the identity's private X25519 key, so the file opens exactly where the identity does.
+    pub fn state_key(identity: &Identity, what: &[u8]) -> Result<PairKey> {
+        let mut raw = identity.x25519_private()?;
+        let key = hkdf_sha256(&raw, b"fastchat/state/v1", what);
+        raw.fill(0);
+        Ok(PairKey(key?))
+    }
+
+    /// Takes the user's state lock (`state.lock`, an advisory `flock`), waiting for another
+    /// process of the same user to let go of it: prekeys and sessions change only under it,
+    /// so two processes never lose each other's steps. Released when the guard is dropped.
+    pub fn lock_state(&self) -> Result<StateLock> {
+        self.ensure_dir()?;
+        let path = self.dir.join("state.lock");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::Local(format!("cannot open {}: {e}", path.display())))?;
+        file.lock()
+            .map_err(|e| Error::Local(format!("cannot lock {}: {e}", path.display())))?;
+        Ok(StateLock { _file: file })
     }
 
     fn key_path(&self) -> PathBuf {

@@ -9,9 +9,8 @@
 //! * [`refresh`] makes a signed prekey when there is none or it is older than
 //!   [`SIGNED_LIFETIME_MS`] (the one before is kept, for key agreements already under way), and
 //!   tops up the one-time prekeys when the directory holds fewer than [`LOW_WATER`].
-//!   `fastchat login` runs it (a signup does not log in: a login is handed a server, which
-//!   round-robin and least-loaded count; publishing the first prekeys with the signup itself
-//!   is the next step).
+//!   `fastchat login` runs it. The first prekeys go with the signup itself ([`for_signup`]),
+//!   so that others can write to a user who has not logged in yet.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,9 +20,9 @@ use serde_bytes::ByteBuf;
 
 use super::balancer::{BalancerClient, Session};
 use super::keystore::Keystore;
-use crate::crypto::{hkdf_sha256, ratchet, x3dh, Identity, PairKey};
+use crate::crypto::{ratchet, x3dh, Identity, PairKey};
 use crate::error::{Error, Result};
-use crate::net::{SignedPrekey, MAX_ONE_TIME_PREKEYS, PREKEYS_PER_REQUEST};
+use crate::net::{NewPrekeys, SignedPrekey, MAX_ONE_TIME_PREKEYS, PREKEYS_PER_REQUEST};
 
 /// Below this many one-time prekeys in the directory, [`refresh`] publishes more.
 pub const LOW_WATER: u32 = 32;
@@ -66,12 +65,9 @@ fn aad(store: &Keystore) -> Vec<u8> {
     a
 }
 
-/// The key the file is sealed under: derived from the identity's private X25519 key.
+/// The key the file is sealed under.
 fn file_key(identity: &Identity) -> Result<PairKey> {
-    let mut raw = identity.to_raw()?;
-    let key = hkdf_sha256(&raw[..32], b"fastchat/state/v1", b"prekeys");
-    raw.fill(0);
-    Ok(PairKey(key?))
+    Keystore::state_key(identity, b"prekeys")
 }
 
 impl Prekeys {
@@ -118,12 +114,69 @@ impl Prekeys {
         self.one_time.get(&id).map(|k| k.as_slice())
     }
 
+    /// Deletes one-time prekey `id`'s private half (its key agreement is done).
+    pub fn remove_one_time(&mut self, id: u32) -> bool {
+        self.one_time.remove(&id).is_some()
+    }
+
     fn next(&mut self) -> Result<u32> {
         let id = self.next_id;
         self.next_id = id.checked_add(1).ok_or_else(|| {
             Error::Local("prekey ids ran out; make new keys (`fastchat rekey`)".into())
         })?;
         Ok(id)
+    }
+}
+
+/// What [`Prekeys::top_up`] made for the directory.
+type Published = (Option<SignedPrekey>, Vec<(u32, Vec<u8>)>);
+
+impl Prekeys {
+    /// Adds what the directory lacks: a signed prekey if there is none (or the directory has
+    /// none: `signed_published` false) or it is older than [`SIGNED_LIFETIME_MS`], and
+    /// one-time prekeys if the directory holds fewer than [`LOW_WATER`] (`held`). Returns
+    /// what to publish, once these prekeys are saved.
+    fn top_up(
+        &mut self,
+        identity: &Identity,
+        signed_published: bool,
+        held: u32,
+        now_ms: i64,
+    ) -> Result<Published> {
+        let mut signed = None;
+        let stale = self
+            .signed
+            .as_ref()
+            .is_none_or(|s| now_ms - s.made_at > SIGNED_LIFETIME_MS);
+        if stale || !signed_published {
+            let id = self.next()?;
+            let (private, public, signature) = x3dh::signed_prekey(id, |m| identity.sign(m))?;
+            self.previous = self.signed.take();
+            self.signed = Some(Signed {
+                id,
+                private: ByteBuf::from(private),
+                made_at: now_ms,
+            });
+            signed = Some(SignedPrekey {
+                id,
+                public,
+                signature,
+            });
+        }
+        let mut one_time = Vec::new();
+        if held < LOW_WATER {
+            let room = MAX_ONE_TIME_PREKEYS.saturating_sub(held as usize);
+            for _ in 0..PREKEYS_PER_REQUEST.min(room) {
+                let (private, public) = ratchet::x25519_pair()?;
+                let id = self.next()?;
+                self.one_time.insert(id, ByteBuf::from(private));
+                one_time.push((id, public));
+            }
+            while self.one_time.len() > KEPT_ONE_TIME {
+                self.one_time.pop_first();
+            }
+        }
+        Ok((signed, one_time))
     }
 }
 
@@ -136,45 +189,29 @@ pub fn refresh(
     session: &Session,
     now_ms: i64,
 ) -> Result<u32> {
+    // Under the state lock: a message opened meanwhile deletes the one-time prekey it used.
+    let _lock = store.lock_state()?;
     let mut keys = Prekeys::load(store, identity)?;
-    let mut signed = None;
-    if keys
-        .signed
-        .as_ref()
-        .is_none_or(|s| now_ms - s.made_at > SIGNED_LIFETIME_MS)
-    {
-        let id = keys.next()?;
-        let (private, public, signature) = x3dh::signed_prekey(id, |m| identity.sign(m))?;
-        keys.previous = keys.signed.take();
-        keys.signed = Some(Signed {
-            id,
-            private: ByteBuf::from(private),
-            made_at: now_ms,
-        });
-        signed = Some(SignedPrekey {
-            id,
-            public,
-            signature,
-        });
-    }
     let held = balancer.publish_prekeys(session, None, Vec::new())?;
-    let mut one_time = Vec::new();
-    if held < LOW_WATER {
-        let room = MAX_ONE_TIME_PREKEYS.saturating_sub(held as usize);
-        for _ in 0..PREKEYS_PER_REQUEST.min(room) {
-            let (private, public) = ratchet::x25519_pair()?;
-            let id = keys.next()?;
-            keys.one_time.insert(id, ByteBuf::from(private));
-            one_time.push((id, public));
-        }
-        while keys.one_time.len() > KEPT_ONE_TIME {
-            keys.one_time.pop_first();
-        }
-    }
+    let (signed, one_time) = keys.top_up(identity, true, held, now_ms)?;
     if signed.is_none() && one_time.is_empty() {
         return Ok(held);
     }
     // Before publishing: every key the directory may hand out has its private half here.
     keys.save(store, identity)?;
     balancer.publish_prekeys(session, signed, one_time)
+}
+
+/// The first prekeys of a new account, to go with its signup: made on top of `keys` (the
+/// user's, if their identity is older than the account, else none), which the caller saves
+/// before the signup if the identity is saved already, else with it.
+pub fn for_signup(keys: &mut Prekeys, identity: &Identity, now_ms: i64) -> Result<NewPrekeys> {
+    let (signed, one_time) = keys.top_up(identity, false, 0, now_ms)?;
+    Ok(NewPrekeys {
+        signed: signed.ok_or_else(|| Error::Local("no signed prekey was made".into()))?,
+        one_time: one_time
+            .into_iter()
+            .map(|(id, k)| (id, ByteBuf::from(k)))
+            .collect(),
+    })
 }

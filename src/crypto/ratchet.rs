@@ -77,6 +77,23 @@ struct Skipped {
     at: i64,
 }
 
+/// The key of one received message, handed out by [`Ratchet::open_keeping`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageKey([u8; 32]);
+
+impl std::fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MessageKey(..)")
+    }
+}
+
+impl MessageKey {
+    /// Opens the message it is the key of (`ad` and `header` as given to the ratchet).
+    pub fn open(&self, ad: &[u8], header: &Header, sealed: &[u8]) -> Result<Vec<u8>> {
+        PairKey(self.0).open(&aad(ad, header), sealed)
+    }
+}
+
 /// One side of a conversation's double ratchet.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Ratchet {
@@ -241,29 +258,39 @@ impl Ratchet {
         sealed: &[u8],
         now_ms: i64,
     ) -> Result<Vec<u8>> {
-        // Keys past their time go whatever the message turns out to be.
-        self.skipped.retain(|s| now_ms - s.at <= KEPT_FOR_MS);
-        let mut next = self.clone();
-        let plain = next.open_in_place(ad, header, sealed, now_ms)?;
-        *self = next;
-        Ok(plain)
+        self.open_keeping(ad, header, sealed, now_ms)
+            .map(|(plain, _)| plain)
     }
 
-    fn open_in_place(
+    /// Like [`Ratchet::open`], and hands the message's key to the caller, who keeps it only
+    /// until it is done with the message (one that stays queued on the server is opened again
+    /// with it) and then drops it.
+    pub fn open_keeping(
         &mut self,
         ad: &[u8],
         header: &Header,
         sealed: &[u8],
         now_ms: i64,
-    ) -> Result<Vec<u8>> {
-        let aad = aad(ad, header);
+    ) -> Result<(Vec<u8>, MessageKey)> {
+        // Keys past their time go whatever the message turns out to be.
+        self.skipped.retain(|s| now_ms - s.at <= KEPT_FOR_MS);
+        let mut next = self.clone();
+        let key = next.message_key(header, now_ms)?;
+        let plain = key.open(ad, header, sealed)?;
+        *self = next;
+        Ok((plain, key))
+    }
+
+    /// The key of the message `header` names: a kept one (then gone from here), or the next
+    /// of the receiving chain (after a ratchet step if the sender's key is new).
+    fn message_key(&mut self, header: &Header, now_ms: i64) -> Result<MessageKey> {
         if let Some(i) = self
             .skipped
             .iter()
             .position(|s| s.dh == header.dh && s.n == header.n)
         {
             let kept = self.skipped.remove(i).expect("found");
-            return PairKey(kept.key).open(&aad, sealed);
+            return Ok(MessageKey(kept.key));
         }
         if header.dh != self.their_dh {
             self.skip_to(header.pn, now_ms)?;
@@ -274,10 +301,9 @@ impl Ratchet {
             .receiving
             .ok_or_else(|| Error::Integrity("no receiving chain".into()))?;
         let (next, key) = kdf_chain(&chain)?;
-        let plain = PairKey(key).open(&aad, sealed)?;
         self.receiving = Some(next);
         self.nr += 1;
-        Ok(plain)
+        Ok(MessageKey(key))
     }
 
     /// Keeps the message keys of the receiving chain up to (not including) message `until`.

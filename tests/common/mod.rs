@@ -267,7 +267,7 @@ impl Cluster {
             .public()
             .unwrap();
         self.balancer_client()
-            .signup(user, &format!("pw-{user}"), keys)
+            .signup(user, &format!("pw-{user}"), keys, None)
             .unwrap();
     }
 

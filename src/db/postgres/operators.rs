@@ -61,12 +61,20 @@ pub fn reset_password(conn: &mut Conn, name: &str, password_hash: &str) -> Resul
     Ok(n == 1)
 }
 
-/// Replaces a user's public keys if an operator allowed it; `false` if not.
+/// Replaces a user's public keys if an operator allowed it; `false` if not. Their prekeys go
+/// with the old keys.
 pub fn set_keys(conn: &mut Conn, name: &str, keys: &PublicKeys) -> Result<bool> {
     let n = conn.exec(
         "UPDATE users SET x25519 = $2, ed25519 = $3, rekey = false WHERE name = $1 AND rekey",
         &[&name, &keys.x25519, &keys.ed25519],
     )?;
+    if n == 1 {
+        conn.exec(r#"DELETE FROM signed_prekeys WHERE "user" = $1"#, &[&name])?;
+        conn.exec(
+            r#"DELETE FROM one_time_prekeys WHERE "user" = $1"#,
+            &[&name],
+        )?;
+    }
     Ok(n == 1)
 }
 

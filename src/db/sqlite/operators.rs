@@ -63,13 +63,19 @@ pub fn reset_password(conn: &Connection, name: &str, password_hash: &str) -> Res
 }
 
 /// Replaces a user's public keys if an operator allowed it (see [`reset_password`]); `Ok(false)`
-/// if not.
+/// if not. Their prekeys go with the old keys (they were made and signed with them).
 pub fn set_keys(conn: &Connection, name: &str, keys: &PublicKeys) -> Result<bool> {
     let n = conn
         .prepare_cached(
             "UPDATE users SET x25519 = ?2, ed25519 = ?3, rekey = 0 WHERE name = ?1 AND rekey = 1",
         )?
         .execute(params![name, keys.x25519, keys.ed25519])?;
+    if n == 1 {
+        for table in ["signed_prekeys", "one_time_prekeys"] {
+            conn.prepare_cached(&format!("DELETE FROM {table} WHERE user = ?1"))?
+                .execute(params![name])?;
+        }
+    }
     Ok(n == 1)
 }
 

@@ -1,0 +1,260 @@
+//! Forward secrecy of direct messages, end to end: a copy of a user's folder taken today
+//! (identity, prekeys, sessions, and the password) does not open the messages captured
+//! before it, and stops opening new ones after one round trip; 1,000 messages delivered out
+//! of order to an offline user all open; a client killed after sealing never lets a key be
+//! used twice.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run_limited_for, Cluster};
+use fastchat::client::e2e::{parse_direct, Directory, E2e, Plain};
+use fastchat::client::keystore::Keystore;
+use fastchat::client::Client;
+use fastchat::net::Envelope;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The direct messages now queued for `to`, as a network observer (or the server) keeps them.
+fn captured(c: &Cluster, to: &str) -> Vec<Envelope> {
+    c.sql()
+        .rows(
+            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
+              WHERE recipient = ?1 ORDER BY id",
+            &[&to],
+        )
+        .iter()
+        .map(|r| Envelope {
+            id: r.get(0),
+            from: r.get(1),
+            to: r.get(2),
+            group: None,
+            client_id: r.get::<i64>(3) as u64,
+            body: r.get(4),
+            sent_at: r.get(5),
+        })
+        .collect()
+}
+
+/// A copy of `user`'s folder, as a thief takes it: `FASTCHAT_HOME` of its own.
+fn steal(c: &Cluster, user: &str, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(c.home().join(user))
+        .arg(into)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// `user`'s end-to-end state from the folder under `home` (password `pw-USER`), logged in.
+fn state_from(c: &Cluster, home: &Path, user: &str) -> (Client, E2e) {
+    let store = Keystore::new(home, user);
+    let identity = store.load_identity(&format!("pw-{user}")).unwrap();
+    let client = c.login(user);
+    let directory = Directory::new(&c.balancer_addr, &c.transport, client.session(), None);
+    let e2e = E2e::new(user, identity, store, directory).unwrap();
+    (client, e2e)
+}
+
+/// What `e2e` makes of `msg`: its text, or why it does not open.
+fn open_text(client: &Client, e2e: &mut E2e, msg: &Envelope) -> Result<String, String> {
+    match e2e.open(client, msg) {
+        Ok(opened) => match opened.plain {
+            Plain::Text(t) => Ok(t),
+            other => Err(format!("not text: {other:?}")),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn a_copy_of_the_key_folder_does_not_open_messages_captured_before_it() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    for text in ["first secret", "second secret", "third secret"] {
+        c.send("alice", "bob", text);
+    }
+    let wire = captured(&c, "bob");
+    assert_eq!(wire.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Taken before bob read them, the folder opens them (they are his to read): the test can
+    // tell an open from a refusal.
+    steal(&c, "bob", &tmp.path().join("before"));
+    let (client, mut early) = state_from(&c, &tmp.path().join("before"), "bob");
+    for (msg, text) in wire
+        .iter()
+        .zip(["first secret", "second secret", "third secret"])
+    {
+        assert_eq!(open_text(&client, &mut early, msg).as_deref(), Ok(text));
+    }
+    drop((client, early));
+
+    // Bob reads them; a copy of his folder taken now opens none of them.
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.lines().len(), 3, "{out:?}");
+    steal(&c, "bob", &tmp.path().join("after"));
+    let (client, mut thief) = state_from(&c, &tmp.path().join("after"), "bob");
+    for msg in &wire {
+        let got = open_text(&client, &mut thief, msg);
+        assert!(got.is_err(), "message {} opened: {got:?}", msg.id);
+    }
+    // Nor does any file in it hold their keys in the clear: nothing in it names them.
+    assert!(common::dir_contains(&tmp.path().join("after"), b"secret").is_empty());
+}
+
+#[test]
+fn after_a_theft_one_round_trip_closes_new_messages_to_the_thief() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "a1");
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: a1"]);
+    c.send("bob", "alice", "b1");
+    assert_eq!(c.run("alice", &["recv"]).lines(), ["bob: b1"]);
+
+    // The theft.
+    let tmp = tempfile::tempdir().unwrap();
+    steal(&c, "bob", tmp.path());
+    let (client, mut thief) = state_from(&c, tmp.path(), "bob");
+
+    // Alice's next message still goes to keys the thief holds: it opens for them.
+    c.send("alice", "bob", "a2: still exposed");
+    let a2 = captured(&c, "bob").pop().unwrap();
+    assert_eq!(
+        open_text(&client, &mut thief, &a2).as_deref(),
+        Ok("a2: still exposed")
+    );
+
+    // Bob reads it (making a new ratchet key the thief never sees) and answers: a round trip.
+    assert_eq!(
+        c.run("bob", &["recv"]).lines(),
+        ["alice: a2: still exposed"]
+    );
+    c.send("bob", "alice", "b2");
+    assert_eq!(c.run("alice", &["recv"]).lines(), ["bob: b2"]);
+
+    // From now on the thief's copy opens nothing, and bob everything.
+    for text in ["a3: closed again", "a4: still closed"] {
+        c.send("alice", "bob", text);
+    }
+    for msg in captured(&c, "bob") {
+        let got = open_text(&client, &mut thief, &msg);
+        assert!(got.is_err(), "message {} opened: {got:?}", msg.id);
+    }
+    assert_eq!(
+        c.run("bob", &["recv"]).lines(),
+        ["alice: a3: closed again", "alice: a4: still closed"]
+    );
+}
+
+#[test]
+fn a_thousand_messages_out_of_order_to_an_offline_user_all_open_once() {
+    let c = Cluster::start(2);
+    c.signup("alice");
+    c.signup("bob");
+    let home = c.home();
+    let (client, mut alice) = state_from(&c, &home, "alice");
+    let n = 1000;
+    let mut sealed: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let client_id = i as u64 + 1;
+            let body = alice
+                .seal_text("bob", client_id, &format!("message {i:04}"))
+                .unwrap();
+            (client_id, body)
+        })
+        .collect();
+    // Stored (and so delivered) in another order than sealed: every ratchet key of the chain
+    // is skipped and kept at some point.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..sealed.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        sealed.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    for (client_id, body) in &sealed {
+        client.send("bob", *client_id, body, None).unwrap();
+    }
+    drop(client);
+    let out = run_limited_for(c.cmd("bob").arg("recv"), LIMIT);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stderr, "", "nothing rejected");
+    let shown: HashSet<&str> = out.lines().into_iter().collect();
+    assert_eq!(shown.len(), n, "each shown once");
+    for i in 0..n {
+        assert!(
+            shown.contains(format!("alice: message {i:04}").as_str()),
+            "{i}"
+        );
+    }
+    // Read, every key is gone: nothing opens a second time, and nothing is left to show.
+    assert!(c.run("bob", &["recv"]).lines().is_empty());
+}
+
+/// The ratchet header of a stored direct message: which key sealed it.
+fn key_of(msg: &Envelope) -> (u64, Vec<u8>, u32) {
+    let direct = parse_direct(msg).unwrap();
+    let h = direct.frame.header;
+    (direct.frame.session, h.dh, h.n)
+}
+
+#[test]
+fn a_sender_that_dies_after_sealing_never_reuses_a_key_and_loses_no_conversation() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "hello");
+
+    // In-process: a message sealed and stored, then the process "dies" (nothing more of it
+    // runs) before it learns more; a new process of alice carries on from her folder.
+    let home = c.home();
+    let (client, mut first) = state_from(&c, &home, "alice");
+    let body = first
+        .seal_text("bob", 101, "sealed, then the sender died")
+        .unwrap();
+    client.send("bob", 101, &body, None).unwrap();
+    drop((client, first));
+    let (client, mut second) = state_from(&c, &home, "alice");
+    let body = second.seal_text("bob", 102, "the next process").unwrap();
+    client.send("bob", 102, &body, None).unwrap();
+    drop((client, second));
+
+    // And real processes killed with SIGKILL at every stage of a send.
+    for i in 0..12u64 {
+        let mut child = c
+            .cmd("alice")
+            .args(["send", "bob", &format!("killed {i}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5 + 9 * i));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    c.send("alice", "bob", "after the crashes");
+
+    // Every stored message was sealed under a key of its own...
+    let wire = captured(&c, "bob");
+    let keys: HashSet<_> = wire.iter().map(key_of).collect();
+    assert_eq!(keys.len(), wire.len(), "a ratchet key was used twice");
+    // ...and every one of them opens for bob, in the order sent.
+    let out = run_limited_for(c.cmd("bob").arg("recv"), LIMIT);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stderr, "", "nothing rejected");
+    let lines = out.lines();
+    assert_eq!(lines.len(), wire.len(), "{lines:?}");
+    assert_eq!(lines[0], "alice: hello");
+    assert_eq!(lines[1], "alice: sealed, then the sender died");
+    assert_eq!(lines[2], "alice: the next process");
+    assert_eq!(lines.last(), Some(&"alice: after the crashes"));
+}
