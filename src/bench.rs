@@ -27,6 +27,7 @@ use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::client::e2e;
+use crate::client::sender_keys::GroupChains;
 use crate::client::sessions::Session as RatchetSession;
 use crate::client::{BalancerClient, Session};
 use crate::crypto::ratchet::{self, Ratchet};
@@ -591,6 +592,8 @@ struct Role {
     to: Vec<(String, usize)>,
     /// Direct mode: this client's side of the double ratchet with each peer, by index.
     sessions: HashMap<usize, RatchetSession>,
+    /// Group mode: this client's sender chain and the other members'.
+    chains: GroupChains,
     /// Group mode: the group, its current key and epoch.
     group: Option<(String, PairKey, u64)>,
     identity: Arc<Identity>,
@@ -618,6 +621,7 @@ impl Plan {
                 link,
                 to: Vec::new(),
                 sessions: HashMap::new(),
+                chains: GroupChains::default(),
                 group: None,
                 identity: Arc::clone(&users[i].identity),
             });
@@ -717,7 +721,10 @@ impl Plan {
                 role.link,
                 sending,
                 receiving,
-                role.sessions,
+                driver::Keys {
+                    sessions: role.sessions,
+                    chains: role.chains,
+                },
                 Arc::clone(&shared),
                 stored_tx.clone(),
             )?;
@@ -950,6 +957,16 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
                 .map_err(|_| Error::Integrity("group key of the wrong size".into()))?,
         );
         role.group = Some((group.clone(), key, epoch));
+    }
+    // Each member's sender chain of the epoch, handed to the others in memory (the client
+    // hands it out in direct messages, once per epoch).
+    for i in 0..members.len() {
+        let (key, n, _) = members[i].chains.sending(epoch)?;
+        for (j, other) in members.iter_mut().enumerate() {
+            if j != i {
+                other.chains.install(epoch, &users[first + i].name, key, n);
+            }
+        }
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ pub mod keystore;
 pub mod prekeys;
 pub mod receipts;
 pub mod replay;
+pub mod sender_keys;
 pub mod sessions;
 pub mod text;
 

@@ -258,3 +258,104 @@ fn a_sender_that_dies_after_sealing_never_reuses_a_key_and_loses_no_conversation
     assert_eq!(lines[2], "alice: the next process");
     assert_eq!(lines.last(), Some(&"alice: after the crashes"));
 }
+
+/// The group messages now stored, as a network observer (or the server) keeps them.
+fn captured_group(c: &Cluster) -> Vec<Envelope> {
+    c.sql()
+        .rows(
+            "SELECT id, sender, grp, client_id, body, sent_at FROM messages
+              WHERE grp IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .iter()
+        .map(|r| Envelope {
+            id: r.get(0),
+            from: r.get(1),
+            to: String::new(),
+            group: r.get(2),
+            client_id: r.get::<i64>(3) as u64,
+            body: r.get(4),
+            sent_at: r.get(5),
+        })
+        .collect()
+}
+
+/// A group message's key epoch and number in its sender's chain.
+fn chain_place(msg: &Envelope) -> (u64, u32) {
+    let epoch = u64::from_be_bytes(msg.body[2..10].try_into().unwrap());
+    let n = u32::from_be_bytes(msg.body[18..22].try_into().unwrap());
+    (epoch, n)
+}
+
+#[test]
+fn group_messages_captured_before_a_theft_stay_closed_and_each_change_starts_new_chains() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    let group = |user: &str, args: &[&str]| {
+        let mut all = vec!["group"];
+        all.extend_from_slice(args);
+        let out = c.run(user, &all);
+        assert_eq!(out.code, 0, "{out:?}");
+    };
+    group("alice", &["create", "team"]);
+    group("alice", &["add", "team", "bob"]);
+    for text in ["team secret one", "team secret two"] {
+        group("alice", &["send", "team", text]);
+    }
+    let wire: Vec<Envelope> = captured_group(&c)
+        .into_iter()
+        .filter(|m| m.body[1] == 1)
+        .collect();
+    assert_eq!(wire.len(), 2);
+    assert_eq!(
+        wire.iter().map(chain_place).collect::<Vec<_>>(),
+        [(2, 0), (2, 1)],
+        "one chain, moving on with every message"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Before bob read them, a copy of his folder opens them once it has alice's sender key
+    // (queued for him as a direct message): the test can tell an open from a refusal.
+    steal(&c, "bob", &tmp.path().join("before"));
+    let (client, mut early) = state_from(&c, &tmp.path().join("before"), "bob");
+    for m in captured(&c, "bob") {
+        early
+            .open(&client, &m)
+            .expect("alice's sender key, or a notice");
+    }
+    for (msg, text) in wire.iter().zip(["team secret one", "team secret two"]) {
+        assert_eq!(open_text(&client, &mut early, msg).as_deref(), Ok(text));
+    }
+    drop((client, early));
+
+    // Bob reads them; a copy taken now opens none.
+    let out = c.run("bob", &["recv"]);
+    assert!(out.stdout.contains("team secret two"), "{out:?}");
+    steal(&c, "bob", &tmp.path().join("after"));
+    let (client, mut thief) = state_from(&c, &tmp.path().join("after"), "bob");
+    for msg in &wire {
+        let got = open_text(&client, &mut thief, msg);
+        assert!(got.is_err(), "message {} opened: {got:?}", msg.id);
+    }
+    drop((client, thief));
+
+    // A change of membership starts a new epoch, and alice a new chain in it, handed to bob
+    // and to carol.
+    group("alice", &["add", "team", "carol"]);
+    group("alice", &["send", "team", "with carol"]);
+    let last = captured_group(&c).pop().unwrap();
+    assert_eq!(chain_place(&last), (3, 0));
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages WHERE sender = 'alice' AND recipient = 'carol'"),
+        1,
+        "carol got alice's key of the new epoch"
+    );
+    let out = c.run("carol", &["recv"]);
+    assert!(
+        out.stdout.contains("[alice/team] alice: with carol"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("team secret"), "{out:?}");
+}

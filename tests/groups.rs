@@ -251,9 +251,15 @@ fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() 
     // Stored once each, however many members.
     let unread = c.count("SELECT count(*) FROM messages WHERE grp = 'alice/team'");
     assert!(unread <= 6, "3 notices and 3 texts at most: {unread}");
+    // Besides, alice handed her sender key to each member once for the epoch, not once per
+    // message: only dave's copy still waits.
     assert_eq!(
         c.count("SELECT count(*) FROM messages WHERE recipient IS NOT NULL"),
-        0
+        1
+    );
+    assert_eq!(
+        c.count("SELECT count(*) FROM messages WHERE recipient = 'dave' AND sender = 'alice'"),
+        1
     );
 
     let dave = c.run("dave", &["recv"]);
@@ -353,6 +359,27 @@ fn stored_group_messages(c: &Cluster) -> Vec<Envelope> {
         .collect()
 }
 
+/// The direct messages queued for `user`.
+fn stored_direct_messages(c: &Cluster, user: &str) -> Vec<Envelope> {
+    c.sql()
+        .rows(
+            "SELECT id, sender, client_id, body, sent_at FROM messages
+              WHERE recipient = ?1 ORDER BY id",
+            &[&user],
+        )
+        .iter()
+        .map(|r| Envelope {
+            id: r.get(0),
+            from: r.get(1),
+            to: user.to_string(),
+            group: None,
+            client_id: r.get::<i64>(2) as u64,
+            body: r.get(3),
+            sent_at: r.get(4),
+        })
+        .collect()
+}
+
 #[test]
 fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     let c = Cluster::start(1);
@@ -364,8 +391,12 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     ok(&c, "alice", &["add", "team", "carol"]);
     ok(&c, "alice", &["send", "team", "before"]);
 
-    // While a member, bob reads epoch 3 with his own keys (and keeps the key in his cache).
+    // While a member, bob reads epoch 3 with his own keys (and keeps the key in his cache),
+    // once he has alice's sender key (a direct message to him).
     let (client, mut e2e) = bob_keys(&c);
+    for m in stored_direct_messages(&c, "bob") {
+        e2e.open(&client, &m).expect("bob opens alice's sender key");
+    }
     let before = stored_group_messages(&c);
     let texts: Vec<_> = before
         .iter()
@@ -410,10 +441,11 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
         let kind = fastchat::client::e2e::Kind::from_byte(m.body[1]).unwrap();
         let epoch = u64::from_be_bytes(m.body[2..10].try_into().unwrap());
         let seq = u64::from_be_bytes(m.body[10..18].try_into().unwrap());
+        let n = u32::from_be_bytes(m.body[18..22].try_into().unwrap());
         assert_eq!(epoch, 4);
-        let at = fastchat::client::e2e::GroupSeq { epoch, seq };
+        let at = fastchat::client::e2e::GroupSeq { epoch, seq, n };
         let aad = fastchat::client::e2e::group_aad("alice/team", &m.from, m.client_id, at, kind);
-        assert!(key.open(&aad, &m.body[18 + 64..]).is_err());
+        assert!(key.open(&aad, &m.body[22 + 64..]).is_err());
     }
     // Carol, still a member, reads it.
     let out = c.run("carol", &["recv"]);
@@ -439,7 +471,7 @@ fn a_group_message_with_a_forged_sender_is_rejected() {
     assert_eq!(out.code, 0);
     // A hostile server relabels carol's message as alice's.
     let n = c.sql().exec(
-        "UPDATE messages SET sender = 'alice' WHERE sender = 'carol'",
+        "UPDATE messages SET sender = 'alice' WHERE sender = 'carol' AND grp IS NOT NULL",
         &[],
     );
     assert_eq!(n, 1);

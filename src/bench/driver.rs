@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 
 use super::{open_link, Link};
 use crate::client::e2e::{self, Plain};
+use crate::client::sender_keys::GroupChains;
 use crate::client::sessions::Session as RatchetSession;
 use crate::client::{BalancerClient, Session};
 use crate::crypto::{Identity, PairKey};
@@ -82,6 +83,13 @@ const ACK_BATCH: usize = 256;
 /// servers together, to be committed together.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
+/// A client's keys, in memory: the ratchet with each peer (direct mode, by index), the sender
+/// chains of its group (group mode).
+pub(super) struct Keys {
+    pub sessions: HashMap<usize, RatchetSession>,
+    pub chains: GroupChains,
+}
+
 /// What a client sends.
 pub(super) struct Sending {
     pub index: usize,
@@ -131,12 +139,7 @@ impl Sending {
     }
 
     /// Message `seq` (direct ones sealed in the session with their recipient, which moves on).
-    fn request(
-        &self,
-        sessions: &mut HashMap<usize, RatchetSession>,
-        seq: u64,
-        text: &str,
-    ) -> Result<Request<ServerRequest>> {
+    fn request(&self, keys: &mut Keys, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
         let plain = Plain::Text(text.to_string());
         let message = |body| NewMessage {
             client_id: seq,
@@ -145,7 +148,8 @@ impl Sending {
             resend_after: None,
         };
         if let Some((to, peer)) = self.recipient(seq) {
-            let session = sessions
+            let session = keys
+                .sessions
                 .get_mut(peer)
                 .ok_or_else(|| Error::Invalid(format!("no session with {to}")))?;
             let body = e2e::seal_direct_in(session, &self.me, to, seq, seq, &plain)?;
@@ -158,8 +162,22 @@ impl Sending {
             });
         }
         let (group, key, epoch) = self.group.as_ref().expect("a direct or group role");
-        let at = e2e::GroupSeq { epoch: *epoch, seq };
-        let body = e2e::seal_group_with(&self.identity, key, group, &self.me, seq, at, &plain)?;
+        let (n, chain_key) = keys.chains.next_key(*epoch)?;
+        let at = e2e::GroupSeq {
+            epoch: *epoch,
+            seq,
+            n,
+        };
+        let message_key = e2e::group_message_key(key, &chain_key)?;
+        let body = e2e::seal_group_with(
+            &self.identity,
+            &message_key,
+            group,
+            &self.me,
+            seq,
+            at,
+            &plain,
+        )?;
         Ok(Request {
             id: seq,
             body: ServerRequest::GroupSend {
@@ -182,19 +200,21 @@ pub(super) struct Receiving {
 
 impl Receiving {
     /// Decrypts (and in groups verifies) a delivery; returns its payload's fields.
-    fn open(
-        &self,
-        sessions: &mut HashMap<usize, RatchetSession>,
-        msg: &Envelope,
-    ) -> Result<(u64, u64, u64)> {
+    fn open(&self, keys: &mut Keys, msg: &Envelope) -> Result<(u64, u64, u64)> {
         let sender = *self
             .senders
             .get(&msg.from)
             .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
         let now = crate::db::now_ms();
-        let plain = match (sessions.get_mut(&sender), &self.group_key) {
+        let plain = match (keys.sessions.get_mut(&sender), &self.group_key) {
             (Some(session), _) => e2e::open_direct_in(session, msg, now)?,
-            (None, Some(key)) => e2e::verify_group(&self.ed25519[sender], msg)?.open(key)?,
+            (None, Some(key)) => {
+                let verified = e2e::verify_group(&self.ed25519[sender], msg)?;
+                let at = verified.at;
+                let chain_key = keys.chains.receive(at.epoch, &msg.from, at.n, now)?;
+                keys.chains.release(at.epoch, &msg.from, at.n);
+                verified.open(&e2e::group_message_key(key, &chain_key)?)?
+            }
             (None, None) => {
                 return Err(Error::Integrity(format!(
                     "a message from {}, who does not write to this client",
@@ -224,11 +244,11 @@ pub(super) struct Shared {
 pub(super) struct Client {
     pub sending: Sending,
     pub receiving: Receiving,
-    /// Direct mode: the double ratchet with each peer, by index (kept in memory only: the
-    /// tool measures what sealing and opening in a ratchet cost, not the client's files).
-    sessions: HashMap<usize, RatchetSession>,
-    /// Direct messages opened, by id: one delivered again is not opened again (its key is
-    /// gone once used).
+    /// The ratchets and sender chains (kept in memory only: the tool measures what sealing
+    /// and opening in them cost, not the client's files).
+    keys: Keys,
+    /// Messages opened, by id: one delivered again is not opened again (its key is gone once
+    /// used).
     opened: std::collections::HashSet<i64>,
     pub shared: Arc<Shared>,
     /// Rung to end the run (with `Counters::finished` set).
@@ -263,7 +283,7 @@ impl Client {
         link: Link,
         sending: Sending,
         receiving: Receiving,
-        sessions: HashMap<usize, RatchetSession>,
+        keys: Keys,
         shared: Arc<Shared>,
         stored: Sender<Result<()>>,
     ) -> Result<Client> {
@@ -278,7 +298,7 @@ impl Client {
         Ok(Client {
             sending,
             receiving,
-            sessions,
+            keys,
             opened: std::collections::HashSet::new(),
             shared,
             waker: Arc::new(Waker::new()?),
@@ -360,7 +380,7 @@ impl Client {
             let text = payload(self.sending.index, seq, sent_ns, self.sending.size);
             let request = self
                 .sending
-                .request(&mut self.sessions, seq, &text)
+                .request(&mut self.keys, seq, &text)
                 .map_err(Err)?;
             self.chan.queue(&request).map_err(Err)?;
             self.unconfirmed.insert(seq, (request, self.newest));
@@ -473,11 +493,11 @@ impl Client {
         if msg.group.is_some() && msg.body.get(1) == Some(&(e2e::Kind::Change as u8)) {
             return;
         }
-        if msg.group.is_none() && !self.opened.insert(msg.id) {
+        if !self.opened.insert(msg.id) {
             counters.redelivered.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let (sender, seq, sent_ns) = match self.receiving.open(&mut self.sessions, msg) {
+        let (sender, seq, sent_ns) = match self.receiving.open(&mut self.keys, msg) {
             Ok(fields) => fields,
             Err(e) => return counters.error(&format!("message {}: {e}", msg.id)),
         };

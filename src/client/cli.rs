@@ -1127,7 +1127,9 @@ fn recv_loop(
                     };
                     receipts.add(&msg, reached);
                 }
-                shown += 1;
+                if done != Shown::Silent {
+                    shown += 1;
+                }
                 if deadline != far || batch.len() >= ACK_PAGE {
                     ack(&mut batch, &mut receipts)?;
                 }
@@ -1203,6 +1205,13 @@ pub(super) fn show(
             return Ok(Shown::Done);
         }
     }
+    // A sender key was installed as it opened: nothing to show.
+    if let Plain::SenderKey(_) = &opened.plain {
+        if record {
+            e2e.lock().shown(&opened)?;
+        }
+        return Ok(Shown::Silent);
+    }
     let path = match &opened.plain {
         Plain::File(offer) if offer.size > downloads.auto_max => {
             offered(msg, offer, format, out)?;
@@ -1248,6 +1257,11 @@ pub(super) fn show(
                     "size": offer.size,
                     "path": path,
                 }),
+                Plain::SenderKey(k) => serde_json::json!({
+                    "kind": "sender-key",
+                    "group": k.group,
+                    "epoch": k.epoch,
+                }),
                 Plain::Receipt(r) => serde_json::json!({
                     "kind": "receipt",
                     "reached": match r.reached {
@@ -1292,7 +1306,7 @@ pub(super) fn history_text(plain: &Plain) -> Option<String> {
             offer.name,
             files::human_size(offer.size)
         )),
-        Plain::Receipt(_) => None,
+        Plain::Receipt(_) | Plain::SenderKey(_) => None,
     }
 }
 
@@ -1307,6 +1321,8 @@ pub(super) enum Shown {
     Receipt(Receipt),
     /// A file offered and not saved: leave it queued until `get` takes it.
     Offered,
+    /// Handled, not shown (a sender key): acknowledged, not counted.
+    Silent,
 }
 
 /// Prints a file offered and not saved: `FROM offers NAME (SIZE): fastchat get ID`.
@@ -1410,6 +1426,10 @@ pub fn message_line(msg: &Envelope, plain: &Plain, path: Option<&Path>) -> Strin
         Plain::Removal(s) => format!(
             "{prefix}* {}",
             one_line(&crate::membership::describe(&s.change))
+        ),
+        Plain::SenderKey(k) => format!(
+            "{prefix}* {} handed you their key for {} (epoch {})",
+            msg.from, k.group, k.epoch
         ),
         Plain::Receipt(r) => format!(
             "{prefix}* {} {} {} of your messages",

@@ -54,6 +54,7 @@ use super::history::{Entry, History};
 use super::keystore::Keystore;
 use super::prekeys::Prekeys;
 use super::replay::{self, Accepted, Verdict};
+use super::sender_keys::SenderKeys;
 use super::sessions::{self, HeldId, Session, Sessions};
 use super::{BalancerClient, Client};
 use crate::crypto::ratchet::{Header, Ratchet};
@@ -66,8 +67,11 @@ use crate::net::{
 };
 use crate::transport::Transport;
 
-/// Body format version of group messages.
+/// Body format version of group membership announcements (built by the server).
 const VERSION: u8 = 2;
+
+/// Body format version of sealed group messages (sender keys).
+const GROUP_VERSION: u8 = 3;
 
 /// Body format version of direct messages (the double ratchet).
 const DIRECT_VERSION: u8 = 3;
@@ -92,6 +96,9 @@ pub enum Kind {
     Change = 4,
     /// A receipt: a MessagePack [`Receipt`] (direct messages only).
     Receipt = 5,
+    /// A sender's chain key for a group epoch: a MessagePack [`SenderKey`] (direct messages
+    /// only; see [`super::sender_keys`]).
+    SenderKey = 6,
 }
 
 impl Kind {
@@ -102,6 +109,7 @@ impl Kind {
             3 => Some(Kind::File),
             4 => Some(Kind::Change),
             5 => Some(Kind::Receipt),
+            6 => Some(Kind::SenderKey),
             _ => None,
         }
     }
@@ -129,6 +137,32 @@ pub struct Receipt {
 
 /// Most messages one receipt speaks for.
 pub const MAX_RECEIPT: usize = 1024;
+
+/// A sender's chain key for one epoch of a group, handed to each other member of the epoch in
+/// a direct message (so sealed in their pairwise ratchet) before the sender's first group
+/// message of the epoch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderKey {
+    /// The group.
+    pub group: String,
+    /// The key epoch.
+    pub epoch: u64,
+    /// The chain key of message `n`.
+    pub key: [u8; 32],
+    /// The number of the sender's next message in the chain.
+    pub n: u32,
+}
+
+impl std::fmt::Debug for SenderKey {
+    /// Everything but the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SenderKey")
+            .field("group", &self.group)
+            .field("epoch", &self.epoch)
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What a file message carries, encrypted: where the file's chunks are and how to open and
 /// check them. The chunks themselves are sealed under `key` (see [`crate::files`]).
@@ -173,6 +207,8 @@ pub enum Plain {
     /// removed them (they are no longer a member, so the group's announcement does not reach
     /// them). Shown as the [`Plain::Membership`] it describes once checked.
     Removal(SignedChange),
+    /// A member's chain key for a group epoch (installed when opened; not shown).
+    SenderKey(SenderKey),
 }
 
 impl Plain {
@@ -183,6 +219,7 @@ impl Plain {
             Plain::Membership(_) => Kind::Change,
             Plain::Receipt(_) => Kind::Receipt,
             Plain::Removal(_) => Kind::Change,
+            Plain::SenderKey(_) => Kind::SenderKey,
         }
     }
 
@@ -196,6 +233,9 @@ impl Plain {
                 Cow::Owned(rmp_serde::to_vec(r).map_err(|e| Error::Invalid(e.to_string()))?)
             }
             Plain::Removal(signed) => Cow::Owned(crate::net::encode(signed)?),
+            Plain::SenderKey(k) => {
+                Cow::Owned(rmp_serde::to_vec(k).map_err(|e| Error::Invalid(e.to_string()))?)
+            }
             Plain::Membership(_) => {
                 return Err(Error::Invalid(
                     "membership changes are signed changes, not messages".into(),
@@ -218,6 +258,11 @@ impl Plain {
             let signed: SignedChange =
                 crate::net::decode(&plain).map_err(|_| bad("holds a malformed group change"))?;
             return Ok(Plain::Removal(signed));
+        }
+        if kind == Kind::SenderKey {
+            let key: SenderKey =
+                rmp_serde::from_slice(&plain).map_err(|_| bad("holds a malformed sender key"))?;
+            return Ok(Plain::SenderKey(key));
         }
         if kind == Kind::Receipt {
             let receipt: Receipt =
@@ -359,19 +404,33 @@ pub struct GroupSeq {
     pub epoch: u64,
     /// The sender's sequence (see the module documentation).
     pub seq: u64,
+    /// The message's number in the sender's chain of the epoch (its sender key).
+    pub n: u32,
 }
 
 /// The associated data (and, with the ciphertext, the signed bytes) of a group message.
 pub fn group_aad(group: &str, from: &str, client_id: u64, at: GroupSeq, kind: Kind) -> Vec<u8> {
     let mut a = Vec::with_capacity(56 + group.len() + from.len());
-    a.extend_from_slice(b"fastchat/grp/v2");
+    a.extend_from_slice(b"fastchat/grp/v3");
     push_name(&mut a, group);
     push_name(&mut a, from);
     a.extend_from_slice(&client_id.to_be_bytes());
     a.extend_from_slice(&at.epoch.to_be_bytes());
     a.extend_from_slice(&at.seq.to_be_bytes());
+    a.extend_from_slice(&at.n.to_be_bytes());
     a.push(kind as u8);
     a
+}
+
+/// The key a group message is sealed under: its key from the sender's chain, bound to the
+/// epoch's key (HKDF). The chain brings forward secrecy; the epoch key, wrapped only for the
+/// epoch's verified members, keeps anyone else out even if they were handed a chain key.
+pub fn group_message_key(epoch_key: &PairKey, chain_key: &[u8; 32]) -> Result<PairKey> {
+    Ok(PairKey(crypto::hkdf_sha256(
+        chain_key,
+        &epoch_key.0,
+        b"fastchat/grp/v3",
+    )?))
 }
 
 /// Reads a big-endian u64 off the front of `bytes`.
@@ -483,8 +542,8 @@ fn split_body(msg: &Envelope, version: u8) -> Result<(Kind, &[u8])> {
     Ok((kind, rest))
 }
 
-/// A group message body from `from`, sealed under the key of `at.epoch` and signed by
-/// `identity` (the sender's).
+/// A group message body from `from`, sealed under `key` (its key from the sender's chain,
+/// bound to the epoch's: [`group_message_key`]) and signed by `identity` (the sender's).
 pub fn seal_group_with(
     identity: &Identity,
     key: &PairKey,
@@ -500,11 +559,12 @@ pub fn seal_group_with(
     let mut signed = aad;
     signed.extend_from_slice(&sealed);
     let signature = identity.sign(&signed)?;
-    let mut body = Vec::with_capacity(2 + 16 + SIGNATURE + sealed.len());
-    body.push(VERSION);
+    let mut body = Vec::with_capacity(2 + 20 + SIGNATURE + sealed.len());
+    body.push(GROUP_VERSION);
     body.push(kind as u8);
     body.extend_from_slice(&at.epoch.to_be_bytes());
     body.extend_from_slice(&at.seq.to_be_bytes());
+    body.extend_from_slice(&at.n.to_be_bytes());
     body.extend_from_slice(&signature);
     body.extend_from_slice(&sealed);
     Ok(body)
@@ -521,7 +581,7 @@ pub struct Verified<'a> {
 }
 
 impl Verified<'_> {
-    /// Decrypts with the key of the message's epoch.
+    /// Decrypts with the message's key ([`group_message_key`]).
     pub fn open(self, key: &PairKey) -> Result<Authentic> {
         let plain = Plain::decode(self.kind, key.open(&self.aad, self.sealed)?, self.msg_id)?;
         Ok(Authentic {
@@ -536,14 +596,18 @@ impl Verified<'_> {
 pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Verified<'a>> {
     let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
     let group = msg.group.as_deref().ok_or_else(|| bad("names no group"))?;
-    let (kind, rest) = split_body(msg, VERSION)?;
+    let (kind, rest) = split_body(msg, GROUP_VERSION)?;
     let (epoch, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
     let (seq, rest) = take_u64(rest).ok_or_else(|| bad("is truncated"))?;
+    let (n, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("is truncated"))?;
+    let n = u32::from_be_bytes(*n);
     if rest.len() < SIGNATURE {
         return Err(bad("is truncated"));
     }
     let (signature, sealed) = rest.split_at(SIGNATURE);
-    let at = GroupSeq { epoch, seq };
+    let at = GroupSeq { epoch, seq, n };
     let aad = group_aad(group, &msg.from, msg.client_id, at, kind);
     let mut signed = aad.clone();
     signed.extend_from_slice(sealed);
@@ -676,6 +740,17 @@ pub struct E2e {
     history: Option<History>,
     /// The double ratchets with peers.
     sessions: Sessions,
+    /// The groups' sender chains.
+    sender_keys: SenderKeys,
+}
+
+/// The key of a message opened and not yet shown, deleted once it is.
+#[derive(Debug)]
+enum Held {
+    /// A direct message from this peer.
+    Direct(String, HeldId),
+    /// A group message: its group, epoch, sender and number in the sender's chain.
+    Group(String, u64, String, u32),
 }
 
 /// A message that authenticated, and whether it was shown before.
@@ -688,8 +763,8 @@ pub struct Opened {
     conversation: String,
     seq: u64,
     msg_id: i64,
-    /// A direct message's sender and its held key (released once shown).
-    held: Option<(String, HeldId)>,
+    /// Its held key (released once shown).
+    held: Option<Held>,
 }
 
 impl E2e {
@@ -697,6 +772,7 @@ impl E2e {
     pub fn new(me: &str, identity: Identity, store: Keystore, directory: Directory) -> Result<E2e> {
         let chains = Chains::new(store.dir());
         let sessions = Sessions::new(&store, &identity)?;
+        let sender_keys = SenderKeys::new(&store, &identity)?;
         Ok(E2e {
             me: me.to_string(),
             identity,
@@ -711,6 +787,7 @@ impl E2e {
             last_seq: 0,
             history: None,
             sessions,
+            sender_keys,
         })
     }
 
@@ -739,17 +816,109 @@ impl E2e {
         self.release(opened)
     }
 
-    /// Deletes the held key of a direct message that is done with.
+    /// Deletes the held key of a message that is done with.
     fn release(&mut self, opened: &Opened) -> Result<()> {
-        let Some((peer, held)) = &opened.held else {
-            return Ok(());
-        };
-        let locked = self.sessions.lock(&self.store)?;
-        let mut conversation = locked.load(peer, crate::db::now_ms())?;
-        if conversation.release(held) {
-            locked.save(peer, &conversation)?;
+        match &opened.held {
+            None => Ok(()),
+            Some(Held::Direct(peer, held)) => {
+                let locked = self.sessions.lock(&self.store)?;
+                let mut conversation = locked.load(peer, crate::db::now_ms())?;
+                if conversation.release(held) {
+                    locked.save(peer, &conversation)?;
+                }
+                Ok(())
+            }
+            Some(Held::Group(group, epoch, sender, n)) => {
+                let locked = self.sender_keys.lock(&self.store)?;
+                let mut chains = locked.load(group)?;
+                if chains.release(*epoch, sender, *n) {
+                    locked.save(group, &chains)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets the sender chains of `group` (we left it or were removed).
+    fn forget_sender_keys(&mut self, group: &str) -> Result<()> {
+        let locked = self.sender_keys.lock(&self.store)?;
+        let mut chains = locked.load(group)?;
+        chains.clear();
+        locked.save(group, &chains)
+    }
+
+    /// Installs a sender key `from` handed us, if `from` and we were both members of its
+    /// epoch in the group's verified chain.
+    fn install(&mut self, client: &Client, from: &str, key: &SenderKey) -> Result<()> {
+        let roster = self.roster_at(client, &key.group, key.epoch)?;
+        if !roster.has(from) || !roster.has(&self.me) {
+            return Err(Error::Integrity(format!(
+                "{from} handed a key for epoch {} of {}, of which they or we were not a member",
+                key.epoch, key.group
+            )));
+        }
+        let locked = self.sender_keys.lock(&self.store)?;
+        let mut chains = locked.load(&key.group)?;
+        if chains.install(key.epoch, from, key.key, key.n) {
+            locked.save(&key.group, &chains)?;
         }
         Ok(())
+    }
+
+    /// Hands our chain key of `epoch` to every member of `members` who does not have it yet,
+    /// each in a direct message (sealed in their ratchet).
+    fn hand_out(
+        &mut self,
+        client: &Client,
+        group: &str,
+        epoch: u64,
+        members: &[String],
+    ) -> Result<()> {
+        let (key, n, given) = {
+            let locked = self.sender_keys.lock(&self.store)?;
+            let mut chains = locked.load(group)?;
+            let sending = chains.sending(epoch)?;
+            locked.save(group, &chains)?;
+            sending
+        };
+        let missing: Vec<&String> = members
+            .iter()
+            .filter(|m| **m != self.me && !given.contains(m))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let plain = Plain::SenderKey(SenderKey {
+            group: group.to_string(),
+            epoch,
+            key,
+            n,
+        });
+        let mut handed = Vec::new();
+        let mut failed = None;
+        for member in missing {
+            let sent = crypto::random_u64().and_then(|client_id| {
+                let body = self.seal_direct(member, client_id, &plain)?;
+                client.send(member, client_id, &body, None)
+            });
+            match sent {
+                Ok(_) => handed.push(member.clone()),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let locked = self.sender_keys.lock(&self.store)?;
+        let mut chains = locked.load(group)?;
+        for member in &handed {
+            chains.given(epoch, member);
+        }
+        locked.save(group, &chains)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The local history, opened on first use.
@@ -942,11 +1111,11 @@ impl E2e {
     /// [`E2e::shown`].
     pub fn open(&mut self, client: &Client, msg: &Envelope) -> Result<Opened> {
         if let Some(group) = &msg.group {
-            if split_body(msg, VERSION)?.0 == Kind::Change {
+            if msg.body.get(1) == Some(&(Kind::Change as u8)) {
                 return self.open_change(client, group, msg);
             }
         }
-        let mut held = None;
+        let held;
         let authentic = match &msg.group {
             Some(group) => {
                 let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
@@ -960,7 +1129,31 @@ impl E2e {
                     )));
                 }
                 let key = self.group_key(client, group, epoch)?;
-                verified.open(&key)?
+                let n = verified.at.n;
+                let chain_key = {
+                    let locked = self.sender_keys.lock(&self.store)?;
+                    let mut chains = locked.load(group)?;
+                    let k = chains.receive(epoch, &msg.from, n, crate::db::now_ms())?;
+                    locked.save(group, &chains)?;
+                    k
+                };
+                let opened = verified.open(&group_message_key(&key, &chain_key)?);
+                held = Some(Held::Group(group.clone(), epoch, msg.from.clone(), n));
+                match opened {
+                    Ok(authentic) => authentic,
+                    Err(e) => {
+                        let dropped = Opened {
+                            plain: Plain::Text(String::new()),
+                            verdict: Verdict::TooOld,
+                            conversation: String::new(),
+                            seq: 0,
+                            msg_id: msg.id,
+                            held,
+                        };
+                        self.release(&dropped)?;
+                        return Err(e);
+                    }
+                }
             }
             None => {
                 if msg.to != self.me {
@@ -971,17 +1164,21 @@ impl E2e {
                 }
                 let keys = self.peer_keys(&msg.from)?.clone();
                 let (authentic, id) = self.open_direct(msg, &keys)?;
-                held = Some((msg.from.clone(), id));
+                held = Some(Held::Direct(msg.from.clone(), id));
                 authentic
             }
         };
         let mut authentic = authentic;
         match (&msg.group, authentic.plain) {
-            (Some(_), Plain::Receipt(_) | Plain::Removal(_)) => {
+            (Some(_), Plain::Receipt(_) | Plain::Removal(_) | Plain::SenderKey(_)) => {
                 return Err(Error::Integrity(format!(
-                    "message {} is a receipt or a removal sent to a group",
+                    "message {} is a receipt, a removal or a sender key sent to a group",
                     msg.id
                 )));
+            }
+            (None, Plain::SenderKey(key)) => {
+                self.install(client, &msg.from, &key)?;
+                authentic.plain = Plain::SenderKey(key);
             }
             (None, Plain::Removal(signed)) => {
                 authentic.plain = Plain::Membership(self.removal(&msg.from, &signed)?);
@@ -1221,6 +1418,7 @@ impl E2e {
             return Err(forged("does not follow from the group's chain"));
         }
         self.chains.forget(&c.group)?;
+        self.forget_sender_keys(&c.group)?;
         self.group_keys.retain(|(g, _), _| *g != c.group);
         Ok(format!("{from} removed you from {}", c.group))
     }
@@ -1265,7 +1463,10 @@ impl E2e {
                 Err(e) => return Err(e),
             }
             match &after {
-                After::Roster(_) if action == Action::Leave => self.chains.forget(group)?,
+                After::Roster(_) if action == Action::Leave => {
+                    self.chains.forget(group)?;
+                    self.forget_sender_keys(group)?;
+                }
                 After::Roster(_) => {
                     if self.chains.get(group)?.change(seq).is_none() {
                         self.chains.append(group, std::slice::from_ref(&signed))?;
@@ -1275,7 +1476,10 @@ impl E2e {
                         self.epochs.insert(group.to_string(), seq);
                     }
                 }
-                After::Deleted => self.chains.forget(group)?,
+                After::Deleted => {
+                    self.chains.forget(group)?;
+                    self.forget_sender_keys(group)?;
+                }
             }
             if action == Action::Leave {
                 self.epochs.remove(group);
@@ -1411,7 +1615,20 @@ impl E2e {
         let mut fresh = false;
         loop {
             let (epoch, key) = self.send_key(client, group, fresh)?;
-            let body = self.seal_group(group, client_id, GroupSeq { epoch, seq }, &key, plain)?;
+            // Our chain of the epoch goes to its members first, then the message takes the
+            // chain's next key (saved before the message leaves).
+            let members = self.roster_at(client, group, epoch)?.members;
+            self.hand_out(client, group, epoch, &members)?;
+            let (n, chain_key) = {
+                let locked = self.sender_keys.lock(&self.store)?;
+                let mut chains = locked.load(group)?;
+                let next = chains.next_key(epoch)?;
+                locked.save(group, &chains)?;
+                next
+            };
+            let at = GroupSeq { epoch, seq, n };
+            let message_key = group_message_key(&key, &chain_key)?;
+            let body = self.seal_group(group, client_id, at, &message_key, plain)?;
             match client.group_send(group, client_id, epoch, &body, file) {
                 Ok(msg_id) => return Ok(msg_id),
                 Err(Error::Refused {

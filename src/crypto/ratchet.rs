@@ -177,6 +177,12 @@ fn kdf_chain(chain: &[u8; 32]) -> Result<([u8; 32], [u8; 32])> {
     Ok((hmac(chain, 2)?, hmac(chain, 1)?))
 }
 
+/// The symmetric chain step on its own (a group's sender keys use it): the next chain key,
+/// and this link's message key.
+pub fn chain_step(chain: &[u8; 32]) -> Result<([u8; 32], [u8; 32])> {
+    kdf_chain(chain)
+}
+
 /// The associated data of a message: the conversation's (from the key agreement) and the
 /// header.
 fn aad(ad: &[u8], header: &Header) -> Vec<u8> {
