@@ -212,4 +212,13 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     let after = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
     assert_eq!(after, held + fastchat::net::PREKEYS_PER_REQUEST as u32);
     let _ = c.run("alice", &["logout"]);
+    // So does any command of hers, for a user who never keeps a session.
+    for _ in 0..=(after - LOW_WATER) {
+        b.bundle(&bob, "alice").unwrap();
+    }
+    let held = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
+    assert!(held < LOW_WATER);
+    assert_eq!(c.run("alice", &["whoami"]).code, 0);
+    let after = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
+    assert_eq!(after, held + fastchat::net::PREKEYS_PER_REQUEST as u32);
 }

@@ -374,12 +374,18 @@ pub(super) fn login(opts: &Options) -> Result<LoggedIn> {
 fn logged_in(
     opts: &Options,
     client: Client,
-    balancer: BalancerClient,
+    mut balancer: BalancerClient,
     identity: Identity,
     store: Keystore,
     kept: bool,
 ) -> Result<LoggedIn> {
     let user = client.user().to_string();
+    // Every command tops up the one-time prekeys others used (one request to the directory
+    // when none are needed): a user who never runs `fastchat login` does not run out.
+    let now = crate::db::now_ms();
+    if let Err(e) = prekeys::refresh(&store, &identity, &mut balancer, client.session(), now) {
+        log::warn!("could not publish prekeys: {e}");
+    }
     let directory = Directory::new(
         &opts.balancer,
         &opts.transport,
@@ -465,7 +471,8 @@ pub fn keep_login(opts: &Options, idle: Duration) -> Result<()> {
     let identity = store.load_identity(&password)?;
     let mut b = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = b.login(&user, &password)?;
-    // Prekeys are not yet what messages use: trouble with them must not stop the login.
+    // Trouble with prekeys does not stop the login: the directory keeps what was published
+    // before (the signup's at least), and the next command tries again.
     if let Err(e) = prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms()) {
         log::warn!("could not publish prekeys: {e}");
     }
