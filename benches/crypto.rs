@@ -61,5 +61,85 @@ fn main() -> fastchat::Result<()> {
     measure("random group/file key", 100_000, || {
         black_box(PairKey::random().unwrap());
     });
+    forward_secrecy(&alice, &bob)
+}
+
+/// What forward secrecy adds per message (issue 22): the ratchet's steps, the sender chains,
+/// and the client's session file written before every message leaves.
+fn forward_secrecy(alice: &Identity, bob: &Identity) -> fastchat::Result<()> {
+    use fastchat::client::keystore::Keystore;
+    use fastchat::client::sender_keys::GroupChains;
+    use fastchat::client::sessions::{Conversation, Session, Sessions};
+    use fastchat::crypto::ratchet::{x25519_pair, Ratchet};
+    use fastchat::crypto::x3dh;
+
+    let ad = b"fastchat/dm/v3 alice bob";
+    let text = vec![b'x'; 100];
+    let (spk, spk_public) = x25519_pair()?;
+    let pair = || -> fastchat::Result<(Ratchet, Ratchet)> {
+        let mut a = Ratchet::initiator(&[7; 32], &spk_public)?;
+        let mut b = Ratchet::responder(&[7; 32], &spk)?;
+        let (h, m) = a.seal(ad, b"hello")?;
+        b.open(ad, &h, &m, 0)?;
+        Ok((a, b))
+    };
+    let (mut a, mut b) = pair()?;
+    measure("ratchet: seal + open 100 B, same chain", 100_000, || {
+        let (h, m) = a.seal(ad, &text).unwrap();
+        black_box(b.open(ad, &h, &m, 0).unwrap());
+    });
+    let (mut a, mut b) = pair()?;
+    measure("ratchet: seal + open 100 B, turns taken", 5_000, || {
+        let (h, m) = b.seal(ad, &text).unwrap();
+        black_box(a.open(ad, &h, &m, 0).unwrap());
+        let (h, m) = a.seal(ad, &text).unwrap();
+        black_box(b.open(ad, &h, &m, 0).unwrap());
+    });
+    let mut sender = GroupChains::default();
+    let mut member = GroupChains::default();
+    let (key, n, _) = sender.sending(1)?;
+    member.install(1, "alice", key, n);
+    let epoch_key = PairKey::random()?;
+    measure(
+        "sender chain: next key + a member's (each HKDF)",
+        100_000,
+        || {
+            let (n, k) = sender.next_key(1).unwrap();
+            black_box(fastchat::client::e2e::group_message_key(&epoch_key, &k).unwrap());
+            let k = member.receive(1, "alice", n, 0).unwrap();
+            member.release(1, "alice", n);
+            black_box(fastchat::client::e2e::group_message_key(&epoch_key, &k).unwrap());
+        },
+    );
+    let bob_public = bob.public()?;
+    let (_, signed_public, signature) = x3dh::signed_prekey(1, |m| bob.sign(m))?;
+    let bundle = x3dh::Bundle {
+        identity: bob_public.x25519.clone(),
+        signed_prekey_id: 1,
+        signed_prekey: signed_public,
+        signature,
+        one_time: Some((2, serde_bytes::ByteBuf::from(x25519_pair()?.1))),
+    };
+    let private = alice.x25519_private()?;
+    measure("X3DH: start a conversation (once per peer)", 2_000, || {
+        black_box(x3dh::initiate("alice", &private, "bob", &bob_public.ed25519, &bundle).unwrap());
+    });
+    // The session file as the client writes it: in a folder under the current directory
+    // (the disk the client's home would be on, not a memory file system).
+    let home = tempfile::tempdir_in(".")?;
+    let store = Keystore::new(home.path(), "alice");
+    let sessions = Sessions::new(&store, alice)?;
+    let mut conversation = Conversation::default();
+    let (ratchet, _) = pair()?;
+    conversation.add(Session {
+        id: 1,
+        ratchet,
+        init: None,
+    });
+    measure("session file: load + seal + save (fsync)", 300, || {
+        let locked = sessions.lock(&store).unwrap();
+        black_box(locked.load("bob", 0).unwrap());
+        locked.save("bob", &conversation).unwrap();
+    });
     Ok(())
 }

@@ -36,10 +36,8 @@ use openssl::cipher_ctx::CipherCtx;
 use openssl::derive::Deriver;
 use openssl::error::ErrorStack;
 use openssl::hash::{hash, MessageDigest};
-use openssl::md::Md;
 use openssl::memcmp;
 use openssl::pkey::{Id, PKey, Private, Public};
-use openssl::pkey_ctx::PkeyCtx;
 use openssl::rand::rand_bytes;
 use openssl::sign::{Signer, Verifier};
 use openssl::symm::Cipher;
@@ -451,8 +449,50 @@ pub fn verify_signature(ed25519: &[u8], data: &[u8], signature: &[u8]) -> Result
     Ok(verifier.verify_oneshot(signature, data).unwrap_or(false))
 }
 
-/// HKDF-SHA256 (extract and expand) to 32 bytes.
+/// HMAC-SHA256 (RFC 2104) of the concatenation of `parts`, on OpenSSL's SHA-256 alone: a
+/// ratchet takes two or three per message, and OpenSSL's generic MAC interface costs a key
+/// object and a context per call, several times the hashing itself.
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&openssl::sha::sha256(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut pad = [0u8; 64];
+    let mut inner = openssl::sha::Sha256::new();
+    for (p, b) in pad.iter_mut().zip(block) {
+        *p = b ^ 0x36;
+    }
+    inner.update(&pad);
+    for part in parts {
+        inner.update(part);
+    }
+    let inner = inner.finish();
+    let mut outer = openssl::sha::Sha256::new();
+    for (p, b) in pad.iter_mut().zip(block) {
+        *p = b ^ 0x5c;
+    }
+    outer.update(&pad);
+    outer.update(&inner);
+    block.fill(0);
+    pad.fill(0);
+    outer.finish()
+}
+
+/// HKDF-SHA256 (RFC 5869, extract and expand) to 32 bytes.
 pub fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8]) -> Result<[u8; 32]> {
+    let mut prk = hmac_sha256(salt, &[ikm]);
+    let out = hmac_sha256(&prk, &[info, &[1]]);
+    prk.fill(0);
+    Ok(out)
+}
+
+/// HKDF-SHA256 as OpenSSL computes it, to check ours against.
+#[cfg(test)]
+fn hkdf_sha256_openssl(ikm: &[u8], salt: &[u8], info: &[u8]) -> Result<[u8; 32]> {
+    use openssl::md::Md;
+    use openssl::pkey_ctx::PkeyCtx;
     let mut ctx = PkeyCtx::new_id(Id::HKDF)?;
     ctx.derive_init()?;
     ctx.set_hkdf_md(Md::sha256())?;
@@ -592,6 +632,39 @@ fn with_contexts<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmac_and_hkdf_match_rfc_4231_and_openssl() -> Result<()> {
+        // RFC 4231, test cases 1 and 6 (a key longer than a block).
+        let tag = hmac_sha256(&[0x0b; 20], &[b"Hi There"]);
+        assert_eq!(
+            to_hex(&tag),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+        let tag = hmac_sha256(
+            &[0xaa; 131],
+            &[
+                b"Test Using Larger Than Block-Size Key - ",
+                b"Hash Key First",
+            ],
+        );
+        assert_eq!(
+            to_hex(&tag),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        // HKDF against OpenSSL's, over lengths around the block size, and an empty salt.
+        for len in [0usize, 1, 31, 32, 33, 63, 64, 65, 200] {
+            let ikm = vec![len as u8; len];
+            let salt = vec![0x5a; len / 2];
+            let info = vec![0xc3; len % 40];
+            assert_eq!(
+                hkdf_sha256(&ikm, &salt, &info)?,
+                hkdf_sha256_openssl(&ikm, &salt, &info)?,
+                "length {len}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn password_hash_verifies_and_rejects() -> Result<()> {

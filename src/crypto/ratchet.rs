@@ -25,12 +25,10 @@
 use std::collections::VecDeque;
 
 use openssl::derive::Deriver;
-use openssl::hash::MessageDigest;
 use openssl::pkey::{Id, PKey, Private};
-use openssl::sign::Signer;
 use serde::{Deserialize, Serialize};
 
-use super::{hkdf_sha256, PairKey};
+use super::{hkdf_sha256, hmac_sha256, PairKey};
 use crate::error::{Error, Result};
 
 /// The most message keys one ratchet step may skip (messages of one chain not yet received).
@@ -97,9 +95,12 @@ impl MessageKey {
 /// One side of a conversation's double ratchet.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Ratchet {
-    /// Our ratchet key pair: the raw X25519 private key.
+    /// Our ratchet key pair: the raw X25519 private key, and its public half (sent with
+    /// every message; kept, not derived again each time).
     #[serde(with = "serde_bytes")]
     dh_private: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    dh_public: Vec<u8>,
     /// Their current ratchet public key, once known.
     #[serde(with = "serde_bytes")]
     their_dh: Vec<u8>,
@@ -164,12 +165,7 @@ fn kdf_root(root: &[u8; 32], dh_out: &[u8; 32]) -> Result<([u8; 32], [u8; 32])> 
 }
 
 fn hmac(key: &[u8; 32], byte: u8) -> Result<[u8; 32]> {
-    let pkey = PKey::hmac(key)?;
-    let mut signer = Signer::new(MessageDigest::sha256(), &pkey)?;
-    signer.update(&[byte])?;
-    let mut out = [0u8; 32];
-    signer.sign(&mut out)?;
-    Ok(out)
+    Ok(hmac_sha256(key, &[&[byte]]))
 }
 
 /// The chain step: the next chain key, and this link's message key.
@@ -197,10 +193,11 @@ impl Ratchet {
     /// The initiator's side, from the shared secret of the key agreement and the responder's
     /// ratchet public key (its signed prekey): it can send at once.
     pub fn initiator(shared: &[u8; 32], their_dh: &[u8]) -> Result<Ratchet> {
-        let (private, _) = x25519_pair()?;
+        let (private, public) = x25519_pair()?;
         let (root, sending) = kdf_root(shared, &dh(&private, their_dh)?)?;
         Ok(Ratchet {
             dh_private: private,
+            dh_public: public,
             their_dh: their_dh.to_vec(),
             root,
             sending: Some(sending),
@@ -215,9 +212,10 @@ impl Ratchet {
     /// The responder's side, from the shared secret and the private half of the key the
     /// initiator ratcheted against (the signed prekey): it can receive, and sends after.
     pub fn responder(shared: &[u8; 32], our_dh_private: &[u8]) -> Result<Ratchet> {
-        x25519_private(our_dh_private)?;
+        let public = x25519_public(our_dh_private)?;
         Ok(Ratchet {
             dh_private: our_dh_private.to_vec(),
+            dh_public: public,
             their_dh: Vec::new(),
             root: *shared,
             sending: None,
@@ -243,7 +241,7 @@ impl Ratchet {
         let (next, key) = kdf_chain(&chain)?;
         self.sending = Some(next);
         let header = Header {
-            dh: x25519_public(&self.dh_private)?,
+            dh: self.dh_public.clone(),
             pn: self.pn,
             n: self.ns,
         };
@@ -280,24 +278,35 @@ impl Ratchet {
     ) -> Result<(Vec<u8>, MessageKey)> {
         // Keys past their time go whatever the message turns out to be.
         self.skipped.retain(|s| now_ms - s.at <= KEPT_FOR_MS);
-        let mut next = self.clone();
-        let key = next.message_key(header, now_ms)?;
-        let plain = key.open(ad, header, sealed)?;
-        *self = next;
-        Ok((plain, key))
-    }
-
-    /// The key of the message `header` names: a kept one (then gone from here), or the next
-    /// of the receiving chain (after a ratchet step if the sender's key is new).
-    fn message_key(&mut self, header: &Header, now_ms: i64) -> Result<MessageKey> {
         if let Some(i) = self
             .skipped
             .iter()
             .position(|s| s.dh == header.dh && s.n == header.n)
         {
-            let kept = self.skipped.remove(i).expect("found");
-            return Ok(MessageKey(kept.key));
+            let key = MessageKey(self.skipped[i].key);
+            let plain = key.open(ad, header, sealed)?;
+            self.skipped.remove(i);
+            return Ok((plain, key));
         }
+        // The steps are tried on a copy without the kept keys (which may be thousands), then
+        // taken with the keys they skipped once the message opened.
+        let kept = std::mem::take(&mut self.skipped);
+        let mut next = self.clone();
+        self.skipped = kept;
+        let key = next.message_key(header, now_ms)?;
+        let plain = key.open(ad, header, sealed)?;
+        let skipped = std::mem::replace(&mut next.skipped, std::mem::take(&mut self.skipped));
+        next.skipped.extend(skipped);
+        while next.skipped.len() > MAX_KEPT {
+            next.skipped.pop_front();
+        }
+        *self = next;
+        Ok((plain, key))
+    }
+
+    /// The key of the message `header` names: the next of the receiving chain (after a
+    /// ratchet step if the sender's key is new), keeping the keys it skips.
+    fn message_key(&mut self, header: &Header, now_ms: i64) -> Result<MessageKey> {
         if header.dh != self.their_dh {
             self.skip_to(header.pn, now_ms)?;
             self.step(&header.dh)?;
@@ -337,9 +346,6 @@ impl Ratchet {
                 key,
                 at: now_ms,
             });
-            if self.skipped.len() > MAX_KEPT {
-                self.skipped.pop_front();
-            }
             chain = next;
             self.nr += 1;
         }
@@ -355,12 +361,13 @@ impl Ratchet {
         self.nr = 0;
         self.their_dh = their_dh.to_vec();
         let (root, receiving) = kdf_root(&self.root, &dh(&self.dh_private, their_dh)?)?;
-        let (private, _) = x25519_pair()?;
+        let (private, public) = x25519_pair()?;
         let (root, sending) = kdf_root(&root, &dh(&private, their_dh)?)?;
         self.root = root;
         self.receiving = Some(receiving);
         self.sending = Some(sending);
         self.dh_private = private;
+        self.dh_public = public;
         Ok(())
     }
 
