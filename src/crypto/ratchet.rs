@@ -101,6 +101,10 @@ pub struct Ratchet {
     dh_private: Vec<u8>,
     #[serde(with = "serde_bytes")]
     dh_public: Vec<u8>,
+    /// The private key loaded, once per process (loading a raw X25519 key computes its
+    /// public half again: a scalar multiplication).
+    #[serde(skip)]
+    dh_loaded: Option<PKey<Private>>,
     /// Their current ratchet public key, once known.
     #[serde(with = "serde_bytes")]
     their_dh: Vec<u8>,
@@ -143,10 +147,14 @@ pub fn x25519_public(private: &[u8]) -> Result<Vec<u8>> {
 /// X25519 between a raw private and a raw public key; an all-zero result (a degenerate public
 /// key) is refused.
 pub fn dh(private: &[u8], public: &[u8]) -> Result<[u8; 32]> {
-    let ours = x25519_private(private)?;
+    dh_with(&x25519_private(private)?, public)
+}
+
+/// X25519 between a loaded private key and a raw public key (see [`dh`]).
+fn dh_with(ours: &PKey<Private>, public: &[u8]) -> Result<[u8; 32]> {
     let theirs = PKey::public_key_from_raw_bytes(public, Id::X25519)
         .map_err(|_| Error::Integrity("not an X25519 public key".into()))?;
-    let mut deriver = Deriver::new(&ours)?;
+    let mut deriver = Deriver::new(ours)?;
     deriver.set_peer(&theirs)?;
     let mut out = [0u8; 32];
     let n = deriver.derive(&mut out)?;
@@ -193,11 +201,12 @@ impl Ratchet {
     /// The initiator's side, from the shared secret of the key agreement and the responder's
     /// ratchet public key (its signed prekey): it can send at once.
     pub fn initiator(shared: &[u8; 32], their_dh: &[u8]) -> Result<Ratchet> {
-        let (private, public) = x25519_pair()?;
-        let (root, sending) = kdf_root(shared, &dh(&private, their_dh)?)?;
+        let key = PKey::generate_x25519()?;
+        let (root, sending) = kdf_root(shared, &dh_with(&key, their_dh)?)?;
         Ok(Ratchet {
-            dh_private: private,
-            dh_public: public,
+            dh_private: key.raw_private_key()?,
+            dh_public: key.raw_public_key()?,
+            dh_loaded: Some(key),
             their_dh: their_dh.to_vec(),
             root,
             sending: Some(sending),
@@ -212,10 +221,11 @@ impl Ratchet {
     /// The responder's side, from the shared secret and the private half of the key the
     /// initiator ratcheted against (the signed prekey): it can receive, and sends after.
     pub fn responder(shared: &[u8; 32], our_dh_private: &[u8]) -> Result<Ratchet> {
-        let public = x25519_public(our_dh_private)?;
+        let key = x25519_private(our_dh_private)?;
         Ok(Ratchet {
             dh_private: our_dh_private.to_vec(),
-            dh_public: public,
+            dh_public: key.raw_public_key()?,
+            dh_loaded: Some(key),
             their_dh: Vec::new(),
             root: *shared,
             sending: None,
@@ -360,14 +370,19 @@ impl Ratchet {
         self.ns = 0;
         self.nr = 0;
         self.their_dh = their_dh.to_vec();
-        let (root, receiving) = kdf_root(&self.root, &dh(&self.dh_private, their_dh)?)?;
-        let (private, public) = x25519_pair()?;
-        let (root, sending) = kdf_root(&root, &dh(&private, their_dh)?)?;
+        let ours = match self.dh_loaded.take() {
+            Some(key) => key,
+            None => x25519_private(&self.dh_private)?,
+        };
+        let (root, receiving) = kdf_root(&self.root, &dh_with(&ours, their_dh)?)?;
+        let fresh = PKey::generate_x25519()?;
+        let (root, sending) = kdf_root(&root, &dh_with(&fresh, their_dh)?)?;
         self.root = root;
         self.receiving = Some(receiving);
         self.sending = Some(sending);
-        self.dh_private = private;
-        self.dh_public = public;
+        self.dh_private = fresh.raw_private_key()?;
+        self.dh_public = fresh.raw_public_key()?;
+        self.dh_loaded = Some(fresh);
         Ok(())
     }
 
