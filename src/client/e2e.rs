@@ -17,20 +17,24 @@
 //! so the header (sender, recipient, message id, sequence, kind, session, ratchet header) is
 //! authenticated: a message re-addressed or relabelled fails to open. The first message to a
 //! peer with no session fetches their prekey bundle from the directory (one-time prekeys are
-//! handed out once) and starts one ([`crate::crypto::x3dh`]). `seq` is the sender's clock in microseconds when
-//! it sealed the message (strictly increasing per process): the recipient remembers which
-//! sequences of each conversation it accepted ([`super::replay`]) and refuses a message it
-//! has already shown, whatever id the server gives it.
+//! handed out once) and starts one ([`crate::crypto::x3dh`]). `seq` is the sender's clock in
+//! microseconds when it sealed the message (strictly increasing per process): the recipient
+//! remembers which sequences of each conversation it accepted ([`super::replay`]) and refuses
+//! a message it has already shown, whatever id the server gives it.
 //!
 //! A group has a random 256-bit key per epoch, made by a member (the admin, or whoever sends
 //! first after someone left) and wrapped for each member under the pair key of the wrapping
-//! member and that member. A group message is sealed with the epoch's key and signed by its
-//! sender, so members cannot forge each other:
+//! member and that member; and in each epoch every sender has a chain of its own (sender
+//! keys, [`super::sender_keys`]), handed to the other members in direct messages. A group
+//! message is sealed under its key from the sender's chain, bound to the epoch's key, and
+//! signed by its sender, so members cannot forge each other:
 //!
 //! ```text
-//! body = version || kind || epoch (8, BE) || seq (8, BE) || signature (64) || sealed
-//! aad  = "fastchat/grp/v2" || len(group) || group || len(from) || from || client_id || epoch
-//!        || seq || kind
+//! body = version (3) || kind || epoch (8, BE) || seq (8, BE) || n (4, BE) || signature (64)
+//!        || sealed
+//! aad  = "fastchat/grp/v3" || len(group) || group || len(from) || from || client_id || epoch
+//!        || seq || n || kind
+//! key  = HKDF(message key n of the sender's chain, salt = epoch key, "fastchat/grp/v3")
 //! signature   = Ed25519(sender, aad || sealed)      checked before anything is decrypted
 //! wrapped key = seal(pair key(wrapper, member),
 //!                    aad = "fastchat/gk/v1" || group || epoch || member || wrapper, key)
@@ -40,9 +44,9 @@
 //! as this client verified it ([`super::chains`]), never what the server lists: keys are
 //! wrapped only for verified members, a message is accepted only from a member of its epoch,
 //! and a key only from whoever may key that epoch. Every change starts a new epoch, so an added
-//! member cannot read what was sent before, and one who left or was removed nothing after. Peer public keys come from the balancer's
-//! directory and are pinned on first use; a key that later differs from the pin is refused until
-//! the user runs `fastchat trust NAME`.
+//! member cannot read what was sent before, and one who left or was removed nothing after.
+//! Peer public keys come from the balancer's directory and are pinned on first use; a key that
+//! later differs from the pin is refused until the user runs `fastchat trust NAME`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
