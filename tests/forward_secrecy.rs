@@ -19,27 +19,6 @@ use fastchat::net::Envelope;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// The direct messages now queued for `to`, as a network observer (or the server) keeps them.
-fn captured(c: &Cluster, to: &str) -> Vec<Envelope> {
-    c.sql()
-        .rows(
-            "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
-              WHERE recipient = ?1 ORDER BY id",
-            &[&to],
-        )
-        .iter()
-        .map(|r| Envelope {
-            id: r.get(0),
-            from: r.get(1),
-            to: r.get(2),
-            group: None,
-            client_id: r.get::<i64>(3) as u64,
-            body: r.get(4),
-            sent_at: r.get(5),
-        })
-        .collect()
-}
-
 /// A copy of `user`'s folder, as a thief takes it: `FASTCHAT_HOME` of its own.
 fn steal(c: &Cluster, user: &str, into: &Path) {
     std::fs::create_dir_all(into).unwrap();
@@ -81,7 +60,7 @@ fn a_copy_of_the_key_folder_does_not_open_messages_captured_before_it() {
     for text in ["first secret", "second secret", "third secret"] {
         c.send("alice", "bob", text);
     }
-    let wire = captured(&c, "bob");
+    let wire = c.queued_to("bob");
     assert_eq!(wire.len(), 3);
     let tmp = tempfile::tempdir().unwrap();
 
@@ -127,7 +106,7 @@ fn after_a_theft_one_round_trip_closes_new_messages_to_the_thief() {
 
     // Alice's next message still goes to keys the thief holds: it opens for them.
     c.send("alice", "bob", "a2: still exposed");
-    let a2 = captured(&c, "bob").pop().unwrap();
+    let a2 = c.queued_to("bob").pop().unwrap();
     assert_eq!(
         open_text(&client, &mut thief, &a2).as_deref(),
         Ok("a2: still exposed")
@@ -145,7 +124,7 @@ fn after_a_theft_one_round_trip_closes_new_messages_to_the_thief() {
     for text in ["a3: closed again", "a4: still closed"] {
         c.send("alice", "bob", text);
     }
-    for msg in captured(&c, "bob") {
+    for msg in c.queued_to("bob") {
         let got = open_text(&client, &mut thief, &msg);
         assert!(got.is_err(), "message {} opened: {got:?}", msg.id);
     }
@@ -244,7 +223,7 @@ fn a_sender_that_dies_after_sealing_never_reuses_a_key_and_loses_no_conversation
     c.send("alice", "bob", "after the crashes");
 
     // Every stored message was sealed under a key of its own...
-    let wire = captured(&c, "bob");
+    let wire = c.queued_to("bob");
     let keys: HashSet<_> = wire.iter().map(key_of).collect();
     assert_eq!(keys.len(), wire.len(), "a ratchet key was used twice");
     // ...and every one of them opens for bob, in the order sent.
@@ -257,27 +236,6 @@ fn a_sender_that_dies_after_sealing_never_reuses_a_key_and_loses_no_conversation
     assert_eq!(lines[1], "alice: sealed, then the sender died");
     assert_eq!(lines[2], "alice: the next process");
     assert_eq!(lines.last(), Some(&"alice: after the crashes"));
-}
-
-/// The group messages now stored, as a network observer (or the server) keeps them.
-fn captured_group(c: &Cluster) -> Vec<Envelope> {
-    c.sql()
-        .rows(
-            "SELECT id, sender, grp, client_id, body, sent_at FROM messages
-              WHERE grp IS NOT NULL ORDER BY id",
-            &[],
-        )
-        .iter()
-        .map(|r| Envelope {
-            id: r.get(0),
-            from: r.get(1),
-            to: String::new(),
-            group: r.get(2),
-            client_id: r.get::<i64>(3) as u64,
-            body: r.get(4),
-            sent_at: r.get(5),
-        })
-        .collect()
 }
 
 /// A group message's key epoch and number in its sender's chain.
@@ -304,7 +262,8 @@ fn group_messages_captured_before_a_theft_stay_closed_and_each_change_starts_new
     for text in ["team secret one", "team secret two"] {
         group("alice", &["send", "team", text]);
     }
-    let wire: Vec<Envelope> = captured_group(&c)
+    let wire: Vec<Envelope> = c
+        .group_messages()
         .into_iter()
         .filter(|m| m.body[1] == 1)
         .collect();
@@ -320,7 +279,7 @@ fn group_messages_captured_before_a_theft_stay_closed_and_each_change_starts_new
     // (queued for him as a direct message): the test can tell an open from a refusal.
     steal(&c, "bob", &tmp.path().join("before"));
     let (client, mut early) = state_from(&c, &tmp.path().join("before"), "bob");
-    for m in captured(&c, "bob") {
+    for m in c.queued_to("bob") {
         early
             .open(&client, &m)
             .expect("alice's sender key, or a notice");
@@ -345,7 +304,7 @@ fn group_messages_captured_before_a_theft_stay_closed_and_each_change_starts_new
     // and to carol.
     group("alice", &["add", "team", "carol"]);
     group("alice", &["send", "team", "with carol"]);
-    let last = captured_group(&c).pop().unwrap();
+    let last = c.group_messages().pop().unwrap();
     assert_eq!(chain_place(&last), (3, 0));
     assert_eq!(
         c.count("SELECT count(*) FROM messages WHERE sender = 'alice' AND recipient = 'carol'"),

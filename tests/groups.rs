@@ -339,47 +339,6 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
     (client, e2e)
 }
 
-fn stored_group_messages(c: &Cluster) -> Vec<Envelope> {
-    c.sql()
-        .rows(
-            "SELECT id, sender, grp, client_id, body, sent_at FROM messages
-              WHERE grp IS NOT NULL ORDER BY id",
-            &[],
-        )
-        .iter()
-        .map(|r| Envelope {
-            id: r.get(0),
-            from: r.get(1),
-            to: String::new(),
-            group: r.get(2),
-            client_id: r.get::<i64>(3) as u64,
-            body: r.get(4),
-            sent_at: r.get(5),
-        })
-        .collect()
-}
-
-/// The direct messages queued for `user`.
-fn stored_direct_messages(c: &Cluster, user: &str) -> Vec<Envelope> {
-    c.sql()
-        .rows(
-            "SELECT id, sender, client_id, body, sent_at FROM messages
-              WHERE recipient = ?1 ORDER BY id",
-            &[&user],
-        )
-        .iter()
-        .map(|r| Envelope {
-            id: r.get(0),
-            from: r.get(1),
-            to: user.to_string(),
-            group: None,
-            client_id: r.get::<i64>(2) as u64,
-            body: r.get(3),
-            sent_at: r.get(4),
-        })
-        .collect()
-}
-
 #[test]
 fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     let c = Cluster::start(1);
@@ -394,10 +353,10 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
     // While a member, bob reads epoch 3 with his own keys (and keeps the key in his cache),
     // once he has alice's sender key (a direct message to him).
     let (client, mut e2e) = bob_keys(&c);
-    for m in stored_direct_messages(&c, "bob") {
+    for m in c.queued_to("bob") {
         e2e.open(&client, &m).expect("bob opens alice's sender key");
     }
-    let before = stored_group_messages(&c);
+    let before = c.group_messages();
     let texts: Vec<_> = before
         .iter()
         .map(|m| {
@@ -413,7 +372,8 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
 
     ok(&c, "alice", &["remove", "team", "bob"]);
     ok(&c, "alice", &["send", "team", "SECRET-after-removal"]);
-    let after: Vec<Envelope> = stored_group_messages(&c)
+    let after: Vec<Envelope> = c
+        .group_messages()
         .into_iter()
         .filter(|m| m.id > before.last().unwrap().id)
         .collect();

@@ -81,6 +81,43 @@ impl Keystore {
         Ok(())
     }
 
+    /// A state file of this user sealed under `key` with `aad` (prekeys, sessions, sender
+    /// keys): what it holds, or `None` if there is no such file.
+    pub fn read_sealed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        key: &PairKey,
+        aad: &[u8],
+    ) -> Result<Option<T>> {
+        let sealed = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::Local(format!("cannot read {}: {e}", path.display()))),
+        };
+        let plain = key.open(aad, &sealed).map_err(|_| {
+            Error::Local(format!(
+                "{} does not open with this identity (damaged, or another user's)",
+                path.display()
+            ))
+        })?;
+        rmp_serde::from_slice(&plain)
+            .map(Some)
+            .map_err(|e| Error::Local(format!("{} is damaged: {e}", path.display())))
+    }
+
+    /// Seals `value` under `key` with `aad` and writes it to `path` atomically.
+    pub fn write_sealed<T: serde::Serialize>(
+        &self,
+        path: &Path,
+        key: &PairKey,
+        aad: &[u8],
+        value: &T,
+    ) -> Result<()> {
+        let plain = rmp_serde::to_vec(value).map_err(|e| Error::Local(e.to_string()))?;
+        let sealed = key.seal(aad, &plain)?;
+        self.write_atomically(path, &sealed)
+    }
+
     /// The key a state file of this user (prekeys, sessions) is sealed under: derived from
     /// the identity's private X25519 key, so the file opens exactly where the identity does.
     pub fn state_key(identity: &Identity, what: &[u8]) -> Result<PairKey> {

@@ -73,31 +73,15 @@ fn file_key(identity: &Identity) -> Result<PairKey> {
 impl Prekeys {
     /// The user's prekeys (none yet if the file does not exist).
     pub fn load(store: &Keystore, identity: &Identity) -> Result<Prekeys> {
-        let file = path(store);
-        let sealed = match std::fs::read(&file) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prekeys::default()),
-            Err(e) => {
-                return Err(Error::Local(format!("cannot read {}: {e}", file.display())));
-            }
-        };
-        let plain = file_key(identity)?
-            .open(&aad(store), &sealed)
-            .map_err(|_| {
-                Error::Local(format!(
-                    "{} does not open with this identity (damaged, or another user's)",
-                    file.display()
-                ))
-            })?;
-        rmp_serde::from_slice(&plain)
-            .map_err(|e| Error::Local(format!("{} is damaged: {e}", file.display())))
+        let key = file_key(identity)?;
+        Ok(store
+            .read_sealed(&path(store), &key, &aad(store))?
+            .unwrap_or_default())
     }
 
     /// Seals and writes the prekeys atomically.
     pub fn save(&self, store: &Keystore, identity: &Identity) -> Result<()> {
-        let plain = rmp_serde::to_vec(self).map_err(|e| Error::Local(e.to_string()))?;
-        let sealed = file_key(identity)?.seal(&aad(store), &plain)?;
-        store.write_atomically(&path(store), &sealed)
+        store.write_sealed(&path(store), &file_key(identity)?, &aad(store), self)
     }
 
     /// The private half of signed prekey `id` (the current one or the one before).

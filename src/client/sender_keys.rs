@@ -287,28 +287,17 @@ impl Locked<'_> {
     /// The chains of `group` (none yet if there is no file).
     pub fn load(&self, group: &str) -> Result<GroupChains> {
         let k = self.keys;
-        let file = k.path(group);
-        let sealed = match std::fs::read(&file) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GroupChains::default()),
-            Err(e) => return Err(Error::Local(format!("cannot read {}: {e}", file.display()))),
-        };
-        let plain = k.key.open(&k.aad(group), &sealed).map_err(|_| {
-            Error::Local(format!(
-                "{} does not open with this identity (damaged, or another user's)",
-                file.display()
-            ))
-        })?;
-        rmp_serde::from_slice(&plain)
-            .map_err(|e| Error::Local(format!("{} is damaged: {e}", file.display())))
+        Ok(self
+            .store
+            .read_sealed(&k.path(group), &k.key, &k.aad(group))?
+            .unwrap_or_default())
     }
 
     /// Seals and writes the chains of `group`, atomically.
     pub fn save(&self, group: &str, chains: &GroupChains) -> Result<()> {
         let k = self.keys;
-        let plain = rmp_serde::to_vec(chains).map_err(|e| Error::Local(e.to_string()))?;
-        let sealed = k.key.seal(&k.aad(group), &plain)?;
-        self.store.write_atomically(&k.path(group), &sealed)
+        self.store
+            .write_sealed(&k.path(group), &k.key, &k.aad(group), chains)
     }
 }
 

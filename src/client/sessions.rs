@@ -225,22 +225,10 @@ impl Locked<'_> {
     /// What is kept for `peer` (nothing yet if there is no file).
     pub fn load(&self, peer: &str, now_ms: i64) -> Result<Conversation> {
         let s = self.sessions;
-        let file = s.path(peer);
-        let sealed = match std::fs::read(&file) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Conversation::default())
-            }
-            Err(e) => return Err(Error::Local(format!("cannot read {}: {e}", file.display()))),
-        };
-        let plain = s.key.open(&s.aad(peer), &sealed).map_err(|_| {
-            Error::Local(format!(
-                "{} does not open with this identity (damaged, or another user's)",
-                file.display()
-            ))
-        })?;
-        let mut conversation: Conversation = rmp_serde::from_slice(&plain)
-            .map_err(|e| Error::Local(format!("{} is damaged: {e}", file.display())))?;
+        let mut conversation: Conversation = self
+            .store
+            .read_sealed(&s.path(peer), &s.key, &s.aad(peer))?
+            .unwrap_or_default();
         conversation.expire(now_ms);
         Ok(conversation)
     }
@@ -248,9 +236,8 @@ impl Locked<'_> {
     /// Seals and writes what is kept for `peer`, atomically.
     pub fn save(&self, peer: &str, conversation: &Conversation) -> Result<()> {
         let s = self.sessions;
-        let plain = rmp_serde::to_vec(conversation).map_err(|e| Error::Local(e.to_string()))?;
-        let sealed = s.key.seal(&s.aad(peer), &plain)?;
-        self.store.write_atomically(&s.path(peer), &sealed)
+        self.store
+            .write_sealed(&s.path(peer), &s.key, &s.aad(peer), conversation)
     }
 
     /// Forgets every session with `peer` (their identity changed: start again).
