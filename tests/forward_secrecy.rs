@@ -318,3 +318,54 @@ fn group_messages_captured_before_a_theft_stay_closed_and_each_change_starts_new
     );
     assert!(!out.stdout.contains("team secret"), "{out:?}");
 }
+
+#[test]
+fn two_users_who_start_at_once_and_one_user_in_many_processes_lose_nothing() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    // Each starts a session before hearing from the other: two sessions, both kept.
+    c.send("alice", "bob", "alice first");
+    c.send("bob", "alice", "bob first");
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: alice first"]);
+    assert_eq!(c.run("alice", &["recv"]).lines(), ["bob: bob first"]);
+    for i in 0..3 {
+        c.send("alice", "bob", &format!("a{i}"));
+        c.send("bob", "alice", &format!("b{i}"));
+    }
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(
+        out.lines(),
+        ["alice: a0", "alice: a1", "alice: a2"],
+        "{out:?}"
+    );
+    assert_eq!(out.stderr, "");
+    let out = c.run("alice", &["recv"]);
+    assert_eq!(out.lines(), ["bob: b0", "bob: b1", "bob: b2"], "{out:?}");
+    assert_eq!(out.stderr, "");
+
+    // Ten processes of alice sending at once share her sessions under her state lock: no key
+    // is used twice and every message opens.
+    let children: Vec<_> = (0..10)
+        .map(|i| {
+            c.cmd("alice")
+                .args(["send", "bob", &format!("at once {i}")])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let wire = c.queued_to("bob");
+    assert_eq!(wire.len(), 10);
+    let keys: HashSet<_> = wire.iter().map(key_of).collect();
+    assert_eq!(keys.len(), 10, "a ratchet key was used twice");
+    let out = run_limited_for(c.cmd("bob").arg("recv"), LIMIT);
+    assert_eq!(out.stderr, "", "nothing rejected");
+    let mut lines = out.lines();
+    lines.sort();
+    let want: Vec<String> = (0..10).map(|i| format!("alice: at once {i}")).collect();
+    assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>());
+}
