@@ -247,6 +247,8 @@ impl Owed {
     /// Sends what is owed.
     fn pay(&mut self, ctx: &Ctx) -> Result<()> {
         if !self.acks.is_empty() {
+            // The keys of what was shown go before the acknowledgement.
+            ctx.e2e.lock().settle()?;
             ctx.client.ack(&std::mem::take(&mut self.acks))?;
         }
         self.receipts.send(&ctx.client, &ctx.e2e);

@@ -1085,6 +1085,8 @@ fn recv_loop(
             batch.clear();
             return Ok(());
         }
+        // The keys of what was shown go before the acknowledgement.
+        me.e2e.lock().settle()?;
         me.client.ack(&std::mem::take(batch))
     };
     loop {
@@ -1418,6 +1420,7 @@ pub(super) fn take_offer(
         ..downloads.clone()
     };
     show(e2e, client, &all, msg, format, true, out)?;
+    e2e.lock().settle()?;
     client.ack(&[msg.id])
 }
 

@@ -58,7 +58,7 @@ use super::history::{Entry, History};
 use super::keystore::Keystore;
 use super::prekeys::Prekeys;
 use super::replay::{self, Accepted, Verdict};
-use super::sender_keys::SenderKeys;
+use super::sender_keys::{self, SenderKeys};
 use super::sessions::{self, HeldId, Session, Sessions};
 use super::{BalancerClient, Client};
 use crate::crypto::ratchet::{Header, Ratchet};
@@ -718,6 +718,30 @@ fn respond(
     })
 }
 
+/// Takes the keys shown of `peer`'s messages out of `releases` and of `conversation` (about
+/// to be saved).
+fn release_direct(releases: &mut Vec<Held>, peer: &str, conversation: &mut sessions::Conversation) {
+    releases.retain(|h| match h {
+        Held::Direct(p, id) if p == peer => {
+            conversation.release(id);
+            false
+        }
+        _ => true,
+    });
+}
+
+/// Takes the keys shown of `group`'s messages out of `releases` and of `chains` (about to be
+/// saved).
+fn release_group(releases: &mut Vec<Held>, group: &str, chains: &mut sender_keys::GroupChains) {
+    releases.retain(|h| match h {
+        Held::Group(g, epoch, sender, n) if g == group => {
+            chains.release(*epoch, sender, *n);
+            false
+        }
+        _ => true,
+    });
+}
+
 /// One user's end-to-end state: private keys, pinned peers, cached pair and group keys.
 pub struct E2e {
     me: String,
@@ -746,15 +770,27 @@ pub struct E2e {
     sessions: Sessions,
     /// The groups' sender chains.
     sender_keys: SenderKeys,
+    /// Keys of messages shown, to delete at the next save of their file or at
+    /// [`E2e::settle`], which comes before the messages are acknowledged.
+    releases: Vec<Held>,
 }
 
 /// The key of a message opened and not yet shown, deleted once it is.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Held {
     /// A direct message from this peer.
     Direct(String, HeldId),
     /// A group message: its group, epoch, sender and number in the sender's chain.
     Group(String, u64, String, u32),
+}
+
+impl Drop for E2e {
+    /// Deletes the keys of the messages shown (a caller that acknowledges settles first).
+    fn drop(&mut self) {
+        if let Err(e) = self.settle() {
+            log::warn!("keys of messages shown were not deleted: {e}");
+        }
+    }
 }
 
 /// A message that authenticated, and whether it was shown before.
@@ -792,6 +828,7 @@ impl E2e {
             history: None,
             sessions,
             sender_keys,
+            releases: Vec::new(),
         })
     }
 
@@ -813,34 +850,47 @@ impl E2e {
         Ok(self.accepted.as_mut().expect("just opened"))
     }
 
-    /// Records that `opened` was shown: it will not be shown again, and its key is deleted.
+    /// Records that `opened` was shown: it will not be shown again, and its key is deleted
+    /// with the next save of its file, and at the latest by [`E2e::settle`].
     pub fn shown(&mut self, opened: &Opened) -> Result<()> {
         let (c, seq, id) = (opened.conversation.clone(), opened.seq, opened.msg_id);
         self.accepted()?.record(&c, seq, id)?;
-        self.release(opened)
+        if let Some(held) = &opened.held {
+            self.releases.push(held.clone());
+        }
+        Ok(())
     }
 
-    /// Deletes the held key of a message that is done with.
-    fn release(&mut self, opened: &Opened) -> Result<()> {
-        match &opened.held {
-            None => Ok(()),
-            Some(Held::Direct(peer, held)) => {
-                let locked = self.sessions.lock(&self.store)?;
-                let mut conversation = locked.load(peer, crate::db::now_ms())?;
-                if conversation.release(held) {
-                    locked.save(peer, &conversation)?;
+    /// Deletes the keys of the messages shown so far. Call it before acknowledging them: a
+    /// crash before it leaves them queued, and shown again they are found shown and their
+    /// keys deleted then.
+    pub fn settle(&mut self) -> Result<()> {
+        while let Some(first) = self.releases.first().cloned() {
+            match first {
+                Held::Direct(peer, _) => {
+                    let locked = self.sessions.lock(&self.store)?;
+                    let mut conversation = locked.load(&peer, crate::db::now_ms())?;
+                    release_direct(&mut self.releases, &peer, &mut conversation);
+                    locked.save(&peer, &conversation)?;
                 }
-                Ok(())
-            }
-            Some(Held::Group(group, epoch, sender, n)) => {
-                let locked = self.sender_keys.lock(&self.store)?;
-                let mut chains = locked.load(group)?;
-                if chains.release(*epoch, sender, *n) {
-                    locked.save(group, &chains)?;
+                Held::Group(group, ..) => {
+                    let locked = self.sender_keys.lock(&self.store)?;
+                    let mut chains = locked.load(&group)?;
+                    release_group(&mut self.releases, &group, &mut chains);
+                    locked.save(&group, &chains)?;
                 }
-                Ok(())
             }
         }
+        Ok(())
+    }
+
+    /// Deletes the held key of a message that will not be shown, now.
+    fn release(&mut self, opened: &Opened) -> Result<()> {
+        if let Some(held) = &opened.held {
+            self.releases.push(held.clone());
+            self.settle()?;
+        }
+        Ok(())
     }
 
     /// Forgets the sender chains of `group` (we left it or were removed).
@@ -1098,6 +1148,7 @@ impl E2e {
         };
         conversation.touch(frame.session);
         conversation.hold(held.clone(), key, now);
+        release_direct(&mut self.releases, peer, &mut conversation);
         locked.save(peer, &conversation)?;
         // The session is saved: the one-time prekey that started it is no longer needed.
         if let Some(id) = used_one_time {
@@ -1138,6 +1189,7 @@ impl E2e {
                     let locked = self.sender_keys.lock(&self.store)?;
                     let mut chains = locked.load(group)?;
                     let k = chains.receive(epoch, &msg.from, n, crate::db::now_ms())?;
+                    release_group(&mut self.releases, group, &mut chains);
                     locked.save(group, &chains)?;
                     k
                 };
