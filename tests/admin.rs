@@ -129,6 +129,15 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     c.signup("alice");
     c.signup("bob");
     c.send("bob", "alice", "before");
+    // Alice has sessions and a group's sender chains, sealed under her old keys.
+    for args in [
+        &["group", "create", "team"][..],
+        &["group", "add", "team", "bob"],
+        &["group", "send", "team", "old keys"],
+    ] {
+        let out = c.run("alice", args);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
     // Not without a reset: a stolen password must not be able to swap keys.
     let out = c.run("alice", &["rekey"]);
     assert_eq!(out.code, 1, "{out:?}");
@@ -149,6 +158,9 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     assert_eq!(out.code, 0, "{out:?}");
     let keys = c.home().join("alice");
     assert!(keys.join("identity.key").exists() && keys.join("identity.key.old").exists());
+    // What was sealed under the old keys is gone: conversations and chains start again.
+    assert!(!keys.join("sessions").exists() && !keys.join("senderkeys").exists());
+    assert!(keys.join("prekeys").exists());
     assert_eq!(user_row(&c, "alice").unwrap()["may_rekey"], false);
     let out = run_pw(&c, "alice", "new-pw", &["rekey"]);
     assert_eq!(out.code, 1, "once only: {out:?}");

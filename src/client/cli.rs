@@ -305,10 +305,13 @@ pub fn rekey(opts: &Options) -> Result<()> {
         // What was sealed under the old keys no longer opens: conversations start again.
         let _lock = store.lock_state()?;
         prekeys.save(&store, &identity)?;
-        let sessions = store.dir().join("sessions");
-        if sessions.exists() {
-            std::fs::remove_dir_all(&sessions)
-                .map_err(|e| Error::Local(format!("cannot remove {}: {e}", sessions.display())))?;
+        for folder in ["sessions", "senderkeys"] {
+            let folder = store.dir().join(folder);
+            if folder.exists() {
+                std::fs::remove_dir_all(&folder).map_err(|e| {
+                    Error::Local(format!("cannot remove {}: {e}", folder.display()))
+                })?;
+            }
         }
     }
     let fp = fingerprint(&identity.public()?)?;
