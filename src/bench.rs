@@ -594,17 +594,16 @@ struct Role {
     sessions: HashMap<usize, RatchetSession>,
     /// Group mode: this client's sender chain and the other members'.
     chains: GroupChains,
+    /// Group mode: the group's members.
+    members: Vec<String>,
     /// Group mode: the group, its current key and epoch.
     group: Option<(String, PairKey, u64)>,
-    identity: Arc<Identity>,
 }
 
 /// Every client's role, ready to go.
 struct Plan {
     roles: Vec<Role>,
-    /// Each user's Ed25519 public key, for checking group signatures.
-    ed25519: Arc<Vec<Vec<u8>>>,
-    /// Each user's place in `roles` (and `ed25519`), by name.
+    /// Each user's place in `roles`, by name.
     senders: Arc<HashMap<String, usize>>,
     /// Deliveries per message.
     fanout: u64,
@@ -622,8 +621,8 @@ impl Plan {
                 to: Vec::new(),
                 sessions: HashMap::new(),
                 chains: GroupChains::default(),
+                members: Vec::new(),
                 group: None,
-                identity: Arc::clone(&users[i].identity),
             });
         }
         let fanout = match config.mode {
@@ -664,7 +663,6 @@ impl Plan {
         };
         Ok(Plan {
             roles,
-            ed25519: Arc::new(users.iter().map(|u| u.public.ed25519.clone()).collect()),
             senders: Arc::new(
                 users
                     .iter()
@@ -706,7 +704,7 @@ impl Plan {
                 to: role.to,
                 pattern: config.pattern,
                 group: role.group.clone(),
-                identity: role.identity,
+                others: e2e::tag_order(&role.members, &role.me),
                 messages: config.messages,
                 size: config.size,
                 window: config.window,
@@ -714,7 +712,8 @@ impl Plan {
             };
             let receiving = Receiving {
                 group_key: role.group.map(|(_, k, _)| k),
-                ed25519: Arc::clone(&self.ed25519),
+                members: role.members,
+                me: role.me.clone(),
                 senders: Arc::clone(&self.senders),
             };
             let client = Client::new(
@@ -960,13 +959,23 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
     }
     // Each member's sender chain of the epoch, handed to the others in memory (the client
     // hands it out in direct messages, once per epoch).
+    let names: Vec<String> = (0..members.len())
+        .map(|j| users[first + j].name.clone())
+        .collect();
     for i in 0..members.len() {
         let (key, n, _) = members[i].chains.sending(epoch)?;
+        let macs: Vec<[u8; 32]> = names
+            .iter()
+            .map(|name| members[i].chains.mac_for(epoch, name))
+            .collect::<Result<_>>()?;
         for (j, other) in members.iter_mut().enumerate() {
             if j != i {
-                other.chains.install(epoch, &users[first + i].name, key, n);
+                other.chains.install(epoch, &names[i], key, n, macs[j]);
             }
         }
+    }
+    for role in members.iter_mut() {
+        role.members = names.clone();
     }
     Ok(())
 }

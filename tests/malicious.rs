@@ -327,7 +327,7 @@ fn a_new_member_cannot_read_what_was_sent_before_it_joined() {
     );
     assert!(
         out.stderr
-            .contains("rejected: no key of alice/team epoch 3 for you"),
+            .contains("rejected: we were not a member of alice/team in key epoch 3"),
         "{}",
         out.stderr
     );

@@ -31,7 +31,7 @@ use crate::client::e2e::{self, Plain};
 use crate::client::sender_keys::GroupChains;
 use crate::client::sessions::Session as RatchetSession;
 use crate::client::{BalancerClient, Session};
-use crate::crypto::{Identity, PairKey};
+use crate::crypto::PairKey;
 use crate::error::{Error, Result};
 use crate::net::{
     Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
@@ -100,7 +100,8 @@ pub(super) struct Sending {
     pub pattern: super::Pattern,
     /// Group mode: the group, its key and epoch.
     pub group: Option<(String, PairKey, u64)>,
-    pub identity: Arc<Identity>,
+    /// Group mode: the other members, in the order of a message's tags.
+    pub others: Vec<String>,
     pub messages: u64,
     pub size: usize,
     /// Messages sent and not yet confirmed stored, at most.
@@ -169,15 +170,11 @@ impl Sending {
             n,
         };
         let message_key = e2e::group_message_key(key, &chain_key)?;
-        let body = e2e::seal_group_with(
-            &self.identity,
-            &message_key,
-            group,
-            &self.me,
-            seq,
-            at,
-            &plain,
-        )?;
+        let macs = keys
+            .chains
+            .macs(*epoch, &self.others)
+            .ok_or_else(|| Error::Invalid("a member without a key of ours".into()))?;
+        let body = e2e::seal_group_with(&message_key, &macs, group, &self.me, seq, at, &plain)?;
         Ok(Request {
             id: seq,
             body: ServerRequest::GroupSend {
@@ -193,8 +190,10 @@ impl Sending {
 pub(super) struct Receiving {
     /// Group mode: the group's key.
     pub group_key: Option<PairKey>,
-    pub ed25519: Arc<Vec<Vec<u8>>>,
-    /// Each user's index (into `ed25519`, and of the sessions), by name.
+    /// Group mode: the group's members.
+    pub members: Vec<String>,
+    pub me: String,
+    /// Each user's index (of the sessions), by name.
     pub senders: Arc<std::collections::HashMap<String, usize>>,
 }
 
@@ -209,11 +208,20 @@ impl Receiving {
         let plain = match (keys.sessions.get_mut(&sender), &self.group_key) {
             (Some(session), _) => e2e::open_direct_in(session, msg, now)?,
             (None, Some(key)) => {
-                let verified = e2e::verify_group(&self.ed25519[sender], msg)?;
-                let at = verified.at;
+                let body = e2e::parse_group(msg)?;
+                let at = body.at;
+                let index = e2e::tag_order(&self.members, &msg.from)
+                    .iter()
+                    .position(|m| *m == self.me)
+                    .ok_or_else(|| Error::Integrity("not a member".into()))?;
+                let mac = keys
+                    .chains
+                    .mac_of(at.epoch, &msg.from)
+                    .ok_or_else(|| Error::Integrity("no sender key".into()))?;
+                body.check(index, &mac, &msg.from)?;
                 let chain_key = keys.chains.receive(at.epoch, &msg.from, at.n, now)?;
                 keys.chains.release(at.epoch, &msg.from, at.n);
-                verified.open(&e2e::group_message_key(key, &chain_key)?)?
+                body.open(&e2e::group_message_key(key, &chain_key)?)?
             }
             (None, None) => {
                 return Err(Error::Integrity(format!(
@@ -605,7 +613,7 @@ mod tests {
             to: (0..k).map(|i| (format!("b-{i}"), i)).collect(),
             pattern,
             group: None,
-            identity: Arc::new(Identity::generate()?),
+            others: Vec::new(),
             messages: 100,
             size: 100,
             window: 1,

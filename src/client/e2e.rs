@@ -27,15 +27,18 @@
 //! member and that member; and in each epoch every sender has a chain of its own (sender
 //! keys, [`super::sender_keys`]), handed to the other members in direct messages. A group
 //! message is sealed under its key from the sender's chain, bound to the epoch's key, and
-//! signed by its sender, so members cannot forge each other:
+//! carries a tag for each other member, made with a key the sender handed that member alone
+//! (with its chain key, over their pairwise ratchet): every member knows the chain key, none
+//! can make another member's tag, so members cannot forge each other:
 //!
 //! ```text
-//! body = version (3) || kind || epoch (8, BE) || seq (8, BE) || n (4, BE) || signature (64)
-//!        || sealed
-//! aad  = "fastchat/grp/v3" || len(group) || group || len(from) || from || client_id || epoch
-//!        || seq || n || kind
+//! body = version (4) || kind || epoch (8, BE) || seq (8, BE) || n (4, BE) || count (2, BE)
+//!        || tag (16) x count || sealed
+//! aad  = "fastchat/grp/v4" || len(group) || group || len(from) || from || client_id || epoch
+//!        || seq || n || kind || count
 //! key  = HKDF(message key n of the sender's chain, salt = epoch key, "fastchat/grp/v3")
-//! signature   = Ed25519(sender, aad || sealed)      checked before anything is decrypted
+//! tag  = HMAC-SHA256(the sender's key for that member, aad || sealed), first 16 bytes, one
+//!        per other member of the epoch by name; checked before anything is decrypted
 //! wrapped key = seal(pair key(wrapper, member),
 //!                    aad = "fastchat/gk/v1" || group || epoch || member || wrapper, key)
 //! ```
@@ -74,8 +77,8 @@ use crate::transport::Transport;
 /// Body format version of group membership announcements (built by the server).
 const VERSION: u8 = 2;
 
-/// Body format version of sealed group messages (sender keys).
-const GROUP_VERSION: u8 = 3;
+/// Body format version of sealed group messages (sender keys, a tag per member).
+const GROUP_VERSION: u8 = 4;
 
 /// Body format version of direct messages (the double ratchet).
 const DIRECT_VERSION: u8 = 3;
@@ -83,8 +86,8 @@ const DIRECT_VERSION: u8 = 3;
 /// The longest frame a direct message carries (its session, key agreement and header).
 const MAX_FRAME: usize = 512;
 
-/// Length of an Ed25519 signature.
-const SIGNATURE: usize = 64;
+/// Length of a group message's tag for one member (HMAC-SHA256, truncated).
+const TAG: usize = 16;
 
 /// What a message body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +158,9 @@ pub struct SenderKey {
     pub key: [u8; 32],
     /// The number of the sender's next message in the chain.
     pub n: u32,
+    /// The key the sender's tags for this member are made with (this member's alone, so
+    /// no other member can make a message pass as the sender's).
+    pub mac: [u8; 32],
 }
 
 impl std::fmt::Debug for SenderKey {
@@ -413,9 +419,16 @@ pub struct GroupSeq {
 }
 
 /// The associated data (and, with the ciphertext, the signed bytes) of a group message.
-pub fn group_aad(group: &str, from: &str, client_id: u64, at: GroupSeq, kind: Kind) -> Vec<u8> {
-    let mut a = Vec::with_capacity(56 + group.len() + from.len());
-    a.extend_from_slice(b"fastchat/grp/v3");
+pub fn group_aad(
+    group: &str,
+    from: &str,
+    client_id: u64,
+    at: GroupSeq,
+    kind: Kind,
+    tags: u16,
+) -> Vec<u8> {
+    let mut a = Vec::with_capacity(60 + group.len() + from.len());
+    a.extend_from_slice(b"fastchat/grp/v4");
     push_name(&mut a, group);
     push_name(&mut a, from);
     a.extend_from_slice(&client_id.to_be_bytes());
@@ -423,6 +436,7 @@ pub fn group_aad(group: &str, from: &str, client_id: u64, at: GroupSeq, kind: Ki
     a.extend_from_slice(&at.seq.to_be_bytes());
     a.extend_from_slice(&at.n.to_be_bytes());
     a.push(kind as u8);
+    a.extend_from_slice(&tags.to_be_bytes());
     a
 }
 
@@ -546,11 +560,28 @@ fn split_body(msg: &Envelope, version: u8) -> Result<(Kind, &[u8])> {
     Ok((kind, rest))
 }
 
+/// The order of a group message's tags: the epoch's members but its sender, by name.
+pub fn tag_order(members: &[String], sender: &str) -> Vec<String> {
+    let mut others: Vec<String> = members.iter().filter(|m| *m != sender).cloned().collect();
+    others.sort();
+    others
+}
+
+/// A group message's tag for the member whose authentication key is `mac`.
+fn group_tag(mac: &[u8; 32], aad: &[u8], sealed: &[u8]) -> [u8; TAG] {
+    let full = crypto::hmac_sha256(mac, &[aad, sealed]);
+    let mut tag = [0u8; TAG];
+    tag.copy_from_slice(&full[..TAG]);
+    tag
+}
+
 /// A group message body from `from`, sealed under `key` (its key from the sender's chain,
-/// bound to the epoch's: [`group_message_key`]) and signed by `identity` (the sender's).
+/// bound to the epoch's: [`group_message_key`]), with a tag for each other member of the
+/// epoch made with the authentication key the sender handed that member (`macs`, in
+/// [`tag_order`]).
 pub fn seal_group_with(
-    identity: &Identity,
     key: &PairKey,
+    macs: &[[u8; 32]],
     group: &str,
     from: &str,
     client_id: u64,
@@ -558,34 +589,56 @@ pub fn seal_group_with(
     plain: &Plain,
 ) -> Result<Vec<u8>> {
     let kind = plain.kind();
-    let aad = group_aad(group, from, client_id, at, kind);
+    let count = u16::try_from(macs.len())
+        .map_err(|_| Error::Invalid("too many members for one message".into()))?;
+    let aad = group_aad(group, from, client_id, at, kind, count);
     let sealed = key.seal(&aad, &plain.bytes()?)?;
-    let mut signed = aad;
-    signed.extend_from_slice(&sealed);
-    let signature = identity.sign(&signed)?;
-    let mut body = Vec::with_capacity(2 + 20 + SIGNATURE + sealed.len());
+    let mut body = Vec::with_capacity(24 + TAG * macs.len() + sealed.len());
     body.push(GROUP_VERSION);
     body.push(kind as u8);
     body.extend_from_slice(&at.epoch.to_be_bytes());
     body.extend_from_slice(&at.seq.to_be_bytes());
     body.extend_from_slice(&at.n.to_be_bytes());
-    body.extend_from_slice(&signature);
+    body.extend_from_slice(&count.to_be_bytes());
+    for mac in macs {
+        body.extend_from_slice(&group_tag(mac, &aad, &sealed));
+    }
     body.extend_from_slice(&sealed);
     Ok(body)
 }
 
-/// A group message whose signature has been checked, not yet decrypted.
-pub struct Verified<'a> {
-    /// The epoch whose key opens it, and the sender's sequence.
+/// A group message taken apart, neither authenticated nor decrypted yet.
+pub struct GroupBody<'a> {
+    /// The epoch whose key opens it, the sender's sequence and its number in its chain.
     pub at: GroupSeq,
     kind: Kind,
     aad: Vec<u8>,
+    tags: &'a [u8],
     sealed: &'a [u8],
     msg_id: i64,
 }
 
-impl Verified<'_> {
-    /// Decrypts with the message's key ([`group_message_key`]).
+impl GroupBody<'_> {
+    /// How many tags it carries (one per other member of its epoch).
+    pub fn tags(&self) -> usize {
+        self.tags.len() / TAG
+    }
+
+    /// Checks the tag at `index` (our place in [`tag_order`]) with the authentication key
+    /// the sender handed us.
+    pub fn check(&self, index: usize, mac: &[u8; 32], from: &str) -> Result<()> {
+        let tag = self.tags.get(index * TAG..(index + 1) * TAG);
+        let want = group_tag(mac, &self.aad, self.sealed);
+        match tag {
+            Some(tag) if openssl::memcmp::eq(tag, &want) => Ok(()),
+            _ => Err(Error::Integrity(format!(
+                "group message {} does not carry a valid tag of {from}",
+                self.msg_id
+            ))),
+        }
+    }
+
+    /// Decrypts with the message's key ([`group_message_key`]); check its tag first.
     pub fn open(self, key: &PairKey) -> Result<Authentic> {
         let plain = Plain::decode(self.kind, key.open(&self.aad, self.sealed)?, self.msg_id)?;
         Ok(Authentic {
@@ -595,9 +648,8 @@ impl Verified<'_> {
     }
 }
 
-/// Checks a group message's signature against its sender's Ed25519 key (before anything is
-/// decrypted).
-pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Verified<'a>> {
+/// Takes a group message's body apart.
+pub fn parse_group(msg: &Envelope) -> Result<GroupBody<'_>> {
     let bad = |why: &str| Error::Integrity(format!("group message {} {why}", msg.id));
     let group = msg.group.as_deref().ok_or_else(|| bad("names no group"))?;
     let (kind, rest) = split_body(msg, GROUP_VERSION)?;
@@ -606,25 +658,24 @@ pub fn verify_group<'a>(sender_ed25519: &[u8], msg: &'a Envelope) -> Result<Veri
     let (n, rest) = rest
         .split_first_chunk::<4>()
         .ok_or_else(|| bad("is truncated"))?;
-    let n = u32::from_be_bytes(*n);
-    if rest.len() < SIGNATURE {
+    let (count, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("is truncated"))?;
+    let count = u16::from_be_bytes(*count);
+    if rest.len() < TAG * count as usize {
         return Err(bad("is truncated"));
     }
-    let (signature, sealed) = rest.split_at(SIGNATURE);
-    let at = GroupSeq { epoch, seq, n };
-    let aad = group_aad(group, &msg.from, msg.client_id, at, kind);
-    let mut signed = aad.clone();
-    signed.extend_from_slice(sealed);
-    if !verify_signature(sender_ed25519, &signed, signature)? {
-        return Err(bad(&format!(
-            "does not carry a valid signature of {}",
-            msg.from
-        )));
-    }
-    Ok(Verified {
+    let (tags, sealed) = rest.split_at(TAG * count as usize);
+    let at = GroupSeq {
+        epoch,
+        seq,
+        n: u32::from_be_bytes(*n),
+    };
+    Ok(GroupBody {
         at,
         kind,
-        aad,
+        aad: group_aad(group, &msg.from, msg.client_id, at, kind, count),
+        tags,
         sealed,
         msg_id: msg.id,
     })
@@ -913,7 +964,7 @@ impl E2e {
         }
         let locked = self.sender_keys.lock(&self.store)?;
         let mut chains = locked.load(&key.group)?;
-        if chains.install(key.epoch, from, key.key, key.n) {
+        if chains.install(key.epoch, from, key.key, key.n, key.mac) {
             locked.save(&key.group, &chains)?;
         }
         Ok(())
@@ -928,29 +979,34 @@ impl E2e {
         epoch: u64,
         members: &[String],
     ) -> Result<()> {
-        let (key, n, given) = {
+        // The chain, and the authentication key of each member who still needs it, are saved
+        // before anything is handed out.
+        let (key, n, missing) = {
             let locked = self.sender_keys.lock(&self.store)?;
             let mut chains = locked.load(group)?;
-            let sending = chains.sending(epoch)?;
+            let (key, n, given) = chains.sending(epoch)?;
+            let mut missing = Vec::new();
+            for member in members {
+                if *member != self.me && !given.contains(member) {
+                    missing.push((member.clone(), chains.mac_for(epoch, member)?));
+                }
+            }
             locked.save(group, &chains)?;
-            sending
+            (key, n, missing)
         };
-        let missing: Vec<&String> = members
-            .iter()
-            .filter(|m| **m != self.me && !given.contains(m))
-            .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        let plain = Plain::SenderKey(SenderKey {
-            group: group.to_string(),
-            epoch,
-            key,
-            n,
-        });
         let mut handed = Vec::new();
         let mut failed = None;
-        for member in missing {
+        for (member, mac) in &missing {
+            let plain = Plain::SenderKey(SenderKey {
+                group: group.to_string(),
+                epoch,
+                key,
+                n,
+                mac: *mac,
+            });
             let sent = crypto::random_u64().and_then(|client_id| {
                 let body = self.seal_direct(member, client_id, &plain)?;
                 client.send(member, client_id, &body, None)
@@ -1173,9 +1229,8 @@ impl E2e {
         let held;
         let authentic = match &msg.group {
             Some(group) => {
-                let ed25519 = self.peer_keys(&msg.from)?.ed25519.clone();
-                let verified = verify_group(&ed25519, msg)?;
-                let epoch = verified.at.epoch;
+                let body = parse_group(msg)?;
+                let epoch = body.at.epoch;
                 let roster = self.roster_at(client, group, epoch)?;
                 if !roster.has(&msg.from) {
                     return Err(Error::Integrity(format!(
@@ -1183,17 +1238,40 @@ impl E2e {
                         msg.from
                     )));
                 }
+                let others = tag_order(&roster.members, &msg.from);
+                let index = others.iter().position(|m| *m == self.me).ok_or_else(|| {
+                    Error::Integrity(format!(
+                        "we were not a member of {group} in key epoch {epoch}"
+                    ))
+                })?;
+                if body.tags() != others.len() {
+                    return Err(Error::Integrity(format!(
+                        "group message {} carries {} tags for the {} other members of its epoch",
+                        msg.id,
+                        body.tags(),
+                        others.len()
+                    )));
+                }
                 let key = self.group_key(client, group, epoch)?;
-                let n = verified.at.n;
+                let n = body.at.n;
                 let chain_key = {
                     let locked = self.sender_keys.lock(&self.store)?;
                     let mut chains = locked.load(group)?;
+                    // The sender's tag for us, checked before the chain moves.
+                    let mac = chains.mac_of(epoch, &msg.from).ok_or_else(|| {
+                        Error::Integrity(format!(
+                            "no sender key from {} for key epoch {epoch} (it comes as a direct \
+                             message before their first group message of the epoch)",
+                            msg.from
+                        ))
+                    })?;
+                    body.check(index, &mac, &msg.from)?;
                     let k = chains.receive(epoch, &msg.from, n, crate::db::now_ms())?;
                     release_group(&mut self.releases, group, &mut chains);
                     locked.save(group, &chains)?;
                     k
                 };
-                let opened = verified.open(&group_message_key(&key, &chain_key)?);
+                let opened = body.open(&group_message_key(&key, &chain_key)?);
                 held = Some(Held::Group(group.clone(), epoch, msg.from.clone(), n));
                 match opened {
                     Ok(authentic) => authentic,
@@ -1640,19 +1718,8 @@ impl E2e {
         self.current_key(client, &info)
     }
 
-    /// Seals and signs `plain` for `group` under the key of `at.epoch`.
-    pub fn seal_group(
-        &self,
-        group: &str,
-        client_id: u64,
-        at: GroupSeq,
-        key: &PairKey,
-        plain: &Plain,
-    ) -> Result<Vec<u8>> {
-        seal_group_with(&self.identity, key, group, &self.me, client_id, at, plain)
-    }
-
-    /// Encrypts, signs and sends `plain` to `group`; returns the stored message id. If the
+    /// Encrypts and sends `plain` to `group` (with a tag for each member); returns the stored
+    /// message id. If the
     /// group moved to a new epoch meanwhile, fetches it and sends again (same client id).
     pub fn group_send(&mut self, client: &Client, group: &str, plain: &Plain) -> Result<i64> {
         self.group_send_with(client, group, plain, None)
@@ -1675,16 +1742,20 @@ impl E2e {
             // chain's next key (saved before the message leaves).
             let members = self.roster_at(client, group, epoch)?.members;
             self.hand_out(client, group, epoch, &members)?;
-            let (n, chain_key) = {
+            let others = tag_order(&members, &self.me);
+            let (n, chain_key, macs) = {
                 let locked = self.sender_keys.lock(&self.store)?;
                 let mut chains = locked.load(group)?;
-                let next = chains.next_key(epoch)?;
+                let macs = chains.macs(epoch, &others).ok_or_else(|| {
+                    Error::Local(format!("a member of {group} has no key of ours yet"))
+                })?;
+                let (n, chain_key) = chains.next_key(epoch)?;
                 locked.save(group, &chains)?;
-                next
+                (n, chain_key, macs)
             };
             let at = GroupSeq { epoch, seq, n };
             let message_key = group_message_key(&key, &chain_key)?;
-            let body = self.seal_group(group, client_id, at, &message_key, plain)?;
+            let body = seal_group_with(&message_key, &macs, group, &self.me, client_id, at, plain)?;
             match client.group_send(group, client_id, epoch, &body, file) {
                 Ok(msg_id) => return Ok(msg_id),
                 Err(Error::Refused {

@@ -61,6 +61,8 @@ struct Chain {
     key: Key,
     next: u32,
     kept: VecDeque<Kept>,
+    /// The key the sender's tags for us are made with.
+    mac: Key,
 }
 
 /// Our own chain in one epoch, and who has it.
@@ -71,6 +73,8 @@ struct Own {
     next: u32,
     /// Members we handed the chain key to.
     given: Vec<String>,
+    /// Each member's authentication key (made before it is handed out).
+    macs: Vec<(String, Key)>,
 }
 
 /// The chains of one group.
@@ -93,11 +97,46 @@ impl GroupChains {
             key,
             next: 0,
             given: Vec::new(),
+            macs: Vec::new(),
         });
         while self.own.len() > MAX_CHAINS {
             self.own.remove(0);
         }
         Ok((key, 0, Vec::new()))
+    }
+
+    /// `member`'s authentication key in our chain of `epoch` (made now if there is none; the
+    /// chain must exist: [`GroupChains::sending`]).
+    pub fn mac_for(&mut self, epoch: u64, member: &str) -> Result<Key> {
+        let own = self
+            .own
+            .iter_mut()
+            .find(|o| o.epoch == epoch)
+            .ok_or_else(|| Error::Local(format!("no sending chain for epoch {epoch}")))?;
+        if let Some((_, k)) = own.macs.iter().find(|(m, _)| m == member) {
+            return Ok(*k);
+        }
+        let key = PairKey::random()?.0;
+        own.macs.push((member.to_string(), key));
+        Ok(key)
+    }
+
+    /// The authentication keys of `members` (in that order) in our chain of `epoch`; `None`
+    /// if one of them has none.
+    pub fn macs(&self, epoch: u64, members: &[String]) -> Option<Vec<Key>> {
+        let own = self.own.iter().find(|o| o.epoch == epoch)?;
+        members
+            .iter()
+            .map(|m| own.macs.iter().find(|(n, _)| n == m).map(|(_, k)| *k))
+            .collect()
+    }
+
+    /// The key `sender`'s tags for us in `epoch` are made with, if we have their chain.
+    pub fn mac_of(&self, epoch: u64, sender: &str) -> Option<Key> {
+        self.theirs
+            .iter()
+            .find(|c| c.epoch == epoch && c.sender == sender)
+            .map(|c| c.mac)
     }
 
     /// Records that `member` has our chain key of `epoch`.
@@ -126,9 +165,10 @@ impl GroupChains {
         Ok((n, key))
     }
 
-    /// Installs `sender`'s chain of `epoch` at message `n`, unless we have it already (a
-    /// chain key arriving twice must not move a chain back). Says whether it was new.
-    pub fn install(&mut self, epoch: u64, sender: &str, key: Key, n: u32) -> bool {
+    /// Installs `sender`'s chain of `epoch` at message `n`, with the key of their tags for
+    /// us, unless we have it already (a chain key arriving twice must not move a chain back).
+    /// Says whether it was new.
+    pub fn install(&mut self, epoch: u64, sender: &str, key: Key, n: u32, mac: Key) -> bool {
         if self
             .theirs
             .iter()
@@ -142,6 +182,7 @@ impl GroupChains {
             key,
             next: n,
             kept: VecDeque::new(),
+            mac,
         });
         while self.theirs.len() > MAX_CHAINS {
             let oldest = self
@@ -317,9 +358,19 @@ mod tests {
         let (_, next, given) = alice.sending(7)?;
         assert_eq!((next, given), (50, vec!["bob".to_string()]));
         let mut bob = GroupChains::default();
-        assert!(bob.install(7, "alice", key, 0));
+        let mac = alice.mac_for(7, "bob")?;
+        assert_eq!(alice.mac_for(7, "bob")?, mac, "one per member");
+        assert_ne!(alice.mac_for(7, "carol")?, mac);
+        assert_eq!(
+            alice.macs(7, &["carol".into(), "bob".into()]),
+            Some(vec![alice.mac_for(7, "carol")?, mac])
+        );
+        assert_eq!(alice.macs(7, &["dave".into()]), None);
+        assert!(bob.install(7, "alice", key, 0, mac));
+        assert_eq!(bob.mac_of(7, "alice"), Some(mac));
         // A chain key arriving again does not reset the chain.
-        assert!(!bob.install(7, "alice", [0; 32], 0));
+        assert!(!bob.install(7, "alice", [0; 32], 0, [0; 32]));
+        assert_eq!(bob.mac_of(7, "alice"), Some(mac));
         for &(n, k) in sent.iter().rev() {
             assert_eq!(bob.receive(7, "alice", n, 0)?, k, "message {n}");
             // Held until shown: it opens again, then is gone.
@@ -336,7 +387,7 @@ mod tests {
     #[test]
     fn skipped_keys_are_bounded_in_number_and_age() -> Result<()> {
         let mut bob = GroupChains::default();
-        bob.install(1, "alice", [9; 32], 0);
+        bob.install(1, "alice", [9; 32], 0, [8; 32]);
         bob.receive(1, "alice", MAX_SKIP, 0)?;
         assert!(bob.theirs[0].kept.len() <= MAX_KEPT);
         let late = ratchet::KEPT_FOR_MS + 1;
