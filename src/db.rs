@@ -48,6 +48,36 @@ pub mod writer;
 
 use writer::Writer;
 
+/// Where messages stored before `before_ms` end: the smallest id whose message was stored at
+/// `before_ms` or later (one past `newest` if none was), by a binary search over ids, each
+/// probe `first_at_or_after(id)` (the first message at or after `id`: its id and `sent_at`),
+/// an index lookup. `None` when there are no messages or the oldest is not that old, the
+/// usual case, in one probe. Ids follow commit order and `sent_at` is the storing server's
+/// clock at commit: with servers on several machines a message may expire late by as much as
+/// their clocks disagree, never early (the caller also filters by `sent_at`).
+pub fn expiry_bound(
+    before_ms: i64,
+    newest: i64,
+    mut first_at_or_after: impl FnMut(i64) -> Result<Option<(i64, i64)>>,
+) -> Result<Option<i64>> {
+    let Some((oldest, sent)) = first_at_or_after(i64::MIN)? else {
+        return Ok(None);
+    };
+    if sent >= before_ms {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (oldest, newest.max(oldest) + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match first_at_or_after(mid)? {
+            Some((_, sent)) if sent >= before_ms => hi = mid,
+            Some((id, _)) => lo = id + 1,
+            None => hi = mid,
+        }
+    }
+    Ok(Some(lo))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

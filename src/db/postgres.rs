@@ -234,17 +234,11 @@ impl Readers {
     /// Runs `work` with a read connection (each statement sees what was committed when it
     /// began, as in SQLite's autocommit reads).
     pub fn with<T>(&self, work: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
-        let mut conn = self.take()?;
-        let out = work(&mut conn);
-        let mut pool = self.pool.lock();
-        if conn.is_closed() {
-            pool.open -= 1;
-        } else {
-            pool.idle.push(conn);
-        }
-        drop(pool);
-        self.freed.notify_one();
-        out
+        let mut lease = Lease {
+            readers: self,
+            conn: Some(self.take()?),
+        };
+        work(lease.conn.as_mut().expect("leased until dropped"))
     }
 
     fn take(&self) -> Result<Conn> {
@@ -277,6 +271,26 @@ impl Readers {
                 ));
             }
         }
+    }
+}
+
+/// A read connection taken from the pool, given back when dropped: to the idle ones if it is
+/// still open, else (closed, or the work using it panicked midway) counted out, so the pool
+/// never loses a slot.
+struct Lease<'a> {
+    readers: &'a Readers,
+    conn: Option<Conn>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.readers.pool.lock();
+        match self.conn.take() {
+            Some(conn) if !conn.is_closed() && !std::thread::panicking() => pool.idle.push(conn),
+            _ => pool.open -= 1,
+        }
+        drop(pool);
+        self.readers.freed.notify_one();
     }
 }
 

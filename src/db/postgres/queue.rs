@@ -256,14 +256,29 @@ pub fn heavy_senders(conn: &mut Conn, messages: u64, bytes: u64) -> Result<Vec<(
 }
 
 /// Deletes up to `limit` messages stored before `before_ms` (and the files they offer), the
-/// oldest first; returns how many. `sent_at` follows ids only as closely as the servers'
-/// clocks agree, so this reads by time (an index on ids, filtered), not by a search over ids.
+/// oldest first; returns how many. The ids to look at are bounded by a binary search over ids
+/// (`db::expiry_bound`: an index probe each, one when nothing is old), not by a scan of the
+/// queue filtered by time.
 pub fn expire_messages(conn: &mut Conn, before_ms: i64, limit: usize) -> Result<usize> {
+    let newest = newest_message_id(conn)?;
+    let bound = crate::db::expiry_bound(before_ms, newest, |id| {
+        let row = conn.opt(
+            "SELECT id, sent_at FROM messages WHERE id >= $1 ORDER BY id LIMIT 1",
+            &[&id],
+        )?;
+        Ok(match row {
+            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+            None => None,
+        })
+    })?;
+    let Some(lo) = bound else {
+        return Ok(0);
+    };
     let expired = conn.rows(
         "DELETE FROM messages WHERE id IN (
-             SELECT id FROM messages WHERE sent_at < $1 ORDER BY id LIMIT $2)
+             SELECT id FROM messages WHERE id < $1 AND sent_at < $2 ORDER BY id LIMIT $3)
          RETURNING file_id",
-        &[&before_ms, &(limit as i64)],
+        &[&lo, &before_ms, &(limit as i64)],
     )?;
     for r in &expired {
         if let Some(file) = r.try_get::<_, Option<i64>>(0)? {

@@ -285,6 +285,32 @@ fn a_lost_connection_is_opened_again() -> Result<()> {
     Ok(())
 }
 
+/// Read work that panics gives its connection's slot back: more panics than the pool has
+/// connections leave it as able as before.
+#[test]
+fn a_read_that_panics_gives_its_connection_back() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let options = Options {
+        busy_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let store = Store::open_with(&db.location(), &options)?;
+    for _ in 0..super::MAX_READERS + 2 {
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = store.read(|tx| -> Result<()> {
+                tx.user_exists("alice")?;
+                panic!("a bug in read work");
+            });
+        }));
+        assert!(panicked.is_err());
+    }
+    // With the slots lost, this would wait out the busy timeout and fail as Unavailable.
+    assert!(!store.read(|tx| tx.user_exists("alice"))?);
+    Ok(())
+}
+
 /// A job, boxed.
 type Work = Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + Send>;
 

@@ -269,22 +269,10 @@ pub fn expire_messages(conn: &Connection, before_ms: i64, limit: usize) -> Resul
             .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?)
     };
-    let Some((oldest, sent)) = first_at_or_after(i64::MIN)? else {
+    let newest = newest_message_id(conn)?;
+    let Some(lo) = crate::db::expiry_bound(before_ms, newest, first_at_or_after)? else {
         return Ok(0);
     };
-    if sent >= before_ms {
-        return Ok(0);
-    }
-    // The smallest id whose message was stored at `before_ms` or later (or past the end).
-    let (mut lo, mut hi) = (oldest, newest_message_id(conn)? + 1);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match first_at_or_after(mid)? {
-            Some((_, sent)) if sent >= before_ms => hi = mid,
-            Some((id, _)) => lo = id + 1,
-            None => hi = mid,
-        }
-    }
     let expired: Vec<(i64, Option<i64>)> = conn
         .prepare_cached(
             "SELECT id, file_id FROM messages WHERE id < ?1 AND sent_at < ?2 ORDER BY id LIMIT ?3",
