@@ -134,33 +134,25 @@ fn forward_secrecy(alice: &Identity, bob: &Identity) -> fastchat::Result<()> {
         body,
         sent_at: 0,
     };
+    let seal = || {
+        fastchat::client::e2e::seal_group_with(
+            &epoch_key,
+            &macs,
+            "alice/team",
+            "alice",
+            1,
+            at,
+            &plain,
+        )
+    };
     measure(
         "group message: seal with 9 tags (a group of ten)",
         20_000,
         || {
-            black_box(
-                fastchat::client::e2e::seal_group_with(
-                    &epoch_key,
-                    &macs,
-                    "alice/team",
-                    "alice",
-                    1,
-                    at,
-                    &plain,
-                )
-                .unwrap(),
-            );
+            black_box(seal().unwrap());
         },
     );
-    let msg = envelope(fastchat::client::e2e::seal_group_with(
-        &epoch_key,
-        &macs,
-        "alice/team",
-        "alice",
-        1,
-        at,
-        &plain,
-    )?);
+    let msg = envelope(seal()?);
     measure("group message: check a member's tag", 100_000, || {
         let body = fastchat::client::e2e::parse_group(&msg).unwrap();
         body.check(3, &macs[3], "alice").unwrap();

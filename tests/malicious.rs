@@ -10,22 +10,7 @@ use fastchat::net::Envelope;
 
 /// A stored message, as the server holds it (or, with `table` = `spy`, held it).
 fn stored_in(c: &Cluster, table: &str, id: i64) -> Envelope {
-    let rows = c.sql().rows(
-        &format!(
-            "SELECT id, sender, recipient, client_id, body, sent_at FROM {table} WHERE id = ?1"
-        ),
-        &[&id],
-    );
-    let r = &rows[0];
-    Envelope {
-        id: r.get(0),
-        from: r.get(1),
-        to: r.get(2),
-        group: None,
-        client_id: r.get::<i64>(3) as u64,
-        body: r.get(4),
-        sent_at: r.get(5),
-    }
+    c.envelopes(table, "id = ?1", &[&id]).remove(0)
 }
 
 fn stored(c: &Cluster, id: i64) -> Envelope {

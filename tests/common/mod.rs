@@ -271,47 +271,44 @@ impl Cluster {
             .unwrap();
     }
 
-    /// The direct messages queued for `to`, oldest first, as the server (or an observer of
-    /// the database) holds them.
-    pub fn queued_to(&self, to: &str) -> Vec<fastchat::net::Envelope> {
+    /// Messages of `table` (`messages`, or a copy of it) that `filter` (SQL after `WHERE`,
+    /// with `params`) selects, oldest first, as envelopes.
+    pub fn envelopes(
+        &self,
+        table: &str,
+        filter: &str,
+        params: &[&dyn db::Param],
+    ) -> Vec<fastchat::net::Envelope> {
         self.sql()
             .rows(
-                "SELECT id, sender, recipient, client_id, body, sent_at FROM messages
-                  WHERE recipient = ?1 ORDER BY id",
-                &[&to],
+                &format!(
+                    "SELECT id, sender, coalesce(recipient, ''), grp, client_id, body, sent_at
+                       FROM {table} WHERE {filter} ORDER BY id"
+                ),
+                params,
             )
             .iter()
             .map(|r| fastchat::net::Envelope {
                 id: r.get(0),
                 from: r.get(1),
                 to: r.get(2),
-                group: None,
-                client_id: r.get::<i64>(3) as u64,
-                body: r.get(4),
-                sent_at: r.get(5),
+                group: r.get(3),
+                client_id: r.get::<i64>(4) as u64,
+                body: r.get(5),
+                sent_at: r.get(6),
             })
             .collect()
     }
 
+    /// The direct messages queued for `to`, oldest first, as the server (or an observer of
+    /// the database) holds them.
+    pub fn queued_to(&self, to: &str) -> Vec<fastchat::net::Envelope> {
+        self.envelopes("messages", "recipient = ?1", &[&to])
+    }
+
     /// The group messages stored now, oldest first.
     pub fn group_messages(&self) -> Vec<fastchat::net::Envelope> {
-        self.sql()
-            .rows(
-                "SELECT id, sender, grp, client_id, body, sent_at FROM messages
-                  WHERE grp IS NOT NULL ORDER BY id",
-                &[],
-            )
-            .iter()
-            .map(|r| fastchat::net::Envelope {
-                id: r.get(0),
-                from: r.get(1),
-                to: String::new(),
-                group: r.get(2),
-                client_id: r.get::<i64>(3) as u64,
-                body: r.get(4),
-                sent_at: r.get(5),
-            })
-            .collect()
+        self.envelopes("messages", "grp IS NOT NULL", &[])
     }
 
     /// A connection to the balancer, as a library client.
