@@ -228,6 +228,9 @@ impl GroupChains {
                 n - chain.next
             )));
         }
+        let after = n
+            .checked_add(1)
+            .ok_or_else(|| Error::Integrity(format!("{sender}'s chain is exhausted")))?;
         let mut key = chain.key;
         let mut at = chain.next;
         let mut kept = Vec::new();
@@ -247,7 +250,7 @@ impl GroupChains {
         }
         let found = kept.last().map(|k| k.key).expect("at least one step");
         chain.key = key;
-        chain.next = n + 1;
+        chain.next = after;
         chain.kept.extend(kept);
         while chain.kept.len() > MAX_KEPT {
             chain.kept.pop_front();
@@ -379,6 +382,7 @@ mod tests {
             assert!(bob.receive(7, "alice", n, 0).is_err(), "message {n} again");
         }
         assert!(bob.receive(7, "alice", 50 + MAX_SKIP + 1, 0).is_err());
+        assert!(bob.receive(7, "alice", u32::MAX, 0).is_err(), "no overflow");
         assert!(bob.receive(8, "alice", 0, 0).is_err(), "another epoch");
         assert!(bob.receive(7, "carol", 0, 0).is_err(), "another sender");
         Ok(())

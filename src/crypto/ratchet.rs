@@ -327,7 +327,10 @@ impl Ratchet {
             .ok_or_else(|| Error::Integrity("no receiving chain".into()))?;
         let (next, key) = kdf_chain(&chain)?;
         self.receiving = Some(next);
-        self.nr += 1;
+        self.nr = self
+            .nr
+            .checked_add(1)
+            .ok_or_else(|| Error::Integrity("receiving chain exhausted".into()))?;
         Ok(MessageKey(key))
     }
 
