@@ -114,7 +114,8 @@ say "Four users sign up; each gets X25519 (encryption) and Ed25519 (signature) k
 for u in alice bob carol dave; do
   FASTCHAT_PASSWORD="pw-$u" "$FASTCHAT_BIN/fastchat" signup "$u" | indent
 done
-note "The private keys stay in $dir/home/USER/, encrypted with the password."
+note "The private keys stay in $dir/home/USER/, encrypted with the password; each signup"
+note "also publishes prekeys, so others can start a conversation before the user logs in."
 
 say "bob and dave open chat sessions; the balancer gives each login a server (round-robin)"
 online bob
@@ -128,6 +129,8 @@ say "alice writes to bob: encrypted by alice, relayed between servers, decrypted
 as alice send bob "hi bob! this crossed from one server to another"
 wait_for_text "$dir/bob.screen" "alice: hi bob"
 screen bob
+note "Each message has a key of its own from their conversation's ratchet, deleted once read:"
+note "a copy of bob's folder taken later does not open what was captured before."
 
 say "carol is offline; alice and bob write to her anyway"
 as alice send carol "carol, lunch at noon?"
