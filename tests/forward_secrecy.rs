@@ -369,3 +369,38 @@ fn two_users_who_start_at_once_and_one_user_in_many_processes_lose_nothing() {
     let want: Vec<String> = (0..10).map(|i| format!("alice: at once {i}")).collect();
     assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_sender_key_from_outside_the_epoch_is_refused() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "mallory"] {
+        c.signup(u);
+    }
+    for args in [
+        &["group", "create", "team"][..],
+        &["group", "add", "team", "bob"],
+    ] {
+        assert_eq!(c.run("alice", args).code, 0);
+    }
+    // Mallory, not a member, hands bob a chain "for" the group's epoch, hoping to have
+    // messages of hers accepted in it.
+    let home = c.home();
+    let (client, mut mallory) = state_from(&c, &home, "mallory");
+    let plain = Plain::SenderKey(fastchat::client::e2e::SenderKey {
+        group: "alice/team".into(),
+        epoch: 2,
+        key: [7; 32],
+        n: 0,
+        mac: [8; 32],
+    });
+    let body = mallory.seal_direct("bob", 77, &plain).unwrap();
+    client.send("bob", 77, &body, None).unwrap();
+    let out = c.run("bob", &["recv"]);
+    assert!(
+        out.stderr.contains(
+            "mallory handed a key for epoch 2 of alice/team, of which they or we were not a member"
+        ),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("mallory"), "{out:?}");
+}

@@ -1276,15 +1276,11 @@ impl E2e {
                 match opened {
                     Ok(authentic) => authentic,
                     Err(e) => {
-                        let dropped = Opened {
-                            plain: Plain::Text(String::new()),
-                            verdict: Verdict::TooOld,
-                            conversation: String::new(),
-                            seq: 0,
-                            msg_id: msg.id,
-                            held,
-                        };
-                        self.release(&dropped)?;
+                        // It does not open: its key is of no further use.
+                        if let Some(held) = held {
+                            self.releases.push(held);
+                            self.settle()?;
+                        }
                         return Err(e);
                     }
                 }
@@ -1302,23 +1298,36 @@ impl E2e {
                 authentic
             }
         };
-        let mut authentic = authentic;
-        match (&msg.group, authentic.plain) {
+        let checked = match (&msg.group, authentic.plain) {
             (Some(_), Plain::Receipt(_) | Plain::Removal(_) | Plain::SenderKey(_)) => {
-                return Err(Error::Integrity(format!(
+                Err(Error::Integrity(format!(
                     "message {} is a receipt, a removal or a sender key sent to a group",
                     msg.id
-                )));
+                )))
             }
-            (None, Plain::SenderKey(key)) => {
-                self.install(client, &msg.from, &key)?;
-                authentic.plain = Plain::SenderKey(key);
-            }
+            (None, Plain::SenderKey(key)) => self
+                .install(client, &msg.from, &key)
+                .map(|()| Plain::SenderKey(key)),
             (None, Plain::Removal(signed)) => {
-                authentic.plain = Plain::Membership(self.removal(&msg.from, &signed)?);
+                self.removal(&msg.from, &signed).map(Plain::Membership)
             }
-            (_, plain) => authentic.plain = plain,
-        }
+            (_, plain) => Ok(plain),
+        };
+        let plain = match checked {
+            Ok(plain) => plain,
+            Err(e) => {
+                // Refused: its key is of no further use.
+                if let Some(held) = held {
+                    self.releases.push(held);
+                    self.settle()?;
+                }
+                return Err(e);
+            }
+        };
+        let authentic = Authentic {
+            plain,
+            seq: authentic.seq,
+        };
         let conversation = replay::conversation(msg.group.as_deref(), &msg.from);
         let verdict = self
             .accepted()?
