@@ -222,3 +222,20 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     let after = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
     assert_eq!(after, held + fastchat::net::PREKEYS_PER_REQUEST as u32);
 }
+
+/// A signup script run again (`--exist-ok`) with the keys already in the folder does not push
+/// out the private half of the signed prekey the directory holds: others can still start a
+/// conversation with the user.
+#[test]
+fn a_signup_run_again_keeps_the_signed_prekey_the_directory_holds() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    for _ in 0..3 {
+        let out = c.run("alice", &["signup", "alice", "--exist-ok"]);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    c.send("bob", "alice", "still reachable");
+    let out = c.run("alice", &["recv"]);
+    assert_eq!(out.lines(), ["bob: still reachable"], "{out:?}");
+}

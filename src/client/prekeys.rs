@@ -132,7 +132,17 @@ impl Prekeys {
             .signed
             .as_ref()
             .is_none_or(|s| now_ms - s.made_at > SIGNED_LIFETIME_MS);
-        if stale || !signed_published {
+        if let (false, false, Some(current)) = (stale, signed_published, &self.signed) {
+            // The directory lacks it (a signup): the current one again, not a new one, so
+            // that a signup run again and again does not push out a key the directory holds.
+            let public = ratchet::x25519_public(&current.private)?;
+            let signature = identity.sign(&x3dh::signed_prekey_message(current.id, &public))?;
+            signed = Some(SignedPrekey {
+                id: current.id,
+                public,
+                signature,
+            });
+        } else if stale || !signed_published {
             let id = self.next()?;
             let (private, public, signature) = x3dh::signed_prekey(id, |m| identity.sign(m))?;
             self.previous = self.signed.take();
