@@ -391,6 +391,7 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
             let _slot = hash_slot(shared)?;
             let prekeys = match prekeys {
                 Some(p) => {
+                    accounts::check_keys(&keys)?;
                     check_prekeys(&keys.ed25519, Some(&p.signed), &p.one_time)?;
                     Some((p.signed, raw_prekeys(p.one_time)))
                 }

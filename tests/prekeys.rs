@@ -239,3 +239,43 @@ fn a_signup_run_again_keeps_the_signed_prekey_the_directory_holds() {
     let out = c.run("alice", &["recv"]);
     assert_eq!(out.lines(), ["bob: still reachable"], "{out:?}");
 }
+
+/// A signup's prekeys are checked like published ones, before the account is made: not
+/// signed by the account's own key, or with malformed keys, the signup is refused whole.
+#[test]
+fn a_signup_with_prekeys_not_its_own_is_refused_whole() {
+    let c = Cluster::start(1);
+    let mut b = c.balancer_client();
+    let alice = Identity::generate().unwrap();
+    let mallory = Identity::generate().unwrap();
+    let prekeys = |id: &Identity| fastchat::net::NewPrekeys {
+        signed: signed(id, 1),
+        one_time: one_time(0..3)
+            .into_iter()
+            .map(|(n, k)| (n, serde_bytes::ByteBuf::from(k)))
+            .collect(),
+    };
+    let refused = b.signup(
+        "alice",
+        "pw-alice",
+        alice.public().unwrap(),
+        Some(prekeys(&mallory)),
+    );
+    let (code, message) = refusal(refused);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("signature"), "{message}");
+    // Nothing was made: the name is still free.
+    b.signup(
+        "alice",
+        "pw-alice",
+        alice.public().unwrap(),
+        Some(prekeys(&alice)),
+    )
+    .unwrap();
+    let bad = fastchat::net::PublicKeys {
+        x25519: vec![1; 5],
+        ed25519: vec![2; 5],
+    };
+    let (code, _) = refusal(b.signup("bob", "pw-bob", bad, Some(prekeys(&alice))));
+    assert_eq!(code, ErrorCode::BadRequest);
+}
