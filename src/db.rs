@@ -46,6 +46,9 @@ pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 
+#[cfg(test)]
+pub(crate) mod merged_tests;
+
 use writer::Writer;
 
 /// Where messages stored before `before_ms` end: the smallest id whose message was stored at
@@ -268,6 +271,31 @@ impl Store {
         done: impl FnOnce(Result<T>) + Send + 'static,
     ) {
         self.writer.submit(work, done, false);
+    }
+
+    /// Queues a first attempt of a direct message without a file, as `submit_unguarded` of
+    /// [`Tx::store_message`] would; the writer stores the messages of consecutive such jobs in
+    /// one call of [`Tx::store_messages`] (on PostgreSQL, one statement).
+    pub fn submit_message(
+        &self,
+        from: String,
+        to: String,
+        client_id: u64,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
+    ) {
+        self.writer.submit_message(from, to, client_id, body, done);
+    }
+
+    /// Queues an acknowledgement, as `submit_unguarded` of [`Tx::ack`] would; merged with its
+    /// neighbours like [`Store::submit_message`] ([`Tx::ack_many`]).
+    pub fn submit_ack(
+        &self,
+        user: String,
+        ids: Vec<i64>,
+        done: impl FnOnce(Result<usize>) + Send + 'static,
+    ) {
+        self.writer.submit_ack(user, ids, done);
     }
 
     /// Runs `work` on the writer and waits for its commit.
@@ -523,6 +551,19 @@ pub trait Tx {
     /// first copy, even one already delivered (see [`Outgoing::resend_after`]). `file` must be
     /// a finished upload of the sender's. An unknown recipient is refused.
     fn store_message(&mut self, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage>;
+    /// Stores first attempts of direct messages without files, as [`Tx::store_message`]
+    /// would one after another, in order: a result per message (a refusal is that message's).
+    /// `Err` when a statement failed, after which the transaction holds nothing of the call
+    /// (PostgreSQL: none of the batch). A backend with round trips stores them all at once.
+    fn store_messages(
+        &mut self,
+        msgs: &[(Outgoing<'_>, &str)],
+    ) -> Result<Vec<Result<StoredMessage>>> {
+        Ok(msgs
+            .iter()
+            .map(|(m, to)| self.store_message(m, to))
+            .collect())
+    }
     /// The copy of an earlier attempt of this group message, if one was stored (or delivered
     /// and removed, with an id above `msg.resend_after`), with the members to route it to.
     fn stored_group_copy(
@@ -539,6 +580,11 @@ pub trait Tx {
     /// position (never past an unacknowledged one). Ids that are not the user's to
     /// acknowledge are ignored; returns how many were.
     fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize>;
+    /// Several users' acknowledgements, as [`Tx::ack`] would apply them one after another: a
+    /// count per `(user, ids)`. `Err` as for [`Tx::store_messages`].
+    fn ack_many(&mut self, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
+        Ok(acks.iter().map(|(user, ids)| self.ack(user, ids)).collect())
+    }
     /// Forgets the deliveries of messages with ids up to `upto`.
     fn forget_deliveries(&mut self, upto: i64) -> Result<usize>;
     /// What a queue holds: a user's direct messages, or (`g:GROUP`) a group's messages not yet

@@ -90,6 +90,8 @@ pub struct Conn {
     /// Set when a statement fails: inside a transaction, PostgreSQL then refuses everything
     /// until a rollback (to a savepoint).
     failed: bool,
+    /// Requests sent and answered so far (statements, preparations, transaction control).
+    round_trips: u64,
 }
 
 /// Parameters of a statement.
@@ -118,11 +120,13 @@ impl Conn {
             client,
             statements: HashMap::new(),
             failed: false,
+            round_trips: 0,
         })
     }
 
-    /// `r`, noting a failure (see [`Conn::failed`]).
+    /// `r`, counted and noting a failure (see [`Conn::failed`]).
     fn noted<T>(&mut self, r: std::result::Result<T, postgres::Error>) -> Result<T> {
+        self.round_trips += 1;
         if r.is_err() {
             self.failed = true;
         }
@@ -530,6 +534,12 @@ impl Tx for Conn {
     fn store_message(&mut self, msg: &Outgoing<'_>, to: &str) -> Result<StoredMessage> {
         queue::store_message(self, msg, to)
     }
+    fn store_messages(
+        &mut self,
+        msgs: &[(Outgoing<'_>, &str)],
+    ) -> Result<Vec<Result<StoredMessage>>> {
+        queue::store_messages(self, msgs)
+    }
     fn stored_group_copy(
         &mut self,
         msg: &Outgoing<'_>,
@@ -545,6 +555,9 @@ impl Tx for Conn {
     }
     fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize> {
         inbox::ack(self, user, ids)
+    }
+    fn ack_many(&mut self, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
+        inbox::ack_many(self, acks)
     }
     fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
         queue::forget_deliveries(self, upto)

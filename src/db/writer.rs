@@ -5,6 +5,7 @@
 //! any thread ── submit(work, done) ──▶ jobs (bounded mailbox) ──▶ db-writer thread:
 //!     take every queued job (waiting up to COMMIT_WINDOW for more while the batch is small)
 //!     BEGIN ── run each job (in a savepoint unless unguarded) ── COMMIT
+//!              (consecutive plain sends and acknowledgements: one merged call each)
 //!     then each job's `done`, in submission order, with its result or the commit's error
 //! ```
 //!
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::Tx;
+use super::{Outgoing, StoredMessage, Tx};
 use crate::error::{Error, Result};
 use crate::mailbox;
 
@@ -64,6 +65,31 @@ pub type Background = Box<dyn FnOnce(Receiver<()>) + Send>;
 trait Job: Send {
     fn run(&mut self, batch: &mut dyn Batch);
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>);
+    /// What the job stores, if the backend may store it together with its neighbours'
+    /// (see [`run_merged`]); such a job is never `run`.
+    fn merged(&mut self) -> Option<Merged<'_>> {
+        None
+    }
+    /// Whether [`Job::merged`] says something.
+    fn mergeable(&self) -> bool {
+        false
+    }
+}
+
+/// A job's part of a merged statement, and where its result goes.
+enum Merged<'a> {
+    /// A plain direct message ([`Tx::store_messages`]).
+    Send {
+        msg: Outgoing<'a>,
+        to: &'a str,
+        result: &'a mut Option<Result<StoredMessage>>,
+    },
+    /// An acknowledgement ([`Tx::ack_many`]).
+    Ack {
+        user: &'a str,
+        ids: &'a [i64],
+        result: &'a mut Option<Result<usize>>,
+    },
 }
 
 /// Why a whole batch failed.
@@ -130,12 +156,146 @@ where
     }
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
-        let result = match (self.result, batch_error) {
-            (Some(Ok(_)) | None, Some(e)) => Err(e.to_error()),
-            (Some(result), _) => result,
-            (None, None) => Err(Error::Commit("the job never ran".into())),
-        };
-        (self.done)(result)
+        (self.done)(outcome(self.result, batch_error))
+    }
+}
+
+/// A first attempt of a direct message without a file: merged with its neighbours.
+struct SendJob<D> {
+    from: String,
+    to: String,
+    client_id: u64,
+    body: Vec<u8>,
+    result: Option<Result<StoredMessage>>,
+    done: D,
+}
+
+impl<D: FnOnce(Result<StoredMessage>) + Send> Job for SendJob<D> {
+    fn run(&mut self, _: &mut dyn Batch) {
+        unreachable!("a merged job is stored by run_merged")
+    }
+
+    fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
+        (self.done)(outcome(self.result, batch_error))
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn merged(&mut self) -> Option<Merged<'_>> {
+        Some(Merged::Send {
+            msg: Outgoing::new(&self.from, self.client_id, &self.body),
+            to: &self.to,
+            result: &mut self.result,
+        })
+    }
+}
+
+/// An acknowledgement: merged with its neighbours.
+struct AckJob<D> {
+    user: String,
+    ids: Vec<i64>,
+    result: Option<Result<usize>>,
+    done: D,
+}
+
+impl<D: FnOnce(Result<usize>) + Send> Job for AckJob<D> {
+    fn run(&mut self, _: &mut dyn Batch) {
+        unreachable!("a merged job is stored by run_merged")
+    }
+
+    fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
+        (self.done)(outcome(self.result, batch_error))
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn merged(&mut self) -> Option<Merged<'_>> {
+        Some(Merged::Ack {
+            user: &self.user,
+            ids: &self.ids,
+            result: &mut self.result,
+        })
+    }
+}
+
+/// A job's result once its batch is over: its own, or the batch's error if it had none or
+/// succeeded (its writes were not committed).
+fn outcome<T>(result: Option<Result<T>>, batch_error: Option<&BatchError>) -> Result<T> {
+    match (result, batch_error) {
+        (Some(Ok(_)) | None, Some(e)) => Err(e.to_error()),
+        (Some(result), _) => result,
+        (None, None) => Err(Error::Commit("the job never ran".into())),
+    }
+}
+
+/// Runs consecutive mergeable jobs: their messages in one call of [`Tx::store_messages`],
+/// then their acknowledgements in one of [`Tx::ack_many`] (a PostgreSQL round trip each,
+/// however many jobs). Sends and acknowledgements commute: a message is acknowledged only
+/// after its client received it, which is after its batch committed.
+fn run_merged(batch: &mut dyn Batch, jobs: &mut [Box<dyn Job>]) {
+    let (mut sends, mut sent) = (Vec::new(), Vec::new());
+    let (mut acks, mut acked) = (Vec::new(), Vec::new());
+    for job in jobs.iter_mut() {
+        match job.merged() {
+            Some(Merged::Send { msg, to, result }) => {
+                sends.push((msg, to));
+                sent.push(result);
+            }
+            Some(Merged::Ack { user, ids, result }) => {
+                acks.push((user, ids));
+                acked.push(result);
+            }
+            None => unreachable!("run_merged is given mergeable jobs only"),
+        }
+    }
+    let ran = batch.run(false, &mut |tx| {
+        let mut ok = true;
+        if !sends.is_empty() {
+            ok &= hand_out(tx.store_messages(&sends), &mut sent);
+        }
+        if ok && !acks.is_empty() {
+            ok &= hand_out(tx.ack_many(&acks), &mut acked);
+        }
+        ok
+    });
+    if let Err(e) = ran {
+        let why = e.to_string();
+        for slot in sent.iter_mut() {
+            slot.get_or_insert_with(|| Err(Error::Commit(why.clone())));
+        }
+        for slot in acked.iter_mut() {
+            slot.get_or_insert_with(|| Err(Error::Commit(why.clone())));
+        }
+    }
+}
+
+/// Gives each slot its result, or every slot the error that failed them all; whether the
+/// statements succeeded.
+fn hand_out<T>(results: Result<Vec<Result<T>>>, slots: &mut [&mut Option<Result<T>>]) -> bool {
+    match results {
+        Ok(results) => {
+            debug_assert_eq!(results.len(), slots.len());
+            let mut results = results.into_iter();
+            for slot in slots.iter_mut() {
+                **slot = Some(results.next().unwrap_or_else(|| {
+                    Err(Error::Commit(
+                        "the database gave no answer for a job".into(),
+                    ))
+                }));
+            }
+            true
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for slot in slots.iter_mut() {
+                **slot = Some(Err(Error::Commit(why.clone())));
+            }
+            false
+        }
     }
 }
 
@@ -196,12 +356,49 @@ impl Writer {
         done: impl FnOnce(Result<T>) + Send + 'static,
         guarded: bool,
     ) {
-        let job = Box::new(ClosureJob {
+        self.queue(Box::new(ClosureJob {
             work: Some(work),
             done,
             result: None,
             guarded,
-        });
+        }));
+    }
+
+    /// Queues a first attempt of a direct message without a file (see [`run_merged`]).
+    pub fn submit_message(
+        &self,
+        from: String,
+        to: String,
+        client_id: u64,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
+    ) {
+        self.queue(Box::new(SendJob {
+            from,
+            to,
+            client_id,
+            body,
+            result: None,
+            done,
+        }));
+    }
+
+    /// Queues an acknowledgement (see [`run_merged`]).
+    pub fn submit_ack(
+        &self,
+        user: String,
+        ids: Vec<i64>,
+        done: impl FnOnce(Result<usize>) + Send + 'static,
+    ) {
+        self.queue(Box::new(AckJob {
+            user,
+            ids,
+            result: None,
+            done,
+        }));
+    }
+
+    fn queue(&self, job: Box<dyn Job>) {
         // The thread only ends when `jobs` is dropped, so a failed send means it panicked; the
         // dropped completion then closes its caller's reply channel, which reports the failure.
         if let Some(jobs) = &self.jobs {
@@ -282,8 +479,16 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
             }
             continue;
         }
-        for job in batch.iter_mut() {
-            job.run(&mut conn);
+        let mut at = 0;
+        while at < batch.len() {
+            let run = batch[at..].iter().take_while(|job| job.mergeable()).count();
+            if run == 0 {
+                batch[at].run(&mut conn);
+                at += 1;
+            } else {
+                run_merged(&mut conn, &mut batch[at..at + run]);
+                at += run;
+            }
         }
         if last_purge.elapsed() > PURGE_EVERY {
             last_purge = Instant::now();

@@ -2,6 +2,8 @@
 //! and fetching the chunks of a file a queued message offers (see the SQLite backend's
 //! `inbox`).
 
+use std::collections::{HashMap, HashSet};
+
 use super::files::drop_file;
 use super::groups::advance_position;
 use super::queue::{envelope_columns, envelope_row};
@@ -87,6 +89,70 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
         advance_position(conn, &g, user)?;
     }
     Ok(n)
+}
+
+/// Several users' acknowledgements (see [`ack`]) in one statement: the direct messages
+/// among them removed and remembered as delivered, the group ones recorded; then the files
+/// of removed messages dropped and each touched member's position moved (a statement per
+/// member and group).
+pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
+    let (mut ids, mut users) = (Vec::new(), Vec::new());
+    for (user, list) in acks {
+        ids.extend_from_slice(list);
+        users.extend(std::iter::repeat_n(*user, list.len()));
+    }
+    // Direct messages have a recipient and no group, group messages the other way round, so
+    // the two parts never touch the same message.
+    let rows = conn.rows(
+        r#"WITH a AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS a(id, usr)),
+           gone AS (
+               DELETE FROM messages m USING a WHERE m.id = a.id AND m.recipient = a.usr
+               RETURNING m.id, m.recipient, m.sender, m.client_id, m.file_id),
+           remembered AS (
+               INSERT INTO delivered (msg_id, sender, client_id)
+               SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING),
+           acked AS (
+               INSERT INTO group_acks (grp, "user", msg_id)
+               SELECT DISTINCT m.grp, a.usr, m.id FROM a
+                 JOIN messages m ON m.id = a.id AND m.grp IS NOT NULL
+                 JOIN members mb ON mb.grp = m.grp AND mb."user" = a.usr
+                WHERE m.sender <> a.usr AND m.id > mb.position
+               ON CONFLICT DO NOTHING
+               RETURNING grp, "user", msg_id)
+           SELECT id, recipient, file_id, NULL::text FROM gone
+           UNION ALL
+           SELECT msg_id, "user", NULL::bigint, grp FROM acked"#,
+        &[&ids, &users],
+    )?;
+    let mut done: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut touched: Vec<(String, String)> = Vec::new();
+    for r in &rows {
+        let (id, user): (i64, String) = (r.try_get(0)?, r.try_get(1)?);
+        if let Some(file) = r.try_get::<_, Option<i64>>(2)? {
+            drop_file(conn, file)?;
+        }
+        if let Some(group) = r.try_get::<_, Option<String>>(3)? {
+            let pair = (group, user.clone());
+            if !touched.contains(&pair) {
+                touched.push(pair);
+            }
+        }
+        done.entry(user).or_default().insert(id);
+    }
+    for (group, user) in &touched {
+        advance_position(conn, group, user)?;
+    }
+    Ok(acks
+        .iter()
+        .map(|(user, list)| {
+            let mine = done.get(*user);
+            let mut counted = HashSet::with_capacity(list.len());
+            Ok(list
+                .iter()
+                .filter(|&&id| mine.is_some_and(|m| m.contains(&id)) && counted.insert(id))
+                .count())
+        })
+        .collect())
 }
 
 /// Chunk `index` of the file offered by message `msg_id`, if that message is queued for `user`.

@@ -1,6 +1,8 @@
 //! The message queue: storing messages (idempotently per sender and client id), remembering
 //! what was delivered, removing what was (see the SQLite backend's `queue`).
 
+use std::collections::HashSet;
+
 use postgres::Row;
 
 use super::files::{drop_file, finish_upload};
@@ -156,6 +158,74 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
         envelope,
         online_at,
     })
+}
+
+/// Stores first attempts of direct messages without files in one statement, with ids in
+/// their order, each returned with its recipient's connections. The few it leaves (a re-send
+/// on the wire, an unknown recipient, a client id used twice in the call) then go through
+/// [`store_message`], in order, for its answer.
+pub fn store_messages(
+    conn: &mut Conn,
+    msgs: &[(Outgoing<'_>, &str)],
+) -> Result<Vec<Result<StoredMessage>>> {
+    let now = now_ms();
+    // The messages of the statement: the first with each (sender, client id).
+    let mut seen = HashSet::with_capacity(msgs.len());
+    let picked: Vec<usize> = (0..msgs.len())
+        .filter(|&i| seen.insert((msgs[i].0.from, msgs[i].0.client_id)))
+        .collect();
+    let senders: Vec<&str> = picked.iter().map(|&i| msgs[i].0.from).collect();
+    let recipients: Vec<&str> = picked.iter().map(|&i| msgs[i].1).collect();
+    let client_ids: Vec<i64> = picked.iter().map(|&i| msgs[i].0.client_id as i64).collect();
+    let bodies: Vec<&[u8]> = picked.iter().map(|&i| msgs[i].0.body).collect();
+    // Ids are taken in input order: a sequence default is evaluated after the sort below it.
+    let rows = conn.rows(
+        r#"WITH input AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
+                        WITH ORDINALITY AS i(sender, recipient, client_id, body, ord)),
+           ins AS (
+               INSERT INTO messages (sender, recipient, client_id, body, sent_at)
+               SELECT i.sender, u.name, i.client_id, i.body, $5
+                 FROM input i JOIN users u ON u.name = i.recipient
+                ORDER BY i.ord
+               ON CONFLICT (sender, client_id) DO NOTHING
+               RETURNING id, sender, client_id)
+           SELECT i.ord, ins.id, p.server_id, p."user"
+             FROM ins JOIN input i ON i.sender = ins.sender AND i.client_id = ins.client_id
+             LEFT JOIN LATERAL (SELECT DISTINCT server_id, "user" FROM presence
+                                 WHERE "user" = i.recipient) p ON true
+            ORDER BY i.ord, p.server_id"#,
+        &[&senders, &recipients, &client_ids, &bodies, &now],
+    )?;
+    let mut stored: Vec<Option<StoredMessage>> = msgs.iter().map(|_| None).collect();
+    for r in &rows {
+        let ord: i64 = r.try_get(0)?;
+        let i = *usize::try_from(ord - 1)
+            .ok()
+            .and_then(|at| picked.get(at))
+            .ok_or_else(|| Error::Commit(format!("the database named message {ord}")))?;
+        let (msg, to) = &msgs[i];
+        let id: i64 = r.try_get(1)?;
+        let entry = stored[i].get_or_insert_with(|| StoredMessage {
+            envelope: msg.envelope(id, to, None, now),
+            online_at: Vec::new(),
+        });
+        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
+            entry.online_at.push((server.max(0) as u64, r.try_get(3)?));
+        }
+    }
+    let mut out = Vec::with_capacity(msgs.len());
+    for (slot, (msg, to)) in stored.into_iter().zip(msgs) {
+        out.push(match slot {
+            Some(stored) => Ok(stored),
+            None => match store_message(conn, msg, to) {
+                // A failed statement lost the transaction: nothing of the call stays.
+                Err(e) if conn.failed => return Err(e),
+                result => result,
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// `(server, user)` from columns `at` and `at + 1` of rows that joined a message with the

@@ -397,3 +397,80 @@ fn the_link_to_postgresql_uses_tls_when_offered() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn merged_sends_and_acks_answer_as_one_by_one() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    crate::db::merged_tests::merged_sends_and_acks_answer_as_one_by_one(&store)
+}
+
+/// Storing many messages costs one round trip, and so does acknowledging them, however many
+/// senders, recipients and acknowledging users there are.
+#[test]
+fn a_merged_batch_is_one_round_trip_per_kind() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let mut conn = Conn::connect(&db.url, Duration::from_secs(10))?;
+    schema::migrate(&mut conn)?;
+    let names: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    for n in &names {
+        conn.create_user(n, "h", &keys())?;
+    }
+    // The statements are prepared on first use.
+    let warm = Tx::store_messages(&mut conn, &[(Outgoing::new("u0", 0, b"w"), "u1")])?;
+    let warm: Vec<i64> = warm
+        .into_iter()
+        .map(|r| r.map(|s| s.envelope.id))
+        .collect::<Result<_>>()?;
+    Tx::ack_many(&mut conn, &[("u1", &warm)])?;
+
+    let msgs: Vec<(Outgoing<'_>, &str)> = (0..200u64)
+        .map(|i| {
+            let from = names[i as usize % 10].as_str();
+            let to = names[(i as usize * 7 + 3) % 10].as_str();
+            (Outgoing::new(from, 1 + i, b"x"), to)
+        })
+        .collect();
+    let before = conn.round_trips;
+    let stored = Tx::store_messages(&mut conn, &msgs)?;
+    assert_eq!(
+        conn.round_trips - before,
+        1,
+        "200 messages in one round trip"
+    );
+    let mut by_user: Vec<(&str, Vec<i64>)> = names.iter().map(|n| (n.as_str(), vec![])).collect();
+    for (r, (_, to)) in stored.into_iter().zip(&msgs) {
+        let id = r?.envelope.id;
+        by_user
+            .iter_mut()
+            .find(|(u, _)| u == to)
+            .expect("a user")
+            .1
+            .push(id);
+    }
+    let acks: Vec<(&str, &[i64])> = by_user
+        .iter()
+        .map(|(u, ids)| (*u, ids.as_slice()))
+        .collect();
+    let before = conn.round_trips;
+    let counts = Tx::ack_many(&mut conn, &acks)?;
+    assert_eq!(
+        conn.round_trips - before,
+        1,
+        "ten users' acknowledgements in one round trip"
+    );
+    assert_eq!(
+        counts
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .sum::<usize>(),
+        200
+    );
+    assert_eq!(conn.queued_total()?, 0);
+    Ok(())
+}

@@ -704,3 +704,10 @@ fn messages_past_their_lifetime_are_deleted_oldest_first() -> Result<()> {
     assert_eq!(tx.queue_usage("bob")?.messages, 0);
     Ok(())
 }
+
+#[test]
+fn merged_sends_and_acks_answer_as_one_by_one() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let store = Store::open(&path)?;
+    crate::db::merged_tests::merged_sends_and_acks_answer_as_one_by_one(&store)
+}

@@ -168,7 +168,7 @@ impl Session<'_> {
         let (watch, queue) = (&self.shared.quota_watch, format!("g:{group}"));
         let counted = watch.near(&quotas, &queue, None);
         watch.note(&queue, None, message.body.len() as u64);
-        self.store(id, true, move |tx| {
+        self.store(id, move |tx| {
             let msg = Outgoing::of(&me, &message);
             let g = member_view(tx, &group, &me)?;
             // A re-send of a message stored under an epoch that has moved on since is still

@@ -33,10 +33,18 @@ impl Session<'_> {
         let counted = watch.near(&quotas, &to, Some(&me));
         watch.note(&to, Some(&me), message.body.len() as u64);
         // Without a file or a look-up of an earlier attempt, storing is one insert: atomic
-        // without a savepoint.
+        // without a savepoint, and merged with the batch's other such messages.
         let resend = message.resend_after.is_some();
-        let guarded = message.file.is_some() || resend || counted;
-        self.store(id, guarded, move |tx| {
+        if !(message.file.is_some() || resend || counted) {
+            let done = self.stored_reply(id);
+            let done = move |res: Result<StoredMessage>| done(res.map(Some));
+            let (client_id, body) = (message.client_id, message.body);
+            return self
+                .shared
+                .store
+                .submit_message(me, to, client_id, body, done);
+        }
+        self.store(id, move |tx| {
             if !counted {
                 return tx.store_message(&Outgoing::of(&me, &message), &to);
             }
@@ -66,17 +74,14 @@ impl Session<'_> {
         }
         let me = self.user.clone();
         let handle = self.handle.clone();
-        // Unguarded: an acknowledgement applied half-way is still true.
-        self.shared.store.submit_unguarded(
-            move |tx| tx.ack(&me, &msg_ids),
-            move |res| {
-                let event = match res {
-                    Ok(_) => ServerEvent::reply(id, ServerReply::Done),
-                    Err(e) => error_event(id, e),
-                };
-                handle.offer(Outbound::Event(event));
-            },
-        );
+        // Unguarded (an acknowledgement applied half-way is still true), merged with others.
+        self.shared.store.submit_ack(me, msg_ids, move |res| {
+            let event = match res {
+                Ok(_) => ServerEvent::reply(id, ServerReply::Done),
+                Err(e) => error_event(id, e),
+            };
+            handle.offer(Outbound::Event(event));
+        });
     }
 
     /// Refuses an empty or oversized message body.
@@ -95,26 +100,20 @@ impl Session<'_> {
         false
     }
 
-    /// Stores a message on the writer thread; after the commit it is routed and the sender
-    /// told. `guarded`: run in a savepoint (work with more than one write).
+    /// Stores a message on the writer thread (in a savepoint: work with more than one write);
+    /// after the commit it is routed and the sender told.
     pub(super) fn store(
         &self,
         id: u64,
-        guarded: bool,
         work: impl FnOnce(&mut dyn Tx) -> Result<StoredMessage> + Send + 'static,
     ) {
         let done = self.stored_reply(id);
-        if guarded {
-            self.shared
-                .store
-                .submit(work, move |res| done(res.map(Some)));
-        } else {
-            let done = move |res: Result<StoredMessage>| done(res.map(Some));
-            self.shared.store.submit_unguarded(work, done);
-        }
+        self.shared
+            .store
+            .submit(work, move |res| done(res.map(Some)));
     }
 
-    /// Like [`Session::store`] (guarded), for work that may store nothing: then the reply is
+    /// Like [`Session::store`], for work that may store nothing: then the reply is
     /// `Done`.
     pub(super) fn store_or_done(
         &self,

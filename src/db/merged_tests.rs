@@ -1,0 +1,170 @@
+//! A contract test that both backends run: sends and acknowledgements the writer merges
+//! ([`Store::submit_message`], [`Store::submit_ack`]) answer exactly as they would one by one.
+
+use std::time::Duration;
+
+use crossbeam_channel::unbounded;
+
+use super::{Outgoing, Store, StoredMessage};
+use crate::error::{Error, ErrorCode, Result};
+use crate::net::PublicKeys;
+
+/// Recipients of the batch that checks the order of ids (more than one, so that a join in
+/// the merged statement could reorder them).
+const SPREAD: usize = 20;
+
+fn keys() -> PublicKeys {
+    PublicKeys {
+        x25519: vec![1; 32],
+        ed25519: vec![2; 32],
+    }
+}
+
+/// Holds the writer for a moment, so that what is submitted next forms one batch.
+fn hold(store: &Store) {
+    store.submit(
+        |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        },
+        |_: Result<()>| {},
+    );
+}
+
+/// Waits for `n` numbered results.
+fn results<T>(rx: &crossbeam_channel::Receiver<(usize, Result<T>)>, n: usize) -> Vec<Result<T>> {
+    let mut got: Vec<(usize, Result<T>)> = (0..n)
+        .map(|_| rx.recv_timeout(Duration::from_secs(30)).expect("a result"))
+        .collect();
+    got.sort_by_key(|(i, _)| *i);
+    got.into_iter().map(|(_, r)| r).collect()
+}
+
+fn refused<T: std::fmt::Debug>(r: &Result<T>) -> Option<ErrorCode> {
+    match r {
+        Err(Error::Refused { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+/// One batch of sends: fresh messages, a re-send of one of them and a reused client id in the
+/// same batch, an unknown recipient, and many recipients; then one batch of acknowledgements
+/// by several users, direct and group, in order and with a gap, some not theirs to make.
+pub fn merged_sends_and_acks_answer_as_one_by_one(store: &Store) -> Result<()> {
+    let spread: Vec<String> = (0..SPREAD).map(|i| format!("r{i}")).collect();
+    let (g1, g2) = store.call({
+        let spread = spread.clone();
+        move |tx| {
+            for u in ["alice", "bob", "carol"]
+                .iter()
+                .copied()
+                .chain(spread.iter().map(|s| s.as_str()))
+            {
+                assert!(tx.create_user(u, "h", &keys())?);
+            }
+            tx.add_presence(7, 1, "bob", b"t")?;
+            assert!(tx.create_group("alice/team", "alice")?);
+            tx.add_member("alice/team", "bob")?;
+            tx.add_member("alice/team", "carol")?;
+            let g1 = tx.store_group_message(&Outgoing::new("alice", 50, b"g1"), "alice/team")?;
+            let g2 = tx.store_group_message(&Outgoing::new("alice", 51, b"g2"), "alice/team")?;
+            Ok((g1.envelope.id, g2.envelope.id))
+        }
+    })?;
+
+    let (sent, sent_rx) = unbounded::<(usize, Result<StoredMessage>)>();
+    let send = |i: usize, from: &str, to: &str, client_id: u64, body: &[u8]| {
+        let sent = sent.clone();
+        store.submit_message(from.into(), to.into(), client_id, body.to_vec(), move |r| {
+            let _ = sent.send((i, r));
+        });
+    };
+    hold(store);
+    send(0, "alice", "bob", 1, b"one");
+    send(1, "carol", "bob", 1, b"c1");
+    send(2, "alice", "nobody", 2, b"x");
+    send(3, "alice", "bob", 1, b"one");
+    send(4, "alice", "bob", 1, b"another");
+    for k in 0..2 * SPREAD {
+        send(5 + k, "alice", &spread[k % SPREAD], 100 + k as u64, b"m");
+    }
+    let r = results(&sent_rx, 5 + 2 * SPREAD);
+    let id = |i: usize| r[i].as_ref().map(|s| s.envelope.id).expect("stored");
+    assert_eq!(
+        r[0].as_ref().expect("stored").online_at,
+        [(7, "bob".into())]
+    );
+    assert_eq!(r[0].as_ref().expect("stored").envelope.body, b"one");
+    assert_eq!(refused(&r[2]), Some(ErrorCode::UnknownUser));
+    assert_eq!(
+        id(3),
+        id(0),
+        "a re-send in the same batch is the first message"
+    );
+    assert_eq!(
+        refused(&r[4]),
+        Some(ErrorCode::Conflict),
+        "a client id reused"
+    );
+    let spread_ids: Vec<i64> = (5..5 + 2 * SPREAD).map(id).collect();
+    assert!(id(0) < id(1) && id(1) < spread_ids[0]);
+    assert!(
+        spread_ids.windows(2).all(|w| w[0] < w[1]),
+        "ids follow the order of submission: {spread_ids:?}"
+    );
+    assert!(r[5..]
+        .iter()
+        .all(|s| s.as_ref().expect("stored").online_at.is_empty()));
+    let queued = store.read(|tx| tx.queued("r0", 0, 100))?;
+    assert_eq!(
+        queued.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [spread_ids[0], spread_ids[SPREAD]]
+    );
+
+    let (acked, acked_rx) = unbounded::<(usize, Result<usize>)>();
+    let ack = |i: usize, user: &str, ids: Vec<i64>| {
+        let acked = acked.clone();
+        store.submit_ack(user.into(), ids, move |r| {
+            let _ = acked.send((i, r));
+        });
+    };
+    hold(store);
+    ack(0, "bob", vec![g2]);
+    ack(1, "carol", vec![id(0)]);
+    ack(2, "carol", vec![g1, g2]);
+    ack(3, "bob", vec![id(0), id(1), g1]);
+    ack(4, "r0", vec![spread_ids[0], spread_ids[0], spread_ids[1]]);
+    // A send between acknowledgements is merged with them.
+    send(100, "carol", "r1", 7, b"late");
+    let counts: Vec<usize> = results(&acked_rx, 5).into_iter().collect::<Result<_>>()?;
+    assert_eq!(
+        counts,
+        [1, 0, 2, 3, 1],
+        "r0's repeated id counts once; r1's is not r0's"
+    );
+    let late = results(&sent_rx, 1).remove(0)?;
+    assert!(late.envelope.id > spread_ids[2 * SPREAD - 1]);
+    store.read(|tx| {
+        assert!(tx.queued("bob", 0, 10)?.is_empty());
+        assert!(tx.queued("carol", 0, 10)?.is_empty());
+        assert_eq!(
+            tx.queue_usage("g:alice/team")?.messages,
+            0,
+            "every member passed both"
+        );
+        assert_eq!(tx.queued("r0", 0, 10)?.len(), 1);
+        assert_eq!(tx.queued("r1", 0, 10)?.len(), 3);
+        Ok(())
+    })?;
+    // A delivered message is remembered: its re-send is not stored again.
+    let resend = store.call(|tx| {
+        let again = Outgoing {
+            resend_after: Some(0),
+            ..Outgoing::new("alice", 1, b"one")
+        };
+        tx.store_message(&again, "bob")
+    })?;
+    assert_eq!(resend.envelope.id, id(0));
+    assert!(store.read(|tx| tx.queued("bob", 0, 10))?.is_empty());
+    Ok(())
+}
