@@ -287,6 +287,24 @@ impl Store {
         self.writer.submit_message(from, to, client_id, body, done);
     }
 
+    /// Queues a first attempt of a group message without a file, sent under `epoch`: stored
+    /// with its neighbours' where the common case holds ([`Tx::store_group_messages`]), else
+    /// by `fallback` in a savepoint of its own (which must check everything itself).
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_group_message(
+        &self,
+        from: String,
+        group: String,
+        epoch: u64,
+        client_id: u64,
+        body: Vec<u8>,
+        fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
+        done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
+    ) {
+        self.writer
+            .submit_group_message(from, group, epoch, client_id, body, fallback, done);
+    }
+
     /// Queues an acknowledgement, as `submit_unguarded` of [`Tx::ack`] would; merged with its
     /// neighbours like [`Store::submit_message`] ([`Tx::ack_many`]).
     pub fn submit_ack(
@@ -571,6 +589,19 @@ pub trait Tx {
         msg: &Outgoing<'_>,
         group: &str,
     ) -> Result<Option<StoredMessage>>;
+    /// Stores first attempts of group messages without files, each `(message, group, epoch)`,
+    /// where the common case holds: the sender is a member, `epoch` is the group's current
+    /// epoch and has its keys, no copy is stored under the client id, and another member will
+    /// receive it. `Some` (as [`Tx::store_group_message`] would answer) for those, in order;
+    /// `None` for the others, which the caller then stores one by one with the checks that
+    /// say why. `Err` as for [`Tx::store_messages`]. A backend without round trips may leave
+    /// them all.
+    fn store_group_messages(
+        &mut self,
+        msgs: &[(Outgoing<'_>, &str, u64)],
+    ) -> Result<Vec<Option<StoredMessage>>> {
+        Ok(msgs.iter().map(|_| None).collect())
+    }
     /// Stores a group message once (membership and epoch are the caller's to check), offering
     /// `msg.file` if set; returns it with the other members' connections.
     fn store_group_message(&mut self, msg: &Outgoing<'_>, group: &str) -> Result<StoredMessage>;

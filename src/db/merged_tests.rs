@@ -1,13 +1,16 @@
 //! A contract test that both backends run: sends and acknowledgements the writer merges
 //! ([`Store::submit_message`], [`Store::submit_ack`]) answer exactly as they would one by one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 
-use super::{Outgoing, Store, StoredMessage};
+use super::{Outgoing, Store, StoredMessage, Tx};
 use crate::error::{Error, ErrorCode, Result};
-use crate::net::PublicKeys;
+use crate::membership;
+use crate::net::{PublicKeys, WrappedKey};
 
 /// Recipients of the batch that checks the order of ids (more than one, so that a join in
 /// the merged statement could reorder them).
@@ -167,4 +170,112 @@ pub fn merged_sends_and_acks_answer_as_one_by_one(store: &Store) -> Result<()> {
     assert_eq!(resend.envelope.id, id(0));
     assert!(store.read(|tx| tx.queued("bob", 0, 10))?.is_empty());
     Ok(())
+}
+
+/// What the server checks before it stores a group message one by one (its session's
+/// `group_send`): the fallback of a merged group message.
+fn checked(tx: &mut dyn Tx, msg: &Outgoing<'_>, group: &str, epoch: u64) -> Result<StoredMessage> {
+    let g = membership::member_view(group, tx.group(group)?, msg.from)?;
+    if let Some(copy) = tx.stored_group_copy(msg, group)? {
+        return Ok(copy);
+    }
+    membership::check_send(&g, epoch)?;
+    tx.store_group_message(msg, group)
+}
+
+/// One batch of group messages: two in the common case, and one of each kind the merged
+/// statement must leave to the checks (a non-member, a stale epoch, an epoch without keys, a
+/// group of one, a client id already stored, the same message twice). Every answer is the one
+/// the checks give; returns how many messages the fallback stored or refused.
+pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize> {
+    store.call(|tx| {
+        for u in ["alice", "bob", "dave"] {
+            assert!(tx.create_user(u, "h", &keys())?);
+        }
+        tx.add_presence(7, 1, "bob", b"t")?;
+        let key = |m: &str| WrappedKey {
+            member: m.into(),
+            wrapped: b"k".to_vec(),
+        };
+        for (group, members) in [
+            ("alice/club", &["bob"][..]),
+            ("alice/bare", &["bob"][..]),
+            ("alice/solo", &[][..]),
+        ] {
+            assert!(tx.create_group(group, "alice")?);
+            for m in members {
+                tx.add_member(group, m)?;
+            }
+            if group != "alice/bare" {
+                let keys: Vec<WrappedKey> =
+                    ["alice"].iter().chain(members).map(|m| key(m)).collect();
+                tx.put_keys(group, 1, &keys, "alice")?;
+            }
+        }
+        tx.store_group_message(&Outgoing::new("alice", 9, b"old"), "alice/club")?;
+        Ok(())
+    })?;
+    let fallbacks = Arc::new(AtomicUsize::new(0));
+    let (sent, sent_rx) = unbounded::<(usize, Result<StoredMessage>)>();
+    let send = |i: usize, from: &str, group: &str, epoch: u64, client_id: u64, body: &[u8]| {
+        let (sent, fallbacks) = (sent.clone(), Arc::clone(&fallbacks));
+        let (name, to) = (group.to_string(), group.to_string());
+        store.submit_group_message(
+            from.into(),
+            name,
+            epoch,
+            client_id,
+            body.to_vec(),
+            move |tx, msg| {
+                fallbacks.fetch_add(1, Ordering::Relaxed);
+                checked(tx, msg, &to, epoch)
+            },
+            move |r| {
+                let _ = sent.send((i, r));
+            },
+        );
+    };
+    hold(store);
+    send(0, "alice", "alice/club", 1, 10, b"a");
+    send(1, "dave", "alice/club", 1, 1, b"d");
+    send(2, "alice", "alice/club", 2, 11, b"stale");
+    send(3, "alice", "alice/bare", 1, 12, b"unkeyed");
+    send(4, "alice", "alice/solo", 1, 13, b"alone");
+    send(5, "alice", "alice/club", 1, 9, b"old");
+    send(6, "alice", "alice/club", 1, 10, b"a");
+    send(7, "bob", "alice/club", 1, 1, b"b");
+    let r = results(&sent_rx, 8);
+    let id = |i: usize| r[i].as_ref().map(|s| s.envelope.id).expect("stored");
+    let first = r[0].as_ref().expect("stored");
+    assert_eq!(first.online_at, [(7, "bob".into())]);
+    assert_eq!(first.envelope.group.as_deref(), Some("alice/club"));
+    assert_eq!(
+        refused(&r[1]),
+        Some(ErrorCode::UnknownGroup),
+        "not a member"
+    );
+    assert_eq!(refused(&r[2]), Some(ErrorCode::Conflict), "a stale epoch");
+    assert_eq!(
+        refused(&r[3]),
+        Some(ErrorCode::Conflict),
+        "an epoch without keys"
+    );
+    assert!(
+        r[4].as_ref().expect("stored").online_at.is_empty(),
+        "nobody else"
+    );
+    assert!(id(5) < id(0), "a client id already stored is that message");
+    assert_eq!(id(6), id(0), "the same message twice is stored once");
+    assert!(id(0) < id(7));
+    assert!(
+        r[7].as_ref().expect("stored").online_at.is_empty(),
+        "bob is the sender"
+    );
+    let club = store.read(|tx| tx.queued("bob", 0, 10))?;
+    assert_eq!(
+        club.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [id(5), id(0)],
+        "bob's queue: the two of alice's that reached the club"
+    );
+    Ok(fallbacks.load(Ordering::Relaxed))
 }

@@ -20,6 +20,13 @@
 //! batch in flight. Group commit keeps this cheap: one lock and one commit per batch of up to
 //! thousands of jobs, and reads (most of a server's database work) never take it.
 //!
+//! # Round trips
+//!
+//! The writer merges a batch's plain sends and acknowledgements (`writer::run_merged`), and
+//! this backend stores them in one statement per kind ([`queue::store_messages`],
+//! [`groups::store_group_messages`], [`inbox::ack_many`]) over arrays of parameters, so the
+//! hot path's round trips do not grow with the batch.
+//!
 //! # Connections
 //!
 //! The `postgres` crate: a blocking client over `tokio-postgres`, which drives a current-thread
@@ -546,6 +553,12 @@ impl Tx for Conn {
         group: &str,
     ) -> Result<Option<StoredMessage>> {
         groups::stored_group_copy(self, msg, group)
+    }
+    fn store_group_messages(
+        &mut self,
+        msgs: &[(Outgoing<'_>, &str, u64)],
+    ) -> Result<Vec<Option<StoredMessage>>> {
+        groups::store_group_messages(self, msgs)
     }
     fn store_group_message(&mut self, msg: &Outgoing<'_>, group: &str) -> Result<StoredMessage> {
         groups::store_group_message(self, msg, group)

@@ -70,10 +70,6 @@ trait Job: Send {
     fn merged(&mut self) -> Option<Merged<'_>> {
         None
     }
-    /// Whether [`Job::merged`] says something.
-    fn mergeable(&self) -> bool {
-        false
-    }
 }
 
 /// A job's part of a merged statement, and where its result goes.
@@ -82,6 +78,14 @@ enum Merged<'a> {
     Send {
         msg: Outgoing<'a>,
         to: &'a str,
+        result: &'a mut Option<Result<StoredMessage>>,
+    },
+    /// A plain group message ([`Tx::store_group_messages`]): the result stays `None` if the
+    /// backend left it to the job's fallback.
+    GroupSend {
+        msg: Outgoing<'a>,
+        group: &'a str,
+        epoch: u64,
         result: &'a mut Option<Result<StoredMessage>>,
     },
     /// An acknowledgement ([`Tx::ack_many`]).
@@ -137,26 +141,37 @@ where
     D: FnOnce(Result<T>) + Send,
 {
     fn run(&mut self, batch: &mut dyn Batch) {
-        let mut work = self.work.take();
-        let mut result = None;
-        let ran = batch.run(self.guarded, &mut |tx| {
-            let Some(work) = work.take() else {
-                return false;
-            };
-            let r = work(tx);
-            let ok = r.is_ok();
-            result = Some(r);
-            ok
-        });
-        self.result = Some(match (ran, result) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Some(r)) => r,
-            (Ok(()), None) => Err(Error::Commit("the job never ran".into())),
-        });
+        if let Some(work) = self.work.take() {
+            self.result = Some(run_one(batch, self.guarded, work));
+        }
     }
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
+    }
+}
+
+/// Runs one job's `work` in the batch (in a savepoint if `guarded`).
+fn run_one<T>(
+    batch: &mut dyn Batch,
+    guarded: bool,
+    work: impl FnOnce(&mut dyn Tx) -> Result<T>,
+) -> Result<T> {
+    let mut work = Some(work);
+    let mut result = None;
+    let ran = batch.run(guarded, &mut |tx| {
+        let Some(work) = work.take() else {
+            return false;
+        };
+        let r = work(tx);
+        let ok = r.is_ok();
+        result = Some(r);
+        ok
+    });
+    match (ran, result) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(r)) => r,
+        (Ok(()), None) => Err(Error::Commit("the job never ran".into())),
     }
 }
 
@@ -171,16 +186,11 @@ struct SendJob<D> {
 }
 
 impl<D: FnOnce(Result<StoredMessage>) + Send> Job for SendJob<D> {
-    fn run(&mut self, _: &mut dyn Batch) {
-        unreachable!("a merged job is stored by run_merged")
-    }
+    /// Stored by [`run_merged`] already.
+    fn run(&mut self, _: &mut dyn Batch) {}
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
-    }
-
-    fn mergeable(&self) -> bool {
-        true
     }
 
     fn merged(&mut self) -> Option<Merged<'_>> {
@@ -201,22 +211,61 @@ struct AckJob<D> {
 }
 
 impl<D: FnOnce(Result<usize>) + Send> Job for AckJob<D> {
-    fn run(&mut self, _: &mut dyn Batch) {
-        unreachable!("a merged job is stored by run_merged")
-    }
+    /// Stored by [`run_merged`] already.
+    fn run(&mut self, _: &mut dyn Batch) {}
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
-    }
-
-    fn mergeable(&self) -> bool {
-        true
     }
 
     fn merged(&mut self) -> Option<Merged<'_>> {
         Some(Merged::Ack {
             user: &self.user,
             ids: &self.ids,
+            result: &mut self.result,
+        })
+    }
+}
+
+/// A first attempt of a group message without a file: merged with its neighbours where the
+/// common case holds ([`Tx::store_group_messages`]), else stored by `fallback` in a savepoint
+/// of its own.
+struct GroupSendJob<F, D> {
+    from: String,
+    group: String,
+    epoch: u64,
+    client_id: u64,
+    body: Vec<u8>,
+    fallback: Option<F>,
+    result: Option<Result<StoredMessage>>,
+    done: D,
+}
+
+impl<F, D> Job for GroupSendJob<F, D>
+where
+    F: FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send,
+    D: FnOnce(Result<StoredMessage>) + Send,
+{
+    /// Runs the fallback if the merged statement left this message.
+    fn run(&mut self, batch: &mut dyn Batch) {
+        if self.result.is_some() {
+            return;
+        }
+        if let Some(fallback) = self.fallback.take() {
+            let msg = Outgoing::new(&self.from, self.client_id, &self.body);
+            self.result = Some(run_one(batch, true, |tx| fallback(tx, &msg)));
+        }
+    }
+
+    fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
+        (self.done)(outcome(self.result, batch_error))
+    }
+
+    fn merged(&mut self) -> Option<Merged<'_>> {
+        Some(Merged::GroupSend {
+            msg: Outgoing::new(&self.from, self.client_id, &self.body),
+            group: &self.group,
+            epoch: self.epoch,
             result: &mut self.result,
         })
     }
@@ -232,18 +281,66 @@ fn outcome<T>(result: Option<Result<T>>, batch_error: Option<&BatchError>) -> Re
     }
 }
 
-/// Runs consecutive mergeable jobs: their messages in one call of [`Tx::store_messages`],
-/// then their acknowledgements in one of [`Tx::ack_many`] (a PostgreSQL round trip each,
-/// however many jobs). Sends and acknowledgements commute: a message is acknowledged only
-/// after its client received it, which is after its batch committed.
+/// Which statement a merged job belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Send,
+    GroupSend,
+    Ack,
+}
+
+impl Merged<'_> {
+    fn kind(&self) -> Kind {
+        match self {
+            Merged::Send { .. } => Kind::Send,
+            Merged::GroupSend { .. } => Kind::GroupSend,
+            Merged::Ack { .. } => Kind::Ack,
+        }
+    }
+}
+
+/// How many jobs from the start of `jobs` form one merged run: mergeable jobs, with sends of
+/// one kind only (direct and group messages keep their order between them), acknowledgements
+/// among them as they come.
+fn merged_run(jobs: &mut [Box<dyn Job>]) -> usize {
+    let mut sends = None;
+    let mut n = 0;
+    for job in jobs.iter_mut() {
+        let Some(kind) = job.merged().map(|m| m.kind()) else {
+            break;
+        };
+        if kind != Kind::Ack && *sends.get_or_insert(kind) != kind {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Runs a merged run of jobs: their messages in one call of [`Tx::store_messages`] or
+/// [`Tx::store_group_messages`], then their acknowledgements in one of [`Tx::ack_many`] (a
+/// PostgreSQL round trip each, however many jobs), then each job's own work if the merged
+/// call left it something (a group message outside the common case). Sends and
+/// acknowledgements commute: a message is acknowledged only after its client received it,
+/// which is after its batch committed.
 fn run_merged(batch: &mut dyn Batch, jobs: &mut [Box<dyn Job>]) {
     let (mut sends, mut sent) = (Vec::new(), Vec::new());
+    let (mut groups, mut grouped) = (Vec::new(), Vec::new());
     let (mut acks, mut acked) = (Vec::new(), Vec::new());
     for job in jobs.iter_mut() {
         match job.merged() {
             Some(Merged::Send { msg, to, result }) => {
                 sends.push((msg, to));
                 sent.push(result);
+            }
+            Some(Merged::GroupSend {
+                msg,
+                group,
+                epoch,
+                result,
+            }) => {
+                groups.push((msg, group, epoch));
+                grouped.push(result);
             }
             Some(Merged::Ack { user, ids, result }) => {
                 acks.push((user, ids));
@@ -257,6 +354,17 @@ fn run_merged(batch: &mut dyn Batch, jobs: &mut [Box<dyn Job>]) {
         if !sends.is_empty() {
             ok &= hand_out(tx.store_messages(&sends), &mut sent);
         }
+        if ok && !groups.is_empty() {
+            ok &= match tx.store_group_messages(&groups) {
+                Ok(stored) => {
+                    for (slot, stored) in grouped.iter_mut().zip(stored) {
+                        **slot = stored.map(Ok);
+                    }
+                    true
+                }
+                Err(e) => hand_out(Err(e), &mut grouped),
+            };
+        }
         if ok && !acks.is_empty() {
             ok &= hand_out(tx.ack_many(&acks), &mut acked);
         }
@@ -264,12 +372,15 @@ fn run_merged(batch: &mut dyn Batch, jobs: &mut [Box<dyn Job>]) {
     });
     if let Err(e) = ran {
         let why = e.to_string();
-        for slot in sent.iter_mut() {
+        for slot in sent.into_iter().chain(grouped) {
             slot.get_or_insert_with(|| Err(Error::Commit(why.clone())));
         }
-        for slot in acked.iter_mut() {
+        for slot in acked {
             slot.get_or_insert_with(|| Err(Error::Commit(why.clone())));
         }
+    }
+    for job in jobs.iter_mut() {
+        job.run(batch);
     }
 }
 
@@ -383,6 +494,31 @@ impl Writer {
         }));
     }
 
+    /// Queues a first attempt of a group message without a file under `epoch`; `fallback`
+    /// stores it (in a savepoint) if the merged statement does not (see [`run_merged`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_group_message(
+        &self,
+        from: String,
+        group: String,
+        epoch: u64,
+        client_id: u64,
+        body: Vec<u8>,
+        fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
+        done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
+    ) {
+        self.queue(Box::new(GroupSendJob {
+            from,
+            group,
+            epoch,
+            client_id,
+            body,
+            fallback: Some(fallback),
+            result: None,
+            done,
+        }));
+    }
+
     /// Queues an acknowledgement (see [`run_merged`]).
     pub fn submit_ack(
         &self,
@@ -481,7 +617,7 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
         }
         let mut at = 0;
         while at < batch.len() {
-            let run = batch[at..].iter().take_while(|job| job.mergeable()).count();
+            let run = merged_run(&mut batch[at..]);
             if run == 0 {
                 batch[at].run(&mut conn);
                 at += 1;

@@ -2,7 +2,9 @@
 //! per member). See the SQLite backend's `groups`.
 
 use super::files::{drop_file, finish_upload};
-use super::queue::{earlier, joined_connections, newest_message_id, server_users};
+use super::queue::{
+    earlier, first_of_each, joined_connections, merged_rows, newest_message_id, server_users,
+};
 use super::registry::strings;
 use super::Conn;
 use crate::db::{now_ms, Outgoing, StoredMessage};
@@ -241,6 +243,53 @@ pub fn store_group_message(
     Ok(StoredMessage {
         envelope: msg.envelope(id, "", Some(group), now),
         online_at,
+    })
+}
+
+/// Stores first attempts of group messages without files in one statement where the common
+/// case holds (see [`crate::db::Tx::store_group_messages`]), with ids in their order; `None`
+/// for the others.
+pub fn store_group_messages(
+    conn: &mut Conn,
+    msgs: &[(Outgoing<'_>, &str, u64)],
+) -> Result<Vec<Option<StoredMessage>>> {
+    let now = now_ms();
+    let picked = first_of_each(msgs.iter().map(|(m, _, _)| m));
+    let senders: Vec<&str> = picked.iter().map(|&i| msgs[i].0.from).collect();
+    let groups: Vec<&str> = picked.iter().map(|&i| msgs[i].1).collect();
+    let epochs: Vec<i64> = picked.iter().map(|&i| msgs[i].2 as i64).collect();
+    let client_ids: Vec<i64> = picked.iter().map(|&i| msgs[i].0.client_id as i64).collect();
+    let bodies: Vec<&[u8]> = picked.iter().map(|&i| msgs[i].0.body).collect();
+    // What `member_view`, `stored_group_copy` and `check_send` check, in SQL; a message that
+    // fails any of them is left for those to say why.
+    let rows = conn.rows(
+        r#"WITH input AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                    $5::bytea[])
+                        WITH ORDINALITY AS i(sender, grp, epoch, client_id, body, ord)),
+           ins AS (
+               INSERT INTO messages (sender, grp, client_id, body, sent_at)
+               SELECT i.sender, g.name, i.client_id, i.body, $6
+                 FROM input i JOIN groups g ON g.name = i.grp AND g.epoch = i.epoch
+                WHERE EXISTS (SELECT 1 FROM members mb
+                               WHERE mb.grp = g.name AND mb."user" = i.sender)
+                  AND EXISTS (SELECT 1 FROM members mb
+                               WHERE mb.grp = g.name AND mb."user" <> i.sender)
+                  AND EXISTS (SELECT 1 FROM group_keys k
+                               WHERE k.grp = g.name AND k.epoch = g.epoch)
+                ORDER BY i.ord
+               ON CONFLICT (sender, client_id) DO NOTHING
+               RETURNING id, sender, client_id)
+           SELECT i.ord, ins.id, p.server_id, p."user"
+             FROM ins JOIN input i ON i.sender = ins.sender AND i.client_id = ins.client_id
+             LEFT JOIN LATERAL (SELECT DISTINCT p.server_id, p."user" FROM presence p
+                                  JOIN members mb ON mb."user" = p."user"
+                                 WHERE mb.grp = i.grp AND p."user" <> i.sender) p ON true
+            ORDER BY i.ord, p.server_id"#,
+        &[&senders, &groups, &epochs, &client_ids, &bodies, &now],
+    )?;
+    merged_rows(&rows, &picked, msgs.len(), |i, id| {
+        msgs[i].0.envelope(id, "", Some(msgs[i].1), now)
     })
 }
 

@@ -169,11 +169,7 @@ pub fn store_messages(
     msgs: &[(Outgoing<'_>, &str)],
 ) -> Result<Vec<Result<StoredMessage>>> {
     let now = now_ms();
-    // The messages of the statement: the first with each (sender, client id).
-    let mut seen = HashSet::with_capacity(msgs.len());
-    let picked: Vec<usize> = (0..msgs.len())
-        .filter(|&i| seen.insert((msgs[i].0.from, msgs[i].0.client_id)))
-        .collect();
+    let picked = first_of_each(msgs.iter().map(|(m, _)| m));
     let senders: Vec<&str> = picked.iter().map(|&i| msgs[i].0.from).collect();
     let recipients: Vec<&str> = picked.iter().map(|&i| msgs[i].1).collect();
     let client_ids: Vec<i64> = picked.iter().map(|&i| msgs[i].0.client_id as i64).collect();
@@ -197,23 +193,9 @@ pub fn store_messages(
             ORDER BY i.ord, p.server_id"#,
         &[&senders, &recipients, &client_ids, &bodies, &now],
     )?;
-    let mut stored: Vec<Option<StoredMessage>> = msgs.iter().map(|_| None).collect();
-    for r in &rows {
-        let ord: i64 = r.try_get(0)?;
-        let i = *usize::try_from(ord - 1)
-            .ok()
-            .and_then(|at| picked.get(at))
-            .ok_or_else(|| Error::Commit(format!("the database named message {ord}")))?;
-        let (msg, to) = &msgs[i];
-        let id: i64 = r.try_get(1)?;
-        let entry = stored[i].get_or_insert_with(|| StoredMessage {
-            envelope: msg.envelope(id, to, None, now),
-            online_at: Vec::new(),
-        });
-        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
-            entry.online_at.push((server.max(0) as u64, r.try_get(3)?));
-        }
-    }
+    let stored = merged_rows(&rows, &picked, msgs.len(), |i, id| {
+        msgs[i].0.envelope(id, msgs[i].1, None, now)
+    })?;
     let mut out = Vec::with_capacity(msgs.len());
     for (slot, (msg, to)) in stored.into_iter().zip(msgs) {
         out.push(match slot {
@@ -226,6 +208,44 @@ pub fn store_messages(
         });
     }
     Ok(out)
+}
+
+/// The positions of the messages a merged insert takes: the first with each (sender, client
+/// id), so that one statement never meets its own conflict.
+pub fn first_of_each<'a, 'm: 'a>(msgs: impl Iterator<Item = &'a Outgoing<'m>>) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    msgs.enumerate()
+        .filter(|(_, m)| seen.insert((m.from, m.client_id)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The answer of a merged insert for each of `n` messages, from its rows `(ord, id, server,
+/// user)` sorted by `ord` (1-based over `picked`): the stored message (built by `envelope`
+/// from its position and id) with the connections to route it to; `None` where no row names it.
+pub fn merged_rows(
+    rows: &[Row],
+    picked: &[usize],
+    n: usize,
+    envelope: impl Fn(usize, i64) -> Envelope,
+) -> Result<Vec<Option<StoredMessage>>> {
+    let mut stored: Vec<Option<StoredMessage>> = (0..n).map(|_| None).collect();
+    for r in rows {
+        let ord: i64 = r.try_get(0)?;
+        let i = *usize::try_from(ord - 1)
+            .ok()
+            .and_then(|at| picked.get(at))
+            .ok_or_else(|| Error::Commit(format!("the database named message {ord}")))?;
+        let id: i64 = r.try_get(1)?;
+        let entry = stored[i].get_or_insert_with(|| StoredMessage {
+            envelope: envelope(i, id),
+            online_at: Vec::new(),
+        });
+        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
+            entry.online_at.push((server.max(0) as u64, r.try_get(3)?));
+        }
+    }
+    Ok(stored)
 }
 
 /// `(server, user)` from columns `at` and `at + 1` of rows that joined a message with the

@@ -474,3 +474,17 @@ fn a_merged_batch_is_one_round_trip_per_kind() -> Result<()> {
     assert_eq!(conn.queued_total()?, 0);
     Ok(())
 }
+
+#[test]
+fn merged_group_messages_answer_as_one_by_one() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    let checked = crate::db::merged_tests::merged_group_messages_answer_as_one_by_one(&store)?;
+    assert_eq!(
+        checked, 6,
+        "the two plain messages in one statement, the rest checked"
+    );
+    Ok(())
+}

@@ -711,3 +711,15 @@ fn merged_sends_and_acks_answer_as_one_by_one() -> Result<()> {
     let store = Store::open(&path)?;
     crate::db::merged_tests::merged_sends_and_acks_answer_as_one_by_one(&store)
 }
+
+#[test]
+fn merged_group_messages_answer_as_one_by_one() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let store = Store::open(&path)?;
+    let checked = crate::db::merged_tests::merged_group_messages_answer_as_one_by_one(&store)?;
+    assert_eq!(
+        checked, 8,
+        "SQLite stores each group message with its checks"
+    );
+    Ok(())
+}

@@ -168,22 +168,33 @@ impl Session<'_> {
         let (watch, queue) = (&self.shared.quota_watch, format!("g:{group}"));
         let counted = watch.near(&quotas, &queue, None);
         watch.note(&queue, None, message.body.len() as u64);
-        self.store(id, move |tx| {
-            let msg = Outgoing::of(&me, &message);
-            let g = member_view(tx, &group, &me)?;
+        let plain = !(counted || message.file.is_some() || message.resend_after.is_some());
+        let to = group.clone();
+        // Every check, in a savepoint: for a message outside the common case, or one the
+        // writer's merged statement left.
+        let store = move |tx: &mut dyn Tx, msg: &Outgoing<'_>| {
+            let g = member_view(tx, &to, msg.from)?;
             // A re-send of a message stored under an epoch that has moved on since is still
             // that message.
-            if let Some(copy) = tx.stored_group_copy(&msg, &group)? {
+            if let Some(copy) = tx.stored_group_copy(msg, &to)? {
                 return Ok(copy);
             }
             membership::check_send(&g, epoch)?;
             if counted {
-                let queue = tx.queue_usage(&format!("g:{group}"))?;
-                let len = message.body.len() as u64;
-                quotas.check_message(&format!("group {group}"), queue, None, len)?;
+                let queue = tx.queue_usage(&format!("g:{to}"))?;
+                let len = msg.body.len() as u64;
+                quotas.check_message(&format!("group {to}"), queue, None, len)?;
             }
-            tx.store_group_message(&msg, &group)
-        });
+            tx.store_group_message(msg, &to)
+        };
+        if plain {
+            let (client_id, body, done) = (message.client_id, message.body, self.stored_once(id));
+            return self
+                .shared
+                .store
+                .submit_group_message(me, group, epoch, client_id, body, store, done);
+        }
+        self.store(id, move |tx| store(tx, &Outgoing::of(&me, &message)));
     }
 
     /// `GroupList`: the caller's groups.

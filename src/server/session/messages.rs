@@ -36,9 +36,7 @@ impl Session<'_> {
         // without a savepoint, and merged with the batch's other such messages.
         let resend = message.resend_after.is_some();
         if !(message.file.is_some() || resend || counted) {
-            let done = self.stored_reply(id);
-            let done = move |res: Result<StoredMessage>| done(res.map(Some));
-            let (client_id, body) = (message.client_id, message.body);
+            let (client_id, body, done) = (message.client_id, message.body, self.stored_once(id));
             return self
                 .shared
                 .store
@@ -107,10 +105,16 @@ impl Session<'_> {
         id: u64,
         work: impl FnOnce(&mut dyn Tx) -> Result<StoredMessage> + Send + 'static,
     ) {
+        self.shared.store.submit(work, self.stored_once(id));
+    }
+
+    /// What runs after the commit of a message's store (see [`Session::stored_reply`]).
+    pub(super) fn stored_once(
+        &self,
+        id: u64,
+    ) -> impl FnOnce(Result<StoredMessage>) + Send + 'static {
         let done = self.stored_reply(id);
-        self.shared
-            .store
-            .submit(work, move |res| done(res.map(Some)));
+        move |res| done(res.map(Some))
     }
 
     /// Like [`Session::store`], for work that may store nothing: then the reply is
