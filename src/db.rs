@@ -287,22 +287,16 @@ impl Store {
         self.writer.submit_message(from, to, client_id, body, done);
     }
 
-    /// Queues a first attempt of a group message without a file, sent under `epoch`: stored
-    /// with its neighbours' where the common case holds ([`Tx::store_group_messages`]), else
-    /// by `fallback` in a savepoint of its own (which must check everything itself).
-    #[allow(clippy::too_many_arguments)]
+    /// Queues `msg`: stored with its neighbours' where the common case holds
+    /// ([`Tx::store_group_messages`]), else by `fallback` in a savepoint of its own (which must
+    /// check everything itself).
     pub fn submit_group_message(
         &self,
-        from: String,
-        group: String,
-        epoch: u64,
-        client_id: u64,
-        body: Vec<u8>,
+        msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
-        self.writer
-            .submit_group_message(from, group, epoch, client_id, body, fallback, done);
+        self.writer.submit_group_message(msg, fallback, done);
     }
 
     /// Queues an acknowledgement, as `submit_unguarded` of [`Tx::ack`] would; merged with its
@@ -332,6 +326,29 @@ pub struct Usage {
     pub messages: u64,
     /// Their size in bytes (message bodies, or file plaintext sizes).
     pub bytes: u64,
+}
+
+/// A first attempt of a group message without a file, as [`Store::submit_group_message`]
+/// queues it.
+#[derive(Debug, Clone)]
+pub struct GroupMessage {
+    /// The sender (from its session).
+    pub from: String,
+    /// The group.
+    pub group: String,
+    /// The key epoch the sender says it sent under.
+    pub epoch: u64,
+    /// The sender's id for it.
+    pub client_id: u64,
+    /// Ciphertext.
+    pub body: Vec<u8>,
+}
+
+impl GroupMessage {
+    /// The message, as storing functions take it.
+    pub fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing::new(&self.from, self.client_id, &self.body)
+    }
 }
 
 /// A message as its sender hands it over.

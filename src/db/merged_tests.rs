@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 
-use super::{Outgoing, Store, StoredMessage, Tx};
+use super::{GroupMessage, Outgoing, Store, StoredMessage, Tx};
 use crate::error::{Error, ErrorCode, Result};
 use crate::membership;
 use crate::net::{PublicKeys, WrappedKey};
@@ -219,13 +219,16 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
     let (sent, sent_rx) = unbounded::<(usize, Result<StoredMessage>)>();
     let send = |i: usize, from: &str, group: &str, epoch: u64, client_id: u64, body: &[u8]| {
         let (sent, fallbacks) = (sent.clone(), Arc::clone(&fallbacks));
-        let (name, to) = (group.to_string(), group.to_string());
-        store.submit_group_message(
-            from.into(),
-            name,
+        let to = group.to_string();
+        let msg = GroupMessage {
+            from: from.into(),
+            group: group.into(),
             epoch,
             client_id,
-            body.to_vec(),
+            body: body.to_vec(),
+        };
+        store.submit_group_message(
+            msg,
             move |tx, msg| {
                 fallbacks.fetch_add(1, Ordering::Relaxed);
                 checked(tx, msg, &to, epoch)
@@ -277,5 +280,29 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
         [id(5), id(0)],
         "bob's queue: the two of alice's that reached the club"
     );
-    Ok(fallbacks.load(Ordering::Relaxed))
+    // Direct and group messages in one batch keep the order they were sent in.
+    let checked_before = fallbacks.load(Ordering::Relaxed);
+    hold(store);
+    send(0, "alice", "alice/club", 1, 20, b"first");
+    let direct = sent.clone();
+    store.submit_message(
+        "alice".into(),
+        "bob".into(),
+        21,
+        b"second".to_vec(),
+        move |r| {
+            let _ = direct.send((1, r));
+        },
+    );
+    send(2, "alice", "alice/club", 1, 22, b"third");
+    let r = results(&sent_rx, 3);
+    let ids: Vec<i64> = r
+        .iter()
+        .map(|s| s.as_ref().expect("stored").envelope.id)
+        .collect();
+    assert!(
+        ids[0] < ids[1] && ids[1] < ids[2],
+        "in order of sending: {ids:?}"
+    );
+    Ok(checked_before)
 }

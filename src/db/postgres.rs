@@ -120,8 +120,16 @@ impl Conn {
             source: std::io::Error::other(e.to_string()),
         })?;
         let ms = busy_timeout.as_millis().max(1);
+        // Every statement fastchat runs finds its rows through an index. A connection lives as
+        // long as its process and keeps the plans it made: planned while a table was small
+        // (a new cluster, statistics taken when it was empty), a statement would scan the whole
+        // table on every call once it has grown (a member's position walk over all
+        // acknowledgements stalled group traffic for seconds). So scans of whole tables are
+        // priced out, and plans stay right at any size. Just-in-time compilation, which such
+        // prices would set off (a quarter second for a query of milliseconds), is off.
         client.batch_execute(&format!(
-            "SET lock_timeout = {ms}; SET idle_in_transaction_session_timeout = 60000"
+            "SET lock_timeout = {ms}; SET idle_in_transaction_session_timeout = 60000;
+             SET enable_seqscan = off; SET jit = off"
         ))?;
         Ok(Conn {
             client,

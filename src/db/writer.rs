@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{Outgoing, StoredMessage, Tx};
+use super::{GroupMessage, Outgoing, StoredMessage, Tx};
 use crate::error::{Error, Result};
 use crate::mailbox;
 
@@ -66,7 +66,7 @@ trait Job: Send {
     fn run(&mut self, batch: &mut dyn Batch);
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>);
     /// What the job stores, if the backend may store it together with its neighbours'
-    /// (see [`run_merged`]); such a job is never `run`.
+    /// (see [`run_merged`]); such a job's `run` then does only what the merged call left.
     fn merged(&mut self) -> Option<Merged<'_>> {
         None
     }
@@ -231,11 +231,7 @@ impl<D: FnOnce(Result<usize>) + Send> Job for AckJob<D> {
 /// common case holds ([`Tx::store_group_messages`]), else stored by `fallback` in a savepoint
 /// of its own.
 struct GroupSendJob<F, D> {
-    from: String,
-    group: String,
-    epoch: u64,
-    client_id: u64,
-    body: Vec<u8>,
+    msg: GroupMessage,
     fallback: Option<F>,
     result: Option<Result<StoredMessage>>,
     done: D,
@@ -252,7 +248,7 @@ where
             return;
         }
         if let Some(fallback) = self.fallback.take() {
-            let msg = Outgoing::new(&self.from, self.client_id, &self.body);
+            let msg = self.msg.outgoing();
             self.result = Some(run_one(batch, true, |tx| fallback(tx, &msg)));
         }
     }
@@ -263,9 +259,9 @@ where
 
     fn merged(&mut self) -> Option<Merged<'_>> {
         Some(Merged::GroupSend {
-            msg: Outgoing::new(&self.from, self.client_id, &self.body),
-            group: &self.group,
-            epoch: self.epoch,
+            msg: self.msg.outgoing(),
+            group: &self.msg.group,
+            epoch: self.msg.epoch,
             result: &mut self.result,
         })
     }
@@ -494,25 +490,16 @@ impl Writer {
         }));
     }
 
-    /// Queues a first attempt of a group message without a file under `epoch`; `fallback`
-    /// stores it (in a savepoint) if the merged statement does not (see [`run_merged`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Queues `msg`; `fallback` stores it (in a savepoint) if the merged statement does not
+    /// (see [`run_merged`]).
     pub fn submit_group_message(
         &self,
-        from: String,
-        group: String,
-        epoch: u64,
-        client_id: u64,
-        body: Vec<u8>,
+        msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.queue(Box::new(GroupSendJob {
-            from,
-            group,
-            epoch,
-            client_id,
-            body,
+            msg,
             fallback: Some(fallback),
             result: None,
             done,

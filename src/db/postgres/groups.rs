@@ -78,7 +78,7 @@ pub fn remove_member(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
         r#"DELETE FROM members WHERE grp = $1 AND "user" = $2"#,
         &[&group, &user],
     )?;
-    collect_group_garbage(conn, group, 0, i64::MAX)
+    collect_group_garbage(conn, &[(group.to_string(), 0, i64::MAX)])
 }
 
 /// Sets a group's admin and epoch.
@@ -238,7 +238,7 @@ pub fn store_group_message(
     let others: bool = first.try_get(1)?;
     let online_at = joined_connections(&rows, 2)?;
     if !others {
-        collect_group_garbage(conn, group, id - 1, id)?;
+        collect_group_garbage(conn, &[(group.to_string(), id - 1, id)])?;
     }
     Ok(StoredMessage {
         envelope: msg.envelope(id, "", Some(group), now),
@@ -261,7 +261,8 @@ pub fn store_group_messages(
     let client_ids: Vec<i64> = picked.iter().map(|&i| msgs[i].0.client_id as i64).collect();
     let bodies: Vec<&[u8]> = picked.iter().map(|&i| msgs[i].0.body).collect();
     // What `member_view`, `stored_group_copy` and `check_send` check, in SQL; a message that
-    // fails any of them is left for those to say why.
+    // fails any of them is left for those to say why. Looked up row by row, as in
+    // `store_messages`.
     let rows = conn.rows(
         r#"WITH input AS (
                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],
@@ -270,7 +271,9 @@ pub fn store_group_messages(
            ins AS (
                INSERT INTO messages (sender, grp, client_id, body, sent_at)
                SELECT i.sender, g.name, i.client_id, i.body, $6
-                 FROM input i JOIN groups g ON g.name = i.grp AND g.epoch = i.epoch
+                 FROM input i CROSS JOIN LATERAL (
+                      SELECT name, epoch FROM groups
+                       WHERE name = i.grp AND epoch = i.epoch OFFSET 0) g
                 WHERE EXISTS (SELECT 1 FROM members mb
                                WHERE mb.grp = g.name AND mb."user" = i.sender)
                   AND EXISTS (SELECT 1 FROM members mb
@@ -279,83 +282,103 @@ pub fn store_group_messages(
                                WHERE k.grp = g.name AND k.epoch = g.epoch)
                 ORDER BY i.ord
                ON CONFLICT (sender, client_id) DO NOTHING
-               RETURNING id, sender, client_id)
-           SELECT i.ord, ins.id, p.server_id, p."user"
-             FROM ins JOIN input i ON i.sender = ins.sender AND i.client_id = ins.client_id
-             LEFT JOIN LATERAL (SELECT DISTINCT p.server_id, p."user" FROM presence p
-                                  JOIN members mb ON mb."user" = p."user"
-                                 WHERE mb.grp = i.grp AND p."user" <> i.sender) p ON true
-            ORDER BY i.ord, p.server_id"#,
+               RETURNING id, sender, client_id, grp)
+           SELECT ins.id, ins.sender, ins.client_id, p.server_id, p."user"
+             FROM ins LEFT JOIN LATERAL (SELECT DISTINCT p.server_id, p."user" FROM presence p
+                                           JOIN members mb ON mb."user" = p."user"
+                                          WHERE mb.grp = ins.grp AND p."user" <> ins.sender) p
+                  ON true
+            ORDER BY ins.id, p.server_id"#,
         &[&senders, &groups, &epochs, &client_ids, &bodies, &now],
     )?;
-    merged_rows(&rows, &picked, msgs.len(), |i, id| {
+    merged_rows(&rows, msgs.iter().map(|(m, _, _)| m), &picked, |i, id| {
         msgs[i].0.envelope(id, "", Some(msgs[i].1), now)
     })
 }
 
-/// Moves `user`'s position in `group` over every acknowledged message that directly follows
-/// it, and removes the group messages that no recipient still needs, in one statement. It
-/// walks forward from the position a message at a time (an index lookup each, as the SQLite
-/// backend's loop does, so the cost is what the position advances, not what is queued behind
-/// a gap) while the next message is acknowledged; the acknowledgements it passes go, and so do
-/// the messages it passes that every other member has passed too (remembered as delivered).
-/// The statement's parts do not see each other's writes, so that last test counts this user
-/// at the new position and the others at theirs.
-pub fn advance_position(conn: &mut Conn, group: &str, user: &str) -> Result<()> {
-    let files = conn.rows(
-        r#"WITH RECURSIVE walk(p) AS (
-               SELECT position FROM members WHERE grp = $1 AND "user" = $2
-               UNION ALL
-               SELECT nxt.id FROM walk, LATERAL (
-                   SELECT m.id FROM messages m
-                    WHERE m.grp = $1 AND m.id > walk.p AND m.sender <> $2
-                    ORDER BY m.id LIMIT 1) nxt
-                WHERE EXISTS (SELECT 1 FROM group_acks a
-                               WHERE a.grp = $1 AND a."user" = $2 AND a.msg_id = nxt.id)),
-           old AS (SELECT position AS p FROM members WHERE grp = $1 AND "user" = $2),
-           next AS (SELECT max(p) AS p FROM walk),
-           dropped AS (
-               DELETE FROM group_acks a USING next
-                WHERE a.grp = $1 AND a."user" = $2 AND a.msg_id <= next.p),
-           moved AS (
-               UPDATE members SET position = next.p FROM next
-                WHERE grp = $1 AND "user" = $2 AND next.p > members.position),
-           gone AS (
-               DELETE FROM messages m USING old, next
-                WHERE m.grp = $1 AND m.id > old.p AND m.id <= next.p
-                  AND NOT EXISTS (SELECT 1 FROM members mb
-                                   WHERE mb.grp = $1 AND mb."user" <> m.sender
-                                     AND mb."user" <> $2 AND mb.position < m.id)
-               RETURNING m.id, m.sender, m.client_id, m.file_id),
-           remembered AS (
-               INSERT INTO delivered (msg_id, sender, client_id)
-               SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING)
-           SELECT file_id FROM gone WHERE file_id IS NOT NULL"#,
-        &[&group, &user],
-    )?;
-    for r in &files {
-        drop_file(conn, r.try_get(0)?)?;
+/// The statement of [`advance_positions`] that moves positions (`$1` the groups, `$2` the
+/// members, pairwise); it returns `(group, old position, new position)` of each that moved.
+///
+/// Each member's walk goes forward from its position a message at a time (an index lookup
+/// each, as the SQLite backend's loop does, so the cost is what the position advances, not
+/// what is queued behind a gap; the acknowledgement of each step is a lookup of its own,
+/// `LIMIT 1`, so that the planner cannot turn it into a join that reads all of the member's
+/// acknowledgements at every step) while the next message is acknowledged; the
+/// acknowledgements it passes go.
+pub(super) const WALK: &str = r#"WITH RECURSIVE pairs AS (
+       SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS p(grp, usr)),
+   walk(grp, usr, p) AS (
+       SELECT mb.grp, mb."user", mb.position FROM pairs
+         CROSS JOIN LATERAL (
+           SELECT grp, "user", position FROM members
+            WHERE grp = pairs.grp AND "user" = pairs.usr OFFSET 0) mb
+       UNION ALL
+       SELECT w.grp, w.usr, acked.msg_id FROM walk w
+         CROSS JOIN LATERAL (
+           SELECT m.id FROM messages m
+            WHERE m.grp = w.grp AND m.id > w.p AND m.sender <> w.usr
+            ORDER BY m.id LIMIT 1) nxt
+         CROSS JOIN LATERAL (
+           SELECT a.msg_id FROM group_acks a
+            WHERE a.grp = w.grp AND a."user" = w.usr AND a.msg_id = nxt.id LIMIT 1) acked),
+   next AS (SELECT grp, usr, min(p) AS old, max(p) AS p FROM walk GROUP BY grp, usr),
+   dropped AS (
+       DELETE FROM group_acks a USING next n
+        WHERE a.grp = n.grp AND a."user" = n.usr AND a.msg_id <= n.p),
+   moved AS (
+       UPDATE members mb SET position = n.p FROM next n
+        WHERE mb.grp = n.grp AND mb."user" = n.usr AND n.p > mb.position)
+   SELECT grp, old, p FROM next WHERE p > old"#;
+
+/// Moves each `(group, member)`'s position over every acknowledged message that directly
+/// follows it ([`WALK`], one statement for all), then removes the group messages that no
+/// member still needs in the ranges the positions passed (one more statement): a member's
+/// acknowledgements anywhere in a batch cost two round trips in all.
+pub fn advance_positions(conn: &mut Conn, pairs: &[(&str, &str)]) -> Result<()> {
+    if pairs.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let (groups, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    let moved = conn.rows(WALK, &[&groups, &users])?;
+    // Per group, from the lowest old position to the highest new one.
+    let mut ranges: Vec<(String, i64, i64)> = Vec::new();
+    for r in &moved {
+        let (group, old, new): (String, i64, i64) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        match ranges.iter_mut().find(|(g, _, _)| *g == group) {
+            Some((_, lo, hi)) => (*lo, *hi) = ((*lo).min(old), (*hi).max(new)),
+            None => ranges.push((group, old, new)),
+        }
+    }
+    collect_group_garbage(conn, &ranges)
 }
 
-/// Removes the group messages with ids in `(after, upto]` that every current member other than
-/// their sender has passed, remembering them as delivered (one statement), then the files they
-/// offered.
-fn collect_group_garbage(conn: &mut Conn, group: &str, after: i64, upto: i64) -> Result<()> {
+/// Removes the group messages with ids in `(after, upto]` of each `(group, after, upto)` that
+/// every current member other than their sender has passed, remembering them as delivered
+/// (one statement), then the files they offered.
+fn collect_group_garbage(conn: &mut Conn, ranges: &[(String, i64, i64)]) -> Result<()> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<&str> = ranges.iter().map(|(g, _, _)| g.as_str()).collect();
+    let after: Vec<i64> = ranges.iter().map(|r| r.1).collect();
+    let upto: Vec<i64> = ranges.iter().map(|r| r.2).collect();
     let files = conn.rows(
         r#"WITH done AS (
-               DELETE FROM messages
-                WHERE grp = $1 AND id > $2 AND id <= $3
-                  AND NOT EXISTS (SELECT 1 FROM members mb
-                                   WHERE mb.grp = messages.grp AND mb."user" <> messages.sender
-                                     AND mb.position < messages.id)
+               DELETE FROM messages WHERE id = ANY (ARRAY(
+                   SELECT m.id FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+                                    AS r(grp, lo, hi)
+                    CROSS JOIN LATERAL (
+                          SELECT id, sender FROM messages
+                           WHERE grp = r.grp AND id > r.lo AND id <= r.hi OFFSET 0) m
+                    WHERE NOT EXISTS (SELECT 1 FROM members mb
+                                       WHERE mb.grp = r.grp AND mb."user" <> m.sender
+                                         AND mb.position < m.id)))
                RETURNING id, sender, client_id, file_id),
            remembered AS (
                INSERT INTO delivered (msg_id, sender, client_id)
                SELECT id, sender, client_id FROM done ON CONFLICT DO NOTHING)
            SELECT file_id FROM done WHERE file_id IS NOT NULL"#,
-        &[&group, &after, &upto],
+        &[&groups, &after, &upto],
     )?;
     for r in &files {
         drop_file(conn, r.try_get(0)?)?;

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::files::drop_file;
-use super::groups::advance_position;
+use super::groups::advance_positions;
 use super::queue::{envelope_columns, envelope_row};
 use super::Conn;
 use crate::error::{Error, ErrorCode, Result};
@@ -39,84 +39,44 @@ pub fn queued(conn: &mut Conn, user: &str, after: i64, limit: usize) -> Result<V
 /// delivered), a group message moves the user's position (see the SQLite backend). Returns how
 /// many ids were the user's to acknowledge.
 pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
-    let mut touched: Vec<String> = Vec::new();
-    // Every direct message among them in one round trip: removed, and remembered as
-    // delivered.
-    let direct = conn.rows(
-        "WITH gone AS (
-             DELETE FROM messages WHERE id = ANY($1) AND recipient = $2
-             RETURNING id, sender, client_id, file_id),
-         remembered AS (
-             INSERT INTO delivered (msg_id, sender, client_id)
-             SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING)
-         SELECT id, file_id FROM gone",
-        &[&ids, &user],
-    )?;
-    let mut n = direct.len();
-    let mut done = std::collections::HashSet::with_capacity(direct.len());
-    for r in &direct {
-        done.insert(r.try_get::<_, i64>(0)?);
-        if let Some(file) = r.try_get::<_, Option<i64>>(1)? {
-            drop_file(conn, file)?;
-        }
-    }
-    // The rest are group messages, or not the user's to acknowledge (ignored): one statement
-    // for all of them.
-    let rest: Vec<i64> = ids
-        .iter()
-        .copied()
-        .filter(|id| !done.contains(id))
-        .collect();
-    if !rest.is_empty() {
-        let acked = conn.rows(
-            r#"INSERT INTO group_acks (grp, "user", msg_id)
-               SELECT m.grp, mb."user", m.id FROM messages m
-                 JOIN members mb ON mb.grp = m.grp AND mb."user" = $2
-                WHERE m.id = ANY($1) AND m.sender <> $2 AND m.id > mb.position
-               ON CONFLICT DO NOTHING
-               RETURNING grp"#,
-            &[&rest, &user],
-        )?;
-        n += acked.len();
-        for r in &acked {
-            let g: String = r.try_get(0)?;
-            if !touched.contains(&g) {
-                touched.push(g);
-            }
-        }
-    }
-    for g in touched {
-        advance_position(conn, &g, user)?;
-    }
-    Ok(n)
+    ack_many(conn, &[(user, ids)])?.pop().unwrap_or(Ok(0))
 }
 
 /// Several users' acknowledgements (see [`ack`]) in one statement: the direct messages
 /// among them removed and remembered as delivered, the group ones recorded; then the files
-/// of removed messages dropped and each touched member's position moved (a statement per
-/// member and group).
+/// of removed messages dropped and every touched member's position moved (two statements for
+/// all, [`advance_positions`]).
 pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
     let (mut ids, mut users) = (Vec::new(), Vec::new());
     for (user, list) in acks {
         ids.extend_from_slice(list);
         users.extend(std::iter::repeat_n(*user, list.len()));
     }
-    // Direct messages have a recipient and no group, group messages the other way round, so
-    // the two parts never touch the same message.
+    // Each id is looked up by index, one after another (`LATERAL ... OFFSET 0`: whatever the
+    // planner believes of the arrays' sizes, it cannot join them with whole tables or with
+    // each other). Direct messages have a recipient and no group, group messages the other
+    // way round, so the two parts never touch the same message.
     let rows = conn.rows(
-        r#"WITH a AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS a(id, usr)),
+        r#"WITH found AS MATERIALIZED (
+               SELECT a.usr, m.id, m.recipient, m.grp, m.sender
+                 FROM unnest($1::bigint[], $2::text[]) AS a(id, usr)
+                CROSS JOIN LATERAL (
+                      SELECT id, recipient, grp, sender FROM messages
+                       WHERE id = a.id OFFSET 0) m),
            gone AS (
-               DELETE FROM messages m USING a WHERE m.id = a.id AND m.recipient = a.usr
-               RETURNING m.id, m.recipient, m.sender, m.client_id, m.file_id),
+               DELETE FROM messages
+                WHERE id = ANY (ARRAY(SELECT id FROM found WHERE recipient = usr))
+               RETURNING id, recipient, sender, client_id, file_id),
            remembered AS (
                INSERT INTO delivered (msg_id, sender, client_id)
                SELECT id, sender, client_id FROM gone ON CONFLICT DO NOTHING),
            acked AS (
                INSERT INTO group_acks (grp, "user", msg_id)
-               SELECT DISTINCT m.grp, a.usr, m.id FROM a
-                 JOIN messages m ON m.id = a.id AND m.grp IS NOT NULL
-                 JOIN members mb ON mb.grp = m.grp AND mb."user" = a.usr
-                WHERE m.sender <> a.usr AND m.id > mb.position
+               SELECT DISTINCT f.grp, f.usr, f.id FROM found f
+                CROSS JOIN LATERAL (
+                      SELECT position FROM members
+                       WHERE grp = f.grp AND "user" = f.usr OFFSET 0) mb
+                WHERE f.grp IS NOT NULL AND f.sender <> f.usr AND f.id > mb.position
                ON CONFLICT DO NOTHING
                RETURNING grp, "user", msg_id)
            SELECT id, recipient, file_id, NULL::text FROM gone
@@ -139,9 +99,11 @@ pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<u
         }
         done.entry(user).or_default().insert(id);
     }
-    for (group, user) in &touched {
-        advance_position(conn, group, user)?;
-    }
+    let pairs: Vec<(&str, &str)> = touched
+        .iter()
+        .map(|(g, u)| (g.as_str(), u.as_str()))
+        .collect();
+    advance_positions(conn, &pairs)?;
     Ok(acks
         .iter()
         .map(|(user, list)| {

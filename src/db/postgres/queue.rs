@@ -1,7 +1,7 @@
 //! The message queue: storing messages (idempotently per sender and client id), remembering
 //! what was delivered, removing what was (see the SQLite backend's `queue`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use postgres::Row;
 
@@ -175,6 +175,9 @@ pub fn store_messages(
     let client_ids: Vec<i64> = picked.iter().map(|&i| msgs[i].0.client_id as i64).collect();
     let bodies: Vec<&[u8]> = picked.iter().map(|&i| msgs[i].0.body).collect();
     // Ids are taken in input order: a sequence default is evaluated after the sort below it.
+    // Each recipient and its connections are looked up by index, row by row (the `OFFSET 0`
+    // and `LATERAL` keep the planner from joining whole tables, whatever it believes of their
+    // sizes), and the new rows are matched to their messages by (sender, client id) here.
     let rows = conn.rows(
         r#"WITH input AS (
                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
@@ -182,18 +185,18 @@ pub fn store_messages(
            ins AS (
                INSERT INTO messages (sender, recipient, client_id, body, sent_at)
                SELECT i.sender, u.name, i.client_id, i.body, $5
-                 FROM input i JOIN users u ON u.name = i.recipient
+                 FROM input i CROSS JOIN LATERAL (
+                      SELECT name FROM users WHERE name = i.recipient OFFSET 0) u
                 ORDER BY i.ord
                ON CONFLICT (sender, client_id) DO NOTHING
-               RETURNING id, sender, client_id)
-           SELECT i.ord, ins.id, p.server_id, p."user"
-             FROM ins JOIN input i ON i.sender = ins.sender AND i.client_id = ins.client_id
-             LEFT JOIN LATERAL (SELECT DISTINCT server_id, "user" FROM presence
-                                 WHERE "user" = i.recipient) p ON true
-            ORDER BY i.ord, p.server_id"#,
+               RETURNING id, sender, client_id, recipient)
+           SELECT ins.id, ins.sender, ins.client_id, p.server_id, p."user"
+             FROM ins LEFT JOIN LATERAL (SELECT DISTINCT server_id, "user" FROM presence
+                                          WHERE "user" = ins.recipient) p ON true
+            ORDER BY ins.id, p.server_id"#,
         &[&senders, &recipients, &client_ids, &bodies, &now],
     )?;
-    let stored = merged_rows(&rows, &picked, msgs.len(), |i, id| {
+    let stored = merged_rows(&rows, msgs.iter().map(|(m, _)| m), &picked, |i, id| {
         msgs[i].0.envelope(id, msgs[i].1, None, now)
     })?;
     let mut out = Vec::with_capacity(msgs.len());
@@ -220,29 +223,36 @@ pub fn first_of_each<'a, 'm: 'a>(msgs: impl Iterator<Item = &'a Outgoing<'m>>) -
         .collect()
 }
 
-/// The answer of a merged insert for each of `n` messages, from its rows `(ord, id, server,
-/// user)` sorted by `ord` (1-based over `picked`): the stored message (built by `envelope`
-/// from its position and id) with the connections to route it to; `None` where no row names it.
-pub fn merged_rows(
+/// The answer of a merged insert for each of `msgs`, from its rows `(id, sender, client id,
+/// server, user)`, those of one message together: the stored message (built by `envelope`
+/// from its position and id) with the connections to route it to; `None` where no row names
+/// it. `picked` are the positions the insert was given (one per sender and client id).
+pub fn merged_rows<'a, 'm: 'a>(
     rows: &[Row],
+    msgs: impl ExactSizeIterator<Item = &'a Outgoing<'m>>,
     picked: &[usize],
-    n: usize,
     envelope: impl Fn(usize, i64) -> Envelope,
 ) -> Result<Vec<Option<StoredMessage>>> {
-    let mut stored: Vec<Option<StoredMessage>> = (0..n).map(|_| None).collect();
+    let msgs: Vec<&Outgoing<'_>> = msgs.collect();
+    let at: HashMap<(&str, i64), usize> = picked
+        .iter()
+        .map(|&i| ((msgs[i].from, msgs[i].client_id as i64), i))
+        .collect();
+    let mut stored: Vec<Option<StoredMessage>> = msgs.iter().map(|_| None).collect();
     for r in rows {
-        let ord: i64 = r.try_get(0)?;
-        let i = *usize::try_from(ord - 1)
-            .ok()
-            .and_then(|at| picked.get(at))
-            .ok_or_else(|| Error::Commit(format!("the database named message {ord}")))?;
-        let id: i64 = r.try_get(1)?;
+        let (id, sender, client_id): (i64, &str, i64) =
+            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        let i = *at.get(&(sender, client_id)).ok_or_else(|| {
+            Error::Commit(format!(
+                "the database stored an unknown message {sender}/{client_id}"
+            ))
+        })?;
         let entry = stored[i].get_or_insert_with(|| StoredMessage {
             envelope: envelope(i, id),
             online_at: Vec::new(),
         });
-        if let Some(server) = r.try_get::<_, Option<i64>>(2)? {
-            entry.online_at.push((server.max(0) as u64, r.try_get(3)?));
+        if let Some(server) = r.try_get::<_, Option<i64>>(3)? {
+            entry.online_at.push((server.max(0) as u64, r.try_get(4)?));
         }
     }
     Ok(stored)

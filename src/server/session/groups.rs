@@ -4,7 +4,7 @@
 
 use super::Session;
 use crate::crypto;
-use crate::db::{Outgoing, Tx};
+use crate::db::{GroupMessage, Outgoing, Tx};
 use crate::error::{Error, ErrorCode, Result};
 use crate::membership::{self, After, Roster};
 use crate::net::{
@@ -188,11 +188,15 @@ impl Session<'_> {
             tx.store_group_message(msg, &to)
         };
         if plain {
-            let (client_id, body, done) = (message.client_id, message.body, self.stored_once(id));
-            return self
-                .shared
-                .store
-                .submit_group_message(me, group, epoch, client_id, body, store, done);
+            let msg = GroupMessage {
+                from: me,
+                group,
+                epoch,
+                client_id: message.client_id,
+                body: message.body,
+            };
+            let done = self.stored_once(id);
+            return self.shared.store.submit_group_message(msg, store, done);
         }
         self.store(id, move |tx| store(tx, &Outgoing::of(&me, &message)));
     }
