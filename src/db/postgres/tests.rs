@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{redacted, schema, Conn};
 use crate::db::{Location, Options, Outgoing, Store, Tx};
 use crate::error::{Error, ErrorCode, Result};
-use crate::net::PublicKeys;
+use crate::net::{PublicKeys, WrappedKey};
 
 /// A database of its own, dropped at the end of the test.
 struct Fresh {
@@ -472,6 +472,55 @@ fn a_merged_batch_is_one_round_trip_per_kind() -> Result<()> {
         200
     );
     assert_eq!(conn.queued_total()?, 0);
+
+    // Group messages: stored in one round trip; every member's acknowledgements in three (the
+    // statement, the position walks, the removal of what everyone passed).
+    assert!(conn.create_group("u0/g", "u0")?);
+    let mut keys = vec![WrappedKey {
+        member: "u0".into(),
+        wrapped: b"k".to_vec(),
+    }];
+    for n in &names[1..5] {
+        conn.add_member("u0/g", n)?;
+        keys.push(WrappedKey {
+            member: n.clone(),
+            wrapped: b"k".to_vec(),
+        });
+    }
+    conn.put_keys("u0/g", 1, &keys, "u0")?;
+    let warm = Tx::store_group_messages(&mut conn, &[(Outgoing::new("u0", 999, b"w"), "u0/g", 1)])?;
+    let warm = [warm[0].as_ref().expect("stored").envelope.id];
+    let acks: Vec<(&str, &[i64])> = names[1..5]
+        .iter()
+        .map(|n| (n.as_str(), &warm[..]))
+        .collect();
+    Tx::ack_many(&mut conn, &acks)?;
+    let msgs: Vec<(Outgoing<'_>, &str, u64)> = (0..50u64)
+        .map(|i| (Outgoing::new("u0", 1000 + i, b"g"), "u0/g", 1))
+        .collect();
+    let before = conn.round_trips;
+    let stored = Tx::store_group_messages(&mut conn, &msgs)?;
+    assert_eq!(
+        conn.round_trips - before,
+        1,
+        "50 group messages in one round trip"
+    );
+    let mut ids: Vec<i64> = Vec::new();
+    for s in stored {
+        ids.push(s.expect("the common case").envelope.id);
+    }
+    let acks: Vec<(&str, &[i64])> = names[1..5].iter().map(|n| (n.as_str(), &ids[..])).collect();
+    let before = conn.round_trips;
+    let counts = Tx::ack_many(&mut conn, &acks)?;
+    assert_eq!(
+        conn.round_trips - before,
+        3,
+        "four members' acknowledgements"
+    );
+    for c in counts {
+        assert_eq!(c?, ids.len());
+    }
+    assert_eq!(conn.queued_total()?, 0, "every member passed every message");
     Ok(())
 }
 
