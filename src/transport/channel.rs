@@ -28,8 +28,13 @@ use crate::net::{decode, encode_into};
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// A buffer this large is given back once it is empty (idle connections stay small).
+/// Consumed bytes at the front of the read buffer past which they are dropped (the read
+/// buffer itself is given back whenever it is empty).
 const KEEP: usize = 64 * 1024;
+
+/// A write buffer larger than this is given back once written out: an idle connection keeps
+/// at most this much of one.
+const KEEP_WRITE: usize = 4 * 1024;
 
 /// What one [`Channel::fill`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,11 +141,7 @@ impl Channel {
     fn compact(&mut self) {
         if self.rpos == self.rbuf.len() {
             self.rpos = 0;
-            if self.rbuf.capacity() > KEEP {
-                self.rbuf = Vec::new();
-            } else {
-                self.rbuf.clear();
-            }
+            self.rbuf = Vec::new();
         } else if self.rpos > KEEP {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
@@ -153,13 +154,26 @@ impl Channel {
     }
 
     /// Reads what the socket has (one read). On a blocking socket this waits for data.
+    ///
+    /// It reads into the end of the read buffer, which is given back whenever it is empty:
+    /// an idle connection holds no read buffer, and its thread's stack never holds one
+    /// (a chunk on the stack stayed resident in every connection thread).
     pub fn fill(&mut self) -> Result<Fill> {
-        let mut chunk = [0u8; READ_CHUNK];
-        match self.stream.read_nonblocking(&mut chunk)? {
+        let start = self.rbuf.len();
+        self.rbuf.resize(start + READ_CHUNK, 0);
+        let read = self.stream.read_nonblocking(&mut self.rbuf[start..]);
+        let n = match &read {
+            Ok(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.rbuf.truncate(start + n);
+        if self.rbuf.is_empty() {
+            self.rbuf = Vec::new();
+        }
+        match read? {
             Ok(0) => Ok(Fill::Closed),
-            Ok(n) => {
+            Ok(_) => {
                 self.read_blocked_on = Interest::default();
-                self.rbuf.extend_from_slice(&chunk[..n]);
                 Ok(Fill::Data)
             }
             Err(interest) => {
@@ -199,7 +213,7 @@ impl Channel {
         }
         self.write_blocked_on = Interest::default();
         self.wpos = 0;
-        if self.wbuf.capacity() > KEEP {
+        if self.wbuf.capacity() > KEEP_WRITE {
             self.wbuf = Vec::new();
         } else {
             self.wbuf.clear();
@@ -359,6 +373,51 @@ mod tests {
         let mut ch = Channel::new(Stream::plain(server))?;
         ch.set_nonblocking(true)?;
         Ok((ch, client))
+    }
+
+    /// An idle connection holds no read buffer and at most a small write buffer, however much
+    /// went through it.
+    #[test]
+    fn an_idle_channel_gives_its_buffers_back() -> Result<()> {
+        let (mut ch, mut peer) = pair()?;
+        let mut bytes = Vec::new();
+        for id in 0..200 {
+            encode_into(
+                &mut bytes,
+                &Request {
+                    id,
+                    body: ServerRequest::Who,
+                },
+            )?;
+        }
+        peer.write_all(&bytes)?;
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        for id in 0..200 {
+            let r: Request<ServerRequest> = ch.recv_until(MAX_FRAME, deadline, None)?.unwrap();
+            assert_eq!(r.id, id);
+        }
+        assert_eq!(
+            ch.rbuf.capacity(),
+            0,
+            "the read buffer went back once empty"
+        );
+        for _ in 0..200 {
+            ch.queue_encoded(&bytes);
+        }
+        assert!(ch.wbuf.capacity() > KEEP_WRITE);
+        ch.set_nonblocking(false)?;
+        let reader = std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut peer, &mut sink);
+        });
+        assert!(ch.flush()?);
+        assert!(
+            ch.wbuf.capacity() <= KEEP_WRITE,
+            "the write buffer went back once written"
+        );
+        drop(ch);
+        reader.join().expect("the reader");
+        Ok(())
     }
 
     #[test]
