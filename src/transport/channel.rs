@@ -375,21 +375,25 @@ mod tests {
         Ok((ch, client))
     }
 
+    /// `n` encoded `Who` requests, numbered from 0.
+    fn who_frames(n: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        for id in 0..n {
+            let who = Request {
+                id,
+                body: ServerRequest::Who,
+            };
+            encode_into(&mut bytes, &who)?;
+        }
+        Ok(bytes)
+    }
+
     /// An idle connection holds no read buffer and at most a small write buffer, however much
     /// went through it.
     #[test]
     fn an_idle_channel_gives_its_buffers_back() -> Result<()> {
         let (mut ch, mut peer) = pair()?;
-        let mut bytes = Vec::new();
-        for id in 0..200 {
-            encode_into(
-                &mut bytes,
-                &Request {
-                    id,
-                    body: ServerRequest::Who,
-                },
-            )?;
-        }
+        let bytes = who_frames(200)?;
         peer.write_all(&bytes)?;
         let deadline = Some(Instant::now() + Duration::from_secs(10));
         for id in 0..200 {
@@ -423,16 +427,7 @@ mod tests {
     #[test]
     fn frames_arrive_whole_however_the_bytes_are_cut() -> Result<()> {
         let (mut ch, mut peer) = pair()?;
-        let mut bytes = Vec::new();
-        for id in 0..3 {
-            encode_into(
-                &mut bytes,
-                &Request {
-                    id,
-                    body: ServerRequest::Who,
-                },
-            )?;
-        }
+        let bytes = who_frames(3)?;
         for b in &bytes {
             peer.write_all(&[*b])?;
         }
