@@ -67,6 +67,31 @@ pub const WRITE_LOCK: i64 = 0x6661_7374_6368_6174;
 /// The most read connections one process keeps open; a reader past them waits for one.
 const MAX_READERS: usize = 8;
 
+/// Most bytes of message bodies in one merged insert: a batch of large messages goes in
+/// several statements, not one of a hundred MiB.
+const MERGED_BYTES: usize = 4 << 20;
+
+/// Most acknowledged ids in one merged statement.
+const MERGED_IDS: usize = 32 * 1024;
+
+/// Consecutive ranges of items (of the given weights) that merged statements take: as many
+/// as fit in `max` each, and at least one.
+fn chunks(weights: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut load) = (0, 0);
+    for (i, &w) in weights.iter().enumerate() {
+        if i > start && load + w > max {
+            out.push(start..i);
+            (start, load) = (i, 0);
+        }
+        load += w;
+    }
+    if start < weights.len() {
+        out.push(start..weights.len());
+    }
+    out
+}
+
 /// Whether `s` names a PostgreSQL database rather than a file.
 pub fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")

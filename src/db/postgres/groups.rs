@@ -6,7 +6,7 @@ use super::queue::{
     earlier, first_of_each, joined_connections, merged_rows, newest_message_id, server_users,
 };
 use super::registry::strings;
-use super::Conn;
+use super::{chunks, Conn, MERGED_BYTES};
 use crate::db::{now_ms, Outgoing, StoredMessage};
 use crate::error::{Error, Result};
 use crate::net::{GroupInfo, WrappedKey};
@@ -250,6 +250,19 @@ pub fn store_group_message(
 /// case holds (see [`crate::db::Tx::store_group_messages`]), with ids in their order; `None`
 /// for the others.
 pub fn store_group_messages(
+    conn: &mut Conn,
+    msgs: &[(Outgoing<'_>, &str, u64)],
+) -> Result<Vec<Option<StoredMessage>>> {
+    let sizes: Vec<usize> = msgs.iter().map(|(m, _, _)| m.body.len()).collect();
+    let mut out = Vec::with_capacity(msgs.len());
+    for part in chunks(&sizes, MERGED_BYTES) {
+        out.extend(store_some(conn, &msgs[part])?);
+    }
+    Ok(out)
+}
+
+/// [`store_group_messages`], in one statement.
+fn store_some(
     conn: &mut Conn,
     msgs: &[(Outgoing<'_>, &str, u64)],
 ) -> Result<Vec<Option<StoredMessage>>> {

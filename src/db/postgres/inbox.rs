@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use super::files::drop_file;
 use super::groups::advance_positions;
 use super::queue::{envelope_columns, envelope_row};
-use super::Conn;
+use super::{chunks, Conn, MERGED_IDS};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
 
@@ -47,6 +47,16 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
 /// of removed messages dropped and every touched member's position moved (two statements for
 /// all, [`advance_positions`]).
 pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
+    let sizes: Vec<usize> = acks.iter().map(|(_, ids)| ids.len()).collect();
+    let mut out = Vec::with_capacity(acks.len());
+    for part in chunks(&sizes, MERGED_IDS) {
+        out.extend(ack_some(conn, &acks[part])?);
+    }
+    Ok(out)
+}
+
+/// [`ack_many`], in one statement (and those of the positions).
+fn ack_some(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
     let (mut ids, mut users) = (Vec::new(), Vec::new());
     for (user, list) in acks {
         ids.extend_from_slice(list);

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use postgres::Row;
 
 use super::files::{drop_file, finish_upload};
-use super::{unsigned, Conn};
+use super::{chunks, unsigned, Conn, MERGED_BYTES};
 use crate::db::{now_ms, Outgoing, StoredMessage, Usage};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
@@ -165,6 +165,19 @@ pub fn store_message(conn: &mut Conn, msg: &Outgoing<'_>, to: &str) -> Result<St
 /// on the wire, an unknown recipient, a client id used twice in the call) then go through
 /// [`store_message`], in order, for its answer.
 pub fn store_messages(
+    conn: &mut Conn,
+    msgs: &[(Outgoing<'_>, &str)],
+) -> Result<Vec<Result<StoredMessage>>> {
+    let sizes: Vec<usize> = msgs.iter().map(|(m, _)| m.body.len()).collect();
+    let mut out = Vec::with_capacity(msgs.len());
+    for part in chunks(&sizes, MERGED_BYTES) {
+        out.extend(store_some(conn, &msgs[part])?);
+    }
+    Ok(out)
+}
+
+/// [`store_messages`], in one statement.
+fn store_some(
     conn: &mut Conn,
     msgs: &[(Outgoing<'_>, &str)],
 ) -> Result<Vec<Result<StoredMessage>>> {

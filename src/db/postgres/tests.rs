@@ -68,6 +68,19 @@ fn keys() -> PublicKeys {
 }
 
 #[test]
+fn merged_statements_take_bounded_chunks_in_order() {
+    use super::chunks;
+    assert!(chunks(&[], 10).is_empty());
+    assert_eq!(chunks(&[3, 3, 3, 3], 10), [0..3, 3..4]);
+    assert_eq!(
+        chunks(&[30, 1, 1, 30], 10),
+        [0..1, 1..3, 3..4],
+        "one item over the bound alone"
+    );
+    assert_eq!(chunks(&[0, 0, 0], 10), [0..3]);
+}
+
+#[test]
 fn a_url_is_shown_without_its_password() {
     assert_eq!(
         redacted("postgres://fastchat:s3cret@10.0.0.4:5432/chat?sslmode=require"),
@@ -611,5 +624,50 @@ fn a_position_walk_reads_each_acknowledgement_once_at_any_table_size() -> Result
         conn.queued("bob", 0, 1000)?.is_empty(),
         "the walk went all the way"
     );
+    Ok(())
+}
+
+/// A batch of large messages or long acknowledgements is cut into statements of bounded size,
+/// in order.
+#[test]
+fn large_batches_go_in_bounded_statements() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let mut conn = Conn::connect(&db.url, Duration::from_secs(10))?;
+    schema::migrate(&mut conn)?;
+    conn.create_user("alice", "h", &keys())?;
+    conn.create_user("bob", "h", &keys())?;
+    // Prepared on first use.
+    Tx::store_messages(&mut conn, &[(Outgoing::new("alice", 0, b"w"), "bob")])?;
+    Tx::ack_many(&mut conn, &[("bob", &[0])])?;
+
+    let body = vec![7u8; crate::net::MAX_BODY];
+    let msgs: Vec<(Outgoing<'_>, &str)> = (1..=80u64)
+        .map(|i| (Outgoing::new("alice", i, &body), "bob"))
+        .collect();
+    let before = conn.round_trips;
+    let stored = Tx::store_messages(&mut conn, &msgs)?;
+    assert_eq!(
+        conn.round_trips - before,
+        2,
+        "5 MiB of bodies in two statements"
+    );
+    let ids: Vec<i64> = stored
+        .into_iter()
+        .map(|r| r.map(|s| s.envelope.id))
+        .collect::<Result<_>>()?;
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in order across statements"
+    );
+
+    let none: Vec<i64> = (-40_000..-20_000).collect();
+    let also: Vec<i64> = (-20_000..0).collect();
+    let before = conn.round_trips;
+    let counts = Tx::ack_many(&mut conn, &[("bob", &none), ("bob", &also), ("bob", &ids)])?;
+    assert_eq!(conn.round_trips - before, 2, "40,080 ids in two statements");
+    let counts: Vec<usize> = counts.into_iter().collect::<Result<_>>()?;
+    assert_eq!(counts, [0, 0, 80]);
     Ok(())
 }
