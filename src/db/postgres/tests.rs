@@ -77,7 +77,10 @@ fn merged_statements_take_bounded_chunks_in_order() {
         [0..1, 1..3, 3..4],
         "one item over the bound alone"
     );
-    assert_eq!(chunks(&[0, 0, 0], 10), [0..3]);
+    assert_eq!(
+        chunks(&[0, 0, 0], 10),
+        vec![std::ops::Range { start: 0, end: 3 }]
+    );
 }
 
 #[test]
