@@ -42,10 +42,10 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
     ack_many(conn, &[(user, ids)])?.pop().unwrap_or(Ok(0))
 }
 
-/// Several users' acknowledgements (see [`ack`]) in one statement: the direct messages
-/// among them removed and remembered as delivered, the group ones recorded; then the files
-/// of removed messages dropped and every touched member's position moved (two statements for
-/// all, [`advance_positions`]).
+/// Several users' acknowledgements (see [`ack`]) in one statement (per [`MERGED_IDS`] ids):
+/// the direct messages among them removed and remembered as delivered, the group ones
+/// recorded; then the files of removed messages dropped and every touched member's position
+/// moved (two statements for all, [`advance_positions`]).
 pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
     let sizes: Vec<usize> = acks.iter().map(|(_, ids)| ids.len()).collect();
     let mut out = Vec::with_capacity(acks.len());
@@ -95,7 +95,9 @@ fn ack_some(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize
         &[&ids, &users],
     )?;
     let mut done: HashMap<String, HashSet<i64>> = HashMap::new();
+    // The (group, member) pairs whose acknowledgements were recorded, in first-seen order.
     let mut touched: Vec<(String, String)> = Vec::new();
+    let mut seen = HashSet::new();
     for r in &rows {
         let (id, user): (i64, String) = (r.try_get(0)?, r.try_get(1)?);
         if let Some(file) = r.try_get::<_, Option<i64>>(2)? {
@@ -103,7 +105,7 @@ fn ack_some(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize
         }
         if let Some(group) = r.try_get::<_, Option<String>>(3)? {
             let pair = (group, user.clone());
-            if !touched.contains(&pair) {
+            if seen.insert(pair.clone()) {
                 touched.push(pair);
             }
         }
