@@ -92,6 +92,23 @@ fn chunks(weights: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// Runs `each` over consecutive slices of `items` (weighed by `weight`, at most `max` a
+/// slice, see [`chunks`]) and joins their answers in order: a merged statement per slice.
+fn in_chunks<T, R>(
+    conn: &mut Conn,
+    items: &[T],
+    weight: impl Fn(&T) -> usize,
+    max: usize,
+    mut each: impl FnMut(&mut Conn, &[T]) -> Result<Vec<R>>,
+) -> Result<Vec<R>> {
+    let weights: Vec<usize> = items.iter().map(weight).collect();
+    let mut out = Vec::with_capacity(items.len());
+    for part in chunks(&weights, max) {
+        out.extend(each(conn, &items[part])?);
+    }
+    Ok(out)
+}
+
 /// Whether `s` names a PostgreSQL database rather than a file.
 pub fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")

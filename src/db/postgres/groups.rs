@@ -6,7 +6,7 @@ use super::queue::{
     earlier, first_of_each, joined_connections, merged_rows, newest_message_id, server_users,
 };
 use super::registry::strings;
-use super::{chunks, Conn, MERGED_BYTES};
+use super::{in_chunks, Conn, MERGED_BYTES};
 use crate::db::{now_ms, Outgoing, StoredMessage};
 use crate::error::{Error, Result};
 use crate::net::{GroupInfo, WrappedKey};
@@ -253,12 +253,13 @@ pub fn store_group_messages(
     conn: &mut Conn,
     msgs: &[(Outgoing<'_>, &str, u64)],
 ) -> Result<Vec<Option<StoredMessage>>> {
-    let sizes: Vec<usize> = msgs.iter().map(|(m, _, _)| m.body.len()).collect();
-    let mut out = Vec::with_capacity(msgs.len());
-    for part in chunks(&sizes, MERGED_BYTES) {
-        out.extend(store_some(conn, &msgs[part])?);
-    }
-    Ok(out)
+    in_chunks(
+        conn,
+        msgs,
+        |(m, _, _)| m.body.len(),
+        MERGED_BYTES,
+        store_some,
+    )
 }
 
 /// [`store_group_messages`], in one statement.

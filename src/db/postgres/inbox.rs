@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use super::files::drop_file;
 use super::groups::advance_positions;
 use super::queue::{envelope_columns, envelope_row};
-use super::{chunks, Conn, MERGED_IDS};
+use super::{in_chunks, Conn, MERGED_IDS};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
 
@@ -47,12 +47,7 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
 /// recorded; then the files of removed messages dropped and every touched member's position
 /// moved (two statements for all, [`advance_positions`]).
 pub fn ack_many(conn: &mut Conn, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
-    let sizes: Vec<usize> = acks.iter().map(|(_, ids)| ids.len()).collect();
-    let mut out = Vec::with_capacity(acks.len());
-    for part in chunks(&sizes, MERGED_IDS) {
-        out.extend(ack_some(conn, &acks[part])?);
-    }
-    Ok(out)
+    in_chunks(conn, acks, |(_, ids)| ids.len(), MERGED_IDS, ack_some)
 }
 
 /// [`ack_many`], in one statement (and those of the positions).

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use postgres::Row;
 
 use super::files::{drop_file, finish_upload};
-use super::{chunks, unsigned, Conn, MERGED_BYTES};
+use super::{in_chunks, unsigned, Conn, MERGED_BYTES};
 use crate::db::{now_ms, Outgoing, StoredMessage, Usage};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
@@ -168,12 +168,7 @@ pub fn store_messages(
     conn: &mut Conn,
     msgs: &[(Outgoing<'_>, &str)],
 ) -> Result<Vec<Result<StoredMessage>>> {
-    let sizes: Vec<usize> = msgs.iter().map(|(m, _)| m.body.len()).collect();
-    let mut out = Vec::with_capacity(msgs.len());
-    for part in chunks(&sizes, MERGED_BYTES) {
-        out.extend(store_some(conn, &msgs[part])?);
-    }
-    Ok(out)
+    in_chunks(conn, msgs, |(m, _)| m.body.len(), MERGED_BYTES, store_some)
 }
 
 /// [`store_messages`], in one statement.
