@@ -232,35 +232,77 @@ pub fn store_group_message(
     })
 }
 
-/// Moves `user`'s position in `group` over every acknowledged message that directly follows
-/// it, then removes the group messages that no recipient still needs.
-pub fn advance_position(conn: &Connection, group: &str, user: &str) -> Result<()> {
+/// Acknowledges `acked`, ids of messages of `group` past `user`'s position and not sent by
+/// them (in any order, repeats allowed): moves the position over every acknowledged message
+/// that directly follows it, keeps the others in `group_acks` until the gap before them
+/// closes, then removes the group messages that no recipient still needs. Returns how many
+/// ids were not acknowledged before.
+///
+/// One walk per group and batch: the messages after the position are read in order by one
+/// statement, stepped only as far as the acknowledgements reach, so a batch of k in-order
+/// acknowledgements costs a handful of statements, not several per id.
+pub fn acknowledge(
+    conn: &Connection,
+    group: &str,
+    user: &str,
+    mut acked: Vec<i64>,
+) -> Result<usize> {
     let start: i64 = conn
         .prepare_cached("SELECT position FROM members WHERE grp = ?1 AND user = ?2")?
         .query_row(params![group, user], |r| r.get(0))?;
+    // Acknowledged earlier, ahead of a gap.
+    let waiting = conn
+        .prepare_cached(
+            "SELECT msg_id FROM group_acks WHERE grp = ?1 AND user = ?2 ORDER BY msg_id",
+        )?
+        .query_map(params![group, user], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<i64>>>()?;
+    acked.sort_unstable();
+    acked.dedup();
+    acked.retain(|id| *id > start && waiting.binary_search(id).is_err());
+    let fresh = acked.len();
+    let mut known = waiting.clone();
+    known.extend_from_slice(&acked);
+    known.sort_unstable();
+
     let mut position = start;
-    loop {
-        // The next message this user should receive in the group, if any.
-        let next: Option<i64> = conn
-            .prepare_cached(
-                "SELECT min(id) FROM messages WHERE grp = ?1 AND id > ?2 AND sender <> ?3",
-            )?
-            .query_row(params![group, position, user], |r| r.get(0))?;
-        let Some(next) = next else { break };
-        let acked = conn
-            .prepare_cached("DELETE FROM group_acks WHERE grp = ?1 AND user = ?2 AND msg_id = ?3")?
-            .execute(params![group, user, next])?;
-        if acked == 0 {
-            break;
+    {
+        let mut next = conn.prepare_cached(
+            "SELECT id FROM messages WHERE grp = ?1 AND id > ?2 AND sender <> ?3 ORDER BY id",
+        )?;
+        let mut rows = next.query(params![group, start, user])?;
+        let mut known = known.iter().peekable();
+        while known.peek().is_some() {
+            let Some(row) = rows.next()? else { break };
+            let id: i64 = row.get(0)?;
+            // An acknowledgement of a message that is gone (removed with its sender) is
+            // passed over, as the walk passes the message itself.
+            while known.next_if(|k| **k < id).is_some() {}
+            if known.next_if(|k| **k == id).is_none() {
+                break;
+            }
+            position = id;
         }
-        position = next;
+    }
+
+    if waiting.first().is_some_and(|w| *w <= position) {
+        conn.prepare_cached(
+            "DELETE FROM group_acks WHERE grp = ?1 AND user = ?2 AND msg_id <= ?3",
+        )?
+        .execute(params![group, user, position])?;
+    }
+    let ahead = acked.iter().filter(|id| **id > position);
+    let mut wait =
+        conn.prepare_cached("INSERT INTO group_acks (grp, user, msg_id) VALUES (?1, ?2, ?3)")?;
+    for id in ahead {
+        wait.execute(params![group, user, id])?;
     }
     if position != start {
         conn.prepare_cached("UPDATE members SET position = ?3 WHERE grp = ?1 AND user = ?2")?
             .execute(params![group, user, position])?;
         collect_group_garbage(conn, group, start, position)?;
     }
-    Ok(())
+    Ok(fresh)
 }
 
 /// Removes the group messages with ids in `(after, upto]` that every current member other than

@@ -5,8 +5,8 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::files::drop_file;
-use super::groups::advance_position;
-use super::queue::{envelope_row, ENVELOPE_COLUMNS};
+use super::groups::acknowledge;
+use super::queue::{envelope_row, remember_delivered, ENVELOPE_COLUMNS};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::Envelope;
 
@@ -38,43 +38,46 @@ pub fn queued(conn: &Connection, user: &str, after: i64, limit: usize) -> Result
 /// to acknowledge are ignored; returns how many were.
 pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
     let mut n = 0;
-    let mut touched: Vec<String> = Vec::new();
+    // Group messages acknowledged, by group, walked once per group after the loop.
+    let mut by_group: Vec<(String, Vec<i64>)> = Vec::new();
     // Prepared once per batch of ids: this runs for every message delivered.
-    let mut remember = conn.prepare_cached(
-        "INSERT INTO delivered (msg_id, sender, client_id)
-         SELECT id, sender, client_id FROM messages WHERE id = ?1 AND recipient = ?2",
+    let mut take = conn.prepare_cached(
+        "DELETE FROM messages WHERE id = ?1 AND recipient = ?2
+         RETURNING sender, client_id, file_id",
     )?;
-    let mut remove = conn.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING file_id")?;
-    for id in ids {
-        // A direct message to this user: remembered as delivered, then removed (with the
-        // file it offers).
-        if remember.execute(params![id, user])? == 1 {
-            let file: Option<i64> = remove.query_row(params![id], |r| r.get(0))?;
+    let mut in_group = conn.prepare_cached(
+        "SELECT m.grp FROM messages m
+           JOIN members mb ON mb.grp = m.grp AND mb.user = ?2
+          WHERE m.id = ?1 AND m.sender <> ?2 AND m.id > mb.position",
+    )?;
+    for &id in ids {
+        // A direct message to this user: removed (with the file it offers) and remembered
+        // as delivered.
+        let direct = take
+            .query_row(params![id, user], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        if let Some((sender, client_id, file)) = direct {
+            remember_delivered(conn, id, &sender, client_id)?;
             if let Some(file) = file {
                 drop_file(conn, file)?;
             }
             n += 1;
             continue;
         }
-        let pending: Option<String> = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO group_acks (grp, user, msg_id)
-                 SELECT m.grp, mb.user, m.id FROM messages m
-                   JOIN members mb ON mb.grp = m.grp AND mb.user = ?2
-                  WHERE m.id = ?1 AND m.sender <> ?2 AND m.id > mb.position
-                 RETURNING grp",
-            )?
+        let group: Option<String> = in_group
             .query_row(params![id, user], |r| r.get(0))
             .optional()?;
-        if let Some(g) = pending {
-            n += 1;
-            if !touched.contains(&g) {
-                touched.push(g);
+        if let Some(g) = group {
+            match by_group.iter_mut().find(|(name, _)| *name == g) {
+                Some((_, acked)) => acked.push(id),
+                None => by_group.push((g, vec![id])),
             }
         }
     }
-    for g in touched {
-        advance_position(conn, &g, user)?;
+    for (g, acked) in by_group {
+        n += acknowledge(conn, &g, user, acked)?;
     }
     Ok(n)
 }

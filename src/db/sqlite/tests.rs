@@ -506,6 +506,73 @@ fn out_of_order_group_acks_never_skip_a_message() -> Result<()> {
 }
 
 #[test]
+fn one_batch_of_group_acks_in_any_order_walks_as_far_as_it_reaches() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let conn = open(&path)?;
+    let tx = &mut SqliteTx::new(&conn);
+    users(tx, &["alice", "bob", "carol"])?;
+    group_of(tx, "alice", &["bob", "carol"])?;
+    let ids: Vec<i64> = (1..=5)
+        .map(|i| {
+            Ok(tx
+                .store_group_message(&Outgoing::new("alice", i, b"m"), "team")?
+                .envelope
+                .id)
+        })
+        .collect::<Result<_>>()?;
+    let own = tx
+        .store_group_message(&Outgoing::new("bob", 1, b"mine"), "team")?
+        .envelope
+        .id;
+    let position = |user: &str| -> Result<i64> {
+        Ok(conn.query_row(
+            "SELECT position FROM members WHERE user = ?1",
+            [user],
+            |r| r.get(0),
+        )?)
+    };
+    let waiting = |user: &str| -> Result<Vec<i64>> {
+        Ok(conn
+            .prepare("SELECT msg_id FROM group_acks WHERE user = ?1 ORDER BY msg_id")?
+            .query_map([user], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?)
+    };
+    // Out of order, a repeat, bob's own message and an id that is nobody's: three count.
+    let batch = [ids[3], ids[0], ids[0], ids[1], own, own + 1000];
+    assert_eq!(tx.ack("bob", &batch)?, 3);
+    assert_eq!(position("bob")?, ids[1], "up to the gap at the third");
+    assert_eq!(waiting("bob")?, [ids[3]], "the fourth waits for the gap");
+    assert_eq!(ids_for(tx, "bob")?, [ids[2], ids[4]]);
+    // The message in the gap and the one that waited disappear (say, purged by an
+    // operator): the walk passes both, and forgets the acknowledgement of the gone one.
+    conn.execute(
+        "DELETE FROM messages WHERE id IN (?1, ?2)",
+        [ids[2], ids[3]],
+    )?;
+    assert_eq!(tx.ack("bob", &[ids[4]])?, 1);
+    assert_eq!(
+        position("bob")?,
+        ids[4],
+        "over the gone message and what waited"
+    );
+    assert!(waiting("bob")?.is_empty());
+    // Nothing is removed while someone still needs it; once everyone is past, it all goes.
+    let stored: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+    assert_eq!(stored, 4, "three of alice's and bob's own");
+    let mut reversed = vec![own, ids[4], ids[1], ids[0]];
+    assert_eq!(tx.ack("carol", &reversed)?, 4);
+    assert_eq!(position("carol")?, own);
+    let stored: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+    assert_eq!(stored, 1, "bob's own, which alice has not acknowledged");
+    assert_eq!(tx.ack("alice", &[own])?, 1);
+    let stored: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+    assert_eq!(stored, 0, "everyone passed everything");
+    reversed.reverse();
+    assert_eq!(tx.ack("carol", &reversed)?, 0, "a repeat counts nothing");
+    Ok(())
+}
+
+#[test]
 fn sqlite_is_built_with_the_project_options() -> Result<()> {
     let conn = Connection::open_in_memory()?;
     let options: Vec<String> = conn
