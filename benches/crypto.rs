@@ -42,6 +42,18 @@ fn main() -> fastchat::Result<()> {
     measure("open 100 B (AES-256-GCM)", 200_000, || {
         black_box(key.open(aad, black_box(&sealed)).unwrap());
     });
+    // Every message key of a ratchet or a sender chain is used once: seal and open under a
+    // key never seen before.
+    let fresh: Vec<PairKey> = (0..1000)
+        .map(|_| PairKey::random())
+        .collect::<Result<_, _>>()?;
+    let mut i = 0;
+    measure("seal + open 100 B, a new key each time", 100_000, || {
+        let k = &fresh[i % fresh.len()];
+        i += 1;
+        let sealed = k.seal(aad, black_box(&text)).unwrap();
+        black_box(k.open(aad, &sealed).unwrap());
+    });
     measure("seal 16 KiB", 20_000, || {
         black_box(key.seal(aad, black_box(&big)).unwrap());
     });

@@ -529,7 +529,7 @@ impl PairKey {
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let mut out = vec![0u8; NONCE + plaintext.len() + TAG];
         fill_nonce(&mut out[..NONCE])?;
-        with_contexts(&self.0, |enc, _| {
+        with_context(&self.0, Way::Seal, |enc| {
             let (nonce, rest) = out.split_at_mut(NONCE);
             let (ct, tag) = rest.split_at_mut(plaintext.len());
             enc.encrypt_init(None, None, Some(nonce))?;
@@ -550,7 +550,7 @@ impl PairKey {
         let (nonce, rest) = sealed.split_at(NONCE);
         let (ct, tag) = rest.split_at(rest.len() - TAG);
         let mut plain = vec![0u8; ct.len()];
-        with_contexts(&self.0, |_, dec| {
+        with_context(&self.0, Way::Open, |dec| {
             dec.decrypt_init(None, None, Some(nonce))?;
             dec.set_tag(tag)?;
             dec.cipher_update(aad, None)?;
@@ -588,44 +588,90 @@ fn fill_nonce(nonce: &mut [u8]) -> Result<()> {
     })
 }
 
-/// AES-256-GCM contexts with the key already set up, for encrypting and for decrypting.
+/// AES-256-GCM contexts for one key, for encrypting and for decrypting; each is keyed when it
+/// is first used for that key.
 struct Contexts {
     enc: CipherCtx,
     dec: CipherCtx,
+    enc_keyed: bool,
+    dec_keyed: bool,
+}
+
+impl Contexts {
+    fn new() -> std::result::Result<Contexts, ErrorStack> {
+        let cipher = openssl::cipher::Cipher::aes_256_gcm();
+        let mut enc = CipherCtx::new()?;
+        enc.encrypt_init(Some(cipher), None, None)?;
+        enc.set_iv_length(NONCE)?;
+        let mut dec = CipherCtx::new()?;
+        dec.decrypt_init(Some(cipher), None, None)?;
+        dec.set_iv_length(NONCE)?;
+        Ok(Contexts {
+            enc,
+            dec,
+            enc_keyed: false,
+            dec_keyed: false,
+        })
+    }
 }
 
 /// Keys whose contexts each thread keeps, at most.
 const CONTEXTS_PER_THREAD: usize = 64;
 
 thread_local! {
-    /// Expanding an AES key costs more than sealing a short message with it, and a client uses
-    /// the same few keys (one per peer, one per group epoch) for every message: each thread
-    /// keeps the contexts of its recent keys, and only the nonce changes per message.
+    /// Expanding an AES key costs more than sealing a short message with it, and some keys
+    /// seal many messages (a file's chunks, the local history): each thread keeps the contexts
+    /// of its recent keys, and only the nonce changes per message. Most keys are used once (a
+    /// ratchet's or a sender chain's message keys): a new key takes over the contexts of an
+    /// old one, so it costs a key schedule, not a context (an allocation and OpenSSL's lookup
+    /// of the cipher, which cost more than the key schedule).
     static CONTEXTS: RefCell<HashMap<[u8; 32], Contexts>> = RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with this thread's contexts for `key`, setting them up on first use.
-fn with_contexts<T>(
+/// Which way a message goes through AES-GCM.
+#[derive(Clone, Copy)]
+enum Way {
+    Seal,
+    Open,
+}
+
+/// Runs `f` with this thread's context for `key` and `way`, keyed.
+fn with_context<T>(
     key: &[u8; 32],
-    f: impl FnOnce(&mut CipherCtx, &mut CipherCtx) -> std::result::Result<T, ErrorStack>,
+    way: Way,
+    f: impl FnOnce(&mut CipherCtx) -> std::result::Result<T, ErrorStack>,
 ) -> std::result::Result<T, ErrorStack> {
     CONTEXTS.with(|cell| {
         let mut map = cell.borrow_mut();
         if !map.contains_key(key) {
-            if map.len() >= CONTEXTS_PER_THREAD {
-                map.clear();
-            }
-            let cipher = openssl::cipher::Cipher::aes_256_gcm();
-            let mut enc = CipherCtx::new()?;
-            enc.encrypt_init(Some(cipher), Some(key), None)?;
-            enc.set_iv_length(NONCE)?;
-            let mut dec = CipherCtx::new()?;
-            dec.decrypt_init(Some(cipher), Some(key), None)?;
-            dec.set_iv_length(NONCE)?;
-            map.insert(*key, Contexts { enc, dec });
+            let old = (map.len() >= CONTEXTS_PER_THREAD)
+                .then(|| map.keys().next().copied())
+                .flatten();
+            let mut contexts = match old.and_then(|k| map.remove(&k)) {
+                Some(c) => c,
+                None => Contexts::new()?,
+            };
+            contexts.enc_keyed = false;
+            contexts.dec_keyed = false;
+            map.insert(*key, contexts);
         }
         let c = map.get_mut(key).expect("inserted above");
-        f(&mut c.enc, &mut c.dec)
+        match way {
+            Way::Seal => {
+                if !c.enc_keyed {
+                    c.enc.encrypt_init(None, Some(key), None)?;
+                    c.enc_keyed = true;
+                }
+                f(&mut c.enc)
+            }
+            Way::Open => {
+                if !c.dec_keyed {
+                    c.dec.decrypt_init(None, Some(key), None)?;
+                    c.dec_keyed = true;
+                }
+                f(&mut c.dec)
+            }
+        }
     })
 }
 
@@ -738,6 +784,26 @@ mod tests {
         // The names are bound in: same keys, other names, other key.
         let ab_renamed = a.pair_key("alice", "bobby", &b.public()?.x25519)?;
         assert_ne!(ab, ab_renamed);
+        Ok(())
+    }
+
+    #[test]
+    fn contexts_taken_over_by_new_keys_seal_and_open_under_the_new_key() -> Result<()> {
+        // More keys than a thread keeps contexts for, each sealed once: every one past the
+        // limit takes over the contexts of another.
+        let keys: Vec<PairKey> = (0..3 * CONTEXTS_PER_THREAD)
+            .map(|_| PairKey::random())
+            .collect::<Result<_>>()?;
+        let sealed: Vec<Vec<u8>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k.seal(b"aad", format!("message {i}").as_bytes()))
+            .collect::<Result<_>>()?;
+        for (i, (k, s)) in keys.iter().zip(&sealed).enumerate().rev() {
+            assert_eq!(k.open(b"aad", s)?, format!("message {i}").as_bytes());
+            let other = &keys[(i + 1) % keys.len()];
+            assert!(other.open(b"aad", s).is_err(), "not under another key");
+        }
         Ok(())
     }
 
