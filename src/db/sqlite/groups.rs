@@ -232,8 +232,9 @@ pub fn store_group_message(
     })
 }
 
-/// Acknowledges `acked`, ids of messages of `group` past `user`'s position and not sent by
-/// them (in any order, repeats allowed): moves the position over every acknowledged message
+/// Acknowledges `acked`, ids of messages of `group` not sent by `user` (in any order, repeats
+/// allowed; ids the user already passed, or all of them if the user is not a member, are
+/// ignored): moves the position over every acknowledged message
 /// that directly follows it, keeps the others in `group_acks` until the gap before them
 /// closes, then removes the group messages that no recipient still needs. Returns how many
 /// ids were not acknowledged before.
@@ -247,9 +248,11 @@ pub fn acknowledge(
     user: &str,
     mut acked: Vec<i64>,
 ) -> Result<usize> {
-    let start: i64 = conn
+    let start: Option<i64> = conn
         .prepare_cached("SELECT position FROM members WHERE grp = ?1 AND user = ?2")?
-        .query_row(params![group, user], |r| r.get(0))?;
+        .query_row(params![group, user], |r| r.get(0))
+        .optional()?;
+    let Some(start) = start else { return Ok(0) };
     // Acknowledged earlier, ahead of a gap.
     let waiting = conn
         .prepare_cached(

@@ -40,25 +40,31 @@ pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
     let mut n = 0;
     // Group messages acknowledged, by group, walked once per group after the loop.
     let mut by_group: Vec<(String, Vec<i64>)> = Vec::new();
-    // Prepared once per batch of ids: this runs for every message delivered.
-    let mut take = conn.prepare_cached(
-        "DELETE FROM messages WHERE id = ?1 AND recipient = ?2
-         RETURNING sender, client_id, file_id",
+    // Prepared once per batch of ids: this runs for every message delivered. One look at the
+    // message tells a direct one from a group one (the membership is checked once per group).
+    let mut find = conn.prepare_cached(
+        "SELECT recipient, grp, sender, client_id, file_id FROM messages WHERE id = ?1",
     )?;
-    let mut in_group = conn.prepare_cached(
-        "SELECT m.grp FROM messages m
-           JOIN members mb ON mb.grp = m.grp AND mb.user = ?2
-          WHERE m.id = ?1 AND m.sender <> ?2 AND m.id > mb.position",
-    )?;
+    let mut remove = conn.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
     for &id in ids {
-        // A direct message to this user: removed (with the file it offers) and remembered
-        // as delivered.
-        let direct = take
-            .query_row(params![id, user], |r| {
-                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
+        let found = find
+            .query_row(params![id], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
             })
             .optional()?;
-        if let Some((sender, client_id, file)) = direct {
+        let Some((recipient, group, sender, client_id, file)) = found else {
+            continue;
+        };
+        if recipient.as_deref() == Some(user) {
+            // A direct message to this user: removed (with the file it offers) and
+            // remembered as delivered.
+            remove.execute(params![id])?;
             remember_delivered(conn, id, &sender, client_id)?;
             if let Some(file) = file {
                 drop_file(conn, file)?;
@@ -66,14 +72,12 @@ pub fn ack(conn: &Connection, user: &str, ids: &[i64]) -> Result<usize> {
             n += 1;
             continue;
         }
-        let group: Option<String> = in_group
-            .query_row(params![id, user], |r| r.get(0))
-            .optional()?;
-        if let Some(g) = group {
-            match by_group.iter_mut().find(|(name, _)| *name == g) {
+        match group {
+            Some(g) if sender != user => match by_group.iter_mut().find(|(name, _)| *name == g) {
                 Some((_, acked)) => acked.push(id),
                 None => by_group.push((g, vec![id])),
-            }
+            },
+            _ => {}
         }
     }
     for (g, acked) in by_group {

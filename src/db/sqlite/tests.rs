@@ -510,7 +510,7 @@ fn one_batch_of_group_acks_in_any_order_walks_as_far_as_it_reaches() -> Result<(
     let (_dir, path) = fresh()?;
     let conn = open(&path)?;
     let tx = &mut SqliteTx::new(&conn);
-    users(tx, &["alice", "bob", "carol"])?;
+    users(tx, &["alice", "bob", "carol", "dave"])?;
     group_of(tx, "alice", &["bob", "carol"])?;
     let ids: Vec<i64> = (1..=5)
         .map(|i| {
@@ -537,6 +537,10 @@ fn one_batch_of_group_acks_in_any_order_walks_as_far_as_it_reaches() -> Result<(
             .query_map([user], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?)
     };
+    // Not a member, not a recipient: nothing counts, nothing moves.
+    let direct = tx.store_message(&Outgoing::new("bob", 2, b"to carol"), "carol")?;
+    assert_eq!(tx.ack("dave", &[ids[0], direct.envelope.id])?, 0);
+    assert_eq!(tx.ack("carol", &[direct.envelope.id])?, 1, "hers");
     // Out of order, a repeat, bob's own message and an id that is nobody's: three count.
     let batch = [ids[3], ids[0], ids[0], ids[1], own, own + 1000];
     assert_eq!(tx.ack("bob", &batch)?, 3);
