@@ -440,7 +440,7 @@ fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
         processes.push((s.name.clone(), s.pid()));
     }
     processes.push(("balancer".into(), c.balancer_process.pid()));
-    processes.push(("bench".into(), std::process::id()));
+    processes.push((report::BENCH_PROCESS.into(), std::process::id()));
     processes
         .into_iter()
         .map(|(name, pid)| (name, launch::usage(pid).map_or(0.0, |u| u.cpu_secs)))

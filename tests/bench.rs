@@ -45,6 +45,23 @@ fn direct_mode_delivers_every_message_once_across_servers() {
     let max = r["latency_us"]["max"].as_u64().unwrap();
     assert!(p50 <= max);
     assert!(r["throughput"].as_f64().unwrap() > 0.0);
+    // CPU: every process, and the servers' share without this tool's clients.
+    let secs = r["cpu_secs"].as_object().unwrap();
+    assert!(
+        secs.contains_key("bench") && secs.contains_key("balancer"),
+        "{r}"
+    );
+    let servers: f64 = secs
+        .iter()
+        .filter(|(name, _)| *name != "bench")
+        .map(|(_, s)| s.as_f64().unwrap())
+        .sum();
+    let server_us = r["server_cpu_us_per_delivery"].as_f64().unwrap();
+    assert!((server_us - servers * 1e6 / 300.0).abs() < 0.01, "{r}");
+    assert!(
+        server_us < r["cpu_us_per_delivery"].as_f64().unwrap(),
+        "{r}"
+    );
 }
 
 #[test]

@@ -14,6 +14,10 @@ use super::driver::Counters;
 use super::launch::Usage;
 use super::{Latency, Report};
 
+/// The name under which this tool's own CPU time is counted (its clients' cryptography, not
+/// the servers' work).
+pub const BENCH_PROCESS: &str = "bench";
+
 /// Percentiles of latencies in microseconds (sorts them).
 pub(super) fn percentiles(us: &mut [u32]) -> Latency {
     if us.is_empty() {
@@ -152,10 +156,11 @@ pub fn render(r: &Report) -> String {
         let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
         let parts: Vec<String> = r.cpu.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
         out.push_str(&format!(
-            "  cpu         {:.2} s in all ({}), {:.1} µs per delivery\n",
+            "  cpu         {:.2} s in all ({}), {:.1} µs per delivery ({:.1} µs of it servers)\n",
             total,
             parts.join(", "),
-            total * 1e6 / r.delivered.max(1) as f64
+            total * 1e6 / r.delivered.max(1) as f64,
+            server_cpu_per_delivery(r).unwrap_or(0.0)
         ));
     }
     if r.kill_missed {
@@ -188,7 +193,7 @@ pub fn markdown_header(idle: bool) -> &'static str {
     if idle {
         "| run | clients | connect time | server threads | server descriptors | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     } else {
-        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery | of it, servers |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     }
 }
 
@@ -216,12 +221,10 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
             per(|u| u.rss_kib)
         );
     }
-    let cpu = match cpu_per_delivery(r) {
-        Some(us) => format!("{us:.1} µs"),
-        None => "n/a".into(),
-    };
+    let us = |v: Option<f64>| v.map_or("n/a".into(), |us| format!("{us:.1} µs"));
+    let (cpu, servers) = (us(cpu_per_delivery(r)), us(server_cpu_per_delivery(r)));
     format!(
-        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} |",
+        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {servers} |",
         r.delivered,
         r.throughput,
         ms(r.latency.p50),
@@ -236,10 +239,25 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
 /// CPU microseconds per delivery, of every process of the run; `None` when the servers were
 /// not spawned by this tool.
 fn cpu_per_delivery(r: &Report) -> Option<f64> {
+    cpu_of(r, |_| true)
+}
+
+/// CPU microseconds per delivery of the chat servers and the balancer alone, without this
+/// tool's clients (which do the end-to-end cryptography); `None` as for [`cpu_per_delivery`].
+fn server_cpu_per_delivery(r: &Report) -> Option<f64> {
+    cpu_of(r, |name| name != BENCH_PROCESS)
+}
+
+fn cpu_of(r: &Report, counted: impl Fn(&str) -> bool) -> Option<f64> {
     if r.cpu.is_empty() {
         return None;
     }
-    let cpu: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+    let cpu: f64 = r
+        .cpu
+        .iter()
+        .filter(|(n, _)| counted(n))
+        .map(|(_, s)| s)
+        .sum();
     Some(cpu * 1e6 / r.delivered.max(1) as f64)
 }
 
@@ -278,6 +296,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         },
         "cpu_secs": (!r.cpu.is_empty()).then(|| r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>()),
         "cpu_us_per_delivery": cpu_per_delivery(r),
+        "server_cpu_us_per_delivery": server_cpu_per_delivery(r),
         "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
             "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,
             "threads_after": a.threads, "rss_kib_after": a.rss_kib, "fds_after": a.fds,
