@@ -164,6 +164,9 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// Run without TLS (a spawned cluster too).
     pub plaintext: bool,
+    /// Message bodies are the payload itself, not sealed end to end (the servers' work is the
+    /// same; the clients do no cryptography).
+    pub opaque: bool,
     /// The database of a spawned cluster: a file, or a PostgreSQL URL (default: a SQLite file
     /// in the run's temporary folder).
     pub db: Option<String>,
@@ -189,6 +192,8 @@ pub struct Report {
     pub mode: String,
     /// Whom messages went to (direct mode), as text.
     pub pattern: String,
+    /// Bodies sent as they are, not end-to-end encrypted.
+    pub opaque: bool,
     /// Clients.
     pub clients: usize,
     /// Messages per client.
@@ -348,6 +353,7 @@ pub fn run(config: &Config) -> Result<Report> {
     let mut report = Report {
         mode: config.mode.to_string(),
         pattern: config.pattern.to_string(),
+        opaque: config.opaque,
         clients: config.clients,
         messages: config.messages,
         size: config.size,
@@ -709,12 +715,14 @@ impl Plan {
                 size: config.size,
                 window: config.window,
                 schedule: config.rate.map(|r| (r, n)),
+                opaque: config.opaque,
             };
             let receiving = Receiving {
                 group_key: role.group.map(|(_, k, _)| k),
                 members: role.members,
                 me: role.me.clone(),
                 senders: Arc::clone(&self.senders),
+                opaque: config.opaque,
             };
             let client = Client::new(
                 role.link,

@@ -65,6 +65,36 @@ fn direct_mode_delivers_every_message_once_across_servers() {
 }
 
 #[test]
+fn opaque_bodies_reach_everyone_once_in_both_modes() {
+    for mode in ["direct", "group"] {
+        let (code, r, err) = bench(&[
+            "--spawn-servers",
+            "2",
+            "--clients",
+            "6",
+            "--messages",
+            "20",
+            "--mode",
+            mode,
+            "--group-size",
+            "3",
+            "--opaque",
+        ]);
+        assert_eq!(code, 0, "{mode}: {r} {err}");
+        assert_eq!(r["opaque"], true);
+        let expected = if mode == "group" { 6 * 20 * 2 } else { 6 * 20 };
+        assert_eq!(r["expected"], expected, "{mode}: {r}");
+        assert_eq!(
+            (&r["delivered"], &r["lost"], &r["duplicated"], &r["errors"]),
+            (&expected.into(), &0.into(), &0.into(), &0.into()),
+            "{mode}: {r}"
+        );
+    }
+    let (_, r, _) = bench(&["--spawn-servers", "1", "--clients", "2", "--messages", "5"]);
+    assert_eq!(r["opaque"], false, "end to end unless asked");
+}
+
+#[test]
 fn group_mode_counts_every_member_and_a_fixed_rate_is_kept() {
     let (code, r, err) = bench(&[
         "--spawn-servers",

@@ -109,6 +109,8 @@ pub(super) struct Sending {
     /// At a fixed offered rate: (total messages per second, clients). Message `s` of client
     /// `i` is then due `(s × clients + i) / rate` seconds after the start.
     pub schedule: Option<(f64, u64)>,
+    /// Send the payload as the body, not sealed (`--opaque`).
+    pub opaque: bool,
 }
 
 impl Sending {
@@ -148,6 +150,24 @@ impl Sending {
             file: None,
             resend_after: None,
         };
+        if self.opaque {
+            let body = text.as_bytes().to_vec();
+            let body = match (self.recipient(seq), &self.group) {
+                (Some((to, _)), _) => ServerRequest::Send {
+                    to: to.clone(),
+                    message: message(body),
+                },
+                (None, Some((group, _, epoch))) => ServerRequest::GroupSend {
+                    group: group.clone(),
+                    epoch: *epoch,
+                    message: message(body),
+                },
+                (None, None) => {
+                    return Err(Error::Invalid("a client with nobody to write to".into()))
+                }
+            };
+            return Ok(Request { id: seq, body });
+        }
         if let Some((to, peer)) = self.recipient(seq) {
             let session = keys
                 .sessions
@@ -195,6 +215,8 @@ pub(super) struct Receiving {
     pub me: String,
     /// Each user's index (of the sessions), by name.
     pub senders: Arc<std::collections::HashMap<String, usize>>,
+    /// Bodies are the payload itself (`--opaque`).
+    pub opaque: bool,
 }
 
 impl Receiving {
@@ -204,6 +226,12 @@ impl Receiving {
             .senders
             .get(&msg.from)
             .ok_or_else(|| Error::Integrity(format!("unknown sender {}", msg.from)))?;
+        if self.opaque {
+            return std::str::from_utf8(&msg.body)
+                .ok()
+                .and_then(parse_payload)
+                .ok_or_else(|| Error::Integrity("not a bench payload".into()));
+        }
         let now = crate::db::now_ms();
         let plain = match (keys.sessions.get_mut(&sender), &self.group_key) {
             (Some(session), _) => e2e::open_direct_in(session, msg, now)?,
@@ -618,6 +646,7 @@ mod tests {
             size: 100,
             window: 1,
             schedule: None,
+            opaque: false,
         })
     }
 

@@ -104,6 +104,11 @@ pub fn render(r: &Report) -> String {
         r.servers,
         if r.servers == 1 { "" } else { "s" }
     ));
+    if r.opaque {
+        out.push_str(
+            "  opaque      bodies sent as they are, not end-to-end encrypted: the servers alone\n",
+        );
+    }
     out.push_str(&format!(
         "  connect     {} clients signed up, logged in and connected in {:.2} s ({:.2} ms each)\n",
         r.clients - r.connect_failed,
@@ -266,6 +271,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
     serde_json::json!({
         "mode": r.mode,
         "pattern": (r.mode == "direct").then_some(&r.pattern),
+        "opaque": r.opaque,
         "clients": r.clients,
         "messages_per_client": r.messages,
         "size": r.size,

@@ -113,6 +113,12 @@ struct Args {
     /// No TLS (a spawned cluster runs without it too): to compare with and without.
     #[arg(long, conflicts_with = "ca")]
     insecure_plaintext: bool,
+    /// Clients send the payload as it is instead of end-to-end encrypting it, and take it as
+    /// it comes: the servers do the same work (they never look inside a message), the clients
+    /// do no cryptography. Measures the servers alone, as a broker without end-to-end
+    /// encryption is measured; label such rows so.
+    #[arg(long)]
+    opaque: bool,
     /// Run the workload once per value: rate=R1,R2,... (the offered rate) or
     /// clients=N1,N2,... (the number of clients), each on a fresh cluster when spawned; one
     /// report per run.
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
         kill_server: args.kill_server.map(Duration::from_secs_f64),
         ca: args.ca,
         plaintext: args.insecure_plaintext,
+        opaque: args.opaque,
         db: args.db,
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
