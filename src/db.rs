@@ -612,7 +612,8 @@ pub trait Tx {
     /// receive it. `Some` (as [`Tx::store_group_message`] would answer) for those, in order;
     /// `None` for the others, which the caller then stores one by one with the checks that
     /// say why. `Err` as for [`Tx::store_messages`]. A backend without round trips may leave
-    /// them all.
+    /// them all (SQLite stores them one by one, but reads each group once per call and needs no
+    /// savepoint per message).
     fn store_group_messages(
         &mut self,
         msgs: &[(Outgoing<'_>, &str, u64)],

@@ -491,6 +491,12 @@ impl Tx for SqliteTx<'_> {
     fn store_group_message(&mut self, msg: &Outgoing<'_>, group: &str) -> Result<StoredMessage> {
         groups::store_group_message(self.conn, msg, group)
     }
+    fn store_group_messages(
+        &mut self,
+        msgs: &[(Outgoing<'_>, &str, u64)],
+    ) -> Result<Vec<Option<StoredMessage>>> {
+        groups::store_group_messages(self.conn, msgs)
+    }
     fn queued(&mut self, user: &str, after: i64, limit: usize) -> Result<Vec<Envelope>> {
         inbox::queued(self.conn, user, after, limit)
     }

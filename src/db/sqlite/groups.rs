@@ -170,16 +170,96 @@ pub fn group_key(
 
 /// `(server, user)` of every connection of a member of `group` other than `from`, by server.
 fn group_online(conn: &Connection, group: &str, from: &str) -> Result<Vec<(u64, String)>> {
-    Ok(conn
+    let mut online = all_online(conn, group)?;
+    online.retain(|(_, user)| user != from);
+    Ok(online)
+}
+
+/// `(server, user)` of every connection of a member of `group`, by server, once each. Sorted
+/// and made distinct here: in SQL that takes a temporary b-tree per message.
+fn all_online(conn: &Connection, group: &str) -> Result<Vec<(u64, String)>> {
+    let mut online = conn
         .prepare_cached(
-            "SELECT DISTINCT p.server_id, p.user FROM presence p
+            "SELECT p.server_id, p.user FROM presence p
                JOIN members mb ON mb.user = p.user
-              WHERE mb.grp = ?1 AND p.user <> ?2 ORDER BY p.server_id",
+              WHERE mb.grp = ?1",
         )?
-        .query_map(params![group, from], |r| {
+        .query_map(params![group], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?)
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    online.sort_unstable();
+    online.dedup();
+    Ok(online)
+}
+
+/// Stores first attempts of group messages without files, as `store_group_messages` in
+/// [`crate::db::Tx`] asks: those whose common case holds (the group exists with the sender as
+/// a member and another member to receive, `epoch` is its current keyed one, and the sender
+/// has no message with that client id stored); `None` for the others, which the one-by-one
+/// path stores or refuses with its reasons. Each group is read once per call, not once per
+/// message, and the checks all come before the one write of each message, so one savepoint
+/// covers the call (on an error the transaction holds nothing of it), not one per message.
+pub fn store_group_messages(
+    conn: &Connection,
+    msgs: &[(Outgoing<'_>, &str, u64)],
+) -> Result<Vec<Option<StoredMessage>>> {
+    conn.prepare_cached("SAVEPOINT merged_group_messages")?
+        .execute([])?;
+    let stored = store_common_group_messages(conn, msgs);
+    if stored.is_err() {
+        conn.prepare_cached("ROLLBACK TO merged_group_messages")?
+            .execute([])?;
+    }
+    conn.prepare_cached("RELEASE merged_group_messages")?
+        .execute([])?;
+    stored
+}
+
+fn store_common_group_messages(
+    conn: &Connection,
+    msgs: &[(Outgoing<'_>, &str, u64)],
+) -> Result<Vec<Option<StoredMessage>>> {
+    // Per group of the call: its state, and who of it is online where.
+    type Online = Vec<(u64, String)>;
+    let mut seen: Vec<(&str, Option<GroupInfo>, Online)> = Vec::new();
+    let mut stored = Vec::with_capacity(msgs.len());
+    for (msg, group, epoch) in msgs {
+        let at = match seen.iter().position(|(name, ..)| name == group) {
+            Some(at) => at,
+            None => {
+                let state = self::group(conn, group)?;
+                let online = match &state {
+                    Some(_) => all_online(conn, group)?,
+                    None => Vec::new(),
+                };
+                seen.push((group, state, online));
+                seen.len() - 1
+            }
+        };
+        let (_, state, online) = &seen[at];
+        let common = state.as_ref().is_some_and(|g| {
+            g.members.iter().any(|m| m == msg.from)
+                && g.members.len() > 1
+                && g.epoch == *epoch
+                && g.keyed
+        });
+        if !common || earlier(conn, msg, "", Some(group), i64::MAX)?.is_some() {
+            stored.push(None);
+            continue;
+        }
+        stored.push(Some(insert_group_message(
+            conn,
+            msg,
+            group,
+            online
+                .iter()
+                .filter(|(_, u)| u != msg.from)
+                .cloned()
+                .collect(),
+        )?));
+    }
+    Ok(stored)
 }
 
 /// The earlier copy of a re-sent group message (stored, or delivered with an id above
@@ -210,6 +290,22 @@ pub fn store_group_message(
     if let Some(upload) = msg.file {
         finish_upload(conn, msg.from, upload)?;
     }
+    let online_at = group_online(conn, group, msg.from)?;
+    let stored = insert_group_message(conn, msg, group, online_at)?;
+    // A sender alone in the group: nobody will ever acknowledge it.
+    let id = stored.envelope.id;
+    collect_group_garbage(conn, group, id - 1, id)?;
+    Ok(stored)
+}
+
+/// Stores a group message (its upload, if any, finished) with `online_at`, the other members'
+/// connections. A sender alone in its group is the caller's to deal with.
+fn insert_group_message(
+    conn: &Connection,
+    msg: &Outgoing<'_>,
+    group: &str,
+    online_at: Vec<(u64, String)>,
+) -> Result<StoredMessage> {
     let now = now_ms();
     conn.prepare_cached(
         "INSERT INTO messages (sender, grp, client_id, body, sent_at, file_id)
@@ -224,11 +320,9 @@ pub fn store_group_message(
         msg.file
     ])?;
     let envelope = new_envelope(conn, msg, "", Some(group), now);
-    // A sender alone in the group: nobody will ever acknowledge it.
-    collect_group_garbage(conn, group, envelope.id - 1, envelope.id)?;
     Ok(StoredMessage {
         envelope,
-        online_at: group_online(conn, group, msg.from)?,
+        online_at,
     })
 }
 

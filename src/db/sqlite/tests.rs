@@ -789,8 +789,8 @@ fn merged_group_messages_answer_as_one_by_one() -> Result<()> {
     let store = Store::open(&path)?;
     let checked = crate::db::merged_tests::merged_group_messages_answer_as_one_by_one(&store)?;
     assert_eq!(
-        checked, 8,
-        "SQLite stores each group message with its checks"
+        checked, 6,
+        "the two plain messages stored by the merged call, the rest checked"
     );
     Ok(())
 }
