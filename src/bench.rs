@@ -717,10 +717,18 @@ impl Plan {
                 schedule: config.rate.map(|r| (r, n)),
                 opaque: config.opaque,
             };
+            let tag_index = role
+                .members
+                .iter()
+                .filter_map(|sender| {
+                    let order = e2e::tag_order(&role.members, sender);
+                    let at = order.iter().position(|m| *m == role.me)?;
+                    Some((sender.clone(), at))
+                })
+                .collect();
             let receiving = Receiving {
                 group_key: role.group.map(|(_, k, _)| k),
-                members: role.members,
-                me: role.me.clone(),
+                tag_index,
                 senders: Arc::clone(&self.senders),
                 opaque: config.opaque,
             };

@@ -210,9 +210,9 @@ impl Sending {
 pub(super) struct Receiving {
     /// Group mode: the group's key.
     pub group_key: Option<PairKey>,
-    /// Group mode: the group's members.
-    pub members: Vec<String>,
-    pub me: String,
+    /// Group mode: by sender, where this client's tag is among the sender's tags (computed
+    /// once, not per message).
+    pub tag_index: HashMap<String, usize>,
     /// Each user's index (of the sessions), by name.
     pub senders: Arc<std::collections::HashMap<String, usize>>,
     /// Bodies are the payload itself (`--opaque`).
@@ -238,9 +238,9 @@ impl Receiving {
             (None, Some(key)) => {
                 let body = e2e::parse_group(msg)?;
                 let at = body.at;
-                let index = e2e::tag_order(&self.members, &msg.from)
-                    .iter()
-                    .position(|m| *m == self.me)
+                let index = *self
+                    .tag_index
+                    .get(&msg.from)
                     .ok_or_else(|| Error::Integrity("not a member".into()))?;
                 let mac = keys
                     .chains
