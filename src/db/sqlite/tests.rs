@@ -467,6 +467,18 @@ fn removing_a_member_drops_what_only_they_still_needed() -> Result<()> {
     Ok(())
 }
 
+/// The ids of `n` group messages from alice to `team`.
+fn alice_sends_to_team(tx: &mut SqliteTx<'_>, n: u64) -> Result<Vec<i64>> {
+    (1..=n)
+        .map(|i| {
+            Ok(tx
+                .store_group_message(&Outgoing::new("alice", i, b"m"), "team")?
+                .envelope
+                .id)
+        })
+        .collect()
+}
+
 #[test]
 fn out_of_order_group_acks_never_skip_a_message() -> Result<()> {
     let (_dir, path) = fresh()?;
@@ -474,14 +486,7 @@ fn out_of_order_group_acks_never_skip_a_message() -> Result<()> {
     let tx = &mut SqliteTx::new(&conn);
     users(tx, &["alice", "bob", "carol"])?;
     group_of(tx, "alice", &["bob", "carol"])?;
-    let ids: Vec<i64> = (1..=4)
-        .map(|i| {
-            Ok(tx
-                .store_group_message(&Outgoing::new("alice", i, b"m"), "team")?
-                .envelope
-                .id)
-        })
-        .collect::<Result<_>>()?;
+    let ids = alice_sends_to_team(tx, 4)?;
     // Bob acknowledges the 3rd and 4th before the 1st and 2nd arrive.
     assert_eq!(tx.ack("bob", &[ids[2], ids[3]])?, 2);
     assert_eq!(
@@ -512,14 +517,7 @@ fn one_batch_of_group_acks_in_any_order_walks_as_far_as_it_reaches() -> Result<(
     let tx = &mut SqliteTx::new(&conn);
     users(tx, &["alice", "bob", "carol", "dave"])?;
     group_of(tx, "alice", &["bob", "carol"])?;
-    let ids: Vec<i64> = (1..=5)
-        .map(|i| {
-            Ok(tx
-                .store_group_message(&Outgoing::new("alice", i, b"m"), "team")?
-                .envelope
-                .id)
-        })
-        .collect::<Result<_>>()?;
+    let ids = alice_sends_to_team(tx, 5)?;
     let own = tx
         .store_group_message(&Outgoing::new("bob", 1, b"mine"), "team")?
         .envelope
