@@ -506,6 +506,11 @@ pub enum ServerRequest {
     Ack {
         /// Server message ids.
         msg_ids: Vec<i64>,
+        /// No `Done` when it worked (a refusal still answers): for a client that only needs
+        /// its messages gone eventually (a redelivered one is recognised anyway), each
+        /// acknowledgement then costs the server no reply, and both ends a wake-up.
+        #[serde(default)]
+        quiet: bool,
     },
     /// Change a group's membership: create it, add or remove a member (the admin), or leave
     /// it. The change must be signed by the caller and follow the group's chain (see

@@ -225,6 +225,7 @@ impl Gen {
             },
             1 => ServerRequest::Ack {
                 msg_ids: (0..self.0.below(8)).map(|_| self.i()).collect(),
+                quiet: self.0.below(2) == 0,
             },
             2..=4 => ServerRequest::GroupChange {
                 change: SignedChange {

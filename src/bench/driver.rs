@@ -492,7 +492,12 @@ impl Client {
         self.next_ack_id += 1;
         self.chan.queue(&Request {
             id: self.next_ack_id,
-            body: ServerRequest::Ack { msg_ids },
+            // Nothing waits for the confirmation: a message delivered again after a failover
+            // is recognised by its id.
+            body: ServerRequest::Ack {
+                msg_ids,
+                quiet: true,
+            },
         })
     }
 

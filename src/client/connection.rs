@@ -202,6 +202,7 @@ impl Connection {
         }
         let ack = ServerRequest::Ack {
             msg_ids: msg_ids.to_vec(),
+            quiet: false,
         };
         match self.call(&ack)? {
             ServerReply::Done => Ok(()),

@@ -202,7 +202,7 @@ impl<'a> Session<'a> {
         let Request { id, body } = request;
         match body {
             ServerRequest::Send { to, message } => self.send(id, to, message),
-            ServerRequest::Ack { msg_ids } => self.ack(id, msg_ids),
+            ServerRequest::Ack { msg_ids, quiet } => self.ack(id, msg_ids, quiet),
             ServerRequest::Who => {
                 let live = super::presence::live_servers(self.shared);
                 self.read(id, |tx| {

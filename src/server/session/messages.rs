@@ -65,7 +65,7 @@ impl Session<'_> {
     }
 
     /// `Ack`: the client has shown these messages; they leave its queue.
-    pub(super) fn ack(&self, id: u64, msg_ids: Vec<i64>) {
+    pub(super) fn ack(&self, id: u64, msg_ids: Vec<i64>, quiet: bool) {
         if msg_ids.len() > MAX_ACK {
             let why = format!("at most {MAX_ACK} ids per acknowledgement");
             return self.refuse(id, ErrorCode::BadRequest, why);
@@ -75,6 +75,7 @@ impl Session<'_> {
         // Unguarded (an acknowledgement applied half-way is still true), merged with others.
         self.shared.store.submit_ack(me, msg_ids, move |res| {
             let event = match res {
+                Ok(_) if quiet => return,
                 Ok(_) => ServerEvent::reply(id, ServerReply::Done),
                 Err(e) => error_event(id, e),
             };

@@ -189,18 +189,53 @@ fn acknowledgements_remove_only_the_sessions_own_messages() -> Result<()> {
     let mut alice = connect(&s.shared, "alice")?;
     let mut carol = connect(&s.shared, "carol")?;
     let id = stored(alice.ok(send("bob", 1, b"x")));
-    carol.ok(ServerRequest::Ack { msg_ids: vec![id] });
+    carol.ok(ack(vec![id]));
     assert_eq!(s.shared.store.read(|tx| tx.queued("bob", 0, 10))?.len(), 1);
     let mut bob = connect(&s.shared, "bob")?;
-    bob.ok(ServerRequest::Ack { msg_ids: vec![id] });
+    bob.ok(ack(vec![id]));
     assert!(s
         .shared
         .store
         .read(|tx| tx.queued("bob", 0, 10))?
         .is_empty());
-    let too_many = ServerRequest::Ack {
-        msg_ids: vec![1; super::messages::MAX_ACK + 1],
+    let too_many = ack(vec![1; super::messages::MAX_ACK + 1]);
+    assert_eq!(bob.refused(too_many), ErrorCode::BadRequest);
+    Ok(())
+}
+
+fn ack(msg_ids: Vec<i64>) -> ServerRequest {
+    ServerRequest::Ack {
+        msg_ids,
+        quiet: false,
+    }
+}
+
+#[test]
+fn a_quiet_acknowledgement_is_applied_without_a_reply_but_a_refusal_still_answers() -> Result<()> {
+    let s = server(&["alice", "bob"])?;
+    let mut alice = connect(&s.shared, "alice")?;
+    let mut bob = connect(&s.shared, "bob")?;
+    let id = stored(alice.ok(send("bob", 1, b"x")));
+    assert_eq!(bob.message(), id);
+    let quiet = |msg_ids| ServerRequest::Ack {
+        msg_ids,
+        quiet: true,
     };
+    bob.session
+        .handle(Request {
+            id: 1000,
+            body: quiet(vec![id]),
+        })
+        .expect("handled");
+    // The next answer bob gets is the one to his next request (`call` checks the id), and
+    // that request's commit follows the quiet one's.
+    assert!(matches!(bob.ok(ack(Vec::new())), ServerReply::Done));
+    assert!(s
+        .shared
+        .store
+        .read(|tx| tx.queued("bob", 0, 10))?
+        .is_empty());
+    let too_many = quiet(vec![1; super::messages::MAX_ACK + 1]);
     assert_eq!(bob.refused(too_many), ErrorCode::BadRequest);
     Ok(())
 }
