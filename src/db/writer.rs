@@ -29,8 +29,16 @@ use crate::mailbox;
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 2048;
 
-/// How long a small batch waits for more jobs before it commits.
+/// How long a small batch waits for more jobs before it commits, when jobs come often (see
+/// [`IDLE`]).
 const COMMIT_WINDOW: Duration = Duration::from_micros(300);
+
+/// A writer whose next job comes this long or more after its last commit commits it at once:
+/// at such a rate the window would gather nothing and only add to every message's latency
+/// (at 500 msg/s it was half of it). Not shorter: three servers on one SQLite file, each
+/// seeing a third of 10,000 msg/s, then commit so often that they queue for the write lock
+/// and the tail grows (BENCHMARKS.md).
+const IDLE: Duration = Duration::from_millis(1);
 
 /// A batch this large commits without waiting: the load is high enough to fill batches.
 const WINDOW_SKIP: usize = 32;
@@ -578,8 +586,14 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
     // The newest message id at the previous two purges: the older one is at least
     // 2 x PURGE_EVERY old.
     let mut watermarks = (0i64, 0i64);
+    let mut last_commit = Instant::now();
     while let Ok(first) = jobs.recv() {
-        let window = Instant::now() + COMMIT_WINDOW;
+        let now = Instant::now();
+        let window = if now.duration_since(last_commit) < IDLE {
+            now + COMMIT_WINDOW
+        } else {
+            now
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -634,6 +648,7 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
                 _ => {}
             }
         }
+        last_commit = Instant::now();
         let message = match conn.commit() {
             Ok(()) => {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
