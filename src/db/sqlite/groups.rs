@@ -372,8 +372,8 @@ pub fn acknowledge(
         while known.peek().is_some() {
             let Some(row) = rows.next()? else { break };
             let id: i64 = row.get(0)?;
-            // An acknowledgement of a message that is gone (removed with its sender) is
-            // passed over, as the walk passes the message itself.
+            // An acknowledgement of a message that is gone (purged by an operator, expired)
+            // is passed over, as the walk passes the message itself.
             while known.next_if(|k| **k < id).is_some() {}
             if known.next_if(|k| **k == id).is_none() {
                 break;
