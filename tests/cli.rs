@@ -418,9 +418,14 @@ fn exit_codes_are_what_the_help_says() {
 #[test]
 fn ctrl_c_ends_recv_at_once_even_while_it_looks_for_a_server() {
     let c = Cluster::start(1);
+    c.signup("alice");
     c.signup("bob");
     let mut recv = c.spawn("bob", &["recv", "--wait", "120"]);
+    // Connected and synced, not merely seen by the server (whose presence row can commit
+    // before the client has its welcome: a server gone then is a failed start, exit 3).
     c.wait_online("bob", 1);
+    c.send("alice", "bob", "hello");
+    assert_eq!(recv.line(), "alice: hello");
     // Its only server dies: the client looks for another (for up to 30 s).
     let mut server = c.servers.into_iter().next().unwrap();
     server.kill9();
