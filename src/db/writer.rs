@@ -219,7 +219,7 @@ struct AckJob<D> {
 }
 
 impl<D: FnOnce(Result<usize>) + Send> Job for AckJob<D> {
-    /// Stored by [`run_merged`] already.
+    /// Applied by [`run_merged`] already.
     fn run(&mut self, _: &mut dyn Batch) {}
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
