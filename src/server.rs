@@ -91,6 +91,8 @@ pub fn run(
     shutdown: Receiver<()>,
     on_ready: impl FnOnce(u64, SocketAddr, Option<SocketAddr>),
 ) -> Result<()> {
+    // Every thread the server starts (connections, the writer, peer links) inherits it.
+    crate::startup::batch_scheduling();
     let limits = Limits::of_this_process();
     let room = limits.connections(2, RESERVE + SLACK) as usize;
     if room < config.max_clients {

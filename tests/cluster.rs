@@ -347,3 +347,54 @@ fn two_balancers_serve_one_cluster_and_clients_try_the_next() {
         ]
     );
 }
+
+/// Each thread of a process by name, with its scheduling policy (`/proc/PID/task/*/stat`,
+/// field 41: 0 normal, 3 batch).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // The name is in parentheses and may hold spaces; the fields after it count from 3.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        threads.push((name.trim().to_string(), policy));
+    }
+    threads
+}
+
+#[test]
+fn a_server_runs_its_threads_under_batch_scheduling() {
+    const SCHED_BATCH: u32 = 3;
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    let _alice = c.login("alice");
+    let deadline = Instant::now() + LIMIT;
+    let threads = loop {
+        let threads = thread_policies(c.servers[0].pid());
+        if threads.iter().any(|(name, _)| name == "conn") {
+            break threads;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection thread: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Only the Ctrl-C handler's thread starts before the server does.
+    let normal: Vec<_> = threads
+        .iter()
+        .filter(|(name, policy)| *policy != SCHED_BATCH && name != "ctrl-c")
+        .collect();
+    assert!(normal.is_empty(), "not batch: {normal:?} of {threads:?}");
+    assert!(threads.iter().any(|(name, _)| name == "db-writer"));
+    // The balancer is left alone.
+    let balancer = thread_policies(c.balancer.pid());
+    assert!(
+        balancer.iter().all(|(_, policy)| *policy == 0),
+        "{balancer:?}"
+    );
+}
