@@ -1,8 +1,8 @@
 //! The load generator behind `fastchat-bench`: many clients, the real protocol, real crypto.
 //!
 //! Every simulated user signs up and logs in through the balancer (with fresh key pairs), then
-//! holds one connection to the server it was given, driven by one thread of its own (see
-//! `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
+//! holds one connection to the server it was given, driven by one of a few threads (one per
+//! core unless `--threads` says otherwise; see `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
 //! fixed offered rate, when each message is due), and opens, checks and acknowledges what
 //! arrives.
 //!
@@ -38,7 +38,7 @@ use crate::net::{
     Action, Change, Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply,
     ServerRequest, WrappedKey, MAX_FRAME,
 };
-use crate::transport::{Channel, Expect, Transport};
+use crate::transport::{Channel, Expect, Transport, Waker};
 use launch::{LocalCluster, Usage};
 
 mod driver;
@@ -170,6 +170,8 @@ pub struct Config {
     /// The database of a spawned cluster: a file, or a PostgreSQL URL (default: a SQLite file
     /// in the run's temporary folder).
     pub db: Option<String>,
+    /// Threads that drive the clients, each its share (`None`: one per core).
+    pub threads: Option<usize>,
 }
 
 /// Latency percentiles, microseconds.
@@ -202,6 +204,8 @@ pub struct Report {
     pub size: usize,
     /// Window per client.
     pub window: usize,
+    /// Threads that drove the clients.
+    pub threads: usize,
     /// Members per group (group mode).
     pub group_size: usize,
     /// Offered rate, if fixed.
@@ -358,6 +362,7 @@ pub fn run(config: &Config) -> Result<Report> {
         messages: config.messages,
         size: config.size,
         window: config.window,
+        threads: drivers(config),
         group_size: config.group_size,
         rate: config.rate,
         servers,
@@ -404,6 +409,9 @@ pub fn check(config: &Config) -> Result<()> {
     }
     if config.window == 0 {
         return bad("--window must be at least 1");
+    }
+    if config.threads == Some(0) {
+        return bad("--threads must be at least 1");
     }
     if config.mode == Mode::Group {
         if config.group_size < 2 {
@@ -701,8 +709,9 @@ impl Plan {
         });
         let (go_tx, go) = bounded::<()>(0);
         let (stored_tx, stored) = crossbeam_channel::unbounded::<Result<()>>();
-        let mut threads: Vec<JoinHandle<Vec<u32>>> = Vec::new();
-        let mut wakers = Vec::new();
+        let n_drivers = report.threads;
+        let mut groups: Vec<Vec<Client>> = (0..n_drivers).map(|_| Vec::new()).collect();
+        let clients = self.roles.len();
         for role in self.roles {
             let sending = Sending {
                 index: role.index,
@@ -743,15 +752,21 @@ impl Plan {
                 Arc::clone(&shared),
                 stored_tx.clone(),
             )?;
-            wakers.push(Arc::clone(&client.waker));
+            groups[role.index % n_drivers].push(client);
+        }
+        drop(stored_tx);
+        let mut threads: Vec<JoinHandle<Vec<u32>>> = Vec::new();
+        let mut wakers = Vec::new();
+        for (i, group) in groups.into_iter().enumerate() {
+            let waker = Arc::new(Waker::new()?);
+            wakers.push(Arc::clone(&waker));
             let go = go.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("bench-client-{}", role.index))
-                    .spawn(move || client.run(&go))?,
+                    .name(format!("bench-driver-{i}"))
+                    .spawn(move || driver::drive(group, waker, &go))?,
             );
         }
-        drop(stored_tx);
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
@@ -774,7 +789,7 @@ impl Plan {
             .progress
             .then(|| report::Progress::start(Arc::clone(&counters), expected));
         let mut send_error = None;
-        for outcome in stored.iter().take(threads.len()) {
+        for outcome in stored.iter().take(clients) {
             if let Err(e) = outcome {
                 send_error = send_error.or(Some(e));
             }
@@ -828,6 +843,15 @@ impl Plan {
         report.latency = report::percentiles(&mut latencies);
         Ok(())
     }
+}
+
+/// How many threads drive the clients: as asked, else one per core; never more than clients.
+fn drivers(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    config
+        .threads
+        .unwrap_or(cores)
+        .clamp(1, config.clients.max(1))
 }
 
 /// How many others each client writes to in direct mode: one in a ring, else as many as it

@@ -65,6 +65,36 @@ fn direct_mode_delivers_every_message_once_across_servers() {
 }
 
 #[test]
+fn any_number_of_driving_threads_delivers_everything_once() {
+    // One thread for all seven clients, three for seven (shares of 3, 2 and 2), and one each.
+    for threads in ["1", "3", "7"] {
+        let (code, r, err) = bench(&[
+            "--spawn-servers",
+            "2",
+            "--clients",
+            "7",
+            "--messages",
+            "40",
+            "--window",
+            "3",
+            "--threads",
+            threads,
+        ]);
+        assert_eq!(code, 0, "{threads}: {r} {err}");
+        assert_eq!(r["threads"].to_string(), threads, "{r}");
+        assert_eq!(r["delivered"], 280, "{threads}: {r}");
+        assert_eq!(r["lost"], 0);
+        assert_eq!(r["duplicated"], 0);
+        assert_eq!(r["errors"], 0, "{threads}: {r}");
+    }
+    // Never more threads than clients; one per core by default.
+    let (code, r, _) = bench(&["--spawn-servers", "1", "--clients", "2", "--messages", "5"]);
+    assert_eq!(code, 0);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(r["threads"], cores.min(2), "{r}");
+}
+
+#[test]
 fn opaque_bodies_reach_everyone_once_in_both_modes() {
     for mode in ["direct", "group"] {
         let (code, r, err) = bench(&[
@@ -197,6 +227,7 @@ fn bad_arguments_are_refused_with_exit_2() {
         vec!["--spawn-servers", "1", "--mode", "sideways"],
         vec!["--spawn-servers", "1", "--rate", "-5"],
         vec!["--spawn-servers", "1", "--kill-server", "1"],
+        vec!["--spawn-servers", "1", "--threads", "0"],
     ] {
         let out = run_limited(Command::new(env!("CARGO_BIN_EXE_fastchat-bench")).args(&args));
         assert_eq!(out.code, 2, "{args:?}: {out:?}");

@@ -1,22 +1,27 @@
-//! The running clients: one thread per simulated user, which owns its connection (replaced if
-//! its server dies), sends what its window and schedule allow, and takes in what arrives.
+//! The running clients: simulated users, each owning its connection (replaced if its server
+//! dies), sending what its window and schedule allow and taking in what arrives. A few
+//! threads (one per core by default, `--threads`) each drive their share of the clients.
 //!
 //! ```text
-//! client thread (owns the socket):
-//!   send: seal the next message while fewer than `window` are unconfirmed (and, at a fixed
-//!         rate, once it is due); remember it until `Stored`
-//!   read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
-//!         batches (ACK_BATCH ids; with the next message out; at the next ACK_DELAY tick, or
-//!         one tick later if a message is due by then)
-//!   wait: poll(socket, waker) until data, the next due message, an acknowledgement's
-//!         deadline, or the end of the run
-//!   the connection ends while the run goes on → failover: balancer Resume (avoiding the dead
-//!   server), Hello to the new one, re-send every unconfirmed message with `resend_after`
-//!   (stored once, whatever happened to the first)
+//! driving thread (owns its clients and their sockets), round after round:
+//!   a turn for each client with something to do:
+//!     send: seal the next message while fewer than `window` are unconfirmed (and, at a fixed
+//!           rate, once it is due); remember it until `Stored`
+//!     read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
+//!           batches (ACK_BATCH ids; with the next message out; at the next ACK_DELAY tick, or
+//!           one tick later if a message is due by then)
+//!   wait: one poll on every client's socket and the thread's waker, until data, the first
+//!         due message or acknowledgement deadline, or the end of the run
+//!   a connection ends while the run goes on → that client fails over on a thread of its own
+//!   (balancer Resume avoiding the dead server, Hello to the new one, re-send every
+//!   unconfirmed message with `resend_after`: stored once, whatever happened to the first)
+//!   and comes back; the others carry on meanwhile
 //! ```
 //!
-//! One thread does it all, so the tool pays no hand-off between threads per message: what it
-//! costs the machine it measures is the sealing, the opening and the system calls.
+//! No hand-off between threads per message, and one wake-up serves every client whose
+//! socket is ready: what the tool costs the machine it measures is the sealing, the opening
+//! and the system calls. (A thread per client, `--threads` = clients, cost the servers'
+//! cores a context switch per event; see BENCHMARKS.md.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::net::{
     Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
 };
-use crate::transport::{wait, Channel, Fill, Transport, Waker};
+use crate::transport::{wait_many, Channel, Fill, Interest, Stream, Transport, Waker};
 
 /// Counters shared by every thread of a run.
 #[derive(Default)]
@@ -287,8 +292,6 @@ pub(super) struct Client {
     /// used).
     opened: std::collections::HashSet<i64>,
     pub shared: Arc<Shared>,
-    /// Rung to end the run (with `Counters::finished` set).
-    pub waker: Arc<Waker>,
     /// Told once every message of this client is stored (or that it never will be); `None`
     /// once told.
     stored: Option<Sender<Result<()>>>,
@@ -308,10 +311,17 @@ pub(super) struct Client {
     /// (sender, sequence) → the message id it was delivered under.
     seen: HashMap<(u64, u64), i64>,
     latencies: Vec<u32>,
+    /// When a `Stored` last came (or the run started).
+    last_stored: Instant,
 }
 
-/// A pending `Stored` is overdue: the client stops sending.
-struct Overdue;
+/// What a client waits for when a turn leaves it nothing to do now.
+struct Wait {
+    interest: Interest,
+    deadline: Option<Instant>,
+    /// A pending `Stored` is overdue: the client stops sending (and says so once).
+    overdue: bool,
+}
 
 impl Client {
     /// A client on a set-up link.
@@ -337,7 +347,6 @@ impl Client {
             keys,
             opened: std::collections::HashSet::new(),
             shared,
-            waker: Arc::new(Waker::new()?),
             stored: Some(stored),
             chan,
             server_id,
@@ -350,36 +359,13 @@ impl Client {
             next_ack_id: 1 << 62,
             seen: HashMap::new(),
             latencies: Vec::new(),
+            last_stored: Instant::now(),
         })
     }
 
-    /// Runs the client from `go` until the run is over; returns its latencies in microseconds.
-    pub fn run(mut self, go: &Receiver<()>) -> Vec<u32> {
-        let _ = go.recv();
-        let start = self.start();
-        let mut last_stored = Instant::now();
-        while !self.shared.counters.finished.load(Ordering::SeqCst) {
-            match self.turn(start, &mut last_stored) {
-                Ok(()) => {}
-                Err(Ok(Overdue)) => self.tell(Err(Error::Protocol(format!(
-                    "no Stored reply in {} s",
-                    STORED_LIMIT.as_secs()
-                )))),
-                Err(Err(_)) if self.shared.counters.finished.load(Ordering::SeqCst) => break,
-                Err(Err(_)) => {
-                    self.shared
-                        .counters
-                        .failovers
-                        .fetch_add(1, Ordering::SeqCst);
-                    if let Err(e) = self.failover() {
-                        self.shared.counters.error(&format!("failover: {e}"));
-                        self.tell(Err(e));
-                        break;
-                    }
-                }
-            }
-        }
-        // Best effort: what this client showed leaves its queue.
+    /// Best effort when the run is over: what this client showed leaves its queue. Returns
+    /// its latencies in microseconds.
+    fn finish(mut self) -> Vec<u32> {
         if !self.acks.is_empty() && self.send_acks().is_ok() {
             let _ = self
                 .chan
@@ -395,13 +381,9 @@ impl Client {
         }
     }
 
-    /// One turn: send what may go, read what came, sleep if there is nothing to do.
-    /// `Err(Err(_))` when the connection is lost.
-    fn turn(
-        &mut self,
-        start: Instant,
-        last_stored: &mut Instant,
-    ) -> std::result::Result<(), std::result::Result<Overdue, Error>> {
+    /// One turn: send what may go, read what came. `None` when there is more to do at once,
+    /// else what to wait for; an error when the connection is lost.
+    fn turn(&mut self, start: Instant) -> Result<Option<Wait>> {
         let now = Instant::now();
         let mut next_due = None;
         while self.next_seq < self.sending.messages && self.unconfirmed.len() < self.sending.window
@@ -414,11 +396,8 @@ impl Client {
             let seq = self.next_seq;
             let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
             let text = payload(self.sending.index, seq, sent_ns, self.sending.size);
-            let request = self
-                .sending
-                .request(&mut self.keys, seq, &text)
-                .map_err(Err)?;
-            self.chan.queue(&request).map_err(Err)?;
+            let request = self.sending.request(&mut self.keys, seq, &text)?;
+            self.chan.queue(&request)?;
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;
         }
@@ -432,53 +411,42 @@ impl Client {
         }
         let due = self.acks_due.is_some_and(|d| now >= d) || (sending && !self.acks.is_empty());
         if self.acks.len() >= ACK_BATCH || due {
-            self.send_acks().map_err(Err)?;
+            self.send_acks()?;
         }
         if self.chan.pending() > 0 {
-            self.chan.flush().map_err(Err)?;
+            self.chan.flush()?;
         }
         loop {
-            while let Some(event) = self.chan.frame::<ServerEvent>(MAX_FRAME).map_err(Err)? {
+            while let Some(event) = self.chan.frame::<ServerEvent>(MAX_FRAME)? {
                 if self.event(event) {
-                    *last_stored = Instant::now();
+                    self.last_stored = Instant::now();
                 }
             }
-            match self.chan.fill().map_err(Err)? {
+            match self.chan.fill()? {
                 Fill::Data => {}
                 Fill::Idle => break,
-                Fill::Closed => {
-                    return Err(Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())))
-                }
+                Fill::Closed => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
             }
         }
         if self.next_seq == self.sending.messages && self.unconfirmed.is_empty() {
             self.tell(Ok(()));
         }
-        let overdue = !self.unconfirmed.is_empty() && last_stored.elapsed() > STORED_LIMIT;
+        let overdue = !self.unconfirmed.is_empty() && self.last_stored.elapsed() > STORED_LIMIT;
         let can_send = self.next_seq < self.sending.messages
             && self.unconfirmed.len() < self.sending.window
             && next_due.is_none();
         if (can_send && !overdue) || self.acks.len() >= ACK_BATCH {
-            return Ok(());
+            return Ok(None);
         }
         let deadline = [next_due, self.acks_due, Some(now + STORED_LIMIT)]
             .into_iter()
             .flatten()
             .min();
-        let ready = wait(
-            self.chan.stream(),
-            self.chan.interest(true),
-            &[&self.waker],
+        Ok(Some(Wait {
+            interest: self.chan.interest(true),
             deadline,
-        );
-        let ready = ready.map_err(|e| Err(e.into()))?;
-        if ready.woken != 0 {
-            self.waker.reset();
-        }
-        if overdue {
-            return Err(Ok(Overdue));
-        }
-        Ok(())
+            overdue,
+        }))
     }
 
     /// Time zero of the run.
@@ -595,6 +563,165 @@ impl Client {
             }
         }
     }
+}
+
+/// A client of a driving thread, and where it is.
+enum Slot {
+    /// Driven here; `due` when it gets a turn this round, else what it waits for.
+    Here {
+        client: Box<Client>,
+        due: bool,
+        wait: Option<Wait>,
+    },
+    /// Failing over on a thread of its own.
+    Away,
+    /// Its run is over (it could not fail over): kept for its latencies.
+    Done(Box<Client>),
+}
+
+/// Drives `clients` on this thread from `go` until the run is over (`Counters::finished`, then
+/// `waker` rung): a turn for each client with something to do, then one poll on all their
+/// sockets and the waker. Returns their latencies in microseconds.
+pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<u32> {
+    let Some(first) = clients.first() else {
+        return Vec::new();
+    };
+    let shared = Arc::clone(&first.shared);
+    let mut slots: Vec<Slot> = clients
+        .into_iter()
+        .map(|client| Slot::Here {
+            client: Box::new(client),
+            due: true,
+            wait: None,
+        })
+        .collect();
+    let (back_tx, back) = crossbeam_channel::unbounded::<(usize, Box<Client>, Result<()>)>();
+    let finished = || shared.counters.finished.load(Ordering::SeqCst);
+    let _ = go.recv();
+    let start = *shared.start.get().expect("set before go");
+    for slot in &mut slots {
+        if let Slot::Here { client, .. } = slot {
+            client.last_stored = Instant::now();
+        }
+    }
+    while !finished() {
+        // A turn for each client that has something to do.
+        let mut any_due = false;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Slot::Here { client, due, wait } = slot else {
+                continue;
+            };
+            if !*due {
+                continue;
+            }
+            match client.turn(start) {
+                Ok(None) => any_due = true,
+                Ok(Some(w)) => {
+                    if w.overdue {
+                        let limit = STORED_LIMIT.as_secs();
+                        client.tell(Err(Error::Protocol(format!(
+                            "no Stored reply in {limit} s"
+                        ))));
+                    }
+                    *due = false;
+                    *wait = Some(w);
+                }
+                Err(_) if finished() => {}
+                Err(_) => {
+                    shared.counters.failovers.fetch_add(1, Ordering::SeqCst);
+                    let Slot::Here { client, .. } = std::mem::replace(slot, Slot::Away) else {
+                        unreachable!("matched above");
+                    };
+                    let (back_tx, waker) = (back_tx.clone(), Arc::clone(&waker));
+                    std::thread::spawn(move || {
+                        let mut client = client;
+                        let outcome = client.failover();
+                        let _ = back_tx.send((i, client, outcome));
+                        waker.wake();
+                    });
+                }
+            }
+        }
+        // One wait for all of them (none if a client can go on at once).
+        let mut waiting: Vec<(usize, &Stream, Interest)> = Vec::new();
+        let mut deadline = any_due.then(Instant::now);
+        for (i, slot) in slots.iter().enumerate() {
+            if let Slot::Here {
+                client,
+                due: false,
+                wait: Some(w),
+            } = slot
+            {
+                waiting.push((i, client.chan.stream(), w.interest));
+                deadline = match (deadline, w.deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        let sockets: Vec<(&Stream, Interest)> = waiting.iter().map(|&(_, s, w)| (s, w)).collect();
+        let ready = match wait_many(&sockets, &[&waker], deadline) {
+            Ok((ready, woken)) => {
+                if woken != 0 {
+                    waker.reset();
+                }
+                ready
+            }
+            Err(e) => {
+                shared.counters.error(&format!("poll: {e}"));
+                break;
+            }
+        };
+        let mut woken = vec![false; slots.len()];
+        for ((i, _, _), r) in waiting.iter().zip(ready) {
+            woken[*i] = r.readable || r.writable;
+        }
+        drop(sockets);
+        drop(waiting);
+        let now = Instant::now();
+        for (slot, woken) in slots.iter_mut().zip(woken) {
+            if let Slot::Here { due, wait, .. } = slot {
+                let expired = wait
+                    .as_ref()
+                    .and_then(|w| w.deadline)
+                    .is_some_and(|d| d <= now);
+                *due |= woken || expired;
+            }
+        }
+        // Clients back from a failover.
+        while let Ok((i, mut client, outcome)) = back.try_recv() {
+            slots[i] = match outcome {
+                Ok(()) => Slot::Here {
+                    client,
+                    due: true,
+                    wait: None,
+                },
+                Err(e) => {
+                    shared.counters.error(&format!("failover: {e}"));
+                    client.tell(Err(e));
+                    Slot::Done(client)
+                }
+            };
+        }
+    }
+    // Clients still failing over come back (within their failover limit).
+    let mut away = slots.iter().filter(|s| matches!(s, Slot::Away)).count();
+    let mut latencies = Vec::new();
+    while away > 0 {
+        match back.recv() {
+            Ok((_, client, _)) => latencies.extend(client.finish()),
+            Err(_) => break,
+        }
+        away -= 1;
+    }
+    for slot in slots {
+        match slot {
+            Slot::Here { client, .. } => latencies.extend(client.finish()),
+            Slot::Done(client) => latencies.extend(client.latencies),
+            Slot::Away => {}
+        }
+    }
+    latencies
 }
 
 /// The first acknowledgement tick after `now`.

@@ -95,14 +95,16 @@ pub fn render(r: &Report) -> String {
         _ => String::new(),
     };
     out.push_str(&format!(
-        "fastchat-bench: {} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}\n",
+        "fastchat-bench: {} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {} driving thread{}\n",
         r.mode,
         r.clients,
         r.messages,
         r.size,
         r.window,
         r.servers,
-        if r.servers == 1 { "" } else { "s" }
+        if r.servers == 1 { "" } else { "s" },
+        r.threads,
+        if r.threads == 1 { "" } else { "s" }
     ));
     if r.opaque {
         out.push_str(
@@ -276,6 +278,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "messages_per_client": r.messages,
         "size": r.size,
         "window": r.window,
+        "threads": r.threads,
         "group_size": r.group_size,
         "rate": r.rate,
         "servers": r.servers,

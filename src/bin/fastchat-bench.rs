@@ -52,6 +52,11 @@ struct Args {
     /// Messages a client may have in flight (sent, not yet confirmed stored).
     #[arg(long, default_value_t = 32, value_name = "W")]
     window: usize,
+    /// Threads that drive the clients, each its share of them over one poll. Default: one
+    /// per core (the tool then costs the machine it measures little beyond its cryptography);
+    /// as many as --clients gives each client a thread of its own.
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
     /// direct (one recipient per message, by --pattern), group (everyone to their group) or
     /// idle (connect and hold).
     #[arg(long, default_value = "direct", value_name = "MODE")]
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
         plaintext: args.insecure_plaintext,
         opaque: args.opaque,
         db: args.db,
+        threads: args.threads,
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {

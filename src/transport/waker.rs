@@ -84,16 +84,33 @@ pub fn wait(
     wakers: &[&Waker],
     deadline: Option<Instant>,
 ) -> io::Result<Ready> {
-    let mut flags = PollFlags::empty();
-    if interest.read {
-        flags |= PollFlags::IN;
-    }
-    if interest.write {
-        flags |= PollFlags::OUT;
-    }
+    let (sockets, woken) = wait_many(&[(socket, interest)], wakers, deadline)?;
+    Ok(Ready {
+        woken,
+        ..sockets[0]
+    })
+}
+
+/// Like [`wait`] for many sockets at once (one thread serving many connections): what each
+/// socket is ready for (their `woken` is 0), and which wakers are set (bit `i` for waker `i`).
+pub fn wait_many<S: AsFd>(
+    sockets: &[(S, Interest)],
+    wakers: &[&Waker],
+    deadline: Option<Instant>,
+) -> io::Result<(Vec<Ready>, u32)> {
+    let trouble = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
     loop {
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + wakers.len());
-        fds.push(PollFd::new(socket, flags));
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(sockets.len() + wakers.len());
+        for (socket, interest) in sockets {
+            let mut flags = PollFlags::empty();
+            if interest.read {
+                flags |= PollFlags::IN;
+            }
+            if interest.write {
+                flags |= PollFlags::OUT;
+            }
+            fds.push(PollFd::new(socket, flags));
+        }
         for w in wakers {
             fds.push(PollFd::new(*w, PollFlags::IN));
         }
@@ -109,19 +126,22 @@ pub fn wait(
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
-        let socket = fds[0].revents();
-        let trouble = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
-        let mut ready = Ready {
-            readable: socket.intersects(PollFlags::IN | trouble),
-            writable: socket.intersects(PollFlags::OUT | trouble),
-            woken: 0,
-        };
-        for (i, fd) in fds[1..].iter().enumerate() {
+        let (socket_fds, waker_fds) = fds.split_at(sockets.len());
+        let ready = socket_fds
+            .iter()
+            .map(|fd| Ready {
+                readable: fd.revents().intersects(PollFlags::IN | trouble),
+                writable: fd.revents().intersects(PollFlags::OUT | trouble),
+                woken: 0,
+            })
+            .collect();
+        let mut woken = 0;
+        for (i, fd) in waker_fds.iter().enumerate() {
             if fd.revents().contains(PollFlags::IN) {
-                ready.woken |= 1 << i;
+                woken |= 1 << i;
             }
         }
-        return Ok(ready);
+        return Ok((ready, woken));
     }
 }
 
