@@ -2,7 +2,7 @@
 //!
 //! Every simulated user signs up and logs in through the balancer (with fresh key pairs), then
 //! holds one connection to the server it was given, driven by one of a few threads (one per
-//! core unless `--threads` says otherwise; see `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
+//! core and at most 50 clients each, unless `--threads` says otherwise; see `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
 //! fixed offered rate, when each message is due), and opens, checks and acknowledges what
 //! arrives.
 //!
@@ -845,12 +845,18 @@ impl Plan {
     }
 }
 
-/// How many threads drive the clients: as asked, else one per core; never more than clients.
+/// Most clients one driving thread takes by default: its `poll` looks at every one of their
+/// sockets each time, so thousands on one thread cost more than their wake-ups would.
+const CLIENTS_PER_THREAD: usize = 50;
+
+/// How many threads drive the clients: as asked, else one per core and at most
+/// [`CLIENTS_PER_THREAD`] clients each; never more threads than clients.
 fn drivers(config: &Config) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = cores.max(config.clients.div_ceil(CLIENTS_PER_THREAD));
     config
         .threads
-        .unwrap_or(cores)
+        .unwrap_or(default)
         .clamp(1, config.clients.max(1))
 }
 

@@ -87,11 +87,14 @@ fn any_number_of_driving_threads_delivers_everything_once() {
         assert_eq!(r["duplicated"], 0);
         assert_eq!(r["errors"], 0, "{threads}: {r}");
     }
-    // Never more threads than clients; one per core by default.
-    let (code, r, _) = bench(&["--spawn-servers", "1", "--clients", "2", "--messages", "5"]);
-    assert_eq!(code, 0);
+    // Never more threads than clients; by default one per core, at most 50 clients each.
     let cores = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(r["threads"], cores.min(2), "{r}");
+    for (clients, threads) in [(2, cores.min(2)), (120, cores.max(3))] {
+        let n = clients.to_string();
+        let (code, r, _) = bench(&["--spawn-servers", "1", "--clients", &n, "--messages", "2"]);
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(r["threads"], threads, "{clients} clients: {r}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The running clients: simulated users, each owning its connection (replaced if its server
 //! dies), sending what its window and schedule allow and taking in what arrives. A few
-//! threads (one per core by default, `--threads`) each drive their share of the clients.
+//! threads (one per core and at most 50 clients each by default, `--threads`) each drive
+//! their share of the clients.
 //!
 //! ```text
 //! driving thread (owns its clients and their sockets), round after round:

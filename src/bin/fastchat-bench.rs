@@ -53,8 +53,9 @@ struct Args {
     #[arg(long, default_value_t = 32, value_name = "W")]
     window: usize,
     /// Threads that drive the clients, each its share of them over one poll. Default: one
-    /// per core (the tool then costs the machine it measures little beyond its cryptography);
-    /// as many as --clients gives each client a thread of its own.
+    /// per core, and at most 50 clients each (the tool then costs the machine it measures
+    /// little beyond its cryptography); as many as --clients gives each client a thread of
+    /// its own.
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
     /// direct (one recipient per message, by --pattern), group (everyone to their group) or
