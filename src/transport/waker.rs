@@ -84,10 +84,13 @@ pub fn wait(
     wakers: &[&Waker],
     deadline: Option<Instant>,
 ) -> io::Result<Ready> {
-    let (sockets, woken) = wait_many(&[(socket, interest)], wakers, deadline)?;
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + wakers.len());
+    fds.push(PollFd::new(socket, interest.flags()));
+    fds.extend(wakers.iter().map(|w| PollFd::new(*w, PollFlags::IN)));
+    poll_until(&mut fds, deadline)?;
     Ok(Ready {
-        woken,
-        ..sockets[0]
+        woken: woken(&fds[1..]),
+        ..Ready::of(&fds[0])
     })
 }
 
@@ -98,22 +101,54 @@ pub fn wait_many<S: AsFd>(
     wakers: &[&Waker],
     deadline: Option<Instant>,
 ) -> io::Result<(Vec<Ready>, u32)> {
-    let trouble = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(sockets.len() + wakers.len());
+    fds.extend(sockets.iter().map(|(s, i)| PollFd::new(s, i.flags())));
+    fds.extend(wakers.iter().map(|w| PollFd::new(*w, PollFlags::IN)));
+    poll_until(&mut fds, deadline)?;
+    let (socket_fds, waker_fds) = fds.split_at(sockets.len());
+    Ok((socket_fds.iter().map(Ready::of).collect(), woken(waker_fds)))
+}
+
+impl Interest {
+    fn flags(self) -> PollFlags {
+        let mut flags = PollFlags::empty();
+        if self.read {
+            flags |= PollFlags::IN;
+        }
+        if self.write {
+            flags |= PollFlags::OUT;
+        }
+        flags
+    }
+}
+
+impl Ready {
+    /// What a polled socket is ready for: an error or hang-up counts as both (a read or a
+    /// write then tells which).
+    fn of(fd: &PollFd<'_>) -> Ready {
+        let trouble = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
+        Ready {
+            readable: fd.revents().intersects(PollFlags::IN | trouble),
+            writable: fd.revents().intersects(PollFlags::OUT | trouble),
+            woken: 0,
+        }
+    }
+}
+
+/// Bit `i` set for each of `wakers` (polled) that is set.
+fn woken(wakers: &[PollFd<'_>]) -> u32 {
+    let mut woken = 0;
+    for (i, fd) in wakers.iter().enumerate() {
+        if fd.revents().contains(PollFlags::IN) {
+            woken |= 1 << i;
+        }
+    }
+    woken
+}
+
+/// `poll(2)` on `fds` until something is ready or `deadline` passes, resumed if interrupted.
+fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<()> {
     loop {
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(sockets.len() + wakers.len());
-        for (socket, interest) in sockets {
-            let mut flags = PollFlags::empty();
-            if interest.read {
-                flags |= PollFlags::IN;
-            }
-            if interest.write {
-                flags |= PollFlags::OUT;
-            }
-            fds.push(PollFd::new(socket, flags));
-        }
-        for w in wakers {
-            fds.push(PollFd::new(*w, PollFlags::IN));
-        }
         let timeout = match deadline {
             None => None,
             Some(d) => {
@@ -121,27 +156,11 @@ pub fn wait_many<S: AsFd>(
                 Some(Timespec::try_from(left.min(Duration::from_secs(3600))).unwrap_or_default())
             }
         };
-        match poll(&mut fds, timeout.as_ref()) {
-            Ok(_) => {}
+        match poll(fds, timeout.as_ref()) {
+            Ok(_) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
-        let (socket_fds, waker_fds) = fds.split_at(sockets.len());
-        let ready = socket_fds
-            .iter()
-            .map(|fd| Ready {
-                readable: fd.revents().intersects(PollFlags::IN | trouble),
-                writable: fd.revents().intersects(PollFlags::OUT | trouble),
-                woken: 0,
-            })
-            .collect();
-        let mut woken = 0;
-        for (i, fd) in waker_fds.iter().enumerate() {
-            if fd.revents().contains(PollFlags::IN) {
-                woken |= 1 << i;
-            }
-        }
-        return Ok((ready, woken));
     }
 }
 
@@ -151,6 +170,30 @@ mod tests {
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
     use std::sync::Arc;
+
+    #[test]
+    fn a_wait_on_many_sockets_says_which_are_ready() -> io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let quiet = TcpStream::connect(listener.local_addr()?)?;
+        let (_quiet_peer, _) = listener.accept()?;
+        let talking = TcpStream::connect(listener.local_addr()?)?;
+        let (mut talking_peer, _) = listener.accept()?;
+        talking_peer.write_all(b"x")?;
+        let waker = Waker::new()?;
+        let read = Interest {
+            read: true,
+            write: false,
+        };
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        let (ready, woken) = wait_many(&[(&quiet, read), (&talking, read)], &[&waker], deadline)?;
+        assert!(!ready[0].readable && ready[1].readable, "{ready:?}");
+        assert_eq!(woken, 0);
+        // Nothing ready but the waker.
+        waker.wake();
+        let (ready, woken) = wait_many(&[(&quiet, read)], &[&waker], deadline)?;
+        assert!(ready[0].timed_out() && woken == 1, "{ready:?} {woken}");
+        Ok(())
+    }
 
     #[test]
     fn a_wake_from_another_thread_ends_a_wait_on_an_idle_socket() -> io::Result<()> {
