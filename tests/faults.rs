@@ -249,8 +249,9 @@ fn a_database_locked_too_long_fails_writes_with_a_clear_error() {
     assert_eq!(common::next_message(&bob).body, b"now it goes");
 }
 
-/// A small tmpfs mounted on a fresh temporary folder, unmounted when dropped (after the
-/// cluster that uses it, which the caller declares later so that it drops first).
+/// A small tmpfs mounted on a fresh temporary folder, unmounted and the folder removed when
+/// dropped (after the cluster that uses it, which the caller declares later so that it drops
+/// first).
 struct SmallDisk {
     path: std::path::PathBuf,
 }
@@ -300,6 +301,9 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount")
             .arg(&self.path)
             .status();
+        // The temporary folder could not remove itself while it was a mount point: its
+        // contents went, the folder stayed.
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
