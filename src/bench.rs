@@ -2,16 +2,18 @@
 //!
 //! Every simulated user signs up and logs in through the balancer (with fresh key pairs), then
 //! holds one connection to the server it was given, driven by one of a few threads (one per
-//! core and at most 50 clients each, unless `--threads` says otherwise; see `driver`): it seals (and in groups signs) and sends while its window has room (and, at a
-//! fixed offered rate, when each message is due), and opens, checks and acknowledges what
-//! arrives.
+//! core and at most 50 clients each, unless `--threads` says otherwise; see `driver`): it
+//! seals (and in groups tags) and sends while its window has room (and, at a fixed offered
+//! rate, when each message is due), and opens, checks and acknowledges what arrives.
 //!
 //! A payload is text, `SENDER:SEQ:NANOS:` padded to the requested size, where NANOS is when it
 //! was sent (or, with a fixed rate, when it was due: latency then includes any time the client
 //! fell behind). Receivers count each (sender, seq) once: what never arrives is lost, what
 //! arrives twice is duplicated.
 //!
-//! Direct mode: client i sends to client i+1 (cyclically). Group mode: groups of K consecutive
+//! Direct mode: message s of client i goes to client i+1+(s mod R), R = min(messages,
+//! clients-1) (`--pattern` spread, the default; random: one of those R at random; ring:
+//! always i+1). Group mode: groups of K consecutive
 //! clients, made through the real group protocol; every member sends to its group, and every
 //! message reaches the K-1 others. Idle mode: connect and hold, to see what a connection costs a
 //! server.
@@ -170,7 +172,8 @@ pub struct Config {
     /// The database of a spawned cluster: a file, or a PostgreSQL URL (default: a SQLite file
     /// in the run's temporary folder).
     pub db: Option<String>,
-    /// Threads that drive the clients, each its share (`None`: one per core).
+    /// Threads that drive the clients, each its share (`None`: one per core, and at most 50
+    /// clients each).
     pub threads: Option<usize>,
 }
 
