@@ -32,7 +32,7 @@
 //!   `fastchat` commands.
 //! * [`admin`]: the operator's commands behind `fastchat-admin`, on the database (its
 //!   announcements are sent by the client, as a user).
-//! * [`bench`]: the load generator behind `fastchat-bench`, and starting a local cluster.
+//! * [`bench`](mod@bench): the load generator behind `fastchat-bench`, and starting a local cluster.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -1,5 +1,5 @@
 //! `fastchat chat`: the interactive session. On a terminal, our own line editor
-//! ([`editor`]) with everything else printed above the prompt; from a pipe, one command per
+//! (`editor`) with everything else printed above the prompt; from a pipe, one command per
 //! input line.
 //!
 //! ```text

@@ -175,7 +175,7 @@ impl std::fmt::Debug for SenderKey {
 }
 
 /// What a file message carries, encrypted: where the file's chunks are and how to open and
-/// check them. The chunks themselves are sealed under `key` (see [`crate::files`]).
+/// check them. The chunks themselves are sealed under `key` (see [`crate::client::files`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileOffer {
     /// The sender's name for the file (the receiver makes it safe before using it).

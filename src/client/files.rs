@@ -369,7 +369,7 @@ const MAX_NAME: usize = 200;
 /// A sender's file name made safe to save: its last path component, with control and format
 /// characters escaped (`invoice\u{202e}fdp.exe`, never a name that shows as another), without
 /// leading dots (no hidden files, no `.` or `..`) or surrounding spaces, at most
-/// [`MAX_NAME`] bytes (keeping the extension); `file` if nothing is left.
+/// `MAX_NAME` bytes (keeping the extension); `file` if nothing is left.
 pub fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or("");
     let visible = super::text::one_line(last);

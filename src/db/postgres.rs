@@ -266,7 +266,7 @@ fn tls() -> Result<postgres_openssl::MakeTlsConnector> {
 }
 
 /// A bounded pool of read connections, shared by the threads of one process: a thread that
-/// finds none free opens one while fewer than [`MAX_READERS`] are open, and waits otherwise
+/// finds none free opens one while fewer than `MAX_READERS` are open, and waits otherwise
 /// (a server has a thread per client; PostgreSQL, a process per connection).
 pub struct Readers {
     url: String,

@@ -479,7 +479,7 @@ impl Writer {
         }));
     }
 
-    /// Queues a first attempt of a direct message without a file (see [`run_merged`]).
+    /// Queues a first attempt of a direct message without a file (see `run_merged`).
     pub fn submit_message(
         &self,
         from: String,
@@ -499,7 +499,7 @@ impl Writer {
     }
 
     /// Queues `msg`; `fallback` stores it (in a savepoint) if the merged statement does not
-    /// (see [`run_merged`]).
+    /// (see `run_merged`).
     pub fn submit_group_message(
         &self,
         msg: GroupMessage,
@@ -514,7 +514,7 @@ impl Writer {
         }));
     }
 
-    /// Queues an acknowledgement (see [`run_merged`]).
+    /// Queues an acknowledgement (see `run_merged`).
     pub fn submit_ack(
         &self,
         user: String,

@@ -345,7 +345,7 @@ pub(super) const WALK: &str = r#"WITH RECURSIVE pairs AS (
    SELECT grp, old, p FROM next WHERE p > old"#;
 
 /// Moves each `(group, member)`'s position over every acknowledged message that directly
-/// follows it ([`WALK`], one statement for all), then removes the group messages that no
+/// follows it (`WALK`, one statement for all), then removes the group messages that no
 /// member still needs in the ranges the positions passed (one more statement): a member's
 /// acknowledgements anywhere in a batch cost two round trips in all.
 pub fn advance_positions(conn: &mut Conn, pairs: &[(&str, &str)]) -> Result<()> {

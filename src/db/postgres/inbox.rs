@@ -42,7 +42,7 @@ pub fn ack(conn: &mut Conn, user: &str, ids: &[i64]) -> Result<usize> {
     ack_many(conn, &[(user, ids)])?.pop().unwrap_or(Ok(0))
 }
 
-/// Several users' acknowledgements (see [`ack`]) in one statement (per [`MERGED_IDS`] ids):
+/// Several users' acknowledgements (see [`ack`]) in one statement (per `MERGED_IDS` ids):
 /// the direct messages among them removed and remembered as delivered, the group ones
 /// recorded; then the files of removed messages dropped and every touched member's position
 /// moved (two statements for all, [`advance_positions`]).

@@ -19,7 +19,7 @@ macro_rules! envelope_columns {
 }
 pub(crate) use envelope_columns;
 
-/// Reads an envelope from a row of [`envelope_columns`].
+/// Reads an envelope from a row of `envelope_columns`.
 pub fn envelope_row(r: &Row) -> Result<Envelope> {
     Ok(Envelope {
         id: r.try_get(0)?,
