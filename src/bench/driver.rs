@@ -644,7 +644,8 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
             }
         }
         // One wait for all of them (none if a client can go on at once).
-        let mut waiting: Vec<(usize, &Stream, Interest)> = Vec::new();
+        let mut indices = Vec::new();
+        let mut sockets: Vec<(&Stream, Interest)> = Vec::new();
         let mut deadline = any_due.then(Instant::now);
         for (i, slot) in slots.iter().enumerate() {
             if let Slot::Here {
@@ -653,14 +654,14 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
                 wait: Some(w),
             } = slot
             {
-                waiting.push((i, client.chan.stream(), w.interest));
+                indices.push(i);
+                sockets.push((client.chan.stream(), w.interest));
                 deadline = match (deadline, w.deadline) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
             }
         }
-        let sockets: Vec<(&Stream, Interest)> = waiting.iter().map(|&(_, s, w)| (s, w)).collect();
         let ready = match wait_many(&sockets, &[&waker], deadline) {
             Ok((ready, woken)) => {
                 if woken != 0 {
@@ -673,12 +674,11 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
                 break;
             }
         };
-        let mut woken = vec![false; slots.len()];
-        for ((i, _, _), r) in waiting.iter().zip(ready) {
-            woken[*i] = r.readable || r.writable;
-        }
         drop(sockets);
-        drop(waiting);
+        let mut woken = vec![false; slots.len()];
+        for (i, r) in indices.into_iter().zip(ready) {
+            woken[i] = r.readable || r.writable;
+        }
         let now = Instant::now();
         for (slot, woken) in slots.iter_mut().zip(woken) {
             if let Slot::Here { due, wait, .. } = slot {
