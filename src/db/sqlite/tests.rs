@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::{open, schema, SqliteTx, WriterConn};
+use super::{open, schema, SqliteTx, WalFile, WriterConn};
 use crate::db::writer::{Batch, Writer};
 use crate::db::{now_ms, Options, Outgoing, Store, Tx};
 use crate::error::{Error, Result};
@@ -64,6 +64,29 @@ fn the_database_and_its_wal_are_private() -> Result<()> {
         std::fs::metadata(&path)?.permissions().mode() & 0o777,
         0o600
     );
+    Ok(())
+}
+
+#[test]
+fn the_log_length_follows_the_file_even_when_it_is_replaced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("chat.db-wal");
+    let mut wal = WalFile::new(path.clone());
+    assert_eq!(wal.len(), 0, "no log yet");
+    std::fs::write(&path, [0u8; 100])?;
+    assert_eq!(wal.len(), 100);
+    // Grown and cut through other descriptors, as SQLite does.
+    let other = std::fs::OpenOptions::new().write(true).open(&path)?;
+    other.set_len(5000)?;
+    assert_eq!(wal.len(), 5000);
+    other.set_len(10)?;
+    assert_eq!(wal.len(), 10);
+    // Removed and made again: the kept descriptor names a file that is gone.
+    std::fs::remove_file(&path)?;
+    std::fs::write(&path, [0u8; 300])?;
+    assert_eq!(wal.len(), 300);
+    std::fs::remove_file(&path)?;
+    assert_eq!(wal.len(), 0, "the log is gone");
     Ok(())
 }
 
