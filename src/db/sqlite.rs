@@ -15,7 +15,7 @@
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,8 @@ pub struct WriterConn {
     backlog: Arc<Backlog>,
     /// The log file (`-wal`), whose growth since the last checkpoint counts too.
     wal: WalFile,
+    /// No restart of the log is tried before this (see [`WriterConn::restart_log`]).
+    next_restart: Instant,
 }
 
 /// How much of the log is not yet copied into the database: what the last checkpoint could
@@ -171,6 +173,8 @@ struct Backlog {
     uncopied: AtomicU64,
     /// The log file's length at that checkpoint.
     file_len: AtomicU64,
+    /// Set by the checkpoint thread when the log should start over (see [`checkpoint_loop`]).
+    restart: AtomicBool,
 }
 
 impl Backlog {
@@ -247,6 +251,7 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
     wal_path.push("-wal");
     let wal_path = PathBuf::from(wal_path);
     let mut checked = WalFile::new(wal_path.clone());
+    let restart_at = RESTART_AT.min(options.wal_limit / 2);
     let background: Background = Box::new(move |stop| {
         set_busy_timeout(busy_timeout);
         checkpoint_loop(
@@ -255,6 +260,7 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
             page_size.max(512) as u64,
             &published,
             &mut checked,
+            restart_at,
         )
     });
     let writer = WriterConn {
@@ -263,11 +269,36 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
         wal_limit: options.wal_limit,
         backlog,
         wal: WalFile::new(wal_path),
+        next_restart: Instant::now(),
     };
     Ok((writer, Some(background)))
 }
 
 impl WriterConn {
+    /// Starts the log over when the checkpoint thread asks (see [`checkpoint_loop`]), between
+    /// batches: a `RESTART` checkpoint takes the write lock (waiting for other processes'
+    /// writers), copies the frames committed since the checkpoint thread's last round, waits
+    /// briefly for readers to leave the log, and starts it over. On this thread, because a
+    /// thread that only waits for the write lock would not get it from a writer that commits
+    /// batch after batch.
+    fn restart_log(&mut self) {
+        if !self.backlog.restart.swap(false, Ordering::Relaxed)
+            || Instant::now() < self.next_restart
+        {
+            return;
+        }
+        set_busy_timeout(RESTART_WAIT);
+        let done = checkpoint(&self.conn, "RESTART");
+        set_busy_timeout(self.busy_timeout);
+        match done {
+            Ok((0, _, _)) => log::trace!("checkpoint: the log starts over"),
+            other => {
+                log::debug!("checkpoint: the log could not start over: {other:?}");
+                self.next_restart = Instant::now() + RESTART_BACKOFF;
+            }
+        }
+    }
+
     /// Holds back a batch while the log is over its limit (a reader elsewhere keeps
     /// checkpoints from copying it): up to a moment past the limit, refused past twice it.
     fn mind_the_log(&mut self) -> Result<()> {
@@ -305,6 +336,7 @@ impl WriterConn {
 
 impl Batch for WriterConn {
     fn begin(&mut self) -> Result<()> {
+        self.restart_log();
         self.mind_the_log()?;
         // The writer thread runs only this connection's statements.
         set_busy_timeout(self.busy_timeout);
@@ -347,41 +379,81 @@ impl Batch for WriterConn {
 /// where one every 50 ms keeps p99 near 3 ms (BENCHMARKS.md).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// Passive checkpoints (never waiting for, or blocking, readers and writers) until stopped.
-/// Every process with a writer runs one; whichever gets there first does the work. Each
-/// publishes in `backlog` how many bytes of the log it could not copy.
+/// Once the log holds this much (or half the `--wal-limit`, if smaller) and a checkpoint has
+/// copied all of it, the writer starts it over from its beginning (see [`checkpoint_loop`]).
+/// Half the size the file is cut back to, so that the file neither grows nor is cut under a
+/// steady load.
+const RESTART_AT: u64 = SMALL_WAL / 2;
+
+/// How long a restart may wait for another process's write lock and for readers to leave the
+/// log: this process's writer waits meanwhile, and every other one while it holds the lock.
+const RESTART_WAIT: Duration = Duration::from_millis(20);
+
+/// After a restart that could not finish (a reader kept using the log), the next try waits
+/// at least this long.
+const RESTART_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Checkpoints until stopped. Every process with a writer runs one; whichever gets there
+/// first does the work. Each publishes in `backlog` how many bytes of the log it could not
+/// copy.
+///
+/// Each round is a passive checkpoint, which never waits for or blocks readers and writers.
+/// Passive checkpoints alone never start the log over under a steady load: SQLite does so
+/// only when a write begins while every frame is copied, and commits land while a checkpoint
+/// copies and syncs (2-5 ms here), so at 10,000 messages/s the log file grew by 50 MB a
+/// second without end (and with three servers on one file, 90 MB a second). So once it holds
+/// [`RESTART_AT`] and a passive round copied all of it, the writer is asked to start it over
+/// before its next batch ([`WriterConn::restart_log`]): about 1 ms here, once every 4 MiB of
+/// log. The file keeps its length, so later writes reuse its blocks instead of growing it.
 fn checkpoint_loop(
     conn: &Connection,
     stop: &Receiver<()>,
     page_size: u64,
     backlog: &Backlog,
     log_file: &mut WalFile,
+    restart_at: u64,
 ) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_EVERY)
     {
-        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        });
-        match done {
-            Ok((0, wal, copied)) => {
-                // The file's length first: growth after it counts as not copied.
-                backlog.file_len.store(log_file.len(), Ordering::Relaxed);
-                backlog
-                    .uncopied
-                    .store((wal - copied).max(0) as u64 * page_size, Ordering::Relaxed);
-                if wal > 0 {
-                    log::trace!("checkpoint: {copied} of {wal} pages");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => log::debug!("checkpoint skipped: {e}"),
-        }
+        checkpoint_round(conn, page_size, backlog, log_file, restart_at);
     }
+}
+
+/// One round of [`checkpoint_loop`].
+fn checkpoint_round(
+    conn: &Connection,
+    page_size: u64,
+    backlog: &Backlog,
+    log_file: &mut WalFile,
+    restart_at: u64,
+) {
+    match checkpoint(conn, "PASSIVE") {
+        Ok((0, wal, copied)) => {
+            // The file's length first: growth after it counts as not copied.
+            backlog.file_len.store(log_file.len(), Ordering::Relaxed);
+            backlog
+                .uncopied
+                .store((wal - copied).max(0) as u64 * page_size, Ordering::Relaxed);
+            if wal > 0 {
+                log::trace!("checkpoint: {copied} of {wal} pages");
+            }
+            if copied == wal && wal as u64 * page_size >= restart_at {
+                backlog.restart.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::debug!("checkpoint skipped: {e}"),
+    }
+}
+
+/// A checkpoint in `mode`: (1 if it could not finish, frames in the log, frames copied).
+fn checkpoint(conn: &Connection, mode: &str) -> Result<(i64, i64, i64)> {
+    Ok(
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?,
+    )
 }
 
 impl Tx for SqliteTx<'_> {

@@ -280,6 +280,66 @@ fn writer_commits_in_order_and_isolates_failures() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_writer_starts_the_log_over_when_a_checkpoint_asks() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    // The writer without its checkpoint thread: this test plays that thread's rounds.
+    let (mut writer, _) = super::writer_conn(&path, &Options::default())?;
+    let checkpoints = super::connect(&path)?;
+    let other_writer = open(&path)?;
+    let mut log_file = WalFile::new(path.with_extension("db-wal"));
+    let body = [7u8; 3000];
+    let batch = |writer: &mut WriterConn, id: u64| -> Result<()> {
+        writer.begin()?;
+        writer.run(true, &mut |tx| {
+            tx.store_message(&Outgoing::new("alice", id, &body), "bob")
+                .is_ok()
+        })?;
+        writer.commit()
+    };
+    SqliteTx::new(&other_writer).create_user("alice", "h", &keys())?;
+    SqliteTx::new(&other_writer).create_user("bob", "h", &keys())?;
+    // About 1.2 MiB of log, past a restart point of 512 KiB.
+    for id in 0..150 {
+        batch(&mut writer, id)?;
+    }
+    // A reader uses the log (as a server's connections nearly always do) while a round
+    // copies it all and asks for a restart, and another process commits (it cannot start
+    // the log over while the reader is in it). So when this writer begins, the log is not
+    // all copied, and SQLite alone would go on appending to it.
+    let reader = open(&path)?;
+    reader.execute_batch("BEGIN; SELECT count(*) FROM messages;")?;
+    super::checkpoint_round(
+        &checkpoints,
+        4096,
+        &writer.backlog,
+        &mut log_file,
+        512 << 10,
+    );
+    assert!(
+        writer.backlog.restart.load(Ordering::SeqCst),
+        "a restart is asked for"
+    );
+    SqliteTx::new(&other_writer).store_message(&Outgoing::new("bob", 1, b"x"), "alice")?;
+    reader.execute_batch("COMMIT")?;
+    batch(&mut writer, 1000)?;
+    let after = super::checkpoint(&checkpoints, "PASSIVE")?.1;
+    assert!(
+        after < 20,
+        "the log started over and holds only the last batch: {after} frames"
+    );
+    assert_eq!(
+        store_count(&other_writer)?,
+        152,
+        "nothing was lost on the way"
+    );
+    Ok(())
+}
+
+fn store_count(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?)
+}
+
 /// The real writer connection, except that `begin` fails while `fail_begin` is set, and every
 /// job that runs is counted.
 struct FailingBegin {
