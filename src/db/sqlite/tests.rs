@@ -329,14 +329,14 @@ fn the_writer_starts_the_log_over_when_a_checkpoint_asks() -> Result<()> {
         "the log started over and holds only the last batch: {after} frames"
     );
     assert_eq!(
-        store_count(&other_writer)?,
+        message_count(&other_writer)?,
         152,
         "nothing was lost on the way"
     );
     Ok(())
 }
 
-fn store_count(conn: &Connection) -> Result<i64> {
+fn message_count(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?)
 }
 
