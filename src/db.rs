@@ -634,8 +634,9 @@ pub trait Tx {
     fn ack_many(&mut self, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
         Ok(acks.iter().map(|(user, ids)| self.ack(user, ids)).collect())
     }
-    /// Forgets the deliveries of messages with ids up to `upto`.
-    fn forget_deliveries(&mut self, upto: i64) -> Result<usize>;
+    /// Forgets the deliveries of messages with ids up to `upto`, the oldest `limit` of them at
+    /// most; returns how many.
+    fn forget_deliveries(&mut self, upto: i64, limit: usize) -> Result<usize>;
     /// What a queue holds: a user's direct messages, or (`g:GROUP`) a group's messages not yet
     /// read by every member.
     fn queue_usage(&mut self, owner: &str) -> Result<Usage>;

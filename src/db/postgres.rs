@@ -622,8 +622,8 @@ impl Tx for Conn {
     fn ack_many(&mut self, acks: &[(&str, &[i64])]) -> Result<Vec<Result<usize>>> {
         inbox::ack_many(self, acks)
     }
-    fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
-        queue::forget_deliveries(self, upto)
+    fn forget_deliveries(&mut self, upto: i64, limit: usize) -> Result<usize> {
+        queue::forget_deliveries(self, upto, limit)
     }
     fn queue_usage(&mut self, owner: &str) -> Result<Usage> {
         queue::queue_usage(self, owner)

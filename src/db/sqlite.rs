@@ -605,8 +605,8 @@ impl Tx for SqliteTx<'_> {
     fn ack(&mut self, user: &str, ids: &[i64]) -> Result<usize> {
         inbox::ack(self.conn, user, ids)
     }
-    fn forget_deliveries(&mut self, upto: i64) -> Result<usize> {
-        queue::forget_deliveries(self.conn, upto)
+    fn forget_deliveries(&mut self, upto: i64, limit: usize) -> Result<usize> {
+        queue::forget_deliveries(self.conn, upto, limit)
     }
     fn queue_usage(&mut self, owner: &str) -> Result<Usage> {
         queue::queue_usage(self.conn, owner)

@@ -66,9 +66,13 @@ pub fn newest_message_id(conn: &mut Conn) -> Result<i64> {
         .try_get(0)?)
 }
 
-/// Forgets the deliveries of messages with ids up to `upto`.
-pub fn forget_deliveries(conn: &mut Conn, upto: i64) -> Result<usize> {
-    Ok(conn.exec("DELETE FROM delivered WHERE msg_id <= $1", &[&upto])? as usize)
+/// Forgets the deliveries of messages with ids up to `upto`, the oldest `limit` at most.
+pub fn forget_deliveries(conn: &mut Conn, upto: i64, limit: usize) -> Result<usize> {
+    Ok(conn.exec(
+        "DELETE FROM delivered WHERE msg_id IN \
+         (SELECT msg_id FROM delivered WHERE msg_id <= $1 ORDER BY msg_id LIMIT $2)",
+        &[&upto, &(limit as i64)],
+    )? as usize)
 }
 
 /// The message `from` already stored under `client_id`, if any (a re-send).

@@ -82,11 +82,14 @@ pub fn newest_message_id(conn: &Connection) -> Result<i64> {
         .query_row([], |r| r.get(0))?)
 }
 
-/// Forgets the deliveries of messages with ids up to `upto`.
-pub fn forget_deliveries(conn: &Connection, upto: i64) -> Result<usize> {
+/// Forgets the deliveries of messages with ids up to `upto`, the oldest `limit` at most.
+pub fn forget_deliveries(conn: &Connection, upto: i64, limit: usize) -> Result<usize> {
     Ok(conn
-        .prepare_cached("DELETE FROM delivered WHERE msg_id <= ?1")?
-        .execute(params![upto])?)
+        .prepare_cached(
+            "DELETE FROM delivered WHERE msg_id IN \
+             (SELECT msg_id FROM delivered WHERE msg_id <= ?1 ORDER BY msg_id LIMIT ?2)",
+        )?
+        .execute(params![upto, limit as i64])?)
 }
 
 /// The message `from` already stored under `client_id`, if any (a re-send).
