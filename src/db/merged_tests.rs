@@ -170,7 +170,11 @@ pub fn merged_sends_and_acks_answer_as_one_by_one(store: &Store) -> Result<()> {
     assert_eq!(resend.envelope.id, id(0));
     assert!(store.read(|tx| tx.queued("bob", 0, 10))?.is_empty());
     // Delivery records are forgotten a chunk at a time, up to a mark.
-    assert_eq!(store.call(|tx| tx.forget_deliveries(0, 100))?, 0, "ids start at 1");
+    assert_eq!(
+        store.call(|tx| tx.forget_deliveries(0, 100))?,
+        0,
+        "ids start at 1"
+    );
     assert_eq!(store.call(|tx| tx.forget_deliveries(i64::MAX, 2))?, 2);
     assert!(store.call(|tx| tx.forget_deliveries(i64::MAX, 100_000))? > 0);
     assert_eq!(store.call(|tx| tx.forget_deliveries(i64::MAX, 100))?, 0);
