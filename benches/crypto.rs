@@ -82,7 +82,7 @@ fn forward_secrecy(alice: &Identity, bob: &Identity) -> fastchat::Result<()> {
     use fastchat::client::keystore::Keystore;
     use fastchat::client::sender_keys::GroupChains;
     use fastchat::client::sessions::{Conversation, Session, Sessions};
-    use fastchat::crypto::ratchet::{x25519_pair, Ratchet};
+    use fastchat::crypto::ratchet::{x25519_pair, Ratchet, KEY_MIN_AGE_MS};
     use fastchat::crypto::x3dh;
 
     let ad = b"fastchat/dm/v3 alice bob";
@@ -91,22 +91,34 @@ fn forward_secrecy(alice: &Identity, bob: &Identity) -> fastchat::Result<()> {
     let pair = || -> fastchat::Result<(Ratchet, Ratchet)> {
         let mut a = Ratchet::initiator(&[7; 32], &spk_public)?;
         let mut b = Ratchet::responder(&[7; 32], &spk)?;
-        let (h, m) = a.seal(ad, b"hello")?;
+        let (h, m) = a.seal(ad, b"hello", 0)?;
         b.open(ad, &h, &m, 0)?;
         Ok((a, b))
     };
     let (mut a, mut b) = pair()?;
     measure("ratchet: seal + open 100 B, same chain", 100_000, || {
-        let (h, m) = a.seal(ad, &text).unwrap();
+        let (h, m) = a.seal(ad, &text, 0).unwrap();
         black_box(b.open(ad, &h, &m, 0).unwrap());
     });
-    let (mut a, mut b) = pair()?;
-    measure("ratchet: seal + open 100 B, turns taken", 5_000, || {
-        let (h, m) = b.seal(ad, &text).unwrap();
-        black_box(a.open(ad, &h, &m, 0).unwrap());
-        let (h, m) = a.seal(ad, &text).unwrap();
-        black_box(b.open(ad, &h, &m, 0).unwrap());
-    });
+    // Two turns per round: both sides make a new key on each when a second has passed, and
+    // keep theirs when the conversation turns faster than that.
+    for (label, pace) in [
+        (
+            "ratchet: a round trip, new keys (a second apart)",
+            KEY_MIN_AGE_MS,
+        ),
+        ("ratchet: a round trip, keys kept (a fast turn)", 0),
+    ] {
+        let (mut a, mut b) = pair()?;
+        let mut now = 0;
+        measure(label, 5_000, || {
+            now += pace;
+            let (h, m) = b.seal(ad, &text, now).unwrap();
+            black_box(a.open(ad, &h, &m, now).unwrap());
+            let (h, m) = a.seal(ad, &text, now).unwrap();
+            black_box(b.open(ad, &h, &m, now).unwrap());
+        });
+    }
     let mut sender = GroupChains::default();
     let mut member = GroupChains::default();
     let (key, n, _) = sender.sending(1)?;

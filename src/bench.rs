@@ -880,8 +880,9 @@ fn session_pair(secret: &PairKey, a: usize, b: usize) -> Result<(RatchetSession,
     let (private, public) = ratchet::x25519_pair()?;
     let mut first = Ratchet::initiator(&secret.0, &public)?;
     let mut second = Ratchet::responder(&secret.0, &private)?;
-    let (header, sealed) = first.seal(b"fastchat-bench", b"hello")?;
-    second.open(b"fastchat-bench", &header, &sealed, crate::db::now_ms())?;
+    let now = crate::db::now_ms();
+    let (header, sealed) = first.seal(b"fastchat-bench", b"hello", now)?;
+    second.open(b"fastchat-bench", &header, &sealed, now)?;
     let id = ((a as u64) << 32) | b as u64;
     let side = |ratchet| RatchetSession {
         id,

@@ -179,7 +179,8 @@ impl Sending {
                 .sessions
                 .get_mut(peer)
                 .ok_or_else(|| Error::Invalid(format!("no session with {to}")))?;
-            let body = e2e::seal_direct_in(session, &self.me, to, seq, seq, &plain)?;
+            let now = crate::db::now_ms();
+            let body = e2e::seal_direct_in(session, &self.me, to, seq, seq, &plain, now)?;
             return Ok(Request {
                 id: seq,
                 body: ServerRequest::Send {

@@ -368,8 +368,8 @@ impl Direct<'_> {
     }
 }
 
-/// A direct message body from `from` to `to` in `session`, as the sender's message `seq`. The
-/// session's ratchet moves on: save it before the body leaves.
+/// A direct message body from `from` to `to` in `session`, as the sender's message `seq`,
+/// sealed at `now_ms`. The session's ratchet moves on: save it before the body leaves.
 pub fn seal_direct_in(
     session: &mut Session,
     from: &str,
@@ -377,10 +377,11 @@ pub fn seal_direct_in(
     client_id: u64,
     seq: u64,
     plain: &Plain,
+    now_ms: i64,
 ) -> Result<Vec<u8>> {
     let kind = plain.kind();
     let ad = direct_aad(from, to, client_id, seq, kind, session.id);
-    let (header, sealed) = session.ratchet.seal(&ad, &plain.bytes()?)?;
+    let (header, sealed) = session.ratchet.seal(&ad, &plain.bytes()?, now_ms)?;
     let frame = Frame {
         session: session.id,
         init: session.init.clone(),
@@ -1145,7 +1146,15 @@ impl E2e {
             conversation.add(session);
         }
         let session = conversation.sender().expect("a session that can send");
-        let body = seal_direct_in(session, &self.me, to, client_id, seq, plain)?;
+        let body = seal_direct_in(
+            session,
+            &self.me,
+            to,
+            client_id,
+            seq,
+            plain,
+            crate::db::now_ms(),
+        )?;
         locked.save(to, &conversation)?;
         Ok(body)
     }

@@ -314,7 +314,7 @@ mod tests {
             let (spk, spk_public) = x25519_pair()?;
             let mut a = Ratchet::initiator(&[7; 32], &spk_public)?;
             let mut b = Ratchet::responder(&[7; 32], &spk)?;
-            let (h, m) = a.seal(b"ad", b"x")?;
+            let (h, m) = a.seal(b"ad", b"x", 0)?;
             Ok(b.open_keeping(b"ad", &h, &m, 0)?.1)
         };
         for n in 0..(MAX_HELD as u32 + 5) {

@@ -9,11 +9,17 @@
 //! * Every message is sealed under its own message key, taken from a chain that only moves
 //!   forward and whose old links are forgotten: a copy of today's state does not open
 //!   yesterday's messages (forward secrecy).
-//! * Each side makes a new ratchet key pair whenever it receives a new ratchet key from the
-//!   other, and the other's next messages mix in a secret made with it: once the victim of a
-//!   stolen state has made a fresh key after the theft and the peer has used it (a round trip
-//!   that starts with a message to the victim), new messages are closed to the thief again
-//!   (recovery after compromise).
+//! * Each side makes a new ratchet key pair when it sends after receiving a new ratchet key
+//!   from the other, and the other's next messages mix in a secret made with it: once the
+//!   victim of a stolen state has made a fresh key after the theft and the peer has used it (a
+//!   round trip that starts with a message to the victim), new messages are closed to the
+//!   thief again (recovery after compromise).
+//! * A side makes a new key pair at most once per [`KEY_MIN_AGE_MS`]: a conversation that
+//!   turns faster (machines, a burst of quick replies) goes on in the sending chain it has
+//!   until its key is that old, instead of paying three X25519 operations per turn (one new key
+//!   and two agreements, about 80 us, the bulk of a message's cost). Recovery after a compromise
+//!   waits that much longer; forward secrecy does not change (every message still has its own
+//!   key from a chain that only moves forward). Signal's rule is the same with an age of zero.
 //! * Messages that arrive out of order, or after their successors (offline delivery), are
 //!   opened with message keys kept for them when the chain was moved past them: at most
 //!   [`MAX_SKIP`] per chain step and [`MAX_KEPT`] in all, each at most [`KEPT_FOR_MS`] old.
@@ -39,6 +45,10 @@ pub const MAX_KEPT: usize = 5000;
 
 /// How long a skipped message key is kept (milliseconds): a message later than this is lost.
 pub const KEPT_FOR_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// The least age of a side's ratchet key before it makes a new one (milliseconds): at most one
+/// new key per side and second in a conversation, however fast it turns.
+pub const KEY_MIN_AGE_MS: i64 = 1000;
 
 /// What travels in clear with each message, authenticated: the sender's ratchet public key,
 /// how long its previous sending chain was, and this message's number in its chain.
@@ -117,6 +127,15 @@ pub struct Ratchet {
     nr: u32,
     pn: u32,
     skipped: VecDeque<Skipped>,
+    /// Their key changed since ours did: our next message starts a new sending chain with a
+    /// new key of ours, once ours is [`KEY_MIN_AGE_MS`] old. (Last, and defaulted, so a state
+    /// saved before they existed still loads: it never owes a turn.)
+    #[serde(default)]
+    owed: bool,
+    /// When our key was made (milliseconds since the epoch; 0 for the responder's signed
+    /// prekey and the initiator's first key, which may be replaced at once).
+    #[serde(default)]
+    key_made_ms: i64,
 }
 
 impl std::fmt::Debug for Ratchet {
@@ -215,6 +234,8 @@ impl Ratchet {
             nr: 0,
             pn: 0,
             skipped: VecDeque::new(),
+            owed: false,
+            key_made_ms: 0,
         })
     }
 
@@ -234,17 +255,25 @@ impl Ratchet {
             nr: 0,
             pn: 0,
             skipped: VecDeque::new(),
+            owed: false,
+            key_made_ms: 0,
         })
     }
 
     /// Whether this side can send yet (a responder cannot before its first message arrives).
     pub fn can_send(&self) -> bool {
-        self.sending.is_some()
+        self.sending.is_some() || self.owed
     }
 
-    /// Seals `plaintext` under the next message key of the sending chain; `ad` is the
+    /// Seals `plaintext` at `now_ms` under the next message key of the sending chain (a new
+    /// one, with a new key of ours, if a turn is owed and our key is old enough); `ad` is the
     /// conversation's associated data. The state moves on: save it before the message leaves.
-    pub fn seal(&mut self, ad: &[u8], plaintext: &[u8]) -> Result<(Header, Vec<u8>)> {
+    pub fn seal(&mut self, ad: &[u8], plaintext: &[u8], now_ms: i64) -> Result<(Header, Vec<u8>)> {
+        let old_enough =
+            now_ms.saturating_sub(self.key_made_ms) >= KEY_MIN_AGE_MS || now_ms < self.key_made_ms;
+        if self.owed && (old_enough || self.sending.is_none()) {
+            self.turn(now_ms)?;
+        }
         let chain = self
             .sending
             .ok_or_else(|| Error::Integrity("no sending chain yet: wait for a message".into()))?;
@@ -366,26 +395,40 @@ impl Ratchet {
         Ok(())
     }
 
-    /// A Diffie-Hellman ratchet step on their new ratchet key: a new receiving chain, a new
-    /// key pair of ours, a new sending chain; the old private key is gone.
+    /// The receiving half of a Diffie-Hellman ratchet step, on their new ratchet key: a new
+    /// receiving chain, and a turn owed (see [`Ratchet::turn`]).
     fn step(&mut self, their_dh: &[u8]) -> Result<()> {
-        self.pn = self.ns;
-        self.ns = 0;
-        self.nr = 0;
-        self.their_dh = their_dh.to_vec();
-        let ours = match self.dh_loaded.take() {
-            Some(key) => key,
-            None => x25519_private(&self.dh_private)?,
+        let ours = match &self.dh_loaded {
+            Some(key) => key.clone(),
+            None => {
+                let key = x25519_private(&self.dh_private)?;
+                self.dh_loaded = Some(key.clone());
+                key
+            }
         };
         let (root, receiving) = kdf_root(&self.root, &dh_with(&ours, their_dh)?)?;
-        let fresh = PKey::generate_x25519()?;
-        let (root, sending) = kdf_root(&root, &dh_with(&fresh, their_dh)?)?;
         self.root = root;
         self.receiving = Some(receiving);
+        self.their_dh = their_dh.to_vec();
+        self.nr = 0;
+        self.owed = true;
+        Ok(())
+    }
+
+    /// The sending half: a new key pair of ours and a new sending chain agreed with their
+    /// current key; the old private key is gone.
+    fn turn(&mut self, now_ms: i64) -> Result<()> {
+        let fresh = PKey::generate_x25519()?;
+        let (root, sending) = kdf_root(&self.root, &dh_with(&fresh, &self.their_dh)?)?;
+        self.root = root;
         self.sending = Some(sending);
+        self.pn = self.ns;
+        self.ns = 0;
         self.dh_private = fresh.raw_private_key()?;
         self.dh_public = fresh.raw_public_key()?;
         self.dh_loaded = Some(fresh);
+        self.owed = false;
+        self.key_made_ms = now_ms;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use super::super::x3dh::{self, Bundle};
 use super::super::Identity;
-use super::{Header, Ratchet, KEPT_FOR_MS, MAX_SKIP};
+use super::{Header, Ratchet, KEPT_FOR_MS, KEY_MIN_AGE_MS, MAX_SKIP};
 use crate::error::{Error, Result};
 
 const AD: &[u8] = b"alice->bob";
@@ -53,7 +53,11 @@ fn pair(one_time: bool) -> Result<(Ratchet, Ratchet)> {
 }
 
 fn send(from: &mut Ratchet, text: &str) -> Result<Captured> {
-    from.seal(AD, text.as_bytes())
+    send_at(from, text, NOW)
+}
+
+fn send_at(from: &mut Ratchet, text: &str, now: i64) -> Result<Captured> {
+    from.seal(AD, text.as_bytes(), now)
 }
 
 fn read(to: &mut Ratchet, m: &Captured) -> Result<String> {
@@ -130,18 +134,31 @@ fn a_used_one_time_prekey_cannot_start_a_second_conversation() -> Result<()> {
     Ok(())
 }
 
+/// Fifty round trips, once as fast as a machine turns (each side keeps its key) and once at
+/// a human pace (a new key on every turn).
 #[test]
 fn many_round_trips_in_both_directions() -> Result<()> {
-    let (mut alice, mut bob) = pair(true)?;
-    for round in 0..50 {
-        for i in 0..(round % 4 + 1) {
-            let m = send(&mut alice, &format!("a{round}.{i}"))?;
-            assert_eq!(read(&mut bob, &m)?, format!("a{round}.{i}"));
+    for pace in [0, KEY_MIN_AGE_MS] {
+        let (mut alice, mut bob) = pair(true)?;
+        let mut keys = std::collections::HashSet::new();
+        for round in 0..50 {
+            let now = NOW + round * pace;
+            for i in 0..(round % 4 + 1) {
+                let m = send_at(&mut alice, &format!("a{round}.{i}"), now)?;
+                keys.insert(m.0.dh.clone());
+                assert_eq!(read(&mut bob, &m)?, format!("a{round}.{i}"));
+            }
+            for i in 0..(round % 3 + 1) {
+                let m = send_at(&mut bob, &format!("b{round}.{i}"), now)?;
+                keys.insert(m.0.dh.clone());
+                assert_eq!(read(&mut alice, &m)?, format!("b{round}.{i}"));
+            }
         }
-        for i in 0..(round % 3 + 1) {
-            let m = send(&mut bob, &format!("b{round}.{i}"))?;
-            assert_eq!(read(&mut alice, &m)?, format!("b{round}.{i}"));
-        }
+        // At a human pace each side has a new key every round; as fast as a machine turns,
+        // only the first turns make one (Bob's first answer must, and Alice's first key was
+        // made before she heard from him), and then each side keeps its key.
+        let expected = if pace == 0 { 3 } else { 2 * 50 };
+        assert_eq!(keys.len(), expected, "ratchet keys at a pace of {pace} ms");
     }
     Ok(())
 }
@@ -172,9 +189,11 @@ fn a_stolen_state_does_not_open_earlier_messages() -> Result<()> {
 }
 
 /// Recovery after compromise: the thief of Bob's state reads along until a round trip that
-/// starts with a message to Bob (he makes a fresh ratchet key pair on it, and Alice's next
-/// messages use it); after that, new messages do not open with the stolen state, even for a
-/// thief who saw every message on the wire and kept its copy in step.
+/// starts with a message to Bob (he makes a fresh ratchet key pair on his answer, once his
+/// key is [`KEY_MIN_AGE_MS`] old, and Alice's next messages use it); after that, new messages
+/// do not open with the stolen state, even for a thief who saw every message on the wire and
+/// kept its copy in step. A round trip faster than that heals nothing yet: the delay is
+/// bounded by the key's age, not by how fast the conversation turns.
 #[test]
 fn after_a_compromise_and_a_round_trip_new_messages_are_closed_again() -> Result<()> {
     let (mut alice, mut bob) = pair(true)?;
@@ -184,19 +203,28 @@ fn after_a_compromise_and_a_round_trip_new_messages_are_closed_again() -> Result
     read(&mut alice, &r)?;
     // The laptop is stolen; the thief sees everything on the wire from now on.
     let mut thief = bob.clone();
-    // A round trip: Alice writes (Bob makes a fresh key pair), Bob answers with it.
-    let a1 = send(&mut alice, "while stolen")?;
-    assert_eq!(read(&mut bob, &a1)?, "while stolen");
-    assert_eq!(
-        read(&mut thief, &a1)?,
-        "while stolen",
-        "a compromise reads along"
+    let round_trip = |alice: &mut Ratchet, bob: &mut Ratchet, thief: &mut Ratchet, now| {
+        let a = send_at(alice, "while stolen", now)?;
+        assert_eq!(read(bob, &a)?, "while stolen");
+        let stolen_reads = thief.open(AD, &a.0, &a.1, NOW).is_ok();
+        let b = send_at(bob, "reply", now)?;
+        read(alice, &b)?;
+        Ok::<_, Error>(stolen_reads)
+    };
+    // Round trips within a second of Bob's key: he keeps it, and the thief reads along.
+    for dt in [0, 10, KEY_MIN_AGE_MS - 1] {
+        let reads = round_trip(&mut alice, &mut bob, &mut thief, NOW + dt)?;
+        assert!(reads, "a compromise reads along while the key is young");
+    }
+    // A round trip once his key is old enough: Bob answers with a fresh key pair.
+    let reads = round_trip(&mut alice, &mut bob, &mut thief, NOW + KEY_MIN_AGE_MS)?;
+    assert!(
+        reads,
+        "the message that starts the round trip is still open to it"
     );
-    let b1 = send(&mut bob, "reply")?;
-    read(&mut alice, &b1)?;
     // Alice's next messages use Bob's fresh key: closed to the thief.
     for text in ["after the round trip", "and after"] {
-        let m = send(&mut alice, text)?;
+        let m = send_at(&mut alice, text, NOW + KEY_MIN_AGE_MS)?;
         assert_eq!(read(&mut bob, &m)?, text);
         assert!(
             thief.open(AD, &m.0, &m.1, NOW).is_err(),
@@ -215,13 +243,18 @@ fn a_thousand_messages_out_of_order_all_open_once() -> Result<()> {
     read(&mut bob, &first)?;
     let mut wire = Vec::new();
     for i in 0..1000 {
-        // Bob answers now and then without Alice reading it yet: new chains on his side.
+        // A round trip now and then, a second apart (Bob reads a ping that overtook what is
+        // still on the way, and answers): a new chain of Alice's after each.
+        let now = NOW + (i / 250) * KEY_MIN_AGE_MS;
         if i % 250 == 0 {
-            let r = send(&mut bob, "still here")?;
+            read(&mut bob, &send_at(&mut alice, "ping", now)?)?;
+            let r = send_at(&mut bob, "still here", now)?;
             read(&mut alice, &r)?;
         }
-        wire.push((i, send(&mut alice, &format!("m{i}"))?));
+        wire.push((i, send_at(&mut alice, &format!("m{i}"), now)?));
     }
+    let chains: std::collections::HashSet<_> = wire.iter().map(|(_, m)| &m.0.dh).collect();
+    assert_eq!(chains.len(), 4, "the messages span four of Alice's keys");
     // A fixed shuffle (a linear congruential order), then a replay of the first.
     let mut order: Vec<usize> = (0..wire.len()).collect();
     let mut x: u64 = 12345;
@@ -290,5 +323,55 @@ fn a_forged_or_altered_message_opens_nothing_and_moves_nothing() -> Result<()> {
         "so is the conversation"
     );
     assert_eq!(read(&mut bob, &m)?, "genuine", "the state did not move");
+    Ok(())
+}
+
+/// A state saved before the ratchet kept its key for a while (without `owed` and
+/// `key_made_ms`) still loads, owes nothing, and talks on in both directions.
+#[test]
+fn a_state_saved_before_keys_had_an_age_still_loads() -> Result<()> {
+    use serde::Serialize;
+    use std::collections::VecDeque;
+    #[derive(Serialize)]
+    struct Before<'a> {
+        #[serde(with = "serde_bytes")]
+        dh_private: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        dh_public: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        their_dh: &'a [u8],
+        root: [u8; 32],
+        sending: Option<[u8; 32]>,
+        receiving: Option<[u8; 32]>,
+        ns: u32,
+        nr: u32,
+        pn: u32,
+        skipped: &'a VecDeque<super::Skipped>,
+    }
+    let (mut alice, mut bob) = pair(false)?;
+    read(&mut bob, &send(&mut alice, "hi")?)?;
+    read(&mut alice, &send(&mut bob, "hello")?)?;
+    let before = Before {
+        dh_private: &bob.dh_private,
+        dh_public: &bob.dh_public,
+        their_dh: &bob.their_dh,
+        root: bob.root,
+        sending: bob.sending,
+        receiving: bob.receiving,
+        ns: bob.ns,
+        nr: bob.nr,
+        pn: bob.pn,
+        skipped: &bob.skipped,
+    };
+    let mut loaded: Ratchet = rmp_serde::from_slice(&rmp_serde::to_vec(&before).unwrap())
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    assert!(!loaded.owed && loaded.key_made_ms == 0);
+    for round in 0..3 {
+        let now = NOW + (round + 1) * KEY_MIN_AGE_MS;
+        let m = send_at(&mut alice, "a", now)?;
+        assert_eq!(read(&mut loaded, &m)?, "a");
+        let r = send_at(&mut loaded, "b", now)?;
+        assert_eq!(read(&mut alice, &r)?, "b");
+    }
     Ok(())
 }
