@@ -175,6 +175,8 @@ pub struct Config {
     /// Threads that drive the clients, each its share (`None`: one per core, and at most 50
     /// clients each).
     pub threads: Option<usize>,
+    /// Also report each stretch of this length of the run (by delivery time): latency and CPU.
+    pub every: Option<Duration>,
 }
 
 /// Latency percentiles, microseconds.
@@ -252,6 +254,24 @@ pub struct Report {
     pub server_usage: Vec<(Usage, Usage)>,
     /// CPU seconds each process spent while messages flowed: the spawned servers and balancer
     /// (when spawned), and this tool.
+    pub cpu: Vec<(String, f64)>,
+    /// The run stretch by stretch (`--every`): does the tail grow, or come in bursts?
+    pub periods: Vec<Period>,
+}
+
+/// One stretch of a run (`--every`): the messages first delivered in it, and the CPU seconds
+/// each process spent in it (spawned clusters and this tool; empty otherwise).
+#[derive(Debug, Clone, Default)]
+pub struct Period {
+    /// Seconds since the first message where the stretch starts.
+    pub from_secs: f64,
+    /// And where it ends.
+    pub to_secs: f64,
+    /// Deliveries in it.
+    pub delivered: u64,
+    /// Their latency.
+    pub latency: Latency,
+    /// CPU seconds per process.
     pub cpu: Vec<(String, f64)>,
 }
 
@@ -385,17 +405,21 @@ pub fn run(config: &Config) -> Result<Report> {
         return Ok(report);
     }
     let plan = Plan::make(config, &users, links)?;
-    let cpu_before = cpu_sample(cluster.as_ref());
+    let processes = processes(cluster.as_ref());
+    let cpu_before = cpu_sample(&processes);
     let victim = match (config.kill_server, &cluster) {
         (Some(after), Some(c)) => c.servers.first().map(|s| (after, s.pid())),
         _ => None,
     };
-    plan.run(config, &balancer, &transport, victim, &mut report)?;
-    report.cpu = cpu_before
-        .into_iter()
-        .zip(cpu_sample(cluster.as_ref()))
-        .map(|((name, before), (_, after))| (name, (after - before).max(0.0)))
-        .collect();
+    plan.run(
+        config,
+        &balancer,
+        &transport,
+        victim,
+        &processes,
+        &mut report,
+    )?;
+    report.cpu = cpu_spent(&cpu_before, &cpu_sample(&processes));
     drop(cluster);
     Ok(report)
 }
@@ -446,9 +470,10 @@ fn sample(cluster: Option<&LocalCluster>) -> Vec<Usage> {
         .unwrap_or_default()
 }
 
-/// CPU seconds so far of each spawned process and of this one; nothing when the cluster is
-/// not this tool's (its servers' CPU is not ours to see, and this tool's alone would mislead).
-fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
+/// The processes whose CPU a run counts, by name and PID: each spawned process and this one;
+/// none when the cluster is not this tool's (its servers' CPU is not ours to see, and this
+/// tool's alone would mislead).
+fn processes(cluster: Option<&LocalCluster>) -> Vec<(String, u32)> {
     let Some(c) = cluster else {
         return Vec::new();
     };
@@ -459,8 +484,98 @@ fn cpu_sample(cluster: Option<&LocalCluster>) -> Vec<(String, f64)> {
     processes.push(("balancer".into(), c.balancer_process.pid()));
     processes.push((report::BENCH_PROCESS.into(), std::process::id()));
     processes
+}
+
+/// CPU seconds of each process, by name.
+type Cpu = Vec<(String, f64)>;
+
+/// A CPU sample and when it was taken (seconds since the first message).
+type Sample = (f64, Cpu);
+
+/// CPU seconds so far of each of `processes`.
+fn cpu_sample(processes: &[(String, u32)]) -> Vec<(String, f64)> {
+    processes
+        .iter()
+        .map(|(name, pid)| {
+            let secs = launch::usage(*pid).map_or(0.0, |u| u.cpu_secs);
+            (name.clone(), secs)
+        })
+        .collect()
+}
+
+/// CPU seconds spent by each process between two samples.
+fn cpu_spent(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (name.clone(), (a - b).max(0.0)))
+        .collect()
+}
+
+/// Samples the CPU of `processes` every `every` from `t0` on, until `over` is dropped, and once
+/// more then: (seconds since `t0`, sample), the first at `t0`.
+fn sample_cpu_every(
+    processes: Vec<(String, u32)>,
+    t0: Instant,
+    every: Duration,
+    over: crossbeam_channel::Receiver<()>,
+) -> JoinHandle<Vec<Sample>> {
+    std::thread::spawn(move || {
+        let mut samples = vec![(0.0, cpu_sample(&processes))];
+        for k in 1u32.. {
+            let due = t0 + every * k;
+            let wait = due.saturating_duration_since(Instant::now());
+            let ended =
+                over.recv_timeout(wait) != Err(crossbeam_channel::RecvTimeoutError::Timeout);
+            samples.push((t0.elapsed().as_secs_f64(), cpu_sample(&processes)));
+            if ended {
+                break;
+            }
+        }
+        samples
+    })
+}
+
+/// The run stretch by stretch: deliveries by when they came, `every` long each, with the CPU
+/// spent between the samples (`sample_cpu_every`) that bound them. The last stretch ends with
+/// the run; one shorter than a fifth of `every` (the last few deliveries) joins the one
+/// before it.
+fn periods(deliveries: &[driver::Delivery], every: Duration, samples: &[Sample]) -> Vec<Period> {
+    let every_ms = every.as_millis().max(1) as u64;
+    let Some(last) = deliveries.iter().map(|d| d.at_ms as u64).max() else {
+        return Vec::new();
+    };
+    let mut n = (last / every_ms) as usize + 1;
+    if n > 1 && last % every_ms < every_ms / 5 {
+        n -= 1;
+    }
+    let mut latencies: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for d in deliveries {
+        let k = (d.at_ms as u64 / every_ms) as usize;
+        latencies[k.min(n - 1)].push(d.latency_us);
+    }
+    latencies
         .into_iter()
-        .map(|(name, pid)| (name, launch::usage(pid).map_or(0.0, |u| u.cpu_secs)))
+        .enumerate()
+        .map(|(k, mut us)| {
+            // The last stretch reaches the last sample (the run's end).
+            let end = if k + 1 == n {
+                samples.last()
+            } else {
+                samples.get(k + 1)
+            };
+            let (to_secs, cpu) = match (samples.get(k), end) {
+                (Some((_, a)), Some((at, b))) if samples.len() > k + 1 => (*at, cpu_spent(a, b)),
+                _ => (((k as u64 + 1) * every_ms) as f64 / 1000.0, Vec::new()),
+            };
+            Period {
+                from_secs: (k as u64 * every_ms) as f64 / 1000.0,
+                to_secs,
+                delivered: us.len() as u64,
+                latency: report::percentiles(&mut us),
+                cpu,
+            }
+        })
         .collect()
 }
 
@@ -698,6 +813,7 @@ impl Plan {
         balancer: &str,
         transport: &Transport,
         victim: Option<(Duration, u32)>,
+        processes: &[(String, u32)],
         report: &mut Report,
     ) -> Result<()> {
         let n = self.roles.len() as u64;
@@ -758,7 +874,7 @@ impl Plan {
             groups[role.index % n_drivers].push(client);
         }
         drop(stored_tx);
-        let mut threads: Vec<JoinHandle<Vec<u32>>> = Vec::new();
+        let mut threads: Vec<JoinHandle<Vec<driver::Delivery>>> = Vec::new();
         let mut wakers = Vec::new();
         for (i, group) in groups.into_iter().enumerate() {
             let waker = Arc::new(Waker::new()?);
@@ -773,6 +889,10 @@ impl Plan {
         // Go.
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
+        let (sampling, sampled) = bounded::<()>(0);
+        let sampler = config
+            .every
+            .map(|every| sample_cpu_every(processes.to_vec(), t0, every, sampled));
         // The kill is called off if the run ends first (and then reported: a fault run
         // whose fault came too late tested nothing).
         let (run_over, over) = bounded::<()>(0);
@@ -815,15 +935,16 @@ impl Plan {
             p.stop();
         }
         drop(run_over);
+        drop(sampling);
         report.kill_missed = killer.is_some_and(|k| !k.join().unwrap_or(false));
         counters.finished.store(true, Ordering::SeqCst);
         for w in &wakers {
             w.wake();
         }
-        let mut latencies: Vec<u32> = Vec::new();
+        let mut deliveries: Vec<driver::Delivery> = Vec::new();
         for t in threads {
-            if let Ok(l) = t.join() {
-                latencies.extend(l);
+            if let Ok(d) = t.join() {
+                deliveries.extend(d);
             }
         }
         if let Some(e) = send_error {
@@ -843,6 +964,11 @@ impl Plan {
         if report.deliver_secs > 0.0 {
             report.throughput = delivered as f64 / report.deliver_secs;
         }
+        if let (Some(every), Some(sampler)) = (config.every, sampler) {
+            let samples = sampler.join().unwrap_or_default();
+            report.periods = periods(&deliveries, every, &samples);
+        }
+        let mut latencies: Vec<u32> = deliveries.iter().map(|d| d.latency_us).collect();
         report.latency = report::percentiles(&mut latencies);
         Ok(())
     }
@@ -1028,4 +1154,60 @@ fn make_group(members: &mut [Role], users: &[User], first: usize) -> Result<()> 
         role.members = names.clone();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::driver::Delivery;
+    use super::*;
+
+    fn at(at_ms: u32, latency_us: u32) -> Delivery {
+        Delivery { at_ms, latency_us }
+    }
+
+    fn cpu(secs: f64) -> Vec<(String, f64)> {
+        vec![("server0".into(), secs), ("bench".into(), secs / 2.0)]
+    }
+
+    #[test]
+    fn periods_take_every_delivery_once_with_the_cpu_between_their_samples() {
+        let every = Duration::from_secs(1);
+        // Samples at 0, 1 and 2 s, and at the run's end (2.1 s).
+        let samples = [
+            (0.0, cpu(0.0)),
+            (1.0, cpu(0.5)),
+            (2.0, cpu(1.5)),
+            (2.1, cpu(1.6)),
+        ];
+        let deliveries = [at(10, 100), at(900, 300), at(1000, 200), at(1999, 400)];
+        let p = periods(&deliveries, every, &samples);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[0].from_secs, p[0].to_secs, p[0].delivered),
+            (0.0, 1.0, 2)
+        );
+        assert_eq!((p[0].latency.p50, p[0].latency.max), (300, 300));
+        assert_eq!(
+            p[0].cpu,
+            vec![("server0".into(), 0.5), ("bench".into(), 0.25)]
+        );
+        // The last stretch ends with the run.
+        assert_eq!(
+            (p[1].from_secs, p[1].to_secs, p[1].delivered),
+            (1.0, 2.1, 2)
+        );
+        assert!((p[1].cpu[0].1 - 1.1).abs() < 1e-9, "{:?}", p[1].cpu);
+        // A stub of a stretch (the last deliveries, 50 ms of 1 s) joins the one before.
+        let late = [at(10, 100), at(1500, 100), at(2050, 700)];
+        let p = periods(&late, every, &samples);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[1].delivered, p[1].latency.max, p[1].to_secs),
+            (2, 700, 2.1)
+        );
+        // A stretch long enough stands alone; nothing delivered, no stretches.
+        let later = [at(10, 100), at(2500, 100)];
+        assert_eq!(periods(&later, every, &samples).len(), 3);
+        assert!(periods(&[], every, &samples).is_empty());
+    }
 }

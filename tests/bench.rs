@@ -142,6 +142,8 @@ fn group_mode_counts_every_member_and_a_fixed_rate_is_kept() {
         "3",
         "--rate",
         "200",
+        "--every",
+        "0.1",
     ]);
     assert_eq!(code, 0, "{r} {err}");
     // 6 senders x 10 messages, each to the 2 other members of its group.
@@ -151,6 +153,26 @@ fn group_mode_counts_every_member_and_a_fixed_rate_is_kept() {
     assert_eq!(r["duplicated"], 0);
     // 60 messages offered at 200/s take at least 0.29 s to send.
     assert!(r["send_secs"].as_f64().unwrap() >= 0.29, "{r}");
+    // Stretch by stretch (--every): a tenth of a second each, one after the other, every
+    // delivery in one of them, and the CPU of each spawned process in each.
+    let periods = r["periods"].as_array().unwrap();
+    assert!(periods.len() >= 3, "{r}");
+    let mut delivered = 0;
+    for (k, p) in periods.iter().enumerate() {
+        let from = p["from_secs"].as_f64().unwrap();
+        assert!((from - k as f64 * 0.1).abs() < 1e-9, "{p}");
+        assert!(p["to_secs"].as_f64().unwrap() > from, "{p}");
+        delivered += p["delivered"].as_u64().unwrap();
+        let cpu = p["cpu_secs"].as_object().unwrap();
+        for name in ["server0", "server1", "server2", "balancer", "bench"] {
+            assert!(cpu[name].as_f64().unwrap() >= 0.0, "{p}");
+        }
+    }
+    assert_eq!(delivered, 120, "{r}");
+    assert!(
+        r["periods"][0]["latency_us"]["p50"].as_u64().unwrap() > 0,
+        "{r}"
+    );
 }
 
 #[test]
@@ -231,6 +253,7 @@ fn bad_arguments_are_refused_with_exit_2() {
         vec!["--spawn-servers", "1", "--rate", "-5"],
         vec!["--spawn-servers", "1", "--kill-server", "1"],
         vec!["--spawn-servers", "1", "--threads", "0"],
+        vec!["--spawn-servers", "1", "--every", "0"],
     ] {
         let out = run_limited(Command::new(env!("CARGO_BIN_EXE_fastchat-bench")).args(&args));
         assert_eq!(out.code, 2, "{args:?}: {out:?}");

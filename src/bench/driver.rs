@@ -79,6 +79,14 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 /// How long a client waits for a `Stored` before it gives up on its run.
 const STORED_LIMIT: Duration = Duration::from_secs(40);
 
+/// One message delivered for the first time: when (milliseconds since the run started) and
+/// how long after it was sent, or due (microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub at_ms: u32,
+    pub latency_us: u32,
+}
+
 /// Most message ids in one acknowledgement from the bench.
 const ACK_BATCH: usize = 256;
 
@@ -312,7 +320,7 @@ pub(super) struct Client {
     next_ack_id: u64,
     /// (sender, sequence) → the message id it was delivered under.
     seen: HashMap<(u64, u64), i64>,
-    latencies: Vec<u32>,
+    latencies: Vec<Delivery>,
     /// When a `Stored` last came (or the run started).
     last_stored: Instant,
 }
@@ -366,8 +374,8 @@ impl Client {
     }
 
     /// Best effort when the run is over: what this client showed leaves its queue. Returns
-    /// its latencies in microseconds.
-    fn finish(mut self) -> Vec<u32> {
+    /// its deliveries.
+    fn finish(mut self) -> Vec<Delivery> {
         if !self.acks.is_empty() && self.send_acks().is_ok() {
             let _ = self
                 .chan
@@ -522,8 +530,10 @@ impl Client {
                     .map_or(0, |s| s.elapsed().as_nanos() as u64);
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
                 counters.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
-                self.latencies
-                    .push((now.saturating_sub(sent_ns) / 1000) as u32);
+                self.latencies.push(Delivery {
+                    at_ms: (now / 1_000_000) as u32,
+                    latency_us: (now.saturating_sub(sent_ns) / 1000) as u32,
+                });
             }
             Some(id) if *id == msg.id => {
                 counters.redelivered.fetch_add(1, Ordering::Relaxed);
@@ -583,8 +593,8 @@ enum Slot {
 
 /// Drives `clients` on this thread from `go` until the run is over (`Counters::finished`, then
 /// `waker` rung): a turn for each client with something to do, then one poll on all their
-/// sockets and the waker. Returns their latencies in microseconds.
-pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<u32> {
+/// sockets and the waker. Returns their deliveries.
+pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<Delivery> {
     let Some(first) = clients.first() else {
         return Vec::new();
     };

@@ -155,6 +155,26 @@ pub fn render(r: &Report) -> String {
         ms(r.latency.p99),
         ms(r.latency.max)
     ));
+    if !r.periods.is_empty() {
+        out.push_str(
+            "  periods     by delivery time, in seconds since the first message:
+",
+        );
+        for p in &r.periods {
+            let cpu = cpu_per(&p.cpu, p.delivered, |n| n != BENCH_PROCESS)
+                .map(|us| format!("  servers {us:.1} µs per delivery"))
+                .unwrap_or_default();
+            let span = format!("{:.1}-{:.1} s", p.from_secs, p.to_secs);
+            out.push_str(&format!(
+                "    {span:<14} {:>8} delivered  p50 {}  p90 {}  p99 {}  max {}{cpu}\n",
+                p.delivered,
+                ms(p.latency.p50),
+                ms(p.latency.p90),
+                ms(p.latency.p99),
+                ms(p.latency.max)
+            ));
+        }
+    }
     if r.cpu.is_empty() {
         out.push_str(
             "  cpu         n/a (the servers are not this tool's to measure; --spawn-servers is)\n",
@@ -256,16 +276,16 @@ fn server_cpu_per_delivery(r: &Report) -> Option<f64> {
 }
 
 fn cpu_of(r: &Report, counted: impl Fn(&str) -> bool) -> Option<f64> {
-    if r.cpu.is_empty() {
+    cpu_per(&r.cpu, r.delivered, counted)
+}
+
+/// CPU microseconds per delivery of the processes `counted` picks; `None` without samples.
+fn cpu_per(cpu: &[(String, f64)], delivered: u64, counted: impl Fn(&str) -> bool) -> Option<f64> {
+    if cpu.is_empty() {
         return None;
     }
-    let cpu: f64 = r
-        .cpu
-        .iter()
-        .filter(|(n, _)| counted(n))
-        .map(|(_, s)| s)
-        .sum();
-    Some(cpu * 1e6 / r.delivered.max(1) as f64)
+    let secs: f64 = cpu.iter().filter(|(n, _)| counted(n)).map(|(_, s)| s).sum();
+    Some(secs * 1e6 / delivered.max(1) as f64)
 }
 
 /// The report as one JSON object.
@@ -305,6 +325,16 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         },
         "cpu_secs": (!r.cpu.is_empty()).then(|| r.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>()),
         "cpu_us_per_delivery": cpu_per_delivery(r),
+        "periods": r.periods.iter().map(|p| serde_json::json!({
+            "from_secs": p.from_secs,
+            "to_secs": p.to_secs,
+            "delivered": p.delivered,
+            "latency_us": {
+                "p50": p.latency.p50, "p90": p.latency.p90, "p99": p.latency.p99, "max": p.latency.max,
+            },
+            "cpu_secs": (!p.cpu.is_empty()).then(|| p.cpu.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>()),
+            "server_cpu_us_per_delivery": cpu_per(&p.cpu, p.delivered, |n| n != BENCH_PROCESS),
+        })).collect::<Vec<_>>(),
         "server_cpu_us_per_delivery": server_cpu_per_delivery(r),
         "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
             "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,

@@ -100,6 +100,11 @@ struct Args {
     /// reused.
     #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL")]
     db: Option<String>,
+    /// Also report the run stretch by stretch, SECS each (by delivery time): deliveries,
+    /// latency percentiles and, for a spawned cluster, CPU per delivery. Shows whether a long
+    /// run's tail grows with time or comes in bursts.
+    #[arg(long, value_name = "SECS")]
+    every: Option<f64>,
     /// Print the report as one JSON object.
     #[arg(long, conflicts_with = "markdown")]
     json: bool,
@@ -156,6 +161,9 @@ fn main() -> ExitCode {
     {
         return usage("--drain, --hold and --kill-server must be between 0 and 3600 seconds");
     }
+    if args.every.is_some_and(|s| !(0.1..=3600.0).contains(&s)) {
+        return usage("--every must be between 0.1 and 3600 seconds");
+    }
     if args.kill_server.is_some() && args.spawn_servers.unwrap_or(0) < 2 {
         return usage(
             "--kill-server needs --spawn-servers 2 or more: the clients need somewhere to go",
@@ -180,6 +188,7 @@ fn main() -> ExitCode {
         opaque: args.opaque,
         db: args.db,
         threads: args.threads,
+        every: args.every.map(Duration::from_secs_f64),
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {
