@@ -27,7 +27,7 @@
 //!   accepting, connecting, checking who the peer is).
 //! * [`pki`]: the cluster CA and its member certificates.
 //! * [`channel`]: [`Channel`], frames both ways over a stream.
-//! * [`waker`]: [`Waker`] (eventfd) and [`wait`] (poll; [`wait_many`] for many sockets).
+//! * [`waker`]: [`Waker`] (eventfd) and [`wait`] (poll; a [`Poller`], epoll, for many sockets).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -41,7 +41,7 @@ pub mod waker;
 
 pub use channel::{Channel, Fill};
 pub use tls::{pin_path, Expect, Socket, Stream, Transport};
-pub use waker::{wait, wait_many, Interest, Ready, Waker};
+pub use waker::{wait, Interest, Poller, Ready, Waker};
 
 /// How long to wait for a TCP connection (and, after it, for the TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -11,7 +11,8 @@
 //!     read: Stored → forget it (a window slot frees) │ Deliver → open, count, acknowledge in
 //!           batches (ACK_BATCH ids; with the next message out; at the next ACK_DELAY tick, or
 //!           one tick later if a message is due by then)
-//!   wait: one poll on every client's socket and the thread's waker, until data, the first
+//!   wait: one wait (epoll: each socket registered once, changed when what it waits for
+//!         changes) on every client's socket and the thread's waker, until data, the first
 //!         due message or acknowledgement deadline, or the end of the run
 //!   a connection ends while the run goes on → that client fails over on a thread of its own
 //!   (balancer Resume avoiding the dead server, Hello to the new one, re-send every
@@ -42,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::net::{
     Envelope, NewMessage, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
 };
-use crate::transport::{wait_many, Channel, Fill, Interest, Stream, Transport, Waker};
+use crate::transport::{Channel, Fill, Interest, Poller, Transport, Waker};
 
 /// Counters shared by every thread of a run.
 #[derive(Default)]
@@ -592,8 +593,8 @@ enum Slot {
 }
 
 /// Drives `clients` on this thread from `go` until the run is over (`Counters::finished`, then
-/// `waker` rung): a turn for each client with something to do, then one poll on all their
-/// sockets and the waker. Returns their deliveries.
+/// `waker` rung): a turn for each client with something to do, then one wait (a [`Poller`])
+/// on all their sockets and the waker. Returns their deliveries.
 pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<Delivery> {
     let Some(first) = clients.first() else {
         return Vec::new();
@@ -609,6 +610,13 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
         .collect();
     let (back_tx, back) = crossbeam_channel::unbounded::<(usize, Box<Client>, Result<()>)>();
     let finished = || shared.counters.finished.load(Ordering::SeqCst);
+    let mut poller = match Poller::new(&waker) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            shared.counters.error(&format!("epoll: {e}"));
+            None
+        }
+    };
     let _ = go.recv();
     let start = *shared.start.get().expect("set before go");
     for slot in &mut slots {
@@ -641,6 +649,9 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
                 Err(_) if finished() => {}
                 Err(_) => {
                     shared.counters.failovers.fetch_add(1, Ordering::SeqCst);
+                    if let Some(p) = poller.as_mut() {
+                        p.forget(i, client.chan.stream());
+                    }
                     let Slot::Here { client, .. } = std::mem::replace(slot, Slot::Away) else {
                         unreachable!("matched above");
                     };
@@ -655,9 +666,11 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
             }
         }
         // One wait for all of them (none if a client can go on at once).
-        let mut indices = Vec::new();
-        let mut sockets: Vec<(&Stream, Interest)> = Vec::new();
+        let Some(poller) = poller.as_mut() else {
+            break;
+        };
         let mut deadline = any_due.then(Instant::now);
+        let mut watching = Ok(());
         for (i, slot) in slots.iter().enumerate() {
             if let Slot::Here {
                 client,
@@ -665,30 +678,30 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
                 wait: Some(w),
             } = slot
             {
-                indices.push(i);
-                sockets.push((client.chan.stream(), w.interest));
+                watching = watching.and(poller.watch(i, client.chan.stream(), w.interest));
                 deadline = match (deadline, w.deadline) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
             }
         }
-        let ready = match wait_many(&sockets, &[&waker], deadline) {
+        let ready = match watching.and_then(|()| poller.wait(deadline)) {
             Ok((ready, woken)) => {
-                if woken != 0 {
+                if woken {
                     waker.reset();
                 }
                 ready
             }
             Err(e) => {
-                shared.counters.error(&format!("poll: {e}"));
+                shared.counters.error(&format!("epoll: {e}"));
                 break;
             }
         };
-        drop(sockets);
         let mut woken = vec![false; slots.len()];
-        for (i, r) in indices.into_iter().zip(ready) {
-            woken[i] = r.readable || r.writable;
+        for (i, r) in ready {
+            if let Some(w) = woken.get_mut(i) {
+                *w = r.readable || r.writable;
+            }
         }
         let now = Instant::now();
         for (slot, woken) in slots.iter_mut().zip(woken) {
