@@ -26,7 +26,7 @@
 //! its mailbox rings a [`Waker`] instead ([`lazy_with`]), and the consumer announces sleep with
 //! [`Receiver::prepare_wait`] before it polls and [`Receiver::woke`] after.
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::Thread;
 use std::time::Instant;
@@ -47,6 +47,9 @@ struct Bell {
     waker: Option<Arc<Waker>>,
     /// False once the receiver is dropped.
     receiver_alive: AtomicBool,
+    /// Senders alive: the last one to go wakes the receiver to see the disconnection (the
+    /// others' going changes nothing for it, and would wake it for nothing).
+    senders: AtomicUsize,
 }
 
 impl Bell {
@@ -94,6 +97,7 @@ fn pair<T>(
         receiver: Mutex::new(None),
         waker,
         receiver_alive: AtomicBool::new(true),
+        senders: AtomicUsize::new(1),
     });
     (
         Sender {
@@ -120,6 +124,7 @@ pub struct Sender<T> {
 
 impl<T> Clone for Sender<T> {
     fn clone(&self) -> Sender<T> {
+        self.bell.senders.fetch_add(1, Ordering::SeqCst);
         Sender {
             tx: self.tx.clone(),
             cap: self.cap,
@@ -147,6 +152,17 @@ impl<T> Sender<T> {
         Ok(())
     }
 
+    /// Queues without waiting and without waking the receiver: it takes the item whenever it
+    /// next wakes for anything else, so a receiver must bound its sleep while such items may
+    /// come (a connection's `Stored` replies, see `server::session`). Fails if full or if the
+    /// receiver is gone.
+    pub fn try_send_quiet(&self, item: T) -> Result<(), TrySendError<T>> {
+        if self.full() {
+            return Err(TrySendError::Full(item));
+        }
+        self.tx().try_send(item)
+    }
+
     /// Queues, waiting while the mailbox is full; fails if the receiver is gone.
     pub fn send(&self, item: T) -> Result<(), SendError<T>> {
         // A full lazy mailbox is rare (its consumer has stopped keeping up): poll.
@@ -166,7 +182,9 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         // Disconnect first (if this was the last sender), then wake the receiver to see it.
         drop(self.tx.take());
-        self.bell.ring();
+        if self.bell.senders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.bell.ring();
+        }
     }
 }
 
@@ -353,5 +371,37 @@ mod tests {
         tx.send(1).unwrap();
         drop(rx);
         assert!(tx.send(2).is_err(), "a full mailbox with no receiver fails");
+    }
+
+    /// A receiver that sleeps in `poll`: a send rings its waker, a quiet one does not, and of
+    /// the senders going away only the last rings (to tell it they are gone).
+    #[test]
+    fn quiet_sends_and_all_but_the_last_sender_leave_a_sleeper_asleep() {
+        let waker = Arc::new(Waker::new().unwrap());
+        let (tx, rx) = lazy_with::<u8>(8, Arc::clone(&waker));
+        let asleep = || {
+            assert!(rx.prepare_wait(), "nothing queued: it may sleep");
+        };
+        asleep();
+        tx.try_send_quiet(1).unwrap();
+        assert!(!waker.is_set(), "a quiet send does not ring");
+        assert!(!rx.prepare_wait(), "but a receiver about to sleep sees it");
+        assert_eq!(rx.try_recv(), Ok(1));
+        asleep();
+        let copy = tx.clone();
+        drop(copy);
+        assert!(
+            !waker.is_set(),
+            "a sender that goes while others stay does not ring"
+        );
+        tx.try_send(2).unwrap();
+        assert!(waker.is_set(), "a send rings a sleeper");
+        rx.woke(true);
+        assert_eq!(rx.try_recv(), Ok(2));
+        asleep();
+        drop(tx);
+        assert!(waker.is_set(), "the last sender going rings");
+        rx.woke(true);
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -489,6 +489,13 @@ pub struct NewMessage {
     /// at all) is newer than, so the server can tell whether it was already stored, or even
     /// delivered and removed. `None` on a first attempt.
     pub resend_after: Option<i64>,
+    /// The sender does not wait on this message's `Stored`: the server may send it with the
+    /// next thing it sends this client (within 10 ms), instead of waking for it alone. A
+    /// client sets it while it can send on without the reply (its window has room); one that
+    /// waits for it (one message, a window of one) leaves it unset. Last, and `false` when
+    /// absent.
+    #[serde(default)]
+    pub patient: bool,
 }
 
 /// Requests of a logged-in client to its chat server (in a [`Request`]); each is answered
@@ -961,6 +968,7 @@ mod tests {
                     body: b"hi".to_vec(),
                     file: Some(12),
                     resend_after: Some(40),
+                    patient: false,
                 },
             },
         ));

@@ -9,7 +9,7 @@ use common::{raw_exchange, Cluster};
 use fastchat::client::{BalancerClient, Connection, Incoming, Session};
 use fastchat::net::{
     self, BalancerReply, ErrorCode, FrameReader, NewMessage, Request, Response, ServerEvent,
-    ServerRequest,
+    ServerReply, ServerRequest,
 };
 
 #[test]
@@ -179,11 +179,27 @@ fn identity_comes_from_the_token_only() {
             body: b"opaque".to_vec(),
             file: None,
             resend_after: None,
+            patient: false,
         },
     })
     .unwrap();
     let sender: String = c.sql().one("SELECT sender FROM messages", &[]);
     assert_eq!(sender, "alice");
+    // A patient sender's Stored may wait for the next thing the server sends it; on a
+    // connection with nothing else coming, its thread wakes for it alone, soon.
+    let reply = conn
+        .call(&ServerRequest::Send {
+            to: "bob".into(),
+            message: NewMessage {
+                client_id: 8,
+                body: b"patient".to_vec(),
+                file: None,
+                resend_after: None,
+                patient: true,
+            },
+        })
+        .unwrap();
+    assert!(matches!(reply, ServerReply::Stored { .. }), "{reply:?}");
 
     // A request before Hello is refused and the connection closed.
     let mut frame = Vec::new();
@@ -198,6 +214,7 @@ fn identity_comes_from_the_token_only() {
                     body: b"x".to_vec(),
                     file: None,
                     resend_after: None,
+                    patient: false,
                 },
             },
         },
@@ -215,7 +232,7 @@ fn identity_comes_from_the_token_only() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert_eq!(c.count("SELECT count(*) FROM messages"), 1);
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 2);
 }
 
 #[test]

@@ -221,6 +221,7 @@ impl Gen {
                     body: self.b(),
                     file: self.opt(),
                     resend_after: self.opt(),
+                    patient: false,
                 },
             },
             1 => ServerRequest::Ack {
@@ -263,6 +264,7 @@ impl Gen {
                     body: self.b(),
                     file: self.opt(),
                     resend_after: self.opt(),
+                    patient: false,
                 },
             },
             8 => ServerRequest::GroupList,

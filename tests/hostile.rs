@@ -247,6 +247,7 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
                         body: vec![1],
                         file: None,
                         resend_after: None,
+                        patient: false,
                     },
                 })
                 .unwrap()
@@ -533,6 +534,7 @@ fn random_and_mutated_frames_never_take_a_server_down() {
                 body: vec![7; 40],
                 file: None,
                 resend_after: None,
+                patient: false,
             },
         },
     });

@@ -156,14 +156,22 @@ impl Sending {
         Some(start + Duration::from_secs_f64(k as f64 / rate))
     }
 
-    /// Message `seq` (direct ones sealed in the session with their recipient, which moves on).
-    fn request(&self, keys: &mut Keys, seq: u64, text: &str) -> Result<Request<ServerRequest>> {
+    /// Message `seq` (direct ones sealed in the session with their recipient, which moves on);
+    /// `patient` when the client can send on without its `Stored` (see [`NewMessage`]).
+    fn request(
+        &self,
+        keys: &mut Keys,
+        seq: u64,
+        text: &str,
+        patient: bool,
+    ) -> Result<Request<ServerRequest>> {
         let plain = Plain::Text(text.to_string());
         let message = |body| NewMessage {
             client_id: seq,
             body,
             file: None,
             resend_after: None,
+            patient,
         };
         if self.opaque {
             let body = text.as_bytes().to_vec();
@@ -407,7 +415,10 @@ impl Client {
             let seq = self.next_seq;
             let sent_ns = due.saturating_duration_since(start).as_nanos() as u64;
             let text = payload(self.sending.index, seq, sent_ns, self.sending.size);
-            let request = self.sending.request(&mut self.keys, seq, &text)?;
+            // The window has room for more after this one: its Stored may come with the next
+            // thing the server sends.
+            let patient = self.unconfirmed.len() + 1 < self.sending.window;
+            let request = self.sending.request(&mut self.keys, seq, &text, patient)?;
             self.chan.queue(&request)?;
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;

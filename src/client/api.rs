@@ -299,6 +299,7 @@ impl Client {
                 body: body.to_vec(),
                 file,
                 resend_after,
+                patient: false,
             },
         })
     }
@@ -320,6 +321,7 @@ impl Client {
                 body: body.to_vec(),
                 file,
                 resend_after,
+                patient: false,
             },
         })
     }

@@ -23,6 +23,10 @@ use crate::transport::{Channel, Waker};
 /// Messages read from the database per page during a sync.
 const SYNC_PAGE: usize = 256;
 
+/// The longest a reply queued quietly ([`Handle::offer_quiet`]) waits for the connection's
+/// thread to wake for something else before the thread wakes for it alone.
+pub const QUIET_WITHIN: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A slot of a connection's file window, given back when dropped: a file chunk holds one from
 /// the moment its request is read until it is committed (upload) or queued for the socket
 /// (download), so a client can make the server hold only a few chunks at a time.
@@ -112,7 +116,17 @@ impl Handle {
     /// Queues without blocking; on a full queue the connection is cut off and `false` returned
     /// (everything it was sent stays stored for its next login).
     pub fn offer(&self, item: Outbound) -> bool {
-        match self.tx.try_send(item) {
+        self.offered(self.tx.try_send(item))
+    }
+
+    /// Like [`Handle::offer`], without waking the connection's thread: it sends the item when
+    /// it next wakes, which it does within [`QUIET_WITHIN`] while it waits for such items.
+    pub fn offer_quiet(&self, item: Outbound) -> bool {
+        self.offered(self.tx.try_send_quiet(item))
+    }
+
+    fn offered(&self, sent: std::result::Result<(), TrySendError<Outbound>>) -> bool {
+        match sent {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 log::warn!(

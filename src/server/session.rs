@@ -22,13 +22,13 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit};
+use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit, QUIET_WITHIN};
 use super::shared::Shared;
 use crate::db::Tx;
 use crate::error::{Error, Result};
@@ -124,6 +124,27 @@ pub struct Session<'a> {
     /// The file window: a slot is taken by sending, given back by receiving (see [`Permit`]).
     slots: Sender<()>,
     free: Receiver<()>,
+    /// Stores submitted whose reply is not queued yet: while there are any, a reply may come
+    /// quietly, and the connection's thread sleeps at most [`QUIET_WITHIN`].
+    awaiting: Arc<AtomicUsize>,
+}
+
+/// One store's place in [`Session::awaiting`], held by what runs after its commit and given
+/// back when that is dropped: after the reply is queued, so a thread that finds nothing
+/// awaited finds every reply already in its mailbox (and does not sleep on it).
+struct Awaited(Arc<AtomicUsize>);
+
+impl Awaited {
+    fn new(count: &Arc<AtomicUsize>) -> Awaited {
+        count.fetch_add(1, Ordering::SeqCst);
+        Awaited(Arc::clone(count))
+    }
+}
+
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Session<'_> {
@@ -165,6 +186,7 @@ impl<'a> Session<'a> {
             local: RefCell::new(VecDeque::new()),
             slots,
             free,
+            awaiting: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -412,6 +434,16 @@ impl Connection {
                 || (self.delivery.syncing() && self.chan.pending() < BACKLOG)
                 || (handled == TURN)
                 || (window_open && rested_until.is_none() && !backed_up);
+            // A reply that comes quietly is sent by the next wake-up, whatever it is for; and
+            // one comes within QUIET_WITHIN while stores are awaited (read before looking at
+            // the mailbox: a store no longer awaited has its reply there).
+            let deadline = match session.awaiting.load(Ordering::SeqCst) {
+                0 => rested_until,
+                _ => {
+                    let quiet = Instant::now() + QUIET_WITHIN;
+                    Some(rested_until.map_or(quiet, |r| r.min(quiet)))
+                }
+            };
             if more || !self.rx.prepare_wait() {
                 continue;
             }
@@ -423,7 +455,7 @@ impl Connection {
                 self.chan.stream(),
                 self.chan.interest(want_read),
                 &[&self.waker, &shared.stop],
-                rested_until,
+                deadline,
             );
             self.rx
                 .woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));

@@ -119,6 +119,7 @@ impl Session<'_> {
                 body: change_body(&bytes),
                 file: None,
                 resend_after: None,
+                patient: false,
             };
             Ok(Some(tx.store_group_message(
                 &Outgoing::of(&me, &announcement),
@@ -169,6 +170,7 @@ impl Session<'_> {
         let counted = watch.near(&quotas, &queue, None);
         watch.note(&queue, None, message.body.len() as u64);
         let plain = !(counted || message.file.is_some() || message.resend_after.is_some());
+        let patient = message.patient;
         let to = group.clone();
         // Every check, in a savepoint: for a message outside the common case, or one the
         // writer's merged statement left.
@@ -195,10 +197,12 @@ impl Session<'_> {
                 client_id: message.client_id,
                 body: message.body,
             };
-            let done = self.stored_once(id);
+            let done = self.stored_once(id, patient);
             return self.shared.store.submit_group_message(msg, store, done);
         }
-        self.store(id, move |tx| store(tx, &Outgoing::of(&me, &message)));
+        self.store(id, patient, move |tx| {
+            store(tx, &Outgoing::of(&me, &message))
+        });
     }
 
     /// `GroupList`: the caller's groups.

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{error_event, Session};
+use super::{error_event, Awaited, Session};
 use crate::db::{Outgoing, StoredMessage, Tx};
 use crate::error::Result;
 use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY};
@@ -36,13 +36,14 @@ impl Session<'_> {
         // without a savepoint, and merged with the batch's other such messages.
         let resend = message.resend_after.is_some();
         if !(message.file.is_some() || resend || counted) {
-            let (client_id, body, done) = (message.client_id, message.body, self.stored_once(id));
+            let done = self.stored_once(id, message.patient);
+            let (client_id, body) = (message.client_id, message.body);
             return self
                 .shared
                 .store
                 .submit_message(me, to, client_id, body, done);
         }
-        self.store(id, move |tx| {
+        self.store(id, message.patient, move |tx| {
             if !counted {
                 return tx.store_message(&Outgoing::of(&me, &message), &to);
             }
@@ -100,21 +101,26 @@ impl Session<'_> {
     }
 
     /// Stores a message on the writer thread (in a savepoint: work with more than one write);
-    /// after the commit it is routed and the sender told.
+    /// after the commit it is routed and the sender told (`patient`: see
+    /// [`Session::stored_reply`]).
     pub(super) fn store(
         &self,
         id: u64,
+        patient: bool,
         work: impl FnOnce(&mut dyn Tx) -> Result<StoredMessage> + Send + 'static,
     ) {
-        self.shared.store.submit(work, self.stored_once(id));
+        self.shared
+            .store
+            .submit(work, self.stored_once(id, patient));
     }
 
     /// What runs after the commit of a message's store (see [`Session::stored_reply`]).
     pub(super) fn stored_once(
         &self,
         id: u64,
+        patient: bool,
     ) -> impl FnOnce(Result<StoredMessage>) + Send + 'static {
-        let done = self.stored_reply(id);
+        let done = self.stored_reply(id, patient);
         move |res| done(res.map(Some))
     }
 
@@ -125,24 +131,44 @@ impl Session<'_> {
         id: u64,
         work: impl FnOnce(&mut dyn Tx) -> Result<Option<StoredMessage>> + Send + 'static,
     ) {
-        self.shared.store.submit(work, self.stored_reply(id));
+        self.shared.store.submit(work, self.stored_reply(id, false));
     }
 
-    /// What runs after the commit of a store: route the message, tell the sender.
-    fn stored_reply(&self, id: u64) -> impl FnOnce(Result<Option<StoredMessage>>) + Send + 'static {
+    /// What runs after the commit of a store: route the message, tell the sender. For a
+    /// `patient` sender `Stored` goes quietly (the connection's thread sends it when it next
+    /// wakes, within [`QUIET_WITHIN`](crate::server::outbound::QUIET_WITHIN)): a sender
+    /// writing steadily gets it with its next request or delivery instead of a wake-up of its
+    /// own, a third of a message's.
+    fn stored_reply(
+        &self,
+        id: u64,
+        patient: bool,
+    ) -> impl FnOnce(Result<Option<StoredMessage>>) + Send + 'static {
         let handle = self.handle.clone();
         let shared = Arc::clone(self.shared);
+        let awaited = Awaited::new(&self.awaiting);
         move |res: Result<Option<StoredMessage>>| {
-            let event = match res {
+            match res {
                 Ok(Some(stored)) => {
                     let msg_id = stored.envelope.id;
                     route(&shared, stored);
-                    ServerEvent::reply(id, ServerReply::Stored { msg_id })
+                    let stored =
+                        Outbound::Event(ServerEvent::reply(id, ServerReply::Stored { msg_id }));
+                    if patient {
+                        handle.offer_quiet(stored);
+                    } else {
+                        handle.offer(stored);
+                    }
                 }
-                Ok(None) => ServerEvent::reply(id, ServerReply::Done),
-                Err(e) => error_event(id, e),
-            };
-            handle.offer(Outbound::Event(event));
+                Ok(None) => {
+                    handle.offer(Outbound::Event(ServerEvent::reply(id, ServerReply::Done)));
+                }
+                Err(e) => {
+                    handle.offer(Outbound::Event(error_event(id, e)));
+                }
+            }
+            // Counted out only once the reply is queued (see `Awaited`).
+            drop(awaited);
         }
     }
 }

@@ -149,6 +149,7 @@ fn message(client_id: u64, body: &[u8], resend_after: Option<i64>) -> NewMessage
         body: body.to_vec(),
         file: None,
         resend_after,
+        patient: false,
     }
 }
 
