@@ -882,6 +882,36 @@ impl<W: Write> FrameWriter<W> {
 mod tests {
     use super::*;
 
+    /// A message from a client that predates `patient` (four fields) reads as not patient,
+    /// and a patient one keeps its flag.
+    #[test]
+    fn a_message_without_the_patient_flag_is_not_patient() {
+        #[derive(Serialize)]
+        struct Before {
+            client_id: u64,
+            #[serde(with = "serde_bytes")]
+            body: Vec<u8>,
+            file: Option<i64>,
+            resend_after: Option<i64>,
+        }
+        let old = Before {
+            client_id: 3,
+            body: b"x".to_vec(),
+            file: None,
+            resend_after: Some(9),
+        };
+        let read: NewMessage = rmp_serde::from_slice(&rmp_serde::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(
+            (read.client_id, read.resend_after, read.patient),
+            (3, Some(9), false)
+        );
+        let patient = NewMessage {
+            patient: true,
+            ..read
+        };
+        roundtrip(patient);
+    }
+
     fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
         let mut bytes = Vec::new();
         encode_into(&mut bytes, &v).unwrap();
