@@ -17,7 +17,7 @@
 //! * A side makes a new key pair at most once per [`KEY_MIN_AGE_MS`]: a conversation that
 //!   turns faster (machines, a burst of quick replies) goes on in the sending chain it has
 //!   until its key is that old, instead of paying three X25519 operations per turn (one new key
-//!   and two agreements, about 80 us, the bulk of a message's cost). Recovery after a compromise
+//!   and two agreements, about 90 us, the bulk of a message's cost). Recovery after a compromise
 //!   waits that much longer; forward secrecy does not change (every message still has its own
 //!   key from a chain that only moves forward). Signal's rule is the same with an age of zero.
 //! * Messages that arrive out of order, or after their successors (offline delivery), are
