@@ -493,7 +493,7 @@ type Cpu = Vec<(String, f64)>;
 type Sample = (f64, Cpu);
 
 /// CPU seconds so far of each of `processes`.
-fn cpu_sample(processes: &[(String, u32)]) -> Vec<(String, f64)> {
+fn cpu_sample(processes: &[(String, u32)]) -> Cpu {
     processes
         .iter()
         .map(|(name, pid)| {
@@ -504,7 +504,7 @@ fn cpu_sample(processes: &[(String, u32)]) -> Vec<(String, f64)> {
 }
 
 /// CPU seconds spent by each process between two samples.
-fn cpu_spent(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+fn cpu_spent(before: &[(String, f64)], after: &[(String, f64)]) -> Cpu {
     before
         .iter()
         .zip(after)
@@ -558,14 +558,15 @@ fn periods(deliveries: &[driver::Delivery], every: Duration, samples: &[Sample])
         .into_iter()
         .enumerate()
         .map(|(k, mut us)| {
-            // The last stretch reaches the last sample (the run's end).
+            // Bounded by samples k and k + 1; the last stretch by the last sample (the run's
+            // end). Without them (no spawned cluster to sample), no CPU and a nominal end.
             let end = if k + 1 == n {
-                samples.last()
+                samples.len().saturating_sub(1)
             } else {
-                samples.get(k + 1)
+                k + 1
             };
-            let (to_secs, cpu) = match (samples.get(k), end) {
-                (Some((_, a)), Some((at, b))) if samples.len() > k + 1 => (*at, cpu_spent(a, b)),
+            let (to_secs, cpu) = match (samples.get(k), samples.get(end)) {
+                (Some((_, a)), Some((at, b))) if end > k => (*at, cpu_spent(a, b)),
                 _ => (((k as u64 + 1) * every_ms) as f64 / 1000.0, Vec::new()),
             };
             Period {

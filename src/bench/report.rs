@@ -156,10 +156,7 @@ pub fn render(r: &Report) -> String {
         ms(r.latency.max)
     ));
     if !r.periods.is_empty() {
-        out.push_str(
-            "  periods     by delivery time, in seconds since the first message:
-",
-        );
+        out.push_str("  periods     by delivery time, in seconds since the first message:\n");
         for p in &r.periods {
             let cpu = cpu_per(&p.cpu, p.delivered, |n| n != BENCH_PROCESS)
                 .map(|us| format!("  servers {us:.1} µs per delivery"))
