@@ -41,7 +41,7 @@ pub mod registry;
 
 use crate::capacity::Limits;
 use accounts::HashSlots;
-use lockout::{wait_secs, Logins, Outcome, Table, Wait};
+use lockout::{wait_secs, Gate, Outcome, Table, Wait};
 pub use registry::Algo;
 use registry::{Registry, FORGET_AFTER};
 
@@ -108,7 +108,7 @@ struct Shared {
     /// password and timing does not reveal which names are registered.
     dummy_hash: String,
     /// Logins per name and address. A lock, not a thread: each use is a map lookup.
-    logins: Mutex<Logins>,
+    logins: Gate,
     /// Signups per address.
     signups: Mutex<Table<IpAddr>>,
     /// Passwords being hashed at once.
@@ -144,7 +144,8 @@ const IDLE: Duration = Duration::from_secs(60);
 const MAX_REQUEST: usize = 4096;
 
 /// How long a signup or login waits for its turn to hash a password before it is told the
-/// balancer is busy.
+/// balancer is busy; a login may wait as long again before that, for its turn among the
+/// attempts of its name and address. Both together stay under the client's reply timeout.
 const HASH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long a stopping balancer waits for its connection threads to end.
@@ -164,7 +165,7 @@ pub fn run(
         store,
         registry: Mutex::new(Registry::new(crypto::random_u64()?)),
         dummy_hash: crypto::hash_password("not a password", config.scrypt)?,
-        logins: Mutex::new(Logins::default()),
+        logins: Gate::default(),
         signups: Mutex::new(Table::new(config.signups_per_address)),
         hashing: HashSlots::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         next_link: AtomicU64::new(1),
@@ -428,8 +429,7 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 .then_some(name.as_str());
             shared
                 .logins
-                .lock()
-                .begin(named, from)
+                .begin(named, from, HASH_PATIENCE)
                 .map_err(|why| Error::refused(ErrorCode::RateLimited, why))?;
             let checked = hash_slot(shared).and_then(|_slot| {
                 accounts::check_password(&shared.store, &shared.dummy_hash, &name, &password)
@@ -442,7 +442,7 @@ fn handle(request: BalancerRequest, shared: &Shared, peer: &mut Peer) -> Result<
                 }) => Outcome::Wrong,
                 Err(_) => Outcome::Untried,
             };
-            shared.logins.lock().end(named, from, outcome);
+            shared.logins.end(named, from, outcome);
             match outcome {
                 Outcome::Right => shared.counters.logins.fetch_add(1, Ordering::Relaxed),
                 Outcome::Wrong => shared

@@ -378,6 +378,21 @@ fn guesses_sent_at_once_are_counted_before_they_are_hashed() {
 }
 
 #[test]
+fn a_user_logging_in_many_times_at_once_waits_rather_than_being_refused() {
+    // Hashes dear enough (tens of milliseconds) that the logins overlap: more of them run at
+    // once than a name may fail, and those past the limit wait their turn.
+    let c = Cluster::start_with_balancer_args(1, &["--scrypt-log-n", "14"]);
+    c.signup("alice");
+    let outcomes: Vec<Option<(ErrorCode, String)>> = std::thread::scope(|s| {
+        let logins: Vec<_> = (0..16)
+            .map(|_| s.spawn(|| raw_login(&c, "127.0.0.5", "alice", "pw-alice")))
+            .collect();
+        logins.into_iter().map(|l| l.join().unwrap()).collect()
+    });
+    assert!(outcomes.iter().all(Option::is_none), "{outcomes:?}");
+}
+
+#[test]
 fn signups_from_one_address_are_limited() {
     let c = Cluster::start_with_balancer_args(1, &["--signups-per-address", "3"]);
     for u in ["u1", "u2", "u3"] {

@@ -8,6 +8,10 @@
 //!   password locks out only himself; carol, from an address with no failures, logs in.
 //!   Failures per address (over all names) lock out the address, so trying many names from
 //!   one place is slow too.
+//! * An attempt that finds as many others of its pair or address running as may fail waits
+//!   for one of them to end ([`Gate`]), up to a patience, rather than being refused: a user's
+//!   ten processes logging in at once all get through, a free slot at a time, and still no
+//!   more guesses than the free number are ever hashed at once.
 //! * From the free number of failures on, each failure locks out for twice as long as the one
 //!   before (1 s, 2 s, 4 s, ... up to five minutes). Strikes are forgotten after ten quiet
 //!   minutes.
@@ -16,6 +20,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 /// Failed (or running) logins for one name from one address that lock it out.
 pub const FREE_FAILURES_PER_PAIR: u32 = 5;
@@ -189,24 +195,17 @@ impl Default for Logins {
 impl Logins {
     /// Reserves a login attempt of `user` (if it is a valid name) from `from`, or says why it
     /// must wait. Every attempt begun must be ended with [`Logins::end`].
-    pub fn begin(&mut self, user: Option<&str>, from: IpAddr) -> Result<(), String> {
+    pub fn begin(&mut self, user: Option<&str>, from: IpAddr) -> Result<(), Refusal> {
         let now = Instant::now();
         let pair = user.map(|u| (u.to_string(), from));
-        let refused = |wait: Wait, whom: String| match wait {
-            Wait::Locked(d) => format!(
-                "too many failed logins {whom}; try again in {} s",
-                wait_secs(d)
-            ),
-            Wait::Busy => format!("too many logins {whom} at once; try again in a moment"),
-        };
         if let Some(p) = &pair {
             self.pairs
                 .check(p, now)
-                .map_err(|w| refused(w, format!("for {} from {from}", p.0)))?;
+                .map_err(|wait| Refusal::new(wait, format!("for {} from {from}", p.0)))?;
         }
         self.addresses
             .check(&from, now)
-            .map_err(|w| refused(w, format!("from {from}")))?;
+            .map_err(|wait| Refusal::new(wait, format!("from {from}")))?;
         if let Some(p) = &pair {
             self.pairs.begin(p, now);
         }
@@ -230,10 +229,73 @@ impl Logins {
     }
 }
 
+/// Why a login may not start now, and what to tell the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Locked out, or busy with as many attempts as may fail.
+    pub wait: Wait,
+    /// For the user, e.g. "too many failed logins for carol from 10.0.0.9; try again in 2 s".
+    pub why: String,
+}
+
+impl Refusal {
+    fn new(wait: Wait, whom: String) -> Refusal {
+        let why = match wait {
+            Wait::Locked(d) => format!(
+                "too many failed logins {whom}; try again in {} s",
+                wait_secs(d)
+            ),
+            Wait::Busy => format!("too many logins {whom} at once; try again in a moment"),
+        };
+        Refusal { wait, why }
+    }
+}
+
+/// [`Logins`] shared by the balancer's connection threads: an attempt that is merely busy
+/// waits for a running one to end instead of being refused.
+#[derive(Debug, Default)]
+pub struct Gate {
+    logins: Mutex<Logins>,
+    /// Rung when an attempt ends.
+    ended: Condvar,
+}
+
+impl Gate {
+    /// Reserves a login attempt as [`Logins::begin`] does; while the only reason to refuse it
+    /// is attempts running at once, waits up to `patience` for one to end. A lock-out (the
+    /// running ones failed, say) is answered at once.
+    pub fn begin(
+        &self,
+        user: Option<&str>,
+        from: IpAddr,
+        patience: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + patience;
+        let mut logins = self.logins.lock();
+        loop {
+            match logins.begin(user, from) {
+                Ok(()) => return Ok(()),
+                Err(r) if r.wait == Wait::Busy && Instant::now() < deadline => {
+                    self.ended.wait_until(&mut logins, deadline);
+                }
+                Err(r) => return Err(r.why),
+            }
+        }
+    }
+
+    /// Ends an attempt begun with [`Gate::begin`], as [`Logins::end`] does, and wakes those
+    /// waiting for their turn.
+    pub fn end(&self, user: Option<&str>, from: IpAddr, outcome: Outcome) {
+        self.logins.lock().end(user, from, outcome);
+        self.ended.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+    use std::sync::Arc;
 
     const HOME: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
     const AWAY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
@@ -277,13 +339,13 @@ mod tests {
         for _ in 0..FREE_FAILURES_PER_PAIR {
             l.begin(Some("carol"), AWAY).unwrap();
         }
-        let err = l.begin(Some("carol"), AWAY).unwrap_err();
+        let err = l.begin(Some("carol"), AWAY).unwrap_err().why;
         assert!(err.contains("at once"), "{err}");
         for _ in 0..FREE_FAILURES_PER_PAIR {
             l.end(Some("carol"), AWAY, Outcome::Wrong);
         }
         // All five failed: the sixth guess is locked out, not merely queued.
-        let err = l.begin(Some("carol"), AWAY).unwrap_err();
+        let err = l.begin(Some("carol"), AWAY).unwrap_err().why;
         assert!(
             err.starts_with("too many failed logins for carol from 10.0.0.9"),
             "{err}"
@@ -315,9 +377,49 @@ mod tests {
         // Invalid names count for the address too.
         l.begin(None, HOME).unwrap();
         l.end(None, HOME, Outcome::Wrong);
-        let err = l.begin(Some("someone"), HOME).unwrap_err();
+        let err = l.begin(Some("someone"), HOME).unwrap_err().why;
         assert!(
             err.starts_with("too many failed logins from 127.0.0.1"),
+            "{err}"
+        );
+    }
+
+    /// Starts `FREE_FAILURES_PER_PAIR` logins of carol from AWAY, and one more on a thread
+    /// that waits its turn; returns that thread.
+    fn a_sixth_login_waits(gate: &Arc<Gate>) -> std::thread::JoinHandle<Result<(), String>> {
+        for _ in 0..FREE_FAILURES_PER_PAIR {
+            gate.begin(Some("carol"), AWAY, Duration::ZERO).unwrap();
+        }
+        let waiting = Arc::clone(gate);
+        let sixth =
+            std::thread::spawn(move || waiting.begin(Some("carol"), AWAY, Duration::from_secs(30)));
+        // Until an attempt ends, it cannot start (bounded: the check below would not wait).
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!sixth.is_finished(), "the sixth began while five ran");
+        sixth
+    }
+
+    #[test]
+    fn a_login_that_finds_its_limit_busy_waits_for_an_attempt_to_end() {
+        let gate = Arc::new(Gate::default());
+        let sixth = a_sixth_login_waits(&gate);
+        gate.end(Some("carol"), AWAY, Outcome::Right);
+        assert_eq!(sixth.join().unwrap(), Ok(()));
+        // Without patience, a busy pair is refused at once.
+        let err = gate.begin(Some("carol"), AWAY, Duration::ZERO).unwrap_err();
+        assert!(err.contains("at once"), "{err}");
+    }
+
+    #[test]
+    fn a_waiting_login_is_refused_when_the_running_ones_fail() {
+        let gate = Arc::new(Gate::default());
+        let sixth = a_sixth_login_waits(&gate);
+        for _ in 0..FREE_FAILURES_PER_PAIR {
+            gate.end(Some("carol"), AWAY, Outcome::Wrong);
+        }
+        let err = sixth.join().unwrap().unwrap_err();
+        assert!(
+            err.starts_with("too many failed logins for carol from 10.0.0.9"),
             "{err}"
         );
     }
