@@ -369,6 +369,25 @@ fn thread_policies(pid: u32) -> Vec<(String, u32)> {
 }
 
 #[test]
+fn a_server_runs_without_the_per_thread_malloc_cache_under_its_own_pid() {
+    let c = Cluster::start(1);
+    // The server started itself again with the tunable, as the same process (scripts that
+    // keep its PID keep the right one).
+    let pid = c.servers[0].pid();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let tunables: Vec<_> = environ
+        .split(|b| *b == 0)
+        .filter_map(|v| v.strip_prefix(b"GLIBC_TUNABLES="))
+        .map(String::from_utf8_lossy)
+        .collect();
+    assert_eq!(tunables, ["glibc.malloc.tcache_count=0"]);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "still serving");
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: still serving"]);
+}
+
+#[test]
 fn a_server_runs_its_threads_under_batch_scheduling() {
     const SCHED_BATCH: u32 = 3;
     let c = Cluster::start(1);

@@ -136,6 +136,7 @@ struct Args {
 use fastchat::units::parse_size;
 
 fn main() -> ExitCode {
+    fastchat::startup::without_thread_cache();
     let args: Args = fastchat::config::parse("fastchat-server", "server");
     fastchat::startup::init_with("server", args.log_level.as_deref(), "info");
     fastchat::startup::private_files();
