@@ -18,7 +18,13 @@
 //!   member cannot read what was sent before, and a removed one nothing after); a leave starts
 //!   an epoch with no keys yet, which the next member to send provides, again for exactly the
 //!   members.
+//! * A member with new keys (`fastchat rekey`, after an operator reset the password) adds a
+//!   key change, signed with the new keys and naming the Ed25519 key it had before: through
+//!   the hash chain it vouches for the changes it signed before, which a verifier then checks
+//!   with that key ([`signers`]). It starts an epoch keyed by its maker, like an addition.
 //! * A non-member is told the same thing whether or not the group exists.
+
+use std::collections::HashMap;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
@@ -194,8 +200,42 @@ pub fn apply(before: Option<&Roster>, signed: &SignedChange) -> Result<After> {
                 Some(_) => {}
             }
         }
+        Action::KeyChange(old) => {
+            if old.len() != 32 {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    "a key change names the 32-byte Ed25519 public key it replaces",
+                ));
+            }
+        }
     }
     Ok(After::Roster(next))
+}
+
+/// The key each of `changes` (consecutive links of one chain, oldest first) is to be checked
+/// with: its maker's `current` key, or, for a change its maker signed before a key change of
+/// theirs later in `changes`, the key that key change names (and so on back, one key change
+/// after another). A key change itself is checked with the key its maker had after it.
+pub fn signers(
+    changes: &[SignedChange],
+    mut current: impl FnMut(&str) -> Result<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>> {
+    let mut in_force: HashMap<&str, Vec<u8>> = HashMap::new();
+    let mut keys = vec![Vec::new(); changes.len()];
+    for (i, signed) in changes.iter().enumerate().rev() {
+        let by = signed.change.by.as_str();
+        let key = match in_force.get(by) {
+            Some(k) => k.clone(),
+            None => current(by)?,
+        };
+        let before = match &signed.change.action {
+            Action::KeyChange(old) => old.clone(),
+            _ => key.clone(),
+        };
+        keys[i] = key;
+        in_force.insert(by, before);
+    }
+    Ok(keys)
 }
 
 /// Who gets the key of the epoch a change starts: every member after it, except after a
@@ -232,6 +272,7 @@ pub fn describe(change: &Change) -> String {
         Action::Add(user) => format!("{by} added {user}"),
         Action::Remove(user) => format!("{by} removed {user}"),
         Action::Leave => format!("{by} left"),
+        Action::KeyChange(_) => format!("{by} has new keys"),
     }
 }
 
@@ -348,6 +389,63 @@ mod tests {
 
     fn add(u: &str) -> Action {
         Action::Add(u.into())
+    }
+
+    #[test]
+    fn a_key_change_keeps_the_members_and_starts_an_epoch_keyed_for_all() {
+        let mut chain = Chain { roster: None };
+        chain.ok("alice", Action::Create);
+        chain.ok("alice", add("bob"));
+        let r = chain.ok("bob", Action::KeyChange(vec![1; 32]));
+        assert_eq!((r.seq, r.admin.as_str()), (3, "alice"));
+        assert_eq!(r.members, ["alice", "bob"]);
+        let action = Action::KeyChange(vec![2; 32]);
+        let after = chain.try_apply("alice", action.clone()).unwrap();
+        assert_eq!(keyed_for(&after, &action), ["alice", "bob"]);
+        assert_eq!(
+            code(chain.try_apply("alice", Action::KeyChange(vec![3; 31]))),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(chain.try_apply("carol", Action::KeyChange(vec![3; 32]))),
+            ErrorCode::UnknownGroup,
+            "a non-member has no key change to make"
+        );
+    }
+
+    #[test]
+    fn each_change_is_checked_with_the_key_its_maker_had_then() {
+        let mut chain = Chain { roster: None };
+        let mut changes = Vec::new();
+        // alice signs with key 1, changes to 2, then to 3; bob never changes his.
+        for (by, action) in [
+            ("alice", Action::Create),
+            ("alice", add("bob")),
+            ("bob", Action::KeyChange(vec![0xb0; 32])),
+            ("alice", Action::KeyChange(vec![1; 32])),
+            ("alice", add("carol")),
+            ("alice", Action::KeyChange(vec![2; 32])),
+            ("bob", Action::Leave),
+        ] {
+            changes.push(chain.change(by, action.clone()));
+            chain.ok(by, action);
+        }
+        let current = |by: &str| -> Result<Vec<u8>> {
+            Ok(match by {
+                "alice" => vec![3; 32],
+                _ => vec![0xbb; 32],
+            })
+        };
+        let keys = signers(&changes, current).unwrap();
+        let want: Vec<Vec<u8>> = [1, 1, 0xbb, 2, 2, 3, 0xbb]
+            .iter()
+            .map(|k| vec![*k as u8; 32])
+            .collect();
+        assert_eq!(keys, want);
+        // A tail without key changes: every change with its maker's current key.
+        assert_eq!(signers(&changes[4..5], current).unwrap(), [vec![3; 32]]);
+        // Bob's key change named 0xb0, but he made no change before it.
+        assert!(!keys.contains(&vec![0xb0; 32]));
     }
 
     #[test]

@@ -410,6 +410,10 @@ pub enum Action {
     Remove(String),
     /// The signer leaves.
     Leave,
+    /// The signer has new keys (`fastchat rekey`), and names its Ed25519 public key before
+    /// them: the changes it signed before this one are checked with that key. Members stay;
+    /// the new epoch is keyed by the signer, with its new keys.
+    KeyChange(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// One change of a group's membership: a link of the group's chain.

@@ -177,6 +177,88 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
 }
 
 #[test]
+fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    let ok = |out: Output| {
+        assert_eq!(out.code, 0, "{out:?}");
+        out
+    };
+    for args in [
+        &["group", "create", "team"][..],
+        &["group", "add", "team", "bob"],
+        &["group", "send", "team", "old keys"],
+    ] {
+        ok(c.run("alice", args));
+    }
+    let out = ok(c.run("bob", &["recv"]));
+    assert!(
+        out.stdout.contains("[alice/team] alice: old keys"),
+        "{out:?}"
+    );
+
+    // Alice, the admin, loses her keys: an operator resets her password, she makes new ones,
+    // and her key change goes into the group's chain.
+    ok(admin(
+        &c,
+        &["users", "reset-password", "alice", "--password", "new-pw"],
+    ));
+    let out = ok(run_pw(&c, "alice", "new-pw", &["rekey", "--json"]));
+    let said: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(said["groups"], serde_json::json!(["alice/team"]), "{out:?}");
+    assert_eq!(said["groups_failed"], serde_json::json!([]), "{out:?}");
+
+    // bob trusts her new keys; the group goes on both ways, in an epoch keyed with them.
+    ok(c.run("bob", &["trust", "alice"]));
+    ok(run_pw(
+        &c,
+        "alice",
+        "new-pw",
+        &["group", "send", "team", "new keys"],
+    ));
+    let out = ok(c.run("bob", &["recv"]));
+    assert!(out.stdout.contains("alice has new keys"), "{out:?}");
+    assert!(
+        out.stdout.contains("[alice/team] alice: new keys"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr, "", "{out:?}");
+    ok(c.run("bob", &["group", "send", "team", "bob after"]));
+    let out = ok(run_pw(&c, "alice", "new-pw", &["recv"]));
+    assert!(
+        out.stdout.contains("[alice/team] bob: bob after"),
+        "{out:?}"
+    );
+
+    // carol, added after, checks the whole chain afresh: alice's changes before her key
+    // change with the key it names, the ones after with her new key.
+    ok(run_pw(
+        &c,
+        "alice",
+        "new-pw",
+        &["group", "add", "team", "carol"],
+    ));
+    ok(run_pw(
+        &c,
+        "alice",
+        "new-pw",
+        &["group", "send", "team", "welcome carol"],
+    ));
+    let out = ok(c.run("carol", &["recv"]));
+    assert!(
+        out.stdout.contains("[alice/team] alice: welcome carol"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("old keys"), "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    let out = ok(c.run("carol", &["group", "members", "alice/team"]));
+    assert_eq!(out.stderr, "", "{out:?}");
+    assert!(out.stdout.contains("carol"), "{out:?}");
+}
+
+#[test]
 fn operators_see_queues_and_who_is_online_and_purge_kick_and_delete() {
     let c = Cluster::start(1);
     c.signup("alice");

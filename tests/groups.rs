@@ -480,6 +480,53 @@ fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
     );
 }
 
+#[test]
+fn a_key_change_must_name_the_key_of_its_makers_last_change() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "mallory"] {
+        c.signup(u);
+    }
+    c.group_ok("alice", &["create", "team"]);
+    for u in ["bob", "mallory"] {
+        c.group_ok("alice", &["add", "team", u]);
+    }
+    // mallory, a member, may say she has new keys; with her first change any key is named (no
+    // change of hers is checked with it), and the group goes on for everyone.
+    let (client, mut e2e) = library_user(&c, "mallory");
+    let own = Keystore::new(&c.home(), "mallory")
+        .load_identity("pw-mallory")
+        .unwrap()
+        .public()
+        .unwrap()
+        .ed25519;
+    e2e.group_key_change(&client, "alice/team", own.clone())
+        .unwrap();
+    // Naming a key that did not sign her last change would make the group's earlier links
+    // fail for whoever checks them afresh: the server refuses it.
+    let err = e2e
+        .group_key_change(&client, "alice/team", vec![7; 32])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the key change names a key that did not sign your last change"),
+        "{err}"
+    );
+    let err = e2e
+        .group_key_change(&client, "alice/team", vec![7; 31])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("32-byte Ed25519 public key"), "{err}");
+    let out = c.run("bob", &["recv"]);
+    assert!(out.stdout.contains("* mallory has new keys"), "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    c.group_ok("alice", &["send", "team", "still here"]);
+    let out = c.run("bob", &["recv"]);
+    assert!(
+        out.stdout.contains("[alice/team] alice: still here"),
+        "{out:?}"
+    );
+}
+
 /// `user`'s library client and end-to-end state (password `pw-USER`).
 fn library_user(c: &Cluster, user: &str) -> (Client, E2e) {
     let store = Keystore::new(&c.home(), user);

@@ -141,6 +141,9 @@ enum Command {
     /// After an operator reset your password (`fastchat-admin users reset-password`), make
     /// new keys and upload them with the new password. The old key file is kept as
     /// identity.key.old; contacts see your new fingerprint and must `fastchat trust` you.
+    /// Each of your groups gets a key change (signed with the new keys, naming the old one),
+    /// so members who join later can still check your earlier changes, and a new group key
+    /// made with your new keys.
     Rekey,
     /// Send TEXT to user TO; prints the stored message id once the server has committed it.
     Send {

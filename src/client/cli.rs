@@ -290,17 +290,28 @@ pub fn rekey(opts: &Options) -> Result<()> {
     let published = prekeys::for_signup(&mut prekeys, &identity, crate::db::now_ms())?;
     let mut balancer = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = balancer.login(&user, &password)?;
-    let set = balancer
-        .set_keys(&session, identity.public()?)
-        .and_then(|()| publish_first(&mut balancer, &session, published));
+    // The key our group changes so far were signed with, as the directory has it: our key
+    // change in each group names it (a wrong one is refused by the server, which checks it
+    // against our last change there).
+    let old = balancer.keys(&session, &user).map(|k| k.ed25519);
+    let set = match &old {
+        Ok(_) => balancer
+            .set_keys(&session, identity.public()?)
+            .and_then(|()| publish_first(&mut balancer, &session, published))
+            .map(|_| ()),
+        Err(_) => Ok(()),
+    };
     if let Err(e) = balancer.logout(&session) {
         log::debug!("logout after rekey failed: {e}");
     }
+    let old = old?;
     set?;
     // The reset ended every session of the user already; the agent holds the old keys.
     agent::stop(store.dir());
     store.remove_session()?;
     store.replace_identity(&identity, &password)?;
+    // Our own keys are pinned too (we wrap group keys for ourselves): the new ones now.
+    store.pin(&user, &identity.public()?)?;
     {
         // What was sealed under the old keys no longer opens: conversations start again.
         let _lock = store.lock_state()?;
@@ -316,13 +327,76 @@ pub fn rekey(opts: &Options) -> Result<()> {
     }
     let fp = fingerprint(&identity.public()?)?;
     let dir = store.dir().display().to_string();
+    let (marked, failed) = mark_key_change(opts, &user, &password, identity, store, old);
+    let failed: Vec<_> = failed
+        .into_iter()
+        .map(|(group, error)| json!({ "group": group, "error": error }))
+        .collect();
     opts.print(
         &format!(
             "new keys for {user} saved in {dir} (fingerprint {fp}); your contacts will be told \
-             your keys changed and must run `fastchat trust {user}`"
+             your keys changed and must run `fastchat trust {user}`{}",
+            match marked.len() {
+                0 => String::new(),
+                n => format!("; key change added to {n} group(s): {}", marked.join(", ")),
+            }
         ),
-        json!({ "user": user, "keys": dir, "fingerprint": fp }),
+        json!({
+            "user": user,
+            "keys": dir,
+            "fingerprint": fp,
+            "groups": marked,
+            "groups_failed": failed,
+        }),
     )
+}
+
+/// Adds a key change to each of `user`'s groups, naming `old`, so that those who check a
+/// group's chain afresh check our earlier changes with the key that signed them, and the
+/// group moves to an epoch keyed with our new keys. Returns the groups marked and what could
+/// not be done (a group, or `*` for all of them, and why), each also said on standard error:
+/// the new keys stand either way.
+fn mark_key_change(
+    opts: &Options,
+    user: &str,
+    password: &str,
+    identity: Identity,
+    store: Keystore,
+    old: Vec<u8>,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut marked = Vec::new();
+    let mut failed = Vec::new();
+    let mut fail = |group: &str, e: Error| {
+        eprintln!("fastchat: warning: could not add the key change to {group}: {e}");
+        failed.push((group.to_string(), e.to_string()));
+    };
+    let me = match Client::login(&opts.balancer, &opts.transport, user, password)
+        .and_then(|(client, balancer)| logged_in(opts, client, balancer, identity, store, false))
+    {
+        Ok(me) => me,
+        Err(e) => {
+            fail("*", e);
+            return (marked, failed);
+        }
+    };
+    let groups = match me.client.group_list() {
+        Ok(g) => g,
+        Err(e) => {
+            fail("*", e);
+            return (marked, failed);
+        }
+    };
+    for g in groups {
+        let done = me
+            .e2e
+            .lock()
+            .group_key_change(&me.client, &g.name, old.clone());
+        match done {
+            Ok(()) => marked.push(g.name),
+            Err(e) => fail(&g.name, e),
+        }
+    }
+    (marked, failed)
 }
 
 /// Where received files go, and which are saved at once.

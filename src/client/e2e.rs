@@ -86,6 +86,10 @@ const DIRECT_VERSION: u8 = 3;
 /// The longest frame a direct message carries (its session, key agreement and header).
 const MAX_FRAME: usize = 512;
 
+/// The most new changes of one group fetched at once (a few hundred bytes each): all are
+/// fetched before any is checked, and a hostile server must not make that list endless.
+const MAX_CHAIN: usize = 65_536;
+
 /// Length of a group message's tag for one member (HMAC-SHA256, truncated).
 const TAG: usize = 16;
 
@@ -1408,46 +1412,56 @@ impl E2e {
 
     /// Brings our verified copy of `group`'s chain up to date with what the server has: each
     /// new change must carry its maker's signature and follow the rules from the change
-    /// before it, or the whole answer is refused with a warning.
+    /// before it, or the whole answer is refused with a warning. Every new change is fetched
+    /// before any is checked: a maker's key change vouches for the changes they signed
+    /// before it with their earlier key ([`membership::signers`]).
     pub fn sync_group(&mut self, client: &Client, group: &str) -> Result<()> {
+        let mut chain = self.chains.get(group)?.clone();
+        let after = chain.head().map_or(0, |r| r.seq);
+        let mut new: Vec<SignedChange> = Vec::new();
         loop {
-            let mut chain = self.chains.get(group)?.clone();
-            let after = chain.head().map_or(0, |r| r.seq);
-            let batch = client.group_log(group, after)?;
+            let batch = client.group_log(group, after + new.len() as u64)?;
             let more = batch.len() >= MAX_CHANGES;
-            for signed in &batch {
-                let c = &signed.change;
-                let forged = |why: String| {
-                    Error::Integrity(format!(
-                        "WARNING: change {} of {group} ({}) {why}. The server may be forging \
-                         the group's membership; refusing it",
-                        c.seq,
-                        membership::describe(c)
-                    ))
-                };
-                if c.group != group {
-                    return Err(forged(format!("belongs to {}", c.group)));
-                }
-                let key = self.signer_key(&c.by)?;
-                if !verify_signature(&key, &membership::signed_bytes(c), &signed.signature)? {
-                    return Err(forged(format!(
-                        "does not carry a valid signature of {}",
-                        c.by
-                    )));
-                }
-                chain.extend(signed.clone()).map_err(|e| match e {
-                    Error::Refused {
-                        code: ErrorCode::UnknownGroup,
-                        ..
-                    } => forged(format!("was made by {}, who is not a member", c.by)),
-                    e => forged(format!("breaks the group's rules ({e})")),
-                })?;
-            }
-            self.chains.append(group, &batch)?;
+            new.extend(batch);
             if !more {
-                return Ok(());
+                break;
+            }
+            if new.len() > MAX_CHAIN {
+                return Err(Error::Integrity(format!(
+                    "WARNING: the server sends {group} with more than {MAX_CHAIN} changes; \
+                     refusing it"
+                )));
             }
         }
+        let signers = membership::signers(&new, |by| self.signer_key(by))?;
+        for (signed, key) in new.iter().zip(signers) {
+            let c = &signed.change;
+            let forged = |why: String| {
+                Error::Integrity(format!(
+                    "WARNING: change {} of {group} ({}) {why}. The server may be forging \
+                     the group's membership; refusing it",
+                    c.seq,
+                    membership::describe(c)
+                ))
+            };
+            if c.group != group {
+                return Err(forged(format!("belongs to {}", c.group)));
+            }
+            if !verify_signature(&key, &membership::signed_bytes(c), &signed.signature)? {
+                return Err(forged(format!(
+                    "does not carry a valid signature of {}",
+                    c.by
+                )));
+            }
+            chain.extend(signed.clone()).map_err(|e| match e {
+                Error::Refused {
+                    code: ErrorCode::UnknownGroup,
+                    ..
+                } => forged(format!("was made by {}, who is not a member", c.by)),
+                e => forged(format!("breaks the group's rules ({e})")),
+            })?;
+        }
+        self.chains.append(group, &new)
     }
 
     /// The verified members of `group` in key epoch `epoch` (fetching newer changes first if
@@ -1670,6 +1684,13 @@ impl E2e {
             }
         }
         Ok(seq)
+    }
+
+    /// Adds our key change to `group` (after `fastchat rekey`), naming `old`, the Ed25519 key
+    /// we signed our earlier changes with; the new epoch is keyed with our new keys.
+    pub fn group_key_change(&mut self, client: &Client, group: &str, old: Vec<u8>) -> Result<()> {
+        self.change_group(client, group, Action::KeyChange(old))
+            .map(|_| ())
     }
 
     /// Leaves `group`. The next member to send starts a new epoch.

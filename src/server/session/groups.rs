@@ -44,6 +44,56 @@ pub fn change_body(change: &[u8]) -> Vec<u8> {
     body
 }
 
+/// A key change must name the key that signed its maker's last change before it (if any): a
+/// member cannot make the group's earlier links fail for those who check them afresh. Read
+/// on the connection's thread, not the writer's (it reads the whole chain); race-free all
+/// the same, because it checks the chain the change follows: if another change came first,
+/// the writer would refuse this one anyway.
+fn check_key_change(tx: &mut dyn Tx, change: &SignedChange, old: &[u8]) -> Result<()> {
+    let c = &change.change;
+    // Non-members learn nothing, not even how long the chain is.
+    member_view(tx, &c.group, &c.by)?;
+    let mut last_mine = None;
+    let mut after = 0;
+    loop {
+        let page = tx.changes(&c.group, after, MAX_CHANGES)?;
+        let full = page.len() >= MAX_CHANGES;
+        for bytes in page {
+            let signed: SignedChange = decode(&bytes)?;
+            after = signed.change.seq;
+            if signed.change.by == c.by {
+                last_mine = Some(signed);
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    if after + 1 != c.seq {
+        return Err(Error::refused(
+            ErrorCode::Conflict,
+            format!(
+                "{} has changed since (now at change {after}); fetch it and try again",
+                c.group
+            ),
+        ));
+    }
+    let Some(last) = last_mine else {
+        return Ok(());
+    };
+    let signed = membership::signed_bytes(&last.change);
+    if crypto::verify_signature(old, &signed, &last.signature)? {
+        return Ok(());
+    }
+    Err(Error::refused(
+        ErrorCode::BadRequest,
+        format!(
+            "the key change names a key that did not sign your last change of {} (change {})",
+            c.group, last.change.seq
+        ),
+    ))
+}
+
 impl Session<'_> {
     /// `GroupChange`: a change of membership, signed by the caller, applied by the rules of
     /// [`membership`] to the chain as it is, and stored as its next link with the new epoch's
@@ -65,6 +115,17 @@ impl Session<'_> {
                 change.change.by
             );
             return self.refuse(id, ErrorCode::NotAllowed, why);
+        }
+        if let Action::KeyChange(old) = &change.change.action {
+            if old.len() == 32 {
+                let checked = self
+                    .shared
+                    .store
+                    .read(|tx| check_key_change(tx, &change, old));
+                if let Err(e) = checked {
+                    return self.queue(super::Outbound::Event(super::error_event(id, e)));
+                }
+            }
         }
         let me = self.user.clone();
         self.store_or_done(id, move |tx| {
@@ -105,6 +166,8 @@ impl Session<'_> {
                 (Action::Add(user), _) => tx.add_member(&group, user)?,
                 (Action::Remove(user), _) => tx.remove_member(&group, user)?,
                 (Action::Leave, _) => tx.remove_member(&group, &me)?,
+                // Checked before (`check_key_change`); the members stay.
+                (Action::KeyChange(_), _) => {}
             }
             if let After::Roster(r) = &after {
                 tx.set_group(&group, &r.admin, seq)?;
