@@ -259,6 +259,79 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
 }
 
 #[test]
+fn a_key_change_that_failed_at_rekey_is_added_later() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    let ok = |out: Output| {
+        assert_eq!(out.code, 0, "{out:?}");
+        out
+    };
+    ok(c.run("alice", &["group", "create", "team"]));
+    ok(c.run("alice", &["group", "add", "team", "bob"]));
+    let out = c.run("alice", &["group", "key-change", "team"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("were never made again"), "{out:?}");
+    // bob makes new keys first: alice still has his old ones pinned, so her own key change,
+    // keyed for bob among others, cannot be made when she rekeys.
+    for (user, pw) in [("bob", "bob-new"), ("alice", "alice-new")] {
+        ok(admin(
+            &c,
+            &["users", "reset-password", user, "--password", pw],
+        ));
+    }
+    ok(run_pw(&c, "bob", "bob-new", &["rekey"]));
+    let out = ok(run_pw(&c, "alice", "alice-new", &["rekey", "--json"]));
+    let said: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(said["groups"], serde_json::json!([]), "{out:?}");
+    assert_eq!(said["groups_failed"][0]["group"], "alice/team", "{out:?}");
+    assert!(
+        out.stderr
+            .contains("run `fastchat group key-change alice/team`"),
+        "{out:?}"
+    );
+    // Once she trusts bob's new keys, she adds it; carol, added after, checks the chain.
+    ok(run_pw(&c, "alice", "alice-new", &["trust", "bob"]));
+    let out = ok(run_pw(
+        &c,
+        "alice",
+        "alice-new",
+        &["group", "key-change", "team"],
+    ));
+    assert!(
+        out.stdout
+            .starts_with("added your key change to alice/team"),
+        "{out:?}"
+    );
+    // Twice is refused: her last change is now signed with her new keys.
+    let out = run_pw(&c, "alice", "alice-new", &["group", "key-change", "team"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("did not sign your last change"),
+        "{out:?}"
+    );
+    ok(run_pw(
+        &c,
+        "alice",
+        "alice-new",
+        &["group", "add", "team", "carol"],
+    ));
+    ok(run_pw(
+        &c,
+        "alice",
+        "alice-new",
+        &["group", "send", "team", "hi carol"],
+    ));
+    let out = ok(c.run("carol", &["recv"]));
+    assert!(
+        out.stdout.contains("[alice/team] alice: hi carol"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr, "", "{out:?}");
+}
+
+#[test]
 fn operators_see_queues_and_who_is_online_and_purge_kick_and_delete() {
     let c = Cluster::start(1);
     c.signup("alice");

@@ -194,7 +194,7 @@ enum Command {
         #[arg(value_name = "USER")]
         peer: String,
     },
-    /// Groups: create, add, remove, leave, send, list, members.
+    /// Groups: create, add, remove, leave, send, list, members, key-change.
     #[command(subcommand)]
     Group(GroupArgs),
     /// Save the file offered by message ID (one larger than --auto-download, which `recv`
@@ -266,6 +266,13 @@ enum GroupArgs {
         /// The group.
         group: String,
     },
+    /// Add your key change to GROUP, where `fastchat rekey` could not (it says which): members
+    /// who join later can then check your earlier changes, and GROUP gets a key made with
+    /// your new keys.
+    KeyChange {
+        /// The group.
+        group: String,
+    },
 }
 
 impl From<GroupArgs> for GroupCmd {
@@ -279,6 +286,7 @@ impl From<GroupArgs> for GroupCmd {
             GroupArgs::SendFile { group, path } => GroupCmd::SendFile(group, path),
             GroupArgs::List => GroupCmd::List,
             GroupArgs::Members { group } => GroupCmd::Members(group),
+            GroupArgs::KeyChange { group } => GroupCmd::KeyChange(group),
         }
     }
 }

@@ -306,6 +306,7 @@ pub fn rekey(opts: &Options) -> Result<()> {
     }
     let old = old?;
     set?;
+    store.save_replaced_key(&old)?;
     // The reset ended every session of the user already; the agent holds the old keys.
     agent::stop(store.dir());
     store.remove_session()?;
@@ -367,7 +368,14 @@ fn mark_key_change(
     let mut marked = Vec::new();
     let mut failed = Vec::new();
     let mut fail = |group: &str, e: Error| {
-        eprintln!("fastchat: warning: could not add the key change to {group}: {e}");
+        let again = match group {
+            "*" => "fastchat group key-change GROUP".to_string(),
+            g => format!("fastchat group key-change {g}"),
+        };
+        eprintln!(
+            "fastchat: warning: could not add the key change to {group}: {e}; once that is \
+             mended, run `{again}`"
+        );
         failed.push((group.to_string(), e.to_string()));
     };
     let me = match Client::login(&opts.balancer, &opts.transport, user, password)
@@ -865,6 +873,8 @@ pub enum GroupCmd {
     List,
     /// A group's members, the admin first marked.
     Members(String),
+    /// Add our key change (after `fastchat rekey`, where it could not be added then).
+    KeyChange(String),
 }
 
 impl GroupCmd {
@@ -872,7 +882,7 @@ impl GroupCmd {
     pub(super) fn parse(words: &str) -> Result<GroupCmd> {
         let usage = || {
             Error::Invalid(
-                "usage: /group create|add|remove|leave|send|send-file|list|members ...; /help lists them"
+                "usage: /group create|add|remove|leave|send|send-file|list|members|key-change ...; /help lists them"
                     .into(),
             )
         };
@@ -912,6 +922,7 @@ impl GroupCmd {
             }
             "list" => GroupCmd::List,
             "members" => GroupCmd::Members(one("members GROUP")?),
+            "key-change" => GroupCmd::KeyChange(one("key-change GROUP")?),
             _ => return Err(usage()),
         })
     }
@@ -922,6 +933,7 @@ impl GroupCmd {
             GroupCmd::Create(g)
             | GroupCmd::Leave(g)
             | GroupCmd::Members(g)
+            | GroupCmd::KeyChange(g)
             | GroupCmd::SendFile(g, _) => names::validate_group_ref(g),
             GroupCmd::Add(g, u) | GroupCmd::Remove(g, u) => {
                 names::validate_group_ref(g)?;
@@ -1014,6 +1026,14 @@ impl GroupCmd {
                         }
                     })
                     .collect())
+            }
+            GroupCmd::KeyChange(g) => {
+                let g = group(g)?;
+                e2e.group_key_change_again(client, &g)?;
+                one(
+                    format!("added your key change to {g}; its new group key is made with your new keys"),
+                    json!({ "group": g, "key_change": true }),
+                )
             }
             GroupCmd::Members(g) => {
                 let roster = e2e.group_roster(client, &group(g)?)?;

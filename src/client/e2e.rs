@@ -1693,6 +1693,18 @@ impl E2e {
             .map(|_| ())
     }
 
+    /// Adds our key change to `group` again (where `fastchat rekey` could not), naming the key
+    /// it replaced.
+    pub fn group_key_change_again(&mut self, client: &Client, group: &str) -> Result<()> {
+        let old = self.store.replaced_key()?.ok_or_else(|| {
+            Error::Invalid(
+                "no key change to add: this user's keys were never made again (fastchat rekey)"
+                    .into(),
+            )
+        })?;
+        self.group_key_change(client, group, old)
+    }
+
     /// Leaves `group`. The next member to send starts a new epoch.
     pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<()> {
         self.change_group(client, group, Action::Leave).map(|_| ())

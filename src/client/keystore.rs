@@ -261,6 +261,29 @@ impl Keystore {
             .unwrap_or_default()
     }
 
+    fn replaced_path(&self) -> PathBuf {
+        self.dir.join("identity.pub.old")
+    }
+
+    /// Keeps the Ed25519 public key that `fastchat rekey` replaced (in hex): the key change it
+    /// adds to each group names it, and `fastchat group key-change` needs it again for a
+    /// group where that failed.
+    pub fn save_replaced_key(&self, ed25519: &[u8]) -> Result<()> {
+        self.write_atomically(&self.replaced_path(), to_hex(ed25519).as_bytes())
+    }
+
+    /// The Ed25519 key `fastchat rekey` last replaced, if it ever did.
+    pub fn replaced_key(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.replaced_path();
+        match fs::read_to_string(&path) {
+            Ok(t) => from_hex(t.trim())
+                .map(Some)
+                .ok_or_else(|| Error::Invalid(format!("{} is damaged", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The pinned keys of `name`, if any.
     pub fn pinned(&self, name: &str) -> Result<Option<PublicKeys>> {
         let text = match fs::read_to_string(self.pins_path()) {

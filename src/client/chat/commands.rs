@@ -52,6 +52,10 @@ pub(super) const CHAT_COMMANDS: &[(&str, &str)] = &[
     ),
     ("/group list", "your groups"),
     ("/group members GROUP", "who is in GROUP"),
+    (
+        "/group key-change GROUP",
+        "add your key change to GROUP (after rekey, where it failed)",
+    ),
     ("/help", "this list"),
     (
         "/quit",
