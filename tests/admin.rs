@@ -8,6 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{bin, run_limited, Cluster, Output, LIMIT};
+use fastchat::client::e2e::{Directory, E2e};
+use fastchat::client::keystore::Keystore;
 use serde_json::Value;
 
 /// `fastchat-admin --db DB ARGS`.
@@ -256,6 +258,50 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
     let out = ok(c.run("carol", &["group", "members", "alice/team"]));
     assert_eq!(out.stderr, "", "{out:?}");
     assert!(out.stdout.contains("carol"), "{out:?}");
+}
+
+#[test]
+fn a_running_client_follows_a_key_change_once_its_user_trusts_the_new_keys() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob"] {
+        c.signup(u);
+    }
+    for args in [
+        &["group", "create", "team"][..],
+        &["group", "add", "team", "bob"],
+    ] {
+        assert_eq!(c.run("alice", args).code, 0);
+    }
+    // bob's client runs throughout (as a chat would), with alice's keys in its memory.
+    let store = Keystore::new(&c.home(), "bob");
+    let identity = store.load_identity("pw-bob").unwrap();
+    let client = c.login("bob");
+    let mut bob = E2e::new(
+        "bob",
+        identity,
+        store,
+        Directory::new(&c.balancer_addr, &c.transport, client.session(), None),
+    )
+    .unwrap();
+    assert_eq!(
+        bob.group_roster(&client, "alice/team").unwrap().members,
+        ["alice", "bob"]
+    );
+    admin(
+        &c,
+        &["users", "reset-password", "alice", "--password", "new-pw"],
+    );
+    assert_eq!(run_pw(&c, "alice", "new-pw", &["rekey"]).code, 0);
+    // Told that her keys changed (not that the server forges), until bob trusts them, from
+    // another process; then the running client follows.
+    let err = bob
+        .group_roster(&client, "alice/team")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the keys of alice have CHANGED"), "{err}");
+    assert_eq!(c.run("bob", &["trust", "alice"]).code, 0);
+    let roster = bob.group_roster(&client, "alice/team").unwrap();
+    assert_eq!(roster.seq, 3, "the key change is the third link");
 }
 
 #[test]

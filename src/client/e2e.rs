@@ -1433,6 +1433,15 @@ impl E2e {
                 )));
             }
         }
+        // A long-running client may hold a maker's keys from before a key change (or a
+        // `trust` in another process): with something new to check, ask the directory again.
+        for signed in &new {
+            let by = &signed.change.by;
+            if *by != self.me {
+                self.keys.remove(by);
+                self.peers.remove(by);
+            }
+        }
         let signers = membership::signers(&new, |by| self.signer_key(by))?;
         for (signed, key) in new.iter().zip(signers) {
             let c = &signed.change;
