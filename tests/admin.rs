@@ -48,6 +48,12 @@ fn run_pw(c: &Cluster, user: &str, password: &str, args: &[&str]) -> Output {
     run_limited(c.cmd(user).env("FASTCHAT_PASSWORD", password).args(args))
 }
 
+/// `out`, which must have succeeded.
+fn ok(out: Output) -> Output {
+    assert_eq!(out.code, 0, "{out:?}");
+    out
+}
+
 #[test]
 fn a_roster_makes_accounts_that_their_owners_claim_at_signup() {
     let c = Cluster::start(1);
@@ -184,10 +190,6 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
     for u in ["alice", "bob", "carol"] {
         c.signup(u);
     }
-    let ok = |out: Output| {
-        assert_eq!(out.code, 0, "{out:?}");
-        out
-    };
     for args in [
         &["group", "create", "team"][..],
         &["group", "add", "team", "bob"],
@@ -236,25 +238,8 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
 
     // carol, added after, checks the whole chain afresh: alice's changes before her key
     // change with the key it names, the ones after with her new key.
-    ok(run_pw(
-        &c,
-        "alice",
-        "new-pw",
-        &["group", "add", "team", "carol"],
-    ));
-    ok(run_pw(
-        &c,
-        "alice",
-        "new-pw",
-        &["group", "send", "team", "welcome carol"],
-    ));
-    let out = ok(c.run("carol", &["recv"]));
-    assert!(
-        out.stdout.contains("[alice/team] alice: welcome carol"),
-        "{out:?}"
-    );
-    assert!(!out.stdout.contains("old keys"), "{out:?}");
-    assert_eq!(out.stderr, "", "{out:?}");
+    let read = carol_joins_and_reads(&c, "new-pw", "welcome carol");
+    assert!(!read.contains("old keys"), "{read:?}");
     let out = ok(c.run("carol", &["group", "members", "alice/team"]));
     assert_eq!(out.stderr, "", "{out:?}");
     assert!(out.stdout.contains("carol"), "{out:?}");
@@ -310,10 +295,6 @@ fn a_key_change_that_failed_at_rekey_is_added_later() {
     for u in ["alice", "bob", "carol"] {
         c.signup(u);
     }
-    let ok = |out: Output| {
-        assert_eq!(out.code, 0, "{out:?}");
-        out
-    };
     ok(c.run("alice", &["group", "create", "team"]));
     ok(c.run("alice", &["group", "add", "team", "bob"]));
     let out = c.run("alice", &["group", "key-change", "team"]);
@@ -357,24 +338,24 @@ fn a_key_change_that_failed_at_rekey_is_added_later() {
         out.stderr.contains("did not sign your last change"),
         "{out:?}"
     );
-    ok(run_pw(
-        &c,
-        "alice",
-        "alice-new",
-        &["group", "add", "team", "carol"],
-    ));
-    ok(run_pw(
-        &c,
-        "alice",
-        "alice-new",
-        &["group", "send", "team", "hi carol"],
-    ));
-    let out = ok(c.run("carol", &["recv"]));
-    assert!(
-        out.stdout.contains("[alice/team] alice: hi carol"),
-        "{out:?}"
-    );
-    assert_eq!(out.stderr, "", "{out:?}");
+    carol_joins_and_reads(&c, "alice-new", "hi carol");
+}
+
+/// alice (password `pw`) adds carol to `alice/team` and greets her; carol, who checks the
+/// group's whole chain afresh, reads the greeting without a warning. Returns what she read.
+fn carol_joins_and_reads(c: &Cluster, pw: &str, greeting: &str) -> String {
+    for args in [
+        &["group", "add", "team", "carol"][..],
+        &["group", "send", "team", greeting],
+    ] {
+        let out = run_pw(c, "alice", pw, args);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    let out = c.run("carol", &["recv"]);
+    assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{out:?}");
+    let want = format!("[alice/team] alice: {greeting}");
+    assert!(out.stdout.contains(&want), "{out:?}");
+    out.stdout
 }
 
 #[test]
