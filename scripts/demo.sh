@@ -151,7 +151,8 @@ wait_for_text "$dir/dave.screen" "welcome to the class"
 screen dave
 note "Every change of membership is signed by alice and checked by every member against the"
 note "group's chain of changes; each starts a new group key, so dave cannot read what came"
-note "before he joined. The message is signed by alice, sealed, stored once for all members."
+note "before he joined. The message is sealed once and stored once for all members, with a"
+note "tag for each member that only alice could have made: no member can forge another."
 
 say "alice removes dave: a new group key that dave never receives"
 as alice group remove class dave
@@ -183,8 +184,12 @@ as alice send bob "bob, are you still there?"
 wait_for_text "$dir/bob.screen" "are you still there"
 screen bob
 note "bob's client went back to the balancer, got another server, and missed nothing."
-for i in $(seq 50); do # the balancer drops a silent server within two seconds
-  [ "$(FASTCHAT_PASSWORD=x "$FASTCHAT_BIN/fastchat" servers | wc -l)" -eq 2 ] && break
+# The balancer drops a silent server within two seconds, and a server reports its clients
+# every half second: wait for both (bob and dave, on the two servers left).
+for i in $(seq 50); do
+  listing=$(FASTCHAT_PASSWORD=x "$FASTCHAT_BIN/fastchat" servers)
+  clients=$(awk -F': ' '{ split($2, n, " "); sum += n[1] } END { print sum + 0 }' <<<"$listing")
+  [ "$(wc -l <<<"$listing")" -eq 2 ] && [ "$clients" -eq 2 ] && break
   sleep 0.1
 done
 as alice servers

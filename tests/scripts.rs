@@ -43,6 +43,17 @@ fn demo_runs_a_conversation_and_exits_0() {
             out.stdout
         );
     }
+    // After the kill, the listing names the two servers left, bob's new one and dave's, each
+    // with its client (not a count from before bob moved).
+    let (_, listing) = out
+        .stdout
+        .rsplit_once("--user alice servers\n")
+        .expect("the last listing");
+    let lines: Vec<&str> = listing.lines().take(3).collect();
+    assert!(
+        lines[..2].iter().all(|l| l.ends_with(": 1 client")) && !lines[2].contains(" at "),
+        "{listing}"
+    );
     assert!(
         !out.stdout.contains("\u{1b}["),
         "no colour when not on a terminal"
