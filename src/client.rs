@@ -5,11 +5,13 @@
 //!
 //! * [`balancer`]: [`BalancerClient`], request and reply with the balancer (signup, login,
 //!   keys, servers).
-//! * [`connection`]: [`Connection`], one chat-server connection with a reader thread.
+//! * [`connection`]: [`Connection`], one chat-server connection, whose one thread owns the
+//!   socket.
 //! * [`api`]: [`Client`], a logged-in session that survives the loss of its server, with one
 //!   typed method per request.
-//! * [`e2e`]: message encryption as the client does it: body format, key directory, pinning,
-//!   group keys and epochs.
+//! * [`e2e`]: message encryption as the client does it: `E2e` (pinning, sessions, opening);
+//!   beside it `wire` (body formats, sealing and parsing), `directory` (the key directory) and
+//!   `groups` (verified chains, epoch keys, sender keys, sending to a group).
 //! * [`keystore`]: the private key files and pinned peer keys.
 //! * [`chains`]: the groups' chains of membership changes, as this client verified them.
 //! * [`replay`]: the record of messages already shown (replays are refused).

@@ -1,4 +1,7 @@
 //! `fastchat-bench`: the load generator.
+// The doc comments below are the --help text (clap), not rustdoc: `[:PORT]` and `[bench]`
+// are what a user types, not links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,4 +1,7 @@
 //! `fastchat-server`: a chat server of a fastchat cluster.
+// The doc comments below are the --help text (clap), not rustdoc: `[:PORT]` and `[bench]`
+// are what a user types, not links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::io::Write;
 use std::net::TcpListener;
