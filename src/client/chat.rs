@@ -157,7 +157,7 @@ impl Ctx {
 }
 
 /// ANSI styles for the terminal: `text` in `style` when `on`, unless `NO_COLOR` is set
-/// (https://no-color.org).
+/// (<https://no-color.org>).
 pub(super) fn paint(style: &str, text: &str, on: bool) -> String {
     if on && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) {
         format!("\x1b[{style}m{text}\x1b[0m")

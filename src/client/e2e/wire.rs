@@ -44,7 +44,7 @@ pub enum Kind {
     /// A receipt: a MessagePack [`Receipt`] (direct messages only).
     Receipt = 5,
     /// A sender's chain key for a group epoch: a MessagePack [`SenderKey`] (direct messages
-    /// only; see [`super::sender_keys`]).
+    /// only; see [`crate::client::sender_keys`]).
     SenderKey = 6,
 }
 
