@@ -32,6 +32,76 @@ pub struct StateLock {
     _file: fs::File,
 }
 
+/// A folder of one user's state files, one per name (a peer, a group): each sealed under a
+/// key derived from the identity ([`Keystore::state_key`]) and bound to its kind, its owner and
+/// its name, so that a file copied to another name, kind or user does not open.
+pub struct SealedFolder {
+    /// `sessions`, `senderkeys`: the folder's name, the key's label, the files' binding.
+    kind: &'static str,
+    dir: PathBuf,
+    user: String,
+    key: PairKey,
+}
+
+impl SealedFolder {
+    /// `store`'s folder of `kind`, sealed with a key derived from `identity`.
+    pub fn new(store: &Keystore, identity: &Identity, kind: &'static str) -> Result<SealedFolder> {
+        Ok(SealedFolder {
+            kind,
+            dir: store.dir().join(kind),
+            user: store.user().to_string(),
+            key: Keystore::state_key(identity, kind.as_bytes())?,
+        })
+    }
+
+    /// The file of `name` (a group's `/` becomes `+`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name.replace('/', "+"))
+    }
+
+    /// What the file of `name` is bound to: its kind, its owner and the name.
+    fn aad(&self, name: &str) -> Vec<u8> {
+        let mut a = format!("fastchat/{}/v1", self.kind).into_bytes();
+        for part in [self.user.as_str(), name] {
+            a.push(part.len() as u8);
+            a.extend_from_slice(part.as_bytes());
+        }
+        a
+    }
+
+    /// What the file of `name` holds, or `None` if there is none (take the state lock first).
+    pub fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        store: &Keystore,
+        name: &str,
+    ) -> Result<Option<T>> {
+        store.read_sealed(&self.path(name), &self.key, &self.aad(name))
+    }
+
+    /// Seals `value` and writes it as the file of `name`, atomically (under the state lock).
+    pub fn write<T: serde::Serialize>(
+        &self,
+        store: &Keystore,
+        name: &str,
+        value: &T,
+    ) -> Result<()> {
+        store.write_sealed(&self.path(name), &self.key, &self.aad(name), value)
+    }
+
+    /// Removes the file of `name`, if there is one (under the state lock).
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let file = self.path(name);
+        match fs::remove_file(&file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Local(format!(
+                "cannot remove {}: {e}",
+                file.display()
+            ))),
+        }
+    }
+}
+
 /// One user's folder of key files.
 pub struct Keystore {
     dir: PathBuf,
@@ -412,6 +482,43 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sealed file opens only as what it was written as: its kind, its owner, its name.
+    #[test]
+    fn a_sealed_file_opens_only_under_its_own_kind_owner_and_name() -> Result<()> {
+        let home = tempfile::tempdir()?;
+        let alice = Keystore::new(home.path(), "alice");
+        let identity = Identity::generate()?;
+        let sessions = SealedFolder::new(&alice, &identity, "sessions")?;
+        let senderkeys = SealedFolder::new(&alice, &identity, "senderkeys")?;
+        senderkeys.write(&alice, "bob/class", &vec![1u8, 2, 3])?;
+        assert!(senderkeys
+            .path("bob/class")
+            .ends_with("senderkeys/bob+class"));
+        assert_eq!(
+            senderkeys.read::<Vec<u8>>(&alice, "bob/class")?,
+            Some(vec![1, 2, 3])
+        );
+        assert_eq!(senderkeys.read::<Vec<u8>>(&alice, "carol")?, None);
+        let copy = |to: &Path| -> Result<()> {
+            fs::create_dir_all(to.parent().expect("a folder"))?;
+            fs::copy(senderkeys.path("bob/class"), to)?;
+            Ok(())
+        };
+        // Another name, another kind, another owner (same identity): none opens it.
+        copy(&senderkeys.path("bob/other"))?;
+        assert!(senderkeys.read::<Vec<u8>>(&alice, "bob/other").is_err());
+        copy(&sessions.path("bob/class"))?;
+        assert!(sessions.read::<Vec<u8>>(&alice, "bob/class").is_err());
+        let mallory = Keystore::new(home.path(), "mallory");
+        let theirs = SealedFolder::new(&mallory, &identity, "senderkeys")?;
+        copy(&theirs.path("bob/class"))?;
+        assert!(theirs.read::<Vec<u8>>(&mallory, "bob/class").is_err());
+        senderkeys.remove("bob/class")?;
+        senderkeys.remove("bob/class")?;
+        assert_eq!(senderkeys.read::<Vec<u8>>(&alice, "bob/class")?, None);
+        Ok(())
+    }
 
     #[test]
     fn identity_files_are_private_and_not_overwritten() -> Result<()> {

@@ -20,11 +20,10 @@
 //! chain before its message leaves.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::keystore::{Keystore, StateLock};
+use super::keystore::{Keystore, SealedFolder, StateLock};
 use crate::crypto::ratchet;
 use crate::crypto::{Identity, PairKey};
 use crate::error::{Error, Result};
@@ -280,11 +279,9 @@ impl GroupChains {
     }
 }
 
-/// The user's sender-key files.
+/// The user's sender-key files, one per group.
 pub struct SenderKeys {
-    dir: PathBuf,
-    user: String,
-    key: PairKey,
+    folder: SealedFolder,
 }
 
 /// The sender-key files, with the user's state lock held.
@@ -298,9 +295,7 @@ impl SenderKeys {
     /// The sender keys of `store`'s user, sealed under a key derived from `identity`.
     pub fn new(store: &Keystore, identity: &Identity) -> Result<SenderKeys> {
         Ok(SenderKeys {
-            dir: store.dir().join("senderkeys"),
-            user: store.user().to_string(),
-            key: Keystore::state_key(identity, b"senderkeys")?,
+            folder: SealedFolder::new(store, identity, "senderkeys")?,
         })
     }
 
@@ -312,36 +307,21 @@ impl SenderKeys {
             _lock: store.lock_state()?,
         })
     }
-
-    fn path(&self, group: &str) -> PathBuf {
-        self.dir.join(group.replace('/', "+"))
-    }
-
-    fn aad(&self, group: &str) -> Vec<u8> {
-        let mut a = b"fastchat/senderkeys/v1".to_vec();
-        for name in [self.user.as_str(), group] {
-            a.push(name.len() as u8);
-            a.extend_from_slice(name.as_bytes());
-        }
-        a
-    }
 }
 
 impl Locked<'_> {
     /// The chains of `group` (none yet if there is no file).
     pub fn load(&self, group: &str) -> Result<GroupChains> {
-        let k = self.keys;
         Ok(self
-            .store
-            .read_sealed(&k.path(group), &k.key, &k.aad(group))?
+            .keys
+            .folder
+            .read(self.store, group)?
             .unwrap_or_default())
     }
 
     /// Seals and writes the chains of `group`, atomically.
     pub fn save(&self, group: &str, chains: &GroupChains) -> Result<()> {
-        let k = self.keys;
-        self.store
-            .write_sealed(&k.path(group), &k.key, &k.aad(group), chains)
+        self.keys.folder.write(self.store, group, chains)
     }
 }
 

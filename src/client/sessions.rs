@@ -19,16 +19,15 @@
 //!   [`ratchet::KEPT_FOR_MS`].
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::keystore::{Keystore, StateLock};
+use super::keystore::{Keystore, SealedFolder, StateLock};
 use crate::crypto::ratchet::{self, Header, MessageKey, Ratchet};
 use crate::crypto::x3dh::Init;
-use crate::crypto::{sha256, Identity, PairKey};
-use crate::error::{Error, Result};
+use crate::crypto::{sha256, Identity};
+use crate::error::Result;
 
 /// Sessions kept per peer (the least recently used goes first).
 pub const MAX_SESSIONS: usize = 4;
@@ -173,11 +172,10 @@ impl Conversation {
     }
 }
 
-/// The user's sessions folder; every load and save happens under a [`Locked`].
+/// The user's sessions folder, a file per peer; every load and save happens under a
+/// [`Locked`].
 pub struct Sessions {
-    dir: PathBuf,
-    user: String,
-    key: PairKey,
+    folder: SealedFolder,
 }
 
 /// The sessions, with the user's state lock held.
@@ -191,9 +189,7 @@ impl Sessions {
     /// The sessions of `store`'s user, sealed under a key derived from `identity`.
     pub fn new(store: &Keystore, identity: &Identity) -> Result<Sessions> {
         Ok(Sessions {
-            dir: store.dir().join("sessions"),
-            user: store.user().to_string(),
-            key: Keystore::state_key(identity, b"sessions")?,
+            folder: SealedFolder::new(store, identity, "sessions")?,
         })
     }
 
@@ -205,29 +201,15 @@ impl Sessions {
             _lock: store.lock_state()?,
         })
     }
-
-    fn path(&self, peer: &str) -> PathBuf {
-        self.dir.join(peer)
-    }
-
-    /// What the file of `peer` is bound to: its kind, its owner and the peer.
-    fn aad(&self, peer: &str) -> Vec<u8> {
-        let mut a = b"fastchat/sessions/v1".to_vec();
-        for name in [&self.user, peer] {
-            a.push(name.len() as u8);
-            a.extend_from_slice(name.as_bytes());
-        }
-        a
-    }
 }
 
 impl Locked<'_> {
     /// What is kept for `peer` (nothing yet if there is no file).
     pub fn load(&self, peer: &str, now_ms: i64) -> Result<Conversation> {
-        let s = self.sessions;
         let mut conversation: Conversation = self
-            .store
-            .read_sealed(&s.path(peer), &s.key, &s.aad(peer))?
+            .sessions
+            .folder
+            .read(self.store, peer)?
             .unwrap_or_default();
         conversation.expire(now_ms);
         Ok(conversation)
@@ -235,22 +217,12 @@ impl Locked<'_> {
 
     /// Seals and writes what is kept for `peer`, atomically.
     pub fn save(&self, peer: &str, conversation: &Conversation) -> Result<()> {
-        let s = self.sessions;
-        self.store
-            .write_sealed(&s.path(peer), &s.key, &s.aad(peer), conversation)
+        self.sessions.folder.write(self.store, peer, conversation)
     }
 
     /// Forgets every session with `peer` (their identity changed: start again).
     pub fn forget(&self, peer: &str) -> Result<()> {
-        let file = self.sessions.path(peer);
-        match std::fs::remove_file(&file) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::Local(format!(
-                "cannot remove {}: {e}",
-                file.display()
-            ))),
-        }
+        self.sessions.folder.remove(peer)
     }
 }
 
