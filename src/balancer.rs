@@ -6,13 +6,15 @@
 //! for [`Config::server_timeout`] is out of rotation.
 //!
 //! Threads: the caller's thread accepts ([`crate::listen`]); each connection gets its own
-//! thread. The registry of live servers is the only shared mutable state (a short lock).
+//! thread, and a `db-writer` commits what they write. The registry of live servers and the
+//! counts of failed logins are the shared mutable state, each behind a short lock.
 //!
 //! # Layout
 //!
 //! * `accounts`: signup and the password check.
 //! * [`registry`]: the live servers and the algorithms that choose one per login.
-//! * `lockout`: failed logins, per name and per address.
+//! * `lockout`: failed logins, per name and per address; logins waiting their turn.
+//! * [`dashboard`]: the live dashboard, its JSON and /metrics (`--http ADDR`).
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};

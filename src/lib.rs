@@ -3,9 +3,10 @@
 //! Synchronous Rust: blocking `std::net` sockets, a thread per connection, crossbeam channels
 //! between threads, no async runtime. A **balancer** signs users up, checks passwords, keeps the
 //! key directory and the registry of live **chat servers**, and hands each login a session token
-//! and a server. Servers store messages (ciphertext only) in one shared SQLite file and relay
-//! them to each other over a peer mesh. The **client** encrypts and decrypts; the servers never
-//! hold a private key.
+//! and a server. Servers store messages (ciphertext only) in one shared database (an SQLite
+//! file on one machine, PostgreSQL across machines) and relay them to each other over a peer
+//! mesh; every link is TLS, and cluster members know each other by certificate. The **client**
+//! encrypts and decrypts; the servers never hold a private key.
 //!
 //! # Layout
 //!
@@ -18,11 +19,16 @@
 //! * [`names`]: the naming rule for users and groups.
 //! * [`crypto`]: password hashing, tokens, key pairs, pair keys, AES-GCM, signatures.
 //! * [`membership`]: the rules of groups (who may add, remove, leave; epochs), without I/O.
-//! * [`db`]: the storage interface ([`db::Store`], [`db::Tx`]) and its SQLite backend.
-//! * [`transport`]: dialing another process.
+//! * [`db`]: the storage interface ([`db::Store`], [`db::Tx`]), the group-commit writer, and
+//!   its backends (SQLite, PostgreSQL).
+//! * [`transport`]: how bytes travel: TLS (certificates, trust, the cluster CA), framed
+//!   channels, wakers, and the thread model (one thread owns a connection).
 //! * [`listen`]: the accept loop, stopping it, joining connection threads.
 //! * [`mailbox`]: a bounded channel whose consumer sleeps without spinning (the hot queues).
-//! * [`throttle`]: a token bucket for request rates.
+//! * [`throttle`]: a token bucket for request rates; log lines that may repeat.
+//! * [`capacity`]: how many connections the descriptor limit and thread budget hold.
+//! * [`units`]: sizes, durations and moments for people.
+//! * [`config`]: `fastchat.toml`, a binary's table turned into flags.
 //! * [`startup`]: what every binary does first: logging, Ctrl-C, private files, its transport.
 //!
 //! Sides:

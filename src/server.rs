@@ -1,26 +1,34 @@
 //! The chat server: authenticated client connections, store-and-forward, the peer mesh.
 //!
-//! Threads of one server:
+//! Threads of one server (docs/ARCHITECTURE.md has the whole picture):
 //!
 //! ```text
-//!  accept loop (caller of run) ──spawns──▶ per connection: reader thread ──▶ writer thread
-//!                                              │   (requests)        Outbound   (socket writes)
-//!                                              ▼                        ▲
+//!  accept loop (caller of run) ──spawns──▶ connection thread (one per connection; it alone
+//!                                          reads and writes its socket and TLS session):
+//!                                          poll(socket, waker, stop) ─▶ requests, replies
+//!                                              │ writes            ▲ mailbox + waker
+//!                                              ▼                   │
 //!                                         db-writer thread ── after commit: Stored reply,
 //!                                          (group commit)     route to local Router or Peers
 //!  balancer link thread: register, heartbeat every 500 ms, peer list ──▶ Peers (one thread
 //!                                                                         per outbound link)
+//!  an inbound peer link is served on its connection thread (relays ──▶ Router)
 //! ```
 //!
 //! # Layout
 //!
 //! * [`config`]: the settings.
 //! * `shared`: what every thread shares (the store, the router, the peer links, counters).
-//! * `session`: one client connection: its requests by concern (messages, groups, files).
-//! * `outbound`: a connection's outbound queue, its writer thread, the sync of its queue.
-//! * `router`: local users to their connections' outbound queues.
+//! * `session`: one client connection: its lifecycle and the loop of its thread; its
+//!   requests by concern (`session/messages`, `session/groups`, `session/files`).
+//! * `outbound`: what other threads hand a connection (its mailbox and waker), and the sync
+//!   of its queue.
+//! * `router`: local users to their connections' mailboxes.
 //! * `peers`: links to the other servers, outbound and inbound.
 //! * `balancer_link`: registration and heartbeats.
+//! * `presence`: who is online, for the connections that watch someone.
+//! * [`quota`]: what a queue, a sender and files may hold.
+//! * [`metrics`]: `/metrics` in the Prometheus text format.
 //!
 //! Delivery is "store, then route; register, then sync". A message is committed together with
 //! a read of where its recipient is connected (the presence table); a login commits its presence
