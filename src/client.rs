@@ -12,7 +12,9 @@
 //! * [`e2e`]: message encryption as the client does it: `E2e` (pinning, sessions, opening);
 //!   beside it `wire` (body formats, sealing and parsing), `directory` (the key directory) and
 //!   `groups` (verified chains, epoch keys, sender keys, sending to a group).
-//! * [`keystore`]: the private key files and pinned peer keys.
+//! * [`keystore`]: the private key files, pinned peer keys, and the sealed state files.
+//! * [`prekeys`], [`sessions`], [`sender_keys`]: forward secrecy: the prekeys others start a
+//!   conversation with, the double ratchet of each conversation, each group's sender chains.
 //! * [`chains`]: the groups' chains of membership changes, as this client verified them.
 //! * [`replay`]: the record of messages already shown (replays are refused).
 //! * [`history`]: the local history of conversations, encrypted at rest.
@@ -20,7 +22,8 @@
 //! * [`files`]: files and images: chunked encryption, upload, download, safe names.
 //! * [`text`]: other people's text made safe to show (controls and format characters
 //!   escaped).
-//! * [`cli`]: the one-shot `fastchat` subcommands; [`chat`]: the interactive chat.
+//! * [`cli`]: the one-shot `fastchat` subcommands; [`chat`]: the interactive chat;
+//!   [`agent`]: the key agent of a kept session (`fastchat login`).
 
 pub mod agent;
 pub mod api;
