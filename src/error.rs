@@ -94,6 +94,9 @@ pub enum Error {
     Local(String),
     /// Decryption or verification failed: the data was tampered with or not meant for us.
     Integrity(String),
+    /// A message came before what opens it (a group message before its sender's key, which
+    /// comes as a direct message): keep it and try again when more has arrived.
+    Early(String),
     /// Our standard output was closed (`fastchat recv | head -1`): the command ends quietly,
     /// having shown (and acknowledged) only what was written.
     OutputClosed,
@@ -118,7 +121,8 @@ impl Error {
             Error::Refused { .. }
             | Error::InvalidName(_)
             | Error::Invalid(_)
-            | Error::Integrity(_) => 1,
+            | Error::Integrity(_)
+            | Error::Early(_) => 1,
             Error::Unreachable { .. } | Error::FrameTooLarge { .. } | Error::Protocol(_) => 3,
             Error::Malformed(_) => 3,
             Error::Io(e) if is_disconnect(e) => 3,
@@ -267,7 +271,7 @@ impl fmt::Display for Error {
             Error::InvalidName(m) => write!(f, "{m}"),
             Error::Invalid(m) => write!(f, "{m}"),
             Error::Local(m) => write!(f, "{m}"),
-            Error::Integrity(m) => write!(f, "{m}"),
+            Error::Integrity(m) | Error::Early(m) => write!(f, "{m}"),
             Error::OutputClosed => write!(f, "standard output was closed"),
         }
     }

@@ -668,3 +668,44 @@ fn a_message_that_waited_shows_when_it_was_sent() {
         .unwrap();
     assert!(line.starts_with(&day), "{line:?} starts with {day}");
 }
+
+/// The chat, like `recv`, holds a group message that came before its sender's key and shows
+/// it when the key comes.
+#[test]
+fn a_group_message_before_its_senders_key_is_shown_in_the_chat() {
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.group_ok("alice", &["create", "team"]);
+    c.group_ok("alice", &["add", "team", "bob"]);
+    c.group_ok("alice", &["send", "team", "after its key"]);
+    let key = c.queued_to("bob")[0].id;
+    let newest = c.count("SELECT max(id) FROM messages");
+    c.sql().exec(
+        "UPDATE messages SET id = ?1 WHERE id = ?2",
+        &[&(newest + 1000), &key],
+    );
+    let mut bob = c.spawn("bob", &["chat"]);
+    assert!(bob.line().starts_with("logged in as bob"));
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let Some(line) = bob.line_within(Duration::from_secs(1)) else {
+            continue;
+        };
+        seen.push(line.clone());
+        if line.contains("[alice/team] alice: after its key") {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("alice: after its key")),
+        "{seen:?}"
+    );
+    bob.type_line("/quit");
+    assert_eq!(bob.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
+    assert!(
+        c.count("SELECT position FROM members WHERE user = 'bob'") >= newest,
+        "acknowledged once shown"
+    );
+}

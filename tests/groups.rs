@@ -596,3 +596,65 @@ fn a_removed_member_is_told_and_a_forged_removal_is_refused() {
         "{out:?}"
     );
 }
+
+/// A group message that comes before its sender's key (a sender that failed over between
+/// handing its key out and sending, or a server that delivers out of order) waits for it,
+/// unacknowledged, and is shown when it comes; one whose key never comes stays queued for a
+/// while, then is reported and let go.
+#[test]
+fn a_group_message_before_its_senders_key_waits_for_it() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &["add", "team", "bob"]);
+    ok(&c, "alice", &["send", "team", "after its key"]);
+    let sql = c.sql();
+    // Bob's queue holds alice's sender key (a direct message), then her group message: the
+    // key goes behind it.
+    let keys: Vec<i64> = c.queued_to("bob").iter().map(|m| m.id).collect();
+    assert_eq!(keys.len(), 1, "one sender key for bob");
+    let newest = c.count("SELECT max(id) FROM messages");
+    sql.exec(
+        "UPDATE messages SET id = ?1 WHERE id = ?2",
+        &[&(newest + 1000), &keys[0]],
+    );
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("[alice/team] alice: after its key"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("rejected"), "{out:?}");
+
+    // A new epoch whose key for bob never comes: the message stays queued (bob's place in
+    // the group stays before it), and is not reported while it may still come.
+    ok(&c, "alice", &["add", "team", "carol"]);
+    ok(&c, "alice", &["send", "team", "no key for bob"]);
+    let lost = c.group_messages().last().expect("the message").id;
+    sql.exec(
+        "DELETE FROM messages WHERE recipient = 'bob' AND sender = 'alice'",
+        &[],
+    );
+    let position = || c.count("SELECT position FROM members WHERE user = 'bob'");
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stdout.contains("no key for bob"), "{out:?}");
+    assert!(!out.stderr.contains("rejected"), "{out:?}");
+    assert!(position() < lost, "not acknowledged while its key may come");
+    // An hour later it is reported, and acknowledged.
+    sql.exec(
+        "UPDATE messages SET sent_at = sent_at - 3600000 WHERE id = ?1",
+        &[&lost],
+    );
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "message {lost} from alice rejected: no sender key"
+        )),
+        "{out:?}"
+    );
+    assert!(position() >= lost, "let go once it has waited long enough");
+}

@@ -18,7 +18,7 @@
 mod commands;
 mod editor;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::cli::{login, show, Downloads, Format, LoggedIn, Options, Shown};
+use super::cli::{login, show, Downloads, Format, LoggedIn, Options, Shown, Waiting};
 use super::e2e::{E2e, Reached, Receipt};
 use super::receipts;
 use super::{Client, Event};
@@ -241,6 +241,8 @@ fn spawn_printer(ctx: Ctx) {
 struct Owed {
     acks: Vec<i64>,
     receipts: receipts::Receipts,
+    /// Group messages that came before their sender's key.
+    waiting: Waiting,
 }
 
 impl Owed {
@@ -260,56 +262,13 @@ impl Owed {
 fn printed(ctx: &Ctx, event: Event, owed: &mut Owed) -> Result<()> {
     match event {
         Event::Message(msg) => {
-            let mut line = Vec::new();
-            let shown = show(
-                &ctx.e2e,
-                &ctx.client,
-                &ctx.downloads,
-                &msg,
-                Format::Lines,
-                true,
-                &mut line,
-            )?;
-            match &shown {
-                // Kept queued until `/get ID`.
-                Shown::Offered => {
-                    ctx.offers.lock().insert(msg.id, msg.clone());
-                }
-                _ => owed.acks.push(msg.id),
-            }
-            match shown {
-                Shown::Receipt(r) => {
-                    ctx.say(Line::Notice(receipt_line(ctx, &msg.from, &r)));
-                    return Ok(());
-                }
-                Shown::Answer if ctx.receipts => owed.receipts.add(&msg, reached(ctx, &msg)),
-                _ => {}
-            }
-            let text = String::from_utf8_lossy(&line).trim_end().to_string();
-            if text.is_empty() {
-                return Ok(());
-            }
-            watch(ctx, [msg.from.clone()]);
-            {
-                let mut state = ctx.state.lock();
-                state.users.insert(msg.from.clone());
-                let conversation = Conversation::of(&msg);
-                if let Conversation::Group(g) = &conversation {
-                    state.groups.insert(g.clone());
-                }
-                // Without a current conversation every message is in the one stream shown;
-                // in one, the others' messages wait, counted, until they are entered.
-                if state.current.is_some() && state.current.as_ref() != Some(&conversation) {
-                    *state.unread.entry(conversation).or_default() += 1;
-                    let _ = ctx.out.send(Out::Prompt);
+            // This message, then what waited for a sender key, if it brings one.
+            let mut todo = VecDeque::from([msg]);
+            while let Some(msg) = todo.pop_front() {
+                if message_printed(ctx, msg, owed)? == Shown::Silent {
+                    todo.extend(owed.waiting.take());
                 }
             }
-            let text = if ctx.terminal {
-                colorize(&msg, &text)
-            } else {
-                text
-            };
-            ctx.say(Line::Incoming(text, msg.sent_at));
         }
         Event::Synced => {}
         Event::Failover(server) => {
@@ -341,6 +300,66 @@ fn printed(ctx: &Ctx, event: Event, owed: &mut Owed) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shows one message (and says how), keeping what it owes in `owed`.
+fn message_printed(ctx: &Ctx, msg: Envelope, owed: &mut Owed) -> Result<Shown> {
+    let mut line = Vec::new();
+    let shown = show(
+        &ctx.e2e,
+        &ctx.client,
+        &ctx.downloads,
+        &msg,
+        Format::Lines,
+        true,
+        &mut line,
+    )?;
+    match &shown {
+        // Kept unacknowledged until a sender key comes (or for the next session).
+        Shown::Waiting => {
+            owed.waiting.add(msg);
+            return Ok(shown);
+        }
+        // Kept queued until `/get ID`.
+        Shown::Offered => {
+            ctx.offers.lock().insert(msg.id, msg.clone());
+        }
+        _ => owed.acks.push(msg.id),
+    }
+    match &shown {
+        Shown::Receipt(r) => {
+            ctx.say(Line::Notice(receipt_line(ctx, &msg.from, r)));
+            return Ok(shown);
+        }
+        Shown::Answer if ctx.receipts => owed.receipts.add(&msg, reached(ctx, &msg)),
+        _ => {}
+    }
+    let text = String::from_utf8_lossy(&line).trim_end().to_string();
+    if text.is_empty() {
+        return Ok(shown);
+    }
+    watch(ctx, [msg.from.clone()]);
+    {
+        let mut state = ctx.state.lock();
+        state.users.insert(msg.from.clone());
+        let conversation = Conversation::of(&msg);
+        if let Conversation::Group(g) = &conversation {
+            state.groups.insert(g.clone());
+        }
+        // Without a current conversation every message is in the one stream shown;
+        // in one, the others' messages wait, counted, until they are entered.
+        if state.current.is_some() && state.current.as_ref() != Some(&conversation) {
+            *state.unread.entry(conversation).or_default() += 1;
+            let _ = ctx.out.send(Out::Prompt);
+        }
+    }
+    let text = if ctx.terminal {
+        colorize(&msg, &text)
+    } else {
+        text
+    };
+    ctx.say(Line::Incoming(text, msg.sent_at));
+    Ok(shown)
 }
 
 /// The receipt a message shown here deserves: read if it is in the current conversation (or

@@ -22,7 +22,7 @@ pub use send::{announce, history, send, send_file, Announced};
 
 pub(in crate::client) use group::resolve_group;
 pub(in crate::client) use login::{login, Downloads, LoggedIn};
-pub(in crate::client) use recv::{show, take_offer, Shown};
+pub(in crate::client) use recv::{show, take_offer, Shown, Waiting};
 pub(in crate::client) use send::history_line;
 
 use std::io::{self, IsTerminal, Write};

@@ -658,7 +658,7 @@ impl E2e {
                     let mut chains = locked.load(group)?;
                     // The sender's tag for us, checked before the chain moves.
                     let mac = chains.mac_of(epoch, &msg.from).ok_or_else(|| {
-                        Error::Integrity(format!(
+                        Error::Early(format!(
                             "no sender key from {} for key epoch {epoch} (it comes as a direct \
                              message before their first group message of the epoch)",
                             msg.from

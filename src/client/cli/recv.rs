@@ -1,5 +1,6 @@
 //! Receiving: `recv` (lines or JSON, following or not), showing one message, `get`.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -91,6 +92,7 @@ fn recv_loop(
     let mut batch: Vec<i64> = Vec::new();
     let mut shown = 0u64;
     let mut receipts = Receipts::default();
+    let mut waiting = Waiting::default();
     // Acknowledges a page, and sends the receipts it earned.
     let ack = |batch: &mut Vec<i64>, receipts: &mut Receipts| -> Result<()> {
         receipts.send(&me.client, &me.e2e);
@@ -120,40 +122,55 @@ fn recv_loop(
         };
         match event {
             Event::Message(msg) => {
-                let done = show(
-                    &me.e2e,
-                    &me.client,
-                    &me.downloads,
-                    &msg,
-                    format,
-                    !how.peek,
-                    &mut out.lock(),
-                );
-                let done = match done {
-                    // What was shown is acknowledged before the command ends quietly.
-                    Err(Error::OutputClosed) => {
-                        ack(&mut batch, &mut receipts)?;
-                        return Err(Error::OutputClosed);
+                // This message, then what waited for a sender key, if it brings one.
+                let mut todo = VecDeque::from([msg]);
+                while let Some(msg) = todo.pop_front() {
+                    if how.limit.is_some_and(|n| shown >= n) {
+                        break;
                     }
-                    other => other?,
-                };
-                // An offered file stays queued until it is taken with `get`.
-                if done != Shown::Offered {
-                    batch.push(msg.id);
-                }
-                if done == Shown::Answer && opts.receipts {
-                    let reached = if how.peek {
-                        Reached::Delivered
-                    } else {
-                        Reached::Read
+                    let done = show(
+                        &me.e2e,
+                        &me.client,
+                        &me.downloads,
+                        &msg,
+                        format,
+                        !how.peek,
+                        &mut out.lock(),
+                    );
+                    let done = match done {
+                        // What was shown is acknowledged before the command ends quietly.
+                        Err(Error::OutputClosed) => {
+                            ack(&mut batch, &mut receipts)?;
+                            return Err(Error::OutputClosed);
+                        }
+                        other => other?,
                     };
-                    receipts.add(&msg, reached);
-                }
-                if done != Shown::Silent {
-                    shown += 1;
-                }
-                if deadline != far || batch.len() >= ACK_PAGE {
-                    ack(&mut batch, &mut receipts)?;
+                    match done {
+                        Shown::Waiting => {
+                            waiting.add(msg);
+                            continue;
+                        }
+                        Shown::Silent => todo.extend(waiting.take()),
+                        _ => {}
+                    }
+                    // An offered file stays queued until it is taken with `get`.
+                    if done != Shown::Offered {
+                        batch.push(msg.id);
+                    }
+                    if done == Shown::Answer && opts.receipts {
+                        let reached = if how.peek {
+                            Reached::Delivered
+                        } else {
+                            Reached::Read
+                        };
+                        receipts.add(&msg, reached);
+                    }
+                    if done != Shown::Silent {
+                        shown += 1;
+                    }
+                    if deadline != far || batch.len() >= ACK_PAGE {
+                        ack(&mut batch, &mut receipts)?;
+                    }
                 }
             }
             Event::Synced => {
@@ -178,7 +195,8 @@ fn recv_loop(
 /// Prints one message: `FROM: TEXT`, `[GROUP] FROM: TEXT`, `[GROUP] * FROM TEXT` for a notice,
 /// `FROM sent NAME (SIZE) -> PATH` for a file (saved first). A message that fails to decrypt,
 /// verify or download, a replay of one already shown, or one too old to tell, is reported on
-/// stderr, never shown; the same message delivered again is silently skipped. A file larger
+/// stderr, never shown; the same message delivered again is silently skipped; a group message
+/// that came before its sender's key is [`Shown::Waiting`] (see [`Waiting`]). A file larger
 /// than `downloads.auto_max` is offered (`FROM offers NAME (SIZE): fastchat get ID`), not
 /// saved: it stays queued, and is offered again next time, until `get` takes it. Only a lost
 /// connection is an error (the message then stays queued).
@@ -203,6 +221,8 @@ pub(in crate::client) fn show(
     let opened = match e2e.lock().open(client, msg) {
         Ok(opened) => opened,
         Err(e) if e.is_disconnect() => return Err(e),
+        // Its sender's key may still be on its way.
+        Err(Error::Early(_)) if Waiting::may_wait(msg) => return Ok(Shown::Waiting),
         Err(e) => {
             reject(e.to_string());
             return Ok(Shown::Done);
@@ -345,6 +365,47 @@ pub(in crate::client) enum Shown {
     Offered,
     /// Handled, not shown (a sender key): acknowledged, not counted.
     Silent,
+    /// A group message that came before its sender's key: not acknowledged; keep it in a
+    /// [`Waiting`] and show it again once a key comes.
+    Waiting,
+}
+
+/// How long a group message may wait for its sender's key, from when the server stored it.
+/// Meanwhile it stays queued (unacknowledged) and opens once the key comes: in this run, or
+/// in the next, whose sync delivers in id order and the key was stored first. After it, it is
+/// reported as rejected and acknowledged, so that a sender who never hands out its key cannot
+/// hold a member's place in the group for ever.
+const KEY_PATIENCE_MS: i64 = 10 * 60 * 1000;
+
+/// Group messages that came before their sender's key (a sender that failed over between
+/// handing its key out and sending, or a server that delivered them out of order), to show
+/// again when a key comes.
+#[derive(Debug, Default)]
+pub(in crate::client) struct Waiting {
+    msgs: VecDeque<Envelope>,
+}
+
+impl Waiting {
+    /// At most this many wait in memory; the oldest beyond them stay queued for the next run.
+    const MAX: usize = 1024;
+
+    /// Whether `msg` may still wait for its sender's key.
+    fn may_wait(msg: &Envelope) -> bool {
+        crate::db::now_ms().saturating_sub(msg.sent_at) < KEY_PATIENCE_MS
+    }
+
+    /// Keeps `msg` until a key comes.
+    pub(in crate::client) fn add(&mut self, msg: Envelope) {
+        if self.msgs.len() >= Self::MAX {
+            self.msgs.pop_front();
+        }
+        self.msgs.push_back(msg);
+    }
+
+    /// What waited, in the order it came, to show again now that a key came.
+    pub(in crate::client) fn take(&mut self) -> VecDeque<Envelope> {
+        std::mem::take(&mut self.msgs)
+    }
 }
 
 /// Prints a file offered and not saved: `FROM offers NAME (SIZE): fastchat get ID`.
@@ -432,7 +493,17 @@ pub(in crate::client) fn take_offer(
         auto_max: u64::MAX,
         ..downloads.clone()
     };
-    show(e2e, client, &all, msg, format, true, out)?;
+    if show(e2e, client, &all, msg, format, true, out)? == Shown::Waiting {
+        // Left queued: it opens once its sender's key has come.
+        return Err(Error::refused(
+            crate::error::ErrorCode::BadRequest,
+            format!(
+                "message {} cannot be opened yet: its sender's key has not come (fastchat recv \
+                 shows it once it has)",
+                msg.id
+            ),
+        ));
+    }
     e2e.lock().settle()?;
     client.ack(&[msg.id])
 }
