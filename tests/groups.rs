@@ -627,6 +627,10 @@ fn a_group_message_before_its_senders_key_waits_for_it() {
         "{out:?}"
     );
     assert!(!out.stderr.contains("rejected"), "{out:?}");
+    assert!(
+        !out.stderr.contains("waiting"),
+        "nothing left waiting: {out:?}"
+    );
 
     // A new epoch whose key for bob never comes: the message stays queued (bob's place in
     // the group stays before it), and is not reported while it may still come.
@@ -642,6 +646,12 @@ fn a_group_message_before_its_senders_key_waits_for_it() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!out.stdout.contains("no key for bob"), "{out:?}");
     assert!(!out.stderr.contains("rejected"), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "group messages waiting for a sender's key: 1 (from alice; message {lost} first)"
+        )),
+        "the user is told: {out:?}"
+    );
     assert!(position() < lost, "not acknowledged while its key may come");
     // An hour later it is reported, and acknowledged.
     sql.exec(

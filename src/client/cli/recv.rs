@@ -72,10 +72,15 @@ pub fn recv(opts: &Options, how: RecvOptions) -> Result<()> {
         });
     }
     let stopped = || interrupted.load(std::sync::atomic::Ordering::SeqCst);
-    match recv_loop(opts, &me, how, format, &stopped) {
+    let mut waiting = Waiting::default();
+    let result = match recv_loop(opts, &me, how, format, &mut waiting, &stopped) {
         Err(_) if stopped() => Ok(()),
         other => other,
+    };
+    if let Some(note) = waiting.note() {
+        eprintln!("fastchat: {note}");
     }
+    result
 }
 
 fn recv_loop(
@@ -83,6 +88,7 @@ fn recv_loop(
     me: &LoggedIn,
     how: RecvOptions,
     format: Format,
+    waiting: &mut Waiting,
     stopped: &dyn Fn() -> bool,
 ) -> Result<()> {
     let out = io::stdout();
@@ -92,7 +98,6 @@ fn recv_loop(
     let mut batch: Vec<i64> = Vec::new();
     let mut shown = 0u64;
     let mut receipts = Receipts::default();
-    let mut waiting = Waiting::default();
     // Acknowledges a page, and sends the receipts it earned.
     let ack = |batch: &mut Vec<i64>, receipts: &mut Receipts| -> Result<()> {
         receipts.send(&me.client, &me.e2e);
@@ -405,6 +410,23 @@ impl Waiting {
     /// What waited, in the order it came, to show again now that a key came.
     pub(in crate::client) fn take(&mut self) -> VecDeque<Envelope> {
         std::mem::take(&mut self.msgs)
+    }
+
+    /// What to tell a user who leaves with messages still waiting (they stay queued).
+    pub(in crate::client) fn note(&self) -> Option<String> {
+        let first = self.msgs.front()?;
+        let mut from: Vec<&str> = self.msgs.iter().map(|m| m.from.as_str()).collect();
+        from.sort_unstable();
+        from.dedup();
+        Some(format!(
+            "group messages waiting for a sender's key: {} (from {}; message {} first); left \
+             queued, shown when the key comes, reported if it has not come {} minutes after \
+             sending",
+            self.msgs.len(),
+            from.join(", "),
+            first.id,
+            KEY_PATIENCE_MS / 60_000,
+        ))
     }
 }
 
