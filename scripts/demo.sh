@@ -185,13 +185,22 @@ wait_for_text "$dir/bob.screen" "are you still there"
 screen bob
 note "bob's client went back to the balancer, got another server, and missed nothing."
 # The balancer drops a silent server within two seconds, and a server reports its clients
-# every half second: wait for both (bob and dave, on the two servers left).
-for i in $(seq 50); do
-  listing=$(FASTCHAT_PASSWORD=x "$FASTCHAT_BIN/fastchat" servers)
-  clients=$(awk -F': ' '{ split($2, n, " "); sum += n[1] } END { print sum + 0 }' <<<"$listing")
-  [ "$(wc -l <<<"$listing")" -eq 2 ] && [ "$clients" -eq 2 ] && break
+# every half second: wait until the listing shows the two servers left, with bob and dave
+# where their screens say they are and nobody else (a one-shot client of alice's counts until
+# its server's next report), and show that listing.
+now_on() { sed -n 's/.* on server \([0-9]*\) .*/\1/p' "$dir/$1.screen" | tail -n 1; }
+expected=$(printf 'server %s\nserver %s\n' "$(now_on bob)" "$(now_on dave)")
+for i in $(seq 100); do
+  listing=$("$FASTCHAT_BIN/fastchat" servers 2>&1)
+  settled=$(awk -v want="$expected" '
+    BEGIN { n = split(want, w, "\n"); for (i = 1; i <= n; i++) if (w[i] != "") count[w[i]]++ }
+    { split($0, f, " "); split($0, c, ": "); split(c[2], k, " "); id = f[1] " " f[2]
+      lines++; if (k[1] + 0 != count[id] + 0) bad = 1 }
+    END { print (lines == 2 && !bad) ? "yes" : "no" }' <<<"$listing")
+  [ "$settled" = yes ] && break
   sleep 0.1
 done
-as alice servers
+printf '%s$ fastchat servers%s\n' "$dim" "$reset"
+indent <<<"$listing"
 
 say "Done: stopping every process this demo started"

@@ -47,7 +47,7 @@ fn demo_runs_a_conversation_and_exits_0() {
     // a count from before bob moved).
     let (_, listing) = out
         .stdout
-        .rsplit_once("--user alice servers\n")
+        .rsplit_once("$ fastchat servers\n")
         .expect("the last listing");
     let servers: Vec<&str> = listing
         .lines()
