@@ -33,6 +33,7 @@ pub mod launch;
 mod plan;
 pub mod plot;
 mod report;
+mod rival;
 mod usage;
 mod users;
 
@@ -41,6 +42,7 @@ use usage::{cpu_sample, cpu_spent, processes, sample};
 use users::{connect_all, connected, open_link, Link, User};
 
 pub use report::{markdown_header, markdown_row, progress_default, render, to_json};
+pub use rival::Rival;
 
 /// What the clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub enum Target {
     Balancer(String),
     /// Start a balancer and this many servers on a temporary database, stop them after.
     Spawn(usize),
+    /// Start a mature messaging server instead (its program found, or at this path), to
+    /// measure it with the same workload; stop it after.
+    Rival(Rival, Option<PathBuf>),
 }
 
 /// A run's settings.
@@ -192,6 +197,8 @@ pub struct Report {
     pub pattern: String,
     /// Bodies sent as they are, not end-to-end encrypted.
     pub opaque: bool,
+    /// The rival server measured instead of fastchat, with its version (`--rival`).
+    pub rival: Option<String>,
     /// Clients.
     pub clients: usize,
     /// Messages per client.
@@ -302,6 +309,9 @@ impl Report {
 /// Runs the benchmark.
 pub fn run(config: &Config) -> Result<Report> {
     check(config)?;
+    if let Target::Rival(rival, program) = &config.target {
+        return rival::run(config, *rival, program.as_deref());
+    }
     let cluster = match &config.target {
         Target::Spawn(n) => Some(LocalCluster::start(
             *n,
@@ -311,12 +321,12 @@ pub fn run(config: &Config) -> Result<Report> {
             !config.plaintext,
             config.db.as_deref(),
         )?),
-        Target::Balancer(_) => None,
+        Target::Balancer(_) | Target::Rival(..) => None,
     };
     let balancer = match (&config.target, &cluster) {
         (_, Some(c)) => c.balancer.clone(),
         (Target::Balancer(b), None) => b.clone(),
-        (Target::Spawn(_), None) => unreachable!("spawned above"),
+        (Target::Spawn(_) | Target::Rival(..), None) => unreachable!("spawned or run above"),
     };
     let transport = match (&cluster, &config.ca) {
         _ if config.plaintext => Transport::plaintext(),
@@ -422,6 +432,14 @@ pub fn check(config: &Config) -> Result<()> {
     }
     if config.size > crate::net::MAX_BODY - 200 {
         return bad("--size is over the largest message");
+    }
+    if let Target::Rival(rival, _) = &config.target {
+        if config.size > rival.max_size() {
+            return Err(Error::Invalid(format!(
+                "--size is over what {rival} carries in a message ({} bytes)",
+                rival.max_size()
+            )));
+        }
     }
     if let Some(r) = config.rate {
         if !(r > 0.0 && r.is_finite()) {

@@ -425,3 +425,142 @@ fn a_rate_sweep_reports_each_run_and_draws_them() {
         "{drawn}"
     );
 }
+
+/// Whether `program` is installed (in PATH or /usr/sbin); where it is not, the rival tests
+/// are skipped with a note, unless FASTCHAT_REQUIRE_RIVALS says they must run (CI installs
+/// mosquitto and ngircd).
+fn rival_installed(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .any(|dir| dir.join(program).is_file());
+    if !found {
+        assert!(
+            std::env::var_os("FASTCHAT_REQUIRE_RIVALS").is_none(),
+            "{program} is required here (FASTCHAT_REQUIRE_RIVALS) and is not installed"
+        );
+        eprintln!("{program} is not installed: its rival run was not tested");
+    }
+    found
+}
+
+/// The processes whose command line mentions `text`, and their command lines.
+fn processes_mentioning(text: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.ok()?.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(text).then_some(cmdline)
+        })
+        .collect()
+}
+
+#[test]
+fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for() {
+    for rival in ["mosquitto", "ngircd"] {
+        if !rival_installed(rival) {
+            continue;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        for (args, expected) in [
+            // Direct, spread: 6 x 40.
+            (
+                vec!["--clients", "6", "--messages", "40", "--window", "4"],
+                240,
+            ),
+            // Groups of 3: every message to the 2 others, none back to its sender.
+            (
+                vec![
+                    "--clients",
+                    "6",
+                    "--messages",
+                    "20",
+                    "--mode",
+                    "group",
+                    "--group-size",
+                    "3",
+                ],
+                240,
+            ),
+            // A fixed rate, with a thread per client.
+            (
+                vec![
+                    "--clients",
+                    "4",
+                    "--messages",
+                    "25",
+                    "--rate",
+                    "400",
+                    "--threads",
+                    "4",
+                ],
+                100,
+            ),
+        ] {
+            let out = run_limited(
+                Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+                    .args(["--rival", rival, "--json", "--drain", "3"])
+                    .args(&args)
+                    .env("TMPDIR", tmp.path())
+                    .env_remove("RUST_LOG"),
+            );
+            let r: serde_json::Value = serde_json::from_str(out.stdout.trim())
+                .unwrap_or_else(|e| panic!("{rival} {args:?}: not JSON ({e}): {out:?}"));
+            assert_eq!(out.code, 0, "{rival} {args:?}: {r} {}", out.stderr);
+            let server = r["server"].as_str().unwrap().to_lowercase();
+            assert!(server.starts_with(rival), "{r}");
+            assert_eq!(r["opaque"], true, "no end-to-end encryption: {r}");
+            assert_eq!(
+                (
+                    &r["expected"],
+                    &r["delivered"],
+                    &r["lost"],
+                    &r["duplicated"]
+                ),
+                (&expected.into(), &expected.into(), &0.into(), &0.into()),
+                "{rival} {args:?}: {r}"
+            );
+            assert_eq!(r["errors"], 0, "{r}");
+            // Its CPU and this tool's, counted apart.
+            let secs = r["cpu_secs"].as_object().unwrap();
+            assert!(
+                secs.contains_key(rival) && secs.contains_key("bench"),
+                "{r}"
+            );
+        }
+        // Stopped, and its folder gone.
+        let left = processes_mentioning(&tmp.path().to_string_lossy());
+        assert!(left.is_empty(), "{rival} left running: {left:?}");
+        let files: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(files.is_empty(), "{rival} left {files:?}");
+    }
+}
+
+#[test]
+fn a_rival_that_is_missing_or_cannot_carry_the_messages_is_refused_clearly() {
+    let bench = || Command::new(env!("CARGO_BIN_EXE_fastchat-bench"));
+    let missing = run_limited(bench().args([
+        "--rival",
+        "mosquitto",
+        "--rival-bin",
+        "/nonexistent/mosquitto",
+    ]));
+    assert_eq!(missing.code, 4, "local trouble: {missing:?}");
+    assert!(
+        missing
+            .stderr
+            .contains("cannot start /nonexistent/mosquitto"),
+        "{missing:?}"
+    );
+    for args in [
+        vec!["--rival", "redis"],
+        vec!["--rival", "ngircd", "--size", "401"],
+        vec!["--rival", "mosquitto", "--spawn-servers", "1"],
+        vec!["--rival-bin", "/usr/sbin/mosquitto", "--spawn-servers", "1"],
+    ] {
+        let out = run_limited(bench().args(&args));
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("error"), "{args:?}: {out:?}");
+    }
+}

@@ -134,26 +134,12 @@ impl Sending {
         if self.to.is_empty() {
             return None;
         }
-        let k = self.to.len() as u64;
-        let at = match self.pattern {
-            super::Pattern::Ring | super::Pattern::Spread => seq % k,
-            // A fixed mix of the client and the sequence (splitmix64): the same on a re-send.
-            super::Pattern::Random => {
-                let mut z = (self.index as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add(seq);
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                (z ^ (z >> 31)) % k
-            }
-        };
-        self.to.get(at as usize)
+        self.to
+            .get(pick(self.pattern, self.index, seq, self.to.len()))
     }
 
     fn due(&self, seq: u64, start: Instant) -> Option<Instant> {
-        let (rate, clients) = self.schedule?;
-        let k = seq * clients + self.index as u64;
-        Some(start + Duration::from_secs_f64(k as f64 / rate))
+        Some(due(self.schedule?, self.index, seq, start))
     }
 
     /// Message `seq` (direct ones sealed in the session with their recipient, which moves on);
@@ -228,6 +214,32 @@ impl Sending {
             },
         })
     }
+}
+
+/// Which of `k` recipients (k ≥ 1) message `seq` of client `index` goes to.
+pub(super) fn pick(pattern: super::Pattern, index: usize, seq: u64, k: usize) -> usize {
+    let k = k as u64;
+    let at = match pattern {
+        super::Pattern::Ring | super::Pattern::Spread => seq % k,
+        // A fixed mix of the client and the sequence (splitmix64): the same on a re-send.
+        super::Pattern::Random => {
+            let mut z = (index as u64)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seq);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) % k
+        }
+    };
+    at as usize
+}
+
+/// At a fixed offered rate, `(total messages per second, clients)`: when message `seq` of
+/// client `index` is due, `(seq × clients + index) / rate` seconds after `start`.
+pub(super) fn due(schedule: (f64, u64), index: usize, seq: u64, start: Instant) -> Instant {
+    let (rate, clients) = schedule;
+    let k = seq * clients + index as u64;
+    start + Duration::from_secs_f64(k as f64 / rate)
 }
 
 /// How a client opens what it receives.

@@ -81,7 +81,7 @@ impl Process {
     }
 
     /// SIGTERM, a short wait, then SIGKILL; reaps it.
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         let pid = self.pid();
         STARTED.lock().pids.retain(|p| *p != pid);
         if let Ok(None) = self.child.try_wait() {
@@ -129,13 +129,7 @@ impl LocalCluster {
         tls: bool,
         db: Option<&str>,
     ) -> Result<LocalCluster> {
-        let dir = std::env::temp_dir().join(format!(
-            "fastchat-{}-{}",
-            std::process::id(),
-            crypto::to_hex(&crypto::random_bytes(4)?)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        STARTED.lock().dirs.push(dir.clone());
+        let dir = temp_dir("fastchat")?;
         let db_arg = match db {
             Some(db) => db.to_string(),
             None => dir.join("chat.db").to_string_lossy().to_string(),
@@ -255,8 +249,7 @@ impl Drop for LocalCluster {
             s.stop();
         }
         self.balancer_process.stop();
-        STARTED.lock().dirs.retain(|d| *d != self.dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dir(&self.dir);
     }
 }
 
@@ -268,32 +261,66 @@ fn bin_dir() -> Result<PathBuf> {
         .ok_or_else(|| Error::Invalid("cannot tell where the fastchat binaries are".into()))
 }
 
-/// Starts `program ARGS` with stderr to `dir/NAME.log`; returns it and its first stdout line.
-fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Result<(Process, String)> {
-    let path = bin_dir()?.join(program);
+/// A new temporary folder, `PREFIX-PID-RANDOM`, removed by [`stop_everything`] unless
+/// [`remove_dir`] removed it first.
+pub(super) fn temp_dir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        crypto::to_hex(&crypto::random_bytes(4)?)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    STARTED.lock().dirs.push(dir.clone());
+    Ok(dir)
+}
+
+/// Removes a folder made by [`temp_dir`].
+pub(super) fn remove_dir(dir: &Path) {
+    STARTED.lock().dirs.retain(|d| d != dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts `path ARGS` with stderr (and, unless `piped`, stdout) to `dir/NAME.log`, and
+/// remembers it for [`stop_everything`].
+pub(super) fn start(
+    dir: &Path,
+    name: &str,
+    path: &Path,
+    args: &[String],
+    piped: bool,
+) -> Result<Process> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let mut child = Command::new(&path)
+    let stdout = if piped {
+        Stdio::piped()
+    } else {
+        Stdio::from(log.try_clone()?)
+    };
+    let mut child = Command::new(path)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(log)
         .spawn()
         .map_err(|e| Error::Local(format!("cannot start {}: {e}", path.display())))?;
-    {
-        let mut started = STARTED.lock();
-        if started.stopped {
-            // Interrupted while this one was starting: it must not outlive the program.
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Error::Invalid("interrupted".into()));
-        }
-        started.pids.push(child.id());
+    let mut started = STARTED.lock();
+    if started.stopped {
+        // Interrupted while this one was starting: it must not outlive the program.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::Invalid("interrupted".into()));
     }
-    let stdout = child.stdout.take().expect("piped");
-    let mut process = Process {
+    started.pids.push(child.id());
+    Ok(Process {
         child,
         name: name.to_string(),
-    };
+    })
+}
+
+/// Starts the fastchat binary `program ARGS` with stderr to `dir/NAME.log`; returns it and its
+/// first stdout line.
+fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Result<(Process, String)> {
+    let mut process = start(dir, name, &bin_dir()?.join(program), args, true)?;
+    let stdout = process.child.stdout.take().expect("piped");
     // The first line says it is ready; read it on a thread so a silent process times out.
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {

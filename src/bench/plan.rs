@@ -11,7 +11,7 @@ use crossbeam_channel::bounded;
 
 use super::driver::{self, Client, Counters, Receiving, Sending};
 use super::report;
-use super::usage::{periods, sample_cpu_every};
+use super::usage::{periods, sample_cpu_every, Sample};
 use super::users::{call, Link, User};
 use super::{Config, Mode, Pattern, Report};
 use crate::client::e2e;
@@ -227,19 +227,7 @@ impl Plan {
             }
         }
         report.send_secs = t0.elapsed().as_secs_f64();
-        // Wait for the stragglers, as long as deliveries keep coming.
-        let mut last = counters.delivered.load(Ordering::SeqCst);
-        let mut quiet_since = Instant::now();
-        while counters.delivered.load(Ordering::SeqCst) < expected {
-            std::thread::sleep(Duration::from_millis(20));
-            let now = counters.delivered.load(Ordering::SeqCst);
-            if now != last {
-                last = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() > config.drain {
-                break;
-            }
-        }
+        wait_for_stragglers(&counters, expected, config.drain);
         if let Some(p) = progress {
             p.stop();
         }
@@ -259,28 +247,64 @@ impl Plan {
         if let Some(e) = send_error {
             counters.error(&format!("sending failed: {e}"));
         }
-        let shared = counters;
-        let delivered = shared.delivered.load(Ordering::SeqCst);
-        report.expected = expected;
-        report.delivered = delivered;
-        report.lost = expected.saturating_sub(delivered);
-        report.duplicated = shared.duplicated.load(Ordering::SeqCst);
-        report.redelivered = shared.redelivered.load(Ordering::SeqCst);
-        report.failovers = shared.failovers.load(Ordering::SeqCst);
-        report.errors = shared.errors.load(Ordering::SeqCst);
-        report.first_error = shared.first_error.lock().clone();
-        report.deliver_secs = shared.last_delivery_ns.load(Ordering::SeqCst) as f64 / 1e9;
-        if report.deliver_secs > 0.0 {
-            report.throughput = delivered as f64 / report.deliver_secs;
-        }
-        if let (Some(every), Some(sampler)) = (config.every, sampler) {
-            let samples = sampler.join().unwrap_or_default();
-            report.periods = periods(&deliveries, every, &samples);
-        }
-        let mut latencies: Vec<u32> = deliveries.iter().map(|d| d.latency_us).collect();
-        report.latency = report::percentiles(&mut latencies);
+        let samples = sampler.map(|s| s.join().unwrap_or_default());
+        tally(
+            report,
+            &counters,
+            expected,
+            &deliveries,
+            config.every,
+            samples,
+        );
         Ok(())
     }
+}
+
+/// Once every client has sent all it had: waits while deliveries keep coming, until all
+/// `expected` have come or none has for `drain`.
+pub(super) fn wait_for_stragglers(counters: &Counters, expected: u64, drain: Duration) {
+    let mut last = counters.delivered.load(Ordering::SeqCst);
+    let mut quiet_since = Instant::now();
+    while counters.delivered.load(Ordering::SeqCst) < expected {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = counters.delivered.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > drain {
+            break;
+        }
+    }
+}
+
+/// A finished run's counts, throughput and latency into `report`; with `every` and the CPU
+/// `samples` taken meanwhile, its stretches too.
+pub(super) fn tally(
+    report: &mut Report,
+    counters: &Counters,
+    expected: u64,
+    deliveries: &[driver::Delivery],
+    every: Option<Duration>,
+    samples: Option<Vec<Sample>>,
+) {
+    let delivered = counters.delivered.load(Ordering::SeqCst);
+    report.expected = expected;
+    report.delivered = delivered;
+    report.lost = expected.saturating_sub(delivered);
+    report.duplicated = counters.duplicated.load(Ordering::SeqCst);
+    report.redelivered = counters.redelivered.load(Ordering::SeqCst);
+    report.failovers = counters.failovers.load(Ordering::SeqCst);
+    report.errors = counters.errors.load(Ordering::SeqCst);
+    report.first_error = counters.first_error.lock().clone();
+    report.deliver_secs = counters.last_delivery_ns.load(Ordering::SeqCst) as f64 / 1e9;
+    if report.deliver_secs > 0.0 {
+        report.throughput = delivered as f64 / report.deliver_secs;
+    }
+    if let (Some(every), Some(samples)) = (every, samples) {
+        report.periods = periods(deliveries, every, &samples);
+    }
+    let mut latencies: Vec<u32> = deliveries.iter().map(|d| d.latency_us).collect();
+    report.latency = report::percentiles(&mut latencies);
 }
 
 /// Most clients one driving thread takes by default: its `poll` looks at every one of their
@@ -300,7 +324,7 @@ pub(super) fn drivers(config: &Config) -> usize {
 
 /// How many others each client writes to in direct mode: one in a ring, else as many as it
 /// sends messages, at most everyone else.
-fn recipients(config: &Config, n: usize) -> usize {
+pub(super) fn recipients(config: &Config, n: usize) -> usize {
     match config.pattern {
         Pattern::Ring => 1,
         Pattern::Spread | Pattern::Random => {

@@ -94,8 +94,12 @@ pub fn render(r: &Report) -> String {
         "direct" => format!("{} pattern, ", r.pattern),
         _ => String::new(),
     };
+    let server = match &r.rival {
+        Some(rival) => format!("{rival}, "),
+        None => String::new(),
+    };
     out.push_str(&format!(
-        "fastchat-bench: {} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {} driving thread{}\n",
+        "fastchat-bench: {server}{} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {} driving thread{}\n",
         r.mode,
         r.clients,
         r.messages,
@@ -106,13 +110,22 @@ pub fn render(r: &Report) -> String {
         r.threads,
         if r.threads == 1 { "" } else { "s" }
     ));
-    if r.opaque {
+    if r.rival.is_some() {
+        out.push_str(
+            "  rival       not fastchat: no end-to-end encryption, no TLS, nothing written to disk\n",
+        );
+    } else if r.opaque {
         out.push_str(
             "  opaque      bodies sent as they are, not end-to-end encrypted: the servers alone\n",
         );
     }
+    let joined = if r.rival.is_some() {
+        "connected and registered"
+    } else {
+        "signed up, logged in and connected"
+    };
     out.push_str(&format!(
-        "  connect     {} clients signed up, logged in and connected in {:.2} s ({:.2} ms each)\n",
+        "  connect     {} clients {joined} in {:.2} s ({:.2} ms each)\n",
         r.clients - r.connect_failed,
         r.connect_secs,
         r.connect_secs * 1000.0 / r.clients.max(1) as f64
@@ -139,8 +152,13 @@ pub fn render(r: &Report) -> String {
         }
         return out;
     }
+    let (taken, delivery) = match (&r.rival, r.opaque) {
+        (Some(_), _) => ("confirmed", "delivery"),
+        (None, true) => ("stored", "delivery"),
+        (None, false) => ("stored", "decrypted delivery"),
+    };
     out.push_str(&format!(
-        "  sent        {} messages, all stored, in {:.2} s\n",
+        "  sent        {} messages, all {taken}, in {:.2} s\n",
         r.clients as u64 * r.messages,
         r.send_secs
     ));
@@ -149,7 +167,7 @@ pub fn render(r: &Report) -> String {
         r.delivered, r.expected, r.deliver_secs, r.throughput
     ));
     out.push_str(&format!(
-        "  latency     p50 {}  p90 {}  p99 {}  max {}  (send to decrypted delivery)\n",
+        "  latency     p50 {}  p90 {}  p99 {}  max {}  (send to {delivery})\n",
         ms(r.latency.p50),
         ms(r.latency.p90),
         ms(r.latency.p99),
@@ -291,6 +309,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "mode": r.mode,
         "pattern": (r.mode == "direct").then_some(&r.pattern),
         "opaque": r.opaque,
+        "server": r.rival.as_deref().unwrap_or("fastchat"),
         "clients": r.clients,
         "messages_per_client": r.messages,
         "size": r.size,

@@ -16,7 +16,8 @@ use fastchat::bench::{self, Config, Mode, Target};
 /// decrypted delivery), and how many messages were lost or duplicated.
 ///
 /// Either point it at a running cluster (--balancer) or let it start its own balancer and
-/// servers on a temporary database (--spawn-servers); those are stopped when it ends.
+/// servers on a temporary database (--spawn-servers); those are stopped when it ends. To
+/// compare like with like, --rival runs the same workload against mosquitto or ngircd.
 ///
 /// Exit codes: 0 every message delivered exactly once; 1 something was lost, duplicated or
 /// refused; 2 bad arguments; 3 the cluster could not be reached; 4 local trouble; 130
@@ -32,7 +33,8 @@ use fastchat::bench::{self, Config, Mode, Target};
   fastchat-bench --spawn-servers 1 --clients 5000 --mode idle
   fastchat-bench --spawn-servers 3 --clients 60 --messages 2000 --rate 20000 --kill-server 1
   fastchat-bench --spawn-servers 3 --clients 100 --messages 1000 --insecure-plaintext
-  fastchat-bench --balancer 127.0.0.1:7000 --ca /tmp/fc/tls/ca.pem --clients 50 --messages 100 --json"
+  fastchat-bench --balancer 127.0.0.1:7000 --ca /tmp/fc/tls/ca.pem --clients 50 --messages 100 --json
+  fastchat-bench --rival mosquitto --clients 100 --messages 1000      (the same workload, another server)"
 )]
 struct Args {
     /// Log level on standard error: off, error, warn, info, debug, trace, or a RUST_LOG
@@ -84,6 +86,16 @@ struct Args {
     /// Start a balancer and K servers on a temporary database, and stop them at the end.
     #[arg(long, value_name = "K")]
     spawn_servers: Option<usize>,
+    /// Measure a mature messaging server instead, with the same workload, on this machine:
+    /// mosquitto (MQTT 5, QoS 1: the broker's PUBACK confirms a message, each receiver
+    /// acknowledges each one) or ngircd (IRC: PRIVMSG, confirmed by a PING's PONG). Started on
+    /// a free loopback port in a temporary folder, stopped at the end. Neither encrypts end
+    /// to end nor uses TLS: compare with --opaque --insecure-plaintext runs of fastchat.
+    #[arg(long, value_name = "SERVER", conflicts_with_all = ["balancer", "spawn_servers", "ca"])]
+    rival: Option<bench::Rival>,
+    /// With --rival: its program [default: found on PATH or in /usr/sbin].
+    #[arg(long, value_name = "PATH")]
+    rival_bin: Option<PathBuf>,
     /// Password-hash cost (scrypt log2 N) for a spawned balancer: signups and logins are not
     /// what is measured, so it is cheap by default.
     #[arg(long, default_value_t = 8, value_name = "LOG_N")]
@@ -150,11 +162,17 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> ExitCode {
     let args: Args = fastchat::config::parse("fastchat-bench", "bench");
     fastchat::startup::init_with("bench", args.log_level.as_deref(), "info");
-    let target = match (args.balancer, args.spawn_servers) {
-        (Some(b), None) => Target::Balancer(b),
-        (None, Some(k)) if k >= 1 => Target::Spawn(k),
-        (None, Some(_)) => return usage("--spawn-servers must be at least 1"),
-        _ => return usage("say where the cluster is: --balancer ADDR or --spawn-servers K"),
+    if args.rival_bin.is_some() && args.rival.is_none() {
+        return usage("--rival-bin goes with --rival");
+    }
+    let target = match (args.balancer, args.spawn_servers, args.rival) {
+        (Some(b), None, None) => Target::Balancer(b),
+        (None, Some(k), None) if k >= 1 => Target::Spawn(k),
+        (None, Some(_), None) => return usage("--spawn-servers must be at least 1"),
+        (None, None, Some(rival)) => Target::Rival(rival, args.rival_bin),
+        _ => return usage(
+            "say where the cluster is: --balancer ADDR or --spawn-servers K (or --rival SERVER)",
+        ),
     };
     let seconds = [Some(args.drain), Some(args.hold), args.kill_server];
     if seconds
