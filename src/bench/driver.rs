@@ -26,6 +26,7 @@
 //! cores a context switch per event; see BENCHMARKS.md.)
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -214,6 +215,34 @@ impl Sending {
             },
         })
     }
+}
+
+/// One wait for a driving thread's clients: each waiting client's socket watched for what it
+/// waits for (its key, socket, interest and deadline), until one is ready, the first deadline
+/// passes (at once with `at_once`), or the waker rings. Returns the keys of the ready sockets.
+pub(super) fn wait_for_any<'a, S: AsFd + 'a>(
+    poller: &mut Poller,
+    waker: &Waker,
+    waiting: impl Iterator<Item = (usize, &'a S, Interest, Option<Instant>)>,
+    at_once: bool,
+) -> std::io::Result<Vec<usize>> {
+    let mut deadline = at_once.then(Instant::now);
+    for (key, socket, interest, until) in waiting {
+        poller.watch(key, socket, interest)?;
+        deadline = match (deadline, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    let (ready, woken) = poller.wait(deadline)?;
+    if woken {
+        waker.reset();
+    }
+    Ok(ready
+        .into_iter()
+        .filter(|(_, r)| r.readable || r.writable)
+        .map(|(key, _)| key)
+        .collect())
 }
 
 /// Which of `k` recipients (k ≥ 1) message `seq` of client `index` goes to.
@@ -692,38 +721,25 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
         let Some(poller) = poller.as_mut() else {
             break;
         };
-        let mut deadline = any_due.then(Instant::now);
-        let mut watching = Ok(());
-        for (i, slot) in slots.iter().enumerate() {
-            if let Slot::Here {
+        let waiting = slots.iter().enumerate().filter_map(|(i, slot)| match slot {
+            Slot::Here {
                 client,
                 due: false,
                 wait: Some(w),
-            } = slot
-            {
-                watching = watching.and(poller.watch(i, client.chan.stream(), w.interest));
-                deadline = match (deadline, w.deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-        }
-        let ready = match watching.and_then(|()| poller.wait(deadline)) {
-            Ok((ready, woken)) => {
-                if woken {
-                    waker.reset();
-                }
-                ready
-            }
+            } => Some((i, client.chan.stream(), w.interest, w.deadline)),
+            _ => None,
+        });
+        let ready = match wait_for_any(poller, &waker, waiting, any_due) {
+            Ok(ready) => ready,
             Err(e) => {
                 shared.counters.error(&format!("epoll: {e}"));
                 break;
             }
         };
         let mut woken = vec![false; slots.len()];
-        for (i, r) in ready {
+        for i in ready {
             if let Some(w) = woken.get_mut(i) {
-                *w = r.readable || r.writable;
+                *w = true;
             }
         }
         let now = Instant::now();

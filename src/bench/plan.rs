@@ -234,16 +234,7 @@ impl Plan {
         drop(run_over);
         drop(sampling);
         report.kill_missed = killer.is_some_and(|k| !k.join().unwrap_or(false));
-        counters.finished.store(true, Ordering::SeqCst);
-        for w in &wakers {
-            w.wake();
-        }
-        let mut deliveries: Vec<driver::Delivery> = Vec::new();
-        for t in threads {
-            if let Ok(d) = t.join() {
-                deliveries.extend(d);
-            }
-        }
+        let deliveries = stop_drivers(&counters, &wakers, threads);
         if let Some(e) = send_error {
             counters.error(&format!("sending failed: {e}"));
         }
@@ -258,6 +249,24 @@ impl Plan {
         );
         Ok(())
     }
+}
+
+/// Ends a run's driving threads (the run is over, then each thread's waker rings) and
+/// gathers their deliveries.
+pub(super) fn stop_drivers(
+    counters: &Counters,
+    wakers: &[Arc<Waker>],
+    threads: Vec<JoinHandle<Vec<driver::Delivery>>>,
+) -> Vec<driver::Delivery> {
+    counters.finished.store(true, Ordering::SeqCst);
+    for w in wakers {
+        w.wake();
+    }
+    threads
+        .into_iter()
+        .filter_map(|t| t.join().ok())
+        .flatten()
+        .collect()
 }
 
 /// Once every client has sent all it had: waits while deliveries keep coming, until all

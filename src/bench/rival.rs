@@ -35,7 +35,7 @@ use crossbeam_channel::{bounded, Sender};
 
 use super::driver::{self, Counters, Delivery};
 use super::launch::{self, Process};
-use super::plan::{drivers, recipients, tally, wait_for_stragglers};
+use super::plan::{drivers, recipients, stop_drivers, tally, wait_for_stragglers};
 use super::report::{self, BENCH_PROCESS};
 use super::usage::{cpu_sample, cpu_spent, sample_cpu_every};
 use super::{Config, Mode, Pattern, Report};
@@ -701,16 +701,7 @@ fn drive_all(
         p.stop();
     }
     drop(sampling);
-    counters.finished.store(true, Ordering::SeqCst);
-    for w in &wakers {
-        w.wake();
-    }
-    let mut deliveries = Vec::new();
-    for h in handles {
-        if let Ok(d) = h.join() {
-            deliveries.extend(d);
-        }
-    }
+    let deliveries = stop_drivers(&counters, &wakers, handles);
     let samples = sampler.map(|s| s.join().unwrap_or_default());
     tally(
         report,
@@ -773,32 +764,26 @@ fn drive(peers: Vec<Peer>, waker: &Waker, counters: &Counters) -> Vec<Delivery> 
                 }
             }
         }
-        let mut deadline: Option<Instant> = None;
-        let mut watching = Ok(());
-        for (i, slot) in slots.iter().enumerate() {
-            if let (false, Some(w)) = (slot.failed, &slot.wait) {
-                watching = watching.and(poller.watch(i, &slot.peer.stream, w.interest));
-                deadline = match (deadline, w.deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-        }
-        let ready = match watching.and_then(|()| poller.wait(deadline)) {
-            Ok((ready, woken)) => {
-                if woken {
-                    waker.reset();
+        let waiting = slots.iter().enumerate().filter_map(|(i, slot)| match slot {
+            Slot {
+                failed: false,
+                wait: Some(w),
+                peer,
+                ..
+            } => Some((i, &peer.stream, w.interest, w.deadline)),
+            _ => None,
+        });
+        match driver::wait_for_any(&mut poller, waker, waiting, false) {
+            Ok(ready) => {
+                for i in ready {
+                    if let Some(slot) = slots.get_mut(i) {
+                        slot.due = true;
+                    }
                 }
-                ready
             }
             Err(e) => {
                 counters.error(&format!("epoll: {e}"));
                 break;
-            }
-        };
-        for (i, r) in ready {
-            if let Some(slot) = slots.get_mut(i) {
-                slot.due |= r.readable || r.writable;
             }
         }
         let now = Instant::now();
