@@ -4,12 +4,12 @@
 # one after another, so all of them see the same minutes). Prints Markdown tables for
 # BENCHMARKS.md.
 #
-#   scripts/rivals.sh            # three rounds (about ten minutes on two cores)
+#   scripts/rivals.sh            # three rounds (about fifteen minutes on two cores)
 #   scripts/rivals.sh 1          # one round
 #   FASTCHAT_BIN=DIR scripts/rivals.sh   # binaries already built in DIR (no build step)
 #
-# Needs mosquitto and ngircd (Debian: apt-get install mosquitto ngircd). The rivals neither
-# encrypt end to end nor use TLS: the fastchat rows say which of those they carry.
+# Needs mosquitto and ngircd (Debian: apt-get install mosquitto ngircd). The rivals do not
+# encrypt end to end; each row says whether it is TLS.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -26,8 +26,10 @@ bench="$FASTCHAT_BIN/fastchat-bench"
 
 # What is measured: "name|flags".
 servers=(
-  "mosquitto|--rival mosquitto"
-  "ngircd|--rival ngircd"
+  "mosquitto, TLS|--rival mosquitto"
+  "mosquitto, plaintext|--rival mosquitto --insecure-plaintext"
+  "ngircd, TLS|--rival ngircd"
+  "ngircd, plaintext|--rival ngircd --insecure-plaintext"
   "fastchat, 1 server, servers alone, plaintext|--spawn-servers 1 --opaque --insecure-plaintext"
   "fastchat, 1 server, servers alone, TLS|--spawn-servers 1 --opaque"
   "fastchat, 1 server, end to end, TLS|--spawn-servers 1"

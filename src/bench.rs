@@ -197,6 +197,8 @@ pub struct Report {
     pub pattern: String,
     /// Bodies sent as they are, not end-to-end encrypted.
     pub opaque: bool,
+    /// Every connection was TLS (not `--insecure-plaintext`).
+    pub tls: bool,
     /// The rival server measured instead of fastchat, with its version (`--rival`).
     pub rival: Option<String>,
     /// Clients.
@@ -363,6 +365,7 @@ pub fn run(config: &Config) -> Result<Report> {
         mode: config.mode.to_string(),
         pattern: config.pattern.to_string(),
         opaque: config.opaque,
+        tls: !config.plaintext,
         clients: config.clients,
         messages: config.messages,
         size: config.size,

@@ -464,11 +464,9 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
         }
         let tmp = tempfile::tempdir().unwrap();
         for (args, expected) in [
-            // Direct, spread: 6 x 40.
-            (
-                vec!["--clients", "6", "--messages", "40", "--window", "4"],
-                240,
-            ),
+            // Direct, spread: 10 x 100, over TLS (as fastchat, by default), a whole window
+            // (32) written at once (ngircd stalls on it in one TLS record).
+            (vec!["--clients", "10", "--messages", "100"], 1000),
             // Groups of 3: every message to the 2 others, none back to its sender.
             (
                 vec![
@@ -480,6 +478,7 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
                     "group",
                     "--group-size",
                     "3",
+                    "--insecure-plaintext",
                 ],
                 240,
             ),
@@ -511,6 +510,8 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
             let server = r["server"].as_str().unwrap().to_lowercase();
             assert!(server.starts_with(rival), "{r}");
             assert_eq!(r["opaque"], true, "no end-to-end encryption: {r}");
+            let plaintext = args.contains(&"--insecure-plaintext");
+            assert_eq!(r["tls"], !plaintext, "{rival} {args:?}: {r}");
             assert_eq!(
                 (
                     &r["expected"],

@@ -99,7 +99,7 @@ pub fn render(r: &Report) -> String {
         None => String::new(),
     };
     out.push_str(&format!(
-        "fastchat-bench: {server}{} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {} driving thread{}\n",
+        "fastchat-bench: {server}{} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {}, {} driving thread{}\n",
         r.mode,
         r.clients,
         r.messages,
@@ -107,12 +107,13 @@ pub fn render(r: &Report) -> String {
         r.window,
         r.servers,
         if r.servers == 1 { "" } else { "s" },
+        if r.tls { "TLS" } else { "plaintext" },
         r.threads,
         if r.threads == 1 { "" } else { "s" }
     ));
     if r.rival.is_some() {
         out.push_str(
-            "  rival       not fastchat: no end-to-end encryption, no TLS, nothing written to disk\n",
+            "  rival       not fastchat: no end-to-end encryption, nothing stored before it is confirmed\n",
         );
     } else if r.opaque {
         out.push_str(
@@ -310,6 +311,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "pattern": (r.mode == "direct").then_some(&r.pattern),
         "opaque": r.opaque,
         "server": r.rival.as_deref().unwrap_or("fastchat"),
+        "tls": r.tls,
         "clients": r.clients,
         "messages_per_client": r.messages,
         "size": r.size,

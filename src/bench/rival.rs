@@ -9,11 +9,14 @@
 //!   channel (`#gGROUP`); a message is a `PRIVMSG` followed by a `PING`, confirmed by the
 //!   `PONG` (IRC confirms nothing else); receivers answer nothing.
 //!
-//! Neither encrypts end to end, nor (as run here) uses TLS or writes to disk: compare them
-//! with fastchat's `--opaque` rows, which measure its servers alone, and say which is which.
+//! Both speak TLS 1.3 (with a CA and a certificate made for the run, checked by the clients as
+//! fastchat's) unless `--insecure-plaintext`. Neither encrypts end to end nor stores a message
+//! before confirming it: compare them with fastchat's `--opaque` rows, which measure its
+//! servers alone, and say which is which.
 //!
 //! ```text
-//! start the rival on a free loopback port, in a temporary folder (its configuration, its log)
+//! start the rival on a free loopback port, in a temporary folder (its configuration, its log,
+//!   its certificate)
 //! connect every client: register, subscribe or join, wait for the answer
 //! driving threads (as for fastchat: one per core, at most 50 clients each), round after round:
 //!   a turn for each client with something to do: read and answer what came, send while the
@@ -23,7 +26,7 @@
 //! ```
 
 use std::collections::HashSet;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,7 +43,8 @@ use super::report::{self, BENCH_PROCESS};
 use super::usage::{cpu_sample, cpu_spent, sample_cpu_every};
 use super::{Config, Mode, Pattern, Report};
 use crate::error::{Error, Result};
-use crate::transport::{self, Interest, Poller, Waker};
+use crate::transport::pki::{self, Member, Role};
+use crate::transport::{Expect, Interest, Poller, Stream, Transport, Waker};
 
 mod irc;
 mod mqtt;
@@ -132,9 +136,10 @@ impl Rival {
     }
 
     /// Its configuration for a run: loopback only, no limits that a benchmark's hundred
-    /// clients from one address would hit, nothing that waits on the network.
-    fn configuration(self, port: u16, clients: usize) -> String {
-        match self {
+    /// clients from one address would hit, nothing that waits on the network; TLS with the
+    /// certificate and key in `tls` (PEM files) unless `None`.
+    fn configuration(self, port: u16, clients: usize, tls: Option<(&Path, &Path)>) -> String {
+        let mut config = match self {
             // Messages queued for a client beyond max_queued_messages are dropped (1000 by
             // default): a hundred senders with a window of 32 may queue more than that for one
             // receiver. Nagle off, as fastchat's sockets are.
@@ -153,7 +158,26 @@ impl Rival {
                  MaxNickLength = 16\nMaxPenaltyTime = 0\nPingTimeout = 600\n\
                  [Options]\nDNS = no\nIdent = no\nPAM = no\n"
             ),
+        };
+        if let Some((cert, key)) = tls {
+            let (cert, key) = (cert.display(), key.display());
+            match self {
+                // Only TLS 1.3, as fastchat. mosquitto drops its privileges before it reads
+                // the key (which, like fastchat's, only this user may read): it runs as the
+                // user who started the run, as fastchat's servers do.
+                Rival::Mosquitto => config.push_str(&format!(
+                    "certfile {cert}\nkeyfile {key}\ntls_version tlsv1.3\nuser root\n"
+                )),
+                // Its TLS port instead of a plaintext one.
+                Rival::Ngircd => {
+                    config = config.replace(&format!("Ports = {port}\n"), "");
+                    config.push_str(&format!(
+                        "[SSL]\nPorts = {port}\nCertFile = {cert}\nKeyFile = {key}\n"
+                    ));
+                }
+            }
         }
+        config
     }
 
     fn arguments(self, config: &Path) -> Vec<String> {
@@ -171,37 +195,84 @@ const READY_LIMIT: Duration = Duration::from_secs(10);
 /// How long a client's registration may take.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a client with messages in flight waits for a confirmation before it gives up on
+/// its run (on loopback, with no failover to wait for, ten seconds is a stall).
+const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
+
 /// A rival server started by this run, stopped (and its folder removed) when dropped.
 struct Started {
     dir: PathBuf,
     process: Process,
     addr: String,
+    /// How its clients reach it: TLS with the CA made for it, or plaintext.
+    transport: Transport,
 }
 
+/// Most bytes a client writes to ngircd in one TLS record. ngircd reads a connection 2048
+/// bytes at a time when its socket is readable, and what GnuTLS decrypted beyond that waits
+/// for the socket's next event: a window of messages in one record stalled until the
+/// server's next `PING`, ten minutes later (measured; in plaintext the rest waits in
+/// ngircd's own buffer, which it does look at).
+const NGIRCD_TLS_RECORD: usize = 1024;
+
+/// The name in the rival's certificate, which its clients check.
+const CERTIFIED_AS: &str = "rival";
+
 impl Started {
-    fn start(rival: Rival, program: &Path, clients: usize) -> Result<Started> {
+    /// Starts `rival` in a new temporary folder; with `tls`, a CA and a certificate for it
+    /// are made there first.
+    fn start(rival: Rival, program: &Path, clients: usize, tls: bool) -> Result<Started> {
         let dir = launch::temp_dir("fastchat-rival")?;
+        match Started::start_in(&dir, rival, program, clients, tls) {
+            Ok(started) => Ok(started),
+            Err(e) => {
+                launch::remove_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_in(
+        dir: &Path,
+        rival: Rival,
+        program: &Path,
+        clients: usize,
+        tls: bool,
+    ) -> Result<Started> {
+        let certs = dir.join("tls");
+        let transport = if tls {
+            pki::init(
+                &certs,
+                &[Member {
+                    role: Role::Server,
+                    name: CERTIFIED_AS.into(),
+                }],
+            )?;
+            Transport::client_with_ca(&pki::ca_path(&certs))?
+        } else {
+            Transport::plaintext()
+        };
+        let files = (
+            certs.join(format!("{CERTIFIED_AS}.pem")),
+            certs.join(format!("{CERTIFIED_AS}.key")),
+        );
         // A free port: the rival binds it again a moment later.
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.join(format!("{}.conf", rival.program()));
-        std::fs::write(&config, rival.configuration(port, clients))?;
-        let process = match launch::start(
-            &dir,
+        let tls_files = tls.then_some((files.0.as_path(), files.1.as_path()));
+        std::fs::write(&config, rival.configuration(port, clients, tls_files))?;
+        let process = launch::start(
+            dir,
             rival.program(),
             program,
             &rival.arguments(&config),
             false,
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                launch::remove_dir(&dir);
-                return Err(e);
-            }
-        };
+        )?;
         let started = Started {
             addr: format!("127.0.0.1:{port}"),
-            dir,
+            dir: dir.to_path_buf(),
             process,
+            transport,
         };
         let deadline = Instant::now() + READY_LIMIT;
         while TcpStream::connect(&started.addr).is_err() {
@@ -231,13 +302,14 @@ impl Drop for Started {
 pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Result<Report> {
     let program = rival.find(program)?;
     let version = rival.version(&program);
-    let server = Started::start(rival, &program, config.clients)?;
+    let server = Started::start(rival, &program, config.clients, !config.plaintext)?;
     let before = launch::usage(server.process.pid()).unwrap_or_default();
     let n = config.clients;
     let mut report = Report {
         mode: config.mode.to_string(),
         pattern: config.pattern.to_string(),
         opaque: true,
+        tls: !config.plaintext,
         rival: Some(version),
         clients: n,
         messages: config.messages,
@@ -252,7 +324,7 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     let started = Instant::now();
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
-        match handshake(rival, &server.addr, i, config) {
+        match handshake(rival, &server, i, config) {
             Ok(s) => streams.push(s),
             Err(e) => {
                 // A rival that refuses a client is measured on none: the comparison would
@@ -279,11 +351,14 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     Ok(report)
 }
 
-/// Connects client `i` and registers it (and subscribes or joins), waiting for the answers;
-/// returns its socket, non-blocking.
-fn handshake(rival: Rival, addr: &str, i: usize, config: &Config) -> Result<TcpStream> {
-    let mut stream = transport::dial(addr, rival.program())?;
-    stream.set_read_timeout(Some(HANDSHAKE_LIMIT))?;
+/// Connects client `i` (TLS unless plaintext) and registers it (and subscribes or joins),
+/// waiting for the answers; returns its connection, non-blocking.
+fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Result<Stream> {
+    let expect = Expect::Server(Some(CERTIFIED_AS.into()));
+    let mut stream = server
+        .transport
+        .connect(&server.addr, rival.program(), &expect)?;
+    stream.tcp().set_read_timeout(Some(HANDSHAKE_LIMIT))?;
     let group = (config.mode == Mode::Group).then(|| i / config.group_size);
     let mut out = Vec::new();
     match rival {
@@ -331,7 +406,7 @@ fn handshake(rival: Rival, addr: &str, i: usize, config: &Config) -> Result<TcpS
         }
         buf.drain(..at);
     }
-    stream.set_read_timeout(None)?;
+    stream.tcp().set_read_timeout(None)?;
     stream.set_nonblocking(true)?;
     Ok(stream)
 }
@@ -411,7 +486,12 @@ fn event(rival: Rival, buf: &[u8]) -> Result<Option<(Event, usize)>> {
 struct Peer {
     rival: Rival,
     index: usize,
-    stream: TcpStream,
+    stream: Stream,
+    /// What the connection waits for besides reading: writing, while something is pending or
+    /// TLS needs to write before it can read.
+    wants_write: bool,
+    /// Most bytes written at once (so, with TLS, in one record).
+    record: usize,
     /// Direct mode: each recipient's topic or nickname; group mode: the group's topic or
     /// channel alone.
     targets: Vec<Vec<u8>>,
@@ -424,6 +504,8 @@ struct Peer {
     /// Sent and not yet confirmed.
     in_flight: usize,
     confirmed: u64,
+    /// When the last confirmation came (or the run started).
+    last_confirmed: Instant,
     /// The next MQTT packet id (never 0).
     next_pid: u16,
     out: Vec<u8>,
@@ -449,6 +531,14 @@ impl Peer {
     fn turn(&mut self, scratch: &mut [u8]) -> Result<Wait> {
         self.read(scratch)?;
         let now = Instant::now();
+        let confirm_by = self.last_confirmed + CONFIRM_LIMIT;
+        if self.in_flight > 0 && now > confirm_by {
+            let limit = CONFIRM_LIMIT.as_secs();
+            return Err(Error::Protocol(format!(
+                "{} messages unconfirmed for {limit} s",
+                self.in_flight
+            )));
+        }
         let mut next_due = None;
         while self.next_seq < self.messages && self.in_flight < self.window {
             let due = self
@@ -464,9 +554,13 @@ impl Peer {
         Ok(Wait {
             interest: Interest {
                 read: true,
-                write: self.written < self.out.len(),
+                write: self.wants_write,
             },
-            deadline: next_due,
+            deadline: match (next_due, self.in_flight > 0) {
+                (Some(due), true) => Some(due.min(confirm_by)),
+                (None, true) => Some(confirm_by),
+                (due, false) => due,
+            },
         })
     }
 
@@ -488,15 +582,21 @@ impl Peer {
         self.in_flight += 1;
     }
 
-    /// Writes what is pending, as far as the socket takes it.
+    /// Writes what is pending, as far as the connection takes it.
     fn flush(&mut self) -> Result<()> {
+        self.wants_write = false;
         while self.written < self.out.len() {
-            match self.stream.write(&self.out[self.written..]) {
+            let end = self.out.len().min(self.written + self.record);
+            match self
+                .stream
+                .write_nonblocking(&self.out[self.written..end])?
+            {
                 Ok(0) => return Err(Error::Protocol("the server stopped reading".into())),
                 Ok(n) => self.written += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(_) => {
+                    self.wants_write = true;
+                    break;
+                }
             }
         }
         if self.written == self.out.len() {
@@ -506,20 +606,24 @@ impl Peer {
         Ok(())
     }
 
-    /// Reads what the socket has and handles every whole packet or line of it.
+    /// Reads what the connection has and handles every whole packet or line of it.
     fn read(&mut self, scratch: &mut [u8]) -> Result<()> {
+        let tls = self.stream.is_tls();
         loop {
-            match self.stream.read(scratch) {
+            match self.stream.read_nonblocking(scratch)? {
                 Ok(0) => return Err(Error::Protocol("the server closed the connection".into())),
                 Ok(n) => {
                     self.inbuf.extend_from_slice(&scratch[..n]);
-                    if n < scratch.len() {
+                    // A short read emptied the socket; TLS may still hold decrypted records
+                    // that no wait would report, so it reads on until it would block.
+                    if n < scratch.len() && !tls {
                         break;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(wanted) => {
+                    self.wants_write |= wanted.write;
+                    break;
+                }
             }
         }
         let inbuf = std::mem::take(&mut self.inbuf);
@@ -545,6 +649,7 @@ impl Peer {
                 }
                 self.in_flight -= 1;
                 self.confirmed += 1;
+                self.last_confirmed = Instant::now();
                 if self.confirmed == self.messages {
                     if let Some(stored) = self.stored.take() {
                         let _ = stored.send(Ok(()));
@@ -591,7 +696,7 @@ impl Peer {
 fn drive_all(
     config: &Config,
     rival: Rival,
-    streams: Vec<TcpStream>,
+    streams: Vec<Stream>,
     processes: &[(String, u32)],
     report: &mut Report,
 ) -> Result<()> {
@@ -610,7 +715,7 @@ fn drive_all(
         Rival::Ngircd => format!("c{i}").into_bytes(),
     };
     let threads = report.threads;
-    let mut shares: Vec<Vec<(usize, TcpStream)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<(usize, Stream)>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, stream) in streams.into_iter().enumerate() {
         shares[i % threads].push((i, stream));
     }
@@ -630,7 +735,7 @@ fn drive_all(
                 _ => (1..=k).map(|d| name((i + d) % n)).collect(),
             }
         };
-        let peers: Vec<(usize, TcpStream, Vec<Vec<u8>>)> = share
+        let peers: Vec<(usize, Stream, Vec<Vec<u8>>)> = share
             .into_iter()
             .map(|(i, s)| (i, s, targets_of(i)))
             .collect();
@@ -655,6 +760,12 @@ fn drive_all(
                             rival,
                             index,
                             stream,
+                            wants_write: false,
+                            record: match rival {
+                                Rival::Ngircd if config.plaintext => usize::MAX,
+                                Rival::Ngircd => NGIRCD_TLS_RECORD,
+                                Rival::Mosquitto => usize::MAX,
+                            },
                             targets,
                             pattern: config.pattern,
                             messages: config.messages,
@@ -664,6 +775,7 @@ fn drive_all(
                             next_seq: 0,
                             in_flight: 0,
                             confirmed: 0,
+                            last_confirmed: start,
                             next_pid: 1,
                             out: Vec::new(),
                             written: 0,

@@ -89,8 +89,9 @@ struct Args {
     /// Measure a mature messaging server instead, with the same workload, on this machine:
     /// mosquitto (MQTT 5, QoS 1: the broker's PUBACK confirms a message, each receiver
     /// acknowledges each one) or ngircd (IRC: PRIVMSG, confirmed by a PING's PONG). Started on
-    /// a free loopback port in a temporary folder, stopped at the end. Neither encrypts end
-    /// to end nor uses TLS: compare with --opaque --insecure-plaintext runs of fastchat.
+    /// a free loopback port in a temporary folder (with a certificate of its own: TLS 1.3
+    /// unless --insecure-plaintext), stopped at the end. Neither encrypts end to end: compare
+    /// with --opaque runs of fastchat.
     #[arg(long, value_name = "SERVER", conflicts_with_all = ["balancer", "spawn_servers", "ca"])]
     rival: Option<bench::Rival>,
     /// With --rival: its program [default: found on PATH or in /usr/sbin].
