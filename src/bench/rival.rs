@@ -352,8 +352,9 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
 }
 
 /// Connects client `i` (TLS unless plaintext) and registers it (and subscribes or joins),
-/// waiting for the answers; returns its connection, non-blocking.
-fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Result<Stream> {
+/// waiting for the answers; returns its connection, non-blocking, and what was read after
+/// the last answer.
+fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Result<Connected> {
     let expect = Expect::Server(Some(CERTIFIED_AS.into()));
     let mut stream = server
         .transport
@@ -378,7 +379,7 @@ fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Resul
     }
     stream.write_all(&out)?;
     // Registered, then (unless IRC without a channel) subscribed or joined.
-    let mut steps = match (rival, group) {
+    let mut steps: u32 = match (rival, group) {
         (Rival::Ngircd, None) => 1,
         _ => 2,
     };
@@ -394,7 +395,7 @@ fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Resul
         while let Some((event, used)) = event(rival, &buf[at..])? {
             at += used;
             match event {
-                Event::Ready => steps -= 1,
+                Event::Ready => steps = steps.saturating_sub(1),
                 Event::Refused(why) => return Err(Error::Protocol(why)),
                 Event::Ping(token) => {
                     let mut pong = Vec::new();
@@ -408,8 +409,11 @@ fn handshake(rival: Rival, server: &Started, i: usize, config: &Config) -> Resul
     }
     stream.tcp().set_read_timeout(None)?;
     stream.set_nonblocking(true)?;
-    Ok(stream)
+    Ok((stream, buf))
 }
+
+/// A registered client's connection, and what was read from it after its registration.
+type Connected = (Stream, Vec<u8>);
 
 /// What a packet or a line means to a client.
 #[derive(Debug, PartialEq)]
@@ -418,6 +422,8 @@ enum Event {
     Ready,
     /// One of our messages was taken.
     Confirmed,
+    /// One of our messages was refused (it settles its place in the window all the same).
+    Rejected(String),
     /// A message, and the id to acknowledge it by (MQTT QoS 1).
     Message {
         payload: Option<(u64, u64, u64)>,
@@ -451,7 +457,7 @@ fn event(rival: Rival, buf: &[u8]) -> Result<Option<(Event, usize)>> {
                 }
                 mqtt::Packet::PubAck { reason } if reason < 0x80 => Event::Confirmed,
                 mqtt::Packet::PubAck { reason } => {
-                    Event::Refused(format!("message refused (reason {reason:#04x})"))
+                    Event::Rejected(format!("message refused (reason {reason:#04x})"))
                 }
                 mqtt::Packet::Publish { pid, payload: p } => Event::Message {
                     payload: payload(p),
@@ -530,6 +536,11 @@ impl Peer {
     /// Reads and answers what came, sends what the window and schedule allow, writes.
     fn turn(&mut self, scratch: &mut [u8]) -> Result<Wait> {
         self.read(scratch)?;
+        if self.confirmed == self.messages {
+            if let Some(stored) = self.stored.take() {
+                let _ = stored.send(Ok(()));
+            }
+        }
         let now = Instant::now();
         let confirm_by = self.last_confirmed + CONFIRM_LIMIT;
         if self.in_flight > 0 && now > confirm_by {
@@ -643,18 +654,16 @@ impl Peer {
     fn handle(&mut self, event: Event) {
         let counters = &self.counters;
         match event {
-            Event::Confirmed => {
+            Event::Confirmed | Event::Rejected(_) => {
+                if let Event::Rejected(why) = &event {
+                    counters.error(&format!("{}: {why}", self.rival));
+                }
                 if self.in_flight == 0 {
                     return counters.error("a confirmation of nothing");
                 }
                 self.in_flight -= 1;
                 self.confirmed += 1;
                 self.last_confirmed = Instant::now();
-                if self.confirmed == self.messages {
-                    if let Some(stored) = self.stored.take() {
-                        let _ = stored.send(Ok(()));
-                    }
-                }
             }
             Event::Message { payload, ack } => {
                 if let Some(pid) = ack {
@@ -696,7 +705,7 @@ impl Peer {
 fn drive_all(
     config: &Config,
     rival: Rival,
-    streams: Vec<Stream>,
+    streams: Vec<Connected>,
     processes: &[(String, u32)],
     report: &mut Report,
 ) -> Result<()> {
@@ -715,7 +724,7 @@ fn drive_all(
         Rival::Ngircd => format!("c{i}").into_bytes(),
     };
     let threads = report.threads;
-    let mut shares: Vec<Vec<(usize, Stream)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<(usize, Connected)>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, stream) in streams.into_iter().enumerate() {
         shares[i % threads].push((i, stream));
     }
@@ -735,7 +744,7 @@ fn drive_all(
                 _ => (1..=k).map(|d| name((i + d) % n)).collect(),
             }
         };
-        let peers: Vec<(usize, Stream, Vec<Vec<u8>>)> = share
+        let peers: Vec<(usize, Connected, Vec<Vec<u8>>)> = share
             .into_iter()
             .map(|(i, s)| (i, s, targets_of(i)))
             .collect();
@@ -756,7 +765,7 @@ fn drive_all(
                     let start = *start.get().expect("set before go");
                     let peers = peers
                         .into_iter()
-                        .map(|(index, stream, targets)| Peer {
+                        .map(|(index, (stream, inbuf), targets)| Peer {
                             rival,
                             index,
                             stream,
@@ -779,7 +788,7 @@ fn drive_all(
                             next_pid: 1,
                             out: Vec::new(),
                             written: 0,
-                            inbuf: Vec::new(),
+                            inbuf,
                             seen: HashSet::new(),
                             deliveries: Vec::new(),
                             stored: Some(stored_tx.clone()),
@@ -950,7 +959,7 @@ mod tests {
         );
         assert!(matches!(
             event(Rival::Mosquitto, &[0x40, 3, 0, 9, 0x80]).unwrap(),
-            Some((Event::Refused(_), 5))
+            Some((Event::Rejected(_), 5))
         ));
         assert_eq!(event(Rival::Ngircd, b":srv PONG").unwrap(), None);
     }
