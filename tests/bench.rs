@@ -559,9 +559,64 @@ fn a_rival_that_is_missing_or_cannot_carry_the_messages_is_refused_clearly() {
         vec!["--rival", "ngircd", "--size", "401"],
         vec!["--rival", "mosquitto", "--spawn-servers", "1"],
         vec!["--rival-bin", "/usr/sbin/mosquitto", "--spawn-servers", "1"],
+        vec!["--spawn-servers", "1", "--against", "mosquitto"],
+        vec![
+            "--spawn-servers",
+            "1",
+            "--sweep",
+            "rate=10",
+            "--against",
+            "irc",
+        ],
     ] {
         let out = run_limited(bench().args(&args));
         assert_eq!(out.code, 2, "{args:?}: {out:?}");
         assert!(out.stderr.contains("error"), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
+fn a_sweep_against_the_rivals_runs_each_value_on_every_server_and_draws_them_together() {
+    if !(rival_installed("mosquitto") && rival_installed("ngircd")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("rivals.svg");
+    let out = run_limited(
+        Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+            .args(["--spawn-servers", "1", "--opaque", "--clients", "4"])
+            .args(["--messages", "20", "--sweep", "rate=200,400"])
+            .args(["--against", "mosquitto,ngircd", "--json", "--svg"])
+            .arg(&svg)
+            .env_remove("RUST_LOG"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let runs: Vec<serde_json::Value> = out
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Each value on every server, one after another.
+    let order: Vec<(String, f64)> = runs
+        .iter()
+        .map(|r| {
+            let server = r["server"].as_str().unwrap().to_lowercase();
+            let name = server.split(' ').next().unwrap().to_string();
+            (name, r["rate"].as_f64().unwrap())
+        })
+        .collect();
+    let expected: Vec<(String, f64)> = [200.0, 400.0]
+        .into_iter()
+        .flat_map(|rate| ["fastchat", "mosquitto", "ngircd"].map(|s| (s.to_string(), rate)))
+        .collect();
+    assert_eq!(order, expected, "{out:?}");
+    assert!(runs.iter().all(|r| r["delivered"] == 80), "{out:?}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    for line in [
+        "fastchat, 1 server (servers alone) p99",
+        "mosquitto p50",
+        "ngircd p99",
+    ] {
+        assert!(drawn.contains(line), "{line} in {drawn}");
     }
 }

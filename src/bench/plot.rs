@@ -78,9 +78,14 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
     let Some(first) = reports.first() else {
         return Err(Error::Invalid("nothing to plot".into()));
     };
-    let workload = workload(first);
+    let workload = workload(first, true);
     let ms = |us: u64| us as f64 / 1000.0;
-    let line = |pick: &dyn Fn(&Report) -> f64| reports.iter().map(pick).collect::<Vec<f64>>();
+    let line = |name: &str, color, pick: &dyn Fn(&Report) -> f64| Line {
+        name: name.to_string(),
+        color,
+        width: 2,
+        ys: reports.iter().map(pick).collect(),
+    };
     let plot = match sweep {
         Sweep::Rate(rates) => Plot {
             caption: format!("latency against offered rate ({workload})"),
@@ -88,9 +93,9 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
             y_desc: "send to delivery, ms",
             xs: rates.clone(),
             lines: vec![
-                ("p50", BLUE, line(&|r| ms(r.latency.p50))),
-                ("p90", GREEN, line(&|r| ms(r.latency.p90))),
-                ("p99", RED, line(&|r| ms(r.latency.p99))),
+                line("p50", BLUE, &|r| ms(r.latency.p50)),
+                line("p90", GREEN, &|r| ms(r.latency.p90)),
+                line("p99", RED, &|r| ms(r.latency.p99)),
             ],
         },
         Sweep::Clients(clients) => Plot {
@@ -98,7 +103,57 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
             x_desc: "clients",
             y_desc: "delivered messages/s",
             xs: clients.iter().map(|n| *n as f64).collect(),
-            lines: vec![("delivered/s", BLUE, line(&|r| r.throughput))],
+            lines: vec![line("delivered/s", BLUE, &|r| r.throughput)],
+        },
+    };
+    plot.draw(path)
+        .map_err(|e| Error::Local(format!("cannot draw {}: {e}", path.display())))
+}
+
+/// Writes the plot of the same sweep run against several servers (`--against`), one colour
+/// each: for a rate, each server's p99 (thick) and p50 (thin) against the offered rate; for
+/// clients, each server's delivered messages per second.
+pub fn write_comparison_svg(
+    path: &Path,
+    sweep: &Sweep,
+    series: &[(String, Vec<Report>)],
+) -> Result<()> {
+    let Some(first) = series.first().and_then(|(_, reports)| reports.first()) else {
+        return Err(Error::Invalid("nothing to plot".into()));
+    };
+    let workload = workload(first, false);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mut lines = Vec::new();
+    for ((name, reports), color) in series.iter().zip(colors.iter().cycle()) {
+        let line = |suffix: &str, width, pick: &dyn Fn(&Report) -> f64| Line {
+            name: format!("{name}{suffix}"),
+            color: *color,
+            width,
+            ys: reports.iter().map(pick).collect(),
+        };
+        match sweep {
+            Sweep::Rate(_) => {
+                lines.push(line(" p99", 3, &|r| ms(r.latency.p99)));
+                lines.push(line(" p50", 1, &|r| ms(r.latency.p50)));
+            }
+            Sweep::Clients(_) => lines.push(line("", 2, &|r| r.throughput)),
+        }
+    }
+    let plot = match sweep {
+        Sweep::Rate(rates) => Plot {
+            caption: format!("p99 and p50 against offered rate ({workload})"),
+            x_desc: "offered messages/s",
+            y_desc: "send to delivery, ms",
+            xs: rates.clone(),
+            lines,
+        },
+        Sweep::Clients(clients) => Plot {
+            caption: format!("throughput against clients ({workload})"),
+            x_desc: "clients",
+            y_desc: "delivered messages/s",
+            xs: clients.iter().map(|n| *n as f64).collect(),
+            lines,
         },
     };
     plot.draw(path)
@@ -111,8 +166,16 @@ struct Plot {
     x_desc: &'static str,
     y_desc: &'static str,
     xs: Vec<f64>,
-    /// Each line: its name, its colour, a y for each x.
-    lines: Vec<(&'static str, RGBColor, Vec<f64>)>,
+    lines: Vec<Line>,
+}
+
+/// A line of a chart: a y for each x.
+struct Line {
+    name: String,
+    color: RGBColor,
+    /// Stroke width, pixels.
+    width: u32,
+    ys: Vec<f64>,
 }
 
 impl Plot {
@@ -122,7 +185,7 @@ impl Plot {
         let top = self
             .lines
             .iter()
-            .flat_map(|(_, _, ys)| ys.iter().copied())
+            .flat_map(|l| l.ys.iter().copied())
             .fold(1.0, f64::max)
             * 1.1;
         let right = self.xs.iter().copied().fold(1.0, f64::max) * 1.05;
@@ -139,14 +202,19 @@ impl Plot {
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
-        for (name, color, ys) in &self.lines {
-            let color = *color;
-            let points: Vec<(f64, f64)> = self.xs.iter().copied().zip(ys.iter().copied()).collect();
+        for line in &self.lines {
+            let (color, width) = (line.color, line.width);
+            let points: Vec<(f64, f64)> = self
+                .xs
+                .iter()
+                .copied()
+                .zip(line.ys.iter().copied())
+                .collect();
             chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-                .label(*name)
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(width)))?
+                .label(line.name.as_str())
                 .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
                 });
             chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
@@ -161,20 +229,21 @@ impl Plot {
     }
 }
 
-/// The workload in a few words, for the caption: `direct spread, 100 clients, 3 servers`.
-fn workload(r: &Report) -> String {
+/// The workload in a few words, for the caption: `direct spread, 100 clients, 3 servers`
+/// (without the servers when several kinds are compared).
+fn workload(r: &Report, servers: bool) -> String {
     let shape = match r.mode.as_str() {
         "direct" => format!("direct {}", r.pattern),
         "group" => format!("groups of {}", r.group_size),
         other => other.to_string(),
     };
-    format!(
-        "{shape}, {} clients, {} B, {} server{}",
-        r.clients,
-        r.size,
-        r.servers,
-        if r.servers == 1 { "" } else { "s" }
-    )
+    let mut words = format!("{shape}, {} clients, {} B", r.clients, r.size);
+    if servers {
+        let plural = if r.servers == 1 { "" } else { "s" };
+        words.push_str(&format!(", {} server{plural}", r.servers));
+    }
+    words.push_str(if r.tls { ", TLS" } else { ", plaintext" });
+    words
 }
 
 #[cfg(test)]
@@ -226,6 +295,32 @@ mod tests {
         ] {
             assert!(svg.contains(text), "{text}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_comparison_draws_every_server_in_its_own_colour() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("rivals.svg");
+        let report = |throughput| Report {
+            mode: "direct".into(),
+            pattern: "spread".into(),
+            clients: 100,
+            tls: true,
+            throughput,
+            ..Report::default()
+        };
+        let series = [
+            ("fastchat".to_string(), vec![report(1000.0), report(5000.0)]),
+            ("mosquitto".to_string(), vec![report(900.0), report(4000.0)]),
+        ];
+        write_comparison_svg(&path, &Sweep::Clients(vec![10, 100]), &series)?;
+        let svg = std::fs::read_to_string(&path)?;
+        for text in ["fastchat", "mosquitto", "throughput against clients", "TLS"] {
+            assert!(svg.contains(text), "{text}");
+        }
+        // Two servers, two colours: blue and red.
+        assert!(svg.contains("#0000FF") && svg.contains("#FF0000"), "{svg}");
         Ok(())
     }
 }

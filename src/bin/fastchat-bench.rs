@@ -34,7 +34,8 @@ use fastchat::bench::{self, Config, Mode, Target};
   fastchat-bench --spawn-servers 3 --clients 60 --messages 2000 --rate 20000 --kill-server 1
   fastchat-bench --spawn-servers 3 --clients 100 --messages 1000 --insecure-plaintext
   fastchat-bench --balancer 127.0.0.1:7000 --ca /tmp/fc/tls/ca.pem --clients 50 --messages 100 --json
-  fastchat-bench --rival mosquitto --clients 100 --messages 1000      (the same workload, another server)"
+  fastchat-bench --rival mosquitto --clients 100 --messages 1000      (the same workload, another server)
+  fastchat-bench --spawn-servers 1 --opaque --messages 300 --sweep rate=2000,5000,10000 --against mosquitto,ngircd --svg rivals.svg"
 )]
 struct Args {
     /// Log level on standard error: off, error, warn, info, debug, trace, or a RUST_LOG
@@ -151,6 +152,11 @@ struct Args {
     /// report per run.
     #[arg(long, value_name = "WHAT=V1,V2,...")]
     sweep: Option<bench::plot::Sweep>,
+    /// With --sweep: run each value against these servers too, one after another (the same
+    /// minutes for all): mosquitto, ngircd, or both (comma separated). With --svg, one plot
+    /// compares them.
+    #[arg(long, value_name = "SERVERS", value_delimiter = ',')]
+    against: Vec<bench::Rival>,
     /// With --sweep: also draw it in this SVG file (latency percentiles against the offered
     /// rate, or throughput against clients).
     #[arg(long, value_name = "FILE", requires = "sweep")]
@@ -163,6 +169,11 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> ExitCode {
     let args: Args = fastchat::config::parse("fastchat-bench", "bench");
     fastchat::startup::init_with("bench", args.log_level.as_deref(), "info");
+    if !args.against.is_empty() && args.kill_server.is_some() {
+        return usage(
+            "--against and --kill-server do not go together: the rivals have no failover",
+        );
+    }
     if args.rival_bin.is_some() && args.rival.is_none() {
         return usage("--rival-bin goes with --rival");
     }
@@ -233,7 +244,10 @@ fn main() -> ExitCode {
             markdown: args.markdown.clone(),
             header: args.header,
         };
-        return run_sweep(&print, &config, sweep, args.svg.as_deref());
+        return run_sweep(&print, &config, sweep, args.svg.as_deref(), &args.against);
+    }
+    if !args.against.is_empty() {
+        return usage("--against goes with --sweep");
     }
     let result = bench::run(&config);
     if INTERRUPTED.load(Ordering::SeqCst) {
@@ -277,58 +291,81 @@ struct Print {
     header: bool,
 }
 
-/// Runs the workload once per value of the sweep, prints each report as it comes, and
-/// draws the plot if asked.
+/// Runs the workload once per value of the sweep (on each of the `against` servers too, one
+/// after another), prints each report as it comes, and draws the plot if asked.
 fn run_sweep(
     args: &Print,
     config: &Config,
     sweep: &bench::plot::Sweep,
     svg: Option<&std::path::Path>,
+    against: &[bench::Rival],
 ) -> ExitCode {
-    let mut reports = Vec::with_capacity(sweep.len());
+    let mut targets = vec![config.target.clone()];
+    targets.extend(against.iter().map(|r| Target::Rival(*r, None)));
+    let mut series: Vec<(String, Vec<bench::Report>)> = targets
+        .iter()
+        .map(|t| {
+            (
+                server_name(t, config.opaque),
+                Vec::with_capacity(sweep.len()),
+            )
+        })
+        .collect();
     let mut clean = true;
     for i in 0..sweep.len() {
-        let mut run = config.clone();
-        match sweep {
-            bench::plot::Sweep::Rate(rates) => run.rate = Some(rates[i]),
-            bench::plot::Sweep::Clients(clients) => run.clients = clients[i],
-        }
-        if let Err(e) = bench::check(&run) {
-            return usage(&format!("{}: {e}", sweep.label(i)));
-        }
-        let report = match bench::run(&run) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("fastchat-bench: error: {}: {e}", sweep.label(i));
-                return ExitCode::from(e.exit_code() as u8);
+        for (t, target) in targets.iter().enumerate() {
+            let mut run = config.clone();
+            run.target = target.clone();
+            match sweep {
+                bench::plot::Sweep::Rate(rates) => run.rate = Some(rates[i]),
+                bench::plot::Sweep::Clients(clients) => run.clients = clients[i],
             }
-        };
-        if args.json {
-            println!("{}", bench::to_json(&report));
-        } else if let Some(label) = &args.markdown {
-            if args.header && i == 0 {
-                println!("{}", bench::markdown_header(report.mode == "idle"));
+            let what = if against.is_empty() {
+                sweep.label(i)
+            } else {
+                format!("{}, {}", series[t].0, sweep.label(i))
+            };
+            if let Err(e) = bench::check(&run) {
+                return usage(&format!("{what}: {e}"));
             }
-            println!(
-                "{}",
-                bench::markdown_row(&format!("{label}, {}", sweep.label(i)), &report)
-            );
-        } else {
-            println!("== {}", sweep.label(i));
-            print!("{}", bench::render(&report));
+            let report = match bench::run(&run) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("fastchat-bench: error: {what}: {e}");
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+            };
+            if args.json {
+                println!("{}", bench::to_json(&report));
+            } else if let Some(label) = &args.markdown {
+                if args.header && i == 0 && t == 0 {
+                    println!("{}", bench::markdown_header(report.mode == "idle"));
+                }
+                println!(
+                    "{}",
+                    bench::markdown_row(&format!("{label}, {what}"), &report)
+                );
+            } else {
+                println!("== {what}");
+                print!("{}", bench::render(&report));
+            }
+            if !report.clean() {
+                eprintln!(
+                    "fastchat-bench: {what} was not clean: {}",
+                    report.problems()
+                );
+                clean = false;
+            }
+            series[t].1.push(report);
         }
-        if !report.clean() {
-            eprintln!(
-                "fastchat-bench: {} was not clean: {}",
-                sweep.label(i),
-                report.problems()
-            );
-            clean = false;
-        }
-        reports.push(report);
     }
     if let Some(path) = svg {
-        if let Err(e) = bench::plot::write_svg(path, sweep, &reports) {
+        let drawn = if against.is_empty() {
+            bench::plot::write_svg(path, sweep, &series[0].1)
+        } else {
+            bench::plot::write_comparison_svg(path, sweep, &series)
+        };
+        if let Err(e) = drawn {
             eprintln!("fastchat-bench: error: {e}");
             return ExitCode::from(e.exit_code() as u8);
         }
@@ -337,6 +374,17 @@ fn run_sweep(
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// What a sweep's line is called: `fastchat, 1 server (servers alone)`, `mosquitto`.
+fn server_name(target: &Target, opaque: bool) -> String {
+    let alone = if opaque { " (servers alone)" } else { "" };
+    match target {
+        Target::Spawn(1) => format!("fastchat, 1 server{alone}"),
+        Target::Spawn(k) => format!("fastchat, {k} servers{alone}"),
+        Target::Balancer(_) => format!("fastchat{alone}"),
+        Target::Rival(rival, _) => rival.to_string(),
     }
 }
 
