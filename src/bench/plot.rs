@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::Report;
@@ -78,7 +80,7 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
     let Some(first) = reports.first() else {
         return Err(Error::Invalid("nothing to plot".into()));
     };
-    let workload = workload(first, true);
+    let workload = workload(first, sweep, true);
     let ms = |us: u64| us as f64 / 1000.0;
     let line = |name: &str, color, pick: &dyn Fn(&Report) -> f64| Line {
         name: name.to_string(),
@@ -97,6 +99,7 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
                 line("p90", GREEN, &|r| ms(r.latency.p90)),
                 line("p99", RED, &|r| ms(r.latency.p99)),
             ],
+            log_y: false,
         },
         Sweep::Clients(clients) => Plot {
             caption: format!("throughput against clients ({workload})"),
@@ -104,6 +107,7 @@ pub fn write_svg(path: &Path, sweep: &Sweep, reports: &[Report]) -> Result<()> {
             y_desc: "delivered messages/s",
             xs: clients.iter().map(|n| *n as f64).collect(),
             lines: vec![line("delivered/s", BLUE, &|r| r.throughput)],
+            log_y: false,
         },
     };
     plot.draw(path)
@@ -121,7 +125,7 @@ pub fn write_comparison_svg(
     let Some(first) = series.first().and_then(|(_, reports)| reports.first()) else {
         return Err(Error::Invalid("nothing to plot".into()));
     };
-    let workload = workload(first, false);
+    let workload = workload(first, sweep, false);
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     let ms = |us: u64| us as f64 / 1000.0;
     let mut lines = Vec::new();
@@ -144,9 +148,10 @@ pub fn write_comparison_svg(
         Sweep::Rate(rates) => Plot {
             caption: format!("p99 and p50 against offered rate ({workload})"),
             x_desc: "offered messages/s",
-            y_desc: "send to delivery, ms",
+            y_desc: "send to delivery, ms (log scale)",
             xs: rates.clone(),
             lines,
+            log_y: true,
         },
         Sweep::Clients(clients) => Plot {
             caption: format!("throughput against clients ({workload})"),
@@ -154,6 +159,7 @@ pub fn write_comparison_svg(
             y_desc: "delivered messages/s",
             xs: clients.iter().map(|n| *n as f64).collect(),
             lines,
+            log_y: false,
         },
     };
     plot.draw(path)
@@ -167,6 +173,8 @@ struct Plot {
     y_desc: &'static str,
     xs: Vec<f64>,
     lines: Vec<Line>,
+    /// A logarithmic y axis: latencies of servers a hundred times apart stay readable.
+    log_y: bool,
 }
 
 /// A line of a chart: a y for each x.
@@ -182,25 +190,45 @@ impl Plot {
     fn draw(&self, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
         root.fill(&WHITE)?;
-        let top = self
-            .lines
-            .iter()
-            .flat_map(|l| l.ys.iter().copied())
-            .fold(1.0, f64::max)
-            * 1.1;
+        let ys = || self.lines.iter().flat_map(|l| l.ys.iter().copied());
         let right = self.xs.iter().copied().fold(1.0, f64::max) * 1.05;
-        let mut chart = ChartBuilder::on(&root)
+        let mut builder = ChartBuilder::on(&root);
+        builder
             .caption(&self.caption, ("sans-serif", 20))
             .margin(20)
             .x_label_area_size(45)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..right, 0.0..top)?;
+            .y_label_area_size(70);
+        if self.log_y {
+            // Around the values (positive ones: a log scale has no zero), with a decade on
+            // top for the legend.
+            let top = ys().fold(1.0, f64::max) * 20.0;
+            let bottom = ys().filter(|y| *y > 0.0).fold(top, f64::min) / 2.0;
+            let chart = builder.build_cartesian_2d(0.0..right, (bottom..top).log_scale())?;
+            self.fill(chart, |y| format!("{y}"))?;
+        } else {
+            let top = ys().fold(1.0, f64::max) * 1.1;
+            let chart = builder.build_cartesian_2d(0.0..right, 0.0..top)?;
+            self.fill(chart, |y| format!("{y:.0}"))?;
+        }
+        root.present()?;
+        Ok(())
+    }
+
+    /// The mesh, the lines and their legend on `chart`, whatever its y scale.
+    fn fill<'a, Y>(
+        &self,
+        mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+        y_label: impl Fn(&f64) -> String,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>>
+    where
+        Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    {
         chart
             .configure_mesh()
             .x_desc(self.x_desc)
             .y_desc(self.y_desc)
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_label_formatter(&y_label)
             .draw()?;
         for line in &self.lines {
             let (color, width) = (line.color, line.width);
@@ -224,20 +252,24 @@ impl Plot {
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
             .draw()?;
-        root.present()?;
         Ok(())
     }
 }
 
-/// The workload in a few words, for the caption: `direct spread, 100 clients, 3 servers`
-/// (without the servers when several kinds are compared).
-fn workload(r: &Report, servers: bool) -> String {
+/// The workload in a few words, for the caption: `direct spread, 100 clients x 300 messages,
+/// 100 B, 3 servers, TLS` (without the clients in a sweep of them, and without the servers
+/// when several kinds are compared).
+fn workload(r: &Report, sweep: &Sweep, servers: bool) -> String {
     let shape = match r.mode.as_str() {
         "direct" => format!("direct {}", r.pattern),
         "group" => format!("groups of {}", r.group_size),
         other => other.to_string(),
     };
-    let mut words = format!("{shape}, {} clients, {} B", r.clients, r.size);
+    let mut words = match sweep {
+        Sweep::Rate(_) => format!("{shape}, {} clients x {} messages", r.clients, r.messages),
+        Sweep::Clients(_) => format!("{shape}, {} messages each", r.messages),
+    };
+    words.push_str(&format!(", {} B", r.size));
     if servers {
         let plural = if r.servers == 1 { "" } else { "s" };
         words.push_str(&format!(", {} server{plural}", r.servers));
@@ -274,6 +306,7 @@ mod tests {
             mode: "direct".into(),
             pattern: "spread".into(),
             clients: 100,
+            messages: 300,
             servers: 3,
             latency: super::super::Latency {
                 p50: p99 / 4,
@@ -291,7 +324,7 @@ mod tests {
             "p50",
             "p99",
             "offered messages/s",
-            "direct spread, 100 clients",
+            "direct spread, 100 clients x 300 messages",
         ] {
             assert!(svg.contains(text), "{text}");
         }
