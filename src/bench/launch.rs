@@ -1,6 +1,7 @@
 //! Starting a local cluster from a program: a balancer and some chat servers, as child
 //! processes of the binaries installed next to the current one, on a fresh database in a
-//! temporary folder. Used by `fastchat-bench --spawn-servers`.
+//! temporary folder. Used by `fastchat-bench --spawn-servers`; its temporary folders and
+//! process starts serve `--rival` too.
 //!
 //! Every process is stopped by its PID (SIGTERM, then SIGKILL) and the folder removed when the
 //! [`LocalCluster`] is dropped.

@@ -162,9 +162,10 @@ impl Rival {
         if let Some((cert, key)) = tls {
             let (cert, key) = (cert.display(), key.display());
             match self {
-                // Only TLS 1.3, as fastchat. mosquitto drops its privileges before it reads
-                // the key (which, like fastchat's, only this user may read): it runs as the
-                // user who started the run, as fastchat's servers do.
+                // Only TLS 1.3, as fastchat. Started as root, mosquitto switches to its own
+                // user before it reads the key, which (like fastchat's) only this user may
+                // read: `user root` keeps it as whoever started the run, as fastchat's
+                // servers are (started as anyone else, it never switches).
                 Rival::Mosquitto => config.push_str(&format!(
                     "certfile {cert}\nkeyfile {key}\ntls_version tlsv1.3\nuser root\n"
                 )),
