@@ -49,6 +49,7 @@ pub mod writer;
 #[cfg(test)]
 pub(crate) mod merged_tests;
 
+pub use writer::Urgency;
 use writer::Writer;
 
 /// Where messages stored before `before_ms` end: the smallest id whose message was stored at
@@ -282,9 +283,11 @@ impl Store {
         to: String,
         client_id: u64,
         body: Vec<u8>,
+        urgency: Urgency,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
-        self.writer.submit_message(from, to, client_id, body, done);
+        self.writer
+            .submit_message(from, to, client_id, body, urgency, done);
     }
 
     /// Queues `msg`: stored with its neighbours' where the common case holds
@@ -294,9 +297,11 @@ impl Store {
         &self,
         msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
+        urgency: Urgency,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
-        self.writer.submit_group_message(msg, fallback, done);
+        self.writer
+            .submit_group_message(msg, fallback, urgency, done);
     }
 
     /// Queues an acknowledgement, as `submit_unguarded` of [`Tx::ack`] would; merged with its

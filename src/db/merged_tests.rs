@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 
+use super::Urgency::Batched;
 use super::{GroupMessage, Outgoing, Store, StoredMessage, Tx};
 use crate::error::{Error, ErrorCode, Result};
 use crate::membership;
@@ -78,7 +79,8 @@ pub fn merged_sends_and_acks_answer_as_one_by_one(store: &Store) -> Result<()> {
     let (sent, sent_rx) = unbounded::<(usize, Result<StoredMessage>)>();
     let send = |i: usize, from: &str, to: &str, client_id: u64, body: &[u8]| {
         let sent = sent.clone();
-        store.submit_message(from.into(), to.into(), client_id, body.to_vec(), move |r| {
+        let body = body.to_vec();
+        store.submit_message(from.into(), to.into(), client_id, body, Batched, move |r| {
             let _ = sent.send((i, r));
         });
     };
@@ -242,6 +244,7 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
                 fallbacks.fetch_add(1, Ordering::Relaxed);
                 checked(tx, msg, &to, epoch)
             },
+            Batched,
             move |r| {
                 let _ = sent.send((i, r));
             },
@@ -299,6 +302,7 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
         "bob".into(),
         21,
         b"second".to_vec(),
+        Batched,
         move |r| {
             let _ = direct.send((1, r));
         },

@@ -88,6 +88,22 @@ trait Job: Send {
     fn merged(&mut self) -> Option<Merged<'_>> {
         None
     }
+    /// Whether its submitter waits on its commit (see [`Urgency`]).
+    fn urgency(&self) -> Urgency {
+        Urgency::Batched
+    }
+}
+
+/// Whether a job's batch may wait for more jobs before it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Its submitter goes on meanwhile (a client with room in its window): the batch may
+    /// wait for [`COMMIT_WINDOW`] to gather more.
+    Batched,
+    /// Its submitter sends nothing more until it is committed (a client that waits for each
+    /// `Stored`: a window of one, `fastchat send`, the chat): the batch commits with what
+    /// is queued, without the window, which would only add to that client's every message.
+    Awaited,
 }
 
 /// A job's part of a merged statement, and where its result goes.
@@ -199,6 +215,7 @@ struct SendJob<D> {
     to: String,
     client_id: u64,
     body: Vec<u8>,
+    urgency: Urgency,
     result: Option<Result<StoredMessage>>,
     done: D,
 }
@@ -206,6 +223,10 @@ struct SendJob<D> {
 impl<D: FnOnce(Result<StoredMessage>) + Send> Job for SendJob<D> {
     /// Stored by [`run_merged`] already.
     fn run(&mut self, _: &mut dyn Batch) {}
+
+    fn urgency(&self) -> Urgency {
+        self.urgency
+    }
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
@@ -251,6 +272,7 @@ impl<D: FnOnce(Result<usize>) + Send> Job for AckJob<D> {
 struct GroupSendJob<F, D> {
     msg: GroupMessage,
     fallback: Option<F>,
+    urgency: Urgency,
     result: Option<Result<StoredMessage>>,
     done: D,
 }
@@ -260,6 +282,10 @@ where
     F: FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send,
     D: FnOnce(Result<StoredMessage>) + Send,
 {
+    fn urgency(&self) -> Urgency {
+        self.urgency
+    }
+
     /// Runs the fallback if the merged statement left this message.
     fn run(&mut self, batch: &mut dyn Batch) {
         if self.result.is_some() {
@@ -496,6 +522,7 @@ impl Writer {
         to: String,
         client_id: u64,
         body: Vec<u8>,
+        urgency: Urgency,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.queue(Box::new(SendJob {
@@ -503,6 +530,7 @@ impl Writer {
             to,
             client_id,
             body,
+            urgency,
             result: None,
             done,
         }));
@@ -514,11 +542,13 @@ impl Writer {
         &self,
         msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
+        urgency: Urgency,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.queue(Box::new(GroupSendJob {
             msg,
             fallback: Some(fallback),
+            urgency,
             result: None,
             done,
         }));
@@ -681,13 +711,16 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
     let mut last_commit = Instant::now();
     while let Ok(first) = jobs.recv() {
         let now = Instant::now();
-        let window = if now.duration_since(last_commit) < IDLE {
-            now + COMMIT_WINDOW
-        } else {
+        let idle = now.duration_since(last_commit) >= IDLE;
+        let window = if idle || first.urgency() == Urgency::Awaited {
             now
+        } else {
+            now + COMMIT_WINDOW
         };
         batch.push(first);
-        gather(&jobs, &mut batch, window);
+        gather(&jobs, &mut batch, window, |job| {
+            job.urgency() == Urgency::Awaited
+        });
         let began = Instant::now();
         if let Err(e) = conn.begin() {
             // Nothing ran: outside a transaction each job would commit on its own while its
@@ -734,7 +767,8 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
 }
 
 /// Takes the jobs queued behind the first, up to [`MAX_BATCH`]; a batch still smaller than
-/// [`WINDOW_SKIP`] waits until `window` for more, then takes what came.
+/// [`WINDOW_SKIP`] and without an `awaited` job waits until `window` for more, then takes
+/// what came.
 ///
 /// It sleeps through the window rather than waiting on the mailbox: a sender that finds the
 /// writer asleep in its mailbox wakes it, so a window of 300 µs at 10,000 messages/s cost two
@@ -743,16 +777,25 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
 /// the window's jobs in one go. (A batch that reaches `WINDOW_SKIP` during the window waits
 /// for its end all the same: at the rates where that happens, commits are long enough that
 /// batches fill while the writer works, and the window is skipped.)
-fn gather<T>(jobs: &mailbox::Receiver<T>, batch: &mut Vec<T>, window: Instant) {
+fn gather<T>(
+    jobs: &mailbox::Receiver<T>,
+    batch: &mut Vec<T>,
+    window: Instant,
+    awaited: impl Fn(&T) -> bool,
+) {
     loop {
+        let mut hurry = false;
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => {
+                    hurry |= awaited(&job);
+                    batch.push(job);
+                }
                 Err(_) => break,
             }
         }
         let now = Instant::now();
-        if batch.len() >= WINDOW_SKIP || now >= window {
+        if hurry || batch.len() >= WINDOW_SKIP || now >= window {
             return;
         }
         std::thread::sleep(window - now);
@@ -774,7 +817,7 @@ mod tests {
         let began = Instant::now();
         let mut batch = Vec::new();
         // A window far away: a batch of WINDOW_SKIP jobs or more does not wait for it.
-        gather(&rx, &mut batch, began + Duration::from_secs(30));
+        gather(&rx, &mut batch, began + Duration::from_secs(30), |_| false);
         assert!(began.elapsed() < Duration::from_secs(10));
         assert_eq!(batch, (0..MAX_BATCH).collect::<Vec<_>>());
         assert_eq!(
@@ -782,6 +825,22 @@ mod tests {
             Ok(MAX_BATCH),
             "the rest wait for the next batch"
         );
+    }
+
+    #[test]
+    fn a_batch_with_an_awaited_job_does_not_wait_for_its_window() {
+        let (tx, rx) = mailbox::bounded(64);
+        // Odd numbers stand for awaited jobs.
+        for i in [2, 4, 5, 6] {
+            tx.try_send(i).unwrap();
+        }
+        let began = Instant::now();
+        let mut batch = vec![0];
+        gather(&rx, &mut batch, began + Duration::from_secs(30), |j| {
+            j % 2 == 1
+        });
+        assert!(began.elapsed() < Duration::from_secs(10), "it waited");
+        assert_eq!(batch, [0, 2, 4, 5, 6], "with everything queued behind it");
     }
 
     #[test]
@@ -797,7 +856,7 @@ mod tests {
             tx
         });
         let mut batch = vec![0];
-        gather(&rx, &mut batch, window);
+        gather(&rx, &mut batch, window, |_| false);
         assert!(
             Instant::now() >= window,
             "it returned before its window ended"
@@ -807,7 +866,7 @@ mod tests {
         // Nothing comes: it returns when the window ends, with what it had.
         let window = Instant::now() + Duration::from_millis(50);
         let mut batch = vec![4];
-        gather(&rx, &mut batch, window);
+        gather(&rx, &mut batch, window, |_| false);
         assert!(Instant::now() >= window);
         assert_eq!(batch, [4]);
         drop(tx);

@@ -261,7 +261,11 @@ impl Session<'_> {
                 body: message.body,
             };
             let done = self.stored_once(id, patient);
-            return self.shared.store.submit_group_message(msg, store, done);
+            let urgency = super::messages::urgency(patient);
+            return self
+                .shared
+                .store
+                .submit_group_message(msg, store, urgency, done);
         }
         self.store(id, patient, move |tx| {
             store(tx, &Outgoing::of(&me, &message))

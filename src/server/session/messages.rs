@@ -10,12 +10,22 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{error_event, Awaited, Session};
-use crate::db::{Outgoing, StoredMessage, Tx};
+use crate::db::{Outgoing, StoredMessage, Tx, Urgency};
 use crate::error::Result;
 use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY};
 use crate::server::outbound::Outbound;
 use crate::server::peers::Relayed;
 use crate::server::shared::Shared;
+
+/// How soon a message's store must commit: at once for a sender that waits for its
+/// `Stored` (not `patient`), else with the writer's next batch.
+pub(super) fn urgency(patient: bool) -> Urgency {
+    if patient {
+        Urgency::Batched
+    } else {
+        Urgency::Awaited
+    }
+}
 
 /// Most message ids in one `Ack`.
 pub const MAX_ACK: usize = 4096;
@@ -38,10 +48,11 @@ impl Session<'_> {
         if !(message.file.is_some() || resend || counted) {
             let done = self.stored_once(id, message.patient);
             let (client_id, body) = (message.client_id, message.body);
+            let urgency = urgency(message.patient);
             return self
                 .shared
                 .store
-                .submit_message(me, to, client_id, body, done);
+                .submit_message(me, to, client_id, body, urgency, done);
         }
         self.store(id, message.patient, move |tx| {
             if !counted {
