@@ -494,9 +494,8 @@ struct Peer {
     rival: Rival,
     index: usize,
     stream: Stream,
-    /// What the connection waits for besides reading: writing, while something is pending or
-    /// TLS needs to write before it can read.
-    wants_write: bool,
+    /// The last read stopped because TLS must write before it can read on.
+    read_wants_write: bool,
     /// Most bytes written at once (so, with TLS, in one record).
     record: usize,
     /// Direct mode: each recipient's topic or nickname; group mode: the group's topic or
@@ -566,7 +565,7 @@ impl Peer {
         Ok(Wait {
             interest: Interest {
                 read: true,
-                write: self.wants_write,
+                write: self.read_wants_write || self.written < self.out.len(),
             },
             deadline: match (next_due, self.in_flight > 0) {
                 (Some(due), true) => Some(due.min(confirm_by)),
@@ -596,7 +595,6 @@ impl Peer {
 
     /// Writes what is pending, as far as the connection takes it.
     fn flush(&mut self) -> Result<()> {
-        self.wants_write = false;
         while self.written < self.out.len() {
             let end = self.out.len().min(self.written + self.record);
             match self
@@ -605,10 +603,7 @@ impl Peer {
             {
                 Ok(0) => return Err(Error::Protocol("the server stopped reading".into())),
                 Ok(n) => self.written += n,
-                Err(_) => {
-                    self.wants_write = true;
-                    break;
-                }
+                Err(_) => break,
             }
         }
         if self.written == self.out.len() {
@@ -621,6 +616,7 @@ impl Peer {
     /// Reads what the connection has and handles every whole packet or line of it.
     fn read(&mut self, scratch: &mut [u8]) -> Result<()> {
         let tls = self.stream.is_tls();
+        self.read_wants_write = false;
         loop {
             match self.stream.read_nonblocking(scratch)? {
                 Ok(0) => return Err(Error::Protocol("the server closed the connection".into())),
@@ -633,7 +629,7 @@ impl Peer {
                     }
                 }
                 Err(wanted) => {
-                    self.wants_write |= wanted.write;
+                    self.read_wants_write = wanted.write;
                     break;
                 }
             }
@@ -770,7 +766,7 @@ fn drive_all(
                             rival,
                             index,
                             stream,
-                            wants_write: false,
+                            read_wants_write: false,
                             record: match rival {
                                 Rival::Ngircd if config.plaintext => usize::MAX,
                                 Rival::Ngircd => NGIRCD_TLS_RECORD,
