@@ -163,6 +163,13 @@ impl<T> Sender<T> {
         self.tx().try_send(item)
     }
 
+    /// Whether the receiver announced that it sleeps ([`Receiver::prepare_wait`]) and was not
+    /// rung since. Only a hint to a sender that cannot see what the receiver does; see
+    /// `server::outbound::Wire` for one that can.
+    pub fn receiver_sleeping(&self) -> bool {
+        self.bell.sleeping.load(Ordering::SeqCst)
+    }
+
     /// Queues, waiting while the mailbox is full; fails if the receiver is gone.
     pub fn send(&self, item: T) -> Result<(), SendError<T>> {
         // A full lazy mailbox is rare (its consumer has stopped keeping up): poll.

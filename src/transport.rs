@@ -4,7 +4,7 @@
 //! # The thread model
 //!
 //! An OpenSSL session must not be read and written from two threads at once, so every
-//! connection belongs to exactly one thread, which does all of its reads and writes:
+//! connection belongs to one thread, which does its reads and writes:
 //!
 //! ```text
 //!                 other threads (db writer, router, peer links, a client's callers)
@@ -15,6 +15,11 @@
 //!        ├─ waker set       → drain the mailbox → Channel::queue
 //!        └─ pending bytes   → Channel::flush (as far as the socket takes them)
 //! ```
+//!
+//! One exception, on a chat server's client connections: while the connection's thread
+//! sleeps, the thread with an item for it may take its channel (under a lock the connection's
+//! thread holds whenever it is awake) and send the item itself, rather than wake it
+//! (`server::outbound::Wire`). The channel is still used by one thread at a time.
 //!
 //! One thread per connection, not two, so a server holds twice the connections for the same
 //! thread budget, and a connection costs two descriptors (its socket and its eventfd) instead

@@ -705,6 +705,21 @@ impl Purge {
     }
 }
 
+thread_local! {
+    /// Set on a writer thread while it runs the completions of a batch with more work behind
+    /// it (see [`behind`]).
+    static BEHIND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a writer running the completions of a batch that filled
+/// without waiting out its window (jobs came faster than it commits). A completion
+/// should then hand work that another thread can do (writing to a client's socket) to that
+/// thread: the writer is the one thread every message goes through. `false` on any other
+/// thread, and on a writer that keeps up (it would otherwise sleep).
+pub fn behind() -> bool {
+    BEHIND.with(|b| b.get())
+}
+
 fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stats: &Stats) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut purge = Purge::new(PURGE_EVERY, PURGE_PAUSE, PURGE_CHUNK);
@@ -760,9 +775,11 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
                 Some(BatchError::of(&e, "commit failed"))
             }
         };
+        BEHIND.with(|b| b.set(batch.len() >= WINDOW_SKIP));
         for job in batch.drain(..) {
             job.complete(message.as_ref());
         }
+        BEHIND.with(|b| b.set(false));
     }
 }
 
@@ -841,6 +858,47 @@ mod tests {
         });
         assert!(began.elapsed() < Duration::from_secs(10), "it waited");
         assert_eq!(batch, [0, 2, 4, 5, 6], "with everything queued behind it");
+    }
+
+    #[test]
+    fn completions_of_a_batch_that_filled_are_told_the_writer_is_behind() -> crate::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = crate::db::Store::open(dir.path().join("chat.db"))?;
+        // The first job holds the writer until the others are queued behind it (in its batch
+        // or the next).
+        let (release, hold) = crossbeam_channel::bounded::<()>(1);
+        let (told, seen) = crossbeam_channel::unbounded::<(u32, bool)>();
+        let t = told.clone();
+        store.submit(
+            move |_| {
+                let _ = hold.recv_timeout(Duration::from_secs(10));
+                Ok(())
+            },
+            move |_: crate::Result<()>| t.send((0, behind())).unwrap(),
+        );
+        for i in 1..=63 {
+            let t = told.clone();
+            store.submit(|_| Ok(()), move |_| t.send((i, behind())).unwrap());
+        }
+        release.send(()).unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..64 {
+            queued.push(seen.recv_timeout(Duration::from_secs(10)).unwrap());
+        }
+        let behind_for: Vec<u32> = queued.iter().filter(|(_, b)| *b).map(|(i, _)| *i).collect();
+        assert!(
+            behind_for.len() >= WINDOW_SKIP,
+            "the jobs queued behind the first were committed together: {queued:?}"
+        );
+        // One job on an idle writer; and never on another thread.
+        let t = told.clone();
+        store.submit(|_| Ok(()), move |_| t.send((64, behind())).unwrap());
+        assert_eq!(
+            seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (64, false)
+        );
+        assert!(!behind());
+        Ok(())
     }
 
     #[test]

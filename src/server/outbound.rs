@@ -3,21 +3,32 @@
 //! client's queue at login, page by page).
 //!
 //! ```text
-//! db-writer (Stored,  ─┐
-//!   live messages)     ├─▶ Handle: mailbox (bounded) + waker ──▶ the connection's thread:
-//! peer links ──────────┘       full? cut the connection          Delivery::put ──▶ Channel
+//! db-writer (Stored,  ─┐             its thread asleep, its wire free? send it now ──▶ Channel
+//!   live messages)     ├─▶ Handle ──┤
+//! peer links ──────────┘             else: mailbox (bounded) + waker ──▶ the connection's thread:
+//!                                      full? cut the connection      Delivery::put ──▶ Channel
 //! ```
+//!
+//! The connection's sending state (its channel, mailbox and [`Delivery`]) is a [`Wire`]: its
+//! thread holds the wire's lock for a whole turn and lets go only to sleep in `poll`. A thread
+//! that hands it an item while it sleeps takes the lock and sends the item itself, after what
+//! the mailbox holds, so the connection's thread is not woken for it: at a moderate rate a
+//! delivery used to cost the recipient's thread a wake-up of its own (a context switch in and
+//! out, the eventfd's write and read, a `poll`).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
+use parking_lot::{Mutex, MutexGuard};
 
+use super::shared::Refusals;
 use crate::db::Store;
 use crate::error::Result;
-use crate::mailbox::{Sender, TrySendError};
-use crate::net::{Envelope, ServerEvent};
+use crate::mailbox::{self, Sender, TrySendError};
+use crate::net::{Envelope, Response, ServerEvent};
 use crate::transport::{Channel, Waker};
 
 /// Messages read from the database per page during a sync.
@@ -110,12 +121,27 @@ pub struct Handle {
     pub cut: Arc<dyn Cut>,
     /// When the connection's session started here.
     pub since: Instant,
+    /// The connection's sending state, for sending while its thread sleeps (`None`: always
+    /// through the mailbox).
+    pub wire: Option<Arc<Wire>>,
 }
 
 impl Handle {
-    /// Queues without blocking; on a full queue the connection is cut off and `false` returned
-    /// (everything it was sent stays stored for its next login).
+    /// Sends now if the connection's thread sleeps, nothing else holds its wire (see
+    /// [`Wire`]) and the caller has no more work waiting (a database writer that is behind,
+    /// [`crate::db::writer::behind`], or see [`behind_while`]: the connection's thread can
+    /// send it on the other core), else queues without blocking; on a full queue the connection is cut off and
+    /// `false` returned (everything it was sent stays stored for its next login).
     pub fn offer(&self, item: Outbound) -> bool {
+        let item = match &self.wire {
+            Some(wire) if !crate::db::writer::behind() && !BEHIND.with(Cell::get) => {
+                match wire.send_now(item, &self.tx, self.cut.as_ref()) {
+                    Ok(()) => return true,
+                    Err(item) => item,
+                }
+            }
+            _ => item,
+        };
         self.offered(self.tx.try_send(item))
     }
 
@@ -139,6 +165,129 @@ impl Handle {
             Err(TrySendError::Disconnected(_)) => false,
         }
     }
+}
+
+/// A connection's sending side, shared by its thread and the threads that hand it items.
+///
+/// The connection's thread holds the lock for a whole turn (reading requests, sending replies
+/// and its mailbox's items) and lets go only while it sleeps in `poll`, having announced that
+/// it sleeps to its mailbox. A thread with an item for it ([`Handle::offer`]) that finds the
+/// lock free and the thread asleep sends what the mailbox holds and then its item, and flushes
+/// as far as the socket takes without blocking; only if something is left for the socket, or
+/// a sync is to be read, does it wake the connection's thread. Order holds: whatever reached
+/// the mailbox before the item goes first, and the connection's thread sleeps only with
+/// nothing of its own left to send.
+pub struct Wire {
+    /// `None` once the connection's thread has ended (the channel, and the socket, are closed
+    /// with it).
+    state: Mutex<Option<Sending>>,
+    waker: Arc<Waker>,
+    refusals: Arc<Refusals>,
+}
+
+/// What a [`Wire`]'s lock guards.
+pub struct Sending {
+    /// The client's channel (reads too: a TLS session is used by one thread at a time).
+    pub chan: Channel,
+    /// The connection's mailbox.
+    pub rx: mailbox::Receiver<Outbound>,
+    /// What the connection has sent of the user's queue.
+    pub delivery: Delivery,
+}
+
+impl Wire {
+    /// The wire of a connection whose thread sleeps on `waker`; refusals sent are counted in
+    /// `refusals`.
+    pub fn new(sending: Sending, waker: Arc<Waker>, refusals: Arc<Refusals>) -> Wire {
+        Wire {
+            state: Mutex::new(Some(sending)),
+            waker,
+            refusals,
+        }
+    }
+
+    /// The connection's thread takes the wire for a turn; `None` once it was closed.
+    pub fn lock(&self) -> MutexGuard<'_, Option<Sending>> {
+        self.state.lock()
+    }
+
+    /// Closes the channel (the connection's thread is ending): later items go to the mailbox,
+    /// which nobody reads.
+    pub fn close(&self) {
+        self.state.lock().take();
+    }
+
+    /// Moves one item into the channel's write buffer, counting a refusal.
+    pub fn put(&self, sending: &mut Sending, item: Outbound) -> Result<()> {
+        if let Outbound::Event(ServerEvent::Reply(Response {
+            result: Err(refusal),
+            ..
+        })) = &item
+        {
+            *self.refusals.lock().entry(refusal.code).or_default() += 1;
+        }
+        sending.delivery.put(item, &mut sending.chan)
+    }
+
+    /// Sends `item` from the calling thread if the connection's thread sleeps, its wire is
+    /// free, and nothing is waiting for the socket or a sync; else gives it back. `tx` is the
+    /// connection's mailbox (to tell whether its thread sleeps), `cut` ends the connection if
+    /// the socket failed.
+    fn send_now(
+        &self,
+        item: Outbound,
+        tx: &Sender<Outbound>,
+        cut: &dyn Cut,
+    ) -> std::result::Result<(), Outbound> {
+        let Some(mut guard) = self.state.try_lock() else {
+            return Err(item);
+        };
+        // Announced only under the lock, by a thread about to let go of it and sleep with
+        // nothing of its own to send: so the thread is between that and waking up.
+        let sending = match guard.as_mut() {
+            Some(s) if tx.receiver_sleeping() && !s.delivery.syncing() && s.chan.pending() == 0 => {
+                s
+            }
+            _ => return Err(item),
+        };
+        let sent = self.send_all(sending, item);
+        let left = sending.chan.pending() > 0 || sending.delivery.syncing();
+        drop(guard);
+        match sent {
+            Ok(()) if left => self.waker.wake(),
+            Ok(()) => {}
+            Err(e) => {
+                log::debug!("sending to a sleeping connection: {e}");
+                cut.cut();
+            }
+        }
+        Ok(())
+    }
+
+    /// What the mailbox holds, then `item`, into the channel; then a flush without blocking.
+    fn send_all(&self, sending: &mut Sending, item: Outbound) -> Result<()> {
+        while let Ok(earlier) = sending.rx.try_recv() {
+            self.put(sending, earlier)?;
+        }
+        self.put(sending, item)?;
+        sending.chan.flush()?;
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Set while the calling thread offers items with more work waiting ([`behind_while`]).
+    static BEHIND: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, in which the [`Handle`]s the calling thread offers items to leave them to their
+/// connections' threads if `behind` (more work waits for the caller: a peer link with more
+/// relays read), instead of sending them themselves.
+pub fn behind_while<R>(behind: bool, f: impl FnOnce() -> R) -> R {
+    let before = BEHIND.with(|b| b.replace(behind));
+    let r = f();
+    BEHIND.with(|b| b.set(before));
+    r
 }
 
 /// A sync in progress.
@@ -250,6 +399,7 @@ mod tests {
     use super::*;
     use crate::db::Outgoing;
     use crate::net::{PublicKeys, MAX_FRAME};
+    use crate::server::testing::{envelope, Flag};
     use crate::transport::Stream;
 
     /// A channel whose other end is read back: the frames the delivery queued.
@@ -278,6 +428,204 @@ mod tests {
             }
         }
         Ok(ids)
+    }
+
+    /// What the client end read: `Deliver`s by id, replies by request id (negated), in order.
+    fn read_back(rx: &mut Channel) -> Result<Vec<i64>> {
+        rx.stream()
+            .tcp()
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))?;
+        let mut seen = Vec::new();
+        while let Ok(Some(event)) = rx.recv::<ServerEvent>(MAX_FRAME) {
+            match event {
+                ServerEvent::Deliver { msg } => seen.push(msg.id),
+                ServerEvent::Reply(r) => seen.push(-(r.id.unwrap_or(0) as i64)),
+                _ => {}
+            }
+        }
+        Ok(seen)
+    }
+
+    /// A synced connection as other threads see it: its handle, wire, waker and cut-off flag,
+    /// and the client's end of its socket.
+    struct Wired {
+        handle: Handle,
+        wire: Arc<Wire>,
+        waker: Arc<Waker>,
+        cut: Arc<Flag>,
+        client: Channel,
+    }
+
+    fn wired() -> Result<Wired> {
+        let (mut server, client) = channel()?;
+        server.set_nonblocking(true)?;
+        let waker = Arc::new(Waker::new()?);
+        let (tx, rx) = mailbox::lazy_with(64, Arc::clone(&waker));
+        let sending = Sending {
+            chan: server,
+            rx,
+            delivery: Delivery {
+                synced_to: Some(0),
+                ..Delivery::default()
+            },
+        };
+        let wire = Arc::new(Wire::new(sending, Arc::clone(&waker), Arc::default()));
+        let cut = Arc::new(Flag::default());
+        let handle = Handle {
+            conn_id: 1,
+            tx,
+            cut: cut.clone(),
+            since: Instant::now(),
+            wire: Some(Arc::clone(&wire)),
+        };
+        Ok(Wired {
+            handle,
+            wire,
+            waker,
+            cut,
+            client,
+        })
+    }
+
+    /// The connection's thread announces that it sleeps (as it does before it polls).
+    fn sleep(wire: &Wire) {
+        let guard = wire.lock();
+        assert!(guard.as_ref().expect("open").rx.prepare_wait());
+    }
+
+    fn done(id: u64) -> Outbound {
+        Outbound::Event(ServerEvent::reply(id, crate::net::ServerReply::Done))
+    }
+
+    #[test]
+    fn a_sleeping_connection_is_sent_to_at_once_after_its_mailbox_and_not_woken() -> Result<()> {
+        let mut c = wired()?;
+        sleep(&c.wire);
+        // A reply queued quietly, then a message: the message's sender sends both, in order.
+        assert!(c.handle.offer_quiet(done(1)));
+        assert!(c.handle.offer(Outbound::Message(envelope(5))));
+        assert!(c.handle.offer(Outbound::Message(envelope(6))));
+        assert!(!c.waker.is_set(), "the connection's thread was not woken");
+        assert!(c.wire.lock().as_ref().expect("open").rx.try_recv().is_err());
+        assert_eq!(read_back(&mut c.client)?, [-1, 5, 6]);
+        // A refusal sent this way is counted like one its thread sends.
+        let refusal = ServerEvent::refused(Some(2), crate::net::ErrorCode::BadMessage, "no");
+        assert!(c.handle.offer(Outbound::Event(refusal)));
+        assert_eq!(read_back(&mut c.client)?, [-2]);
+        assert_eq!(
+            c.wire
+                .refusals
+                .lock()
+                .get(&crate::net::ErrorCode::BadMessage),
+            Some(&1)
+        );
+        assert!(!c.cut.is_set());
+        Ok(())
+    }
+
+    #[test]
+    fn a_connection_awake_busy_or_syncing_gets_its_items_through_the_mailbox() -> Result<()> {
+        let mut c = wired()?;
+        // Awake (it never announced sleep): queued, not sent.
+        assert!(c.handle.offer(Outbound::Message(envelope(1))));
+        // Asleep, but its wire held (its thread is between waking and its turn, or another
+        // sender is on it): queued and rung.
+        {
+            let mut guard = c.wire.lock();
+            let s = guard.as_mut().expect("open");
+            assert!(
+                !s.rx.prepare_wait(),
+                "the mailbox is not empty: no sleeping"
+            );
+            assert!(matches!(s.rx.try_recv(), Ok(Outbound::Message(m)) if m.id == 1));
+            assert!(s.rx.prepare_wait());
+            assert!(c.handle.offer(Outbound::Message(envelope(2))));
+            assert!(c.waker.is_set(), "rung: its thread sends it");
+            assert!(matches!(s.rx.try_recv(), Ok(Outbound::Message(m)) if m.id == 2));
+            s.rx.woke(true);
+            // A resync begins: what comes meanwhile waits for it (its thread reads the queue).
+            c.wire.put(s, Outbound::Resync)?;
+            assert!(s.delivery.syncing());
+            assert!(s.rx.prepare_wait());
+        }
+        assert!(c.handle.offer(Outbound::Message(envelope(3))));
+        assert!(c.waker.is_set());
+        let mut guard = c.wire.lock();
+        let s = guard.as_mut().expect("open");
+        assert!(matches!(s.rx.try_recv(), Ok(Outbound::Message(m)) if m.id == 3));
+        drop(guard);
+        assert_eq!(
+            read_back(&mut c.client)?,
+            Vec::<i64>::new(),
+            "nothing was sent"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_sender_with_more_work_waiting_leaves_the_item_to_the_connections_thread() -> Result<()> {
+        let mut c = wired()?;
+        sleep(&c.wire);
+        assert!(behind_while(true, || c
+            .handle
+            .offer(Outbound::Message(envelope(1)))));
+        assert!(c.waker.is_set(), "its thread was rung");
+        assert_eq!(read_back(&mut c.client)?, Vec::<i64>::new());
+        let mut guard = c.wire.lock();
+        let s = guard.as_mut().expect("open");
+        assert!(matches!(s.rx.try_recv(), Ok(Outbound::Message(m)) if m.id == 1));
+        s.rx.woke(true);
+        assert!(s.rx.prepare_wait());
+        drop(guard);
+        // And once that is over, the next goes at once again.
+        assert!(behind_while(false, || c
+            .handle
+            .offer(Outbound::Message(envelope(2)))));
+        assert!(!c.waker.is_set());
+        assert_eq!(read_back(&mut c.client)?, [2]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sleeping_connection_whose_sync_a_sender_starts_is_woken_to_read_it() -> Result<()> {
+        let c = wired()?;
+        sleep(&c.wire);
+        assert!(c.handle.offer(Outbound::Resync));
+        assert!(c.waker.is_set(), "the resync is read by its thread");
+        assert!(c.wire.lock().as_ref().expect("open").delivery.syncing());
+        Ok(())
+    }
+
+    #[test]
+    fn a_connection_whose_socket_failed_under_a_sender_is_cut_off() -> Result<()> {
+        let c = wired()?;
+        drop(c.client);
+        let mut offers = 0;
+        // The first writes may reach the kernel before the peer's reset comes back.
+        while !c.cut.is_set() && offers < 100 {
+            sleep(&c.wire);
+            c.handle.offer(Outbound::Message(envelope(offers + 1)));
+            offers += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(c.cut.is_set(), "not cut off after {offers} offers");
+        Ok(())
+    }
+
+    #[test]
+    fn a_closed_wire_sends_nothing_and_takes_nothing() -> Result<()> {
+        let mut c = wired()?;
+        sleep(&c.wire);
+        c.wire.close();
+        // Its thread ended: the mailbox went with it, and the message stays stored.
+        assert!(!c.handle.offer(Outbound::Message(envelope(1))));
+        assert!(!c.cut.is_set());
+        assert_eq!(
+            read_back(&mut c.client)?,
+            Vec::<i64>::new(),
+            "the socket is closed"
+        );
+        Ok(())
     }
 
     #[test]

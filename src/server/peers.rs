@@ -346,7 +346,8 @@ pub fn serve_inbound(
     loop {
         match ch.recv_until::<PeerMessage>(MAX_FRAME, None, Some(stop)) {
             Ok(Some(PeerMessage::Relay { msg, users })) => {
-                router.deliver(&users, &msg);
+                // With more relays read, the recipients' threads send this one.
+                super::outbound::behind_while(ch.has_frame(), || router.deliver(&users, &msg));
             }
             Ok(None) => return Ok(()),
             Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
@@ -551,6 +552,7 @@ mod tests {
                 tx,
                 cut: Arc::new(Flag::default()),
                 since: std::time::Instant::now(),
+                wire: None,
             },
         );
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -117,6 +117,7 @@ mod tests {
                 tx,
                 cut,
                 since,
+                wire: None,
             },
             rx,
             flag,

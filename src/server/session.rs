@@ -1,6 +1,7 @@
 //! One client connection on a chat server, after `Hello`: one thread owns the connection (its
-//! socket and TLS session), reads and handles requests, and writes everything the client is
-//! sent. What a request does is split by concern: [`messages`] (send, acknowledge, route),
+//! socket and TLS session), reads and handles requests, and writes what the client is sent,
+//! except what another thread sends on it while it sleeps (see [`super::outbound::Wire`]).
+//! What a request does is split by concern: [`messages`] (send, acknowledge, route),
 //! [`groups`] and [`files`].
 //!
 //! ```text
@@ -11,7 +12,8 @@
 //!                  │  Delivery ◀── mailbox (bounded) ◀── waker ◀──────┼─────────┘ live
 //!                  │      │  sync page by page                        │   messages (router,
 //! socket ◀─ flush ─┼──────┘                                           │   peer links)
-//!                  └─ poll(socket, waker, stop) when there is nothing to do
+//!                  └─ poll(socket, waker, stop) when there is nothing to do:
+//!                     its wire is let go, and an offering thread may send on it
 //! ```
 //!
 //! The thread never waits for a commit, so a client may pipeline requests. It stops reading
@@ -27,8 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::MutexGuard;
 
-use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit, QUIET_WITHIN};
+use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit, Sending, Wire, QUIET_WITHIN};
 use super::shared::Shared;
 use crate::db::Tx;
 use crate::error::{Error, Result};
@@ -89,22 +92,36 @@ pub fn serve_client(
     let waker = Arc::new(Waker::new()?);
     let (tx, rx) = mailbox::lazy_with::<Outbound>(shared.config.queue_len, Arc::clone(&waker));
     let cut = Arc::new(ConnCut::new(Arc::clone(&waker)));
+    let tcp = chan.stream().shared_tcp();
+    let sending = Sending {
+        chan,
+        rx,
+        delivery: Delivery::default(),
+    };
+    let wire = Arc::new(Wire::new(
+        sending,
+        Arc::clone(&waker),
+        Arc::clone(&shared.counts.refusals),
+    ));
     let handle = Handle {
         conn_id,
         tx,
         cut: cut.clone(),
         since: std::time::Instant::now(),
+        wire: Some(Arc::clone(&wire)),
     };
     let session = Session::new(shared, user, conn_id, handle, token_hash);
     session.start()?;
-    Connection {
-        chan,
-        rx,
+    let connection = Connection {
+        wire,
+        tcp,
         waker,
         cut,
-        delivery: Delivery::default(),
-    }
-    .run(&session)
+    };
+    let served = connection.run(&session);
+    // The socket closes now, not when the last handle to the connection goes.
+    connection.wire.close();
+    served
 }
 
 /// One client connection's state, owned by its thread.
@@ -351,17 +368,18 @@ impl<'a> Session<'a> {
 
 /// The connection a session runs on, and what its thread keeps between turns.
 struct Connection {
-    chan: Channel,
-    rx: mailbox::Receiver<Outbound>,
+    /// The channel, mailbox and delivery state, which its thread holds but while it sleeps.
+    wire: Arc<Wire>,
+    /// The channel's socket, to poll while the wire is let go.
+    tcp: Arc<std::net::TcpStream>,
     waker: Arc<Waker>,
     cut: Arc<ConnCut>,
-    delivery: Delivery,
 }
 
 impl Connection {
     /// Serves the session until the client leaves, sends garbage, is cut off, or the server
     /// stops.
-    fn run(mut self, session: &Session<'_>) -> Result<()> {
+    fn run(&self, session: &Session<'_>) -> Result<()> {
         let shared = session.shared;
         let rate = shared.config.max_rate;
         let mut bucket = (rate > 0).then(|| Bucket::new(rate));
@@ -373,18 +391,23 @@ impl Connection {
         // poll sets it).
         let mut readable = true;
         let mut closed = false;
+        // Held for the whole turn; let go only while the thread sleeps (see `Wire`).
+        let mut wire = self.wire.lock();
         loop {
+            let Some(s) = wire.as_mut() else {
+                return Ok(());
+            };
             if self.cut.is_cut() || shared.stopping.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            self.send_queued(session)?;
-            if self.chan.pending() > 0 {
-                self.chan.flush()?;
+            self.send_queued(s, session)?;
+            if s.chan.pending() > 0 {
+                s.chan.flush()?;
             }
             if rested_until.is_some_and(|t| Instant::now() >= t) {
                 rested_until = None;
             }
-            let backed_up = self.chan.pending() >= BACKLOG;
+            let backed_up = s.chan.pending() >= BACKLOG;
             // Requests, as many as may go now.
             let mut handled = 0;
             while !backed_up && rested_until.is_none() && handled < TURN {
@@ -397,11 +420,11 @@ impl Connection {
                     handled += 1;
                     continue;
                 }
-                let request = match self.chan.frame::<Request<ServerRequest>>(MAX_FRAME) {
+                let request = match s.chan.frame::<Request<ServerRequest>>(MAX_FRAME) {
                     Ok(Some(r)) => r,
                     Ok(None) if closed || !readable => break,
                     Ok(None) => {
-                        match self.chan.fill()? {
+                        match s.chan.fill()? {
                             Fill::Data => {}
                             Fill::Idle => readable = false,
                             Fill::Closed => closed = true,
@@ -410,7 +433,7 @@ impl Connection {
                     }
                     Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
                         let bad = ServerEvent::refused(None, ErrorCode::BadFrame, e.to_string());
-                        let _ = self.chan.send_before(&bad, Instant::now() + LINGER);
+                        let _ = s.chan.send_before(&bad, Instant::now() + LINGER);
                         return Err(e);
                     }
                     Err(e) => return Err(e),
@@ -420,10 +443,10 @@ impl Connection {
                 }
                 waiting = Some(request);
             }
-            if closed && waiting.is_none() && !self.chan.has_frame() {
+            if closed && waiting.is_none() && !s.chan.has_frame() {
                 // The client is gone; send what is left of the replies if it still reads.
-                self.send_queued(session)?;
-                let _ = self.chan.flush_before(Instant::now() + LINGER);
+                self.send_queued(s, session)?;
+                let _ = s.chan.flush_before(Instant::now() + LINGER);
                 return Ok(());
             }
             // Anything left to do without waiting?
@@ -431,7 +454,7 @@ impl Connection {
                 .as_ref()
                 .is_some_and(|r| !session.waits_for_window(&r.body));
             let more = !session.local.borrow().is_empty()
-                || (self.delivery.syncing() && self.chan.pending() < BACKLOG)
+                || (s.delivery.syncing() && s.chan.pending() < BACKLOG)
                 || (handled == TURN)
                 || (window_open && rested_until.is_none() && !backed_up);
             // A reply that comes quietly is sent by the next wake-up, whatever it is for; and
@@ -444,21 +467,22 @@ impl Connection {
                     Some(rested_until.map_or(quiet, |r| r.min(quiet)))
                 }
             };
-            if more || !self.rx.prepare_wait() {
+            if more || !s.rx.prepare_wait() {
                 continue;
             }
             let want_read = !closed
                 && waiting.is_none()
                 && rested_until.is_none()
-                && self.chan.pending() < BACKLOG;
-            let ready = wait(
-                self.chan.stream(),
-                self.chan.interest(want_read),
-                &[&self.waker, &shared.stop],
-                deadline,
-            );
-            self.rx
-                .woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));
+                && s.chan.pending() < BACKLOG;
+            let interest = s.chan.interest(want_read);
+            // Asleep, announced: other threads may send on the wire meanwhile.
+            let ready = MutexGuard::unlocked(&mut wire, || {
+                wait(&*self.tcp, interest, &[&self.waker, &shared.stop], deadline)
+            });
+            let Some(s) = wire.as_mut() else {
+                return Ok(());
+            };
+            s.rx.woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));
             let ready = ready?;
             readable |= ready.readable;
         }
@@ -466,28 +490,21 @@ impl Connection {
 
     /// Moves replies, then the mailbox's items, then sync pages, into the write buffer, as far
     /// as the client keeps up.
-    fn send_queued(&mut self, session: &Session<'_>) -> Result<()> {
-        while self.chan.pending() < BACKLOG {
+    fn send_queued(&self, s: &mut Sending, session: &Session<'_>) -> Result<()> {
+        while s.chan.pending() < BACKLOG {
             let local = session.local.borrow_mut().pop_front();
             let item = match local {
                 Some(item) => item,
-                None => match self.rx.try_recv() {
+                None => match s.rx.try_recv() {
                     Ok(item) => item,
                     Err(_) => break,
                 },
             };
-            if let Outbound::Event(ServerEvent::Reply(crate::net::Response {
-                result: Err(refusal),
-                ..
-            })) = &item
-            {
-                session.shared.counts.refused(refusal.code);
-            }
-            self.delivery.put(item, &mut self.chan)?;
+            self.wire.put(s, item)?;
         }
-        while self.delivery.syncing() && self.chan.pending() < BACKLOG {
-            self.delivery
-                .sync_page(&mut self.chan, &session.shared.store, &session.user)?;
+        while s.delivery.syncing() && s.chan.pending() < BACKLOG {
+            s.delivery
+                .sync_page(&mut s.chan, &session.shared.store, &session.user)?;
         }
         Ok(())
     }

@@ -98,18 +98,15 @@ pub struct Counters {
     pub stored: AtomicU64,
     /// Deliveries handed to peers.
     pub relayed: AtomicU64,
-    /// Requests refused, by reason.
-    pub refusals: Mutex<std::collections::BTreeMap<crate::net::ErrorCode, u64>>,
+    /// Requests refused, by reason (counted as the refusal is sent, by whichever thread sends
+    /// it: see [`super::outbound::Wire`]).
+    pub refusals: Arc<Refusals>,
     /// Deliveries handed to each peer, by server id.
     pub relayed_to: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
-impl Counters {
-    /// Counts a refusal.
-    pub fn refused(&self, code: crate::net::ErrorCode) {
-        *self.refusals.lock().entry(code).or_default() += 1;
-    }
-}
+/// Refusals sent, by reason.
+pub type Refusals = Mutex<std::collections::BTreeMap<crate::net::ErrorCode, u64>>;
 
 impl Shared {
     /// What this server has done since it started.

@@ -55,7 +55,9 @@ const BINDING_LABEL: &str = "EXPORTER-fastchat-session-binding";
 /// already buffered inside OpenSSL is taken without asking the kernel.
 #[derive(Debug)]
 pub struct Socket {
-    tcp: TcpStream,
+    /// Shared only with what polls the socket from outside the stream's lock
+    /// ([`Stream::shared_tcp`]); all reading and writing goes through the stream.
+    tcp: Arc<TcpStream>,
     nonblocking: AtomicBool,
     drained: AtomicBool,
 }
@@ -64,7 +66,7 @@ impl Socket {
     /// `tcp`, in blocking mode until [`Stream::set_nonblocking`].
     pub fn new(tcp: TcpStream) -> Socket {
         Socket {
-            tcp,
+            tcp: Arc::new(tcp),
             nonblocking: AtomicBool::new(false),
             drained: AtomicBool::new(false),
         }
@@ -90,7 +92,7 @@ impl Read for Socket {
             *self.drained.get_mut() = false;
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = self.tcp.read(buf)?;
+        let n = (&*self.tcp).read(buf)?;
         *self.drained.get_mut() = *self.nonblocking.get_mut() && n > 0 && n < buf.len();
         Ok(n)
     }
@@ -98,11 +100,11 @@ impl Read for Socket {
 
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
+        (&*self.tcp).write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.tcp.flush()
+        (&*self.tcp).flush()
     }
 }
 
@@ -130,6 +132,12 @@ impl Stream {
     /// The TCP socket under the stream (for timeouts, shutdown and polling).
     pub fn tcp(&self) -> &TcpStream {
         &self.socket().tcp
+    }
+
+    /// The TCP socket, for a thread that polls it while another may hold the stream (the same
+    /// descriptor, not a duplicate; closed when the stream and every such handle are gone).
+    pub fn shared_tcp(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.socket().tcp)
     }
 
     /// Puts the socket in nonblocking mode, or back.

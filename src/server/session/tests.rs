@@ -71,6 +71,7 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
         tx,
         cut: Arc::new(Flag::default()),
         since: std::time::Instant::now(),
+        wire: None,
     };
     shared
         .clients
