@@ -203,6 +203,16 @@ pub struct Receiver<T> {
 }
 
 impl<T> Receiver<T> {
+    /// How many items are queued now.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether nothing is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The next item if there is one now.
     pub fn try_recv(&self) -> Result<T, crossbeam_channel::TryRecvError> {
         self.rx.try_recv()

@@ -705,6 +705,10 @@ impl Purge {
     }
 }
 
+/// Jobs queued behind a batch's completions from which the writer counts as behind (see
+/// [`behind`]).
+const BEHIND_QUEUE: usize = WINDOW_SKIP / 4;
+
 thread_local! {
     /// Set on a writer thread while it runs the completions of a batch with more work behind
     /// it (see [`behind`]).
@@ -712,7 +716,8 @@ thread_local! {
 }
 
 /// Whether the calling thread is a writer running the completions of a batch that filled
-/// without waiting out its window (jobs came faster than it commits). A completion
+/// without waiting out its window, or with [`BEHIND_QUEUE`] jobs already queued behind them
+/// (jobs come faster than it commits). A completion
 /// should then hand work that another thread can do (writing to a client's socket) to that
 /// thread: the writer is the one thread every message goes through. `false` on any other
 /// thread, and on a writer that keeps up (it would otherwise sleep).
@@ -775,8 +780,9 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
                 Some(BatchError::of(&e, "commit failed"))
             }
         };
-        BEHIND.with(|b| b.set(batch.len() >= WINDOW_SKIP));
+        let filled = batch.len() >= WINDOW_SKIP;
         for job in batch.drain(..) {
+            BEHIND.with(|b| b.set(filled || jobs.len() >= BEHIND_QUEUE));
             job.complete(message.as_ref());
         }
         BEHIND.with(|b| b.set(false));
@@ -861,38 +867,43 @@ mod tests {
     }
 
     #[test]
-    fn completions_of_a_batch_that_filled_are_told_the_writer_is_behind() -> crate::Result<()> {
+    fn completions_are_told_the_writer_is_behind_when_jobs_queue_faster_than_it_commits(
+    ) -> crate::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = crate::db::Store::open(dir.path().join("chat.db"))?;
-        // The first job holds the writer until the others are queued behind it (in its batch
-        // or the next).
-        let (release, hold) = crossbeam_channel::bounded::<()>(1);
         let (told, seen) = crossbeam_channel::unbounded::<(u32, bool)>();
-        let t = told.clone();
+        let report = |i: u32| {
+            let t = told.clone();
+            move |_: crate::Result<()>| t.send((i, behind())).unwrap()
+        };
+        // The first job runs alone and holds the writer until 63 more are queued behind it.
+        let (started, running) = crossbeam_channel::bounded::<()>(1);
+        let (release, hold) = crossbeam_channel::bounded::<()>(1);
         store.submit(
             move |_| {
+                started.send(()).unwrap();
                 let _ = hold.recv_timeout(Duration::from_secs(10));
                 Ok(())
             },
-            move |_: crate::Result<()>| t.send((0, behind())).unwrap(),
+            report(0),
         );
+        running.recv_timeout(Duration::from_secs(10)).unwrap();
         for i in 1..=63 {
-            let t = told.clone();
-            store.submit(|_| Ok(()), move |_| t.send((i, behind())).unwrap());
+            store.submit(|_| Ok(()), report(i));
         }
         release.send(()).unwrap();
-        let mut queued = Vec::new();
+        let mut told_behind = Vec::new();
         for _ in 0..64 {
-            queued.push(seen.recv_timeout(Duration::from_secs(10)).unwrap());
+            told_behind.push(seen.recv_timeout(Duration::from_secs(10)).unwrap());
         }
-        let behind_for: Vec<u32> = queued.iter().filter(|(_, b)| *b).map(|(i, _)| *i).collect();
-        assert!(
-            behind_for.len() >= WINDOW_SKIP,
-            "the jobs queued behind the first were committed together: {queued:?}"
+        // The first by the queue behind it; the others, committed together, by their batch.
+        assert_eq!(
+            told_behind,
+            (0..=63).map(|i| (i, true)).collect::<Vec<_>>(),
+            "a batch of one with 63 queued, then a batch of 63"
         );
         // One job on an idle writer; and never on another thread.
-        let t = told.clone();
-        store.submit(|_| Ok(()), move |_| t.send((64, behind())).unwrap());
+        store.submit(|_| Ok(()), report(64));
         assert_eq!(
             seen.recv_timeout(Duration::from_secs(10)).unwrap(),
             (64, false)
