@@ -11,8 +11,15 @@
 //!
 //! ```text
 //! db-writer (after commit) ── relay ──▶ Link: mailbox ──▶ peer-N thread ──▶ socket to N
+//!                                 └── peer-N asleep: the writer writes on its wire itself ──┘
 //! socket from N ──▶ connection thread: serve_inbound ──▶ Router (local recipients)
 //! ```
+//!
+//! As with a client connection (`outbound::Wire`), a link's channel and queue are behind a
+//! lock its thread holds whenever it is awake; while it sleeps with everything written, the
+//! thread that relays (the writer after a commit, unless it is behind) writes the message
+//! itself, without blocking, and wakes the link's thread only if bytes are left for the
+//! socket. A relay then costs no wake-up of the link's thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +27,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::router::Router;
 use crate::error::{Error, Result};
-use crate::mailbox::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crate::mailbox::{self, Receiver, Sender, TrySendError};
 use crate::net::{Envelope, ErrorCode, Greeting, PeerMessage, ServerEvent, ServerInfo, MAX_FRAME};
 use crate::throttle::Quiet;
 use crate::transport::tls::LINK_TIMEOUT;
@@ -55,7 +62,87 @@ pub struct Relayed {
 struct Link {
     addr: String,
     tx: Sender<Arc<Relayed>>,
+    wire: Arc<LinkWire>,
     thread: JoinHandle<()>,
+}
+
+/// A link's sending state, shared by its thread (which holds the lock whenever it is awake)
+/// and the threads that relay on it while it sleeps.
+struct LinkWire {
+    state: Mutex<LinkState>,
+    /// Rung by the link's mailbox, and by a relaying thread that left bytes for the socket.
+    waker: Arc<Waker>,
+}
+
+struct LinkState {
+    /// The link, nonblocking, while it is up.
+    ch: Option<Channel>,
+    rx: Receiver<Arc<Relayed>>,
+    /// Messages taken from the queue and not yet known to be written: kept until a flush that
+    /// included them succeeded, and written again on the next link if this one breaks.
+    unsent: Vec<Arc<Relayed>>,
+    /// How many of `unsent` are in the channel's write buffer already (or written).
+    queued: usize,
+}
+
+impl LinkState {
+    /// Moves what the queue holds (`limit` at most) to `unsent`; `false` once the queue is
+    /// closed (the link is dropped) and empty.
+    fn take(&mut self, limit: usize) -> bool {
+        while self.unsent.len() < limit {
+            match self.rx.try_recv() {
+                Ok(msg) => self.unsent.push(msg),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return false,
+            }
+        }
+        true
+    }
+
+    /// Puts the messages not yet queued into the channel's write buffer.
+    fn queue(&mut self) -> Result<()> {
+        let ch = self.ch.as_mut().ok_or_else(not_linked)?;
+        for msg in &self.unsent[self.queued..] {
+            ch.queue(&relay(msg))?;
+        }
+        self.queued = self.unsent.len();
+        Ok(())
+    }
+
+    /// After a flush that wrote everything: nothing is unsent.
+    fn written(&mut self) {
+        self.unsent.clear();
+        self.queued = 0;
+    }
+}
+
+impl LinkWire {
+    /// Writes `item` on the link from the calling thread if the link's thread sleeps with
+    /// everything written and nothing else holds the wire; `false` if it did not.
+    fn send_now(&self, item: &Arc<Relayed>, tx: &Sender<Arc<Relayed>>) -> bool {
+        let Some(mut st) = self.state.try_lock() else {
+            return false;
+        };
+        // Announced only under the lock, by a thread about to sleep with nothing unsent.
+        let idle = st.ch.as_ref().is_some_and(|ch| ch.pending() == 0) && st.unsent.is_empty();
+        if !idle || !tx.receiver_sleeping() {
+            return false;
+        }
+        // What reached the queue since goes first (it rang the thread, which will find it gone).
+        st.take(usize::MAX);
+        st.unsent.push(Arc::clone(item));
+        let flushed = st.queue().and_then(|()| match st.ch.as_mut() {
+            Some(ch) => ch.flush(),
+            None => Ok(false),
+        });
+        match flushed {
+            Ok(true) => st.written(),
+            // Bytes left for the socket, or a failure: the link's thread takes over (writes the
+            // rest, or links again and writes everything unsent).
+            Ok(false) | Err(_) => self.waker.wake(),
+        }
+        true
+    }
 }
 
 /// The outbound links of one server, keyed by peer server id.
@@ -119,7 +206,17 @@ impl Peers {
     }
 
     fn open(&self, peer: &ServerInfo) -> Result<Link> {
-        let (tx, rx) = mailbox::bounded(LINK_QUEUE);
+        let waker = Arc::new(Waker::new()?);
+        let (tx, rx) = mailbox::lazy_with(LINK_QUEUE, Arc::clone(&waker));
+        let wire = Arc::new(LinkWire {
+            state: Mutex::new(LinkState {
+                ch: None,
+                rx,
+                unsent: Vec::new(),
+                queued: 0,
+            }),
+            waker,
+        });
         let target = Target {
             id: peer.id,
             name: peer.name.clone(),
@@ -128,12 +225,14 @@ impl Peers {
         };
         let transport = self.transport.clone();
         let stopping = Arc::clone(&self.stopping);
+        let link_wire = Arc::clone(&wire);
         let thread = std::thread::Builder::new()
             .name(format!("peer-{}", peer.id))
-            .spawn(move || link_loop(&target, &transport, &rx, &stopping))?;
+            .spawn(move || link_loop(&target, &transport, &link_wire, &stopping))?;
         Ok(Link {
             addr: peer.addr.clone(),
             tx,
+            wire,
             thread,
         })
     }
@@ -171,14 +270,19 @@ impl Peers {
         }
     }
 
-    /// Queues a stored message for the peer server `to`. `false` if there is no link or its queue
-    /// is full (the message stays stored and is delivered on the recipient's next sync).
+    /// Writes a stored message on the link to the peer server `to` if its thread sleeps and
+    /// the caller is not a writer that is behind, else queues it for the link's thread.
+    /// `false` if there is no link or its queue is full (the message stays stored and is
+    /// delivered on the recipient's next sync).
     pub fn relay(&self, to: u64, item: &Arc<Relayed>) -> bool {
         let links = self.links.lock();
         let Some(link) = links.get(&to) else {
             log::debug!("no link to server {to}; message {} waits", item.msg.id);
             return false;
         };
+        if !crate::db::writer::behind() && link.wire.send_now(item, &link.tx) {
+            return true;
+        }
         match link.tx.try_send(Arc::clone(item)) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
@@ -217,16 +321,12 @@ struct Target {
 /// Messages written since the last successful flush are kept and written again after a
 /// reconnect, so a broken link does not leave a gap that would let a later message overtake an
 /// earlier one (the peer may get some twice; clients drop duplicates by id).
-fn link_loop(
-    target: &Target,
-    transport: &Transport,
-    rx: &Receiver<Arc<Relayed>>,
-    stopping: &AtomicBool,
-) {
+fn link_loop(target: &Target, transport: &Transport, wire: &LinkWire, stopping: &AtomicBool) {
     let peer = target.id;
     let what = format!("peer server {peer}");
     let expect = Expect::Server(Some(target.name.clone()));
-    let mut unsent: Vec<Arc<Relayed>> = Vec::new();
+    // Held whenever this thread is awake (see `LinkWire`).
+    let mut st = wire.state.lock();
     // Logged once when the link goes down and once when it is back; attempts in between
     // back off from 250 ms to five seconds.
     let mut down = false;
@@ -238,9 +338,10 @@ fn link_loop(
             .and_then(|mut ch| {
                 ch.stream().tcp().set_write_timeout(Some(LINK_TIMEOUT))?;
                 ch.send(&target.hello)?;
+                ch.set_nonblocking(true)?;
                 Ok(ch)
             });
-        let mut ch = match link {
+        let ch = match link {
             Ok(ch) => ch,
             Err(e) => {
                 if !down {
@@ -253,17 +354,13 @@ fn link_loop(
                 pause = (pause * 2).clamp(Duration::from_millis(250), MAX_RETRY_PAUSE);
                 // Wait before retrying, keeping what is queued meanwhile, but notice the link
                 // being closed.
-                let until = Instant::now() + pause;
-                loop {
-                    match rx.recv_deadline(until) {
-                        Err(RecvTimeoutError::Disconnected) => return,
-                        Ok(msg) => unsent.push(msg),
-                        Err(RecvTimeoutError::Timeout) => break,
-                    }
+                if !wait_out(&mut st, &wire.waker, Instant::now() + pause) {
+                    return;
                 }
                 // A peer that stays away must not make this list grow without bound.
-                if unsent.len() > LINK_QUEUE {
-                    unsent.drain(..unsent.len() - LINK_QUEUE);
+                if st.unsent.len() > LINK_QUEUE {
+                    let extra = st.unsent.len() - LINK_QUEUE;
+                    st.unsent.drain(..extra);
                 }
                 continue;
             }
@@ -272,7 +369,11 @@ fn link_loop(
             log::info!("link to {what} at {} is back", target.addr);
         }
         pause = Duration::ZERO;
-        match pump(&mut ch, rx, &mut unsent) {
+        st.ch = Some(ch);
+        st.queued = 0;
+        let pumped = pump(&mut st, &wire.waker);
+        st.ch = None;
+        match pumped {
             Ok(()) => return,
             Err(e) => {
                 log::warn!("link to {what} at {} broke: {e}; reconnecting", target.addr);
@@ -282,32 +383,51 @@ fn link_loop(
     }
 }
 
-/// Writes `unsent` and then queued messages, flushing whenever the queue runs dry; a message
-/// leaves `unsent` only once a flush that included it succeeded. `Ok` when the link is closed.
-fn pump(
-    ch: &mut Channel,
-    rx: &Receiver<Arc<Relayed>>,
-    unsent: &mut Vec<Arc<Relayed>>,
-) -> Result<()> {
+/// Sleeps until `until`, taking what is queued meanwhile into `unsent`; `false` once the link
+/// is dropped.
+fn wait_out(st: &mut MutexGuard<'_, LinkState>, waker: &Waker, until: Instant) -> bool {
     loop {
-        for msg in unsent.iter() {
-            ch.queue(&relay(msg))?;
+        if !st.take(usize::MAX) {
+            return false;
         }
-        if !ch.flush()? {
-            return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+        if Instant::now() >= until {
+            return true;
         }
-        unsent.clear();
-        match rx.recv() {
-            Ok(msg) => unsent.push(msg),
-            Err(_) => return Ok(()),
-        }
-        while unsent.len() < 1024 {
-            match rx.try_recv() {
-                Ok(more) => unsent.push(more),
-                Err(_) => break,
-            }
+        if st.rx.prepare_wait() {
+            let rung = MutexGuard::unlocked(st, || waker.sleep(Some(until)));
+            st.rx.woke(rung.unwrap_or(true));
         }
     }
+}
+
+/// Writes what is unsent and then queued messages, flushing whenever the queue runs dry; a
+/// message leaves `unsent` only once a flush that included it succeeded. Sleeps (letting go of
+/// the wire) when everything is written. `Ok` when the link is dropped.
+fn pump(st: &mut MutexGuard<'_, LinkState>, waker: &Waker) -> Result<()> {
+    loop {
+        let limit = st.unsent.len() + 1024;
+        let open = st.take(limit);
+        st.queue()?;
+        let ch = st.ch.as_mut().ok_or_else(not_linked)?;
+        if !ch.flush_before(Instant::now() + LINK_TIMEOUT)? {
+            return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+        }
+        st.written();
+        if !open {
+            return Ok(());
+        }
+        if !st.rx.prepare_wait() {
+            continue;
+        }
+        // Asleep, announced: the relaying thread may write on the link meanwhile.
+        let rung = MutexGuard::unlocked(st, || waker.sleep(None));
+        st.rx.woke(rung.unwrap_or(true));
+    }
+}
+
+/// The link is not up (a state the link's own thread never asks to write in).
+fn not_linked() -> Error {
+    Error::Io(std::io::ErrorKind::NotConnected.into())
 }
 
 fn relay(item: &Relayed) -> PeerMessage {
@@ -473,6 +593,75 @@ mod tests {
         peers.update(&[]);
         assert!(!peers.has_link(2), "a peer gone from the list is unlinked");
         peers.close();
+    }
+
+    /// A link's wire over a plain socket, its queue's sending side, and the peer's end.
+    fn wire() -> (LinkWire, Sender<Arc<Relayed>>, Channel) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        let mut ch = Channel::new(Stream::plain(ours)).unwrap();
+        ch.set_nonblocking(true).unwrap();
+        let waker = Arc::new(Waker::new().unwrap());
+        let (tx, rx) = mailbox::lazy_with(LINK_QUEUE, Arc::clone(&waker));
+        let state = LinkState {
+            ch: Some(ch),
+            rx,
+            unsent: Vec::new(),
+            queued: 0,
+        };
+        let wire = LinkWire {
+            state: Mutex::new(state),
+            waker,
+        };
+        let mut peer = Channel::new(Stream::plain(theirs)).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        (wire, tx, peer)
+    }
+
+    /// The link's thread announces that it sleeps, everything written.
+    fn asleep(wire: &LinkWire) {
+        assert!(wire.state.lock().rx.prepare_wait());
+    }
+
+    #[test]
+    fn a_sleeping_link_is_written_by_the_relaying_thread_in_order() {
+        let (wire, tx, mut peer) = wire();
+        assert!(!wire.send_now(&relayed(1), &tx), "its thread is awake");
+        assert!(wire.state.lock().rx.try_recv().is_err());
+        asleep(&wire);
+        // One that reached the queue first (its ring not yet rung) goes first.
+        tx.try_send_quiet(relayed(2)).unwrap();
+        assert!(wire.send_now(&relayed(3), &tx));
+        assert!(wire.send_now(&relayed(4), &tx));
+        assert!(!wire.waker.is_set(), "the link's thread was not woken");
+        assert!(wire.state.lock().unsent.is_empty(), "all written");
+        assert_eq!([2, 3, 4].map(|_| next_id(&mut peer)), [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_sleeping_link_whose_socket_fills_is_left_to_its_thread() {
+        let (wire, tx, _peer) = wire();
+        // The peer reads nothing: sooner or later the socket takes only part of a write.
+        let mut sent = 0;
+        while !wire.waker.is_set() && sent < 100_000 {
+            asleep(&wire);
+            assert!(wire.send_now(&relayed(sent + 1), &tx));
+            sent += 1;
+        }
+        assert!(
+            wire.waker.is_set(),
+            "the link's thread was woken for the rest"
+        );
+        let st = wire.state.lock();
+        assert!(st.ch.as_ref().is_some_and(|ch| ch.pending() > 0));
+        assert!(!st.unsent.is_empty() && st.queued == st.unsent.len());
+        drop(st);
+        asleep(&wire);
+        assert!(
+            !wire.send_now(&relayed(sent + 1), &tx),
+            "bytes wait for the socket: the next goes through the queue"
+        );
     }
 
     #[test]

@@ -39,6 +39,15 @@ impl Waker {
         let _ = rustix::io::read(&self.fd, &mut buf);
     }
 
+    /// Sleeps until the waker is set or `deadline` passes, without clearing it; whether it is
+    /// set. For a thread that waits for nothing else (a socket in `poll` would end the wait
+    /// at once, and every one after it, once its peer hung up).
+    pub fn sleep(&self, deadline: Option<Instant>) -> io::Result<bool> {
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        poll_until(&mut fds, deadline)?;
+        Ok(fds[0].revents().contains(PollFlags::IN))
+    }
+
     /// Whether the waker is set, without waiting or clearing it.
     pub fn is_set(&self) -> bool {
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
