@@ -715,12 +715,15 @@ thread_local! {
     static BEHIND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether the calling thread is a writer running the completions of a batch that filled
+/// Whether the calling thread is a writer running completions that should hand work another
+/// thread can do (writing to a client's socket) to that thread: those of a batch that filled
 /// without waiting out its window, or with [`BEHIND_QUEUE`] jobs already queued behind them
-/// (jobs come faster than it commits). A completion
-/// should then hand work that another thread can do (writing to a client's socket) to that
-/// thread: the writer is the one thread every message goes through. `false` on any other
-/// thread, and on a writer that keeps up (it would otherwise sleep).
+/// (jobs come faster than it commits: the writer is the one thread every message goes
+/// through), or of a batch with an [`Urgency::Awaited`] job (senders wait for their replies:
+/// the connections' threads send on the other core while the writer takes the next batch;
+/// when the writer sent them itself, p90 rose by a third: BENCHMARKS.md). `false` on any
+/// other thread, and on a writer that keeps up with patient traffic (it
+/// would otherwise sleep).
 pub fn behind() -> bool {
     BEHIND.with(|b| b.get())
 }
@@ -780,9 +783,11 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
                 Some(BatchError::of(&e, "commit failed"))
             }
         };
-        let filled = batch.len() >= WINDOW_SKIP;
+        // Behind, or waited for: either way the connections' threads send in parallel.
+        let hand_over =
+            batch.len() >= WINDOW_SKIP || batch.iter().any(|j| j.urgency() == Urgency::Awaited);
         for job in batch.drain(..) {
-            BEHIND.with(|b| b.set(filled || jobs.len() >= BEHIND_QUEUE));
+            BEHIND.with(|b| b.set(hand_over || jobs.len() >= BEHIND_QUEUE));
             job.complete(message.as_ref());
         }
         BEHIND.with(|b| b.set(false));
@@ -867,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn completions_are_told_the_writer_is_behind_when_jobs_queue_faster_than_it_commits(
+    fn completions_hand_over_when_jobs_queue_faster_than_the_writer_commits_or_are_awaited(
     ) -> crate::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = crate::db::Store::open(dir.path().join("chat.db"))?;

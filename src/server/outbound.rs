@@ -130,8 +130,9 @@ impl Handle {
     /// Sends now if the connection's thread sleeps, nothing else holds its wire (see
     /// [`Wire`]) and the caller has no more work waiting (a database writer that is behind,
     /// [`crate::db::writer::behind`], or see [`behind_while`]: the connection's thread can
-    /// send it on the other core), else queues without blocking; on a full queue the connection is cut off and
-    /// `false` returned (everything it was sent stays stored for its next login).
+    /// send it on the other core); else queues without blocking. On a full queue the
+    /// connection is cut off and `false` returned (everything it was sent stays stored for
+    /// its next login); `false` too once the connection's thread has ended.
     pub fn offer(&self, item: Outbound) -> bool {
         let item = match &self.wire {
             Some(wire) if !crate::db::writer::behind() && !BEHIND.with(Cell::get) => {
@@ -211,8 +212,8 @@ impl Wire {
         self.state.lock()
     }
 
-    /// Closes the channel (the connection's thread is ending): later items go to the mailbox,
-    /// which nobody reads.
+    /// Closes the channel and the mailbox (the connection's thread is ending): later offers
+    /// find nobody and return `false`.
     pub fn close(&self) {
         self.state.lock().take();
     }
