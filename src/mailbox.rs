@@ -219,12 +219,12 @@ impl<T> Receiver<T> {
     }
 
     /// For a receiver that sleeps in `poll` on its waker: announces sleep. Returns `false` if
-    /// an item arrived meanwhile: then do not sleep. (Such a receiver learns that its senders
-    /// are gone from its owner, not from the mailbox.)
+    /// an item arrived meanwhile, or every sender is gone (the last one to go rings only a
+    /// receiver that announced sleep first): then do not sleep, look.
     pub fn prepare_wait(&self) -> bool {
         self.bell.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if !self.rx.is_empty() {
+        if !self.rx.is_empty() || self.bell.senders.load(Ordering::SeqCst) == 0 {
             self.bell.sleeping.store(false, Ordering::SeqCst);
             return false;
         }
@@ -420,5 +420,22 @@ mod tests {
         assert!(waker.is_set(), "the last sender going rings");
         rx.woke(true);
         assert!(rx.try_recv().is_err());
+    }
+
+    /// The last sender can go after the receiver last looked and before it announces sleep:
+    /// then it rings nobody, and the receiver must not sleep (a peer link's thread slept for
+    /// ever so, and the server's stop waited on it).
+    #[test]
+    fn a_receiver_about_to_sleep_sees_its_last_sender_gone() {
+        let waker = Arc::new(Waker::new().unwrap());
+        let (tx, rx) = lazy_with::<u8>(8, Arc::clone(&waker));
+        assert_eq!(rx.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
+        drop(tx);
+        assert!(!waker.is_set(), "not announced: not rung");
+        assert!(!rx.prepare_wait(), "nobody is left to ring it: no sleeping");
+        assert_eq!(
+            rx.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        );
     }
 }

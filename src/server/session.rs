@@ -368,7 +368,7 @@ impl<'a> Session<'a> {
 
 /// The connection a session runs on, and what its thread keeps between turns.
 struct Connection {
-    /// The channel, mailbox and delivery state, which its thread holds but while it sleeps.
+    /// The channel, mailbox and delivery state, held by its thread except while it sleeps.
     wire: Arc<Wire>,
     /// The channel's socket, to poll while the wire is let go.
     tcp: Arc<std::net::TcpStream>,
