@@ -722,8 +722,8 @@ thread_local! {
 /// through), or of a batch with an [`Urgency::Awaited`] job (senders wait for their replies:
 /// the connections' threads send on the other core while the writer takes the next batch;
 /// when the writer sent them itself, p90 rose by a third: BENCHMARKS.md). `false` on any
-/// other thread, and on a writer that keeps up with patient traffic (it
-/// would otherwise sleep).
+/// other thread, and on a writer that keeps up with patient traffic (it would otherwise
+/// sleep).
 pub fn behind() -> bool {
     BEHIND.with(|b| b.get())
 }
@@ -914,6 +914,17 @@ mod tests {
             (64, false)
         );
         assert!(!behind());
+        // A message whose sender waits for it (refused here: nobody exists), alone too.
+        let t = told.clone();
+        let done = move |_: crate::Result<crate::db::StoredMessage>| {
+            t.send((65, behind())).unwrap();
+        };
+        let (from, to) = ("alice".to_string(), "bob".to_string());
+        store.submit_message(from, to, 1, b"x".to_vec(), Urgency::Awaited, done);
+        assert_eq!(
+            seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (65, true)
+        );
         Ok(())
     }
 
