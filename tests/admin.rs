@@ -30,10 +30,7 @@ fn admin_json(c: &Cluster, args: &[&str]) -> Vec<Value> {
     all.extend_from_slice(args);
     let out = admin(c, &all);
     assert_eq!(out.code, 0, "admin {args:?}: {out:?}");
-    out.lines()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
+    out.json_lines()
 }
 
 /// The users of `users list --json`, by name.

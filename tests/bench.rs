@@ -408,11 +408,7 @@ fn a_rate_sweep_reports_each_run_and_draws_them() {
             .env_remove("RUST_LOG"),
     );
     assert_eq!(out.code, 0, "{out:?}");
-    let runs: Vec<serde_json::Value> = out
-        .lines()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let runs = out.json_lines();
     assert_eq!(runs.len(), 2, "{out:?}");
     assert_eq!(
         (&runs[0]["rate"], &runs[1]["rate"]),
@@ -591,11 +587,7 @@ fn a_sweep_against_the_rivals_runs_each_value_on_every_server_and_draws_them_tog
             .env_remove("RUST_LOG"),
     );
     assert_eq!(out.code, 0, "{out:?}");
-    let runs: Vec<serde_json::Value> = out
-        .lines()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let runs = out.json_lines();
     // Each value on every server, one after another.
     let order: Vec<(String, f64)> = runs
         .iter()

@@ -190,19 +190,12 @@ fn run_with_input(c: &Cluster, user: &str, args: &[&str], input: &str) -> common
     }
 }
 
-fn json_lines(out: &common::Output) -> Vec<serde_json::Value> {
-    out.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
-}
-
 #[test]
 fn text_comes_from_standard_input_and_every_command_speaks_json() {
     let c = Cluster::start(1);
     // Flags anywhere, short or long; JSON from the first command on.
     let out = c.run("alice", &["signup", "alice", "--json"]);
-    let v = &json_lines(&out)[0];
+    let v = &out.json_lines()[0];
     assert_eq!(
         (v["user"].as_str(), v["created"].as_bool()),
         (Some("alice"), Some(true)),
@@ -213,7 +206,7 @@ fn text_comes_from_standard_input_and_every_command_speaks_json() {
     // A signup script that runs again: fine with --exist-ok, an error without.
     let again = c.run("bob", &["signup", "bob", "--exist-ok", "-j"]);
     assert_eq!(again.code, 0, "{again:?}");
-    assert_eq!(json_lines(&again)[0]["created"].as_bool(), Some(false));
+    assert_eq!(again.json_lines()[0]["created"].as_bool(), Some(false));
     assert_eq!(c.run("bob", &["signup", "bob"]).code, 1);
 
     let out = run_with_input(
@@ -229,7 +222,7 @@ fn text_comes_from_standard_input_and_every_command_speaks_json() {
         &["-j", "send", "bob", "-", "--lines"],
         "first\n\nsecond\n",
     );
-    let sent = json_lines(&out);
+    let sent = out.json_lines();
     assert_eq!(sent.len(), 2, "{out:?}");
     assert!(sent.iter().all(|v| v["to"] == "bob" && v["id"].is_i64()));
     let out = run_with_input(&c, "alice", &["send", "bob", "-"], "");
@@ -237,7 +230,7 @@ fn text_comes_from_standard_input_and_every_command_speaks_json() {
 
     // Peek shows and keeps; limit stops early; then recv takes the rest.
     let peek = c.run("bob", &["recv", "--peek", "--json"]);
-    let shown = json_lines(&peek);
+    let shown = peek.json_lines();
     assert_eq!(shown.len(), 3, "{peek:?}");
     assert_eq!(shown[0]["text"], "one message\nover two lines");
     assert_eq!(shown[1]["kind"], "text");
@@ -252,21 +245,25 @@ fn text_comes_from_standard_input_and_every_command_speaks_json() {
     let rest = c.run("bob", &["recv", "-u", "bob"]);
     assert_eq!(rest.stdout, "alice: first\nalice: second\n", "{rest:?}");
 
-    let whoami = json_lines(&c.run("alice", &["whoami", "--json"]))[0].clone();
+    let whoami = c.run("alice", &["whoami", "--json"]).json_lines()[0].clone();
     assert_eq!(whoami["server"]["id"].as_u64(), Some(c.server_ids[0]));
-    let servers = json_lines(&c.run("alice", &["servers", "--json"]));
+    let servers = c.run("alice", &["servers", "--json"]).json_lines();
     assert_eq!(
         servers[0]["addr"].as_str(),
         Some(c.server_addrs[0].as_str())
     );
-    let created = json_lines(&c.run("alice", &["group", "create", "team", "--json"]));
+    let created = c
+        .run("alice", &["group", "create", "team", "--json"])
+        .json_lines();
     assert_eq!(created[0]["group"], "alice/team");
     let added = c.run("alice", &["group", "add", "team", "bob"]);
     assert_eq!(added.code, 0, "{added:?}");
-    let members = json_lines(&c.run("alice", &["group", "members", "team", "--json"]));
+    let members = c
+        .run("alice", &["group", "members", "team", "--json"])
+        .json_lines();
     assert_eq!(members.len(), 2);
     assert_eq!(members[0]["admin"].as_bool(), Some(true));
-    let trust = json_lines(&c.run("alice", &["trust", "bob", "--json"]));
+    let trust = c.run("alice", &["trust", "bob", "--json"]).json_lines();
     assert_eq!(trust[0]["user"], "bob");
 }
 
@@ -289,7 +286,7 @@ fn recv_drains_a_queue_larger_than_one_acknowledgement() {
     );
     // alice is told, in receipts of at most 1024 messages each, that bob read all 5000.
     let out = c.run("alice", &["recv", "--json"]);
-    let receipts = json_lines(&out);
+    let receipts = out.json_lines();
     assert_eq!(receipts.len(), 5, "{out:?}");
     let mut read = 0;
     for r in &receipts {

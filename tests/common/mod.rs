@@ -127,6 +127,14 @@ impl Output {
     pub fn lines(&self) -> Vec<&str> {
         self.stdout.lines().collect()
     }
+
+    /// Standard output as one JSON value a line (failing the test on a line that is not).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
 }
 
 /// A balancer and some servers on a fresh database in a temporary folder, with TLS and a
