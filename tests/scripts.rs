@@ -105,11 +105,13 @@ fn cluster_script_starts_and_stops_by_pid() {
 
     let deadline = std::time::Instant::now() + common::LIMIT;
     loop {
-        let out = run_limited(Command::new(common::bin("fastchat")).args([
-            "--balancer",
-            balancer.trim(),
-            "servers",
-        ]));
+        // A home of its own: the cluster's certificate is pinned there, not in the user's
+        // (where a later cluster on the same port would meet the old pin).
+        let out = run_limited(
+            Command::new(common::bin("fastchat"))
+                .args(["--balancer", balancer.trim(), "servers"])
+                .env("FASTCHAT_HOME", dir.path().join("home")),
+        );
         if out.lines().len() == 2 {
             break;
         }
