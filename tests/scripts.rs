@@ -75,6 +75,14 @@ fn demo_runs_a_conversation_and_exits_0() {
 fn cluster_script_starts_and_stops_by_pid() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("c");
+    // Stops the cluster however the test ends (a failed assertion left it running).
+    struct StopOnDrop(PathBuf);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = run_limited(Command::new(script("cluster.sh")).arg("stop").arg(&self.0));
+        }
+    }
+    let _stop = StopOnDrop(d.clone());
     let start = run_limited(
         Command::new(script("cluster.sh"))
             .args(["start", "2"])
