@@ -162,7 +162,17 @@ pub struct WriterConn {
     wal: WalFile,
     /// No restart of the log is tried before this (see [`WriterConn::restart_log`]).
     next_restart: Instant,
+    /// SQLite's count of the changes this connection saw others commit (`PRAGMA
+    /// data_version`), as of the last batch.
+    data_version: i64,
+    /// When a batch last found that another process had committed since the one before.
+    others_seen: Option<Instant>,
 }
+
+/// How long after a batch last found another process's commit the writer counts the
+/// database as shared ([`Batch::shared`]): several batches of one server at a moderate rate,
+/// while a balancer's occasional write (a login, a registration) shares it only briefly.
+const SHARED_FOR: Duration = Duration::from_millis(100);
 
 /// How much of the log is not yet copied into the database: what the last checkpoint could
 /// not copy, plus what the log file grew since (a checkpoint thread starved of CPU must not
@@ -270,6 +280,8 @@ pub fn writer_conn(path: &Path, options: &Options) -> Result<(WriterConn, Option
         backlog,
         wal: WalFile::new(wal_path),
         next_restart: Instant::now(),
+        data_version: 0,
+        others_seen: None,
     };
     Ok((writer, Some(background)))
 }
@@ -345,7 +357,26 @@ impl Batch for WriterConn {
         retry_busy(self.busy_timeout, || {
             self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             Ok(())
-        })
+        })?;
+        // Inside the transaction, so it counts every commit before it. Only a hint: a failure
+        // leaves it as it was.
+        let version = self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .unwrap_or(self.data_version);
+        if version != self.data_version {
+            // The first batch sees the count start (the schema's migration, say).
+            if self.data_version != 0 {
+                self.others_seen = Some(Instant::now());
+            }
+            self.data_version = version;
+        }
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        self.others_seen.is_some_and(|t| t.elapsed() < SHARED_FOR)
     }
 
     fn commit(&mut self) -> Result<()> {

@@ -336,6 +336,45 @@ fn the_writer_starts_the_log_over_when_a_checkpoint_asks() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_writer_counts_the_database_shared_while_another_process_commits_between_its_batches(
+) -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let (mut writer, _) = super::writer_conn(&path, &Options::default())?;
+    let (mut other, _) = super::writer_conn(&path, &Options::default())?;
+    let mut id = 0;
+    let mut batch = |writer: &mut WriterConn| -> Result<bool> {
+        id += 1;
+        writer.begin()?;
+        let shared = writer.shared();
+        writer.run(true, &mut |tx| {
+            tx.store_message(&Outgoing::new("alice", id, b"x"), "bob")
+                .is_ok()
+        })?;
+        writer.commit()?;
+        Ok(shared)
+    };
+    users(&mut SqliteTx::new(&open(&path)?), &["alice", "bob"])?;
+    // Its first batch only learns where the count stands; then it commits alone.
+    batch(&mut writer)?;
+    assert!(!batch(&mut writer)?, "alone, after its first batch");
+    assert!(!batch(&mut writer)?, "its own commits do not count");
+    // Another writer on the file commits between two of its batches.
+    batch(&mut other)?;
+    assert!(
+        batch(&mut writer)?,
+        "another process committed since its last batch"
+    );
+    assert!(batch(&mut writer)?, "shared for a while after");
+    std::thread::sleep(super::SHARED_FOR + Duration::from_millis(20));
+    assert!(
+        !batch(&mut writer)?,
+        "alone again once the other has been quiet"
+    );
+    assert_eq!(message_count(&open(&path)?)?, 7);
+    Ok(())
+}
+
 fn message_count(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?)
 }
