@@ -22,7 +22,7 @@
 //! request rate. Other threads offer items without blocking; a client whose mailbox is full is
 //! cut off (everything it was sent stays stored for its next login).
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -139,8 +139,9 @@ pub struct Session<'a> {
     /// Replies made on this thread, sent before what other threads queued.
     local: RefCell<VecDeque<Outbound>>,
     /// The file window: a slot is taken by sending, given back by receiving (see [`Permit`]).
-    slots: Sender<()>,
-    free: Receiver<()>,
+    /// Made on first use: most connections never carry a file, and the channel is 0.6 KiB of
+    /// an idle connection's 42 (BENCHMARKS.md).
+    window: OnceCell<(Sender<()>, Receiver<()>)>,
     /// Stores submitted whose reply is not queued yet: while there are any, a reply may come
     /// quietly, and the connection's thread sleeps at most [`QUIET_WITHIN`].
     awaiting: Arc<AtomicUsize>,
@@ -193,7 +194,6 @@ impl<'a> Session<'a> {
         handle: Handle,
         token_hash: Vec<u8>,
     ) -> Session<'a> {
-        let (slots, free) = bounded(FILE_WINDOW);
         Session {
             shared,
             user,
@@ -201,8 +201,7 @@ impl<'a> Session<'a> {
             token_hash,
             handle,
             local: RefCell::new(VecDeque::new()),
-            slots,
-            free,
+            window: OnceCell::new(),
             awaiting: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -233,7 +232,7 @@ impl<'a> Session<'a> {
         matches!(
             request,
             ServerRequest::FileChunk { .. } | ServerRequest::FileGet { .. }
-        ) && self.slots.is_full()
+        ) && self.window.get().is_some_and(|(slots, _)| slots.is_full())
     }
 
     /// Handles one request. Refusals are replies; only a broken connection is an error.
@@ -359,10 +358,11 @@ impl<'a> Session<'a> {
 
     /// Takes a slot of the file window ([`Session::waits_for_window`] said there is one).
     fn permit(&self) -> Result<Permit> {
-        self.slots
+        let (slots, free) = self.window.get_or_init(|| bounded(FILE_WINDOW));
+        slots
             .try_send(())
             .map_err(|_| Error::Protocol("the file window is full".into()))?;
-        Ok(Permit::new(self.free.clone()))
+        Ok(Permit::new(free.clone()))
     }
 }
 
@@ -470,6 +470,8 @@ impl Connection {
             if more || !s.rx.prepare_wait() {
                 continue;
             }
+            // Asleep, a connection keeps no buffer for replies it has sent (0.5 KiB).
+            session.local.borrow_mut().shrink_to_fit();
             let want_read = !closed
                 && waiting.is_none()
                 && rested_until.is_none()

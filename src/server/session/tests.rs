@@ -515,6 +515,33 @@ fn a_group_message_needs_the_current_epoch_unless_it_is_a_resend() -> Result<()>
 }
 
 #[test]
+fn the_file_window_is_made_on_first_use_and_holds_at_most_its_slots() -> Result<()> {
+    let s = server(&["alice"])?;
+    let alice = connect(&s.shared, "alice")?;
+    let chunk = ServerRequest::FileChunk {
+        upload: 1,
+        index: 0,
+        data: vec![1],
+    };
+    let session = &alice.session;
+    assert!(session.window.get().is_none(), "no file yet, no window");
+    assert!(!session.waits_for_window(&chunk));
+    let mut held: Vec<_> = (0..super::FILE_WINDOW)
+        .map(|_| session.permit())
+        .collect::<Result<_>>()?;
+    assert!(session.waits_for_window(&chunk), "every slot is taken");
+    assert!(
+        !session.waits_for_window(&ServerRequest::Who),
+        "only file requests wait"
+    );
+    assert!(session.permit().is_err(), "no slot beyond the window");
+    held.pop();
+    assert!(!session.waits_for_window(&chunk), "a slot given back");
+    session.permit()?;
+    Ok(())
+}
+
+#[test]
 fn file_requests_are_checked_against_the_limits() -> Result<()> {
     let s = server(&["alice", "bob"])?;
     let mut alice = connect(&s.shared, "alice")?;
