@@ -162,8 +162,8 @@ pub struct WriterConn {
     wal: WalFile,
     /// No restart of the log is tried before this (see [`WriterConn::restart_log`]).
     next_restart: Instant,
-    /// SQLite's count of the changes this connection saw others commit (`PRAGMA
-    /// data_version`), as of the last batch.
+    /// SQLite's `PRAGMA data_version` as of the last batch: it changes when another
+    /// connection has committed.
     data_version: i64,
     /// When a batch last found that another process had committed since the one before.
     others_seen: Option<Instant>,

@@ -38,9 +38,9 @@ const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 /// batches ([`Batch::shared`]: several chat servers on one SQLite file). Each of their commits
 /// makes the next of ours dearer (SQLite then re-reads every page the batch touches, and the
 /// file's locks are taken in turn), so gathering longer pays more: on three servers at 10,000
-/// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 9% and lowered p90 and p99
-/// in four alternating pairs of four (BENCHMARKS.md). One server alone keeps the shorter
-/// window, where the longer one cost a quarter of a millisecond of median latency.
+/// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
+/// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
+/// window, where the longer one cost a fifth of a millisecond of median latency.
 const SHARED_WINDOW: Duration = Duration::from_micros(600);
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
