@@ -61,10 +61,12 @@ impl Drop for Permit {
 /// What a connection's thread is asked to send.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A reply or notice, written as is.
-    Event(ServerEvent),
+    /// A reply or notice, written as is. Boxed, like a chunk's, so that an item is small: a
+    /// connection's mailbox keeps its current block of 31 slots for as long as it lives, and
+    /// a slot of the whole event made it 4 KiB (BENCHMARKS.md).
+    Event(Box<ServerEvent>),
     /// A file chunk; its window slot is given back once it is queued for the socket.
-    Chunk(ServerEvent, Permit),
+    Chunk(Box<ServerEvent>, Permit),
     /// A live message. Dropped if it arrives before the queue is synced (the sync reads it from
     /// the database) or if the sync already sent it.
     Message(Arc<Envelope>),
@@ -73,6 +75,13 @@ pub enum Outbound {
     /// Send again everything still queued for this user (the client drops what it has seen):
     /// a peer that died may have committed messages it never relayed.
     Resync,
+}
+
+impl Outbound {
+    /// A reply or notice.
+    pub fn event(event: ServerEvent) -> Outbound {
+        Outbound::Event(Box::new(event))
+    }
 }
 
 /// How another thread cuts a connection off (its queue is full, its session ended): the
@@ -220,12 +229,14 @@ impl Wire {
 
     /// Moves one item into the channel's write buffer, counting a refusal.
     pub fn put(&self, sending: &mut Sending, item: Outbound) -> Result<()> {
-        if let Outbound::Event(ServerEvent::Reply(Response {
-            result: Err(refusal),
-            ..
-        })) = &item
-        {
-            *self.refusals.lock().entry(refusal.code).or_default() += 1;
+        if let Outbound::Event(event) = &item {
+            if let ServerEvent::Reply(Response {
+                result: Err(refusal),
+                ..
+            }) = &**event
+            {
+                *self.refusals.lock().entry(refusal.code).or_default() += 1;
+            }
         }
         sending.delivery.put(item, &mut sending.chan)
     }
@@ -398,6 +409,15 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outbound_item_is_small() {
+        // A connection's mailbox keeps a block of 31 slots of this (plus a word each) once
+        // anything has gone through it: 4 KiB when an event was held whole (120 bytes), 1 KiB
+        // at 24.
+        let size = std::mem::size_of::<Outbound>();
+        assert!(size <= 24, "{size} bytes");
+    }
     use crate::db::Outgoing;
     use crate::net::{PublicKeys, MAX_FRAME};
     use crate::server::testing::{envelope, Flag};
@@ -495,7 +515,7 @@ mod tests {
     }
 
     fn done(id: u64) -> Outbound {
-        Outbound::Event(ServerEvent::reply(id, crate::net::ServerReply::Done))
+        Outbound::event(ServerEvent::reply(id, crate::net::ServerReply::Done))
     }
 
     #[test]
@@ -511,7 +531,7 @@ mod tests {
         assert_eq!(read_back(&mut c.client)?, [-1, 5, 6]);
         // A refusal sent this way is counted like one its thread sends.
         let refusal = ServerEvent::refused(Some(2), crate::net::ErrorCode::BadMessage, "no");
-        assert!(c.handle.offer(Outbound::Event(refusal)));
+        assert!(c.handle.offer(Outbound::event(refusal)));
         assert_eq!(read_back(&mut c.client)?, [-2]);
         assert_eq!(
             c.wire

@@ -75,7 +75,7 @@ impl Watches {
                 if *user == w.user || w.told.get(user) == Some(&now) {
                     continue;
                 }
-                let told = w.handle.offer(Outbound::Event(ServerEvent::Presence {
+                let told = w.handle.offer(Outbound::event(ServerEvent::Presence {
                     user: user.clone(),
                     online: now,
                 }));

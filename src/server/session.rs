@@ -216,7 +216,7 @@ impl<'a> Session<'a> {
             tx.add_presence(sid, cid, &u, &hash)?;
             tx.newest_message_id()
         })?;
-        self.queue(Outbound::Event(ServerEvent::Welcome(Welcome {
+        self.queue(Outbound::event(ServerEvent::Welcome(Welcome {
             user: self.user.clone(),
             server_id: shared.server_id,
             max_file: shared.config.max_file,
@@ -284,7 +284,7 @@ impl<'a> Session<'a> {
     }
 
     fn refuse(&self, id: u64, code: ErrorCode, message: impl Into<String>) {
-        self.queue(Outbound::Event(ServerEvent::refused(
+        self.queue(Outbound::event(ServerEvent::refused(
             Some(id),
             code,
             message,
@@ -325,7 +325,7 @@ impl<'a> Session<'a> {
             self.handle.clone(),
             users.into_iter().collect(),
         );
-        self.queue(Outbound::Event(ServerEvent::reply(id, ServerReply::Done)));
+        self.queue(Outbound::event(ServerEvent::reply(id, ServerReply::Done)));
         if let Err(e) = super::presence::tick(self.shared) {
             log::debug!("presence: {e}");
         }
@@ -337,7 +337,7 @@ impl<'a> Session<'a> {
             Ok(reply) => ServerEvent::reply(id, reply),
             Err(e) => error_event(id, e),
         };
-        self.queue(Outbound::Event(event));
+        self.queue(Outbound::event(event));
     }
 
     /// Runs `work` on the database writer thread; its reply goes out after the commit.
@@ -352,7 +352,7 @@ impl<'a> Session<'a> {
                 Ok(reply) => ServerEvent::reply(id, reply),
                 Err(e) => error_event(id, e),
             };
-            handle.offer(Outbound::Event(event));
+            handle.offer(Outbound::event(event));
         });
     }
 

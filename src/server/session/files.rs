@@ -49,7 +49,7 @@ impl Session<'_> {
                     Ok(()) => ServerEvent::reply(id, ServerReply::Done),
                     Err(e) => error_event(id, e),
                 };
-                handle.offer(Outbound::Event(event));
+                handle.offer(Outbound::event(event));
             },
         );
         Ok(())
@@ -66,10 +66,10 @@ impl Session<'_> {
             .read(|tx| tx.file_chunk(me, msg_id, index))
         {
             Ok(data) => self.queue(Outbound::Chunk(
-                ServerEvent::reply(id, ServerReply::FileData { data }),
+                Box::new(ServerEvent::reply(id, ServerReply::FileData { data })),
                 permit,
             )),
-            Err(e) => self.queue(Outbound::Event(error_event(id, e))),
+            Err(e) => self.queue(Outbound::event(error_event(id, e))),
         }
         Ok(())
     }

@@ -123,7 +123,7 @@ impl Session<'_> {
                     .store
                     .read(|tx| check_key_change(tx, &change, old));
                 if let Err(e) = checked {
-                    return self.queue(super::Outbound::Event(super::error_event(id, e)));
+                    return self.queue(super::Outbound::event(super::error_event(id, e)));
                 }
             }
         }

@@ -91,7 +91,7 @@ impl Session<'_> {
                 Ok(_) => ServerEvent::reply(id, ServerReply::Done),
                 Err(e) => error_event(id, e),
             };
-            handle.offer(Outbound::Event(event));
+            handle.offer(Outbound::event(event));
         });
     }
 
@@ -164,7 +164,7 @@ impl Session<'_> {
                     let msg_id = stored.envelope.id;
                     route(&shared, stored);
                     let stored =
-                        Outbound::Event(ServerEvent::reply(id, ServerReply::Stored { msg_id }));
+                        Outbound::event(ServerEvent::reply(id, ServerReply::Stored { msg_id }));
                     if patient {
                         handle.offer_quiet(stored);
                     } else {
@@ -172,10 +172,10 @@ impl Session<'_> {
                     }
                 }
                 Ok(None) => {
-                    handle.offer(Outbound::Event(ServerEvent::reply(id, ServerReply::Done)));
+                    handle.offer(Outbound::event(ServerEvent::reply(id, ServerReply::Done)));
                 }
                 Err(e) => {
-                    handle.offer(Outbound::Event(error_event(id, e)));
+                    handle.offer(Outbound::event(error_event(id, e)));
                 }
             }
             // Counted out only once the reply is queued (see `Awaited`).

@@ -84,7 +84,10 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
         next_id: 1,
     };
     match conn.next() {
-        Outbound::Event(ServerEvent::Welcome(w)) => assert_eq!(w.user, user),
+        Outbound::Event(e) => match *e {
+            ServerEvent::Welcome(w) => assert_eq!(w.user, user),
+            other => panic!("expected Welcome, got {other:?}"),
+        },
         other => panic!("expected Welcome, got {other:?}"),
     }
     assert!(matches!(conn.next(), Outbound::Sync));
@@ -109,13 +112,19 @@ impl Conn<'_> {
         self.next_id += 1;
         self.session.handle(Request { id, body }).expect("handled");
         loop {
-            match self.next() {
-                Outbound::Event(ServerEvent::Reply(r)) => {
-                    assert_eq!(r.id, Some(id), "the response names the request");
+            let (event, chunk) = match self.next() {
+                Outbound::Event(e) => (*e, false),
+                Outbound::Chunk(e, _) => (*e, true),
+                Outbound::Message(_) => continue,
+                other => panic!("expected a reply, got {other:?}"),
+            };
+            match event {
+                ServerEvent::Reply(r) => {
+                    if !chunk {
+                        assert_eq!(r.id, Some(id), "the response names the request");
+                    }
                     return r;
                 }
-                Outbound::Chunk(ServerEvent::Reply(r), _) => return r,
-                Outbound::Message(_) => continue,
                 other => panic!("expected a reply, got {other:?}"),
             }
         }
