@@ -409,6 +409,10 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Outgoing;
+    use crate::net::{PublicKeys, MAX_FRAME};
+    use crate::server::testing::{envelope, Flag};
+    use crate::transport::Stream;
 
     #[test]
     fn an_outbound_item_is_small() {
@@ -418,10 +422,6 @@ mod tests {
         let size = std::mem::size_of::<Outbound>();
         assert!(size <= 24, "{size} bytes");
     }
-    use crate::db::Outgoing;
-    use crate::net::{PublicKeys, MAX_FRAME};
-    use crate::server::testing::{envelope, Flag};
-    use crate::transport::Stream;
 
     /// A channel whose other end is read back: the frames the delivery queued.
     fn channel() -> Result<(Channel, Channel)> {
