@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! caller: accept ──spawns──▶ handler thread (one per connection)
-//!    ▲                            │ ends: sends its id
+//!    ▲                            │ may hand the rest of its connection to a fresh thread,
+//!    │                            │ which takes its place (`Rest`), and end
+//!    │                            │ ends: sends its id
 //!    │ self-connect               ▼
 //! waker: waits for the          reaper: joins each handler thread as it ends
 //! shutdown signal, sets
@@ -49,6 +51,24 @@ pub struct Threads {
     pub max: usize,
     /// Most connections at once from one address (0: no limit).
     pub per_address: usize,
+}
+
+/// What a connection's handler leaves to do: nothing (a handler that returns `()` is done), or
+/// the rest of the connection, to run on a fresh thread that takes the first one's place (its
+/// id, its count against the limits, its socket). The first thread then ends, and with it what
+/// it kept that the rest does not need: after a TLS handshake, OpenSSL's per-thread random
+/// generators and the like, about 5 KiB a connection (BENCHMARKS.md).
+pub enum Rest {
+    /// The connection is over.
+    Done,
+    /// The rest of the connection, on a thread of its own.
+    Then(Box<dyn FnOnce() -> Result<()> + Send>),
+}
+
+impl From<()> for Rest {
+    fn from((): ()) -> Rest {
+        Rest::Done
+    }
 }
 
 /// A running connection thread and, if its socket is kept, the socket.
@@ -125,14 +145,15 @@ impl Handlers {
 }
 
 /// Accepts connections on `listener` and runs `handler` on a thread of its own for each, until
-/// `shutdown` receives a message or disconnects. Per-connection errors are logged here (at
-/// debug level: a client going away is not the server's problem). Returns the running
-/// connection threads, to be closed and joined by the caller.
-pub fn accept(
+/// `shutdown` receives a message or disconnects; what the handler leaves ([`Rest`]) runs on a
+/// fresh thread in its place. Per-connection errors are logged here (at debug level: a client
+/// going away is not the server's problem). Returns the running connection threads, to be
+/// closed and joined by the caller.
+pub fn accept<R: Into<Rest>>(
     listener: &TcpListener,
     shutdown: Receiver<()>,
     threads: &Threads,
-    handler: impl Fn(TcpStream) -> Result<()> + Send + Sync + 'static,
+    handler: impl Fn(TcpStream) -> Result<R> + Send + Sync + 'static,
 ) -> Result<Handlers> {
     let local = listener.local_addr()?;
     let stopping = Arc::new(AtomicBool::new(false));
@@ -212,6 +233,7 @@ pub fn accept(
             None
         };
         let (handler, ended) = (Arc::clone(&handler), ended_tx.clone());
+        let (map_again, how) = (Arc::clone(&running), threads.clone());
         // The map stays locked until the handle is in it, so the reaper (which takes the
         // lock to remove it) cannot look for it too early.
         let mut map = running.lock();
@@ -220,8 +242,12 @@ pub fn accept(
             .stack_size(threads.stack_size)
             .spawn(move || {
                 let peer = stream.peer_addr().ok();
-                if let Err(e) = handler(stream) {
-                    log::debug!("connection from {peer:?} ended: {e}");
+                match handler(stream).map(Into::into) {
+                    Ok(Rest::Done) => {}
+                    Ok(Rest::Then(rest)) => {
+                        return hand_on(id, rest, peer, &map_again, ended, &how)
+                    }
+                    Err(e) => log::debug!("connection from {peer:?} ended: {e}"),
                 }
                 let _ = ended.send(id);
             });
@@ -250,6 +276,43 @@ pub fn accept(
         reaper,
         name: threads.name,
     })
+}
+
+/// Runs the rest of connection `id` on a fresh thread, which takes the calling thread's place
+/// in `running` (the caller ends next). If no thread can be made, the connection is closed.
+fn hand_on(
+    id: u64,
+    rest: Box<dyn FnOnce() -> Result<()> + Send>,
+    peer: Option<SocketAddr>,
+    running: &Mutex<Connections>,
+    ended: Sender<u64>,
+    threads: &Threads,
+) {
+    // Locked until the new handle is in place (see `accept`).
+    let mut map = running.lock();
+    let done = ended.clone();
+    let spawned = std::thread::Builder::new()
+        .name(threads.name.into())
+        .stack_size(threads.stack_size)
+        .spawn(move || {
+            if let Err(e) = rest() {
+                log::debug!("connection from {peer:?} ended: {e}");
+            }
+            let _ = done.send(id);
+        });
+    match spawned {
+        Ok(thread) => {
+            if let Some(r) = map.threads.get_mut(&id) {
+                // The old handle's thread ends now; nobody needs to join it.
+                r.thread = thread;
+            }
+        }
+        Err(e) => {
+            drop(map);
+            log::warn!("cannot go on with a connection from {peer:?} on a new thread: {e}");
+            let _ = ended.send(id);
+        }
+    }
 }
 
 /// Starts the thread that waits for `shutdown`, then sets `stopping` and connects to the
@@ -416,6 +479,67 @@ mod tests {
         handlers.close();
         assert_eq!(handlers.join(Duration::from_secs(10)), 0);
         assert_eq!(held.read(&mut [0u8; 1])?, 0, "the client sees the close");
+        Ok(())
+    }
+
+    #[test]
+    fn the_rest_of_a_connection_runs_on_a_fresh_thread_that_keeps_its_place() -> Result<()> {
+        thread_local! {
+            // Says so when the thread that set it ends.
+            static ENDED: std::cell::RefCell<Option<Flag>> = const { std::cell::RefCell::new(None) };
+        }
+        struct Flag(Sender<&'static str>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                let _ = self.0.send("the first thread ended");
+            }
+        }
+        let (said, hear) = unbounded::<&'static str>();
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = stop_channel();
+        let threads = Threads { max: 1, ..THREADS };
+        let handler = move |mut s: TcpStream| -> Result<Rest> {
+            // The first part reads a byte, and leaves something in its thread's locals.
+            s.read_exact(&mut [0u8; 1])?;
+            ENDED.with(|e| *e.borrow_mut() = Some(Flag(said.clone())));
+            let first = std::thread::current().id();
+            let said = said.clone();
+            Ok(Rest::Then(Box::new(move || {
+                if std::thread::current().id() != first {
+                    let _ = said.send("the rest runs on another thread");
+                }
+                echo(s)
+            })))
+        };
+        let server = std::thread::spawn(move || accept(&listener, shutdown, &threads, handler));
+        let mut c = TcpStream::connect(addr)?;
+        c.write_all(b"a")?;
+        let mut heard: Vec<&str> = (0..2)
+            .map(|_| {
+                hear.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or("nothing")
+            })
+            .collect();
+        heard.sort_unstable();
+        assert_eq!(
+            heard,
+            ["the first thread ended", "the rest runs on another thread"]
+        );
+        c.write_all(b"b")?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        assert_eq!(&b, b"b", "the rest serves the connection");
+        // The rest still counts against the limit: a second connection is closed at once.
+        let mut second = TcpStream::connect(addr)?;
+        second.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let _ = second.write_all(b"x");
+        assert!(matches!(second.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        drop(stop);
+        let handlers = server.join().expect("no panic")?;
+        assert_eq!(handlers.running(), 1, "the rest's thread is still running");
+        drop(c);
+        assert_eq!(handlers.join(Duration::from_secs(10)), 0, "and is joined");
         Ok(())
     }
 }

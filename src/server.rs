@@ -48,7 +48,7 @@ use crate::capacity::Limits;
 use crate::crypto;
 use crate::db::Store;
 use crate::error::{Error, Result};
-use crate::listen::{self, Threads};
+use crate::listen::{self, Rest, Threads};
 use crate::net::{decode, ErrorCode, Greeting, Request, ServerEvent, ServerRequest};
 use crate::transport::pki::Role;
 use crate::transport::{Channel, Waker};
@@ -254,7 +254,7 @@ fn refuse(chan: &mut Channel, code: ErrorCode, message: &str) {
 }
 
 /// One accepted connection: a client (after `Hello`) or a peer server (after its greeting).
-fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
+fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Rest> {
     tcp.set_nodelay(true)?;
     // The handshake and the first frame must come whole within the hello timeout; the first
     // frame must be small; the server's stop ends the wait.
@@ -267,7 +267,7 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
     chan.set_nonblocking(true)?;
     let body = match chan.recv_raw_until(MAX_GREETING, Some(deadline), Some(&shared.stop)) {
         Ok(Some(body)) => body,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(Rest::Done),
         Err(e @ Error::FrameTooLarge { .. }) => {
             refuse(&mut chan, ErrorCode::BadFrame, &e.to_string());
             return Err(e);
@@ -299,7 +299,7 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                     ErrorCode::InvalidToken,
                     "invalid or expired session; log in again",
                 );
-                return Ok(());
+                return Ok(Rest::Done);
             };
             if let Some(binding) = chan.stream().binding() {
                 if !crypto::check_session_proof(&session.session_key, &binding, &proof)? {
@@ -308,10 +308,15 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                         ErrorCode::InvalidToken,
                         "the session proof does not match this connection; log in again",
                     );
-                    return Ok(());
+                    return Ok(Rest::Done);
                 }
             }
-            session::serve_client(chan, shared, session.user, hash)
+            // The session goes on on a fresh thread: this one's handshake left state behind
+            // that a session does not need (see `listen::Rest`).
+            let shared = Arc::clone(shared);
+            Ok(Rest::Then(Box::new(move || {
+                session::serve_client(chan, &shared, session.user, hash)
+            })))
         }
         Greeting::Peer { server_id } => {
             if shared.config.transport.is_tls() {
@@ -322,11 +327,12 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<()> {
                 };
                 if !proven {
                     refuse(&mut chan, ErrorCode::NotAllowed, "not that peer server");
-                    return Ok(());
+                    return Ok(Rest::Done);
                 }
             }
             let again = !shared.peers_seen.lock().insert(server_id);
-            peers::serve_inbound(&mut chan, &shared.router, &shared.stop, server_id, again)
+            peers::serve_inbound(&mut chan, &shared.router, &shared.stop, server_id, again)?;
+            Ok(Rest::Done)
         }
     }
 }
