@@ -12,13 +12,13 @@ pub const MAX_NAME: usize = 32;
 /// Checks a user or group name; the error says what is wrong, showing the name only when it is
 /// printable and short.
 pub fn validate(kind: &str, name: &str) -> Result<()> {
-    let shown = shown(name);
     if name.is_empty() {
         return Err(Error::InvalidName(format!("{kind} name must not be empty")));
     }
     if name.len() > MAX_NAME {
         return Err(Error::InvalidName(format!(
-            "{kind} name {shown} is too long ({} characters, at most {MAX_NAME})",
+            "{kind} name {} is too long ({} characters, at most {MAX_NAME})",
+            shown(name),
             name.chars().count()
         )));
     }
@@ -27,13 +27,15 @@ pub fn validate(kind: &str, name: &str) -> Result<()> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(Error::InvalidName(format!(
-            "{kind} name {shown} contains {}: use letters, digits, '_', '.' and '-'",
+            "{kind} name {} contains {}: use letters, digits, '_', '.' and '-'",
+            shown(name),
             describe(c)
         )));
     }
     if name == "." || name == ".." {
         return Err(Error::InvalidName(format!(
-            "{kind} name {shown} is reserved"
+            "{kind} name {} is reserved",
+            shown(name)
         )));
     }
     Ok(())

@@ -123,14 +123,33 @@ impl Quotas {
 pub struct Watch {
     /// Queues and senders at a quarter of their quota or more at the last look.
     seen: RwLock<Seen>,
-    /// What this server was handed since then, per queue and per `SENDER RECIPIENT`.
+    /// What this server was handed since then, per queue and per sender in a queue.
     since: Mutex<Seen>,
 }
 
+/// Usage by queue, and by sender within a queue: looked up by name, so that a send makes no
+/// key (it is on every message's path).
 #[derive(Debug, Default)]
 struct Seen {
     queues: HashMap<String, Usage>,
-    senders: HashMap<String, Usage>,
+    /// Queue, then sender.
+    senders: HashMap<String, HashMap<String, Usage>>,
+}
+
+impl Seen {
+    fn sender(&self, queue: &str, sender: &str) -> Option<Usage> {
+        self.senders.get(queue)?.get(sender).copied()
+    }
+}
+
+/// `*usage += one`, adding the entry for `key` if there is none.
+fn count_in(map: &mut HashMap<String, Usage>, key: &str, one: Usage) {
+    match map.get_mut(key) {
+        Some(u) => *u = add(*u, one),
+        None => {
+            map.insert(key.to_string(), one);
+        }
+    }
 }
 
 fn add(a: Usage, b: Usage) -> Usage {
@@ -148,66 +167,68 @@ impl Watch {
     /// Looks over the whole queue again.
     pub fn refresh(&self, tx: &mut dyn Tx, quotas: &Quotas) -> Result<()> {
         let queues = tx.heavy_queues(quotas.queue_messages / 4, quotas.queue_bytes / 4)?;
-        let senders = tx.heavy_senders(quotas.sender_messages / 4, quotas.sender_bytes / 4)?;
-        // The same order as `near`: `seen`, then `since`.
+        let pairs = tx.heavy_senders(quotas.sender_messages / 4, quotas.sender_bytes / 4)?;
+        let mut senders: HashMap<String, HashMap<String, Usage>> = HashMap::new();
+        for (pair, usage) in pairs {
+            // `SENDER RECIPIENT`: names have no spaces.
+            if let Some((sender, queue)) = pair.split_once(' ') {
+                senders
+                    .entry(queue.to_string())
+                    .or_default()
+                    .insert(sender.to_string(), usage);
+            }
+        }
+        // The same order as `count`: `seen`, then `since`.
         let mut seen = self.seen.write();
         let mut since = self.since.lock();
         *seen = Seen {
             queues: queues.into_iter().collect(),
-            senders: senders.into_iter().collect(),
+            senders,
         };
         *since = Seen::default();
         Ok(())
     }
 
     /// Notes a message of `len` bytes handed to this server for `queue` (a user, or
-    /// `g:GROUP`), from `sender` when it is a direct one.
-    pub fn note(&self, queue: &str, sender: Option<&str>, len: u64) {
+    /// `g:GROUP`), from `sender` when it is a direct one; returns whether, before it, the
+    /// queue or the sender's share of it may have been past half its quota: then the send
+    /// counts exactly. A queue not seen at the last look is taken to be just under a quarter
+    /// full.
+    pub fn count(&self, quotas: &Quotas, queue: &str, sender: Option<&str>, len: u64) -> bool {
+        let (seen, mut since) = (self.seen.read(), self.since.lock());
+        let estimate = |seen: Option<Usage>, since: Option<Usage>, m: u64, b: u64| {
+            let base = seen.unwrap_or(Usage {
+                messages: m / 4,
+                bytes: b / 4,
+            });
+            past_half(add(base, since.unwrap_or_default()), m, b)
+        };
+        let near = estimate(
+            seen.queues.get(queue).copied(),
+            since.queues.get(queue).copied(),
+            quotas.queue_messages,
+            quotas.queue_bytes,
+        ) || sender.is_some_and(|s| {
+            estimate(
+                seen.sender(queue, s),
+                since.sender(queue, s),
+                quotas.sender_messages,
+                quotas.sender_bytes,
+            )
+        });
         let one = Usage {
             messages: 1,
             bytes: len,
         };
-        let mut since = self.since.lock();
-        let q = since.queues.entry(queue.to_string()).or_default();
-        *q = add(*q, one);
+        count_in(&mut since.queues, queue, one);
         if let Some(s) = sender {
-            let p = since.senders.entry(format!("{s} {queue}")).or_default();
-            *p = add(*p, one);
+            let shares = match since.senders.get_mut(queue) {
+                Some(shares) => shares,
+                None => since.senders.entry(queue.to_string()).or_default(),
+            };
+            count_in(shares, s, one);
         }
-    }
-
-    /// Whether the queue `owner`, or `sender`'s share of it, may be past half its quota: then
-    /// a send counts exactly. A queue not seen at the last look is taken to be just under a
-    /// quarter full.
-    pub fn near(&self, quotas: &Quotas, owner: &str, sender: Option<&str>) -> bool {
-        let (seen, since) = (self.seen.read(), self.since.lock());
-        let estimate = |seen: &HashMap<String, Usage>,
-                        since: &HashMap<String, Usage>,
-                        key: &str,
-                        m: u64,
-                        b: u64| {
-            let base = seen.get(key).copied().unwrap_or(Usage {
-                messages: m / 4,
-                bytes: b / 4,
-            });
-            past_half(add(base, since.get(key).copied().unwrap_or_default()), m, b)
-        };
-        estimate(
-            &seen.queues,
-            &since.queues,
-            owner,
-            quotas.queue_messages,
-            quotas.queue_bytes,
-        ) || sender.is_some_and(|s| {
-            let key = format!("{s} {owner}");
-            estimate(
-                &seen.senders,
-                &since.senders,
-                &key,
-                quotas.sender_messages,
-                quotas.sender_bytes,
-            )
-        })
+        near
     }
 }
 
@@ -275,22 +296,74 @@ mod tests {
             ..Quotas::default()
         };
         let w = Watch::default();
-        // Unseen at the last look: taken as a quarter full (2 of 8).
-        assert!(!w.near(&q, "bob", Some("alice")));
-        w.note("bob", Some("alice"), 10);
-        assert!(!w.near(&q, "bob", Some("alice")));
-        w.note("bob", Some("alice"), 10);
-        assert!(w.near(&q, "bob", Some("alice")), "2 + 2 of 8");
-        assert!(!w.near(&q, "carol", Some("alice")), "another queue");
+        // Unseen at the last look: taken as a quarter full (2 of 8); each count says what
+        // was before it.
+        assert!(!w.count(&q, "bob", Some("alice"), 10), "2 + 0 of 8");
+        assert!(!w.count(&q, "bob", Some("alice"), 10), "2 + 1 of 8");
+        assert!(w.count(&q, "bob", Some("alice"), 10), "2 + 2 of 8");
+        assert!(!w.count(&q, "carol", Some("alice"), 10), "another queue");
         // A sender's share is watched on its own.
         let share = Quotas {
+            queue_messages: 100,
             sender_messages: 4,
             ..q
         };
         let w = Watch::default();
-        w.note("dave", Some("alice"), 1);
-        assert!(w.near(&share, "dave", Some("alice")), "1 + 1 of 4");
-        assert!(!w.near(&share, "dave", Some("carol")));
+        assert!(!w.count(&share, "dave", Some("alice"), 1), "1 + 0 of 4");
+        assert!(w.count(&share, "dave", Some("alice"), 1), "1 + 1 of 4");
+        assert!(!w.count(&share, "dave", Some("carol"), 1), "carol's share");
+        assert!(
+            !w.count(&share, "erin", Some("alice"), 1),
+            "alice's share of another"
+        );
+    }
+
+    #[test]
+    fn a_look_over_the_queue_finds_who_is_heavy_and_forgets_what_was_counted_since() -> Result<()> {
+        use crate::db::sqlite::{open, SqliteTx};
+        use crate::db::Outgoing;
+        use crate::net::PublicKeys;
+        // Queues large enough that only senders' shares come near.
+        let q = Quotas {
+            queue_messages: 100,
+            sender_messages: 4,
+            ..Quotas::default()
+        };
+        let dir = tempfile::tempdir()?;
+        let conn = open(&dir.path().join("chat.db"))?;
+        let tx = &mut SqliteTx::new(&conn);
+        let keys = PublicKeys {
+            x25519: vec![1; 32],
+            ed25519: vec![2; 32],
+        };
+        for u in ["alice", "bob", "carol"] {
+            assert!(tx.create_user(u, "h", &keys)?);
+        }
+        let w = Watch::default();
+        assert!(!w.count(&q, "bob", Some("alice"), 1));
+        assert!(
+            w.count(&q, "bob", Some("alice"), 1),
+            "alice's share: 1 + 1 of 4"
+        );
+        // The queue holds nothing: at the next look nobody is heavy, and what was counted
+        // since the last one is forgotten.
+        w.refresh(tx, &q)?;
+        assert!(!w.count(&q, "bob", Some("alice"), 1));
+        // Carol has three messages waiting in bob's queue: her share is seen past half.
+        for i in 0..3 {
+            tx.store_message(&Outgoing::new("carol", i, b"x"), "bob")?;
+        }
+        w.refresh(tx, &q)?;
+        assert!(
+            w.count(&q, "bob", Some("carol"), 1),
+            "carol's share: 3 of 4"
+        );
+        assert!(
+            !w.count(&q, "bob", Some("alice"), 1),
+            "alice's share: 1 + 0 of 4"
+        );
+        assert!(!w.count(&q, "carol", Some("bob"), 1), "another queue");
+        Ok(())
     }
 
     #[test]

@@ -230,8 +230,7 @@ impl Session<'_> {
         let me = self.user.clone();
         let quotas = self.shared.config.quotas;
         let (watch, queue) = (&self.shared.quota_watch, format!("g:{group}"));
-        let counted = watch.near(&quotas, &queue, None);
-        watch.note(&queue, None, message.body.len() as u64);
+        let counted = watch.count(&quotas, &queue, None, message.body.len() as u64);
         let plain = !(counted || message.file.is_some() || message.resend_after.is_some());
         let patient = message.patient;
         let to = group.clone();

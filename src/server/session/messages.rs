@@ -40,8 +40,7 @@ impl Session<'_> {
         let quotas = self.shared.config.quotas;
         // Counted only for a queue or a sender near its quota (see `quota::Watch`).
         let watch = &self.shared.quota_watch;
-        let counted = watch.near(&quotas, &to, Some(&me));
-        watch.note(&to, Some(&me), message.body.len() as u64);
+        let counted = watch.count(&quotas, &to, Some(&me), message.body.len() as u64);
         // Without a file or a look-up of an earlier attempt, storing is one insert: atomic
         // without a savepoint, and merged with the batch's other such messages.
         let resend = message.resend_after.is_some();
