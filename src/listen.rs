@@ -57,7 +57,8 @@ pub struct Threads {
 /// the rest of the connection, to run on a fresh thread that takes the first one's place (its
 /// id, its count against the limits, its socket). The first thread then ends, and with it what
 /// it kept that the rest does not need: after a TLS handshake, OpenSSL's per-thread random
-/// generators and the like, about 5 KiB a connection (BENCHMARKS.md).
+/// generators and the like, about 5 KiB a connection (BENCHMARKS.md). Where no thread can be
+/// made, the rest runs on the first.
 pub enum Rest {
     /// The connection is over.
     Done,
@@ -282,7 +283,7 @@ pub fn accept<R: Into<Rest>>(
 /// in `running` (the caller ends next). The fresh thread first joins the caller, so that a
 /// connection's threads are all joined once its last one is, and what a thread frees as it
 /// ends (OpenSSL's per-thread state) is freed before the rest begins. If no thread can be
-/// made, the connection is closed.
+/// made, the rest runs on the calling thread.
 fn hand_on(
     id: u64,
     rest: Box<dyn FnOnce() -> Result<()> + Send>,
@@ -291,6 +292,9 @@ fn hand_on(
     ended: Sender<u64>,
     threads: &Threads,
 ) {
+    // Taken by whichever thread runs it: a thread that cannot be made drops its closure.
+    let rest = Arc::new(Mutex::new(Some(rest)));
+    let theirs = Arc::clone(&rest);
     // Locked until the new handle is in place (see `accept`).
     let mut map = running.lock();
     let done = ended.clone();
@@ -299,14 +303,17 @@ fn hand_on(
         .name(threads.name.into())
         .stack_size(threads.stack_size)
         .spawn(move || {
-            // The first thread's handle comes once the map holds this one's. The channel goes
-            // at once: a connection's thread keeps nothing it does not need.
+            // The first thread's handle comes once the map holds this one's. What carried
+            // the handle and the rest goes at once: a connection's thread keeps nothing it
+            // does not need.
             let handle = first.recv();
             drop(first);
+            let rest = theirs.lock().take();
+            drop(theirs);
             if let Ok(handle) = handle {
                 let _ = handle.join();
             }
-            if let Err(e) = rest() {
+            if let Some(Err(e)) = rest.map(|rest| rest()) {
                 log::debug!("connection from {peer:?} ended: {e}");
             }
             let _ = done.send(id);
@@ -319,7 +326,10 @@ fn hand_on(
         }
         Err(e) => {
             drop(map);
-            log::warn!("cannot go on with a connection from {peer:?} on a new thread: {e}");
+            log::warn!("cannot start a thread for a connection from {peer:?} ({e}); it goes on on the one it has");
+            if let Some(Err(e)) = rest.lock().take().map(|rest| rest()) {
+                log::debug!("connection from {peer:?} ended: {e}");
+            }
             let _ = ended.send(id);
         }
     }
@@ -490,6 +500,34 @@ mod tests {
         assert_eq!(handlers.join(Duration::from_secs(10)), 0);
         assert_eq!(held.read(&mut [0u8; 1])?, 0, "the client sees the close");
         Ok(())
+    }
+
+    #[test]
+    fn the_rest_runs_on_the_thread_it_has_when_no_thread_can_be_made() {
+        let running = Mutex::new(Connections::default());
+        let (ended, reaped) = unbounded::<u64>();
+        // A stack no system gives: the new thread cannot be made.
+        let threads = Threads {
+            stack_size: usize::MAX / 2,
+            ..THREADS
+        };
+        let here = std::thread::current().id();
+        let (said, hear) = unbounded();
+        let rest: Box<dyn FnOnce() -> Result<()> + Send> = Box::new(move || {
+            let _ = said.send(std::thread::current().id());
+            Ok(())
+        });
+        hand_on(7, rest, None, &running, ended, &threads);
+        assert_eq!(
+            hear.try_recv().ok(),
+            Some(here),
+            "ran here, before hand_on returned"
+        );
+        assert_eq!(
+            reaped.try_recv().ok(),
+            Some(7),
+            "and the connection is over"
+        );
     }
 
     #[test]
