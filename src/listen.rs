@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::throttle::Quiet;
 
 /// How connection threads are made.
@@ -63,8 +63,11 @@ pub enum Rest {
     /// The connection is over.
     Done,
     /// The rest of the connection, on a thread of its own.
-    Then(Box<dyn FnOnce() -> Result<()> + Send>),
+    Then(Then),
 }
+
+/// The rest of a connection (see [`Rest::Then`]).
+pub type Then = Box<dyn FnOnce() -> Result<()> + Send>;
 
 impl From<()> for Rest {
     fn from((): ()) -> Rest {
@@ -248,7 +251,7 @@ pub fn accept<R: Into<Rest>>(
                     Ok(Rest::Then(rest)) => {
                         return hand_on(id, rest, peer, &map_again, ended, &how)
                     }
-                    Err(e) => log::debug!("connection from {peer:?} ended: {e}"),
+                    Err(e) => ended_with(peer, &e),
                 }
                 let _ = ended.send(id);
             });
@@ -286,7 +289,7 @@ pub fn accept<R: Into<Rest>>(
 /// made, the rest runs on the calling thread.
 fn hand_on(
     id: u64,
-    rest: Box<dyn FnOnce() -> Result<()> + Send>,
+    rest: Then,
     peer: Option<SocketAddr>,
     running: &Mutex<Connections>,
     ended: Sender<u64>,
@@ -303,18 +306,8 @@ fn hand_on(
         .name(threads.name.into())
         .stack_size(threads.stack_size)
         .spawn(move || {
-            // The first thread's handle comes once the map holds this one's. What carried
-            // the handle and the rest goes at once: a connection's thread keeps nothing it
-            // does not need.
-            let handle = first.recv();
-            drop(first);
-            let rest = theirs.lock().take();
-            drop(theirs);
-            if let Ok(handle) = handle {
-                let _ = handle.join();
-            }
-            if let Some(Err(e)) = rest.map(|rest| rest()) {
-                log::debug!("connection from {peer:?} ended: {e}");
+            if let Some(Err(e)) = take_place(first, theirs).map(|rest| rest()) {
+                ended_with(peer, &e);
             }
             let _ = done.send(id);
         });
@@ -328,11 +321,36 @@ fn hand_on(
             drop(map);
             log::warn!("cannot start a thread for a connection from {peer:?} ({e}); it goes on on the one it has");
             if let Some(Err(e)) = rest.lock().take().map(|rest| rest()) {
-                log::debug!("connection from {peer:?} ended: {e}");
+                ended_with(peer, &e);
             }
             let _ = ended.send(id);
         }
     }
+}
+
+/// The start of a fresh thread that takes a connection's place: waits for the first thread's
+/// handle (it comes once the map holds this one's) and joins it, and takes the rest of the
+/// connection. What carried the handle and the rest goes at once: a connection's thread keeps
+/// nothing it does not need.
+///
+/// Out of line, as is [`ended_with`], so that the rest runs close to the top of the thread's
+/// stack: an idle chat connection's thread touches three pages of it (BENCHMARKS.md).
+#[inline(never)]
+fn take_place(first: Receiver<JoinHandle<()>>, rest: Arc<Mutex<Option<Then>>>) -> Option<Then> {
+    let handle = first.recv();
+    drop(first);
+    let rest = rest.lock().take();
+    if let Ok(handle) = handle {
+        let _ = handle.join();
+    }
+    rest
+}
+
+/// Logs why a connection's handler ended (at debug level: a client going away is normal).
+#[cold]
+#[inline(never)]
+fn ended_with(peer: Option<SocketAddr>, e: &Error) {
+    log::debug!("connection from {peer:?} ended: {e}");
 }
 
 /// Starts the thread that waits for `shutdown`, then sets `stopping` and connects to the

@@ -314,8 +314,13 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Rest> {
             // The session goes on on a fresh thread: this one's handshake left state behind
             // that a session does not need (see `listen::Rest`).
             let shared = Arc::clone(shared);
+            let login = Box::new(session::Login {
+                chan,
+                user: session.user,
+                token_hash: hash,
+            });
             Ok(Rest::Then(Box::new(move || {
-                session::serve_client(chan, &shared, session.user, hash)
+                session::serve_client(login, &shared)
             })))
         }
         Greeting::Peer { server_id } => {

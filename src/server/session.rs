@@ -59,13 +59,47 @@ const TURN: usize = 64;
 /// How long a connection that is closing may take to send what it still has.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// A client whose `Hello` was checked: its channel, who it is, and its session token, hashed.
+pub struct Login {
+    /// The client's channel, past the TLS handshake and the `Hello`.
+    pub chan: Channel,
+    /// Who the token said the client is.
+    pub user: String,
+    /// The session's token, hashed (its presence row names it).
+    pub token_hash: Vec<u8>,
+}
+
 /// Serves an authenticated client until it disconnects, on the calling thread.
-pub fn serve_client(
-    mut chan: Channel,
+pub fn serve_client(login: Box<Login>, shared: &Arc<Shared>) -> Result<()> {
+    let Some(admitted) = admit(login, shared)? else {
+        return Ok(());
+    };
+    let (connection, session) = (&admitted.0, &admitted.1);
+    let served = connection.run(session);
+    // The socket closes now, not when the last handle to the connection goes.
+    connection.wire.close();
+    served
+}
+
+/// Takes a client in: its connection and its started session, or `None` when it was turned
+/// away (the server is full or out of the cluster).
+///
+/// Out of line, and what it takes and gives boxed, so that the connection loop runs close to
+/// the top of the thread's stack (see [`Reading::turn`]).
+#[inline(never)]
+#[expect(
+    clippy::boxed_local,
+    reason = "boxed so that the caller's frame holds a pointer, not the login"
+)]
+fn admit(
+    login: Box<Login>,
     shared: &Arc<Shared>,
-    user: String,
-    token_hash: Vec<u8>,
-) -> Result<()> {
+) -> Result<Option<Box<(Connection, Session<'_>)>>> {
+    let Login {
+        mut chan,
+        user,
+        token_hash,
+    } = *login;
     if shared.detached.load(Ordering::SeqCst) {
         let away = ServerEvent::refused(
             None,
@@ -74,7 +108,7 @@ pub fn serve_client(
              balancer for another",
         );
         let _ = chan.send_before(&away, Instant::now() + LINGER);
-        return Ok(());
+        return Ok(None);
     }
     let count = shared.clients.fetch_add(1, Ordering::SeqCst) as usize + 1;
     if count > shared.config.max_clients {
@@ -85,7 +119,7 @@ pub fn serve_client(
             "server is full; ask the balancer for another",
         );
         let _ = chan.send_before(&full, Instant::now() + LINGER);
-        return Ok(());
+        return Ok(None);
     }
     shared.arrived.fetch_add(1, Ordering::SeqCst);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
@@ -111,17 +145,17 @@ pub fn serve_client(
         wire: Some(Arc::clone(&wire)),
     };
     let session = Session::new(shared, user, conn_id, handle, token_hash);
-    session.start()?;
     let connection = Connection {
         wire,
         tcp,
         waker,
         cut,
     };
-    let served = connection.run(&session);
-    // The socket closes now, not when the last handle to the connection goes.
-    connection.wire.close();
-    served
+    if let Err(e) = session.start() {
+        connection.wire.close();
+        return Err(e);
+    }
+    Ok(Some(Box::new((connection, session))))
 }
 
 /// One client connection's state, owned by its thread.
@@ -236,6 +270,9 @@ impl<'a> Session<'a> {
     }
 
     /// Handles one request. Refusals are replies; only a broken connection is an error.
+    ///
+    /// Out of line: see [`Reading::turn`].
+    #[inline(never)]
     pub fn handle(&self, request: Request<ServerRequest>) -> Result<()> {
         let Request { id, body } = request;
         match body {
@@ -378,19 +415,20 @@ struct Connection {
 
 impl Connection {
     /// Serves the session until the client leaves, sends garbage, is cut off, or the server
-    /// stops.
+    /// stops. Its frame is what an idle connection's thread keeps on the stack while it
+    /// sleeps and writes: what the loop does on the side is out of line (see
+    /// [`Reading::turn`]).
+    #[inline(never)]
     fn run(&self, session: &Session<'_>) -> Result<()> {
         let shared = session.shared;
         let rate = shared.config.max_rate;
-        let mut bucket = (rate > 0).then(|| Bucket::new(rate));
-        // A request read but not yet handled: it waits for a window slot or for its turn under
-        // the request rate.
-        let mut waiting: Option<Request<ServerRequest>> = None;
-        let mut rested_until: Option<Instant> = None;
-        // Whether the socket may have something to read (a read that found nothing clears it;
-        // poll sets it).
-        let mut readable = true;
-        let mut closed = false;
+        let mut reading = Reading {
+            waiting: None,
+            bucket: (rate > 0).then(|| Bucket::new(rate)),
+            rested_until: None,
+            readable: true,
+            closed: false,
+        };
         // Held for the whole turn; let go only while the thread sleeps (see `Wire`).
         let mut wire = self.wire.lock();
         loop {
@@ -404,67 +442,38 @@ impl Connection {
             if s.chan.pending() > 0 {
                 s.chan.flush()?;
             }
-            if rested_until.is_some_and(|t| Instant::now() >= t) {
-                rested_until = None;
+            if reading.rested_until.is_some_and(|t| Instant::now() >= t) {
+                reading.rested_until = None;
             }
             let backed_up = s.chan.pending() >= BACKLOG;
-            // Requests, as many as may go now.
-            let mut handled = 0;
-            while !backed_up && rested_until.is_none() && handled < TURN {
-                if let Some(request) = waiting.take() {
-                    if session.waits_for_window(&request.body) {
-                        waiting = Some(request);
-                        break;
-                    }
-                    session.handle(request)?;
-                    handled += 1;
-                    continue;
-                }
-                let request = match s.chan.frame::<Request<ServerRequest>>(MAX_FRAME) {
-                    Ok(Some(r)) => r,
-                    Ok(None) if closed || !readable => break,
-                    Ok(None) => {
-                        match s.chan.fill()? {
-                            Fill::Data => {}
-                            Fill::Idle => readable = false,
-                            Fill::Closed => closed = true,
-                        }
-                        continue;
-                    }
-                    Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
-                        let bad = ServerEvent::refused(None, ErrorCode::BadFrame, e.to_string());
-                        let _ = s.chan.send_before(&bad, Instant::now() + LINGER);
-                        return Err(e);
-                    }
-                    Err(e) => return Err(e),
-                };
-                if let Some(pause) = bucket.as_mut().and_then(Bucket::take) {
-                    rested_until = Some(Instant::now() + pause);
-                }
-                waiting = Some(request);
-            }
-            if closed && waiting.is_none() && !s.chan.has_frame() {
+            let handled = if backed_up {
+                0
+            } else {
+                reading.turn(s, session)?
+            };
+            if reading.closed && reading.waiting.is_none() && !s.chan.has_frame() {
                 // The client is gone; send what is left of the replies if it still reads.
                 self.send_queued(s, session)?;
                 let _ = s.chan.flush_before(Instant::now() + LINGER);
                 return Ok(());
             }
             // Anything left to do without waiting?
-            let window_open = waiting
+            let window_open = reading
+                .waiting
                 .as_ref()
                 .is_some_and(|r| !session.waits_for_window(&r.body));
             let more = !session.local.borrow().is_empty()
                 || (s.delivery.syncing() && s.chan.pending() < BACKLOG)
                 || (handled == TURN)
-                || (window_open && rested_until.is_none() && !backed_up);
+                || (window_open && reading.rested_until.is_none() && !backed_up);
             // A reply that comes quietly is sent by the next wake-up, whatever it is for; and
             // one comes within QUIET_WITHIN while stores are awaited (read before looking at
             // the mailbox: a store no longer awaited has its reply there).
             let deadline = match session.awaiting.load(Ordering::SeqCst) {
-                0 => rested_until,
+                0 => reading.rested_until,
                 _ => {
                     let quiet = Instant::now() + QUIET_WITHIN;
-                    Some(rested_until.map_or(quiet, |r| r.min(quiet)))
+                    Some(reading.rested_until.map_or(quiet, |r| r.min(quiet)))
                 }
             };
             if more || !s.rx.prepare_wait() {
@@ -472,9 +481,9 @@ impl Connection {
             }
             // Asleep, a connection keeps no buffer for replies it has sent (0.5 KiB).
             session.local.borrow_mut().shrink_to_fit();
-            let want_read = !closed
-                && waiting.is_none()
-                && rested_until.is_none()
+            let want_read = !reading.closed
+                && reading.waiting.is_none()
+                && reading.rested_until.is_none()
                 && s.chan.pending() < BACKLOG;
             let interest = s.chan.interest(want_read);
             // Asleep, announced: other threads may send on the wire meanwhile.
@@ -486,7 +495,7 @@ impl Connection {
             };
             s.rx.woke(ready.as_ref().map_or(true, |r| r.woken & 1 != 0));
             let ready = ready?;
-            readable |= ready.readable;
+            reading.readable |= ready.readable;
         }
     }
 
@@ -509,6 +518,69 @@ impl Connection {
                 .sync_page(&mut s.chan, &session.shared.store, &session.user)?;
         }
         Ok(())
+    }
+}
+
+/// Where a connection's reading of requests stands between its turns.
+struct Reading {
+    /// A request read but not yet handled: it waits for a window slot or for its turn under
+    /// the request rate.
+    waiting: Option<Request<ServerRequest>>,
+    /// The request rate (`--max-rate`), if there is one.
+    bucket: Option<Bucket>,
+    /// Under the request rate, no request is read before this.
+    rested_until: Option<Instant>,
+    /// Whether the socket may have something to read (a read that found nothing clears it;
+    /// poll sets it).
+    readable: bool,
+    /// The client closed its side.
+    closed: bool,
+}
+
+impl Reading {
+    /// Reads and handles requests, as many as may go now (at most [`TURN`]); how many were
+    /// handled. A malformed frame is refused and ends the connection.
+    ///
+    /// Out of line, like [`Session::handle`]: what reading and handling keep on the stack is
+    /// gone while the connection writes and sleeps, so an idle connection's thread touches
+    /// three pages of stack, not four (BENCHMARKS.md).
+    #[inline(never)]
+    fn turn(&mut self, s: &mut Sending, session: &Session<'_>) -> Result<usize> {
+        let mut handled = 0;
+        while self.rested_until.is_none() && handled < TURN {
+            if let Some(request) = self.waiting.take() {
+                if session.waits_for_window(&request.body) {
+                    self.waiting = Some(request);
+                    break;
+                }
+                session.handle(request)?;
+                handled += 1;
+                continue;
+            }
+            let request = match s.chan.frame::<Request<ServerRequest>>(MAX_FRAME) {
+                Ok(Some(r)) => r,
+                Ok(None) if self.closed || !self.readable => break,
+                Ok(None) => {
+                    match s.chan.fill()? {
+                        Fill::Data => {}
+                        Fill::Idle => self.readable = false,
+                        Fill::Closed => self.closed = true,
+                    }
+                    continue;
+                }
+                Err(e @ (Error::Malformed(_) | Error::FrameTooLarge { .. })) => {
+                    let bad = ServerEvent::refused(None, ErrorCode::BadFrame, e.to_string());
+                    let _ = s.chan.send_before(&bad, Instant::now() + LINGER);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(pause) = self.bucket.as_mut().and_then(Bucket::take) {
+                self.rested_until = Some(Instant::now() + pause);
+            }
+            self.waiting = Some(request);
+        }
+        Ok(handled)
     }
 }
 
