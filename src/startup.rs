@@ -130,26 +130,44 @@ pub fn client_transport(
     }
 }
 
-/// The glibc tunable that turns off its per-thread cache of freed memory.
-const NO_THREAD_CACHE: &str = "glibc.malloc.tcache_count=0";
+/// The glibc tunables a chat server runs with, each as (what names it, the setting): the
+/// setting is added unless the environment already has a tunable whose name starts with the
+/// first (the operator's choice stands).
+const TUNABLES: [(&str, &str); 2] = [
+    // No per-thread cache of freed memory.
+    ("glibc.malloc.tcache", "glibc.malloc.tcache_count=0"),
+    // No cache of ended threads' stacks.
+    (
+        "glibc.pthread.stack_cache_size",
+        "glibc.pthread.stack_cache_size=0",
+    ),
+];
 
-/// Starts this program again, as the same process with the same arguments, with glibc's
-/// per-thread cache of freed memory turned off, unless the environment already says how to
-/// set that cache. Call it first thing in `main`.
+/// Starts this program again, as the same process with the same arguments, with two of
+/// glibc's caches turned off, unless the environment already says how to set them. Call it
+/// first thing in `main`. Both kept memory that an idle connection does not need:
 ///
-/// Each thread keeps up to seven freed chunks of every small size for itself until it ends.
-/// A chat server's connection thread lives as long as its connection, and what its TLS
-/// handshake and login freed stayed with it: 7.4 of the 49 KiB an idle connection cost
-/// (BENCHMARKS.md). Without the cache, freed memory goes back to the shared arenas at once;
-/// at 10,000 messages/s the server's CPU did not move beyond its spread. Tunables are read
-/// only when a program starts, hence the new start. Returns if the program was not started
-/// again: already set, not glibc, or the start failed (it says so on standard error).
-pub fn without_thread_cache() {
+/// * **The per-thread cache of freed memory.** Each thread keeps up to seven freed chunks of
+///   every small size for itself until it ends. A chat server's connection thread lives as
+///   long as its connection, and what its TLS handshake and login freed stayed with it: 7.4
+///   of the 49 KiB an idle connection cost. Without it, freed memory goes back to the shared
+///   arenas at once; at 10,000 messages/s the server's CPU did not move beyond its spread.
+/// * **The cache of stacks.** glibc keeps the stacks of ended threads (up to 40 MiB) for new
+///   ones, with the pages next to the top still in memory. A client's session runs on a fresh
+///   thread, after the thread that did its TLS handshake ended (`listen::Rest`), and it took
+///   that thread's stack, with the four or five pages the handshake had touched, where its
+///   own idle loop touches three: 4 KiB an idle connection. A thread start now maps a stack
+///   and its end unmaps it; logins were no slower.
+///
+/// Measured in BENCHMARKS.md. Tunables are read only when a program starts, hence the new
+/// start. Returns if the program was not started again: already set, not glibc, or the start
+/// failed (it says so on standard error).
+pub fn tune_glibc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
         let current = std::env::var_os("GLIBC_TUNABLES");
-        let Some(tunables) = tunables_without_thread_cache(current.as_deref()) else {
+        let Some(tunables) = tunables_to_set(current.as_deref()) else {
             return;
         };
         let Ok(exe) = std::env::current_exe() else {
@@ -161,21 +179,34 @@ pub fn without_thread_cache() {
             again.arg0(arg0);
         }
         let e = again.args(args).env("GLIBC_TUNABLES", tunables).exec();
-        eprintln!("warning: could not start again without the per-thread malloc cache: {e}");
+        eprintln!("warning: could not start again with glibc's caches turned off: {e}");
     }
 }
 
-/// The value of `GLIBC_TUNABLES` that turns the per-thread cache off and keeps the other
-/// tunables in `current`; `None` if `current` already sets the cache (the operator's choice
-/// stands) or cannot be read.
-fn tunables_without_thread_cache(current: Option<&std::ffi::OsStr>) -> Option<String> {
-    match current.map(|c| c.to_str()) {
-        None => Some(NO_THREAD_CACHE.to_string()),
-        Some(None) => None,
-        Some(Some(c)) if c.contains("glibc.malloc.tcache") => None,
-        Some(Some("")) => Some(NO_THREAD_CACHE.to_string()),
-        Some(Some(c)) => Some(format!("{c}:{NO_THREAD_CACHE}")),
+/// The value of `GLIBC_TUNABLES` that keeps the tunables in `current` and adds those of
+/// [`TUNABLES`] it does not set; `None` if there is nothing to add (which also ends the new
+/// start's loop) or `current` cannot be read.
+fn tunables_to_set(current: Option<&std::ffi::OsStr>) -> Option<String> {
+    let current = match current.map(|c| c.to_str()) {
+        None => "",
+        Some(None) => return None,
+        Some(Some(c)) => c,
+    };
+    let missing: Vec<&str> = TUNABLES
+        .iter()
+        .filter(|(name, _)| !current.contains(name))
+        .map(|(_, setting)| *setting)
+        .collect();
+    if missing.is_empty() {
+        return None;
     }
+    Some(
+        std::iter::once(current)
+            .filter(|c| !c.is_empty())
+            .chain(missing)
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
 }
 
 /// Puts the calling thread, and every thread it starts from then on, under `SCHED_BATCH` at
@@ -218,32 +249,34 @@ mod tests {
     use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
 
     #[test]
-    fn the_thread_cache_is_turned_off_unless_the_environment_sets_it() {
-        use super::tunables_without_thread_cache as tunables;
+    fn the_caches_are_turned_off_unless_the_environment_sets_them() {
+        use super::tunables_to_set as tunables;
         use std::ffi::OsStr;
-        assert_eq!(
-            tunables(None).as_deref(),
-            Some("glibc.malloc.tcache_count=0")
-        );
-        assert_eq!(
-            tunables(Some(OsStr::new(""))).as_deref(),
-            Some("glibc.malloc.tcache_count=0")
-        );
+        let both = "glibc.malloc.tcache_count=0:glibc.pthread.stack_cache_size=0";
+        assert_eq!(tunables(None).as_deref(), Some(both));
+        assert_eq!(tunables(Some(OsStr::new(""))).as_deref(), Some(both));
         assert_eq!(
             tunables(Some(OsStr::new("glibc.malloc.arena_max=2"))).as_deref(),
-            Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0")
+            Some(&*format!("glibc.malloc.arena_max=2:{both}"))
         );
-        // The operator's own setting of the cache stands (and ends the new start's loop).
+        // The operator's own setting of a cache stands; the other is still added.
         assert_eq!(
-            tunables(Some(OsStr::new("glibc.malloc.tcache_count=3"))),
-            None
+            tunables(Some(OsStr::new("glibc.malloc.tcache_count=3"))).as_deref(),
+            Some("glibc.malloc.tcache_count=3:glibc.pthread.stack_cache_size=0")
         );
+        assert_eq!(
+            tunables(Some(OsStr::new("glibc.pthread.stack_cache_size=1048576"))).as_deref(),
+            Some("glibc.pthread.stack_cache_size=1048576:glibc.malloc.tcache_count=0")
+        );
+        // Both set: nothing to add, which ends the new start's loop.
         assert_eq!(
             tunables(Some(OsStr::new(
-                "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"
+                "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0:\
+                 glibc.pthread.stack_cache_size=0"
             ))),
             None
         );
+        assert_eq!(tunables(Some(OsStr::new(both))), None);
     }
 
     #[test]

@@ -369,9 +369,9 @@ fn thread_policies(pid: u32) -> Vec<(String, u32)> {
 }
 
 #[test]
-fn a_server_runs_without_the_per_thread_malloc_cache_under_its_own_pid() {
+fn a_server_runs_without_glibcs_thread_and_stack_caches_under_its_own_pid() {
     let c = Cluster::start(1);
-    // The server started itself again with the tunable, as the same process (scripts that
+    // The server started itself again with the tunables, as the same process (scripts that
     // keep its PID keep the right one).
     let pid = c.servers[0].pid();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -380,11 +380,64 @@ fn a_server_runs_without_the_per_thread_malloc_cache_under_its_own_pid() {
         .filter_map(|v| v.strip_prefix(b"GLIBC_TUNABLES="))
         .map(String::from_utf8_lossy)
         .collect();
+    // glibc takes the stack cache's setting out of the variable as it reads it (a tunable
+    // not passed on to set-user-ID programs); what it did is checked below.
     assert_eq!(tunables, ["glibc.malloc.tcache_count=0"]);
     c.signup("alice");
     c.signup("bob");
     c.send("alice", "bob", "still serving");
     assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: still serving"]);
+    // Each of those commands was a connection with two threads (the handshake's and the
+    // session's), all ended now. Without the stack cache their stacks are gone: every
+    // connection thread's stack left belongs to a live connection thread.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (stacks, threads) = (connection_stacks(pid), connection_threads(pid));
+        if stacks <= threads {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stacks} connection thread stacks for {threads} connection threads: ended \
+             threads' stacks are kept"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The stacks of connection threads in process `pid`: anonymous writable mappings of their
+/// size (256 KiB) right above a guard page, live or kept for new threads.
+fn connection_stacks(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mappings: Vec<(u64, &str, bool)> = maps
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (start, end) = fields[0].split_once('-').unwrap();
+            let start = u64::from_str_radix(start, 16).unwrap();
+            let size = u64::from_str_radix(end, 16).unwrap() - start;
+            (size, fields[1], fields.len() == 5)
+        })
+        .collect();
+    mappings
+        .windows(2)
+        .filter(|pair| {
+            let [(guard, below, anon_below), (size, perms, anon)] = pair else {
+                return false;
+            };
+            (*guard, *below, *anon_below) == (4096, "---p", true)
+                && (*size, *perms, *anon) == (256 * 1024, "rw-p", true)
+        })
+        .count()
+}
+
+/// The live connection threads (named `conn`) of process `pid`.
+fn connection_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "conn")
+        .count()
 }
 
 #[test]

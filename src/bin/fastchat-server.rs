@@ -139,7 +139,7 @@ struct Args {
 use fastchat::units::parse_size;
 
 fn main() -> ExitCode {
-    fastchat::startup::without_thread_cache();
+    fastchat::startup::tune_glibc();
     let args: Args = fastchat::config::parse("fastchat-server", "server");
     fastchat::startup::init_with("server", args.log_level.as_deref(), "info");
     fastchat::startup::private_files();
