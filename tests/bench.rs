@@ -192,6 +192,13 @@ fn idle_mode_reports_what_connections_cost_the_server() {
     let before = usage["threads_before"].as_u64().unwrap();
     let after = usage["threads_after"].as_u64().unwrap();
     assert_eq!(after - before, 50, "one thread per client: {r}");
+    // Of the memory, the stacks: each thread's holds a page at least.
+    let stacks = |key: &str| usage[key].as_u64().unwrap();
+    assert!(
+        stacks("stack_kib_after") >= stacks("stack_kib_before") + 50 * 4,
+        "{r}"
+    );
+    assert!(stacks("stack_kib_after") < usage["rss_kib_after"].as_u64().unwrap());
 }
 
 #[test]

@@ -356,6 +356,9 @@ pub struct Usage {
     pub fds: u64,
     /// Resident set size, KiB.
     pub rss_kib: u64,
+    /// Of it, the threads' stacks, KiB (read by [`memory`] only: reading every mapping of a
+    /// process with thousands of threads takes a while).
+    pub stack_kib: u64,
     /// User and system CPU time, seconds.
     pub cpu_secs: f64,
 }
@@ -385,6 +388,109 @@ pub fn usage(pid: u32) -> Option<Usage> {
         threads: field("Threads:")?,
         fds: std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64,
         rss_kib: field("VmRSS:")?,
+        stack_kib: 0,
         cpu_secs: ticks / USER_HZ,
     })
+}
+
+/// [`usage`], with how much of the resident memory is the threads' stacks.
+pub fn memory(pid: u32) -> Option<Usage> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(Usage {
+        stack_kib: stack_kib(&smaps),
+        ..usage(pid)?
+    })
+}
+
+/// Resident KiB of the thread stacks in `smaps` (a `/proc/PID/smaps`): the anonymous
+/// writable mappings right above an anonymous guard page (no access, one page), as glibc
+/// makes a thread's stack (and Rust a thread's signal stack). The first thread's stack, the
+/// process's own `[stack]`, is not counted.
+fn stack_kib(smaps: &str) -> u64 {
+    // (start, end, permissions, anonymous) of the mapping before, and whether the mapping
+    // being read is a stack.
+    let mut before: Option<(u64, u64, bool)> = None;
+    let mut in_stack = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let range = fields.first().and_then(|r| r.split_once('-'));
+        let bounds = range.and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let (Some((start, end)), Some(perms)) = (bounds, fields.get(1)) {
+            // A mapping's first line: range, permissions, offset, device, inode[, path].
+            let anonymous = fields.len() == 5;
+            in_stack = anonymous
+                && perms.starts_with("rw")
+                && before.is_some_and(|(guard_start, guard_end, guard)| {
+                    guard && guard_end == start && guard_end - guard_start == 4096
+                });
+            before = Some((start, end, anonymous && perms.starts_with("---")));
+        } else if let (true, Some(&"Rss:"), Some(n)) = (in_stack, fields.first(), fields.get(1)) {
+            kib += n.parse::<u64>().unwrap_or(0);
+        }
+    }
+    kib
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stacks_are_the_writable_mappings_right_above_a_guard_page() {
+        let smaps = "\
+55d000000000-55d000001000 r--p 00000000 08:01 123 /usr/bin/fastchat-server
+Rss:                   4 kB
+7f0000000000-7f0000001000 ---p 00000000 00:00 0
+Rss:                   0 kB
+7f0000001000-7f0000041000 rw-p 00000000 00:00 0
+Size:                256 kB
+Rss:                  12 kB
+7f0000041000-7f0000042000 ---p 00000000 00:00 0
+Rss:                   0 kB
+7f0000042000-7f0000082000 rw-p 00000000 00:00 0
+Rss:                  20 kB
+7f0000090000-7f0000091000 ---p 00000000 00:00 0
+Rss:                   0 kB
+7f00000a0000-7f00000e0000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+7f1000000000-7f1004000000 ---p 00000000 00:00 0
+Rss:                   0 kB
+7f1004000000-7f1004100000 rw-p 00000000 00:00 0
+Rss:                 800 kB
+7f2000000000-7f2000001000 ---p 00000000 08:01 99 /usr/lib/libssl.so.3
+Rss:                   0 kB
+7f2000001000-7f2000002000 rw-p 00000000 08:01 99 /usr/lib/libssl.so.3
+Rss:                   4 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  32 kB
+";
+        // Two stacks (12 and 20 KiB); not a mapping after a gap, nor one after a larger
+        // reservation (a malloc arena), nor a file's, nor the first thread's.
+        assert_eq!(stack_kib(smaps), 32);
+    }
+
+    #[test]
+    fn a_live_process_has_its_threads_stacks_counted() {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                // Touch some of the stack, and keep it until told.
+                let touched = std::hint::black_box([1u8; 8192]);
+                let _ = stopped.recv();
+                touched[8191]
+            })
+            .unwrap();
+        let with = memory(std::process::id()).unwrap();
+        assert!(with.stack_kib >= 8, "{with:?}");
+        assert!(with.stack_kib < with.rss_kib, "{with:?}");
+        drop(stop);
+        thread.join().unwrap();
+    }
 }

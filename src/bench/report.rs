@@ -98,13 +98,17 @@ pub fn render(r: &Report) -> String {
         Some(rival) => format!("{rival}, "),
         None => String::new(),
     };
+    // Idle clients send nothing: no messages, window or rate to tell.
+    let workload = match r.mode.as_str() {
+        "idle" => format!("{} clients", r.clients),
+        _ => format!(
+            "{} clients x {} messages of {} B, window {}, {rate}",
+            r.clients, r.messages, r.size, r.window
+        ),
+    };
     out.push_str(&format!(
-        "fastchat-bench: {server}{} mode, {shape}{} clients x {} messages of {} B, window {}, {rate}, {} server{}, {}, {} driving thread{}\n",
+        "fastchat-bench: {server}{} mode, {shape}{workload}, {} server{}, {}, {} driving thread{}\n",
         r.mode,
-        r.clients,
-        r.messages,
-        r.size,
-        r.window,
         r.servers,
         if r.servers == 1 { "" } else { "s" },
         if r.tls { "TLS" } else { "plaintext" },
@@ -142,13 +146,14 @@ pub fn render(r: &Report) -> String {
         for (i, (before, after)) in r.server_usage.iter().enumerate() {
             let clients = r.clients as f64 / r.server_usage.len() as f64;
             out.push_str(&format!(
-                "  server {i}    {} threads, {} descriptors, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads, {:.2} descriptors and {:.1} KiB per client)\n",
+                "  server {i}    {} threads, {} descriptors, {:.1} MiB RSS with ~{clients:.0} clients ({:.2} threads, {:.2} descriptors and {:.1} KiB per client, of it {:.1} KiB stack)\n",
                 after.threads,
                 after.fds,
                 after.rss_kib as f64 / 1024.0,
                 (after.threads as f64 - before.threads as f64) / clients,
                 (after.fds as f64 - before.fds as f64) / clients,
-                (after.rss_kib as f64 - before.rss_kib as f64) / clients
+                (after.rss_kib as f64 - before.rss_kib as f64) / clients,
+                (after.stack_kib as f64 - before.stack_kib as f64) / clients
             ));
         }
         return out;
@@ -253,7 +258,7 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
         let n = r.clients.max(1) as f64;
         let per = |pick: fn(&Usage) -> u64| (sum(pick, true) - sum(pick, false)) / n;
         return format!(
-            "| {label} | {} | {:.2} s | {} | {} | {:.0} MiB | {:.2} threads, {:.2} descriptors, {:.0} KiB |",
+            "| {label} | {} | {:.2} s | {} | {} | {:.0} MiB | {:.2} threads, {:.2} descriptors, {:.1} KiB (stack {:.1}) |",
             r.clients,
             r.connect_secs,
             sum(|u| u.threads, true),
@@ -261,7 +266,8 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
             sum(|u| u.rss_kib, true) / 1024.0,
             per(|u| u.threads),
             per(|u| u.fds),
-            per(|u| u.rss_kib)
+            per(|u| u.rss_kib),
+            per(|u| u.stack_kib)
         );
     }
     let us = |v: Option<f64>| v.map_or("n/a".into(), |us| format!("{us:.1} µs"));
@@ -354,10 +360,17 @@ pub fn to_json(r: &Report) -> serde_json::Value {
             "server_cpu_us_per_delivery": cpu_per(&p.cpu, p.delivered, |n| n != BENCH_PROCESS),
         })).collect::<Vec<_>>(),
         "server_cpu_us_per_delivery": server_cpu_per_delivery(r),
-        "server_usage": r.server_usage.iter().map(|(b, a)| serde_json::json!({
-            "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,
-            "threads_after": a.threads, "rss_kib_after": a.rss_kib, "fds_after": a.fds,
-        })).collect::<Vec<_>>(),
+        "server_usage": r.server_usage.iter().map(usage_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A server's usage before and after the run, as JSON.
+fn usage_json((b, a): &(Usage, Usage)) -> serde_json::Value {
+    serde_json::json!({
+        "threads_before": b.threads, "rss_kib_before": b.rss_kib, "fds_before": b.fds,
+        "stack_kib_before": b.stack_kib,
+        "threads_after": a.threads, "rss_kib_after": a.rss_kib, "fds_after": a.fds,
+        "stack_kib_after": a.stack_kib,
     })
 }
 

@@ -304,7 +304,7 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     let program = rival.find(program)?;
     let version = rival.version(&program);
     let server = Started::start(rival, &program, config.clients, !config.plaintext)?;
-    let before = launch::usage(server.process.pid()).unwrap_or_default();
+    let before = launch::memory(server.process.pid()).unwrap_or_default();
     let n = config.clients;
     let mut report = Report {
         mode: config.mode.to_string(),
@@ -337,7 +337,7 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     report.connect_secs = started.elapsed().as_secs_f64();
     if config.mode == Mode::Idle {
         std::thread::sleep(config.hold.min(Duration::from_secs(1)));
-        let after = launch::usage(server.process.pid()).unwrap_or_default();
+        let after = launch::memory(server.process.pid()).unwrap_or_default();
         report.server_usage = vec![(before, after)];
         std::thread::sleep(config.hold.saturating_sub(Duration::from_secs(1)));
         return Ok(report);

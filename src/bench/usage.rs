@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use super::launch::{self, LocalCluster, Usage};
 use super::{driver, report, Period};
 
-/// The spawned servers' resident memory and threads now (none when pointed at a running
-/// cluster).
+/// The spawned servers' resident memory (and how much of it is stacks) and threads now
+/// (none when pointed at a running cluster).
 pub(super) fn sample(cluster: Option<&LocalCluster>) -> Vec<Usage> {
     cluster
         .map(|c| {
             c.servers
                 .iter()
-                .map(|s| launch::usage(s.pid()).unwrap_or_default())
+                .map(|s| launch::memory(s.pid()).unwrap_or_default())
                 .collect()
         })
         .unwrap_or_default()
