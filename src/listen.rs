@@ -339,11 +339,12 @@ fn hand_on(
 fn take_place(first: Receiver<JoinHandle<()>>, rest: Arc<Mutex<Option<Then>>>) -> Option<Then> {
     let handle = first.recv();
     drop(first);
-    let rest = rest.lock().take();
+    let taken = rest.lock().take();
+    drop(rest);
     if let Ok(handle) = handle {
         let _ = handle.join();
     }
-    rest
+    taken
 }
 
 /// Logs why a connection's handler ended (at debug level: a client going away is normal).
