@@ -32,7 +32,7 @@ const MAX_BATCH: usize = 2048;
 
 /// How long a small batch waits for more jobs before it commits, when jobs come often (see
 /// [`IDLE`]).
-const COMMIT_WINDOW: Duration = Duration::from_micros(300);
+pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
 /// [`COMMIT_WINDOW`] while other processes commit to the same database between this writer's
 /// batches ([`Batch::shared`]: several chat servers on one SQLite file). Each of their commits
@@ -41,14 +41,14 @@ const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 /// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
 /// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
 /// window, where the longer one cost a fifth of a millisecond of median latency.
-const SHARED_WINDOW: Duration = Duration::from_micros(600);
+pub const SHARED_WINDOW: Duration = Duration::from_micros(600);
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
 /// at such a rate the window would gather nothing and only add to every message's latency
 /// (at 500 msg/s it was half of it). Not shorter: three servers on one SQLite file, each
 /// seeing a third of 10,000 msg/s, then commit so often that they queue for the write lock
 /// and the tail grows (BENCHMARKS.md).
-const IDLE: Duration = Duration::from_millis(1);
+pub const IDLE: Duration = Duration::from_millis(1);
 
 /// A batch this large commits without waiting: the load is high enough to fill batches.
 const WINDOW_SKIP: usize = 32;
@@ -722,7 +722,7 @@ impl Purge {
 
 /// Jobs queued behind a batch's completions from which the writer counts as behind (see
 /// [`behind`]).
-const BEHIND_QUEUE: usize = WINDOW_SKIP / 4;
+pub const BEHIND_QUEUE: usize = WINDOW_SKIP / 4;
 
 thread_local! {
     /// Set on a writer thread while it runs the completions of a batch with more work behind
