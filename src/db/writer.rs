@@ -728,6 +728,16 @@ thread_local! {
     /// Set on a writer thread while it runs the completions of a batch with more work behind
     /// it (see [`behind`]).
     static BEHIND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set on a writer thread while it runs the completions of a batch that filled, or with
+    /// [`BEHIND_QUEUE`] jobs queued behind it (see [`swamped`]).
+    static SWAMPED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a writer running completions with more work than it keeps
+/// up with: a batch that filled without waiting out its window, or [`BEHIND_QUEUE`] jobs
+/// queued behind it. Unlike [`behind`], not for a batch with an [`Urgency::Awaited`] job.
+pub fn swamped() -> bool {
+    SWAMPED.with(|b| b.get())
 }
 
 /// Whether the calling thread is a writer running completions that should hand work another
@@ -796,11 +806,15 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
         // Behind, or waited for: either way the connections' threads send in parallel.
         let hand_over =
             batch.len() >= WINDOW_SKIP || batch.iter().any(|j| j.urgency() == Urgency::Awaited);
+        let filled = batch.len() >= WINDOW_SKIP;
         for job in batch.drain(..) {
-            BEHIND.with(|b| b.set(hand_over || jobs.len() >= BEHIND_QUEUE));
+            let queued = jobs.len() >= BEHIND_QUEUE;
+            BEHIND.with(|b| b.set(hand_over || queued));
+            SWAMPED.with(|b| b.set(filled || queued));
             job.complete(message.as_ref());
         }
         BEHIND.with(|b| b.set(false));
+        SWAMPED.with(|b| b.set(false));
     }
 }
 
@@ -913,10 +927,10 @@ mod tests {
     ) -> crate::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = crate::db::Store::open(dir.path().join("chat.db"))?;
-        let (told, seen) = crossbeam_channel::unbounded::<(u32, bool)>();
+        let (told, seen) = crossbeam_channel::unbounded::<(u32, bool, bool)>();
         let report = |i: u32| {
             let t = told.clone();
-            move |_: crate::Result<()>| t.send((i, behind())).unwrap()
+            move |_: crate::Result<()>| t.send((i, behind(), swamped())).unwrap()
         };
         // The first job runs alone and holds the writer until 63 more are queued behind it.
         let (started, running) = crossbeam_channel::bounded::<()>(1);
@@ -941,26 +955,27 @@ mod tests {
         // The first by the queue behind it; the others, committed together, by their batch.
         assert_eq!(
             told_behind,
-            (0..=63).map(|i| (i, true)).collect::<Vec<_>>(),
+            (0..=63).map(|i| (i, true, true)).collect::<Vec<_>>(),
             "a batch of one with 63 queued, then a batch of 63"
         );
         // One job on an idle writer; and never on another thread.
         store.submit(|_| Ok(()), report(64));
         assert_eq!(
             seen.recv_timeout(Duration::from_secs(10)).unwrap(),
-            (64, false)
+            (64, false, false)
         );
-        assert!(!behind());
-        // A message whose sender waits for it (refused here: nobody exists), alone too.
+        assert!(!behind() && !swamped());
+        // A message whose sender waits for it (refused here: nobody exists), alone too:
+        // handed over, though the writer is not swamped.
         let t = told.clone();
         let done = move |_: crate::Result<crate::db::StoredMessage>| {
-            t.send((65, behind())).unwrap();
+            t.send((65, behind(), swamped())).unwrap();
         };
         let (from, to) = ("alice".to_string(), "bob".to_string());
         store.submit_message(from, to, 1, b"x".to_vec(), Urgency::Awaited, done);
         assert_eq!(
             seen.recv_timeout(Duration::from_secs(10)).unwrap(),
-            (65, true)
+            (65, true, false)
         );
         Ok(())
     }
