@@ -804,9 +804,8 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
             }
         };
         // Behind, or waited for: either way the connections' threads send in parallel.
-        let hand_over =
-            batch.len() >= WINDOW_SKIP || batch.iter().any(|j| j.urgency() == Urgency::Awaited);
         let filled = batch.len() >= WINDOW_SKIP;
+        let hand_over = filled || batch.iter().any(|j| j.urgency() == Urgency::Awaited);
         for job in batch.drain(..) {
             let queued = jobs.len() >= BEHIND_QUEUE;
             BEHIND.with(|b| b.set(hand_over || queued));
