@@ -81,6 +81,10 @@ const MAX_GREETING: usize = 1024;
 /// listener, links to the balancer and the peers.
 const RESERVE: u64 = 128;
 
+/// The stack a connection's thread reserves (address space: an idle one keeps three pages of
+/// it in memory; BENCHMARKS.md).
+pub const CONNECTION_STACK: usize = 256 * 1024;
+
 /// Connections beyond the clients: peer links, and connections still shaking hands or being
 /// told the server is full.
 const SLACK: u64 = 64;
@@ -184,7 +188,7 @@ pub fn run(
     }
     let threads = Threads {
         name: "conn",
-        stack_size: 256 * 1024,
+        stack_size: CONNECTION_STACK,
         // Every connection thread also waits on `shared.stop`, which ends them all.
         closable: false,
         // Clients past the maximum still get their "server is full" (and peers their links).

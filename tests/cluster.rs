@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{next_message, Cluster, LIMIT};
 use fastchat::client::{Client, Event};
+use fastchat::server::CONNECTION_STACK;
 
 /// Logs in `n` library clients and counts them per server index.
 fn spread(c: &Cluster, n: usize) -> (Vec<Client>, Vec<usize>) {
@@ -385,6 +386,10 @@ fn a_server_runs_without_glibcs_thread_and_stack_caches_under_its_own_pid() {
     assert_eq!(tunables, ["glibc.malloc.tcache_count=0"]);
     c.signup("alice");
     c.signup("bob");
+    // A connected client's thread stack is found as such.
+    let alice = c.login("alice");
+    assert!(connection_stacks(pid) >= 1, "no connection stack found");
+    drop(alice);
     c.send("alice", "bob", "still serving");
     assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: still serving"]);
     // Each of those commands was a connection with two threads (the handshake's and the
@@ -406,7 +411,7 @@ fn a_server_runs_without_glibcs_thread_and_stack_caches_under_its_own_pid() {
 }
 
 /// The stacks of connection threads in process `pid`: anonymous writable mappings of their
-/// size (256 KiB) right above a guard page, live or kept for new threads.
+/// size right above a guard page, live or kept for new threads.
 fn connection_stacks(pid: u32) -> usize {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mappings: Vec<(u64, &str, bool)> = maps
@@ -426,7 +431,7 @@ fn connection_stacks(pid: u32) -> usize {
                 return false;
             };
             (*guard, *below, *anon_below) == (4096, "---p", true)
-                && (*size, *perms, *anon) == (256 * 1024, "rw-p", true)
+                && (*size, *perms, *anon) == (CONNECTION_STACK as u64, "rw-p", true)
         })
         .count()
 }
