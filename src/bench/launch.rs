@@ -407,8 +407,8 @@ pub fn memory(pid: u32) -> Option<Usage> {
 /// makes a thread's stack (and Rust a thread's signal stack). The first thread's stack, the
 /// process's own `[stack]`, is not counted.
 fn stack_kib(smaps: &str) -> u64 {
-    // (start, end, permissions, anonymous) of the mapping before, and whether the mapping
-    // being read is a stack.
+    // (start, end, whether it is an anonymous guard) of the mapping before, and whether the
+    // mapping being read is a stack.
     let mut before: Option<(u64, u64, bool)> = None;
     let mut in_stack = false;
     let mut kib = 0;
