@@ -17,6 +17,7 @@
 
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -31,6 +32,46 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Consumed bytes at the front of the read buffer past which they are dropped (the read
 /// buffer itself is given back whenever it is empty).
 const KEEP: usize = 64 * 1024;
+
+/// Read buffers kept for the next channel that reads, at most.
+const SPARES: usize = 16;
+
+/// Read buffers of [`READ_CHUNK`] bytes that no channel holds.
+///
+/// A channel holds a read buffer only while it has bytes in it, so a connection's thread took
+/// a fresh one at every wake-up (twice: the read that brings a request and the one that finds
+/// nothing more), zeroed its 16 KiB, and freed it: a large allocation, before which glibc
+/// sorts every small chunk freed since the last one (`malloc_consolidate`). A buffer given
+/// back waits here instead, with its bytes as they are (only what a read puts in it is ever
+/// looked at), for whichever channel reads next: a few serve every connection, since few read
+/// at the same moment. At 10,000 msg/s on one server the zeroing and the allocator's share
+/// of the connection threads' time fell from 6.0-7.6% to 5.0% (perf, two pairs; what is left
+/// is mostly OpenSSL's own read buffer, which it takes and frees the same way).
+struct Spares(Mutex<Vec<Vec<u8>>>);
+
+static SPARE: Spares = Spares::new();
+
+impl Spares {
+    const fn new() -> Spares {
+        Spares(Mutex::new(Vec::new()))
+    }
+
+    /// A read buffer of [`READ_CHUNK`] bytes.
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().pop().unwrap_or_else(|| vec![0; READ_CHUNK])
+    }
+
+    /// Keeps `buf` for the next [`Spares::take`] if it has the size they give and fewer than
+    /// [`SPARES`] wait (a buffer grown for a large frame goes back to the allocator).
+    fn give(&self, buf: Vec<u8>) {
+        if buf.len() == READ_CHUNK && buf.capacity() == READ_CHUNK {
+            let mut spares = self.0.lock();
+            if spares.len() < SPARES {
+                spares.push(buf);
+            }
+        }
+    }
+}
 
 /// A write buffer larger than this is given back once written out: an idle connection keeps
 /// at most this much of one.
@@ -50,8 +91,12 @@ pub enum Fill {
 /// Frames over a stream, with a read buffer and a write buffer.
 pub struct Channel {
     stream: Stream,
+    /// The read buffer: bytes `rpos..rend` are read and not yet decoded; what lies past
+    /// `rend` is room for the next read (its old bytes are never looked at). Empty (no
+    /// allocation) whenever nothing is buffered.
     rbuf: Vec<u8>,
     rpos: usize,
+    rend: usize,
     wbuf: Vec<u8>,
     wpos: usize,
     /// What the last read needs before it can go on (TLS may need to write to read).
@@ -72,6 +117,7 @@ impl Channel {
             stream,
             rbuf: Vec::new(),
             rpos: 0,
+            rend: 0,
             wbuf: Vec::new(),
             wpos: 0,
             read_blocked_on: Interest::default(),
@@ -95,7 +141,7 @@ impl Channel {
     /// The range of the next complete frame's body in the read buffer, if one is complete;
     /// a frame announced longer than `max` is refused (and the connection should end).
     fn next_body(&self, max: usize) -> Result<Option<(usize, usize)>> {
-        let buffered = &self.rbuf[self.rpos..];
+        let buffered = &self.rbuf[self.rpos..self.rend];
         if buffered.len() < 4 {
             return Ok(None);
         }
@@ -139,37 +185,40 @@ impl Channel {
     }
 
     fn compact(&mut self) {
-        if self.rpos == self.rbuf.len() {
+        if self.rpos == self.rend {
             self.rpos = 0;
-            self.rbuf = Vec::new();
+            self.rend = 0;
+            SPARE.give(std::mem::take(&mut self.rbuf));
         } else if self.rpos > KEEP {
-            self.rbuf.drain(..self.rpos);
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
             self.rpos = 0;
         }
     }
 
     /// Bytes read and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.rbuf.len() - self.rpos
+        self.rend - self.rpos
     }
 
     /// Reads what the socket has (one read). On a blocking socket this waits for data.
     ///
-    /// It reads into the end of the read buffer, which is given back whenever it is empty:
-    /// an idle connection holds no read buffer, and its thread's stack never holds one
-    /// (a chunk on the stack stayed resident in every connection thread).
+    /// It reads into the end of the read buffer, which is given back whenever it is empty
+    /// (to the spares: [`Spares`]): an idle connection holds no read buffer, and its
+    /// thread's stack never holds one (a chunk on the stack stayed resident in every
+    /// connection thread).
     pub fn fill(&mut self) -> Result<Fill> {
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + READ_CHUNK, 0);
-        let read = self.stream.read_nonblocking(&mut self.rbuf[start..]);
-        let n = match &read {
-            Ok(Ok(n)) => *n,
-            _ => 0,
-        };
-        self.rbuf.truncate(start + n);
         if self.rbuf.is_empty() {
-            self.rbuf = Vec::new();
+            self.rbuf = SPARE.take();
         }
+        if self.rbuf.len() - self.rend < READ_CHUNK / 4 {
+            self.rbuf.resize(self.rend + READ_CHUNK, 0);
+        }
+        let read = self.stream.read_nonblocking(&mut self.rbuf[self.rend..]);
+        if let Ok(Ok(n)) = &read {
+            self.rend += n;
+        }
+        self.compact();
         match read? {
             Ok(0) => Ok(Fill::Closed),
             Ok(_) => {
@@ -421,6 +470,82 @@ mod tests {
         );
         drop(ch);
         reader.join().expect("the reader");
+        Ok(())
+    }
+
+    #[test]
+    fn spare_read_buffers_are_kept_only_of_one_size_and_only_a_few() {
+        let spares = Spares::new();
+        let first = spares.take();
+        assert_eq!(first.len(), READ_CHUNK);
+        let at = first.as_ptr();
+        spares.give(first);
+        let again = spares.take();
+        assert_eq!(
+            again.as_ptr(),
+            at,
+            "the buffer given back is the next one taken"
+        );
+        let mut grown = again;
+        grown.resize(2 * READ_CHUNK, 0);
+        spares.give(grown);
+        assert_eq!(
+            spares.0.lock().len(),
+            0,
+            "a grown buffer goes back to the allocator"
+        );
+        for _ in 0..SPARES + 3 {
+            spares.give(vec![0; READ_CHUNK]);
+        }
+        assert_eq!(spares.0.lock().len(), SPARES);
+    }
+
+    /// Frames larger than a read, frames cut across reads and bytes left behind a large
+    /// frame all arrive whole, on channel after channel reading into the same reused buffers
+    /// (each holding the last one's bytes when it gets them).
+    #[test]
+    fn frames_of_every_size_arrive_whole_through_reused_read_buffers() -> Result<()> {
+        let sizes = [
+            10,
+            3 * READ_CHUNK + 7,
+            5,
+            KEEP + 100,
+            1,
+            READ_CHUNK,
+            0,
+            20_000,
+        ];
+        let body = |i: usize, len: usize| -> Vec<u8> {
+            (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+        };
+        let mut bytes = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            bytes.extend_from_slice(&(len as u32).to_be_bytes());
+            bytes.extend_from_slice(&body(i, len));
+        }
+        for _ in 0..3 {
+            let (mut ch, mut peer) = pair()?;
+            let sent = bytes.clone();
+            let writer = std::thread::spawn(move || {
+                // In pieces of odd sizes, so that frames and reads never line up.
+                for piece in sent.chunks(5_000 - 3) {
+                    peer.write_all(piece)?;
+                }
+                Ok::<_, std::io::Error>(peer)
+            });
+            let deadline = Some(Instant::now() + Duration::from_secs(10));
+            for (i, &len) in sizes.iter().enumerate() {
+                let got = ch.recv_raw_until(4 * KEEP, deadline, None)?;
+                assert_eq!(got, Some(body(i, len)), "frame {i} of {len} bytes");
+            }
+            assert_eq!(ch.buffered(), 0);
+            assert_eq!(
+                ch.rbuf.capacity(),
+                0,
+                "the read buffer went back once empty"
+            );
+            drop(writer.join().expect("the writer")?);
+        }
         Ok(())
     }
 
