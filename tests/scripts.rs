@@ -149,6 +149,70 @@ fn cluster_script_starts_and_stops_by_pid() {
 }
 
 #[test]
+fn compare_runs_two_builds_in_turn_and_sums_them_up() {
+    let bins = bin_dir();
+    let compare = |args: &[&str]| {
+        run_limited(
+            Command::new(script("compare.sh"))
+                .arg(&bins)
+                .arg(&bins)
+                .args(args),
+        )
+    };
+    let workload = ["--spawn-servers", "1", "--opaque", "--clients", "4"];
+    let out = compare(&[&["2", "--"][..], &workload, &["--messages", "20"]].concat());
+    assert_eq!(out.code, 0, "{out:?}");
+    let rows: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("| A |") || l.starts_with("| B |"))
+        .collect();
+    // Round one A then B, round two B then A, each a passing run of 4 x 20.
+    assert_eq!(rows.len(), 4, "{}", out.stdout);
+    for (row, who) in rows.iter().zip(["| A |", "| B |", "| B |", "| A |"]) {
+        assert!(row.starts_with(who) && row.contains("| 80 |"), "{row}");
+    }
+    assert_eq!(out.stdout.matches("| run | deliveries |").count(), 1);
+    for figure in [
+        "| delivered/s |",
+        "| p99 (ms) |",
+        "| servers CPU a delivery (µs) |",
+    ] {
+        let line = out.stdout.lines().find(|l| l.starts_with(figure));
+        assert!(
+            line.is_some_and(|l| l.ends_with(" of 2 |")),
+            "{figure} in {}",
+            out.stdout
+        );
+    }
+
+    // A run that fails is shown as failed, and the script says so.
+    let failed = compare(&["1", "--", "--spawn-servers", "1", "--clients", "0"]);
+    assert_eq!(failed.code, 1, "{failed:?}");
+    assert!(failed.stdout.contains("| A | failed: "), "{failed:?}");
+    // Bad arguments.
+    for bad in [
+        &["--", "--clients", "4"][..],
+        &["0", "--", "--spawn-servers", "1"],
+        &["1", "--", "--spawn-servers", "1", "--json"],
+    ] {
+        let out = compare(bad);
+        assert_eq!(out.code, 2, "{bad:?}: {out:?}");
+    }
+    let unknown = run_limited(Command::new(script("compare.sh")).args([
+        "no-such-revision",
+        "HEAD",
+        "--",
+        "--spawn-servers",
+        "1",
+    ]));
+    assert_eq!(unknown.code, 2, "{unknown:?}");
+    assert!(unknown
+        .stderr
+        .contains("neither a directory nor a git revision"));
+}
+
+#[test]
 fn a_cluster_across_hosts_loses_nothing_when_a_host_dies() {
     // Network namespaces need root; CI runs as root. Elsewhere, say so rather than pass
     // silently.
