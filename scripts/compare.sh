@@ -7,6 +7,8 @@
 #   scripts/compare.sh A B [ROUNDS] -- FASTCHAT-BENCH FLAGS
 #   scripts/compare.sh HEAD~1 HEAD 5 -- --spawn-servers 1 --opaque --clients 100 --messages 600 --rate 10000
 #   scripts/compare.sh /tmp/old HEAD 3 -- --spawn-servers 3 --opaque
+#   cargo build --release --bins && scripts/compare.sh HEAD target/release -- --spawn-servers 1
+#                                  (uncommitted work: its binaries against the last commit)
 #
 # A and B are git revisions or directories of built binaries. A revision is built (release) in
 # a worktree under target/compare/, and its binaries are kept in target/compare/bin-COMMIT for
@@ -19,7 +21,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
