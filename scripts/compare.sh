@@ -62,7 +62,9 @@ bins() {
   if [ ! -x "$out/fastchat-bench" ]; then
     local tree="$root/target/compare/tree-$commit"
     echo "building $ref ($commit) in $tree" >&2
+    # What an interrupted build left: the folder, and git's record of it.
     rm -rf "$tree"
+    git -C "$root" worktree prune
     git -C "$root" worktree add --quiet --detach "$tree" "$commit" >&2
     if ! (cd "$tree" && CARGO_TARGET_DIR="$root/target/compare/target" cargo build --release --quiet --bins >&2); then
       git -C "$root" worktree remove --force "$tree"
