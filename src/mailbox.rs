@@ -25,6 +25,11 @@
 //! A consumer that waits for its socket too (a connection's thread, in `poll`) cannot park:
 //! its mailbox rings a [`Waker`] instead ([`lazy_with`]), and the consumer announces sleep with
 //! [`Receiver::prepare_wait`] before it polls and [`Receiver::woke`] after.
+//!
+//! A consumer that lets items gather for a while (the database writer, filling a batch) naps
+//! instead ([`Receiver::prepare_nap`], [`Receiver::nap_until`]): items sent meanwhile do not
+//! wake it, except those sent with [`Sender::send_urgent`], by the same two fences on a flag of
+//! its own.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,6 +46,8 @@ use crate::transport::Waker;
 struct Bell {
     /// The receiver is (about to be) asleep.
     sleeping: AtomicBool,
+    /// The receiver (about to be) naps: only an urgent item wakes it.
+    napping: AtomicBool,
     /// The receiving thread, recorded when it first waits (parking receivers).
     receiver: Mutex<Option<Thread>>,
     /// What to ring instead of unparking (receivers that sleep in `poll`).
@@ -64,6 +71,24 @@ impl Bell {
                     }
                 }
             }
+        }
+    }
+
+    /// Rings, and wakes a napping receiver too.
+    fn ring_urgent(&self) {
+        self.ring();
+        if self.napping.swap(false, Ordering::SeqCst) {
+            if let Some(t) = self.receiver.lock().as_ref() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// Records the calling thread as the receiver, the one to unpark.
+    fn register(&self) {
+        let mut me = self.receiver.lock();
+        if me.is_none() {
+            *me = Some(std::thread::current());
         }
     }
 }
@@ -94,6 +119,7 @@ fn pair<T>(
 ) -> (Sender<T>, Receiver<T>) {
     let bell = Arc::new(Bell {
         sleeping: AtomicBool::new(false),
+        napping: AtomicBool::new(false),
         receiver: Mutex::new(None),
         waker,
         receiver_alive: AtomicBool::new(true),
@@ -172,6 +198,21 @@ impl<T> Sender<T> {
 
     /// Queues, waiting while the mailbox is full; fails if the receiver is gone.
     pub fn send(&self, item: T) -> Result<(), SendError<T>> {
+        self.push(item)?;
+        self.bell.ring();
+        Ok(())
+    }
+
+    /// Like [`Sender::send`], and wakes a receiver that naps ([`Receiver::nap_until`]) too:
+    /// for an item that someone waits for.
+    pub fn send_urgent(&self, item: T) -> Result<(), SendError<T>> {
+        self.push(item)?;
+        self.bell.ring_urgent();
+        Ok(())
+    }
+
+    /// Queues without ringing, waiting while the mailbox is full.
+    fn push(&self, item: T) -> Result<(), SendError<T>> {
         // A full lazy mailbox is rare (its consumer has stopped keeping up): poll.
         while self.full() {
             if !self.bell.receiver_alive.load(Ordering::SeqCst) {
@@ -179,9 +220,7 @@ impl<T> Sender<T> {
             }
             std::thread::sleep(FULL_POLL);
         }
-        self.tx().send(item)?;
-        self.bell.ring();
-        Ok(())
+        self.tx().send(item)
     }
 }
 
@@ -243,6 +282,31 @@ impl<T> Receiver<T> {
         }
     }
 
+    /// For a parking receiver about to let items gather (see [`Receiver::nap_until`]):
+    /// announces the nap. Look at the queue after this, then nap or [`Receiver::end_nap`]:
+    /// an urgent item sent from here on either is seen by that look or wakes the nap.
+    pub fn prepare_nap(&self) {
+        self.bell.register();
+        self.bell.napping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Sleeps until `deadline`, unless an item sent with [`Sender::send_urgent`] came since
+    /// [`Receiver::prepare_nap`] (it may also return early for nothing). Items sent with
+    /// [`Sender::send`] meanwhile do not wake it: they wait in the queue.
+    pub fn nap_until(&self, deadline: Instant) {
+        let now = Instant::now();
+        if now < deadline && self.bell.napping.load(Ordering::SeqCst) {
+            std::thread::park_timeout(deadline - now);
+        }
+        self.end_nap();
+    }
+
+    /// Ends a nap announced with [`Receiver::prepare_nap`] without sleeping.
+    pub fn end_nap(&self) {
+        self.bell.napping.store(false, Ordering::SeqCst);
+    }
+
     /// The next item, sleeping until one comes; `Err` once every sender is gone and the
     /// mailbox is empty.
     pub fn recv(&self) -> Result<T, RecvError> {
@@ -262,12 +326,7 @@ impl<T> Receiver<T> {
                 Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
                 Err(TryRecvError::Empty) => {}
             }
-            {
-                let mut me = self.bell.receiver.lock();
-                if me.is_none() {
-                    *me = Some(std::thread::current());
-                }
-            }
+            self.bell.register();
             self.bell.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             match self.rx.try_recv() {
@@ -307,6 +366,51 @@ impl<T> Drop for Receiver<T> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_nap_is_woken_by_an_urgent_item_only() {
+        let (tx, rx) = bounded::<u32>(16);
+        let (napping, started) = crossbeam_channel::bounded::<()>(1);
+        let napper = std::thread::spawn(move || {
+            rx.prepare_nap();
+            napping.send(()).unwrap();
+            let began = Instant::now();
+            // A spurious wake-up may end a nap early: nap again until the urgent item is in.
+            let mut got = Vec::new();
+            while !got.contains(&2) && began.elapsed() < Duration::from_secs(60) {
+                rx.nap_until(began + Duration::from_secs(60));
+                got.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+                rx.prepare_nap();
+            }
+            rx.end_nap();
+            (got, began.elapsed())
+        });
+        started.recv().unwrap();
+        tx.send(1).unwrap();
+        // The plain item does not end the nap: it is still going a moment later.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!napper.is_finished(), "a plain item woke the nap");
+        tx.send_urgent(2).unwrap();
+        let (got, slept) = napper.join().unwrap();
+        assert_eq!(got, [1, 2]);
+        assert!(
+            slept < Duration::from_secs(30),
+            "the urgent item woke it: {slept:?}"
+        );
+    }
+
+    /// An urgent item sent between the announcement and the nap is not missed: the nap does
+    /// not sleep at all.
+    #[test]
+    fn an_urgent_item_before_the_nap_keeps_it_from_sleeping() {
+        let (tx, rx) = bounded::<u32>(16);
+        rx.prepare_nap();
+        tx.send_urgent(7).unwrap();
+        let began = Instant::now();
+        rx.nap_until(began + Duration::from_secs(60));
+        assert!(began.elapsed() < Duration::from_secs(30));
+        assert_eq!(rx.try_recv().ok(), Some(7));
+    }
 
     #[test]
     fn items_arrive_in_order_across_threads() {

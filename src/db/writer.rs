@@ -588,7 +588,13 @@ impl Writer {
         // The thread only ends when `jobs` is dropped, so a failed send means it panicked; the
         // dropped completion then closes its caller's reply channel, which reports the failure.
         if let Some(jobs) = &self.jobs {
-            if jobs.send(job).is_err() {
+            // One that someone waits for cuts the writer's window short (see `gather`).
+            let sent = if job.urgency() == Urgency::Awaited {
+                jobs.send_urgent(job)
+            } else {
+                jobs.send(job)
+            };
+            if sent.is_err() {
                 log::error!("database writer thread has died; write dropped");
             }
         }
@@ -833,12 +839,14 @@ fn window_end(now: Instant, last_commit: Instant, first: Urgency, shared: bool) 
 /// [`WINDOW_SKIP`] and without an `awaited` job waits until `window` for more, then takes
 /// what came.
 ///
-/// It sleeps through the window rather than waiting on the mailbox: a sender that finds the
-/// writer asleep in its mailbox wakes it, so a window of 300 µs at 10,000 messages/s cost two
-/// or three wake-ups a batch (a futex call in each sender, a context switch for the writer),
-/// each to take one job and sleep again. Asleep on a timer, no sender rings it, and it takes
-/// the window's jobs in one go. (A batch that reaches `WINDOW_SKIP` during the window waits
-/// for its end all the same: at the rates where that happens, commits are long enough that
+/// It naps through the window ([`mailbox::Receiver::nap_until`]) rather than waiting on the
+/// mailbox: a sender that finds the writer asleep in its mailbox wakes it, so a window of 300
+/// µs at 10,000 messages/s cost two or three wake-ups a batch (a futex call in each sender, a
+/// context switch for the writer), each to take one job and sleep again. Napping, it is woken
+/// only by an awaited job (its sender waits: [`Writer`] sends those with
+/// [`mailbox::Sender::send_urgent`]), which then commits with what came; the window's other
+/// jobs it takes in one go. (A batch that reaches `WINDOW_SKIP` during the window waits for
+/// its end all the same: at the rates where that happens, commits are long enough that
 /// batches fill while the writer works, and the window is skipped.)
 fn gather<T>(
     jobs: &mailbox::Receiver<T>,
@@ -847,6 +855,9 @@ fn gather<T>(
     awaited: impl Fn(&T) -> bool,
 ) {
     loop {
+        // Announced before the look: an awaited job sent after it either is found by the look
+        // or cuts the nap short.
+        jobs.prepare_nap();
         let mut hurry = false;
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -859,9 +870,10 @@ fn gather<T>(
         }
         let now = Instant::now();
         if hurry || batch.len() >= WINDOW_SKIP || now >= window {
+            jobs.end_nap();
             return;
         }
-        std::thread::sleep(window - now);
+        jobs.nap_until(window);
     }
 }
 
@@ -919,6 +931,31 @@ mod tests {
         });
         assert!(began.elapsed() < Duration::from_secs(10), "it waited");
         assert_eq!(batch, [0, 2, 4, 5, 6], "with everything queued behind it");
+    }
+
+    #[test]
+    fn an_awaited_job_sent_during_the_window_ends_it() {
+        let (tx, rx) = mailbox::bounded(64);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(2).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            // Odd numbers stand for awaited jobs, sent as the writer sends them.
+            tx.send_urgent(5).unwrap();
+            tx
+        });
+        let began = Instant::now();
+        let mut batch = vec![0];
+        gather(&rx, &mut batch, began + Duration::from_secs(60), |j| {
+            j % 2 == 1
+        });
+        assert!(began.elapsed() < Duration::from_secs(30), "it waited");
+        assert_eq!(
+            batch,
+            [0, 2, 5],
+            "the plain job did not end the window; the awaited one did"
+        );
+        drop(sender.join().unwrap());
     }
 
     #[test]
