@@ -102,6 +102,9 @@ pub struct Options {
     /// holding back checkpoints) past which writes slow down; past twice this, they are
     /// refused until the reader lets go.
     pub wal_limit: u64,
+    /// How long the writer lets a small batch gather more jobs before it commits (see
+    /// [`writer::COMMIT_WINDOW`], the default).
+    pub commit_window: Duration,
 }
 
 impl Default for Options {
@@ -109,6 +112,7 @@ impl Default for Options {
         Options {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             wal_limit: DEFAULT_WAL_LIMIT,
+            commit_window: writer::COMMIT_WINDOW,
         }
     }
 }
@@ -126,6 +130,7 @@ impl Options {
         Ok(Options {
             busy_timeout,
             wal_limit,
+            ..Options::default()
         })
     }
 }
@@ -226,14 +231,14 @@ impl Store {
                 let (batch, checkpoints) = sqlite::writer_conn(path, options)?;
                 Ok(Store {
                     readers: Readers::Sqlite(sqlite::Readers::new(path, options)),
-                    writer: Writer::start(batch, checkpoints)?,
+                    writer: Writer::start_with(batch, checkpoints, options.commit_window)?,
                 })
             }
             Location::Postgres(url) => {
                 let (batch, background) = postgres::writer_conn(url, options)?;
                 Ok(Store {
                     readers: Readers::Postgres(postgres::Readers::new(url, options)),
-                    writer: Writer::start(batch, background)?,
+                    writer: Writer::start_with(batch, background, options.commit_window)?,
                 })
             }
         }

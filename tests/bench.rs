@@ -251,6 +251,45 @@ fn a_kill_that_comes_after_the_run_is_called_off_and_fails_the_run() {
     assert!(err.contains("no failover was tested"), "{err}");
 }
 
+/// The servers' commit window (set in the configuration file the servers the tool starts
+/// read) changes when a batch commits, never what it holds: with none, and with the longest
+/// allowed, nothing is lost or repeated, whether senders wait for each message (a window of
+/// one) or send on. A window out of range stops the server: the file is read.
+#[test]
+fn every_commit_window_delivers_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |window: u32, args: &[&str]| {
+        let config = dir.path().join(format!("window-{window}.toml"));
+        std::fs::write(&config, format!("[server]\ncommit-window = {window}\n")).unwrap();
+        run_limited(
+            Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
+                .args(["--spawn-servers", "1", "--clients", "4", "--messages", "30"])
+                .args(args)
+                .arg("--json")
+                .env("FASTCHAT_CONFIG", &config)
+                .env_remove("RUST_LOG"),
+        )
+    };
+    for window in [0, 10_000] {
+        for sending in ["1", "8"] {
+            let out = run(window, &["--window", sending]);
+            assert_eq!(
+                out.code, 0,
+                "window {window} µs, {sending} in flight: {out:?}"
+            );
+            let r: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+            assert_eq!(
+                (&r["delivered"], &r["lost"], &r["duplicated"]),
+                (&120.into(), &0.into(), &0.into()),
+                "{r}"
+            );
+        }
+    }
+    let out = run(10_001, &[]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("did not start"), "{out:?}");
+}
+
 #[test]
 fn bad_arguments_are_refused_with_exit_2() {
     for args in [

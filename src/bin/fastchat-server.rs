@@ -123,6 +123,18 @@ struct Args {
     /// until the reader lets go.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = fastchat::units::parse_size)]
     wal_limit: u64,
+    /// Microseconds the database writer lets a batch of messages gather before it commits,
+    /// while they come often (twice this while other servers commit to the same SQLite file).
+    /// Longer costs less CPU a message and adds up to this much to the latency of messages
+    /// whose sender sends on without waiting (a load test); one whose sender waits for it
+    /// (fastchat send, the chat) is never held. 0 commits each batch at once.
+    #[arg(
+        long,
+        value_name = "MICROS",
+        default_value_t = fastchat::db::writer::COMMIT_WINDOW.as_micros() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=10_000)
+    )]
+    commit_window: u64,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -174,6 +186,7 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(why) => return fail(&why, 2),
     };
+    config.db_options.commit_window = std::time::Duration::from_micros(args.commit_window);
     let lifetime = match std::time::Duration::try_from_secs_f64(args.message_lifetime * 86_400.0) {
         Ok(d) if !d.is_zero() => d,
         _ => return fail("--message-lifetime must be a positive number of days", 2),

@@ -31,7 +31,10 @@ use crate::mailbox;
 const MAX_BATCH: usize = 2048;
 
 /// How long a small batch waits for more jobs before it commits, when jobs come often (see
-/// [`IDLE`]).
+/// [`IDLE`]), by default (`fastchat-server --commit-window`). Longer trades latency for CPU:
+/// with 1,000 µs one server's CPU a message at 10,000 msg/s fell by about a sixth and the
+/// median latency of patient messages rose by half a millisecond (BENCHMARKS.md); awaited
+/// ones are not held (see [`gather`]).
 pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
 /// [`COMMIT_WINDOW`] while other processes commit to the same database between this writer's
@@ -41,6 +44,7 @@ pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 /// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
 /// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
 /// window, where the longer one cost a fifth of a millisecond of median latency.
+/// Twice the commit window, whatever that is.
 pub const SHARED_WINDOW: Duration = Duration::from_micros(600);
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
@@ -491,12 +495,22 @@ pub struct Stats {
 impl Writer {
     /// Starts the writer thread on `batch`, and `background` on a thread of its own.
     pub fn start(batch: impl Batch, background: Option<Background>) -> Result<Writer> {
+        Writer::start_with(batch, background, COMMIT_WINDOW)
+    }
+
+    /// Like [`Writer::start`], with a commit window of `window` (twice that on a shared
+    /// database; see [`COMMIT_WINDOW`]).
+    pub fn start_with(
+        batch: impl Batch,
+        background: Option<Background>,
+        window: Duration,
+    ) -> Result<Writer> {
         let (tx, rx) = mailbox::bounded::<Box<dyn Job>>(QUEUE);
         let stats = Arc::new(Stats::default());
         let counted = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(batch, rx, &counted))?;
+            .spawn(move || writer_loop(batch, rx, &counted, window))?;
         let (stop, stopped) = bounded::<()>(0);
         let background = match background {
             Some(work) => Some(
@@ -759,15 +773,20 @@ pub fn behind() -> bool {
     BEHIND.with(|b| b.get())
 }
 
-fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stats: &Stats) {
+fn writer_loop(
+    mut conn: impl Batch,
+    jobs: mailbox::Receiver<Box<dyn Job>>,
+    stats: &Stats,
+    window: Duration,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut purge = Purge::new(PURGE_EVERY, PURGE_PAUSE, PURGE_CHUNK);
     let mut last_commit = Instant::now();
     while let Ok(first) = jobs.recv() {
         let now = Instant::now();
-        let window = window_end(now, last_commit, first.urgency(), conn.shared());
+        let until = window_end(now, last_commit, first.urgency(), conn.shared(), window);
         batch.push(first);
-        gather(&jobs, &mut batch, window, |job| {
+        gather(&jobs, &mut batch, until, |job| {
             job.urgency() == Urgency::Awaited
         });
         let began = Instant::now();
@@ -823,15 +842,22 @@ fn writer_loop(mut conn: impl Batch, jobs: mailbox::Receiver<Box<dyn Job>>, stat
     }
 }
 
-/// Until when a batch whose first job is `first` may gather more, `now`, for a writer that last
-/// committed at `last_commit` on a database that other processes share or not.
-fn window_end(now: Instant, last_commit: Instant, first: Urgency, shared: bool) -> Instant {
+/// Until when a batch whose first job is `first` may gather more, `now`, for a writer with a
+/// commit window of `window` that last committed at `last_commit`, on a database that other
+/// processes share (twice the window) or not.
+fn window_end(
+    now: Instant,
+    last_commit: Instant,
+    first: Urgency,
+    shared: bool,
+    window: Duration,
+) -> Instant {
     if now.duration_since(last_commit) >= IDLE || first == Urgency::Awaited {
         now
     } else if shared {
-        now + SHARED_WINDOW
+        now + window * 2
     } else {
-        now + COMMIT_WINDOW
+        now + window
     }
 }
 
@@ -907,13 +933,23 @@ mod tests {
         let last = Instant::now();
         let now = last + Duration::from_micros(200);
         let batched = Urgency::Batched;
-        assert_eq!(window_end(now, last, batched, false), now + COMMIT_WINDOW);
-        assert_eq!(window_end(now, last, batched, true), now + SHARED_WINDOW);
+        let w = COMMIT_WINDOW;
+        assert_eq!(
+            window_end(now, last, batched, false, w),
+            now + COMMIT_WINDOW
+        );
+        assert_eq!(window_end(now, last, batched, true, w), now + SHARED_WINDOW);
         assert!(SHARED_WINDOW > COMMIT_WINDOW);
+        let longer = Duration::from_micros(900);
+        assert_eq!(window_end(now, last, batched, false, longer), now + longer);
+        assert_eq!(
+            window_end(now, last, batched, true, longer),
+            now + 2 * longer
+        );
         for shared in [false, true] {
-            assert_eq!(window_end(now, last, Urgency::Awaited, shared), now);
+            assert_eq!(window_end(now, last, Urgency::Awaited, shared, w), now);
             let later = last + IDLE;
-            assert_eq!(window_end(later, last, batched, shared), later, "idle");
+            assert_eq!(window_end(later, last, batched, shared, w), later, "idle");
         }
     }
 
