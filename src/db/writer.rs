@@ -32,19 +32,20 @@ const MAX_BATCH: usize = 2048;
 
 /// How long a small batch waits for more jobs before it commits, when jobs come often (see
 /// [`IDLE`]), by default (`fastchat-server --commit-window`). Longer trades latency for CPU:
-/// with 1,000 µs one server's CPU a message at 10,000 msg/s fell by about a sixth and the
-/// median latency of patient messages rose by half a millisecond (BENCHMARKS.md); awaited
-/// ones are not held (see [`gather`]).
+/// with 1,000 µs the median latency of patient messages at 10,000 msg/s doubled (0.6 → 1.3
+/// ms), one server's CPU a message fell by between nothing and a sixth, and three servers'
+/// (2,000 µs on their shared file) by a fifth (BENCHMARKS.md). Awaited messages are not held
+/// (see [`gather`]).
 pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
-/// [`COMMIT_WINDOW`] while other processes commit to the same database between this writer's
-/// batches ([`Batch::shared`]: several chat servers on one SQLite file). Each of their commits
+/// Twice [`COMMIT_WINDOW`] (twice the window in general) while other processes commit to the
+/// same database between this writer's batches ([`Batch::shared`]: several chat servers on
+/// one SQLite file). Each of their commits
 /// makes the next of ours dearer (SQLite then re-reads every page the batch touches, and the
 /// file's locks are taken in turn), so gathering longer pays more: on three servers at 10,000
 /// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
 /// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
 /// window, where the longer one cost a fifth of a millisecond of median latency.
-/// Twice the commit window, whatever that is.
 pub const SHARED_WINDOW: Duration = Duration::from_micros(600);
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
