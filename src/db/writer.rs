@@ -35,7 +35,7 @@ const MAX_BATCH: usize = 2048;
 /// with 1,000 µs the median latency of patient messages at 10,000 msg/s doubled (0.6 → 1.3
 /// ms), one server's CPU a message fell by between nothing and a sixth, and three servers'
 /// (2,000 µs on their shared file) by a fifth (BENCHMARKS.md). Awaited messages are not held
-/// (see [`gather`]).
+/// (see `gather`).
 pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
 /// Twice [`COMMIT_WINDOW`] (twice the window in general) while other processes commit to the

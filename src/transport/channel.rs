@@ -204,7 +204,7 @@ impl Channel {
     /// Reads what the socket has (one read). On a blocking socket this waits for data.
     ///
     /// It reads into the end of the read buffer, which is given back whenever it is empty
-    /// (to the spares: [`Spares`]): an idle connection holds no read buffer, and its
+    /// (to the spares: `Spares`): an idle connection holds no read buffer, and its
     /// thread's stack never holds one (a chunk on the stack stayed resident in every
     /// connection thread).
     pub fn fill(&mut self) -> Result<Fill> {
