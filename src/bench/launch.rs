@@ -232,7 +232,8 @@ impl LocalCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::Invalid(format!(
+                // The tool's own cluster did not come up: local trouble (exit 4).
+                return Err(Error::Local(format!(
                     "only {} of {n} servers registered; see the logs in {}",
                     live.len(),
                     self.dir.display()
@@ -334,7 +335,7 @@ fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Result<(Proc
         Ok(Some(Ok(line))) => Ok((process, line)),
         _ => {
             process.stop();
-            Err(Error::Invalid(format!(
+            Err(Error::Local(format!(
                 "{name} did not start; see {}",
                 dir.join(format!("{name}.log")).display()
             )))
