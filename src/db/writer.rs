@@ -38,15 +38,19 @@ const MAX_BATCH: usize = 2048;
 /// (see `gather`).
 pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
-/// Twice [`COMMIT_WINDOW`] (twice the window in general) while other processes commit to the
-/// same database between this writer's batches ([`Batch::shared`]: several chat servers on
-/// one SQLite file). Each of their commits
-/// makes the next of ours dearer (SQLite then re-reads every page the batch touches, and the
-/// file's locks are taken in turn), so gathering longer pays more: on three servers at 10,000
+/// [`COMMIT_WINDOW`] times [`SHARED_FACTOR`] while other processes commit to the same
+/// database between this writer's batches ([`Batch::shared`]: several chat servers on one
+/// SQLite file). Each of their commits makes the next of ours dearer (SQLite then re-reads
+/// every page the batch touches, and the file's locks are taken in turn), so gathering longer
+/// pays more: on three servers at 10,000
 /// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
 /// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
 /// window, where the longer one cost a fifth of a millisecond of median latency.
-pub const SHARED_WINDOW: Duration = Duration::from_micros(600);
+pub const SHARED_WINDOW: Duration = COMMIT_WINDOW.saturating_mul(SHARED_FACTOR);
+
+/// How many times its window a writer gathers while other processes commit to the same
+/// database (see [`SHARED_WINDOW`], the default).
+pub const SHARED_FACTOR: u32 = 2;
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
 /// at such a rate the window would gather nothing and only add to every message's latency
@@ -856,7 +860,7 @@ fn window_end(
     if now.duration_since(last_commit) >= IDLE || first == Urgency::Awaited {
         now
     } else if shared {
-        now + window * 2
+        now + window * SHARED_FACTOR
     } else {
         now + window
     }
