@@ -263,19 +263,20 @@ fn every_commit_window_delivers_everything_once() {
         std::fs::write(&config, format!("[server]\ncommit-window = {window}\n")).unwrap();
         run_limited(
             Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
-                .args(["--spawn-servers", "1", "--clients", "4", "--messages", "30"])
+                .args(["--clients", "4", "--messages", "30"])
                 .args(args)
                 .arg("--json")
                 .env("FASTCHAT_CONFIG", &config)
                 .env_remove("RUST_LOG"),
         )
     };
-    for window in [0, 10_000] {
+    // Two servers on one file gather for SHARED_FACTOR times the window (50 ms at 10,000 µs).
+    for (window, servers) in [(0, "1"), (10_000, "1"), (10_000, "2")] {
         for sending in ["1", "8"] {
-            let out = run(window, &["--window", sending]);
+            let out = run(window, &["--spawn-servers", servers, "--window", sending]);
             assert_eq!(
                 out.code, 0,
-                "window {window} µs, {sending} in flight: {out:?}"
+                "window {window} µs, {servers} server(s), {sending} in flight: {out:?}"
             );
             let r: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
             assert_eq!(
@@ -285,7 +286,7 @@ fn every_commit_window_delivers_everything_once() {
             );
         }
     }
-    let out = run(10_001, &[]);
+    let out = run(10_001, &["--spawn-servers", "1"]);
     assert_eq!(
         out.code, 4,
         "a server it could not start is local trouble: {out:?}"

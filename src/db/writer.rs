@@ -33,24 +33,24 @@ const MAX_BATCH: usize = 2048;
 /// How long a small batch waits for more jobs before it commits, when jobs come often (see
 /// [`IDLE`]), by default (`fastchat-server --commit-window`). Longer trades latency for CPU:
 /// with 1,000 µs the median latency of patient messages at 10,000 msg/s doubled (0.6 → 1.3
-/// ms), one server's CPU a message fell by between nothing and a sixth, and three servers'
-/// (2,000 µs on their shared file) by a fifth (BENCHMARKS.md). Awaited messages are not held
-/// (see `gather`).
+/// ms), one server's CPU a message fell by between nothing and a sixth (BENCHMARKS.md).
+/// Awaited messages are not held (see `gather`).
 pub const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 
 /// [`COMMIT_WINDOW`] times [`SHARED_FACTOR`] while other processes commit to the same
 /// database between this writer's batches ([`Batch::shared`]: several chat servers on one
 /// SQLite file). Each of their commits makes the next of ours dearer (SQLite then re-reads
 /// every page the batch touches, and the file's locks are taken in turn), so gathering longer
-/// pays more: on three servers at 10,000
-/// msg/s, 600 µs instead of 300 cut the servers' CPU a message by 6-9% and lowered p90 in
-/// eight alternating pairs of eight (BENCHMARKS.md). One server alone keeps the shorter
-/// window, where the longer one cost a fifth of a millisecond of median latency.
+/// pays more. On three servers at 10,000 msg/s, 600 µs instead of 300 cut the servers' CPU a
+/// message by 6-9% and lowered p90 in eight alternating pairs of eight; 1,500 µs instead of
+/// 600 cut it by another 15% (3 of 3) for half a millisecond more of median latency, p99
+/// unchanged; 2,000 µs cut nothing more and raised p99 (BENCHMARKS.md). One server alone
+/// keeps the shorter window, where 600 µs cost a fifth of a millisecond of median latency.
 pub const SHARED_WINDOW: Duration = COMMIT_WINDOW.saturating_mul(SHARED_FACTOR);
 
 /// How many times its window a writer gathers while other processes commit to the same
 /// database (see [`SHARED_WINDOW`], the default).
-pub const SHARED_FACTOR: u32 = 2;
+pub const SHARED_FACTOR: u32 = 5;
 
 /// A writer whose next job comes this long or more after its last commit commits it at once:
 /// at such a rate the window would gather nothing and only add to every message's latency
@@ -503,8 +503,8 @@ impl Writer {
         Writer::start_with(batch, background, COMMIT_WINDOW)
     }
 
-    /// Like [`Writer::start`], with a commit window of `window` (twice that on a shared
-    /// database; see [`COMMIT_WINDOW`]).
+    /// Like [`Writer::start`], with a commit window of `window` ([`SHARED_FACTOR`] times
+    /// that on a shared database; see [`COMMIT_WINDOW`]).
     pub fn start_with(
         batch: impl Batch,
         background: Option<Background>,
@@ -849,7 +849,7 @@ fn writer_loop(
 
 /// Until when a batch whose first job is `first` may gather more, `now`, for a writer with a
 /// commit window of `window` that last committed at `last_commit`, on a database that other
-/// processes share (twice the window) or not.
+/// processes share ([`SHARED_FACTOR`] times the window) or not.
 fn window_end(
     now: Instant,
     last_commit: Instant,
@@ -949,7 +949,7 @@ mod tests {
         assert_eq!(window_end(now, last, batched, false, longer), now + longer);
         assert_eq!(
             window_end(now, last, batched, true, longer),
-            now + 2 * longer
+            now + longer * SHARED_FACTOR
         );
         for shared in [false, true] {
             assert_eq!(window_end(now, last, Urgency::Awaited, shared, w), now);
