@@ -124,10 +124,10 @@ struct Args {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = fastchat::units::parse_size)]
     wal_limit: u64,
     /// Microseconds the database writer lets a batch of messages gather before it commits,
-    /// while they come often (five times this while other servers commit to the same SQLite file).
-    /// Longer costs less CPU a message and adds up to this much to the latency of messages
-    /// whose sender sends on without waiting (a load test); one whose sender waits for it
-    /// (fastchat send, the chat) is never held. 0 commits each batch at once.
+    /// while they come often (five times this while other servers commit to the same SQLite
+    /// file). Longer costs less CPU a message and adds up to that wait to the latency of
+    /// messages whose sender sends on without waiting (a load test); one whose sender waits
+    /// for it (fastchat send, the chat) is never held. 0 commits each batch at once.
     #[arg(
         long,
         value_name = "MICROS",
