@@ -9,19 +9,24 @@
 #   scripts/compare.sh /tmp/old HEAD 3 -- --spawn-servers 3 --opaque
 #   cargo build --release --bins && scripts/compare.sh HEAD target/release -- --spawn-servers 1
 #                                  (uncommitted work: its binaries against the last commit)
+#   scripts/compare.sh HEAD "HEAD --commit-window 1000" -- --spawn-servers 3 --rate 10000
+#                                  (one build, B's servers started with a flag of their own)
 #
-# A and B are git revisions or directories of built binaries. A revision is built (release) in
-# a worktree under target/compare/, and its binaries are kept in target/compare/bin-COMMIT for
+# A and B are git revisions or directories of built binaries, each optionally followed, in the
+# same argument, by flags for that side's fastchat-server. A revision is built (release) in a
+# worktree under target/compare/, and its binaries are kept in target/compare/bin-COMMIT for
 # the next comparison (delete target/compare to free the space). Each build runs with its own
 # fastchat-bench, so a change to the load tool shows too. ROUNDS defaults to 3; the flags must
 # include --spawn-servers (each build runs its own servers). Ties count for neither. Exit codes:
-# 0 every run passed, 1 a run failed (lost, duplicated or refused messages: it is shown, left
-# out of the summary, and the rest goes on), 2 bad arguments, 4 a build failed.
+# 0 every run passed, 1 a run failed (lost, duplicated or refused messages, or servers that did
+# not start: it is shown, left out of the summary, and the rest goes on), 2 bad arguments, 4 a
+# build failed.
 set -euo pipefail
+shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -81,12 +86,35 @@ bins() {
   echo "$out"
 }
 
-dir_a=$(bins "$a")
-dir_b=$(bins "$b")
-
 rows=$(mktemp)
 err=$(mktemp)
-trap 'rm -f "$rows" "$err"' EXIT
+sides=()
+trap 'rm -f "$rows" "$err"; for s in "${sides[@]}"; do rm -rf "$s"; done' EXIT
+
+# side SPEC: the directory of binaries a side runs: REF's, or, when SPEC adds server flags
+# after REF, a folder of its own under target/compare/ whose fastchat-server passes them on.
+side() {
+  local words dir flags s b
+  read -r -a words <<<"$1"
+  [ ${#words[@]} -ge 1 ] || { echo "compare.sh: an empty build to compare" >&2; exit 2; }
+  dir=$(bins "${words[0]}") || exit
+  [ ${#words[@]} -gt 1 ] || { echo "$dir"; return; }
+  flags=$(printf ' %q' "${words[@]:1}")
+  mkdir -p "$root/target/compare"
+  s=$(mktemp -d "$root/target/compare/side.XXXXXX")
+  for b in fastchat fastchat-balancer fastchat-bench fastchat-admin; do
+    # A link, not a copy, where it can be: fastchat-bench starts the servers beside itself.
+    ln "$dir/$b" "$s/$b" 2>/dev/null || cp "$dir/$b" "$s/$b"
+  done
+  printf '#!/bin/sh\nexec %q%s "$@"\n' "$dir/fastchat-server" "$flags" >"$s/fastchat-server"
+  chmod +x "$s/fastchat-server"
+  echo "$s"
+}
+
+dir_a=$(side "$a")
+[[ "$dir_a" == "$root/target/compare/side."* ]] && sides+=("$dir_a")
+dir_b=$(side "$b")
+[[ "$dir_b" == "$root/target/compare/side."* ]] && sides+=("$dir_b")
 failed=0
 
 # run NAME DIR FLAGS...: one run as a Markdown row (the first with the table's header), kept in

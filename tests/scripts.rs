@@ -186,6 +186,35 @@ fn compare_runs_two_builds_in_turn_and_sums_them_up() {
         );
     }
 
+    // Flags after a side's build go to that side's servers only: a window out of range stops
+    // B's, a valid one runs; the folders made for them are gone afterwards.
+    let sides = |b_flags: &str| {
+        run_limited(
+            Command::new(script("compare.sh"))
+                .arg(&bins)
+                .arg(format!("{} {b_flags}", bins.display()))
+                .args(["1", "--", "--spawn-servers", "1", "--clients", "2"])
+                .args(["--messages", "5"]),
+        )
+    };
+    let refused = sides("--commit-window 10001");
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stdout.contains("| B | failed: "), "{refused:?}");
+    assert!(!refused.stdout.contains("| A | failed"), "{refused:?}");
+    let ran = sides("--commit-window 0");
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(ran.stdout.contains(" --commit-window 0 ("), "{ran:?}");
+    let compare_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/compare");
+    let left: Vec<_> = std::fs::read_dir(&compare_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("side.")),
+        "{left:?}"
+    );
+
     // A run that fails is shown as failed, and the script says so.
     let failed = compare(&["1", "--", "--spawn-servers", "1", "--clients", "0"]);
     assert_eq!(failed.code, 1, "{failed:?}");
