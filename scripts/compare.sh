@@ -150,7 +150,8 @@ done
 # The summary, over the rounds where both passed, from the rows' columns (numbers without their
 # units; the round's number comes first): for a run that sends,
 # | run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU a delivery |
-# of it, servers |; for idle clients, | run | clients | connect | threads | descriptors |
+# of it, servers | servers' switches a delivery | (the last only from builds that print it);
+# for idle clients, | run | clients | connect | threads | descriptors |
 # memory | a client: threads, descriptors, KiB (stack KiB) |.
 echo
 awk -F'|' '
@@ -175,6 +176,7 @@ awk -F'|' '
     } else {
       value[who, 1, k] = num($4); value[who, 2, k] = num($5); value[who, 3, k] = num($6)
       value[who, 4, k] = num($7); value[who, 5, k] = num($12)
+      if ($13 ~ /[0-9]/) value[who, 6, k] = num($13); else unswitched = 1
     }
   }
   END {
@@ -183,9 +185,9 @@ awk -F'|' '
       split("memory a client (KiB)|connect (s)", name, "|")
       split("%.1f|%.2f", format, "|")
     } else {
-      figures = 5
-      split("delivered/s|p50 (ms)|p90 (ms)|p99 (ms)|servers CPU a delivery (µs)", name, "|")
-      split("%.0f|%.2f|%.2f|%.2f|%.1f", format, "|")
+      figures = unswitched ? 5 : 6
+      split("delivered/s|p50 (ms)|p90 (ms)|p99 (ms)|servers CPU a delivery (µs)|servers switches a delivery", name, "|")
+      split("%.0f|%.2f|%.2f|%.2f|%.1f|%.2f", format, "|")
       higher[1] = 1
     }
     n = 0

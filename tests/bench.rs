@@ -62,6 +62,19 @@ fn direct_mode_delivers_every_message_once_across_servers() {
         server_us < r["cpu_us_per_delivery"].as_f64().unwrap(),
         "{r}"
     );
+    // Context switches, counted up to the last delivery: messages cannot cross two servers
+    // without threads of each waking to read them, and the servers' share leaves this tool's
+    // out.
+    let switches = r["switches"].as_object().unwrap();
+    let made = |name: &str| switches[name].as_u64().unwrap();
+    assert!(made("server0") > 0 && made("server1") > 0, "{r}");
+    let servers: u64 = switches
+        .iter()
+        .filter(|(name, _)| *name != "bench")
+        .map(|(_, k)| k.as_u64().unwrap())
+        .sum();
+    let per = r["server_switches_per_delivery"].as_f64().unwrap();
+    assert!((per - servers as f64 / 300.0).abs() < 0.001, "{r}");
 }
 
 #[test]
@@ -435,6 +448,10 @@ fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
         r["cpu_secs"].is_null() && r["cpu_us_per_delivery"].is_null(),
         "{r}"
     );
+    assert!(
+        r["switches"].is_null() && r["server_switches_per_delivery"].is_null(),
+        "{r}"
+    );
     let out = run_limited(
         Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
             .args(target)
@@ -575,6 +592,7 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
                 secs.contains_key(rival) && secs.contains_key("bench"),
                 "{r}"
             );
+            assert!(r["switches"][rival].as_u64().unwrap() > 0, "{r}");
         }
         // Stopped, and its folder gone.
         let left = processes_mentioning(&tmp.path().to_string_lossy());

@@ -177,6 +177,7 @@ fn compare_runs_two_builds_in_turn_and_sums_them_up() {
         "| delivered/s |",
         "| p99 (ms) |",
         "| servers CPU a delivery (µs) |",
+        "| servers switches a delivery |",
     ] {
         let line = out.stdout.lines().find(|l| l.starts_with(figure));
         assert!(

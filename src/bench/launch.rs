@@ -394,6 +394,31 @@ pub fn usage(pid: u32) -> Option<Usage> {
     })
 }
 
+/// Context switches of a process so far, voluntary (it waited: for its socket, a lock, a
+/// queue) and involuntary (it was preempted), summed over its threads alive now (a thread
+/// that ended takes its count with it); `None` where `/proc` is unavailable.
+pub fn switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 /// [`usage`], with how much of the resident memory is the threads' stacks.
 pub fn memory(pid: u32) -> Option<Usage> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
@@ -474,6 +499,29 @@ Rss:                  32 kB
         // Two stacks (12 and 20 KiB); not a mapping after a gap, nor one after a larger
         // reservation (a malloc arena), nor a file's, nor the first thread's.
         assert_eq!(stack_kib(smaps), 32);
+    }
+
+    #[test]
+    fn every_thread_of_a_process_is_counted_while_it_lives() {
+        let me = std::process::id();
+        let before = switches(me).unwrap();
+        let (done, finished) = crossbeam_channel::bounded::<()>(0);
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        // Another thread sleeps twenty times (each a voluntary switch) while this one waits
+        // once.
+        let thread = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done.send(()).unwrap();
+            let _ = stopped.recv();
+        });
+        finished.recv().unwrap();
+        let during = switches(me).unwrap();
+        assert!(during >= before + 20, "{before} then {during}");
+        drop(stop);
+        thread.join().unwrap();
+        assert_eq!(switches(u32::MAX), None, "no such process");
     }
 
     #[test]

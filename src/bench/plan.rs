@@ -11,7 +11,7 @@ use crossbeam_channel::bounded;
 
 use super::driver::{self, Client, Counters, Receiving, Sending};
 use super::report;
-use super::usage::{periods, sample_cpu_every, Sample};
+use super::usage::{periods, sample_cpu_every, switch_sample, switches_made, Sample};
 use super::users::{call, Link, User};
 use super::{Config, Mode, Pattern, Report};
 use crate::client::e2e;
@@ -196,6 +196,7 @@ impl Plan {
             );
         }
         // Go.
+        let switches_before = switch_sample(processes);
         let t0 = *start.get_or_init(Instant::now);
         drop(go_tx);
         let (sampling, sampled) = bounded::<()>(0);
@@ -228,6 +229,7 @@ impl Plan {
         }
         report.send_secs = t0.elapsed().as_secs_f64();
         wait_for_stragglers(&counters, expected, config.drain);
+        report.switches = switches_made(&switches_before, &switch_sample(processes));
         if let Some(p) = progress {
             p.stop();
         }

@@ -211,6 +211,17 @@ pub fn render(r: &Report) -> String {
             server_cpu_per_delivery(r).unwrap_or(0.0)
         ));
     }
+    if !r.switches.is_empty() {
+        let total: u64 = r.switches.iter().map(|(_, n)| n).sum();
+        let parts: Vec<String> = r.switches.iter().map(|(n, k)| format!("{n} {k}")).collect();
+        out.push_str(&format!(
+            "  switches    {} context switches in all ({}), {:.2} per delivery ({:.2} of them servers)\n",
+            total,
+            parts.join(", "),
+            total as f64 / r.delivered.max(1) as f64,
+            server_switches_per_delivery(r).unwrap_or(0.0)
+        ));
+    }
     if r.kill_missed {
         out.push_str(
             "  FAILED      the run ended before --kill-server's time: no failover was tested \
@@ -241,7 +252,7 @@ pub fn markdown_header(idle: bool) -> &'static str {
     if idle {
         "| run | clients | connect time | server threads | server descriptors | server RSS | per client |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     } else {
-        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery | of it, servers |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| run | deliveries | delivered/s | p50 | p90 | p99 | max | lost | dup | CPU per delivery | of it, servers | servers' switches per delivery |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     }
 }
 
@@ -272,8 +283,9 @@ pub fn markdown_row(label: &str, r: &Report) -> String {
     }
     let us = |v: Option<f64>| v.map_or("n/a".into(), |us| format!("{us:.1} µs"));
     let (cpu, servers) = (us(cpu_per_delivery(r)), us(server_cpu_per_delivery(r)));
+    let switches = server_switches_per_delivery(r).map_or("n/a".into(), |n| format!("{n:.2}"));
     format!(
-        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {servers} |",
+        "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {servers} | {switches} |",
         r.delivered,
         r.throughput,
         ms(r.latency.p50),
@@ -310,9 +322,30 @@ fn cpu_per(cpu: &[(String, f64)], delivered: u64, counted: impl Fn(&str) -> bool
     Some(secs * 1e6 / delivered.max(1) as f64)
 }
 
+/// Context switches per delivery of the servers and the balancer (as for
+/// [`server_cpu_per_delivery`]); `None` when the servers were not spawned by this tool.
+fn server_switches_per_delivery(r: &Report) -> Option<f64> {
+    if r.switches.is_empty() {
+        return None;
+    }
+    let made: u64 = r
+        .switches
+        .iter()
+        .filter(|(n, _)| n != BENCH_PROCESS)
+        .map(|(_, k)| k)
+        .sum();
+    Some(made as f64 / r.delivered.max(1) as f64)
+}
+
 /// The report as one JSON object.
 pub fn to_json(r: &Report) -> serde_json::Value {
-    serde_json::json!({
+    let switches = (!r.switches.is_empty()).then(|| {
+        r.switches
+            .iter()
+            .map(|(n, k)| (n.clone(), serde_json::json!(k)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    let mut json = serde_json::json!({
         "mode": r.mode,
         "pattern": (r.mode == "direct").then_some(&r.pattern),
         "opaque": r.opaque,
@@ -361,7 +394,11 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "server_cpu_us_per_delivery": server_cpu_per_delivery(r),
         "server_usage": r.server_usage.iter().map(usage_json).collect::<Vec<_>>(),
-    })
+    });
+    // Set apart: one macro with every key goes past its recursion limit.
+    json["switches"] = serde_json::json!(switches);
+    json["server_switches_per_delivery"] = serde_json::json!(server_switches_per_delivery(r));
+    json
 }
 
 /// A server's usage before and after the run, as JSON.

@@ -40,7 +40,7 @@ use super::driver::{self, Counters, Delivery};
 use super::launch::{self, Process};
 use super::plan::{drivers, recipients, stop_drivers, tally, wait_for_stragglers};
 use super::report::{self, BENCH_PROCESS};
-use super::usage::{cpu_sample, cpu_spent, sample_cpu_every};
+use super::usage::{cpu_sample, cpu_spent, sample_cpu_every, switch_sample, switches_made};
 use super::{Config, Mode, Pattern, Report};
 use crate::error::{Error, Result};
 use crate::transport::pki::{self, Member, Role};
@@ -799,6 +799,7 @@ fn drive_all(
         );
     }
     drop(stored_tx);
+    let switches_before = switch_sample(processes);
     let t0 = *start.get_or_init(Instant::now);
     drop(go_tx);
     let (sampling, sampled) = bounded::<()>(0);
@@ -815,6 +816,7 @@ fn drive_all(
     }
     report.send_secs = t0.elapsed().as_secs_f64();
     wait_for_stragglers(&counters, expected, config.drain);
+    report.switches = switches_made(&switches_before, &switch_sample(processes));
     if let Some(p) = progress {
         p.stop();
     }

@@ -53,6 +53,26 @@ pub(super) fn cpu_sample(processes: &[(String, u32)]) -> Cpu {
         .collect()
 }
 
+/// Context switches of each process, by name (see [`launch::switches`]).
+pub(super) type Switches = Vec<(String, u64)>;
+
+/// Context switches so far of each of `processes`.
+pub(super) fn switch_sample(processes: &[(String, u32)]) -> Switches {
+    processes
+        .iter()
+        .map(|(name, pid)| (name.clone(), launch::switches(*pid).unwrap_or(0)))
+        .collect()
+}
+
+/// Context switches made by each process between two samples.
+pub(super) fn switches_made(before: &[(String, u64)], after: &[(String, u64)]) -> Switches {
+    before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (name.clone(), a.saturating_sub(*b)))
+        .collect()
+}
+
 /// CPU seconds spent by each process between two samples.
 pub(super) fn cpu_spent(before: &[(String, f64)], after: &[(String, f64)]) -> Cpu {
     before
