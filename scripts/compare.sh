@@ -12,15 +12,15 @@
 #   scripts/compare.sh HEAD "HEAD --commit-window 1000" -- --spawn-servers 3 --rate 10000
 #                                  (one build, B's servers started with a flag of their own)
 #
-# A and B are git revisions or directories of built binaries, each optionally followed, in the
-# same argument, by flags for that side's fastchat-server. A revision is built (release) in a
-# worktree under target/compare/, and its binaries are kept in target/compare/bin-COMMIT for
-# the next comparison (delete target/compare to free the space). Each build runs with its own
-# fastchat-bench, so a change to the load tool shows too. ROUNDS defaults to 3; the flags must
-# include --spawn-servers (each build runs its own servers). Ties count for neither. Exit codes:
-# 0 every run passed, 1 a run failed (lost, duplicated or refused messages, or servers that did
-# not start: it is shown, left out of the summary, and the rest goes on), 2 bad arguments, 4 a
-# build failed.
+# A and B are git revisions or directories (paths without spaces) of built binaries, each
+# optionally followed, in the same argument, by flags for that side's fastchat-server. A
+# revision is built (release) in a worktree under target/compare/, and its binaries are kept
+# in target/compare/bin-COMMIT for the next comparison (delete target/compare to free the
+# space). Each build runs with its own fastchat-bench, so a change to the load tool shows
+# too. ROUNDS defaults to 3; the flags must include --spawn-servers (each build runs its own
+# servers). Ties count for neither. Exit codes: 0 every run passed, 1 a run failed (lost,
+# duplicated or refused messages, or servers that did not start: it is shown, left out of the
+# summary, and the rest goes on), 2 bad arguments, 4 a build failed.
 set -euo pipefail
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
