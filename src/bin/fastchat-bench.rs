@@ -13,7 +13,8 @@ use fastchat::bench::{self, Config, Mode, Target};
 
 /// Drives a fastchat cluster with many clients over the real protocol, with real end-to-end
 /// encryption, and reports delivered messages per second, latency percentiles (send to
-/// decrypted delivery), and how many messages were lost or duplicated.
+/// decrypted delivery), and how many messages were lost or duplicated; for the processes it
+/// starts, their CPU time and context switches (threads put to sleep and woken) per delivery.
 ///
 /// Either point it at a running cluster (--balancer) or let it start its own balancer and
 /// servers on a temporary database (--spawn-servers); those are stopped when it ends. To
