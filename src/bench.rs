@@ -258,8 +258,7 @@ pub struct Report {
     /// Context switches each process made meanwhile (the same processes as `cpu`), counted
     /// from the start to the last delivery, before any connection closes (a thread that ends
     /// takes its count with it): a thread that goes to sleep and is woken, or is preempted.
-    /// Where a message is handed from thread to thread, each hand-off is a wake-up, and a
-    /// switch costs microseconds of CPU (several on a VM).
+    /// Where a message is handed from thread to thread, each hand-off is a wake-up.
     pub switches: Vec<(String, u64)>,
     /// The run stretch by stretch (`--every`): does the tail grow, or come in bursts?
     pub periods: Vec<Period>,
