@@ -69,21 +69,22 @@ impl Plan {
         let fanout = match config.mode {
             Mode::Direct => {
                 // Client i writes to the K clients after it; so client j hears from the K
-                // before it. A session serves both directions: each pair's is made once (its
-                // secret on as many threads as there are cores), both sides in this process
-                // (the tool skips the directory's key agreement, which happens once per pair).
+                // before it. A session serves both directions: each pair's is made once (on
+                // as many threads as there are cores), both sides in this process (the tool
+                // skips the directory's key agreement, which happens once per pair). Opaque
+                // bodies need none.
                 let k = recipients(config, n);
-                let mut pairs: Vec<(usize, usize)> = (0..n)
-                    .flat_map(|i| (1..=k).map(move |d| (i, (i + d) % n)))
-                    .map(|(a, b)| (a.min(b), a.max(b)))
-                    .collect();
-                pairs.sort_unstable();
-                pairs.dedup();
-                let keys = pair_keys(users, &pairs)?;
-                for &(a, b) in &pairs {
-                    let (first, second) = session_pair(&keys[&(a, b)], a, b)?;
-                    roles[a].sessions.insert(b, first);
-                    roles[b].sessions.insert(a, second);
+                if !config.opaque {
+                    let mut pairs: Vec<(usize, usize)> = (0..n)
+                        .flat_map(|i| (1..=k).map(move |d| (i, (i + d) % n)))
+                        .map(|(a, b)| (a.min(b), a.max(b)))
+                        .collect();
+                    pairs.sort_unstable();
+                    pairs.dedup();
+                    for ((a, b), (first, second)) in sessions(users, &pairs)? {
+                        roles[a].sessions.insert(b, first);
+                        roles[b].sessions.insert(a, second);
+                    }
                 }
                 for (i, role) in roles.iter_mut().enumerate() {
                     for d in 1..=k {
@@ -362,12 +363,12 @@ fn session_pair(secret: &PairKey, a: usize, b: usize) -> Result<(RatchetSession,
     Ok((side(first), side(second)))
 }
 
-/// The pair keys of `pairs` (indexes into `users`, lower first), made on every core.
-fn pair_keys(users: &[User], pairs: &[(usize, usize)]) -> Result<HashMap<(usize, usize), PairKey>> {
+/// Both sides of the session of each of `pairs` (indexes into `users`, lower first), made
+/// on every core.
+fn sessions(users: &[User], pairs: &[(usize, usize)]) -> Result<Vec<Paired>> {
     let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
     let chunk = pairs.len().div_ceil(cores).max(1);
-    type Keyed = Vec<((usize, usize), PairKey)>;
-    let parts: Vec<Result<Keyed>> = std::thread::scope(|scope| {
+    let parts: Vec<Result<Vec<Paired>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = pairs
             .chunks(chunk)
             .map(|part| {
@@ -375,10 +376,8 @@ fn pair_keys(users: &[User], pairs: &[(usize, usize)]) -> Result<HashMap<(usize,
                     part.iter()
                         .map(|&(a, b)| {
                             let (u, v) = (&users[a], &users[b]);
-                            Ok((
-                                (a, b),
-                                u.identity.pair_key(&u.name, &v.name, &v.public.x25519)?,
-                            ))
+                            let secret = u.identity.pair_key(&u.name, &v.name, &v.public.x25519)?;
+                            Ok(((a, b), session_pair(&secret, a, b)?))
                         })
                         .collect()
                 })
@@ -386,15 +385,18 @@ fn pair_keys(users: &[User], pairs: &[(usize, usize)]) -> Result<HashMap<(usize,
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("a pair key thread"))
+            .map(|h| h.join().expect("a session thread"))
             .collect()
     });
-    let mut keys = HashMap::with_capacity(pairs.len());
+    let mut all = Vec::with_capacity(pairs.len());
     for part in parts {
-        keys.extend(part?);
+        all.extend(part?);
     }
-    Ok(keys)
+    Ok(all)
 }
+
+/// A pair of users (indexes, lower first) and both sides of their session.
+type Paired = ((usize, usize), (RatchetSession, RatchetSession));
 
 /// Creates a group of `members` through the protocol, as clients do: the first member
 /// creates it and adds the others, each change signed and keyed for the members after it;
