@@ -70,6 +70,25 @@ fn main() -> fastchat::Result<()> {
     measure("Ed25519 verify", 5_000, || {
         black_box(verify_signature(&alice_public.ed25519, &sealed, &signature).unwrap());
     });
+    // The double ratchet's unit of cost: a turn makes a key and agrees twice (see
+    // "ratchet: a round trip, new keys" below). OpenSSL 3.0 makes an X25519 key with the
+    // same ladder as an agreement, not with a table for the base point.
+    {
+        use openssl::pkey::{Id, PKey};
+        measure("X25519: make a key pair", 5_000, || {
+            let k = PKey::generate_x25519().unwrap();
+            black_box(k.raw_public_key().unwrap());
+        });
+        let (_, theirs) = fastchat::crypto::ratchet::x25519_pair()?;
+        let ours = PKey::generate_x25519()?;
+        measure("X25519: agree (our key loaded)", 5_000, || {
+            let theirs = PKey::public_key_from_raw_bytes(&theirs, Id::X25519).unwrap();
+            let mut deriver = openssl::derive::Deriver::new(&ours).unwrap();
+            deriver.set_peer(&theirs).unwrap();
+            let mut out = [0u8; 32];
+            black_box(deriver.derive(&mut out).unwrap());
+        });
+    }
     measure("random group/file key", 100_000, || {
         black_box(PairKey::random().unwrap());
     });
