@@ -464,6 +464,32 @@ fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
 }
 
 #[test]
+fn a_balancer_that_limits_signups_is_named_with_its_flag() {
+    // A cluster started with the balancer's defaults takes a few signups from one address;
+    // the tool says which flag lets a load test in.
+    let c = Cluster::start_with_balancer_args(1, &["--signups-per-address", "3"]);
+    let ca = c.ca();
+    let (code, r, err) = bench(&[
+        "--balancer",
+        c.balancer_addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--clients",
+        "5",
+        "--messages",
+        "3",
+    ]);
+    assert_eq!(code, 1, "a run with failures is not clean: {r} {err}");
+    assert_eq!(r["connect_failed"], 2, "{r}");
+    let why = r["connect_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("too many signups") && why.contains("--signups-per-address 0"),
+        "{r}"
+    );
+    assert_eq!((&r["expected"], &r["delivered"]), (&9.into(), &9.into()));
+}
+
+#[test]
 fn a_rate_sweep_reports_each_run_and_draws_them() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("sweep.svg");

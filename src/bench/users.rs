@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use super::{Config, Mode};
 use crate::client::{BalancerClient, Session};
 use crate::crypto::Identity;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::net::{
     Greeting, PublicKeys, Request, Response, ServerEvent, ServerReply, ServerRequest, MAX_FRAME,
 };
@@ -123,9 +123,30 @@ fn connect_one(
         Some(c) => c,
         None => b.insert(BalancerClient::connect(balancer, transport)?),
     };
-    conn.signup(&user.name, PASSWORD, user.public.clone(), None)?;
+    conn.signup(&user.name, PASSWORD, user.public.clone(), None)
+        .map_err(signup_hint)?;
     let session = conn.login(&user.name, PASSWORD)?;
     open_link(&session, transport)
+}
+
+/// A balancer's refusal of too many signups from this address, with what to do about it: every
+/// simulated user signs up, all from this one address, and a balancer started with its
+/// defaults takes 30 (a spawned one has no limit).
+fn signup_hint(e: Error) -> Error {
+    match e {
+        Error::Refused {
+            code: ErrorCode::RateLimited,
+            message,
+        } => Error::refused(
+            ErrorCode::RateLimited,
+            format!(
+                "{message} (every simulated user signs up from this address: start the \
+                 balancer with --signups-per-address 0 for a load test, e.g. \
+                 scripts/cluster.sh start N DIR --signups-per-address 0)"
+            ),
+        ),
+        other => other,
+    }
 }
 
 /// Connects to the session's server and says hello (with the session's proof).

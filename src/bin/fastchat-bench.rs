@@ -82,7 +82,9 @@ struct Args {
     /// (latency counts from when each message was due). Default: as fast as the window allows.
     #[arg(long, value_name = "R")]
     rate: Option<f64>,
-    /// Use the running cluster whose balancer is at ADDR.
+    /// Use the running cluster whose balancer is at ADDR. Every simulated user signs up there,
+    /// all from this address: start its balancer with --signups-per-address 0 (or more than
+    /// --clients), or it refuses all but the first 30.
     #[arg(long, value_name = "ADDR", conflicts_with = "spawn_servers")]
     balancer: Option<String>,
     /// Start a balancer and K servers on a temporary database, and stop them at the end.
