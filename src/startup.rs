@@ -82,6 +82,30 @@ pub fn warn_plaintext(program: &str) {
     );
 }
 
+/// What to run when the cluster folder has no CA, or no certificate for `name` (a folder
+/// never made, or a server added to a cluster).
+fn missing_certificate(program: &str, dir: &Path, name: &str) -> Option<Error> {
+    let dir_shown = dir.display();
+    if !crate::transport::pki::ca_path(dir).exists() {
+        return Some(Error::Local(format!(
+            "no cluster certificate authority in {dir_shown} (ca.pem): make the cluster's \
+             certificates there first, with `fastchat-admin init {dir_shown}`"
+        )));
+    }
+    if !dir.join(format!("{name}.pem")).exists() {
+        let role = if program.ends_with("balancer") {
+            "balancer"
+        } else {
+            "server"
+        };
+        return Some(Error::Local(format!(
+            "no certificate for {name} in {dir_shown}: issue one with \
+             `fastchat-admin cert {dir_shown} --{role} {name}`"
+        )));
+    }
+    None
+}
+
 /// A balancer's or server's transport: `--insecure-plaintext`, or its certificate `name` (or
 /// `default_name`) from the cluster folder `tls_dir`.
 pub fn member_transport(
@@ -99,7 +123,11 @@ pub fn member_transport(
             warn_plaintext(program);
             Ok(Transport::plaintext())
         }
-        (Some(dir), false) => Transport::member(dir, name.unwrap_or(default_name)),
+        (Some(dir), false) => {
+            let name = name.unwrap_or(default_name);
+            missing_certificate(program, dir, name)
+                .map_or_else(|| Transport::member(dir, name), Err)
+        }
         (None, false) => Err(Error::Invalid(
             "no certificates: give --tls-dir DIR (make one with `fastchat-admin init DIR`), or \
              --insecure-plaintext for a classroom on one trusted machine"

@@ -447,3 +447,66 @@ fn plaintext_is_explicit_and_warned_about_at_every_start() {
     assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("fastchat-admin init"), "{}", out.stderr);
 }
+
+/// Runs the command a refusal quotes between backticks (`fastchat-admin ...`).
+fn run_quoted(stderr: &str) -> common::Output {
+    let quoted = stderr
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no command quoted in: {stderr}"));
+    let mut words = quoted.split_whitespace();
+    assert_eq!(words.next(), Some("fastchat-admin"), "{stderr}");
+    common::run_limited(std::process::Command::new(common::bin("fastchat-admin")).args(words))
+}
+
+#[test]
+fn a_missing_certificate_names_the_command_that_makes_it_and_that_command_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let db = tmp.path().join("chat.db");
+    let balancer = |name: &str| {
+        let mut cmd = std::process::Command::new(common::bin("fastchat-balancer"));
+        cmd.args(["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
+            .args(["--tls-dir", tls.to_str().unwrap(), "--name", name])
+            .env_remove("FASTCHAT_CONFIG")
+            .env_remove("FASTCHAT_HOME")
+            .env_remove("FASTCHAT_DB");
+        cmd
+    };
+    // A folder with no CA yet: the refusal says how to make one, and that works.
+    let out = common::run_limited(&mut balancer("balancer"));
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("no cluster certificate authority"),
+        "{out:?}"
+    );
+    let made = run_quoted(&out.stderr);
+    assert_eq!(made.code, 0, "{made:?}");
+    // A second balancer (or a server added later) has no certificate of its own yet.
+    let out = common::run_limited(&mut balancer("balancer-2"));
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("fastchat-admin cert ") && out.stderr.contains("--balancer balancer-2"),
+        "{out:?}"
+    );
+    let issued = run_quoted(&out.stderr);
+    assert_eq!(issued.code, 0, "{issued:?}");
+    let mut started = Proc::spawn("balancer-2", &mut balancer("balancer-2"));
+    assert!(started.line().contains("listening"), "it starts now");
+    started.kill9();
+    // A chat server's refusal names the server kind of certificate.
+    let out = common::run_limited(
+        std::process::Command::new(common::bin("fastchat-server"))
+            .args(["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
+            .args(["--balancer", "127.0.0.1:1", "--name", "server-9"])
+            .args(["--tls-dir", tls.to_str().unwrap()])
+            .env_remove("FASTCHAT_CONFIG")
+            .env_remove("FASTCHAT_HOME")
+            .env_remove("FASTCHAT_DB"),
+    );
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stderr.contains("--server server-9"), "{out:?}");
+    assert_eq!(run_quoted(&out.stderr).code, 0);
+    assert!(tls.join("server-9.pem").exists());
+}
