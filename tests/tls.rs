@@ -510,3 +510,79 @@ fn a_missing_certificate_names_the_command_that_makes_it_and_that_command_works(
     assert_eq!(run_quoted(&out.stderr).code, 0);
     assert!(tls.join("server-9.pem").exists());
 }
+
+/// A TLS service that is not fastchat's: a self-signed certificate with no member name,
+/// answering handshakes on loopback until the returned flag is set.
+fn other_tls_service() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use openssl::asn1::Asn1Time;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::ssl::{SslAcceptor, SslMethod};
+    use openssl::x509::{X509NameBuilder, X509};
+    let key = PKey::generate_ed25519().unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "some other service")
+        .unwrap();
+    let name = name.build();
+    let mut cert = X509::builder().unwrap();
+    cert.set_version(2).unwrap();
+    cert.set_subject_name(&name).unwrap();
+    cert.set_issuer_name(&name).unwrap();
+    cert.set_pubkey(&key).unwrap();
+    cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    cert.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    cert.sign(&key, MessageDigest::null()).unwrap();
+    let cert = cert.build();
+    let mut acceptor = SslAcceptor::mozilla_modern_v5(SslMethod::tls_server()).unwrap();
+    acceptor.set_private_key(&key).unwrap();
+    acceptor.set_certificate(&cert).unwrap();
+    let acceptor = acceptor.build();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + LIMIT;
+        while !stopping.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    tcp.set_nonblocking(false).unwrap();
+                    tcp.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .unwrap();
+                    let _ = acceptor.accept(tcp);
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    });
+    (addr, stop)
+}
+
+#[test]
+fn a_mistyped_address_that_speaks_tls_leaves_no_pin_behind() {
+    // On first contact the client trusts the CA it is shown, but only once the other end has
+    // proved to be a balancer of a cluster: another program that speaks TLS (a wrong port)
+    // is refused and pins nothing, so the real cluster at that address is not refused later.
+    let (addr, stop) = other_tls_service();
+    let home = tempfile::tempdir().unwrap();
+    let out = common::run_limited(
+        std::process::Command::new(common::bin("fastchat"))
+            .args(["--balancer", &addr, "servers"])
+            .env("FASTCHAT_HOME", home.path())
+            .env_remove("FASTCHAT_CA")
+            .env_remove("FASTCHAT_CONFIG")
+            .env("FASTCHAT_PASSWORD", "pw"),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("is not the cluster's balancer"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("first contact"), "{out:?}");
+    let pin = fastchat::transport::pin_path(home.path(), &addr);
+    assert!(!pin.exists(), "{} was pinned", pin.display());
+}

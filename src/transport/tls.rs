@@ -469,10 +469,16 @@ impl Transport {
         })?;
         let stream = Stream::Tls(Box::new(s));
         stream.set_nonblocking(false)?;
-        if tls.member.is_none() {
-            tls.verify_server(&stream, addr)?;
-        }
+        let first_contact = match tls.member {
+            None => tls.verify_server(&stream, addr)?,
+            Some(_) => None,
+        };
         expect.check(stream.peer().as_ref(), addr)?;
+        // Pinned only once the other end proved to be what was asked for: a mistyped
+        // address (another service that speaks TLS) leaves nothing behind.
+        if let Some(root) = first_contact {
+            tls.pin(root, addr)?;
+        }
         Ok(stream)
     }
 
@@ -597,10 +603,11 @@ fn handshake_error(e: openssl::ssl::Error) -> Error {
 
 impl Tls {
     /// A client's check of a server's certificate chain: against the known CA; or, if none is
-    /// known yet, against the root the server presented, which is then pinned.
-    fn verify_server(&self, stream: &Stream, addr: &str) -> Result<()> {
+    /// known yet, against the root the server presented, which is returned to be pinned (see
+    /// [`Tls::pin`]) once the other end has shown it is what the client asked for.
+    fn verify_server(&self, stream: &Stream, addr: &str) -> Result<Option<X509>> {
         let Stream::Tls(s) = stream else {
-            return Ok(());
+            return Ok(None);
         };
         let ssl = s.ssl();
         let leaf = ssl
@@ -608,11 +615,11 @@ impl Tls {
             .ok_or_else(|| Error::Integrity(format!("{addr} presented no certificate")))?;
         let empty = Stack::new()?;
         let chain: &StackRef<X509> = ssl.peer_cert_chain().unwrap_or(&empty);
-        let mut known = self.ca.lock();
+        let known = self.ca.lock();
         match known.as_ref() {
             Some(ca) => {
                 if chains_to(ca, &leaf, chain)? {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let presented = presented_root(chain)
                     .map(|r| pki::fingerprint(&r))
@@ -633,9 +640,9 @@ impl Tls {
                 )))
             }
             None => {
-                let Some(pin) = &self.pin else {
+                if self.pin.is_none() {
                     return Err(Error::Integrity("no certificate authority to check".into()));
-                };
+                }
                 let root = presented_root(chain).ok_or_else(|| {
                     Error::Integrity(format!(
                         "{addr} did not present its certificate authority, so it cannot be \
@@ -647,17 +654,39 @@ impl Tls {
                         "{addr} presented a certificate chain that does not verify"
                     )));
                 }
-                write_pin(pin, &root)?;
-                eprintln!(
-                    "fastchat: first contact with the cluster at {addr}: trusting its \
-                     certificate authority {} from now on (pinned in {})",
-                    pki::fingerprint(&root)?,
-                    pin.display()
-                );
-                *known = Some(root);
-                Ok(())
+                Ok(Some(root))
             }
         }
+    }
+
+    /// Trusts `root` from now on (first contact: see [`Tls::verify_server`]), unless another
+    /// connection pinned a root meanwhile, which `root` must then be.
+    fn pin(&self, root: X509, addr: &str) -> Result<()> {
+        let mut known = self.ca.lock();
+        if let Some(ca) = known.as_ref() {
+            if ca.to_der()? == root.to_der()? {
+                return Ok(());
+            }
+            return Err(Error::Integrity(format!(
+                "WARNING: {addr} presents another certificate authority ({}) than the one \
+                 just trusted ({}). Someone may be intercepting the connection. Refusing to \
+                 continue",
+                pki::fingerprint(&root)?,
+                pki::fingerprint(ca)?
+            )));
+        }
+        let Some(pin) = &self.pin else {
+            return Err(Error::Integrity("no certificate authority to check".into()));
+        };
+        write_pin(pin, &root)?;
+        eprintln!(
+            "fastchat: first contact with the cluster at {addr}: trusting its certificate \
+             authority {} from now on (pinned in {})",
+            pki::fingerprint(&root)?,
+            pin.display()
+        );
+        *known = Some(root);
+        Ok(())
     }
 }
 
