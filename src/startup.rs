@@ -85,6 +85,8 @@ pub fn warn_plaintext(program: &str) {
 /// What to run when the cluster folder has no CA, or no certificate for `name` (a folder
 /// never made, or a server added to a cluster).
 fn missing_certificate(program: &str, dir: &Path, name: &str) -> Option<Error> {
+    // A name that is no name is refused as such (by `Transport::member`), not looked for.
+    crate::names::validate("member", name).ok()?;
     let dir_shown = dir.display();
     if !crate::transport::pki::ca_path(dir).exists() {
         return Some(Error::Local(format!(
