@@ -158,6 +158,16 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     assert_eq!(user_row(&c, "alice").unwrap()["may_rekey"], true);
     let out = c.run("alice", &["recv"]);
     assert_eq!(out.code, 1, "the old password is refused: {out:?}");
+    // The new one is taken, but the keys are still under the old: she is told what to run,
+    // by a one-shot command and by `login` alike.
+    for args in [&["recv"][..], &["login"]] {
+        let out = run_pw(&c, "alice", "new-pw", args);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stderr.contains("fastchat --user alice rekey"),
+            "{args:?}: {out:?}"
+        );
+    }
 
     let out = run_pw(&c, "alice", "new-pw", &["rekey", "--json"]);
     assert_eq!(out.code, 0, "{out:?}");

@@ -65,8 +65,26 @@ pub(in crate::client) fn login(opts: &Options) -> Result<LoggedIn> {
     }
     let password = opts.password(&format!("password for {user}: "))?;
     let (client, balancer) = Client::login(&opts.balancer, &opts.transport, &user, &password)?;
-    let identity = store.load_identity(&password)?;
+    let identity = store
+        .load_identity(&password)
+        .map_err(|e| after_reset(e, &user, &store))?;
     logged_in(opts, client, balancer, identity, store, false)
+}
+
+/// A key file that the account's own password does not open, once the balancer took that
+/// password: most likely an operator reset it (`fastchat-admin users reset-password`), and
+/// the keys are still under the old one.
+fn after_reset(e: Error, user: &str, store: &Keystore) -> Error {
+    match e {
+        Error::Integrity(_) => Error::Integrity(format!(
+            "the balancer took this password for {user}, but the key file in {} does not \
+             open with it: if an operator reset your password, run `fastchat --user {user} \
+             rekey` to make new keys with it (messages sealed for the old keys are lost); \
+             otherwise the file is damaged",
+            store.dir().display()
+        )),
+        other => other,
+    }
 }
 
 pub(super) fn logged_in(
@@ -166,9 +184,11 @@ pub fn keep_login(opts: &Options, idle: Duration) -> Result<()> {
         end_kept(opts, &user, &store)?;
     }
     let password = opts.password(&format!("password for {user}: "))?;
-    let identity = store.load_identity(&password)?;
     let mut b = BalancerClient::connect(&opts.balancer, &opts.transport)?;
     let session = b.login(&user, &password)?;
+    let identity = store
+        .load_identity(&password)
+        .map_err(|e| after_reset(e, &user, &store))?;
     // Trouble with prekeys does not stop the login: the directory keeps what was published
     // before (the signup's at least), and the next command tries again.
     if let Err(e) = prekeys::refresh(&store, &identity, &mut b, &session, crate::db::now_ms()) {
