@@ -17,7 +17,7 @@ use crate::db::{Exported, Location, Store, UserSummary};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
 use crate::net::MAX_PASSWORD;
-use crate::units::{human_size, utc_minute};
+use crate::units::{counted, human_size, utc_minute};
 
 /// A roster line: a name, and its password if the file gives one.
 pub type RosterEntry = (String, Option<String>);
@@ -188,7 +188,10 @@ impl Admin {
             let Some(gone) = self.store.call(move |tx| tx.delete_user(&owned))? else {
                 continue;
             };
-            let mut text = format!("deleted {name}: {} queued messages", gone.messages_deleted);
+            let mut text = format!(
+                "deleted {name}: {}",
+                counted(gone.messages_deleted, "queued message")
+            );
             if !gone.groups_deleted.is_empty() {
                 text += &format!(", groups {}", gone.groups_deleted.join(", "));
             }
@@ -260,7 +263,7 @@ impl Admin {
         let owned = name.clone();
         let n = self.store.call(move |tx| tx.purge_queue(&owned))?;
         self.emit(
-            &format!("purged {n} messages waiting for {name}"),
+            &format!("purged {} waiting for {name}", counted(n, "message")),
             json!({ "user": name, "purged": n }),
         )
     }
@@ -272,7 +275,10 @@ impl Admin {
         let owned = name.clone();
         let n = self.store.call(move |tx| tx.end_sessions(&owned))?;
         self.emit(
-            &format!("ended {n} sessions of {name}; their connections close within seconds"),
+            &format!(
+                "ended {} of {name}; their connections close within seconds",
+                counted(n as u64, "session")
+            ),
             json!({ "user": name, "sessions": n }),
         )
     }
@@ -317,7 +323,7 @@ impl Admin {
         };
         self.delete(&names)?;
         self.emit(
-            &format!("wiped {} accounts", names.len()),
+            &format!("wiped {}", counted(names.len() as u64, "account")),
             json!({ "wiped": names.len() }),
         )
     }

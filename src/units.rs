@@ -43,6 +43,15 @@ pub fn utc_minute(ms: i64) -> String {
     )
 }
 
+/// A count and its noun for people: `1 queued message`, `2 queued messages` (`noun` is
+/// singular and takes an `s`).
+pub fn counted(n: u64, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// A size for people: `512 B`, `1.5 KiB`, `5.0 MiB`, `1.2 GiB`.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
@@ -81,6 +90,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_thing_is_singular_and_others_plural() {
+        use super::counted;
+        assert_eq!(counted(0, "session"), "0 sessions");
+        assert_eq!(counted(1, "queued message"), "1 queued message");
+        assert_eq!(counted(2, "account"), "2 accounts");
+    }
+
     #[test]
     fn moments_read_as_utc_dates() {
         use super::utc_minute;
