@@ -27,11 +27,11 @@ init_tls() {
   done
 }
 
-# Starts a balancer in DIR on a free port, with the certificates in DIR/tls; prints its
-# address. Extra arguments go to it.
+# Starts a balancer in DIR on a free port (or on BALANCER_LISTEN, if set), with the
+# certificates in DIR/tls; prints its address. Extra arguments go to it.
 start_balancer() {
   local dir=$1; shift
-  "$FASTCHAT_BIN/fastchat-balancer" --listen 127.0.0.1:0 --db "${FASTCHAT_DB:-$dir/chat.db}" --tls-dir "$dir/tls" "$@" \
+  "$FASTCHAT_BIN/fastchat-balancer" --listen "${BALANCER_LISTEN:-127.0.0.1:0}" --db "${FASTCHAT_DB:-$dir/chat.db}" --tls-dir "$dir/tls" "$@" \
     >"$dir/balancer.out" 2>"$dir/balancer.log" &
   echo $! >"$dir/balancer.pid"
   wait_for_line "$dir/balancer.out" "fastchat-balancer listening on"

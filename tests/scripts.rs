@@ -111,20 +111,70 @@ fn cluster_script_starts_and_stops_by_pid() {
     );
     assert_eq!(again.code, 1, "refuses to start twice: {again:?}");
 
-    let deadline = std::time::Instant::now() + common::LIMIT;
-    loop {
-        // A home of its own: the cluster's certificate is pinned there, not in the user's
-        // (where a later cluster on the same port would meet the old pin).
-        let out = run_limited(
-            Command::new(common::bin("fastchat"))
-                .args(["--balancer", balancer.trim(), "servers"])
-                .env("FASTCHAT_HOME", dir.path().join("home")),
-        );
-        if out.lines().len() == 2 {
-            break;
+    let both_servers_listed = || {
+        let deadline = std::time::Instant::now() + common::LIMIT;
+        loop {
+            // A home of its own: the cluster's certificate is pinned there, not in the
+            // user's (where a later cluster on the same port would meet the old pin).
+            let out = run_limited(
+                Command::new(common::bin("fastchat"))
+                    .args(["--balancer", balancer.trim(), "servers"])
+                    .env("FASTCHAT_HOME", dir.path().join("home")),
+            );
+            if out.lines().len() == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{out:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        assert!(std::time::Instant::now() < deadline, "{out:?}");
+    };
+    both_servers_listed();
+
+    // The balancer and a server die (kill -9): `restart` starts those two again, as they
+    // were started (the balancer on its address, with its options), and only those.
+    let restart = || {
+        run_limited(
+            Command::new(script("cluster.sh"))
+                .arg("restart")
+                .arg(&d)
+                .env("FASTCHAT_BIN", bin_dir()),
+        )
+    };
+    let nothing = restart();
+    assert_eq!(nothing.code, 0, "{nothing:?}");
+    assert!(nothing.stdout.contains("is running"), "{nothing:?}");
+    for pid in &pids[..2] {
+        assert!(Command::new("kill")
+            .args(["-9", pid])
+            .status()
+            .unwrap()
+            .success());
     }
+    let restarted = restart();
+    assert_eq!(restarted.code, 0, "{restarted:?}");
+    assert_eq!(
+        restarted.stdout.matches("restarted").count(),
+        2,
+        "{restarted:?}"
+    );
+    assert!(restarted.stdout.contains(balancer.trim()), "{restarted:?}");
+    let pid_of = |p: &str| {
+        std::fs::read_to_string(d.join(format!("{p}.pid")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let now: Vec<String> = ["balancer", "server1", "server2"].map(pid_of).to_vec();
+    assert!(
+        now[0] != pids[0] && now[1] != pids[1] && now[2] == pids[2],
+        "{now:?} {pids:?}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", now[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--scrypt-log-n 4"), "{cmdline}");
+    assert!(d.join("balancer.log.old").exists() && d.join("server1.log.old").exists());
+    both_servers_listed();
+    let pids = [pids, now].concat();
 
     let stop = run_limited(Command::new(script("cluster.sh")).arg("stop").arg(&d));
     assert_eq!(stop.code, 0, "{stop:?}");
@@ -146,6 +196,12 @@ fn cluster_script_starts_and_stops_by_pid() {
             .arg(&d),
     );
     assert_eq!(bad.code, 2, "{bad:?}");
+    let stopped = restart();
+    assert_eq!(
+        stopped.code, 1,
+        "nothing to restart once stopped: {stopped:?}"
+    );
+    assert!(stopped.stderr.contains("cluster.sh start N"), "{stopped:?}");
 }
 
 #[test]
