@@ -59,7 +59,7 @@ case "$cmd" in
     (
       umask 077
       echo "${FASTCHAT_DB:-$dir/chat.db}" >"$dir/db"
-      printf '%s\n' "$@" >"$dir/balancer.args"
+      if [ $# -gt 0 ]; then printf '%s\n' "$@"; fi >"$dir/balancer.args"
     )
     balancer=$(start_balancer "$dir" "$@") || { stop_all "$dir"; exit 1; }
     echo "$balancer" >"$dir/balancer.addr"
@@ -91,7 +91,10 @@ case "$cmd" in
     if ! running "$(cat "$dir/balancer.pid")"; then
       mapfile -t args <"$dir/balancer.args"
       mv -f "$dir/balancer.log" "$dir/balancer.log.old" 2>/dev/null || true
-      BALANCER_LISTEN=$balancer start_balancer "$dir" "${args[@]}" >/dev/null || exit 1
+      BALANCER_LISTEN=$balancer start_balancer "$dir" "${args[@]}" >/dev/null || {
+        echo "cluster.sh: the balancer did not start again: see $dir/balancer.log" >&2
+        exit 1
+      }
       echo "balancer  $balancer  (pid $(cat "$dir/balancer.pid"), restarted)"
       restarted=$((restarted + 1))
     fi
@@ -101,7 +104,10 @@ case "$cmd" in
       i=${f##*/server}
       i=${i%.pid}
       mv -f "$dir/server$i.log" "$dir/server$i.log.old" 2>/dev/null || true
-      addr=$(start_server "$dir" "$i" "$balancer") || exit 1
+      addr=$(start_server "$dir" "$i" "$balancer") || {
+        echo "cluster.sh: server $i did not start again: see $dir/server$i.log" >&2
+        exit 1
+      }
       echo "server $i  $addr  (pid $(cat "$f"), restarted)"
       restarted=$((restarted + 1))
     done

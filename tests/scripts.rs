@@ -202,6 +202,30 @@ fn cluster_script_starts_and_stops_by_pid() {
         "nothing to restart once stopped: {stopped:?}"
     );
     assert!(stopped.stderr.contains("cluster.sh start N"), "{stopped:?}");
+
+    // A balancer started without options of its own is restarted without any, too.
+    let plain = dir.path().join("plain");
+    let _stop_plain = StopOnDrop(plain.clone());
+    let start = run_limited(
+        Command::new(script("cluster.sh"))
+            .args(["start", "1"])
+            .arg(&plain)
+            .env("FASTCHAT_BIN", bin_dir()),
+    );
+    assert_eq!(start.code, 0, "{start:?}");
+    let pid = std::fs::read_to_string(plain.join("balancer.pid")).unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap()
+        .success());
+    let again = run_limited(
+        Command::new(script("cluster.sh"))
+            .arg("restart")
+            .arg(&plain)
+            .env("FASTCHAT_BIN", bin_dir()),
+    );
+    assert_eq!(again.code, 0, "{again:?}");
 }
 
 #[test]
