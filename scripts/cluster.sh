@@ -5,6 +5,7 @@
 #   scripts/cluster.sh start N DIR [BALANCER-OPTIONS...]   start a balancer and N servers in DIR
 #   scripts/cluster.sh stop DIR                            stop every process started in DIR
 #   scripts/cluster.sh status DIR                          list the processes and the live servers
+#                                                          (exit code 1 if one of them is down)
 #   scripts/cluster.sh restart DIR                         start again the ones that died (kill -9,
 #                                                          a crash), as they were started
 #
@@ -115,14 +116,16 @@ case "$cmd" in
     ;;
   status)
     dir=$1
+    down=0
     for f in "$dir"/*.pid; do
       [ -e "$f" ] || { echo "no processes"; exit 0; }
       pid=$(cat "$f")
-      if running "$pid"; then state=running; else state=stopped; fi
+      if running "$pid"; then state=running; else state=stopped down=1; fi
       echo "$(basename "$f" .pid)  pid $pid  $state"
     done
     binaries
     "$FASTCHAT_BIN/fastchat" --balancer "$(cat "$dir/balancer.addr")" --ca "$dir/tls/ca.pem" servers || true
+    exit "$down"
     ;;
   *) usage ;;
 esac

@@ -150,6 +150,17 @@ fn cluster_script_starts_and_stops_by_pid() {
             .unwrap()
             .success());
     }
+    let status = || {
+        run_limited(
+            Command::new(script("cluster.sh"))
+                .arg("status")
+                .arg(&d)
+                .env("FASTCHAT_BIN", bin_dir()),
+        )
+    };
+    let down = status();
+    assert_eq!(down.code, 1, "a process is down: {down:?}");
+    assert!(down.stdout.contains("server1  pid"), "{down:?}");
     let restarted = restart();
     assert_eq!(restarted.code, 0, "{restarted:?}");
     assert_eq!(
@@ -174,6 +185,8 @@ fn cluster_script_starts_and_stops_by_pid() {
     assert!(cmdline.contains("--scrypt-log-n 4"), "{cmdline}");
     assert!(d.join("balancer.log.old").exists() && d.join("server1.log.old").exists());
     both_servers_listed();
+    let up = status();
+    assert_eq!(up.code, 0, "{up:?}");
     let pids = [pids, now].concat();
 
     let stop = run_limited(Command::new(script("cluster.sh")).arg("stop").arg(&d));
