@@ -86,6 +86,42 @@ fn a_message_replayed_from_the_database_is_refused_with_a_warning() {
 }
 
 #[test]
+fn a_message_delivered_again_under_its_own_id_is_acknowledged_without_a_word() {
+    // Delivery is at least once: a server that lost the acknowledgement (it was stopped, or
+    // its link was) sends a shown message again under its id. Its key is gone, so it no
+    // longer opens; it is that message again, not an attack: nothing shown, nothing said,
+    // and it leaves the queue.
+    let c = Cluster::start(1);
+    c.signup("alice");
+    c.signup("bob");
+    c.send("alice", "bob", "meet at noon");
+    let id = next_message_id(&c) - 1;
+    let original = stored(&c, id);
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: meet at noon"]);
+    store_copy(&c, &original, id, original.client_id);
+    let out = c.run("bob", &["recv"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("", ""),
+        "{out:?}"
+    );
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0, "acknowledged");
+    // Anything else a server sends under that id is dropped the same way, never shown; a
+    // new message of alice's under an old id still opens and is shown.
+    let mut forged = original.clone();
+    let last = forged.body.len() - 1;
+    forged.body[last] ^= 1;
+    store_copy(&c, &forged, id, original.client_id);
+    assert_eq!(c.run("bob", &["recv"]).stdout, "");
+    c.send("alice", "bob", "lunch instead?");
+    let newer = stored(&c, next_message_id(&c) - 1);
+    c.sql().exec("DELETE FROM messages", &[]);
+    store_copy(&c, &newer, id, newer.client_id);
+    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: lunch instead?"]);
+}
+
+#[test]
 fn forged_frames_never_make_a_genuine_message_disappear() {
     let c = Cluster::start(1);
     c.signup("alice");

@@ -616,6 +616,17 @@ impl E2e {
         Ok((direct.authentic(plain, msg.id)?, held))
     }
 
+    /// Whether a message of `msg`'s sender (in its group, if any) was shown under `msg`'s id:
+    /// then a copy of `msg` that does not open is that message delivered again (delivery is
+    /// at least once) after its key was deleted, not an attack to warn about. (The id is the
+    /// server's: a server that sends anything under a shown id gets it acknowledged and
+    /// dropped, never shown; a new message under an old id opens, and is judged by its
+    /// authenticated sequence as ever.)
+    pub fn shown_before(&mut self, msg: &Envelope) -> Result<bool> {
+        let conversation = replay::conversation(msg.group.as_deref(), &msg.from);
+        self.accepted()?.shown_id(&conversation, msg.id)
+    }
+
     /// Decrypts and authenticates a message for us (group keys are fetched through `client`),
     /// and says whether it was shown before. Show it only if it is [`Verdict::New`], then call
     /// [`E2e::shown`].

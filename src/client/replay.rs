@@ -168,6 +168,15 @@ impl Accepted {
         })
     }
 
+    /// Whether a message of `conversation` was shown under id `msg_id` (within the window).
+    pub fn shown_id(&mut self, conversation: &str, msg_id: i64) -> Result<bool> {
+        self.catch_up()?;
+        Ok(self
+            .conversations
+            .get(conversation)
+            .is_some_and(|c| c.seen.values().any(|&id| id == msg_id)))
+    }
+
     /// Records that message `msg_id`, sequence `seq` of `conversation` was shown.
     pub fn record(&mut self, conversation: &str, seq: u64, msg_id: i64) -> Result<()> {
         let line = format!("{conversation} {seq} {msg_id}\n");

@@ -223,11 +223,14 @@ pub(in crate::client) fn show(
         );
     };
     // The lock is held to open the message, not while a file downloads.
-    let opened = match e2e.lock().open(client, msg) {
+    let result = e2e.lock().open(client, msg);
+    let opened = match result {
         Ok(opened) => opened,
         Err(e) if e.is_disconnect() => return Err(e),
         // Its sender's key may still be on its way.
         Err(Error::Early(_)) if Waiting::may_wait(msg) => return Ok(Shown::Waiting),
+        // Shown before, and sent again (its acknowledgement was lost): nothing to say.
+        Err(Error::Integrity(_)) if e2e.lock().shown_before(msg)? => return Ok(Shown::Done),
         Err(e) => {
             reject(e.to_string());
             return Ok(Shown::Done);
