@@ -593,6 +593,10 @@ pub enum ServerRequest {
     GroupList,
     /// Who is online, on any live server (`Online`).
     Who,
+    /// Whether the server still answers (`Done`, at once, from the connection's own thread):
+    /// a client that has heard nothing for a while asks, and leaves a server that is stopped
+    /// (its socket open, nothing answering) for another.
+    Ping,
     /// Tell this connection when any of `users` comes online or goes offline
     /// ([`ServerEvent::Presence`]; at most [`MAX_WHO`] names; replaces the set given before;
     /// `Done`). Each newly watched user is told at once, online or not.
@@ -1015,6 +1019,7 @@ mod tests {
             },
         ));
         roundtrip(request(5, ServerRequest::Who));
+        roundtrip(request(6, ServerRequest::Ping));
         roundtrip(ServerEvent::reply(
             5,
             ServerReply::FileData { data: vec![1; 100] },

@@ -139,6 +139,47 @@ fn a_stopped_server(stop: Duration) {
 }
 
 #[test]
+fn a_client_that_only_listens_leaves_a_stopped_server_for_another() {
+    // A stopped server keeps its sockets open and says nothing: a client that only waits
+    // for messages hears nothing either way, so after QUIET it asks (Ping), and without an
+    // answer it moves to another server, where what was sent meanwhile is waiting.
+    let c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    for u in ["alice", "bob"] {
+        c.signup_lib(u);
+    }
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    assert_ne!(alice.server().id, bob.server().id);
+    let first = bob.server().id;
+    let pid = c.servers[c.index_of(first)].child.id();
+    signal(pid, "-STOP");
+    let stopped = Instant::now();
+    alice.send("bob", 1, &1u64.to_be_bytes(), None).unwrap();
+    let limit = fastchat::client::api::QUIET + fastchat::client::connection::SERVER_TIMEOUT + LIMIT;
+    let deadline = stopped + limit;
+    let mut moved = false;
+    let msg = loop {
+        match bob.next(deadline).unwrap() {
+            Some(Event::Failover(server)) => {
+                assert_ne!(server.id, first, "not back to the stopped server");
+                moved = true;
+            }
+            Some(Event::Message(m)) => break m,
+            Some(_) => {}
+            None => {
+                signal(pid, "-CONT");
+                panic!("nothing within {limit:?} of the stop");
+            }
+        }
+    };
+    signal(pid, "-CONT");
+    assert!(moved, "the message came through another server");
+    assert_eq!(u64::from_be_bytes(msg.body[..8].try_into().unwrap()), 1);
+    bob.ack(&[msg.id]).unwrap();
+}
+
+#[test]
 fn a_server_stopped_for_ten_seconds_loses_and_repeats_nothing() {
     a_stopped_server(Duration::from_secs(10));
 }

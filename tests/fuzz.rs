@@ -213,7 +213,7 @@ impl Gen {
     }
 
     fn server_request(&mut self) -> Request<ServerRequest> {
-        let body = match self.0.below(15) {
+        let body = match self.0.below(16) {
             0 => ServerRequest::Send {
                 to: self.s(),
                 message: NewMessage {
@@ -286,6 +286,7 @@ impl Gen {
                 msg_id: self.i(),
                 index: self.n(),
             },
+            14 => ServerRequest::Ping,
             _ => ServerRequest::Who,
         };
         Request { id: self.n(), body }

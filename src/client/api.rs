@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 use parking_lot::Mutex;
 
 use super::balancer::{unexpected, BalancerClient, Session};
-use super::connection::{closed, Connection, Incoming};
+use super::connection::{closed, Connection, Incoming, Reply, SERVER_TIMEOUT};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net::{
     Envelope, GroupInfo, NewMessage, ServerInfo, ServerReply, ServerRequest, SignedChange,
@@ -24,6 +25,12 @@ use crate::transport::Transport;
 
 /// How long a client keeps trying to reach another server after losing one.
 pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
+
+/// A connection silent this long is asked whether its server still answers
+/// ([`ServerRequest::Ping`]), and left for another server if it does not within
+/// [`SERVER_TIMEOUT`]: a stopped server (SIGSTOP, a hung machine) keeps its sockets open and
+/// says nothing, and what is sent to the user meanwhile waits in its queue.
+pub const QUIET: Duration = Duration::from_secs(10);
 
 /// How many other servers a login tries when the one it was given is full.
 const FULL_RETRIES: usize = 3;
@@ -61,6 +68,20 @@ struct Current {
     generation: u64,
     conn: Arc<Connection>,
     server: ServerInfo,
+    /// When its server was last heard from (an event, or the reply to a request).
+    heard: Instant,
+    /// Where its liveness check stands.
+    probe: Probe,
+}
+
+/// A connection's liveness check (see [`Client::liveness`]).
+enum Probe {
+    /// Nothing asked.
+    Idle,
+    /// A `Ping` sent at this moment, its answer awaited.
+    Sent(Reply, Instant),
+    /// It did not answer: the connection is being closed.
+    GivenUp,
 }
 
 /// A chat client that survives the loss of its server.
@@ -147,6 +168,8 @@ impl Client {
                 generation: 0,
                 conn: Arc::new(conn),
                 server: session.server.clone(),
+                heard: Instant::now(),
+                probe: Probe::Idle,
             }),
             session,
             failing_over: Mutex::new(()),
@@ -201,6 +224,14 @@ impl Client {
         (c.generation, Arc::clone(&c.conn))
     }
 
+    /// Notes that the server of connection `generation` was just heard from.
+    fn heard_from(&self, generation: u64) {
+        let mut c = self.current.lock();
+        if c.generation == generation {
+            c.heard = Instant::now();
+        }
+    }
+
     /// Replaces the connection of generation `failed` (unless another thread already did).
     fn failover(&self, failed: u64) -> Result<Option<ServerInfo>> {
         if self.logged_out.load(Ordering::SeqCst) {
@@ -233,6 +264,8 @@ impl Client {
                     c.conn.close();
                     c.conn = Arc::new(conn);
                     c.server = session.server.clone();
+                    c.heard = Instant::now();
+                    c.probe = Probe::Idle;
                     return Ok(Some(session.server));
                 }
                 Err(
@@ -260,7 +293,12 @@ impl Client {
                 Err(e) if e.is_disconnect() && Instant::now() < deadline => {
                     self.failover(generation)?;
                 }
-                other => return other,
+                other => {
+                    if other.is_ok() {
+                        self.heard_from(generation);
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -449,11 +487,19 @@ impl Client {
         }
     }
 
-    /// The next event, waiting at most until `deadline`; `None` when it passes.
+    /// The next event, waiting at most until `deadline`; `None` when it passes. A server
+    /// silent for [`QUIET`] is asked whether it still answers ([`ServerRequest::Ping`]), and
+    /// left for another if it does not within [`SERVER_TIMEOUT`]; callers may call this in
+    /// short slices, the check spans them.
     pub fn next(&self, deadline: Instant) -> Result<Option<Event>> {
         loop {
             let (generation, conn) = self.conn();
-            match conn.events().recv_deadline(deadline) {
+            let check_at = self.liveness(generation, &conn);
+            let got = conn.events().recv_deadline(deadline.min(check_at));
+            if got.is_ok() {
+                self.heard_from(generation);
+            }
+            match got {
                 Ok(Incoming::Message(msg)) => return Ok(Some(Event::Message(msg))),
                 Ok(Incoming::Synced) => return Ok(Some(Event::Synced)),
                 Ok(Incoming::Presence(user, online)) => {
@@ -465,7 +511,65 @@ impl Client {
                         return Ok(Some(Event::Failover(server)));
                     }
                 }
-                Err(_) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Closed, and its `Closed` taken by another thread: fail over here too
+                    // (once per generation, whoever comes first).
+                    if let Some(server) = self.failover(generation)? {
+                        return Ok(Some(Event::Failover(server)));
+                    }
+                }
+                // Time to look at the server again.
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+            }
+        }
+    }
+
+    /// The liveness check of connection `generation`, one step: after [`QUIET`] without a
+    /// word from its server, a [`ServerRequest::Ping`]; without its answer within
+    /// [`SERVER_TIMEOUT`], the connection is closed (its thread then reports it closed, and
+    /// [`Client::next`] fails over). Returns when to look again.
+    fn liveness(&self, generation: u64, conn: &Connection) -> Instant {
+        let mut c = self.current.lock();
+        let now = Instant::now();
+        if c.generation != generation || matches!(c.probe, Probe::GivenUp) {
+            return now + QUIET;
+        }
+        if let Probe::Sent(reply, sent) = &c.probe {
+            match reply.try_recv() {
+                Ok(_) => {
+                    c.heard = now;
+                    c.probe = Probe::Idle;
+                }
+                Err(TryRecvError::Empty) if now < *sent + SERVER_TIMEOUT => {
+                    return *sent + SERVER_TIMEOUT;
+                }
+                Err(_) => {
+                    log::info!(
+                        "{}: server {} did not answer for {} s; leaving it",
+                        self.session.user,
+                        conn.server_id,
+                        (now - c.heard).as_secs()
+                    );
+                    c.probe = Probe::GivenUp;
+                    conn.close();
+                    return now + QUIET;
+                }
+            }
+        }
+        let quiet_until = c.heard + QUIET;
+        if now < quiet_until {
+            return quiet_until;
+        }
+        match conn.request(&ServerRequest::Ping) {
+            Ok(reply) => {
+                c.probe = Probe::Sent(reply, now);
+                now + SERVER_TIMEOUT
+            }
+            // Closed already: its `Closed` is on the way.
+            Err(_) => {
+                c.probe = Probe::GivenUp;
+                now + QUIET
             }
         }
     }

@@ -287,6 +287,9 @@ impl<'a> Session<'a> {
                 })
             }
             ServerRequest::Watch { users } => self.watch(id, users),
+            ServerRequest::Ping => {
+                self.queue(Outbound::event(ServerEvent::reply(id, ServerReply::Done)))
+            }
             ServerRequest::GroupChange {
                 change,
                 keys,
