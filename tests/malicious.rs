@@ -56,8 +56,9 @@ fn store_copy(c: &Cluster, msg: &Envelope, id: i64, client_id: u64) {
     );
 }
 
-#[test]
-fn a_message_replayed_from_the_database_is_refused_with_a_warning() {
+/// A cluster where alice sent bob "meet at noon" and bob read it: its id, and the message as
+/// the server held it.
+fn read_once() -> (Cluster, i64, Envelope) {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
@@ -67,6 +68,12 @@ fn a_message_replayed_from_the_database_is_refused_with_a_warning() {
     let out = c.run("bob", &["recv"]);
     assert_eq!(out.lines(), ["alice: meet at noon"]);
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0, "acknowledged");
+    (c, id, original)
+}
+
+#[test]
+fn a_message_replayed_from_the_database_is_refused_with_a_warning() {
+    let (c, id, original) = read_once();
 
     // The server puts the same ciphertext back under a new id; and again, relabelled with
     // another client id.
@@ -91,13 +98,7 @@ fn a_message_delivered_again_under_its_own_id_is_acknowledged_without_a_word() {
     // its link was) sends a shown message again under its id. Its key is gone, so it no
     // longer opens; it is that message again, not an attack: nothing shown, nothing said,
     // and it leaves the queue.
-    let c = Cluster::start(1);
-    c.signup("alice");
-    c.signup("bob");
-    c.send("alice", "bob", "meet at noon");
-    let id = next_message_id(&c) - 1;
-    let original = stored(&c, id);
-    assert_eq!(c.run("bob", &["recv"]).lines(), ["alice: meet at noon"]);
+    let (c, id, original) = read_once();
     store_copy(&c, &original, id, original.client_id);
     let out = c.run("bob", &["recv"]);
     assert_eq!(out.code, 0, "{out:?}");

@@ -71,6 +71,16 @@ fn demo_runs_a_conversation_and_exits_0() {
     );
 }
 
+/// `scripts/cluster.sh COMMAND DIR` with this build's binaries.
+fn cluster_sh(command: &str, dir: &std::path::Path) -> common::Output {
+    run_limited(
+        Command::new(script("cluster.sh"))
+            .arg(command)
+            .arg(dir)
+            .env("FASTCHAT_BIN", bin_dir()),
+    )
+}
+
 #[test]
 fn cluster_script_starts_and_stops_by_pid() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,14 +142,7 @@ fn cluster_script_starts_and_stops_by_pid() {
 
     // The balancer and a server die (kill -9): `restart` starts those two again, as they
     // were started (the balancer on its address, with its options), and only those.
-    let restart = || {
-        run_limited(
-            Command::new(script("cluster.sh"))
-                .arg("restart")
-                .arg(&d)
-                .env("FASTCHAT_BIN", bin_dir()),
-        )
-    };
+    let restart = || cluster_sh("restart", &d);
     let nothing = restart();
     assert_eq!(nothing.code, 0, "{nothing:?}");
     assert!(nothing.stdout.contains("is running"), "{nothing:?}");
@@ -150,14 +153,7 @@ fn cluster_script_starts_and_stops_by_pid() {
             .unwrap()
             .success());
     }
-    let status = || {
-        run_limited(
-            Command::new(script("cluster.sh"))
-                .arg("status")
-                .arg(&d)
-                .env("FASTCHAT_BIN", bin_dir()),
-        )
-    };
+    let status = || cluster_sh("status", &d);
     let down = status();
     assert_eq!(down.code, 1, "a process is down: {down:?}");
     assert!(down.stdout.contains("server1  pid"), "{down:?}");
@@ -232,12 +228,7 @@ fn cluster_script_starts_and_stops_by_pid() {
         .status()
         .unwrap()
         .success());
-    let again = run_limited(
-        Command::new(script("cluster.sh"))
-            .arg("restart")
-            .arg(&plain)
-            .env("FASTCHAT_BIN", bin_dir()),
-    );
+    let again = cluster_sh("restart", &plain);
     assert_eq!(again.code, 0, "{again:?}");
 }
 
