@@ -536,14 +536,17 @@ impl Client {
             return now + QUIET;
         }
         if let Probe::Sent(reply, sent) = &c.probe {
+            let sent = *sent;
             match reply.try_recv() {
                 Ok(_) => {
                     c.heard = now;
                     c.probe = Probe::Idle;
                 }
-                Err(TryRecvError::Empty) if now < *sent + SERVER_TIMEOUT => {
-                    return *sent + SERVER_TIMEOUT;
+                Err(TryRecvError::Empty) if now < sent + SERVER_TIMEOUT => {
+                    return sent + SERVER_TIMEOUT;
                 }
+                // Unanswered, but messages came meanwhile: it lives.
+                Err(TryRecvError::Empty) if c.heard > sent => c.probe = Probe::Idle,
                 Err(_) => {
                     log::info!(
                         "{}: server {} did not answer for {} s; leaving it",
