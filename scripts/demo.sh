@@ -145,7 +145,7 @@ as carol recv
 
 say "A group: alice creates 'class' (alice/class: groups live in their creator's name space) and adds bob, carol and dave"
 as alice group create class
-for u in bob carol dave; do as alice group add class "$u"; done
+as alice group add class bob carol dave
 as alice group send class "welcome to the class, everyone"
 wait_for_text "$dir/dave.screen" "welcome to the class"
 screen dave

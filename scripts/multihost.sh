@@ -138,8 +138,7 @@ user alice signup alice >/dev/null
 user bob signup bob >/dev/null
 user carol signup carol >/dev/null
 user alice group create team >/dev/null
-user alice group add team bob >/dev/null
-user alice group add team carol >/dev/null
+user alice group add team bob carol >/dev/null
 user alice send bob "before the outage: 1"
 user alice send bob "before the outage: 2"
 user carol group send team "carol to the team, before"

@@ -134,6 +134,31 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
         &["add", "team", "nobody"],
         "no such user: nobody",
     );
+    // Several at once: all or none, as far as can be checked before the first change.
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "dave", "carol"],
+        "carol is already a member of alice/team: nobody was added",
+    );
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "dave", "nobody"],
+        "no such user: nobody",
+    );
+    refused(
+        &c,
+        "alice",
+        &["add", "team", "dave", "dave"],
+        "dave is named twice: nobody was added",
+    );
+    refused(
+        &c,
+        "bob",
+        &["add", "team", "dave", "eve"],
+        "only the admin of alice/team (alice) can add members",
+    );
     refused(
         &c,
         "alice",
@@ -180,6 +205,16 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
     assert_eq!(members(&c, "alice", "team"), ["alice (admin)", "bob"]);
     refused(&c, "carol", &["send", "team", "still here?"], not_member);
     assert_eq!(ok(&c, "carol", &["list"]), "no groups\n");
+
+    // Several in one command, one change each, in the order given.
+    assert_eq!(
+        ok(&c, "alice", &["add", "team", "dave", "carol"]),
+        "added dave to alice/team\nadded carol to alice/team\n"
+    );
+    assert_eq!(
+        members(&c, "carol", "team"),
+        ["alice (admin)", "bob", "dave", "carol"]
+    );
 }
 
 #[test]
@@ -191,14 +226,35 @@ fn the_longest_standing_member_succeeds_a_leaving_admin_and_an_empty_group_is_de
     ok(&c, "alice", &["create", "team"]);
     ok(&c, "alice", &["add", "team", "carol"]);
     ok(&c, "alice", &["add", "team", "bob"]);
-    assert_eq!(ok(&c, "alice", &["leave", "team"]), "left alice/team\n");
     // carol joined before bob.
+    assert_eq!(
+        ok(&c, "alice", &["leave", "team"]),
+        "left alice/team; carol is now its admin\n"
+    );
     assert_eq!(members(&c, "bob", "team"), ["carol (admin)", "bob"]);
+    // The members are told who took over, from their verified chains.
+    let told = |user: &str| {
+        let out = c.run(user, &["recv"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.stdout.lines().last().unwrap_or_default().to_string()
+    };
+    assert_eq!(
+        told("bob"),
+        "[alice/team] * alice left; carol is now the admin"
+    );
+    assert_eq!(
+        told("carol"),
+        "[alice/team] * alice left; you are now the admin"
+    );
     ok(&c, "carol", &["add", "team", "alice"]);
-    ok(&c, "bob", &["leave", "team"]);
+    assert_eq!(ok(&c, "bob", &["leave", "team"]), "left alice/team\n");
+    assert_eq!(told("carol"), "[alice/team] * bob left");
     ok(&c, "alice", &["leave", "team"]);
     assert_eq!(members(&c, "carol", "team"), ["carol (admin)"]);
-    ok(&c, "carol", &["leave", "team"]);
+    assert_eq!(
+        ok(&c, "carol", &["leave", "team"]),
+        "left alice/team, its last member: the group is gone\n"
+    );
     assert_eq!(c.count("SELECT count(*) FROM groups"), 0);
     assert_eq!(c.count("SELECT count(*) FROM members"), 0);
     assert_eq!(c.count("SELECT count(*) FROM group_keys"), 0);
@@ -296,21 +352,25 @@ fn chat_mode_speaks_group_commands() {
     let c = Cluster::start_with(2, "round-robin");
     c.signup("alice");
     c.signup("bob");
+    c.signup("carol");
     let mut alice = c.spawn("alice", &["chat"]);
     let mut bob = c.spawn("bob", &["chat"]);
     assert!(alice.line().starts_with("logged in as alice"));
     assert!(bob.line().starts_with("logged in as bob"));
     alice.type_line("/group create crew");
     assert_eq!(alice.line(), "created group alice/crew; you are its admin");
-    alice.type_line("/group add crew bob");
+    alice.type_line("/group add crew bob carol");
     assert_eq!(alice.line(), "added bob to alice/crew");
+    assert_eq!(alice.line(), "added carol to alice/crew");
     assert_eq!(bob.line(), "[alice/crew] * alice added bob");
+    assert_eq!(bob.line(), "[alice/crew] * alice added carol");
     bob.type_line("/group send crew ahoy all");
     assert!(bob.line().ends_with(" for group alice/crew"));
     assert_eq!(alice.line(), "[alice/crew] bob: ahoy all");
     bob.type_line("/group members crew");
     assert_eq!(bob.line(), "alice (admin)");
     assert_eq!(bob.line(), "bob");
+    assert_eq!(bob.line(), "carol");
     alice.type_line("/help");
     let help: Vec<String> = (0..20)
         .map(|_| alice.line())

@@ -224,13 +224,14 @@ enum GroupArgs {
         /// Group name: letters, digits, '_', '.', '-'; 1 to 32 characters.
         group: String,
     },
-    /// (Admin) add USER to GROUP.
+    /// (Admin) add USER (or several: USER USER...) to GROUP, one change each, in the order
+    /// given. Names already in GROUP or unknown are refused before anyone is added.
     Add {
         /// The group.
         group: String,
         /// Who to add.
-        #[arg(value_name = "USER")]
-        member: String,
+        #[arg(value_name = "USER", required = true)]
+        members: Vec<String>,
     },
     /// (Admin) remove USER from GROUP; a new group key is made that USER never gets.
     Remove {
@@ -279,7 +280,7 @@ impl From<GroupArgs> for GroupCmd {
     fn from(args: GroupArgs) -> GroupCmd {
         match args {
             GroupArgs::Create { group } => GroupCmd::Create(group),
-            GroupArgs::Add { group, member } => GroupCmd::Add(group, member),
+            GroupArgs::Add { group, members } => GroupCmd::Add(group, members),
             GroupArgs::Remove { group, member } => GroupCmd::Remove(group, member),
             GroupArgs::Leave { group } => GroupCmd::Leave(group),
             GroupArgs::Send { group, text } => GroupCmd::Send(group, text),

@@ -56,6 +56,7 @@ mod groups;
 mod wire;
 
 pub use directory::Directory;
+pub use groups::Left;
 pub use wire::{
     fingerprint, group_aad, group_message_key, open_direct_in, parse_direct, parse_group,
     seal_direct_in, seal_group_with, sign_change, tag_order, wrap_aad, Authentic, Direct,

@@ -36,7 +36,10 @@ pub(super) const CHAT_COMMANDS: &[(&str, &str)] = &[
     ("/who", "who is online"),
     ("/get ID", "save the file offered by message ID"),
     ("/group create GROUP", "create GROUP; you are its admin"),
-    ("/group add GROUP USER", "(admin) add USER to GROUP"),
+    (
+        "/group add GROUP USER...",
+        "(admin) add USER (or several) to GROUP",
+    ),
     (
         "/group remove GROUP USER",
         "(admin) remove USER; the group gets a new key",
@@ -312,15 +315,7 @@ fn command_line(
                 uploads.push(upload(ctx, Conversation::Group(g), path));
                 Ok(Some(Vec::new()))
             }
-            cmd => {
-                let lines = cmd.run(client, &mut ctx.e2e.lock())?;
-                Ok(Some(
-                    lines
-                        .into_iter()
-                        .map(|(text, _)| Line::Reply(text))
-                        .collect(),
-                ))
-            }
+            cmd => run_group(ctx, &cmd),
         },
         _ if cmd.starts_with('/') => Err(Error::Invalid(match closest_command(cmd) {
             Some(known) => {
@@ -335,14 +330,7 @@ fn command_line(
                     send_text(ctx, &to, line).map(|line| Some(vec![line]))
                 }
                 Some(Conversation::Group(g)) => {
-                    let lines =
-                        GroupCmd::Send(g, line.to_string()).run(client, &mut ctx.e2e.lock())?;
-                    Ok(Some(
-                        lines
-                            .into_iter()
-                            .map(|(text, _)| Line::Reply(text))
-                            .collect(),
-                    ))
+                    run_group(ctx, &GroupCmd::Send(g, line.to_string()))
                 }
                 None => Err(Error::Invalid(
                     "to send, type /msg USER TEXT, or /query USER first; /help lists the commands"
@@ -357,6 +345,25 @@ fn command_line(
 const BACKLOG: usize = 5;
 
 /// The last `n` lines of a conversation from the local history, dated when not from today.
+/// Runs a group command: its lines, and if a later step failed after earlier ones were done
+/// (`/group add G A B` adding A, then failing on B), those lines above the error.
+fn run_group(ctx: &Ctx, cmd: &GroupCmd) -> Result<Option<Vec<Line>>> {
+    let client = &*ctx.client;
+    let mut lines = Vec::new();
+    let done = cmd.run(client, &mut ctx.e2e.lock(), &mut |text, _| {
+        lines.push(Line::Reply(text));
+        Ok(())
+    });
+    match done {
+        Ok(()) => Ok(Some(lines)),
+        Err(e) if !lines.is_empty() => {
+            lines.push(super::error_line(&e));
+            Ok(Some(lines))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn backlog(ctx: &Ctx, c: &Conversation, n: usize) -> Result<Vec<Line>> {
     let entries = ctx.e2e.lock().history()?.last(Some(c.label()), n)?;
     let today = chrono::Local::now().date_naive();

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::client::e2e::{E2e, Plain};
+use crate::client::e2e::{E2e, Left, Plain};
 use crate::client::files::Target;
 use crate::client::text::one_line;
 use crate::client::Client;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::names;
 
 use super::login::login;
@@ -20,8 +20,8 @@ use super::Options;
 pub enum GroupCmd {
     /// Create a group; the caller becomes its admin.
     Create(String),
-    /// Admin: add a user.
-    Add(String, String),
+    /// Admin: add users, one change each, in the order given.
+    Add(String, Vec<String>),
     /// Admin: remove a user (starts a new key epoch).
     Remove(String, String),
     /// Leave a group.
@@ -65,8 +65,8 @@ impl GroupCmd {
         Ok(match sub {
             "create" => GroupCmd::Create(one("create GROUP")?),
             "add" => {
-                let (g, u) = two("add GROUP USER")?;
-                GroupCmd::Add(g, u)
+                let (g, users) = two("add GROUP USER...")?;
+                GroupCmd::Add(g, users.split_whitespace().map(str::to_string).collect())
             }
             "remove" => {
                 let (g, u) = two("remove GROUP USER")?;
@@ -96,7 +96,19 @@ impl GroupCmd {
             | GroupCmd::Members(g)
             | GroupCmd::KeyChange(g)
             | GroupCmd::SendFile(g, _) => names::validate_group_ref(g),
-            GroupCmd::Add(g, u) | GroupCmd::Remove(g, u) => {
+            GroupCmd::Add(g, users) => {
+                names::validate_group_ref(g)?;
+                for (i, u) in users.iter().enumerate() {
+                    names::validate("user", u)?;
+                    if users[..i].contains(u) {
+                        return Err(Error::Invalid(format!(
+                            "{u} is named twice: nobody was added"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            GroupCmd::Remove(g, u) => {
                 names::validate_group_ref(g)?;
                 names::validate("user", u)
             }
@@ -111,52 +123,83 @@ impl GroupCmd {
         }
     }
 
-    /// Runs the command; returns what to print, one line each, with its JSON. Membership
-    /// shown is the group's verified chain of changes, not the server's word.
+    /// Runs the command, handing `out` each line to print with its JSON as it is done (so
+    /// that what was done is shown even if a later step fails). Membership shown is the
+    /// group's verified chain of changes, not the server's word.
     pub(in crate::client) fn run(
         &self,
         client: &Client,
         e2e: &mut E2e,
-    ) -> Result<Vec<(String, Value)>> {
+        out: &mut dyn FnMut(String, Value) -> Result<()>,
+    ) -> Result<()> {
         self.validate()?;
         let me = client.user().to_string();
         let group = |g: &str| resolve_group(client, &me, g, false);
-        let one = |text: String, json: Value| Ok(vec![(text, json)]);
         match self {
             GroupCmd::Create(g) => {
                 let g = resolve_group(client, &me, g, true)?;
                 e2e.group_create(client, &g)?;
-                one(
+                out(
                     format!("created group {g}; you are its admin"),
                     json!({ "group": g, "admin": me }),
                 )
             }
-            GroupCmd::Add(g, u) => {
+            GroupCmd::Add(g, users) => {
                 let g = group(g)?;
-                e2e.group_add(client, &g, u)?;
-                one(
-                    format!("added {u} to {g}"),
-                    json!({ "group": g, "added": u }),
-                )
+                if let [_, _, ..] = &users[..] {
+                    // Several: all or none, as far as can be known beforehand.
+                    let roster = e2e.group_roster(client, &g)?;
+                    if roster.admin != me {
+                        return Err(Error::refused(
+                            ErrorCode::NotAllowed,
+                            format!("only the admin of {g} ({}) can add members", roster.admin),
+                        ));
+                    }
+                    for u in users {
+                        if roster.has(u) {
+                            return Err(Error::Invalid(format!(
+                                "{u} is already a member of {g}: nobody was added"
+                            )));
+                        }
+                        e2e.peer_keys(u)?;
+                    }
+                }
+                for u in users {
+                    e2e.group_add(client, &g, u)?;
+                    out(
+                        format!("added {u} to {g}"),
+                        json!({ "group": g, "added": u }),
+                    )?;
+                }
+                Ok(())
             }
             GroupCmd::Remove(g, u) => {
                 let g = group(g)?;
                 let epoch = e2e.group_remove(client, &g, u)?;
-                one(
+                out(
                     format!("removed {u} from {g}; new group key (epoch {epoch})"),
                     json!({ "group": g, "removed": u, "epoch": epoch }),
                 )
             }
             GroupCmd::Leave(g) => {
                 let g = group(g)?;
-                e2e.group_leave(client, &g)?;
-                one(format!("left {g}"), json!({ "group": g, "left": true }))
+                match e2e.group_leave(client, &g)? {
+                    Left::Member => out(format!("left {g}"), json!({ "group": g, "left": true })),
+                    Left::HandedTo(admin) => out(
+                        format!("left {g}; {admin} is now its admin"),
+                        json!({ "group": g, "left": true, "admin": admin }),
+                    ),
+                    Left::Deleted => out(
+                        format!("left {g}, its last member: the group is gone"),
+                        json!({ "group": g, "left": true, "deleted": true }),
+                    ),
+                }
             }
             GroupCmd::Send(g, text) => {
                 let g = group(g)?;
                 let id = e2e.group_send(client, &g, &Plain::Text(text.clone()))?;
                 e2e.remember_sent(&g, text);
-                one(
+                out(
                     format!("stored message {id} for group {g}"),
                     json!({ "id": id, "group": g }),
                 )
@@ -164,16 +207,15 @@ impl GroupCmd {
             GroupCmd::SendFile(g, path) => {
                 let g = group(g)?;
                 let (text, json) = file_sent(client, e2e, Target::Group(&g), path)?;
-                one(text, json)
+                out(text, json)
             }
             GroupCmd::List => {
                 let groups = client.group_list()?;
                 if groups.is_empty() {
-                    return one("no groups".into(), Value::Null);
+                    return out("no groups".into(), Value::Null);
                 }
-                Ok(groups
-                    .iter()
-                    .map(|g| match e2e.group_roster(client, &g.name) {
+                for g in &groups {
+                    let (text, json) = match e2e.group_roster(client, &g.name) {
                         Ok(r) => {
                             let n = r.members.len();
                             let plural = if n == 1 { "" } else { "s" };
@@ -189,32 +231,31 @@ impl GroupCmd {
                                 json!({ "group": g.name, "error": why }),
                             )
                         }
-                    })
-                    .collect())
+                    };
+                    out(text, json)?;
+                }
+                Ok(())
             }
             GroupCmd::KeyChange(g) => {
                 let g = group(g)?;
                 e2e.group_key_change_again(client, &g)?;
-                one(
+                out(
                     format!("added your key change to {g}; its new group key is made with your new keys"),
                     json!({ "group": g, "key_change": true }),
                 )
             }
             GroupCmd::Members(g) => {
                 let roster = e2e.group_roster(client, &group(g)?)?;
-                Ok(roster
-                    .members
-                    .iter()
-                    .map(|m| {
-                        let admin = *m == roster.admin;
-                        let text = if admin {
-                            format!("{m} (admin)")
-                        } else {
-                            m.clone()
-                        };
-                        (text, json!({ "user": m, "admin": admin }))
-                    })
-                    .collect())
+                for m in &roster.members {
+                    let admin = *m == roster.admin;
+                    let text = if admin {
+                        format!("{m} (admin)")
+                    } else {
+                        m.clone()
+                    };
+                    out(text, json!({ "user": m, "admin": admin }))?;
+                }
+                Ok(())
             }
         }
     }
@@ -244,7 +285,7 @@ pub(in crate::client) fn resolve_group(
     match &named[..] {
         [one] => Ok(one.clone()),
         [] => Err(Error::refused(
-            crate::error::ErrorCode::UnknownGroup,
+            ErrorCode::UnknownGroup,
             format!("no group {given} with you as a member"),
         )),
         several => Err(Error::Invalid(format!(
@@ -258,12 +299,12 @@ pub(in crate::client) fn resolve_group(
 pub fn group(opts: &Options, cmd: &GroupCmd) -> Result<()> {
     cmd.validate()?;
     let me = login(opts)?;
-    let lines = cmd.run(&me.client, &mut me.e2e.lock())?;
-    for (text, json) in lines {
+    let mut e2e = me.e2e.lock();
+    cmd.run(&me.client, &mut e2e, &mut |text, json| {
         // An empty list prints nothing as JSON.
-        if !(opts.json && json.is_null()) {
-            opts.print(&text, json)?;
+        if opts.json && json.is_null() {
+            return Ok(());
         }
-    }
-    Ok(())
+        opts.print(&text, json)
+    })
 }

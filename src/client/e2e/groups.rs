@@ -17,6 +17,17 @@ use super::{E2e, Opened};
 /// fetched before any is checked, and a hostile server must not make that list endless.
 const MAX_CHAIN: usize = 65_536;
 
+/// What leaving a group left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Left {
+    /// The group goes on, with the admin it had.
+    Member,
+    /// We were the admin: the longest-standing member (named) is now.
+    HandedTo(String),
+    /// We were the last member: the group is gone.
+    Deleted,
+}
+
 impl E2e {
     /// An announced membership change: shown once it is found in the group's verified chain.
     pub(super) fn open_change(
@@ -45,10 +56,22 @@ impl E2e {
                 msg.id
             )));
         }
+        let mut notice = membership::describe(c);
+        let chain = self.chains.get(group)?;
+        if let (Some(before), Some(after)) = (chain.at(c.seq.saturating_sub(1)), chain.at(c.seq)) {
+            if before.admin != after.admin {
+                let who = if after.admin == self.me {
+                    "you are".to_string()
+                } else {
+                    format!("{} is", after.admin)
+                };
+                notice.push_str(&format!("; {who} now the admin"));
+            }
+        }
         let conversation = format!("c:{group}");
         let verdict = self.accepted()?.check(&conversation, c.seq, msg.id)?;
         Ok(Opened {
-            plain: Plain::Membership(membership::describe(c)),
+            plain: Plain::Membership(notice),
             verdict,
             conversation,
             seq: c.seq,
@@ -375,8 +398,15 @@ impl E2e {
     }
 
     /// Leaves `group`. The next member to send starts a new epoch.
-    pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<()> {
-        self.change_group(client, group, Action::Leave).map(|_| ())
+    pub fn group_leave(&mut self, client: &Client, group: &str) -> Result<Left> {
+        let admin = self.chains.get(group)?.head().map(|r| r.admin.clone());
+        Ok(match self.change_group(client, group, Action::Leave)? {
+            After::Deleted => Left::Deleted,
+            After::Roster(r) if admin.as_deref() == Some(self.me.as_str()) => {
+                Left::HandedTo(r.admin)
+            }
+            After::Roster(_) => Left::Member,
+        })
     }
 
     /// The current epoch and its key, making the key first if the epoch has none yet (after a
