@@ -122,6 +122,9 @@ struct Shared {
     /// When presence rows of servers this balancer never heard from were last looked for
     /// (servers that died before it started: nobody else would ever forget them).
     orphans_swept: Mutex<std::time::Instant>,
+    /// When this balancer started: the servers that outlived its predecessor register again
+    /// within [`Config::server_timeout`] of it (see [`assign`]).
+    started: Instant,
 }
 
 /// What the balancer knows about one connection.
@@ -172,6 +175,7 @@ pub fn run(
         hashing: HashSlots::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         next_link: AtomicU64::new(1),
         orphans_swept: Mutex::new(std::time::Instant::now()),
+        started: Instant::now(),
         counters: dashboard::Counters::default(),
         config,
     });
@@ -625,17 +629,30 @@ fn login(shared: &Shared, user: String, session_key: Vec<u8>) -> Result<Balancer
     })
 }
 
+/// A live server for a client (not `avoid`, which it just lost). A balancer that has just
+/// started (after a crash or `scripts/cluster.sh restart`) knows no server yet: the ones still
+/// running register again at their next heartbeat, so for [`Config::server_timeout`] after
+/// its start it waits for one rather than send a client away.
 fn assign(shared: &Shared, avoid: Option<u64>) -> Result<ServerInfo> {
-    shared
-        .registry
-        .lock()
-        .assign(shared.config.algo, shared.config.server_timeout, avoid)
-        .ok_or_else(|| {
-            Error::refused(
+    let timeout = shared.config.server_timeout;
+    let patience = shared.started + timeout;
+    loop {
+        if let Some(server) = shared
+            .registry
+            .lock()
+            .assign(shared.config.algo, timeout, avoid)
+        {
+            return Ok(server);
+        }
+        let now = Instant::now();
+        if now >= patience {
+            return Err(Error::refused(
                 ErrorCode::NoServers,
                 "no chat server is available; start one with fastchat-server",
-            )
-        })
+            ));
+        }
+        std::thread::sleep((patience - now).min(Duration::from_millis(20)));
+    }
 }
 
 /// Registers a chat server: with TLS, only a connection that presented a `server`

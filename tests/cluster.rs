@@ -250,7 +250,14 @@ fn servers_reregister_after_a_balancer_restart() {
     let before = c.wait_servers(2);
     c.signup_lib("alice");
     c.balancer.kill9();
+    // The servers notice, and try again every heartbeat.
+    std::thread::sleep(Duration::from_secs(1));
     c.restart_balancer();
+    // A client that comes before the servers have registered again is not sent away: the
+    // new balancer waits for them.
+    let first = c.login("alice");
+    assert!(c.server_ids.contains(&first.server().id));
+    drop(first);
     let mut after = c.wait_servers(2);
     after.sort_by_key(|s| s.id);
     let ids = |v: &[fastchat::net::ServerInfo]| {
