@@ -38,6 +38,17 @@ fn members(c: &Cluster, user: &str, g: &str) -> Vec<String> {
         .collect()
 }
 
+/// One server; alice, `members` and `others` signed up; alice's group `team` with `members`.
+fn alices_team(members: &[&str], others: &[&str]) -> Cluster {
+    let c = Cluster::start(1);
+    for u in ["alice"].iter().chain(members).chain(others) {
+        c.signup(u);
+    }
+    ok(&c, "alice", &["create", "team"]);
+    ok(&c, "alice", &[&["add", "team"][..], members].concat());
+    c
+}
+
 /// Everything in the database about groups, to check that refusals change nothing.
 fn group_state(c: &Cluster) -> String {
     let sql = c.sql();
@@ -401,13 +412,7 @@ fn bob_keys(c: &Cluster) -> (Client, E2e) {
 
 #[test]
 fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "carol"] {
-        c.signup(u);
-    }
-    ok(&c, "alice", &["create", "team"]);
-    ok(&c, "alice", &["add", "team", "bob"]);
-    ok(&c, "alice", &["add", "team", "carol"]);
+    let c = alices_team(&["bob", "carol"], &[]);
     ok(&c, "alice", &["send", "team", "before"]);
 
     // While a member, bob reads epoch 3 with his own keys (and keeps the key in his cache),
@@ -474,13 +479,7 @@ fn a_removed_member_cannot_read_what_is_sent_after_with_its_own_keys() {
 
 #[test]
 fn a_group_message_with_a_forged_sender_is_rejected() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "carol"] {
-        c.signup(u);
-    }
-    ok(&c, "alice", &["create", "team"]);
-    ok(&c, "alice", &["add", "team", "bob"]);
-    ok(&c, "alice", &["add", "team", "carol"]);
+    let c = alices_team(&["bob", "carol"], &[]);
     // Alice writes first: bob holds her sender key of the epoch, and her key for his tags.
     assert_eq!(group(&c, "alice", &["send", "team", "from alice"]).code, 0);
     let out = c.run("bob", &["recv"]);
@@ -507,13 +506,7 @@ fn a_group_message_with_a_forged_sender_is_rejected() {
 
 #[test]
 fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "carol"] {
-        c.signup(u);
-    }
-    ok(&c, "alice", &["create", "team"]);
-    ok(&c, "alice", &["add", "team", "bob"]);
-    ok(&c, "alice", &["add", "team", "carol"]);
+    let c = alices_team(&["bob", "carol"], &[]);
     ok(&c, "carol", &["leave", "team"]);
     assert_eq!(c.count("SELECT epoch FROM groups"), 4);
     assert_eq!(
@@ -542,14 +535,7 @@ fn after_a_member_leaves_the_next_sender_makes_a_new_key() {
 
 #[test]
 fn a_key_change_must_name_the_key_of_its_makers_last_change() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "mallory"] {
-        c.signup(u);
-    }
-    c.group_ok("alice", &["create", "team"]);
-    for u in ["bob", "mallory"] {
-        c.group_ok("alice", &["add", "team", u]);
-    }
+    let c = alices_team(&["bob", "mallory"], &[]);
     // mallory, a member, may say she has new keys; with her first change any key is named (no
     // change of hers is checked with it), and the group goes on for everyone.
     let (client, mut e2e) = library_user(&c, "mallory");
@@ -604,14 +590,7 @@ fn library_user(c: &Cluster, user: &str) -> (Client, E2e) {
 
 #[test]
 fn a_removed_member_is_told_and_a_forged_removal_is_refused() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "carol", "mallory"] {
-        c.signup(u);
-    }
-    c.group_ok("alice", &["create", "team"]);
-    for u in ["bob", "carol", "mallory"] {
-        c.group_ok("alice", &["add", "team", u]);
-    }
+    let c = alices_team(&["bob", "carol", "mallory"], &[]);
     // carol follows the group (her client verifies its chain).
     let out = c.run("carol", &["recv"]);
     assert!(out.stdout.contains("* alice added mallory"), "{out:?}");
@@ -663,12 +642,7 @@ fn a_removed_member_is_told_and_a_forged_removal_is_refused() {
 /// while, then is reported and let go.
 #[test]
 fn a_group_message_before_its_senders_key_waits_for_it() {
-    let c = Cluster::start(1);
-    for u in ["alice", "bob", "carol"] {
-        c.signup(u);
-    }
-    ok(&c, "alice", &["create", "team"]);
-    ok(&c, "alice", &["add", "team", "bob"]);
+    let c = alices_team(&["bob"], &["carol"]);
     ok(&c, "alice", &["send", "team", "after its key"]);
     let sql = c.sql();
     // Bob's queue holds alice's sender key (a direct message), then her group message: the
