@@ -141,7 +141,16 @@ pub struct Conn {
     failed: bool,
     /// Requests sent and answered so far (statements, preparations, transaction control).
     round_trips: u64,
+    /// When the last request was answered (see [`Conn::usable`]).
+    last_used: Instant,
 }
+
+/// A connection unused for longer than this is asked whether it is still there before it is
+/// used again (see [`Conn::usable`]).
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+
+/// How long that question may take before the connection is given up for a new one.
+const VALID_WAIT: Duration = Duration::from_secs(2);
 
 /// Parameters of a statement.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -178,12 +187,30 @@ impl Conn {
             statements: HashMap::new(),
             failed: false,
             round_trips: 0,
+            last_used: Instant::now(),
         })
+    }
+
+    /// Whether the connection can take a request. One that broke while unused (the database
+    /// restarted, or an operator ended its backend) is found out only by the next request,
+    /// which fails: so one unused for [`IDLE_CHECK`] is asked first (an empty query, one
+    /// round trip), and a busy one costs nothing.
+    pub fn usable(&mut self) -> bool {
+        if self.client.is_closed() {
+            return false;
+        }
+        if self.last_used.elapsed() < IDLE_CHECK {
+            return true;
+        }
+        let alive = self.client.is_valid(VALID_WAIT).is_ok();
+        self.last_used = Instant::now();
+        alive
     }
 
     /// `r`, counted and noting a failure (see [`Conn::failed`]).
     fn noted<T>(&mut self, r: std::result::Result<T, postgres::Error>) -> Result<T> {
         self.round_trips += 1;
+        self.last_used = Instant::now();
         if r.is_err() {
             self.failed = true;
         }
@@ -306,10 +333,18 @@ impl Readers {
         let deadline = Instant::now() + self.busy_timeout;
         let mut pool = self.pool.lock();
         loop {
-            while let Some(conn) = pool.idle.pop() {
-                if !conn.is_closed() {
+            while let Some(mut conn) = pool.idle.pop() {
+                if conn.is_closed() {
+                    pool.open -= 1;
+                    continue;
+                }
+                // Asked without the pool's lock (a round trip, if it sat unused).
+                drop(pool);
+                if conn.usable() {
                     return Ok(conn);
                 }
+                log::warn!("a database connection was lost; connecting again");
+                pool = self.pool.lock();
                 pool.open -= 1;
             }
             if pool.open < MAX_READERS {
@@ -383,7 +418,7 @@ pub fn writer_conn(url: &str, options: &Options) -> Result<(WriterConn, Option<B
 
 impl Batch for WriterConn {
     fn begin(&mut self) -> Result<()> {
-        if self.conn.is_closed() {
+        if !self.conn.usable() {
             log::warn!("database connection lost; connecting again");
             self.conn = Conn::connect(&self.url, self.busy_timeout).map_err(|e| {
                 log::warn!("{e}");

@@ -674,3 +674,31 @@ fn large_batches_go_in_bounded_statements() -> Result<()> {
     assert_eq!(counts, [0, 0, 80]);
     Ok(())
 }
+
+/// A database restarted, or an operator ending backends (`pg_terminate_backend`), leaves every
+/// unused connection broken without a word: the next request on each would fail. A connection
+/// unused for a while is asked first, and replaced: the first read and the first write after
+/// it succeed.
+#[test]
+fn connections_the_database_ended_are_replaced_before_their_next_use() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    store.call(|tx| tx.create_user("alice", "hash", &keys()))?;
+    assert!(store.read(|tx| tx.user_exists("alice"))?);
+    std::thread::sleep(super::IDLE_CHECK + Duration::from_millis(50));
+    let mut admin = postgres::Client::connect(&db.server, postgres::NoTls).expect("connect");
+    let ended = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .expect("end the backends");
+    assert!(ended.len() >= 2, "the writer's and a reader's: {ended:?}");
+    assert!(store.read(|tx| tx.user_exists("alice"))?);
+    assert!(store.call(|tx| tx.create_user("bob", "hash", &keys()))?);
+    assert!(store.read(|tx| tx.user_exists("bob"))?);
+    Ok(())
+}
