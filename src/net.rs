@@ -60,6 +60,11 @@ pub const MAX_CHUNK: usize = FILE_CHUNK + 12 + 16;
 /// Default largest file a server accepts, in bytes (64 MiB).
 pub const DEFAULT_MAX_FILE: u64 = 64 * 1024 * 1024;
 
+/// The refusal of a direct message (or file) to its own sender: end-to-end sessions are made
+/// between two users, so none of the sender's keys would open it. The client says it before
+/// sending; the server refuses one all the same.
+pub const TO_YOURSELF: &str = "you cannot send a message to yourself";
+
 /// How many chunks a file of `size` bytes has.
 pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(FILE_CHUNK as u64)

@@ -363,10 +363,19 @@ fn bad_requests_are_one_line_errors_and_store_nothing() {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["send", "nobody", "hi"],
             "fastchat: error: no such user: nobody",
+        ),
+        // No key of alice's would open it.
+        (
+            &["send", "alice", "a note to self"],
+            "fastchat: error: you cannot send a message to yourself",
+        ),
+        (
+            &["send-file", "alice", "Cargo.toml"],
+            "fastchat: error: you cannot send a message to yourself",
         ),
         (
             &["send", "bob", ""],
@@ -386,6 +395,18 @@ fn bad_requests_are_one_line_errors_and_store_nothing() {
         assert_eq!(out.code, 1, "{args:?}: {out:?}");
         assert!(out.stderr.trim().starts_with(expected), "{args:?}: {out:?}");
         assert_eq!(out.stderr.lines().count(), 1);
+    }
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    // Nothing was uploaded for the file either.
+    assert_eq!(c.count("SELECT count(*) FROM files"), 0);
+    // A client that sends one to itself anyway is refused by the server.
+    let alice = c.login("alice");
+    match alice.send("alice", 1, b"opaque", None) {
+        Err(fastchat::error::Error::Refused { code, message }) => {
+            assert_eq!(code, fastchat::net::ErrorCode::BadRequest);
+            assert_eq!(message, fastchat::net::TO_YOURSELF);
+        }
+        other => panic!("{other:?}"),
     }
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
 

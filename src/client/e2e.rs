@@ -528,6 +528,9 @@ impl E2e {
     /// Encrypts a message for `to` in our session with them (starting one if there is none),
     /// and saves the session before returning: the body may leave once this returns.
     pub fn seal_direct(&mut self, to: &str, client_id: u64, plain: &Plain) -> Result<Vec<u8>> {
+        if to == self.me {
+            return Err(Error::Invalid(crate::net::TO_YOURSELF.into()));
+        }
         let keys = self.peer_keys(to)?.clone();
         let seq = self.next_seq();
         let locked = self.sessions.lock(&self.store)?;

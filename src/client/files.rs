@@ -60,6 +60,7 @@ fn chunk_len(size: u64, index: u64) -> usize {
 /// Sends the file at `path` (its name is the last component of the path); returns the stored
 /// message id. A file over the server's limit is refused before anything is uploaded.
 pub fn send_file(client: &Client, e2e: &mut E2e, target: Target<'_>, path: &Path) -> Result<i64> {
+    check_target(client, target)?;
     let uploaded = upload_file(client, path, &mut |_| {})?;
     offer(client, e2e, target, uploaded)
 }
@@ -74,8 +75,19 @@ pub fn send_from<R: Read>(
     size: u64,
     open: impl FnMut() -> Result<R>,
 ) -> Result<i64> {
+    check_target(client, target)?;
     let uploaded = upload_from(client, name, size, open, &mut |_| {})?;
     offer(client, e2e, target, uploaded)
+}
+
+/// Refuses, before anything is uploaded, a file that could not be offered: one to ourselves.
+pub fn check_target(client: &Client, target: Target<'_>) -> Result<()> {
+    match target {
+        Target::User(to) if to == client.user() => {
+            Err(Error::Invalid(crate::net::TO_YOURSELF.into()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A file uploaded (encrypted under a key of its own) and not offered yet.

@@ -302,6 +302,7 @@ fn command_line(
                 .split_once(' ')
                 .ok_or_else(|| Error::Invalid("usage: /file USER PATH".into()))?;
             names::validate("recipient", to)?;
+            files::check_target(client, Target::User(to))?;
             uploads.push(upload(
                 ctx,
                 Conversation::User(to.to_string()),

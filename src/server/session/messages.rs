@@ -12,7 +12,9 @@ use std::sync::Arc;
 use super::{error_event, Awaited, Session};
 use crate::db::{Outgoing, StoredMessage, Tx, Urgency};
 use crate::error::Result;
-use crate::net::{ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY};
+use crate::net::{
+    ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY, TO_YOURSELF,
+};
 use crate::server::outbound::Outbound;
 use crate::server::peers::Relayed;
 use crate::server::shared::Shared;
@@ -35,6 +37,9 @@ impl Session<'_> {
     pub(super) fn send(&self, id: u64, to: String, message: NewMessage) {
         if !(self.names_ok(id, &[("recipient", &to)]) && self.body_ok(id, &message.body)) {
             return;
+        }
+        if to == self.user {
+            return self.refuse(id, ErrorCode::BadRequest, TO_YOURSELF);
         }
         let me = self.user.clone();
         let quotas = self.shared.config.quotas;
