@@ -195,6 +195,9 @@ fn chat_on_a_terminal_prints_above_the_prompt_and_keeps_what_is_typed() {
     t.text("/msg nobody hi");
     t.keys(&["Enter"]);
     t.wait_for("error: no such user: nobody");
+    t.text("/query alice");
+    t.keys(&["Enter"]);
+    t.wait_for("error: you cannot send a message to yourself");
 
     // Ctrl-C clears the line; Ctrl-D on an empty line leaves cleanly: exit status 0, the
     // session given up.

@@ -158,6 +158,7 @@ fn command_line(
             let conversation = match (cmd, rest) {
                 ("/close", _) | (_, "") => None,
                 // `chat WITH`: a group when it is written as one or names no user.
+                ("/open", with) if with == client.user() => return Err(to_yourself()),
                 ("/open", with) => {
                     let user = !with.contains('/')
                         && names::validate("user", with).is_ok()
@@ -175,6 +176,9 @@ fn command_line(
                 }
                 ("/query", user) => {
                     names::validate("user", user)?;
+                    if user == client.user() {
+                        return Err(to_yourself());
+                    }
                     // The user must exist: their keys are fetched (and pinned) now.
                     ctx.e2e.lock().peer_keys(user)?;
                     Some(Conversation::User(user.to_string()))
@@ -379,6 +383,11 @@ fn backlog(ctx: &Ctx, c: &Conversation, n: usize) -> Result<Vec<Line>> {
             Line::History(history_line(e, dated))
         })
         .collect())
+}
+
+/// Why there is no conversation with ourselves (see [`crate::net::TO_YOURSELF`]).
+fn to_yourself() -> Error {
+    Error::Invalid(crate::net::TO_YOURSELF.into())
 }
 
 /// Sends a text to a user: `-> bob: TEXT`.
