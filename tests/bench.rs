@@ -490,6 +490,31 @@ fn a_balancer_that_limits_signups_is_named_with_its_flag() {
 }
 
 #[test]
+fn clients_assigned_a_server_that_just_stopped_are_given_another() {
+    // A stopped server (SIGSTOP: its sockets open, nothing answered) stays in the balancer's
+    // rotation until its heartbeats are missed; the clients it is assigned meanwhile ask the
+    // balancer for another, as the client library does, and are not left out.
+    let c = Cluster::start_with_balancer_args(2, &["--signups-per-address", "0"]);
+    c.wait_servers(2);
+    common::signal(c.servers[1].pid(), "-STOP");
+    let ca = c.ca();
+    let (code, r, err) = bench(&[
+        "--balancer",
+        c.balancer_addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--clients",
+        "6",
+        "--messages",
+        "5",
+    ]);
+    common::signal(c.servers[1].pid(), "-CONT");
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(r["connect_failed"], 0, "{r}");
+    assert_eq!((&r["expected"], &r["delivered"]), (&30.into(), &30.into()));
+}
+
+#[test]
 fn a_rate_sweep_reports_each_run_and_draws_them() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("sweep.svg");

@@ -12,16 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, LIMIT};
+use common::{signal, Cluster, LIMIT};
 use fastchat::client::{Client, Event};
-
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pid}");
-}
 
 /// Reads messages on `client` until `want` distinct ones (by their number) have come or
 /// `limit` passes; acknowledges each; returns the numbers in arrival order, and how many

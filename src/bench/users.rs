@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{Config, Mode};
+use crate::client::api::open_with_failover;
 use crate::client::{BalancerClient, Session};
 use crate::crypto::Identity;
 use crate::error::{Error, ErrorCode, Result};
@@ -126,7 +127,8 @@ fn connect_one(
     conn.signup(&user.name, PASSWORD, user.public.clone(), None)
         .map_err(signup_hint)?;
     let session = conn.login(&user.name, PASSWORD)?;
-    open_link(&session, transport)
+    // As the client library does: a server assigned as it died or stopped is avoided.
+    open_with_failover(conn, session, |s| open_link(s, transport)).map(|(link, _)| link)
 }
 
 /// A balancer's refusal of too many signups from this address, with what to do about it: every

@@ -131,36 +131,7 @@ impl Client {
     /// Connects to the server `session` was given, asking `b` for another while it is
     /// unreachable or full.
     fn connect(b: &mut BalancerClient, transport: &Transport, session: Session) -> Result<Client> {
-        let mut session = session;
-        // A server that died moments ago may still be assigned (it leaves the rotation within
-        // two seconds): ask again, avoiding it, until one answers.
-        // A full server refuses politely: try a few others before giving up.
-        let deadline = Instant::now() + FAILOVER_LIMIT;
-        let mut full = 0;
-        let conn = loop {
-            match Connection::open(&session, transport) {
-                Ok(conn) => break conn,
-                Err(e) if e.is_disconnect() && Instant::now() < deadline => {
-                    log::info!(
-                        "server {} unreachable ({e}); asking for another",
-                        session.server.id
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(Error::Refused {
-                    code: ErrorCode::Unavailable,
-                    message,
-                }) if full < FULL_RETRIES => {
-                    log::info!(
-                        "server {}: {message}; asking for another",
-                        session.server.id
-                    );
-                    full += 1;
-                }
-                Err(e) => return Err(e),
-            }
-            session = b.resume(&session, Some(session.server.id))?;
-        };
+        let (conn, session) = open_with_failover(b, session, |s| Connection::open(s, transport))?;
         Ok(Client {
             balancer: b.addr().to_string(),
             transport: transport.clone(),
@@ -575,5 +546,45 @@ impl Client {
                 now + QUIET
             }
         }
+    }
+}
+
+/// Opens a connection (with `open`) to the server `session` was given, asking `b` for another
+/// while it is unreachable or full; the connection and the session it was opened with.
+///
+/// A server that died or stopped moments ago may still be assigned (it leaves the rotation
+/// within two seconds): ask again, avoiding it, until one answers, for up to
+/// [`FAILOVER_LIMIT`]. A full server refuses politely: a few others are tried before giving up.
+pub fn open_with_failover<T>(
+    b: &mut BalancerClient,
+    session: Session,
+    mut open: impl FnMut(&Session) -> Result<T>,
+) -> Result<(T, Session)> {
+    let mut session = session;
+    let deadline = Instant::now() + FAILOVER_LIMIT;
+    let mut full = 0;
+    loop {
+        match open(&session) {
+            Ok(conn) => return Ok((conn, session)),
+            Err(e) if e.is_disconnect() && Instant::now() < deadline => {
+                log::info!(
+                    "server {} unreachable ({e}); asking for another",
+                    session.server.id
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(Error::Refused {
+                code: ErrorCode::Unavailable,
+                message,
+            }) if full < FULL_RETRIES => {
+                log::info!(
+                    "server {}: {message}; asking for another",
+                    session.server.id
+                );
+                full += 1;
+            }
+            Err(e) => return Err(e),
+        }
+        session = b.resume(&session, Some(session.server.id))?;
     }
 }

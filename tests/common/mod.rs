@@ -560,6 +560,16 @@ fn parse_ready(line: &str) -> (u64, String) {
     }
 }
 
+/// Sends signal `sig` (as `kill` takes it: "-STOP", "-CONT") to process `pid`, one this test
+/// started.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
 /// Runs a command to completion, killing it (and failing) after `LIMIT`.
 pub fn run_limited(cmd: &mut Command) -> Output {
     run_limited_for(cmd, LIMIT)
