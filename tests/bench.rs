@@ -515,6 +515,47 @@ fn clients_assigned_a_server_that_just_stopped_are_given_another() {
 }
 
 #[test]
+fn clients_of_a_server_stopped_mid_run_leave_it_once_it_answers_nothing() {
+    // SIGSTOP keeps the server's sockets open and answers nothing: a client that waited 5 s
+    // for a Stored asks the server whether it answers (Ping), and leaves it for another when
+    // it does not within 5 s more.
+    let c = Cluster::start_with_balancer_args(2, &["--signups-per-address", "0"]);
+    c.wait_servers(2);
+    let pid = c.servers[1].pid();
+    let (done, ended) = std::sync::mpsc::channel::<()>();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        common::signal(pid, "-STOP");
+        // Resumed when the run ends, or after 20 s (the tool would wait 40 s before giving up).
+        let _ = ended.recv_timeout(std::time::Duration::from_secs(20));
+        common::signal(pid, "-CONT");
+    });
+    let ca = c.ca();
+    let (code, r, err) = bench(&[
+        "--balancer",
+        c.balancer_addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--clients",
+        "6",
+        "--messages",
+        "150",
+        "--rate",
+        "300",
+    ]);
+    let _ = done.send(());
+    stopper.join().unwrap();
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(
+        (&r["expected"], &r["delivered"]),
+        (&900.into(), &900.into())
+    );
+    assert!(r["failovers"].as_u64() >= Some(1), "{r}");
+    // Within those 10 s and a little.
+    assert!(r["latency_us"]["max"].as_u64() < Some(15_000_000), "{r}");
+}
+
+#[test]
 fn a_rate_sweep_reports_each_run_and_draws_them() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("sweep.svg");

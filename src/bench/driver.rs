@@ -14,6 +14,8 @@
 //!   wait: one wait (epoll: each socket registered once, changed when what it waits for
 //!         changes) on every client's socket and the thread's waker, until data, the first
 //!         due message or acknowledgement deadline, or the end of the run
+//!   no Stored for SERVER_TIMEOUT (5 s) while one is pending → a Ping; no answer to it in 5 s
+//!   more (a stopped server keeps its sockets open and says nothing) → as if it had ended
 //!   a connection ends while the run goes on → that client fails over on a thread of its own
 //!   (balancer Resume avoiding the dead server, Hello to the new one, re-send every
 //!   unconfirmed message with `resend_after`: stored once, whatever happened to the first)
@@ -35,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{open_link, Link};
+use crate::client::connection::SERVER_TIMEOUT;
 use crate::client::e2e::{self, Plain};
 use crate::client::sender_keys::GroupChains;
 use crate::client::sessions::Session as RatchetSession;
@@ -371,8 +374,14 @@ pub(super) struct Client {
     /// (sender, sequence) → the message id it was delivered under.
     seen: HashMap<(u64, u64), i64>,
     latencies: Vec<Delivery>,
-    /// When a `Stored` last came (or the run started).
+    /// When a `Stored` last came, or (with none pending) the next message went (or the run
+    /// started): a client gives up after [`STORED_LIMIT`] without one.
     last_stored: Instant,
+    /// When this connection's server last showed that it answers: the connection opened (at
+    /// the start, or by a failover), or a `Ping` answered.
+    answered: Instant,
+    /// A `Ping` sent to ask whether the server still answers, and when (see [`Client::turn`]).
+    probe: Option<(u64, Instant)>,
 }
 
 /// What a client waits for when a turn leaves it nothing to do now.
@@ -420,6 +429,8 @@ impl Client {
             seen: HashMap::new(),
             latencies: Vec::new(),
             last_stored: Instant::now(),
+            answered: Instant::now(),
+            probe: None,
         })
     }
 
@@ -461,6 +472,10 @@ impl Client {
             let patient = self.unconfirmed.len() + 1 < self.sending.window;
             let request = self.sending.request(&mut self.keys, seq, &text, patient)?;
             self.chan.queue(&request)?;
+            if self.unconfirmed.is_empty() {
+                // Waiting starts now, not at the last Stored (which may be long ago at a low rate).
+                self.last_stored = now;
+            }
             self.unconfirmed.insert(seq, (request, self.newest));
             self.next_seq += 1;
         }
@@ -491,6 +506,31 @@ impl Client {
                 Fill::Closed => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
             }
         }
+        // A stopped server (SIGSTOP, a hung machine) keeps its sockets open and says nothing.
+        // A client left without a `Stored` for SERVER_TIMEOUT asks whether the server still
+        // answers (its connection's own thread does, however far behind its writer is), and
+        // leaves it for another if it does not within SERVER_TIMEOUT, as the client library
+        // leaves a server that answers no request.
+        match self.probe {
+            Some((_, sent)) if sent.elapsed() > SERVER_TIMEOUT => {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("server {} answers nothing", self.server_id),
+                )));
+            }
+            None if !self.unconfirmed.is_empty()
+                && self.stalled_since().elapsed() > SERVER_TIMEOUT =>
+            {
+                self.next_ack_id += 1;
+                self.probe = Some((self.next_ack_id, Instant::now()));
+                self.chan.queue(&Request {
+                    id: self.next_ack_id,
+                    body: ServerRequest::Ping,
+                })?;
+                self.chan.flush()?;
+            }
+            _ => {}
+        }
         if self.next_seq == self.sending.messages && self.unconfirmed.is_empty() {
             self.tell(Ok(()));
         }
@@ -501,7 +541,11 @@ impl Client {
         if (can_send && !overdue) || self.acks.len() >= ACK_BATCH {
             return Ok(None);
         }
-        let deadline = [next_due, self.acks_due, Some(now + STORED_LIMIT)]
+        let stall = match self.probe {
+            Some((_, sent)) => Some(sent + SERVER_TIMEOUT),
+            None => (!self.unconfirmed.is_empty()).then(|| self.stalled_since() + SERVER_TIMEOUT),
+        };
+        let deadline = [next_due, self.acks_due, stall, Some(now + STORED_LIMIT)]
             .into_iter()
             .flatten()
             .min();
@@ -510,6 +554,12 @@ impl Client {
             deadline,
             overdue,
         }))
+    }
+
+    /// Since when this connection's server has confirmed nothing that was pending, nor
+    /// shown that it answers.
+    fn stalled_since(&self) -> Instant {
+        self.last_stored.max(self.answered)
     }
 
     /// Time zero of the run.
@@ -541,6 +591,13 @@ impl Client {
             }) => {
                 self.newest = self.newest.max(msg_id);
                 return self.unconfirmed.remove(&id).is_some();
+            }
+            ServerEvent::Reply(Response {
+                id: Some(id),
+                result: Ok(ServerReply::Done),
+            }) if self.probe.is_some_and(|(ping, _)| ping == id) => {
+                self.probe = None;
+                self.answered = Instant::now();
             }
             ServerEvent::Deliver { msg } => {
                 self.newest = self.newest.max(msg.id);
@@ -612,6 +669,8 @@ impl Client {
                     self.chan = link.chan;
                     self.chan.set_nonblocking(true)?;
                     self.server_id = link.server_id;
+                    self.answered = Instant::now();
+                    self.probe = None;
                     // Acknowledgements that went with the old connection come again.
                     self.acks.clear();
                     self.acks_due = None;
@@ -674,6 +733,7 @@ pub fn drive(clients: Vec<Client>, waker: Arc<Waker>, go: &Receiver<()>) -> Vec<
     for slot in &mut slots {
         if let Slot::Here { client, .. } = slot {
             client.last_stored = Instant::now();
+            client.answered = Instant::now();
         }
     }
     while !finished() {
