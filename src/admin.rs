@@ -72,18 +72,27 @@ impl Admin {
             .ok_or_else(|| Error::refused(ErrorCode::UnknownUser, format!("no such user: {name}")))
     }
 
+    /// A table's header line for people (none in JSON), or, for a table without rows, a line
+    /// that says so: a header alone reads like output cut short.
+    fn header(&self, empty: bool, header: &str, nothing: &str) -> Result<()> {
+        match (self.json, empty) {
+            (true, _) => Ok(()),
+            (false, false) => self.emit(header, Value::Null),
+            (false, true) => self.emit(nothing, Value::Null),
+        }
+    }
+
     /// `users list`: every account, with what it holds.
     pub fn list(&self) -> Result<()> {
         let users = self.all_users()?;
-        if !self.json {
-            self.emit(
-                &format!(
-                    "{:<32} {:<16} {:<9} {:>7} {:>10} {:>5} {:>6}",
-                    "USER", "SINCE (UTC)", "KEYS", "QUEUED", "BYTES", "CONNS", "GROUPS"
-                ),
-                Value::Null,
-            )?;
-        }
+        self.header(
+            users.is_empty(),
+            &format!(
+                "{:<32} {:<16} {:<9} {:>7} {:>10} {:>5} {:>6}",
+                "USER", "SINCE (UTC)", "KEYS", "QUEUED", "BYTES", "CONNS", "GROUPS"
+            ),
+            "no accounts (fastchat signup NAME, or fastchat-admin users add NAME)",
+        )?;
         for u in &users {
             let keys = match (u.has_keys, u.may_rekey) {
                 (false, _) => "unclaimed",
@@ -212,12 +221,11 @@ impl Admin {
     /// `online`: who is connected to which server.
     pub fn online(&self) -> Result<()> {
         let rows = self.store.read(|tx| tx.online())?;
-        if !self.json {
-            self.emit(
-                &format!("{:<32} {:<20} {:>5}", "USER", "SERVER", "CONNS"),
-                Value::Null,
-            )?;
-        }
+        self.header(
+            rows.is_empty(),
+            &format!("{:<32} {:<20} {:>5}", "USER", "SERVER", "CONNS"),
+            "nobody is online",
+        )?;
         for r in &rows {
             let server = if r.server.is_empty() {
                 format!("#{}", r.server_id)
@@ -237,12 +245,11 @@ impl Admin {
         let mut users = self.all_users()?;
         users.retain(|u| u.queued > 0);
         users.sort_by(|a, b| b.queued.cmp(&a.queued).then(a.name.cmp(&b.name)));
-        if !self.json {
-            self.emit(
-                &format!("{:<32} {:>7} {:>10}", "USER", "QUEUED", "BYTES"),
-                Value::Null,
-            )?;
-        }
+        self.header(
+            users.is_empty(),
+            &format!("{:<32} {:>7} {:>10}", "USER", "QUEUED", "BYTES"),
+            "no direct messages are waiting",
+        )?;
         for u in &users {
             self.emit(
                 &format!(

@@ -548,6 +548,18 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         "{out:?}"
     );
     assert_eq!(c.count("SELECT count(*) FROM users"), 0);
+    // An empty table says so, rather than print a header alone.
+    for (args, nothing) in [
+        (&["users", "list"][..], "no accounts ("),
+        (&["online"], "nobody is online"),
+        (&["queues"], "no direct messages are waiting"),
+    ] {
+        let out = admin(&c, args);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert_eq!(out.lines().len(), 1, "{out:?}");
+        assert!(out.lines()[0].starts_with(nothing), "{out:?}");
+        assert!(admin_json(&c, args).is_empty());
+    }
     let out = admin(&c, &["users", "reset-password", "ghost"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("no such user: ghost"), "{out:?}");
