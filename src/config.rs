@@ -93,20 +93,26 @@ fn flags_from(
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| Error::Invalid(format!("{shown}: {}", e.message())))?;
-    for key in doc.keys() {
+    let tables = || SECTIONS.map(|s| format!("[{s}]")).join(", ");
+    for (key, value) in &doc {
+        if !value.is_table() {
+            // A setting above every table (`balancer = ...` read as the table of that name).
+            return Err(Error::Invalid(format!(
+                "{shown}: {key} is set outside a table: put each setting under the table of \
+                 the program it is for, e.g. [fastchat] for the client (the tables are {})",
+                tables()
+            )));
+        }
         if !SECTIONS.contains(&key.as_str()) {
             return Err(Error::Invalid(format!(
                 "{shown}: unknown table [{key}]; the tables are {}",
-                SECTIONS.map(|s| format!("[{s}]")).join(", ")
+                tables()
             )));
         }
     }
-    let Some(table) = doc.get(section) else {
+    let Some(table) = doc.get(section).and_then(toml::Value::as_table) else {
         return Ok(Vec::new());
     };
-    let table = table
-        .as_table()
-        .ok_or_else(|| Error::Invalid(format!("{shown}: {section} must be a table")))?;
     let mut flags = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
@@ -199,6 +205,16 @@ mod tests {
         );
         let e = flags("[sever]\n").unwrap_err().to_string();
         assert!(e.contains("unknown table [sever]"), "{e}");
+        // A setting above the tables, even one named like a table, is not taken for one.
+        for text in [
+            "balancer = \"10.0.0.5:7000\"\n",
+            "balancer = 5\n[server]\n",
+            "db = \"x\"\n",
+        ] {
+            let e = flags(text).unwrap_err().to_string();
+            assert!(e.contains("is set outside a table"), "{text}: {e}");
+            assert!(e.contains("[fastchat]"), "{e}");
+        }
         let e = flags("[server]\ndb = [1]\n").unwrap_err().to_string();
         assert!(
             e.contains("db must be a string, a number or true/false"),
