@@ -7,6 +7,34 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::transport::{pin_path, Transport};
 
+/// Checks an address to listen on, for the argument parser (a bad one is then a usage
+/// error, exit code 2): HOST:PORT that this machine resolves.
+pub fn listen_address(s: &str) -> std::result::Result<String, String> {
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(_)) => Ok(s.to_string()),
+        Ok(None) => Err("it names no address".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(
+            "not an address: give HOST:PORT, such as 127.0.0.1:7001 (port 0 picks a free port)"
+                .into(),
+        ),
+        Err(e) => Err(format!("cannot resolve it: {e}")),
+    }
+}
+
+/// Checks a count or a duration that must be at least 1, for the argument parser.
+pub fn at_least_one<T>(s: &str) -> std::result::Result<T, String>
+where
+    T: std::str::FromStr + From<u8> + PartialOrd,
+    T::Err: std::fmt::Display,
+{
+    let n: T = s.parse().map_err(|e: T::Err| e.to_string())?;
+    if n < T::from(1) {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
 /// Logs to standard error at `info` (or as `RUST_LOG` says), one line per record:
 /// `2026-11-24T10:00:00Z INFO server: text`.
 pub fn init(program: &'static str) {

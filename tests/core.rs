@@ -444,6 +444,60 @@ fn usage_errors_exit_2_and_help_explains() {
         assert!(out.stdout.contains("Usage:"), "{bin}: {out:?}");
         assert!(out.stdout.contains("Exit codes"), "{bin}: {out:?}");
     }
+    // Values that could only make a useless process are usage errors, named before anything
+    // starts (no database is made).
+    let db = c.dir.path().join("never.db");
+    let db = db.to_str().unwrap();
+    for (bin, args, says) in [
+        (
+            "fastchat-server",
+            &["--listen", "nonsense"][..],
+            "not an address: give HOST:PORT",
+        ),
+        ("fastchat-server", &["--metrics", "9101"], "not an address"),
+        (
+            "fastchat-server",
+            &["--max-clients", "0"],
+            "must be at least 1",
+        ),
+        (
+            "fastchat-balancer",
+            &["--listen", "localhost"],
+            "not an address",
+        ),
+        ("fastchat-balancer", &["--http", "8080"], "not an address"),
+        (
+            "fastchat-balancer",
+            &["--token-ttl", "0"],
+            "must be at least 1",
+        ),
+        (
+            "fastchat-balancer",
+            &["--max-connections", "0"],
+            "must be at least 1",
+        ),
+        (
+            "fastchat-balancer",
+            &["--max-per-address", "0"],
+            "must be at least 1",
+        ),
+    ] {
+        let mut cmd = std::process::Command::new(common::bin(bin));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--insecure-plaintext",
+        ]);
+        if bin == "fastchat-server" {
+            cmd.args(["--balancer", "127.0.0.1:1", "--name", "s"]);
+        }
+        let out = common::run_limited(cmd.args(args));
+        assert_eq!(out.code, 2, "{bin} {args:?}: {out:?}");
+        assert!(out.stderr.contains(says), "{bin} {args:?}: {out:?}");
+        assert!(!std::path::Path::new(db).exists(), "{bin} {args:?}");
+    }
 }
 
 /// Decodes the single error frame a server or balancer sends before closing.

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = fastchat::startup::listen_address)]
     listen: String,
     /// The cluster's database, shared with the chat servers: a SQLite file (created if
     /// missing), or postgres://USER[:PASSWORD]@HOST[:PORT]/DB for a cluster across machines.
@@ -54,7 +54,7 @@ struct Args {
     #[arg(long, value_name = "LOG_N", default_value_t = DEFAULT_SCRYPT_LOG_N)]
     scrypt_log_n: u8,
     /// Lifetime of a session token, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 24 * 3600)]
+    #[arg(long, value_name = "SECS", default_value_t = 24 * 3600, value_parser = fastchat::startup::at_least_one::<u64>)]
     token_ttl: u64,
     /// Signups allowed from one address; past that, each next one waits (1 s, 2 s, ... up to
     /// five minutes; forgotten after ten quiet minutes). Raise it for a class behind one
@@ -63,10 +63,10 @@ struct Args {
     signups_per_address: u32,
     /// Most connections at once (lowered to what the descriptor limit allows); more are
     /// closed at once.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = fastchat::startup::at_least_one::<usize>)]
     max_connections: usize,
     /// Most connections at once from one address; more are closed at once.
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = fastchat::startup::at_least_one::<usize>)]
     max_per_address: usize,
     /// Seconds a connection has for its TLS handshake, and a request for all its bytes once
     /// the first has come; slower ones are closed.
@@ -90,7 +90,7 @@ struct Args {
     /// Serve the cluster dashboard (a live web page for the class), its JSON
     /// (/api/cluster) and /metrics (Prometheus) on ADDR, such as 127.0.0.1:8080. Read-only;
     /// off loopback it asks for a token (--http-token, or one made and printed at start).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = fastchat::startup::listen_address)]
     http: Option<String>,
     /// The dashboard's token [default: none on loopback, else made at start].
     #[arg(

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:7001 (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = fastchat::startup::listen_address)]
     listen: String,
     /// The balancer's address; ADDR,ADDR,... for a cluster with several balancers (on
     /// PostgreSQL): the server registers with every one.
@@ -54,10 +54,10 @@ struct Args {
     advertise: Option<String>,
     /// Serve /metrics (Prometheus text: clients, messages stored, delivered, relayed) on
     /// ADDR, such as 127.0.0.1:9101.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = fastchat::startup::listen_address)]
     metrics: Option<String>,
     /// Most clients connected at once; more are refused with "server is full".
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = fastchat::startup::at_least_one::<usize>)]
     max_clients: usize,
     /// Requests per second one client connection may make (in bursts of as many); a faster
     /// client is slowed down. 0 for no limit.
