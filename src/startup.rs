@@ -22,6 +22,27 @@ pub fn listen_address(s: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// Checks the address of another process (ADDR, or ADDR,ADDR,... where several may be
+/// given), for the argument parser: each HOST:PORT, with a port number. Names are not
+/// resolved here: one that does not resolve is unreachable (exit code 3), not mistyped.
+pub fn remote_addresses(s: &str) -> std::result::Result<String, String> {
+    for addr in s.split(',') {
+        remote_address(addr)?;
+    }
+    Ok(s.to_string())
+}
+
+/// Checks one address of another process, as [`remote_addresses`] checks each.
+pub fn remote_address(addr: &str) -> std::result::Result<String, String> {
+    let host_port = addr.rsplit_once(':').filter(|(host, _)| !host.is_empty());
+    if host_port.is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+        return Err(format!(
+            "{addr:?} is not an address: give HOST:PORT, such as 127.0.0.1:7000"
+        ));
+    }
+    Ok(addr.to_string())
+}
+
 /// Checks a count or a duration that must be at least 1, for the argument parser.
 pub fn at_least_one<T>(s: &str) -> std::result::Result<T, String>
 where

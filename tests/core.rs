@@ -433,6 +433,18 @@ fn usage_errors_exit_2_and_help_explains() {
     let c = Cluster::start(0);
     let out = c.run("alice", &["frobnicate"]);
     assert_eq!(out.code, 2);
+    // A mistyped address is a usage error; one that does not resolve is unreachable (3).
+    let out = c.run(
+        "alice",
+        &["--balancer", "127.0.0.1:7000,localhost", "whoami"],
+    );
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("\"localhost\" is not an address"),
+        "{out:?}"
+    );
+    let out = c.run("alice", &["--balancer", "nohost.invalid:7000", "whoami"]);
+    assert_eq!(out.code, 3, "{out:?}");
     for bin in [
         "fastchat",
         "fastchat-balancer",
@@ -480,6 +492,16 @@ fn usage_errors_exit_2_and_help_explains() {
             "fastchat-balancer",
             &["--max-per-address", "0"],
             "must be at least 1",
+        ),
+        (
+            "fastchat-server",
+            &["--balancer", "7000"],
+            "\"7000\" is not an address",
+        ),
+        (
+            "fastchat-server",
+            &["--advertise", "host"],
+            "\"host\" is not an address",
         ),
     ] {
         let mut cmd = std::process::Command::new(common::bin(bin));

@@ -131,7 +131,8 @@ enum Command {
             long,
             env = "FASTCHAT_BALANCER",
             default_value = "127.0.0.1:7000",
-            value_name = "ADDR"
+            value_name = "ADDR",
+            value_parser = fastchat::startup::remote_addresses
         )]
         balancer: String,
         /// The sender's key folder, as for `fastchat` [default: ~/.fastchat].

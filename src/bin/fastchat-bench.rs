@@ -85,7 +85,12 @@ struct Args {
     /// Use the running cluster whose balancer is at ADDR. Every simulated user signs up there,
     /// all from this address: start its balancer with --signups-per-address 0 (or more than
     /// --clients), or it refuses all but the first 30.
-    #[arg(long, value_name = "ADDR", conflicts_with = "spawn_servers")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "spawn_servers",
+        value_parser = fastchat::startup::remote_addresses
+    )]
     balancer: Option<String>,
     /// Start a balancer and K servers on a temporary database, and stop them at the end.
     #[arg(long, value_name = "K")]

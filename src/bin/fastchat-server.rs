@@ -43,14 +43,14 @@ struct Args {
     listen: String,
     /// The balancer's address; ADDR,ADDR,... for a cluster with several balancers (on
     /// PostgreSQL): the server registers with every one.
-    #[arg(long, value_name = "ADDR[,ADDR...]")]
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = fastchat::startup::remote_addresses)]
     balancer: String,
     /// The cluster's database, shared with the balancer: a SQLite file, or
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB for a cluster across machines.
     #[arg(long, env = "FASTCHAT_DB", value_name = "PATH|URL")]
     db: fastchat::db::Location,
     /// Address to give the balancer for clients and peers (default: the listening address).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = fastchat::startup::remote_address)]
     advertise: Option<String>,
     /// Serve /metrics (Prometheus text: clients, messages stored, delivered, relayed) on
     /// ADDR, such as 127.0.0.1:9101.

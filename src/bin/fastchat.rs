@@ -49,7 +49,8 @@ struct Args {
         env = "FASTCHAT_BALANCER",
         default_value = "127.0.0.1:7000",
         value_name = "ADDR[,ADDR...]",
-        global = true
+        global = true,
+        value_parser = fastchat::startup::remote_addresses
     )]
     balancer: String,
     /// Folder for key files, one sub-folder per user [default: ~/.fastchat].
