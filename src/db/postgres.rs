@@ -145,6 +145,13 @@ pub struct Conn {
     last_used: Instant,
 }
 
+/// How long PostgreSQL lets one of our transactions wait for its next statement before it
+/// ends it (and its session). A writer never pauses inside a transaction for more than its
+/// commit window (milliseconds); a process stopped mid-transaction (SIGSTOP, a hung machine)
+/// would otherwise hold the cluster's write lock, and every other process's writes, until it
+/// resumes.
+const IDLE_IN_TRANSACTION_MS: u64 = 5_000;
+
 /// A connection unused for longer than this is asked whether it is still there before it is
 /// used again (see [`Conn::usable`]).
 const IDLE_CHECK: Duration = Duration::from_millis(250);
@@ -179,7 +186,8 @@ impl Conn {
         // priced out, and plans stay right at any size. Just-in-time compilation, which such
         // prices would set off (a quarter second for a query of milliseconds), is off.
         client.batch_execute(&format!(
-            "SET lock_timeout = {ms}; SET idle_in_transaction_session_timeout = 60000;
+            "SET lock_timeout = {ms};
+             SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS};
              SET enable_seqscan = off; SET jit = off"
         ))?;
         Ok(Conn {

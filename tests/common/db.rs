@@ -168,6 +168,31 @@ impl Sql {
         matches!(self, Sql::Pg(_))
     }
 
+    /// Whether the database's write lock (SQLite's, or the advisory lock every PostgreSQL
+    /// writer batch takes) can be had now; given back at once.
+    pub fn write_lock_free(&self) -> bool {
+        match self {
+            Sql::Lite(c) => {
+                c.busy_timeout(std::time::Duration::from_millis(200))
+                    .unwrap();
+                c.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok()
+            }
+            Sql::Pg(c) => {
+                let lock = fastchat::db::postgres::WRITE_LOCK;
+                let mut c = c.borrow_mut();
+                let free: bool = c
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&lock])
+                    .unwrap()
+                    .get(0);
+                if free {
+                    c.execute("SELECT pg_advisory_unlock($1)", &[&lock])
+                        .unwrap();
+                }
+                free
+            }
+        }
+    }
+
     /// Runs one statement; how many rows it changed.
     pub fn exec(&self, sql: &str, params: &[&dyn Param]) -> usize {
         match self {

@@ -560,6 +560,22 @@ fn parse_ready(line: &str) -> (u64, String) {
     }
 }
 
+/// Stops process `pid` (SIGSTOP) at a moment when it does not hold the write lock of the
+/// database `db`: one stopped mid-commit would hold up every other writer (SQLite's lock until
+/// it resumes), which a test of what its clients do must not depend on.
+pub fn stop_outside_a_commit(pid: u32, db: &str) {
+    let sql = db::Sql::open(db);
+    for _ in 0..50 {
+        signal(pid, "-STOP");
+        if sql.write_lock_free() {
+            return;
+        }
+        signal(pid, "-CONT");
+        std::thread::sleep(Duration::from_millis(37));
+    }
+    panic!("process {pid} held the database's write lock every time it was stopped");
+}
+
 /// Sends signal `sig` (as `kill` takes it: "-STOP", "-CONT") to process `pid`, one this test
 /// started.
 pub fn signal(pid: u32, sig: &str) {

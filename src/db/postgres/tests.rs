@@ -702,3 +702,33 @@ fn connections_the_database_ended_are_replaced_before_their_next_use() -> Result
     assert!(store.read(|tx| tx.user_exists("bob"))?);
     Ok(())
 }
+
+/// A process stopped inside a transaction (SIGSTOP, a hung machine) would hold the cluster's
+/// write lock until it resumed: PostgreSQL ends such a transaction after a few seconds, and
+/// the next writer gets the lock.
+#[test]
+fn a_transaction_left_waiting_gives_the_write_lock_back() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let mut stopped = Conn::connect(&db.url, Duration::from_secs(5))?;
+    stopped.batch(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({})",
+        super::WRITE_LOCK
+    ))?;
+    let began = Instant::now();
+    let mut next = Conn::connect(&db.url, Duration::from_secs(20))?;
+    next.batch(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({}); COMMIT",
+        super::WRITE_LOCK
+    ))?;
+    let waited = began.elapsed();
+    assert!(
+        waited >= Duration::from_millis(super::IDLE_IN_TRANSACTION_MS - 500),
+        "the lock was held: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(15), "{waited:?}");
+    // The one that waited inside its transaction lost it, and says so.
+    assert!(stopped.batch("COMMIT").is_err());
+    Ok(())
+}
