@@ -453,6 +453,52 @@ fn operators_see_queues_and_who_is_online_and_purge_kick_and_delete() {
 }
 
 #[test]
+fn a_member_whose_account_is_deleted_is_removed_by_the_admin_and_the_group_goes_on() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.signup(u);
+    }
+    c.group_ok("alice", &["create", "team"]);
+    c.group_ok("alice", &["add", "team", "bob", "carol"]);
+    c.group_ok("carol", &["send", "team", "before"]);
+    let gone = admin_json(&c, &["users", "delete", "bob"]);
+    assert_eq!(gone[0]["groups_left"], serde_json::json!(["alice/team"]));
+    // The server no longer lists bob; the signed chain does until the admin removes him.
+    // Nothing is sent meanwhile, and each member is told why and by whom it is mended.
+    let out = c.group("carol", &["send", "team", "after"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "the account of bob in alice/team was deleted by an operator; its admin, alice, \
+             must remove them first"
+        ),
+        "{out:?}"
+    );
+    let out = c.group("alice", &["send", "team", "after"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("remove them first: fastchat group remove alice/team NAME"),
+        "{out:?}"
+    );
+    // The admin's removal is taken (without a word about telling bob), and the group goes on.
+    let out = c.group("alice", &["remove", "team", "bob"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    c.group_ok("carol", &["send", "team", "after"]);
+    let out = c.run("alice", &["recv"]);
+    assert!(
+        out.stdout.ends_with("[alice/team] carol: after\n"),
+        "{out:?}"
+    );
+    let members = c.group_ok("carol", &["members", "team"]);
+    assert_eq!(members, "alice (admin)\ncarol\n");
+    // Only a member whose account is gone can be removed that way.
+    let out = c.group("alice", &["remove", "team", "dave"]);
+    assert_eq!(out.code, 1, "{out:?}");
+}
+
+#[test]
 fn an_announcement_reaches_every_user_with_keys_end_to_end() {
     let c = Cluster::start(2);
     for u in ["teacher", "s1", "s2"] {

@@ -371,8 +371,14 @@ impl E2e {
                 let body = self.seal_direct(user, client_id, &Plain::Removal(signed))?;
                 client.send(user, client_id, &body, None)
             });
-            if let Err(e) = told {
-                log::warn!("could not tell {user} they were removed from {group}: {e}");
+            match told {
+                Ok(_) => {}
+                // An account an operator deleted: nobody to tell.
+                Err(Error::Refused {
+                    code: ErrorCode::UnknownUser,
+                    ..
+                }) => {}
+                Err(e) => log::warn!("could not tell {user} they were removed from {group}: {e}"),
             }
         }
         Ok(seq)
@@ -409,6 +415,19 @@ impl E2e {
         })
     }
 
+    /// Whether the directory knows none of `users` (their accounts were deleted).
+    fn have_no_account(&mut self, users: &[&String]) -> bool {
+        users.iter().all(|u| {
+            matches!(
+                self.directory.keys(u),
+                Err(Error::Refused {
+                    code: ErrorCode::UnknownUser,
+                    ..
+                })
+            )
+        })
+    }
+
     /// The current epoch and its key, making the key first if the epoch has none yet (after a
     /// member left): for the members of the verified chain, which must be the server's too.
     fn current_key(&mut self, client: &Client, info: &GroupInfo) -> Result<(u64, PairKey)> {
@@ -428,6 +447,9 @@ impl E2e {
         if listed != verified {
             let ghosts: Vec<&String> = listed.iter().filter(|m| !roster.has(m)).collect();
             let missing: Vec<&String> = verified.iter().filter(|m| !listed.contains(m)).collect();
+            if ghosts.is_empty() && self.have_no_account(&missing) {
+                return Err(departed_members(group, &missing, &roster.admin, &self.me));
+            }
             return Err(Error::Integrity(format!(
                 "WARNING: the server lists members of {group} that no signed change made \
                  ({ghosts:?}) or leaves out members ({missing:?}). The server may be forging \
@@ -516,4 +538,27 @@ impl E2e {
             }
         }
     }
+}
+
+/// Why nothing can be sent to `group` while the signed chain names members whose accounts an
+/// operator deleted (`gone`): the server no longer lists them, and only the admin can sign
+/// their removal.
+fn departed_members(group: &str, gone: &[&String], admin: &str, me: &str) -> Error {
+    let names = gone
+        .iter()
+        .map(|u| u.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (whose, were) = match gone {
+        [_] => ("the account of", "was"),
+        _ => ("the accounts of", "were"),
+    };
+    let then = if admin == me {
+        format!("remove them first: fastchat group remove {group} NAME")
+    } else {
+        format!("its admin, {admin}, must remove them first")
+    };
+    Error::Invalid(format!(
+        "{whose} {names} in {group} {were} deleted by an operator; {then} (nothing was sent)"
+    ))
 }

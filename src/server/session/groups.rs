@@ -36,6 +36,36 @@ fn roster(tx: &mut dyn Tx, group: &str) -> Result<Option<Roster>> {
     }))
 }
 
+/// Whether `user`, whom a `Remove` by `by` names, is a member of `group` whose account an
+/// operator deleted: gone from the server's list of members (deleting an account takes its
+/// memberships), still in the group's signed chain until its admin removes them. Replays the
+/// chain (each change was checked when it was stored); on the connection's thread, like
+/// [`check_key_change`], and only when the server's list does not have `user`.
+fn departed(tx: &mut dyn Tx, group: &str, by: &str, user: &str) -> Result<bool> {
+    let info = member_view(tx, group, by)?;
+    if info.members.iter().any(|m| m == user) || tx.user_exists(user)? {
+        return Ok(false);
+    }
+    let mut chain: Option<Roster> = None;
+    let mut after = 0;
+    loop {
+        let page = tx.changes(group, after, MAX_CHANGES)?;
+        let full = page.len() >= MAX_CHANGES;
+        for bytes in page {
+            let signed: SignedChange = decode(&bytes)?;
+            after = signed.change.seq;
+            chain = match membership::apply(chain.as_ref(), &signed)? {
+                After::Roster(r) => Some(r),
+                After::Deleted => None,
+            };
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(chain.is_some_and(|r| r.has(user)))
+}
+
 /// The body of the group message that announces a change: format version, kind 4, and the
 /// signed change (not encrypted: the servers know a group's members anyway).
 pub fn change_body(change: &[u8]) -> Vec<u8> {
@@ -127,6 +157,16 @@ impl Session<'_> {
                 }
             }
         }
+        let departed = match &change.change.action {
+            Action::Remove(user) => {
+                let by = &change.change.by;
+                match self.shared.store.read(|tx| departed(tx, &group, by, user)) {
+                    Ok(d) => d,
+                    Err(e) => return self.queue(super::Outbound::event(super::error_event(id, e))),
+                }
+            }
+            _ => false,
+        };
         let me = self.user.clone();
         self.store_or_done(id, move |tx| {
             let signer = tx
@@ -139,7 +179,14 @@ impl Session<'_> {
                     "the change does not carry your valid signature",
                 ));
             }
-            let before = roster(tx, &group)?;
+            let mut before = roster(tx, &group)?;
+            if let (Action::Remove(user), Some(r)) = (&change.change.action, before.as_mut()) {
+                // Still without an account (checked again here, on the writer's thread): the
+                // removal puts the server's list and the chain in step again.
+                if departed && !r.has(user) && !tx.user_exists(user)? {
+                    r.members.push(user.clone());
+                }
+            }
             let after = membership::apply(before.as_ref(), &change)?;
             let action = &change.change.action;
             if let Action::Add(user) = action {
