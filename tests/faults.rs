@@ -73,7 +73,7 @@ fn a_stopped_server(stop: Duration) {
     let (got, _) = read_numbers(&bob, BEFORE as usize, LIMIT);
     assert_eq!(got, (0..BEFORE).collect::<Vec<_>>());
 
-    signal(pid, "-STOP");
+    common::stop_outside_a_commit(pid, &c.db);
     let stopped = Instant::now();
     for i in BEFORE..BEFORE + DURING {
         alice.send("bob", i, &i.to_be_bytes(), None).unwrap();
@@ -145,7 +145,7 @@ fn a_client_that_only_listens_leaves_a_stopped_server_for_another() {
     assert_ne!(alice.server().id, bob.server().id);
     let first = bob.server().id;
     let pid = c.servers[c.index_of(first)].child.id();
-    signal(pid, "-STOP");
+    common::stop_outside_a_commit(pid, &c.db);
     let stopped = Instant::now();
     alice.send("bob", 1, &1u64.to_be_bytes(), None).unwrap();
     let limit = fastchat::client::api::QUIET + fastchat::client::connection::SERVER_TIMEOUT + LIMIT;
@@ -395,7 +395,7 @@ fn a_server_the_balancer_refuses_closes_its_clients_and_takes_no_new_ones() {
     // The server stops long enough to be out of rotation; another process with its
     // certificate registers under its name meanwhile (a replacement, or an impostor with
     // the key). When the first resumes, the balancer refuses it: the name is held.
-    signal(c.servers[0].pid(), "-STOP");
+    common::stop_outside_a_commit(c.servers[0].pid(), &c.db);
     std::thread::sleep(Duration::from_secs(3));
     c.add_server_as("server-1", None, &[]);
     signal(c.servers[0].pid(), "-CONT");
