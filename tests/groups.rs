@@ -156,7 +156,7 @@ fn only_the_admin_adds_and_removes_and_every_refusal_changes_nothing() {
         &c,
         "alice",
         &["add", "team", "dave", "nobody"],
-        "no such user: nobody",
+        "no such user: nobody: nobody was added",
     );
     refused(
         &c,

@@ -161,7 +161,12 @@ impl GroupCmd {
                                 "{u} is already a member of {g}: nobody was added"
                             )));
                         }
-                        e2e.peer_keys(u)?;
+                        e2e.peer_keys(u).map_err(|e| match e {
+                            Error::Refused { code, message } => {
+                                Error::refused(code, format!("{message}: nobody was added"))
+                            }
+                            e => e,
+                        })?;
                     }
                 }
                 for u in users {
