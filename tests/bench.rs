@@ -8,6 +8,18 @@ use std::process::Command;
 
 use common::{run_limited, Cluster};
 
+/// `bench` against the running cluster `c`, with its CA.
+fn bench_against(c: &Cluster, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let ca = c.ca();
+    let target = [
+        "--balancer",
+        c.balancer_addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ];
+    bench(&[&target[..], args].concat())
+}
+
 fn bench(args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = run_limited(
         Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
@@ -468,17 +480,7 @@ fn a_balancer_that_limits_signups_is_named_with_its_flag() {
     // A cluster started with the balancer's defaults takes a few signups from one address;
     // the tool says which flag lets a load test in.
     let c = Cluster::start_with_balancer_args(1, &["--signups-per-address", "3"]);
-    let ca = c.ca();
-    let (code, r, err) = bench(&[
-        "--balancer",
-        c.balancer_addr.as_str(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--clients",
-        "5",
-        "--messages",
-        "3",
-    ]);
+    let (code, r, err) = bench_against(&c, &["--clients", "5", "--messages", "3"]);
     assert_eq!(code, 1, "a run with failures is not clean: {r} {err}");
     assert_eq!(r["connect_failed"], 2, "{r}");
     let why = r["connect_error"].as_str().unwrap_or_default();
@@ -497,17 +499,7 @@ fn clients_assigned_a_server_that_just_stopped_are_given_another() {
     let c = Cluster::start_with_balancer_args(2, &["--signups-per-address", "0"]);
     c.wait_servers(2);
     common::stop_outside_a_commit(c.servers[1].pid(), &c.db);
-    let ca = c.ca();
-    let (code, r, err) = bench(&[
-        "--balancer",
-        c.balancer_addr.as_str(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--clients",
-        "6",
-        "--messages",
-        "5",
-    ]);
+    let (code, r, err) = bench_against(&c, &["--clients", "6", "--messages", "5"]);
     common::signal(c.servers[1].pid(), "-CONT");
     assert_eq!(code, 0, "{r} {err}");
     assert_eq!(r["connect_failed"], 0, "{r}");
@@ -533,19 +525,8 @@ fn clients_of_a_server_stopped_mid_run_leave_it_once_it_answers_nothing() {
         common::signal(pid, "-CONT");
         ended_first
     });
-    let ca = c.ca();
-    let (code, r, err) = bench(&[
-        "--balancer",
-        c.balancer_addr.as_str(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--clients",
-        "6",
-        "--messages",
-        "50",
-        "--rate",
-        "100",
-    ]);
+    let (code, r, err) =
+        bench_against(&c, &["--clients", "6", "--messages", "50", "--rate", "100"]);
     let _ = done.send(());
     let ended_first = stopper.join().unwrap();
     assert_eq!(code, 0, "{r} {err}");
