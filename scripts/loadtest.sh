@@ -62,9 +62,15 @@ if $quick; then
   # falls inside it (fastchat-bench fails a run whose kill came after its end).
   row "fault: 100 clients x 30 messages at 2,000 messages/s, one server killed (kill -9) after 0.5 s" \
     --spawn-servers 3 --clients 100 --messages 30 --rate 2000 --kill-server 0.5 --pattern spread
+  # Its clients leave a stopped server after 5 s without a Stored and 5 s more without an
+  # answer to a Ping: the drain waits past that.
+  row "fault: 100 clients x 30 messages at 2,000 messages/s, one server stopped (SIGSTOP) after 0.5 s" \
+    --spawn-servers 3 --clients 100 --messages 30 --rate 2000 --stop-server 0.5 --drain 20 --pattern spread
 else
   row "fault: as the first row (spread), one server killed (kill -9) after 0.5 s" \
     --spawn-servers 3 --clients 100 --messages 1000 --window 32 --kill-server 0.5 --pattern spread
+  row "fault: as the first row (spread), one server stopped (SIGSTOP) after 0.5 s until the end" \
+    --spawn-servers 3 --clients 100 --messages 1000 --window 32 --stop-server 0.5 --drain 20 --pattern spread
 fi
 
 echo

@@ -37,7 +37,7 @@ mod rival;
 mod usage;
 mod users;
 
-use plan::{drivers, Plan};
+use plan::{drivers, Fault, Plan, Victim};
 use usage::{cpu_sample, cpu_spent, processes, sample};
 use users::{connect_all, connected, open_link, Link, User};
 
@@ -158,6 +158,9 @@ pub struct Config {
     /// Kill one spawned server (SIGKILL) this long after the messages start: its clients must
     /// move to another server and nothing may be lost.
     pub kill_server: Option<Duration>,
+    /// Stop one spawned server (SIGSTOP, outside a commit) this long after the messages
+    /// start, until the run is over: its clients must leave it and nothing may be lost.
+    pub stop_server: Option<Duration>,
     /// The CA of a running cluster (`--balancer`); a spawned cluster makes its own.
     pub ca: Option<PathBuf>,
     /// Run without TLS (a spawned cluster too).
@@ -298,7 +301,11 @@ impl Report {
             said.push(format!("first error: {e}"));
         }
         if self.kill_missed {
-            said.push("the run ended before --kill-server's time: no failover was tested".into());
+            said.push(
+                "the run ended before --kill-server's (or --stop-server's) time: no failover \
+                 was tested"
+                    .into(),
+            );
         }
         said.join("; ")
     }
@@ -397,10 +404,16 @@ pub fn run(config: &Config) -> Result<Report> {
     let plan = Plan::make(config, &users, links)?;
     let processes = processes(cluster.as_ref());
     let cpu_before = cpu_sample(&processes);
-    let victim = match (config.kill_server, &cluster) {
-        (Some(after), Some(c)) => c.servers.first().map(|s| (after, s.pid())),
+    let fault = match (config.kill_server, config.stop_server, &cluster) {
+        (Some(after), _, Some(_)) => Some((after, Fault::Kill)),
+        (None, Some(after), Some(c)) => Some((after, Fault::Stop { db: c.db.clone() })),
         _ => None,
     };
+    let victim = fault.and_then(|(after, fault)| {
+        let c = cluster.as_ref()?;
+        let pid = c.servers.first()?.pid();
+        Some(Victim { after, pid, fault })
+    });
     plan.run(
         config,
         &balancer,

@@ -256,6 +256,34 @@ fn kill_9_of_a_server_mid_run_loses_nothing_and_stores_nothing_twice() {
 }
 
 #[test]
+fn a_server_stopped_mid_run_loses_nothing_and_its_clients_leave_it() {
+    // SIGSTOP, outside a commit, until the run is over: its clients leave it once it answers
+    // nothing; messages to them wait in the database and come from the other server.
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "2",
+        "--clients",
+        "6",
+        "--messages",
+        "60",
+        "--rate",
+        "120",
+        "--stop-server",
+        "1",
+        "--drain",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(
+        (&r["expected"], &r["delivered"]),
+        (&360.into(), &360.into())
+    );
+    assert_eq!((&r["lost"], &r["duplicated"]), (&0.into(), &0.into()));
+    assert!(r["failovers"].as_u64() >= Some(1), "{r}");
+    assert_eq!(r["kill_missed"], false);
+}
+
+#[test]
 fn a_kill_that_comes_after_the_run_is_called_off_and_fails_the_run() {
     let (code, r, err) = bench(&[
         "--spawn-servers",
@@ -327,6 +355,15 @@ fn bad_arguments_are_refused_with_exit_2() {
         vec!["--spawn-servers", "1", "--mode", "sideways"],
         vec!["--spawn-servers", "1", "--rate", "-5"],
         vec!["--spawn-servers", "1", "--kill-server", "1"],
+        vec!["--spawn-servers", "1", "--stop-server", "1"],
+        vec![
+            "--spawn-servers",
+            "2",
+            "--stop-server",
+            "1",
+            "--kill-server",
+            "1",
+        ],
         vec!["--spawn-servers", "1", "--threads", "0"],
         vec!["--spawn-servers", "1", "--every", "0"],
     ] {

@@ -103,6 +103,57 @@ impl Process {
     }
 }
 
+/// Stops process `pid` (SIGSTOP) at a moment when it does not hold the write lock of the
+/// database `db`: stopped mid-commit, it would hold up every other process's writes (SQLite's
+/// lock until it resumes; PostgreSQL ends the transaction after 5 s), and the run would
+/// measure that instead of its clients' failover. Tries up to 50 times.
+pub fn stop_outside_a_commit(pid: u32, db: &str) -> Result<()> {
+    for _ in 0..50 {
+        signal(pid, "-STOP")?;
+        if write_lock_free(db)? {
+            return Ok(());
+        }
+        signal(pid, "-CONT")?;
+        std::thread::sleep(Duration::from_millis(37));
+    }
+    Err(Error::Local(format!(
+        "process {pid} held the database's write lock every time it was stopped"
+    )))
+}
+
+/// Sends `sig` (as `kill` takes it) to process `pid`, one this process started.
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        return Err(Error::Local(format!("kill {sig} {pid} failed")));
+    }
+    Ok(())
+}
+
+/// Whether the write lock of the database `db` can be had now (given back at once).
+fn write_lock_free(db: &str) -> Result<bool> {
+    use crate::db::postgres::{Conn, WRITE_LOCK};
+    match crate::db::Location::parse(db) {
+        crate::db::Location::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path)?;
+            conn.busy_timeout(Duration::from_millis(200))?;
+            Ok(conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok())
+        }
+        crate::db::Location::Postgres(url) => {
+            let mut conn = Conn::connect(&url, Duration::from_secs(1))?;
+            let free: bool = conn
+                .one("SELECT pg_try_advisory_lock($1)", &[&WRITE_LOCK])?
+                .get(0);
+            if free {
+                conn.one("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK])?;
+            }
+            Ok(free)
+        }
+    }
+}
+
 /// A balancer and chat servers started by this process.
 pub struct LocalCluster {
     /// The temporary folder (database and logs).
@@ -115,6 +166,8 @@ pub struct LocalCluster {
     pub servers: Vec<Process>,
     /// The cluster's certificate folder; `None` for a plaintext cluster.
     pub tls: Option<PathBuf>,
+    /// Its database (`--db` of every process): a file, or a PostgreSQL URL.
+    pub db: String,
 }
 
 impl LocalCluster {
@@ -187,6 +240,7 @@ impl LocalCluster {
             balancer_process,
             servers: Vec::new(),
             tls: tls.then_some(tls_dir),
+            db: db_arg.clone(),
         };
         for (i, name) in names.iter().enumerate() {
             let mut args: Vec<String> = [

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 
 use super::driver::{self, Client, Counters, Receiving, Sending};
+use super::launch;
 use super::report;
 use super::usage::{periods, sample_cpu_every, switch_sample, switches_made, Sample};
 use super::users::{call, Link, User};
@@ -23,6 +24,30 @@ use crate::error::{Error, Result};
 use crate::membership::{self, After, Roster};
 use crate::net::{Action, Change, ServerReply, ServerRequest, WrappedKey};
 use crate::transport::{Transport, Waker};
+
+/// A server to take down mid-run: after how long, its PID, and how.
+pub(super) struct Victim {
+    pub after: Duration,
+    pub pid: u32,
+    pub fault: Fault,
+}
+
+/// How a server is taken down.
+pub(super) enum Fault {
+    /// `kill -9`.
+    Kill,
+    /// SIGSTOP (outside a commit to the database `db`) until the run is over.
+    Stop { db: String },
+}
+
+/// What became of the victim.
+enum TakenDown {
+    /// The run was over first (or it could not be stopped): no failover was tested.
+    Missed,
+    Killed,
+    /// Stopped: resumed when the run is over.
+    Stopped(u32),
+}
 
 /// What one client sends and how it opens what it receives.
 struct Role {
@@ -116,13 +141,13 @@ impl Plan {
         })
     }
 
-    /// Runs the clients; `victim` is a server to kill (after how long, its PID).
+    /// Runs the clients; `victim` is a server to take down mid-run.
     pub(super) fn run(
         self,
         config: &Config,
         balancer: &str,
         transport: &Transport,
-        victim: Option<(Duration, u32)>,
+        victim: Option<Victim>,
         processes: &[(String, u32)],
         report: &mut Report,
     ) -> Result<()> {
@@ -207,16 +232,29 @@ impl Plan {
         // The kill is called off if the run ends first (and then reported: a fault run
         // whose fault came too late tested nothing).
         let (run_over, over) = bounded::<()>(0);
-        let killer = victim.map(|(after, pid)| {
+        let killer = victim.map(|victim| {
             std::thread::spawn(move || {
+                let Victim { after, pid, fault } = victim;
                 if over.recv_timeout(after) != Err(crossbeam_channel::RecvTimeoutError::Timeout) {
-                    return false;
+                    return TakenDown::Missed;
                 }
-                log::debug!("killing server process {pid} (kill -9)");
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-                true
+                match fault {
+                    Fault::Kill => {
+                        log::debug!("killing server process {pid} (kill -9)");
+                        let _ = launch::signal(pid, "-KILL");
+                        TakenDown::Killed
+                    }
+                    Fault::Stop { db } => {
+                        log::debug!("stopping server process {pid} (SIGSTOP)");
+                        match launch::stop_outside_a_commit(pid, &db) {
+                            Ok(()) => TakenDown::Stopped(pid),
+                            Err(e) => {
+                                log::warn!("{e}");
+                                TakenDown::Missed
+                            }
+                        }
+                    }
+                }
             })
         });
         let progress = config
@@ -236,7 +274,12 @@ impl Plan {
         }
         drop(run_over);
         drop(sampling);
-        report.kill_missed = killer.is_some_and(|k| !k.join().unwrap_or(false));
+        let taken_down = killer.map(|k| k.join().unwrap_or(TakenDown::Missed));
+        report.kill_missed = matches!(taken_down, Some(TakenDown::Missed));
+        // A stopped server goes on once the run is over, so that it can be stopped for good.
+        if let Some(TakenDown::Stopped(pid)) = taken_down {
+            let _ = launch::signal(pid, "-CONT");
+        }
         let deliveries = stop_drivers(&counters, &wakers, threads);
         if let Some(e) = send_error {
             counters.error(&format!("sending failed: {e}"));

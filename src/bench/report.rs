@@ -224,7 +224,8 @@ pub fn render(r: &Report) -> String {
     }
     if r.kill_missed {
         out.push_str(
-            "  FAILED      the run ended before --kill-server's time: no failover was tested \
+            "  FAILED      the run ended before --kill-server's (or --stop-server's) time: no \
+             failover was tested \
              (send more messages, or at a --rate)\n",
         );
     }

@@ -120,6 +120,17 @@ struct Args {
     /// start. Its clients move to other servers; the run must still lose nothing.
     #[arg(long, value_name = "SECS", requires = "spawn_servers")]
     kill_server: Option<f64>,
+    /// Fault injection: stop one of the spawned servers (SIGSTOP: its sockets stay open and it
+    /// answers nothing) SECS after the messages start, until the run is over. Its clients
+    /// leave it once it answers nothing (a Stored awaited 5 s, then a Ping 5 s: give
+    /// --drain more than 10); the run must still lose nothing.
+    #[arg(
+        long,
+        value_name = "SECS",
+        requires = "spawn_servers",
+        conflicts_with = "kill_server"
+    )]
+    stop_server: Option<f64>,
     /// With --spawn-servers: the cluster's database, a SQLite file or postgres://... (default:
     /// a SQLite file in a temporary folder). Users are named per run, so a database may be
     /// reused.
@@ -177,9 +188,10 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> ExitCode {
     let args: Args = fastchat::config::parse("fastchat-bench", "bench");
     fastchat::startup::init_with("bench", args.log_level.as_deref(), "info");
-    if !args.against.is_empty() && args.kill_server.is_some() {
+    if !args.against.is_empty() && (args.kill_server.is_some() || args.stop_server.is_some()) {
         return usage(
-            "--against and --kill-server do not go together: the rivals have no failover",
+            "--against and --kill-server or --stop-server do not go together: the rivals have \
+             no failover",
         );
     }
     if args.rival_bin.is_some() && args.rival.is_none() {
@@ -194,20 +206,30 @@ fn main() -> ExitCode {
             "say where the cluster is: --balancer ADDR or --spawn-servers K (or --rival SERVER)",
         ),
     };
-    let seconds = [Some(args.drain), Some(args.hold), args.kill_server];
+    let seconds = [
+        Some(args.drain),
+        Some(args.hold),
+        args.kill_server,
+        args.stop_server,
+    ];
     if seconds
         .iter()
         .flatten()
         .any(|s| !(0.0..=3600.0).contains(s))
     {
-        return usage("--drain, --hold and --kill-server must be between 0 and 3600 seconds");
+        return usage(
+            "--drain, --hold, --kill-server and --stop-server must be between 0 and 3600 seconds",
+        );
     }
     if args.every.is_some_and(|s| !(0.1..=3600.0).contains(&s)) {
         return usage("--every must be between 0.1 and 3600 seconds");
     }
-    if args.kill_server.is_some() && args.spawn_servers.unwrap_or(0) < 2 {
+    if (args.kill_server.is_some() || args.stop_server.is_some())
+        && args.spawn_servers.unwrap_or(0) < 2
+    {
         return usage(
-            "--kill-server needs --spawn-servers 2 or more: the clients need somewhere to go",
+            "--kill-server and --stop-server need --spawn-servers 2 or more: the clients need \
+             somewhere to go",
         );
     }
     let config = Config {
@@ -224,6 +246,7 @@ fn main() -> ExitCode {
         drain: Duration::from_secs_f64(args.drain),
         hold: Duration::from_secs_f64(args.hold),
         kill_server: args.kill_server.map(Duration::from_secs_f64),
+        stop_server: args.stop_server.map(Duration::from_secs_f64),
         ca: args.ca,
         plaintext: args.insecure_plaintext,
         opaque: args.opaque,
