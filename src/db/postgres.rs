@@ -201,7 +201,7 @@ impl Conn {
 
     /// Whether the connection can take a request. One that broke while unused (the database
     /// restarted, or an operator ended its backend) is found out only by the next request,
-    /// which fails: so one unused for [`IDLE_CHECK`] is asked first (an empty query, one
+    /// which fails: so one unused for 250 ms is asked first (an empty query, one
     /// round trip), and a busy one costs nothing.
     pub fn usable(&mut self) -> bool {
         if self.client.is_closed() {
