@@ -8,16 +8,22 @@ use std::process::Command;
 
 use common::{run_limited, Cluster};
 
-/// `bench` against the running cluster `c`, with its CA.
+/// The flags that point the tool at the running cluster `c`: its balancer and its CA.
+fn cluster_args(c: &Cluster) -> Vec<String> {
+    let ca = c.ca().to_string_lossy().into_owned();
+    vec![
+        "--balancer".into(),
+        c.balancer_addr.clone(),
+        "--ca".into(),
+        ca,
+    ]
+}
+
+/// `bench` against the running cluster `c`.
 fn bench_against(c: &Cluster, args: &[&str]) -> (i32, serde_json::Value, String) {
-    let ca = c.ca();
-    let target = [
-        "--balancer",
-        c.balancer_addr.as_str(),
-        "--ca",
-        ca.to_str().unwrap(),
-    ];
-    bench(&[&target[..], args].concat())
+    let mut all = cluster_args(c);
+    all.extend(args.iter().map(|a| a.to_string()));
+    bench(&all.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn bench(args: &[&str]) -> (i32, serde_json::Value, String) {
@@ -471,18 +477,7 @@ fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
     // Someone else's cluster: one server with room for 4 clients; the bench brings 6.
     let mut c = Cluster::start(0);
     c.add_server_with(&["--max-clients", "4"]);
-    let ca = c.ca();
-    let target = [
-        "--balancer",
-        c.balancer_addr.as_str(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--clients",
-        "6",
-        "--messages",
-        "5",
-    ];
-    let (code, r, err) = bench(&target);
+    let (code, r, err) = bench_against(&c, &["--clients", "6", "--messages", "5"]);
     assert_eq!(code, 1, "a run with failures is not clean: {r} {err}");
     assert_eq!(r["connect_failed"], 2, "{r}");
     assert!(
@@ -503,8 +498,8 @@ fn clients_that_cannot_connect_are_reported_and_the_run_goes_on_without_them() {
     );
     let out = run_limited(
         Command::new(env!("CARGO_BIN_EXE_fastchat-bench"))
-            .args(target)
-            .args(["--clients", "2"])
+            .args(cluster_args(&c))
+            .args(["--clients", "6", "--messages", "5", "--clients", "2"])
             .env_remove("RUST_LOG"),
     );
     assert_eq!(out.code, 0, "{out:?}");

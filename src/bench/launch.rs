@@ -46,14 +46,8 @@ pub fn stop_everything() {
             std::mem::take(&mut started.dirs),
         )
     };
-    let signal = |sig: &str, pid: u32| {
-        let _ = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
-    };
     for pid in &pids {
-        signal("-TERM", *pid);
+        let _ = signal(*pid, "-TERM");
     }
     let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -61,7 +55,7 @@ pub fn stop_everything() {
         std::thread::sleep(Duration::from_millis(20));
     }
     for pid in pids {
-        signal("-KILL", pid);
+        let _ = signal(pid, "-KILL");
     }
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
@@ -86,10 +80,7 @@ impl Process {
         let pid = self.pid();
         STARTED.lock().pids.retain(|p| *p != pid);
         if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.pid().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            let _ = signal(pid, "-TERM");
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -125,6 +116,7 @@ pub fn stop_outside_a_commit(pid: u32, db: &str) -> Result<()> {
 pub fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")
         .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
         .status()?;
     if !status.success() {
         return Err(Error::Local(format!("kill {sig} {pid} failed")));

@@ -276,11 +276,13 @@ impl Plan {
         drop(sampling);
         let taken_down = killer.map(|k| k.join().unwrap_or(TakenDown::Missed));
         report.kill_missed = matches!(taken_down, Some(TakenDown::Missed));
-        // A stopped server goes on once the run is over, so that it can be stopped for good.
+        let deliveries = stop_drivers(&counters, &wakers, threads);
+        // A stopped server goes on once the clients are done (so that it can be stopped for
+        // good): what it does then is not the run's. It may commit a message whose request it
+        // had read before it stopped, which its sender has since stored again elsewhere.
         if let Some(TakenDown::Stopped(pid)) = taken_down {
             let _ = launch::signal(pid, "-CONT");
         }
-        let deliveries = stop_drivers(&counters, &wakers, threads);
         if let Some(e) = send_error {
             counters.error(&format!("sending failed: {e}"));
         }
