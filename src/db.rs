@@ -265,7 +265,19 @@ impl Store {
         work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         done: impl FnOnce(Result<T>) + Send + 'static,
     ) {
-        self.writer.submit(work, done, true);
+        self.writer.submit(work, done, true, None);
+    }
+
+    /// Like [`Store::submit`], for work that a request read in `fence`'s freeze epoch asked
+    /// for: refused with [`crate::error::Error::Frozen`] if the process has been frozen
+    /// since (see [`crate::freeze`]).
+    pub fn submit_fenced<T: Send + 'static>(
+        &self,
+        fence: Fence,
+        work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        done: impl FnOnce(Result<T>) + Send + 'static,
+    ) {
+        self.writer.submit(work, done, true, Some(fence));
     }
 
     /// Like [`Store::submit`], without a savepoint: for work whose writes are one statement
@@ -276,23 +288,21 @@ impl Store {
         work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         done: impl FnOnce(Result<T>) + Send + 'static,
     ) {
-        self.writer.submit(work, done, false);
+        self.writer.submit(work, done, false, None);
     }
 
     /// Queues a first attempt of a direct message without a file, as `submit_unguarded` of
     /// [`Tx::store_message`] would; the writer stores the messages of consecutive such jobs in
-    /// one call of [`Tx::store_messages`] (on PostgreSQL, one statement).
+    /// one call of [`Tx::store_messages`] (on PostgreSQL, one statement). Fenced like
+    /// [`Store::submit_fenced`].
     pub fn submit_message(
         &self,
-        from: String,
-        to: String,
-        client_id: u64,
-        body: Vec<u8>,
+        msg: DirectMessage,
         urgency: Urgency,
+        fence: Fence,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
-        self.writer
-            .submit_message(from, to, client_id, body, urgency, done);
+        self.writer.submit_message(msg, urgency, fence, done);
     }
 
     /// Queues `msg`: stored with its neighbours' where the common case holds
@@ -303,10 +313,11 @@ impl Store {
         msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
         urgency: Urgency,
+        fence: Fence,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.writer
-            .submit_group_message(msg, fallback, urgency, done);
+            .submit_group_message(msg, fallback, urgency, fence, done);
     }
 
     /// Queues an acknowledgement, as `submit_unguarded` of [`Tx::ack`] would; merged with its
@@ -336,6 +347,33 @@ pub struct Usage {
     pub messages: u64,
     /// Their size in bytes (message bodies, or file plaintext sizes).
     pub bytes: u64,
+}
+
+/// The freeze epoch ([`crate::freeze::epoch`]) in which the request behind a store was read:
+/// the writer refuses the store if the process has been frozen since, for its client may have
+/// sent it again through another server (see [`crate::freeze`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence(pub u64);
+
+impl Fence {
+    /// The epoch now: for a request read just now.
+    pub fn now() -> Fence {
+        Fence(crate::freeze::epoch())
+    }
+}
+
+/// A first attempt of a direct message without a file, as [`Store::submit_message`] queues
+/// it.
+#[derive(Debug, Clone)]
+pub struct DirectMessage {
+    /// The sender (from its session).
+    pub from: String,
+    /// The recipient.
+    pub to: String,
+    /// The sender's id for it.
+    pub client_id: u64,
+    /// Ciphertext.
+    pub body: Vec<u8>,
 }
 
 /// A first attempt of a group message without a file, as [`Store::submit_group_message`]

@@ -97,6 +97,10 @@ pub enum Error {
     /// A message came before what opens it (a group message before its sender's key, which
     /// comes as a direct message): keep it and try again when more has arrived.
     Early(String),
+    /// A chat server's work that was not done because the process was frozen (stopped) since
+    /// its request was read (see [`crate::freeze`]): its client may have sent it again
+    /// elsewhere. The server closes that client's connection instead of answering.
+    Frozen,
     /// Our standard output was closed (`fastchat recv | head -1`): the command ends quietly,
     /// having shown (and acknowledged) only what was written.
     OutputClosed,
@@ -123,7 +127,10 @@ impl Error {
             | Error::Invalid(_)
             | Error::Integrity(_)
             | Error::Early(_) => 1,
-            Error::Unreachable { .. } | Error::FrameTooLarge { .. } | Error::Protocol(_) => 3,
+            Error::Unreachable { .. }
+            | Error::FrameTooLarge { .. }
+            | Error::Protocol(_)
+            | Error::Frozen => 3,
             Error::Malformed(_) => 3,
             Error::Io(e) if is_disconnect(e) => 3,
             Error::Io(_)
@@ -194,6 +201,7 @@ impl Error {
         match self {
             Error::Refused { code, message } => (code, message),
             Error::InvalidName(message) => (ErrorCode::InvalidName, message),
+            e @ Error::Frozen => (ErrorCode::Unavailable, e.to_string()),
             e => match e.storage_refusal() {
                 Some(message) => {
                     log::warn!("request {id} refused: {e}");
@@ -272,6 +280,11 @@ impl fmt::Display for Error {
             Error::Invalid(m) => write!(f, "{m}"),
             Error::Local(m) => write!(f, "{m}"),
             Error::Integrity(m) | Error::Early(m) => write!(f, "{m}"),
+            Error::Frozen => write!(
+                f,
+                "this server did not run for a while (it was stopped); what it was sent before \
+                 is not stored: send it again"
+            ),
             Error::OutputClosed => write!(f, "standard output was closed"),
         }
     }

@@ -52,6 +52,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod error;
+pub mod freeze;
 pub mod listen;
 pub mod mailbox;
 pub mod membership;

@@ -46,7 +46,7 @@ use crossbeam_channel::{bounded, Receiver};
 
 use crate::capacity::Limits;
 use crate::crypto;
-use crate::db::Store;
+use crate::db::{Fence, Store};
 use crate::error::{Error, Result};
 use crate::listen::{self, Rest, Threads};
 use crate::net::{decode, ErrorCode, Greeting, Request, ServerEvent, ServerRequest};
@@ -123,6 +123,7 @@ pub fn run(
         limits.descriptors,
         limits.threads
     );
+    crate::freeze::watch();
     let store = Store::open_with(&config.db, &config.db_options)?;
     let local = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
@@ -259,6 +260,9 @@ fn refuse(chan: &mut Channel, code: ErrorCode, message: &str) {
 
 /// One accepted connection: a client (after `Hello`) or a peer server (after its greeting).
 fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Rest> {
+    // Whatever the client sends on this connection comes after its TLS handshake with this
+    // thread: if the process is frozen from now on, that may have been given up on.
+    let fence = Fence::now();
     tcp.set_nodelay(true)?;
     // The handshake and the first frame must come whole within the hello timeout; the first
     // frame must be small; the server's stop ends the wait.
@@ -322,6 +326,7 @@ fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Rest> {
                 chan,
                 user: session.user,
                 token_hash: hash,
+                fence,
             });
             Ok(Rest::Then(Box::new(move || {
                 session::serve_client(login, &shared)

@@ -182,6 +182,66 @@ fn a_server_stopped_for_a_minute_loses_and_repeats_nothing() {
     a_stopped_server(Duration::from_secs(60));
 }
 
+#[test]
+fn a_message_read_by_a_server_after_its_stop_is_not_stored_again() {
+    // Bob's message is left unread in his server's socket while the server is stopped; his
+    // client gives up on it, sends it again through the other server, and alice reads it
+    // there (it leaves the queue). When the stopped server resumes, it reads the message: it
+    // must not store it a second time, under a new id, which alice's client would refuse as
+    // a replay ("a message already received").
+    let c = Cluster::start_with(2, "round-robin");
+    c.wait_servers(2);
+    for u in ["alice", "bob"] {
+        c.signup_lib(u);
+    }
+    let alice = c.login("alice");
+    let bob = c.login("bob");
+    assert_ne!(alice.server().id, bob.server().id);
+    let pid = c.servers[c.index_of(bob.server().id)].child.id();
+    common::stop_outside_a_commit(pid, &c.db);
+    let resume = Resume(pid);
+    bob.send("alice", 1, &1u64.to_be_bytes(), None).unwrap();
+    assert_eq!(
+        bob.server().id,
+        alice.server().id,
+        "bob moved to the other server"
+    );
+    let (got, _) = read_numbers(&alice, 1, LIMIT);
+    assert_eq!(got, [1]);
+    let deadline = Instant::now() + LIMIT;
+    while c.count("SELECT count(*) FROM messages") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the acknowledgement was not applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(resume);
+    let (again, _) = read_numbers(&alice, 1, Duration::from_secs(3));
+    assert_eq!(again, [0u64; 0], "stored again after the server resumed");
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
+    // The resumed server serves again.
+    let carol_on_it = (0..10).find_map(|i| {
+        let who = format!("carol{i}");
+        c.signup_lib(&who);
+        let client = c.login(&who);
+        (client.server().id != alice.server().id).then_some(client)
+    });
+    let carol = carol_on_it.expect("a login on the resumed server");
+    carol.send("alice", 7, &7u64.to_be_bytes(), None).unwrap();
+    let (later, _) = read_numbers(&alice, 1, LIMIT);
+    assert_eq!(later, [7]);
+}
+
+/// Resumes a stopped process when dropped (a failed assertion must not leave it stopped).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
 fn wal_size(c: &Cluster) -> u64 {
     std::fs::metadata(c.dir.path().join("chat.db-wal")).map_or(0, |m| m.len())
 }

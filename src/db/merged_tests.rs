@@ -8,7 +8,7 @@ use std::time::Duration;
 use crossbeam_channel::unbounded;
 
 use super::Urgency::Batched;
-use super::{GroupMessage, Outgoing, Store, StoredMessage, Tx};
+use super::{DirectMessage, Fence, GroupMessage, Outgoing, Store, StoredMessage, Tx};
 use crate::error::{Error, ErrorCode, Result};
 use crate::membership;
 use crate::net::{PublicKeys, WrappedKey};
@@ -80,7 +80,13 @@ pub fn merged_sends_and_acks_answer_as_one_by_one(store: &Store) -> Result<()> {
     let send = |i: usize, from: &str, to: &str, client_id: u64, body: &[u8]| {
         let sent = sent.clone();
         let body = body.to_vec();
-        store.submit_message(from.into(), to.into(), client_id, body, Batched, move |r| {
+        let msg = DirectMessage {
+            from: from.into(),
+            to: to.into(),
+            client_id,
+            body,
+        };
+        store.submit_message(msg, Batched, Fence::now(), move |r| {
             let _ = sent.send((i, r));
         });
     };
@@ -245,6 +251,7 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
                 checked(tx, msg, &to, epoch)
             },
             Batched,
+            Fence::now(),
             move |r| {
                 let _ = sent.send((i, r));
             },
@@ -297,16 +304,15 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
     hold(store);
     send(0, "alice", "alice/club", 1, 20, b"first");
     let direct = sent.clone();
-    store.submit_message(
-        "alice".into(),
-        "bob".into(),
-        21,
-        b"second".to_vec(),
-        Batched,
-        move |r| {
-            let _ = direct.send((1, r));
-        },
-    );
+    let second = DirectMessage {
+        from: "alice".into(),
+        to: "bob".into(),
+        client_id: 21,
+        body: b"second".to_vec(),
+    };
+    store.submit_message(second, Batched, Fence::now(), move |r| {
+        let _ = direct.send((1, r));
+    });
     send(2, "alice", "alice/club", 1, 22, b"third");
     let r = results(&sent_rx, 3);
     let ids: Vec<i64> = r
@@ -318,4 +324,97 @@ pub fn merged_group_messages_answer_as_one_by_one(store: &Store) -> Result<usize
         "in order of sending: {ids:?}"
     );
     Ok(checked_before)
+}
+
+/// One batch of stores, some read before a freeze of the process (a fence of another epoch):
+/// those are refused with [`Error::Frozen`] and store nothing, whether merged (direct and
+/// group) or run alone; the others in the batch are stored as ever.
+pub fn stores_read_before_a_freeze_are_refused(store: &Store) -> Result<()> {
+    store.call(|tx| {
+        for u in ["alice", "bob"] {
+            assert!(tx.create_user(u, "h", &keys())?);
+        }
+        assert!(tx.create_group("alice/club", "alice")?);
+        tx.add_member("alice/club", "bob")?;
+        let keys: Vec<WrappedKey> = ["alice", "bob"]
+            .iter()
+            .map(|m| WrappedKey {
+                member: m.to_string(),
+                wrapped: b"k".to_vec(),
+            })
+            .collect();
+        tx.put_keys("alice/club", 1, &keys, "alice")
+    })?;
+    let now = Fence::now();
+    let before = Fence(now.0.wrapping_sub(1));
+    let (sent, sent_rx) = unbounded::<(usize, Result<StoredMessage>)>();
+    let direct = |i: usize, fence: Fence| {
+        let sent = sent.clone();
+        let msg = DirectMessage {
+            from: "alice".into(),
+            to: "bob".into(),
+            client_id: i as u64,
+            body: b"d".to_vec(),
+        };
+        store.submit_message(msg, Batched, fence, move |r| {
+            let _ = sent.send((i, r));
+        });
+    };
+    let group = |i: usize, fence: Fence| {
+        let sent = sent.clone();
+        let msg = GroupMessage {
+            from: "alice".into(),
+            group: "alice/club".into(),
+            epoch: 1,
+            client_id: i as u64,
+            body: b"g".to_vec(),
+        };
+        let fallback = |tx: &mut dyn Tx, msg: &Outgoing<'_>| checked(tx, msg, "alice/club", 1);
+        store.submit_group_message(msg, fallback, Batched, fence, move |r| {
+            let _ = sent.send((i, r));
+        });
+    };
+    let alone = |i: usize, fence: Fence| {
+        let sent = sent.clone();
+        store.submit_fenced(
+            fence,
+            move |tx| {
+                let msg = Outgoing {
+                    resend_after: Some(0),
+                    ..Outgoing::new("alice", i as u64, b"r")
+                };
+                tx.store_message(&msg, "bob")
+            },
+            move |r| {
+                let _ = sent.send((i, r));
+            },
+        );
+    };
+    hold(store);
+    direct(0, before);
+    direct(1, now);
+    group(2, before);
+    group(3, now);
+    alone(4, before);
+    alone(5, now);
+    let r = results(&sent_rx, 6);
+    for (i, r) in r.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(matches!(r, Err(Error::Frozen)), "{i}: {r:?}");
+        } else {
+            assert!(r.is_ok(), "{i}: {r:?}");
+        }
+    }
+    let stored = store.read(|tx| {
+        Ok((
+            tx.queue_usage("bob")?.messages,
+            tx.queue_usage("g:alice/club")?.messages,
+        ))
+    })?;
+    assert_eq!(
+        stored,
+        (2, 1),
+        "one of each kind stored, the frozen ones not"
+    );
+    Ok(())
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{GroupMessage, Outgoing, StoredMessage, Tx};
+use super::{DirectMessage, Fence, GroupMessage, Outgoing, StoredMessage, Tx};
 use crate::error::{Error, Result};
 use crate::mailbox;
 
@@ -116,6 +116,11 @@ trait Job: Send {
     fn urgency(&self) -> Urgency {
         Urgency::Batched
     }
+    /// The freeze epoch its request was read in, for work that must not be done after a
+    /// freeze (see [`Fence`]).
+    fn fence(&self) -> Option<Fence> {
+        None
+    }
 }
 
 /// Whether a job's batch may wait for more jobs before it commits.
@@ -162,6 +167,8 @@ pub enum BatchError {
     Busy(String),
     /// The batch could not be begun or committed.
     Failed(String),
+    /// Not run: the process has been frozen since its request was read (see [`Fence`]).
+    Frozen,
 }
 
 impl BatchError {
@@ -180,6 +187,7 @@ impl BatchError {
         match self {
             BatchError::Busy(m) => Error::refused(crate::error::ErrorCode::Unavailable, m.clone()),
             BatchError::Failed(m) => Error::Commit(m.clone()),
+            BatchError::Frozen => Error::Frozen,
         }
     }
 }
@@ -190,6 +198,7 @@ struct ClosureJob<T, W, D> {
     done: D,
     result: Option<Result<T>>,
     guarded: bool,
+    fence: Option<Fence>,
 }
 
 impl<T, W, D> Job for ClosureJob<T, W, D>
@@ -206,6 +215,10 @@ where
 
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence
     }
 }
 
@@ -235,11 +248,9 @@ fn run_one<T>(
 
 /// A first attempt of a direct message without a file: merged with its neighbours.
 struct SendJob<D> {
-    from: String,
-    to: String,
-    client_id: u64,
-    body: Vec<u8>,
+    msg: DirectMessage,
     urgency: Urgency,
+    fence: Fence,
     result: Option<Result<StoredMessage>>,
     done: D,
 }
@@ -252,14 +263,19 @@ impl<D: FnOnce(Result<StoredMessage>) + Send> Job for SendJob<D> {
         self.urgency
     }
 
+    fn fence(&self) -> Option<Fence> {
+        Some(self.fence)
+    }
+
     fn complete(self: Box<Self>, batch_error: Option<&BatchError>) {
         (self.done)(outcome(self.result, batch_error))
     }
 
     fn merged(&mut self) -> Option<Merged<'_>> {
+        let msg = &self.msg;
         Some(Merged::Send {
-            msg: Outgoing::new(&self.from, self.client_id, &self.body),
-            to: &self.to,
+            msg: Outgoing::new(&msg.from, msg.client_id, &msg.body),
+            to: &msg.to,
             result: &mut self.result,
         })
     }
@@ -297,6 +313,7 @@ struct GroupSendJob<F, D> {
     msg: GroupMessage,
     fallback: Option<F>,
     urgency: Urgency,
+    fence: Fence,
     result: Option<Result<StoredMessage>>,
     done: D,
 }
@@ -308,6 +325,10 @@ where
 {
     fn urgency(&self) -> Urgency {
         self.urgency
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        Some(self.fence)
     }
 
     /// Runs the fallback if the merged statement left this message.
@@ -534,37 +555,35 @@ impl Writer {
         })
     }
 
-    /// Queues a job (see [`super::Store::submit`]).
+    /// Queues a job (see [`super::Store::submit`] and [`super::Store::submit_fenced`]).
     pub fn submit<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         done: impl FnOnce(Result<T>) + Send + 'static,
         guarded: bool,
+        fence: Option<Fence>,
     ) {
         self.queue(Box::new(ClosureJob {
             work: Some(work),
             done,
             result: None,
             guarded,
+            fence,
         }));
     }
 
     /// Queues a first attempt of a direct message without a file (see `run_merged`).
     pub fn submit_message(
         &self,
-        from: String,
-        to: String,
-        client_id: u64,
-        body: Vec<u8>,
+        msg: DirectMessage,
         urgency: Urgency,
+        fence: Fence,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.queue(Box::new(SendJob {
-            from,
-            to,
-            client_id,
-            body,
+            msg,
             urgency,
+            fence,
             result: None,
             done,
         }));
@@ -577,12 +596,14 @@ impl Writer {
         msg: GroupMessage,
         fallback: impl FnOnce(&mut dyn Tx, &Outgoing<'_>) -> Result<StoredMessage> + Send + 'static,
         urgency: Urgency,
+        fence: Fence,
         done: impl FnOnce(Result<StoredMessage>) + Send + 'static,
     ) {
         self.queue(Box::new(GroupSendJob {
             msg,
             fallback: Some(fallback),
             urgency,
+            fence,
             result: None,
             done,
         }));
@@ -631,6 +652,7 @@ impl Writer {
                 let _ = tx.send(res);
             },
             true,
+            None,
         );
         rx.recv()
             .unwrap_or_else(|_| Err(Error::Commit("the database writer has stopped".into())))
@@ -805,6 +827,9 @@ fn writer_loop(
             }
             continue;
         }
+        // With the write lock held: a freeze from now on keeps every other writer out until
+        // this batch has committed (see `refuse_frozen`).
+        let frozen = refuse_frozen(&mut batch);
         let mut at = 0;
         while at < batch.len() {
             let run = merged_run(&mut batch[at..]);
@@ -844,7 +869,26 @@ fn writer_loop(
         }
         BEHIND.with(|b| b.set(false));
         SWAMPED.with(|b| b.set(false));
+        for job in frozen {
+            job.complete(Some(&BatchError::Frozen));
+        }
     }
+}
+
+/// Takes out of `batch` the jobs whose requests were read before a freeze of the process
+/// (see [`crate::freeze`]): their clients may have sent them again elsewhere meanwhile, and a
+/// re-sent copy stored and delivered before this original would not be found by it. Called
+/// once the batch holds the write lock: on SQLite no other process commits until this batch
+/// has; on PostgreSQL a re-send's insert waits on this batch's row with the same
+/// `(sender, client_id)`, inserted a moment after this check.
+fn refuse_frozen(batch: &mut Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
+    if batch.iter().all(|job| job.fence().is_none()) {
+        return Vec::new();
+    }
+    let now = Fence::now();
+    batch
+        .extract_if(.., |job| job.fence().is_some_and(|read| read != now))
+        .collect()
 }
 
 /// Until when a batch whose first job is `first` may gather more, `now`, for a writer with a
@@ -1048,8 +1092,13 @@ mod tests {
         let done = move |_: crate::Result<crate::db::StoredMessage>| {
             t.send((65, behind(), swamped())).unwrap();
         };
-        let (from, to) = ("alice".to_string(), "bob".to_string());
-        store.submit_message(from, to, 1, b"x".to_vec(), Urgency::Awaited, done);
+        let msg = crate::db::DirectMessage {
+            from: "alice".into(),
+            to: "bob".into(),
+            client_id: 1,
+            body: b"x".to_vec(),
+        };
+        store.submit_message(msg, Urgency::Awaited, Fence::now(), done);
         assert_eq!(
             seen.recv_timeout(Duration::from_secs(10)).unwrap(),
             (65, true, false)

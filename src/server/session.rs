@@ -33,7 +33,7 @@ use parking_lot::MutexGuard;
 
 use super::outbound::{ConnCut, Delivery, Handle, Outbound, Permit, Sending, Wire, QUIET_WITHIN};
 use super::shared::Shared;
-use crate::db::Tx;
+use crate::db::{Fence, Tx};
 use crate::error::{Error, Result};
 use crate::mailbox;
 use crate::names;
@@ -67,6 +67,8 @@ pub struct Login {
     pub user: String,
     /// The session's token, hashed (its presence row names it).
     pub token_hash: Vec<u8>,
+    /// The freeze epoch the connection was accepted in (see [`Session::fence`]).
+    pub fence: Fence,
 }
 
 /// Serves an authenticated client until it disconnects, on the calling thread.
@@ -99,6 +101,7 @@ fn admit(
         mut chan,
         user,
         token_hash,
+        fence,
     } = *login;
     if shared.detached.load(Ordering::SeqCst) {
         let away = ServerEvent::refused(
@@ -144,7 +147,7 @@ fn admit(
         since: std::time::Instant::now(),
         wire: Some(Arc::clone(&wire)),
     };
-    let session = Session::new(shared, user, conn_id, handle, token_hash);
+    let session = Session::new(shared, user, conn_id, handle, token_hash, fence);
     let connection = Connection {
         wire,
         tcp,
@@ -170,6 +173,10 @@ pub struct Session<'a> {
     token_hash: Vec<u8>,
     /// The outbound mailbox, and how to cut the connection off.
     handle: Handle,
+    /// The freeze epoch the connection was accepted in: after a freeze of the process its
+    /// requests are not acted on (the connection is closed when it next sends), nor are
+    /// the stores it asked for before (see [`crate::freeze`]).
+    fence: Fence,
     /// Replies made on this thread, sent before what other threads queued.
     local: RefCell<VecDeque<Outbound>>,
     /// The file window: a slot is taken by sending, given back by receiving (see [`Permit`]).
@@ -227,6 +234,7 @@ impl<'a> Session<'a> {
         conn_id: u64,
         handle: Handle,
         token_hash: Vec<u8>,
+        fence: Fence,
     ) -> Session<'a> {
         Session {
             shared,
@@ -234,6 +242,7 @@ impl<'a> Session<'a> {
             conn_id,
             token_hash,
             handle,
+            fence,
             local: RefCell::new(VecDeque::new()),
             window: OnceCell::new(),
             awaiting: Arc::new(AtomicUsize::new(0)),
@@ -274,6 +283,11 @@ impl<'a> Session<'a> {
     /// Out of line: see [`Reading::turn`].
     #[inline(never)]
     pub fn handle(&self, request: Request<ServerRequest>) -> Result<()> {
+        if Fence::now() != self.fence {
+            // Frozen since the connection began: its client may have given up on it and sent
+            // this again elsewhere (or will, once this connection is closed).
+            return Err(Error::Frozen);
+        }
         let Request { id, body } = request;
         match body {
             ServerRequest::Send { to, message } => self.send(id, to, message),

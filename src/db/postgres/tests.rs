@@ -423,6 +423,15 @@ fn merged_sends_and_acks_answer_as_one_by_one() -> Result<()> {
     crate::db::merged_tests::merged_sends_and_acks_answer_as_one_by_one(&store)
 }
 
+#[test]
+fn stores_read_before_a_freeze_are_refused() -> Result<()> {
+    let Some(db) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = Store::open(db.location())?;
+    crate::db::merged_tests::stores_read_before_a_freeze_are_refused(&store)
+}
+
 /// Storing many messages costs one round trip, and so does acknowledging them, however many
 /// senders, recipients and acknowledging users there are.
 #[test]

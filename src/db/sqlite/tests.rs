@@ -906,6 +906,13 @@ fn merged_sends_and_acks_answer_as_one_by_one() -> Result<()> {
 }
 
 #[test]
+fn stores_read_before_a_freeze_are_refused() -> Result<()> {
+    let (_dir, path) = fresh()?;
+    let store = Store::open(&path)?;
+    crate::db::merged_tests::stores_read_before_a_freeze_are_refused(&store)
+}
+
+#[test]
 fn merged_group_messages_answer_as_one_by_one() -> Result<()> {
     let (_dir, path) = fresh()?;
     let store = Store::open(&path)?;

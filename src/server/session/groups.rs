@@ -311,7 +311,7 @@ impl Session<'_> {
             return self
                 .shared
                 .store
-                .submit_group_message(msg, store, urgency, done);
+                .submit_group_message(msg, store, urgency, self.fence, done);
         }
         self.store(id, patient, move |tx| {
             store(tx, &Outgoing::of(&me, &message))

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{error_event, Awaited, Session};
-use crate::db::{Outgoing, StoredMessage, Tx, Urgency};
-use crate::error::Result;
+use crate::db::{DirectMessage, Outgoing, StoredMessage, Tx, Urgency};
+use crate::error::{Error, Result};
 use crate::net::{
     ErrorCode, NewMessage, ServerEvent, ServerInfo, ServerReply, MAX_BODY, TO_YOURSELF,
 };
@@ -51,12 +51,17 @@ impl Session<'_> {
         let resend = message.resend_after.is_some();
         if !(message.file.is_some() || resend || counted) {
             let done = self.stored_once(id, message.patient);
-            let (client_id, body) = (message.client_id, message.body);
             let urgency = urgency(message.patient);
+            let msg = DirectMessage {
+                from: me,
+                to,
+                client_id: message.client_id,
+                body: message.body,
+            };
             return self
                 .shared
                 .store
-                .submit_message(me, to, client_id, body, urgency, done);
+                .submit_message(msg, urgency, self.fence, done);
         }
         self.store(id, message.patient, move |tx| {
             if !counted {
@@ -126,7 +131,7 @@ impl Session<'_> {
     ) {
         self.shared
             .store
-            .submit(work, self.stored_once(id, patient));
+            .submit_fenced(self.fence, work, self.stored_once(id, patient));
     }
 
     /// What runs after the commit of a message's store (see [`Session::stored_reply`]).
@@ -177,6 +182,11 @@ impl Session<'_> {
                 }
                 Ok(None) => {
                     handle.offer(Outbound::event(ServerEvent::reply(id, ServerReply::Done)));
+                }
+                Err(Error::Frozen) => {
+                    // Not stored: the process was frozen since it was read. Closed without a
+                    // reply, as after a crash, its client sends it again (as a re-send).
+                    handle.cut.cut();
                 }
                 Err(e) => {
                     handle.offer(Outbound::event(error_event(id, e)));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::Session;
 use crate::client::e2e::sign_change;
 use crate::crypto::Identity;
-use crate::db::Store;
+use crate::db::{Fence, Store};
 use crate::error::{ErrorCode, Result};
 use crate::mailbox;
 use crate::membership::{self, After, Roster};
@@ -76,7 +76,14 @@ fn connect<'a>(shared: &'a Arc<Shared>, user: &str) -> Result<Conn<'a>> {
     shared
         .clients
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let session = Session::new(shared, user.to_string(), conn_id, handle, b"t".to_vec());
+    let session = Session::new(
+        shared,
+        user.to_string(),
+        conn_id,
+        handle,
+        b"t".to_vec(),
+        Fence::now(),
+    );
     session.start()?;
     let conn = Conn {
         session,
