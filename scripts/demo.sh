@@ -44,7 +44,7 @@ quoted() {
 as() {
   local user=$1; shift
   printf '%s$ fastchat --user %s %s%s\n' "$dim" "$user" "$(quoted "$@")" "$reset"
-  FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" "$@" 2>&1 | indent
+  FASTCHAT_PASSWORD="password-$user" "$FASTCHAT_BIN/fastchat" --user "$user" "$@" 2>&1 | indent
 }
 
 if [ -z "${FASTCHAT_BIN:-}" ]; then
@@ -66,7 +66,7 @@ trap cleanup EXIT
 online() {
   local user=$1
   mkfifo "$dir/$user.in"
-  FASTCHAT_PASSWORD="pw-$user" "$FASTCHAT_BIN/fastchat" --user "$user" chat \
+  FASTCHAT_PASSWORD="password-$user" "$FASTCHAT_BIN/fastchat" --user "$user" chat \
     <"$dir/$user.in" >"$dir/$user.screen" 2>&1 &
   echo $! >"$dir/chat-$user.pid"
   # Hold the pipe open (and so the session) until the end of the demo.
@@ -112,7 +112,7 @@ export FASTCHAT_BALANCER=$balancer FASTCHAT_HOME="$dir/home" FASTCHAT_CA="$dir/t
 
 say "Four users sign up; each gets X25519 (encryption) and Ed25519 (signature) keys"
 for u in alice bob carol dave; do
-  FASTCHAT_PASSWORD="pw-$u" "$FASTCHAT_BIN/fastchat" signup "$u" | indent
+  FASTCHAT_PASSWORD="password-$u" "$FASTCHAT_BIN/fastchat" signup "$u" | indent
 done
 note "The private keys stay in $dir/home/USER/, encrypted with the password; each signup"
 note "also publishes prekeys, so others can start a conversation before the user logs in."

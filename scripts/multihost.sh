@@ -129,7 +129,7 @@ user() {
   local who=$1; shift
   in_host "${hosts[3]}" env FASTCHAT_BALANCER="${addrs[1]}:7000,${addrs[2]}:7000" \
     FASTCHAT_CA="$dir/tls/ca.pem" FASTCHAT_HOME="$dir/home" FASTCHAT_USER="$who" \
-    FASTCHAT_PASSWORD="pw-$who-multihost" FASTCHAT_NO_RECEIPTS=1 \
+    FASTCHAT_PASSWORD="password-$who-multihost" FASTCHAT_NO_RECEIPTS=1 \
     "$FASTCHAT_BIN/fastchat" "$@"
 }
 

@@ -16,7 +16,7 @@ use crate::crypto::{self, ScryptCost};
 use crate::db::{Exported, Location, Store, UserSummary};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
-use crate::net::MAX_PASSWORD;
+use crate::net::new_password_problem;
 use crate::units::{counted, human_size, utc_minute};
 
 /// A roster line: a name, and its password if the file gives one.
@@ -388,18 +388,12 @@ pub fn parse_roster(text: &str) -> Result<Vec<RosterEntry>> {
     Ok(entries)
 }
 
-/// A password an operator gives: not empty, at most the balancer's limit.
+/// A password an operator gives: as long as a signup's must be ([`new_password_problem`]).
 fn check_password(p: &str) -> Result<String> {
-    if p.is_empty() {
-        return Err(Error::Invalid("password must not be empty".into()));
+    match new_password_problem(p) {
+        Some(problem) => Err(Error::Invalid(problem)),
+        None => Ok(p.to_string()),
     }
-    if p.len() > MAX_PASSWORD {
-        return Err(Error::Invalid(format!(
-            "password is longer than {} bytes",
-            MAX_PASSWORD
-        )));
-    }
-    Ok(p.to_string())
 }
 
 /// A password to read aloud or hand out on paper: three groups of four letters and digits
@@ -443,11 +437,15 @@ mod tests {
 
     #[test]
     fn a_bad_roster_names_every_bad_line_and_does_nothing() {
-        let e = parse_roster("alice\nbad/name\nAlice x\nok\n").unwrap_err();
+        let e = parse_roster("alice\nbad/name\nAlice xylophone\nok\ncarol short\n").unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("2 bad lines"), "{text}");
+        assert!(text.contains("3 bad lines"), "{text}");
         assert!(text.contains("line 2"), "{text}");
         assert!(text.contains("line 3: Alice is listed twice"), "{text}");
+        assert!(
+            text.contains("line 5: a password must be at least 8"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -45,6 +45,26 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Longest password accepted, in bytes.
 pub const MAX_PASSWORD: usize = 1024;
 
+/// Shortest password an account may be given (at signup, or by an operator), in characters:
+/// the password also encrypts the private keys on the user's disk, where a stolen copy can
+/// be guessed at offline. Logins take any length (accounts made before the rule).
+pub const MIN_PASSWORD: usize = 8;
+
+/// Why `password` may not be an account's new password (shorter than [`MIN_PASSWORD`]
+/// characters, or longer than [`MAX_PASSWORD`] bytes); `None` if it may.
+pub fn new_password_problem(password: &str) -> Option<String> {
+    if password.chars().count() < MIN_PASSWORD {
+        Some(format!(
+            "a password must be at least {MIN_PASSWORD} characters long (it also protects \
+             your private keys on this machine)"
+        ))
+    } else if password.len() > MAX_PASSWORD {
+        Some(format!("password is longer than {MAX_PASSWORD} bytes"))
+    } else {
+        None
+    }
+}
+
 /// Most names in one `Online` reply.
 pub const MAX_WHO: usize = 1000;
 

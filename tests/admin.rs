@@ -56,7 +56,7 @@ fn a_roster_makes_accounts_that_their_owners_claim_at_signup() {
     let c = Cluster::start(1);
     c.signup("alice");
     let roster = c.dir.path().join("class.txt");
-    std::fs::write(&roster, "# class 3b\ncarol pw-carol\ndave\n").unwrap();
+    std::fs::write(&roster, "# class 3b\ncarol password-carol\ndave\n").unwrap();
     let made = admin_json(&c, &["users", "bulk", roster.to_str().unwrap()]);
     assert_eq!(made.len(), 2, "{made:?}");
     assert_eq!(
@@ -95,7 +95,7 @@ fn a_roster_makes_accounts_that_their_owners_claim_at_signup() {
     assert!(out.stderr.contains("not finished signing up"), "{out:?}");
 
     // A wrong password claims nothing: the name is taken.
-    let out = run_pw(&c, "dave", "not-it", &["signup", "dave"]);
+    let out = run_pw(&c, "dave", "not-the-password", &["signup", "dave"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("taken"), "{out:?}");
     assert_eq!(user_row(&c, "dave").unwrap()["has_keys"], false);
@@ -151,7 +151,13 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     // Names are unique regardless of case, and found so.
     let out = admin(
         &c,
-        &["users", "reset-password", "ALICE", "--password", "new-pw"],
+        &[
+            "users",
+            "reset-password",
+            "ALICE",
+            "--password",
+            "new-password",
+        ],
     );
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.starts_with("reset alice"), "{out:?}");
@@ -161,7 +167,7 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     // The new one is taken, but the keys are still under the old: she is told what to run,
     // by a one-shot command and by `login` alike.
     for args in [&["recv"][..], &["login"]] {
-        let out = run_pw(&c, "alice", "new-pw", args);
+        let out = run_pw(&c, "alice", "new-password", args);
         assert_eq!(out.code, 1, "{out:?}");
         assert!(
             out.stderr.contains("fastchat --user alice rekey"),
@@ -169,7 +175,7 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
         );
     }
 
-    let out = run_pw(&c, "alice", "new-pw", &["rekey", "--json"]);
+    let out = run_pw(&c, "alice", "new-password", &["rekey", "--json"]);
     assert_eq!(out.code, 0, "{out:?}");
     let keys = c.home().join("alice");
     assert!(keys.join("identity.key").exists() && keys.join("identity.key.old").exists());
@@ -177,7 +183,7 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     assert!(!keys.join("sessions").exists() && !keys.join("senderkeys").exists());
     assert!(keys.join("prekeys").exists());
     assert_eq!(user_row(&c, "alice").unwrap()["may_rekey"], false);
-    let out = run_pw(&c, "alice", "new-pw", &["rekey"]);
+    let out = run_pw(&c, "alice", "new-password", &["rekey"]);
     assert_eq!(out.code, 1, "once only: {out:?}");
 
     // bob pinned alice's old keys: he is told they changed, and trusts the new ones.
@@ -187,7 +193,7 @@ fn a_reset_password_lets_its_owner_make_new_keys_once() {
     let out = c.run("bob", &["trust", "alice"]);
     assert_eq!(out.code, 0, "{out:?}");
     c.send("bob", "alice", "after");
-    let out = run_pw(&c, "alice", "new-pw", &["recv"]);
+    let out = run_pw(&c, "alice", "new-password", &["recv"]);
     assert!(out.stdout.ends_with("bob: after\n"), "{out:?}");
 }
 
@@ -214,9 +220,15 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
     // and her key change goes into the group's chain.
     ok(admin(
         &c,
-        &["users", "reset-password", "alice", "--password", "new-pw"],
+        &[
+            "users",
+            "reset-password",
+            "alice",
+            "--password",
+            "new-password",
+        ],
     ));
-    let out = ok(run_pw(&c, "alice", "new-pw", &["rekey", "--json"]));
+    let out = ok(run_pw(&c, "alice", "new-password", &["rekey", "--json"]));
     let said: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(said["groups"], serde_json::json!(["alice/team"]), "{out:?}");
     assert_eq!(said["groups_failed"], serde_json::json!([]), "{out:?}");
@@ -226,7 +238,7 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
     ok(run_pw(
         &c,
         "alice",
-        "new-pw",
+        "new-password",
         &["group", "send", "team", "new keys"],
     ));
     let out = ok(c.run("bob", &["recv"]));
@@ -237,7 +249,7 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
     );
     assert_eq!(out.stderr, "", "{out:?}");
     ok(c.run("bob", &["group", "send", "team", "bob after"]));
-    let out = ok(run_pw(&c, "alice", "new-pw", &["recv"]));
+    let out = ok(run_pw(&c, "alice", "new-password", &["recv"]));
     assert!(
         out.stdout.contains("[alice/team] bob: bob after"),
         "{out:?}"
@@ -245,7 +257,7 @@ fn after_new_keys_a_group_goes_on_and_a_new_member_checks_its_whole_chain() {
 
     // carol, added after, checks the whole chain afresh: alice's changes before her key
     // change with the key it names, the ones after with her new key.
-    let read = carol_joins_and_reads(&c, "new-pw", "welcome carol");
+    let read = carol_joins_and_reads(&c, "new-password", "welcome carol");
     assert!(!read.contains("old keys"), "{read:?}");
     let out = ok(c.run("carol", &["group", "members", "alice/team"]));
     assert_eq!(out.stderr, "", "{out:?}");
@@ -266,7 +278,7 @@ fn a_running_client_follows_a_key_change_once_its_user_trusts_the_new_keys() {
     }
     // bob's client runs throughout (as a chat would), with alice's keys in its memory.
     let store = Keystore::new(&c.home(), "bob");
-    let identity = store.load_identity("pw-bob").unwrap();
+    let identity = store.load_identity("password-bob").unwrap();
     let client = c.login("bob");
     let mut bob = E2e::new(
         "bob",
@@ -281,9 +293,15 @@ fn a_running_client_follows_a_key_change_once_its_user_trusts_the_new_keys() {
     );
     admin(
         &c,
-        &["users", "reset-password", "alice", "--password", "new-pw"],
+        &[
+            "users",
+            "reset-password",
+            "alice",
+            "--password",
+            "new-password",
+        ],
     );
-    assert_eq!(run_pw(&c, "alice", "new-pw", &["rekey"]).code, 0);
+    assert_eq!(run_pw(&c, "alice", "new-password", &["rekey"]).code, 0);
     // Told that her keys changed (not that the server forges), until bob trusts them, from
     // another process; then the running client follows.
     let err = bob
@@ -309,14 +327,19 @@ fn a_key_change_that_failed_at_rekey_is_added_later() {
     assert!(out.stderr.contains("were never made again"), "{out:?}");
     // bob makes new keys first: alice still has his old ones pinned, so her own key change,
     // keyed for bob among others, cannot be made when she rekeys.
-    for (user, pw) in [("bob", "bob-new"), ("alice", "alice-new")] {
+    for (user, pw) in [("bob", "bob-new-password"), ("alice", "alice-new-password")] {
         ok(admin(
             &c,
             &["users", "reset-password", user, "--password", pw],
         ));
     }
-    ok(run_pw(&c, "bob", "bob-new", &["rekey"]));
-    let out = ok(run_pw(&c, "alice", "alice-new", &["rekey", "--json"]));
+    ok(run_pw(&c, "bob", "bob-new-password", &["rekey"]));
+    let out = ok(run_pw(
+        &c,
+        "alice",
+        "alice-new-password",
+        &["rekey", "--json"],
+    ));
     let said: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(said["groups"], serde_json::json!([]), "{out:?}");
     assert_eq!(said["groups_failed"][0]["group"], "alice/team", "{out:?}");
@@ -326,11 +349,11 @@ fn a_key_change_that_failed_at_rekey_is_added_later() {
         "{out:?}"
     );
     // Once she trusts bob's new keys, she adds it; carol, added after, checks the chain.
-    ok(run_pw(&c, "alice", "alice-new", &["trust", "bob"]));
+    ok(run_pw(&c, "alice", "alice-new-password", &["trust", "bob"]));
     let out = ok(run_pw(
         &c,
         "alice",
-        "alice-new",
+        "alice-new-password",
         &["group", "key-change", "team"],
     ));
     assert!(
@@ -339,13 +362,18 @@ fn a_key_change_that_failed_at_rekey_is_added_later() {
         "{out:?}"
     );
     // Twice is refused: her last change is now signed with her new keys.
-    let out = run_pw(&c, "alice", "alice-new", &["group", "key-change", "team"]);
+    let out = run_pw(
+        &c,
+        "alice",
+        "alice-new-password",
+        &["group", "key-change", "team"],
+    );
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stderr.contains("did not sign your last change"),
         "{out:?}"
     );
-    carol_joins_and_reads(&c, "alice-new", "hi carol");
+    carol_joins_and_reads(&c, "alice-new-password", "hi carol");
 }
 
 /// alice (password `pw`) adds carol to `alice/team` and greets her; carol, who checks the
@@ -504,7 +532,7 @@ fn an_announcement_reaches_every_user_with_keys_end_to_end() {
     for u in ["teacher", "s1", "s2"] {
         c.signup(u);
     }
-    let out = admin(&c, &["users", "add", "late", "--password", "pw-late"]);
+    let out = admin(&c, &["users", "add", "late", "--password", "password-late"]);
     assert_eq!(out.code, 0, "{out:?}");
     let mut cmd = Command::new(bin("fastchat-admin"));
     cmd.arg("--db")
@@ -514,7 +542,7 @@ fn an_announcement_reaches_every_user_with_keys_end_to_end() {
         .arg(c.ca())
         .arg("--home")
         .arg(c.home())
-        .env("FASTCHAT_PASSWORD", "pw-teacher");
+        .env("FASTCHAT_PASSWORD", "password-teacher");
     let out = run_limited(&mut cmd);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
@@ -623,8 +651,10 @@ fn a_single_account_is_checked_like_a_roster_line() {
     let c = Cluster::start(0);
     let out = admin(&c, &["users", "add", "bad/name"]);
     assert_eq!(out.code, 1, "{out:?}");
-    let out = admin(&c, &["users", "add", "ok", "--password", ""]);
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("must not be empty"), "{out:?}");
+    for short in ["", "seven77"] {
+        let out = admin(&c, &["users", "add", "ok", "--password", short]);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("at least 8 characters"), "{out:?}");
+    }
     assert_eq!(c.count("SELECT count(*) FROM users"), 0);
 }

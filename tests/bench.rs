@@ -390,7 +390,7 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
     let alice = c.login("alice");
     let bob = c.login("bob");
     let refused =
-        fastchat::client::Client::login(&c.balancer_addr, &c.transport, "carol", "pw-carol")
+        fastchat::client::Client::login(&c.balancer_addr, &c.transport, "carol", "password-carol")
             .err()
             .expect("a third client is refused");
     assert_eq!(
@@ -415,7 +415,12 @@ fn a_full_server_refuses_new_clients_cleanly_and_keeps_serving_the_others() {
     drop(alice);
     let deadline = std::time::Instant::now() + common::LIMIT;
     loop {
-        match fastchat::client::Client::login(&c.balancer_addr, &c.transport, "carol", "pw-carol") {
+        match fastchat::client::Client::login(
+            &c.balancer_addr,
+            &c.transport,
+            "carol",
+            "password-carol",
+        ) {
             Ok(_) => break,
             Err(e) => {
                 assert!(std::time::Instant::now() < deadline, "never admitted: {e}");

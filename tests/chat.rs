@@ -117,7 +117,7 @@ fn env_for(c: &Cluster, user: &str) -> Vec<(&'static str, String)> {
         ("FASTCHAT_BALANCER", c.balancer_addr.clone()),
         ("FASTCHAT_HOME", c.home().to_string_lossy().to_string()),
         ("FASTCHAT_USER", user.to_string()),
-        ("FASTCHAT_PASSWORD", format!("pw-{user}")),
+        ("FASTCHAT_PASSWORD", format!("password-{user}")),
     ]
 }
 

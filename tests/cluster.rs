@@ -130,7 +130,7 @@ fn logging_in_while_messages_are_in_flight_loses_and_repeats_nothing() {
     const N: u64 = 300;
     let (balancer, transport) = (c.balancer_addr.clone(), c.transport.clone());
     let sender = std::thread::spawn(move || {
-        let (alice, _) = Client::login(&balancer, &transport, "alice", "pw-alice").unwrap();
+        let (alice, _) = Client::login(&balancer, &transport, "alice", "password-alice").unwrap();
         for i in 0..N {
             alice.send("bob", i, &i.to_be_bytes(), None).unwrap();
             // Pacing (not synchronisation): spread the sends over many of bob's sessions.

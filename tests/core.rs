@@ -52,6 +52,61 @@ fn signup_enforces_names_and_uniqueness() {
 }
 
 #[test]
+fn a_new_password_has_eight_characters_at_least() {
+    let c = Cluster::start(1);
+    // Counted in characters, not bytes: seven two-byte letters are too short.
+    for short in ["", "1234567", "ééééééé"] {
+        let out = common::run_limited(
+            c.cmd("dave")
+                .env("FASTCHAT_PASSWORD", short)
+                .args(["signup", "dave"]),
+        );
+        assert_eq!(out.code, 1, "{short:?}: {out:?}");
+        assert_eq!(
+            out.stderr.trim(),
+            "fastchat: error: a password must be at least 8 characters long (it also protects \
+             your private keys on this machine)",
+            "{short:?}"
+        );
+        // Refused before any key was made.
+        assert!(!c.home().join("dave").join("identity.key").exists());
+    }
+    // The balancer refuses it too, from a client that does not check.
+    let keys = fastchat::crypto::Identity::generate()
+        .unwrap()
+        .public()
+        .unwrap();
+    let err = BalancerClient::connect(&c.balancer_addr, &c.transport)
+        .unwrap()
+        .signup("dave", "1234567", keys.clone(), None)
+        .unwrap_err();
+    assert!(
+        matches!(&err, fastchat::Error::Refused { code: ErrorCode::BadRequest, message }
+            if message.contains("at least 8 characters")),
+        "{err:?}"
+    );
+    assert_eq!(c.count("SELECT count(*) FROM users"), 0);
+    // Eight will do, whatever they are.
+    let out = common::run_limited(
+        c.cmd("dave")
+            .env("FASTCHAT_PASSWORD", "ééééééé8")
+            .args(["signup", "dave"]),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    // Logging in takes any password the account has (accounts made before the rule).
+    let out = common::run_limited(
+        c.cmd("dave")
+            .env("FASTCHAT_PASSWORD", "short")
+            .args(["whoami"]),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("invalid username or password"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn passwords_are_stored_only_as_salted_scrypt_hashes() {
     let c = Cluster::start(1);
     c.signup("alice");
@@ -65,7 +120,7 @@ fn passwords_are_stored_only_as_salted_scrypt_hashes() {
     assert_eq!(rows.len(), 2);
     for (name, hash) in &rows {
         assert!(hash.starts_with("scrypt$4$8$1$"), "cheap test cost: {hash}");
-        assert!(!hash.contains(&format!("pw-{name}")));
+        assert!(!hash.contains(&format!("password-{name}")));
     }
     assert_ne!(
         rows[0].1.split('$').nth(4),
@@ -73,7 +128,7 @@ fn passwords_are_stored_only_as_salted_scrypt_hashes() {
         "distinct salts"
     );
     // No password anywhere in the database files.
-    assert!(common::dir_contains(c.dir.path(), b"pw-alice")
+    assert!(common::dir_contains(c.dir.path(), b"password-alice")
         .iter()
         .all(|p| !p.to_string_lossy().contains("chat.db")));
 }
@@ -89,7 +144,11 @@ fn login_needs_the_right_password() {
         "{ok:?}"
     );
 
-    for (user, password) in [("alice", "wrong"), ("nobody", "pw-nobody"), ("alice", "")] {
+    for (user, password) in [
+        ("alice", "wrong"),
+        ("nobody", "password-nobody"),
+        ("alice", ""),
+    ] {
         let out = common::run_limited(
             c.cmd(user)
                 .env("FASTCHAT_PASSWORD", password)
@@ -109,8 +168,8 @@ fn sessions_are_random_hashed_tokens_with_expiry() {
     let c = Cluster::start(1);
     c.signup("alice");
     let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
-    let s1 = b.login("alice", "pw-alice").unwrap();
-    let s2 = b.login("alice", "pw-alice").unwrap();
+    let s1 = b.login("alice", "password-alice").unwrap();
+    let s2 = b.login("alice", "password-alice").unwrap();
     assert_ne!(s1.token, s2.token);
     assert_eq!(s1.token.len(), 64);
     let rows: Vec<(Vec<u8>, String, i64)> = c
@@ -151,7 +210,7 @@ fn identity_comes_from_the_token_only() {
     c.signup("alice");
     c.signup("bob");
     let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
-    let session = b.login("alice", "pw-alice").unwrap();
+    let session = b.login("alice", "password-alice").unwrap();
 
     // A made-up token is refused.
     let forged = Session {
@@ -572,7 +631,7 @@ fn library_client_gets_live_events_and_synced_marker() {
     c.signup("bob");
     c.send("alice", "bob", "queued");
     let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
-    let bob = Connection::open(&b.login("bob", "pw-bob").unwrap(), &c.transport).unwrap();
+    let bob = Connection::open(&b.login("bob", "password-bob").unwrap(), &c.transport).unwrap();
     let first = bob.events().recv_timeout(common::LIMIT).unwrap();
     let Incoming::Message(m) = first else {
         panic!("expected the queued message, got {first:?}")

@@ -43,7 +43,7 @@ fn raw_private_with(home: &Path, user: &str, password: &str) -> Option<(Vec<u8>,
 }
 
 fn raw_private(home: &Path, user: &str) -> (Vec<u8>, Vec<u8>) {
-    raw_private_with(home, user, &format!("pw-{user}")).expect("the password opens it")
+    raw_private_with(home, user, &format!("password-{user}")).expect("the password opens it")
 }
 
 #[test]
@@ -63,7 +63,7 @@ fn servers_store_and_carry_ciphertext_only() {
     let keys = ["alice", "bob"].map(|user| (user, raw_private(&c.home(), user)));
     for (name, bytes) in &stored {
         assert!(!contains(bytes, marker.as_bytes()), "plaintext in {name}");
-        assert!(!contains(bytes, b"pw-alice"), "password in {name}");
+        assert!(!contains(bytes, b"password-alice"), "password in {name}");
         for (user, (x, e)) in &keys {
             assert!(!contains(bytes, x), "{user}'s private key in {name}");
             assert!(!contains(bytes, e), "{user}'s private key in {name}");

@@ -484,7 +484,7 @@ fn a_server_the_balancer_refuses_closes_its_clients_and_takes_no_new_ones() {
     // Once refused for as long as the balancer takes to forget a silent server, the old one
     // takes no clients: one that comes straight to it is told to ask the balancer.
     let mut b = c.balancer_client();
-    let mut session = b.login("alice", "pw-alice").unwrap();
+    let mut session = b.login("alice", "password-alice").unwrap();
     session.server.addr = old_addr;
     let deadline = Instant::now() + LIMIT;
     loop {

@@ -164,7 +164,7 @@ fn a_group_image_reaches_every_member() {
 /// Alice's library client and end-to-end state (her keys from her key files).
 fn alice(c: &Cluster) -> (Client, E2e) {
     let store = Keystore::new(&c.home(), "alice");
-    let identity = store.load_identity("pw-alice").unwrap();
+    let identity = store.load_identity("password-alice").unwrap();
     let client = c.login("alice");
     let e2e = E2e::new(
         "alice",

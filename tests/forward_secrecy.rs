@@ -32,10 +32,10 @@ fn steal(c: &Cluster, user: &str, into: &Path) {
     assert!(status.success());
 }
 
-/// `user`'s end-to-end state from the folder under `home` (password `pw-USER`), logged in.
+/// `user`'s end-to-end state from the folder under `home` (password `password-USER`), logged in.
 fn state_from(c: &Cluster, home: &Path, user: &str) -> (Client, E2e) {
     let store = Keystore::new(home, user);
-    let identity = store.load_identity(&format!("pw-{user}")).unwrap();
+    let identity = store.load_identity(&format!("password-{user}")).unwrap();
     let client = c.login(user);
     let directory = Directory::new(&c.balancer_addr, &c.transport, client.session(), None);
     let e2e = E2e::new(user, identity, store, directory).unwrap();

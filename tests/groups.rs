@@ -398,7 +398,7 @@ fn chat_mode_speaks_group_commands() {
 /// Bob's own end-to-end state, loaded from his key files, with a connection of his.
 fn bob_keys(c: &Cluster) -> (Client, E2e) {
     let store = Keystore::new(&c.home(), "bob");
-    let identity = store.load_identity("pw-bob").unwrap();
+    let identity = store.load_identity("password-bob").unwrap();
     let client = c.login("bob");
     let e2e = E2e::new(
         "bob",
@@ -540,7 +540,7 @@ fn a_key_change_must_name_the_key_of_its_makers_last_change() {
     // change of hers is checked with it), and the group goes on for everyone.
     let (client, mut e2e) = library_user(&c, "mallory");
     let own = Keystore::new(&c.home(), "mallory")
-        .load_identity("pw-mallory")
+        .load_identity("password-mallory")
         .unwrap()
         .public()
         .unwrap()
@@ -573,10 +573,10 @@ fn a_key_change_must_name_the_key_of_its_makers_last_change() {
     );
 }
 
-/// `user`'s library client and end-to-end state (password `pw-USER`).
+/// `user`'s library client and end-to-end state (password `password-USER`).
 fn library_user(c: &Cluster, user: &str) -> (Client, E2e) {
     let store = Keystore::new(&c.home(), user);
-    let identity = store.load_identity(&format!("pw-{user}")).unwrap();
+    let identity = store.load_identity(&format!("password-{user}")).unwrap();
     let client = c.login(user);
     let e2e = E2e::new(
         user,
@@ -603,7 +603,7 @@ fn a_removed_member_is_told_and_a_forged_removal_is_refused() {
     let roster = e2e.group_roster(&client, "alice/team").unwrap();
     let forged = fastchat::client::e2e::sign_change(
         &Keystore::new(&c.home(), "mallory")
-            .load_identity("pw-mallory")
+            .load_identity("password-mallory")
             .unwrap(),
         fastchat::net::Change {
             group: "alice/team".into(),

@@ -55,7 +55,7 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
-    let session = b.login("alice", "pw-alice").unwrap();
+    let session = b.login("alice", "password-alice").unwrap();
     let refused = |token: &str| {
         let s = Session {
             token: token.to_string(),
@@ -96,7 +96,7 @@ fn stolen_expired_and_logged_out_tokens_are_refused() {
     b.logout(&session).unwrap();
     refused(&session.token);
     // An expired session is refused too.
-    let other = b.login("alice", "pw-alice").unwrap();
+    let other = b.login("alice", "password-alice").unwrap();
     c.sql().exec("UPDATE sessions SET expires_at = 0", &[]);
     refused(&other.token);
     still_works(&c);
@@ -108,7 +108,7 @@ fn the_key_directory_answers_logged_in_users_only() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     let mut b = BalancerClient::connect(&c.balancer_addr, &c.transport).unwrap();
-    let session = b.login("alice", "pw-alice").unwrap();
+    let session = b.login("alice", "password-alice").unwrap();
     // A logged-in user gets keys, and learns that a name does not exist.
     assert!(b.keys(&session, "bob").is_ok());
     assert!(matches!(
@@ -199,7 +199,7 @@ fn a_client_that_stops_reading_is_cut_off_and_gets_everything_later() {
     // Bob connects and then never reads.
     let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
-        .login("bob", "pw-bob")
+        .login("bob", "password-bob")
         .unwrap();
     let mut bob_raw = common::dial_hello(&session);
     c.wait_online("bob", 1);
@@ -232,7 +232,7 @@ fn a_client_over_the_request_rate_is_slowed_not_failed() {
     c.signup_lib("bob");
     let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
-        .login("alice", "pw-alice")
+        .login("alice", "password-alice")
         .unwrap();
     let alice = Connection::open(&session, &c.transport).unwrap();
     let started = Instant::now();
@@ -310,7 +310,7 @@ fn failed_logins_lock_out_the_name_from_that_address_for_a_while() {
             let (code, _) = raw_login(&c, "127.0.0.1", "alice", "wrong").expect("refused");
             assert_eq!(code, ErrorCode::InvalidCredentials);
         }
-        match raw_login(&c, "127.0.0.1", "alice", "pw-alice") {
+        match raw_login(&c, "127.0.0.1", "alice", "password-alice") {
             Some((ErrorCode::RateLimited, why)) => break why,
             other if tries < 3 => eprintln!("not locked out in time ({other:?}); again"),
             other => panic!("never locked out: {other:?}"),
@@ -352,7 +352,7 @@ fn a_stranger_guessing_a_password_locks_out_only_himself() {
     );
     // Carol, from her own address, is not locked out.
     assert_eq!(c.run("carol", &["whoami"]).code, 0);
-    assert_eq!(raw_login(&c, "127.0.0.3", "carol", "pw-carol"), None);
+    assert_eq!(raw_login(&c, "127.0.0.3", "carol", "password-carol"), None);
 }
 
 #[test]
@@ -385,7 +385,7 @@ fn a_user_logging_in_many_times_at_once_waits_rather_than_being_refused() {
     c.signup("alice");
     let outcomes: Vec<Option<(ErrorCode, String)>> = std::thread::scope(|s| {
         let logins: Vec<_> = (0..16)
-            .map(|_| s.spawn(|| raw_login(&c, "127.0.0.5", "alice", "pw-alice")))
+            .map(|_| s.spawn(|| raw_login(&c, "127.0.0.5", "alice", "password-alice")))
             .collect();
         logins.into_iter().map(|l| l.join().unwrap()).collect()
     });
@@ -538,7 +538,7 @@ fn random_and_mutated_frames_never_take_a_server_down() {
     c.signup_lib("bob");
     let session = BalancerClient::connect(&c.balancer_addr, &c.transport)
         .unwrap()
-        .login("alice", "pw-alice")
+        .login("alice", "password-alice")
         .unwrap();
     let send = frame(&Request {
         id: 2,

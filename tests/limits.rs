@@ -118,7 +118,7 @@ fn a_server_takes_as_many_clients_as_its_descriptors_allow_and_refuses_the_next(
         held.push(c.login(&user));
     }
     c.signup_lib("u4");
-    let err = fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "pw-u4")
+    let err = fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "password-u4")
         .map(|_| ())
         .unwrap_err();
     assert!(
@@ -134,7 +134,9 @@ fn a_server_takes_as_many_clients_as_its_descriptors_allow_and_refuses_the_next(
     // One leaves: there is room again.
     drop(held.pop());
     let deadline = Instant::now() + LIMIT;
-    while fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "pw-u4").is_err() {
+    while fastchat::client::Client::login(&c.balancer_addr, &c.transport, "u4", "password-u4")
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "no room came free");
         std::thread::sleep(Duration::from_millis(100));
     }

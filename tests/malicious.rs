@@ -253,7 +253,7 @@ fn a_forged_change_is_refused_with_a_warning() {
     // The server appends a change to the chain that alice never made: mallory adds herself,
     // with a valid signature of hers (she is a user; she is not the admin).
     let store = fastchat::client::keystore::Keystore::new(&c.home(), "mallory");
-    let mallory = store.load_identity("pw-mallory").unwrap();
+    let mallory = store.load_identity("password-mallory").unwrap();
     let sql = c.sql();
     let last: Vec<u8> = sql.one(
         "SELECT change FROM group_changes WHERE grp = 'alice/team' ORDER BY seq DESC LIMIT 1",
@@ -363,7 +363,7 @@ fn a_key_wrapped_by_someone_who_may_not_key_the_epoch_is_refused() {
     // Epoch 3 began with alice adding carol: only alice keys it. Carol (a member, colluding
     // with the server) wraps a key she chose for bob, and the server hands him that one.
     let carol = fastchat::client::keystore::Keystore::new(&c.home(), "carol")
-        .load_identity("pw-carol")
+        .load_identity("password-carol")
         .unwrap();
     let sql = c.sql();
     let bob_x25519: Vec<u8> = sql.one("SELECT x25519 FROM users WHERE name = 'bob'", &[]);

@@ -17,12 +17,12 @@ fn user(c: &Cluster, name: &str) -> (Identity, Session) {
     let mut b = c.balancer_client();
     b.signup(
         name,
-        &format!("pw-{name}"),
+        &format!("password-{name}"),
         identity.public().unwrap(),
         None,
     )
     .unwrap();
-    let session = b.login(name, &format!("pw-{name}")).unwrap();
+    let session = b.login(name, &format!("password-{name}")).unwrap();
     (identity, session)
 }
 
@@ -152,7 +152,7 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     let c = Cluster::start(1);
     c.signup("alice");
     c.signup("bob");
-    let bob = c.balancer_client().login("bob", "pw-bob").unwrap();
+    let bob = c.balancer_client().login("bob", "password-bob").unwrap();
     let mut b = c.balancer_client();
     // The signup published her first prekeys: she can be written to before she logs in.
     let first = b
@@ -171,7 +171,7 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
     x3dh::initiate("bob", &bob_identity[..32], "alice", &keys.ed25519, &bundle).unwrap();
     // Alice's folder holds the private halves of what the directory handed out, sealed.
     let store = Keystore::new(&c.home(), "alice");
-    let identity = store.load_identity("pw-alice").unwrap();
+    let identity = store.load_identity("password-alice").unwrap();
     let kept = Prekeys::load(&store, &identity).unwrap();
     let public_of = |private: &[u8]| {
         openssl::pkey::PKey::private_key_from_raw_bytes(private, openssl::pkey::Id::X25519)
@@ -198,7 +198,10 @@ fn the_client_publishes_prekeys_keeps_their_private_halves_and_tops_them_up() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // Others use them up, down to fewer than the low-water mark.
-    let alice = c.balancer_client().login("alice", "pw-alice").unwrap();
+    let alice = c
+        .balancer_client()
+        .login("alice", "password-alice")
+        .unwrap();
     let start = b.publish_prekeys(&alice, None, Vec::new()).unwrap();
     assert!(start >= LOW_WATER, "the login published plenty: {start}");
     for _ in 0..=(start - LOW_WATER) {
@@ -257,7 +260,7 @@ fn a_signup_with_prekeys_not_its_own_is_refused_whole() {
     };
     let refused = b.signup(
         "alice",
-        "pw-alice",
+        "password-alice",
         alice.public().unwrap(),
         Some(prekeys(&mallory)),
     );
@@ -267,7 +270,7 @@ fn a_signup_with_prekeys_not_its_own_is_refused_whole() {
     // Nothing was made: the name is still free.
     b.signup(
         "alice",
-        "pw-alice",
+        "password-alice",
         alice.public().unwrap(),
         Some(prekeys(&alice)),
     )
@@ -276,6 +279,6 @@ fn a_signup_with_prekeys_not_its_own_is_refused_whole() {
         x25519: vec![1; 5],
         ed25519: vec![2; 5],
     };
-    let (code, _) = refusal(b.signup("bob", "pw-bob", bad, Some(prekeys(&alice))));
+    let (code, _) = refusal(b.signup("bob", "password-bob", bad, Some(prekeys(&alice))));
     assert_eq!(code, ErrorCode::BadRequest);
 }

@@ -38,7 +38,10 @@ fn recorded_cluster(plaintext: bool) -> (Cluster, Vec<RecordingProxy>, fastchat:
     c.signup("alice");
     c.signup("bob");
     // A library login, so the test knows a token that crossed the wire.
-    let session = c.balancer_client().login("alice", "pw-alice").unwrap();
+    let session = c
+        .balancer_client()
+        .login("alice", "password-alice")
+        .unwrap();
     // Round-robin puts alice and bob on different servers: the message crosses a peer link.
     let bob = c.spawn("bob", &["recv", "--wait", "10"]);
     c.wait_online("bob", 1);
@@ -58,8 +61,8 @@ fn nothing_secret_crosses_any_link_in_the_clear() {
         .collect();
     assert!(wire.len() > 10_000, "the proxies saw the traffic");
     let secrets: Vec<(&str, Vec<u8>)> = vec![
-        ("a password", b"pw-alice".to_vec()),
-        ("a password", b"pw-bob".to_vec()),
+        ("a password", b"password-alice".to_vec()),
+        ("a password", b"password-bob".to_vec()),
         ("a session token", session.token.as_bytes().to_vec()),
         ("a message", b"MARKER-on-every-link".to_vec()),
         ("a user name", b"alice".to_vec()),
@@ -88,7 +91,7 @@ fn the_recording_proxies_do_see_secrets_when_tls_is_off() {
         .iter()
         .flat_map(|p| p.recorded.lock().clone())
         .collect();
-    assert!(contains(&wire, b"pw-alice"));
+    assert!(contains(&wire, b"password-alice"));
     assert!(contains(&wire, session.token.as_bytes()));
     assert!(
         contains(&wire, b"server-"),
@@ -291,7 +294,10 @@ fn a_client_refuses_a_server_whose_certificate_is_not_the_clusters() {
         let _ = rogue.accept(tcp, Instant::now() + LIMIT, None);
     });
     c.signup_lib("alice");
-    let mut session = c.balancer_client().login("alice", "pw-alice").unwrap();
+    let mut session = c
+        .balancer_client()
+        .login("alice", "password-alice")
+        .unwrap();
     session.server.addr = addr;
     match Connection::open(&session, &c.transport) {
         Err(fastchat::Error::Integrity(why)) => assert!(why.contains("did not sign"), "{why}"),
@@ -307,7 +313,7 @@ fn a_token_is_bound_to_its_connection_and_logout_closes_it_everywhere() {
     c.signup_lib("alice");
     c.signup_lib("bob");
     let mut b = c.balancer_client();
-    let session = b.login("bob", "pw-bob").unwrap();
+    let session = b.login("bob", "password-bob").unwrap();
     let live = Connection::open(&session, &c.transport).unwrap();
     // Someone who saw the token and a proof on the wire replays them on a connection of
     // their own: the proof was for another connection.

@@ -9,13 +9,15 @@ use crate::crypto::{self, ScryptCost};
 use crate::db::Store;
 use crate::error::{Error, ErrorCode, Result};
 use crate::names;
-use crate::net::{PublicKeys, SignedPrekey, MAX_ONE_TIME_PREKEYS, MAX_PASSWORD};
+use crate::net::{
+    new_password_problem, PublicKeys, SignedPrekey, MAX_ONE_TIME_PREKEYS, MAX_PASSWORD,
+};
 
 /// The prekeys a signup publishes: the signed one, and one-time prekeys (id, public key).
 pub type FirstPrekeys = (SignedPrekey, Vec<(u32, Vec<u8>)>);
 
-/// Creates an account (its password hashed at `cost`), refusing bad names, empty or huge
-/// passwords, malformed keys, and names already taken.
+/// Creates an account (its password hashed at `cost`), refusing bad names, passwords too
+/// short or too long ([`new_password_problem`]), malformed keys, and names already taken.
 pub fn signup(
     store: &Store,
     cost: ScryptCost,
@@ -25,17 +27,8 @@ pub fn signup(
     prekeys: Option<FirstPrekeys>,
 ) -> Result<()> {
     names::validate("user", name)?;
-    if password.is_empty() {
-        return Err(Error::refused(
-            ErrorCode::BadRequest,
-            "password must not be empty",
-        ));
-    }
-    if password.len() > MAX_PASSWORD {
-        return Err(Error::refused(
-            ErrorCode::BadRequest,
-            format!("password is longer than {MAX_PASSWORD} bytes"),
-        ));
+    if let Some(problem) = new_password_problem(password) {
+        return Err(Error::refused(ErrorCode::BadRequest, problem));
     }
     check_keys(&keys)?;
     let hash = crypto::hash_password(password, cost)?;

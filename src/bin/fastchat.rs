@@ -110,6 +110,9 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Create an account NAME: makes key pairs, uploads the public keys, saves the private ones.
+    ///
+    /// The password (FASTCHAT_PASSWORD, or asked for twice) must have 8 characters at least:
+    /// it also encrypts the private keys saved in FASTCHAT_HOME/NAME.
     Signup {
         /// Letters, digits, '_', '.', '-'; 1 to 32 characters (unique regardless of case).
         name: String,

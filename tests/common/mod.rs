@@ -275,7 +275,7 @@ impl Cluster {
             .public()
             .unwrap();
         self.balancer_client()
-            .signup(user, &format!("pw-{user}"), keys, None)
+            .signup(user, &format!("password-{user}"), keys, None)
             .unwrap();
     }
 
@@ -331,7 +331,7 @@ impl Cluster {
             &self.balancer_addr,
             &self.transport,
             user,
-            &format!("pw-{user}"),
+            &format!("password-{user}"),
         )
         .unwrap_or_else(|e| panic!("login {user}: {e}"))
         .0
@@ -363,7 +363,7 @@ impl Cluster {
         self.dir.path().join("home")
     }
 
-    /// A `fastchat` command acting as `user` (password `pw-USER`), without receipts (they
+    /// A `fastchat` command acting as `user` (password `password-USER`), without receipts (they
     /// are messages too, and the tests that count messages count the ones they sent; the
     /// tests of receipts use [`Cluster::cmd_with_receipts`]).
     pub fn cmd(&self, user: &str) -> Command {
@@ -379,7 +379,7 @@ impl Cluster {
             .env("FASTCHAT_BALANCER", &self.balancer_addr)
             .env("FASTCHAT_HOME", self.home())
             .env("FASTCHAT_USER", user)
-            .env("FASTCHAT_PASSWORD", format!("pw-{user}"))
+            .env("FASTCHAT_PASSWORD", format!("password-{user}"))
             .env_remove("RUST_LOG")
             .env_remove("FASTCHAT_CA")
             .env_remove("FASTCHAT_INSECURE_PLAINTEXT");

@@ -42,8 +42,8 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
             p
         }
     };
-    if password.is_empty() {
-        return Err(Error::Invalid("password must not be empty".into()));
+    if let Some(problem) = crate::net::new_password_problem(&password) {
+        return Err(Error::Invalid(problem));
     }
     let identity = if existing {
         store.load_identity(&password)?
