@@ -8,8 +8,9 @@
 //! removed, would store the message twice, under a new id (which the recipient's client
 //! refuses as a replay). So a server takes a freeze as a crash it lived through: what it read
 //! before is not stored (the database writer refuses its stores, [`crate::db::Fence`]), and
-//! the connections from before are closed when they next send anything, so that their clients
-//! reconnect and send again what they never saw confirmed, as they do after a crash.
+//! the connections from before are closed when they next send a message, so that their
+//! clients reconnect and send again what they never saw confirmed, as they do after a crash.
+//! (Their other requests, acknowledgements above all, are served as ever.)
 //!
 //! Telling a freeze from a busy machine: a monitor thread looks at the clock every 100 ms.
 //! A gap of [`FROZEN`] or more between two looks in which the process used little CPU time
@@ -107,8 +108,8 @@ impl Monitor {
             let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             log::warn!(
                 "this process did not run for {:.1} s (stopped, or its machine paused): what \
-                 it read before is not stored, and the connections from before are closed \
-                 when they next send (freeze {epoch})",
+                 messages it read before are not stored, and the connections from before are \
+                 closed when they next send one (freeze {epoch})",
                 gap as f64 / 1000.0
             );
         }

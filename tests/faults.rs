@@ -130,11 +130,9 @@ fn a_stopped_server(stop: Duration) {
     }
 }
 
-#[test]
-fn a_client_that_only_listens_leaves_a_stopped_server_for_another() {
-    // A stopped server keeps its sockets open and says nothing: a client that only waits
-    // for messages hears nothing either way, so after QUIET it asks (Ping), and without an
-    // answer it moves to another server, where what was sent meanwhile is waiting.
+/// A fresh cluster of two servers (round-robin), alice and bob logged in on different ones,
+/// and the pid of bob's server.
+fn alice_and_bob_apart() -> (Cluster, Client, Client, u32) {
     let c = Cluster::start_with(2, "round-robin");
     c.wait_servers(2);
     for u in ["alice", "bob"] {
@@ -143,8 +141,17 @@ fn a_client_that_only_listens_leaves_a_stopped_server_for_another() {
     let alice = c.login("alice");
     let bob = c.login("bob");
     assert_ne!(alice.server().id, bob.server().id);
+    let pid = c.servers[c.index_of(bob.server().id)].child.id();
+    (c, alice, bob, pid)
+}
+
+#[test]
+fn a_client_that_only_listens_leaves_a_stopped_server_for_another() {
+    // A stopped server keeps its sockets open and says nothing: a client that only waits
+    // for messages hears nothing either way, so after QUIET it asks (Ping), and without an
+    // answer it moves to another server, where what was sent meanwhile is waiting.
+    let (c, alice, bob, pid) = alice_and_bob_apart();
     let first = bob.server().id;
-    let pid = c.servers[c.index_of(first)].child.id();
     common::stop_outside_a_commit(pid, &c.db);
     let stopped = Instant::now();
     alice.send("bob", 1, &1u64.to_be_bytes(), None).unwrap();
@@ -189,15 +196,7 @@ fn a_message_read_by_a_server_after_its_stop_is_not_stored_again() {
     // there (it leaves the queue). When the stopped server resumes, it reads the message: it
     // must not store it a second time, under a new id, which alice's client would refuse as
     // a replay ("a message already received").
-    let c = Cluster::start_with(2, "round-robin");
-    c.wait_servers(2);
-    for u in ["alice", "bob"] {
-        c.signup_lib(u);
-    }
-    let alice = c.login("alice");
-    let bob = c.login("bob");
-    assert_ne!(alice.server().id, bob.server().id);
-    let pid = c.servers[c.index_of(bob.server().id)].child.id();
+    let (c, alice, bob, pid) = alice_and_bob_apart();
     common::stop_outside_a_commit(pid, &c.db);
     let resume = Resume(pid);
     bob.send("alice", 1, &1u64.to_be_bytes(), None).unwrap();
@@ -231,6 +230,37 @@ fn a_message_read_by_a_server_after_its_stop_is_not_stored_again() {
     carol.send("alice", 7, &7u64.to_be_bytes(), None).unwrap();
     let (later, _) = read_numbers(&alice, 1, LIMIT);
     assert_eq!(later, [7]);
+}
+
+#[test]
+fn after_a_short_stop_acknowledgements_count_and_a_message_moves_its_sender() {
+    // Stopped for 3 s, a server counts a freeze (2 s or more). Bob's client gave up on
+    // nothing meanwhile: what he acknowledges over his connection from before is applied; a
+    // message he sends over it is not stored there (it might have been sent again elsewhere,
+    // for all the server knows): the connection is closed unanswered, and his client sends
+    // it through the other server, once.
+    let (c, alice, bob, pid) = alice_and_bob_apart();
+    let first = bob.server().id;
+    alice.send("bob", 1, &1u64.to_be_bytes(), None).unwrap();
+    let msg = loop {
+        match bob.next(Instant::now() + LIMIT).unwrap() {
+            Some(Event::Message(m)) => break m,
+            Some(_) => {}
+            None => panic!("no message for bob"),
+        }
+    };
+    common::stop_outside_a_commit(pid, &c.db);
+    let resume = Resume(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    drop(resume);
+    bob.ack(&[msg.id]).unwrap();
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0, "acknowledged");
+    assert_eq!(bob.server().id, first, "no failover for an acknowledgement");
+    bob.send("alice", 2, &2u64.to_be_bytes(), None).unwrap();
+    assert_ne!(bob.server().id, first, "the message moved bob to the other server");
+    let (got, _) = read_numbers(&alice, 2, Duration::from_secs(3));
+    assert_eq!(got, [2], "once");
+    assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
 }
 
 /// Resumes a stopped process when dropped (a failed assertion must not leave it stopped).

@@ -878,9 +878,9 @@ fn writer_loop(
 /// Takes out of `batch` the jobs whose requests were read before a freeze of the process
 /// (see [`crate::freeze`]): their clients may have sent them again elsewhere meanwhile, and a
 /// re-sent copy stored and delivered before this original would not be found by it. Called
-/// once the batch holds the write lock: on SQLite no other process commits until this batch
-/// has; on PostgreSQL a re-send's insert waits on this batch's row with the same
-/// `(sender, client_id)`, inserted a moment after this check.
+/// once the batch holds the write lock (SQLite's, or on PostgreSQL the writers' advisory
+/// lock): a freeze after the check keeps every other writer out until this batch has
+/// committed, so a re-send comes after it and finds the original.
 fn refuse_frozen(batch: &mut Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
     if batch.iter().all(|job| job.fence().is_none()) {
         return Vec::new();

@@ -173,9 +173,9 @@ pub struct Session<'a> {
     token_hash: Vec<u8>,
     /// The outbound mailbox, and how to cut the connection off.
     handle: Handle,
-    /// The freeze epoch the connection was accepted in: after a freeze of the process its
-    /// requests are not acted on (the connection is closed when it next sends), nor are
-    /// the stores it asked for before (see [`crate::freeze`]).
+    /// The freeze epoch the connection was accepted in: after a freeze of the process, the
+    /// messages it sends are not stored (the connection is closed when it next sends one),
+    /// nor are those it sent before (see [`crate::freeze`]).
     fence: Fence,
     /// Replies made on this thread, sent before what other threads queued.
     local: RefCell<VecDeque<Outbound>>,
@@ -283,9 +283,15 @@ impl<'a> Session<'a> {
     /// Out of line: see [`Reading::turn`].
     #[inline(never)]
     pub fn handle(&self, request: Request<ServerRequest>) -> Result<()> {
-        if Fence::now() != self.fence {
-            // Frozen since the connection began: its client may have given up on it and sent
-            // this again elsewhere (or will, once this connection is closed).
+        let stores = matches!(
+            request.body,
+            ServerRequest::Send { .. } | ServerRequest::GroupSend { .. }
+        );
+        if stores && Fence::now() != self.fence {
+            // Frozen since the connection began: its client may have given up on this message
+            // and sent it again elsewhere. Closed unanswered, as after a crash, the client
+            // sends it again (as a re-send, found if stored). Anything else (an
+            // acknowledgement, a read) is served as ever.
             return Err(Error::Frozen);
         }
         let Request { id, body } = request;
