@@ -257,7 +257,11 @@ fn after_a_short_stop_acknowledgements_count_and_a_message_moves_its_sender() {
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0, "acknowledged");
     assert_eq!(bob.server().id, first, "no failover for an acknowledgement");
     bob.send("alice", 2, &2u64.to_be_bytes(), None).unwrap();
-    assert_ne!(bob.server().id, first, "the message moved bob to the other server");
+    assert_ne!(
+        bob.server().id,
+        first,
+        "the message moved bob to the other server"
+    );
     let (got, _) = read_numbers(&alice, 2, Duration::from_secs(3));
     assert_eq!(got, [2], "once");
     assert_eq!(c.count("SELECT count(*) FROM messages"), 0);
