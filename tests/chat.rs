@@ -717,3 +717,37 @@ fn a_group_message_before_its_senders_key_is_shown_in_the_chat() {
     bob.type_line("/quit");
     assert_eq!(bob.wait_exit(LIMIT).and_then(|s| s.code()), Some(0));
 }
+
+#[test]
+fn signup_on_a_terminal_says_a_password_is_too_short_before_asking_for_it_again() {
+    let c = Cluster::start(1);
+    let mut env = env_for(&c, "dave");
+    env.retain(|(k, _)| *k != "FASTCHAT_PASSWORD");
+    let signup = format!(
+        "sh -c '{} signup dave; echo exited with $?; sleep 60'",
+        common::bin("fastchat").display()
+    );
+    let t = Tmux::start("short", &env, &signup);
+    t.wait_for("new password for dave:");
+    t.text("seven77");
+    t.keys(&["Enter"]);
+    let screen = t.wait_for("exited with 1");
+    assert!(
+        screen.iter().any(|l| l.contains("at least 8 characters")),
+        "{screen:?}"
+    );
+    assert!(
+        !screen.iter().any(|l| l.contains("repeat the password")),
+        "{screen:?}"
+    );
+    // Eight, typed twice, make the account; nothing typed is shown.
+    let t = Tmux::start("long", &env, &signup);
+    for prompt in ["new password for dave:", "repeat the password for dave:"] {
+        t.wait_for(prompt);
+        t.text("eight888");
+        t.keys(&["Enter"]);
+    }
+    let screen = t.wait_for("exited with 0");
+    assert!(!screen.iter().any(|l| l.contains("eight888")), "{screen:?}");
+    assert_eq!(c.count("SELECT count(*) FROM users WHERE name = 'dave'"), 1);
+}

@@ -36,6 +36,10 @@ pub fn signup(opts: &Options, name: &str, exist_ok: bool) -> Result<()> {
         None if existing => opts.password(&format!("password for {name}: "))?,
         None => {
             let p = opts.password(&format!("new password for {name}: "))?;
+            // Said before the repeat is asked for.
+            if let Some(problem) = crate::net::new_password_problem(&p) {
+                return Err(Error::Invalid(problem));
+            }
             if opts.password(&format!("repeat the password for {name}: "))? != p {
                 return Err(Error::Invalid("the passwords differ".into()));
             }
