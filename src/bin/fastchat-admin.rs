@@ -176,12 +176,13 @@ enum Users {
     Add {
         /// The name.
         name: String,
-        /// Its password [default: generated and printed once].
+        /// Its password, 8 characters at least [default: generated and printed once].
         #[arg(long, env = "FASTCHAT_NEW_PASSWORD", value_name = "PASSWORD")]
         password: Option<String>,
     },
-    /// Make the accounts of a roster: one per line, NAME or NAME PASSWORD ('#' comments);
-    /// passwords not given are generated and printed once. Names that exist are left alone,
+    /// Make the accounts of a roster: one per line, NAME or NAME PASSWORD ('#' comments;
+    /// passwords of 8 characters at least); passwords not given are generated and printed
+    /// once. Names that exist are left alone,
     /// so the roster may be run again.
     Bulk {
         /// The roster file, or - for standard input.
@@ -192,7 +193,7 @@ enum Users {
     ResetPassword {
         /// The user.
         name: String,
-        /// The new password [default: generated and printed once].
+        /// The new password, 8 characters at least [default: generated and printed once].
         #[arg(long, env = "FASTCHAT_NEW_PASSWORD", value_name = "PASSWORD")]
         password: Option<String>,
     },
