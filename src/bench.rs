@@ -161,6 +161,9 @@ pub struct Config {
     /// Stop one spawned server (SIGSTOP, outside a commit) this long after the messages
     /// start, until the run is over: its clients must leave it and nothing may be lost.
     pub stop_server: Option<Duration>,
+    /// Resume the stopped server (SIGCONT) this long after it was stopped, while the run
+    /// goes on: it must store nothing a second time that its clients re-sent elsewhere.
+    pub resume_server: Option<Duration>,
     /// The CA of a running cluster (`--balancer`); a spawned cluster makes its own.
     pub ca: Option<PathBuf>,
     /// Run without TLS (a spawned cluster too).
@@ -406,7 +409,13 @@ pub fn run(config: &Config) -> Result<Report> {
     let cpu_before = cpu_sample(&processes);
     let fault = match (config.kill_server, config.stop_server, &cluster) {
         (Some(after), _, Some(_)) => Some((after, Fault::Kill)),
-        (None, Some(after), Some(c)) => Some((after, Fault::Stop { db: c.db.clone() })),
+        (None, Some(after), Some(c)) => Some((
+            after,
+            Fault::Stop {
+                db: c.db.clone(),
+                resume: config.resume_server,
+            },
+        )),
         _ => None,
     };
     let victim = fault.and_then(|(after, fault)| {

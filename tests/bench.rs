@@ -290,6 +290,42 @@ fn a_server_stopped_mid_run_loses_nothing_and_its_clients_leave_it() {
 }
 
 #[test]
+fn a_server_stopped_and_resumed_mid_run_stores_nothing_twice() {
+    // Stopped 1 s into the run and resumed 11 s later, while the run goes on: its clients
+    // have left it by then and sent again, through the other server, what it had not
+    // confirmed, and their recipients have acknowledged that. Resumed, it reads what they had
+    // sent it before the stop: none of it may be stored a second time.
+    let (code, r, err) = bench(&[
+        "--spawn-servers",
+        "2",
+        "--clients",
+        "6",
+        "--messages",
+        "360",
+        "--rate",
+        "120",
+        "--stop-server",
+        "1",
+        "--resume-server",
+        "11",
+        "--drain",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!(
+        (&r["expected"], &r["delivered"]),
+        (&2160.into(), &2160.into())
+    );
+    assert_eq!(
+        (&r["lost"], &r["duplicated"]),
+        (&0.into(), &0.into()),
+        "{r}"
+    );
+    assert!(r["failovers"].as_u64() >= Some(1), "{r}");
+    assert!(!err.contains("was over before"), "resumed mid-run: {err}");
+}
+
+#[test]
 fn a_kill_that_comes_after_the_run_is_called_off_and_fails_the_run() {
     let (code, r, err) = bench(&[
         "--spawn-servers",

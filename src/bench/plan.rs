@@ -36,8 +36,12 @@ pub(super) struct Victim {
 pub(super) enum Fault {
     /// `kill -9`.
     Kill,
-    /// SIGSTOP (outside a commit to the database `db`) until the run is over.
-    Stop { db: String },
+    /// SIGSTOP (outside a commit to the database `db`) until `resume` has passed (SIGCONT,
+    /// the run going on), or else until the run is over.
+    Stop {
+        db: String,
+        resume: Option<Duration>,
+    },
 }
 
 /// What became of the victim.
@@ -47,6 +51,8 @@ enum TakenDown {
     Killed,
     /// Stopped: resumed when the run is over.
     Stopped(u32),
+    /// Stopped, then resumed while the run went on.
+    Resumed,
 }
 
 /// What one client sends and how it opens what it receives.
@@ -244,15 +250,26 @@ impl Plan {
                         let _ = launch::signal(pid, "-KILL");
                         TakenDown::Killed
                     }
-                    Fault::Stop { db } => {
+                    Fault::Stop { db, resume } => {
                         log::debug!("stopping server process {pid} (SIGSTOP)");
-                        match launch::stop_outside_a_commit(pid, &db) {
-                            Ok(()) => TakenDown::Stopped(pid),
-                            Err(e) => {
-                                log::warn!("{e}");
-                                TakenDown::Missed
-                            }
+                        if let Err(e) = launch::stop_outside_a_commit(pid, &db) {
+                            log::warn!("{e}");
+                            return TakenDown::Missed;
                         }
+                        let Some(resume) = resume else {
+                            return TakenDown::Stopped(pid);
+                        };
+                        if over.recv_timeout(resume)
+                            != Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                        {
+                            log::warn!(
+                                "the run was over before the stopped server was to be resumed"
+                            );
+                            return TakenDown::Stopped(pid);
+                        }
+                        log::debug!("resuming server process {pid} (SIGCONT)");
+                        let _ = launch::signal(pid, "-CONT");
+                        TakenDown::Resumed
                     }
                 }
             })

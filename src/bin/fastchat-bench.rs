@@ -131,6 +131,13 @@ struct Args {
         conflicts_with = "kill_server"
     )]
     stop_server: Option<f64>,
+    /// Fault injection, with --stop-server: resume the stopped server (SIGCONT) SECS after
+    /// it was stopped, while the run goes on. Its clients have left it and sent again, through
+    /// another server, what it had not confirmed; resumed, it must store none of that a
+    /// second time (a server that did not run for 2 s or more stores nothing it read
+    /// before). Give more than 10 to let its clients leave it first.
+    #[arg(long, value_name = "SECS", requires = "stop_server")]
+    resume_server: Option<f64>,
     /// With --spawn-servers: the cluster's database, a SQLite file or postgres://... (default:
     /// a SQLite file in a temporary folder). Users are named per run, so a database may be
     /// reused.
@@ -211,6 +218,7 @@ fn main() -> ExitCode {
         Some(args.hold),
         args.kill_server,
         args.stop_server,
+        args.resume_server,
     ];
     if seconds
         .iter()
@@ -218,7 +226,8 @@ fn main() -> ExitCode {
         .any(|s| !(0.0..=3600.0).contains(s))
     {
         return usage(
-            "--drain, --hold, --kill-server and --stop-server must be between 0 and 3600 seconds",
+            "--drain, --hold, --kill-server, --stop-server and --resume-server must be between 0 \
+             and 3600 seconds",
         );
     }
     if args.every.is_some_and(|s| !(0.1..=3600.0).contains(&s)) {
@@ -247,6 +256,7 @@ fn main() -> ExitCode {
         hold: Duration::from_secs_f64(args.hold),
         kill_server: args.kill_server.map(Duration::from_secs_f64),
         stop_server: args.stop_server.map(Duration::from_secs_f64),
+        resume_server: args.resume_server.map(Duration::from_secs_f64),
         ca: args.ca,
         plaintext: args.insecure_plaintext,
         opaque: args.opaque,
