@@ -179,6 +179,9 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Also report each stretch of this length of the run (by delivery time): latency and CPU.
     pub every: Option<Duration>,
+    /// The CPUs the servers this run starts run on (their `--cpus`; a rival's too), where
+    /// not every CPU.
+    pub server_cpus: Option<crate::startup::CpuList>,
 }
 
 /// Latency percentiles, microseconds.
@@ -223,6 +226,9 @@ pub struct Report {
     pub rate: Option<f64>,
     /// Servers in the cluster.
     pub servers: usize,
+    /// The CPUs the (first) server it started may run on, read from `/proc` (`0-1`; with
+    /// `--server-cpus`, those); `None` for a cluster it did not start.
+    pub server_cpus: Option<String>,
     /// Time to sign up, log in and connect every client.
     pub connect_secs: f64,
     /// `--kill-server` came after the run had ended: no failover was tested.
@@ -329,12 +335,18 @@ pub fn run(config: &Config) -> Result<Report> {
     if let Target::Rival(rival, program) = &config.target {
         return rival::run(config, *rival, program.as_deref());
     }
+    let max_clients = config.clients.max(10_000).to_string();
+    let cpus = config.server_cpus.as_ref().map(|c| c.to_string());
+    let mut server_args = vec!["--max-clients", &max_clients];
+    if let Some(cpus) = &cpus {
+        server_args.extend(["--cpus", cpus]);
+    }
     let cluster = match &config.target {
         Target::Spawn(n) => Some(LocalCluster::start(
             *n,
             config.scrypt_log_n,
             "round-robin",
-            &["--max-clients", &config.clients.max(10_000).to_string()],
+            &server_args,
             !config.plaintext,
             config.db.as_deref(),
         )?),
@@ -389,6 +401,10 @@ pub fn run(config: &Config) -> Result<Report> {
         group_size: config.group_size,
         rate: config.rate,
         servers,
+        server_cpus: cluster
+            .as_ref()
+            .and_then(|c| c.servers.first())
+            .and_then(|s| launch::cpus(s.pid())),
         connect_secs,
         connect_failed: failed.len(),
         connect_error: failed.into_iter().next().map(|e| e.to_string()),

@@ -323,6 +323,110 @@ pub fn batch_scheduling() {
     }
 }
 
+/// The CPUs a process is to run on, as `taskset -c` takes them: `0`, `0-3`, `0,2-3`
+/// (`fastchat-server --cpus`). Sorted, each once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(Vec<usize>);
+
+impl CpuList {
+    /// Reads `text` (for the argument parser), checking every CPU against `allowed`, the
+    /// ones this process may run on.
+    fn parse(text: &str, allowed: &[usize]) -> std::result::Result<CpuList, String> {
+        let mut cpus = Vec::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            let number = |s: &str| {
+                s.trim().parse::<usize>().map_err(|_| {
+                    format!("{part:?} is not a CPU number or range: give a list such as 0, 0-3 or 0,2-3")
+                })
+            };
+            let (first, last) = match part.split_once('-') {
+                Some((a, b)) => (number(a)?, number(b)?),
+                None => (number(part)?, number(part)?),
+            };
+            if first > last {
+                return Err(format!("{part:?} runs backwards: write it {last}-{first}"));
+            }
+            for cpu in first..=last {
+                if !allowed.contains(&cpu) {
+                    return Err(format!(
+                        "CPU {cpu} is not one this process may run on (it may run on {})",
+                        CpuList(allowed.to_vec())
+                    ));
+                }
+                cpus.push(cpu);
+            }
+        }
+        cpus.sort_unstable();
+        cpus.dedup();
+        Ok(CpuList(cpus))
+    }
+
+    /// The CPUs the calling thread may run on now.
+    pub fn allowed() -> std::io::Result<CpuList> {
+        let set = rustix::thread::sched_getaffinity(None)?;
+        Ok(CpuList(
+            (0..rustix::thread::CpuSet::MAX_CPU)
+                .filter(|&cpu| set.is_set(cpu))
+                .collect(),
+        ))
+    }
+
+    /// Puts the calling thread, and every thread it starts from then on, on these CPUs only.
+    pub fn run_on(&self) -> std::io::Result<()> {
+        rustix::thread::sched_setaffinity(None, &self.set())?;
+        Ok(())
+    }
+
+    /// Puts the main thread of process `pid` on these CPUs only (its threads started from
+    /// then on too; those it has already started keep theirs).
+    pub fn run_process_on(&self, pid: u32) -> std::io::Result<()> {
+        let pid = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        rustix::thread::sched_setaffinity(Some(pid), &self.set())?;
+        Ok(())
+    }
+
+    fn set(&self) -> rustix::thread::CpuSet {
+        let mut set = rustix::thread::CpuSet::new();
+        for &cpu in &self.0 {
+            set.set(cpu);
+        }
+        set
+    }
+}
+
+/// Lists the CPUs as they are read: ranges where they follow one another (`0-3,6`).
+impl std::fmt::Display for CpuList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut at = 0;
+        let mut comma = "";
+        while at < self.0.len() {
+            let first = self.0[at];
+            while at + 1 < self.0.len() && self.0[at + 1] == self.0[at] + 1 {
+                at += 1;
+            }
+            let last = self.0[at];
+            if last == first {
+                write!(f, "{comma}{first}")?;
+            } else {
+                write!(f, "{comma}{first}-{last}")?;
+            }
+            comma = ",";
+            at += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a list of CPUs for the argument parser (see [`CpuList`]): each must be one this
+/// process may run on.
+pub fn cpu_list(text: &str) -> std::result::Result<CpuList, String> {
+    let allowed = CpuList::allowed()
+        .map_err(|e| format!("cannot read the CPUs this process may use: {e}"))?;
+    CpuList::parse(text, &allowed.0)
+}
+
 #[cfg(test)]
 mod tests {
     use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
@@ -356,6 +460,48 @@ mod tests {
             None
         );
         assert_eq!(tunables(Some(OsStr::new(both))), None);
+    }
+
+    #[test]
+    fn a_cpu_list_is_read_as_taskset_reads_it_and_checked_against_the_allowed_ones() {
+        use super::CpuList;
+        let allowed = [0, 1, 2, 3, 6];
+        let read = |text: &str| CpuList::parse(text, &allowed);
+        assert_eq!(read("0"), Ok(CpuList(vec![0])));
+        assert_eq!(read("2-3,0, 6"), Ok(CpuList(vec![0, 2, 3, 6])));
+        assert_eq!(read("1,1-2"), Ok(CpuList(vec![1, 2])));
+        assert_eq!(read("0-3,6").unwrap().to_string(), "0-3,6");
+        assert_eq!(read("6,0,2").unwrap().to_string(), "0,2,6");
+        let error = read("4").unwrap_err();
+        assert!(
+            error.contains("CPU 4 is not one") && error.contains("0-3,6"),
+            "{error}"
+        );
+        for bad in ["", "a", "1-", "-1", "1-2-3", "0,,1", "1.5"] {
+            let error = read(bad).unwrap_err();
+            assert!(
+                error.contains("not a CPU number or range"),
+                "{bad:?}: {error}"
+            );
+        }
+        assert!(read("3-1").unwrap_err().contains("write it 1-3"));
+    }
+
+    #[test]
+    fn a_thread_put_on_some_cpus_passes_them_to_the_threads_it_starts() {
+        let before = super::CpuList::allowed().unwrap();
+        std::thread::spawn(|| {
+            let allowed = super::CpuList::allowed().unwrap();
+            let first = super::CpuList(vec![allowed.0[0]]);
+            first.run_on().unwrap();
+            assert_eq!(super::CpuList::allowed().unwrap(), first);
+            let child = std::thread::spawn(|| super::CpuList::allowed().unwrap());
+            assert_eq!(child.join().unwrap(), first);
+        })
+        .join()
+        .unwrap();
+        // Other threads keep theirs.
+        assert_eq!(super::CpuList::allowed().unwrap(), before);
     }
 
     #[test]

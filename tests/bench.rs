@@ -128,6 +128,35 @@ fn any_number_of_driving_threads_delivers_everything_once() {
     }
 }
 
+/// The CPUs this test process may run on, as the kernel lists them (`0-1`), and the first of
+/// them alone.
+fn our_cpus() -> (String, String) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let first = ours.split([',', '-']).next().unwrap().to_string();
+    (ours, first)
+}
+
+#[test]
+fn the_servers_a_run_starts_run_on_the_cpus_it_is_given() {
+    let (ours, first) = our_cpus();
+    let run = |more: &[&str]| {
+        let mut args = vec!["--spawn-servers", "2", "--clients", "4", "--messages", "10"];
+        args.extend(more);
+        let (code, r, err) = bench(&args);
+        assert_eq!(code, 0, "{more:?}: {r} {err}");
+        assert_eq!(r["delivered"], 40, "{more:?}: {r}");
+        r["server_cpus"].clone()
+    };
+    assert_eq!(run(&[]), ours.as_str(), "every CPU unless asked");
+    assert_eq!(run(&["--server-cpus", &first]), first.as_str());
+}
+
 #[test]
 fn opaque_bodies_reach_everyone_once_in_both_modes() {
     for mode in ["direct", "group"] {
@@ -662,6 +691,7 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
             continue;
         }
         let tmp = tempfile::tempdir().unwrap();
+        let (ours, first) = our_cpus();
         for (args, expected) in [
             // Direct, spread: 10 x 100, over TLS (as fastchat, by default), a whole window
             // (32) written at once (ngircd stalls on it in one TLS record).
@@ -681,7 +711,7 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
                 ],
                 240,
             ),
-            // A fixed rate, with a thread per client.
+            // A fixed rate, with a thread per client, the rival on one CPU.
             (
                 vec![
                     "--clients",
@@ -692,6 +722,8 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
                     "400",
                     "--threads",
                     "4",
+                    "--server-cpus",
+                    &first,
                 ],
                 100,
             ),
@@ -722,6 +754,12 @@ fn a_rival_server_carries_the_same_workload_and_every_message_is_accounted_for()
                 "{rival} {args:?}: {r}"
             );
             assert_eq!(r["errors"], 0, "{r}");
+            let cpus = if args.contains(&"--server-cpus") {
+                &first
+            } else {
+                &ours
+            };
+            assert_eq!(r["server_cpus"], cpus.as_str(), "{rival} {args:?}: {r}");
             // Its CPU and this tool's, counted apart.
             let secs = r["cpu_secs"].as_object().unwrap();
             assert!(

@@ -485,3 +485,73 @@ fn a_server_runs_its_threads_under_batch_scheduling() {
         "{balancer:?}"
     );
 }
+
+/// Each thread of a process by name, with the CPUs it may run on (`Cpus_allowed_list` in
+/// `/proc/PID/task/*/status`, as `taskset -c` writes them).
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        threads.push((field("Name:"), field("Cpus_allowed_list:")));
+    }
+    threads
+}
+
+#[test]
+fn a_server_given_cpus_runs_every_thread_on_them_alone() {
+    let ours = thread_cpus(std::process::id())[0].1.clone();
+    // The first CPU this test may use, alone (as a range of one, twice).
+    let first = ours.split([',', '-']).next().unwrap().to_string();
+    if first == ours {
+        eprintln!("one CPU only ({ours}): nothing to tell apart");
+        return;
+    }
+    let mut c = Cluster::start(0);
+    c.add_server_with(&["--cpus", &format!("{first}-{first},{first}")]);
+    let want = first;
+    c.signup("alice");
+    c.signup("bob");
+    let _alice = c.login("alice");
+    c.send("bob", "alice", "pinned");
+    assert_eq!(c.run("alice", &["recv"]).lines(), ["bob: pinned"]);
+    let pid = c.servers[0].pid();
+    let deadline = Instant::now() + LIMIT;
+    let threads = loop {
+        let threads = thread_cpus(pid);
+        if threads.iter().any(|(name, _)| name == "conn") {
+            break threads;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection thread: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elsewhere: Vec<_> = threads.iter().filter(|(_, list)| *list != want).collect();
+    assert!(
+        elsewhere.is_empty(),
+        "not on {want}: {elsewhere:?} of {threads:?}"
+    );
+    for name in ["db-writer", "freeze-watch", "ctrl-c"] {
+        assert!(
+            threads.iter().any(|(n, _)| n == name),
+            "{name}: {threads:?}"
+        );
+    }
+    // The balancer keeps what it was started with (ours).
+    let balancer = thread_cpus(c.balancer.pid());
+    assert!(
+        balancer.iter().all(|(_, list)| *list == ours),
+        "{balancer:?}"
+    );
+}

@@ -532,6 +532,12 @@ fn usage_errors_exit_2_and_help_explains() {
             "must be at least 1",
         ),
         (
+            "fastchat-server",
+            &["--cpus", "100000"],
+            "CPU 100000 is not one this process may run on",
+        ),
+        ("fastchat-server", &["--cpus", "0-x"], "not a CPU number"),
+        (
             "fastchat-balancer",
             &["--listen", "localhost"],
             "not an address",

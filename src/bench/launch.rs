@@ -440,6 +440,16 @@ pub fn usage(pid: u32) -> Option<Usage> {
     })
 }
 
+/// The CPUs process `pid`'s main thread may run on, as the kernel lists them (`0-1`);
+/// `None` where `/proc` is unavailable.
+pub fn cpus(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    Some(list.trim().to_string())
+}
+
 /// Context switches of a process so far, voluntary (it waited: for its socket, a lock, a
 /// queue) and involuntary (it was preempted), summed over its threads alive now (a thread
 /// that ended takes its count with it); `None` where `/proc` is unavailable.

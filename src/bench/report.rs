@@ -106,8 +106,13 @@ pub fn render(r: &Report) -> String {
             r.clients, r.messages, r.size, r.window
         ),
     };
+    let cpus = match &r.server_cpus {
+        Some(cpus) if cpus.contains([',', '-']) => format!(" on CPUs {cpus}"),
+        Some(cpus) => format!(" on CPU {cpus}"),
+        None => String::new(),
+    };
     out.push_str(&format!(
-        "fastchat-bench: {server}{} mode, {shape}{workload}, {} server{}, {}, {} driving thread{}\n",
+        "fastchat-bench: {server}{} mode, {shape}{workload}, {} server{}{cpus}, {}, {} driving thread{}\n",
         r.mode,
         r.servers,
         if r.servers == 1 { "" } else { "s" },
@@ -399,6 +404,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
     // Set apart: one macro with every key goes past its recursion limit.
     json["switches"] = serde_json::json!(switches);
     json["server_switches_per_delivery"] = serde_json::json!(server_switches_per_delivery(r));
+    json["server_cpus"] = serde_json::json!(r.server_cpus);
     json
 }
 

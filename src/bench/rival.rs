@@ -304,6 +304,15 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     let program = rival.find(program)?;
     let version = rival.version(&program);
     let server = Started::start(rival, &program, config.clients, !config.plaintext)?;
+    if let Some(cpus) = &config.server_cpus {
+        // Both rivals run on one thread, this one: it has started no other yet.
+        cpus.run_process_on(server.process.pid()).map_err(|e| {
+            Error::Local(format!(
+                "cannot put {} on CPUs {cpus}: {e}",
+                rival.program()
+            ))
+        })?;
+    }
     let before = launch::memory(server.process.pid()).unwrap_or_default();
     let n = config.clients;
     let mut report = Report {
@@ -320,6 +329,7 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
         group_size: config.group_size,
         rate: config.rate,
         servers: 1,
+        server_cpus: launch::cpus(server.process.pid()),
         ..Report::default()
     };
     let started = Instant::now();

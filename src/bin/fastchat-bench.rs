@@ -106,6 +106,11 @@ struct Args {
     /// With --rival: its program [default: found on PATH or in /usr/sbin].
     #[arg(long, value_name = "PATH")]
     rival_bin: Option<PathBuf>,
+    /// Run the servers this run starts on these CPUs only: each spawned server with `--cpus
+    /// LIST`, or the rival (its one thread). 0, 0-3, 0,2-3. On a machine the load tool shares,
+    /// one CPU for the servers can cost fastchat less a message (BENCHMARKS.md).
+    #[arg(long, value_name = "LIST", conflicts_with = "balancer", value_parser = fastchat::startup::cpu_list)]
+    server_cpus: Option<fastchat::startup::CpuList>,
     /// Password-hash cost (scrypt log2 N) for a spawned balancer: signups and logins are not
     /// what is measured, so it is cheap by default.
     #[arg(long, default_value_t = 8, value_name = "LOG_N")]
@@ -263,6 +268,7 @@ fn main() -> ExitCode {
         db: args.db,
         threads: args.threads,
         every: args.every.map(Duration::from_secs_f64),
+        server_cpus: args.server_cpus,
         progress: !args.quiet && !args.json && args.markdown.is_none() && bench::progress_default(),
     };
     if let Err(e) = bench::check(&config) {

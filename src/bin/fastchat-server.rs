@@ -135,6 +135,14 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(0..=10_000)
     )]
     commit_window: u64,
+    /// Run every thread of this server on these CPUs only, as `taskset -c` would: 0, 0-3,
+    /// 0,2-3 [default: every CPU it may use]. On a machine it shares with other busy
+    /// processes (a load test, other servers), one CPU can cost less a message: the server's
+    /// threads hand each message from one to another, and a hand-off on the same CPU wakes
+    /// no other (BENCHMARKS.md: a quarter less CPU a message with ten waiting clients, on two
+    /// cores shared with the load tool). One CPU also caps the server at one CPU's work.
+    #[arg(long, value_name = "LIST", value_parser = fastchat::startup::cpu_list)]
+    cpus: Option<fastchat::startup::CpuList>,
     /// The cluster's certificate folder (see `fastchat-admin init`).
     #[arg(long, env = "FASTCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -153,7 +161,16 @@ use fastchat::units::parse_size;
 fn main() -> ExitCode {
     fastchat::startup::tune_glibc();
     let args: Args = fastchat::config::parse("fastchat-server", "server");
+    // Before any thread starts: they inherit it.
+    if let Some(cpus) = &args.cpus {
+        if let Err(e) = cpus.run_on() {
+            return fail(&format!("cannot run on CPUs {cpus}: {e}"), 4);
+        }
+    }
     fastchat::startup::init_with("server", args.log_level.as_deref(), "info");
+    if let Some(cpus) = &args.cpus {
+        log::info!("running on CPU(s) {cpus} only (--cpus)");
+    }
     fastchat::startup::private_files();
     if args.tls_dir.is_some() && args.name.is_none() {
         return fail(
