@@ -24,6 +24,10 @@ if [ -z "${FASTCHAT_BIN:-}" ]; then
 fi
 bench="$FASTCHAT_BIN/fastchat-bench"
 
+# The first CPU this script may use: one fastchat row runs its server there alone
+# (--server-cpus; the rivals run on one thread whatever they are given).
+first_cpu=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status | cut -d, -f1 | cut -d- -f1)
+
 # What is measured: "name|flags".
 servers=(
   "mosquitto, TLS|--rival mosquitto"
@@ -32,6 +36,7 @@ servers=(
   "ngircd, plaintext|--rival ngircd --insecure-plaintext"
   "fastchat, 1 server, servers alone, plaintext|--spawn-servers 1 --opaque --insecure-plaintext"
   "fastchat, 1 server, servers alone, TLS|--spawn-servers 1 --opaque"
+  "fastchat, 1 server on one CPU, servers alone, TLS|--spawn-servers 1 --opaque --server-cpus $first_cpu"
   "fastchat, 1 server, end to end, TLS|--spawn-servers 1"
   "fastchat, 3 servers, servers alone, TLS|--spawn-servers 3 --opaque"
 )
@@ -69,7 +74,7 @@ echo "**Idle connections, 2000 clients** (what a connection costs the server)"
 echo
 "$bench" --rival ngircd --clients 2 --mode idle --hold 0.1 --quiet --markdown x --header | head -n 2
 for s in "${servers[@]}"; do
-  case "$s" in *"3 servers"* | *"end to end"*) continue ;; esac
+  case "$s" in *"3 servers"* | *"end to end"* | *"one CPU"*) continue ;; esac
   # shellcheck disable=SC2086
   run "${s%%|*}, idle" ${s#*|} --clients 2000 --mode idle
 done
