@@ -452,24 +452,32 @@ fn connection_threads(pid: u32) -> usize {
         .count()
 }
 
-#[test]
-fn a_server_runs_its_threads_under_batch_scheduling() {
-    const SCHED_BATCH: u32 = 3;
-    let c = Cluster::start(1);
-    c.signup_lib("alice");
-    let _alice = c.login("alice");
+/// What `read` says of each thread of server `pid`, once it has a connection thread (`conn`).
+fn once_connected<T: std::fmt::Debug>(
+    pid: u32,
+    read: impl Fn(u32) -> Vec<(String, T)>,
+) -> Vec<(String, T)> {
     let deadline = Instant::now() + LIMIT;
-    let threads = loop {
-        let threads = thread_policies(c.servers[0].pid());
+    loop {
+        let threads = read(pid);
         if threads.iter().any(|(name, _)| name == "conn") {
-            break threads;
+            return threads;
         }
         assert!(
             Instant::now() < deadline,
             "no connection thread: {threads:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+}
+
+#[test]
+fn a_server_runs_its_threads_under_batch_scheduling() {
+    const SCHED_BATCH: u32 = 3;
+    let c = Cluster::start(1);
+    c.signup_lib("alice");
+    let _alice = c.login("alice");
+    let threads = once_connected(c.servers[0].pid(), thread_policies);
     // Only the Ctrl-C handler's thread starts before the server does.
     let normal: Vec<_> = threads
         .iter()
@@ -525,18 +533,7 @@ fn a_server_given_cpus_runs_every_thread_on_them_alone() {
     c.send("bob", "alice", "pinned");
     assert_eq!(c.run("alice", &["recv"]).lines(), ["bob: pinned"]);
     let pid = c.servers[0].pid();
-    let deadline = Instant::now() + LIMIT;
-    let threads = loop {
-        let threads = thread_cpus(pid);
-        if threads.iter().any(|(name, _)| name == "conn") {
-            break threads;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no connection thread: {threads:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let threads = once_connected(pid, thread_cpus);
     let elsewhere: Vec<_> = threads.iter().filter(|(_, list)| *list != want).collect();
     assert!(
         elsewhere.is_empty(),
