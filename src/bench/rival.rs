@@ -305,7 +305,7 @@ pub(super) fn run(config: &Config, rival: Rival, program: Option<&Path>) -> Resu
     let version = rival.version(&program);
     let server = Started::start(rival, &program, config.clients, !config.plaintext)?;
     if let Some(cpus) = &config.server_cpus {
-        // Both rivals run on one thread, this one: it has started no other yet.
+        // Both rivals serve on one thread, their main one: the one this puts there.
         cpus.run_process_on(server.process.pid()).map_err(|e| {
             Error::Local(format!(
                 "cannot put {} on CPUs {cpus}: {e}",
