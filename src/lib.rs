@@ -29,7 +29,8 @@
 //! * [`capacity`]: how many connections the descriptor limit and thread budget hold.
 //! * [`units`]: sizes, durations and moments for people.
 //! * [`config`]: `fastchat.toml`, a binary's table turned into flags.
-//! * [`startup`]: what every binary does first: logging, Ctrl-C, private files, its transport.
+//! * [`startup`]: what every binary does first: logging, Ctrl-C, private files, its transport;
+//!   a server's scheduling (batch policy, `--cpus`).
 //!
 //! Sides:
 //! * [`balancer`]: the front door: accounts, sessions, key directory, server registry.

@@ -1,5 +1,6 @@
 //! What every binary does when it starts: logging, the Ctrl-C handler, private files, and the
-//! transport its flags ask for (with the warning that plaintext deserves).
+//! transport its flags ask for (with the warning that plaintext deserves); and how a server's
+//! threads are scheduled: the batch policy, and the CPUs `--cpus` names.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
