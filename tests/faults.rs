@@ -123,11 +123,7 @@ fn a_stopped_server(stop: Duration) {
     let (last, _) = read_numbers(&bob, 1, LIMIT);
     assert_eq!(last, [5000]);
     // Nothing is left queued.
-    let deadline = Instant::now() + LIMIT;
-    while c.count("SELECT count(*) FROM messages") > 0 {
-        assert!(Instant::now() < deadline, "messages left in the queue");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_until_none_stored("messages left in the queue");
 }
 
 /// A fresh cluster of two servers (round-robin), alice and bob logged in on different ones,
@@ -207,14 +203,7 @@ fn a_message_read_by_a_server_after_its_stop_is_not_stored_again() {
     );
     let (got, _) = read_numbers(&alice, 1, LIMIT);
     assert_eq!(got, [1]);
-    let deadline = Instant::now() + LIMIT;
-    while c.count("SELECT count(*) FROM messages") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the acknowledgement was not applied"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_none_stored("the acknowledgement was not applied");
     drop(resume);
     let (again, _) = read_numbers(&alice, 1, Duration::from_secs(3));
     assert_eq!(again, [0u64; 0], "stored again after the server resumed");
@@ -636,11 +625,7 @@ fn a_huge_offline_backlog_arrives_whole_in_order_once() {
         }
     }
     // Acknowledged, the backlog is gone from the database.
-    let deadline = Instant::now() + LIMIT;
-    while c.count("SELECT count(*) FROM messages") > 0 {
-        assert!(Instant::now() < deadline, "the backlog stayed stored");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_until_none_stored("the backlog stayed stored");
 }
 
 #[test]

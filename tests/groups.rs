@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{Cluster, Output, LIMIT};
 use fastchat::client::e2e::{Directory, E2e};
 use fastchat::client::keystore::Keystore;
@@ -346,14 +344,7 @@ fn group_messages_reach_every_member_live_across_servers_and_offline_in_order() 
         "acknowledged once, gone"
     );
     // Every member has passed every message: none is left stored.
-    let deadline = Instant::now() + LIMIT;
-    while c.count("SELECT count(*) FROM messages") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "group messages were never removed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_none_stored("group messages were never removed");
     // The sender does not get its own messages back.
     assert_eq!(c.run("alice", &["recv"]).stdout, "");
 }

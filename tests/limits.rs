@@ -92,11 +92,7 @@ fn messages_nobody_takes_are_deleted_after_their_lifetime() {
         0
     );
     assert_eq!(c.count("SELECT count(*) FROM messages"), 2);
-    let deadline = Instant::now() + LIMIT;
-    while c.count("SELECT count(*) FROM messages") > 0 {
-        assert!(Instant::now() < deadline, "never expired");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_until_none_stored("never expired");
     assert_eq!(
         c.count("SELECT count(*) FROM files"),
         0,

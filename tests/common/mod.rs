@@ -486,6 +486,16 @@ impl Cluster {
         self.sql().one(sql, &[])
     }
 
+    /// Waits until no message is stored (every one acknowledged, or expired); fails the test
+    /// with `why` after `LIMIT`.
+    pub fn wait_until_none_stored(&self, why: &str) {
+        let deadline = Instant::now() + LIMIT;
+        while self.count("SELECT count(*) FROM messages") > 0 {
+            assert!(Instant::now() < deadline, "{why}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until `user` has `n` live connections (per the presence table).
     pub fn wait_online(&self, user: &str, n: i64) {
         let deadline = Instant::now() + LIMIT;
